@@ -1,0 +1,62 @@
+"""Command line: python -m exporter --target arm-cpu [--model minilm] [...]
+
+A thin layer over `exporter.export`: each flag is one argument of it.
+Exit status: 0 bundle written, 2 bad input, 3 accuracy budget broken, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from targets import available_targets, load_target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m exporter",
+        description="Export a Hugging Face transformer to a static-quantized ONNX bundle "
+                    "for a hardware target.")
+    parser.add_argument("--target", help=f"built-in target ({', '.join(available_targets())}) "
+                                         f"or a path to a .toml profile")
+    parser.add_argument("--model", default="minilm",
+                        help="Hugging Face checkpoint directory, or 'minilm' (default: the "
+                             "packaged all-MiniLM-L6-v2)")
+    parser.add_argument("--task", help="feature-extraction (default for encoders)")
+    parser.add_argument("--calibration", metavar="FILE",
+                        help=".txt (one text per line) or .jsonl with a \"text\" field; "
+                             "default: smart-home utterances")
+    parser.add_argument("--eval", metavar="FILE", help="held-out texts, same formats")
+    parser.add_argument("--output", metavar="DIR", help="default: build/<model>-<target>/")
+    parser.add_argument("--accuracy-budget", metavar="BUDGET",
+                        help="e.g. 'cosine>=0.97' or 'cosine>=0.98,min-cosine>=0.9'; "
+                             "default: the profile's")
+    parser.add_argument("--list-targets", action="store_true",
+                        help="print the built-in targets and exit")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.list_targets:
+            for name in available_targets():
+                print(f"{name:12s} {load_target(name).description}")
+            return 0
+        if not args.target:
+            parser.error("--target is required (or --list-targets)")
+        from exporter import BudgetError, export
+
+        try:
+            path = export(args.model, target=args.target, task=args.task, output=args.output,
+                          calibration=args.calibration, evaluation=args.eval,
+                          accuracy_budget=args.accuracy_budget)
+        except BudgetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Accuracy budgets: what the quantized model must keep relative to the float model.
+
+A budget is one or more comma-separated clauses `metric>=value` or `metric<=value`:
+
+    >>> Budget.parse("cosine>=0.97, min-cosine>=0.9").check({"cosine": 0.96, "min-cosine": 0.93})
+    ['cosine is 0.96000, below the budget cosine>=0.97 by 0.01000']
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# metric name -> what it measures (the validate stage computes these).
+METRICS: dict[str, str] = {
+    "cosine": "mean cosine similarity of pooled embeddings, bundle vs PyTorch float",
+    "min-cosine": "minimum cosine similarity over the evaluation texts",
+}
+
+_CLAUSE = re.compile(r"^\s*([a-z0-9-]+)\s*(>=|<=)\s*(-?[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class Clause:
+    metric: str
+    op: str       # ">=" or "<="
+    value: float
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    clauses: tuple[Clause, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        clauses = []
+        for part in text.split(","):
+            match = _CLAUSE.match(part)
+            if not match:
+                raise ValueError(f"Bad accuracy budget clause {part.strip()!r} in {text!r}: "
+                                 f"expected METRIC>=VALUE or METRIC<=VALUE, e.g. 'cosine>=0.97'.")
+            metric, op, value = match.groups()
+            if metric not in METRICS:
+                raise ValueError(f"Unknown accuracy metric {metric!r} in budget {text!r}. "
+                                 f"Available: {', '.join(METRICS)}.")
+            clauses.append(Clause(metric, op, float(value)))
+        return cls(tuple(clauses))
+
+    def check(self, metrics: dict[str, float]) -> list[str]:
+        """One line per broken clause, saying by how much; empty when the budget holds."""
+        broken = []
+        for c in self.clauses:
+            got = metrics[c.metric]
+            miss = c.value - got if c.op == ">=" else got - c.value
+            if miss > 0:
+                side = "below" if c.op == ">=" else "above"
+                broken.append(f"{c.metric} is {got:.5f}, {side} the budget {c} by {miss:.5f}")
+        return broken
+
+    def __str__(self) -> str:
+        return ",".join(str(c) for c in self.clauses)

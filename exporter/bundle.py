@@ -1,0 +1,86 @@
+"""Stage `bundle`: the directory the device gets, with a manifest that proves its contents.
+
+Everything is assembled in the job's temporary directory and moved into place with renames
+(`report.replace_dir`), so a reader never sees a half-written bundle. The manifest lists every
+other file with its size and sha256; the runtime refuses a bundle that does not match it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from importlib import metadata
+
+import onnx
+
+from runtime.bundle import FORMAT_VERSION, sha256_of
+
+from .report import replace_dir, report_data, write_report_files
+
+TOOLS = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def describe_io(values) -> list[dict]:
+    """Name, dtype and shape (symbolic dims by name) of graph inputs or outputs."""
+    out = []
+    for v in values:
+        tensor = v.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        out.append({"name": v.name, "dtype": dtype, "shape": shape})
+    return out
+
+
+def bundle(job) -> None:
+    """Stage: write the bundle to job.output (replacing an older one only on success)."""
+    staging = job.workdir / "bundle"
+    staging.mkdir()
+    shutil.move(job.quantized_onnx, staging / "model.onnx")
+    shutil.copyfile(job.workdir / "tokenizer.json", staging / "tokenizer.json")
+    write_report_files(report_data(job), staging)
+
+    model = onnx.load(staging / "model.onnx", load_external_data=False)
+    graph = model.graph
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": job.output.name,
+        "task": job.task,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "target": job.target.to_dict(),
+        "model": job.records["model"],
+        "model_file": "model.onnx",
+        "inputs": describe_io(graph.input),
+        "outputs": describe_io(graph.output),
+        "max_length": job.max_length,
+        "pooling": {k: v for k, v in job.pooling.items()},
+        "files": [{"path": p.relative_to(staging).as_posix(), "sha256": sha256_of(p),
+                   "bytes": p.stat().st_size} for p in files],
+        "compression": [],
+        "quantization": {k: v for k, v in job.records["quantization"].items()
+                         if k != "activation_ranges"},
+        "stages": [],
+        "float_check": job.records["float_check"],
+        "validation": job.records["validation"],
+        "tools": tool_versions(),
+        "opset": opset,
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    replace_dir(staging, job.output)
+    rejected = job.output.with_name(job.output.name + ".rejected")
+    if rejected.exists():  # an earlier failed attempt's report no longer applies
+        shutil.rmtree(rejected)
+    job.log(f"  wrote {job.output}/ ({', '.join(p.name for p in files)}, manifest.json)")
+

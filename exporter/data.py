@@ -1,0 +1,185 @@
+"""Text for calibration and evaluation: files the user gives, or real smart-home utterances.
+
+The default text comes from the English sentence templates of the `home-assistant-intents`
+package (42 intents, Apache-2.0). The templates expand combinatorially (optional words,
+alternatives, slot lists), so instead of enumerating them we walk each template's expression
+tree with a seeded RNG, filling open slots (area, device name, shopping item ...) from small
+lists of plausible values. Which split an utterance belongs to is decided by a hash of its
+text, so calibration and evaluation sets never share an utterance, whatever their sizes.
+
+    >>> texts = smart_home_utterances(200, split="calibration")
+    >>> len(texts), texts[0].intent
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# Split name -> share of the hash space (percent). Disjoint by construction.
+SPLITS: dict[str, range] = {
+    "train": range(0, 60),
+    "calibration": range(60, 75),
+    "eval": range(75, 90),
+    "test": range(90, 100),
+}
+
+# Values for the slots that Home Assistant fills from the user's own home at run time.
+OPEN_SLOTS: dict[str, tuple[str, ...]] = {
+    "area": ("kitchen", "living room", "bedroom", "bathroom", "garage", "office", "hallway",
+             "dining room", "basement", "nursery", "patio", "guest room", "attic", "laundry room"),
+    "floor": ("ground floor", "first floor", "second floor", "upstairs", "downstairs", "basement"),
+    "name": ("ceiling light", "desk lamp", "coffee maker", "front door", "garage door",
+             "porch light", "air purifier", "tv", "heater", "bedside lamp", "dishwasher",
+             "kitchen fan", "reading light", "thermostat", "smart plug", "christmas lights",
+             "robot vacuum", "back door lock", "sprinkler", "living room blinds"),
+    "shopping_list_item": ("milk", "eggs", "bread", "apples", "coffee beans", "toilet paper",
+                           "batteries", "olive oil", "dog food", "bananas"),
+    "todo_list_item": ("call the plumber", "pay the electricity bill", "water the plants",
+                       "book a dentist appointment", "clean the gutters", "renew the passport"),
+    "search_query": ("jazz for a rainy day", "the beatles", "relaxing piano", "the news",
+                     "taylor swift", "lofi beats", "a podcast about history"),
+    "message": ("dinner is ready", "time to leave for school", "the laundry is done",
+                "please come downstairs", "movie starts in five minutes"),
+    "timer_name": ("pizza", "pasta", "laundry", "tea", "nap"),
+    "timer_command": ("turn off the oven", "turn on the porch light"),
+    "zone": ("home", "work", "school", "the gym"),
+}
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One text with its label (intent name for the default data, None when unknown)."""
+
+    text: str
+    intent: str | None = None
+
+
+def split_of(text: str) -> str:
+    """The split a text belongs to, decided by its hash (stable across runs and sizes)."""
+    bucket = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") % 100
+    return next(name for name, share in SPLITS.items() if bucket in share)
+
+
+def smart_home_utterances(n: int, *, split: str, seed: int = 0) -> list[Utterance]:
+    """`n` distinct English smart-home commands from one split, sampled with a seeded RNG.
+
+    Intents are drawn uniformly, then one of the intent's templates, then one expansion of it,
+    so rare intents are not drowned by the ones with many templates.
+
+        >>> [u.text for u in smart_home_utterances(2, split="eval")]
+        ['turn on the kitchen lights', ...]
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}. Available: {', '.join(SPLITS)}.")
+    if n < 1:
+        raise ValueError(f"Asked for {n} utterances; ask for at least 1.")
+    sampler = _TemplateSampler(seed)
+    seen: set[str] = set()
+    out: list[Utterance] = []
+    for attempt in range(200 * n):
+        utt = sampler.sample()
+        if utt.text in seen or split_of(utt.text) != split:
+            continue
+        seen.add(utt.text)
+        out.append(utt)
+        if len(out) == n:
+            return out
+    raise ValueError(f"Could only sample {len(out)} distinct utterances of the {n} asked for.")
+
+
+def read_texts(path: str | Path) -> list[Utterance]:
+    """Texts from a `.txt` file (one per line) or a `.jsonl` file ("text", optional "label").
+
+    Blank lines are skipped. Raises FileNotFoundError for a missing file and ValueError for
+    bad encoding, a bad JSON line, or a file with no text at all, naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Text file {str(path)!r} does not exist.")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"Text file {str(path)!r} must end in .txt (one text per line) "
+                         f"or .jsonl (objects with a \"text\" field), not {path.suffix!r}.")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"Text file {str(path)!r} is not valid UTF-8 (byte {e.start}): "
+                         f"re-save it as UTF-8.") from e
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".txt":
+            out.append(Utterance(line))
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}).") from e
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{number}: expected an object with a string \"text\" field.")
+        label = record.get("label")
+        out.append(Utterance(record["text"], None if label is None else str(label)))
+    if not out:
+        raise ValueError(f"Text file {str(path)!r} holds no text: give at least one line.")
+    return out
+
+
+class _TemplateSampler:
+    """Random walk over hassil expression trees of the English intents."""
+
+    def __init__(self, seed: int):
+        import home_assistant_intents
+        from hassil.intents import Intents
+
+        self._rng = random.Random(seed)
+        self._intents = Intents.from_dict(home_assistant_intents.get_intents("en"))
+        self._names = sorted(self._intents.intents)
+
+    def sample(self) -> Utterance:
+        rng = self._rng
+        name = rng.choice(self._names)
+        data = rng.choice(self._intents.intents[name].data)
+        sentence = rng.choice(data.sentences)
+        rules = {**self._intents.expansion_rules, **data.expansion_rules}
+        lists = {**self._intents.slot_lists, **data.slot_lists}
+        text = self._expand(sentence.expression, rules, lists)
+        return Utterance(re.sub(r"\s+", " ", text).strip(), name)
+
+    def _expand(self, exp, rules, lists) -> str:
+        from hassil import expression as ex
+        from hassil.intents import RangeSlotList, TextSlotList
+
+        rng = self._rng
+        if isinstance(exp, ex.TextChunk):
+            return exp.text
+        if isinstance(exp, ex.Alternative):
+            return self._expand(rng.choice(exp.items), rules, lists)
+        if isinstance(exp, ex.Permutation):
+            items = list(exp.items)
+            rng.shuffle(items)
+            return " ".join(self._expand(item, rules, lists) for item in items)
+        if isinstance(exp, ex.Group):  # Sequence
+            return "".join(self._expand(item, rules, lists) for item in exp.items)
+        if isinstance(exp, ex.RuleReference):
+            return self._expand(rules[exp.rule_name].expression, rules, lists)
+        if isinstance(exp, ex.ListReference):
+            slot = lists.get(exp.list_name)
+            if isinstance(slot, TextSlotList) and slot.values:
+                return self._expand(rng.choice(slot.values).text_in, rules, lists)
+            if isinstance(slot, RangeSlotList):
+                return str(rng.randrange(slot.start, slot.stop + 1, slot.step))
+            values = OPEN_SLOTS.get(exp.list_name) or OPEN_SLOTS["name"]
+            return rng.choice(values)
+        raise AssertionError(f"unexpected hassil expression {type(exp).__name__}")
+
+
+def iter_batches(items: list, size: int) -> Iterator[list]:
+    """Consecutive slices of `items` of at most `size` elements."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

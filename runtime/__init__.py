@@ -1,0 +1,34 @@
+"""On-device runtime for bundles written by the exporter: numpy + onnxruntime only.
+
+    >>> import runtime
+    >>> model = runtime.load("build/minilm-arm-cpu")
+    >>> model.embed(["turn on the kitchen lights"]).shape
+    (1, 384)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .bundle import Bundle, BundleError
+from .model import Model
+from .tokenizer import Tokenizer
+
+__all__ = ["Bundle", "BundleError", "Model", "Tokenizer", "load"]
+__version__ = "0.1.0"
+
+
+def load(path: str | Path, *, threads: int | None = None, spinning: bool = True,
+         providers: list[str] | None = None, verify: bool = True) -> Model:
+    """Verify the bundle at `path` and load it for inference.
+
+    `threads` overrides the profile's intra-op thread count; `spinning=False` keeps ONNX
+    Runtime's idle worker threads from busy-waiting (use it when the device runs other work);
+    `providers` overrides the execution providers the target lists; `verify=False` skips the
+    sha256 check of every file (it reads the whole bundle once).
+
+        >>> runtime.load("build/minilm-arm-cpu", spinning=False)
+        <runtime.Model 'minilm-arm-cpu' task='feature-extraction'>
+    """
+    bundle = Bundle.open(path, verify=verify)
+    return Model(bundle, threads=threads, spinning=spinning, providers=providers)

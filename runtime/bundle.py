@@ -1,0 +1,132 @@
+"""Reading and verifying a bundle directory (the contract with the exporter).
+
+A bundle is refused, with the file or field and the reason, when its manifest is missing or
+unreadable, its format version is unknown, a listed file is missing, has the wrong size or the
+wrong sha256, or its graph needs a newer opset than the installed onnxruntime runs.
+
+    >>> bundle = Bundle.open("build/minilm-arm-cpu")
+    >>> bundle.manifest["task"]
+    'feature-extraction'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+# onnxruntime release -> highest ai.onnx opset it implements (onnxruntime's compatibility
+# table in docs/reference/compatibility). Releases newer than the last row are assumed to
+# run at least the last row's opset.
+ORT_MAX_OPSET: tuple[tuple[tuple[int, int], int], ...] = (
+    ((1, 10), 15),
+    ((1, 11), 16),
+    ((1, 12), 17),
+    ((1, 14), 18),
+    ((1, 15), 19),
+    ((1, 17), 20),
+    ((1, 18), 21),
+    ((1, 20), 21),
+)
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be trusted or run; the message names the file or field."""
+
+
+def max_supported_opset(ort_version: str) -> int:
+    """Highest ai.onnx opset the given onnxruntime version runs (see ORT_MAX_OPSET)."""
+    release = tuple(int(p) for p in ort_version.split(".")[:2] if p.isdigit())
+    best = 0
+    for first_release, opset in ORT_MAX_OPSET:
+        if release >= first_release:
+            best = opset
+    return best
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
+        """Read `path/manifest.json` and, with `verify`, check every listed file's sha256."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"Bundle directory {str(path)!r} does not exist.")
+        manifest_file = path / "manifest.json"
+        if not manifest_file.is_file():
+            raise BundleError(f"{path} is not a bundle: it has no manifest.json "
+                              f"(was the export interrupted or rejected?).")
+        try:
+            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{manifest_file} is not valid JSON: {e}") from e
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{manifest_file} must hold a JSON object.")
+        bundle = cls(path, manifest)
+        bundle._check_fields()
+        if verify:
+            bundle._check_files()
+        bundle._check_opset()
+        return bundle
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def _field(self, name: str, kind: type):
+        value = self.manifest.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+            raise BundleError(f"{self.path / 'manifest.json'}: field {name!r} must be "
+                              f"{kind.__name__}, got {value!r}.")
+        return value
+
+    def _check_fields(self) -> None:
+        version = self._field("format_version", int)
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise BundleError(
+                f"{self.path / 'manifest.json'}: format_version {version} is not supported by "
+                f"this runtime (supports {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); "
+                f"update the runtime or re-export the bundle.")
+        for name, kind in (("task", str), ("files", list), ("opset", int), ("target", dict)):
+            self._field(name, kind)
+
+    def _check_files(self) -> None:
+        for entry in self.manifest["files"]:
+            name = entry.get("path", "")
+            file = (self.path / name).resolve()
+            if not name or self.path.resolve() not in file.parents:
+                raise BundleError(f"manifest.json lists an unsafe file path {name!r}.")
+            if not file.is_file():
+                raise BundleError(f"{self.path / name}: listed in manifest.json but missing.")
+            size = file.stat().st_size
+            if size != entry.get("bytes"):
+                raise BundleError(f"{self.path / name}: {size} bytes, manifest.json says "
+                                  f"{entry.get('bytes')} (truncated or replaced file).")
+            if sha256_of(file) != entry.get("sha256"):
+                raise BundleError(f"{self.path / name}: sha256 does not match manifest.json "
+                                  f"(the file was modified or corrupted); re-copy the bundle.")
+
+    def _check_opset(self) -> None:
+        import onnxruntime
+
+        needed = self.manifest["opset"]
+        have = max_supported_opset(onnxruntime.__version__)
+        if needed > have:
+            raise BundleError(
+                f"{self.path / 'manifest.json'}: the graph needs ai.onnx opset {needed}, but "
+                f"onnxruntime {onnxruntime.__version__} runs opsets up to {have}; upgrade "
+                f"onnxruntime or export with a target whose opset is <= {have}.")

@@ -1,0 +1,144 @@
+"""Running a verified bundle: sessions, batching, padding, pooling.
+
+    >>> import runtime
+    >>> model = runtime.load("build/minilm-arm-cpu")
+    >>> model.embed(["turn on the kitchen lights"]).shape
+    (1, 384)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle, BundleError
+from .tokenizer import Tokenizer
+
+
+def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = True,
+                providers: Sequence[str] = ("CPUExecutionProvider",)):
+    """An onnxruntime session with explicit threading.
+
+    `spinning=False` stops ONNX Runtime's worker threads from busy-waiting after each call:
+    on a device that also runs the application, spinning threads steal its cores (measured:
+    latency doubles on a busy 2-core machine).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    available = set(ort.get_available_providers())
+    chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, options, providers=chosen)
+
+
+def pad_batch(ids: list[list[int]], *, pad_id: int, input_names: Sequence[str]) -> dict:
+    """Right-pad token ids into the int64 feeds a BERT-style graph takes.
+
+    Returns {"input_ids": (batch, seq), "attention_mask": (batch, seq), and
+    "token_type_ids": zeros (batch, seq) when the graph has that input}.
+    """
+    width = max(len(row) for row in ids)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for i, row in enumerate(ids):
+        input_ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    feeds = {"input_ids": input_ids, "attention_mask": mask}
+    if "token_type_ids" in input_names:
+        feeds["token_type_ids"] = np.zeros_like(input_ids)
+    unknown = set(input_names) - set(feeds)
+    assert not unknown, f"graph inputs {unknown} have no feed"
+    return feeds
+
+
+def pool(hidden: np.ndarray, mask: np.ndarray, *, mode: str, normalize: bool) -> np.ndarray:
+    """Sentence embeddings from token states (batch, seq, dim) and mask (batch, seq)."""
+    mask = mask[..., None].astype(hidden.dtype)
+    if mode == "mean":
+        out = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
+    elif mode == "cls":
+        out = hidden[:, 0]
+    elif mode == "max":
+        out = np.where(mask > 0, hidden, -np.inf).max(axis=1)
+    else:
+        raise BundleError(f"Unknown pooling mode {mode!r} in manifest.json.")
+    if normalize:
+        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out.astype(np.float32)
+
+
+def batches(tokenizer: Tokenizer, texts: Sequence[str], *, max_length: int,
+            batch_size: int, input_names: Sequence[str]) -> Iterator[tuple[list[int], dict]]:
+    """(original indices, feeds) per batch; texts of similar length share a batch so
+    little compute goes to padding."""
+    ids = tokenizer.encode_batch(list(texts), max_length=max_length)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        yield chosen, pad_batch([ids[i] for i in chosen], pad_id=tokenizer.pad_id,
+                                input_names=input_names)
+
+
+class Model:
+    """A loaded bundle. Build one with `runtime.load(path)`."""
+
+    def __init__(self, bundle: Bundle, *, threads: int | None = None, spinning: bool = True,
+                 providers: Sequence[str] | None = None):
+        manifest = bundle.manifest
+        self.bundle = bundle
+        self.manifest = manifest
+        self.task: str = manifest["task"]
+        settings = manifest["target"].get("runtime", {})
+        self.max_length: int = manifest.get("max_length", settings.get("max_sequence_length"))
+        self.batch_size: int = settings.get("batch_size", 32)
+        self.tokenizer = Tokenizer.from_file(bundle.file("tokenizer.json"))
+        self.session = ort_session(
+            bundle.file(manifest.get("model_file", "model.onnx")),
+            threads=settings.get("threads", 0) if threads is None else threads,
+            spinning=spinning,
+            providers=providers or settings.get("execution_providers", ["CPUExecutionProvider"]))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    @property
+    def dim(self) -> int:
+        return int(self.session.get_outputs()[0].shape[-1])
+
+    def embed(self, texts: Sequence[str] | str, *, batch_size: int | None = None) -> np.ndarray:
+        """Sentence embeddings, (len(texts), dim) float32, in the order of `texts`.
+
+        Each text is tokenized, truncated to the bundle's max length, padded per batch and
+        pooled the way the source model pools (mean + L2 norm for all-MiniLM-L6-v2).
+
+            >>> model.embed(["turn on the kitchen lights", "lock the front door"]).shape
+            (2, 384)
+        """
+        if self.task != "feature-extraction":
+            raise ValueError(f"embed() needs a feature-extraction bundle; "
+                             f"{self.bundle.path} is {self.task!r}.")
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a list of strings; wrap a single text in a list.")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"embed() texts must be str; item {i} is "
+                                f"{type(text).__name__}.")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        pooling = self.manifest.get("pooling", {"mode": "mean", "normalize": True})
+        for index, feeds in batches(self.tokenizer, texts, max_length=self.max_length,
+                                    batch_size=batch_size or self.batch_size,
+                                    input_names=self.input_names):
+            hidden = self.session.run(None, feeds)[0]
+            out[index] = pool(hidden, feeds["attention_mask"], mode=pooling["mode"],
+                              normalize=pooling["normalize"])
+        return out
+
+    def __repr__(self) -> str:
+        return f"<runtime.Model {self.manifest.get('name')!r} task={self.task!r}>"

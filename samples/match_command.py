@@ -1,0 +1,87 @@
+"""Device application: match what the user said to the closest known device command.
+
+Uses only `runtime` (numpy + onnxruntime): embed the known commands once at start-up, then
+embed each utterance and pick the command with the highest cosine similarity. Below the
+threshold it does nothing and says so: a car or a home should not act on a guess.
+
+    python samples/match_command.py build/minilm-arm-cpu "could you switch the kitchen light on"
+    echo "lock up the front door" | python samples/match_command.py build/minilm-arm-cpu -
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import runtime
+
+# Device command id -> the canonical phrase it is matched against.
+COMMANDS: dict[str, str] = {
+    "light.kitchen.on": "turn on the kitchen lights",
+    "light.kitchen.off": "turn off the kitchen lights",
+    "light.bedroom.dim": "dim the bedroom lights",
+    "lock.front_door.lock": "lock the front door",
+    "lock.front_door.unlock": "unlock the front door",
+    "climate.set_warmer": "make it warmer in here",
+    "climate.set_cooler": "make it cooler in here",
+    "cover.garage.open": "open the garage door",
+    "cover.garage.close": "close the garage door",
+    "media.play": "play some music",
+    "media.pause": "pause the music",
+    "media.volume_up": "turn the volume up",
+    "timer.start": "set a timer for ten minutes",
+    "vacuum.start": "start vacuuming the house",
+    "weather.today": "what is the weather like today",
+}
+
+DEMO_UTTERANCES = (
+    "could you switch the kitchen light on",
+    "it's too cold in here, warm it up",
+    "shut the garage",
+    "make sure the front door is locked",
+    "what's the capital of france",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", help="bundle directory written by python -m exporter")
+    parser.add_argument("utterances", nargs="*",
+                        help="what the user said; '-' reads one per line from stdin; "
+                             "none runs a short demo")
+    parser.add_argument("--threshold", type=float, default=0.55,
+                        help="minimum cosine similarity to act (default 0.55)")
+    args = parser.parse_args(argv)
+
+    try:
+        model = runtime.load(args.bundle, spinning=False)
+    except (FileNotFoundError, runtime.BundleError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.utterances == ["-"]:
+        utterances = [line.strip() for line in sys.stdin if line.strip()]
+    else:
+        utterances = args.utterances or list(DEMO_UTTERANCES)
+
+    ids = list(COMMANDS)
+    known = model.embed([COMMANDS[i] for i in ids])   # (commands, dim), unit length
+    started = time.perf_counter()
+    heard = model.embed(utterances)                    # (utterances, dim), unit length
+    elapsed_ms = (time.perf_counter() - started) * 1e3
+    scores = heard @ known.T                           # cosine similarities
+    for text, row in zip(utterances, scores):
+        best = int(row.argmax())
+        if row[best] >= args.threshold:
+            print(f"{text!r} -> {ids[best]} (similarity {row[best]:.2f})")
+        else:
+            print(f"{text!r} -> no action: closest is {ids[best]} at {row[best]:.2f}, "
+                  f"below {args.threshold}")
+    sys.stdout.flush()
+    print(f"[{len(utterances)} utterances embedded in {elapsed_ms:.1f} ms, "
+          f"tokenizer backend: {runtime.Tokenizer.backend}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Hardware target profiles: one commented TOML file per target, read into a frozen dataclass.
+
+A profile is data, never code: it is parsed with `tomllib`, every key is checked against the
+dataclass fields below, and an unknown key or a wrong type is an error that names the file, the
+key and what was expected. Built-in profiles live beside this file; any other `.toml` path is a
+user's own profile.
+
+    >>> target = load_target("arm-cpu")
+    >>> target.opset, target.quantization.activations
+    (17, 'uint8')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+PROFILE_DIR = Path(__file__).parent
+
+
+@dataclass(frozen=True)
+class QuantizationSettings:
+    """How the exporter turns the float graph into static int8 QDQ."""
+
+    weights: str                 # "int8": symmetric, zero point 0, range [-127, 127]
+    per_channel: bool            # one weight scale per output channel (MatMul column)
+    activations: str             # "uint8" (asymmetric) or "int8"
+    symmetric_activations: bool  # zero point 0 for activations (int8 only)
+    calibration: str             # "minmax" or "percentile"
+    percentile: float            # kept share of |activation| values for "percentile"
+    calibration_samples: int     # texts used to calibrate (from the calibration set)
+    embeddings: str              # "int8-rows": int8 table with one scale per row; "float"
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How the on-device runtime runs a bundle built for this target."""
+
+    execution_providers: tuple[str, ...]  # tried in order; CPU is always the last resort
+    threads: int                          # ONNX Runtime intra-op threads (0: let ORT decide)
+    max_sequence_length: int              # tokens per text, special tokens included
+    batch_size: int                       # texts per inference call in embed()
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What an export must prove before it becomes a bundle."""
+
+    accuracy_budget: str      # e.g. "cosine>=0.97": mean cosine of pooled embeddings to float
+    eval_samples: int         # held-out texts compared against the float model
+    latency_runs: int         # timed batch-1 runs per model for p50/p95 latency
+    float_check_tolerance: float  # max |ONNX float - PyTorch| allowed on hidden states
+
+
+@dataclass(frozen=True)
+class Target:
+    """A hardware target: what to build for it and how to run it there."""
+
+    name: str
+    description: str
+    opset: int                  # ai.onnx opset of the exported graph
+    graph_optimization: str     # offline ORT level applied before quantization: "none" | "basic"
+    quantization: QuantizationSettings
+    runtime: RuntimeSettings
+    validation: ValidationSettings
+    source: str = ""            # the file the profile was read from
+
+    def to_dict(self) -> dict:
+        """The whole profile as plain data (what the bundle manifest records)."""
+        return dataclasses.asdict(self)
+
+
+# Allowed values of the string-valued settings: (section.key) -> choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "graph_optimization": ("none", "basic"),
+    "quantization.weights": ("int8",),
+    "quantization.activations": ("uint8", "int8"),
+    "quantization.calibration": ("minmax", "percentile"),
+    "quantization.embeddings": ("int8-rows", "float"),
+}
+
+
+def available_targets() -> list[str]:
+    """Names of the built-in profiles, sorted."""
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    """The profile for a built-in target name or a path to a user's `.toml` file.
+
+        >>> load_target("x86-server").runtime.execution_providers
+        ('CPUExecutionProvider',)
+    """
+    text = str(name_or_path)
+    if text.endswith(".toml") or "/" in text or "\\" in text:
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"Target profile {text!r} does not exist.")
+    else:
+        path = PROFILE_DIR / f"{text}.toml"
+        if not path.is_file():
+            raise ValueError(f"Unknown target {text!r}. Available: "
+                             f"{', '.join(available_targets())} (or a path to a .toml profile).")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"Target profile {str(path)!r} is not valid TOML: {e}") from e
+    raw.setdefault("name", path.stem)
+    target = _build(Target, raw, path, prefix="")
+    return dataclasses.replace(target, source=str(path))
+
+
+def _build(cls, raw: dict, path: Path, prefix: str):
+    """Instantiate dataclass `cls` from a TOML table, checking keys, types and choices."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"{path}: unknown key {prefix + unknown[0]!r}. "
+                         f"Expected keys: {', '.join(prefix + k for k in fields)}.")
+    values = {}
+    for key, field in fields.items():
+        where = prefix + key
+        if key not in raw:
+            if field.default is dataclasses.MISSING:
+                raise ValueError(f"{path}: missing key {where!r}.")
+            continue
+        values[key] = _convert(raw[key], hints[key], path, where)
+    return cls(**values)
+
+
+def _convert(value, hint, path: Path, where: str):
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: {where!r} must be a table [{where}], "
+                             f"not {type(value).__name__}.")
+        return _build(hint, value, path, prefix=where + ".")
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+            raise ValueError(f"{path}: {where!r} must be a list of {item.__name__}, "
+                             f"got {value!r}.")
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType):
+        raise AssertionError(f"optional profile fields are not supported ({where})")
+    ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ValueError(f"{path}: {where!r} must be {hint.__name__}, "
+                         f"got {type(value).__name__} {value!r}.")
+    choices = CHOICES.get(where)
+    if choices and value not in choices:
+        raise ValueError(f"{path}: {where!r} is {value!r}; expected one of {', '.join(choices)}.")
+    return value

@@ -1,0 +1,64 @@
+"""Accuracy budgets and the text sources for calibration and evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exporter.budget import Budget
+from exporter.data import read_texts, smart_home_utterances, split_of
+
+
+def test_budget_reports_by_how_much():
+    budget = Budget.parse("cosine>=0.97, min-cosine>=0.9")
+    assert budget.check({"cosine": 0.98, "min-cosine": 0.95}) == []
+    (line,) = budget.check({"cosine": 0.95, "min-cosine": 0.95})
+    assert "below the budget cosine>=0.97 by 0.02000" in line
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cosine>0.9", "expected METRIC>=VALUE"),
+    ("bleu>=3", "Unknown accuracy metric 'bleu'"),
+])
+def test_bad_budget(text, message):
+    with pytest.raises(ValueError, match=message):
+        Budget.parse(text)
+
+
+def test_default_text_is_seeded_real_and_disjoint():
+    calibration = smart_home_utterances(150, split="calibration")
+    evaluation = smart_home_utterances(150, split="eval")
+    assert calibration == smart_home_utterances(150, split="calibration")  # seeded
+    assert not {u.text for u in calibration} & {u.text for u in evaluation}
+    assert all(split_of(u.text) == "eval" for u in evaluation)
+    assert len({u.intent for u in evaluation}) > 30  # most of the 42 intents appear
+    assert all(u.text and u.text == u.text.strip() for u in evaluation)
+
+
+def test_read_txt_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("turn on the lights\n\n  \nlock the door\n")
+    assert [u.text for u in read_texts(tmp_path / "a.txt")] == ["turn on the lights",
+                                                                 "lock the door"]
+    lines = [json.dumps({"text": "hi", "label": "HassNevermind"}), json.dumps({"text": "yo"})]
+    (tmp_path / "b.jsonl").write_text("\n".join(lines))
+    got = read_texts(tmp_path / "b.jsonl")
+    assert [(u.text, u.intent) for u in got] == [("hi", "HassNevermind"), ("yo", None)]
+
+
+@pytest.mark.parametrize("name, content, error, message", [
+    ("empty.txt", b"\n \n", ValueError, "holds no text"),
+    ("latin1.txt", "caf\xe9\n".encode("latin-1"), ValueError, "not valid UTF-8"),
+    ("bad.jsonl", b'{"text": "ok"}\n{not json\n', ValueError, r"bad.jsonl:2: not valid JSON"),
+    ("nofield.jsonl", b'{"txt": "ok"}\n', ValueError, r"nofield.jsonl:1: expected an object"),
+    ("data.csv", b"a,b\n", ValueError, r"must end in .txt"),
+])
+def test_bad_text_files(tmp_path, name, content, error, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(error, match=message):
+        read_texts(tmp_path / name)
+
+
+def test_missing_text_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        read_texts(tmp_path / "missing.txt")

@@ -1,0 +1,67 @@
+"""Target profiles: built-ins, user files, and errors that name file, key and expectation."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+from targets import PROFILE_DIR, Target, available_targets, load_target
+
+
+def test_builtin_targets_load_into_frozen_dataclasses():
+    assert {"arm-cpu", "x86-server"} <= set(available_targets())
+    for name in available_targets():
+        target = load_target(name)
+        assert isinstance(target, Target) and target.name == name
+        assert target.runtime.execution_providers[-1] == "CPUExecutionProvider"
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            target.opset = 1
+
+
+def test_every_number_in_a_builtin_profile_is_commented():
+    for path in PROFILE_DIR.glob("*.toml"):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if re.match(r"^\w+\s*=\s*[-0-9.]", line):  # a numeric setting
+                assert lines[i - 1].startswith("#"), f"{path.name}:{i + 1} has no comment"
+
+
+def test_user_profile_path(tmp_path):
+    text = (PROFILE_DIR / "arm-cpu.toml").read_text().replace("threads = 0", "threads = 4")
+    (tmp_path / "my-board.toml").write_text(text)
+    target = load_target(tmp_path / "my-board.toml")
+    assert target.name == "my-board" and target.runtime.threads == 4
+    assert target.source == str(tmp_path / "my-board.toml")
+
+
+def test_unknown_target_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"Unknown target 'jetsn'. Available: arm-cpu, .*x86-server"):
+        load_target("jetsn")
+
+
+def test_missing_profile_file():
+    with pytest.raises(FileNotFoundError, match="nope.toml"):
+        load_target("nope.toml")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("threads = 0", "threads = 0\nthreds = 2"), r"unknown key 'runtime.threds'"),
+    (("threads = 0", 'threads = "two"'), r"'runtime.threads' must be int, got str 'two'"),
+    (("opset = 18", "opset = true"), r"'opset' must be int, got bool"),
+    (('calibration = "minmax"', 'calibration = "kl"'),
+     r"'quantization.calibration' is 'kl'; expected one of minmax, percentile"),
+    (('execution_providers = ["CPUExecutionProvider"]', "execution_providers = [1]"),
+     r"'runtime.execution_providers' must be a list of str"),
+    (("opset = 18", ""), r"missing key 'opset'"),
+    (("opset = 18", "opset = 18 = 3"), r"not valid TOML"),
+])
+def test_bad_profile_names_file_key_and_expectation(tmp_path, edit, message):
+    text = (PROFILE_DIR / "arm-cpu.toml").read_text()
+    assert edit[0] in text
+    path = tmp_path / "bad.toml"
+    path.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(ValueError, match=message) as info:
+        load_target(path)
+    assert str(path) in str(info.value)
