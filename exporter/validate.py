@@ -64,7 +64,10 @@ opts = ort.SessionOptions(); opts.intra_op_num_threads = int(sys.argv[2])
 s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
 n = int(sys.argv[3]); feeds = {i.name: np.ones((32, n), np.int64) for i in s.get_inputs()}
 s.run(None, feeds)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM is per address space, so it starts afresh at exec; ru_maxrss would carry over the
+# high-water mark of the (large, torch-holding) parent this process was forked from.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+print(int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
@@ -72,7 +75,7 @@ def peak_rss_mb(model_path, *, threads: int, seq: int) -> float:
     """Peak RSS (MB) of a new process that loads the graph and runs a batch of 32 x seq."""
     out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(model_path), str(threads),
                           str(seq)], capture_output=True, text=True, check=True)
-    return round(int(out.stdout.split()[-1]) / 1024, 1)  # ru_maxrss is in KiB on Linux
+    return round(int(out.stdout.split()[-1]) / 1024, 1)  # KiB -> MiB
 
 
 def validate(job) -> None:

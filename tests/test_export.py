@@ -1,0 +1,159 @@
+"""The exporter on the real all-MiniLM-L6-v2, checked against PyTorch float."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter import BudgetError, export
+from exporter.__main__ import main
+from runtime.bundle import sha256_of
+from runtime.model import pad_batch, pool
+
+
+def torch_embeddings(model, tokenizer, texts, max_length=128):
+    """Reference: PyTorch float, mean pooling + L2 norm (the model's sentence embedding)."""
+    import torch
+
+    feeds = pad_batch(tokenizer.encode_batch(texts, max_length=max_length),
+                      pad_id=tokenizer.pad_id,
+                      input_names=["input_ids", "attention_mask", "token_type_ids"])
+    with torch.no_grad():
+        hidden = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state
+    return pool(hidden.numpy(), feeds["attention_mask"], mode="mean", normalize=True)
+
+
+def test_float_onnx_matches_pytorch(tmp_path, torch_minilm, eval_texts):
+    """Pipeline stages up to the float graph, then embeddings compared with PyTorch."""
+    from exporter import pipeline
+    from exporter.budget import Budget
+    from exporter.data import Utterance
+    from runtime import Tokenizer
+    from runtime.model import ort_session
+    from targets import load_target
+
+    job = pipeline.new_job("minilm", target=load_target("arm-cpu"), task=None,
+                           output=tmp_path / "out", calibration=[], budget=Budget.parse(
+                               "cosine>=0.9"), evaluation=[Utterance(t) for t in eval_texts],
+                           log=lambda line: None)
+    for stage in (pipeline.load, pipeline.export_onnx, pipeline.check_float):
+        stage(job)
+    assert job.records["float_check"]["max_abs_diff"] <= 1e-4
+    tokenizer = Tokenizer.from_file(job.workdir / "tokenizer.json")
+    session = ort_session(job.float_onnx)
+    texts = eval_texts[:64]
+    feeds = pad_batch(tokenizer.encode_batch(texts, max_length=128), pad_id=tokenizer.pad_id,
+                      input_names=[i.name for i in session.get_inputs()])
+    ours = pool(session.run(None, feeds)[0], feeds["attention_mask"], mode="mean",
+                normalize=True)
+    reference = torch_embeddings(torch_minilm, tokenizer, texts)
+    assert np.abs(ours - reference).max() <= 1e-4
+
+
+def test_bundle_files_and_manifest(minilm_bundle):
+    manifest = json.loads((minilm_bundle / "manifest.json").read_text())
+    listed = {f["path"]: f for f in manifest["files"]}
+    assert set(listed) == {"model.onnx", "tokenizer.json", "report.md", "report.json"}
+    for name, entry in listed.items():
+        assert sha256_of(minilm_bundle / name) == entry["sha256"]
+        assert (minilm_bundle / name).stat().st_size == entry["bytes"]
+    assert manifest["format_version"] == 1 and manifest["task"] == "feature-extraction"
+    assert manifest["target"]["name"] == "arm-cpu" and manifest["opset"] == 18
+    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask",
+                                                       "token_type_ids"]
+    q = manifest["quantization"]
+    assert q["mode"] == "static-int8-qdq" and len(q["quantized_nodes"]) == 36
+    assert q["calibration"]["samples"] == 300 and len(q["calibration"]["data_sha256"]) == 64
+    assert all(e["reason"] for e in q["excluded_nodes"])
+    assert set(manifest["tools"]) >= {"torch", "transformers", "onnx", "onnxruntime"}
+    v = manifest["validation"]
+    assert v["budget_holds"] and v["metrics"]["cosine"] >= 0.97
+    assert set(v["latency_ms_batch1"]) == {"float_onnx", "bundle", "ratio_p50"}
+    assert v["peak_rss_mb"]["bundle"] > 0
+    assert "cosine" in (minilm_bundle / "report.md").read_text()
+
+
+def test_bundle_is_small(minilm_bundle):
+    manifest = json.loads((minilm_bundle / "manifest.json").read_text())
+    sizes = manifest["validation"]["size_bytes"]
+    assert (minilm_bundle / "model.onnx").stat().st_size == sizes["bundle_model"]
+    assert sizes["bundle_model"] <= 0.30 * sizes["float_onnx"]
+
+
+def test_bundle_quality_against_pytorch(minilm_bundle, torch_minilm, eval_texts):
+    """Independent of the exporter's own validation: the runtime's embeddings vs PyTorch."""
+    import runtime
+
+    model = runtime.load(minilm_bundle)
+    ours = model.embed(eval_texts)
+    reference = torch_embeddings(torch_minilm, model.tokenizer, eval_texts)
+    cosine = (ours * reference).sum(axis=1)
+    assert cosine.mean() >= 0.97, cosine.mean()
+    assert cosine.min() >= 0.90, cosine.min()
+
+
+def test_broken_budget_fails_loudly_and_keeps_the_old_bundle(tmp_path, minilm_bundle):
+    import shutil
+
+    output = tmp_path / "minilm-arm-cpu"
+    shutil.copytree(minilm_bundle, output)
+    before = sha256_of(output / "manifest.json")
+    texts = [f"turn on light number {i}" for i in range(8)]
+    with pytest.raises(BudgetError, match=r"cosine is 0\.\d+, below the budget cosine>=0\.99999"
+                                          r" by 0\.\d+"):
+        export("minilm", target="arm-cpu", output=output, calibration=texts,
+               evaluation=["dim the hallway", "what's the time"],
+               accuracy_budget="cosine>=0.99999", log=lambda line: None)
+    assert sha256_of(output / "manifest.json") == before  # previous bundle untouched
+    rejected = tmp_path / "minilm-arm-cpu.rejected"
+    assert (rejected / "report.md").is_file() and not (rejected / "manifest.json").exists()
+    assert "BROKEN" in (rejected / "report.md").read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "jetsn"], "Unknown target 'jetsn'. Available: arm-cpu"),
+    (["--target", "arm-cpu", "--model", "/no/such/model"], "neither a directory"),
+    (["--target", "arm-cpu", "--accuracy-budget", "cosine>0.9"], "Bad accuracy budget"),
+])
+def test_cli_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_path):
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "holds no text"),
+    (b"\xff\xfeturn on\n", "not valid UTF-8"),
+])
+def test_cli_bad_calibration_file(tmp_path, capsys, content, message):
+    (tmp_path / "cal.txt").write_bytes(content)
+    code = main(["--target", "arm-cpu", "--calibration", str(tmp_path / "cal.txt"),
+                 "--output", str(tmp_path / "out")])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_model_dir_without_config(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    assert main(["--target", "arm-cpu", "--model", str(tmp_path / "model"),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    assert [p for p in tmp_path.iterdir() if p.name != "model"] == []
+
+
+def test_list_targets(capsys):
+    assert main(["--list-targets"]) == 0
+    out = capsys.readouterr().out
+    assert "arm-cpu" in out and "x86-server" in out
+
+
+def test_python_dash_m_exporter_help():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "exporter", "--help"], capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).parent.parent)
+    assert "--target" in out.stdout and "--accuracy-budget" in out.stdout

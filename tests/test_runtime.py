@@ -1,0 +1,167 @@
+"""The on-device runtime: bundle verification, embed(), and its light footprint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+from runtime import BundleError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def bundle_copy(minilm_bundle, tmp_path):
+    """A private copy of the shared bundle that a test may damage."""
+    return Path(shutil.copytree(minilm_bundle, tmp_path / "bundle"))
+
+
+def edit_manifest(path: Path, **changes):
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.update(changes)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_embed_shape_norm_and_order(minilm_bundle, eval_texts):
+    model = runtime.load(minilm_bundle)
+    texts = eval_texts[:40]
+    batched = model.embed(texts, batch_size=16)
+    assert batched.shape == (40, 384) and batched.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    one_by_one = np.concatenate([model.embed([t]) for t in texts[:8]])
+    # padding changes nothing for the real tokens; int8 kernels may round differently
+    # across batch shapes, so equal to well below the quantization error
+    assert (one_by_one * batched[:8]).sum(axis=1).min() > 0.999
+    assert model.embed([]).shape == (0, 384)
+
+
+def test_odd_and_long_text(minilm_bundle):
+    model = runtime.load(minilm_bundle)
+    long_text = " ".join(["lights"] * 10_000)
+    odd = ["", "   ", "\x00\x01 turn on", "💡👨‍👩‍👧 on", "שלום lights", "e\u0301te\u0301",
+           "ﬁ" * 300, "a" * 5000, long_text]
+    out = model.embed(odd)
+    assert out.shape == (len(odd), 384) and np.isfinite(out).all()
+    assert len(model.tokenizer.encode(long_text, max_length=model.max_length)) == 128
+
+
+def test_bad_input_types(minilm_bundle):
+    model = runtime.load(minilm_bundle)
+    with pytest.raises(TypeError, match="wrap a single text in a list"):
+        model.embed("turn on the lights")
+    with pytest.raises(TypeError, match="item 1 is bytes"):
+        model.embed(["ok", b"bytes"])
+
+
+def test_tampered_file_is_refused(bundle_copy):
+    data = bytearray((bundle_copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle_copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model.onnx: sha256 does not match"):
+        runtime.load(bundle_copy)
+
+
+def test_truncated_file_is_refused(bundle_copy):
+    data = (bundle_copy / "tokenizer.json").read_bytes()
+    (bundle_copy / "tokenizer.json").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match=r"tokenizer.json: \d+ bytes, manifest.json says \d+"):
+        runtime.load(bundle_copy)
+
+
+def test_missing_file_and_manifest(bundle_copy, tmp_path):
+    (bundle_copy / "model.onnx").unlink()
+    with pytest.raises(BundleError, match="model.onnx: listed in manifest.json but missing"):
+        runtime.load(bundle_copy)
+    (bundle_copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="has no manifest.json"):
+        runtime.load(bundle_copy)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        runtime.load(tmp_path / "nowhere")
+
+
+def test_corrupt_manifest(bundle_copy):
+    (bundle_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="manifest.json is not valid JSON"):
+        runtime.load(bundle_copy)
+
+
+def test_unknown_format_version(bundle_copy):
+    edit_manifest(bundle_copy, format_version=99)
+    with pytest.raises(BundleError, match="format_version 99 is not supported"):
+        runtime.load(bundle_copy)
+
+
+def test_opset_beyond_installed_onnxruntime(bundle_copy):
+    edit_manifest(bundle_copy, opset=99)
+    with pytest.raises(BundleError, match=r"needs ai.onnx opset 99, but onnxruntime"):
+        runtime.load(bundle_copy)
+
+
+def test_unsafe_file_path(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["files"].append({"path": "../outside", "sha256": "0", "bytes": 0})
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="unsafe file path '../outside'"):
+        runtime.load(bundle_copy)
+
+
+def test_max_supported_opset_table():
+    from runtime.bundle import max_supported_opset
+
+    assert max_supported_opset("1.14.1") == 18
+    assert max_supported_opset("1.18.0") == 21
+    assert max_supported_opset("1.32.0") >= 21
+    assert max_supported_opset("1.9.0") == 0
+
+
+def test_import_runtime_stays_light():
+    code = ("import sys, runtime; heavy = {'torch', 'transformers', 'optimum', 'tokenizers', "
+            "'onnx', 'exporter'} & set(sys.modules); print(sorted(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+
+
+def test_runtime_spinning_off_gives_the_same_result(minilm_bundle):
+    a = runtime.load(minilm_bundle, spinning=False, threads=1, verify=False)
+    b = runtime.load(minilm_bundle)
+    np.testing.assert_allclose(a.embed(["open the blinds"]), b.embed(["open the blinds"]),
+                               atol=1e-5)
+
+
+def test_device_application(minilm_bundle):
+    out = subprocess.run([sys.executable, "samples/match_command.py", str(minilm_bundle),
+                          "please switch on the kitchen light", "what's the capital of france"],
+                         capture_output=True, text=True, check=True, cwd=REPO)
+    lines = out.stdout.splitlines()
+    assert "-> light.kitchen.on" in lines[0]
+    assert "-> no action" in lines[1]
+
+
+@pytest.mark.slow
+def test_runtime_in_a_venv_with_only_numpy_and_onnxruntime(minilm_bundle, tmp_path):
+    """What a device has: numpy, onnxruntime and the base package, nothing else."""
+    venv = tmp_path / "device-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "numpy", "onnxruntime"], check=True)
+    subprocess.run([*pip, "--no-deps", str(REPO)], check=True)
+    freeze = subprocess.run([py, "-m", "pip", "freeze"], capture_output=True, text=True,
+                            check=True).stdout.lower()
+    for heavy in ("torch", "transformers", "optimum", "tokenizers", "onnx=="):
+        assert heavy not in freeze, freeze
+    code = ("import sys, json, runtime; m = runtime.load(sys.argv[1]); "
+            "print(json.dumps(m.embed(['turn on the kitchen lights']).tolist()))")
+    out = subprocess.run([py, "-c", code, str(minilm_bundle)], capture_output=True, text=True,
+                         check=True, cwd=tmp_path)
+    there = np.array(json.loads(out.stdout))
+    here = runtime.load(minilm_bundle).embed(["turn on the kitchen lights"])
+    np.testing.assert_allclose(there, here, atol=1e-4)
