@@ -82,7 +82,7 @@ def smart_home_utterances(n: int, *, split: str, seed: int = 0) -> list[Utteranc
     sampler = _TemplateSampler(seed)
     seen: set[str] = set()
     out: list[Utterance] = []
-    for attempt in range(200 * n):
+    for _ in range(200 * n):
         utt = sampler.sample()
         if utt.text in seen or split_of(utt.text) != split:
             continue

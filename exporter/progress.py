@@ -16,6 +16,7 @@ def progress(items: Iterable, *, total: int, desc: str) -> Iterator:
         yield from tqdm(items, total=total, desc=f"  {desc}", leave=False, file=sys.stderr)
         return
     count = 0
-    for count, item in enumerate(items, start=1):
+    for item in items:
+        count += 1
         yield item
     print(f"  {desc}: {count}/{total} done", file=sys.stderr, flush=True)

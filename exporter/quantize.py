@@ -68,7 +68,7 @@ def calibrate(model_path, tensors: list[str], feeds, *, method: str, percentile:
     low = dict.fromkeys(tensors, np.inf)
     high = dict.fromkeys(tensors, -np.inf)
     for batch in progress(feeds(), total=total, desc="calibrating (min/max)"):
-        for name, value in zip(tensors, session.run(tensors, batch)):
+        for name, value in zip(tensors, session.run(tensors, batch), strict=True):
             low[name] = min(low[name], float(value.min()))
             high[name] = max(high[name], float(value.max()))
     if method == "minmax":
@@ -78,7 +78,7 @@ def calibrate(model_path, tensors: list[str], feeds, *, method: str, percentile:
     hist = {t: np.zeros(HISTOGRAM_BINS, np.int64) for t in tensors}
     edge = {t: max(abs(low[t]), abs(high[t]), 1e-12) for t in tensors}
     for batch in progress(feeds(), total=total, desc="calibrating (histogram)"):
-        for name, value in zip(tensors, session.run(tensors, batch)):
+        for name, value in zip(tensors, session.run(tensors, batch), strict=True):
             counts, _ = np.histogram(np.abs(value), bins=HISTOGRAM_BINS, range=(0, edge[name]))
             hist[name] += counts
     ranges = {}
@@ -151,7 +151,6 @@ def insert_qdq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto],
                ranges: dict[str, tuple[float, float]], settings) -> None:
     """Quantize the weights of `matmuls` and put Q -> DQ on their activation inputs."""
     inits = {i.name: i for i in model.graph.initializer}
-    act_type = INT_TYPES[settings.activations][0]
     targets = {id(n) for n in matmuls}
     done: set[str] = set()
     nodes = []

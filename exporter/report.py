@@ -43,7 +43,8 @@ def render_markdown(data: dict) -> str:
             f"| model file (MB) | {size['float_onnx'] / 1e6:.1f} | "
             f"{size['bundle_model'] / 1e6:.1f} | {size['ratio']:.2f} |",
             f"| peak RSS (MB) | {rss['float_onnx']} | {rss['bundle']} | |", "",
-            f"Peak RSS: {rss['what']}.", ""]
+            f"Peak RSS: {rss['what']}. The exporter itself peaked at {rss['exporter']} MB.",
+            ""]
     if q:
         cal = q["calibration"]
         lines += ["## Quantization", "",

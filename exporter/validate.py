@@ -9,6 +9,7 @@ the numbers, and no bundle is written (the report goes to `<output>.rejected/`).
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 import time
@@ -110,6 +111,7 @@ def validate(job) -> None:
             "float_onnx": peak_rss_mb(job.float_onnx, threads=threads, seq=job.max_length),
             "bundle": peak_rss_mb(job.quantized_onnx, threads=threads, seq=job.max_length),
             "what": f"new process: load the graph, run a batch of 32 x {job.max_length} tokens",
+            "exporter": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         },
     }
     broken = job.budget.check(metrics)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     heard = model.embed(utterances)                    # (utterances, dim), unit length
     elapsed_ms = (time.perf_counter() - started) * 1e3
     scores = heard @ known.T                           # cosine similarities
-    for text, row in zip(utterances, scores):
+    for text, row in zip(utterances, scores, strict=True):
         best = int(row.argmax())
         if row[best] >= args.threshold:
             print(f"{text!r} -> {ids[best]} (similarity {row[best]:.2f})")

@@ -32,7 +32,8 @@ def eval_texts():
 
 @pytest.fixture(scope="session")
 def torch_minilm():
-    from exporter.load import resolve_model_dir
     from transformers import AutoModel
+
+    from exporter.load import resolve_model_dir
 
     return AutoModel.from_pretrained(resolve_model_dir("minilm")).eval()

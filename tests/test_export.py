@@ -157,3 +157,17 @@ def test_python_dash_m_exporter_help():
     out = subprocess.run([sys.executable, "-m", "exporter", "--help"], capture_output=True,
                          text=True, check=True, cwd=Path(__file__).parent.parent)
     assert "--target" in out.stdout and "--accuracy-budget" in out.stdout
+
+
+def test_x86_server_export(tmp_path, eval_texts):
+    """The second CPU target builds and holds its budget (small sets keep this quick)."""
+    import runtime
+    from exporter.data import smart_home_utterances
+
+    calibration = [u.text for u in smart_home_utterances(100, split="calibration", seed=3)]
+    path = export("minilm", target="x86-server", output=tmp_path / "x86",
+                  calibration=calibration, evaluation=eval_texts[:60], log=lambda line: None)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["target"]["name"] == "x86-server"
+    assert manifest["validation"]["metrics"]["cosine"] >= 0.97
+    assert runtime.load(path).embed(["open the garage"]).shape == (1, 384)

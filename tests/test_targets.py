@@ -37,7 +37,8 @@ def test_user_profile_path(tmp_path):
 
 
 def test_unknown_target_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"Unknown target 'jetsn'. Available: arm-cpu, .*x86-server"):
+    with pytest.raises(ValueError,
+                       match=r"Unknown target 'jetsn'. Available: arm-cpu, .*x86-server"):
         load_target("jetsn")
 
 
