@@ -1,0 +1,357 @@
+"""Pure-Python WordPiece hot loop: text in, content ids out.
+
+This is the readable reference for `runtime.tokenizer`. It ports, step by step,
+what Hugging Face `tokenizers` (Rust, v0.22) does for BERT-family files:
+
+    added tokens  ->  BertNormalizer  ->  BertPreTokenizer  ->  WordPiece  ->  ids
+    (added_vocabulary.rs) (normalizers/bert.rs) (pre_tokenizers/bert.rs) (models/wordpiece)
+
+A C twin (`runtime._tokenizer_c`) may replace it; it must offer the same
+surface: `WordPieceEncoder(vocab, **options)` and `.encode(text) -> list[int]`.
+Special tokens, truncation and decoding are policy and live in `tokenizer.py`.
+
+Unicode tables. HF decides "control", "punctuation" and "non-spacing mark" with
+the `unicode_categories` crate, frozen at Unicode 8.0, while Python's
+`unicodedata` is newer (14.0 on 3.11) and changes with the interpreter. Using
+`unicodedata.category` would split or drop characters HF keeps (e.g. U+2E43 is
+punctuation since Unicode 9, U+08E2 a format char since 9, U+166D stopped being
+punctuation in 12), so the three sets below are the exact HF sets as code-point
+ranges; tests/test_tokenizer.py checks them against HF on every code point.
+Whitespace follows Rust's `char::is_whitespace` (not `str.isspace`, which also
+counts U+001C..U+001F). Lowercasing follows Rust's `char::to_lowercase`
+(Unicode 16) one char at a time: Python's `str.lower` applies the final-sigma
+rule (word-final 'Σ' -> 'ς', HF gives 'σ') and, before Python 3.14, misses the
+Unicode 16 case pairs listed in `_LOWERCASE_ADDITIONS`.
+
+Example:
+    >>> enc = WordPieceEncoder({"[UNK]": 0, "hello": 1, "##s": 2, "!": 3},
+    ...     unk_token="[UNK]", continuing_subword_prefix="##",
+    ...     max_input_chars_per_word=100, clean_text=True,
+    ...     handle_chinese_chars=True, strip_accents=True, lowercase=True)
+    >>> enc.encode("Héllos!  wörld")
+    [1, 2, 3, 0]
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator, Mapping
+from typing import NamedTuple
+
+
+def _char_class(ranges: str) -> str:
+    """Turn 'hex' / 'hex-hex' items into the body of a regex character class."""
+    parts = []
+    for item in ranges.split():
+        first, _, last = item.partition("-")
+        lo, hi = chr(int(first, 16)), chr(int(last or first, 16))
+        parts.append(re.escape(lo) if lo == hi else f"{re.escape(lo)}-{re.escape(hi)}")
+    return "".join(parts)
+
+
+# Removed by `clean_text`: HF's is_control = Cc|Cf|Co|Cs (Unicode 8.0) minus
+# \t\n\r, plus NUL and U+FFFD. Unassigned code points (Cn) are NOT removed:
+# the crate's Cn test never fires, so HF keeps them (and so do we).
+# D800-DFFF are lone surrogates, which Python strings can hold and Rust cannot.
+_CONTROL = _char_class("""
+    0-8 B-C E-1F 7F-9F AD 600-605 61C 6DD 70F 180E 200B-200F 202A-202E 2060-2064
+    2066-206F D800-F8FF FEFF FFF9-FFFB FFFD 110BD 1BCA0-1BCA3 1D173-1D17A E0001
+    E0020-E007F F0000-FFFFD 100000-10FFFD
+""")
+
+# Rust `char::is_whitespace` (the Unicode White_Space property).
+_WHITESPACE = _char_class("9-D 20 85 A0 1680 2000-200A 2028-2029 202F 205F 3000")
+
+# What `clean_text` maps to ' ': Rust whitespace that survived the control filter.
+_CLEAN_WHITESPACE = _char_class("9-A D A0 1680 2000-200A 2028-2029 202F 205F 3000")
+
+# BertPreTokenizer isolates these: ASCII punctuation (33-47, 58-64, 91-96,
+# 123-126, which includes symbols like '$', '+', '^') plus Unicode P* (8.0).
+_PUNCTUATION = _char_class("""
+    21-2F 3A-40 5B-60 7B-7E A1 A7 AB B6-B7 BB BF 37E 387 55A-55F 589-58A 5BE 5C0 5C3 5C6
+    5F3-5F4 609-60A 60C-60D 61B 61E-61F 66A-66D 6D4 700-70D 7F7-7F9 830-83E 85E 964-965
+    970 AF0 DF4 E4F E5A-E5B F04-F12 F14 F3A-F3D F85 FD0-FD4 FD9-FDA 104A-104F 10FB
+    1360-1368 1400 166D-166E 169B-169C 16EB-16ED 1735-1736 17D4-17D6 17D8-17DA 1800-180A
+    1944-1945 1A1E-1A1F 1AA0-1AA6 1AA8-1AAD 1B5A-1B60 1BFC-1BFF 1C3B-1C3F 1C7E-1C7F
+    1CC0-1CC7 1CD3 2010-2027 2030-2043 2045-2051 2053-205E 207D-207E 208D-208E 2308-230B
+    2329-232A 2768-2775 27C5-27C6 27E6-27EF 2983-2998 29D8-29DB 29FC-29FD 2CF9-2CFC
+    2CFE-2CFF 2D70 2E00-2E2E 2E30-2E42 3001-3003 3008-3011 3014-301F 3030 303D 30A0 30FB
+    A4FE-A4FF A60D-A60F A673 A67E A6F2-A6F7 A874-A877 A8CE-A8CF A8F8-A8FA A8FC A92E-A92F
+    A95F A9C1-A9CD A9DE-A9DF AA5C-AA5F AADE-AADF AAF0-AAF1 ABEB FD3E-FD3F FE10-FE19
+    FE30-FE52 FE54-FE61 FE63 FE68 FE6A-FE6B FF01-FF03 FF05-FF0A FF0C-FF0F FF1A-FF1B
+    FF1F-FF20 FF3B-FF3D FF3F FF5B FF5D FF5F-FF65 10100-10102 1039F 103D0 1056F 10857
+    1091F 1093F 10A50-10A58 10A7F 10AF0-10AF6 10B39-10B3F 10B99-10B9C 11047-1104D
+    110BB-110BC 110BE-110C1 11140-11143 11174-11175 111C5-111C9 111CD 111DB 111DD-111DF
+    11238-1123D 112A9 114C6 115C1-115D7 11641-11643 1173C-1173E 12470-12474 16A6E-16A6F
+    16AF5 16B37-16B3B 16B44 1BC9F 1DA87-1DA8B
+""")
+
+# Dropped by `strip_accents` after NFD: category Mn in Unicode 8.0.
+_NONSPACING_MARK = _char_class("""
+    300-36F 483-487 591-5BD 5BF 5C1-5C2 5C4-5C5 5C7 610-61A 64B-65F 670 6D6-6DC 6DF-6E4
+    6E7-6E8 6EA-6ED 711 730-74A 7A6-7B0 7EB-7F3 816-819 81B-823 825-827 829-82D 859-85B
+    8E3-902 93A 93C 941-948 94D 951-957 962-963 981 9BC 9C1-9C4 9CD 9E2-9E3 A01-A02 A3C
+    A41-A42 A47-A48 A4B-A4D A51 A70-A71 A75 A81-A82 ABC AC1-AC5 AC7-AC8 ACD AE2-AE3 B01
+    B3C B3F B41-B44 B4D B56 B62-B63 B82 BC0 BCD C00 C3E-C40 C46-C48 C4A-C4D C55-C56
+    C62-C63 C81 CBC CBF CC6 CCC-CCD CE2-CE3 D01 D41-D44 D4D D62-D63 DCA DD2-DD4 DD6 E31
+    E34-E3A E47-E4E EB1 EB4-EB9 EBB-EBC EC8-ECD F18-F19 F35 F37 F39 F71-F7E F80-F84
+    F86-F87 F8D-F97 F99-FBC FC6 102D-1030 1032-1037 1039-103A 103D-103E 1058-1059
+    105E-1060 1071-1074 1082 1085-1086 108D 109D 135D-135F 1712-1714 1732-1734 1752-1753
+    1772-1773 17B4-17B5 17B7-17BD 17C6 17C9-17D3 17DD 180B-180D 18A9 1920-1922 1927-1928
+    1932 1939-193B 1A17-1A18 1A1B 1A56 1A58-1A5E 1A60 1A62 1A65-1A6C 1A73-1A7C 1A7F
+    1AB0-1ABD 1B00-1B03 1B34 1B36-1B3A 1B3C 1B42 1B6B-1B73 1B80-1B81 1BA2-1BA5 1BA8-1BA9
+    1BAB-1BAD 1BE6 1BE8-1BE9 1BED 1BEF-1BF1 1C2C-1C33 1C36-1C37 1CD0-1CD2 1CD4-1CE0
+    1CE2-1CE8 1CED 1CF4 1CF8-1CF9 1DC0-1DF5 1DFC-1DFF 20D0-20DC 20E1 20E5-20F0 2CEF-2CF1
+    2D7F 2DE0-2DFF 302A-302D 3099-309A A66F A674-A67D A69E-A69F A6F0-A6F1 A802 A806 A80B
+    A825-A826 A8C4 A8E0-A8F1 A926-A92D A947-A951 A980-A982 A9B3 A9B6-A9B9 A9BC A9E5
+    AA29-AA2E AA31-AA32 AA35-AA36 AA43 AA4C AA7C AAB0 AAB2-AAB4 AAB7-AAB8 AABE-AABF AAC1
+    AAEC-AAED AAF6 ABE5 ABE8 ABED FB1E FE00-FE0F FE20-FE2F 101FD 102E0 10376-1037A
+    10A01-10A03 10A05-10A06 10A0C-10A0F 10A38-10A3A 10A3F 10AE5-10AE6 11001 11038-11046
+    1107F-11081 110B3-110B6 110B9-110BA 11100-11102 11127-1112B 1112D-11134 11173
+    11180-11181 111B6-111BE 111CA-111CC 1122F-11231 11234 11236-11237 112DF 112E3-112EA
+    11300-11301 1133C 11340 11366-1136C 11370-11374 114B3-114B8 114BA 114BF-114C0
+    114C2-114C3 115B2-115B5 115BC-115BD 115BF-115C0 115DC-115DD 11633-1163A 1163D
+    1163F-11640 116AB 116AD 116B0-116B5 116B7 1171D-1171F 11722-11725 11727-1172B
+    16AF0-16AF4 16B30-16B36 16F8F-16F92 1BC9D-1BC9E 1D167-1D169 1D17B-1D182 1D185-1D18B
+    1D1AA-1D1AD 1D242-1D244 1DA00-1DA36 1DA3B-1DA6C 1DA75 1DA84 1DA9B-1DA9F 1DAA1-1DAAF
+    1E8D0-1E8D6 E0100-E01EF
+""")
+
+# `handle_chinese_chars` puts spaces around these. Copied from bert.rs, including
+# its gap at 2B820-2B91F (part of CJK Extension E, not treated as Chinese by HF).
+_CJK = _char_class("3400-4DBF 4E00-9FFF F900-FAFF 20000-2A6DF 2A700-2B81F 2B920-2CEAF 2F800-2FA1F")
+
+# Case pairs new in Unicode 16 that Rust lowercases and Python < 3.14 does not.
+# Columns: first code point, last code point, lowercase of the first (the rest
+# of a run maps with the same offset).
+_LOWERCASE_ADDITIONS = (
+    (0x01C89, 0x01C89, 0x01C8A),  # CYRILLIC CAPITAL LETTER TJE
+    (0x0A7CB, 0x0A7CB, 0x00264),  # LATIN CAPITAL LETTER RAMS HORN
+    (0x0A7CC, 0x0A7CC, 0x0A7CD),  # LATIN CAPITAL LETTER S WITH DIAGONAL STROKE
+    (0x0A7CE, 0x0A7CE, 0x0A7CF),
+    (0x0A7D2, 0x0A7D2, 0x0A7D3),
+    (0x0A7D4, 0x0A7D4, 0x0A7D5),
+    (0x0A7DA, 0x0A7DA, 0x0A7DB),  # LATIN CAPITAL LETTER LAMBDA
+    (0x0A7DC, 0x0A7DC, 0x0019B),  # LATIN CAPITAL LETTER LAMBDA WITH STROKE
+    (0x10D50, 0x10D65, 0x10D70),  # GARAY CAPITAL LETTERS
+    (0x16EA0, 0x16EB8, 0x16EBB),  # BERIA ERFE CAPITAL LETTERS
+)
+# str.translate table applied before str.lower(): the additions above, and 'Σ'
+# pre-lowered so str.lower() never sees it and cannot apply the final-sigma rule.
+_LOWERCASE_FIXES = {0x03A3: 0x03C3} | {
+    cp: lower + cp - first
+    for first, last, lower in _LOWERCASE_ADDITIONS
+    for cp in range(first, last + 1)
+}
+
+# The "other alphabetic" symbols (circled/squared Latin letters) that Rust
+# regex's `\w` counts as word characters while their category is So.
+_OTHER_ALPHABETIC_SYMBOLS = _char_class("24B6-24E9 1F130-1F149 1F150-1F169 1F170-1F189")
+
+_CONTROL_RE = re.compile(f"[{_CONTROL}]+")
+_CLEAN_WHITESPACE_RE = re.compile(f"[{_CLEAN_WHITESPACE}]")
+_WHITESPACE_RE = re.compile(f"[{_WHITESPACE}]+")
+_PUNCTUATION_SPLIT_RE = re.compile(f"([{_PUNCTUATION}])")
+_NONSPACING_MARK_RE = re.compile(f"[{_NONSPACING_MARK}]+")
+_CJK_RE = re.compile(f"[{_CJK}]")
+_OTHER_ALPHABETIC_RE = re.compile(f"[{_OTHER_ALPHABETIC_SYMBOLS}]")
+
+# Per-word cache bounds: at most this many words of at most this many chars
+# (~2 MB), cleared when full. Clearing is O(1) and safe under threads; natural
+# text repeats few enough distinct words that LRU bookkeeping does not pay off.
+_CACHE_WORDS = 1 << 14
+_CACHE_MAX_WORD_CHARS = 64
+
+
+class AddedToken(NamedTuple):
+    """One entry of tokenizer.json's `added_tokens`, matched before the model."""
+
+    content: str
+    id: int
+    special: bool = False
+    single_word: bool = False
+    lstrip: bool = False
+    rstrip: bool = False
+    normalized: bool = False
+
+
+def _is_word_char(char: str) -> bool:
+    # Rust regex `\w`: Alphabetic | Mark | Decimal_Number | Connector_Punctuation
+    # | Join_Control. Used only by `single_word` added tokens. Exact for every
+    # character Python's unicodedata knows; newer letters count as non-word here.
+    category = unicodedata.category(char)
+    return (
+        category[0] in "LM"
+        or category in ("Nd", "Nl", "Pc")
+        or char in "\u200c\u200d"
+        or _OTHER_ALPHABETIC_RE.match(char) is not None
+    )
+
+
+class _AddedTokenSplitter:
+    """Cuts text around added tokens, like AddedVocabulary::find_matches.
+
+    Matching is leftmost-longest (HF uses Aho-Corasick in that mode): a regex
+    alternation sorted longest-first picks the longest token at the leftmost
+    position, and `finditer` resumes after each match, as `find_iter` does.
+    """
+
+    def __init__(self, tokens: Iterable[AddedToken]) -> None:
+        self._by_content = {token.content: token for token in tokens if token.content}
+        patterns = sorted(self._by_content, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, patterns))) if patterns else None
+
+    def split(self, text: str) -> Iterator[tuple[str, int | None]]:
+        """Yield (piece, added token id) for tokens and (piece, None) between them."""
+        if self._pattern is None:
+            yield text, None
+            return
+        offset = 0
+        for match in self._pattern.finditer(text):
+            start, stop = match.span()
+            token = self._by_content[match.group()]
+            if token.single_word and (
+                (start > 0 and _is_word_char(text[start - 1]))
+                or (stop < len(text) and _is_word_char(text[stop]))
+            ):
+                continue
+            if token.lstrip:
+                # Swallow the whitespace run on the left, but never text that
+                # a previous (rstrip) token already took.
+                while start > offset and _WHITESPACE_RE.match(text, start - 1):
+                    start -= 1
+            if token.rstrip:
+                while stop < len(text) and _WHITESPACE_RE.match(text, stop):
+                    stop += 1
+            if offset < start:
+                yield text[offset:start], None
+            yield text[start:stop], token.id
+            offset = stop
+        if offset < len(text):
+            yield text[offset:], None
+
+
+class WordPieceEncoder:
+    """Text to content ids (no special tokens) with BERT normalization and WordPiece.
+
+    Args are the parsed fields of a tokenizer.json; `strip_accents` is already
+    resolved (HF's null means "same as lowercase"). `added_tokens` are matched
+    in the raw text (normalized=False) or in the normalized text (normalized=True).
+
+    Example:
+        >>> WordPieceEncoder({"[UNK]": 0, "un": 1, "##able": 2}, unk_token="[UNK]",
+        ...     continuing_subword_prefix="##", max_input_chars_per_word=100,
+        ...     clean_text=True, handle_chinese_chars=True, strip_accents=True,
+        ...     lowercase=True).encode("UNABLE unknown")
+        [1, 2, 0]
+    """
+
+    def __init__(
+        self,
+        vocab: Mapping[str, int],
+        *,
+        unk_token: str,
+        continuing_subword_prefix: str,
+        max_input_chars_per_word: int,
+        clean_text: bool,
+        handle_chinese_chars: bool,
+        strip_accents: bool,
+        lowercase: bool,
+        added_tokens: Iterable[AddedToken] = (),
+    ) -> None:
+        self._vocab = dict(vocab)
+        self._unk_id = self._vocab[unk_token]
+        self._prefix = continuing_subword_prefix
+        self._max_word_chars = max_input_chars_per_word
+        # No vocab entry is longer than this, so longer candidates need no lookup.
+        self._longest_token = max(map(len, self._vocab), default=0)
+        self._clean_text = clean_text
+        self._handle_chinese_chars = handle_chinese_chars
+        self._strip_accents = strip_accents
+        self._lowercase = lowercase
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+        added_tokens = list(added_tokens)
+        self._raw_added = _AddedTokenSplitter(t for t in added_tokens if not t.normalized)
+        # HF matches normalized tokens by their own normalized form.
+        self._normalized_added = _AddedTokenSplitter(
+            t._replace(content=self.normalize(t.content)) for t in added_tokens if t.normalized
+        )
+
+    def encode(self, text: str) -> list[int]:
+        """Content ids of `text`: added tokens, then normalize/pre-tokenize/WordPiece."""
+        ids: list[int] = []
+        for piece, added_id in self._raw_added.split(text):
+            if added_id is not None:
+                ids.append(added_id)
+                continue
+            for part, added_id in self._normalized_added.split(self.normalize(piece)):
+                if added_id is not None:
+                    ids.append(added_id)
+                    continue
+                for word in self._split_whitespace(part):
+                    ids.extend(self._word_ids(word))
+        return ids
+
+    def normalize(self, text: str) -> str:
+        """BertNormalizer, in HF's order: clean, CJK spacing, accents, lowercase."""
+        ascii_only = text.isascii()
+        if self._clean_text:
+            text = _CLEAN_WHITESPACE_RE.sub(" ", _CONTROL_RE.sub("", text))
+        if self._handle_chinese_chars and not ascii_only:
+            text = _CJK_RE.sub(r" \g<0> ", text)
+        if self._strip_accents and not ascii_only:
+            # Python's NFD knows a few characters newer than HF's crate (e.g.
+            # U+11938 decomposes in Python, not in HF). Such characters are
+            # never in a BERT vocab, so the word is [UNK] either way.
+            text = _NONSPACING_MARK_RE.sub("", unicodedata.normalize("NFD", text))
+        if self._lowercase:
+            text = text.lower() if ascii_only else text.translate(_LOWERCASE_FIXES).lower()
+        return text
+
+    def pre_tokenize(self, text: str) -> list[str]:
+        """BertPreTokenizer: drop whitespace, isolate each punctuation char."""
+        return [
+            piece
+            for word in self._split_whitespace(text)
+            for piece in _PUNCTUATION_SPLIT_RE.split(word)
+            if piece
+        ]
+
+    def word_piece(self, word: str) -> list[int]:
+        """Greedy longest-match-first WordPiece; any miss makes the whole word unk."""
+        if len(word) > self._max_word_chars:
+            return [self._unk_id]
+        vocab, ids, start = self._vocab, [], 0
+        while start < len(word):
+            prefix = self._prefix if start else ""
+            for end in range(min(len(word), start + self._longest_token), start, -1):
+                token_id = vocab.get(prefix + word[start:end])
+                if token_id is not None:
+                    break
+            else:
+                return [self._unk_id]
+            ids.append(token_id)
+            start = end
+        return ids
+
+    def _split_whitespace(self, text: str) -> list[str]:
+        # After clean_text, str.split() splits exactly on Rust whitespace: the
+        # only chars it adds (U+001C..U+001F) are controls and already gone.
+        return text.split() if self._clean_text else [w for w in _WHITESPACE_RE.split(text) if w]
+
+    def _word_ids(self, word: str) -> tuple[int, ...]:
+        ids = self._cache.get(word)
+        if ids is None:
+            ids = tuple(
+                token_id
+                for piece in _PUNCTUATION_SPLIT_RE.split(word)
+                if piece
+                for token_id in self.word_piece(piece)
+            )
+            if len(word) <= _CACHE_MAX_WORD_CHARS:
+                if len(self._cache) >= _CACHE_WORDS:
+                    self._cache.clear()
+                self._cache[word] = ids
+        return ids

@@ -1,0 +1,396 @@
+"""Tokenizer for BERT-family (WordPiece) Hugging Face `tokenizer.json` files.
+
+Ids match `tokenizers.Tokenizer.from_file(path)` with `no_padding()`, using only
+the standard library. This module holds the policy (file parsing, special
+tokens, truncation, batching, decoding); the hot loop (added tokens, normalize,
+pre-tokenize, WordPiece) lives in a backend with a tiny surface,
+`WordPieceEncoder(vocab, **options).encode(text) -> list[int]`: the C module
+`_tokenizer_c` when it is built, else its pure-Python twin `_tokenizer_py`.
+
+Example:
+    >>> tok = Tokenizer.from_file("all-MiniLM-L6-v2/tokenizer.json")
+    >>> tok.encode("Hello world!")
+    [101, 7592, 2088, 999, 102]
+    >>> tok.decode([101, 7592, 2088, 999, 102])
+    'hello world!'
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import _tokenizer_py
+from ._tokenizer_py import AddedToken
+
+try:
+    from . import _tokenizer_c
+except ImportError:  # not built on this device: the Python twin is the fallback
+    _tokenizer_c = None
+
+# Backend name -> WordPieceEncoder class, preferred first. tests/test_tokenizer.py
+# runs every test on each one available.
+BACKENDS: dict[str, Any] = {"python": _tokenizer_py.WordPieceEncoder}
+if _tokenizer_c is not None:
+    BACKENDS = {"c": _tokenizer_c.WordPieceEncoder, **BACKENDS}
+
+# HF WordPiece decoder `cleanup`: (old, new) replacements, applied in this
+# order to each token (with its leading space) on its own.
+_DECODE_CLEANUP = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" do not", " don't"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
+
+
+class Tokenizer:
+    """Encode text to model input ids and decode ids back to text.
+
+    Usually built with `from_file`; the keyword arguments mirror the fields of
+    a tokenizer.json and default to BERT's. `backend` is the hot-loop
+    implementation in use: "c" when built, else "python".
+
+    Example:
+        >>> tok = Tokenizer(vocab={"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "hi": 3},
+        ...                 unk_token="[UNK]", prefix_ids=[1], suffix_ids=[2])
+        >>> tok.encode_batch(["Hi!", "hi hi"], max_length=3)
+        [[1, 3, 2], [1, 3, 2]]
+    """
+
+    backend: str = next(iter(BACKENDS))
+
+    def __init__(
+        self,
+        *,
+        vocab: Mapping[str, int],
+        unk_token: str,
+        continuing_subword_prefix: str = "##",
+        max_input_chars_per_word: int = 100,
+        clean_text: bool = True,
+        handle_chinese_chars: bool = True,
+        strip_accents: bool | None = None,
+        lowercase: bool = True,
+        added_tokens: Sequence[AddedToken] = (),
+        prefix_ids: Sequence[int] = (),
+        suffix_ids: Sequence[int] = (),
+        decode_prefix: str | None = "##",
+        decode_cleanup: bool = True,
+        pad_id: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        """`prefix_ids`/`suffix_ids` surround every encoded text (e.g. [CLS], [SEP]).
+
+        `strip_accents=None` strips accents when lowercasing, as HF does.
+        `decode_prefix=None` means no WordPiece decoder: tokens are joined with spaces.
+        """
+        if backend is not None:
+            if backend not in BACKENDS:
+                raise ValueError(
+                    f"Unknown tokenizer backend {backend!r}. Available: {', '.join(BACKENDS)}."
+                )
+            self.backend = backend
+        if unk_token not in vocab:
+            raise ValueError(
+                f"unk_token {unk_token!r} is not in the vocab; "
+                "WordPiece needs it for unknown words."
+            )
+        self._encoder = BACKENDS[self.backend](
+            vocab,
+            unk_token=unk_token,
+            continuing_subword_prefix=continuing_subword_prefix,
+            max_input_chars_per_word=max_input_chars_per_word,
+            clean_text=clean_text,
+            handle_chinese_chars=handle_chinese_chars,
+            strip_accents=lowercase if strip_accents is None else strip_accents,
+            lowercase=lowercase,
+            added_tokens=added_tokens,
+        )
+        self._prefix_ids = list(prefix_ids)
+        self._suffix_ids = list(suffix_ids)
+        self._decode_prefix = decode_prefix
+        self._decode_cleanup = decode_cleanup
+        self._pad_id = pad_id
+        # Added tokens win over the model vocab in both directions, as in HF.
+        self._token_to_id = dict(vocab) | {t.content: t.id for t in added_tokens}
+        self._id_to_token = {i: t for t, i in vocab.items()} | {
+            t.id: t.content for t in added_tokens
+        }
+        self._special = frozenset(t.content for t in added_tokens if t.special)
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, backend: str | None = None) -> Tokenizer:
+        """Load a Hugging Face tokenizer.json with a WordPiece model.
+
+        The file's padding and truncation sections are not applied: `encode`
+        never pads and truncates only when given `max_length`.
+
+        Example:
+            >>> Tokenizer.from_file("all-MiniLM-L6-v2/tokenizer.json").vocab_size
+            30522
+        """
+        return cls(**_read_tokenizer_json(Path(path)), backend=backend)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct ids: model vocab plus added tokens."""
+        return len(self._id_to_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        """Id to pad batches with: the file's padding.pad_id, else that of '[PAD]'."""
+        return self._pad_id
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of `token`, or None if it is not in the vocabulary."""
+        return self._token_to_id.get(token)
+
+    def id_to_token(self, id: int) -> str | None:
+        """Token string of `id`, or None if no token has that id."""
+        return self._id_to_token.get(id)
+
+    def encode(self, text: str, *, max_length: int | None = None) -> list[int]:
+        """Ids of `text` with special tokens added, never padded.
+
+        `max_length` truncates the text's ids (from the right) so that the
+        result, special tokens included, has at most that many ids, as HF's
+        `enable_truncation(max_length)` does.
+
+        Example:
+            >>> tok.encode("hello world", max_length=3)
+            [101, 7592, 102]
+        """
+        if not isinstance(text, str):
+            raise TypeError(
+                f"encode() expects str, got {type(text).__name__}; "
+                "decode bytes first, e.g. data.decode('utf-8')."
+            )
+        ids = self._encoder.encode(text)
+        if max_length is not None:
+            del ids[self._content_budget(max_length) :]
+        return self._prefix_ids + ids + self._suffix_ids
+
+    def encode_batch(
+        self, texts: Iterable[str], *, max_length: int | None = None
+    ) -> list[list[int]]:
+        """`encode` of each text, each truncated on its own; no padding.
+
+        Example:
+            >>> tok.encode_batch(["hi", "hello world"])
+            [[101, 7632, 102], [101, 7592, 2088, 102]]
+        """
+        if isinstance(texts, str):
+            raise TypeError(
+                "encode_batch() expects a list of str, got a single str; "
+                "use encode(text) or encode_batch([text])."
+            )
+        return [self.encode(text, max_length=max_length) for text in texts]
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
+        """Text of `ids`, as HF's `Tokenizer.decode` gives it; unknown ids are skipped.
+
+        Example:
+            >>> tok.decode([101, 7592, 1010, 2088, 102])
+            'hello, world'
+        """
+        tokens = []
+        for token_id in ids:
+            token = self._id_to_token.get(operator.index(token_id))
+            if token is not None and not (skip_special_tokens and token in self._special):
+                tokens.append(token)
+        if self._decode_prefix is None:
+            return " ".join(tokens)
+        prefix, pieces = self._decode_prefix, []
+        for i, token in enumerate(tokens):
+            if i:  # the first token is kept as is, even if it starts with the prefix
+                token = token[len(prefix) :] if token.startswith(prefix) else " " + token
+            if self._decode_cleanup:
+                for old, new in _DECODE_CLEANUP:
+                    token = token.replace(old, new)
+            pieces.append(token)
+        return "".join(pieces)
+
+    def _content_budget(self, max_length: int) -> int:
+        n_special = len(self._prefix_ids) + len(self._suffix_ids)
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise TypeError(f"max_length must be an int or None, got {max_length!r}.")
+        if max_length < n_special:
+            # HF silently skips truncation here and returns more than max_length ids.
+            raise ValueError(
+                f"max_length={max_length} leaves no room for the {n_special} special "
+                f"tokens this tokenizer adds; use max_length >= {n_special} or None."
+            )
+        return max_length - n_special
+
+
+def _read_tokenizer_json(path: Path) -> dict[str, Any]:
+    """Read and check a tokenizer.json; return the keyword arguments of `Tokenizer`."""
+    if not path.is_file():
+        hint = " It is a directory; pass the tokenizer.json inside it." if path.is_dir() else ""
+        raise FileNotFoundError(f"Tokenizer file not found: '{path}'.{hint}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{path}: not a valid tokenizer.json ({e}). "
+            "Expected the JSON file that Hugging Face tokenizers writes (Tokenizer.save)."
+        ) from e
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object at the top level, got {type(data).__name__}."
+        )
+
+    model = _field(data, "model", dict, path)
+    _check_type(model, "model", ("WordPiece",), path)
+    vocab = _field(model, "model.vocab", dict, path)
+    if not all(isinstance(t, str) and type(i) is int for t, i in vocab.items()):
+        raise ValueError(f"{path}: model.vocab must map token strings to int ids.")
+    unk_token = _field(model, "model.unk_token", str, path)
+    if unk_token not in vocab:
+        raise ValueError(
+            f"{path}: model.unk_token {unk_token!r} is not in model.vocab; "
+            "WordPiece needs it for unknown words."
+        )
+    settings: dict[str, Any] = {
+        "vocab": vocab,
+        "unk_token": unk_token,
+        "continuing_subword_prefix": _field(
+            model, "model.continuing_subword_prefix", str, path, "##"
+        ),
+        "max_input_chars_per_word": _field(model, "model.max_input_chars_per_word", int, path, 100),
+    }
+
+    normalizer = data.get("normalizer")
+    if normalizer is None:  # no normalization at all
+        settings.update(
+            clean_text=False, handle_chinese_chars=False, strip_accents=False, lowercase=False
+        )
+    else:
+        _check_type(normalizer, "normalizer", ("BertNormalizer",), path)
+        for key in ("clean_text", "handle_chinese_chars", "lowercase"):
+            settings[key] = _field(normalizer, f"normalizer.{key}", bool, path, True)
+        settings["strip_accents"] = _field(
+            normalizer, "normalizer.strip_accents", (bool, type(None)), path, None
+        )
+
+    _check_type(data.get("pre_tokenizer"), "pre_tokenizer", ("BertPreTokenizer",), path)
+
+    added_tokens = []
+    for entry in _field(data, "added_tokens", list, path, []):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("content"), str)
+            or type(entry.get("id")) is not int
+        ):
+            raise ValueError(
+                f"{path}: added_tokens entry {entry!r:.80} needs a str 'content' and an int 'id'."
+            )
+        special = bool(entry.get("special", False))
+        added_tokens.append(
+            AddedToken(
+                content=entry["content"],
+                id=entry["id"],
+                special=special,
+                single_word=bool(entry.get("single_word", False)),
+                lstrip=bool(entry.get("lstrip", False)),
+                rstrip=bool(entry.get("rstrip", False)),
+                normalized=bool(entry.get("normalized", not special)),
+            )
+        )
+    settings["added_tokens"] = added_tokens
+    settings["prefix_ids"], settings["suffix_ids"] = _special_ids(data.get("post_processor"), path)
+
+    decoder = data.get("decoder")
+    if decoder is None:
+        settings["decode_prefix"] = None
+    else:
+        _check_type(decoder, "decoder", ("WordPiece",), path)
+        settings["decode_prefix"] = _field(decoder, "decoder.prefix", str, path, "##")
+        settings["decode_cleanup"] = _field(decoder, "decoder.cleanup", bool, path, True)
+
+    padding = data.get("padding")
+    if isinstance(padding, dict):
+        settings["pad_id"] = _field(padding, "padding.pad_id", int, path)
+    else:
+        settings["pad_id"] = next(
+            (t.id for t in added_tokens if t.content == "[PAD]"), vocab.get("[PAD]")
+        )
+    return settings
+
+
+def _special_ids(processor: Any, path: Path) -> tuple[list[int], list[int]]:
+    """Ids the post-processor puts before and after a single text."""
+    if processor is None:
+        return [], []
+    supported = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+    kind = _check_type(processor, "post_processor", supported, path)
+    if kind != "TemplateProcessing":
+        # {"cls": ["[CLS]", 101], "sep": ["[SEP]", 102], ...}: [CLS] text [SEP]
+        cls, sep = processor.get("cls"), processor.get("sep")
+        if not all(isinstance(p, list) and len(p) == 2 and type(p[1]) is int for p in (cls, sep)):
+            raise ValueError(
+                f"{path}: post_processor ({kind}) needs 'cls' and 'sep' as [token, id] pairs, "
+                f"got cls={cls!r}, sep={sep!r}."
+            )
+        return [cls[1]], [sep[1]]
+    # "single": [{"SpecialToken": {"id": "[CLS]"}}, {"Sequence": {"id": "A"}}, ...]
+    single = processor.get("single")
+    if not isinstance(single, list) or sum("Sequence" in piece for piece in single) != 1:
+        raise ValueError(
+            f"{path}: post_processor.single must be a list with exactly one Sequence item, "
+            f"got {single!r:.200}."
+        )
+    around: tuple[list[int], list[int]] = ([], [])  # ids before and after the text
+    side = 0
+    for piece in single:
+        if "Sequence" in piece:
+            side = 1
+            continue
+        name = piece.get("SpecialToken", {}).get("id")
+        ids = processor.get("special_tokens", {}).get(name, {}).get("ids")
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise ValueError(
+                f"{path}: post_processor.special_tokens has no ids for {name!r}; "
+                "every SpecialToken in post_processor.single needs an entry with 'ids'."
+            )
+        around[side].extend(ids)
+    return around
+
+
+def _check_type(section: Any, field: str, supported: tuple[str, ...], path: Path) -> str:
+    """The section's "type" if it is one of `supported`, else a ValueError saying so."""
+    kind = section.get("type") if isinstance(section, dict) else section
+    if kind not in supported:
+        raise ValueError(
+            f"{path}: unsupported {field}.type {kind!r}. The runtime tokenizer supports "
+            f"{' or '.join(map(repr, supported))} (BERT-family WordPiece files)."
+        )
+    return kind
+
+
+_REQUIRED = object()
+
+
+def _field(
+    section: dict, field: str, kind: type | tuple[type, ...], path: Path, default: Any = _REQUIRED
+) -> Any:
+    """section[last part of `field`], checked against `kind`; `field` is the dotted name."""
+    value = section.get(field.rpartition(".")[2], default)
+    if value is _REQUIRED:
+        raise ValueError(f"{path}: missing field {field!r}.")
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = (
+            kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        )
+        raise ValueError(f"{path}: field {field!r} must be {expected}, got {value!r:.80}.")
+    return value

