@@ -40,23 +40,34 @@ def cosines(job, session, texts: list[str]) -> np.ndarray:
     return np.concatenate(out)
 
 
-def latency_ms(job, session, texts: list[str], runs: int) -> dict[str, float]:
-    """Batch-1 latency p50/p95 (ms) at natural length, cycling through `texts`.
+def latency_ms(job, sessions: dict, texts: list[str], runs: int,
+               rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Batch-1 latency p50/p95 (ms) per session at natural length, cycling through `texts`.
 
-    Warm up first, then time in one block: ONNX Runtime's worker threads keep spinning after
-    a call and would slow whatever is timed next if variants were interleaved.
+    Each session is warmed up and timed in its own block (ONNX Runtime's worker threads keep
+    spinning after a call and would slow whatever is timed next), and the blocks are repeated
+    `rounds` times, keeping each session's quietest round: a 2-core build machine is rarely
+    idle, and a burst of other work should not decide the comparison.
     """
-    feeds = list(encoder_feeds(job.workdir / "tokenizer.json", texts[:50], session,
+    first = next(iter(sessions.values()))
+    feeds = list(encoder_feeds(job.workdir / "tokenizer.json", texts[:50], first,
                                max_length=job.max_length))
-    for f in feeds[:20]:
-        session.run(None, f)
-    times = []
-    for i in range(runs):
-        started = time.perf_counter()
-        session.run(None, feeds[i % len(feeds)])
-        times.append((time.perf_counter() - started) * 1e3)
-    return {"p50": round(float(np.percentile(times, 50)), 3),
-            "p95": round(float(np.percentile(times, 95)), 3)}
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            for f in feeds[:20]:
+                session.run(None, f)
+            times = []
+            for i in range(max(runs // rounds, 10)):
+                started = time.perf_counter()
+                session.run(None, feeds[i % len(feeds)])
+                times.append((time.perf_counter() - started) * 1e3)
+            result = {"p50": round(float(np.percentile(times, 50)), 3),
+                      "p95": round(float(np.percentile(times, 95)), 3)}
+            if name not in best or result["p50"] < best[name]["p50"]:
+                best[name] = result
+            time.sleep(0.05)  # let the spinning worker threads go idle
+    return best
 
 
 _MEMORY_PROBE = """
@@ -93,8 +104,9 @@ def validate(job) -> None:
     metrics = {"cosine": round(float(cos.mean()), 5), "min-cosine": round(float(cos.min()), 5)}
     float_bytes = job.float_onnx.stat().st_size
     quant_bytes = job.quantized_onnx.stat().st_size
-    float_latency = latency_ms(job, float_session, texts, settings.latency_runs)
-    quant_latency = latency_ms(job, quant_session, texts, settings.latency_runs)
+    timed = latency_ms(job, {"float": float_session, "bundle": quant_session}, texts,
+                       settings.latency_runs)
+    float_latency, quant_latency = timed["float"], timed["bundle"]
     record = {
         "eval_texts": len(texts),
         "eval_data": "user file" if job.records.get("eval_source") else "smart-home utterances",
