@@ -1,34 +1,103 @@
-"""Stage `optimize`: offline graph optimization that every device's onnxruntime can use.
+"""Stage `optimize`: offline graph optimization the target's runtime can use.
 
-"basic" runs ONNX Runtime's level-1 passes (constant folding, redundant node elimination,
-common subexpression elimination) once at export time and saves the result. These passes use
-only standard ONNX ops, so the graph stays portable; the hardware-specific fusions (attention,
-GELU, integer MatMul kernels) are left to ONNX Runtime at load time on the device, where it
-knows the CPU. Saving a level-2+ graph would bake this machine's kernels into the bundle.
+Levels (the profile's `graph_optimization`):
+
+* "none": the float export as it is.
+* "basic": ONNX Runtime's level-1 passes (constant folding, redundant node elimination),
+  standard ONNX ops only, so the graph stays portable to any ONNX runtime.
+* "transformer": onnxruntime's transformer fusions for encoders. Each layer's attention core
+  (reshape, transpose, scores, mask, softmax, x V: about 40 small ops) becomes one
+  MultiHeadAttention op, Add + LayerNorm become SkipLayerNormalization and bias + GELU
+  BiasGelu, with the bias Adds absorbed. The Q, K, V, output and FFN MatMuls stay separate
+  so the quantize stage can make them int8. These are `com.microsoft` ops that every
+  onnxruntime build (x86, aarch64) has, but no other runtime. ONNX Runtime does not find the
+  attention fusion by itself at load time on these exports; it is worth about 5% of batch-1
+  latency on MiniLM (1.10 -> 1.05 ms, 2 threads).
+
+A fused graph is checked against the float export on evaluation text before it is used.
+Hardware-specific kernels (NCHWc layouts, prepacked weights) are never saved: ONNX Runtime
+chooses those at load time on the device, where it knows the CPU.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
+
+from .feeds import encoder_feeds, ort_session
+
+# transformers model_type -> onnxruntime.transformers optimizer model type.
+FUSION_MODEL_TYPES: dict[str, str] = {
+    "bert": "bert",
+}
+
+
+def _ort_basic(source, out) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+
+
+def _transformer_fusions(source, out, config) -> None:
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = FUSION_MODEL_TYPES[config.model_type]
+    options = FusionOptions(model_type)
+    options.use_multi_head_attention = True   # keeps Q/K/V MatMuls separate, for int8
+    options.enable_embed_layer_norm = False   # keeps the embedding Gathers, for int8 rows
+    fused = optimize_model(str(source), model_type=model_type,
+                           num_heads=config.num_attention_heads, hidden_size=config.hidden_size,
+                           optimization_options=options, opt_level=0)
+    fused.save_model_to_file(str(out))
+
+
+def max_output_diff(job, a, b, texts: list[str]) -> float:
+    """Max |a - b| over the real (unpadded) token states of two graphs on `texts`."""
+    first, second = ort_session(a), ort_session(b)
+    worst = 0.0
+    for feeds in encoder_feeds(job.workdir / "tokenizer.json", texts, first,
+                               max_length=job.max_length, batch_size=8):
+        mask = feeds["attention_mask"][..., None].astype(bool)
+        diff = first.run(None, feeds)[0] - second.run(None, feeds)[0]
+        worst = max(worst, float(np.abs(np.where(mask, diff, 0)).max()))
+    return worst
 
 
 def optimize(job) -> None:
     """Stage: job.optimized_onnx from job.float_onnx at the target's offline level."""
     level = job.target.graph_optimization
     before = len(onnx.load(job.float_onnx, load_external_data=False).graph.node)
+    record = {"level": level, "nodes_before": before}
+    job.records["optimize"] = record
+    model_type = job.torch_model.config.model_type
+    if level == "transformer" and model_type not in FUSION_MODEL_TYPES:
+        job.log(f"  no transformer fusions for model type {model_type!r}; using basic")
+        level = record["level"] = "basic"
     if level == "none":
         job.optimized_onnx = job.float_onnx
-        job.records["optimize"] = {"level": level, "nodes_before": before, "nodes_after": before}
+        record["nodes_after"] = before
         return
 
-    import onnxruntime as ort
-
     out = job.workdir / "optimized.onnx"
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(out)
-    ort.InferenceSession(str(job.float_onnx), options, providers=["CPUExecutionProvider"])
-    after = len(onnx.load(out, load_external_data=False).graph.node)
+    if level == "basic":
+        _ort_basic(job.float_onnx, out)
+    else:
+        _transformer_fusions(job.float_onnx, out, job.torch_model.config)
+        texts = [u.text for u in job.evaluation[:32]]
+        diff = max_output_diff(job, job.float_onnx, out, texts)
+        tolerance = job.target.validation.float_check_tolerance
+        record["max_abs_diff_vs_float"] = diff
+        if not diff <= tolerance:
+            raise RuntimeError(f"Transformer fusions changed the float outputs by {diff:.3e} "
+                               f"(tolerance {tolerance:g}); use graph_optimization = "
+                               f"\"basic\" for this model.")
+    after = onnx.load(out, load_external_data=False).graph
+    record["nodes_after"] = len(after.node)
+    record["fused_ops"] = sorted({n.op_type for n in after.node if n.domain == "com.microsoft"})
     job.optimized_onnx = out
-    job.records["optimize"] = {"level": level, "nodes_before": before, "nodes_after": after}
-    job.log(f"  {level}: {before} -> {after} nodes")
+    job.log(f"  {level}: {before} -> {len(after.node)} nodes"
+            + (f" (fused: {', '.join(record['fused_ops'])})" if record["fused_ops"] else ""))

@@ -34,6 +34,14 @@ from .progress import progress
 
 HISTOGRAM_BINS = 2048
 
+# Compute-heavy ops left in float on purpose -> why (reported per node in the manifest).
+FLOAT_BY_DESIGN: dict[str, str] = {
+    "MatMul": "activation x activation MatMul (attention scores or x V): no weight to "
+              "quantize; static int8 here costs accuracy and the CPU kernels do not fuse it",
+    "MultiHeadAttention": "fused attention core (scores, softmax, x V) runs in float; its "
+                          "Q/K/V projections are int8",
+}
+
 # Activation dtype name -> (TensorProto type, numpy type, qmin, qmax).
 INT_TYPES: dict[str, tuple[int, type, int, int]] = {
     "uint8": (TensorProto.UINT8, np.uint8, 0, 255),
@@ -212,10 +220,9 @@ def quantize(job) -> None:
     job.quantized_onnx = job.workdir / "model.onnx"
     onnx.save(model, job.quantized_onnx)
 
-    weight_names = {n.input[1] for n in matmuls}
-    float_matmuls = [n.name for n in model.graph.node
-                     if n.op_type == "MatMul" and n.input[1] not in weight_names
-                     and not n.input[1].endswith("_dq")]
+    quantized = {n.name for n in matmuls}
+    kept_float = [n for n in model.graph.node
+                  if n.op_type in FLOAT_BY_DESIGN and n.name not in quantized]
     job.records["quantization"] = {
         "mode": "static-int8-qdq",
         "weights": f"{settings.weights} symmetric, "
@@ -231,11 +238,10 @@ def quantize(job) -> None:
         },
         "quantized_nodes": [n.name for n in matmuls],
         "embeddings": {"mode": settings.embeddings, "tables": tables},
-        "excluded_nodes": [{"node": name, "reason": "activation x activation MatMul "
-                            "(attention); no weight to quantize, kept float"}
-                           for name in float_matmuls],
+        "excluded_nodes": [{"node": n.name, "op": n.op_type, "reason": FLOAT_BY_DESIGN[n.op_type]}
+                           for n in kept_float],
         "activation_ranges": {t: [round(lo, 6), round(hi, 6)] for t, (lo, hi) in ranges.items()},
     }
     job.log(f"  {len(matmuls)} MatMuls int8 ({settings.calibration}, {len(texts)} texts), "
-            f"{len(tables)} embedding tables int8 by row, {len(float_matmuls)} attention "
-            f"MatMuls float; {job.quantized_onnx.stat().st_size / 1e6:.1f} MB")
+            f"{len(tables)} embedding tables int8 by row, {len(kept_float)} attention "
+            f"nodes float; {job.quantized_onnx.stat().st_size / 1e6:.1f} MB")

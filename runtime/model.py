@@ -42,6 +42,9 @@ def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = 
 def pad_batch(ids: list[list[int]], *, pad_id: int, input_names: Sequence[str]) -> dict:
     """Right-pad token ids into the int64 feeds a BERT-style graph takes.
 
+    Right padding is part of the contract: graphs whose attention was fused into
+    MultiHeadAttention read the mask as one length per row.
+
     Returns {"input_ids": (batch, seq), "attention_mask": (batch, seq), and
     "token_type_ids": zeros (batch, seq) when the graph has that input}.
     """

@@ -7,7 +7,7 @@ user's own profile.
 
     >>> target = load_target("arm-cpu")
     >>> target.opset, target.quantization.activations
-    (17, 'uint8')
+    (18, 'uint8')
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Target:
     name: str
     description: str
     opset: int                  # ai.onnx opset of the exported graph
-    graph_optimization: str     # offline ORT level applied before quantization: "none" | "basic"
+    graph_optimization: str     # offline, before quantization: "none" | "basic" | "transformer"
     quantization: QuantizationSettings
     runtime: RuntimeSettings
     validation: ValidationSettings
@@ -76,7 +76,7 @@ class Target:
 
 # Allowed values of the string-valued settings: (section.key) -> choices.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "graph_optimization": ("none", "basic"),
+    "graph_optimization": ("none", "basic", "transformer"),
     "quantization.weights": ("int8",),
     "quantization.activations": ("uint8", "int8"),
     "quantization.calibration": ("minmax", "percentile"),
