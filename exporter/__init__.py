@@ -46,9 +46,11 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
         PosixPath('build/minilm-x86-server')
     """
     from . import pipeline
+    from .load import infer_task, resolve_model_dir
 
     profile = target if isinstance(target, Target) else load_target(target)
-    budget = Budget.parse(accuracy_budget or profile.validation.accuracy_budget)
+    task = task or infer_task(resolve_model_dir(model))
+    budget = Budget.parse(accuracy_budget or profile.validation.budget_for(task))
     model_name = Path(model).name if Path(model).is_dir() else model
     output = Path(output) if output else Path("build") / f"{model_name}-{profile.name}"
     calibration_set = _texts(calibration, default_split="calibration", what="calibration",

@@ -13,8 +13,12 @@ from dataclasses import dataclass
 
 # metric name -> what it measures (the validate stage computes these).
 METRICS: dict[str, str] = {
-    "cosine": "mean cosine similarity of pooled embeddings, bundle vs PyTorch float",
-    "min-cosine": "minimum cosine similarity over the evaluation texts",
+    "cosine": "mean cosine similarity of the outputs (pooled embeddings or logits), bundle vs "
+              "PyTorch float",
+    "min-cosine": "minimum of that cosine over the evaluation texts",
+    "agreement": "share of texts where the bundle's top-1 label equals float's",
+    "accuracy": "bundle accuracy on labelled evaluation texts",
+    "accuracy-drop": "float accuracy minus bundle accuracy, in points (percent)",
 }
 
 _CLAUSE = re.compile(r"^\s*([a-z0-9-]+)\s*(>=|<=)\s*(-?[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*$")
@@ -53,6 +57,10 @@ class Budget:
         """One line per broken clause, saying by how much; empty when the budget holds."""
         broken = []
         for c in self.clauses:
+            if c.metric not in metrics:
+                need = "labelled evaluation text" if "accuracy" in c.metric else "another task"
+                broken.append(f"{c.metric} was not measured (it needs {need})")
+                continue
             got = metrics[c.metric]
             miss = c.value - got if c.op == ">=" else got - c.value
             if miss > 0:

@@ -58,6 +58,7 @@ class Utterance:
 
     text: str
     intent: str | None = None
+    where: str = ""   # "file:line" for texts read from a file, for error messages
 
 
 def split_of(text: str) -> str:
@@ -115,7 +116,7 @@ def read_texts(path: str | Path) -> list[Utterance]:
         if not line.strip():
             continue
         if path.suffix == ".txt":
-            out.append(Utterance(line))
+            out.append(Utterance(line, where=f"{path}:{number}"))
             continue
         try:
             record = json.loads(line)
@@ -124,7 +125,8 @@ def read_texts(path: str | Path) -> list[Utterance]:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f"{path}:{number}: expected an object with a string \"text\" field.")
         label = record.get("label")
-        out.append(Utterance(record["text"], None if label is None else str(label)))
+        out.append(Utterance(record["text"], None if label is None else str(label),
+                             where=f"{path}:{number}"))
     if not out:
         raise ValueError(f"Text file {str(path)!r} holds no text: give at least one line.")
     return out

@@ -19,6 +19,7 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
 # Tasks this exporter can build bundles for, with the transformers auto class each uses.
 TASKS: dict[str, str] = {
     "feature-extraction": "AutoModel",
+    "text-classification": "AutoModelForSequenceClassification",
 }
 
 
@@ -48,6 +49,26 @@ def resolve_model_dir(model: str) -> Path:
     return path
 
 
+def infer_task(model_dir: Path) -> str:
+    """text-classification for a *ForSequenceClassification checkpoint, else
+    feature-extraction (read from config.json, without loading the model)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "text-classification"
+    return "feature-extraction"
+
+
+def check_labels(evaluation, labels: list[str]) -> None:
+    """Every labelled evaluation text must carry one of the model's labels."""
+    known = set(labels)
+    for u in evaluation:
+        if u.intent is not None and u.intent not in known:
+            shown = ", ".join(labels[:6]) + (", ..." if len(labels) > 6 else "")
+            raise ValueError(f"{u.where or 'evaluation text'}: label {u.intent!r} is not one of "
+                             f"the model's {len(labels)} labels ({shown}).")
+
+
 def read_pooling(model_dir: Path) -> dict:
     """Sentence-embedding pooling from a sentence-transformers layout, else mean + L2 norm.
 
@@ -74,10 +95,10 @@ def read_pooling(model_dir: Path) -> dict:
 
 
 def load(job) -> None:
-    """Stage: fill job.model_dir, job.torch_model, job.pooling, job.max_length."""
+    """Stage: fill job.model_dir, job.torch_model, job.labels, job.pooling, job.max_length."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
     model_dir = resolve_model_dir(job.model)
-    task = job.task or "feature-extraction"
+    task = job.task or infer_task(model_dir)
     if task not in TASKS:
         raise ValueError(f"Task {task!r} is not supported yet. Supported: {', '.join(TASKS)}.")
     job.task = task
@@ -90,6 +111,10 @@ def load(job) -> None:
     except (OSError, ValueError) as e:
         raise ValueError(f"Could not load a {task} model from {str(model_dir)!r}: {e}") from e
     job.model_dir = model_dir
+    if task == "text-classification":
+        id2label = job.torch_model.config.id2label
+        job.labels = [str(id2label[i]) for i in range(len(id2label))]
+        check_labels(job.evaluation, job.labels)
 
     tokenizer_json = job.workdir / "tokenizer.json"
     if (model_dir / "tokenizer.json").is_file():
@@ -101,7 +126,7 @@ def load(job) -> None:
                              f"converted to one; the runtime needs tokenizer.json.")
         tokenizer.backend_tokenizer.save(str(tokenizer_json))
 
-    job.pooling = read_pooling(model_dir)
+    job.pooling = read_pooling(model_dir) if task == "feature-extraction" else {}
     config = job.torch_model.config
     limits = [job.target.runtime.max_sequence_length, config.max_position_embeddings]
     st_config = model_dir / "sentence_bert_config.json"
@@ -114,6 +139,7 @@ def load(job) -> None:
         "parameters": params, "hidden_size": config.hidden_size,
         "layers": config.num_hidden_layers,
     }
-    job.log(f"  {config.model_type}, {config.num_hidden_layers} layers, {params / 1e6:.1f}M "
-            f"parameters, pooling {job.pooling['mode']}"
-            f"{' + L2' if job.pooling['normalize'] else ''}, max length {job.max_length}")
+    head = (f"{len(job.labels)} labels" if job.labels else
+            f"pooling {job.pooling['mode']}{' + L2' if job.pooling['normalize'] else ''}")
+    job.log(f"  {config.model_type} {task}, {config.num_hidden_layers} layers, "
+            f"{params / 1e6:.1f}M parameters, {head}, max length {job.max_length}")

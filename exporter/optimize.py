@@ -21,10 +21,10 @@ chooses those at load time on the device, where it knows the CPU.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 
 from .feeds import encoder_feeds, ort_session
+from .to_onnx import masked_max_abs
 
 # transformers model_type -> onnxruntime.transformers optimizer model type.
 FUSION_MODEL_TYPES: dict[str, str] = {
@@ -64,9 +64,8 @@ def max_output_diff(job, a, b, texts: list[str]) -> float:
     worst = 0.0
     for feeds in encoder_feeds(job.workdir / "tokenizer.json", texts, first,
                                max_length=job.max_length, batch_size=8):
-        mask = feeds["attention_mask"][..., None].astype(bool)
-        diff = first.run(None, feeds)[0] - second.run(None, feeds)[0]
-        worst = max(worst, float(np.abs(np.where(mask, diff, 0)).max()))
+        worst = max(worst, masked_max_abs(first.run(None, feeds)[0], second.run(None, feeds)[0],
+                                          feeds["attention_mask"]))
     return worst
 
 

@@ -46,6 +46,7 @@ class Job:
     # filled by the stages
     model_dir: Path | None = None     # Hugging Face checkpoint directory
     torch_model: Any = None
+    labels: list[str] = field(default_factory=list)   # text-classification, by class id
     pooling: dict = field(default_factory=dict)
     max_length: int = 0
     float_onnx: Path | None = None

@@ -36,13 +36,22 @@ def export_onnx(job) -> None:
             f"opset {job.target.opset}")
 
 
-def torch_hidden_states(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """PyTorch float last_hidden_state for ONNX-style int64 feeds, (batch, seq, hidden)."""
+def torch_output(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """PyTorch float output for ONNX-style int64 feeds, the same tensor as the graph's first
+    output: last_hidden_state (batch, seq, hidden) or logits (batch, labels)."""
     import torch
 
     with torch.no_grad():
-        inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
-        return model(**inputs).last_hidden_state.numpy()
+        out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
+
+
+def masked_max_abs(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Max |a - b|, over real tokens only when the outputs are per token (batch, seq, dim)."""
+    diff = np.abs(a - b)
+    if diff.ndim == 3:
+        diff = np.where(mask[..., None].astype(bool), diff, 0)
+    return float(diff.max())
 
 
 def check_float(job) -> None:
@@ -53,9 +62,8 @@ def check_float(job) -> None:
     for feeds in encoder_feeds(job.workdir / "tokenizer.json", texts, session,
                                max_length=job.max_length, batch_size=8):
         ours = session.run(None, feeds)[0]
-        reference = torch_hidden_states(job.torch_model, feeds)
-        mask = feeds["attention_mask"][..., None].astype(bool)  # padded positions don't count
-        worst = max(worst, float(np.abs(np.where(mask, ours - reference, 0)).max()))
+        reference = torch_output(job.torch_model, feeds)
+        worst = max(worst, masked_max_abs(ours, reference, feeds["attention_mask"]))
     tolerance = job.target.validation.float_check_tolerance
     job.records["float_check"] = {"texts": len(texts), "max_abs_diff": worst,
                                   "tolerance": tolerance}

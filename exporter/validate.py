@@ -19,25 +19,63 @@ import numpy as np
 from .feeds import encoder_feeds, ort_session, pool
 from .progress import progress
 from .report import write_report
-from .to_onnx import torch_hidden_states
+from .to_onnx import torch_output
 
 
 class BudgetError(RuntimeError):
     """The quantized model broke its accuracy budget."""
 
 
-def cosines(job, session, texts: list[str]) -> np.ndarray:
-    """Per-text cosine between the session's pooled embedding and PyTorch float's."""
-    out = []
+def outputs(job, session, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-text output vectors of the session and of PyTorch float, (texts, dim) each:
+    pooled sentence embeddings for feature-extraction, logits for text-classification."""
+    ours, ref = [], []
     batches = encoder_feeds(job.workdir / "tokenizer.json", texts, session,
                             max_length=job.max_length, batch_size=16)
     for feeds in progress(batches, total=-(-len(texts) // 16), desc="validating (accuracy)"):
-        mask = feeds["attention_mask"]
-        ours = pool(session.run(None, feeds)[0], mask, mode=job.pooling["mode"], normalize=True)
-        ref = pool(torch_hidden_states(job.torch_model, feeds), mask,
-                   mode=job.pooling["mode"], normalize=True)
-        out.append((ours * ref).sum(axis=1))
-    return np.concatenate(out)
+        pair = session.run(None, feeds)[0], torch_output(job.torch_model, feeds)
+        if job.pooling:
+            pair = tuple(pool(x, feeds["attention_mask"], mode=job.pooling["mode"],
+                              normalize=False) for x in pair)
+        ours.append(pair[0])
+        ref.append(pair[1])
+    return np.concatenate(ours), np.concatenate(ref)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
+def macro_f1(truth, predicted, classes: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in `truth` or `predicted`."""
+    truth, predicted = np.asarray(truth), np.asarray(predicted)
+    scores = []
+    for c in range(classes):
+        tp = int(((truth == c) & (predicted == c)).sum())
+        wrong = int(((truth == c) != (predicted == c)).sum())   # false positives + negatives
+        if tp + wrong:
+            scores.append(2 * tp / (2 * tp + wrong))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def classification_metrics(job, ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Agreement with float, and accuracy / macro-F1 of both when every text has a label."""
+    bundle_top, float_top = ours.argmax(axis=1), ref.argmax(axis=1)
+    metrics = {"agreement": round(float((bundle_top == float_top).mean()), 5)}
+    labels = [u.intent for u in job.evaluation[:len(ours)]]
+    if all(label is not None for label in labels):
+        truth = np.array([job.labels.index(label) for label in labels])
+        float_accuracy = float((float_top == truth).mean())
+        bundle_accuracy = float((bundle_top == truth).mean())
+        metrics.update({
+            "accuracy": round(bundle_accuracy, 5),
+            "float-accuracy": round(float_accuracy, 5),
+            "accuracy-drop": round(100 * (float_accuracy - bundle_accuracy), 3),
+            "macro-f1": round(macro_f1(truth, bundle_top, len(job.labels)), 5),
+            "float-macro-f1": round(macro_f1(truth, float_top, len(job.labels)), 5),
+        })
+    return metrics
 
 
 def latency_ms(job, sessions: dict, texts: list[str], runs: int,
@@ -93,15 +131,18 @@ def peak_rss_mb(model_path, *, threads: int, seq: int) -> float:
 def validate(job) -> None:
     """Stage: fill job.records["validation"]; raise BudgetError if the budget is broken."""
     settings = job.target.validation
-    texts = [u.text for u in job.evaluation[:settings.eval_samples]]
+    texts = [u.text for u in job.evaluation]   # default sets hold eval_samples texts
     if not texts:
         raise ValueError("Validation needs at least one evaluation text; the set is empty.")
     threads = job.target.runtime.threads
     float_session = ort_session(job.float_onnx, threads=threads)
     quant_session = ort_session(job.quantized_onnx, threads=threads)
 
-    cos = cosines(job, quant_session, texts)
+    ours, ref = outputs(job, quant_session, texts)
+    cos = cosine_rows(ours, ref)
     metrics = {"cosine": round(float(cos.mean()), 5), "min-cosine": round(float(cos.min()), 5)}
+    if job.task == "text-classification":
+        metrics.update(classification_metrics(job, ours, ref))
     float_bytes = job.float_onnx.stat().st_size
     quant_bytes = job.quantized_onnx.stat().st_size
     timed = latency_ms(job, {"float": float_session, "bundle": quant_session}, texts,
@@ -129,6 +170,12 @@ def validate(job) -> None:
     broken = job.budget.check(metrics)
     record["budget_holds"] = not broken
     job.records["validation"] = record
+    if "agreement" in metrics:
+        job.log(f"  top-1 agreement with float {100 * metrics['agreement']:.2f}%"
+                + (f"; accuracy {100 * metrics['accuracy']:.2f}% (float "
+                   f"{100 * metrics['float-accuracy']:.2f}%), macro-F1 "
+                   f"{100 * metrics['macro-f1']:.2f} (float {100 * metrics['float-macro-f1']:.2f})"
+                   if "accuracy" in metrics else "; no labels, so no accuracy"))
     job.log(f"  cosine to PyTorch float: mean {metrics['cosine']:.4f}, min "
             f"{metrics['min-cosine']:.4f} on {len(texts)} texts; latency p50 "
             f"{quant_latency['p50']:.2f} ms vs float {float_latency['p50']:.2f} ms; "

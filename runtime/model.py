@@ -114,7 +114,12 @@ class Model:
     def dim(self) -> int:
         return int(self.session.get_outputs()[0].shape[-1])
 
-    def embed(self, texts: Sequence[str] | str, *, batch_size: int | None = None) -> np.ndarray:
+    @property
+    def labels(self) -> list[str] | None:
+        """Class names by id for text-classification bundles, else None."""
+        return self.manifest.get("labels")
+
+    def embed(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
         """Sentence embeddings, (len(texts), dim) float32, in the order of `texts`.
 
         Each text is tokenized, truncated to the bundle's max length, padded per batch and
@@ -123,25 +128,60 @@ class Model:
             >>> model.embed(["turn on the kitchen lights", "lock the front door"]).shape
             (2, 384)
         """
-        if self.task != "feature-extraction":
-            raise ValueError(f"embed() needs a feature-extraction bundle; "
-                             f"{self.bundle.path} is {self.task!r}.")
+        self._require("feature-extraction", "embed")
+        pooling = self.manifest.get("pooling", {"mode": "mean", "normalize": True})
+        return self._run(texts, batch_size, lambda out, mask: pool(
+            out, mask, mode=pooling["mode"], normalize=pooling["normalize"]))
+
+    def classify(self, texts: Sequence[str], *, top_k: int = 1,
+                 batch_size: int | None = None) -> list:
+        """The most likely label of each text with its softmax probability.
+
+        Returns [(label, score), ...], one pair per text; with top_k > 1, one list of the
+        top_k pairs (best first) per text.
+
+            >>> model.classify(["turn on the kitchen lights"])
+            [('HassTurnOn', 0.98)]
+        """
+        self._require("text-classification", "classify")
+        labels = self.labels
+        width = self.session.get_outputs()[0].shape[-1]
+        if not isinstance(labels, list) or not labels or \
+                (isinstance(width, int) and len(labels) != width):
+            raise BundleError(f"{self.bundle.path / 'manifest.json'} has no usable \"labels\" "
+                              f"list (one name per output class); re-export the bundle.")
+        if not isinstance(top_k, int) or not 1 <= top_k <= len(labels):
+            raise ValueError(f"top_k must be an int from 1 to {len(labels)}, got {top_k!r}.")
+        logits = self._run(texts, batch_size, lambda out, mask: out)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        best = np.argsort(-probs, axis=1)[:, :top_k]
+        ranked = [[(labels[j], float(row[j])) for j in order]
+                  for row, order in zip(probs, best, strict=True)]
+        return [r[0] for r in ranked] if top_k == 1 else ranked
+
+    def _require(self, task: str, method: str) -> None:
+        if self.task != task:
+            raise ValueError(f"{method}() needs a {task} bundle; {self.bundle.path} is a "
+                             f"{self.task} bundle.")
+
+    def _run(self, texts: Sequence[str], batch_size: int | None, reduce) -> np.ndarray:
+        """reduce(graph output, attention mask) per batch -> one row per text, text order."""
         if isinstance(texts, str):
-            raise TypeError("embed() takes a list of strings; wrap a single text in a list.")
+            raise TypeError("Pass a list of strings; wrap a single text in a list.")
         texts = list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
-                raise TypeError(f"embed() texts must be str; item {i} is "
-                                f"{type(text).__name__}.")
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        pooling = self.manifest.get("pooling", {"mode": "mean", "normalize": True})
+                raise TypeError(f"texts must be str; item {i} is {type(text).__name__}.")
+        rows: np.ndarray | None = None
         for index, feeds in batches(self.tokenizer, texts, max_length=self.max_length,
                                     batch_size=batch_size or self.batch_size,
                                     input_names=self.input_names):
-            hidden = self.session.run(None, feeds)[0]
-            out[index] = pool(hidden, feeds["attention_mask"], mode=pooling["mode"],
-                              normalize=pooling["normalize"])
-        return out
+            out = reduce(self.session.run(None, feeds)[0], feeds["attention_mask"])
+            if rows is None:
+                rows = np.zeros((len(texts), out.shape[-1]), dtype=np.float32)
+            rows[index] = out
+        return rows if rows is not None else np.zeros((0, self.dim), dtype=np.float32)
 
     def __repr__(self) -> str:
         return f"<runtime.Model {self.manifest.get('name')!r} task={self.task!r}>"

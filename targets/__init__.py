@@ -50,10 +50,15 @@ class RuntimeSettings:
 class ValidationSettings:
     """What an export must prove before it becomes a bundle."""
 
-    accuracy_budget: str      # e.g. "cosine>=0.97": mean cosine of pooled embeddings to float
-    eval_samples: int         # held-out texts compared against the float model
+    accuracy_budget: str      # feature-extraction, e.g. "cosine>=0.97" (embeddings vs float)
+    classification_budget: str  # text-classification, e.g. "accuracy-drop<=1.0,agreement>=0.98"
+    eval_samples: int         # default held-out texts (an --eval file is used whole)
     latency_runs: int         # timed batch-1 runs per model for p50/p95 latency
     float_check_tolerance: float  # max |ONNX float - PyTorch| allowed on hidden states
+
+    def budget_for(self, task: str) -> str:
+        return self.classification_budget if task == "text-classification" \
+            else self.accuracy_budget
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,51 @@
+"""Device application: say what the user wants, or say that it is not sure.
+
+Reads utterances (arguments, or one per line from stdin with '-') and prints the intent the
+bundle's classifier picks with its confidence. Below the threshold it refuses to act: in a car
+or a home, doing nothing beats doing the wrong thing. Uses only `runtime`.
+
+    python samples/intent.py build/intent-model-arm-cpu "turn on the kitchen lights"
+    python samples/intent.py build/intent-model-arm-cpu - < utterances.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import runtime
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", help="text-classification bundle written by the exporter")
+    parser.add_argument("utterances", nargs="+", help="what the user said; '-' reads stdin")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="minimum confidence to act (default 0.5)")
+    args = parser.parse_args(argv)
+
+    try:
+        model = runtime.load(args.bundle, spinning=False)
+        if model.task != "text-classification":
+            raise ValueError(f"{args.bundle} is a {model.task} bundle, not an intent "
+                             f"classifier (export one with --task text-classification).")
+    except (FileNotFoundError, ValueError) as e:  # BundleError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.utterances == ["-"]:
+        utterances = [line.strip() for line in sys.stdin if line.strip()]
+    else:
+        utterances = args.utterances
+
+    for text, ranked in zip(utterances, model.classify(utterances, top_k=2), strict=True):
+        (intent, score), (runner_up, second) = ranked
+        if score >= args.threshold:
+            print(f"{text!r} -> {intent} ({score:.0%})")
+        else:
+            print(f"{text!r} -> not sure, no action ({intent} {score:.0%}, "
+                  f"{runner_up} {second:.0%})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Intent classification end to end: train (briefly) -> export -> classify on the runtime."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import runtime
+from exporter import export
+from exporter.__main__ import main
+from runtime import BundleError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def intent_model(tmp_path_factory):
+    """A real MiniLM intent classifier, trained briefly by the sample training script."""
+    sys.path.insert(0, str(REPO / "samples"))
+    try:
+        import train_intents
+    finally:
+        sys.path.pop(0)
+    out = tmp_path_factory.mktemp("intent") / "model"
+    assert train_intents.main(["--output", str(out), "--train-size", "2000", "--test-size",
+                               "300", "--epochs", "4"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def intent_bundle(intent_model, tmp_path_factory):
+    return export(str(intent_model), target="arm-cpu", evaluation=intent_model / "test.jsonl",
+                  output=tmp_path_factory.mktemp("bundles") / "intent-arm-cpu",
+                  log=lambda line: None)
+
+
+def test_training_writes_a_plain_hf_directory(intent_model):
+    config = json.loads((intent_model / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert len(config["id2label"]) >= 40
+    report = json.loads((intent_model / "training.json").read_text())
+    assert report["results"]["test"]["accuracy"] > 0.9
+    train = {json.loads(line)["text"] for line in open(intent_model / "train.jsonl")}
+    test = {json.loads(line)["text"] for line in open(intent_model / "test.jsonl")}
+    assert not train & test
+
+
+def test_labels_round_trip_through_the_bundle(intent_model, intent_bundle):
+    config = json.loads((intent_model / "config.json").read_text())
+    manifest = json.loads((intent_bundle / "manifest.json").read_text())
+    expected = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    assert manifest["task"] == "text-classification" and manifest["labels"] == expected
+    model = runtime.load(intent_bundle)
+    assert model.labels == expected
+    ranked = model.classify(["set a timer for ten minutes"], top_k=5)[0]
+    assert [label for label, _ in ranked][0] in expected
+    scores = [s for _, s in ranked]
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-6
+
+
+def test_bundle_agrees_with_float(intent_model, intent_bundle):
+    """The runtime's answers against PyTorch float on the held-out test file."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rows = [json.loads(line) for line in open(intent_model / "test.jsonl")]
+    texts = [r["text"] for r in rows]
+    reference = AutoModelForSequenceClassification.from_pretrained(intent_model).eval()
+    tokenizer = AutoTokenizer.from_pretrained(intent_model)
+    with torch.no_grad():
+        logits = reference(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    float_labels = [reference.config.id2label[i] for i in logits.argmax(-1).tolist()]
+    ours = [label for label, _ in runtime.load(intent_bundle).classify(texts)]
+    agreement = np.mean([a == b for a, b in zip(ours, float_labels, strict=True)])
+    truth = [r["label"] for r in rows]
+    drop = np.mean([a == t for a, t in zip(float_labels, truth, strict=True)]) - \
+        np.mean([a == t for a, t in zip(ours, truth, strict=True)])
+    assert agreement >= 0.98 and drop <= 0.01, (agreement, drop)
+    metrics = json.loads((intent_bundle / "manifest.json").read_text())["validation"]["metrics"]
+    assert {"agreement", "accuracy", "float-accuracy", "accuracy-drop", "macro-f1"} <= set(metrics)
+
+
+def test_classify_refuses_a_bundle_without_labels(intent_bundle, tmp_path):
+    copy = Path(shutil.copytree(intent_bundle, tmp_path / "b"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["labels"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match='no usable "labels" list'):
+        runtime.load(copy).classify(["turn on the lights"])
+
+
+def test_classify_on_an_embedding_bundle_and_bad_top_k(minilm_bundle, intent_bundle):
+    with pytest.raises(ValueError, match="classify\\(\\) needs a text-classification bundle"):
+        runtime.load(minilm_bundle).classify(["turn on the lights"])
+    with pytest.raises(ValueError, match="top_k must be an int from 1 to"):
+        runtime.load(intent_bundle).classify(["turn on the lights"], top_k=0)
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "turn on the lights", "label": "HassTurnOn"}',
+      '{"text": "fly me to the moon", "label": "HassFlyToMoon"}'],
+     r"test.jsonl:2: label 'HassFlyToMoon' is not one of the model's"),
+    (['{"text": "turn on the lights", "label": "HassTurnOn"}', '', '{"text": oops}'],
+     r"test.jsonl:3: not valid JSON"),
+])
+def test_bad_eval_file_is_rejected_with_its_line(intent_model, tmp_path, capsys, lines, message):
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    code = main(["--model", str(intent_model), "--target", "arm-cpu", "--eval",
+                 str(tmp_path / "test.jsonl"), "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_intent_device_application(intent_bundle):
+    out = subprocess.run([sys.executable, "samples/intent.py", str(intent_bundle),
+                          "set a timer for ten minutes", "--threshold", "0.0"],
+                         capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.startswith("'set a timer for ten minutes' -> Hass")
