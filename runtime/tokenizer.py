@@ -6,6 +6,7 @@ tokens, truncation, batching, decoding); the hot loop (added tokens, normalize,
 pre-tokenize, WordPiece) lives in a backend with a tiny surface,
 `WordPieceEncoder(vocab, **options).encode(text) -> list[int]`: the C module
 `_tokenizer_c` when it is built, else its pure-Python twin `_tokenizer_py`.
+The C module also has `encode_batch(texts)`, which `Tokenizer.encode_batch` uses.
 
 Example:
     >>> tok = Tokenizer.from_file("all-MiniLM-L6-v2/tokenizer.json")
@@ -194,7 +195,12 @@ class Tokenizer:
                 "encode_batch() expects a list of str, got a single str; "
                 "use encode(text) or encode_batch([text])."
             )
-        return [self.encode(text, max_length=max_length) for text in texts]
+        budget = None if max_length is None else self._content_budget(max_length)
+        if not hasattr(self._encoder, "encode_batch"):  # the Python twin: one text at a time
+            return [self.encode(text, max_length=max_length) for text in texts]
+        # The C backend encodes the whole batch in one call, without the GIL.
+        prefix, suffix = self._prefix_ids, self._suffix_ids
+        return [prefix + ids[:budget] + suffix for ids in self._encoder.encode_batch(texts)]
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids`, as HF's `Tokenizer.decode` gives it; unknown ids are skipped.

