@@ -26,6 +26,7 @@ from .data import Utterance
 from .load import load
 from .optimize import optimize
 from .quantize import quantize
+from .smooth import smooth
 from .to_onnx import check_float, export_onnx
 from .validate import validate
 
@@ -51,6 +52,7 @@ class Job:
     max_length: int = 0
     float_onnx: Path | None = None
     optimized_onnx: Path | None = None
+    smoothed_onnx: Path | None = None
     quantized_onnx: Path | None = None
     records: dict = field(default_factory=dict)   # per-stage facts for manifest and report
     timings: dict = field(default_factory=dict)   # seconds per stage
@@ -62,6 +64,7 @@ STAGES = (
     export_onnx,   # PyTorch -> float ONNX at the target's opset (optimum-onnx)
     check_float,   # float ONNX vs PyTorch on evaluation text (max abs diff)
     optimize,      # offline graph optimization the target can use
+    smooth,        # SmoothQuant: activation outliers moved into per-channel weight scales
     quantize,      # static int8 QDQ calibrated on real text
     validate,      # bundle vs PyTorch float: accuracy, latency, size, memory; budget check
     bundle,        # manifest + sha256 + report, atomically renamed into place

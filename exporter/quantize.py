@@ -197,7 +197,7 @@ def insert_qdq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto],
 def quantize(job) -> None:
     """Stage: job.quantized_onnx, static int8 QDQ per the target's [quantization] table."""
     settings = job.target.quantization
-    source = job.optimized_onnx
+    source = job.smoothed_onnx or job.optimized_onnx
     model = onnx.load(source)
     matmuls = weight_matmuls(model)
     activations = sorted({n.input[0] for n in matmuls})
@@ -238,6 +238,7 @@ def quantize(job) -> None:
         },
         "quantized_nodes": [n.name for n in matmuls],
         "embeddings": {"mode": settings.embeddings, "tables": tables},
+        "outliers": job.records.get("smoothing", {"applied": False}),
         "excluded_nodes": [{"node": n.name, "op": n.op_type, "reason": FLOAT_BY_DESIGN[n.op_type]}
                            for n in kept_float],
         "activation_ranges": {t: [round(lo, 6), round(hi, 6)] for t, (lo, hi) in ranges.items()},

@@ -51,6 +51,9 @@ def render_markdown(data: dict) -> str:
                   f"- {q['mode']}: weights {q['weights']}, activations {q['activations']}",
                   f"- calibration: {cal['method']} on {cal['samples']} texts "
                   f"(sha256 {cal['data_sha256'][:12]}...)",
+                  "- outliers: " + (f"SmoothQuant alpha {q['outliers']['alpha']} on "
+                                     f"{q['outliers']['activations']} activations"
+                                     if q.get("outliers", {}).get("applied") else "none"),
                   f"- {len(q['quantized_nodes'])} MatMuls int8; embeddings "
                   f"{q['embeddings']['mode']} ({', '.join(q['embeddings']['tables']) or 'none'})",
                   f"- kept in float: {len(q['excluded_nodes'])} nodes",

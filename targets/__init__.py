@@ -34,6 +34,7 @@ class QuantizationSettings:
     percentile: float            # kept share of |activation| values for "percentile"
     calibration_samples: int     # texts used to calibrate (from the calibration set)
     embeddings: str              # "int8-rows": int8 table with one scale per row; "float"
+    smoothing_alpha: float       # SmoothQuant migration strength, 0 = off
 
 
 @dataclass(frozen=True)

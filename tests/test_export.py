@@ -68,6 +68,7 @@ def test_bundle_files_and_manifest(minilm_bundle):
     assert q["mode"] == "static-int8-qdq" and len(q["quantized_nodes"]) == 36
     assert q["calibration"]["samples"] == 300 and len(q["calibration"]["data_sha256"]) == 64
     assert all(e["reason"] for e in q["excluded_nodes"])
+    assert q["outliers"]["applied"] and q["outliers"]["float_max_abs_diff"] <= 1e-4
     assert set(manifest["tools"]) >= {"torch", "transformers", "onnx", "onnxruntime"}
     v = manifest["validation"]
     assert v["budget_holds"] and v["metrics"]["cosine"] >= 0.97
@@ -91,8 +92,10 @@ def test_bundle_quality_against_pytorch(minilm_bundle, torch_minilm, eval_texts)
     ours = model.embed(eval_texts)
     reference = torch_embeddings(torch_minilm, model.tokenizer, eval_texts)
     cosine = (ours * reference).sum(axis=1)
-    assert cosine.mean() >= 0.97, cosine.mean()
-    assert cosine.min() >= 0.90, cosine.min()
+    # The issue-2 contract is mean >= 0.97; with SmoothQuant the bundle does far better, and
+    # this guards that gain (measured 0.998 / 0.99 on the default held-out set).
+    assert cosine.mean() >= 0.995, cosine.mean()
+    assert cosine.min() >= 0.98, cosine.min()
 
 
 def test_broken_budget_fails_loudly_and_keeps_the_old_bundle(tmp_path, minilm_bundle):
