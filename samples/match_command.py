@@ -2,7 +2,9 @@
 
 Uses only `runtime` (numpy + onnxruntime): embed the known commands once at start-up, then
 embed each utterance and pick the command with the highest cosine similarity. Below the
-threshold it does nothing and says so: a car or a home should not act on a guess.
+threshold, or when two commands score within the margin of each other ("lock" and "unlock"
+the front door differ by one token), it does nothing and says so: a car or a home should not
+act on a guess.
 
     python samples/match_command.py build/minilm-arm-cpu "could you switch the kitchen light on"
     echo "lock up the front door" | python samples/match_command.py build/minilm-arm-cpu -
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
                              "none runs a short demo")
     parser.add_argument("--threshold", type=float, default=0.55,
                         help="minimum cosine similarity to act (default 0.55)")
+    parser.add_argument("--margin", type=float, default=0.03,
+                        help="minimum lead over the runner-up to act (default 0.03)")
     args = parser.parse_args(argv)
 
     try:
@@ -71,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     elapsed_ms = (time.perf_counter() - started) * 1e3
     scores = heard @ known.T                           # cosine similarities
     for text, row in zip(utterances, scores, strict=True):
-        best = int(row.argmax())
-        if row[best] >= args.threshold:
+        second, best = (int(i) for i in row.argsort()[-2:])
+        if row[best] >= args.threshold and row[best] - row[second] < args.margin:
+            print(f"{text!r} -> no action, ambiguous: {ids[best]} {row[best]:.2f} vs "
+                  f"{ids[second]} {row[second]:.2f}")
+        elif row[best] >= args.threshold:
             print(f"{text!r} -> {ids[best]} (similarity {row[best]:.2f})")
         else:
             print(f"{text!r} -> no action: closest is {ids[best]} at {row[best]:.2f}, "

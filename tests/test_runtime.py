@@ -138,11 +138,13 @@ def test_runtime_spinning_off_gives_the_same_result(minilm_bundle):
 
 def test_device_application(minilm_bundle):
     out = subprocess.run([sys.executable, "samples/match_command.py", str(minilm_bundle),
-                          "please switch on the kitchen light", "what's the capital of france"],
+                          "please switch on the kitchen light", "what's the capital of france",
+                          "make sure the front door is locked"],
                          capture_output=True, text=True, check=True, cwd=REPO)
     lines = out.stdout.splitlines()
     assert "-> light.kitchen.on" in lines[0]
     assert "-> no action" in lines[1]
+    assert "ambiguous: lock.front_door." in lines[2]  # lock vs unlock: a near tie, not acted on
 
 
 @pytest.mark.slow
