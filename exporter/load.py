@@ -21,6 +21,7 @@ PACKAGED_MODELS: dict[str, tuple[str, str]] = {
 TASKS: dict[str, str] = {
     "feature-extraction": "AutoModel",
     "text-classification": "AutoModelForSequenceClassification",
+    "text-generation": "AutoModelForCausalLM",   # exporter/decoder.py
 }
 
 
@@ -49,13 +50,18 @@ def resolve_model_dir(model: str) -> Path:
     return path
 
 
-def infer_task(model_dir: Path) -> str:
-    """text-classification for a *ForSequenceClassification checkpoint, else
-    feature-extraction (read from config.json, without loading the model)."""
-    config = json.loads((model_dir / "config.json").read_text())
+def infer_task(model: Path | str) -> str:
+    """text-generation for a GGUF file, a packaged GGUF name or a *ForCausalLM checkpoint;
+    text-classification for *ForSequenceClassification; else feature-extraction (read from
+    config.json, without loading the model)."""
+    if not isinstance(model, Path):
+        return "text-generation"   # a packaged GGUF name or a .gguf path
+    config = json.loads((model / "config.json").read_text())
     architectures = config.get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "text-classification"
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        return "text-generation"
     return "feature-extraction"
 
 

@@ -23,6 +23,7 @@ from targets import Target
 from .budget import Budget
 from .bundle import bundle
 from .data import Utterance
+from .decoder import build_float, check_decoder, load_decoder, quantize_decoder, validate_decoder
 from .load import load
 from .optimize import optimize
 from .quantize import quantize
@@ -54,6 +55,11 @@ class Job:
     optimized_onnx: Path | None = None
     smoothed_onnx: Path | None = None
     quantized_onnx: Path | None = None
+    precision: str | None = None      # decoders: override of the profile's generation.weights
+    gguf: Path | None = None          # decoders: the GGUF file the model came from
+    generation: dict = field(default_factory=dict)  # decoders: eos ids, context, chat format
+    decoder_shape: Any = None
+    float_weights: Any = None
     records: dict = field(default_factory=dict)   # per-stage facts for manifest and report
     timings: dict = field(default_factory=dict)   # seconds per stage
 
@@ -71,9 +77,25 @@ STAGES = (
 )
 
 
+# Decoder LLMs (text-generation): the graph is written directly on ONNX Runtime's fused
+# decoder ops with a preallocated KV cache, and weights are quantized weight-only.
+DECODER_STAGES = (
+    load_decoder,      # packaged name / GGUF / HF directory -> PyTorch model, tokenizer, chat
+    build_float,       # float decoder graph (GroupQueryAttention, in-place KV cache)
+    check_decoder,     # float ONNX vs PyTorch: logits and greedy tokens
+    quantize_decoder,  # int4/int8 MatMulNBits blocks; GGUF blocks carried exactly
+    validate_decoder,  # perplexity, greedy agreement, decode speed, size, memory; budget
+    bundle,
+)
+
+
+def stages_for(task: str | None) -> tuple:
+    return DECODER_STAGES if task == "text-generation" else STAGES
+
+
 def run(job: Job) -> Path:
     """Run every stage on `job`; returns the bundle directory."""
-    for stage in STAGES:
+    for stage in stages_for(job.task):
         started = time.perf_counter()
         job.log(f"[{stage.__name__}]")
         stage(job)

@@ -15,6 +15,8 @@ def report_data(job) -> dict:
 
 
 def render_markdown(data: dict) -> str:
+    if data.get("task") == "text-generation":
+        return render_decoder_markdown(data)
     v = data.get("validation", {})
     q = data.get("quantization", {})
     lines = [f"# Export report: {data['name']}", "",
@@ -58,6 +60,48 @@ def render_markdown(data: dict) -> str:
                   f"{q['embeddings']['mode']} ({', '.join(q['embeddings']['tables']) or 'none'})",
                   f"- kept in float: {len(q['excluded_nodes'])} nodes",
                   *(f"  - `{e['node']}`: {e['reason']}" for e in q["excluded_nodes"]), ""]
+    if data.get("stage_seconds"):
+        lines += ["## Stage times (s)", "",
+                  ", ".join(f"{k} {s}" for k, s in data["stage_seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def render_decoder_markdown(data: dict) -> str:
+    v, q, fc = data.get("validation", {}), data.get("quantization", {}), data.get("float_check")
+    lines = [f"# Export report: {data['name']}", "",
+             f"Task `text-generation`, target `{data['target']}`, accuracy budget "
+             f"`{data['budget']}`: **{'holds' if v.get('budget_holds') else 'BROKEN'}**.", ""]
+    if fc:
+        lines += [f"Float ONNX vs PyTorch: logits max abs diff {fc['max_abs_diff']:.2e}; greedy "
+                  f"agreement {100 * fc['greedy_agreement']:.0f}% over {fc['prompts']} prompts "
+                  f"x {fc['greedy_tokens']} tokens.", ""]
+    if q:
+        lines += ["## Weights", "", f"- {q['weights']}: {q['matrices']}",
+                  f"- source: {q.get('source', 'float')}",
+                  f"- embedding: {q['embedding']}; LM head: {q.get('lm_head', 'float32')}",
+                  *([f"- MatMulNBits accuracy level {q['accuracy_level']}"]
+                    if "accuracy_level" in q else []), ""]
+    if v:
+        m, pd, sp = v["metrics"], v["perplexity_data"], v["speed"]
+        size, rss = v["size_bytes"], v["peak_rss_mb"]
+        lines += [
+            f"## Quality ({pd['windows']} windows of {pd['window']} tokens: {pd['source']})", "",
+            "| metric | value |", "|---|---|", *(f"| {k} | {val} |" for k, val in m.items()),
+            "", f"Greedy agreement with PyTorch float per prompt ({v['greedy']['tokens']} "
+            f"tokens): {', '.join(str(g) for g in v['greedy']['per_prompt'])}", "",
+            "## Speed, size, memory", "", "| | float ONNX | bundle | ratio |",
+            "|---|---|---|---|",
+            f"| prefill {sp['bundle']['prefill_tokens']} tokens (ms) | "
+            f"{sp['float_onnx']['prefill_ms']} | {sp['bundle']['prefill_ms']} | "
+            f"{sp['bundle']['prefill_ms'] / sp['float_onnx']['prefill_ms']:.2f} |",
+            f"| decode, batch 1 (tokens/s) | {sp['float_onnx']['decode_tokens_per_s']} | "
+            f"{sp['bundle']['decode_tokens_per_s']} | "
+            f"{sp['bundle']['decode_tokens_per_s'] / sp['float_onnx']['decode_tokens_per_s']:.2f}"
+            f" |",
+            f"| model file (MB) | {size['float_onnx'] / 1e6:.1f} | "
+            f"{size['bundle_model'] / 1e6:.1f} | {size['ratio']:.2f} |",
+            f"| peak RSS (MB) | {rss['float_onnx']} | {rss['bundle']} | |", "",
+            f"Peak RSS: {rss['what']}. The exporter itself peaked at {rss['exporter']} MB.", ""]
     if data.get("stage_seconds"):
         lines += ["## Stage times (s)", "",
                   ", ".join(f"{k} {s}" for k, s in data["stage_seconds"].items()), ""]

@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .bundle import Bundle, BundleError
+from .generate import ContextError
 from .model import Model
 from .tokenizer import Tokenizer
 
-__all__ = ["Bundle", "BundleError", "Model", "Tokenizer", "load"]
+__all__ = ["Bundle", "BundleError", "ContextError", "Model", "Tokenizer", "load"]
 __version__ = "0.1.0"
 
 

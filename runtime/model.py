@@ -14,6 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, BundleError
+from .generate import (
+    ContextError,
+    Decoder,
+    check_sampling,
+    generate_tokens,
+    perplexity,
+    render_chat,
+    stream_text,
+)
 from .tokenizer import Tokenizer
 
 
@@ -109,6 +118,7 @@ class Model:
             spinning=spinning,
             providers=providers or settings.get("execution_providers", ["CPUExecutionProvider"]))
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self._generator: Decoder | None = None
 
     @property
     def dim(self) -> int:
@@ -159,6 +169,74 @@ class Model:
         ranked = [[(labels[j], float(row[j])) for j in order]
                   for row, order in zip(probs, best, strict=True)]
         return [r[0] for r in ranked] if top_k == 1 else ranked
+
+    # --- text-generation bundles ---------------------------------------------------------
+
+    @property
+    def context(self) -> int:
+        """Tokens the KV cache holds (prompt + generated), text-generation bundles."""
+        return int(self.manifest.get("generation", {}).get("context_length", self.max_length))
+
+    def _decoder(self) -> Decoder:
+        if self._generator is None:
+            self._generator = Decoder(self.session, context=self.context)
+        return self._generator
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] = (), stream: bool = False):
+        """Continue `prompt`; returns the new text, or with stream=True an iterator of text
+        pieces (each piece whole characters, so printing them as they come is safe).
+
+        Greedy by default; temperature > 0 samples, restricted to the top_k tokens and/or the
+        smallest set of tokens with probability top_p, reproducibly for a given seed.
+        Generation ends at the model's end-of-sequence token, at a `stop` string (not
+        included), after max_new_tokens, or when the context is full. A prompt that does not
+        fit the context raises runtime.ContextError.
+
+            >>> model.generate("The capital of France is", max_new_tokens=4)
+            ' Paris.'
+            >>> for piece in model.generate("Tell me a story", stream=True): print(piece, end="")
+        """
+        self._require("text-generation", "generate")
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be str, got {type(prompt).__name__}.")
+        if isinstance(stop, str):
+            stop = (stop,)
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("The prompt is empty: give at least one token of text.")
+        if len(ids) >= self.context:
+            raise ContextError(f"The prompt is {len(ids)} tokens; this bundle's context holds "
+                               f"{self.context} (prompt + generated). Shorten the prompt.")
+        eos = set(self.manifest.get("generation", {}).get("eos_token_ids", []))
+        tokens = generate_tokens(self._decoder(), ids, max_new_tokens=max_new_tokens, eos=eos,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        pieces = stream_text(tokens, self.tokenizer.decode, [s for s in stop if s])
+        return pieces if stream else "".join(pieces)
+
+    def chat(self, messages: Sequence[dict], **options):
+        """Answer a conversation [{"role": "user", "content": ...}, ...] using the model's
+        chat template; options as for generate().
+
+            >>> model.chat([{"role": "user", "content": "What is the capital of France?"}])
+            'The capital of France is Paris.'
+        """
+        self._require("text-generation", "chat")
+        fmt = self.manifest.get("generation", {}).get("chat")
+        if not fmt:
+            raise ValueError(f"{self.bundle.path} has no chat template (its model has none, "
+                             f"or it is not a plain per-message template); use generate().")
+        return self.generate(render_chat(fmt, messages), **options)
+
+    def perplexity(self, text: str, *, window: int = 512) -> float:
+        """Perplexity of the model on `text`, in non-overlapping windows of `window` tokens
+        (capped at the context), each starting from an empty cache."""
+        self._require("text-generation", "perplexity")
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}.")
+        return perplexity(self._decoder(), self.tokenizer.encode(text), window)
 
     def _require(self, task: str, method: str) -> None:
         if self.task != task:

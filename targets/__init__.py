@@ -63,6 +63,24 @@ class ValidationSettings:
 
 
 @dataclass(frozen=True)
+class GenerationSettings:
+    """How a decoder (text-generation) model is exported for this target."""
+
+    weights: str             # "int4" | "int8" (MatMulNBits blocks) | "float"
+    block_size: int          # weights per quantization block along the input dimension
+    accuracy_level: int      # MatMulNBits compute: 0 as stored, 1 fp32, 2 fp16, 3 bf16, 4 int8
+    context_length: int      # KV cache capacity in tokens (prompt + generated)
+    budget: str              # e.g. "perplexity-increase<=10,greedy-agreement>=0.9"
+    perplexity_window: int   # tokens per window when measuring perplexity
+    perplexity_windows: int  # windows of held-out text measured at export
+
+
+DEFAULT_GENERATION = GenerationSettings(
+    weights="int4", block_size=32, accuracy_level=4, context_length=1024,
+    budget="perplexity-increase<=10", perplexity_window=256, perplexity_windows=8)
+
+
+@dataclass(frozen=True)
 class Target:
     """A hardware target: what to build for it and how to run it there."""
 
@@ -73,6 +91,7 @@ class Target:
     quantization: QuantizationSettings
     runtime: RuntimeSettings
     validation: ValidationSettings
+    generation: GenerationSettings = DEFAULT_GENERATION   # decoders only
     source: str = ""            # the file the profile was read from
 
     def to_dict(self) -> dict:
@@ -87,6 +106,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quantization.activations": ("uint8", "int8"),
     "quantization.calibration": ("minmax", "percentile"),
     "quantization.embeddings": ("int8-rows", "float"),
+    "generation.weights": ("int4", "int8", "float"),
 }
 
 

@@ -1,0 +1,453 @@
+"""Decoder LLMs (text-generation): the stages that differ from the encoder path.
+
+    load_decoder   packaged name / GGUF file / HF directory -> PyTorch model + tokenizer + chat
+    build_float    the float ONNX graph (decoder_graph: fused ops, preallocated KV cache)
+    check_decoder  float ONNX vs PyTorch: logits on a prompt, greedy tokens on several prompts
+    quantize_decoder  weight-only int4/int8 MatMulNBits blocks (GGUF blocks carried exactly)
+    validate_decoder  perplexity on held-out prose, greedy agreement, decode speed, size, memory
+
+The bundle stage is shared with the encoders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.generate import Decoder, render_chat
+from runtime.generate import perplexity as window_perplexity
+
+from .decoder_graph import DecoderShape, DecoderWeights, Linear, build, float_weights, pack
+from .report import write_report
+from .validate import BudgetError
+
+# Llama-family architectures the graph builder covers (RMSNorm, rotary, GQA, SwiGLU, no bias).
+SUPPORTED = ("llama",)
+
+# Prompts for the greedy check: short factual and chat-like openings.
+PROMPTS = (
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+)
+
+
+# --- load -----------------------------------------------------------------------------------
+
+def load_decoder(job) -> None:
+    """Stage: resolve the source, load the PyTorch model, write tokenizer.json, read the chat
+    template and end-of-sequence tokens."""
+    from . import gguf
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    source = job.model
+    if source in gguf.PACKAGED_GGUF:
+        job.gguf = gguf.packaged_gguf(source)
+    elif str(source).endswith(".gguf"):
+        job.gguf = Path(source)
+        if not job.gguf.is_file():
+            raise FileNotFoundError(f"GGUF file {source!r} does not exist.")
+    if job.gguf is not None:
+        job.model_dir = gguf.checkpoint(job.gguf, log=job.log)
+    else:
+        from .load import resolve_model_dir
+
+        job.model_dir = resolve_model_dir(source)
+    config = json.loads((job.model_dir / "config.json").read_text())
+    if config.get("model_type") not in SUPPORTED:
+        raise ValueError(f"text-generation supports {', '.join(SUPPORTED)}-family decoders; "
+                         f"{source!r} is {config.get('model_type')!r}.")
+
+    import transformers
+
+    try:
+        job.torch_model = transformers.AutoModelForCausalLM.from_pretrained(
+            job.model_dir, dtype="float32").eval()
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Could not load a text-generation model from {job.model_dir}: {e}") from e
+    if not (job.model_dir / "tokenizer.json").is_file():
+        raise ValueError(f"{job.model_dir} has no tokenizer.json; the runtime needs one.")
+    shutil.copyfile(job.model_dir / "tokenizer.json", job.workdir / "tokenizer.json")
+
+    model = job.torch_model
+    settings = job.target.generation
+    job.max_length = min(settings.context_length, model.config.max_position_embeddings)
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.eos_token_id
+    eos_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
+    job.generation = {"eos_token_ids": eos_ids, "context_length": job.max_length,
+                      "chat": chat_format(job.model_dir)}
+    params = sum(p.numel() for p in model.parameters())
+    job.records["model"] = {
+        "source": str(source), "directory": str(job.model_dir),
+        **({"gguf": str(job.gguf)} if job.gguf else {}),
+        "architecture": model.config.model_type, "parameters": params,
+        "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers,
+        "heads": model.config.num_attention_heads,
+        "kv_heads": model.config.num_key_value_heads}
+    job.log(f"  {model.config.model_type} decoder, {model.config.num_hidden_layers} layers, "
+            f"{params / 1e6:.1f}M parameters, context {job.max_length}, eos {eos_ids}")
+
+
+def chat_format(model_dir: Path) -> dict | None:
+    """The checkpoint's chat template reduced to plain strings the runtime can fill in without
+    Jinja: per role a `{content}` pattern, the default system message and the generation
+    prompt. The reduction is checked by rendering conversations both ways; a template that is
+    not a plain concatenation of per-message parts is refused (None: no chat in the bundle)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    mark = "\x00CONTENT\x00"
+
+    def render(messages, prompt=False):
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=prompt)
+
+    system_only = render([{"role": "system", "content": mark}])
+    if system_only.count(mark) != 1:
+        return None
+    roles = {"system": system_only.replace(mark, "{content}")}
+    base = render([{"role": "system", "content": "S"}])
+    for role in ("user", "assistant"):
+        full = render([{"role": "system", "content": "S"}, {"role": role, "content": mark}])
+        if not full.startswith(base) or full[len(base):].count(mark) != 1:
+            return None
+        roles[role] = full[len(base):].replace(mark, "{content}")
+    user = [{"role": "user", "content": "U"}]
+    generation_prompt = render(user, prompt=True)[len(render(user)):]
+    user_part = roles["user"].replace("{content}", "U")
+    if not render(user).endswith(user_part):
+        return None
+    default_system = render(user)[:-len(user_part)]
+    fmt = {"roles": roles, "default_system": default_system,
+           "generation_prompt": generation_prompt}
+    samples = [[{"role": "user", "content": "Hi there"}],
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Why?"}]]
+    for messages in samples:
+        if render(messages, True) != render_chat(fmt, messages):  # the runtime's reading
+            return None
+    return fmt
+
+
+# --- build and check the float graph ----------------------------------------------------------
+
+def shape_of(job) -> DecoderShape:
+    return DecoderShape.from_config(job.torch_model.config, job.max_length)
+
+
+def build_float(job) -> None:
+    """Stage: the float decoder graph."""
+    import onnx
+
+    job.decoder_shape = shape_of(job)
+    job.float_weights = float_weights(job.torch_model)
+    job.float_onnx = job.workdir / "float.onnx"
+    onnx.save(build(job.decoder_shape, job.float_weights), job.float_onnx)
+    job.log(f"  float graph {job.float_onnx.stat().st_size / 1e6:.0f} MB, KV cache "
+            f"{job.decoder_shape.layers} x 2 x {job.decoder_shape.kv_heads} x "
+            f"{job.max_length} x {job.decoder_shape.head_dim}")
+
+
+class OnnxDecoder:
+    """Greedy decoding and perplexity with an exported graph, through the runtime's Decoder
+    (IO binding, KV cache in place): what the device will run."""
+
+    def __init__(self, path: Path, shape: DecoderShape, threads: int = 0):
+        from .feeds import ort_session
+
+        self.session = ort_session(path, threads=threads)
+        self.shape = shape
+        self.decoder = Decoder(self.session, context=shape.context)
+
+    def greedy(self, ids: list[int], new_tokens: int) -> list[int]:
+        self.decoder.reset()
+        logits = self.decoder.forward(ids)[-1]
+        out = []
+        for _ in range(new_tokens):
+            out.append(int(logits.argmax()))
+            if len(out) == new_tokens:
+                break
+            logits = self.decoder.forward([out[-1]])[-1]
+        return out
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.decoder.reset()
+        return self.decoder.forward(ids, all_logits=True)
+
+
+def torch_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                             dtype=torch.long), max_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=model.generation_config.eos_token_id)
+    return out[0, len(ids):].tolist()[:new_tokens]
+
+
+def encode(job, text: str) -> list[int]:
+    from tokenizers import Tokenizer
+
+    if not hasattr(job, "_hf_tokenizer"):
+        job._hf_tokenizer = Tokenizer.from_file(str(job.workdir / "tokenizer.json"))
+    return job._hf_tokenizer.encode(text).ids
+
+
+def agreement(ours: list[int], ref: list[int]) -> float:
+    """Share of tokens equal to the reference up to the first difference."""
+    same = 0
+    for a, b in zip(ours, ref, strict=False):
+        if a != b:
+            break
+        same += 1
+    return same / max(len(ref), 1)
+
+
+def check_decoder(job) -> None:
+    """Stage: the float graph computes what PyTorch computes."""
+    import torch
+
+    decoder = OnnxDecoder(job.float_onnx, job.decoder_shape, job.target.runtime.threads)
+    ids = encode(job, PROMPTS[0] + " a city that")
+    with torch.no_grad():
+        ref = job.torch_model(torch.tensor([ids])).logits[0].numpy()
+    diff = float(np.abs(decoder.logits(ids) - ref).max())
+    tokens = 16
+    greedy = [agreement(decoder.greedy(encode(job, p), tokens),
+                        torch_greedy(job.torch_model, encode(job, p), tokens)) for p in PROMPTS]
+    tolerance = 1e-3 * max(1.0, float(np.abs(ref).max()))
+    job.records["float_check"] = {
+        "max_abs_diff": diff, "tolerance": tolerance, "texts": 1,
+        "greedy_agreement": round(float(np.mean(greedy)), 4), "greedy_tokens": tokens,
+        "prompts": len(PROMPTS)}
+    job.log(f"  float ONNX vs PyTorch: logits max abs diff {diff:.2e}; greedy tokens "
+            f"identical on {sum(g == 1.0 for g in greedy)}/{len(PROMPTS)} prompts")
+    if diff > tolerance:
+        raise RuntimeError(f"The float decoder graph differs from PyTorch by {diff:.3g} "
+                           f"(> {tolerance:.3g}): an export bug, please report it.")
+
+
+# --- weight-only quantization ------------------------------------------------------------------
+
+def round_to_nearest(weight: np.ndarray, bits: int, block: int) -> Linear:
+    """Blocks of `block` input weights: int8 symmetric (zero point 128 implied) or int4 with a
+    per-block minimum/maximum range and a uint4 zero point."""
+    out, k = weight.shape
+    if k % block:
+        raise ValueError(f"input size {k} is not a multiple of the block size {block}")
+    w = weight.reshape(out, k // block, block).astype(np.float32)
+    if bits == 8:
+        scale = np.abs(w).max(axis=-1) / 127.0
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(w / scale[..., None]), -127, 127) + 128
+        return Linear(bits=8, block_size=block, codes=q.astype(np.uint8),
+                      scales=scale.astype(np.float32))
+    lo = np.minimum(w.min(axis=-1), 0.0)
+    hi = np.maximum(w.max(axis=-1), 0.0)
+    scale = (hi - lo) / 15.0
+    scale[scale == 0] = 1.0
+    zero = np.clip(np.rint(-lo / scale), 0, 15)
+    q = np.clip(np.rint(w / scale[..., None]) + zero[..., None], 0, 15)
+    return Linear(bits=4, block_size=block, codes=pack(q, 4), scales=scale.astype(np.float32),
+                  zero_points=pack(zero, 4))
+
+
+def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
+    """The weights in the target's form, and a record of how each kind was stored."""
+    settings = job.target.generation
+    f = job.float_weights
+    if weights == "float":
+        return f, {"weights": "float", "matrices": "float32", "embedding": "float32"}
+    bits = 4 if weights == "int4" else 8
+    if job.gguf is not None and bits == 4:
+        from .gguf import carried_weights
+
+        try:
+            carried = carried_weights(job.gguf, job.torch_model.config)
+        except ValueError as e:
+            job.log(f"  GGUF blocks cannot be carried ({e}); rounding the float weights instead")
+        else:
+            kinds = sorted({_form(m) for m in carried.qkv + carried.o + carried.gate_up
+                            + carried.down})
+            return carried, {
+                "weights": "int4", "source": f"GGUF blocks carried exactly ({job.gguf.name})",
+                "matrices": ", ".join(kinds), "embedding": _form(carried.embedding),
+                "lm_head": "tied: the embedding's blocks" if carried.lm_head is None
+                else _form(carried.lm_head), "block_size": 32,
+                "accuracy_level": settings.accuracy_level}
+
+    block = settings.block_size
+
+    def q(lin: Linear) -> Linear:
+        return round_to_nearest(lin.weight, bits, block)
+
+    out = DecoderWeights(
+        embedding=round_to_nearest(f.embedding.weight, 8, block),
+        lm_head=None if f.lm_head is None else round_to_nearest(f.lm_head.weight, 8, block),
+        input_norms=f.input_norms, post_attention_norms=f.post_attention_norms,
+        final_norm=f.final_norm, qkv=[q(m) for m in f.qkv], o=[q(m) for m in f.o],
+        gate_up=[q(m) for m in f.gate_up], down=[q(m) for m in f.down])
+    return out, {"weights": weights, "source": "round-to-nearest from float",
+                 "matrices": _form(out.o[0]), "embedding": _form(out.embedding),
+                 "lm_head": "tied: the embedding's int8 blocks" if out.lm_head is None
+                 else _form(out.lm_head), "block_size": block,
+                 "accuracy_level": settings.accuracy_level}
+
+
+def _form(lin: Linear) -> str:
+    if lin.weight is not None:
+        return "float32"
+    if lin.offsets is not None:
+        return f"int{lin.bits} blocks of {lin.block_size}, scale + exact float offset (Q4_1)"
+    if lin.zero_points is not None:
+        return f"int{lin.bits} blocks of {lin.block_size}, scale + zero point"
+    return f"int{lin.bits} blocks of {lin.block_size}, symmetric"
+
+
+def quantize_decoder(job) -> None:
+    """Stage: the bundle's graph with weight-only quantized matrices."""
+    import onnx
+
+    weights = job.precision or job.target.generation.weights
+    quantized, record = quantized_weights(job, weights)
+    job.quantized_onnx = job.workdir / "model.onnx"
+    onnx.save(build(job.decoder_shape, quantized,
+                    accuracy_level=job.target.generation.accuracy_level), job.quantized_onnx)
+    job.records["quantization"] = {"mode": "weight-only", **record}
+    job.log(f"  {record['weights']}: {record['matrices']}; embedding {record['embedding']} "
+            f"({record.get('source', '')}), {job.quantized_onnx.stat().st_size / 1e6:.1f} MB")
+
+
+# --- validate ----------------------------------------------------------------------------------
+
+def eval_windows(job) -> list[list[int]]:
+    """Token windows of held-out text: the --eval file's texts, else English prose."""
+    from .data import english_prose, split_of
+
+    settings = job.target.generation
+    if job.records.get("eval_source"):
+        texts = [u.text for u in job.evaluation]
+        source = job.records["eval_source"]
+    else:
+        texts = [t for t in english_prose() if split_of(t) in ("eval", "test")]
+        source = "pydoc_data English prose (held-out paragraphs)"
+    ids = encode(job, "\n\n".join(texts))
+    width = min(settings.perplexity_window, job.max_length)
+    windows = [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)]
+    windows = windows[:settings.perplexity_windows]
+    if not windows:
+        raise ValueError(f"The evaluation text has {len(ids)} tokens; perplexity needs at "
+                         f"least one window of {width}.")
+    job.records["perplexity_data"] = {"source": source, "windows": len(windows),
+                                      "window": width}
+    return windows
+
+
+def perplexity(decoder: OnnxDecoder, windows: list[list[int]]) -> float:
+    """Perplexity over all windows together (each window from an empty cache)."""
+    width = len(windows[0])
+    return window_perplexity(decoder.decoder, [t for w in windows for t in w], width)
+
+
+def decode_speed(decoder: OnnxDecoder, prompt: list[int], tokens: int = 32) -> dict:
+    """Prefill latency (ms) and greedy decode tokens/s, best of 2."""
+    best = {}
+    d = decoder.decoder
+    for _ in range(2):
+        d.reset()
+        started = time.perf_counter()
+        token = int(d.forward(prompt)[-1].argmax())
+        prefill = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(tokens):
+            token = int(d.forward([token])[-1].argmax())
+        rate = tokens / (time.perf_counter() - started)
+        if not best or rate > best["decode_tokens_per_s"]:
+            best = {"prefill_ms": round(prefill * 1e3, 1), "prefill_tokens": len(prompt),
+                    "decode_tokens_per_s": round(rate, 1)}
+    return best
+
+
+_MEMORY_PROBE = """
+import sys, numpy as np, onnxruntime as ort
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+layers, kv, ctx, hd = map(int, sys.argv[2:6])
+feeds = {"input_ids": np.ones((1, 64), np.int64), "seqlens_k": np.array([63], np.int32),
+         "total_sequence_length": np.array(64, np.int32), "num_logits": np.array([1], np.int64)}
+for i in range(layers):
+    for k in ("key", "value"):
+        feeds[f"past_{k}.{i}"] = np.zeros((1, kv, ctx, hd), np.float32)
+s.run(None, feeds)
+print([int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0])
+"""
+
+
+def peak_rss_mb(path: Path, shape: DecoderShape) -> float:
+    """Peak RSS of a new process that loads the graph and prefills 64 tokens."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), str(shape.layers),
+                          str(shape.kv_heads), str(shape.context), str(shape.head_dim)],
+                         capture_output=True, text=True, check=True)
+    return round(int(out.stdout.split()[-1]) / 1024, 1)
+
+
+def validate_decoder(job) -> None:
+    """Stage: perplexity float vs bundle, greedy agreement with PyTorch, speed, size, memory."""
+    threads = job.target.runtime.threads
+    windows = eval_windows(job)
+    float_decoder = OnnxDecoder(job.float_onnx, job.decoder_shape, threads)
+    float_ppl = perplexity(float_decoder, windows)
+    float_speed = decode_speed(float_decoder, encode(job, PROMPTS[0]))
+    del float_decoder
+    ours = OnnxDecoder(job.quantized_onnx, job.decoder_shape, threads)
+    ppl = perplexity(ours, windows)
+    tokens = 32
+    greedy = [agreement(ours.greedy(encode(job, p), tokens),
+                        torch_greedy(job.torch_model, encode(job, p), tokens)) for p in PROMPTS]
+    speed = decode_speed(ours, encode(job, PROMPTS[0]))
+    float_bytes = job.float_onnx.stat().st_size
+    quant_bytes = job.quantized_onnx.stat().st_size
+    metrics = {"perplexity": round(ppl, 4), "float-perplexity": round(float_ppl, 4),
+               "perplexity-increase": round(100 * (ppl / float_ppl - 1), 3),
+               "greedy-agreement": round(float(np.mean(greedy)), 4)}
+    record = {
+        "metrics": metrics, "budget": str(job.budget),
+        "perplexity_data": job.records["perplexity_data"],
+        "greedy": {"prompts": len(PROMPTS), "tokens": tokens,
+                   "per_prompt": [round(g, 3) for g in greedy]},
+        "speed": {"float_onnx": float_speed, "bundle": speed},
+        "size_bytes": {"float_onnx": float_bytes, "bundle_model": quant_bytes,
+                       "ratio": round(quant_bytes / float_bytes, 4)},
+        "peak_rss_mb": {"float_onnx": peak_rss_mb(job.float_onnx, job.decoder_shape),
+                        "bundle": peak_rss_mb(job.quantized_onnx, job.decoder_shape),
+                        "what": "new process: load the graph with its KV cache buffers, "
+                                "prefill 64 tokens",
+                        "exporter": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                                          / 1024, 1)},
+    }
+    broken = job.budget.check(metrics)
+    record["budget_holds"] = not broken
+    job.records["validation"] = record
+    job.log(f"  perplexity {ppl:.3f} vs float {float_ppl:.3f} "
+            f"({metrics['perplexity-increase']:+.2f}%); greedy agreement "
+            f"{100 * metrics['greedy-agreement']:.1f}% over {len(PROMPTS)} prompts; decode "
+            f"{speed['decode_tokens_per_s']} tok/s vs float {float_speed['decode_tokens_per_s']};"
+            f" model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float)")
+    if broken:
+        rejected = job.output.with_name(job.output.name + ".rejected")
+        write_report(job, rejected)
+        raise BudgetError(f"Accuracy budget {job.budget} broken: {'; '.join(broken)}. "
+                          f"No bundle written; the report is in {rejected}/.")

@@ -1,0 +1,343 @@
+"""Llama-family decoder -> one ONNX graph built directly on ONNX Runtime's fused decoder ops.
+
+Why not trace PyTorch: a traced decoder concatenates its KV cache every step (the cache grows,
+copied, token by token) and spells attention, rotary embedding and RMSNorm out as dozens of
+small ops. This graph is written the way ONNX Runtime runs decoders fastest on CPU:
+
+    input_ids -> embedding -> 30 x [ RMSNorm -> QKV MatMul -> GroupQueryAttention (rotary inside,
+    KV written in place into a preallocated buffer) -> O MatMul -> Skip+RMSNorm -> gate|up MatMul
+    -> SiLU * up -> down MatMul -> Skip+RMSNorm ] -> LM head -> logits
+
+One graph serves prefill (S prompt tokens) and decode (S = 1). The KV cache is a fixed-capacity
+buffer per layer, shape (batch, kv_heads, context, head_dim): `past_key.i` and `present_key.i`
+are the same memory when the runtime binds them so (IO binding), so a long generation never
+grows or copies it. `seqlens_k` (tokens already in the cache + new - 1) and
+`total_sequence_length` tell GroupQueryAttention where to write and which positions to rotate.
+`num_logits` picks how many trailing positions get logits: 1 when generating, all when
+measuring perplexity (the LM head is the largest matrix; prefill should not pay for it S times).
+
+Weights arrive as `Linear` values: float, or blocks for `MatMulNBits` (int4/int8 codes with
+per-block scales and zero points), optionally with a per-block float offset (`offsets`): the
+GGUF Q4_1 form w = d*q + m, computed exactly as MatMulNBits(x, q, d) + blocksum(x) @ m.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The architecture numbers the graph needs (from a transformers LlamaConfig)."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    rms_eps: float
+    rope_theta: float
+    context: int          # KV buffer capacity in tokens
+
+    @classmethod
+    def from_config(cls, config, context: int) -> DecoderShape:
+        if getattr(config, "rope_scaling", None):
+            raise ValueError(f"rope_scaling {config.rope_scaling!r} is not supported yet.")
+        head_dim = (getattr(config, "head_dim", None)
+                    or config.hidden_size // config.num_attention_heads)
+        return cls(vocab=config.vocab_size, hidden=config.hidden_size,
+                   layers=config.num_hidden_layers, heads=config.num_attention_heads,
+                   kv_heads=config.num_key_value_heads, head_dim=head_dim,
+                   intermediate=config.intermediate_size, rms_eps=float(config.rms_norm_eps),
+                   rope_theta=float(config.rope_theta),
+                   context=min(context, config.max_position_embeddings))
+
+
+@dataclass
+class Linear:
+    """One weight matrix, logically [out, in], in the form the graph stores it."""
+
+    weight: np.ndarray | None = None        # float [out, in]
+    bits: int = 0                           # 4 or 8 for MatMulNBits
+    block_size: int = 0
+    codes: np.ndarray | None = None         # uint8 [out, in/block, block*bits/8]
+    scales: np.ndarray | None = None        # float32 [out, in/block]
+    zero_points: np.ndarray | None = None   # uint8, packed like the codes; None: none stored
+    offsets: np.ndarray | None = None       # float32 [out, in/block]: w = scale*q + offset
+
+    @property
+    def out_features(self) -> int:
+        return (self.weight if self.weight is not None else self.codes).shape[0]
+
+    @property
+    def in_features(self) -> int:
+        if self.weight is not None:
+            return self.weight.shape[1]
+        return self.codes.shape[1] * self.block_size
+
+    def dequantize(self) -> np.ndarray:
+        """The float matrix this Linear computes with, [out, in] (for checks and tests)."""
+        if self.weight is not None:
+            return self.weight
+        q = unpack(self.codes, self.bits).astype(np.float32)            # [out, nb, block]
+        if self.offsets is not None:
+            w = q * self.scales[..., None] + self.offsets[..., None]
+        else:
+            nb = self.codes.shape[1]
+            zp = (unpack(self.zero_points, self.bits)[:, :nb] if self.zero_points is not None
+                  else np.full(self.scales.shape, 1 << (self.bits - 1)))
+            w = (q - zp[..., None]) * self.scales[..., None]
+        return w.reshape(w.shape[0], -1).astype(np.float32)
+
+
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 bytes -> codes along the last axis (4-bit: low nibble first, as MatMulNBits)."""
+    if bits == 8:
+        return packed
+    low, high = packed & 0x0F, packed >> 4
+    return np.stack([low, high], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes in [0, 2^bits) along the last axis -> uint8 bytes (inverse of `unpack`)."""
+    codes = codes.astype(np.uint8)
+    if bits == 8:
+        return codes
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def concat(parts: list[Linear]) -> Linear:
+    """Stack Linears along the output dimension (fused QKV and gate|up projections)."""
+    if all(p.weight is not None for p in parts):
+        return Linear(weight=np.concatenate([p.weight for p in parts]))
+    first = parts[0]
+    if any(p.weight is not None or p.bits != first.bits or p.block_size != first.block_size
+           or (p.offsets is None) != (first.offsets is None)
+           or (p.zero_points is None) != (first.zero_points is None) for p in parts):
+        raise ValueError("cannot fuse projections stored in different forms")
+
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else np.concatenate(values)
+
+    return Linear(bits=first.bits, block_size=first.block_size, codes=cat("codes"),
+                  scales=cat("scales"), zero_points=cat("zero_points"), offsets=cat("offsets"))
+
+
+@dataclass
+class DecoderWeights:
+    """Everything the graph stores, by role. Lists are per layer."""
+
+    embedding: Linear            # [vocab, hidden]; also the LM head when `lm_head` is None
+    lm_head: Linear | None
+    input_norms: list[np.ndarray]
+    post_attention_norms: list[np.ndarray]
+    final_norm: np.ndarray
+    qkv: list[Linear]
+    o: list[Linear]
+    gate_up: list[Linear]
+    down: list[Linear]
+
+
+class _Graph:
+    def __init__(self):
+        self.nodes, self.inits = [], []
+        self._blocksums: dict[tuple[str, int], str] = {}
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], *, name: str,
+             domain: str = "", **attrs) -> list[str]:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain,
+                                           **attrs))
+        return outputs
+
+    def linear(self, x: str, w: Linear, name: str, k: int) -> str:
+        """x [..., k] @ w.T -> [..., out]."""
+        if w.weight is not None:
+            weight = self.init(f"{name}.weight", w.weight.T.astype(np.float32))
+            return self.node("MatMul", [x, weight], [f"{name}.out"], name=name)[0]
+        inputs = [x, self.init(f"{name}.codes", w.codes),
+                  self.init(f"{name}.scales", w.scales.astype(np.float32).reshape(-1))]
+        if w.zero_points is not None:
+            inputs.append(self.init(f"{name}.zero_points", w.zero_points.reshape(-1)))
+        y = self.node("MatMulNBits", inputs, [f"{name}.nbits"], name=name, domain=MS,
+                      K=k, N=w.out_features, bits=w.bits, block_size=w.block_size,
+                      accuracy_level=self.accuracy_level)[0]
+        if w.offsets is None:
+            return y
+        # exact per-block offsets: sum_b m[o, b] * (sum of x over block b)
+        sums = self.blocksum(x, k, w.block_size)
+        offset = self.node("MatMul", [sums, self.init(f"{name}.offsets", w.offsets.T.copy())],
+                           [f"{name}.offset_out"], name=f"{name}.offsets")[0]
+        return self.node("Add", [y, offset], [f"{name}.out"], name=f"{name}.add_offsets")[0]
+
+    def blocksum(self, x: str, k: int, block: int) -> str:
+        key = (x, block)
+        if key not in self._blocksums:
+            shape = self.init(f"{x}.block_shape", np.array([0, 0, k // block, block], np.int64))
+            blocks = self.node("Reshape", [x, shape], [f"{x}.blocks"], name=f"{x}.to_blocks")[0]
+            axes = self.init(f"{x}.block_axes", np.array([-1], np.int64))
+            self._blocksums[key] = self.node("ReduceSum", [blocks, axes], [f"{x}.blocksums"],
+                                             name=f"{x}.blocksum", keepdims=0)[0]
+        return self._blocksums[key]
+
+
+def rotary_caches(shape: DecoderShape) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables (context, head_dim/2) as transformers' Llama computes them."""
+    inv_freq = 1.0 / (shape.rope_theta ** (np.arange(0, shape.head_dim, 2, dtype=np.int64)
+                                           .astype(np.float32) / shape.head_dim))
+    angles = np.outer(np.arange(shape.context, dtype=np.float32), inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def build(shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int = 0,
+          opset: int = 21) -> onnx.ModelProto:
+    """The decoder graph (see the module docstring for its inputs and outputs)."""
+    g = _Graph()
+    g.accuracy_level = accuracy_level
+    h = shape.hidden
+
+    # embedding lookup
+    emb = weights.embedding
+    if emb.weight is not None:
+        table = g.init("embedding.weight", emb.weight.astype(np.float32))
+        x = g.node("Gather", [table, "input_ids"], ["embedded"], name="embedding")[0]
+    else:
+        if emb.offsets is not None or emb.bits != 8:
+            raise ValueError("a quantized embedding table must be 8-bit blocks without offsets")
+        vocab, blocks = emb.scales.shape
+        inputs = [g.init("embedding.codes", emb.codes), "input_ids",
+                  g.init("embedding.gather_scales", emb.scales.reshape(vocab, blocks, 1))]
+        if emb.zero_points is not None:
+            inputs.append(g.init("embedding.gather_zero_points",
+                                 emb.zero_points.reshape(vocab, blocks, 1)))
+        x = g.node("GatherBlockQuantized", inputs, ["embedded_blocks"], name="embedding",
+                   domain=MS, bits=8, block_size=emb.block_size, gather_axis=0,
+                   quantize_axis=2)[0]
+        x = g.node("Reshape", [x, g.init("embedding.shape", np.array([0, 0, h], np.int64))],
+                   ["embedded"], name="embedding.flatten")[0]
+
+    cos, sin = rotary_caches(shape)
+    g.init("cos_cache", cos)
+    g.init("sin_cache", sin)
+    residual = x
+    normed = g.node("SimplifiedLayerNormalization",
+                    [x, g.init("layers.0.input_norm", weights.input_norms[0])],
+                    ["layers.0.normed"], name="layers.0.input_norm", axis=-1,
+                    epsilon=shape.rms_eps)[0]
+    for i in range(shape.layers):
+        p = f"layers.{i}"
+        qkv = g.linear(normed, weights.qkv[i], f"{p}.qkv", h)
+        attn = g.node("GroupQueryAttention",
+                      [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k",
+                       "total_sequence_length", "cos_cache", "sin_cache"],
+                      [f"{p}.attention", f"present_key.{i}", f"present_value.{i}"],
+                      name=f"{p}.attention", domain=MS, num_heads=shape.heads,
+                      kv_num_heads=shape.kv_heads, do_rotary=1, rotary_interleaved=0,
+                      scale=float(shape.head_dim ** -0.5))[0]
+        o = g.linear(attn, weights.o[i], f"{p}.o", shape.heads * shape.head_dim)
+        normed, _, _, residual = g.node(
+            "SkipSimplifiedLayerNormalization",
+            [o, residual, g.init(f"{p}.post_attention_norm", weights.post_attention_norms[i])],
+            [f"{p}.mlp_in", "", "", f"{p}.attention_residual"],
+            name=f"{p}.post_attention_norm", domain=MS, epsilon=shape.rms_eps)
+        gate_up = g.linear(normed, weights.gate_up[i], f"{p}.gate_up", h)
+        split = g.init(f"{p}.split", np.array([shape.intermediate] * 2, np.int64))
+        gate, up = g.node("Split", [gate_up, split], [f"{p}.gate", f"{p}.up"],
+                          name=f"{p}.split", axis=-1)
+        sig = g.node("Sigmoid", [gate], [f"{p}.sigmoid"], name=f"{p}.sigmoid")[0]
+        silu = g.node("Mul", [gate, sig], [f"{p}.silu"], name=f"{p}.silu")[0]
+        act = g.node("Mul", [silu, up], [f"{p}.act"], name=f"{p}.act")[0]
+        down = g.linear(act, weights.down[i], f"{p}.down", shape.intermediate)
+        last = i == shape.layers - 1
+        gamma = weights.final_norm if last else weights.input_norms[i + 1]
+        norm_name = "final_norm" if last else f"layers.{i + 1}.input_norm"
+        normed, _, _, residual = g.node(
+            "SkipSimplifiedLayerNormalization", [down, residual, g.init(norm_name, gamma)],
+            [f"{norm_name}.out", "", "", f"{p}.residual"], name=norm_name, domain=MS,
+            epsilon=shape.rms_eps)
+
+    # logits for the last `num_logits` positions only
+    start = g.node("Neg", ["num_logits"], ["num_logits_start"], name="num_logits_start")[0]
+    last = g.node("Slice", [normed, start, g.init("slice_end", np.array(
+        [np.iinfo(np.int64).max], np.int64)), g.init("slice_axes", np.array([1], np.int64))],
+        ["last_hidden"], name="select_positions")[0]
+    head = weights.lm_head
+    if head is None and emb.weight is not None:  # tied float: one table, used transposed
+        flat = g.node("Reshape", [last, g.init("head.flat", np.array([-1, h], np.int64))],
+                      ["head.in"], name="head.flatten")[0]
+        logits2d = g.node("Gemm", [flat, "embedding.weight"], ["head.logits"], name="lm_head",
+                          transB=1)[0]
+        g.node("Shape", [last], ["head.shape"], name="head.shape", end=2)
+        g.node("Concat", ["head.shape", g.init("head.vocab", np.array([shape.vocab], np.int64))],
+               ["logits_shape"], name="head.logits_shape", axis=0)
+        g.node("Reshape", [logits2d, "logits_shape"], ["logits"], name="head.unflatten")
+    elif head is None:  # tied quantized: MatMulNBits reads the embedding's code blocks
+        inputs = [last, "embedding.codes",
+                  g.init("lm_head.scales", emb.scales.astype(np.float32).reshape(-1))]
+        if emb.zero_points is not None:
+            inputs.append(g.init("lm_head.zero_points", emb.zero_points.reshape(-1)))
+        g.node("MatMulNBits", inputs, ["logits"], name="lm_head", domain=MS, K=h,
+               N=shape.vocab, bits=emb.bits, block_size=emb.block_size,
+               accuracy_level=accuracy_level)
+    else:
+        out = g.linear(last, head, "lm_head", h)
+        g.node("Identity", [out], ["logits"], name="logits")
+
+    f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+    cache = ["batch", shape.kv_heads, "capacity", shape.head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "positions", shape.vocab])]
+    for i in range(shape.layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", f32, cache))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", f32, cache))
+    inputs += [helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
+               helper.make_tensor_value_info("total_sequence_length", i32, []),
+               helper.make_tensor_value_info("num_logits", i64, [1])]
+    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid(MS, 1)])
+    model.ir_version = 10
+    return model
+
+
+def float_weights(model) -> DecoderWeights:
+    """DecoderWeights in float32 from a transformers Llama-family causal LM."""
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    layers = model.config.num_hidden_layers
+    prefix = "model."
+
+    def lin(name):
+        return Linear(weight=state[f"{prefix}{name}.weight"])
+
+    def layer(i, name):
+        return lin(f"layers.{i}.{name}")
+
+    tied = getattr(model.config, "tie_word_embeddings", False) or "lm_head.weight" not in state
+    return DecoderWeights(
+        embedding=Linear(weight=state[f"{prefix}embed_tokens.weight"]),
+        lm_head=None if tied else Linear(weight=state["lm_head.weight"]),
+        input_norms=[state[f"{prefix}layers.{i}.input_layernorm.weight"] for i in range(layers)],
+        post_attention_norms=[state[f"{prefix}layers.{i}.post_attention_layernorm.weight"]
+                              for i in range(layers)],
+        final_norm=state[f"{prefix}norm.weight"],
+        qkv=[concat([layer(i, f"self_attn.{n}_proj") for n in "qkv"]) for i in range(layers)],
+        o=[layer(i, "self_attn.o_proj") for i in range(layers)],
+        gate_up=[concat([layer(i, f"mlp.{n}_proj") for n in ("gate", "up")])
+                 for i in range(layers)],
+        down=[layer(i, "mlp.down_proj") for i in range(layers)],
+    )

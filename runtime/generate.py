@@ -1,0 +1,194 @@
+"""Text generation with a decoder bundle: KV cache in place, sampling, streaming, perplexity.
+
+The bundle's graph (exporter/decoder_graph.py) takes the new tokens and a KV buffer per layer
+of fixed capacity, and writes the new keys and values into that same buffer. `Decoder` binds
+each layer's `past_*` input and `present_*` output to one preallocated OrtValue (IO binding),
+so a step copies nothing but the new token ids in and one row of logits out, and memory stays
+flat however long the generation runs.
+
+    >>> model = runtime.load("build/smollm2-arm-cpu")
+    >>> model.generate("The capital of France is", max_new_tokens=8)
+    ' Paris. It is the largest city in'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+
+class ContextError(ValueError):
+    """The prompt does not fit the bundle's context (KV cache capacity)."""
+
+
+class Decoder:
+    """One sequence's KV cache and the session that fills it."""
+
+    def __init__(self, session, *, context: int):
+        import onnxruntime as ort
+
+        self.session = session
+        self.context = context
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.layers = sum(1 for name in inputs if name.startswith("past_key."))
+        _, kv_heads, _, head_dim = inputs["past_key.0"].shape
+        shape = (1, int(kv_heads), context, int(head_dim))
+        self.binding = session.io_binding()
+        self._cache = []
+        for i in range(self.layers):
+            for kind in ("key", "value"):
+                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                self.binding.bind_ortvalue_input(f"past_{kind}.{i}", buffer)
+                self.binding.bind_ortvalue_output(f"present_{kind}.{i}", buffer)
+                self._cache.append(buffer)   # keep the buffers alive
+        self.binding.bind_output("logits")   # bound last: the last of get_outputs()
+        self.length = 0   # tokens in the cache
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(int(np.prod(v.shape())) * 4 for v in self._cache)
+
+    def reset(self) -> None:
+        """Forget the sequence (the buffers are reused; stale entries are never read)."""
+        self.length = 0
+
+    def forward(self, ids: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Append `ids` to the sequence; logits (positions, vocab) for the last position, or
+        for every new position with all_logits."""
+        n = len(ids)
+        if n == 0:
+            raise ValueError("forward() needs at least one token.")
+        if self.length + n > self.context:
+            raise ContextError(f"{self.length + n} tokens do not fit the bundle's context of "
+                               f"{self.context} tokens.")
+        b = self.binding
+        b.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        b.bind_cpu_input("seqlens_k", np.array([self.length + n - 1], np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(self.length + n, np.int32))
+        b.bind_cpu_input("num_logits", np.array([n if all_logits else 1], np.int64))
+        b.bind_output("logits")   # rebound each step: its shape depends on num_logits
+        self.session.run_with_iobinding(b)
+        self.length += n
+        return b.get_outputs()[-1].numpy()[0]
+
+
+def sample(logits: np.ndarray, *, temperature: float, top_k: int, top_p: float,
+           rng: np.random.Generator) -> int:
+    """Next token id from one row of logits: greedy when temperature is 0."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    if 0 < top_k < scaled.size:
+        kth = np.partition(scaled, -top_k)[-top_k]
+        scaled[scaled < kth] = -np.inf
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs)
+        keep = np.cumsum(probs[order]) - probs[order] < top_p   # smallest set reaching top_p
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(probs.size, p=probs))
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}.")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}.")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
+
+
+def generate_tokens(decoder: Decoder, prompt: list[int], *, max_new_tokens: int,
+                    eos: set[int], temperature: float, top_k: int, top_p: float,
+                    seed: int | None) -> Iterator[int]:
+    """Token ids after `prompt` until eos, max_new_tokens or a full cache (eos not yielded)."""
+    if not prompt:
+        raise ValueError("The prompt is empty: give at least one token of text.")
+    if len(prompt) >= decoder.context:
+        raise ContextError(f"The prompt is {len(prompt)} tokens; the bundle's context holds "
+                           f"{decoder.context} (prompt + generated). Shorten the prompt.")
+    rng = np.random.default_rng(seed)
+    decoder.reset()
+    logits = decoder.forward(prompt)[-1]
+    for produced in range(max_new_tokens):
+        token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
+        if token in eos:
+            return
+        yield token
+        if produced + 1 == max_new_tokens or decoder.length >= decoder.context:
+            return
+        logits = decoder.forward([token])[-1]
+
+
+def stream_text(tokens: Iterator[int], decode, stop: Sequence[str]) -> Iterator[str]:
+    """Text pieces for a token stream: a piece is emitted only when it decodes to whole
+    characters (byte-level tokens can end inside a UTF-8 sequence), and text that could be the
+    start of a stop string is held back until it is known not to be one."""
+    ids: list[int] = []
+    emitted = 0
+    hold = max((len(s) for s in stop), default=1) - 1
+    text = ""
+    for token in tokens:
+        ids.append(token)
+        text = decode(ids)
+        for s in stop:
+            at = text.find(s, max(emitted - len(s), 0))
+            if at >= 0:
+                if at > emitted:
+                    yield text[emitted:at]
+                return
+        if text.endswith("\ufffd"):
+            continue   # an incomplete multi-byte character: wait for its next byte
+        safe = len(text) - hold if stop else len(text)
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def perplexity(decoder: Decoder, ids: list[int], window: int) -> float:
+    """exp(mean negative log-likelihood) over non-overlapping windows of `window` tokens,
+    each starting from an empty cache (the first token of a window is context only)."""
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}.")
+    window = min(window, decoder.context)
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window]
+        if len(chunk) < 2:
+            break
+        decoder.reset()
+        logits = decoder.forward(chunk, all_logits=True)[:-1].astype(np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+        total += float((log_z - logits[np.arange(len(chunk) - 1), chunk[1:]]).sum())
+        count += len(chunk) - 1
+    if not count:
+        raise ValueError("perplexity() needs a text of at least 2 tokens.")
+    return float(np.exp(total / count))
+
+
+def render_chat(fmt: dict, messages: Sequence[dict]) -> str:
+    """A conversation as the model's chat template writes it (the exporter reduced the
+    template to per-role patterns and checked them against Jinja)."""
+    if isinstance(messages, (str, dict)) or not messages:
+        raise TypeError("chat() takes a non-empty list of {'role': ..., 'content': ...} dicts.")
+    roles = fmt["roles"]
+    text = ""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in roles or \
+                not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must be {{'role': one of {sorted(roles)}, "
+                             f"'content': str}}, got {m!r}.")
+        if i == 0 and m["role"] != "system":
+            text += fmt["default_system"]
+        text += roles[m["role"]].replace("{content}", m["content"])
+    return text + fmt["generation_prompt"]
