@@ -4,8 +4,13 @@ and shared by every test that needs them."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,3 +42,30 @@ def torch_minilm():
     from exporter.load import resolve_model_dir
 
     return AutoModel.from_pretrained(resolve_model_dir("minilm")).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(tmp_path_factory):
+    """A real SmolLM2-135M-Instruct arm-cpu bundle (int4, GGUF blocks carried), exported once."""
+    from exporter import export
+
+    return export("smollm2", target="arm-cpu",
+                  output=tmp_path_factory.mktemp("bundles") / "smollm2-arm-cpu",
+                  log=lambda line: None)
+
+
+@pytest.fixture(scope="session")
+def device_python(tmp_path_factory):
+    """The python of a venv holding what a device has: numpy, onnxruntime and the base
+    package (runtime), nothing else; checked with pip freeze."""
+    venv = tmp_path_factory.mktemp("device") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "numpy", "onnxruntime"], check=True)
+    subprocess.run([*pip, "--no-deps", str(REPO)], check=True)
+    freeze = subprocess.run([py, "-m", "pip", "freeze"], capture_output=True, text=True,
+                            check=True).stdout.lower()
+    for heavy in ("torch", "transformers", "optimum", "tokenizers", "onnx=="):
+        assert heavy not in freeze, freeze
+    return py

