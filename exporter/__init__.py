@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from targets import Target, load_target
+from targets import CHOICES, Target, load_target
 
 from .budget import Budget
 from .data import Utterance, read_texts, smart_home_utterances
@@ -31,16 +33,46 @@ def _texts(source, *, default_split: str, count: int, what: str) -> list[Utteran
     return items
 
 
+def _layers(model_dir: Path) -> int | None:
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("num_hidden_layers")
+
+
+def _override(profile: Target, *, precision: str | None, stages: int | None,
+              layers: int | None) -> Target:
+    """The profile with --precision / --stages applied, and the stage count checked."""
+    if precision is not None:
+        if precision not in CHOICES["precision"]:
+            raise ValueError(f"Unknown precision {precision!r}; expected one of "
+                             f"{', '.join(CHOICES['precision'])}.")
+        profile = dataclasses.replace(profile, precision=precision)
+    if stages is not None:
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+            raise ValueError(f"stages must be an int >= 1 (1 = one graph), got {stages!r}.")
+        profile = dataclasses.replace(
+            profile, runtime=dataclasses.replace(profile.runtime, pipeline_stages=stages))
+    count = profile.runtime.pipeline_stages
+    if layers is not None and count > layers:
+        raise ValueError(f"Cannot split a {layers}-layer model into {count} pipeline stages: "
+                         f"a stage needs at least one layer; use at most {layers} stages.")
+    return profile
+
+
 def export(model: str = "minilm", *, target: str | Path | Target, task: str | None = None,
            output: str | Path | None = None,
            calibration: str | Path | Iterable[str] | None = None,
            evaluation: str | Path | Iterable[str] | None = None,
-           accuracy_budget: str | None = None, log=None) -> Path:
+           accuracy_budget: str | None = None, precision: str | None = None,
+           stages: int | None = None, log=None) -> Path:
     """Export `model` (a checkpoint directory or a packaged name) for `target`.
 
     `calibration`/`evaluation` are .txt/.jsonl paths or lists of texts; by default, disjoint
     sets of smart-home utterances. `accuracy_budget` (e.g. "cosine>=0.97") overrides the
-    profile's. Returns the bundle directory; raises BudgetError when the budget is broken.
+    profile's. `precision` ("int8", "fp16") and `stages` (pipeline stages, one per device)
+    override the profile's. Returns the bundle directory; raises BudgetError when the budget
+    is broken.
 
         >>> export("minilm", target="x86-server", accuracy_budget="cosine>=0.98")
         PosixPath('build/minilm-x86-server')
@@ -49,6 +81,8 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     from .load import infer_task, resolve_model_dir
 
     profile = target if isinstance(target, Target) else load_target(target)
+    profile = _override(profile, precision=precision, stages=stages,
+                        layers=_layers(resolve_model_dir(model)))
     task = task or infer_task(resolve_model_dir(model))
     budget = Budget.parse(accuracy_budget or profile.validation.budget_for(task))
     model_name = Path(model).name if Path(model).is_dir() else model

@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy-budget", metavar="BUDGET",
                         help="e.g. 'cosine>=0.97' or 'cosine>=0.98,min-cosine>=0.9'; "
                              "default: the profile's")
+    parser.add_argument("--precision", choices=("int8", "fp16"),
+                        help="int8 (static int8 QDQ) or fp16 (no int8, the whole graph in "
+                             "float16); default: the profile's")
+    parser.add_argument("--stages", type=int, metavar="N",
+                        help="cut the graph into N pipeline stages, one per device "
+                             "(1 = one graph); default: the profile's")
     parser.add_argument("--list-targets", action="store_true",
                         help="print the built-in targets and exit")
     args = parser.parse_args(argv)
@@ -47,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = export(args.model, target=args.target, task=args.task, output=args.output,
                           calibration=args.calibration, evaluation=args.eval,
-                          accuracy_budget=args.accuracy_budget)
+                          accuracy_budget=args.accuracy_budget, precision=args.precision,
+                          stages=args.stages)
         except BudgetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
