@@ -37,6 +37,13 @@ from onnx import helper, numpy_helper
 BALANCE_SLACK = 1.1         # fewer tensors handed on may cost up to 10% of balance
 PROBE_SHAPES = ((2, 5), (3, 7))   # (batch, sequence) of the two probe runs
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+# Ops whose float output is a clean place to cut. ONNX Runtime fuses a residual Add into the
+# LayerNorm after it (SkipLayerNormalization) and a bias Add into the MatMul before it, so a
+# cut after such an Add changes the rounding; nothing fuses across a normalization's output.
+CLEAN_CUT_OPS = ("LayerNormalization", "SkipLayerNormalization",
+                 "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+                 "RMSNormalization")
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 
 
 @dataclass
@@ -116,6 +123,19 @@ def crossings(model: onnx.ModelProto) -> list[list[str]]:
     return cuts
 
 
+def clean_cuts(model: onnx.ModelProto, handed: list[list[str]]) -> set[int]:
+    """Cuts whose handed-on float tensors all come out of a normalization (CLEAN_CUT_OPS);
+    a tensor of unknown type counts as float."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return {p for p, tensors in enumerate(handed, start=1)
+            if all(producer[t].op_type in CLEAN_CUT_OPS
+                   or types.get(t, onnx.TensorProto.FLOAT) not in FLOAT_TYPES
+                   for t in tensors)}
+
+
 def balanced_cuts(cost: np.ndarray, candidates: list[int], stages: int) -> tuple[list[int], float]:
     """Cut positions (from `candidates`) minimising the sum of squared stage costs, the
     usual balanced-partition objective: unlike the largest stage cost alone, it also
@@ -155,11 +175,14 @@ def split(model: onnx.ModelProto, stages: int) -> list[Stage]:
     else:
         handed = crossings(model)
         # a cut with no tensor handed on would leave a stage with nothing to compute from
-        sizes = sorted({len(c) for c in handed if c})
         usable = [p for p, c in enumerate(handed, start=1) if c]
         if len(usable) < stages - 1:
             raise ValueError(f"Cannot split the graph into {stages} stages: it has "
                              f"{len(usable) + 1} nodes in sequence; use fewer stages.")
+        clean = clean_cuts(model, handed)
+        if len([p for p in clean if handed[p - 1]]) >= stages - 1:
+            handed = [c if p in clean else [] for p, c in enumerate(handed, start=1)]
+        sizes = sorted({len(c) for c in handed if c})
         results = []   # (cuts, sum of squared stage costs) per allowed crossing size
         for size in sizes:
             candidates = [p for p, c in enumerate(handed, start=1) if c and len(c) <= size]
@@ -243,13 +266,20 @@ def annotate_io(model: onnx.ModelProto, stages: list[Stage]) -> None:
             else:
                 shape.append(f"{name}_dim{i}")
         info[name] = {"dtype": x.dtype.name, "shape": shape}
+    declared = {v.name: v for v in (*model.graph.input, *model.graph.output)}
     for stage in stages:
         stage.io = {n: info[n] for n in (*stage.inputs, *stage.outputs)}
         graph = stage.model.graph
         for target, group in ((graph.input, stage.inputs), (graph.output, stage.outputs)):
             for name in group:
+                # dtype and rank only (graph inputs and outputs as the whole graph declares
+                # them): a static dim the whole graph's own inference lacks lets ONNX
+                # Runtime fuse differently inside the stage (residual Add + LayerNorm into
+                # SkipLayerNormalization, measured), and the stage would round differently.
                 dtype = helper.np_dtype_to_tensor_dtype(np.dtype(info[name]["dtype"]))
-                target.append(helper.make_tensor_value_info(name, dtype, info[name]["shape"]))
+                rank = [None] * len(info[name]["shape"])
+                target.append(declared.get(name) or helper.make_tensor_value_info(name, dtype,
+                                                                                  rank))
         onnx.checker.check_model(stage.model)
 
 

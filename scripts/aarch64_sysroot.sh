@@ -26,6 +26,15 @@ apt-get "${APT[@]}" update -qq
 (cd "$WORK/debs" && apt-get "${APT[@]}" download $PACKAGES)
 for deb in "$WORK"/debs/*.deb; do dpkg-deb -x "$deb" "$DEST"; done
 
+# qemu-user 7.x passes the host's /proc/cpuinfo through, and onnxruntime's cpuinfo library
+# crashes parsing x86 text as ARM. qemu looks up absolute paths under -L first, so an ARM
+# cpuinfo in the root (a Cortex-A76 with the dot-product extension) is what the guest sees.
+mkdir -p "$DEST/proc"
+printf '%s\n' "processor	: 0" "BogoMIPS	: 50.00" \
+    "Features	: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp" \
+    "CPU implementer	: 0x41" "CPU architecture: 8" "CPU variant	: 0x4" "CPU part	: 0xd0b" \
+    "CPU revision	: 1" "" > "$DEST/proc/cpuinfo"
+
 SITE="$DEST/usr/lib/python3.11/site-packages"
 mkdir -p "$SITE"
 pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
