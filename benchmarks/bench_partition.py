@@ -14,9 +14,9 @@ What it measures: texts per second and ms per batch for a stream of `--batches` 
 through `runtime.load(...)`'s session with the batches pipelined across the stages (one thread
 per stage). All variants get the same CPU budget: the single graph `--threads` intra-op
 threads, each of k stages max(1, threads // k). On a CPU-only machine the stages compete for
-the same cores, so this is the overhead of staging (extra sessions, hand-offs between
-threads, the split of each batch's work into k sequential pieces), not a speed-up; with one GPU
-per stage the same pipeline overlaps stages on separate devices.
+the same cores, so this measures what staging itself costs or gains on a CPU (extra
+sessions, hand-offs between threads, against pipeline parallelism replacing intra-op
+parallelism); with one GPU per stage the same pipeline overlaps stages on separate devices.
 
 Each variant is warmed up and timed in its own block, `--rounds` times, keeping its best
 round; the spread says how repeatable the figures are on a shared machine. Prints a table and
