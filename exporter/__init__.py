@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from targets import Target, load_target
+from targets import CHOICES, Target, load_target
 
 from .budget import Budget
 from .data import Utterance, read_texts, smart_home_utterances
@@ -31,19 +33,48 @@ def _texts(source, *, default_split: str, count: int, what: str) -> list[Utteran
     return items
 
 
+def _layers(model_dir: Path) -> int | None:
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("num_hidden_layers")
+
+
+def _override(profile: Target, *, precision: str | None, stages: int | None,
+              layers: int | None) -> Target:
+    """The profile with --precision / --stages applied, and the stage count checked."""
+    if precision is not None:
+        if precision not in CHOICES["precision"]:
+            raise ValueError(f"Unknown precision {precision!r}; expected one of "
+                             f"{', '.join(CHOICES['precision'])}.")
+        profile = dataclasses.replace(profile, precision=precision)
+    if stages is not None:
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+            raise ValueError(f"stages must be an int >= 1 (1 = one graph), got {stages!r}.")
+        profile = dataclasses.replace(
+            profile, runtime=dataclasses.replace(profile.runtime, pipeline_stages=stages))
+    count = profile.runtime.pipeline_stages
+    if layers is not None and count > layers:
+        raise ValueError(f"Cannot split a {layers}-layer model into {count} pipeline stages: "
+                         f"a stage needs at least one layer; use at most {layers} stages.")
+    return profile
+
+
 def export(model: str = "minilm", *, target: str | Path | Target, task: str | None = None,
            output: str | Path | None = None,
            calibration: str | Path | Iterable[str] | None = None,
            evaluation: str | Path | Iterable[str] | None = None,
            accuracy_budget: str | None = None, precision: str | None = None,
-           log=None) -> Path:
-    """Export `model` (a checkpoint directory or a packaged name) for `target`.
+           stages: int | None = None, log=None) -> Path:
+    """Export `model` (a checkpoint directory, a .gguf file or a packaged name) for `target`.
 
     `calibration`/`evaluation` are .txt/.jsonl paths or lists of texts; by default, disjoint
     sets of smart-home utterances (decoders: held-out English prose). `accuracy_budget`
-    (e.g. "cosine>=0.97", "perplexity-increase<=3") overrides the profile's; `precision`
-    ("int4", "int8", "float") overrides a decoder's weight format. Returns the bundle
-    directory; raises BudgetError when the budget is broken.
+    (e.g. "cosine>=0.97", "perplexity-increase<=3") overrides the profile's. `precision`
+    overrides the profile's number format: "int8" or "fp16" for encoders, "int4", "int8" or
+    "float" weights for decoders; `stages` (pipeline stages, one per device; encoders)
+    overrides the profile's. Returns the bundle directory; raises BudgetError when the
+    budget is broken.
 
         >>> export("minilm", target="x86-server", accuracy_budget="cosine>=0.98")
         PosixPath('build/minilm-x86-server')
@@ -53,17 +84,27 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     from .load import infer_task, resolve_model_dir
 
     profile = target if isinstance(target, Target) else load_target(target)
-    task = task or infer_task(model if model in PACKAGED_GGUF or str(model).endswith(".gguf")
-                              else resolve_model_dir(model))
+    generative = model in PACKAGED_GGUF or str(model).endswith(".gguf")
+    task = task or infer_task(model if generative else resolve_model_dir(model))
     if task == "text-generation":
-        default_budget = profile.generation.budget
-        if precision not in (None, "int4", "int8", "float"):
+        if precision not in (None, *CHOICES["generation.weights"]):
             raise ValueError(f"Precision {precision!r} is not available for decoders: "
-                             f"int4, int8 or float.")
+                             f"{', '.join(CHOICES['generation.weights'])}.")
+        if profile.graph_rules == "tensorrt":
+            raise ValueError(f"Target {profile.name!r} needs TensorRT-ready graphs; decoders "
+                             f"are built on ONNX Runtime's GroupQueryAttention and "
+                             f"MatMulNBits, which TensorRT cannot take. Not supported yet: "
+                             f"use arm-cpu or x86-server for text-generation.")
+        if stages not in (None, 1):
+            raise ValueError("Pipeline stages are not available for decoders yet; "
+                             "leave out --stages.")
+        profile = dataclasses.replace(profile, runtime=dataclasses.replace(
+            profile.runtime, pipeline_stages=1))
+        default_budget = profile.generation.budget
     else:
+        profile = _override(profile, precision=precision, stages=stages,
+                            layers=_layers(resolve_model_dir(model)))
         default_budget = profile.validation.budget_for(task)
-        if precision is not None:
-            raise ValueError("--precision applies to text-generation models only.")
     budget = Budget.parse(accuracy_budget or default_budget)
     model_name = (Path(model).name if Path(model).is_dir() else
                   Path(model).stem if str(model).endswith(".gguf") else model)
@@ -75,7 +116,7 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     job = pipeline.new_job(model, target=profile, task=task, output=output,
                            calibration=calibration_set, evaluation=evaluation_set,
                            budget=budget, log=log)
-    job.precision = precision
+    job.precision = precision if task == "text-generation" else None
     if isinstance(evaluation, (str, Path)):
         job.records["eval_source"] = str(evaluation)
     overlap = {u.text for u in calibration_set} & {u.text for u in evaluation_set}

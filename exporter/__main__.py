@@ -26,8 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=("feature-extraction", "text-classification",
                                            "text-generation"),
                         help="default: read from the model")
-    parser.add_argument("--precision", choices=("int4", "int8", "float"),
-                        help="decoders: weight format (default: the profile's)")
     parser.add_argument("--calibration", metavar="FILE",
                         help=".txt (one text per line) or .jsonl with a \"text\" field; "
                              "default: smart-home utterances")
@@ -36,6 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accuracy-budget", metavar="BUDGET",
                         help="e.g. 'cosine>=0.97' or 'cosine>=0.98,min-cosine>=0.9'; "
                              "default: the profile's")
+    parser.add_argument("--precision", choices=("int8", "fp16", "int4", "float"),
+                        help="encoders: int8 (static int8 QDQ) or fp16 (no int8, the whole "
+                             "graph in float16); decoders: int4, int8 or float weights; "
+                             "default: the profile's")
+    parser.add_argument("--stages", type=int, metavar="N",
+                        help="cut the graph into N pipeline stages, one per device "
+                             "(1 = one graph); default: the profile's")
     parser.add_argument("--list-targets", action="store_true",
                         help="print the built-in targets and exit")
     args = parser.parse_args(argv)
@@ -52,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = export(args.model, target=args.target, task=args.task, output=args.output,
                           calibration=args.calibration, evaluation=args.eval,
-                          accuracy_budget=args.accuracy_budget, precision=args.precision)
+                          accuracy_budget=args.accuracy_budget, precision=args.precision,
+                          stages=args.stages)
         except BudgetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3

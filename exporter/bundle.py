@@ -46,11 +46,16 @@ def bundle(job) -> None:
     """Stage: write the bundle to job.output (replacing an older one only on success)."""
     staging = job.workdir / "bundle"
     staging.mkdir()
-    shutil.move(job.quantized_onnx, staging / "model.onnx")
+    if job.stages:   # stage0.onnx ... stageN.onnx instead of model.onnx
+        for stage in job.stages:
+            shutil.move(job.workdir / "stages" / stage["file"], staging / stage["file"])
+        model = onnx.load(job.quantized_onnx, load_external_data=False)
+    else:
+        shutil.move(job.quantized_onnx, staging / "model.onnx")
+        model = onnx.load(staging / "model.onnx", load_external_data=False)
     shutil.copyfile(job.workdir / "tokenizer.json", staging / "tokenizer.json")
     write_report_files(report_data(job), staging)
 
-    model = onnx.load(staging / "model.onnx", load_external_data=False)
     graph = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     files = sorted(p for p in staging.rglob("*") if p.is_file())
@@ -61,7 +66,7 @@ def bundle(job) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "target": job.target.to_dict(),
         "model": job.records["model"],
-        "model_file": "model.onnx",
+        **({} if job.stages else {"model_file": "model.onnx"}),
         "inputs": describe_io(graph.input),
         "outputs": describe_io(graph.output),
         "max_length": job.max_length,
@@ -73,7 +78,7 @@ def bundle(job) -> None:
         "compression": [],
         "quantization": {k: v for k, v in job.records["quantization"].items()
                          if k != "activation_ranges"},
-        "stages": [],
+        "stages": job.stages,
         "float_check": job.records["float_check"],
         "validation": job.records["validation"],
         "tools": tool_versions(),

@@ -24,10 +24,13 @@ from .budget import Budget
 from .bundle import bundle
 from .data import Utterance
 from .decoder import build_float, check_decoder, load_decoder, quantize_decoder, validate_decoder
+from .float16 import to_float16
 from .load import load
 from .optimize import optimize
+from .partition import partition
 from .quantize import quantize
 from .smooth import smooth
+from .tensorrt import check_rules
 from .to_onnx import check_float, export_onnx
 from .validate import validate
 
@@ -60,11 +63,12 @@ class Job:
     generation: dict = field(default_factory=dict)  # decoders: eos ids, context, chat format
     decoder_shape: Any = None
     float_weights: Any = None
+    stages: list = field(default_factory=list)    # pipeline stages (manifest "stages")
     records: dict = field(default_factory=dict)   # per-stage facts for manifest and report
     timings: dict = field(default_factory=dict)   # seconds per stage
 
 
-# The pipeline. Compression and partitioning join this list when they exist.
+# The pipeline. Compression joins this list when it exists.
 STAGES = (
     load,          # model directory or packaged name -> PyTorch model + tokenizer.json
     export_onnx,   # PyTorch -> float ONNX at the target's opset (optimum-onnx)
@@ -72,6 +76,9 @@ STAGES = (
     optimize,      # offline graph optimization the target can use
     smooth,        # SmoothQuant: activation outliers moved into per-channel weight scales
     quantize,      # static int8 QDQ calibrated on real text
+    to_float16,    # what stays in float -> float16, for GPU targets
+    check_rules,   # the graph rules of the target's runtime (TensorRT: explicit quantization)
+    partition,     # contiguous pipeline stages, one per device, checked equal to one graph
     validate,      # bundle vs PyTorch float: accuracy, latency, size, memory; budget check
     bundle,        # manifest + sha256 + report, atomically renamed into place
 )

@@ -198,6 +198,10 @@ def quantize(job) -> None:
     """Stage: job.quantized_onnx, static int8 QDQ per the target's [quantization] table."""
     settings = job.target.quantization
     source = job.smoothed_onnx or job.optimized_onnx
+    if job.target.precision != "int8":   # the fp16-only variant: no int8 anywhere
+        job.quantized_onnx = source
+        job.records["quantization"] = {"mode": "none", "precision": job.target.precision}
+        return
     model = onnx.load(source)
     matmuls = weight_matmuls(model)
     activations = sorted({n.input[0] for n in matmuls})

@@ -47,7 +47,9 @@ def render_markdown(data: dict) -> str:
             f"| peak RSS (MB) | {rss['float_onnx']} | {rss['bundle']} | |", "",
             f"Peak RSS: {rss['what']}. The exporter itself peaked at {rss['exporter']} MB.",
             ""]
-    if q:
+    if q.get("mode") == "none":
+        lines += ["## Quantization", "", f"- none: {q['precision']} throughout", ""]
+    elif q:
         cal = q["calibration"]
         lines += ["## Quantization", "",
                   f"- {q['mode']}: weights {q['weights']}, activations {q['activations']}",

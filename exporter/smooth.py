@@ -86,7 +86,7 @@ def smooth_graph(model: onnx.ModelProto, peaks: dict[str, np.ndarray],
 def smooth(job) -> None:
     """Stage: job.smoothed_onnx from job.optimized_onnx, when the profile asks for it."""
     alpha = job.target.quantization.smoothing_alpha
-    if alpha == 0:
+    if alpha == 0 or job.target.precision != "int8":
         job.records["smoothing"] = {"applied": False}
         return
     model = onnx.load(job.optimized_onnx)

@@ -20,16 +20,20 @@ __version__ = "0.1.0"
 
 
 def load(path: str | Path, *, threads: int | None = None, spinning: bool = True,
-         providers: list[str] | None = None, verify: bool = True) -> Model:
+         providers: list[str] | None = None, verify: bool = True,
+         pipeline: str = "threads") -> Model:
     """Verify the bundle at `path` and load it for inference.
 
     `threads` overrides the profile's intra-op thread count; `spinning=False` keeps ONNX
     Runtime's idle worker threads from busy-waiting (use it when the device runs other work);
     `providers` overrides the execution providers the target lists; `verify=False` skips the
-    sha256 check of every file (it reads the whole bundle once).
+    sha256 check of every file (it reads the whole bundle once). A bundle cut into pipeline
+    stages runs them in threads in this process (`pipeline="threads"`), or as Ray actors, one
+    per stage, across the nodes of a Ray cluster (`pipeline="ray"`, needs the `ray` extra).
 
         >>> runtime.load("build/minilm-arm-cpu", spinning=False)
         <runtime.Model 'minilm-arm-cpu' task='feature-extraction'>
     """
     bundle = Bundle.open(path, verify=verify)
-    return Model(bundle, threads=threads, spinning=spinning, providers=providers)
+    return Model(bundle, threads=threads, spinning=spinning, providers=providers,
+                 pipeline=pipeline)

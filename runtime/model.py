@@ -23,6 +23,7 @@ from .generate import (
     render_chat,
     stream_text,
 )
+from .stages import StagedSession, run_batches
 from .tokenizer import Tokenizer
 
 
@@ -43,7 +44,8 @@ def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = 
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     available = set(ort.get_available_providers())
-    chosen = [p for p in providers if p in available] or ["CPUExecutionProvider"]
+    chosen = [p for p in providers  # a name, or (name, options) as onnxruntime takes it
+              if (p[0] if isinstance(p, tuple) else p) in available] or ["CPUExecutionProvider"]
     model = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(model, options, providers=chosen)
 
@@ -103,7 +105,9 @@ class Model:
     """A loaded bundle. Build one with `runtime.load(path)`."""
 
     def __init__(self, bundle: Bundle, *, threads: int | None = None, spinning: bool = True,
-                 providers: Sequence[str] | None = None):
+                 providers: Sequence[str] | None = None, pipeline: str = "threads"):
+        if pipeline not in ("threads", "ray"):
+            raise ValueError(f"pipeline must be 'threads' or 'ray', got {pipeline!r}.")
         manifest = bundle.manifest
         self.bundle = bundle
         self.manifest = manifest
@@ -112,11 +116,23 @@ class Model:
         self.max_length: int = manifest.get("max_length", settings.get("max_sequence_length"))
         self.batch_size: int = settings.get("batch_size", 32)
         self.tokenizer = Tokenizer.from_file(bundle.file("tokenizer.json"))
-        self.session = ort_session(
-            bundle.file(manifest.get("model_file", "model.onnx")),
-            threads=settings.get("threads", 0) if threads is None else threads,
-            spinning=spinning,
-            providers=providers or settings.get("execution_providers", ["CPUExecutionProvider"]))
+        threads = settings.get("threads", 0) if threads is None else threads
+        providers = providers or settings.get("execution_providers", ["CPUExecutionProvider"])
+        if manifest.get("stages"):   # pipeline stages, each on its own device
+            outputs = [o["name"] for o in manifest.get("outputs", [])]
+            if pipeline == "ray":
+                from .ray_stages import RayStagedSession
+
+                self.session = RayStagedSession(bundle.path, manifest["stages"],
+                                                outputs=outputs, inputs=manifest["inputs"],
+                                                threads=threads, providers=providers)
+            else:
+                self.session = StagedSession(bundle.path, manifest["stages"], outputs=outputs,
+                                             inputs=manifest["inputs"], threads=threads,
+                                             spinning=spinning, providers=providers)
+        else:
+            self.session = ort_session(bundle.file(manifest.get("model_file", "model.onnx")),
+                                       threads=threads, spinning=spinning, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._generator: Decoder | None = None
 
@@ -252,10 +268,13 @@ class Model:
             if not isinstance(text, str):
                 raise TypeError(f"texts must be str; item {i} is {type(text).__name__}.")
         rows: np.ndarray | None = None
-        for index, feeds in batches(self.tokenizer, texts, max_length=self.max_length,
-                                    batch_size=batch_size or self.batch_size,
-                                    input_names=self.input_names):
-            out = reduce(self.session.run(None, feeds)[0], feeds["attention_mask"])
+        work = list(batches(self.tokenizer, texts, max_length=self.max_length,
+                            batch_size=batch_size or self.batch_size,
+                            input_names=self.input_names))
+        # staged bundles pipeline the batches through their stages
+        results = run_batches(self.session, (feeds for _, feeds in work))
+        for (index, feeds), result in zip(work, results, strict=True):
+            out = reduce(result[0], feeds["attention_mask"])
             if rows is None:
                 rows = np.zeros((len(texts), out.shape[-1]), dtype=np.float32)
             rows[index] = out

@@ -45,6 +45,7 @@ class RuntimeSettings:
     threads: int                          # ONNX Runtime intra-op threads (0: let ORT decide)
     max_sequence_length: int              # tokens per text, special tokens included
     batch_size: int                       # texts per inference call in embed()
+    pipeline_stages: int = 1              # contiguous graph stages, one per device (1: whole)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,10 @@ class Target:
     quantization: QuantizationSettings
     runtime: RuntimeSettings
     validation: ValidationSettings
+    precision: str = "int8"     # "int8": static int8 QDQ; "fp16": no int8, the whole graph fp16
+    float_type: str = "float32"  # dtype of what stays in float: "float32" | "float16"
+    graph_rules: str = "onnxruntime"  # rules checked before bundling: "onnxruntime" | "tensorrt"
+    extends: str = ""           # the profile this one starts from ("" for none)
     generation: GenerationSettings = DEFAULT_GENERATION   # decoders only
     source: str = ""            # the file the profile was read from
 
@@ -102,6 +107,9 @@ class Target:
 # Allowed values of the string-valued settings: (section.key) -> choices.
 CHOICES: dict[str, tuple[str, ...]] = {
     "graph_optimization": ("none", "basic", "transformer"),
+    "precision": ("int8", "fp16"),
+    "float_type": ("float32", "float16"),
+    "graph_rules": ("onnxruntime", "tensorrt"),
     "quantization.weights": ("int8",),
     "quantization.activations": ("uint8", "int8"),
     "quantization.calibration": ("minmax", "percentile"),
@@ -118,26 +126,76 @@ def available_targets() -> list[str]:
 def load_target(name_or_path: str | Path) -> Target:
     """The profile for a built-in target name or a path to a user's `.toml` file.
 
+    A profile may start from another with `extends = "arm-cpu"` (a built-in name, or a
+    `.toml` path relative to the profile's own directory) and set only what differs: its
+    tables are merged key by key over the parent's.
+
         >>> load_target("x86-server").runtime.execution_providers
-        ('CPUExecutionProvider',)
+        ('CUDAExecutionProvider', 'CPUExecutionProvider')
     """
+    path = _resolve(name_or_path)
+    raw = _read_merged(path, chain=())
+    raw.setdefault("name", path.stem)
+    target = _build(Target, raw, path, prefix="")
+    if target.runtime.pipeline_stages < 1:
+        raise ValueError(f"{path}: 'runtime.pipeline_stages' is "
+                         f"{target.runtime.pipeline_stages}; expected 1 or more.")
+    return dataclasses.replace(target, source=str(path))
+
+
+def _resolve(name_or_path: str | Path, *, relative_to: Path | None = None) -> Path:
     text = str(name_or_path)
     if text.endswith(".toml") or "/" in text or "\\" in text:
         path = Path(text)
+        if relative_to is not None and not path.is_absolute():
+            path = relative_to / path
         if not path.is_file():
-            raise FileNotFoundError(f"Target profile {text!r} does not exist.")
-    else:
-        path = PROFILE_DIR / f"{text}.toml"
-        if not path.is_file():
-            raise ValueError(f"Unknown target {text!r}. Available: "
-                             f"{', '.join(available_targets())} (or a path to a .toml profile).")
+            raise FileNotFoundError(f"Target profile {str(path)!r} does not exist.")
+        return path
+    path = PROFILE_DIR / f"{text}.toml"
+    if not path.is_file():
+        raise ValueError(f"Unknown target {text!r}. Available: "
+                         f"{', '.join(available_targets())} (or a path to a .toml profile).")
+    return path
+
+
+def _read(path: Path) -> dict:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"Target profile {str(path)!r} is not valid TOML: {e}") from e
-    raw.setdefault("name", path.stem)
-    target = _build(Target, raw, path, prefix="")
-    return dataclasses.replace(target, source=str(path))
+
+
+def _read_merged(path: Path, *, chain: tuple[Path, ...]) -> dict:
+    """The profile's table with its `extends` chain merged underneath (child keys win)."""
+    if path.resolve() in chain:
+        names = " -> ".join(p.stem for p in (*chain, path.resolve()))
+        raise ValueError(f"{path}: 'extends' forms a cycle ({names}); a profile cannot "
+                         f"extend itself, directly or through others.")
+    raw = _read(path)
+    parent = raw.get("extends")
+    if parent is None:
+        return raw
+    if not isinstance(parent, str) or not parent:
+        raise ValueError(f"{path}: 'extends' must be a target name or .toml path, "
+                         f"got {parent!r}.")
+    try:
+        parent_path = _resolve(parent, relative_to=path.parent)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{path}: 'extends' names a profile that cannot be found: {e}") from e
+    base = _read_merged(parent_path, chain=(*chain, path.resolve()))
+    base.pop("name", None)   # a board profile is named after its own file
+    return _merge(base, raw)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _build(cls, raw: dict, path: Path, prefix: str):

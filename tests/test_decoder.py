@@ -234,13 +234,17 @@ def test_generation_on_a_device_venv_without_torch(smollm2_bundle, device_python
     assert "Paris" in out.stdout
 
 
-def test_precision_applies_to_decoders_only(tmp_path):
+def test_precision_and_stages_per_model_kind(tmp_path):
     from exporter import export
 
-    with pytest.raises(ValueError, match="--precision applies to text-generation"):
+    with pytest.raises(ValueError, match="Unknown precision 'int4'"):
         export("minilm", target="arm-cpu", precision="int4", output=tmp_path / "x")
     with pytest.raises(ValueError, match="not available for decoders"):
         export("smollm2", target="arm-cpu", precision="int3", output=tmp_path / "y")
+    with pytest.raises(ValueError, match="not available for decoders yet"):
+        export("smollm2", target="arm-cpu", stages=2, output=tmp_path / "z")
+    with pytest.raises(ValueError, match="TensorRT cannot take"):
+        export("smollm2", target="jetson", output=tmp_path / "w")
 
 
 def test_unsupported_decoder_family_is_refused(tmp_path):

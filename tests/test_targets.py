@@ -66,3 +66,38 @@ def test_bad_profile_names_file_key_and_expectation(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message) as info:
         load_target(path)
     assert str(path) in str(info.value)
+
+
+def test_board_profile_extends_arm_cpu():
+    board, base = load_target("rpi5"), load_target("arm-cpu")
+    assert board.extends == "arm-cpu" and board.name == "rpi5"
+    assert board.runtime.threads == 4 and board.runtime.batch_size == 8
+    assert board.quantization == base.quantization and board.opset == base.opset
+    assert board.runtime.max_sequence_length == base.runtime.max_sequence_length
+
+
+def test_extends_relative_path_and_override(tmp_path):
+    (tmp_path / "base.toml").write_text((PROFILE_DIR / "jetson.toml").read_text())
+    (tmp_path / "orin-nano.toml").write_text(
+        'extends = "base.toml"\ndescription = "Orin Nano"\n[runtime]\n# 8 GB board\n'
+        'batch_size = 8\n')
+    target = load_target(tmp_path / "orin-nano.toml")
+    assert target.graph_rules == "tensorrt" and target.runtime.batch_size == 8
+    assert target.description == "Orin Nano" and target.name == "orin-nano"
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a.toml": 'extends = "jetsn"\n'}, r"a.toml: 'extends' names a profile that cannot be "
+                                        r"found: Unknown target 'jetsn'"),
+    ({"a.toml": 'extends = "b.toml"\n', "b.toml": 'extends = "a.toml"\n'},
+     r"'extends' forms a cycle \(a -> b -> a\)"),
+    ({"a.toml": 'extends = "a.toml"\n'}, r"'extends' forms a cycle \(a -> a\)"),
+    ({"a.toml": "extends = 3\n"}, r"'extends' must be a target name or .toml path, got 3"),
+    ({"a.toml": 'extends = "arm-cpu"\n[runtime]\npipeline_stages = 0\n'},
+     r"'runtime.pipeline_stages' is 0; expected 1 or more"),
+])
+def test_bad_extends_is_a_clear_error(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_target(tmp_path / "a.toml")

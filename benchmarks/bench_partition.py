@@ -1,0 +1,142 @@
+"""Throughput of a bundle cut into 1, 2 and 4 CPU pipeline stages against the single graph,
+under a stream of batches.
+
+    python benchmarks/bench_partition.py [--bundle build/minilm-arm-cpu] [--threads 2]
+                                         [--batches 48] [--batch-size 8] [--rounds 3]
+
+Without --bundle it exports all-MiniLM-L6-v2 for arm-cpu (small calibration and evaluation
+sets, a minute or two) into a temporary directory. The staged bundles are cut from the same
+graph (`exporter.partition.restage`), so every variant computes the same numbers (checked:
+the outputs must be bit-identical to the single graph's, or the benchmark stops).
+
+What it measures: texts per second and ms per batch for a stream of `--batches` batches of
+`--batch-size` held-out smart-home utterances (each batch padded to its longest text), run
+through `runtime.load(...)`'s session with the batches pipelined across the stages (one thread
+per stage). All variants get the same CPU budget: the single graph `--threads` intra-op
+threads, each of k stages max(1, threads // k). On a CPU-only machine the stages compete for
+the same cores, so this measures what staging itself costs or gains on a CPU (extra
+sessions, hand-offs between threads, against pipeline parallelism replacing intra-op
+parallelism); with one GPU per stage the same pipeline overlaps stages on separate devices.
+
+Each variant is warmed up and timed in its own block, `--rounds` times, keeping its best
+round; the spread says how repeatable the figures are on a shared machine. Prints a table and
+writes benchmarks/results/bench_partition.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+STAGE_COUNTS = (1, 2, 4)
+
+
+def export_bundle(directory: Path) -> Path:
+    from exporter import export
+    from exporter.data import smart_home_utterances
+
+    calibration = [u.text for u in smart_home_utterances(100, split="calibration", seed=7)]
+    evaluation = [u.text for u in smart_home_utterances(60, split="eval", seed=7)]
+    return export("minilm", target="arm-cpu", output=directory / "minilm-arm-cpu",
+                  calibration=calibration, evaluation=evaluation, log=lambda line: None)
+
+
+def stream(model, texts: list[str], batch_size: int) -> list[dict]:
+    from runtime.model import batches
+
+    return [feeds for _, feeds in batches(model.tokenizer, texts, max_length=model.max_length,
+                                          batch_size=batch_size, input_names=model.input_names)]
+
+
+def time_stream(model, feeds: list[dict]) -> tuple[float, list]:
+    from runtime.stages import run_batches
+
+    started = time.perf_counter()
+    outputs = [out[0] for out in run_batches(model.session, feeds)]
+    return time.perf_counter() - started, outputs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, help="a single-graph bundle (default: export)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads in all (default 2)")
+    parser.add_argument("--batches", type=int, default=48, help="batches in the stream")
+    parser.add_argument("--batch-size", type=int, default=8, help="texts per batch")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
+    args = parser.parse_args(argv)
+
+    import runtime
+    from exporter.data import smart_home_utterances
+    from exporter.partition import restage
+
+    work = Path(tempfile.mkdtemp(prefix="bench_partition."))
+    bundle = args.bundle or export_bundle(work)
+    texts = [u.text for u in smart_home_utterances(args.batches * args.batch_size,
+                                                   split="eval", seed=11)]
+    paths = {1: bundle}
+    for k in STAGE_COUNTS[1:]:
+        paths[k] = restage(bundle, k, work / f"stages-{k}")
+    models = {k: runtime.load(p, threads=max(1, args.threads // k)) for k, p in paths.items()}
+    feeds = stream(models[1], texts, args.batch_size)
+
+    reference = None
+    rounds: dict[int, list[float]] = {k: [] for k in STAGE_COUNTS}
+    for _ in range(args.rounds):
+        for k, model in models.items():
+            time_stream(model, feeds[:4])   # warm-up
+            seconds, outputs = time_stream(model, feeds)
+            if reference is None:
+                reference = outputs
+            elif not all(np.array_equal(a, b) for a, b in zip(reference, outputs, strict=True)):
+                raise SystemExit(f"{k} stages gave different outputs from the single graph.")
+            rounds[k].append(seconds)
+            time.sleep(0.2)   # let spinning worker threads park
+
+    n_texts = sum(len(f["input_ids"]) for f in feeds)
+    rows = []
+    for k in STAGE_COUNTS:
+        best = min(rounds[k])
+        rows.append({"stages": k, "threads_per_stage": max(1, args.threads // k),
+                     "texts_per_s": round(n_texts / best, 1),
+                     "ms_per_batch": round(1e3 * best / len(feeds), 2),
+                     "rounds_s": [round(s, 3) for s in rounds[k]]})
+    single = rows[0]["texts_per_s"]
+    for row in rows:
+        row["vs_single_graph"] = round(row["texts_per_s"] / single, 3)
+
+    print(f"\n{len(feeds)} batches x {args.batch_size} texts, {args.threads} CPU threads in all, "
+          f"best of {args.rounds} rounds ({os.cpu_count()} CPUs visible)\n")
+    print("| stages | threads/stage | texts/s | ms/batch | vs single graph | rounds (s) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['stages']} | {r['threads_per_stage']} | {r['texts_per_s']} | "
+              f"{r['ms_per_batch']} | {r['vs_single_graph']:.2f}x | "
+              f"{', '.join(map(str, r['rounds_s']))} |")
+    print("\nOutputs of every staged variant are bit-identical to the single graph's.")
+
+    out = ROOT / "benchmarks" / "results" / "bench_partition.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "rows": rows, "batches": len(feeds), "batch_size": args.batch_size,
+        "threads": args.threads, "rounds": args.rounds, "bundle": str(bundle),
+        "cpu": platform.processor() or platform.machine(), "cpus_visible": os.cpu_count(),
+        "onnxruntime": metadata.version("onnxruntime"),
+    }, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Stage `to_float16`: what stays in float runs in float16, for GPU targets.
+
+With `float_type = "float16"` (and for the fp16-only variant, `precision = "fp16"`) every float
+tensor of the graph becomes float16: weights that are not int8, LayerNorm, Softmax, GELU,
+the residual Adds, the attention MatMuls, and the Q/DQ scales, so that QuantizeLinear reads
+and DequantizeLinear writes float16 directly (opset 19 and later) with no Cast around them.
+The graph's inputs (int64 token ids) and outputs stay as they were (outputs float32, through
+one Cast each), so the runtime's pooling and the bundle's interface do not change.
+
+The conversion is onnxruntime's `float16.convert_float_to_float16` (the onnxconverter-common
+algorithm): constants are clipped to float16's finite range, which turns the float32-min
+additive attention mask into -65504 instead of -inf (so a masked row never gives 0 * inf).
+
+    >>> convert(onnx.load("model.onnx")).graph.output[0].type.tensor_type.elem_type
+    1
+"""
+
+from __future__ import annotations
+
+import onnx
+
+# ai.onnx opset from which QuantizeLinear/DequantizeLinear accept float16 scales.
+FLOAT16_QDQ_OPSET = 19
+
+
+def convert(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with its float tensors in float16; int64 inputs, float32 outputs kept."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    if has_qdq and opset < FLOAT16_QDQ_OPSET:
+        raise ValueError(f"float16 with int8 Q/DQ needs opset {FLOAT16_QDQ_OPSET} or later "
+                         f"(float16 scales); the graph has opset {opset}. Set opset = "
+                         f"{FLOAT16_QDQ_OPSET} in the profile.")
+    return convert_float_to_float16(model, keep_io_types=True)
+
+
+def to_float16(job) -> None:
+    """Stage: job.quantized_onnx in float16 where the profile asks for it."""
+    if job.target.float_type != "float16" and job.target.precision != "fp16":
+        return
+    model = onnx.load(job.quantized_onnx)
+    before = job.quantized_onnx.stat().st_size
+    half = convert(model)
+    onnx.checker.check_model(half)
+    out = job.workdir / "model_fp16.onnx"
+    onnx.save(half, out)
+    job.quantized_onnx = out
+    job.records["float16"] = {"applied": True, "bytes_before": before,
+                              "bytes_after": out.stat().st_size,
+                              "io": "inputs and outputs kept (float32 outputs via Cast)"}
+    job.log(f"  float16: {before / 1e6:.1f} -> {out.stat().st_size / 1e6:.1f} MB")

@@ -1,0 +1,394 @@
+"""Stage `partition`: the graph cut into N contiguous pipeline stages, one per device.
+
+Where to cut. The nodes are in topological order; a cut between node p-1 and node p hands on
+every tensor made before p and read at p or later (graph inputs are fed to every stage that
+reads them, constants are copied into every stage that reads them). In a transformer the
+cuts with the fewest such tensors are the layer boundaries and the point between attention
+and FFN (hidden state + attention mask). Among the cuts that hand on the fewest tensors,
+dynamic programming picks those that minimise the sum of squared stage costs, a stage's
+cost being the mean of its share of the weight bytes and its share of the FLOPs (per token,
+of the MatMuls/Gemms with a weight: attention's sequence-length-dependent part is under 1%
+at spoken-command lengths). Cuts that
+hand on more tensors are allowed only when the cheapest ones cannot come within
+BALANCE_SLACK of the balance that allowing every cut achieves.
+
+Each stage is a complete ONNX model: its nodes, the constants they read, inputs (graph inputs
+or tensors from earlier stages) and outputs (what later stages or the caller read), with
+dtypes and symbolic shapes taken from running the whole graph on two probe batches. The stage
+proves itself: the staged model's outputs must equal the single graph's bit for bit on CPU.
+
+    >>> stages = split(onnx.load("model.onnx"), 2)
+    >>> [s.inputs for s in stages]
+    [['input_ids', 'attention_mask', 'token_type_ids'], ['/encoder/layer.2/...', ...]]
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+BALANCE_SLACK = 1.1         # fewer tensors handed on may cost up to 10% of balance
+PROBE_SHAPES = ((2, 5), (3, 7))   # (batch, sequence) of the two probe runs
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+# Ops whose float output is a clean place to cut. ONNX Runtime fuses a residual Add into the
+# LayerNorm after it (SkipLayerNormalization) and a bias Add into the MatMul before it, so a
+# cut after such an Add changes the rounding; nothing fuses across a normalization's output.
+CLEAN_CUT_OPS = ("LayerNormalization", "SkipLayerNormalization",
+                 "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+                 "RMSNormalization")
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+@dataclass
+class Stage:
+    nodes: list[onnx.NodeProto]
+    inputs: list[str]
+    outputs: list[str]
+    weight_bytes: int = 0
+    flops_per_token: int = 0
+    model: onnx.ModelProto | None = None
+    io: dict = field(default_factory=dict)   # tensor name -> {"dtype", "shape"}
+
+    def describe(self, name: str) -> dict:
+        return {"name": name, **self.io[name]}
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> None:
+    """Constant nodes become initializers, so that a stage copies them instead of
+    receiving them from an earlier stage."""
+    kept = []
+    for node in model.graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
+def node_costs(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray]:
+    """(weight bytes, FLOPs per token) per node; a constant counts at its first reader."""
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    seen: set[str] = set()
+    nbytes = np.zeros(len(model.graph.node))
+    flops = np.zeros(len(model.graph.node))
+    for i, node in enumerate(model.graph.node):
+        for name in node.input:
+            if name in inits and name not in seen:
+                seen.add(name)
+                nbytes[i] += numpy_helper.to_array(inits[name]).nbytes
+        if node.op_type in WEIGHT_OPS and len(node.input) > 1:
+            weight = node.input[1]
+            while weight not in inits and weight in producer and \
+                    producer[weight].op_type in ("DequantizeLinear", "Cast", "Transpose"):
+                weight = producer[weight].input[0]
+            if weight in inits:
+                flops[i] = 2 * int(np.prod(inits[weight].dims))
+    return nbytes, flops
+
+
+def crossings(model: onnx.ModelProto) -> list[list[str]]:
+    """For each cut p (between node p-1 and node p, p = 1 .. n-1): the tensors handed on."""
+    nodes = model.graph.node
+    consts = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+    made_at, last_read = {}, {}
+    for i, node in enumerate(nodes):
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for a in node.attribute):
+            raise ValueError(f"Node {node.name!r} ({node.op_type}) has a subgraph; "
+                             f"partitioning graphs with control flow is not supported.")
+        for name in node.input:
+            if name and name not in consts:
+                last_read[name] = i
+        for name in node.output:
+            made_at[name] = i
+    for out in model.graph.output:
+        last_read[out.name] = len(nodes)
+    cuts = []
+    for p in range(1, len(nodes)):
+        cuts.append(sorted((t for t, i in made_at.items() if i < p <= last_read.get(t, -1)),
+                           key=made_at.get))
+    return cuts
+
+
+def clean_cuts(model: onnx.ModelProto, handed: list[list[str]]) -> set[int]:
+    """Cuts whose handed-on float tensors all come out of a normalization (CLEAN_CUT_OPS);
+    a tensor of unknown type counts as float."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    return {p for p, tensors in enumerate(handed, start=1)
+            if all(producer[t].op_type in CLEAN_CUT_OPS
+                   or types.get(t, onnx.TensorProto.FLOAT) not in FLOAT_TYPES
+                   for t in tensors)}
+
+
+def balanced_cuts(cost: np.ndarray, candidates: list[int], stages: int) -> tuple[list[int], float]:
+    """Cut positions (from `candidates`) minimising the sum of squared stage costs, the
+    usual balanced-partition objective: unlike the largest stage cost alone, it also
+    balances the stages that are not the largest. Returns the cuts and that sum."""
+    prefix = np.concatenate([[0.0], np.cumsum(cost)])
+    points = [0, *candidates, len(cost)]
+    m = len(points)
+    best = np.full((stages + 1, m), np.inf)
+    back = np.zeros((stages + 1, m), dtype=int)
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for j in range(1, m):
+            for i in range(j):
+                value = best[k - 1][i] + (prefix[points[j]] - prefix[points[i]]) ** 2
+                if value < best[k][j]:
+                    best[k][j], back[k][j] = value, i
+    cuts, j = [], m - 1
+    for k in range(stages, 0, -1):
+        j = back[k][j]
+        cuts.append(points[j])
+    return sorted(cuts)[1:], float(best[stages][m - 1])
+
+
+def split(model: onnx.ModelProto, stages: int) -> list[Stage]:
+    """`model` cut into `stages` contiguous stages (see the module docstring)."""
+    if not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"The number of stages must be an int >= 1, got {stages!r}.")
+    model_copy = onnx.ModelProto()
+    model_copy.CopyFrom(model)
+    model = model_copy
+    constants_to_initializers(model)
+    nodes = list(model.graph.node)
+    nbytes, flops = node_costs(model)
+    cost = 0.5 * nbytes / max(nbytes.sum(), 1) + 0.5 * flops / max(flops.sum(), 1)
+    if stages == 1:
+        cut_points = []
+    else:
+        handed = crossings(model)
+        # a cut with no tensor handed on would leave a stage with nothing to compute from
+        usable = [p for p, c in enumerate(handed, start=1) if c]
+        if len(usable) < stages - 1:
+            raise ValueError(f"Cannot split the graph into {stages} stages: it has "
+                             f"{len(usable) + 1} nodes in sequence; use fewer stages.")
+        clean = clean_cuts(model, handed)
+        if len([p for p in clean if handed[p - 1]]) >= stages - 1:
+            handed = [c if p in clean else [] for p, c in enumerate(handed, start=1)]
+        sizes = sorted({len(c) for c in handed if c})
+        results = []   # (cuts, sum of squared stage costs) per allowed crossing size
+        for size in sizes:
+            candidates = [p for p, c in enumerate(handed, start=1) if c and len(c) <= size]
+            if len(candidates) >= stages - 1:
+                results.append(balanced_cuts(cost, candidates, stages))
+        best = results[-1][1]   # every cut allowed: the best balance
+        cut_points = next(cuts for cuts, squares in results if squares <= BALANCE_SLACK * best)
+    bounds = [0, *cut_points, len(nodes)]
+    return [_stage(model, nodes, a, b, nbytes, flops)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _stage(model, nodes, a: int, b: int, nbytes, flops) -> Stage:
+    inits = {i.name: i for i in model.graph.initializer}
+    made = {o for n in nodes[a:b] for o in n.output}
+    read_later = {name for n in nodes[b:] for name in n.input}
+    final = [o.name for o in model.graph.output]
+    inputs, used_inits = [], []
+    for node in nodes[a:b]:
+        for name in node.input:
+            if not name or name in made:
+                continue
+            if name in inits:
+                if name not in used_inits:
+                    used_inits.append(name)
+            elif name not in inputs:
+                inputs.append(name)
+    graph_inputs = [i.name for i in model.graph.input]
+    inputs = [n for n in graph_inputs if n in inputs] + [n for n in inputs
+                                                         if n not in graph_inputs]
+    outputs = [o for n in nodes[a:b] for o in n.output
+               if o and (o in read_later or o in final)]
+    stage = Stage(list(nodes[a:b]), inputs, outputs,
+                  weight_bytes=int(nbytes[a:b].sum()), flops_per_token=int(flops[a:b].sum()))
+    stage.model = helper.make_model(
+        helper.make_graph(stage.nodes, f"stage_{a}_{b}", [], [],
+                          initializer=[inits[n] for n in used_inits]),
+        opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return stage
+
+
+def annotate_io(model: onnx.ModelProto, stages: list[Stage]) -> None:
+    """Give every stage typed inputs and outputs: dtypes and shapes from two probe runs of
+    the whole graph, a dimension that follows the probe batch (sequence) named like the
+    graph input's batch (sequence) dimension."""
+    from runtime.model import ort_session
+
+    names = sorted({n for s in stages for n in (*s.inputs, *s.outputs)})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
+    for name in names:
+        if name not in known:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = ort_session(probe.SerializeToString())
+    first = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    batch_name = first[0] if first and first[0] else "batch"
+    seq_name = first[1] if len(first) > 1 and first[1] else "sequence"
+    runs = []
+    for batch, seq in PROBE_SHAPES:
+        feeds = {}
+        for i in session.get_inputs():
+            dtype = np.int64 if "int64" in i.type else np.float32
+            feeds[i.name] = np.ones((batch, seq), dtype)
+        values = dict(zip([o.name for o in session.get_outputs()],
+                          session.run(None, feeds), strict=True))
+        values.update(feeds)
+        runs.append(values)
+    (b1, s1), (b2, s2) = PROBE_SHAPES
+    info = {}
+    for name in names:
+        x, y = runs[0][name], runs[1][name]
+        shape = []
+        for i, (d1, d2) in enumerate(zip(x.shape, y.shape, strict=True)):
+            if d1 == d2:
+                shape.append(d1)
+            elif (d1, d2) == (b1, b2):
+                shape.append(batch_name)
+            elif (d1, d2) == (s1, s2):
+                shape.append(seq_name)
+            else:
+                shape.append(f"{name}_dim{i}")
+        info[name] = {"dtype": x.dtype.name, "shape": shape}
+    declared = {v.name: v for v in (*model.graph.input, *model.graph.output)}
+    for stage in stages:
+        stage.io = {n: info[n] for n in (*stage.inputs, *stage.outputs)}
+        graph = stage.model.graph
+        for target, group in ((graph.input, stage.inputs), (graph.output, stage.outputs)):
+            for name in group:
+                # dtype and rank only (graph inputs and outputs as the whole graph declares
+                # them): a static dim the whole graph's own inference lacks lets ONNX
+                # Runtime fuse differently inside the stage (residual Add + LayerNorm into
+                # SkipLayerNormalization, measured), and the stage would round differently.
+                dtype = helper.np_dtype_to_tensor_dtype(np.dtype(info[name]["dtype"]))
+                rank = [None] * len(info[name]["shape"])
+                target.append(declared.get(name) or helper.make_tensor_value_info(name, dtype,
+                                                                                  rank))
+        onnx.checker.check_model(stage.model)
+
+
+def stage_device(index: int, providers) -> str:
+    """Where stage `index` runs: CUDA device `index` for GPU targets, else the CPU."""
+    gpu = any(p in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for p in providers)
+    return f"cuda:{index}" if gpu else "cpu"
+
+
+def max_staged_diff(job, single, bundle_dir, manifest_stages, texts: list[str]) -> float:
+    """Max |staged - single| over every output on `texts` (pipelined, batches of 8)."""
+    from runtime.model import ort_session
+    from runtime.stages import StagedSession
+
+    from .feeds import encoder_feeds
+
+    whole = ort_session(single)
+    staged = StagedSession(bundle_dir, manifest_stages, outputs=[o.name for o in
+                                                                  whole.get_outputs()])
+    feeds = list(encoder_feeds(job.workdir / "tokenizer.json", texts, whole,
+                               max_length=job.max_length, batch_size=8))
+    worst = 0.0
+    for f, got in zip(feeds, staged.run_stream(feeds), strict=True):
+        for a, b in zip(whole.run(None, f), got, strict=True):
+            if a.shape != b.shape:
+                return float("inf")
+            worst = max(worst, float(np.abs(a.astype(np.float64) - b).max(initial=0.0)))
+    return worst
+
+
+def write_stages(model: onnx.ModelProto, count: int, out_dir: Path, providers) -> list[dict]:
+    """Cut `model` into `count` stages, save stage0.onnx ... in `out_dir`; returns the
+    manifest's "stages" list."""
+    stages = split(model, count)
+    annotate_io(model, stages)
+    total_bytes = sum(s.weight_bytes for s in stages) or 1
+    total_flops = sum(s.flops_per_token for s in stages) or 1
+    records = []
+    for i, stage in enumerate(stages):
+        onnx.save(stage.model, out_dir / f"stage{i}.onnx")
+        records.append({
+            "file": f"stage{i}.onnx",
+            "device": stage_device(i, providers),
+            "inputs": [stage.describe(n) for n in stage.inputs],
+            "outputs": [stage.describe(n) for n in stage.outputs],
+            "nodes": len(stage.nodes),
+            "weight_bytes": stage.weight_bytes,
+            "flops_per_token": stage.flops_per_token,
+            "share": {"weights": round(stage.weight_bytes / total_bytes, 4),
+                      "flops": round(stage.flops_per_token / total_flops, 4)},
+        })
+    return records
+
+
+def partition(job) -> None:
+    """Stage: with pipeline_stages > 1, job.stages: stage files in job.workdir/stages/."""
+    count = job.target.runtime.pipeline_stages
+    if count == 1:
+        return
+    out_dir = job.workdir / "stages"
+    out_dir.mkdir()
+    job.stages = write_stages(onnx.load(job.quantized_onnx), count, out_dir,
+                              job.target.runtime.execution_providers)
+    texts = [u.text for u in job.evaluation[:32]]
+    diff = max_staged_diff(job, job.quantized_onnx, out_dir, job.stages, texts)
+    job.records["partition"] = {"stages": count, "max_abs_diff_vs_single_graph": diff,
+                                "checked_texts": len(texts)}
+    if diff != 0.0:
+        raise RuntimeError(f"The {count} stages differ from the single graph by {diff:.3e} "
+                           f"on CPU; they must be equal. This is a partitioning bug.")
+    shares = ", ".join(f"{100 * s['share']['weights']:.0f}%/{100 * s['share']['flops']:.0f}%"
+                       for s in job.stages)
+    job.log(f"  {count} stages (weights/FLOPs share: {shares}); equal to the single graph "
+            f"on {len(texts)} texts")
+
+
+def restage(bundle_dir: str | Path, stages: int, output: str | Path) -> Path:
+    """A copy of a single-graph bundle at `output` with its graph cut into `stages` stages
+    (the same graph, so the same outputs); written beside `output`, then renamed into place.
+
+        >>> restage("build/minilm-x86-server-1", 4, "build/minilm-x86-server-4")
+        PosixPath('build/minilm-x86-server-4')
+    """
+    from runtime.bundle import sha256_of
+
+    from .report import replace_dir
+
+    source, output = Path(bundle_dir), Path(output)
+    manifest = json.loads((source / "manifest.json").read_text())
+    if manifest.get("stages"):
+        raise ValueError(f"{source} is already cut into {len(manifest['stages'])} stages; "
+                         f"restage a single-graph bundle.")
+    model_file = manifest.get("model_file", "model.onnx")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        manifest["stages"] = write_stages(onnx.load(source / model_file), stages, staging,
+                                          manifest["target"]["runtime"]["execution_providers"])
+        for entry in manifest["files"]:
+            if entry["path"] != model_file:
+                shutil.copyfile(source / entry["path"], staging / entry["path"])
+        manifest.pop("model_file", None)
+        manifest["name"] = output.name
+        manifest["target"]["runtime"]["pipeline_stages"] = stages
+        files = sorted(p for p in staging.iterdir() if p.is_file())
+        manifest["files"] = [{"path": p.name, "sha256": sha256_of(p), "bytes": p.stat().st_size}
+                             for p in files]
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_dir(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output

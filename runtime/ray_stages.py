@@ -1,0 +1,104 @@
+"""Pipeline stages as Ray actors, one per stage (one per GPU), across the nodes of a cluster.
+
+For when one machine does not hold enough GPUs: each stage's graph is sent to its actor as
+bytes (no shared filesystem needed), the actor builds its own onnxruntime session, and a
+stream of batches is pipelined by chaining actor calls on object references: actor k works on
+batch j while actor k+1 works on batch j-1. Needs the `ray` extra (`pip install
+edge-exporter[ray]`); `import runtime` never imports ray.
+
+    >>> model = runtime.load("build/minilm-x86-server", pipeline="ray")   # ray.init() first
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from .stages import Stages, TensorInfo, device_providers
+
+
+class _StageWorker:
+    """The actor body: one stage's session; `step` takes and returns the tensor dict."""
+
+    def __init__(self, index: int, graph: bytes, stages: list[dict], outputs: list[str],
+                 threads: int, providers: list):
+        from .model import ort_session
+
+        self.index = index
+        self.plan = Stages(stages, outputs)
+        self.session = ort_session(graph, threads=threads, providers=providers)
+
+    def step(self, env: dict) -> dict:
+        return self.plan.step(self.index, self.session, env)
+
+
+class RayStagedSession:
+    """A staged bundle's sessions as Ray actors, with StagedSession's interface."""
+
+    def __init__(self, directory: str | Path, stages: list[dict], *, outputs: Sequence[str],
+                 inputs: Sequence[dict] = (), threads: int = 0,
+                 providers: Sequence = ("CPUExecutionProvider",), in_flight: int | None = None):
+        try:
+            import ray
+        except ImportError as e:
+            raise ImportError("pipeline='ray' needs Ray: pip install 'edge-exporter[ray]'.") from e
+        if not ray.is_initialized():
+            ray.init()
+        self._ray = ray
+        self.plan = Stages(stages, outputs)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        actor = ray.remote(_StageWorker)
+        self.actors = []
+        for i, stage in enumerate(stages):
+            on_gpu = stage["device"].startswith("cuda") and gpus >= len(stages)
+            # One GPU per stage actor; Ray picks the node and sets CUDA_VISIBLE_DEVICES, so
+            # inside the actor the GPU is device 0.
+            device = "cuda:0" if on_gpu else "cpu"
+            options = {"num_gpus": 1} if on_gpu else {"num_cpus": 0}
+            graph = (Path(directory) / stage["file"]).read_bytes()
+            self.actors.append(actor.options(**options).remote(
+                i, graph, stages, list(outputs), threads,
+                device_providers(device, providers)))
+        self.in_flight = in_flight or 2 * len(stages)
+        described = {t["name"]: t for s in stages for t in (*s["inputs"], *s["outputs"])}
+        self._inputs = [TensorInfo(i["name"], i.get("shape", []), i.get("dtype", ""))
+                        for i in inputs] or [
+            TensorInfo(n, described[n]["shape"], described[n]["dtype"])
+            for n in self.plan.inputs[0]]
+        self._outputs = [TensorInfo(n, described.get(n, {}).get("shape", []),
+                                    described.get(n, {}).get("dtype", "")) for n in outputs]
+
+    def get_inputs(self) -> list[TensorInfo]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[TensorInfo]:
+        return list(self._outputs)
+
+    def _submit(self, feeds: dict):
+        ref = self._ray.put(dict(feeds))
+        for actor in self.actors:
+            ref = actor.step.remote(ref)
+        return ref
+
+    def run(self, output_names, feeds: dict) -> list:
+        env = self._ray.get(self._submit(feeds))
+        return [env[n] for n in (output_names or self.plan.final)]
+
+    def run_stream(self, feeds: Iterable[dict], output_names=None) -> Iterator[list]:
+        """Outputs per batch, in order; up to `in_flight` batches in the pipeline at once."""
+        names = list(output_names or self.plan.final)
+        pending: deque = deque()
+        for item in feeds:
+            pending.append(self._submit(item))
+            if len(pending) >= self.in_flight:
+                env = self._ray.get(pending.popleft())
+                yield [env[n] for n in names]
+        while pending:
+            env = self._ray.get(pending.popleft())
+            yield [env[n] for n in names]
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []

@@ -1,0 +1,173 @@
+"""Running a bundle cut into pipeline stages: one session per stage, on its own device.
+
+The manifest's "stages" list says, per stage, its file, its device ("cuda:1", "cpu") and the
+tensors it takes and hands on. Stage i's session runs on CUDA device i where onnxruntime has
+CUDA, and on the CPU otherwise. A stream of batches is pipelined: each stage has a worker
+thread, and batch k+1 enters stage 0 while batch k is in stage 1, so the stages work at the
+same time (onnxruntime releases the GIL while it computes). Each batch is one micro-batch of
+the pipeline, computed exactly as the single graph computes it.
+
+    >>> session = StagedSession("build/minilm-x86-server", manifest["stages"],
+    ...                         outputs=["last_hidden_state"])
+    >>> for (hidden,) in session.run_stream(batches): ...
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import BundleError
+
+_DONE = object()   # end of the stream, passed down the pipeline
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What `get_inputs()`/`get_outputs()` return, like onnxruntime's NodeArg."""
+
+    name: str
+    shape: list
+    type: str
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def device_providers(device: str, providers: Sequence) -> list:
+    """onnxruntime providers for a stage's device: "cuda:N" pins CUDA (and TensorRT) to
+    device N; "cpu" keeps only the CPU provider."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if not device.startswith("cuda:") or not device[5:].isdigit():
+        raise BundleError(f"Unknown stage device {device!r} in manifest.json "
+                          f"(expected 'cpu' or 'cuda:N').")
+    options = {"device_id": int(device[5:])}
+    chosen = []
+    for p in providers:
+        name = p[0] if isinstance(p, tuple) else p
+        chosen.append((name, options) if name in ("CUDAExecutionProvider",
+                                                   "TensorrtExecutionProvider") else p)
+    return chosen
+
+
+class Stages:
+    """The stage plan of a manifest: which tensors each stage reads, makes and passes on."""
+
+    def __init__(self, stages: list[dict], outputs: Sequence[str]):
+        if not stages:
+            raise BundleError("manifest.json has an empty 'stages' list.")
+        for i, stage in enumerate(stages):
+            for key in ("file", "device", "inputs", "outputs"):
+                if key not in stage:
+                    raise BundleError(f"manifest.json: stage {i} has no {key!r}.")
+        self.plan = stages
+        self.final = list(outputs)
+        self.inputs = [[t["name"] for t in s["inputs"]] for s in stages]
+        self.outputs = [[t["name"] for t in s["outputs"]] for s in stages]
+        # tensors still needed after stage i: read by a later stage, or a final output
+        self.keep = []
+        for i in range(len(stages)):
+            later = {n for names in self.inputs[i + 1:] for n in names}
+            self.keep.append(later | set(self.final))
+
+    def step(self, i: int, session, env: dict) -> dict:
+        """Run stage i on the tensors in `env`; returns what later stages and the caller
+        still need."""
+        missing = [n for n in self.inputs[i] if n not in env]
+        if missing:
+            raise ValueError(f"Stage {i} needs {missing}, which no feed or earlier stage made.")
+        made = session.run(self.outputs[i], {n: env[n] for n in self.inputs[i]})
+        env = {**env, **dict(zip(self.outputs[i], made, strict=True))}
+        return {n: v for n, v in env.items() if n in self.keep[i]}
+
+
+class StagedSession:
+    """Sessions for a staged bundle, with onnxruntime's `run` interface plus `run_stream`."""
+
+    def __init__(self, directory: str | Path, stages: list[dict], *, outputs: Sequence[str],
+                 inputs: Sequence[dict] = (), threads: int = 0, spinning: bool = True,
+                 providers: Sequence = ("CPUExecutionProvider",)):
+        from .model import ort_session
+
+        self.plan = Stages(stages, outputs)
+        directory = Path(directory)
+        self.sessions = [ort_session(directory / s["file"], threads=threads, spinning=spinning,
+                                     providers=device_providers(s["device"], providers))
+                         for s in stages]
+        described = {t["name"]: t for s in stages for t in (*s["inputs"], *s["outputs"])}
+        self._inputs = [TensorInfo(i["name"], i.get("shape", []), i.get("dtype", ""))
+                        for i in inputs] or [
+            TensorInfo(n, described[n]["shape"], described[n]["dtype"])
+            for n in self.plan.inputs[0]]
+        self._outputs = [TensorInfo(n, described.get(n, {}).get("shape", []),
+                                    described.get(n, {}).get("dtype", "")) for n in outputs]
+
+    def get_inputs(self) -> list[TensorInfo]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[TensorInfo]:
+        return list(self._outputs)
+
+    def run(self, output_names, feeds: dict) -> list[np.ndarray]:
+        """One batch through every stage in turn (onnxruntime's `InferenceSession.run`)."""
+        env = dict(feeds)
+        for i, session in enumerate(self.sessions):
+            env = self.plan.step(i, session, env)
+        return [env[n] for n in (output_names or self.plan.final)]
+
+    def run_stream(self, feeds: Iterable[dict], output_names=None) -> Iterator[list]:
+        """Outputs for each batch of `feeds`, in order, with the stages pipelined: one
+        worker thread per stage, at most two batches waiting between two stages."""
+        names = list(output_names or self.plan.final)
+        links = [queue.Queue(maxsize=2) for _ in range(len(self.sessions) + 1)]
+        stop = threading.Event()
+
+        def feed():
+            for item in feeds:
+                if stop.is_set():
+                    break
+                links[0].put(dict(item))
+            links[0].put(_DONE)
+
+        def work(i: int, session):
+            while True:
+                item = links[i].get()
+                if item is not _DONE and not isinstance(item, _Failure):
+                    try:
+                        item = self.plan.step(i, session, item)
+                    except BaseException as e:  # handed to the caller's thread
+                        item = _Failure(e)
+                links[i + 1].put(item)
+                if item is _DONE:
+                    return
+
+        threads = [threading.Thread(target=feed, daemon=True)] + [
+            threading.Thread(target=work, args=(i, s), daemon=True)
+            for i, s in enumerate(self.sessions)]
+        for t in threads:
+            t.start()
+        item = None
+        try:
+            while (item := links[-1].get()) is not _DONE:
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield [item[n] for n in names]
+        finally:
+            stop.set()
+            while item is not _DONE:   # stopped early: let the pipeline run dry
+                item = links[-1].get()
+
+
+def run_batches(session, feeds: Iterable[dict]) -> Iterator[list]:
+    """Each batch's outputs: pipelined for staged sessions, one after another otherwise."""
+    if hasattr(session, "run_stream"):
+        return session.run_stream(feeds)
+    return (session.run(None, f) for f in feeds)

@@ -1,0 +1,81 @@
+"""The jetson target: explicit int8 QDQ that passes the TensorRT rules, fp16 elsewhere, and
+an fp16-only variant; both checked on CPU against PyTorch float (no GPU needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto
+
+import runtime
+from exporter import export
+from exporter.tensorrt import check
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    from exporter.data import smart_home_utterances
+
+    return [u.text for u in smart_home_utterances(100, split="calibration", seed=5)]
+
+
+@pytest.fixture(scope="module")
+def jetson_bundle(tmp_path_factory, calibration, eval_texts):
+    return export("minilm", target="jetson", calibration=calibration,
+                  evaluation=eval_texts[:80], log=lambda line: None,
+                  output=tmp_path_factory.mktemp("bundles") / "minilm-jetson")
+
+
+def _types(model) -> set[int]:
+    return {i.data_type for i in model.graph.initializer}
+
+
+def test_jetson_bundle_follows_tensorrt_rules(jetson_bundle):
+    model = onnx.load(jetson_bundle / "model.onnx")
+    assert check(model) == []
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= ops
+    assert TensorProto.INT8 in _types(model) and TensorProto.FLOAT16 in _types(model)
+    assert TensorProto.UINT8 not in _types(model)
+    manifest = json.loads((jetson_bundle / "manifest.json").read_text())
+    assert manifest["target"]["runtime"]["execution_providers"] == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert manifest["opset"] == 19
+
+
+def test_jetson_bundle_matches_float_on_cpu(jetson_bundle, eval_texts, torch_minilm):
+    manifest = json.loads((jetson_bundle / "manifest.json").read_text())
+    assert manifest["validation"]["metrics"]["cosine"] >= 0.97     # the profile's budget
+    # independently of the exporter's own validation: runtime on CPU vs PyTorch float
+    import torch
+
+    from runtime.tokenizer import Tokenizer
+    model = runtime.load(jetson_bundle, providers=["CPUExecutionProvider"])
+    texts = eval_texts[80:140]
+    ours = model.embed(texts)
+    tok = Tokenizer.from_file(jetson_bundle / "tokenizer.json")
+    ref = []
+    for text in texts:
+        ids = torch.tensor([tok.encode(text)])
+        with torch.no_grad():
+            hidden = torch_minilm(input_ids=ids, attention_mask=torch.ones_like(ids))[0]
+        ref.append(torch.nn.functional.normalize(hidden.mean(1), dim=-1)[0].numpy())
+    cosine = (ours * np.stack(ref)).sum(axis=1)
+    assert cosine.mean() >= 0.97 and cosine.min() >= 0.9, (cosine.mean(), cosine.min())
+
+
+def test_fp16_variant_has_no_int8(tmp_path, calibration, eval_texts):
+    path = export("minilm", target="jetson", precision="fp16", calibration=calibration,
+                  evaluation=eval_texts[:60], output=tmp_path / "fp16", log=lambda line: None)
+    model = onnx.load(path / "model.onnx")
+    assert check(model) == []
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in model.graph.node}
+    assert _types(model) & {TensorProto.INT8, TensorProto.UINT8} == set()
+    assert TensorProto.FLOAT16 in _types(model)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["quantization"]["mode"] == "none"
+    assert manifest["validation"]["metrics"]["cosine"] >= 0.999

@@ -1,0 +1,82 @@
+"""Pipeline stages: the staged bundle gives exactly the single graph's outputs on CPU, in
+threads and as Ray actors; bad stage counts are clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import runtime
+from exporter.partition import restage, split
+
+
+@pytest.fixture(scope="module")
+def single(minilm_bundle, eval_texts):
+    model = runtime.load(minilm_bundle)
+    return model.embed(eval_texts, batch_size=16)
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_staged_bundle_equals_single_graph(minilm_bundle, eval_texts, single, stages, tmp_path):
+    path = restage(minilm_bundle, stages, tmp_path / f"minilm-{stages}")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert [s["file"] for s in manifest["stages"]] == [f"stage{i}.onnx" for i in range(stages)]
+    assert not (path / "model.onnx").exists()
+    for stage in manifest["stages"]:
+        assert stage["device"] == "cpu" and stage["inputs"] and stage["outputs"]
+    # every tensor a stage reads is a graph input or made by an earlier stage
+    available = {i["name"] for i in manifest["inputs"]}
+    for stage in manifest["stages"]:
+        assert {t["name"] for t in stage["inputs"]} <= available
+        available |= {t["name"] for t in stage["outputs"]}
+    staged = runtime.load(path)
+    got = staged.embed(eval_texts, batch_size=16)   # 13 batches through the pipeline
+    np.testing.assert_array_equal(got, single)
+
+
+def test_cuda_stage_devices_fall_back_to_cpu(minilm_bundle, eval_texts, single, tmp_path):
+    path = restage(minilm_bundle, 2, tmp_path / "staged")
+    manifest = json.loads((path / "manifest.json").read_text())
+    model = runtime.load(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert [s["device"] for s in manifest["stages"]] == ["cpu", "cpu"]  # arm-cpu target
+    np.testing.assert_array_equal(model.embed(eval_texts[:20], batch_size=16),
+                                  single[:20])
+
+
+def test_stage_errors_are_clear(minilm_bundle, tmp_path):
+    model = onnx.load(minilm_bundle / "model.onnx")
+    with pytest.raises(ValueError, match=r"stages must be an int >= 1, got 0"):
+        split(model, 0)
+    with pytest.raises(ValueError, match=r"Cannot split the graph into 100000 stages"):
+        split(model, 100_000)
+    staged = restage(minilm_bundle, 2, tmp_path / "staged")
+    with pytest.raises(ValueError, match="already cut into 2 stages"):
+        restage(staged, 2, tmp_path / "again")
+
+
+def test_export_refuses_more_stages_than_layers():
+    from exporter import export
+
+    with pytest.raises(ValueError, match=r"6-layer model into 7 pipeline stages"):
+        export("minilm", target="x86-server", stages=7)
+    with pytest.raises(ValueError, match=r"stages must be an int >= 1 .*got 0"):
+        export("minilm", target="x86-server", stages=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="ray is not installed (pip install 'edge-exporter[ray]')")
+def test_ray_actors_equal_single_graph(minilm_bundle, eval_texts, single, tmp_path):
+    import ray
+
+    path = restage(minilm_bundle, 2, tmp_path / "staged")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        model = runtime.load(path, pipeline="ray")
+        assert type(model.session).__name__ == "RayStagedSession"
+        np.testing.assert_array_equal(model.embed(eval_texts, batch_size=16), single)
+    finally:
+        ray.shutdown()
