@@ -65,7 +65,7 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
            calibration: str | Path | Iterable[str] | None = None,
            evaluation: str | Path | Iterable[str] | None = None,
            accuracy_budget: str | None = None, precision: str | None = None,
-           stages: int | None = None, log=None) -> Path:
+           stages: int | None = None, requantize: bool = False, log=None) -> Path:
     """Export `model` (a checkpoint directory, a .gguf file or a packaged name) for `target`.
 
     `calibration`/`evaluation` are .txt/.jsonl paths or lists of texts; by default, disjoint
@@ -74,7 +74,8 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     overrides the profile's number format: "int8" or "fp16" for encoders, "int4", "int8" or
     "float" weights for decoders; `stages` (pipeline stages, one per device; encoders)
     overrides the profile's. Returns the bundle directory; raises BudgetError when the
-    budget is broken.
+    budget is broken. A GGUF's quantized blocks are carried into the bundle exactly;
+    `requantize=True` rounds its dequantized weights to the target's format instead.
 
         >>> export("minilm", target="x86-server", accuracy_budget="cosine>=0.98")
         PosixPath('build/minilm-x86-server')
@@ -117,6 +118,7 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
                            calibration=calibration_set, evaluation=evaluation_set,
                            budget=budget, log=log)
     job.precision = precision if task == "text-generation" else None
+    job.requantize = requantize
     if isinstance(evaluation, (str, Path)):
         job.records["eval_source"] = str(evaluation)
     overlap = {u.text for u in calibration_set} & {u.text for u in evaluation_set}

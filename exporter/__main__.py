@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=int, metavar="N",
                         help="cut the graph into N pipeline stages, one per device "
                              "(1 = one graph); default: the profile's")
+    parser.add_argument("--requantize", action="store_true",
+                        help="GGUF sources: round the dequantized weights to the target's "
+                             "format instead of carrying the file's blocks exactly (needed "
+                             "for block types that cannot be carried, e.g. Q4_K)")
     parser.add_argument("--list-targets", action="store_true",
                         help="print the built-in targets and exit")
     args = parser.parse_args(argv)
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             path = export(args.model, target=args.target, task=args.task, output=args.output,
                           calibration=args.calibration, evaluation=args.eval,
                           accuracy_budget=args.accuracy_budget, precision=args.precision,
-                          stages=args.stages)
+                          stages=args.stages, requantize=args.requantize)
         except BudgetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3

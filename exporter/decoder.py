@@ -251,19 +251,24 @@ def round_to_nearest(weight: np.ndarray, bits: int, block: int) -> Linear:
         raise ValueError(f"input size {k} is not a multiple of the block size {block}")
     w = weight.reshape(out, k // block, block).astype(np.float32)
     if bits == 8:
-        scale = np.abs(w).max(axis=-1) / 127.0
-        scale[scale == 0] = 1.0
+        scale = _half(np.abs(w).max(axis=-1) / 127.0)
         q = np.clip(np.rint(w / scale[..., None]), -127, 127) + 128
         return Linear(bits=8, block_size=block, codes=q.astype(np.uint8),
                       scales=scale.astype(np.float32))
     lo = np.minimum(w.min(axis=-1), 0.0)
     hi = np.maximum(w.max(axis=-1), 0.0)
-    scale = (hi - lo) / 15.0
-    scale[scale == 0] = 1.0
+    scale = _half((hi - lo) / 15.0)
     zero = np.clip(np.rint(-lo / scale), 0, 15)
     q = np.clip(np.rint(w / scale[..., None]) + zero[..., None], 0, 15)
     return Linear(bits=4, block_size=block, codes=pack(q, 4), scales=scale.astype(np.float32),
                   zero_points=pack(zero, 4))
+
+
+def _half(scale: np.ndarray) -> np.ndarray:
+    """Scales rounded to float16 (how the graph stores them) before the codes are chosen, so
+    the codes are rounded against the scale the device will use; never zero."""
+    scale = np.maximum(scale, 1e-7).astype(np.float16).astype(np.float32)
+    return np.where(scale > 0, scale, np.float32(6e-8))
 
 
 def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
@@ -273,13 +278,15 @@ def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
     if weights == "float":
         return f, {"weights": "float", "matrices": "float32", "embedding": "float32"}
     bits = 4 if weights == "int4" else 8
-    if job.gguf is not None and bits == 4:
+    if job.gguf is not None and bits == 4 and not job.requantize:
         from .gguf import carried_weights
 
         try:
             carried = carried_weights(job.gguf, job.torch_model.config)
         except ValueError as e:
-            job.log(f"  GGUF blocks cannot be carried ({e}); rounding the float weights instead")
+            raise ValueError(f"{e} To round the dequantized weights to {weights} blocks "
+                             f"instead (a second rounding: quality is lost and reported), "
+                             f"pass --requantize.") from e
         else:
             kinds = sorted({_form(m) for m in carried.qkv + carried.o + carried.gate_up
                             + carried.down})
@@ -301,11 +308,27 @@ def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
         input_norms=f.input_norms, post_attention_norms=f.post_attention_norms,
         final_norm=f.final_norm, qkv=[q(m) for m in f.qkv], o=[q(m) for m in f.o],
         gate_up=[q(m) for m in f.gate_up], down=[q(m) for m in f.down])
+    error = _weight_error(f, out)
+    job.log(f"  rounded to {weights} blocks: mean |w - w_float| {error['mean_abs']:.2e}, "
+            f"max {error['max_abs']:.2e}")
     return out, {"weights": weights, "source": "round-to-nearest from float",
+                 "weight_error": error,
                  "matrices": _form(out.o[0]), "embedding": _form(out.embedding),
                  "lm_head": "tied: the embedding's int8 blocks" if out.lm_head is None
                  else _form(out.lm_head), "block_size": block,
                  "accuracy_level": settings.accuracy_level}
+
+
+def _weight_error(ref: DecoderWeights, ours: DecoderWeights) -> dict:
+    """How far the rounded matrices are from the float ones (mean and max absolute)."""
+    total = count = 0.0
+    worst = 0.0
+    for a, b in zip(ref.qkv + ref.o + ref.gate_up + ref.down,
+                    ours.qkv + ours.o + ours.gate_up + ours.down, strict=True):
+        diff = np.abs(b.dequantize() - a.weight)
+        total, count, worst = total + float(diff.sum()), count + diff.size, max(
+            worst, float(diff.max()))
+    return {"mean_abs": total / count, "max_abs": worst}
 
 
 def _form(lin: Linear) -> str:

@@ -153,10 +153,33 @@ class _Graph:
     def __init__(self):
         self.nodes, self.inits = [], []
         self._blocksums: dict[tuple[str, int], str] = {}
+        self._stored: dict[str, str] = {}
 
     def init(self, name: str, array: np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
+
+    def small_floats(self, name: str, array: np.ndarray, *, shape: tuple | None = None,
+                     stored_as: str | None = None) -> str:
+        """A float32 tensor stored as float16 when that is exact (GGUF scales and minimums are
+        float16 already), widened by a Cast that ONNX Runtime folds at load: half the bytes
+        in the file, the same values in memory. `shape` reshapes after the cast; calls with
+        the same `stored_as` share one stored array (one table, two layouts)."""
+        key = stored_as or name
+        if key not in self._stored:
+            array = np.asarray(array, np.float32)
+            half = array.astype(np.float16)
+            exact = np.array_equal(half.astype(np.float32), array)
+            self._stored[key] = (self.init(f"{key}.f16" if exact else f"{key}.f32",
+                                           half if exact else array), exact)
+        stored, exact = self._stored[key]
+        if exact:
+            stored = self.node("Cast", [stored], [f"{name}.cast"], name=f"{name}.cast",
+                               to=TensorProto.FLOAT)[0]
+        if shape is None:
+            return stored
+        target = self.init(f"{name}.shape", np.array(shape, np.int64))
+        return self.node("Reshape", [stored, target], [name], name=f"{name}.reshape")[0]
 
     def node(self, op: str, inputs: list[str], outputs: list[str], *, name: str,
              domain: str = "", **attrs) -> list[str]:
@@ -170,7 +193,7 @@ class _Graph:
             weight = self.init(f"{name}.weight", w.weight.T.astype(np.float32))
             return self.node("MatMul", [x, weight], [f"{name}.out"], name=name)[0]
         inputs = [x, self.init(f"{name}.codes", w.codes),
-                  self.init(f"{name}.scales", w.scales.astype(np.float32).reshape(-1))]
+                  self.small_floats(f"{name}.scales", w.scales.reshape(-1))]
         if w.zero_points is not None:
             inputs.append(self.init(f"{name}.zero_points", w.zero_points.reshape(-1)))
         y = self.node("MatMulNBits", inputs, [f"{name}.nbits"], name=name, domain=MS,
@@ -180,7 +203,8 @@ class _Graph:
             return y
         # exact per-block offsets: sum_b m[o, b] * (sum of x over block b)
         sums = self.blocksum(x, k, w.block_size)
-        offset = self.node("MatMul", [sums, self.init(f"{name}.offsets", w.offsets.T.copy())],
+        offset = self.node("MatMul", [sums, self.small_floats(f"{name}.offsets",
+                                                              w.offsets.T.copy())],
                            [f"{name}.offset_out"], name=f"{name}.offsets")[0]
         return self.node("Add", [y, offset], [f"{name}.out"], name=f"{name}.add_offsets")[0]
 
@@ -220,7 +244,8 @@ def build(shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int =
             raise ValueError("a quantized embedding table must be 8-bit blocks without offsets")
         vocab, blocks = emb.scales.shape
         inputs = [g.init("embedding.codes", emb.codes), "input_ids",
-                  g.init("embedding.gather_scales", emb.scales.reshape(vocab, blocks, 1))]
+                  g.small_floats("embedding.gather_scales", emb.scales,
+                                 shape=(vocab, blocks, 1), stored_as="embedding.scales")]
         if emb.zero_points is not None:
             inputs.append(g.init("embedding.gather_zero_points",
                                  emb.zero_points.reshape(vocab, blocks, 1)))
@@ -287,7 +312,8 @@ def build(shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int =
         g.node("Reshape", [logits2d, "logits_shape"], ["logits"], name="head.unflatten")
     elif head is None:  # tied quantized: MatMulNBits reads the embedding's code blocks
         inputs = [last, "embedding.codes",
-                  g.init("lm_head.scales", emb.scales.astype(np.float32).reshape(-1))]
+                  g.small_floats("lm_head.scales", emb.scales, shape=(vocab * blocks,),
+                                 stored_as="embedding.scales")]
         if emb.zero_points is not None:
             inputs.append(g.init("lm_head.zero_points", emb.zero_points.reshape(-1)))
         g.node("MatMulNBits", inputs, ["logits"], name="lm_head", domain=MS, K=h,

@@ -60,6 +60,7 @@ class Job:
     quantized_onnx: Path | None = None
     precision: str | None = None      # decoders: override of the profile's generation.weights
     gguf: Path | None = None          # decoders: the GGUF file the model came from
+    requantize: bool = False          # decoders from GGUF: round instead of carrying blocks
     generation: dict = field(default_factory=dict)  # decoders: eos ids, context, chat format
     decoder_shape: Any = None
     float_weights: Any = None

@@ -80,6 +80,9 @@ def render_decoder_markdown(data: dict) -> str:
     if q:
         lines += ["## Weights", "", f"- {q['weights']}: {q['matrices']}",
                   f"- source: {q.get('source', 'float')}",
+                  *([f"- rounding error of the matrices: mean |w - w_float| "
+                     f"{q['weight_error']['mean_abs']:.2e}, max "
+                     f"{q['weight_error']['max_abs']:.2e}"] if q.get("weight_error") else []),
                   f"- embedding: {q['embedding']}; LM head: {q.get('lm_head', 'float32')}",
                   *([f"- MatMulNBits accuracy level {q['accuracy_level']}"]
                     if "accuracy_level" in q else []), ""]
