@@ -66,7 +66,7 @@ ADDED_TOKENS = [
 def vocab() -> dict[str, int]:
     from runtime.tokenizer import _read_tokenizer_json
 
-    return _read_tokenizer_json(REFERENCE)["vocab"]
+    return _read_tokenizer_json(REFERENCE)[1]["vocab"]
 
 
 def encoders(vocab, flags: dict[str, bool], **options):
