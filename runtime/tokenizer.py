@@ -311,9 +311,9 @@ class Tokenizer:
         only once it is complete (no half of a multi-byte char, no U+FFFD).
 
         Example:
-            >>> stream = tok.decode_stream()
-            >>> [stream.step(i) for i in tok.encode("naïve")]   # 'ï' spans two tokens
-            ['na', None, 'ïve']
+            >>> stream = tok.decode_stream()      # SmolLM2: ' 😀' is two tokens
+            >>> [stream.step(i) for i in tok.encode("ü 😀")]
+            ['ü', None, ' 😀']
         """
         return DecodeStream(self, skip_special_tokens=skip_special_tokens)
 
