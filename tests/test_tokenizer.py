@@ -386,8 +386,8 @@ def _set(data, dotted, value):
         ("pre_tokenizer", {"type": "ByteLevel"}, "pre_tokenizer.type 'ByteLevel'"),
         (
             "post_processor.type",
-            "ByteLevel",
-            "post_processor.type 'ByteLevel'.*'TemplateProcessing'",
+            "Split",
+            "post_processor.type 'Split'.*'TemplateProcessing'",
         ),
         ("decoder.type", "ByteLevel", "decoder.type 'ByteLevel'.*'WordPiece'"),
         ("model.unk_token", "<unk>", "unk_token '<unk>' is not in model.vocab"),
