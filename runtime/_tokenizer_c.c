@@ -143,10 +143,26 @@ ids_push(IdBuf *b, PyObject *id)
     return 0;
 }
 
+/* BPE's working state for one word: a linked list of symbols and a heap. */
+typedef struct {
+    uint32_t rank, pos, merged;
+} MergeEntry;
+
+typedef struct {
+    uint8_t *bytes;        /* the word's UTF-8 */
+    int32_t *ids;          /* symbol ids; -1 once merged into its left neighbour */
+    int32_t *prev, *next;  /* -1 at the ends */
+    int32_t *result;       /* the final ids (aliases prev) */
+    MergeEntry *heap;
+    size_t cap, heap_cap;
+} BpeBuf;
+
 /* Scratch space of one encode call: never shared between threads. */
 typedef struct {
     TextBuf norm, tmp, sorted;
     HashBuf hashes;
+    BpeBuf bpe;
+    int cache_locked; /* this call holds the BPE encoder's cache lock */
 } Scratch;
 
 static void
@@ -156,6 +172,11 @@ scratch_free(Scratch *s)
     PyMem_RawFree(s->tmp.data);
     PyMem_RawFree(s->sorted.data);
     PyMem_RawFree(s->hashes.data);
+    PyMem_RawFree(s->bpe.bytes);
+    PyMem_RawFree(s->bpe.ids);
+    PyMem_RawFree(s->bpe.prev);
+    PyMem_RawFree(s->bpe.next);
+    PyMem_RawFree(s->bpe.heap);
 }
 
 /* --------------------------------------------------------------- the encoder */
@@ -489,8 +510,9 @@ word_piece(const Encoder *e, const ucs4 *piece, Py_ssize_t n, Scratch *s, IdBuf 
 
 /* BertPreTokenizer + WordPiece: words split on whitespace, punctuation alone. */
 static int
-encode_words(const Encoder *e, const ucs4 *text, size_t n, Scratch *s, IdBuf *out)
+encode_words(const void *ctx, const ucs4 *text, size_t n, Scratch *s, IdBuf *out)
 {
+    const Encoder *e = ctx;
     size_t run = 0; /* start of the current run of word chars */
     for (size_t i = 0; i <= n; i++) {
         unsigned flags = i < n ? char_flags(text[i]) : F_WS;
@@ -547,13 +569,14 @@ find_added(const AddedSet *set, const ucs4 *text, size_t n, size_t pos, size_t *
     return NULL;
 }
 
-typedef int (*piece_fn)(const Encoder *, const ucs4 *, size_t, Scratch *, IdBuf *);
+/* Encodes a piece of text; ctx is the encoder (WordPiece or BPE). */
+typedef int (*piece_fn)(const void *ctx, const ucs4 *, size_t, Scratch *, IdBuf *);
 
 /* _AddedTokenSplitter.split: ids of the tokens found, `between` on the rest.
  * Like Python's finditer, the search resumes where the match ended, even
  * when single_word rejects it or rstrip took whitespace beyond it. */
 static int
-split_added(const Encoder *e, const AddedSet *set, const ucs4 *text, size_t n, piece_fn between,
+split_added(const void *e, const AddedSet *set, const ucs4 *text, size_t n, piece_fn between,
             Scratch *s, IdBuf *out)
 {
     size_t offset = 0, pos = 0, start;
@@ -591,8 +614,9 @@ split_added(const Encoder *e, const AddedSet *set, const ucs4 *text, size_t n, p
 }
 
 static int
-encode_raw_piece(const Encoder *e, const ucs4 *text, size_t n, Scratch *s, IdBuf *out)
+encode_raw_piece(const void *ctx, const ucs4 *text, size_t n, Scratch *s, IdBuf *out)
 {
+    const Encoder *e = ctx;
     if (normalize(e, text, n, s, &s->norm) < 0) {
         return -1;
     }
@@ -602,8 +626,9 @@ encode_raw_piece(const Encoder *e, const ucs4 *text, size_t n, Scratch *s, IdBuf
 
 /* The whole hot loop; runs without the GIL. */
 static int
-encode_text(const Encoder *e, const ucs4 *text, size_t n, Scratch *s, IdBuf *out)
+encode_text(const void *ctx, const ucs4 *text, size_t n, Scratch *s, IdBuf *out)
 {
+    const Encoder *e = ctx;
     return split_added(e, &e->raw_added, text, n, encode_raw_piece, s, out);
 }
 
@@ -810,8 +835,11 @@ normalize_str(const Encoder *e, PyObject *text)
     return result;
 }
 
+/* The two AddedSets of `added_tokens`; `e` normalizes the normalized ones
+ * (NULL: no normalizer, they are matched as written). */
 static int
-build_added_tokens(Encoder *e, PyObject *added_tokens)
+build_added_tokens(AddedSet *raw, AddedSet *normalized, const Encoder *e,
+                   PyObject *added_tokens)
 {
     /* A list of our own: attribute lookups below run Python code. */
     PyObject *seq = PySequence_List(added_tokens);
@@ -849,7 +877,7 @@ build_added_tokens(Encoder *e, PyObject *added_tokens)
             || flag_attr(token, "normalized", &spec->normalized) < 0) {
             goto done;
         }
-        if (spec->normalized) {
+        if (spec->normalized && e != NULL) {
             /* HF matches normalized tokens by their own normalized form. */
             Py_SETREF(spec->content, normalize_str(e, spec->content));
             if (spec->content == NULL) {
@@ -857,8 +885,7 @@ build_added_tokens(Encoder *e, PyObject *added_tokens)
             }
         }
     }
-    if (build_added(&e->raw_added, specs, n, 0) < 0
-        || build_added(&e->normalized_added, specs, n, 1) < 0) {
+    if (build_added(raw, specs, n, 0) < 0 || build_added(normalized, specs, n, 1) < 0) {
         goto done;
     }
     status = 0;
@@ -985,7 +1012,8 @@ Encoder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if ((e->unk_id = id_object(unk, unk_token)) == NULL) {
         goto error;
     }
-    if (added_tokens != NULL && build_added_tokens(e, added_tokens) < 0) {
+    if (added_tokens != NULL
+        && build_added_tokens(&e->raw_added, &e->normalized_added, e, added_tokens) < 0) {
         goto error;
     }
     Py_DECREF(vocab);
@@ -1017,8 +1045,25 @@ id_list(PyObject *const *ids, size_t n)
  * the whole switch interval (5 ms). encode_batch always releases it. */
 #define RELEASE_GIL_CHARS 256
 
+/* Copies a str to UCS4; BPE reads a lone surrogate as U+FFFD (it has no UTF-8). */
+static int
+copy_chars(PyObject *text, ucs4 *chars, Py_ssize_t n, int replace_surrogates)
+{
+    if (n && PyUnicode_AsUCS4(text, chars, n, 0) == NULL) {
+        return -1;
+    }
+    if (replace_surrogates && PyUnicode_KIND(text) != PyUnicode_1BYTE_KIND) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (chars[i] >= 0xD800 && chars[i] < 0xE000) {
+                chars[i] = 0xFFFD;
+            }
+        }
+    }
+    return 0;
+}
+
 static PyObject *
-Encoder_encode(PyObject *self, PyObject *text)
+encode_one(PyObject *self, PyObject *text, piece_fn encode_text, int replace_surrogates)
 {
     if (!PyUnicode_Check(text)) {
         return PyErr_Format(PyExc_TypeError, "encode() expects str, got %s",
@@ -1029,7 +1074,7 @@ Encoder_encode(PyObject *self, PyObject *text)
     if (chars == NULL) {
         return PyErr_NoMemory();
     }
-    if (n && PyUnicode_AsUCS4(text, chars, n, 0) == NULL) {
+    if (copy_chars(text, chars, n, replace_surrogates) < 0) {
         PyMem_RawFree(chars);
         return NULL;
     }
@@ -1038,11 +1083,11 @@ Encoder_encode(PyObject *self, PyObject *text)
     int status;
     if (n >= RELEASE_GIL_CHARS) {
         Py_BEGIN_ALLOW_THREADS
-        status = encode_text((Encoder *)self, chars, (size_t)n, &s, &ids);
+        status = encode_text(self, chars, (size_t)n, &s, &ids);
         Py_END_ALLOW_THREADS
     }
     else {
-        status = encode_text((Encoder *)self, chars, (size_t)n, &s, &ids);
+        status = encode_text(self, chars, (size_t)n, &s, &ids);
     }
     PyObject *result = status < 0 ? PyErr_NoMemory() : id_list(ids.data, ids.len);
     PyMem_RawFree(chars);
@@ -1052,7 +1097,7 @@ Encoder_encode(PyObject *self, PyObject *text)
 }
 
 static PyObject *
-Encoder_encode_batch(PyObject *self, PyObject *texts)
+encode_many(PyObject *self, PyObject *texts, piece_fn encode_text, int replace_surrogates)
 {
     if (PyUnicode_Check(texts)) {
         return PyErr_Format(PyExc_TypeError,
@@ -1088,7 +1133,7 @@ Encoder_encode_batch(PyObject *self, PyObject *texts)
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *text = PySequence_Fast_GET_ITEM(seq, i);
         Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-        if (n && PyUnicode_AsUCS4(text, chars + offset, n, 0) == NULL) {
+        if (copy_chars(text, chars + offset, n, replace_surrogates) < 0) {
             goto done;
         }
         offset += n;
@@ -1098,7 +1143,7 @@ Encoder_encode_batch(PyObject *self, PyObject *texts)
     Py_BEGIN_ALLOW_THREADS
     size_t start = 0;
     for (Py_ssize_t i = 0; i < count && status == 0; i++) {
-        status = encode_text((Encoder *)self, chars + start, char_ends[i] - start, &s, &ids);
+        status = encode_text(self, chars + start, char_ends[i] - start, &s, &ids);
         id_ends[i] = ids.len;
         start = char_ends[i];
     }
@@ -1129,6 +1174,838 @@ done:
     Py_DECREF(seq);
     return result;
 }
+
+static PyObject *
+Encoder_encode(PyObject *self, PyObject *text)
+{
+    return encode_one(self, text, encode_text, 0);
+}
+
+static PyObject *
+Encoder_encode_batch(PyObject *self, PyObject *texts)
+{
+    return encode_many(self, texts, encode_text, 0);
+}
+
+/* ============================================================ byte-level BPE
+ *
+ * The C twin of _tokenizer_py.BPEEncoder, same steps in the same order:
+ *
+ *     added tokens -> [Digits] -> GPT-2 or Llama-3 split -> UTF-8 -> BPE merges -> ids
+ *
+ * There is no regex engine here: each split pattern is a small function that
+ * returns where the pre-token starting at i ends, trying the pattern's
+ * alternatives in order, as a backtracking engine (Oniguruma, in HF) does.
+ * Ids are plain int32 inside; `id_objects` turns them into the vocab's ints. */
+
+enum { SPLIT_GPT2, SPLIT_LLAMA3 };
+
+/* Character classes of the split regexes: \p{L}, \p{N}, \s, and the rest. */
+enum { C_LETTER, C_NUMBER, C_SPACE, C_OTHER };
+
+static inline int
+char_class(ucs4 c)
+{
+    unsigned flags = char_flags(c);
+    return (flags & F_LETTER) ? C_LETTER
+           : (flags & F_NUMBER) ? C_NUMBER
+           : (flags & F_WS)     ? C_SPACE
+                                : C_OTHER;
+}
+
+/* End of the run of class k that starts at i. */
+static inline size_t
+span(const ucs4 *t, size_t i, size_t n, int k)
+{
+    while (i < n && char_class(t[i]) == k) {
+        i++;
+    }
+    return i;
+}
+
+/* `\s+(?!\S)|\s+` at a space: the run, less its last char when a non-space
+ * follows (that char then starts the next pre-token, e.g. " word"). */
+static size_t
+space_end(const ucs4 *t, size_t i, size_t n)
+{
+    size_t end = span(t, i, n, C_SPACE);
+    return end == n || end - i == 1 ? end : end - 1;
+}
+
+/* GPT-2: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+ */
+static size_t
+gpt2_end(const ucs4 *t, size_t i, size_t n)
+{
+    if (t[i] == '\'' && i + 1 < n) {
+        ucs4 a = t[i + 1], b = i + 2 < n ? t[i + 2] : 0;
+        if (a == 's' || a == 't' || a == 'm' || a == 'd') {
+            return i + 2;
+        }
+        if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) {
+            return i + 3;
+        }
+    }
+    /* An optional ' ', then a run of letters, numbers or others. */
+    size_t j = i + (t[i] == ' ' && i + 1 < n);
+    int k = char_class(t[j]);
+    return k == C_SPACE ? space_end(t, i, n) : span(t, j, n, k);
+}
+
+/* c == the ASCII letter `lower` under (?i): either case, and U+017F LONG S
+ * for 's' (Unicode case folding, as Oniguruma and Python's re apply it). */
+static inline int
+fold_is(ucs4 c, char lower)
+{
+    return c == (ucs4)lower || c == (ucs4)(lower - 32) || (lower == 's' && c == 0x17F);
+}
+
+/* Llama-3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
+ *          ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+ */
+static size_t
+llama3_end(const ucs4 *t, size_t i, size_t n)
+{
+    if (t[i] == '\'' && i + 1 < n) {
+        ucs4 a = t[i + 1], b = i + 2 < n ? t[i + 2] : 0;
+        if (fold_is(a, 's') || fold_is(a, 't') || fold_is(a, 'm') || fold_is(a, 'd')) {
+            return i + 2;
+        }
+        if ((fold_is(a, 'r') && fold_is(b, 'e')) || (fold_is(a, 'v') && fold_is(b, 'e'))
+            || (fold_is(a, 'l') && fold_is(b, 'l'))) {
+            return i + 3;
+        }
+    }
+    ucs4 c = t[i];
+    int k = char_class(c);
+    if (k == C_LETTER) {
+        return span(t, i, n, C_LETTER);
+    }
+    /* One char that is no letter, number, \r or \n, glued to the letters after it. */
+    if (k != C_NUMBER && c != '\r' && c != '\n' && i + 1 < n
+        && char_class(t[i + 1]) == C_LETTER) {
+        return span(t, i + 1, n, C_LETTER);
+    }
+    if (k == C_NUMBER) {
+        size_t end = span(t, i, n, C_NUMBER);
+        return end - i > 3 ? i + 3 : end;
+    }
+    size_t j = i + (c == ' ' && i + 1 < n);
+    if (char_class(t[j]) == C_OTHER) {
+        size_t end = span(t, j, n, C_OTHER);
+        while (end < n && (t[end] == '\r' || t[end] == '\n')) {
+            end++;
+        }
+        return end;
+    }
+    /* t[i] is a space. `\s*[\r\n]+`: up to the run's last \r or \n, if any. */
+    size_t end = span(t, i, n, C_SPACE);
+    for (size_t p = end; p > i; p--) {
+        if (t[p - 1] == '\r' || t[p - 1] == '\n') {
+            return p;
+        }
+    }
+    return space_end(t, i, n);
+}
+
+/* (left id, right id) -> (rank, merged id), open addressing. */
+typedef struct {
+    uint64_t key; /* left << 32 | right; EMPTY_KEY when free */
+    uint32_t rank, merged;
+} MergeSlot;
+
+#define EMPTY_KEY UINT64_MAX
+
+/* A vocab token by the bytes it stands for (for ignore_merges); length 0 = free. */
+typedef struct {
+    uint64_t hash;
+    size_t offset; /* into word_bytes */
+    uint32_t length;
+    int32_t id;
+} WordSlot;
+
+/* Word cache: short words and their ids, direct-mapped by hash (one 64-byte
+ * line each, 1 MB). Encoding runs without the GIL and threads may share an
+ * encoder, so a lock guards it: each text try-locks it once, and a thread that
+ * finds it busy encodes that text without the cache instead of waiting. */
+#define CACHE_SLOTS 16384
+#define CACHE_BYTES 22
+#define CACHE_IDS 7
+
+typedef struct {
+    uint64_t hash;
+    uint8_t length, count; /* length 0: empty */
+    uint8_t bytes[CACHE_BYTES];
+    int32_t ids[CACHE_IDS];
+} CacheEntry;
+
+typedef struct {
+    PyObject_HEAD
+    int32_t byte_ids[256]; /* token of each byte; -1 if the vocab has none */
+    CacheEntry *cache;
+    PyThread_type_lock cache_lock;
+    MergeSlot *merges;
+    size_t merge_mask;
+    PyObject **id_objects; /* id -> the vocab's int, for 0 <= id < n_ids */
+    uint32_t n_ids;
+    WordSlot *words; /* NULL unless ignore_merges */
+    size_t word_mask;
+    uint8_t *word_bytes;
+    int split, individual_digits, add_prefix_space, ignore_merges, fuse_unk;
+    int32_t unk_id; /* -1: none, unknown bytes are dropped */
+    AddedSet raw_added, normalized_added;
+} Bpe;
+
+/* Ids live in int32 and index id_objects: keep them small. */
+#define MAX_BPE_ID (1 << 24)
+
+static inline uint64_t
+mix64(uint64_t key)
+{
+    return (key * UINT64_C(0x9E3779B97F4A7C15)) >> 29;
+}
+
+static inline const MergeSlot *
+find_merge(const Bpe *b, int32_t left, int32_t right)
+{
+    uint64_t key = (uint64_t)(uint32_t)left << 32 | (uint32_t)right;
+    for (size_t i = mix64(key) & b->merge_mask;; i = (i + 1) & b->merge_mask) {
+        if (b->merges[i].key == key) {
+            return &b->merges[i];
+        }
+        if (b->merges[i].key == EMPTY_KEY) {
+            return NULL;
+        }
+    }
+}
+
+static inline uint64_t
+hash_bytes(const uint8_t *p, size_t n)
+{
+    uint64_t h = HASH_BASIS;
+    for (size_t i = 0; i < n; i++) {
+        h = hash_step(h, p[i]);
+    }
+    return h;
+}
+
+static int32_t
+find_word(const Bpe *b, const uint8_t *p, size_t n)
+{
+    uint64_t h = hash_bytes(p, n);
+    for (size_t i = slot_of(h, b->word_mask);; i = (i + 1) & b->word_mask) {
+        const WordSlot *w = &b->words[i];
+        if (w->length == 0) {
+            return -1;
+        }
+        if (w->hash == h && w->length == n && memcmp(b->word_bytes + w->offset, p, n) == 0) {
+            return w->id;
+        }
+    }
+}
+
+/* Min-heap of merges by (rank, position): HF's BinaryHeap<Merge> order. */
+static inline int
+entry_less(MergeEntry a, MergeEntry b)
+{
+    return a.rank < b.rank || (a.rank == b.rank && a.pos < b.pos);
+}
+
+static void
+heap_push(MergeEntry *heap, size_t *len, MergeEntry e)
+{
+    size_t i = (*len)++;
+    while (i > 0 && entry_less(e, heap[(i - 1) / 2])) {
+        heap[i] = heap[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    heap[i] = e;
+}
+
+static MergeEntry
+heap_pop(MergeEntry *heap, size_t *len)
+{
+    MergeEntry top = heap[0], last = heap[--*len];
+    size_t i = 0, n = *len;
+    for (size_t c; (c = 2 * i + 1) < n; i = c) {
+        if (c + 1 < n && entry_less(heap[c + 1], heap[c])) {
+            c++;
+        }
+        if (!entry_less(heap[c], last)) {
+            break;
+        }
+        heap[i] = heap[c];
+    }
+    if (n > 0) {
+        heap[i] = last;
+    }
+    return top;
+}
+
+static int
+bpe_reserve(BpeBuf *w, size_t n)
+{
+    if (n <= w->cap) {
+        return 0;
+    }
+    size_t cap = w->cap ? w->cap : 64;
+    while (cap < n) {
+        if (cap > (size_t)INT32_MAX / 4) {
+            return -1;
+        }
+        cap *= 2;
+    }
+    /* Bytes, symbols and up to 3 heap entries per byte (n - 1 at first, then
+     * at most 2 pushes per merge). */
+    uint8_t *bytes = PyMem_RawRealloc(w->bytes, cap);
+    if (bytes != NULL) {
+        w->bytes = bytes;
+    }
+    int32_t *ids = PyMem_RawRealloc(w->ids, cap * sizeof(int32_t));
+    if (ids != NULL) {
+        w->ids = ids;
+    }
+    int32_t *prev = PyMem_RawRealloc(w->prev, cap * sizeof(int32_t));
+    if (prev != NULL) {
+        w->prev = prev;
+    }
+    int32_t *next = PyMem_RawRealloc(w->next, cap * sizeof(int32_t));
+    if (next != NULL) {
+        w->next = next;
+    }
+    MergeEntry *heap = PyMem_RawRealloc(w->heap, 3 * cap * sizeof(MergeEntry));
+    if (heap != NULL) {
+        w->heap = heap;
+    }
+    if (bytes == NULL || ids == NULL || prev == NULL || next == NULL || heap == NULL) {
+        return -1;
+    }
+    w->cap = cap;
+    return 0;
+}
+
+static int bpe_merge(const Bpe *b, BpeBuf *w, size_t len, IdBuf *out);
+
+/* BPE of one pre-token, (" " +) t[0:n], onto `out`: HF's BPE::merge_word and
+ * Word::merge_all (tokenizers/src/models/bpe/{model,word}.rs), through the cache. */
+static int
+bpe_word(const Bpe *b, const ucs4 *t, size_t n, int space_first, Scratch *s, IdBuf *out)
+{
+    BpeBuf *w = &s->bpe;
+    if (n > (size_t)INT32_MAX / 8 || bpe_reserve(w, 4 * n + 1) < 0) {
+        return -1;
+    }
+    /* UTF-8 (lone surrogates were made U+FFFD on the way in). */
+    size_t len = 0;
+    if (space_first) {
+        w->bytes[len++] = ' ';
+    }
+    for (size_t i = 0; i < n; i++) {
+        ucs4 c = t[i];
+        if (c < 0x80) {
+            w->bytes[len++] = (uint8_t)c;
+        }
+        else if (c < 0x800) {
+            w->bytes[len++] = (uint8_t)(0xC0 | c >> 6);
+            w->bytes[len++] = (uint8_t)(0x80 | (c & 0x3F));
+        }
+        else if (c < 0x10000) {
+            w->bytes[len++] = (uint8_t)(0xE0 | c >> 12);
+            w->bytes[len++] = (uint8_t)(0x80 | (c >> 6 & 0x3F));
+            w->bytes[len++] = (uint8_t)(0x80 | (c & 0x3F));
+        }
+        else {
+            w->bytes[len++] = (uint8_t)(0xF0 | c >> 18);
+            w->bytes[len++] = (uint8_t)(0x80 | (c >> 12 & 0x3F));
+            w->bytes[len++] = (uint8_t)(0x80 | (c >> 6 & 0x3F));
+            w->bytes[len++] = (uint8_t)(0x80 | (c & 0x3F));
+        }
+    }
+    uint64_t hash = 0;
+    CacheEntry *entry = NULL;
+    if (s->cache_locked && len <= CACHE_BYTES) {
+        hash = hash_bytes(w->bytes, len);
+        entry = &b->cache[hash & (CACHE_SLOTS - 1)];
+        if (entry->length == len && entry->hash == hash
+            && memcmp(entry->bytes, w->bytes, len) == 0) {
+            for (uint8_t i = 0; i < entry->count; i++) {
+                if (ids_push(out, b->id_objects[entry->ids[i]]) < 0) {
+                    return -1;
+                }
+            }
+            return 0;
+        }
+    }
+    size_t mark = out->len;
+    if (b->words != NULL) { /* ignore_merges: a word that is a token is that token */
+        int32_t id = find_word(b, w->bytes, len);
+        if (id >= 0) {
+            return ids_push(out, b->id_objects[id]);
+        }
+    }
+    if (bpe_merge(b, w, len, out) < 0) {
+        return -1;
+    }
+    size_t count = out->len - mark;
+    if (entry != NULL && count <= CACHE_IDS) {
+        entry->hash = hash;
+        entry->length = (uint8_t)len;
+        entry->count = (uint8_t)count;
+        memcpy(entry->bytes, w->bytes, len);
+        if (count > 0) {
+            memcpy(entry->ids, w->result, count * sizeof(int32_t));
+        }
+    }
+    return 0;
+}
+
+/* Word::merge_all on the bytes in w->bytes[0:len]; the ids go to `out` and,
+ * as int32, to w->result. */
+static int
+bpe_merge(const Bpe *b, BpeBuf *w, size_t len, IdBuf *out)
+{
+    /* One symbol per byte; a byte without a token is unk (one per run with
+     * fuse_unk) or, without an unk token, nothing. */
+    int32_t count = 0;
+    for (size_t i = 0; i < len; i++) {
+        int32_t id = b->byte_ids[w->bytes[i]];
+        if (id < 0) {
+            if (b->unk_id < 0 || (b->fuse_unk && i > 0 && b->byte_ids[w->bytes[i - 1]] < 0)) {
+                continue;
+            }
+            id = b->unk_id;
+        }
+        w->ids[count] = id;
+        w->prev[count] = count - 1;
+        w->next[count] = count + 1;
+        count++;
+    }
+    if (count == 0) {
+        return 0;
+    }
+    w->next[count - 1] = -1;
+    w->result = w->prev; /* free once merging is done; filled in order, never ahead */
+    size_t heap_len = 0;
+    for (int32_t i = 0; i + 1 < count; i++) {
+        const MergeSlot *m = find_merge(b, w->ids[i], w->ids[i + 1]);
+        if (m != NULL) {
+            heap_push(w->heap, &heap_len, (MergeEntry){m->rank, (uint32_t)i, m->merged});
+        }
+    }
+    while (heap_len > 0) {
+        MergeEntry top = heap_pop(w->heap, &heap_len);
+        int32_t i = (int32_t)top.pos, j = w->next[i];
+        if (w->ids[i] < 0 || j < 0) {
+            continue;
+        }
+        /* Stale entry: the pair at i has changed since it was pushed. */
+        const MergeSlot *m = find_merge(b, w->ids[i], w->ids[j]);
+        if (m == NULL || m->merged != top.merged) {
+            continue;
+        }
+        w->ids[i] = (int32_t)top.merged;
+        w->ids[j] = -1;
+        int32_t k = w->next[i] = w->next[j];
+        if (k >= 0) {
+            w->prev[k] = i;
+        }
+        int32_t h = w->prev[i];
+        if (h >= 0 && (m = find_merge(b, w->ids[h], w->ids[i])) != NULL) {
+            heap_push(w->heap, &heap_len, (MergeEntry){m->rank, (uint32_t)h, m->merged});
+        }
+        if (k >= 0 && (m = find_merge(b, w->ids[i], w->ids[k])) != NULL) {
+            heap_push(w->heap, &heap_len, (MergeEntry){m->rank, (uint32_t)i, m->merged});
+        }
+    }
+    int32_t n_result = 0;
+    for (int32_t i = 0; i >= 0; i = w->next[i]) {
+        w->result[n_result++] = w->ids[i];
+        if (ids_push(out, b->id_objects[w->ids[i]]) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The split regex over one segment, then BPE of each pre-token. */
+static int
+bpe_segment(const Bpe *b, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
+{
+    if (b->split == SPLIT_GPT2 && b->add_prefix_space && t[0] != ' ') {
+        /* ByteLevel(add_prefix_space) puts the space in before its regex runs. */
+        s->tmp.len = 0;
+        if (text_reserve(&s->tmp, n + 1) < 0) {
+            return -1;
+        }
+        s->tmp.data[0] = ' ';
+        memcpy(s->tmp.data + 1, t, n * sizeof(ucs4));
+        t = s->tmp.data;
+        n++;
+    }
+    for (size_t i = 0; i < n;) {
+        size_t end = b->split == SPLIT_GPT2 ? gpt2_end(t, i, n) : llama3_end(t, i, n);
+        /* After a Split step, ByteLevel adds the prefix space to each piece. */
+        int space_first = b->split == SPLIT_LLAMA3 && b->add_prefix_space && t[i] != ' ';
+        if (bpe_word(b, t + i, end - i, space_first, s, out) < 0) {
+            return -1;
+        }
+        i = end;
+    }
+    return 0;
+}
+
+/* Digits(individual_digits=True) first, when set: each numeric char alone. */
+static int
+bpe_words(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
+{
+    const Bpe *b = ctx;
+    for (size_t start = 0, stop; start < n; start = stop) {
+        stop = n;
+        if (b->individual_digits) {
+            stop = start + 1;
+            if (!(char_flags(t[start]) & F_NUMERIC)) {
+                while (stop < n && !(char_flags(t[stop]) & F_NUMERIC)) {
+                    stop++;
+                }
+            }
+        }
+        if (bpe_segment(b, t + start, stop - start, s, out) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int
+bpe_raw_piece(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
+{
+    /* No normalizer: "normalized" added tokens are matched as written, after the others. */
+    return split_added(ctx, &((const Bpe *)ctx)->normalized_added, t, n, bpe_words, s, out);
+}
+
+static int
+bpe_text(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
+{
+    const Bpe *b = ctx;
+    s->cache_locked = PyThread_acquire_lock(b->cache_lock, NOWAIT_LOCK);
+    int status = split_added(ctx, &b->raw_added, t, n, bpe_raw_piece, s, out);
+    if (s->cache_locked) {
+        PyThread_release_lock(b->cache_lock);
+        s->cache_locked = 0;
+    }
+    return status;
+}
+
+/* GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the
+ * other 68 for U+0100 onwards, in byte order. */
+static void
+byte_level_chars(ucs4 chars[256])
+{
+    ucs4 extra = 0x100;
+    for (int byte = 0; byte < 256; byte++) {
+        int keep = (byte >= 0x21 && byte <= 0x7E) || (byte >= 0xA1 && byte <= 0xAC) || byte >= 0xAE;
+        chars[byte] = keep ? (ucs4)byte : extra++;
+    }
+}
+
+static int32_t
+bpe_id(PyObject *vocab, PyObject *token, Py_ssize_t rank)
+{
+    PyObject *id = PyDict_GetItemWithError(vocab, token);
+    if (id == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_Format(PyExc_ValueError,
+                         "merge %zd uses %R, which is not in the vocab.", rank, token);
+        }
+        return -1;
+    }
+    return (int32_t)PyLong_AsLong(id); /* checked when the vocab was read */
+}
+
+static int
+build_bpe_vocab(Bpe *b, PyObject *vocab)
+{
+    ucs4 byte_chars[256];
+    int16_t char_byte[0x144]; /* byte-level char -> its byte; -1 if not one */
+    byte_level_chars(byte_chars);
+    memset(char_byte, 0xFF, sizeof(char_byte));
+    for (int byte = 0; byte < 256; byte++) {
+        char_byte[byte_chars[byte]] = (int16_t)byte;
+        b->byte_ids[byte] = -1;
+    }
+    /* First pass: check the ids, size the tables. */
+    Py_ssize_t pos = 0, total = 0;
+    PyObject *key, *value;
+    long most = -1;
+    while (PyDict_Next(vocab, &pos, &key, &value)) {
+        if (!PyUnicode_Check(key)) {
+            PyErr_Format(PyExc_TypeError, "vocab keys must be str, got %R", key);
+            return -1;
+        }
+        PyObject *index = id_object(value, key);
+        if (index == NULL) {
+            return -1;
+        }
+        long id = PyLong_AsLong(index);
+        Py_DECREF(index);
+        if (id < 0 || id >= MAX_BPE_ID) {
+            if (!PyErr_Occurred() || PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_ValueError, "the id of token %R must be in range(2**24), got %R",
+                             key, value);
+            }
+            return -1;
+        }
+        most = id > most ? id : most;
+        total += PyUnicode_GET_LENGTH(key);
+    }
+    b->n_ids = (uint32_t)(most + 1);
+    b->id_objects = PyMem_Calloc(most + 1 > 0 ? most + 1 : 1, sizeof(PyObject *));
+    if (b->id_objects == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    size_t slots = 8;
+    while (slots < 2 * (size_t)PyDict_GET_SIZE(vocab)) {
+        slots *= 2;
+    }
+    if (b->ignore_merges) {
+        b->words = PyMem_Calloc(slots, sizeof(WordSlot));
+        b->word_bytes = PyMem_Malloc(total ? total : 1);
+        if (b->words == NULL || b->word_bytes == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->word_mask = slots - 1;
+    }
+    size_t offset = 0;
+    pos = 0;
+    while (PyDict_Next(vocab, &pos, &key, &value)) {
+        PyObject *id = PyNumber_Index(value);
+        if (id == NULL) {
+            return -1;
+        }
+        int32_t index = (int32_t)PyLong_AsLong(id);
+        Py_XSETREF(b->id_objects[index], id);
+        /* The bytes a token stands for, if all its chars are byte-level chars. */
+        Py_ssize_t length = PyUnicode_GET_LENGTH(key);
+        int kind = PyUnicode_KIND(key);
+        const void *data = PyUnicode_DATA(key);
+        size_t start = offset;
+        int all_bytes = length > 0;
+        for (Py_ssize_t i = 0; i < length && all_bytes; i++) {
+            ucs4 c = PyUnicode_READ(kind, data, i);
+            all_bytes = c < 0x144 && char_byte[c] >= 0;
+            if (all_bytes && b->words != NULL) {
+                b->word_bytes[offset++] = (uint8_t)char_byte[c];
+            }
+        }
+        if (all_bytes && length == 1) {
+            b->byte_ids[char_byte[PyUnicode_READ(kind, data, 0)]] = index;
+        }
+        if (all_bytes && b->words != NULL) {
+            uint64_t h = hash_bytes(b->word_bytes + start, offset - start);
+            size_t slot = slot_of(h, b->word_mask);
+            while (b->words[slot].length != 0) {
+                slot = (slot + 1) & b->word_mask;
+            }
+            b->words[slot] = (WordSlot){h, start, (uint32_t)(offset - start), index};
+        }
+        else {
+            offset = start;
+        }
+    }
+    return 0;
+}
+
+static int
+build_merges(Bpe *b, PyObject *vocab, PyObject *merges_arg)
+{
+    PyObject *merges = PySequence_List(merges_arg);
+    if (merges == NULL) {
+        return -1;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(merges);
+    size_t slots = 8;
+    while (slots < 2 * (size_t)count) {
+        slots *= 2;
+    }
+    b->merges = PyMem_Malloc(slots * sizeof(MergeSlot));
+    if (b->merges == NULL) {
+        Py_DECREF(merges);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (size_t i = 0; i < slots; i++) {
+        b->merges[i].key = EMPTY_KEY;
+    }
+    b->merge_mask = slots - 1;
+    for (Py_ssize_t rank = 0; rank < count; rank++) {
+        PyObject *left, *right, *merged;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(merges, rank), "UU;a merge is a pair of str", &left,
+                              &right)) {
+            goto error;
+        }
+        int32_t l = bpe_id(vocab, left, rank), r = bpe_id(vocab, right, rank);
+        if (l < 0 || r < 0 || (merged = PyUnicode_Concat(left, right)) == NULL) {
+            goto error;
+        }
+        int32_t m = bpe_id(vocab, merged, rank);
+        Py_DECREF(merged);
+        if (m < 0) {
+            goto error;
+        }
+        /* A pair listed twice keeps its last rank, as in the twin's dict. */
+        uint64_t key = (uint64_t)(uint32_t)l << 32 | (uint32_t)r;
+        size_t i = mix64(key) & b->merge_mask;
+        while (b->merges[i].key != EMPTY_KEY && b->merges[i].key != key) {
+            i = (i + 1) & b->merge_mask;
+        }
+        b->merges[i] = (MergeSlot){key, (uint32_t)rank, (uint32_t)m};
+    }
+    Py_DECREF(merges);
+    return 0;
+error:
+    Py_DECREF(merges);
+    return -1;
+}
+
+static void
+Bpe_dealloc(PyObject *self)
+{
+    Bpe *b = (Bpe *)self;
+    PyTypeObject *type = Py_TYPE(self);
+    for (uint32_t i = 0; b->id_objects != NULL && i < b->n_ids; i++) {
+        Py_XDECREF(b->id_objects[i]);
+    }
+    PyMem_Free(b->id_objects);
+    PyMem_Free(b->merges);
+    PyMem_Free(b->cache);
+    if (b->cache_lock != NULL) {
+        PyThread_free_lock(b->cache_lock);
+    }
+    PyMem_Free(b->words);
+    PyMem_Free(b->word_bytes);
+    added_set_clear(&b->raw_added);
+    added_set_clear(&b->normalized_added);
+    type->tp_free(self);
+    Py_DECREF(type);
+}
+
+static PyObject *
+Bpe_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"vocab",         "merges",   "split",    "individual_digits",
+                               "add_prefix_space", "ignore_merges", "unk_id", "fuse_unk",
+                               "added_tokens",  NULL};
+    PyObject *vocab_arg, *merges, *split = NULL, *unk_id = Py_None, *added_tokens = NULL;
+    int individual_digits = -1, add_prefix_space = -1, ignore_merges = -1, fuse_unk = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$UpppOpO:BPEEncoder", keywords, &vocab_arg,
+                                     &merges, &split, &individual_digits, &add_prefix_space,
+                                     &ignore_merges, &unk_id, &fuse_unk, &added_tokens)) {
+        return NULL;
+    }
+    const char *missing = split == NULL                ? "split"
+                          : individual_digits < 0      ? "individual_digits"
+                          : add_prefix_space < 0       ? "add_prefix_space"
+                          : ignore_merges < 0          ? "ignore_merges"
+                                                       : NULL;
+    if (missing != NULL) {
+        PyErr_Format(PyExc_TypeError, "BPEEncoder() missing required keyword-only argument: '%s'",
+                     missing);
+        return NULL;
+    }
+    int split_kind = PyUnicode_CompareWithASCIIString(split, "gpt2") == 0     ? SPLIT_GPT2
+                     : PyUnicode_CompareWithASCIIString(split, "llama3") == 0 ? SPLIT_LLAMA3
+                                                                              : -1;
+    if (split_kind < 0) {
+        PyErr_Format(PyExc_ValueError, "Unknown split %R. Available: gpt2, llama3.", split);
+        return NULL;
+    }
+    PyObject *vocab = PyObject_CallOneArg((PyObject *)&PyDict_Type, vocab_arg);
+    if (vocab == NULL) {
+        return NULL;
+    }
+    Bpe *b = (Bpe *)type->tp_alloc(type, 0);
+    if (b == NULL) {
+        Py_DECREF(vocab);
+        return NULL;
+    }
+    b->split = split_kind;
+    b->individual_digits = individual_digits;
+    b->add_prefix_space = add_prefix_space;
+    b->ignore_merges = ignore_merges;
+    b->fuse_unk = fuse_unk;
+    b->unk_id = -1;
+    b->cache = PyMem_Calloc(CACHE_SLOTS, sizeof(CacheEntry));
+    b->cache_lock = PyThread_allocate_lock();
+    if (b->cache == NULL || b->cache_lock == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    if (build_bpe_vocab(b, vocab) < 0 || build_merges(b, vocab, merges) < 0) {
+        goto error;
+    }
+    if (unk_id != Py_None) {
+        long id = PyLong_AsLong(unk_id);
+        if (id == -1 && PyErr_Occurred()) {
+            goto error;
+        }
+        if (id < 0 || id >= (long)b->n_ids || b->id_objects[id] == NULL) {
+            PyErr_Format(PyExc_ValueError, "unk_id %R is not an id of the vocab", unk_id);
+            goto error;
+        }
+        b->unk_id = (int32_t)id;
+    }
+    if (added_tokens != NULL
+        && build_added_tokens(&b->raw_added, &b->normalized_added, NULL, added_tokens) < 0) {
+        goto error;
+    }
+    Py_DECREF(vocab);
+    return (PyObject *)b;
+error:
+    Py_DECREF(vocab);
+    Py_DECREF(b);
+    return NULL;
+}
+
+static PyObject *
+Bpe_encode(PyObject *self, PyObject *text)
+{
+    return encode_one(self, text, bpe_text, 1);
+}
+
+static PyObject *
+Bpe_encode_batch(PyObject *self, PyObject *texts)
+{
+    return encode_many(self, texts, bpe_text, 1);
+}
+
+static PyMethodDef Bpe_methods[] = {
+    {"encode", Bpe_encode, METH_O,
+     PyDoc_STR("encode(text, /)\n--\n\nContent ids of `text` (no special tokens).")},
+    {"encode_batch", Bpe_encode_batch, METH_O,
+     PyDoc_STR("encode_batch(texts, /)\n--\n\n"
+               "encode() of each str in `texts`, in one call without the GIL.")},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Bpe_slots[] = {
+    {Py_tp_new, Bpe_new},
+    {Py_tp_dealloc, Bpe_dealloc},
+    {Py_tp_methods, Bpe_methods},
+    {Py_tp_doc,
+     PyDoc_STR("BPEEncoder(vocab, merges, *, split, individual_digits, add_prefix_space, "
+               "ignore_merges, unk_id=None, fuse_unk=False, added_tokens=())\n--\n\n"
+               "Text to content ids with a byte-level pre-tokenizer and BPE merges; the C twin "
+               "of runtime._tokenizer_py.BPEEncoder.")},
+    {0, NULL},
+};
+
+static PyType_Spec Bpe_spec = {
+    .name = "runtime._tokenizer_c.BPEEncoder",
+    .basicsize = sizeof(Bpe),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Bpe_slots,
+};
 
 /* ---------------------------------------------------------------- the module */
 
@@ -1187,13 +2064,19 @@ module_exec(PyObject *module)
     if (!same) {
         return -1;
     }
-    PyObject *type = PyType_FromModuleAndSpec(module, &Encoder_spec, NULL);
-    if (type == NULL) {
-        return -1;
+    PyType_Spec *specs[] = {&Encoder_spec, &Bpe_spec};
+    for (size_t i = 0; i < N_ROWS(specs); i++) {
+        PyObject *type = PyType_FromModuleAndSpec(module, specs[i], NULL);
+        if (type == NULL) {
+            return -1;
+        }
+        int status = PyModule_AddType(module, (PyTypeObject *)type);
+        Py_DECREF(type);
+        if (status < 0) {
+            return -1;
+        }
     }
-    int status = PyModule_AddType(module, (PyTypeObject *)type);
-    Py_DECREF(type);
-    return status;
+    return 0;
 }
 
 static PyModuleDef_Slot module_slots[] = {
@@ -1210,7 +2093,7 @@ static PyModuleDef_Slot module_slots[] = {
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "runtime._tokenizer_c",
-    .m_doc = "C twin of runtime._tokenizer_py: the WordPiece hot loop, text in, ids out.",
+    .m_doc = "C twin of runtime._tokenizer_py: WordPiece and byte-level BPE, text in, ids out.",
     .m_size = 0,
     .m_slots = module_slots,
 };

@@ -1,6 +1,6 @@
 """C twin of `runtime._tokenizer_py` (runtime/_tokenizer_c.c): same ids for every str."""
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from ._tokenizer_py import AddedToken
 
@@ -26,5 +26,31 @@ class WordPieceEncoder:
     ) -> None: ...
     def encode(self, text: str, /) -> list[int]:
         """Content ids of `text`: added tokens, then normalize/pre-tokenize/WordPiece."""
+    def encode_batch(self, texts: Iterable[str], /) -> list[list[int]]:
+        """`encode` of each text, in one call that releases the GIL throughout."""
+
+class BPEEncoder:
+    """Text to content ids with a byte-level pre-tokenizer and BPE merges.
+
+    Takes what `_tokenizer_py.BPEEncoder` takes (token ids below 2**24). Threads
+    may share one: encoding releases the GIL, and the word cache inside is
+    guarded by a lock that is only ever try-locked.
+    """
+
+    def __init__(
+        self,
+        vocab: Mapping[str, int],
+        merges: Iterable[Sequence[str]],
+        *,
+        split: str,
+        individual_digits: bool,
+        add_prefix_space: bool,
+        ignore_merges: bool,
+        unk_id: int | None = None,
+        fuse_unk: bool = False,
+        added_tokens: Iterable[AddedToken] = (),
+    ) -> None: ...
+    def encode(self, text: str, /) -> list[int]:
+        """Content ids of `text`: added tokens, then pre-tokenize and BPE each word."""
     def encode_batch(self, texts: Iterable[str], /) -> list[list[int]]:
         """`encode` of each text, in one call that releases the GIL throughout."""

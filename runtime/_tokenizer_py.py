@@ -1,13 +1,19 @@
-"""Pure-Python WordPiece hot loop: text in, content ids out.
+"""Pure-Python tokenizer hot loops: text in, content ids out.
 
 This is the readable reference for `runtime.tokenizer`. It ports, step by step,
-what Hugging Face `tokenizers` (Rust, v0.22) does for BERT-family files:
+what Hugging Face `tokenizers` (Rust, v0.22) does for two families of files:
 
+    WordPiece (BERT):
     added tokens  ->  BertNormalizer  ->  BertPreTokenizer  ->  WordPiece  ->  ids
     (added_vocabulary.rs) (normalizers/bert.rs) (pre_tokenizers/bert.rs) (models/wordpiece)
 
+    byte-level BPE (GPT-2, Llama-3, SmolLM2):
+    added tokens  ->  [Digits]  ->  regex split  ->  UTF-8 bytes  ->  BPE merges  ->  ids
+                 (pre_tokenizers/digits.rs, byte_level.rs, split.rs)  (models/bpe/word.rs)
+
 A C twin (`runtime._tokenizer_c`) may replace it; it must offer the same
-surface: `WordPieceEncoder(vocab, **options)` and `.encode(text) -> list[int]`.
+surface: `WordPieceEncoder(vocab, **options)` and `BPEEncoder(vocab, merges,
+**options)`, each with `.encode(text) -> list[int]`.
 Special tokens, truncation and decoding are policy and live in `tokenizer.py`.
 
 Unicode tables. HF decides "control", "punctuation" and "non-spacing mark" with
@@ -34,6 +40,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import heapq
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
@@ -350,6 +358,258 @@ class WordPieceEncoder:
                 if piece
                 for token_id in self.word_piece(piece)
             )
+            if len(word) <= _CACHE_MAX_WORD_CHARS:
+                if len(self._cache) >= _CACHE_WORDS:
+                    self._cache.clear()
+                self._cache[word] = ids
+        return ids
+
+
+# ------------------------------------------------------------ byte-level BPE
+
+# HF's byte-level regexes run on Oniguruma, whose \p{L} and \p{N} are Unicode 16
+# in tokenizers 0.22; Python's unicodedata is older (14.0 on 3.11). The classes
+# are Python's L* / N* categories plus the code points these lists add (those
+# assigned in Unicode 15 and 16); tests/test_tokenizer.py checks them against HF
+# on every code point. (A Python with Unicode 17 would know letters HF does not.)
+_LETTER_ADDITIONS = """
+    1C89-1C8A A7CB-A7CD A7DA-A7DC 105C0-105F3 10D4A-10D65 10D6F-10D85 10EC2-10EC4 1123F-11240
+    11380-11389 1138B 1138E 11390-113B5 113B7 113D1 113D3 11BC0-11BE0 11F02 11F04-11F10
+    11F12-11F33 1342F 13441-13446 13460-143FA 16100-1611D 16D40-16D6C 18CFF 1B132 1B155
+    1DF25-1DF2A 1E030-1E06D 1E4D0-1E4EB 1E5D0-1E5ED 1E5F0 2B739 2EBF0-2EE5D 31350-323AF
+"""
+_NUMBER_ADDITIONS = """
+    10D40-10D49 116D0-116E3 11BF0-11BF9 11F50-11F59 16130-16139 16D70-16D79 1CCF0-1CCF9
+    1D2C0-1D2D3 1E4F0-1E4F9 1E5F1-1E5FA
+"""
+# The Digits pre-tokenizer uses Rust's char::is_numeric (Unicode 17): \p{N} and these.
+_NUMERIC_ADDITIONS = "11DE0-11DE9 16FF4-16FF6"
+
+# Regex `\s` in Oniguruma is White_Space, the same set as Rust's is_whitespace.
+_SPACE = _WHITESPACE
+
+# The two split regexes we implement, exactly as tokenizer.json spells them.
+# GPT-2's is what ByteLevel(use_regex=True) applies (pre_tokenizers/byte_level.rs).
+GPT2_PATTERN = (
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+)
+# Llama-3's, used as a Split pre-tokenizer before ByteLevel(use_regex=False).
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPLIT_PATTERNS = {"gpt2": GPT2_PATTERN, "llama3": LLAMA3_PATTERN}
+
+
+def _category_class(first_letter: str, additions: str) -> str:
+    """Character-class body: Python's categories starting with `first_letter`, plus `additions`."""
+    category, ranges, start = unicodedata.category, [], None
+    for cp in range(0x110001):
+        inside = cp < 0x110000 and category(chr(cp))[0] == first_letter
+        if inside and start is None:
+            start = cp
+        elif not inside and start is not None:
+            ranges.append(f"{start:X}-{cp - 1:X}")
+            start = None
+    return _char_class(" ".join(ranges) + additions)
+
+
+@functools.cache
+def byte_level_classes() -> dict[str, str]:
+    """Regex class bodies of HF's \\p{L}, \\p{N} and is_numeric (built once, ~0.3 s)."""
+    letter = _category_class("L", _LETTER_ADDITIONS)
+    number = _category_class("N", _NUMBER_ADDITIONS)
+    return {"letter": letter, "number": number, "numeric": number + _char_class(_NUMERIC_ADDITIONS)}
+
+
+@functools.cache
+def _split_regex(split: str) -> re.Pattern:
+    """SPLIT_PATTERNS[split] in Python's `re` (a backtracking engine like Oniguruma,
+    so alternation order and the (?!\\S) lookahead behave the same)."""
+    classes = byte_level_classes()
+    pattern = SPLIT_PATTERNS[split]
+    for name, body in [
+        (r"[^\s\p{L}\p{N}]", f"[^{_SPACE}{classes['letter']}{classes['number']}]"),
+        (r"[^\r\n\p{L}\p{N}]", f"[^\\r\\n{classes['letter']}{classes['number']}]"),
+        (r"\p{L}", f"[{classes['letter']}]"),
+        (r"\p{N}", f"[{classes['number']}]"),
+        (r"(?!\S)", f"(?![^{_SPACE}])"),
+        (r"\s", f"[{_SPACE}]"),
+    ]:
+        pattern = pattern.replace(name, body)
+    return re.compile(pattern)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable char map: printable Latin-1 bytes map to
+    themselves, the other 68 to U+0100 onwards, in byte order."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(0x100, 0x200))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+BYTE_TO_CHAR = _bytes_to_unicode()
+# str.translate table: Latin-1 char of a byte -> its byte-level char.
+_LATIN1_TO_BYTE_LEVEL = dict(enumerate(BYTE_TO_CHAR))
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+class BPEEncoder:
+    """Text to content ids with a byte-level pre-tokenizer and BPE merges.
+
+    `merges` are (left, right) token pairs, highest priority first. `split` names
+    the regex ("gpt2" or "llama3", see SPLIT_PATTERNS); `individual_digits`
+    puts a Digits(individual_digits=True) step before it; `add_prefix_space` and
+    `ignore_merges`, `unk_id` and `fuse_unk` are the ByteLevel and BPE options
+    of those names (`unk_id` the id of BPE's unk_token, or None). A lone
+    surrogate (not valid UTF-8, so HF cannot take it) is read as U+FFFD.
+
+    Example:
+        >>> vocab = {c: i for i, c in enumerate(BYTE_TO_CHAR)} | {"Ġh": 256, "Ġhi": 257}
+        >>> BPEEncoder(vocab, [("Ġ", "h"), ("Ġh", "i")], split="gpt2",
+        ...     individual_digits=False, add_prefix_space=False,
+        ...     ignore_merges=False).encode("hi hi")
+        [72, 73, 257]
+    """
+
+    def __init__(
+        self,
+        vocab: Mapping[str, int],
+        merges: Iterable[tuple[str, str]],
+        *,
+        split: str,
+        individual_digits: bool,
+        add_prefix_space: bool,
+        ignore_merges: bool,
+        unk_id: int | None = None,
+        fuse_unk: bool = False,
+        added_tokens: Iterable[AddedToken] = (),
+    ) -> None:
+        if split not in SPLIT_PATTERNS:
+            raise ValueError(f"Unknown split {split!r}. Available: {', '.join(SPLIT_PATTERNS)}.")
+        self._vocab = dict(vocab)
+        # Id of each byte's token; None where the vocab lacks it (SmolLM2 has no
+        # tokens for most control bytes): such bytes become unk_id, or vanish
+        # without one, as in HF's BPE::merge_word.
+        self._byte_ids = [self._vocab.get(c) for c in BYTE_TO_CHAR]
+        self._unk_id = unk_id
+        self._fuse_unk = fuse_unk
+        # (left id, right id) -> (rank, merged id); a pair listed twice keeps its last rank,
+        # as in HF (models/bpe/model.rs collects the merges into a HashMap).
+        self._merges: dict[tuple[int, int], tuple[int, int]] = {}
+        for rank, (left, right) in enumerate(merges):
+            try:
+                pair = (self._vocab[left], self._vocab[right])
+                self._merges[pair] = (rank, self._vocab[left + right])
+            except KeyError as e:
+                raise ValueError(
+                    f"merge {rank} ({left!r}, {right!r}) uses {e.args[0]!r}, which is not in "
+                    "the vocab."
+                ) from e
+        self._split = split
+        self._pattern = _split_regex(split)
+        self._numeric = (
+            re.compile(f"([{byte_level_classes()['numeric']}])") if individual_digits else None
+        )
+        self._add_prefix_space = add_prefix_space
+        self._ignore_merges = ignore_merges
+        self._cache: dict[str, tuple[int, ...]] = {}
+        added_tokens = list(added_tokens)
+        # No normalizer: a "normalized" token is matched in the raw text, but in
+        # a second pass, after the others (as HF does).
+        self._raw_added = _AddedTokenSplitter(t for t in added_tokens if not t.normalized)
+        self._normalized_added = _AddedTokenSplitter(t for t in added_tokens if t.normalized)
+
+    def encode(self, text: str) -> list[int]:
+        """Content ids of `text`: added tokens, then pre-tokenize and BPE each word."""
+        if not text.isascii():
+            text = _SURROGATE_RE.sub("\ufffd", text)
+        ids: list[int] = []
+        for piece, added_id in self._raw_added.split(text):
+            if added_id is not None:
+                ids.append(added_id)
+                continue
+            for part, added_id in self._normalized_added.split(piece):
+                if added_id is not None:
+                    ids.append(added_id)
+                    continue
+                for word in self.pre_tokenize(part):
+                    ids.extend(self._word_ids(word))
+        return ids
+
+    def pre_tokenize(self, text: str) -> list[str]:
+        """The words BPE runs on, as HF's pre-tokenizer cuts `text` (no byte mapping)."""
+        segments = [s for s in self._numeric.split(text) if s] if self._numeric else [text]
+        words = []
+        for segment in segments:
+            if self._split == "gpt2":  # ByteLevel(use_regex=True): prefix, then split
+                if self._add_prefix_space and not segment.startswith(" "):
+                    segment = " " + segment
+                words += self._pattern.findall(segment)
+            else:  # Split(regex), then ByteLevel(use_regex=False) adds the prefix per piece
+                for word in self._pattern.findall(segment):
+                    add = self._add_prefix_space and not word.startswith(" ")
+                    words.append(" " + word if add else word)
+        return words
+
+    def bpe(self, word: bytes) -> list[int]:
+        """HF's Word::merge_all: the lowest-ranked merge (leftmost on ties) until none applies.
+
+        A heap of (rank, position, merged id) with lazy deletion, as in
+        tokenizers/src/models/bpe/word.rs, including its staleness test (the
+        pair now at `position` must still merge into `merged id`).
+        """
+        if self._ignore_merges:
+            token_id = self._vocab.get(word.decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL))
+            if token_id is not None:
+                return [token_id]
+        symbols: list[int | None] = [self._byte_ids[b] for b in word]
+        if None in symbols:
+            symbols = self._unknown_bytes(symbols)
+        n, merges = len(symbols), self._merges
+        after = [*range(1, n), -1]  # linked list over the live symbols
+        before = list(range(-1, n - 1))
+        heap = [
+            (rank, i, new)
+            for i in range(n - 1)
+            for rank, new in [merges.get((symbols[i], symbols[i + 1]), (None, None))]
+            if rank is not None
+        ]
+        heapq.heapify(heap)
+        while heap:
+            _, i, new = heapq.heappop(heap)
+            j = after[i]
+            if symbols[i] is None or j < 0:
+                continue
+            if merges.get((symbols[i], symbols[j]), (0, None))[1] != new:
+                continue  # stale: the pair at i changed since this entry was pushed
+            symbols[i], symbols[j] = new, None
+            k = after[i] = after[j]
+            if k >= 0:
+                before[k] = i
+            h = before[i]
+            if h >= 0 and (merge := merges.get((symbols[h], new))):
+                heapq.heappush(heap, (merge[0], h, merge[1]))
+            if k >= 0 and (merge := merges.get((new, symbols[k]))):
+                heapq.heappush(heap, (merge[0], i, merge[1]))
+        return [s for s in symbols if s is not None]
+
+    def _unknown_bytes(self, symbols: list[int | None]) -> list[int | None]:
+        """Bytes without a token become unk_id (one per run with fuse_unk), or go."""
+        if self._unk_id is None:
+            return [s for s in symbols if s is not None]
+        out: list[int | None] = []
+        for i, symbol in enumerate(symbols):
+            if symbol is not None:
+                out.append(symbol)
+            elif not (self._fuse_unk and i and symbols[i - 1] is None):
+                out.append(self._unk_id)
+        return out
+
+    def _word_ids(self, word: str) -> tuple[int, ...]:
+        ids = self._cache.get(word)
+        if ids is None:
+            ids = tuple(self.bpe(word.encode("utf-8")))
             if len(word) <= _CACHE_MAX_WORD_CHARS:
                 if len(self._cache) >= _CACHE_WORDS:
                     self._cache.clear()

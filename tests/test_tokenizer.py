@@ -381,13 +381,13 @@ def _set(data, dotted, value):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("model.type", "BPE", "model.type 'BPE'.*'WordPiece'"),
+        ("model.type", "Unigram", "model.type 'Unigram'.*'WordPiece' or 'BPE'"),
         ("normalizer.type", "NFKC", "normalizer.type 'NFKC'.*'BertNormalizer'"),
         ("pre_tokenizer", {"type": "ByteLevel"}, "pre_tokenizer.type 'ByteLevel'"),
         (
             "post_processor.type",
-            "ByteLevel",
-            "post_processor.type 'ByteLevel'.*'TemplateProcessing'",
+            "Split",
+            "post_processor.type 'Split'.*'TemplateProcessing'",
         ),
         ("decoder.type", "ByteLevel", "decoder.type 'ByteLevel'.*'WordPiece'"),
         ("model.unk_token", "<unk>", "unk_token '<unk>' is not in model.vocab"),

@@ -66,7 +66,7 @@ ADDED_TOKENS = [
 def vocab() -> dict[str, int]:
     from runtime.tokenizer import _read_tokenizer_json
 
-    return _read_tokenizer_json(REFERENCE)["vocab"]
+    return _read_tokenizer_json(REFERENCE)[1]["vocab"]
 
 
 def encoders(vocab, flags: dict[str, bool], **options):
@@ -310,10 +310,11 @@ def test_stub_matches_the_module():
     tree = ast.parse(stub.read_text(encoding="utf-8"))
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     public = {name for name in vars(_tokenizer_c) if not name.startswith("_")}
-    assert set(classes) == public == {"WordPieceEncoder"}
-    methods = {n.name for n in classes["WordPieceEncoder"].body if isinstance(n, ast.FunctionDef)}
-    have = {name for name in vars(_tokenizer_c.WordPieceEncoder) if not name.startswith("_")}
-    assert methods - {"__init__"} == have == {"encode", "encode_batch"}
+    assert set(classes) == public == {"WordPieceEncoder", "BPEEncoder"}
+    for name in public:
+        methods = {n.name for n in classes[name].body if isinstance(n, ast.FunctionDef)}
+        have = {attr for attr in vars(getattr(_tokenizer_c, name)) if not attr.startswith("_")}
+        assert methods - {"__init__"} == have == {"encode", "encode_batch"}
 
 
 def test_tokenizer_prefers_c():
@@ -355,3 +356,142 @@ else:
     @pytest.mark.skip(reason="hypothesis is not installed (pip install hypothesis)")
     def test_property_test_needs_hypothesis():
         pass
+
+
+# =============================================================== byte-level BPE
+
+BPE_ADDED_TOKENS = [
+    AddedToken("<|im_start|>", 1, special=True),
+    AddedToken("<|im_end|>", 2, special=True),
+    AddedToken("<mask>", 49152, lstrip=True, rstrip=True),
+    AddedToken("xyz", 49153, single_word=True),
+    AddedToken("Home Assistant", 49154, normalized=True),
+    AddedToken("é x", 49155),
+    AddedToken("\ufffd!", 49156),  # what a lone surrogate + "!" reads as
+    AddedToken("\ud800", 49157),  # never matched: surrogates are U+FFFD by then
+]
+
+# (split, individual_digits, add_prefix_space, ignore_merges, unk) for each setting tested.
+BPE_SETTINGS = [
+    ("gpt2", True, False, False, True),  # SmolLM2
+    ("gpt2", False, False, False, False),  # GPT-2, unknown bytes dropped
+    ("gpt2", True, True, True, True),
+    ("llama3", False, False, True, True),  # Llama-3
+    ("llama3", True, True, False, False),
+]
+
+
+@pytest.fixture(scope="module")
+def bpe_pairs(smollm2_tokenizer_json) -> list[tuple]:
+    """(C encoder, twin) pairs built from SmolLM2's vocab and merges, one per setting."""
+    from runtime.tokenizer import _read_tokenizer_json
+
+    _, data = _read_tokenizer_json(smollm2_tokenizer_json)
+    pairs = []
+    for split, digits, prefix, ignore, unk in BPE_SETTINGS:
+        arguments = dict(
+            split=split,
+            individual_digits=digits,
+            add_prefix_space=prefix,
+            ignore_merges=ignore,
+            unk_id=0 if unk else None,
+            fuse_unk=unk,
+            added_tokens=BPE_ADDED_TOKENS,
+        )
+        pairs.append(
+            (
+                _tokenizer_c.BPEEncoder(data["vocab"], data["merges"], **arguments),
+                _tokenizer_py.BPEEncoder(data["vocab"], data["merges"], **arguments),
+            )
+        )
+    return pairs
+
+
+BPE_HARD_TEXTS = HARD_TEXTS[:-1] + [
+    "<|im_start|>user\n<mask> xyz axyz Home Assistant é x\ud800!<|im_end|>",
+    "It's IT'S it'ſ 'll 'LL 're '  \r\n\r\n  \n \t\n x",
+    "1" * 5000 + " 12345 ١٢٣ \U0001e4f0 \U00011de0",
+    "\x00\x01\x02\x03 \x04\x04 a\x7fb",
+    "é" * 3000,
+    # About 1 MB: words, digits, newlines, specials.
+    " ".join(_rng.choices(["the", "Kitchen", "light's", "naïve", "家", "42", "\n", "<|im_end|>"],
+                          k=150_000)),
+    "ab" * 300_000,  # one 600k-char word: the heap keeps BPE at n log n
+]
+
+
+@pytest.mark.parametrize("text", BPE_HARD_TEXTS, ids=range(len(BPE_HARD_TEXTS)))
+def test_bpe_hard_texts_match_the_twin(bpe_pairs, text):
+    for c_encoder, twin in bpe_pairs[:: 4 if len(text) > 100_000 else 1]:
+        assert c_encoder.encode(text) == twin.encode(text)
+
+
+def test_bpe_batch_threads_and_errors(bpe_pairs):
+    c_encoder = bpe_pairs[0][0]
+    texts = [t for t in BPE_HARD_TEXTS if len(t) < 100_000]
+    expected = [c_encoder.encode(t) for t in texts]
+    assert c_encoder.encode_batch(texts) == expected
+    results = []
+
+    def work():  # the cache is shared: threads that find it busy go without it
+        results.append(c_encoder.encode_batch(texts) + [c_encoder.encode(t) for t in texts])
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [expected * 2] * 4
+    with pytest.raises(TypeError, match="item 1 is bytes"):
+        c_encoder.encode_batch(["ok", b"bytes"])
+    with pytest.raises(ValueError, match="Unknown split 'gpt3'"):
+        _tokenizer_c.BPEEncoder({}, [], split="gpt3", individual_digits=False,
+                                add_prefix_space=False, ignore_merges=False)
+    with pytest.raises(ValueError, match="range"):
+        _tokenizer_c.BPEEncoder({"a": -1}, [], split="gpt2", individual_digits=False,
+                                add_prefix_space=False, ignore_merges=False)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_bpe_no_leaks(bpe_pairs):
+    c_encoder = bpe_pairs[0][0]
+    short, long_text = "Turn on the Kitchen lights! <|im_end|> naïve 42", "Ünïcode wörds 中文 " * 50
+
+    def churn(seconds: float) -> None:
+        deadline = time.perf_counter() + seconds
+        for i in itertools.count():
+            for _ in range(1000):
+                c_encoder.encode(short)
+            c_encoder.encode(long_text)
+            c_encoder.encode_batch([short, long_text, "", "\ud800"])
+            with pytest.raises(TypeError):
+                c_encoder.encode_batch(["x", None])
+            if i >= 300 or time.perf_counter() > deadline:
+                return
+
+    churn(0.3)
+    gc.collect()
+    before = _rss_bytes()
+    churn(3.0)
+    gc.collect()
+    assert _rss_bytes() - before < 2 * 2**20
+
+
+if given is not None:
+    _BPE_PIECES = [t.content for t in BPE_ADDED_TOKENS] + [
+        "<|im_", "'s", "'S", "'ll", "'LL", "'ſ", "'", " ", "  ", "\t", "\n", "\r", "\r\n",
+        "\x00", "\x04", "1", "23", "4567", "é", "e\u0301", "家", "👨‍👩‍👧", "\u200d", "\ufffd",
+        "hello", " world", "Straße", "١٢٣", "\U0001e4d0", "ab", "x",
+    ]  # fmt: skip
+    _bpe_text = st.lists(
+        st.one_of(st.characters(), st.sampled_from(_BPE_PIECES), st.text(max_size=5)),
+        max_size=30,
+    ).map("".join)
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(texts=st.lists(_bpe_text, min_size=1, max_size=4))
+    def test_bpe_random_text_matches_the_twin(bpe_pairs, texts):
+        for c_encoder, twin in bpe_pairs:
+            expected = [twin.encode(text) for text in texts]
+            assert [c_encoder.encode(text) for text in texts] == expected
+            assert c_encoder.encode_batch(texts) == expected
