@@ -295,7 +295,8 @@ def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
                 "matrices": ", ".join(kinds), "embedding": _form(carried.embedding),
                 "lm_head": "tied: the embedding's blocks" if carried.lm_head is None
                 else _form(carried.lm_head), "block_size": 32,
-                "accuracy_level": settings.accuracy_level}
+                "accuracy_level": settings.accuracy_level,
+                "int8_accuracy_level": settings.int8_accuracy_level}
 
     block = settings.block_size
 
@@ -316,7 +317,8 @@ def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
                  "matrices": _form(out.o[0]), "embedding": _form(out.embedding),
                  "lm_head": "tied: the embedding's int8 blocks" if out.lm_head is None
                  else _form(out.lm_head), "block_size": block,
-                 "accuracy_level": settings.accuracy_level}
+                 "accuracy_level": settings.accuracy_level,
+                "int8_accuracy_level": settings.int8_accuracy_level}
 
 
 def _weight_error(ref: DecoderWeights, ours: DecoderWeights) -> dict:
@@ -349,7 +351,9 @@ def quantize_decoder(job) -> None:
     quantized, record = quantized_weights(job, weights)
     job.quantized_onnx = job.workdir / "model.onnx"
     onnx.save(build(job.decoder_shape, quantized,
-                    accuracy_level=job.target.generation.accuracy_level), job.quantized_onnx)
+                    accuracy_level=job.target.generation.accuracy_level,
+                    int8_accuracy_level=job.target.generation.int8_accuracy_level),
+              job.quantized_onnx)
     job.records["quantization"] = {"mode": "weight-only", **record}
     job.log(f"  {record['weights']}: {record['matrices']}; embedding {record['embedding']} "
             f"({record.get('source', '')}), {job.quantized_onnx.stat().st_size / 1e6:.1f} MB")

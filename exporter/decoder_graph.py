@@ -159,6 +159,9 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
+    def level(self, bits: int) -> int:
+        return self.accuracy_levels[0 if bits == 4 else 1]
+
     def small_floats(self, name: str, array: np.ndarray, *, shape: tuple | None = None,
                      stored_as: str | None = None) -> str:
         """A float32 tensor stored as float16 when that is exact (GGUF scales and minimums are
@@ -198,7 +201,7 @@ class _Graph:
             inputs.append(self.init(f"{name}.zero_points", w.zero_points.reshape(-1)))
         y = self.node("MatMulNBits", inputs, [f"{name}.nbits"], name=name, domain=MS,
                       K=k, N=w.out_features, bits=w.bits, block_size=w.block_size,
-                      accuracy_level=self.accuracy_level)[0]
+                      accuracy_level=self.level(w.bits))[0]
         if w.offsets is None:
             return y
         # exact per-block offsets: sum_b m[o, b] * (sum of x over block b)
@@ -228,10 +231,14 @@ def rotary_caches(shape: DecoderShape) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build(shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int = 0,
-          opset: int = 21) -> onnx.ModelProto:
-    """The decoder graph (see the module docstring for its inputs and outputs)."""
+          int8_accuracy_level: int = 4, opset: int = 21) -> onnx.ModelProto:
+    """The decoder graph (see the module docstring for its inputs and outputs).
+
+    `accuracy_level` is MatMulNBits' compute mode for 4-bit matrices, `int8_accuracy_level`
+    for 8-bit ones (0: float activations, as stored; 4: activations quantized to int8 per
+    block, integer dot products)."""
     g = _Graph()
-    g.accuracy_level = accuracy_level
+    g.accuracy_levels = (accuracy_level, int8_accuracy_level)
     h = shape.hidden
 
     # embedding lookup
@@ -318,7 +325,7 @@ def build(shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int =
             inputs.append(g.init("lm_head.zero_points", emb.zero_points.reshape(-1)))
         g.node("MatMulNBits", inputs, ["logits"], name="lm_head", domain=MS, K=h,
                N=shape.vocab, bits=emb.bits, block_size=emb.block_size,
-               accuracy_level=accuracy_level)
+               accuracy_level=g.level(emb.bits))
     else:
         out = g.linear(last, head, "lm_head", h)
         g.node("Identity", [out], ["logits"], name="logits")

@@ -84,7 +84,8 @@ def render_decoder_markdown(data: dict) -> str:
                      f"{q['weight_error']['mean_abs']:.2e}, max "
                      f"{q['weight_error']['max_abs']:.2e}"] if q.get("weight_error") else []),
                   f"- embedding: {q['embedding']}; LM head: {q.get('lm_head', 'float32')}",
-                  *([f"- MatMulNBits accuracy level {q['accuracy_level']}"]
+                  *([f"- MatMulNBits accuracy level {q['accuracy_level']} (int4 blocks), "
+                     f"{q.get('int8_accuracy_level')} (8-bit blocks)"]
                     if "accuracy_level" in q else []), ""]
     if v:
         m, pd, sp = v["metrics"], v["perplexity_data"], v["speed"]

@@ -69,7 +69,8 @@ class GenerationSettings:
 
     weights: str             # "int4" | "int8" (MatMulNBits blocks) | "float"
     block_size: int          # weights per quantization block along the input dimension
-    accuracy_level: int      # MatMulNBits compute: 0 as stored, 1 fp32, 2 fp16, 3 bf16, 4 int8
+    accuracy_level: int      # MatMulNBits compute for int4 blocks: 0 float activations, 4 int8
+    int8_accuracy_level: int  # the same for 8-bit blocks (int8 weights, the int8 LM head)
     context_length: int      # KV cache capacity in tokens (prompt + generated)
     budget: str              # e.g. "perplexity-increase<=10,greedy-agreement>=0.9"
     perplexity_window: int   # tokens per window when measuring perplexity
@@ -77,7 +78,7 @@ class GenerationSettings:
 
 
 DEFAULT_GENERATION = GenerationSettings(
-    weights="int4", block_size=32, accuracy_level=4, context_length=1024,
+    weights="int4", block_size=32, accuracy_level=4, int8_accuracy_level=4, context_length=1024,
     budget="perplexity-increase<=10", perplexity_window=256, perplexity_windows=8)
 
 
