@@ -35,13 +35,18 @@ class Decoder:
         _, kv_heads, _, head_dim = inputs["past_key.0"].shape
         shape = (1, int(kv_heads), context, int(head_dim))
         self.binding = session.io_binding()
-        self._cache = []
+        self._cache, self._arrays = [], []
         for i in range(self.layers):
             for kind in ("key", "value"):
-                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                # filled now, not lazily zeroed: every page of the cache is resident from the
+                # start, so memory is known at load time and does not creep up as the text grows
+                array = np.empty(shape, np.float32)
+                array.fill(0.0)
+                buffer = ort.OrtValue.ortvalue_from_numpy(array)
                 self.binding.bind_ortvalue_input(f"past_{kind}.{i}", buffer)
                 self.binding.bind_ortvalue_output(f"present_{kind}.{i}", buffer)
-                self._cache.append(buffer)   # keep the buffers alive
+                self._cache.append(buffer)
+                self._arrays.append(array)   # the OrtValues borrow this memory
         self.binding.bind_output("logits")   # bound last: the last of get_outputs()
         self.length = 0   # tokens in the cache
 
@@ -127,26 +132,26 @@ def generate_tokens(decoder: Decoder, prompt: list[int], *, max_new_tokens: int,
         logits = decoder.forward([token])[-1]
 
 
-def stream_text(tokens: Iterator[int], decode, stop: Sequence[str]) -> Iterator[str]:
-    """Text pieces for a token stream: a piece is emitted only when it decodes to whole
-    characters (byte-level tokens can end inside a UTF-8 sequence), and text that could be the
-    start of a stop string is held back until it is known not to be one."""
-    ids: list[int] = []
-    emitted = 0
+def stream_text(tokens: Iterator[int], step, stop: Sequence[str]) -> Iterator[str]:
+    """Text pieces for a token stream. `step(token)` returns the text a token completes, or
+    None while a character is still incomplete (byte-level tokens can end inside a UTF-8
+    sequence): `Tokenizer.decode_stream().step`. Text that could be the start of a stop
+    string is held back until it is known not to be one; a stop string ends the stream and
+    is not part of it."""
+    text, emitted = "", 0
     hold = max((len(s) for s in stop), default=1) - 1
-    text = ""
     for token in tokens:
-        ids.append(token)
-        text = decode(ids)
+        piece = step(token)
+        if not piece:
+            continue
+        text += piece
         for s in stop:
-            at = text.find(s, max(emitted - len(s), 0))
+            at = text.find(s, max(emitted - len(s) + 1, 0))
             if at >= 0:
                 if at > emitted:
                     yield text[emitted:at]
                 return
-        if text.endswith("\ufffd"):
-            continue   # an incomplete multi-byte character: wait for its next byte
-        safe = len(text) - hold if stop else len(text)
+        safe = len(text) - hold
         if safe > emitted:
             yield text[emitted:safe]
             emitted = safe

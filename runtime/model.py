@@ -229,7 +229,7 @@ class Model:
         eos = set(self.manifest.get("generation", {}).get("eos_token_ids", []))
         tokens = generate_tokens(self._decoder(), ids, max_new_tokens=max_new_tokens, eos=eos,
                                  temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        pieces = stream_text(tokens, self.tokenizer.decode, [s for s in stop if s])
+        pieces = stream_text(tokens, self.tokenizer.decode_stream().step, [s for s in stop if s])
         return pieces if stream else "".join(pieces)
 
     def chat(self, messages: Sequence[dict], **options):
