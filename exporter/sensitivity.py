@@ -270,7 +270,6 @@ def sensitivity(job) -> None:
     job.log(f"  most harmful: {top}")
     if not chosen.holds:
         broken = job.budget.check(chosen.metrics)
-        job.records["validation"] = {"budget_holds": False}
         reject(job, f"Accuracy budget {job.budget} broken: {'; '.join(broken)}. That is the "
                     f"best reached with {len(kept)} of {len(order)} int8 groups kept float "
                     f"({', '.join(kept) or 'none'}) within the size limit of "
