@@ -10,8 +10,7 @@ What gets quantized, and why (measured on all-MiniLM-L6-v2, see benchmarks/bench
   kernel, and the residual Add and LayerNorm keep float precision. Where the target allows
   com.microsoft ops, the graph says MatMulIntegerToFloat itself, with the bias Add inside
   (fuse_integer_matmuls). onnxruntime's `quantize_static` also quantizes each MatMul output,
-  which costs
-  accuracy (MiniLM: mean cosine 0.94 -> 0.993 without it) and buys no speed on CPU.
+  which costs accuracy (MiniLM: mean cosine 0.94 -> 0.993 without it) and buys no speed on CPU.
 * Activation x activation MatMuls (attention scores, attention x V), Softmax, LayerNorm, GELU
   and the residual Adds stay float: they hold no weights, and quantizing them both hurts
   accuracy and adds Q/DQ work that the CPU kernels do not fuse.
