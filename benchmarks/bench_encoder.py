@@ -1,4 +1,4 @@
-"""Five ways to run a sentence encoder (and, with --classifier, an intent classifier) on a CPU,
+"""Six ways to run a sentence encoder (and, with --classifier, an intent classifier) on a CPU,
 side by side, in one run.
 
     python benchmarks/bench_encoder.py [--model minilm] [--target arm-cpu] [--threads 2]
@@ -11,6 +11,7 @@ writes) and the same calibration texts:
     ORT fp32                the exporter's float ONNX graph in ONNX Runtime
     ORT dynamic int8        onnxruntime.quantization.quantize_dynamic on that graph
     Optimum static int8     optimum's ORTQuantizer, the target's static preset, minmax
+    ORT quantize_static     onnxruntime.quantization.quantize_static, every default (every op)
     our bundle              built by the exporter's own pipeline (export wall time recorded)
 
 Encoder, per variant: model file size; cosine of pooled sentence embeddings (the model's
@@ -19,7 +20,7 @@ utterances, mean and minimum; latency at batch 1 (each text at its natural lengt
 batch 1 at 128 tokens (p50) and batch 32 (texts padded to the longest of each batch, mean ms
 per batch).
 
-Classifier (a directory written by samples/train_intents.py): the same five variants of the
+Classifier (a directory written by samples/train_intents.py): the same six variants of the
 fine-tuned model, built the same way for task text-classification, our bundle validated on the
 directory's test.jsonl. Per variant: size; test accuracy and macro-F1 against the test.jsonl
 labels; top-1 agreement with PyTorch fp32; latency at batch 1 (p50) and batch 32. Only what is
@@ -264,6 +265,27 @@ def optimum_static_int8(ctx: Context) -> Variant:
                         f"on the same {rows.num_rows} calibration texts (plain-object dataset)")
 
 
+class FeedReader:
+    """onnxruntime.quantization's CalibrationDataReader over our calibration feeds."""
+
+    def __init__(self, feeds: list[dict]):
+        self.rows = iter(feeds)
+
+    def get_next(self):
+        return next(self.rows, None)
+
+
+def ort_plain_static_int8(ctx: Context) -> Variant:
+    from onnxruntime.quantization import quantize_static
+
+    out = ctx.workdir / "plain-static" / "model.onnx"
+    out.parent.mkdir()
+    quantize_static(ctx.float_onnx, out, FeedReader(ctx.calibration))  # every default
+    return Variant(onnx_files(out), ort_runner(out, ctx),
+                   note=f"quantize_static with its defaults (QDQ, every op, per-tensor, "
+                        f"minmax) on the same {len(ctx.calibration)} calibration texts")
+
+
 def our_bundle(ctx: Context) -> Variant:
     rejected = f" (REJECTED, no bundle written: {ctx.budget_error})" if ctx.budget_error else ""
     return Variant(onnx_files(ctx.bundle_model), ort_runner(ctx.bundle_model, ctx),
@@ -279,6 +301,7 @@ VARIANTS: tuple[tuple[str, Callable[[Context], Variant]], ...] = (
     ("ORT fp32", ort_fp32),
     ("ORT dynamic int8", ort_dynamic_int8),
     ("Optimum static int8", optimum_static_int8),
+    ("ORT quantize_static", ort_plain_static_int8),
     ("our bundle", our_bundle),
 )
 REFERENCE = "ORT fp32"
@@ -396,6 +419,7 @@ class Row:
     variant: Variant | None
     error: str = ""
     size_bytes: int = 0                                   # of variant.files, taken at build
+    build_s: float = 0.0                                  # seconds to build (ours: export)
     scores: dict[str, float] = field(default_factory=dict)        # Comparison.score
     rounds: list[dict[str, float]] = field(default_factory=list)  # latency (ms) per round
 
@@ -411,7 +435,8 @@ def build(name: str, builder: Callable[[Context], Variant], ctx: Context) -> Row
         print(f"  {name}: failed: {type(e).__name__}: {e}", file=sys.stderr)
         first_line = (str(e).splitlines() or [""])[0][:200]
         return Row(name, None, error=f"{type(e).__name__}: {first_line}")
-    row = Row(name, variant, size_bytes=sum(f.stat().st_size for f in variant.files))
+    row = Row(name, variant, size_bytes=sum(f.stat().st_size for f in variant.files),
+              build_s=time.perf_counter() - started)
     print(f"  built {name} in {time.perf_counter() - started:.1f} s "
           f"({row.size_bytes / 1e6:.1f} MB)", file=sys.stderr, flush=True)
     return row
@@ -520,7 +545,7 @@ def table(rows: list[Row], comparison: Comparison) -> str:
     ref = next((r for r in rows if r.name == REFERENCE and r.rounds), None)
     ref_lat, ref_size = (best_of(ref.rounds), ref.size_bytes) if ref else ({}, None)
     groups = [[f"{s}_{stat}" for stat in SCENARIOS[s][2]] for s in comparison.scenarios]
-    head = f"{'variant':<20} {'MB':>5} {'size':>6} " + " ".join(
+    head = f"{'variant':<20} {'MB':>5} {'size':>6} {'build':>6} " + " ".join(
         f"{header:>{len(format(0, spec))}}" for _, header, spec in comparison.columns)
     for group in groups:
         head += " │ " + " ".join(f"{FIGURE_COLUMNS[key][0]:>6}" for key in group) + \
@@ -531,7 +556,8 @@ def table(rows: list[Row], comparison: Comparison) -> str:
             lines.append(f"{r.name:<20} failed: {r.error}")
             continue
         lat = best_of(r.rounds)
-        line = f"{r.name:<20} {r.size_bytes / 1e6:5.1f} {ratio(r.size_bytes, ref_size)} " + \
+        line = f"{r.name:<20} {r.size_bytes / 1e6:5.1f} {ratio(r.size_bytes, ref_size)} " \
+            f"{r.build_s:5.1f}s " + \
             " ".join(format(r.scores[key], spec) for key, _, spec in comparison.columns)
         for group in groups:
             line += " │ " + " ".join(f"{lat[key]:{FIGURE_COLUMNS[key][1]}}" for key in group) + \
@@ -539,7 +565,8 @@ def table(rows: list[Row], comparison: Comparison) -> str:
         lines.append(line)
     lines.append(f"{comparison.legend}; latency in ms, best of rounds: "
                  + ", ".join(LATENCY_LEGEND[s] for s in comparison.scenarios)
-                 + f"; size and 'vs fp' relative to {REFERENCE}.")
+                 + f"; size and 'vs fp' relative to {REFERENCE}; build: seconds to make "
+                   f"the variant from the float graph (ours: the whole export).")
     return "\n".join(lines)
 
 
@@ -548,6 +575,7 @@ def row_json(r: Row, ref: Row | None) -> dict:
         return {"name": r.name, "error": r.error}
     lat = best_of(r.rounds)
     out = {"name": r.name, "note": r.variant.note, "size_bytes": r.size_bytes,
+           "build_seconds": round(r.build_s, 1),
            **{key: round(value, 5) for key, value in r.scores.items()},
            "latency_ms": {k: round(v, 3) for k, v in lat.items()},
            "latency_rounds_ms": [{k: round(v, 3) for k, v in x.items()} for x in r.rounds],
@@ -614,6 +642,7 @@ def bench(model: str, *, task: str | None, evaluation: list,
                   float_onnx=job.float_onnx, bundle_model=bundle_model,
                   calibration=work.calibration, budget_error=job.records.get("budget_error", ""))
     rows = [build(name, builder, ctx) for name, builder in VARIANTS]
+    rows[-1].build_s = export_s   # ours: the whole export (every pipeline stage)
     measure(rows, work, comparison, rounds=setup.rounds)
     return Bench(job, export_s, comparison, rows)
 

@@ -36,7 +36,7 @@ from onnx import helper, numpy_helper
 
 BALANCE_SLACK = 1.1         # fewer tensors handed on may cost up to 10% of balance
 PROBE_SHAPES = ((2, 5), (3, 7))   # (batch, sequence) of the two probe runs
-WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulIntegerToFloat")
 # Ops whose float output is a clean place to cut. ONNX Runtime fuses a residual Add into the
 # LayerNorm after it (SkipLayerNormalization) and a bias Add into the MatMul before it, so a
 # cut after such an Add changes the rounding; nothing fuses across a normalization's output.

@@ -29,6 +29,7 @@ from .load import load
 from .optimize import optimize
 from .partition import partition
 from .quantize import quantize
+from .sensitivity import sensitivity
 from .smooth import smooth
 from .tensorrt import check_rules
 from .to_onnx import check_float, export_onnx
@@ -76,7 +77,8 @@ STAGES = (
     check_float,   # float ONNX vs PyTorch on evaluation text (max abs diff)
     optimize,      # offline graph optimization the target can use
     smooth,        # SmoothQuant: activation outliers moved into per-channel weight scales
-    quantize,      # static int8 QDQ calibrated on real text
+    quantize,      # static int8 QDQ calibrated on real text (minmax/percentile/entropy)
+    sensitivity,   # harm per node group; harmful groups back to float until the budget holds
     to_float16,    # what stays in float -> float16, for GPU targets
     check_rules,   # the graph rules of the target's runtime (TensorRT: explicit quantization)
     partition,     # contiguous pipeline stages, one per device, checked equal to one graph

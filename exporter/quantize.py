@@ -4,26 +4,34 @@ What gets quantized, and why (measured on all-MiniLM-L6-v2, see benchmarks/bench
 
 * Every MatMul with a weight initializer (Q, K, V, attention output, FFN in, FFN out):
   weights int8 symmetric per output channel, the activation input through one
-  QuantizeLinear -> DequantizeLinear pair with a calibrated scale and zero point. The MatMul
-  output stays float: ONNX Runtime then fuses DQ(x), DQ(W), MatMul into one
-  MatMulIntegerToFloat kernel, and the bias Add, residual Add and LayerNorm keep float
-  precision. onnxruntime's `quantize_static` also quantizes each MatMul output, which costs
-  accuracy (MiniLM: mean cosine 0.94 -> 0.993 without it) and buys no speed on CPU.
+  QuantizeLinear -> DequantizeLinear pair with a calibrated scale and zero point, shared by
+  every MatMul that reads it (Q, K and V: one QuantizeLinear for three). The MatMul output
+  stays float: ONNX Runtime then fuses DQ(x), DQ(W), MatMul into one MatMulIntegerToFloat
+  kernel, and the residual Add and LayerNorm keep float precision. Where the target allows
+  com.microsoft ops, the graph says MatMulIntegerToFloat itself, with the bias Add inside
+  (fuse_integer_matmuls). onnxruntime's `quantize_static` also quantizes each MatMul output,
+  which costs accuracy (MiniLM: mean cosine 0.94 -> 0.993 without it) and buys no speed on CPU.
 * Activation x activation MatMuls (attention scores, attention x V), Softmax, LayerNorm, GELU
   and the residual Adds stay float: they hold no weights, and quantizing them both hurts
   accuracy and adds Q/DQ work that the CPU kernels do not fuse.
-* Embedding tables (Gather on a 2-D initializer): int8 with one scale per row. Only the rows
-  a text uses are gathered and rescaled (Gather int8 -> Cast -> Mul by the gathered row
-  scale), all in standard ops, instead of dequantizing the whole 30522 x 384 table per call.
+* Embedding tables (Gather on a 2-D initializer) of 1 MiB or more: int8 with one scale per
+  row. Only the rows a text uses are gathered and rescaled (Gather int8 -> Cast -> Mul by the
+  gathered row scale), all in standard ops, instead of dequantizing the whole 30522 x 384
+  table per call. Smaller tables (position, token type) stay float: see SMALL_TABLE_BYTES.
 
-Calibration streams: pass 1 keeps a running min/max per activation, pass 2 (percentile only)
-a fixed 2048-bin histogram per activation over that range, so memory does not grow with the
-number of calibration texts.
+Calibration streams: pass 1 keeps a running min/max per activation, pass 2 (percentile and
+entropy) a fixed 2048-bin histogram per activation over that range, so memory does not grow
+with the number of calibration texts. Every export scores the three methods' full-int8 graphs
+on the evaluation texts (compare_calibration); the profile picks the one shipped. Measured on
+MiniLM with SmoothQuant (300 held-out texts, vs float): minmax 0.9981 / 0.9884, percentile
+99.999 0.9982 / 0.9897, entropy 0.9937 / 0.933 (entropy clips the outlier channels that carry
+signal). Which node groups stay float beyond this is the sensitivity stage's decision.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -33,6 +41,13 @@ from .feeds import encoder_feeds, ort_session
 from .progress import progress
 
 HISTOGRAM_BINS = 2048
+ENTROPY_STRIDE = 16        # thresholds tried by entropy calibration: every 16th bin
+MASK_FILL_LIMIT = 1e30     # |x| at or above this is attention-mask fill, not a value
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+# Embedding tables below this many float bytes stay float: the int8-rows rewrite turns one
+# Gather into four nodes, which costs more per call than 0.6 MB saves (MiniLM's position and
+# token-type tables, 0.79 MB together: batch-1 latency about 7% lower with them float).
+SMALL_TABLE_BYTES = 1 << 20
 
 # Compute-heavy ops left in float on purpose -> why (reported per node in the manifest).
 FLOAT_BY_DESIGN: dict[str, str] = {
@@ -58,14 +73,81 @@ def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
             and inits[n.input[1]].data_type == TensorProto.FLOAT]
 
 
-def calibrate(model_path, tensors: list[str], feeds, *, method: str, percentile: float,
-              total: int, threads: int = 0) -> dict[str, tuple[float, float]]:
-    """(low, high) range per tensor over the calibration feeds.
+@dataclass
+class Calibration:
+    """Activation ranges per calibration method, from one streamed pass (two with histograms).
 
-    `feeds` is a zero-argument callable returning a fresh iterator of input dicts (percentile
-    needs two passes). "minmax" returns the observed extremes; "percentile" clips each side
-    to the range holding `percentile` % of the |values| (histogram over the minmax range).
+    `ranges[method][tensor] = (low, high)`; `peak_rss_mb` is the highest resident set size seen
+    while calibrating and `start_rss_mb` the size before it began: the difference is what
+    calibration itself held, and it does not grow with the number of texts (min/max and a
+    fixed-size histogram per tensor are all that is kept between batches).
     """
+
+    ranges: dict[str, dict[str, tuple[float, float]]]
+    samples: int
+    start_rss_mb: float
+    peak_rss_mb: float
+    dropped_fill: dict[str, int] = field(default_factory=dict)  # tensor -> values ignored
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process (MB), from /proc; 0 where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(x for x in status if x.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0.0
+    return int(line.split()[1]) / 1024
+
+
+def _finite(value: np.ndarray) -> np.ndarray:
+    """`value` without attention-mask fill: exported BERT graphs fill masked scores with
+    float32 min (-3.4e38); a range or histogram that includes it is useless (and crashes
+    onnxruntime's percentile calibrator with "Too many bins for data range")."""
+    return value[np.abs(value) < MASK_FILL_LIMIT]
+
+
+def kl_threshold(hist: np.ndarray, edge: float, *, levels: int = 128) -> float:
+    """Clipping threshold for |x| that minimizes KL(P || Q), P the histogram clipped at the
+    threshold (outliers folded into the last bin), Q that P merged into `levels` bins: the
+    entropy calibration of TensorRT (Migacz, "8-bit Inference with TensorRT", GTC 2017)."""
+    bins = len(hist)
+    best, best_i = np.inf, bins
+    for i in range(levels, bins + 1, ENTROPY_STRIDE):
+        p = hist[:i].astype(np.float64)
+        p[-1] += hist[i:].sum()
+        if p.sum() == 0:
+            continue
+        chunks = np.array_split(np.arange(i), levels)
+        q = np.zeros(i)
+        for idx in chunks:
+            nonzero = hist[idx] > 0
+            if nonzero.any():
+                q[idx[nonzero]] = hist[idx].sum() / nonzero.sum()
+        mask = p > 0
+        pn, qn = p / p.sum(), q / max(q.sum(), 1e-30)
+        if np.any(qn[mask] == 0):
+            continue
+        kl = float(np.sum(pn[mask] * np.log(pn[mask] / qn[mask])))
+        if kl < best:
+            best, best_i = kl, i
+    return best_i / bins * edge
+
+
+def calibrate_all(model_path, tensors: list[str], feeds, *, methods: tuple[str, ...],
+                  percentile: float, total: int, threads: int = 0) -> Calibration:
+    """(low, high) range per tensor for each of `methods` over the calibration feeds.
+
+    `feeds` is a zero-argument callable returning a fresh iterator of input dicts; each batch
+    is run, reduced and dropped (streaming). "minmax" keeps the observed extremes. "percentile"
+    and "entropy" share one histogram of |x| per tensor (HISTOGRAM_BINS bins over the min/max
+    range, a second pass): percentile clips each side at the range holding `percentile` % of
+    the values, entropy at the KL-optimal threshold (kl_threshold).
+    """
+    unknown = set(methods) - set(CALIBRATION_METHODS)
+    if unknown:
+        raise ValueError(f"Unknown calibration method {sorted(unknown)[0]!r}; expected one of "
+                         f"{', '.join(CALIBRATION_METHODS)}.")
     model = onnx.load(model_path)
     known = {o.name for o in model.graph.output}
     for name in tensors:
@@ -73,28 +155,62 @@ def calibrate(model_path, tensors: list[str], feeds, *, method: str, percentile:
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     session = ort_session(model.SerializeToString(), threads=threads)
 
+    start = peak = rss_mb()
     low = dict.fromkeys(tensors, np.inf)
     high = dict.fromkeys(tensors, -np.inf)
+    dropped: dict[str, int] = {}
+    seen = 0
     for batch in progress(feeds(), total=total, desc="calibrating (min/max)"):
+        seen += 1
         for name, value in zip(tensors, session.run(tensors, batch), strict=True):
-            low[name] = min(low[name], float(value.min()))
-            high[name] = max(high[name], float(value.max()))
-    if method == "minmax":
-        return {t: (low[t], high[t]) for t in tensors}
+            lo, hi = float(value.min()), float(value.max())
+            if max(-lo, hi) >= MASK_FILL_LIMIT:
+                kept = _finite(value)
+                dropped[name] = dropped.get(name, 0) + value.size - kept.size
+                if not kept.size:
+                    continue
+                lo, hi = float(kept.min()), float(kept.max())
+            low[name], high[name] = min(low[name], lo), max(high[name], hi)
+        peak = max(peak, rss_mb())
+    if not seen:
+        raise ValueError("Calibration needs at least one batch; the calibration feeds are empty.")
+    for t in tensors:   # a tensor holding only mask fill: an empty range at 0
+        if low[t] > high[t]:
+            low[t] = high[t] = 0.0
+    ranges = {"minmax": {t: (low[t], high[t]) for t in tensors}}
+    if set(methods) <= {"minmax"}:
+        return Calibration(ranges, seen, round(start, 1), round(peak, 1), dropped)
 
-    assert method == "percentile", method
     hist = {t: np.zeros(HISTOGRAM_BINS, np.int64) for t in tensors}
     edge = {t: max(abs(low[t]), abs(high[t]), 1e-12) for t in tensors}
     for batch in progress(feeds(), total=total, desc="calibrating (histogram)"):
         for name, value in zip(tensors, session.run(tensors, batch), strict=True):
+            if name in dropped:
+                value = _finite(value)
             counts, _ = np.histogram(np.abs(value), bins=HISTOGRAM_BINS, range=(0, edge[name]))
             hist[name] += counts
-    ranges = {}
-    for t in tensors:
-        cumulative = np.cumsum(hist[t]) / max(hist[t].sum(), 1)
-        cut = (np.searchsorted(cumulative, percentile / 100.0) + 1) / HISTOGRAM_BINS * edge[t]
-        ranges[t] = (max(low[t], -cut), min(high[t], cut))
-    return ranges
+        peak = max(peak, rss_mb())
+    for method in methods:
+        if method == "minmax":
+            continue
+        ranges[method] = {}
+        for t in tensors:
+            if method == "percentile":
+                cumulative = np.cumsum(hist[t]) / max(hist[t].sum(), 1)
+                index = min(int(np.searchsorted(cumulative, percentile / 100.0)) + 1,
+                            HISTOGRAM_BINS)
+                cut = index / HISTOGRAM_BINS * edge[t]
+            else:
+                cut = kl_threshold(hist[t], edge[t])
+            ranges[method][t] = (max(low[t], -cut), min(high[t], cut))
+    return Calibration(ranges, seen, round(start, 1), round(peak, 1), dropped)
+
+
+def calibrate(model_path, tensors: list[str], feeds, *, method: str, percentile: float,
+              total: int, threads: int = 0) -> dict[str, tuple[float, float]]:
+    """(low, high) per tensor for one method (see calibrate_all)."""
+    return calibrate_all(model_path, tensors, feeds, methods=(method,), percentile=percentile,
+                         total=total, threads=threads).ranges[method]
 
 
 def activation_qparams(low: float, high: float, *, dtype: str,
@@ -119,15 +235,18 @@ def quantize_weight(w: np.ndarray, *, per_channel: bool) -> tuple[np.ndarray, np
     return q, scale if per_channel else scale.reshape(())
 
 
-def quantize_embeddings_by_row(model: onnx.ModelProto) -> list[str]:
-    """Rewrite Gather(table, ids) on 2-D float tables as int8 rows times per-row scales."""
+def quantize_embeddings_by_row(model: onnx.ModelProto, *,
+                               min_bytes: int = SMALL_TABLE_BYTES) -> list[str]:
+    """Rewrite Gather(table, ids) on 2-D float tables of at least `min_bytes` as int8 rows
+    times per-row scales."""
     inits = {i.name: i for i in model.graph.initializer}
     rewritten, nodes = [], []
     for node in model.graph.node:
         table = inits.get(node.input[0]) if node.op_type == "Gather" else None
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         if table is None or len(table.dims) != 2 or axis != 0 \
-                or table.data_type != TensorProto.FLOAT:
+                or table.data_type != TensorProto.FLOAT \
+                or 4 * int(np.prod(table.dims)) < min_bytes:
             nodes.append(node)
             continue
         name, out = node.input[0], node.output[0]
@@ -194,8 +313,82 @@ def insert_qdq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto],
     model.graph.node.extend(nodes)
 
 
+def fuse_integer_matmuls(model: onnx.ModelProto) -> int:
+    """DQ(x_q), DQ(W_int8) -> MatMul [-> Add bias] becomes one com.microsoft
+    MatMulIntegerToFloat with the bias inside; returns how many were written.
+
+    ONNX Runtime makes the same MatMulIntegerToFloat from the QDQ pattern at load time, but
+    leaves the bias Add as its own node; written directly, the kernel adds the bias itself
+    (MiniLM: 12 fewer nodes, batch-1 latency about 6% lower). Only for targets whose graphs
+    may use com.microsoft ops (graph_optimization "transformer" on ONNX Runtime).
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    replaced: dict[int, onnx.NodeProto | None] = {}   # id(old node) -> new node or None
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        if not (dq_x and dq_w and dq_x.op_type == dq_w.op_type == "DequantizeLinear"
+                and dq_w.input[0] in inits and dq_x.input[1] in inits
+                and not inits[dq_x.input[1]].dims and len(dq_x.input) == 3
+                and len(dq_w.input) == 3):
+            continue
+        inputs = [dq_x.input[0], dq_w.input[0], dq_x.input[1], dq_w.input[1],
+                  dq_x.input[2], dq_w.input[2]]
+        output, after = node.output[0], readers.get(node.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Add" and output not in graph_outputs:
+            bias = next((b for b in after[0].input if b != output), "")
+            if bias in inits and len(inits[bias].dims) == 1:
+                inputs.append(bias)
+                output = after[0].output[0]
+                replaced[id(after[0])] = None
+        replaced[id(node)] = helper.make_node("MatMulIntegerToFloat", inputs, [output],
+                                              name=node.name, domain="com.microsoft")
+    nodes = [replaced.get(id(n), n) for n in model.graph.node]
+    nodes = [n for n in nodes if n is not None]
+    used = {name for n in nodes for name in n.input} | graph_outputs
+    nodes = [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] not in used)]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if replaced and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return sum(n is not None for n in replaced.values())
+
+
+def lowers_to_contrib_ops(target) -> bool:
+    """Whether the bundle may use onnxruntime's com.microsoft int8 kernels directly."""
+    return target.graph_rules == "onnxruntime" and target.graph_optimization == "transformer"
+
+
+def build_int8(source: onnx.ModelProto, ranges: dict[str, tuple[float, float]], settings, *,
+               float_groups=frozenset(), groups: dict[str, list[str]] | None = None,
+               lower: bool = False) -> tuple[onnx.ModelProto, list[str], list[str]]:
+    """A copy of `source` with every weight MatMul int8 except those of `float_groups`
+    (names in `groups`, group -> MatMul names; "embeddings" keeps the tables float).
+    Returns (model, quantized MatMul names, int8 embedding tables)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(source)
+    keep = {name for g in float_groups for name in (groups or {}).get(g, [])}
+    matmuls = [n for n in weight_matmuls(model) if n.name not in keep]
+    insert_qdq(model, matmuls, ranges, settings)
+    tables = quantize_embeddings_by_row(model) \
+        if settings.embeddings == "int8-rows" and "embeddings" not in float_groups else []
+    if lower:
+        fuse_integer_matmuls(model)
+    return model, [n.name for n in matmuls], tables
+
+
 def quantize(job) -> None:
-    """Stage: job.quantized_onnx, static int8 QDQ per the target's [quantization] table."""
+    """Stage: job.quantized_onnx, static int8 QDQ per the target's [quantization] table,
+    every weight MatMul int8 (the sensitivity stage may give some back to float)."""
+    from .score import Scorer
+
     settings = job.target.quantization
     source = job.smoothed_onnx or job.optimized_onnx
     if job.target.precision != "int8":   # the fp16-only variant: no int8 anywhere
@@ -215,18 +408,30 @@ def quantize(job) -> None:
         return encoder_feeds(job.workdir / "tokenizer.json", texts, session,
                              max_length=job.max_length)
 
-    ranges = calibrate(source, activations, feeds, method=settings.calibration,
-                       percentile=settings.percentile, total=len(texts),
-                       threads=job.target.runtime.threads)
-    insert_qdq(model, matmuls, ranges, settings)
-    tables = quantize_embeddings_by_row(model) if settings.embeddings == "int8-rows" else []
-    onnx.checker.check_model(model)
+    methods = CALIBRATION_METHODS if settings.compare_calibration else (settings.calibration,)
+    result = calibrate_all(source, activations, feeds, methods=methods,
+                           percentile=settings.percentile, total=len(texts),
+                           threads=job.target.runtime.threads)
+    ranges = result.ranges[settings.calibration]
+    lower = lowers_to_contrib_ops(job.target)
+    quantized, names, tables = build_int8(model, ranges, settings, lower=lower)
+    compared = {}
+    if len(methods) > 1:   # each method's full-int8 graph against the float graph
+        scorer = Scorer(job, job.evaluation, threads=job.target.runtime.threads)
+        for method in methods:
+            graph = quantized if method == settings.calibration else \
+                build_int8(model, result.ranges[method], settings, lower=lower)[0]
+            m = scorer.score(graph)
+            compared[method] = {"cosine": m["cosine"], "min-cosine": m["min-cosine"]}
+        compared["data"] = f"{len(scorer.texts)} evaluation texts vs the float graph, " \
+                           f"every weight MatMul int8"
+    onnx.checker.check_model(quantized)
     job.quantized_onnx = job.workdir / "model.onnx"
-    onnx.save(model, job.quantized_onnx)
+    onnx.save(quantized, job.quantized_onnx)
+    job.records["quantize_inputs"] = {"source": source, "ranges": ranges, "lower": lower}
 
-    quantized = {n.name for n in matmuls}
     kept_float = [n for n in model.graph.node
-                  if n.op_type in FLOAT_BY_DESIGN and n.name not in quantized]
+                  if n.op_type in FLOAT_BY_DESIGN and n.name not in set(names)]
     job.records["quantization"] = {
         "mode": "static-int8-qdq",
         "weights": f"{settings.weights} symmetric, "
@@ -239,14 +444,27 @@ def quantize(job) -> None:
                else {}),
             "samples": len(texts),
             "data_sha256": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
+            "streamed": True,
+            "peak_rss_mb": result.peak_rss_mb,
+            "rss_before_mb": result.start_rss_mb,
+            "mask_fill_values_ignored": sum(result.dropped_fill.values()),
+            **({"methods_compared": compared} if compared else {}),
         },
-        "quantized_nodes": [n.name for n in matmuls],
-        "embeddings": {"mode": settings.embeddings, "tables": tables},
+        "quantized_nodes": names,
+        "integer_kernels": "com.microsoft MatMulIntegerToFloat (bias fused)" if lower
+                           else "QDQ (fused by the runtime)",
+        "embeddings": {"mode": settings.embeddings, "tables": tables,
+                       "float_below_bytes": SMALL_TABLE_BYTES},
         "outliers": job.records.get("smoothing", {"applied": False}),
         "excluded_nodes": [{"node": n.name, "op": n.op_type, "reason": FLOAT_BY_DESIGN[n.op_type]}
                            for n in kept_float],
         "activation_ranges": {t: [round(lo, 6), round(hi, 6)] for t, (lo, hi) in ranges.items()},
     }
-    job.log(f"  {len(matmuls)} MatMuls int8 ({settings.calibration}, {len(texts)} texts), "
-            f"{len(tables)} embedding tables int8 by row, {len(kept_float)} attention "
-            f"nodes float; {job.quantized_onnx.stat().st_size / 1e6:.1f} MB")
+    if compared:
+        job.log("  calibration methods (mean / min cosine, full int8): " + ", ".join(
+            f"{k} {v['cosine']:.4f}/{v['min-cosine']:.4f}" for k, v in compared.items()
+            if k != "data"))
+    job.log(f"  {len(names)} MatMuls int8 ({settings.calibration}, {len(texts)} texts, "
+            f"calibration peak RSS {result.peak_rss_mb:.0f} MB), {len(tables)} embedding "
+            f"tables int8 by row, {len(kept_float)} attention nodes float; "
+            f"{job.quantized_onnx.stat().st_size / 1e6:.1f} MB")

@@ -51,17 +51,47 @@ def render_markdown(data: dict) -> str:
         lines += ["## Quantization", "", f"- none: {q['precision']} throughout", ""]
     elif q:
         cal = q["calibration"]
+        out = q.get("outliers", {})
         lines += ["## Quantization", "",
-                  f"- {q['mode']}: weights {q['weights']}, activations {q['activations']}",
+                  f"- {q['mode']}: weights {q['weights']}, activations {q['activations']}"
+                  + (f"; kernels: {q['integer_kernels']}" if "integer_kernels" in q else ""),
                   f"- calibration: {cal['method']} on {cal['samples']} texts "
-                  f"(sha256 {cal['data_sha256'][:12]}...)",
-                  "- outliers: " + (f"SmoothQuant alpha {q['outliers']['alpha']} on "
-                                     f"{q['outliers']['activations']} activations"
-                                     if q.get("outliers", {}).get("applied") else "none"),
+                  f"(sha256 {cal['data_sha256'][:12]}...)"
+                  + (f", streamed, peak RSS {cal['peak_rss_mb']} MB (before: "
+                     f"{cal['rss_before_mb']} MB)" if "peak_rss_mb" in cal else ""),
+                  "- outliers: " + (f"SmoothQuant alpha {out['alpha']} on "
+                                     f"{out['activations']} activations"
+                                     + (f" ({out['folded_into_attention_value']} folded into "
+                                        f"the attention V projection, no Mul)"
+                                        if out.get("folded_into_attention_value") else "")
+                                     if out.get("applied") else "none"),
                   f"- {len(q['quantized_nodes'])} MatMuls int8; embeddings "
                   f"{q['embeddings']['mode']} ({', '.join(q['embeddings']['tables']) or 'none'})",
                   f"- kept in float: {len(q['excluded_nodes'])} nodes",
                   *(f"  - `{e['node']}`: {e['reason']}" for e in q["excluded_nodes"]), ""]
+        compared = cal.get("methods_compared")
+        if compared:
+            lines += [f"### Calibration methods ({compared['data']})", "",
+                      "| method | mean cosine | min cosine |", "|---|---|---|",
+                      *(f"| {k}{' (used)' if k == cal['method'] else ''} | {v['cosine']:.5f} "
+                        f"| {v['min-cosine']:.5f} |" for k, v in compared.items() if k != "data"),
+                      ""]
+    s = data.get("sensitivity", {})
+    if s.get("applied"):
+        search = s["search"]
+        kept = [st["float_group"] for st in search["steps"][1:]]
+        lines += [f"## Sensitivity ({s['data']}; harm = {s['harm']})", "",
+                  "| group | kind | nodes | harm | min cosine |", "|---|---|---|---|---|",
+                  *(f"| {r['group']}{' **(kept float)**' if r['group'] in kept else ''} | "
+                    f"{r['kind']} | {r['nodes']} | {r['harm']:.2e} | {r['min-cosine']:.5f} |"
+                    for r in s["groups"]), "",
+                  f"Budget search ({search['data']}, size limit {search['max_size_ratio']:.0%}"
+                  f" of float): " + "; ".join(
+                      f"{st['float_group'] or 'full int8'} -> cosine "
+                      f"{st['metrics']['cosine']:.5f} / min {st['metrics']['min-cosine']:.5f}"
+                      f"{' (holds)' if st['holds'] else ''}" for st in search["steps"])
+                  + (f"; skipped for size: {', '.join(search['skipped_for_size'])}"
+                     if search["skipped_for_size"] else "") + ".", ""]
     if data.get("stage_seconds"):
         lines += ["## Stage times (s)", "",
                   ", ".join(f"{k} {s}" for k, s in data["stage_seconds"].items()), ""]

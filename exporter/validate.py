@@ -59,11 +59,15 @@ def macro_f1(truth, predicted, classes: int) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
-def classification_metrics(job, ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    """Agreement with float, and accuracy / macro-F1 of both when every text has a label."""
+def classification_metrics(job, ours: np.ndarray, ref: np.ndarray, *,
+                           utterances=()) -> dict[str, float]:
+    """Agreement with float, and accuracy / macro-F1 of both when every text has a label
+    (labels from `utterances`, by default the evaluation set; None: no labels)."""
     bundle_top, float_top = ours.argmax(axis=1), ref.argmax(axis=1)
     metrics = {"agreement": round(float((bundle_top == float_top).mean()), 5)}
-    labels = [u.intent for u in job.evaluation[:len(ours)]]
+    if utterances == ():
+        utterances = job.evaluation
+    labels = [u.intent for u in (utterances or [])[:len(ours)]] or [None]
     if all(label is not None for label in labels):
         truth = np.array([job.labels.index(label) for label in labels])
         float_accuracy = float((float_top == truth).mean())
@@ -181,7 +185,11 @@ def validate(job) -> None:
             f"{quant_latency['p50']:.2f} ms vs float {float_latency['p50']:.2f} ms; "
             f"model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float)")
     if broken:
-        rejected = job.output.with_name(job.output.name + ".rejected")
-        write_report(job, rejected)
-        raise BudgetError(f"Accuracy budget {job.budget} broken: {'; '.join(broken)}. "
-                          f"No bundle written; the report is in {rejected}/.")
+        reject(job, f"Accuracy budget {job.budget} broken: {'; '.join(broken)}.")
+
+
+def reject(job, message: str) -> None:
+    """Write the report to `<output>.rejected/` and raise BudgetError(message)."""
+    rejected = job.output.with_name(job.output.name + ".rejected")
+    write_report(job, rejected)
+    raise BudgetError(f"{message} No bundle written; the report is in {rejected}/.")

@@ -30,11 +30,14 @@ class QuantizationSettings:
     per_channel: bool            # one weight scale per output channel (MatMul column)
     activations: str             # "uint8" (asymmetric) or "int8"
     symmetric_activations: bool  # zero point 0 for activations (int8 only)
-    calibration: str             # "minmax" or "percentile"
+    calibration: str             # "minmax", "percentile" or "entropy"
     percentile: float            # kept share of |activation| values for "percentile"
     calibration_samples: int     # texts used to calibrate (from the calibration set)
     embeddings: str              # "int8-rows": int8 table with one scale per row; "float"
     smoothing_alpha: float       # SmoothQuant migration strength, 0 = off
+    compare_calibration: bool = True   # also score the other calibration methods (report)
+    sensitivity_samples: int = 100     # calibration texts the per-group harm is measured on
+    max_size_ratio: float = 0.30       # budget search: model bytes at most this x float's
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "graph_rules": ("onnxruntime", "tensorrt"),
     "quantization.weights": ("int8",),
     "quantization.activations": ("uint8", "int8"),
-    "quantization.calibration": ("minmax", "percentile"),
+    "quantization.calibration": ("minmax", "percentile", "entropy"),
     "quantization.embeddings": ("int8-rows", "float"),
     "generation.weights": ("int4", "int8", "float"),
 }

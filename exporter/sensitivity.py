@@ -1,0 +1,285 @@
+"""Stage `sensitivity`: measure what each node group's int8 costs, then give the most harmful
+groups back to float until the accuracy budget holds.
+
+Groups (one row each in the manifest and the report):
+
+* int8 groups, candidates for float: the weight MatMuls that read one activation (a layer's
+  Q/K/V projections share their input; attention output, FFN in and FFN out read one each),
+  and the int8 embedding tables.
+* float by design (measured, never quantized): per layer the attention core
+  (MultiHeadAttention, or Softmax and the activation x activation MatMuls), the LayerNorms,
+  GELU and the residual Adds. Their harm is what a quantizer that quantizes every op (plain
+  `onnxruntime.quantization.quantize_static`) would add there: Q/DQ on their inputs.
+
+Harm of group g = 1 - mean cosine of the output (pooled embedding or logits) to the float
+graph when *only g* is quantized, on the first `sensitivity_samples` calibration texts. One
+graph per group, so the analysis is linear in the number of groups (MiniLM: 49, about a
+minute on 2 cores).
+
+The budget search then starts from the full-int8 graph and, in order of harm, keeps one more
+int8 group in float until the budget (scored on the evaluation texts against the float graph,
+the metrics validation checks) holds, and stops there. A float MatMul costs 4x its int8 bytes
+and runs the float kernel: groups that would take the model past `max_size_ratio` of the float
+graph are skipped. When every group that fits is float and the budget still fails, the export
+stops with BudgetError and the best figures reached.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper, numpy_helper
+
+from .budget import Budget
+from .feeds import encoder_feeds, ort_session
+from .quantize import activation_qparams, build_int8, calibrate_all, weight_matmuls
+from .score import Scorer
+from .validate import reject
+
+# MatMul name fragment -> role, for readable group names (optimum's BERT export names);
+# other models fall back to the name of the activation the group reads.
+ROLES: tuple[tuple[str, str], ...] = (
+    ("attention/self/", "attention Q/K/V"),
+    ("attention/output/dense", "attention output"),
+    ("intermediate/dense", "FFN in"),
+    ("output/dense", "FFN out"),
+)
+# Float-by-design op -> (group role, input indices that carry float activations).
+FLOAT_OPS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "MultiHeadAttention": ("attention core", (0, 1, 2)),
+    "Softmax": ("attention core", (0,)),
+    "LayerNormalization": ("LayerNorm", (0,)),
+    "BiasGelu": ("GELU", (0,)),
+    "Gelu": ("GELU", (0,)),
+    "Erf": ("GELU", (0,)),
+}
+
+
+@dataclass
+class Group:
+    name: str
+    kind: str                  # "int8" (a candidate for float) or "float by design"
+    nodes: list[str]           # MatMul names (int8), or the float nodes measured
+    tensors: list[str]         # float by design: the inputs given Q/DQ to measure harm
+
+
+def layer_of(*names: str) -> str:
+    """'layer N' from the first of `names` (node name, then its tensors) that has one;
+    fused nodes (MultiHeadAttention_0, BiasGelu) only say it in their tensor names."""
+    for name in names:
+        match = re.search(r"layer[._/](\d+)", name)
+        if match:
+            return f"layer {match.group(1)}"
+    return "embeddings" if any("embeddings" in n for n in names) else "model"
+
+
+def node_groups(model: onnx.ModelProto, *, int8_tables: bool) -> list[Group]:
+    """The int8 groups and the float-by-design groups of `model` (the float graph)."""
+    inits = {i.name for i in model.graph.initializer}
+    matmuls = weight_matmuls(model)
+    weight_names = {n.name for n in matmuls}
+    by_input: dict[str, list[str]] = {}
+    for node in matmuls:
+        by_input.setdefault(node.input[0], []).append(node.name)
+    groups = []
+    for x, names in by_input.items():
+        role = next((r for fragment, r in ROLES if fragment in names[0]), f"reads {x}")
+        groups.append(Group(f"{layer_of(names[0])} {role}", "int8", names, []))
+    if int8_tables:
+        groups.append(Group("embeddings", "int8", [], []))
+
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    floats: dict[str, Group] = {}
+
+    def add(role: str, node: onnx.NodeProto, indices) -> None:
+        name = f"{layer_of(node.name, *node.output, *node.input)} {role}"
+        group = floats.setdefault(name, Group(name, "float by design", [], []))
+        group.nodes.append(node.name)
+        for i in indices:
+            if i < len(node.input) and node.input[i] and node.input[i] not in inits \
+                    and node.input[i] not in group.tensors:
+                group.tensors.append(node.input[i])
+
+    for node in model.graph.node:
+        if node.op_type in FLOAT_OPS:
+            role, indices = FLOAT_OPS[node.op_type]
+            add(role, node, indices)
+        elif node.op_type == "MatMul" and node.name not in weight_names:
+            add("attention core", node, (0, 1))      # scores and x V
+        elif node.op_type == "Add" and not set(node.input) & inits and any(
+                r.op_type == "LayerNormalization" for r in readers.get(node.output[0], [])):
+            add("residual Add", node, (0, 1))
+    return groups + [g for g in floats.values() if g.tensors]
+
+
+def fake_quantize(model: onnx.ModelProto, group: Group, ranges, settings) -> onnx.ModelProto:
+    """A copy of the float `model` with Q -> DQ on `group.tensors` where `group.nodes` read
+    them (one pair per tensor)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    members, nodes = set(group.nodes), []
+    for node in out.graph.node:
+        if node.name in members:
+            for i, name in enumerate(node.input):
+                if name in group.tensors and name in ranges:
+                    node.input[i] = name + "_fq_dq"
+        nodes.append(node)
+    pairs = []
+    for x in group.tensors:
+        if x not in ranges:
+            continue
+        scale, zero = activation_qparams(*ranges[x], dtype=settings.activations,
+                                         symmetric=settings.symmetric_activations)
+        out.graph.initializer.extend([numpy_helper.from_array(scale, x + "_fq_scale"),
+                                      numpy_helper.from_array(zero, x + "_fq_zero")])
+        pairs.append((x, [
+            helper.make_node("QuantizeLinear", [x, x + "_fq_scale", x + "_fq_zero"],
+                             [x + "_fq_q"], name=x + "_fq_Q"),
+            helper.make_node("DequantizeLinear", [x + "_fq_q", x + "_fq_scale", x + "_fq_zero"],
+                             [x + "_fq_dq"], name=x + "_fq_DQ")]))
+    # each pair right before the first reader of its output (the graph is topologically sorted)
+    ordered, placed = [], set()
+    for node in nodes:
+        for x, pair in pairs:
+            if x not in placed and x + "_fq_dq" in node.input:
+                ordered += pair
+                placed.add(x)
+        ordered.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(ordered)
+    return out
+
+
+@dataclass
+class Step:
+    """One graph the budget search scored."""
+
+    float_group: str | None    # the group given back to float at this step (None: full int8)
+    metrics: dict[str, float]
+    size_bytes: int
+    holds: bool
+
+
+def search(order: list[str], *, build: Callable[[frozenset[str]], onnx.ModelProto],
+           score: Callable[[onnx.ModelProto], dict[str, float]], budget: Budget,
+           max_bytes: int) -> tuple[list[Step], list[str]]:
+    """Greedy mixed precision: full int8 first, then one more group of `order` (most harmful
+    first) in float per step, stopping at the first graph that holds the budget. A group that
+    would take the model over `max_bytes` is skipped. Returns (steps scored, groups skipped
+    for size); the last step is the chosen graph, or the best reached if none holds."""
+    kept: list[str] = []
+    model = build(frozenset())
+    metrics = score(model)
+    steps = [Step(None, metrics, model.ByteSize(), not budget.check(metrics))]
+    skipped = []
+    for group in order:
+        if steps[-1].holds:
+            break
+        model = build(frozenset([*kept, group]))
+        size = model.ByteSize()
+        if size > max(max_bytes, steps[0].size_bytes):
+            skipped.append(group)
+            continue
+        kept.append(group)
+        metrics = score(model)
+        steps.append(Step(group, metrics, size, not budget.check(metrics)))
+    return steps, skipped
+
+
+def sensitivity(job) -> None:
+    """Stage: job.records["sensitivity"]; job.quantized_onnx replaced when groups go float."""
+    settings = job.target.quantization
+    if job.target.precision != "int8" or "quantize_inputs" not in job.records:
+        job.records["sensitivity"] = {"applied": False}
+        return
+    inputs = job.records.pop("quantize_inputs")
+    source = onnx.load(inputs["source"])
+    threads = job.target.runtime.threads
+    int8_tables = bool(job.records["quantization"]["embeddings"]["tables"])
+    groups = node_groups(source, int8_tables=int8_tables)
+    matmul_groups = {g.name: g.nodes for g in groups if g.kind == "int8"}
+
+    def build(float_groups: frozenset[str]) -> onnx.ModelProto:
+        return build_int8(source, inputs["ranges"], settings, float_groups=float_groups,
+                          groups=matmul_groups, lower=inputs["lower"])[0]
+
+    # Harm of each group alone, on calibration texts.
+    probe = job.calibration[:settings.sensitivity_samples]
+    extra = sorted({t for g in groups for t in g.tensors})
+    session = ort_session(inputs["source"], threads=threads)
+    fill = calibrate_all(inputs["source"], extra, lambda: encoder_feeds(
+        job.workdir / "tokenizer.json", [u.text for u in probe], session,
+        max_length=job.max_length), methods=("minmax",), percentile=100.0, total=len(probe),
+        threads=threads).ranges["minmax"]
+    ranges = {**fill, **inputs["ranges"]}
+    scorer = Scorer(job, probe, threads=threads)
+    everything = frozenset(matmul_groups)
+    rows = []
+    for i, group in enumerate(groups):
+        if group.kind == "int8":
+            model = build(everything - {group.name})
+        else:
+            model = fake_quantize(source, group, ranges, settings)
+        m = scorer.score(model)
+        rows.append({"group": group.name, "kind": group.kind, "nodes": len(group.nodes),
+                     "harm": round(1 - m["cosine"], 7), "min-cosine": m["min-cosine"]})
+        job.log(f"  sensitivity {i + 1}/{len(groups)}: {group.name}: harm "
+                f"{1 - m['cosine']:.2e}")
+    harm = {r["group"]: r["harm"] for r in rows}
+    order = sorted(matmul_groups, key=lambda g: -harm[g])
+
+    # Budget search on the evaluation texts.
+    float_bytes = job.float_onnx.stat().st_size
+    evaluation = Scorer(job, job.evaluation, threads=threads)
+    steps, skipped = search(order, build=build, score=evaluation.score, budget=job.budget,
+                            max_bytes=int(settings.max_size_ratio * float_bytes))
+    chosen = steps[-1]
+    kept = [s.float_group for s in steps[1:]]
+    record = {
+        "applied": True,
+        "harm": "1 - mean cosine to the float graph with only this group quantized",
+        "data": f"{len(probe)} calibration texts",
+        "groups": sorted(rows, key=lambda r: -r["harm"]),
+        "search": {
+            "budget": str(job.budget), "data": f"{len(evaluation.texts)} evaluation texts "
+                                               f"vs the float graph",
+            "max_size_ratio": settings.max_size_ratio,
+            "steps": [{"float_group": s.float_group, "metrics": s.metrics,
+                       "size_bytes": s.size_bytes, "holds": s.holds} for s in steps],
+            "skipped_for_size": skipped,
+        },
+    }
+    job.records["sensitivity"] = record
+    q = job.records["quantization"]
+    q["kept_float_for_accuracy"] = [
+        {"group": g, "nodes": matmul_groups[g] or ["embedding tables"], "harm": harm[g],
+         "reason": "kept float by the budget search (measured harm when quantized)"}
+        for g in kept]
+    q["excluded_nodes"] += [{"node": n, "op": "MatMul", "reason": f"accuracy budget: group "
+                             f"'{g}' harm {harm[g]:.2e}"} for g in kept for n in matmul_groups[g]]
+    if kept:
+        dropped = {n for g in kept for n in matmul_groups[g]}
+        q["quantized_nodes"] = [n for n in q["quantized_nodes"] if n not in dropped]
+    top = ", ".join(f"{r['group']} {r['harm']:.1e}" for r in record["groups"][:3])
+    job.log(f"  most harmful: {top}")
+    if not chosen.holds:
+        broken = job.budget.check(chosen.metrics)
+        reject(job, f"Accuracy budget {job.budget} broken: {'; '.join(broken)}. That is the "
+                    f"best reached with {len(kept)} of {len(order)} int8 groups kept float "
+                    f"({', '.join(kept) or 'none'}) within the size limit of "
+                    f"{settings.max_size_ratio:.0%} of float"
+                    + (f" (skipped for size: {', '.join(skipped)})" if skipped else "")
+                    + ". Loosen the budget, raise quantization.max_size_ratio, or calibrate "
+                      "on text closer to the evaluation text.")
+    if kept:
+        model = build(frozenset(kept))
+        onnx.checker.check_model(model)
+        onnx.save(model, job.quantized_onnx)
+    job.log(f"  budget {job.budget} holds with {len(kept)} group(s) kept float after "
+            f"{len(steps)} scored graph(s): {chosen.metrics}")

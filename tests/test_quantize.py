@@ -1,0 +1,226 @@
+"""Static int8: calibration methods, streaming memory, the fused integer MatMul, sensitivity
+and the budget search. Small graphs first (CPU numerics, seconds), then the real MiniLM
+bundle's manifest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from exporter.budget import Budget
+from exporter.quantize import (
+    CALIBRATION_METHODS,
+    calibrate_all,
+    fuse_integer_matmuls,
+    insert_qdq,
+    kl_threshold,
+)
+from exporter.sensitivity import Step, search
+from runtime.model import ort_session
+from targets import load_target
+
+SETTINGS = load_target("arm-cpu").quantization
+
+
+def linear_graph(rng, hidden=64, out=32, *, fill_mask=False) -> onnx.ModelProto:
+    """x (batch, seq, hidden) -> Relu -> h -> MatMul W + b -> y; with `fill_mask` the graph
+    also makes `scores` = x + where(mask, 0, float32 min), like a BERT attention mask."""
+    w = rng.normal(size=(hidden, out)).astype(np.float32)
+    b = rng.normal(size=(out,)).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="relu"),
+             helper.make_node("MatMul", ["h", "w"], ["mm"], name="mm"),
+             helper.make_node("Add", ["mm", "b"], ["y"], name="bias")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+    if fill_mask:
+        nodes += [helper.make_node("Less", ["x", "zero"], ["masked"]),
+                  helper.make_node("Where", ["masked", "fill", "zero"], ["bias_mask"]),
+                  helper.make_node("Add", ["x", "bias_mask"], ["scores"])]
+        inits += [numpy_helper.from_array(np.array(0, np.float32), "zero"),
+                  numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32),
+                                          "fill")]
+        outputs.append(helper.make_tensor_value_info("scores", TensorProto.FLOAT, None))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, hidden])],
+        outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def feeds_of(rng, count, seq=16, hidden=64):
+    def make():
+        local = np.random.default_rng(1)
+        for _ in range(count):
+            x = local.normal(size=(1, seq, hidden)).astype(np.float32)
+            x[0, 0, 3] = 40.0   # one outlier channel, as in transformer activations
+            yield {"x": x}
+    return make
+
+
+def test_every_calibration_method_gives_a_valid_range(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "g.onnx"
+    onnx.save(linear_graph(rng), path)
+    result = calibrate_all(path, ["h", "y"], feeds_of(rng, 50), methods=CALIBRATION_METHODS,
+                           percentile=99.9, total=50)
+    assert set(result.ranges) == set(CALIBRATION_METHODS) and result.samples == 50
+    lo_max, hi_max = result.ranges["minmax"]["h"]
+    assert lo_max == 0.0 and hi_max == pytest.approx(40.0)   # Relu output, the outlier
+    for method, ranges in result.ranges.items():
+        for t, (lo, hi) in ranges.items():
+            assert np.isfinite(lo) and np.isfinite(hi) and lo <= hi, (method, t)
+            mlo, mhi = result.ranges["minmax"][t]
+            assert mlo <= lo and hi <= mhi, (method, t)   # clipping only ever narrows
+    # percentile 99.9 and entropy both clip the single 40.0 outlier
+    assert result.ranges["percentile"]["h"][1] < 10
+    assert result.ranges["entropy"]["h"][1] < 40.0
+
+
+def test_kl_threshold_clips_a_long_tail():
+    rng = np.random.default_rng(0)
+    values = np.abs(np.concatenate([rng.normal(size=100_000), [60.0]]))
+    hist, _ = np.histogram(values, bins=2048, range=(0, 60.0))
+    cut = kl_threshold(hist, 60.0)
+    assert 2.5 < cut < 20, cut   # keeps the Gaussian body, drops the lone outlier
+
+
+def test_attention_mask_fill_does_not_reach_a_range(tmp_path):
+    """DESIGN.md pitfall: float32 min from the attention mask crashed percentile calibration."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "g.onnx"
+    onnx.save(linear_graph(rng, fill_mask=True), path)
+    result = calibrate_all(path, ["scores"], feeds_of(rng, 20), methods=CALIBRATION_METHODS,
+                           percentile=99.99, total=20)
+    for method in CALIBRATION_METHODS:
+        lo, hi = result.ranges[method]["scores"]
+        assert -100 < lo <= hi < 100, (method, lo, hi)
+    assert result.dropped_fill["scores"] > 0
+
+
+def test_calibration_memory_does_not_grow_with_samples(tmp_path):
+    """3000 batches of (1, 64, 512) activations (128 KB each, 390 MB if kept) calibrate in
+    the memory of 300: batches are reduced and dropped."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "g.onnx"
+    onnx.save(linear_graph(rng, hidden=512, out=64), path)
+    grown = {}
+    for count in (300, 3000):
+        result = calibrate_all(path, ["h", "y"], feeds_of(rng, count, seq=64, hidden=512),
+                               methods=CALIBRATION_METHODS, percentile=99.9, total=count)
+        assert result.samples == count
+        grown[count] = result.peak_rss_mb - result.start_rss_mb
+    assert grown[3000] <= grown[300] + 20, grown
+
+
+def test_fused_integer_matmul_equals_onnxruntime_qdq(tmp_path):
+    """Our MatMulIntegerToFloat with the bias inside gives what onnxruntime's own QDQ fusion
+    (MatMulIntegerToFloat, then the bias Add) gives."""
+    rng = np.random.default_rng(0)
+    model = linear_graph(rng)
+    matmul = [n for n in model.graph.node if n.op_type == "MatMul"]
+    insert_qdq(model, matmul, {"h": (0.0, 4.0)}, SETTINGS)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(model)
+    assert fuse_integer_matmuls(fused) == 1
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 1 and "Add" not in ops and "MatMul" not in ops
+    x = {"x": rng.normal(size=(1, 7, 64)).astype(np.float32)}
+    expected = ort_session(model.SerializeToString()).run(None, x)[0]
+    got = ort_session(fused.SerializeToString()).run(None, x)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def fake_search(cosines: dict[frozenset, float], sizes: dict[str, int], budget: str,
+                max_bytes: int):
+    """search() over fake graphs: cosine per set of float groups, bytes per group."""
+    scored = []
+
+    def build(groups):
+        model = onnx.ModelProto()
+        model.doc_string = "x" * (1000 + sum(sizes[g] for g in groups))
+        model.producer_name = ",".join(sorted(groups))
+        return model
+
+    def score(model):
+        groups = frozenset(filter(None, model.producer_name.split(",")))
+        scored.append(groups)
+        return {"cosine": cosines[groups], "min-cosine": cosines[groups]}
+
+    steps, skipped = search(["a", "b", "c"], build=build, score=score,
+                            budget=Budget.parse(budget), max_bytes=max_bytes)
+    return steps, skipped, scored
+
+
+COSINES = {frozenset(): 0.990, frozenset("a"): 0.994, frozenset("ab"): 0.996,
+           frozenset("abc"): 0.998, frozenset("ac"): 0.995}
+
+
+def test_budget_search_stops_as_soon_as_the_budget_holds():
+    steps, skipped, scored = fake_search(COSINES, dict.fromkeys("abc", 10), "cosine>=0.995",
+                                         max_bytes=10_000)
+    assert [s.float_group for s in steps] == [None, "a", "b"]
+    assert [s.holds for s in steps] == [False, False, True]
+    assert scored == [frozenset(), frozenset("a"), frozenset("ab")]   # c never built
+    assert not skipped and isinstance(steps[-1], Step)
+
+
+def test_budget_search_holds_at_full_int8_without_a_second_graph():
+    steps, _, scored = fake_search(COSINES, dict.fromkeys("abc", 10), "cosine>=0.98",
+                                   max_bytes=10_000)
+    assert [s.float_group for s in steps] == [None] and steps[0].holds and len(scored) == 1
+
+
+def test_budget_search_skips_a_group_over_the_size_limit():
+    steps, skipped, _ = fake_search(COSINES, {"a": 10, "b": 5000, "c": 10}, "cosine>=0.995",
+                                    max_bytes=2000)
+    assert skipped == ["b"]
+    assert [s.float_group for s in steps] == [None, "a", "c"] and steps[-1].holds
+
+
+def test_budget_search_too_strict_ends_on_the_best_reached():
+    steps, _, _ = fake_search(COSINES, dict.fromkeys("abc", 10), "cosine>=0.9999",
+                              max_bytes=10_000)
+    assert not any(s.holds for s in steps)
+    assert [s.float_group for s in steps] == [None, "a", "b", "c"]
+    assert steps[-1].metrics["cosine"] == 0.998
+
+
+def test_bundle_records_sensitivity_for_every_group(minilm_bundle):
+    import onnx as onnx_
+
+    manifest = json.loads((minilm_bundle / "manifest.json").read_text())
+    q = manifest["quantization"]
+    cal = q["calibration"]
+    assert set(cal["methods_compared"]) == {*CALIBRATION_METHODS, "data"}
+    for method in CALIBRATION_METHODS:
+        figures = cal["methods_compared"][method]
+        assert 0.5 < figures["min-cosine"] <= figures["cosine"] <= 1.0
+    assert cal["peak_rss_mb"] >= cal["rss_before_mb"] > 0
+
+    report = json.loads((minilm_bundle / "report.json").read_text())
+    sensitivity = report["sensitivity"]
+    groups = {g["group"]: g for g in sensitivity["groups"]}
+    # 6 layers x (Q/K/V, attention output, FFN in, FFN out) int8, and the word embeddings
+    int8 = [g for g in groups.values() if g["kind"] == "int8"]
+    assert len(int8) == 6 * 4 + 1 and sum(g["nodes"] for g in int8) == 36
+    kinds = {name.split(" ", 2)[-1] for name, g in groups.items() if g["kind"] != "int8"}
+    assert {"LayerNorm", "residual Add", "attention core", "GELU"} <= kinds
+    assert all(np.isfinite(g["harm"]) for g in groups.values())
+    # harms are sorted, and a post-LayerNorm encoder's LayerNorm input hurts far more
+    # quantized than any int8 MatMul group does (why they stay float by design)
+    harms = [g["harm"] for g in sensitivity["groups"]]
+    assert harms == sorted(harms, reverse=True)
+    worst_int8 = max(g["harm"] for g in int8)
+    assert max(g["harm"] for g in groups.values() if "LayerNorm" in g["group"]) > worst_int8
+    # the search stopped at the first graph that holds, and lists what it kept float
+    steps = sensitivity["search"]["steps"]
+    assert steps[-1]["holds"] and not any(s["holds"] for s in steps[:-1])
+    assert [k["group"] for k in q["kept_float_for_accuracy"]] == \
+        [s["float_group"] for s in steps[1:]]
+    graph = onnx_.load(minilm_bundle / "model.onnx", load_external_data=False)
+    assert "Sensitivity" in (minilm_bundle / "report.md").read_text()
+    assert sum(n.op_type == "MatMulIntegerToFloat" for n in graph.graph.node) == \
+        len(q["quantized_nodes"])
