@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .compress import compression_lines
+
 
 def report_data(job) -> dict:
     return {"name": job.output.name, "task": job.task, "target": job.target.name,
@@ -62,6 +64,7 @@ def render_markdown(data: dict) -> str:
                   f"{q['embeddings']['mode']} ({', '.join(q['embeddings']['tables']) or 'none'})",
                   f"- kept in float: {len(q['excluded_nodes'])} nodes",
                   *(f"  - `{e['node']}`: {e['reason']}" for e in q["excluded_nodes"]), ""]
+    lines += compression_lines(data.get("compression"))
     if data.get("stage_seconds"):
         lines += ["## Stage times (s)", "",
                   ", ".join(f"{k} {s}" for k, s in data["stage_seconds"].items()), ""]
@@ -108,6 +111,7 @@ def render_decoder_markdown(data: dict) -> str:
             f"{size['bundle_model'] / 1e6:.1f} | {size['ratio']:.2f} |",
             f"| peak RSS (MB) | {rss['float_onnx']} | {rss['bundle']} | |", "",
             f"Peak RSS: {rss['what']}. The exporter itself peaked at {rss['exporter']} MB.", ""]
+    lines += compression_lines(data.get("compression"))
     if data.get("stage_seconds"):
         lines += ["## Stage times (s)", "",
                   ", ".join(f"{k} {s}" for k, s in data["stage_seconds"].items()), ""]
