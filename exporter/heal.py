@@ -150,12 +150,13 @@ def _loss(job, student_out, teacher_out, mask):
     return kl + hidden
 
 
-def heal(job, student, teacher, *, steps: int, masks: dict) -> dict:
-    """Distil `teacher` into `student` for `steps` AdamW steps on calibration text; sparsity
-    `masks` ({weight: keep mask}) are re-applied after every step. Returns a record."""
+def heal(job, student, teacher, *, steps: int, masks: dict, batches: list | None = None) -> dict:
+    """Distil `teacher` into `student` for `steps` AdamW steps on calibration text (or
+    `batches`); sparsity `masks` ({weight: keep mask}) are re-applied after every step.
+    Returns a record."""
     import torch
 
-    batches = calibration_batches(job, purpose="heal")
+    batches = batches or calibration_batches(job, purpose="heal")
     params = [p for name, p in student.named_parameters() if "embed" not in name]
     for name, p in student.named_parameters():
         p.requires_grad_("embed" not in name)
