@@ -135,7 +135,8 @@ def main(argv=None) -> int:
                               steps=args.heal_steps, masks=masks)
                 healed.torch_model.eval()
                 build(healed, [stages[s] for s in BUILD[2:]])
-                rows.append({**measure(healed, name, healed=True, threads=args.threads), "healing": record})
+                rows.append({**measure(healed, name, healed=True, threads=args.threads),
+                             "healing": record})
             print(f"built {name} in {time.perf_counter() - started:.0f} s", file=sys.stderr,
                   flush=True)
         sessions = {(r["variant"], r["healed"]): r.pop("session") for r in rows}
