@@ -506,6 +506,9 @@ def compress(job) -> None:
         record["requantized"] = "the GGUF's blocks describe the uncompressed model: the " \
                                 "compressed weights are rounded from float instead"
     job.records["compression"] = record
+    if job.task == "text-generation":
+        check_decoder_budget(job, record.get("quality_after_healing",
+                                             record["quality_before_healing"]))
     job.records["model"]["parameters_after_compression"] = record["parameters_after"]
     job.records["model"]["layers_after_compression"] = model.config.num_hidden_layers
     q = record.get("quality_after_healing", record["quality_before_healing"])
@@ -513,6 +516,23 @@ def compress(job) -> None:
             f"quality vs original: {_describe(record['quality_before_healing'])}"
             + (f"; after {request.heal_steps} healing steps: {_describe(q)}"
                if request.heal_steps else ""))
+
+
+def check_decoder_budget(job, q: dict) -> None:
+    """Decoders: the validate stage compares the bundle with the compressed float graph, so
+    the perplexity lost to compression itself is checked here, against the original."""
+    from .budget import Budget
+    from .validate import BudgetError
+
+    increase = round(100 * (q["perplexity"] / q["original-perplexity"] - 1), 3)
+    job.records["compression"]["perplexity-increase"] = increase
+    budget = Budget(tuple(c for c in job.budget.clauses if c.metric == "perplexity-increase"))
+    broken = budget.check({"perplexity-increase": increase})
+    if broken:
+        raise BudgetError(f"Compression alone breaks the accuracy budget {job.budget}: "
+                          f"{'; '.join(broken)} (PyTorch, {q['perplexity']} against "
+                          f"{q['original-perplexity']} on held-out prose). Compress less or "
+                          f"heal longer (--heal-steps). No bundle written.")
 
 
 def output_of(model, batches) -> list:

@@ -26,7 +26,7 @@ ENCODER_BATCHES: dict[str, tuple[int, int]] = {"score": (256, 32), "measure": (5
                                                 "heal": (2000, 16)}
 # Decoders: windows of DECODER_WINDOW tokens of English prose.
 DECODER_BATCHES: dict[str, tuple[int, int]] = {"score": (16, 4), "measure": (8, 4),
-                                                "heal": (400, 4)}
+                                                "heal": (400, 2)}
 DECODER_WINDOW = 128
 
 # AdamW learning rate per family; warm up over the first 10% of steps, then cosine decay.

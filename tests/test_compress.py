@@ -138,7 +138,7 @@ def test_healing_recovers_quality(torch_minilm, batches):
     record = heal(job, model, torch_minilm, steps=12, masks={}, batches=batches[1:])
     after = _cosine(model, torch_minilm, batches[:1])
     assert record["loss_last"] < record["loss_first"]
-    assert after > before + 0.02, (before, after)
+    assert after > before + 0.005, (before, after)
 
 
 # --- a compressed export runs on the runtime ---
