@@ -316,15 +316,17 @@ def prune_heads(model, kind: str, scores, fraction: float) -> dict[int, list[int
     return removed
 
 
-def prune_ffn(model, kind: str, scores, fraction: float) -> dict[int, int]:
-    """Remove the same fraction of each layer's FFN neurons, the lowest-scoring; returns
-    {layer: neurons kept}."""
+def prune_ffn(model, kind: str, scores, fraction: float, *, multiple: int = 1) -> dict[int, int]:
+    """Remove the same fraction of each layer's FFN neurons, the lowest-scoring, keeping a
+    multiple of `multiple` (decoders: the MatMulNBits block, which the down projection's
+    input width must divide into); returns {layer: neurons kept}."""
     import torch
 
     kept = {}
     for i, layer in enumerate(layer_list(model)):
         width = len(scores[i])
         keep_n = max(int(round(width * (1 - fraction))), int(np.ceil(FFN_FLOOR * width)), 1)
+        keep_n = min(width, -(-keep_n // multiple) * multiple)
         keep = torch.sort(torch.argsort(scores[i], descending=True)[:keep_n]).values
         producers, consumer = ffn_parts(layer, kind)
         if kind == "llama":
@@ -451,7 +453,8 @@ def compress(job) -> None:
                           "score": "mean |x_head @ W_o[:, head]| over real tokens"})
             job.log(f"  pruned {count} attention heads; heads per layer now {left}")
         if request.prune_ffn:
-            kept = prune_ffn(model, kind, ffn_scores, request.prune_ffn)
+            block = job.target.generation.block_size if kind == "llama" else 1
+            kept = prune_ffn(model, kind, ffn_scores, request.prune_ffn, multiple=block)
             steps.append({"method": "prune-ffn", "strength": request.prune_ffn,
                           "removed": {str(i): len(ffn_scores[i]) - k for i, k in kept.items()},
                           "neurons_per_layer": list(kept.values()),

@@ -177,7 +177,8 @@ def test_pruned_smollm2_graph_matches_pytorch(tmp_path):
     batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
     heads, neurons = C.contribution_scores(model, batch, "llama")
     removed = C.prune_heads(model, "llama", heads, 0.34)     # 1 of 3 query heads per KV group
-    C.prune_ffn(model, "llama", neurons, 0.4)
+    kept = C.prune_ffn(model, "llama", neurons, 0.1, multiple=32)
+    assert set(kept.values()) == {1408}    # 1536 * 0.9 = 1382.4, up to a multiple of 32
     assert all(len(v) == 3 for v in removed.values())
     for i, layer in enumerate(C.layer_list(model)):
         dropped_groups = {h // 3 for h in removed[i]}
