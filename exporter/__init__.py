@@ -16,10 +16,11 @@ from pathlib import Path
 from targets import CHOICES, Target, load_target
 
 from .budget import Budget
+from .compress import Compression
 from .data import Utterance, read_texts, smart_home_utterances
 from .validate import BudgetError
 
-__all__ = ["BudgetError", "export"]
+__all__ = ["BudgetError", "Compression", "export"]
 
 
 def _texts(source, *, default_split: str, count: int, what: str) -> list[Utterance]:
@@ -65,7 +66,8 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
            calibration: str | Path | Iterable[str] | None = None,
            evaluation: str | Path | Iterable[str] | None = None,
            accuracy_budget: str | None = None, precision: str | None = None,
-           stages: int | None = None, requantize: bool = False, log=None) -> Path:
+           stages: int | None = None, requantize: bool = False,
+           compression: Compression | None = None, log=None) -> Path:
     """Export `model` (a checkpoint directory, a .gguf file or a packaged name) for `target`.
 
     `calibration`/`evaluation` are .txt/.jsonl paths or lists of texts; by default, disjoint
@@ -76,6 +78,8 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     overrides the profile's. Returns the bundle directory; raises BudgetError when the
     budget is broken. A GGUF's quantized blocks are carried into the bundle exactly;
     `requantize=True` rounds its dequantized weights to the target's format instead.
+    `compression` (exporter.Compression) removes layers, heads, FFN neurons or weights before
+    export and heals by distillation; the budget is then checked against the original model.
 
         >>> export("minilm", target="x86-server", accuracy_budget="cosine>=0.98")
         PosixPath('build/minilm-x86-server')
@@ -116,7 +120,7 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
                             count=profile.validation.eval_samples)
     job = pipeline.new_job(model, target=profile, task=task, output=output,
                            calibration=calibration_set, evaluation=evaluation_set,
-                           budget=budget, log=log)
+                           budget=budget, compression=compression, log=log)
     job.precision = precision if task == "text-generation" else None
     job.requantize = requantize
     if isinstance(evaluation, (str, Path)):

@@ -45,6 +45,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="GGUF sources: round the dequantized weights to the target's "
                              "format instead of carrying the file's blocks exactly (needed "
                              "for block types that cannot be carried, e.g. Q4_K)")
+    parser.add_argument("--drop-layers", metavar="N|I,J",
+                        help="drop N layers, the least important on calibration text, or the "
+                             "layers with these indices")
+    parser.add_argument("--prune-heads", type=float, default=0.0, metavar="F",
+                        help="remove this fraction of attention heads, in [0, 1)")
+    parser.add_argument("--prune-ffn", type=float, default=0.0, metavar="F",
+                        help="remove this fraction of FFN neurons per layer, in [0, 1)")
+    parser.add_argument("--sparsity", type=float, default=0.0, metavar="F",
+                        help="zero this fraction of each layer matrix's weights, in [0, 1)")
+    parser.add_argument("--sparsity-pattern", default="unstructured",
+                        choices=("unstructured", "2:4", "4:8", "1:4"),
+                        help="N:M keeps N of every M weights (default: unstructured)")
+    parser.add_argument("--share-layers", action="store_true",
+                        help="tie adjacent layers whose sharing costs little (measured)")
+    parser.add_argument("--heal-steps", type=int, default=0, metavar="N",
+                        help="distillation steps from the original after compressing")
     parser.add_argument("--list-targets", action="store_true",
                         help="print the built-in targets and exit")
     args = parser.parse_args(argv)
@@ -56,13 +72,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.target:
             parser.error("--target is required (or --list-targets)")
-        from exporter import BudgetError, export
+        from exporter import BudgetError, Compression, export
 
+        compression = Compression(
+            drop_layers=Compression.parse_layers(args.drop_layers) if args.drop_layers else 0,
+            prune_heads=args.prune_heads, prune_ffn=args.prune_ffn, sparsity=args.sparsity,
+            sparsity_pattern=args.sparsity_pattern, share_layers=args.share_layers,
+            heal_steps=args.heal_steps)
         try:
             path = export(args.model, target=args.target, task=args.task, output=args.output,
                           calibration=args.calibration, evaluation=args.eval,
                           accuracy_budget=args.accuracy_budget, precision=args.precision,
-                          stages=args.stages, requantize=args.requantize)
+                          stages=args.stages, requantize=args.requantize,
+                          compression=compression)
         except BudgetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3

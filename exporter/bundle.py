@@ -16,6 +16,7 @@ import onnx
 
 from runtime.bundle import FORMAT_VERSION, sha256_of
 
+from .compress import compression_entries
 from .report import replace_dir, report_data, write_report_files
 
 TOOLS = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
@@ -75,7 +76,7 @@ def bundle(job) -> None:
         **({"generation": job.generation} if job.generation else {}),
         "files": [{"path": p.relative_to(staging).as_posix(), "sha256": sha256_of(p),
                    "bytes": p.stat().st_size} for p in files],
-        "compression": [],
+        "compression": compression_entries(job.records.get("compression")),
         "quantization": {k: v for k, v in job.records["quantization"].items()
                          if k != "activation_ranges"},
         "stages": job.stages,

@@ -23,6 +23,7 @@ GGUF Q4_1 form w = d*q + m, computed exactly as MatMulNBits(x, q, d) + blocksum(
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,9 +155,20 @@ class _Graph:
         self.nodes, self.inits = [], []
         self._blocksums: dict[tuple[str, int], str] = {}
         self._stored: dict[str, str] = {}
+        self._by_content: dict[tuple, str] = {}
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        """Store `array` as initializer `name`; a large array identical to one already
+        stored (layers that share weights) is stored once and its first name returned."""
+        array = np.ascontiguousarray(array)
+        key = None
+        if array.size >= 4096:
+            key = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+            if key in self._by_content:
+                return self._by_content[key]
+        self.inits.append(numpy_helper.from_array(array, name))
+        if key is not None:
+            self._by_content[key] = name
         return name
 
     def level(self, bits: int) -> int:
@@ -272,28 +284,32 @@ def build(shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int =
                     epsilon=shape.rms_eps)[0]
     for i in range(shape.layers):
         p = f"layers.{i}"
+        # per layer: structured pruning (exporter/compress.py) may leave fewer query heads
+        # (the same number in every KV group) and fewer FFN neurons than the config says
+        heads = weights.o[i].in_features // shape.head_dim
+        intermediate = weights.down[i].in_features
         qkv = g.linear(normed, weights.qkv[i], f"{p}.qkv", h)
         attn = g.node("GroupQueryAttention",
                       [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k",
                        "total_sequence_length", "cos_cache", "sin_cache"],
                       [f"{p}.attention", f"present_key.{i}", f"present_value.{i}"],
-                      name=f"{p}.attention", domain=MS, num_heads=shape.heads,
+                      name=f"{p}.attention", domain=MS, num_heads=heads,
                       kv_num_heads=shape.kv_heads, do_rotary=1, rotary_interleaved=0,
                       scale=float(shape.head_dim ** -0.5))[0]
-        o = g.linear(attn, weights.o[i], f"{p}.o", shape.heads * shape.head_dim)
+        o = g.linear(attn, weights.o[i], f"{p}.o", heads * shape.head_dim)
         normed, _, _, residual = g.node(
             "SkipSimplifiedLayerNormalization",
             [o, residual, g.init(f"{p}.post_attention_norm", weights.post_attention_norms[i])],
             [f"{p}.mlp_in", "", "", f"{p}.attention_residual"],
             name=f"{p}.post_attention_norm", domain=MS, epsilon=shape.rms_eps)
         gate_up = g.linear(normed, weights.gate_up[i], f"{p}.gate_up", h)
-        split = g.init(f"{p}.split", np.array([shape.intermediate] * 2, np.int64))
+        split = g.init(f"{p}.split", np.array([intermediate] * 2, np.int64))
         gate, up = g.node("Split", [gate_up, split], [f"{p}.gate", f"{p}.up"],
                           name=f"{p}.split", axis=-1)
         sig = g.node("Sigmoid", [gate], [f"{p}.sigmoid"], name=f"{p}.sigmoid")[0]
         silu = g.node("Mul", [gate, sig], [f"{p}.silu"], name=f"{p}.silu")[0]
         act = g.node("Mul", [silu, up], [f"{p}.act"], name=f"{p}.act")[0]
-        down = g.linear(act, weights.down[i], f"{p}.down", shape.intermediate)
+        down = g.linear(act, weights.down[i], f"{p}.down", intermediate)
         last = i == shape.layers - 1
         gamma = weights.final_norm if last else weights.input_norms[i + 1]
         norm_name = "final_norm" if last else f"layers.{i + 1}.input_norm"

@@ -22,6 +22,7 @@ from targets import Target
 
 from .budget import Budget
 from .bundle import bundle
+from .compress import Compression, compress
 from .data import Utterance
 from .decoder import build_float, check_decoder, load_decoder, quantize_decoder, validate_decoder
 from .float16 import to_float16
@@ -49,9 +50,11 @@ class Job:
     budget: Budget
     workdir: Path
     log: Any = None                   # callable(str) for progress lines
+    compression: Compression | None = None  # what the compress stage removes
     # filled by the stages
     model_dir: Path | None = None     # Hugging Face checkpoint directory
     torch_model: Any = None
+    reference_model: Any = None       # the original before compression (validation's float)
     labels: list[str] = field(default_factory=list)   # text-classification, by class id
     pooling: dict = field(default_factory=dict)
     max_length: int = 0
@@ -70,9 +73,10 @@ class Job:
     timings: dict = field(default_factory=dict)   # seconds per stage
 
 
-# The pipeline. Compression joins this list when it exists.
+# The pipeline.
 STAGES = (
     load,          # model directory or packaged name -> PyTorch model + tokenizer.json
+    compress,      # drop layers, prune heads / FFN, share, sparsify; heal by distillation
     export_onnx,   # PyTorch -> float ONNX at the target's opset (optimum-onnx)
     check_float,   # float ONNX vs PyTorch on evaluation text (max abs diff)
     optimize,      # offline graph optimization the target can use
@@ -91,6 +95,7 @@ STAGES = (
 # decoder ops with a preallocated KV cache, and weights are quantized weight-only.
 DECODER_STAGES = (
     load_decoder,      # packaged name / GGUF / HF directory -> PyTorch model, tokenizer, chat
+    compress,          # drop layers, prune query heads per KV group / FFN, ...; heal
     build_float,       # float decoder graph (GroupQueryAttention, in-place KV cache)
     check_decoder,     # float ONNX vs PyTorch: logits and greedy tokens
     quantize_decoder,  # int4/int8 MatMulNBits blocks; GGUF blocks carried exactly
@@ -115,11 +120,11 @@ def run(job: Job) -> Path:
 
 def new_job(model: str, *, target: Target, task: str | None, output: Path,
             calibration: list[Utterance], evaluation: list[Utterance], budget: Budget,
-            log=None) -> Job:
+            compression: Compression | None = None, log=None) -> Job:
     """A job with its own temporary work directory next to the output (same filesystem,
     so the final rename is atomic)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     return Job(model=model, target=target, task=task, output=output, calibration=calibration,
-               evaluation=evaluation, budget=budget, workdir=workdir,
+               evaluation=evaluation, budget=budget, workdir=workdir, compression=compression,
                log=log or (lambda line: print(line, file=sys.stderr, flush=True)))

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .compress import compression_lines
+
 
 def report_data(job) -> dict:
     return {"name": job.output.name, "task": job.task, "target": job.target.name,
@@ -92,6 +94,7 @@ def render_markdown(data: dict) -> str:
                       f"{' (holds)' if st['holds'] else ''}" for st in search["steps"])
                   + (f"; skipped for size: {', '.join(search['skipped_for_size'])}"
                      if search["skipped_for_size"] else "") + ".", ""]
+    lines += compression_lines(data.get("compression"))
     if data.get("stage_seconds"):
         lines += ["## Stage times (s)", "",
                   ", ".join(f"{k} {s}" for k, s in data["stage_seconds"].items()), ""]
@@ -138,6 +141,7 @@ def render_decoder_markdown(data: dict) -> str:
             f"{size['bundle_model'] / 1e6:.1f} | {size['ratio']:.2f} |",
             f"| peak RSS (MB) | {rss['float_onnx']} | {rss['bundle']} | |", "",
             f"Peak RSS: {rss['what']}. The exporter itself peaked at {rss['exporter']} MB.", ""]
+    lines += compression_lines(data.get("compression"))
     if data.get("stage_seconds"):
         lines += ["## Stage times (s)", "",
                   ", ".join(f"{k} {s}" for k, s in data["stage_seconds"].items()), ""]

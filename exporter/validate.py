@@ -33,7 +33,8 @@ def outputs(job, session, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     batches = encoder_feeds(job.workdir / "tokenizer.json", texts, session,
                             max_length=job.max_length, batch_size=16)
     for feeds in progress(batches, total=-(-len(texts) // 16), desc="validating (accuracy)"):
-        pair = session.run(None, feeds)[0], torch_output(job.torch_model, feeds)
+        reference = job.torch_model if job.reference_model is None else job.reference_model
+        pair = session.run(None, feeds)[0], torch_output(reference, feeds)
         if job.pooling:
             pair = tuple(pool(x, feeds["attention_mask"], mode=job.pooling["mode"],
                               normalize=False) for x in pair)

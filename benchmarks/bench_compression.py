@@ -1,0 +1,216 @@
+"""Compression before export, each method and strength against plain int8, in one table.
+
+    python benchmarks/bench_compression.py                       # MiniLM sentence embeddings
+    python benchmarks/bench_compression.py --classifier build/intent-model --heal-steps 150
+    python benchmarks/bench_compression.py --only int8 "drop 2" --heal-steps 0
+
+Every variant goes through the exporter's own stages (load, compress, export_onnx, optimize,
+smooth, quantize: the arm-cpu profile's static int8), once as compressed and, with
+--heal-steps, once more after healing the same compressed model by distillation. Per row:
+parameters, model.onnx size and its gzip size (a device image is compressed: this is where
+unstructured sparsity shows), batch-1 latency p50 on ONNX Runtime CPU (every graph warmed up
+and timed in its own block, blocks repeated --rounds times round-robin, best round kept: the
+machine is shared), and quality against the ORIGINAL float PyTorch model on held-out text:
+mean cosine of pooled sentence embeddings, or, for a classifier, accuracy on its test.jsonl
+next to the float model's. Writes benchmarks/results/bench_compression.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+# name -> Compression fields. "int8" is the baseline: the profile's int8, nothing removed.
+VARIANTS: dict[str, dict] = {
+    "int8": {},
+    "drop 1": {"drop_layers": 1},
+    "drop 2": {"drop_layers": 2},
+    "drop 3": {"drop_layers": 3},
+    "heads 0.5": {"prune_heads": 0.5},
+    "ffn 0.5": {"prune_ffn": 0.5},
+    "ffn 0.75": {"prune_ffn": 0.75},
+    "sparse 0.5": {"sparsity": 0.5},
+    "sparse 2:4": {"sparsity_pattern": "2:4"},
+    "share": {"share_layers": True},
+    "drop 2 + heads 0.5 + ffn 0.5": {"drop_layers": 2, "prune_heads": 0.5, "prune_ffn": 0.5},
+    "drop 3 + ffn 0.5": {"drop_layers": 3, "prune_ffn": 0.5},
+}
+
+BUILD = ("load", "compress", "export_onnx", "optimize", "smooth", "quantize")
+
+
+def build(job, stages) -> None:
+    for stage in stages:
+        stage(job)
+
+
+def fresh(job, tmp: Path):
+    """The same job (same compressed PyTorch model) in a new work directory."""
+    workdir = Path(tempfile.mkdtemp(dir=tmp))
+    shutil.copyfile(job.workdir / "tokenizer.json", workdir / "tokenizer.json")
+    return dataclasses.replace(job, workdir=workdir, records=dict(job.records))
+
+
+def measure(job, name: str, healed: bool, threads: int) -> dict:
+
+    from exporter.compress import parameters
+    from exporter.feeds import ort_session
+    from exporter.validate import classification_metrics, cosine_rows, outputs
+
+    path = job.quantized_onnx
+    session = ort_session(path, threads=threads, spinning=False)
+    texts = [u.text for u in job.evaluation]
+    ours, ref = outputs(job, session, texts)
+    quality = {"cosine": round(float(cosine_rows(ours, ref).mean()), 5)}
+    if job.task == "text-classification":
+        quality.update(classification_metrics(job, ours, ref))
+    data = path.read_bytes()
+    return {"variant": name, "healed": healed, "parameters": parameters(job.torch_model),
+            "layers": job.torch_model.config.num_hidden_layers,
+            "model_bytes": len(data), "gzip_bytes": len(gzip.compress(data, 6)),
+            "quality": quality, "session": session}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="minilm", help="encoder (feature-extraction)")
+    parser.add_argument("--classifier", type=Path, metavar="DIR",
+                        help="a trained classifier directory holding test.jsonl "
+                             "(samples/train_intents.py)")
+    parser.add_argument("--target", default="arm-cpu")
+    parser.add_argument("--heal-steps", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads, no spinning (default 1: steady "
+                             "numbers on a shared machine)")
+    parser.add_argument("--runs", type=int, default=300, help="timed runs per variant")
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="VARIANT")
+    parser.add_argument("--output", type=Path, default=RESULTS / "bench_compression")
+    args = parser.parse_args(argv)
+
+    from exporter import pipeline
+    from exporter.budget import Budget
+    from exporter.compress import Compression
+    from exporter.data import read_texts, smart_home_utterances
+    from exporter.heal import heal
+    from exporter.validate import latency_ms
+    from targets import load_target
+
+    stages = {s.__name__: s for s in pipeline.STAGES}
+    target = load_target(args.target)
+    model = str(args.classifier) if args.classifier else args.model
+    evaluation = (read_texts(args.classifier / "test.jsonl") if args.classifier
+                  else smart_home_utterances(target.validation.eval_samples, split="eval"))
+    calibration = smart_home_utterances(target.quantization.calibration_samples,
+                                        split="calibration")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_compression."))
+    rows = []
+    try:
+        for name in args.only or VARIANTS:
+            started = time.perf_counter()
+            job = pipeline.new_job(model, target=target, task=None, output=tmp / "out",
+                                   calibration=calibration, evaluation=evaluation,
+                                   budget=Budget.parse("cosine>=0"),
+                                   compression=Compression(**VARIANTS[name]),
+                                   log=lambda line: None)
+            build(job, [stages[s] for s in BUILD])
+            rows.append(measure(job, name, healed=False, threads=args.threads))
+            if args.heal_steps and VARIANTS[name]:
+                healed = fresh(job, tmp)
+                masks = ({p: p != 0 for p in healed.torch_model.parameters() if p.dim() == 2}
+                         if "sparse" in name else {})
+                record = heal(healed, healed.torch_model, healed.reference_model,
+                              steps=args.heal_steps, masks=masks)
+                healed.torch_model.eval()
+                build(healed, [stages[s] for s in BUILD[2:]])
+                rows.append({**measure(healed, name, healed=True, threads=args.threads),
+                             "healing": record})
+            print(f"built {name} in {time.perf_counter() - started:.0f} s", file=sys.stderr,
+                  flush=True)
+        sessions = {(r["variant"], r["healed"]): r.pop("session") for r in rows}
+        texts = [u.text for u in evaluation]
+        timed = latency_ms(job, {f"{k[0]}|{k[1]}": s for k, s in sessions.items()}, texts,
+                           args.runs * args.rounds, rounds=args.rounds)
+        for r in rows:
+            r["latency_ms_p50"] = timed[f"{r['variant']}|{r['healed']}"]["p50"]
+        base = next(r for r in rows if r["variant"] == "int8")
+        for r in rows:
+            r["speedup_vs_int8"] = round(base["latency_ms_p50"] / r["latency_ms_p50"], 3)
+        write(rows, args, model)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def quality_key(rows) -> str:
+    return "accuracy" if "accuracy" in rows[0]["quality"] else "cosine"
+
+
+def write(rows, args, model: str) -> None:
+    key = quality_key(rows)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    header = ("| variant | healed | layers | params (M) | model.onnx (MB) | gzip (MB) | "
+              f"latency p50 (ms) | speed vs int8 | {key} |")
+    lines = [f"# Compression + int8 on {model} ({args.target}, batch 1, ONNX Runtime CPU)", "",
+             f"Latency: {args.threads} ONNX Runtime thread(s), best of {args.rounds} "
+             f"round-robin rounds on a shared 2-core machine. "
+             f"Quality against the original float PyTorch model.", "", header,
+             "|" + "---|" * 9]
+    for r in rows:
+        q = r["quality"]
+        value = (f"{100 * q['accuracy']:.2f}% (float {100 * q['float-accuracy']:.2f}%)"
+                 if key == "accuracy" else f"{q['cosine']:.4f}")
+        lines.append(f"| {r['variant']} | {'yes' if r['healed'] else 'no'} | {r['layers']} | "
+                     f"{r['parameters'] / 1e6:.2f} | {r['model_bytes'] / 1e6:.2f} | "
+                     f"{r['gzip_bytes'] / 1e6:.2f} | {r['latency_ms_p50']:.3f} | "
+                     f"{r['speedup_vs_int8']:.2f}x | {value} |")
+    png = args.output.with_suffix(".png")
+    plot(rows, key, png, model)
+    lines += ["", f"![quality against latency]({png.name})", ""]
+    text = "\n".join(lines)
+    print(text)
+    args.output.with_suffix(".md").write_text(text)
+    args.output.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+
+
+def plot(rows, key: str, path: Path, model: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r in rows:
+        y = r["quality"][key] * (100 if key == "accuracy" else 1)
+        ax.scatter(r["latency_ms_p50"], y, marker="o" if r["healed"] else "x",
+                   color="tab:green" if r["healed"] else "tab:red" if r["variant"] != "int8"
+                   else "black")
+        ax.annotate(r["variant"] + (" +heal" if r["healed"] else ""),
+                    (r["latency_ms_p50"], y), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    if key == "accuracy":
+        ax.axhline(100 * rows[0]["quality"]["float-accuracy"] - 1.0, ls="--", color="grey",
+                   lw=0.8, label="float accuracy - 1 point")
+        ax.legend(loc="lower right")
+    ax.set_xlabel("batch-1 latency p50, ms (int8, ONNX Runtime CPU)")
+    ax.set_ylabel("accuracy (%)" if key == "accuracy" else "embedding cosine to float")
+    ax.set_title(f"Compression + int8: {Path(model).name} (x: not healed, o: healed)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

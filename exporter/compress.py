@@ -1,0 +1,602 @@
+"""Stage `compress`: make the PyTorch model smaller before it is exported, measured and healed.
+
+Runs right after `load` (encoders) or `load_decoder` (decoders) and edits `job.torch_model`
+in place; every later stage then exports the smaller model unchanged. In order:
+
+1. layer dropping: each layer's importance is how much it changes its input on calibration
+   text, mean over real tokens of 1 - cos(h_in, h_out); the least important layers go
+   (or the indices asked for), and the config's layer count follows.
+2. structured pruning: attention heads and FFN neurons ranked by their measured contribution
+   to the residual stream, |x_head @ W_o[:, head]| and mean |a_j| * |W_down[:, j]| over real
+   calibration tokens (activation-based), and cut out of the matrices (smaller MatMuls).
+3. parameter sharing: an adjacent layer takes the weights of the one before it where the
+   measured harm (1 - cosine of the model's output to the original's) is small; the tied
+   parameters are one tensor, which the exported graph stores once.
+4. magnitude sparsity: the smallest weights of every layer's matrices set to zero,
+   unstructured (per matrix) or N:M (N kept in every M consecutive inputs).
+5. healing: distillation from a frozen copy of the original (`exporter.heal`).
+
+Architectures: BERT (encoders, classifiers) and Llama (decoders; GQA-aware: a layer keeps the
+same number of query heads in every KV group, and the KV heads themselves are never pruned,
+so every layer's KV cache keeps one shape, which the runtime's preallocated cache needs).
+
+    >>> export("minilm", target="arm-cpu", compression=Compression(drop_layers=2, heal_steps=200))
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .heal import calibration_batches, heal, quality
+
+# Parameter sharing: the largest output harm (1 - cosine to the original model's output on
+# calibration text) a tied pair may cost before healing. Above ~0.02 the healed model no
+# longer recovers it in a few hundred steps on MiniLM.
+SHARE_MAX_HARM = 0.02
+
+# FFN pruning never leaves a layer fewer than this share of its neurons.
+FFN_FLOOR = 0.05
+
+# Sparsity patterns: name -> (kept, group), None for unstructured.
+PATTERNS: dict[str, tuple[int, int] | None] = {"unstructured": None, "2:4": (2, 4),
+                                               "4:8": (4, 8), "1:4": (1, 4)}
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What to remove before export. Every field defaults to "leave it".
+
+    drop_layers: how many layers to drop (chosen by measured importance) or their indices.
+    prune_heads / prune_ffn: fraction of attention heads / FFN neurons to remove, in [0, 1).
+    sparsity: fraction of each layer matrix's weights set to zero, in [0, 1), with
+    `sparsity_pattern` "unstructured" or N:M ("2:4": 2 of every 4 kept, fixing the fraction
+    at 0.5). share_layers: tie adjacent layers where the harm is small. heal_steps:
+    distillation steps from the original afterwards (0: none).
+    """
+
+    drop_layers: int | tuple[int, ...] = 0
+    prune_heads: float = 0.0
+    prune_ffn: float = 0.0
+    sparsity: float = 0.0
+    sparsity_pattern: str = "unstructured"
+    share_layers: bool = False
+    heal_steps: int = 0
+
+    def __post_init__(self):
+        for name in ("prune_heads", "prune_ffn", "sparsity"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0.0 <= value < 1.0:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {value!r} is outside [0, 1): it is the fraction "
+                                 f"removed (0.25 removes a quarter; 1 would remove everything).")
+        if self.sparsity_pattern not in PATTERNS:
+            raise ValueError(f"Unknown sparsity pattern {self.sparsity_pattern!r}; expected "
+                             f"one of {', '.join(PATTERNS)}.")
+        pattern = PATTERNS[self.sparsity_pattern]
+        if pattern and self.sparsity not in (0.0, 1 - pattern[0] / pattern[1]):
+            raise ValueError(f"--sparsity {self.sparsity} contradicts the {self.sparsity_pattern} "
+                             f"pattern, which zeroes {1 - pattern[0] / pattern[1]:g} of the "
+                             f"weights; leave out --sparsity.")
+        drop = self.drop_layers
+        if isinstance(drop, bool) or not (isinstance(drop, int) or (
+                isinstance(drop, tuple) and all(isinstance(i, int) for i in drop))):
+            raise TypeError(f"drop_layers must be a count or a tuple of layer indices, "
+                            f"got {drop!r}.")
+        if (isinstance(drop, int) and drop < 0) or (isinstance(drop, tuple) and (
+                len(set(drop)) != len(drop) or any(i < 0 for i in drop))):
+            raise ValueError(f"drop_layers {drop!r}: give a count >= 0 or distinct "
+                             f"indices >= 0.")
+        if isinstance(self.heal_steps, bool) or not isinstance(self.heal_steps, int) \
+                or self.heal_steps < 0:
+            raise ValueError(f"heal_steps must be an int >= 0, got {self.heal_steps!r}.")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.drop_layers or self.prune_heads or self.prune_ffn or self.sparsity
+                    or self.share_layers or self.sparsity_pattern != "unstructured")
+
+    @classmethod
+    def parse_layers(cls, text: str) -> int | tuple[int, ...]:
+        """CLI form of drop_layers: "2" (a count) or "1,3" (indices)."""
+        if re.fullmatch(r"\d+", text.strip()):
+            return int(text)
+        if re.fullmatch(r"\d+(,\d+)+,?", text.replace(" ", "")):
+            return tuple(int(i) for i in text.replace(" ", "").strip(",").split(","))
+        raise ValueError(f"--drop-layers {text!r}: give a count (2) or comma-separated layer "
+                         f"indices (1,3).")
+
+
+# --- the model's parts, per architecture ---
+
+def kind_of(model) -> str:
+    kind = model.config.model_type
+    if kind not in ("bert", "llama"):
+        raise ValueError(f"Compression supports BERT and Llama models; this one is {kind!r}.")
+    return kind
+
+
+def layer_list(model):
+    """The nn.ModuleList of transformer layers."""
+    if model.config.model_type == "llama":
+        return model.model.layers
+    base = getattr(model, "bert", model)
+    return base.encoder.layer
+
+
+def _set_layers(model, layers) -> None:
+    import torch
+
+    modules = torch.nn.ModuleList(layers)
+    if model.config.model_type == "llama":
+        model.model.layers = modules
+        for i, layer in enumerate(modules):   # the KV cache is indexed by layer_idx
+            layer.self_attn.layer_idx = i
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:len(modules)]
+    else:
+        getattr(model, "bert", model).encoder.layer = modules
+        for i, layer in enumerate(modules):
+            if getattr(layer.attention.self, "layer_idx", None) is not None:
+                layer.attention.self.layer_idx = i
+    model.config.num_hidden_layers = len(modules)
+
+
+def attention_parts(layer, kind: str):
+    """(query-side Linears pruned by output rows, output projection pruned by input columns,
+    head_dim, heads)."""
+    if kind == "llama":
+        a = layer.self_attn
+        return [a.q_proj], a.o_proj, a.head_dim, a.q_proj.out_features // a.head_dim
+    s = layer.attention.self
+    return ([s.query, s.key, s.value], layer.attention.output.dense, s.attention_head_size,
+            s.num_attention_heads)
+
+
+def ffn_parts(layer, kind: str):
+    """(Linears producing the FFN neurons, Linear consuming them)."""
+    if kind == "llama":
+        return [layer.mlp.gate_proj, layer.mlp.up_proj], layer.mlp.down_proj
+    return [layer.intermediate.dense], layer.output.dense
+
+
+def parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())   # tied tensors count once
+
+
+# --- measurements on calibration text ---
+
+def _hidden(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def layer_importance(model, batches) -> list[float]:
+    """Per layer: mean over real tokens of 1 - cos(layer input, layer output)."""
+    import torch
+
+    totals = np.zeros(len(layer_list(model)))
+    count = 0
+    mask_now = {}
+
+    def hook(index):
+        def fn(module, args, kwargs, out):
+            x, y = _hidden(args, kwargs), out[0] if isinstance(out, tuple) else out
+            change = 1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)   # (batch, seq)
+            totals[index] += float((change * mask_now["m"]).sum())
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True)
+               for i, layer in enumerate(layer_list(model))]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                mask_now["m"] = batch["attention_mask"].float()
+                count += int(batch["attention_mask"].sum())
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [round(float(t / count), 5) for t in totals]
+
+
+def contribution_scores(model, batches, kind: str) -> tuple[list, list]:
+    """Per layer: each head's and each FFN neuron's mean contribution norm over real tokens.
+
+    head h: |x_h @ W_o[:, h]^T| with x_h (tokens, head_dim) the head's attention output;
+    neuron j: mean |a_j| * |W_down[:, j]| with a (tokens, intermediate) the FFN activation."""
+    import torch
+
+    layers = layer_list(model)
+    heads = [torch.zeros(attention_parts(layer, kind)[3]) for layer in layers]
+    neurons = [torch.zeros(ffn_parts(layer, kind)[1].in_features) for layer in layers]
+    state = {}
+
+    def on_o(i, o_proj, head_dim):
+        def fn(module, args):
+            x = args[0][state["m"]]                                   # (tokens, heads*hd)
+            w = o_proj.weight.view(o_proj.out_features, -1, head_dim)  # (hidden, heads, hd)
+            x = x.view(x.shape[0], -1, head_dim)                       # (tokens, heads, hd)
+            contrib = torch.einsum("thd,ohd->tho", x, w)              # (tokens, heads, hidden)
+            heads[i] += contrib.norm(dim=-1).sum(0)
+        return fn
+
+    def on_down(i, down):
+        def fn(module, args):
+            a = args[0][state["m"]]                                     # (tokens, intermediate)
+            neurons[i] += a.abs().sum(0) * down.weight.norm(dim=0)
+        return fn
+
+    handles = []
+    for i, layer in enumerate(layers):
+        _, o_proj, head_dim, _ = attention_parts(layer, kind)
+        handles.append(o_proj.register_forward_pre_hook(on_o(i, o_proj, head_dim)))
+        down = ffn_parts(layer, kind)[1]
+        handles.append(down.register_forward_pre_hook(on_down(i, down)))
+    tokens = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                state["m"] = batch["attention_mask"].bool()
+                tokens += int(batch["attention_mask"].sum())
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [h / tokens for h in heads], [n / tokens for n in neurons]
+
+
+# --- the edits ---
+
+def choose_layers_to_drop(request, importance: list[float]) -> list[int]:
+    n = len(importance)
+    if isinstance(request, tuple):
+        bad = [i for i in request if i >= n]
+        if bad:
+            raise ValueError(f"--drop-layers {','.join(map(str, request))}: the model has "
+                             f"{n} layers (indices 0-{n - 1}); {bad} do not exist.")
+        chosen = sorted(request)
+    else:
+        chosen = sorted(int(i) for i in np.argsort(importance)[:request])
+    if len(chosen) >= n:
+        raise ValueError(f"Dropping {len(chosen)} of {n} layers would leave no layer; "
+                         f"drop at most {n - 1}.")
+    return chosen
+
+
+def _slice(linear, keep, dim: int):
+    from transformers.pytorch_utils import prune_linear_layer
+
+    return prune_linear_layer(linear, keep, dim=dim)
+
+
+def prune_heads(model, kind: str, scores, fraction: float) -> dict[int, list[int]]:
+    """Remove the lowest-scoring heads; returns {layer: removed head indices}.
+
+    BERT: global ranking by contribution (layers end with different head counts, at least 1
+    each). Llama (GQA): in every layer the same number of query heads, the lowest-scoring, is
+    removed from each KV group, so the group structure and the KV cache stay intact."""
+    import torch
+
+    layers = layer_list(model)
+    removed: dict[int, list[int]] = {}
+    if kind == "bert":
+        total = sum(len(s) for s in scores)
+        ranked = sorted((float(s[h]), i, h) for i, s in enumerate(scores) for h in range(len(s)))
+        left = [len(s) for s in scores]
+        for _, i, h in ranked:
+            if sum(len(v) for v in removed.values()) >= round(fraction * total):
+                break
+            if left[i] > 1:
+                removed.setdefault(i, []).append(h)
+                left[i] -= 1
+        for i, heads in removed.items():
+            layers[i].attention.prune_heads(heads)
+        return {i: sorted(v) for i, v in sorted(removed.items())}
+    for i, layer in enumerate(layers):
+        a = layer.self_attn
+        groups = model.config.num_key_value_heads
+        per_group = len(scores[i]) // groups
+        cut = min(round(fraction * per_group), per_group - 1)
+        if cut == 0:
+            continue
+        keep_heads = []
+        for g in range(groups):
+            members = list(range(g * per_group, (g + 1) * per_group))
+            order = sorted(members, key=lambda h: float(scores[i][h]), reverse=True)
+            keep_heads += sorted(order[:per_group - cut])
+        removed[i] = sorted(set(range(len(scores[i]))) - set(keep_heads))
+        index = torch.tensor([h * a.head_dim + d for h in keep_heads for d in range(a.head_dim)])
+        a.q_proj = _slice(a.q_proj, index, 0)
+        a.o_proj = _slice(a.o_proj, index, 1)
+        a.num_key_value_groups = len(keep_heads) // groups
+    return removed
+
+
+def prune_ffn(model, kind: str, scores, fraction: float, *, multiple: int = 1) -> dict[int, int]:
+    """Remove the same fraction of each layer's FFN neurons, the lowest-scoring, keeping a
+    multiple of `multiple` (decoders: the MatMulNBits block, which the down projection's
+    input width must divide into); returns {layer: neurons kept}."""
+    import torch
+
+    kept = {}
+    for i, layer in enumerate(layer_list(model)):
+        width = len(scores[i])
+        keep_n = max(int(round(width * (1 - fraction))), int(np.ceil(FFN_FLOOR * width)), 1)
+        keep_n = min(width, -(-keep_n // multiple) * multiple)
+        keep = torch.sort(torch.argsort(scores[i], descending=True)[:keep_n]).values
+        producers, consumer = ffn_parts(layer, kind)
+        if kind == "llama":
+            layer.mlp.gate_proj = _slice(producers[0], keep, 0)
+            layer.mlp.up_proj = _slice(producers[1], keep, 0)
+            layer.mlp.down_proj = _slice(consumer, keep, 1)
+            layer.mlp.intermediate_size = keep_n
+        else:
+            layer.intermediate.dense = _slice(producers[0], keep, 0)
+            layer.output.dense = _slice(consumer, keep, 1)
+        kept[i] = keep_n
+    return kept
+
+
+def sparsity_masks(model, fraction: float, pattern: str) -> dict:
+    """Zero the smallest-magnitude weights of every layer Linear; returns {param: keep mask}
+    (healing re-applies the masks after each step)."""
+    import torch
+
+    masks = {}
+    for layer in layer_list(model):
+        for module in layer.modules():
+            if not isinstance(module, torch.nn.Linear) or module.weight in masks:
+                continue
+            w = module.weight.data
+            if PATTERNS[pattern] is None:
+                k = int(round(fraction * w.numel()))
+                if k == 0:
+                    continue
+                threshold = w.abs().flatten().kthvalue(k).values
+                mask = w.abs() > threshold
+            else:
+                n, m = PATTERNS[pattern]
+                if w.shape[1] % m:
+                    continue
+                groups = w.abs().view(w.shape[0], -1, m)
+                top = groups.topk(n, dim=-1).indices
+                mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
+                mask = mask.view_as(w)
+            w.mul_(mask)
+            masks[module.weight] = mask
+    return masks
+
+
+def share_candidates(model, original_output, batches, output_of) -> list[tuple[int, float]]:
+    """Per adjacent pair (i, i+1): output harm (1 - mean cosine to the original output) when
+    layer i+1 runs with layer i's weights."""
+    harms = []
+    layers = layer_list(model)
+    for i in range(len(layers) - 1):
+        source, dest = layers[i].state_dict(), layers[i + 1].state_dict()
+        if any(source[k].shape != v.shape for k, v in dest.items()):
+            continue   # pruned to different shapes: cannot share
+        saved = copy.deepcopy(dest)
+        layers[i + 1].load_state_dict(source)
+        harm = 1 - _mean_cosine(output_of(model, batches), original_output)
+        layers[i + 1].load_state_dict(saved)
+        harms.append((i, round(harm, 5)))
+    return harms
+
+
+def tie(model, source: int, dest: int) -> None:
+    """Layer `dest` uses layer `source`'s parameter tensors (one storage, two modules)."""
+    layers = layer_list(model)
+    own = dict(layers[dest].named_modules())
+    for name, module in layers[source].named_modules():
+        for pname, p in module._parameters.items():
+            if p is not None:
+                own[name]._parameters[pname] = p
+
+
+def _mean_cosine(a: list, b: list) -> float:
+    import torch
+
+    cos = [torch.nn.functional.cosine_similarity(x.flatten(1), y.flatten(1), dim=-1)
+           for x, y in zip(a, b, strict=True)]
+    return float(torch.cat(cos).mean())
+
+
+# --- the stage ---
+
+def compress(job) -> None:
+    """Stage: apply job.compression to job.torch_model; record what was removed and what it
+    cost, before and after healing. Does nothing when no compression was asked for."""
+    request: Compression | None = job.compression
+    if request is None or not request.active:
+        if request is not None and request.heal_steps:
+            raise ValueError("--heal-steps needs a compression to heal (e.g. --drop-layers 1).")
+        return
+    import torch
+
+    model = job.torch_model
+    kind = kind_of(model)
+    torch.manual_seed(0)
+    original = copy.deepcopy(model).eval()
+    for p in original.parameters():
+        p.requires_grad_(False)
+    job.reference_model = original
+    batches = calibration_batches(job, purpose="score")
+    before = parameters(model)
+    steps: list[dict] = []
+
+    if request.drop_layers:
+        importance = layer_importance(model, batches)
+        dropped = choose_layers_to_drop(request.drop_layers, importance)
+        kept = [m for i, m in enumerate(layer_list(model)) if i not in dropped]
+        _set_layers(model, kept)
+        steps.append({"method": "drop-layers", "strength": len(dropped), "removed": dropped,
+                      "importance": importance,
+                      "score": "mean 1 - cos(layer input, layer output) over real tokens"})
+        job.log(f"  dropped layers {dropped} of {len(importance)} (importance "
+                f"{', '.join(f'{s:.3f}' for s in importance)})")
+
+    if request.prune_heads or request.prune_ffn:
+        head_scores, ffn_scores = contribution_scores(model, batches, kind)
+        if request.prune_heads:
+            removed = prune_heads(model, kind, head_scores, request.prune_heads)
+            count = sum(len(v) for v in removed.values())
+            left = [attention_parts(layer, kind)[3] for layer in layer_list(model)]
+            steps.append({"method": "prune-heads", "strength": request.prune_heads,
+                          "removed": {str(k): v for k, v in removed.items()},
+                          "heads_per_layer": left,
+                          "importance": [[round(float(x), 4) for x in s] for s in head_scores],
+                          "score": "mean |x_head @ W_o[:, head]| over real tokens"})
+            job.log(f"  pruned {count} attention heads; heads per layer now {left}")
+        if request.prune_ffn:
+            block = job.target.generation.block_size if kind == "llama" else 1
+            kept = prune_ffn(model, kind, ffn_scores, request.prune_ffn, multiple=block)
+            steps.append({"method": "prune-ffn", "strength": request.prune_ffn,
+                          "removed": {str(i): len(ffn_scores[i]) - k for i, k in kept.items()},
+                          "neurons_per_layer": list(kept.values()),
+                          "importance": [round(float(s.mean()), 4) for s in ffn_scores],
+                          "score": "mean |a_j| * |W_down[:, j]| over real tokens (per layer "
+                                   "mean shown)"})
+            job.log(f"  pruned FFN neurons; per layer now {list(kept.values())}")
+
+    if request.share_layers:
+        reference = output_of(model, batches)   # harm of the tie alone
+        harms = share_candidates(model, reference, batches, output_of)
+        tied, used = [], set()
+        for i, harm in sorted(harms, key=lambda x: x[1]):
+            if harm <= SHARE_MAX_HARM and i not in used and i + 1 not in used:
+                layers = layer_list(model)
+                layers[i + 1].load_state_dict(layers[i].state_dict())
+                tie(model, i, i + 1)
+                tied.append([i, i + 1])
+                used |= {i, i + 1}
+        steps.append({"method": "share-layers", "strength": len(tied), "removed": sorted(tied),
+                      "importance": [h for _, h in harms], "max_harm": SHARE_MAX_HARM,
+                      "score": "1 - cos(output, original output) with layer i+1 := layer i"})
+        job.log(f"  shared layer pairs {sorted(tied) or 'none'} (harm per adjacent pair "
+                f"{', '.join(f'{h:.3f}' for _, h in harms)}, accepted <= {SHARE_MAX_HARM})")
+
+    masks = {}
+    if request.sparsity or request.sparsity_pattern != "unstructured":
+        masks = sparsity_masks(model, request.sparsity, request.sparsity_pattern)
+        zeros = sum(int((~m).sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        steps.append({"method": "sparsity", "strength": round(zeros / max(total, 1), 4),
+                      "pattern": request.sparsity_pattern, "removed": f"{zeros} weights zeroed",
+                      "matrices": len(masks),
+                      "note": "zeros are still stored and multiplied: they shrink the "
+                              "compressed bundle, not the graph or its latency"})
+        job.log(f"  sparsity {request.sparsity_pattern}: {zeros}/{total} layer weights zero "
+                f"({100 * zeros / max(total, 1):.1f}%)")
+
+    eval_batches = calibration_batches(job, purpose="measure")
+    record = {"methods": steps, "parameters_before": before, "parameters_after": parameters(model),
+              "request": asdict(request), "quality_before_healing": quality(job, model,
+                                                                            original,
+                                                                            eval_batches)}
+    if request.heal_steps:
+        record["healing"] = heal(job, model, original, steps=request.heal_steps, masks=masks)
+        record["quality_after_healing"] = quality(job, model, original, eval_batches)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if job.gguf is not None and not job.requantize:
+        job.requantize = True   # the GGUF's blocks hold the uncompressed weights
+        record["requantized"] = "the GGUF's blocks describe the uncompressed model: the " \
+                                "compressed weights are rounded from float instead"
+    job.records["compression"] = record
+    if job.task == "text-generation":
+        check_decoder_budget(job, record.get("quality_after_healing",
+                                             record["quality_before_healing"]))
+    job.records["model"]["parameters_after_compression"] = record["parameters_after"]
+    job.records["model"]["layers_after_compression"] = model.config.num_hidden_layers
+    q = record.get("quality_after_healing", record["quality_before_healing"])
+    job.log(f"  parameters {before / 1e6:.2f}M -> {record['parameters_after'] / 1e6:.2f}M; "
+            f"quality vs original: {_describe(record['quality_before_healing'])}"
+            + (f"; after {request.heal_steps} healing steps: {_describe(q)}"
+               if request.heal_steps else ""))
+
+
+def check_decoder_budget(job, q: dict) -> None:
+    """Decoders: the validate stage compares the bundle with the compressed float graph, so
+    the perplexity lost to compression itself is checked here, against the original."""
+    from .budget import Budget
+    from .validate import BudgetError
+
+    increase = round(100 * (q["perplexity"] / q["original-perplexity"] - 1), 3)
+    job.records["compression"]["perplexity-increase"] = increase
+    budget = Budget(tuple(c for c in job.budget.clauses if c.metric == "perplexity-increase"))
+    broken = budget.check({"perplexity-increase": increase})
+    if broken:
+        raise BudgetError(f"Compression alone breaks the accuracy budget {job.budget}: "
+                          f"{'; '.join(broken)} (PyTorch, {q['perplexity']} against "
+                          f"{q['original-perplexity']} on held-out prose). Compress less or "
+                          f"heal longer (--heal-steps). No bundle written.")
+
+
+def output_of(model, batches) -> list:
+    """The model's output per batch: logits, or last hidden states (zeroed at padding)."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for batch in batches:
+            out = model(**batch)
+            x = out.logits if hasattr(out, "logits") else out.last_hidden_state
+            if x.dim() == 3:
+                x = x * batch["attention_mask"][..., None]
+            outs.append(x)
+    return outs
+
+
+def _describe(q: dict) -> str:
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in q.items())
+
+
+# --- manifest and report ---
+
+def compression_entries(record: dict | None) -> list[dict]:
+    """The manifest's "compression" list: one entry per method applied, then healing, each
+    with what it removed; the last entry carries parameter counts and quality."""
+    if not record:
+        return []
+    entries = [{k: v for k, v in step.items() if k != "importance"} for step in record["methods"]]
+    if "healing" in record:
+        entries.append({"method": "heal", **record["healing"]})
+    entries[-1] = {**entries[-1], "parameters_before": record["parameters_before"],
+                   "parameters_after": record["parameters_after"],
+                   "quality_before_healing": record["quality_before_healing"],
+                   **({"quality_after_healing": record["quality_after_healing"]}
+                      if "quality_after_healing" in record else {})}
+    return entries
+
+
+def compression_lines(record: dict | None) -> list[str]:
+    """The report's compression section (markdown lines)."""
+    if not record:
+        return []
+    lines = ["## Compression (before export, measured against the original PyTorch model)", "",
+             f"Parameters {record['parameters_before'] / 1e6:.2f}M -> "
+             f"{record['parameters_after'] / 1e6:.2f}M "
+             f"({100 * record['parameters_after'] / record['parameters_before']:.0f}%).", "",
+             "| method | strength | removed | score |", "|---|---|---|---|"]
+    for step in record["methods"]:
+        lines.append(f"| {step['method']} | {step['strength']} | {step['removed']} | "
+                     f"{step.get('score', step.get('note', ''))} |")
+    lines += ["", "| quality vs original | " + " | ".join(record["quality_before_healing"])
+              + " |", "|---|" + "---|" * len(record["quality_before_healing"]),
+              "| before healing | " + " | ".join(
+                  str(v) for v in record["quality_before_healing"].values()) + " |"]
+    if "quality_after_healing" in record:
+        h = record["healing"]
+        lines.append(f"| after {h['steps']} healing steps | " + " | ".join(
+            str(v) for v in record["quality_after_healing"].values()) + " |")
+        lines += ["", f"Healing: {h['steps']} steps in {h['seconds']} s on {h['data']}, "
+                      f"loss {h['loss_first']} -> {h['loss_last']} ({h['loss']})."]
+    if record.get("requantized"):
+        lines += ["", f"Note: {record['requantized']}."]
+    return lines + [""]

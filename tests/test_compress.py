@@ -1,0 +1,195 @@
+"""Compression before export: real MiniLM and SmolLM2 weights, measured, refused when asked
+for something impossible."""
+
+from __future__ import annotations
+
+import copy
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import runtime
+from exporter import Compression, export
+from exporter import compress as C
+from exporter.__main__ import main
+from exporter.data import smart_home_utterances
+from exporter.heal import heal
+
+
+def _batches(texts, size=32):
+    from exporter.feeds import pad_batch
+    from exporter.load import resolve_model_dir
+    from runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(resolve_model_dir("minilm") / "tokenizer.json")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    return [{k: torch.from_numpy(v) for k, v in pad_batch(
+        tokenizer.encode_batch(texts[i:i + size], max_length=128), pad_id=tokenizer.pad_id,
+        input_names=names).items()} for i in range(0, len(texts), size)]
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return _batches([u.text for u in smart_home_utterances(96, split="calibration")])
+
+
+def _cosine(model, reference, batches) -> float:
+    return C._mean_cosine(C.output_of(model, batches), C.output_of(reference, batches))
+
+
+# --- refusals ---
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prune_heads": 1.0}, r"--prune-heads 1.0 is outside \[0, 1\)"),
+    ({"prune_ffn": -0.1}, r"--prune-ffn -0.1 is outside \[0, 1\)"),
+    ({"sparsity": 1.5}, r"--sparsity 1.5 is outside \[0, 1\)"),
+    ({"sparsity": 0.3, "sparsity_pattern": "2:4"}, "contradicts the 2:4 pattern"),
+    ({"drop_layers": (1, 1)}, "distinct indices"),
+    ({"heal_steps": -1}, "heal_steps must be an int >= 0"),
+])
+def test_bad_requests_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Compression(**kwargs)
+
+
+def test_dropping_every_layer_is_refused():
+    with pytest.raises(ValueError, match="Dropping 6 of 6 layers would leave no layer; drop "
+                                         "at most 5"):
+        C.choose_layers_to_drop(6, [0.1] * 6)
+    with pytest.raises(ValueError, match=r"the model has 6 layers \(indices 0-5\); \[7\]"):
+        C.choose_layers_to_drop((1, 7), [0.1] * 6)
+
+
+def test_cli_refuses_a_bad_fraction(capsys):
+    assert main(["--target", "arm-cpu", "--prune-ffn", "1.5"]) == 2
+    assert "--prune-ffn 1.5 is outside [0, 1)" in capsys.readouterr().err
+    assert main(["--target", "arm-cpu", "--drop-layers", "1;2"]) == 2
+    assert "give a count (2) or comma-separated layer indices" in capsys.readouterr().err
+
+
+# --- MiniLM, in PyTorch ---
+
+def test_layer_importance_ranks_what_matters(torch_minilm, batches):
+    """Dropping the layer scored least important costs less than dropping the most important."""
+    importance = C.layer_importance(torch_minilm, batches)
+    assert len(importance) == 6 and all(s > 0 for s in importance)
+    harm = {}
+    for which in (int(np.argmin(importance)), int(np.argmax(importance))):
+        model = copy.deepcopy(torch_minilm)
+        C._set_layers(model, [m for i, m in enumerate(C.layer_list(model)) if i != which])
+        assert model.config.num_hidden_layers == 5
+        harm[which] = 1 - _cosine(model, torch_minilm, batches)
+    low, high = harm[int(np.argmin(importance))], harm[int(np.argmax(importance))]
+    assert low < high, harm
+
+
+def test_pruning_makes_smaller_matrices_and_keeps_the_outputs(torch_minilm, batches):
+    model = copy.deepcopy(torch_minilm)
+    heads, neurons = C.contribution_scores(model, batches, "bert")
+    removed = C.prune_heads(model, "bert", heads, 0.25)
+    kept = C.prune_ffn(model, "bert", neurons, 0.5)
+    assert sum(len(v) for v in removed.values()) == round(0.25 * 72)
+    layers = C.layer_list(model)
+    for i, layer in enumerate(layers):
+        n = layer.attention.self.num_attention_heads
+        assert n >= 1 and layer.attention.self.query.out_features == 32 * n
+        assert layer.attention.output.dense.in_features == 32 * n
+        assert layer.intermediate.dense.out_features == kept[i] == 768
+        assert layer.output.dense.in_features == 768
+    assert C.parameters(model) < C.parameters(torch_minilm) - 3_000_000
+    # the lowest-scoring half of the FFN costs less than the highest-scoring half
+    worst = copy.deepcopy(torch_minilm)
+    C.prune_ffn(worst, "bert", [-s for s in neurons], 0.5)
+    chosen, inverted = _cosine(model, torch_minilm, batches), _cosine(worst, torch_minilm,
+                                                                       batches)
+    assert chosen > 0.7 and chosen > inverted, (chosen, inverted)
+
+
+def test_sparsity_patterns(torch_minilm):
+    model = copy.deepcopy(torch_minilm)
+    masks = C.sparsity_masks(model, 0.0, "2:4")
+    assert len(masks) == 6 * 6     # q, k, v, o, FFN in, FFN out per layer
+    for weight in masks:
+        groups = (weight.detach().view(weight.shape[0], -1, 4) != 0).sum(-1)
+        assert int(groups.max()) == 2
+    model = copy.deepcopy(torch_minilm)
+    masks = C.sparsity_masks(model, 0.6, "unstructured")
+    zeros = sum(int((w == 0).sum()) for w in masks)
+    assert abs(zeros / sum(w.numel() for w in masks) - 0.6) < 0.01
+
+
+def test_tied_layers_share_one_tensor(torch_minilm, batches):
+    model = copy.deepcopy(torch_minilm)
+    C.tie(model, 2, 3)
+    layers = C.layer_list(model)
+    assert layers[2].intermediate.dense.weight is layers[3].intermediate.dense.weight
+    params = C.parameters(torch_minilm) - C.parameters(model)
+    assert params == sum(p.numel() for p in layers[2].parameters())
+
+
+def test_healing_recovers_quality(torch_minilm, batches):
+    model = copy.deepcopy(torch_minilm)
+    C._set_layers(model, list(C.layer_list(model))[:3])
+    job = types.SimpleNamespace(task="feature-extraction", log=lambda line: None)
+    before = _cosine(model, torch_minilm, batches[:1])
+    record = heal(job, model, torch_minilm, steps=12, masks={}, batches=batches[1:])
+    after = _cosine(model, torch_minilm, batches[:1])
+    assert record["loss_last"] < record["loss_first"]
+    assert after > before + 0.005, (before, after)
+
+
+# --- a compressed export runs on the runtime ---
+
+def test_compressed_minilm_bundle(minilm_bundle, tmp_path, eval_texts):
+    out = export("minilm", target="arm-cpu", output=tmp_path / "small",
+                 compression=Compression(drop_layers=2, prune_heads=0.25, prune_ffn=0.5),
+                 accuracy_budget="cosine>=0.6", log=lambda line: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    methods = [c["method"] for c in manifest["compression"]]
+    assert methods == ["drop-layers", "prune-heads", "prune-ffn"]
+    assert manifest["compression"][-1]["parameters_after"] < 17_000_000
+    assert manifest["model"]["layers_after_compression"] == 4
+    assert "## Compression" in (out / "report.md").read_text()
+    small, full = (out / "model.onnx").stat().st_size, (minilm_bundle / "model.onnx").stat().st_size
+    assert small < full - 4_000_000, (small, full)
+    vectors = runtime.load(out).embed(eval_texts[:8])
+    assert vectors.shape == (8, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    # the budget is checked against the original model, not against the pruned one
+    assert manifest["validation"]["metrics"]["cosine"] < 0.95
+
+
+# --- SmolLM2: per-layer heads and FFN widths in the decoder graph ---
+
+def test_pruned_smollm2_graph_matches_pytorch(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from exporter.decoder import OnnxDecoder
+    from exporter.decoder_graph import DecoderShape, build, float_weights
+    from exporter.gguf import checkpoint, packaged_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint(packaged_gguf("smollm2"), log=lambda line: None), dtype="float32").eval()
+    C._set_layers(model, [m for i, m in enumerate(C.layer_list(model)) if i in (0, 1, 2, 29)])
+    ids = torch.tensor([list(range(1000, 1064))])
+    batch = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    heads, neurons = C.contribution_scores(model, batch, "llama")
+    removed = C.prune_heads(model, "llama", heads, 0.34)     # 1 of 3 query heads per KV group
+    kept = C.prune_ffn(model, "llama", neurons, 0.1, multiple=32)
+    assert set(kept.values()) == {1408}    # 1536 * 0.9 = 1382.4, up to a multiple of 32
+    assert all(len(v) == 3 for v in removed.values())
+    for i, layer in enumerate(C.layer_list(model)):
+        dropped_groups = {h // 3 for h in removed[i]}
+        assert dropped_groups == {0, 1, 2}     # one from each KV group: GQA stays consistent
+        assert layer.self_attn.k_proj.out_features == 3 * 64
+    shape = DecoderShape.from_config(model.config, 128)
+    path = tmp_path / "pruned.onnx"
+    import onnx
+
+    onnx.save(build(shape, float_weights(model)), path)
+    with torch.no_grad():
+        reference = model(ids).logits[0].numpy()
+    ours = OnnxDecoder(path, shape).logits(ids[0].tolist())
+    assert np.abs(ours - reference).max() < 1e-3 * max(1.0, np.abs(reference).max())
