@@ -16,8 +16,9 @@ Per variant: prefill latency of a 128-token prompt, greedy decode tokens/s at ba
 tokens after a short prompt), peak RSS of a fresh process that loads the model and does both,
 model file size, and perplexity on held-out English prose (pydoc_data paragraphs, the
 exporter's windows: 8 x 256 tokens, each window from an empty cache). Every variant runs in its
-own subprocess (so peak RSS is its own; runtime defaults, spinning on), one after another; timings keep the best of
-`--rounds` rounds. Prints a table and writes benchmarks/results/bench_decoder.json.
+own subprocess (so peak RSS is its own; runtime defaults, spinning on), one after another;
+timings keep the best of `--rounds` rounds. Prints a table and writes
+benchmarks/results/bench_decoder.json.
 """
 
 from __future__ import annotations
