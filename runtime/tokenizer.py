@@ -35,7 +35,9 @@ try:
     from . import _tokenizer_c
 except ImportError as e:  # not built on this device: the Python twin is the fallback
     _tokenizer_c = None
-    _C_MISSING = str(e)
+    # the extension file is absent (no compiler at install time), or present but unloadable
+    _C_MISSING = ("runtime/_tokenizer_c was not built" if "_tokenizer_c" in str(e)
+                  and "partially initialized" in str(e) else str(e))
 
 # Backend name -> module with WordPieceEncoder and BPEEncoder, preferred first.
 # tests/test_tokenizer.py runs every test on each one available.
@@ -498,7 +500,10 @@ def _bpe_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
             f"are missing (e.g. {missing_bytes[0]!r}); the runtime tokenizer does not support "
             "byte fallback in a byte-level vocab."
         )
-    if data.get("normalizer") is not None:
+    normalizer = data.get("normalizer")
+    if normalizer == {"type": "Sequence", "normalizers": []}:
+        normalizer = None   # an empty sequence normalizes nothing (HF writes it this way)
+    if normalizer is not None:
         raise ValueError(
             f"{path}: normalizer {json.dumps(data['normalizer'])[:120]} is not supported for "
             "byte-level BPE; the runtime tokenizer supports files without a normalizer (null)."
