@@ -56,21 +56,17 @@ def prompt_128(ids: list[int]) -> list[int]:
     return ids[-128:]
 
 
-def nll_of(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
-    logits = logits[:-1].astype(np.float64)
-    top = logits.max(axis=1, keepdims=True)
-    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-    return float((log_z - logits[np.arange(len(ids) - 1), ids[1:]]).sum()), len(ids) - 1
-
-
 def windowed_ppl(logits_fn, ids: list[int], window: int) -> float:
+    """The runtime's windowing (runtime.generate.perplexity) over any logits function."""
+    from runtime.generate import negative_log_likelihood
+
     total = count = 0
     for start in range(0, len(ids), window):
         chunk = ids[start:start + window]
         if len(chunk) < 2:
             break
-        nll, n = nll_of(logits_fn(chunk), chunk)
-        total, count = total + nll, count + n
+        total += negative_log_likelihood(logits_fn(chunk), chunk)
+        count += len(chunk) - 1
     return float(np.exp(total / count))
 
 

@@ -31,25 +31,12 @@ import time
 from pathlib import Path
 
 
-def _strings(node):
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for value in node.values():
-            yield from _strings(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _strings(value)
-
-
 def workloads(seed: int = 0) -> tuple[list[str], list[str]]:
     """(short English utterances, 1,000 long multilingual paragraphs)."""
-    import home_assistant_intents as hai
+    from exporter.data import intent_strings
 
-    english = sorted(set(_strings(hai.get_intents("en"))))
-    everything = sorted(
-        {t for lang in hai.get_languages() for t in _strings(hai.get_intents(lang))}
-    )
+    english = intent_strings(["en"])
+    everything = intent_strings()
     rng = random.Random(seed)
     paragraphs = []
     for _ in range(1000):

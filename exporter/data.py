@@ -206,3 +206,24 @@ def english_prose() -> list[str]:
             if len(text) >= 80 and text.count(" ") >= 12:
                 paragraphs.append(text)
     return paragraphs
+
+
+def intent_strings(languages: list[str] | None = None) -> list[str]:
+    """Every distinct string in home-assistant-intents (sentence templates, slot values,
+    responses) for `languages` (default: all ~65), sorted: a large multilingual corpus of
+    real text that ships offline, for tokenizer checks and benchmarks."""
+    import home_assistant_intents
+
+    def strings(node):
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, dict):
+            for value in node.values():
+                yield from strings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from strings(value)
+
+    chosen = languages or home_assistant_intents.get_languages()
+    return sorted({text for language in chosen
+                   for text in strings(home_assistant_intents.get_intents(language))})

@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from .budget import Budget
 from .feeds import encoder_feeds, ort_session
+from .progress import progress
 from .quantize import activation_qparams, build_int8, calibrate_all, weight_matmuls
 from .score import Scorer
 from .validate import reject
@@ -221,7 +222,7 @@ def sensitivity(job) -> None:
     scorer = Scorer(job, probe, threads=threads)
     everything = frozenset(matmul_groups)
     rows = []
-    for i, group in enumerate(groups):
+    for group in progress(groups, total=len(groups), desc="sensitivity (node groups)"):
         if group.kind == "int8":
             model = build(everything - {group.name})
         else:
@@ -229,8 +230,6 @@ def sensitivity(job) -> None:
         m = scorer.score(model)
         rows.append({"group": group.name, "kind": group.kind, "nodes": len(group.nodes),
                      "harm": round(1 - m["cosine"], 7), "min-cosine": m["min-cosine"]})
-        job.log(f"  sensitivity {i + 1}/{len(groups)}: {group.name}: harm "
-                f"{1 - m['cosine']:.2e}")
     harm = {r["group"]: r["harm"] for r in rows}
     order = sorted(matmul_groups, key=lambda g: -harm[g])
 

@@ -159,6 +159,14 @@ def stream_text(tokens: Iterator[int], step, stop: Sequence[str]) -> Iterator[st
         yield text[emitted:]
 
 
+def negative_log_likelihood(logits: np.ndarray, ids: Sequence[int]) -> float:
+    """Summed -log p(ids[i + 1] | ids[:i + 1]) from the logits (positions, vocab) of ids."""
+    logits = np.asarray(logits[:len(ids) - 1], dtype=np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return float((log_z - logits[np.arange(len(ids) - 1), list(ids[1:])]).sum())
+
+
 def perplexity(decoder: Decoder, ids: list[int], window: int) -> float:
     """exp(mean negative log-likelihood) over non-overlapping windows of `window` tokens,
     each starting from an empty cache (the first token of a window is context only)."""
@@ -171,10 +179,7 @@ def perplexity(decoder: Decoder, ids: list[int], window: int) -> float:
         if len(chunk) < 2:
             break
         decoder.reset()
-        logits = decoder.forward(chunk, all_logits=True)[:-1].astype(np.float64)
-        top = logits.max(axis=1, keepdims=True)
-        log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-        total += float((log_z - logits[np.arange(len(chunk) - 1), chunk[1:]]).sum())
+        total += negative_log_likelihood(decoder.forward(chunk, all_logits=True), chunk)
         count += len(chunk) - 1
     if not count:
         raise ValueError("perplexity() needs a text of at least 2 tokens.")

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from .stages import Stages, TensorInfo, device_providers
+from .stages import Stages, _StagedIO, device_providers
 
 
 class _StageWorker:
@@ -33,7 +33,7 @@ class _StageWorker:
         return self.plan.step(self.index, self.session, env)
 
 
-class RayStagedSession:
+class RayStagedSession(_StagedIO):
     """A staged bundle's sessions as Ray actors, with StagedSession's interface."""
 
     def __init__(self, directory: str | Path, stages: list[dict], *, outputs: Sequence[str],
@@ -61,19 +61,7 @@ class RayStagedSession:
                 i, graph, stages, list(outputs), threads,
                 device_providers(device, providers)))
         self.in_flight = in_flight or 2 * len(stages)
-        described = {t["name"]: t for s in stages for t in (*s["inputs"], *s["outputs"])}
-        self._inputs = [TensorInfo(i["name"], i.get("shape", []), i.get("dtype", ""))
-                        for i in inputs] or [
-            TensorInfo(n, described[n]["shape"], described[n]["dtype"])
-            for n in self.plan.inputs[0]]
-        self._outputs = [TensorInfo(n, described.get(n, {}).get("shape", []),
-                                    described.get(n, {}).get("dtype", "")) for n in outputs]
-
-    def get_inputs(self) -> list[TensorInfo]:
-        return list(self._inputs)
-
-    def get_outputs(self) -> list[TensorInfo]:
-        return list(self._outputs)
+        self._describe(inputs)
 
     def _submit(self, feeds: dict):
         ref = self._ray.put(dict(feeds))

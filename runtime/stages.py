@@ -89,7 +89,30 @@ class Stages:
         return {n: v for n, v in env.items() if n in self.keep[i]}
 
 
-class StagedSession:
+class _StagedIO:
+    """onnxruntime's get_inputs/get_outputs for a staged model, from the manifest."""
+
+    plan: Stages
+
+    def _describe(self, inputs: Sequence[dict]) -> None:
+        stages = self.plan.plan
+        described = {t["name"]: t for s in stages for t in (*s["inputs"], *s["outputs"])}
+        self._inputs = [TensorInfo(i["name"], i.get("shape", []), i.get("dtype", ""))
+                        for i in inputs] or [
+            TensorInfo(n, described[n]["shape"], described[n]["dtype"])
+            for n in self.plan.inputs[0]]
+        self._outputs = [TensorInfo(n, described.get(n, {}).get("shape", []),
+                                    described.get(n, {}).get("dtype", ""))
+                         for n in self.plan.final]
+
+    def get_inputs(self) -> list[TensorInfo]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[TensorInfo]:
+        return list(self._outputs)
+
+
+class StagedSession(_StagedIO):
     """Sessions for a staged bundle, with onnxruntime's `run` interface plus `run_stream`."""
 
     def __init__(self, directory: str | Path, stages: list[dict], *, outputs: Sequence[str],
@@ -102,19 +125,7 @@ class StagedSession:
         self.sessions = [ort_session(directory / s["file"], threads=threads, spinning=spinning,
                                      providers=device_providers(s["device"], providers))
                          for s in stages]
-        described = {t["name"]: t for s in stages for t in (*s["inputs"], *s["outputs"])}
-        self._inputs = [TensorInfo(i["name"], i.get("shape", []), i.get("dtype", ""))
-                        for i in inputs] or [
-            TensorInfo(n, described[n]["shape"], described[n]["dtype"])
-            for n in self.plan.inputs[0]]
-        self._outputs = [TensorInfo(n, described.get(n, {}).get("shape", []),
-                                    described.get(n, {}).get("dtype", "")) for n in outputs]
-
-    def get_inputs(self) -> list[TensorInfo]:
-        return list(self._inputs)
-
-    def get_outputs(self) -> list[TensorInfo]:
-        return list(self._outputs)
+        self._describe(inputs)
 
     def run(self, output_names, feeds: dict) -> list[np.ndarray]:
         """One batch through every stage in turn (onnxruntime's `InferenceSession.run`)."""

