@@ -61,6 +61,30 @@ def _override(profile: Target, *, precision: str | None, stages: int | None,
     return profile
 
 
+def _decoder_profile(profile: Target, *, precision: str | None,
+                     stages: int | None) -> Target:
+    """The profile as decoders read it: `precision` picks the weights ("fp16": float weights
+    and float16 activations); one stage; on TensorRT targets the CUDA provider runs the graph
+    (GroupQueryAttention and MatMulNBits are ONNX Runtime ops TensorRT does not parse)."""
+    choices = (*CHOICES["generation.weights"], "fp16")
+    if precision not in (None, *choices):
+        raise ValueError(f"Precision {precision!r} is not available for decoders: "
+                         f"{', '.join(choices)}.")
+    if stages not in (None, 1):
+        raise ValueError("Pipeline stages are not available for decoders yet; "
+                         "leave out --stages.")
+    generation = profile.generation
+    if precision == "fp16":
+        generation = dataclasses.replace(generation, weights="float", activations="float16")
+    elif precision:
+        generation = dataclasses.replace(generation, weights=precision)
+    providers = profile.runtime.execution_providers
+    if profile.graph_rules == "tensorrt":
+        providers = tuple(p for p in providers if p != "TensorrtExecutionProvider")
+    return dataclasses.replace(profile, generation=generation, runtime=dataclasses.replace(
+        profile.runtime, pipeline_stages=1, execution_providers=providers))
+
+
 def export(model: str = "minilm", *, target: str | Path | Target, task: str | None = None,
            output: str | Path | None = None,
            calibration: str | Path | Iterable[str] | None = None,
@@ -92,19 +116,7 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     generative = model in PACKAGED_GGUF or str(model).endswith(".gguf")
     task = task or infer_task(model if generative else resolve_model_dir(model))
     if task == "text-generation":
-        if precision not in (None, *CHOICES["generation.weights"]):
-            raise ValueError(f"Precision {precision!r} is not available for decoders: "
-                             f"{', '.join(CHOICES['generation.weights'])}.")
-        if profile.graph_rules == "tensorrt":
-            raise ValueError(f"Target {profile.name!r} needs TensorRT-ready graphs; decoders "
-                             f"are built on ONNX Runtime's GroupQueryAttention and "
-                             f"MatMulNBits, which TensorRT cannot take. Not supported yet: "
-                             f"use arm-cpu or x86-server for text-generation.")
-        if stages not in (None, 1):
-            raise ValueError("Pipeline stages are not available for decoders yet; "
-                             "leave out --stages.")
-        profile = dataclasses.replace(profile, runtime=dataclasses.replace(
-            profile.runtime, pipeline_stages=1))
+        profile = _decoder_profile(profile, precision=precision, stages=stages)
         default_budget = profile.generation.budget
     else:
         profile = _override(profile, precision=precision, stages=stages,
@@ -121,7 +133,6 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     job = pipeline.new_job(model, target=profile, task=task, output=output,
                            calibration=calibration_set, evaluation=evaluation_set,
                            budget=budget, compression=compression, log=log)
-    job.precision = precision if task == "text-generation" else None
     job.requantize = requantize
     if isinstance(evaluation, (str, Path)):
         job.records["eval_source"] = str(evaluation)

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                              "default: the profile's")
     parser.add_argument("--precision", choices=("int8", "fp16", "int4", "float"),
                         help="encoders: int8 (static int8 QDQ) or fp16 (no int8, the whole "
-                             "graph in float16); decoders: int4, int8 or float weights; "
+                             "graph in float16); decoders: int4, int8 or float weights, or fp16 "
+                             "(float16 weights and activations); "
                              "default: the profile's")
     parser.add_argument("--stages", type=int, metavar="N",
                         help="cut the graph into N pipeline stages, one per device "

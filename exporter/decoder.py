@@ -11,6 +11,7 @@ The bundle stage is shared with the encoders.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -29,8 +30,9 @@ from .decoder_graph import DecoderShape, DecoderWeights, Linear, build, float_we
 from .report import write_report
 from .validate import BudgetError
 
-# Llama-family architectures the graph builder covers (RMSNorm, rotary, GQA, SwiGLU, no bias).
-SUPPORTED = ("llama",)
+# Architectures the graph builder covers: Llama (RMSNorm, rotary, GQA, SwiGLU, no bias) and
+# GPT-2 (LayerNorm, learned positions, biases, GELU MLP).
+SUPPORTED = ("llama", "gpt2")
 
 # Prompts for the greedy check: short factual and chat-like openings.
 PROMPTS = (
@@ -65,8 +67,11 @@ def load_decoder(job) -> None:
         job.model_dir = resolve_model_dir(source)
     config = json.loads((job.model_dir / "config.json").read_text())
     if config.get("model_type") not in SUPPORTED:
-        raise ValueError(f"text-generation supports {', '.join(SUPPORTED)}-family decoders; "
-                         f"{source!r} is {config.get('model_type')!r}.")
+        raise ValueError(f"text-generation supports {' and '.join(SUPPORTED)}-family "
+                         f"decoders; {source!r} is {config.get('model_type')!r}.")
+    if job.compression is not None and config["model_type"] != "llama":
+        raise ValueError(f"Compression of {config['model_type']}-family decoders is not "
+                         f"supported yet (llama family only); export without it.")
 
     import transformers
 
@@ -95,7 +100,8 @@ def load_decoder(job) -> None:
         "architecture": model.config.model_type, "parameters": params,
         "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers,
         "heads": model.config.num_attention_heads,
-        "kv_heads": model.config.num_key_value_heads}
+        "kv_heads": getattr(model.config, "num_key_value_heads",
+                            model.config.num_attention_heads)}
     job.log(f"  {model.config.model_type} decoder, {model.config.num_hidden_layers} layers, "
             f"{params / 1e6:.1f}M parameters, context {job.max_length}, eos {eos_ids}")
 
@@ -276,7 +282,8 @@ def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
     settings = job.target.generation
     f = job.float_weights
     if weights == "float":
-        return f, {"weights": "float", "matrices": "float32", "embedding": "float32"}
+        return f, {"weights": "float", "matrices": settings.activations,
+                   "embedding": settings.activations}
     bits = 4 if weights == "int4" else 8
     if job.gguf is not None and bits == 4 and not job.requantize:
         from .gguf import carried_weights
@@ -300,15 +307,13 @@ def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
 
     block = settings.block_size
 
-    def q(lin: Linear) -> Linear:
-        return round_to_nearest(lin.weight, bits, block)
+    def q(lin: Linear, bits: int = bits) -> Linear:
+        return dataclasses.replace(round_to_nearest(lin.weight, bits, block), bias=lin.bias)
 
-    out = DecoderWeights(
-        embedding=round_to_nearest(f.embedding.weight, 8, block),
-        lm_head=None if f.lm_head is None else round_to_nearest(f.lm_head.weight, 8, block),
-        input_norms=f.input_norms, post_attention_norms=f.post_attention_norms,
-        final_norm=f.final_norm, qkv=[q(m) for m in f.qkv], o=[q(m) for m in f.o],
-        gate_up=[q(m) for m in f.gate_up], down=[q(m) for m in f.down])
+    out = dataclasses.replace(
+        f, embedding=q(f.embedding, 8), lm_head=None if f.lm_head is None else q(f.lm_head, 8),
+        qkv=[q(m) for m in f.qkv], o=[q(m) for m in f.o], gate_up=[q(m) for m in f.gate_up],
+        down=[q(m) for m in f.down])
     error = _weight_error(f, out)
     job.log(f"  rounded to {weights} blocks: mean |w - w_float| {error['mean_abs']:.2e}, "
             f"max {error['max_abs']:.2e}")
@@ -347,13 +352,16 @@ def quantize_decoder(job) -> None:
     """Stage: the bundle's graph with weight-only quantized matrices."""
     import onnx
 
-    weights = job.precision or job.target.generation.weights
-    quantized, record = quantized_weights(job, weights)
+    settings = job.target.generation
+    quantized, record = quantized_weights(job, settings.weights)
     job.quantized_onnx = job.workdir / "model.onnx"
-    onnx.save(build(job.decoder_shape, quantized,
-                    accuracy_level=job.target.generation.accuracy_level,
-                    int8_accuracy_level=job.target.generation.int8_accuracy_level),
-              job.quantized_onnx)
+    onnx.save(build(job.decoder_shape, quantized, accuracy_level=settings.accuracy_level,
+                    int8_accuracy_level=settings.int8_accuracy_level,
+                    float_type=settings.activations), job.quantized_onnx)
+    record["activations"] = settings.activations
+    if settings.activations == "float16":
+        record["float16"] = ("activations, KV cache, norms and float weights in float16; "
+                             "int blocks keep float16 scales; logits cast to float32")
     job.records["quantization"] = {"mode": "weight-only", **record}
     job.log(f"  {record['weights']}: {record['matrices']}; embedding {record['embedding']} "
             f"({record.get('source', '')}), {job.quantized_onnx.stat().st_size / 1e6:.1f} MB")
@@ -413,11 +421,13 @@ _MEMORY_PROBE = """
 import sys, numpy as np, onnxruntime as ort
 s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
 layers, kv, ctx, hd = map(int, sys.argv[2:6])
+kind = s.get_inputs()[1].type   # past_key.0: float32, or float16 in GPU graphs
+dtype = np.float16 if kind == "tensor(float16)" else np.float32
 feeds = {"input_ids": np.ones((1, 64), np.int64), "seqlens_k": np.array([63], np.int32),
          "total_sequence_length": np.array(64, np.int32), "num_logits": np.array([1], np.int64)}
 for i in range(layers):
     for k in ("key", "value"):
-        feeds[f"past_{k}.{i}"] = np.zeros((1, kv, ctx, hd), np.float32)
+        feeds[f"past_{k}.{i}"] = np.zeros((1, kv, ctx, hd), dtype)
 s.run(None, feeds)
 print([int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")][0])
 """

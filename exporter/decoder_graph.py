@@ -1,4 +1,5 @@
-"""Llama-family decoder -> one ONNX graph built directly on ONNX Runtime's fused decoder ops.
+"""Llama- and GPT-2-family decoders -> one ONNX graph built directly on ONNX Runtime's fused
+decoder ops.
 
 Why not trace PyTorch: a traced decoder concatenates its KV cache every step (the cache grows,
 copied, token by token) and spells attention, rotary embedding and RMSNorm out as dozens of
@@ -8,6 +9,12 @@ small ops. This graph is written the way ONNX Runtime runs decoders fastest on C
     KV written in place into a preallocated buffer) -> O MatMul -> Skip+RMSNorm -> gate|up MatMul
     -> SiLU * up -> down MatMul -> Skip+RMSNorm ] -> LM head -> logits
 
+GPT-2-family models take the same path with their own parts: learned position embeddings
+added to the token embeddings (positions counted from `total_sequence_length`), LayerNorm with
+a bias (SkipLayerNormalization, which also adds the projection's bias), attention without
+rotation (GroupQueryAttention with as many KV heads as query heads) and a tanh-GELU MLP
+(FastGelu, with the first projection's bias inside).
+
 One graph serves prefill (S prompt tokens) and decode (S = 1). The KV cache is a fixed-capacity
 buffer per layer, shape (batch, kv_heads, context, head_dim): `past_key.i` and `present_key.i`
 are the same memory when the runtime binds them so (IO binding), so a long generation never
@@ -15,6 +22,9 @@ grows or copies it. `seqlens_k` (tokens already in the cache + new - 1) and
 `total_sequence_length` tell GroupQueryAttention where to write and which positions to rotate.
 `num_logits` picks how many trailing positions get logits: 1 when generating, all when
 measuring perplexity (the LM head is the largest matrix; prefill should not pay for it S times).
+
+`float_type` float16 builds the graph for GPUs (the jetson target): activations, KV cache and
+float weights in float16; logits are cast back to float32 for the runtime's sampling.
 
 Weights arrive as `Linear` values: float, or blocks for `MatMulNBits` (int4/int8 codes with
 per-block scales and zero points), optionally with a per-block float offset (`offsets`): the
@@ -31,11 +41,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 MS = "com.microsoft"
+# float_type -> (numpy dtype, ONNX element type)
+FLOAT_TYPES = {"float32": (np.float32, TensorProto.FLOAT),
+               "float16": (np.float16, TensorProto.FLOAT16)}
 
 
 @dataclass(frozen=True)
 class DecoderShape:
-    """The architecture numbers the graph needs (from a transformers LlamaConfig)."""
+    """The architecture numbers the graph needs (from a transformers Llama or GPT-2 config)."""
 
     vocab: int
     hidden: int
@@ -47,9 +60,14 @@ class DecoderShape:
     rms_eps: float
     rope_theta: float
     context: int          # KV buffer capacity in tokens
+    family: str = "llama"  # "llama": RMSNorm, rotary, SwiGLU; "gpt2": LayerNorm, learned
+    activation: str = "silu"  # positions, biases, GELU ("gelu_new" tanh form or exact "gelu")
+    attention_scales: tuple[float, ...] = ()  # per layer (GPT-2 may scale by 1/(layer+1))
 
     @classmethod
     def from_config(cls, config, context: int) -> DecoderShape:
+        if config.model_type == "gpt2":
+            return cls.from_gpt2_config(config, context)
         if getattr(config, "rope_scaling", None):
             raise ValueError(f"rope_scaling {config.rope_scaling!r} is not supported yet.")
         head_dim = (getattr(config, "head_dim", None)
@@ -59,7 +77,26 @@ class DecoderShape:
                    kv_heads=config.num_key_value_heads, head_dim=head_dim,
                    intermediate=config.intermediate_size, rms_eps=float(config.rms_norm_eps),
                    rope_theta=float(config.rope_theta),
-                   context=min(context, config.max_position_embeddings))
+                   context=min(context, config.max_position_embeddings),
+                   attention_scales=(head_dim ** -0.5,) * config.num_hidden_layers)
+
+    @classmethod
+    def from_gpt2_config(cls, config, context: int) -> DecoderShape:
+        activation = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                      "gelu_fast": "gelu_tanh", "gelu": "gelu"}.get(config.activation_function)
+        if activation is None:
+            raise ValueError(f"GPT-2 activation {config.activation_function!r} is not "
+                             f"supported (gelu_new, gelu_pytorch_tanh, gelu).")
+        head_dim = config.n_embd // config.n_head
+        scales = tuple((head_dim ** -0.5 if config.scale_attn_weights else 1.0)
+                       / ((i + 1) if config.scale_attn_by_inverse_layer_idx else 1)
+                       for i in range(config.n_layer))
+        return cls(vocab=config.vocab_size, hidden=config.n_embd, layers=config.n_layer,
+                   heads=config.n_head, kv_heads=config.n_head, head_dim=head_dim,
+                   intermediate=config.n_inner or 4 * config.n_embd,
+                   rms_eps=float(config.layer_norm_epsilon), rope_theta=0.0,
+                   context=min(context, config.n_positions), family="gpt2",
+                   activation=activation, attention_scales=scales)
 
 
 @dataclass
@@ -73,6 +110,7 @@ class Linear:
     scales: np.ndarray | None = None        # float32 [out, in/block]
     zero_points: np.ndarray | None = None   # uint8, packed like the codes; None: none stored
     offsets: np.ndarray | None = None       # float32 [out, in/block]: w = scale*q + offset
+    bias: np.ndarray | None = None          # float [out], added after the product
 
     @property
     def out_features(self) -> int:
@@ -120,19 +158,26 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
 def concat(parts: list[Linear]) -> Linear:
     """Stack Linears along the output dimension (fused QKV and gate|up projections)."""
     if all(p.weight is not None for p in parts):
-        return Linear(weight=np.concatenate([p.weight for p in parts]))
+        return Linear(weight=np.concatenate([p.weight for p in parts]),
+                      bias=_cat(parts, "bias"))
     first = parts[0]
     if any(p.weight is not None or p.bits != first.bits or p.block_size != first.block_size
            or (p.offsets is None) != (first.offsets is None)
            or (p.zero_points is None) != (first.zero_points is None) for p in parts):
         raise ValueError("cannot fuse projections stored in different forms")
 
-    def cat(name):
-        values = [getattr(p, name) for p in parts]
-        return None if values[0] is None else np.concatenate(values)
+    return Linear(bits=first.bits, block_size=first.block_size, codes=_cat(parts, "codes"),
+                  scales=_cat(parts, "scales"), zero_points=_cat(parts, "zero_points"),
+                  offsets=_cat(parts, "offsets"), bias=_cat(parts, "bias"))
 
-    return Linear(bits=first.bits, block_size=first.block_size, codes=cat("codes"),
-                  scales=cat("scales"), zero_points=cat("zero_points"), offsets=cat("offsets"))
+
+def _cat(parts: list[Linear], name: str) -> np.ndarray | None:
+    values = [getattr(p, name) for p in parts]
+    if all(v is None for v in values):
+        return None
+    if any(v is None for v in values):
+        raise ValueError(f"cannot fuse projections where only some have {name}")
+    return np.concatenate(values)
 
 
 @dataclass
@@ -146,12 +191,18 @@ class DecoderWeights:
     final_norm: np.ndarray
     qkv: list[Linear]
     o: list[Linear]
-    gate_up: list[Linear]
+    gate_up: list[Linear]        # gpt2: the first MLP projection (c_fc)
     down: list[Linear]
+    # gpt2 family only: learned positions and the LayerNorm biases
+    position_embedding: np.ndarray | None = None   # [positions, hidden]
+    input_norm_biases: list[np.ndarray] | None = None
+    post_attention_norm_biases: list[np.ndarray] | None = None
+    final_norm_bias: np.ndarray | None = None
 
 
 class _Graph:
-    def __init__(self):
+    def __init__(self, float_type: str = "float32"):
+        self.np_float, self.onnx_float = FLOAT_TYPES[float_type]
         self.nodes, self.inits = [], []
         self._blocksums: dict[tuple[str, int], str] = {}
         self._stored: dict[str, str] = {}
@@ -178,9 +229,12 @@ class _Graph:
                      stored_as: str | None = None) -> str:
         """A float32 tensor stored as float16 when that is exact (GGUF scales and minimums are
         float16 already), widened by a Cast that ONNX Runtime folds at load: half the bytes
-        in the file, the same values in memory. `shape` reshapes after the cast; calls with
-        the same `stored_as` share one stored array (one table, two layouts)."""
+        in the file, the same values in memory. A float16 graph stores and uses them as
+        float16. `shape` reshapes after the cast; calls with the same `stored_as` share one
+        stored array (one table, two layouts)."""
         key = stored_as or name
+        if key not in self._stored and self.np_float == np.float16:
+            self._stored[key] = (self.init(f"{key}.f16", np.asarray(array, np.float16)), False)
         if key not in self._stored:
             array = np.asarray(array, np.float32)
             half = array.astype(np.float16)
@@ -202,10 +256,17 @@ class _Graph:
                                            **attrs))
         return outputs
 
-    def linear(self, x: str, w: Linear, name: str, k: int) -> str:
-        """x [..., k] @ w.T -> [..., out]."""
+    def linear(self, x: str, w: Linear, name: str, k: int, *, add_bias: bool = True) -> str:
+        """x [..., k] @ w.T (+ w.bias unless the caller fuses it elsewhere) -> [..., out]."""
+        y = self._product(x, w, name, k)
+        if w.bias is None or not add_bias:
+            return y
+        bias = self.init(f"{name}.bias", w.bias.astype(self.np_float))
+        return self.node("Add", [y, bias], [f"{name}.biased"], name=f"{name}.add_bias")[0]
+
+    def _product(self, x: str, w: Linear, name: str, k: int) -> str:
         if w.weight is not None:
-            weight = self.init(f"{name}.weight", w.weight.T.astype(np.float32))
+            weight = self.init(f"{name}.weight", w.weight.T.astype(self.np_float))
             return self.node("MatMul", [x, weight], [f"{name}.out"], name=name)[0]
         inputs = [x, self.init(f"{name}.codes", w.codes),
                   self.small_floats(f"{name}.scales", w.scales.reshape(-1))]
@@ -243,108 +304,42 @@ def rotary_caches(shape: DecoderShape) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build(shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int = 0,
-          int8_accuracy_level: int = 4, opset: int = 21) -> onnx.ModelProto:
+          int8_accuracy_level: int = 4, float_type: str = "float32",
+          opset: int = 21) -> onnx.ModelProto:
     """The decoder graph (see the module docstring for its inputs and outputs).
 
     `accuracy_level` is MatMulNBits' compute mode for 4-bit matrices, `int8_accuracy_level`
     for 8-bit ones (0: float activations, as stored; 4: activations quantized to int8 per
-    block, integer dot products)."""
-    g = _Graph()
+    block, integer dot products). `float_type` is the type of activations, KV cache and float
+    weights: "float32" or "float16"."""
+    if float_type not in FLOAT_TYPES:
+        raise ValueError(f"float_type must be one of {sorted(FLOAT_TYPES)}, got {float_type!r}")
+    g = _Graph(float_type)
     g.accuracy_levels = (accuracy_level, int8_accuracy_level)
-    h = shape.hidden
+    gpt2 = shape.family == "gpt2"
 
-    # embedding lookup
-    emb = weights.embedding
-    if emb.weight is not None:
-        table = g.init("embedding.weight", emb.weight.astype(np.float32))
-        x = g.node("Gather", [table, "input_ids"], ["embedded"], name="embedding")[0]
+    x = _embedding(g, shape, weights)
+    if gpt2:
+        x = _add_positions(g, shape, weights, x)
     else:
-        if emb.offsets is not None or emb.bits != 8:
-            raise ValueError("a quantized embedding table must be 8-bit blocks without offsets")
-        vocab, blocks = emb.scales.shape
-        inputs = [g.init("embedding.codes", emb.codes), "input_ids",
-                  g.small_floats("embedding.gather_scales", emb.scales,
-                                 shape=(vocab, blocks, 1), stored_as="embedding.scales")]
-        if emb.zero_points is not None:
-            inputs.append(g.init("embedding.gather_zero_points",
-                                 emb.zero_points.reshape(vocab, blocks, 1)))
-        x = g.node("GatherBlockQuantized", inputs, ["embedded_blocks"], name="embedding",
-                   domain=MS, bits=8, block_size=emb.block_size, gather_axis=0,
-                   quantize_axis=2)[0]
-        x = g.node("Reshape", [x, g.init("embedding.shape", np.array([0, 0, h], np.int64))],
-                   ["embedded"], name="embedding.flatten")[0]
-
-    cos, sin = rotary_caches(shape)
-    g.init("cos_cache", cos)
-    g.init("sin_cache", sin)
+        cos, sin = rotary_caches(shape)
+        g.init("cos_cache", cos.astype(g.np_float))
+        g.init("sin_cache", sin.astype(g.np_float))
     residual = x
-    normed = g.node("SimplifiedLayerNormalization",
-                    [x, g.init("layers.0.input_norm", weights.input_norms[0])],
-                    ["layers.0.normed"], name="layers.0.input_norm", axis=-1,
-                    epsilon=shape.rms_eps)[0]
+    normed = _norm(g, shape, weights, x, 0)
     for i in range(shape.layers):
-        p = f"layers.{i}"
-        # per layer: structured pruning (exporter/compress.py) may leave fewer query heads
-        # (the same number in every KV group) and fewer FFN neurons than the config says
-        heads = weights.o[i].in_features // shape.head_dim
-        intermediate = weights.down[i].in_features
-        qkv = g.linear(normed, weights.qkv[i], f"{p}.qkv", h)
-        attn = g.node("GroupQueryAttention",
-                      [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k",
-                       "total_sequence_length", "cos_cache", "sin_cache"],
-                      [f"{p}.attention", f"present_key.{i}", f"present_value.{i}"],
-                      name=f"{p}.attention", domain=MS, num_heads=heads,
-                      kv_num_heads=shape.kv_heads, do_rotary=1, rotary_interleaved=0,
-                      scale=float(shape.head_dim ** -0.5))[0]
-        o = g.linear(attn, weights.o[i], f"{p}.o", heads * shape.head_dim)
-        normed, _, _, residual = g.node(
-            "SkipSimplifiedLayerNormalization",
-            [o, residual, g.init(f"{p}.post_attention_norm", weights.post_attention_norms[i])],
-            [f"{p}.mlp_in", "", "", f"{p}.attention_residual"],
-            name=f"{p}.post_attention_norm", domain=MS, epsilon=shape.rms_eps)
-        gate_up = g.linear(normed, weights.gate_up[i], f"{p}.gate_up", h)
-        split = g.init(f"{p}.split", np.array([intermediate] * 2, np.int64))
-        gate, up = g.node("Split", [gate_up, split], [f"{p}.gate", f"{p}.up"],
-                          name=f"{p}.split", axis=-1)
-        sig = g.node("Sigmoid", [gate], [f"{p}.sigmoid"], name=f"{p}.sigmoid")[0]
-        silu = g.node("Mul", [gate, sig], [f"{p}.silu"], name=f"{p}.silu")[0]
-        act = g.node("Mul", [silu, up], [f"{p}.act"], name=f"{p}.act")[0]
-        down = g.linear(act, weights.down[i], f"{p}.down", intermediate)
-        last = i == shape.layers - 1
-        gamma = weights.final_norm if last else weights.input_norms[i + 1]
-        norm_name = "final_norm" if last else f"layers.{i + 1}.input_norm"
-        normed, _, _, residual = g.node(
-            "SkipSimplifiedLayerNormalization", [down, residual, g.init(norm_name, gamma)],
-            [f"{norm_name}.out", "", "", f"{p}.residual"], name=norm_name, domain=MS,
-            epsilon=shape.rms_eps)
+        normed, residual = _layer(g, shape, weights, i, normed, residual)
 
     # logits for the last `num_logits` positions only
     start = g.node("Neg", ["num_logits"], ["num_logits_start"], name="num_logits_start")[0]
     last = g.node("Slice", [normed, start, g.init("slice_end", np.array(
         [np.iinfo(np.int64).max], np.int64)), g.init("slice_axes", np.array([1], np.int64))],
         ["last_hidden"], name="select_positions")[0]
-    head = weights.lm_head
-    if head is None and emb.weight is not None:  # tied float: one table, used transposed
-        flat = g.node("Reshape", [last, g.init("head.flat", np.array([-1, h], np.int64))],
-                      ["head.in"], name="head.flatten")[0]
-        logits2d = g.node("Gemm", [flat, "embedding.weight"], ["head.logits"], name="lm_head",
-                          transB=1)[0]
-        g.node("Shape", [last], ["head.shape"], name="head.shape", end=2)
-        g.node("Concat", ["head.shape", g.init("head.vocab", np.array([shape.vocab], np.int64))],
-               ["logits_shape"], name="head.logits_shape", axis=0)
-        g.node("Reshape", [logits2d, "logits_shape"], ["logits"], name="head.unflatten")
-    elif head is None:  # tied quantized: MatMulNBits reads the embedding's code blocks
-        inputs = [last, "embedding.codes",
-                  g.small_floats("lm_head.scales", emb.scales, shape=(vocab * blocks,),
-                                 stored_as="embedding.scales")]
-        if emb.zero_points is not None:
-            inputs.append(g.init("lm_head.zero_points", emb.zero_points.reshape(-1)))
-        g.node("MatMulNBits", inputs, ["logits"], name="lm_head", domain=MS, K=h,
-               N=shape.vocab, bits=emb.bits, block_size=emb.block_size,
-               accuracy_level=g.level(emb.bits))
-    else:
-        out = g.linear(last, head, "lm_head", h)
-        g.node("Identity", [out], ["logits"], name="logits")
+    logits = _lm_head(g, shape, weights, last)
+    if g.onnx_float != TensorProto.FLOAT:   # sampling and perplexity want float32 logits
+        logits = g.node("Cast", [logits], ["logits.f32"], name="logits.cast",
+                        to=TensorProto.FLOAT)[0]
+    g.node("Identity", [logits], ["logits"], name="logits")
 
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     cache = ["batch", shape.kv_heads, "capacity", shape.head_dim]
@@ -352,8 +347,9 @@ def build(shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int =
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "positions", shape.vocab])]
     for i in range(shape.layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", f32, cache))
-            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", f32, cache))
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}.{i}", g.onnx_float, cache))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}.{i}", g.onnx_float,
+                                                         cache))
     inputs += [helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
                helper.make_tensor_value_info("total_sequence_length", i32, []),
                helper.make_tensor_value_info("num_logits", i64, [1])]
@@ -364,9 +360,169 @@ def build(shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int =
     return model
 
 
+def _embedding(g: _Graph, shape: DecoderShape, weights: DecoderWeights) -> str:
+    """Token embedding lookup: a float table, or int8 blocks (GatherBlockQuantized)."""
+    emb = weights.embedding
+    if emb.weight is not None:
+        table = g.init("embedding.weight", emb.weight.astype(g.np_float))
+        return g.node("Gather", [table, "input_ids"], ["embedded"], name="embedding")[0]
+    if emb.offsets is not None or emb.bits != 8:
+        raise ValueError("a quantized embedding table must be 8-bit blocks without offsets")
+    vocab, blocks = emb.scales.shape
+    inputs = [g.init("embedding.codes", emb.codes), "input_ids",
+              g.small_floats("embedding.gather_scales", emb.scales,
+                             shape=(vocab, blocks, 1), stored_as="embedding.scales")]
+    if emb.zero_points is not None:
+        inputs.append(g.init("embedding.gather_zero_points",
+                             emb.zero_points.reshape(vocab, blocks, 1)))
+    x = g.node("GatherBlockQuantized", inputs, ["embedded_blocks"], name="embedding",
+               domain=MS, bits=8, block_size=emb.block_size, gather_axis=0,
+               quantize_axis=2)[0]
+    return g.node("Reshape", [x, g.init("embedding.shape",
+                                        np.array([0, 0, shape.hidden], np.int64))],
+                  ["embedded"], name="embedding.flatten")[0]
+
+
+def _add_positions(g: _Graph, shape: DecoderShape, weights: DecoderWeights, x: str) -> str:
+    """GPT-2: + learned position embeddings of positions [total - sequence, total)."""
+    table = g.init("position_embedding", weights.position_embedding[:shape.context]
+                   .astype(g.np_float))
+    sequence = g.node("Shape", ["input_ids"], ["positions.count"], name="positions.count",
+                      start=1, end=2)[0]
+    total = g.node("Cast", ["total_sequence_length"], ["positions.total_scalar"],
+                   name="positions.total_scalar", to=TensorProto.INT64)[0]
+    total = g.node("Reshape", [total, g.init("positions.one", np.array([1], np.int64))],
+                   ["positions.total"], name="positions.total")[0]
+    first = g.node("Sub", [total, sequence], ["positions.first"], name="positions.first")[0]
+    # rows [first, total) of the table: a Slice, not Range + Gather (ONNX Runtime 1.32 rewrites
+    # that pair into a Slice whose step input it then mis-shapes)
+    embedded = g.node("Slice", [table, first, total, g.init("positions.axis",
+                                                            np.array([0], np.int64))],
+                      ["positions.embedded"], name="position_lookup")[0]
+    return g.node("Add", [x, embedded], ["embedded_with_positions"], name="add_positions")[0]
+
+
+def _norm(g: _Graph, shape: DecoderShape, weights: DecoderWeights, x: str, i: int) -> str:
+    """The first layer's input norm (the others are fused with the residual add)."""
+    gamma = g.init("layers.0.input_norm", weights.input_norms[0].astype(g.np_float))
+    if shape.family == "gpt2":
+        beta = g.init("layers.0.input_norm.bias",
+                      weights.input_norm_biases[0].astype(g.np_float))
+        return g.node("LayerNormalization", [x, gamma, beta], ["layers.0.normed"],
+                      name="layers.0.input_norm", axis=-1, epsilon=shape.rms_eps)[0]
+    return g.node("SimplifiedLayerNormalization", [x, gamma], ["layers.0.normed"],
+                  name="layers.0.input_norm", axis=-1, epsilon=shape.rms_eps)[0]
+
+
+def _skip_norm(g: _Graph, shape: DecoderShape, x: str, residual: str, name: str,
+               gamma: np.ndarray, beta: np.ndarray | None, bias: np.ndarray | None,
+               outputs: tuple[str, str]) -> tuple[str, str]:
+    """norm(x + residual [+ bias]) and the new residual (x + residual [+ bias])."""
+    inputs = [x, residual, g.init(name, gamma.astype(g.np_float))]
+    if shape.family == "gpt2":
+        inputs.append(g.init(f"{name}.bias", beta.astype(g.np_float)))
+        if bias is not None:
+            inputs.append(g.init(f"{name}.skip_bias", bias.astype(g.np_float)))
+        op = "SkipLayerNormalization"
+    else:
+        op = "SkipSimplifiedLayerNormalization"
+    normed, _, _, summed = g.node(op, inputs, [outputs[0], "", "", outputs[1]], name=name,
+                                  domain=MS, epsilon=shape.rms_eps)
+    return normed, summed
+
+
+def _layer(g: _Graph, shape: DecoderShape, weights: DecoderWeights, i: int, normed: str,
+           residual: str) -> tuple[str, str]:
+    """One transformer block: attention and MLP, each closed by a fused skip + norm."""
+    p = f"layers.{i}"
+    gpt2 = shape.family == "gpt2"
+    h = shape.hidden
+    # per layer: structured pruning (exporter/compress.py) may leave fewer query heads
+    # (the same number in every KV group) and fewer FFN neurons than the config says
+    heads = weights.o[i].in_features // shape.head_dim
+    intermediate = weights.down[i].in_features
+    qkv = g.linear(normed, weights.qkv[i], f"{p}.qkv", h)
+    attention_inputs = [qkv, "", "", f"past_key.{i}", f"past_value.{i}", "seqlens_k",
+                        "total_sequence_length"]
+    if not gpt2:
+        attention_inputs += ["cos_cache", "sin_cache"]
+    attn = g.node("GroupQueryAttention", attention_inputs,
+                  [f"{p}.attention", f"present_key.{i}", f"present_value.{i}"],
+                  name=f"{p}.attention", domain=MS, num_heads=heads,
+                  kv_num_heads=shape.kv_heads, do_rotary=0 if gpt2 else 1,
+                  rotary_interleaved=0, scale=float(shape.attention_scales[i]))[0]
+    o = g.linear(attn, weights.o[i], f"{p}.o", heads * shape.head_dim, add_bias=False)
+    normed, residual = _skip_norm(
+        g, shape, o, residual, f"{p}.post_attention_norm", weights.post_attention_norms[i],
+        _nth(weights.post_attention_norm_biases, i), weights.o[i].bias,
+        (f"{p}.mlp_in", f"{p}.attention_residual"))
+    if gpt2:
+        fc = g.linear(normed, weights.gate_up[i], f"{p}.fc", h, add_bias=False)
+        bias = weights.gate_up[i].bias
+        if shape.activation == "gelu_tanh":   # FastGelu adds the bias itself
+            act = g.node("FastGelu", [fc] + ([] if bias is None else [
+                g.init(f"{p}.fc.bias", bias.astype(g.np_float))]), [f"{p}.act"],
+                name=f"{p}.gelu", domain=MS)[0]
+        else:
+            if bias is not None:
+                fc = g.node("Add", [fc, g.init(f"{p}.fc.bias", bias.astype(g.np_float))],
+                            [f"{p}.fc.biased"], name=f"{p}.fc.add_bias")[0]
+            act = g.node("Gelu", [fc], [f"{p}.act"], name=f"{p}.gelu", domain=MS)[0]
+    else:
+        gate_up = g.linear(normed, weights.gate_up[i], f"{p}.gate_up", h)
+        split = g.init(f"{p}.split", np.array([intermediate] * 2, np.int64))
+        gate, up = g.node("Split", [gate_up, split], [f"{p}.gate", f"{p}.up"],
+                          name=f"{p}.split", axis=-1)
+        sig = g.node("Sigmoid", [gate], [f"{p}.sigmoid"], name=f"{p}.sigmoid")[0]
+        silu = g.node("Mul", [gate, sig], [f"{p}.silu"], name=f"{p}.silu")[0]
+        act = g.node("Mul", [silu, up], [f"{p}.act"], name=f"{p}.act")[0]
+    down = g.linear(act, weights.down[i], f"{p}.down", intermediate, add_bias=False)
+    last = i == shape.layers - 1
+    if last:
+        gamma, beta, norm_name = weights.final_norm, weights.final_norm_bias, "final_norm"
+    else:
+        gamma, norm_name = weights.input_norms[i + 1], f"layers.{i + 1}.input_norm"
+        beta = _nth(weights.input_norm_biases, i + 1)
+    return _skip_norm(g, shape, down, residual, norm_name, gamma, beta, weights.down[i].bias,
+                      (f"{norm_name}.out", f"{p}.residual"))
+
+
+def _nth(values: list | None, i: int):
+    return None if values is None else values[i]
+
+
+def _lm_head(g: _Graph, shape: DecoderShape, weights: DecoderWeights, last: str) -> str:
+    """Logits from the final hidden states: tied to the embedding table (float or its int8
+    blocks), or a separate matrix."""
+    head, emb, h = weights.lm_head, weights.embedding, shape.hidden
+    if head is None and emb.weight is not None:  # tied float: one table, used transposed
+        flat = g.node("Reshape", [last, g.init("head.flat", np.array([-1, h], np.int64))],
+                      ["head.in"], name="head.flatten")[0]
+        logits2d = g.node("Gemm", [flat, "embedding.weight"], ["head.logits"], name="lm_head",
+                          transB=1)[0]
+        g.node("Shape", [last], ["head.shape"], name="head.shape", end=2)
+        g.node("Concat", ["head.shape", g.init("head.vocab", np.array([shape.vocab], np.int64))],
+               ["logits_shape"], name="head.logits_shape", axis=0)
+        return g.node("Reshape", [logits2d, "logits_shape"], ["head.out"],
+                      name="head.unflatten")[0]
+    if head is None:  # tied quantized: MatMulNBits reads the embedding's code blocks
+        vocab, blocks = emb.scales.shape
+        inputs = [last, "embedding.codes",
+                  g.small_floats("lm_head.scales", emb.scales, shape=(vocab * blocks,),
+                                 stored_as="embedding.scales")]
+        if emb.zero_points is not None:
+            inputs.append(g.init("lm_head.zero_points", emb.zero_points.reshape(-1)))
+        return g.node("MatMulNBits", inputs, ["head.out"], name="lm_head", domain=MS, K=h,
+                      N=shape.vocab, bits=emb.bits, block_size=emb.block_size,
+                      accuracy_level=g.level(emb.bits))[0]
+    return g.linear(last, head, "lm_head", h)
+
+
 def float_weights(model) -> DecoderWeights:
-    """DecoderWeights in float32 from a transformers Llama-family causal LM."""
+    """DecoderWeights in float32 from a transformers Llama- or GPT-2-family causal LM."""
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if model.config.model_type == "gpt2":
+        return _gpt2_weights(model.config, state)
     layers = model.config.num_hidden_layers
     prefix = "model."
 
@@ -390,3 +546,29 @@ def float_weights(model) -> DecoderWeights:
                  for i in range(layers)],
         down=[layer(i, "mlp.down_proj") for i in range(layers)],
     )
+
+
+def _gpt2_weights(config, state: dict[str, np.ndarray]) -> DecoderWeights:
+    """GPT-2's Conv1D matrices are stored [in, out]: transposed here to Linear's [out, in].
+    c_attn is already the fused q|k|v projection; the LM head is tied to wte."""
+    def lin(name):
+        return Linear(weight=state[f"transformer.{name}.weight"].T.copy(),
+                      bias=state[f"transformer.{name}.bias"])
+
+    def norm(name, part):
+        return state[f"transformer.{name}.{part}"]
+
+    layers = range(config.n_layer)
+    return DecoderWeights(
+        embedding=Linear(weight=state["transformer.wte.weight"]), lm_head=None,
+        input_norms=[norm(f"h.{i}.ln_1", "weight") for i in layers],
+        post_attention_norms=[norm(f"h.{i}.ln_2", "weight") for i in layers],
+        final_norm=norm("ln_f", "weight"),
+        qkv=[lin(f"h.{i}.attn.c_attn") for i in layers],
+        o=[lin(f"h.{i}.attn.c_proj") for i in layers],
+        gate_up=[lin(f"h.{i}.mlp.c_fc") for i in layers],
+        down=[lin(f"h.{i}.mlp.c_proj") for i in layers],
+        position_embedding=state["transformer.wpe.weight"],
+        input_norm_biases=[norm(f"h.{i}.ln_1", "bias") for i in layers],
+        post_attention_norm_biases=[norm(f"h.{i}.ln_2", "bias") for i in layers],
+        final_norm_bias=norm("ln_f", "bias"))

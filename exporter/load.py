@@ -51,16 +51,16 @@ def resolve_model_dir(model: str) -> Path:
 
 
 def infer_task(model: Path | str) -> str:
-    """text-generation for a GGUF file, a packaged GGUF name or a *ForCausalLM checkpoint;
-    text-classification for *ForSequenceClassification; else feature-extraction (read from
-    config.json, without loading the model)."""
+    """text-generation for a GGUF file, a packaged GGUF name or a *ForCausalLM / GPT-2's
+    *LMHeadModel checkpoint; text-classification for *ForSequenceClassification; else
+    feature-extraction (read from config.json, without loading the model)."""
     if not isinstance(model, Path):
         return "text-generation"   # a packaged GGUF name or a .gguf path
     config = json.loads((model / "config.json").read_text())
     architectures = config.get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "text-classification"
-    if any(a.endswith("ForCausalLM") for a in architectures):
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "text-generation"
     return "feature-extraction"
 

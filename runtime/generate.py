@@ -34,13 +34,15 @@ class Decoder:
         self.layers = sum(1 for name in inputs if name.startswith("past_key."))
         _, kv_heads, _, head_dim = inputs["past_key.0"].shape
         shape = (1, int(kv_heads), context, int(head_dim))
+        # float32 on CPU targets; float16 in graphs built for GPUs (jetson)
+        dtype = np.float16 if inputs["past_key.0"].type == "tensor(float16)" else np.float32
         self.binding = session.io_binding()
         self._cache, self._arrays = [], []
         for i in range(self.layers):
             for kind in ("key", "value"):
                 # filled now, not lazily zeroed: every page of the cache is resident from the
                 # start, so memory is known at load time and does not creep up as the text grows
-                array = np.empty(shape, np.float32)
+                array = np.empty(shape, dtype)
                 array.fill(0.0)
                 buffer = ort.OrtValue.ortvalue_from_numpy(array)
                 self.binding.bind_ortvalue_input(f"past_{kind}.{i}", buffer)
@@ -52,7 +54,7 @@ class Decoder:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(int(np.prod(v.shape())) * 4 for v in self._cache)
+        return sum(a.nbytes for a in self._arrays)
 
     def reset(self) -> None:
         """Forget the sequence (the buffers are reused; stale entries are never read)."""

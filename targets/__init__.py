@@ -78,6 +78,7 @@ class GenerationSettings:
     budget: str              # e.g. "perplexity-increase<=10,greedy-agreement>=0.9"
     perplexity_window: int   # tokens per window when measuring perplexity
     perplexity_windows: int  # windows of held-out text measured at export
+    activations: str = "float32"  # activations, KV cache and float weights: "float16" on GPUs
 
 
 DEFAULT_GENERATION = GenerationSettings(
@@ -119,6 +120,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quantization.calibration": ("minmax", "percentile", "entropy"),
     "quantization.embeddings": ("int8-rows", "float"),
     "generation.weights": ("int4", "int8", "float"),
+    "generation.activations": ("float32", "float16"),
 }
 
 

@@ -257,21 +257,129 @@ def test_precision_and_stages_per_model_kind(tmp_path):
         export("smollm2", target="arm-cpu", precision="int3", output=tmp_path / "y")
     with pytest.raises(ValueError, match="not available for decoders yet"):
         export("smollm2", target="arm-cpu", stages=2, output=tmp_path / "z")
-    with pytest.raises(ValueError, match="TensorRT cannot take"):
-        export("smollm2", target="jetson", output=tmp_path / "w")
 
 
 def test_unsupported_decoder_family_is_refused(tmp_path):
     from exporter import export
 
-    model_dir = tmp_path / "gpt2ish"
+    model_dir = tmp_path / "neox"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(
-        {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ValueError, match="llama-family"):
+        {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(ValueError, match="llama and gpt2-family decoders; .* 'gpt_neox'"):
         export(str(model_dir), target="arm-cpu", task="text-generation",
                output=tmp_path / "out", log=lambda line: None)
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
         export(str(tmp_path / "missing.gguf"), target="arm-cpu", output=tmp_path / "out2",
                log=lambda line: None)
+
+
+# --- GPT-2 family and float16 (jetson) graphs --------------------------------------------------
+# No GPT-2 weights ship in a package, so these check the graph against transformers on a small
+# randomly initialised GPT-2 (an equivalence claim, not a quality one), with SmolLM2's real
+# byte-level BPE tokenizer.
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, smollm2_tokenizer_json):
+    import shutil
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=49152, n_embd=128, n_layer=3, n_head=4, n_positions=512,
+                        bos_token_id=1, eos_token_id=2)
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():   # sharper than the init's near-uniform logits: greedy ties vanish
+        model.lm_head.weight.mul_(8.0)
+        for block in model.transformer.h:
+            block.ln_1.bias.normal_(0, 0.1)
+            block.mlp.c_fc.bias.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("models") / "tiny-gpt2"
+    model.save_pretrained(path)
+    shutil.copyfile(smollm2_tokenizer_json, path / "tokenizer.json")
+    return path
+
+
+def _torch_logits(model_dir, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return model, model(torch.tensor([ids])).logits[0].numpy()
+
+
+def _bundle_logits(bundle, ids, split=3):
+    """Logits for ids fed as a prompt and then token by token (the KV cache path)."""
+    decoder = runtime.load(bundle, providers=["CPUExecutionProvider"])._decoder()
+    decoder.reset()
+    head = decoder.forward(ids[:split], all_logits=True)
+    return np.concatenate([head] + [decoder.forward([t]) for t in ids[split:]])
+
+
+def test_gpt2_family_bundle_computes_what_transformers_does(gpt2_dir, tmp_path):
+    from exporter import export
+    from exporter.decoder import torch_greedy
+
+    bundle = export(str(gpt2_dir), target="arm-cpu", precision="float",
+                    output=tmp_path / "gpt2-float", log=lambda line: None)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["model"]["architecture"] == "gpt2"
+    assert manifest["float_check"]["greedy_agreement"] == 1.0
+    tok = runtime.Tokenizer.from_file(bundle / "tokenizer.json")
+    ids = tok.encode("The capital of France is a city that")
+    model, ref = _torch_logits(gpt2_dir, ids)
+    assert np.abs(_bundle_logits(bundle, ids) - ref).max() < 1e-4
+    prompt = tok.encode("Once upon a time")
+    ours = runtime.load(bundle).generate("Once upon a time", max_new_tokens=12)
+    assert tok.encode(ours) == torch_greedy(model, prompt, 12)[:len(tok.encode(ours))]
+
+
+def test_gpt2_family_int4_bundle_and_no_compression(gpt2_dir, tmp_path):
+    from exporter import Compression, export
+
+    bundle = export(str(gpt2_dir), target="arm-cpu", output=tmp_path / "gpt2-int4",
+                    log=lambda line: None)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["quantization"]["weights"] == "int4"
+    assert manifest["validation"]["budget_holds"]
+    assert manifest["validation"]["size_bytes"]["ratio"] < 0.5
+    assert runtime.load(bundle).generate("Hello", max_new_tokens=4)
+    with pytest.raises(ValueError, match="Compression of gpt2-family decoders"):
+        export(str(gpt2_dir), target="arm-cpu", compression=Compression(drop_layers=1),
+               output=tmp_path / "no", log=lambda line: None)
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("precision", [None, "fp16"])
+def test_jetson_decoder_is_float16_on_cuda(gpt2_dir, tmp_path, precision):
+    """jetson: float16 activations and KV cache with int4 blocks (or fp16 weights with
+    --precision fp16), run by CUDA (TensorRT cannot parse the contrib ops); checked on CPU."""
+    import onnx
+
+    from exporter import export
+
+    bundle = export(str(gpt2_dir), target="jetson", precision=precision,
+                    output=tmp_path / f"gpt2-jetson-{precision}", log=lambda line: None)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["target"]["runtime"]["execution_providers"] == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert manifest["quantization"]["activations"] == "float16"
+    past = next(i for i in manifest["inputs"] if i["name"] == "past_key.0")
+    assert past["dtype"] == "float16"
+    graph = onnx.load(bundle / "model.onnx").graph
+    ops = {n.op_type for n in graph.node}
+    assert ("MatMulNBits" in ops) == (precision is None)
+    floats = {i.data_type for i in graph.initializer} & {onnx.TensorProto.FLOAT,
+                                                         onnx.TensorProto.FLOAT16}
+    assert floats == {onnx.TensorProto.FLOAT16}
+    tok = runtime.Tokenizer.from_file(bundle / "tokenizer.json")
+    ids = tok.encode("The capital of France is a city that")
+    _, ref = _torch_logits(gpt2_dir, ids)
+    ours = _bundle_logits(bundle, ids)
+    assert ours.dtype == np.float32
+    if precision == "fp16":   # float16 rounding only
+        assert np.abs(ours - ref).max() < 0.02 * np.abs(ref).max()
+    assert manifest["validation"]["budget_holds"]
