@@ -222,5 +222,8 @@ def test_bundle_records_sensitivity_for_every_group(minilm_bundle):
         [s["float_group"] for s in steps[1:]]
     graph = onnx_.load(minilm_bundle / "model.onnx", load_external_data=False)
     assert "Sensitivity" in (minilm_bundle / "report.md").read_text()
-    assert sum(n.op_type == "MatMulIntegerToFloat" for n in graph.graph.node) == \
+    # each QAttention is one int8 GEMM for a layer's Q, K and V MatMuls
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulIntegerToFloat") + 3 * ops.count("QAttention") == \
         len(q["quantized_nodes"])
+    assert ops.count("QAttention") == 6
