@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="N:M keeps N of every M weights (default: unstructured)")
     parser.add_argument("--share-layers", action="store_true",
                         help="tie adjacent layers whose sharing costs little (measured)")
+    parser.add_argument("--share-max-harm", type=float, default=0.02, metavar="H",
+                        help="--share-layers: the most output harm (1 - cosine to the untied "
+                             "model) all ties together may cost (default 0.02)")
     parser.add_argument("--heal-steps", type=int, default=0, metavar="N",
                         help="distillation steps from the original after compressing")
     parser.add_argument("--max-model-mb", type=float, metavar="MB",
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             drop_layers=Compression.parse_layers(args.drop_layers) if args.drop_layers else 0,
             prune_heads=args.prune_heads, prune_ffn=args.prune_ffn, sparsity=args.sparsity,
             sparsity_pattern=args.sparsity_pattern, share_layers=args.share_layers,
-            heal_steps=args.heal_steps)
+            share_max_harm=args.share_max_harm, heal_steps=args.heal_steps)
         try:
             path = export(args.model, target=args.target, task=args.task, output=args.output,
                           calibration=args.calibration, evaluation=args.eval,
