@@ -243,3 +243,24 @@ def test_shared_layers_are_stored_once_in_the_bundle(tmp_path):
                                                                                      + 4992)
     vectors = runtime.load(out).embed(["turn on the kitchen lights"])
     assert vectors.shape == (1, 384)
+
+
+def test_bench_report_embeds_its_plot(tmp_path):
+    """bench_compression writes the table and, beside it, the quality/latency PNG that the
+    markdown links relatively (one real variant, briefly timed)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_compression.py"
+    spec = importlib.util.spec_from_file_location("bench_compression", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "results" / "bench"
+    assert bench.main(["--only", "int8", "--heal-steps", "0", "--runs", "20", "--rounds", "1",
+                       "--output", str(out)]) == 0
+    markdown = out.with_suffix(".md").read_text()
+    assert "| int8 | no | 6 |" in markdown
+    assert "![quality against latency](bench.png)" in markdown
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert rows[0]["variant"] == "int8" and rows[0]["latency_ms_p50"] > 0
