@@ -44,6 +44,7 @@ VARIANTS: dict[str, dict] = {
     "sparse 0.5": {"sparsity": 0.5},
     "sparse 2:4": {"sparsity_pattern": "2:4"},
     "share": {"share_layers": True},
+    "share 0.25": {"share_layers": True, "share_max_harm": 0.25},
     "drop 2 + heads 0.5 + ffn 0.5": {"drop_layers": 2, "prune_heads": 0.5, "prune_ffn": 0.5},
     "drop 3 + ffn 0.5": {"drop_layers": 3, "prune_ffn": 0.5},
 }

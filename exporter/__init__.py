@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from targets import CHOICES, Target, load_target
+from targets import CHOICES, Target, load_target, positive_number
 
 from .budget import Budget
 from .compress import Compression
@@ -85,25 +85,54 @@ def _decoder_profile(profile: Target, *, precision: str | None,
         profile.runtime, pipeline_stages=1, execution_providers=providers))
 
 
+def _limits(profile: Target, *, max_model_mb, max_latency_ms, task: str,
+            compression: Compression | None) -> Target:
+    """The profile with --max-model-mb / --max-latency-ms applied, and the request checked."""
+    limits = {}
+    for name, value in (("max_model_mb", max_model_mb), ("max_latency_ms", max_latency_ms)):
+        if value is not None:
+            limits[name] = positive_number(value, "--" + name.replace("_", "-"))
+    if limits:
+        profile = dataclasses.replace(
+            profile, validation=dataclasses.replace(profile.validation, **limits))
+    v = profile.validation
+    if v.max_model_mb is None and v.max_latency_ms is None:
+        return profile
+    if task == "text-generation":
+        raise ValueError("A size / latency budget (max_model_mb, max_latency_ms) picks the "
+                         "compression of encoders only; for decoders choose it yourself "
+                         "(--drop-layers, --prune-ffn) and leave the budget unset.")
+    if compression is not None and compression.active:
+        raise ValueError("A size / latency budget picks the compression strength itself; "
+                         "leave out --drop-layers, --prune-heads, --prune-ffn, --sparsity and "
+                         "--share-layers (--heal-steps is kept: every candidate is healed).")
+    return profile
+
+
 def export(model: str = "minilm", *, target: str | Path | Target, task: str | None = None,
            output: str | Path | None = None,
            calibration: str | Path | Iterable[str] | None = None,
            evaluation: str | Path | Iterable[str] | None = None,
            accuracy_budget: str | None = None, precision: str | None = None,
            stages: int | None = None, requantize: bool = False,
-           compression: Compression | None = None, log=None) -> Path:
+           compression: Compression | None = None, max_model_mb: float | None = None,
+           max_latency_ms: float | None = None, log=None) -> Path:
     """Export `model` (a checkpoint directory, a .gguf file or a packaged name) for `target`.
 
     `calibration`/`evaluation` are .txt/.jsonl paths or lists of texts; by default, disjoint
     sets of smart-home utterances (decoders: held-out English prose). `accuracy_budget`
     (e.g. "cosine>=0.97", "perplexity-increase<=3") overrides the profile's. `precision`
     overrides the profile's number format: "int8" or "fp16" for encoders, "int4", "int8" or
-    "float" weights for decoders; `stages` (pipeline stages, one per device; encoders)
-    overrides the profile's. Returns the bundle directory; raises BudgetError when the
-    budget is broken. A GGUF's quantized blocks are carried into the bundle exactly;
-    `requantize=True` rounds its dequantized weights to the target's format instead.
+    "float" weights for decoders ("fp16": float16 weights and activations); `stages`
+    (pipeline stages, one per device; encoders) overrides the profile's. Returns the bundle
+    directory; raises BudgetError when the budget is broken. A GGUF's quantized blocks are
+    carried into the bundle exactly; `requantize=True` rounds its dequantized weights to the
+    target's format instead.
     `compression` (exporter.Compression) removes layers, heads, FFN neurons or weights before
     export and heals by distillation; the budget is then checked against the original model.
+    `max_model_mb` / `max_latency_ms` override the profile's size / latency budget: the
+    exporter then picks the weakest compression that meets it within the accuracy budget
+    (`exporter.strength`; `compression` may then only set heal_steps, to heal each candidate).
 
         >>> export("minilm", target="x86-server", accuracy_budget="cosine>=0.98")
         PosixPath('build/minilm-x86-server')
@@ -122,6 +151,8 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
         profile = _override(profile, precision=precision, stages=stages,
                             layers=_layers(resolve_model_dir(model)))
         default_budget = profile.validation.budget_for(task)
+    profile = _limits(profile, max_model_mb=max_model_mb, max_latency_ms=max_latency_ms,
+                      task=task, compression=compression)
     budget = Budget.parse(accuracy_budget or default_budget)
     model_name = (Path(model).name if Path(model).is_dir() else
                   Path(model).stem if str(model).endswith(".gguf") else model)

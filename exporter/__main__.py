@@ -1,7 +1,8 @@
 """Command line: python -m exporter --target arm-cpu [--model minilm] [...]
 
 A thin layer over `exporter.export`: each flag is one argument of it.
-Exit status: 0 bundle written, 2 bad input, 3 accuracy budget broken, 1 anything else.
+Exit status: 0 bundle written, 2 bad input, 3 a budget (accuracy, size or latency) broken,
+1 anything else.
 """
 
 from __future__ import annotations
@@ -60,8 +61,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="N:M keeps N of every M weights (default: unstructured)")
     parser.add_argument("--share-layers", action="store_true",
                         help="tie adjacent layers whose sharing costs little (measured)")
+    parser.add_argument("--share-max-harm", type=float, default=0.02, metavar="H",
+                        help="--share-layers: the most output harm (1 - cosine to the untied "
+                             "model) all ties together may cost (default 0.02)")
     parser.add_argument("--heal-steps", type=int, default=0, metavar="N",
                         help="distillation steps from the original after compressing")
+    parser.add_argument("--max-model-mb", type=float, metavar="MB",
+                        help="size budget for the model file(s); the exporter picks the "
+                             "weakest compression that meets it within the accuracy budget; "
+                             "default: the profile's (none)")
+    parser.add_argument("--max-latency-ms", type=float, metavar="MS",
+                        help="batch-1 latency budget (p50 on this machine), same search; "
+                             "default: the profile's (none)")
     parser.add_argument("--list-targets", action="store_true",
                         help="print the built-in targets and exit")
     args = parser.parse_args(argv)
@@ -79,13 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             drop_layers=Compression.parse_layers(args.drop_layers) if args.drop_layers else 0,
             prune_heads=args.prune_heads, prune_ffn=args.prune_ffn, sparsity=args.sparsity,
             sparsity_pattern=args.sparsity_pattern, share_layers=args.share_layers,
-            heal_steps=args.heal_steps)
+            share_max_harm=args.share_max_harm, heal_steps=args.heal_steps)
         try:
             path = export(args.model, target=args.target, task=args.task, output=args.output,
                           calibration=args.calibration, evaluation=args.eval,
                           accuracy_budget=args.accuracy_budget, precision=args.precision,
                           stages=args.stages, requantize=args.requantize,
-                          compression=compression)
+                          compression=compression, max_model_mb=args.max_model_mb,
+                          max_latency_ms=args.max_latency_ms)
         except BudgetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3

@@ -77,6 +77,7 @@ def bundle(job) -> None:
         "files": [{"path": p.relative_to(staging).as_posix(), "sha256": sha256_of(p),
                    "bytes": p.stat().st_size} for p in files],
         "compression": compression_entries(job.records.get("compression")),
+        **({"strength_search": job.records["strength"]} if "strength" in job.records else {}),
         "quantization": {k: v for k, v in job.records["quantization"].items()
                          if k != "activation_ranges"},
         "stages": job.stages,

@@ -33,11 +33,6 @@ import numpy as np
 
 from .heal import calibration_batches, heal, quality
 
-# Parameter sharing: the largest output harm (1 - cosine to the original model's output on
-# calibration text) a tied pair may cost before healing. Above ~0.02 the healed model no
-# longer recovers it in a few hundred steps on MiniLM.
-SHARE_MAX_HARM = 0.02
-
 # FFN pruning never leaves a layer fewer than this share of its neurons.
 FFN_FLOOR = 0.05
 
@@ -54,8 +49,9 @@ class Compression:
     prune_heads / prune_ffn: fraction of attention heads / FFN neurons to remove, in [0, 1).
     sparsity: fraction of each layer matrix's weights set to zero, in [0, 1), with
     `sparsity_pattern` "unstructured" or N:M ("2:4": 2 of every 4 kept, fixing the fraction
-    at 0.5). share_layers: tie adjacent layers where the harm is small. heal_steps:
-    distillation steps from the original afterwards (0: none).
+    at 0.5). share_layers: tie adjacent layers where the harm is small: at most
+    `share_max_harm` (1 - cosine of the output to the untied model's) for all ties together.
+    heal_steps: distillation steps from the original afterwards (0: none).
     """
 
     drop_layers: int | tuple[int, ...] = 0
@@ -64,6 +60,7 @@ class Compression:
     sparsity: float = 0.0
     sparsity_pattern: str = "unstructured"
     share_layers: bool = False
+    share_max_harm: float = 0.02
     heal_steps: int = 0
 
     def __post_init__(self):
@@ -74,6 +71,11 @@ class Compression:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} {value!r} is outside [0, 1): it is the fraction "
                                  f"removed (0.25 removes a quarter; 1 would remove everything).")
+        if isinstance(self.share_max_harm, bool) \
+                or not isinstance(self.share_max_harm, (int, float)) \
+                or not 0.0 <= self.share_max_harm <= 2.0:
+            raise ValueError(f"--share-max-harm {self.share_max_harm!r} is outside [0, 2]: it "
+                             f"is 1 - cosine of the output (0.02 allows a 2% drift).")
         if self.sparsity_pattern not in PATTERNS:
             raise ValueError(f"Unknown sparsity pattern {self.sparsity_pattern!r}; expected "
                              f"one of {', '.join(PATTERNS)}.")
@@ -388,6 +390,30 @@ def share_candidates(model, original_output, batches, output_of) -> list[tuple[i
     return harms
 
 
+def share_layers(model, batches, *, max_harm: float) -> tuple[list, list, float]:
+    """Tie adjacent layer pairs, least harmful first, while the harm of all ties together
+    (1 - mean cosine of the output to the untied model's) stays at most `max_harm`; a pair
+    that would take it over is put back. Returns (tied pairs, harm per pair alone, total)."""
+    reference = output_of(model, batches)   # the harm of the ties alone, not of earlier cuts
+    harms = share_candidates(model, reference, batches, output_of)
+    layers = layer_list(model)
+    tied, used, total = [], set(), 0.0
+    for i, harm in sorted(harms, key=lambda x: x[1]):
+        if harm > max_harm or i in used or i + 1 in used:
+            continue
+        saved = copy.deepcopy(layers[i + 1])
+        layers[i + 1].load_state_dict(layers[i].state_dict())
+        tie(model, i, i + 1)
+        harm_now = round(1 - _mean_cosine(output_of(model, batches), reference), 5)
+        if harm_now > max_harm:   # pairs measured alone can add up
+            layers[i + 1] = saved
+            continue
+        tied.append([i, i + 1])
+        used |= {i, i + 1}
+        total = harm_now
+    return sorted(tied), harms, total
+
+
 def tie(model, source: int, dest: int) -> None:
     """Layer `dest` uses layer `source`'s parameter tensors (one storage, two modules)."""
     layers = layer_list(model)
@@ -464,21 +490,14 @@ def compress(job) -> None:
             job.log(f"  pruned FFN neurons; per layer now {list(kept.values())}")
 
     if request.share_layers:
-        reference = output_of(model, batches)   # harm of the tie alone
-        harms = share_candidates(model, reference, batches, output_of)
-        tied, used = [], set()
-        for i, harm in sorted(harms, key=lambda x: x[1]):
-            if harm <= SHARE_MAX_HARM and i not in used and i + 1 not in used:
-                layers = layer_list(model)
-                layers[i + 1].load_state_dict(layers[i].state_dict())
-                tie(model, i, i + 1)
-                tied.append([i, i + 1])
-                used |= {i, i + 1}
-        steps.append({"method": "share-layers", "strength": len(tied), "removed": sorted(tied),
-                      "importance": [h for _, h in harms], "max_harm": SHARE_MAX_HARM,
-                      "score": "1 - cos(output, original output) with layer i+1 := layer i"})
-        job.log(f"  shared layer pairs {sorted(tied) or 'none'} (harm per adjacent pair "
-                f"{', '.join(f'{h:.3f}' for _, h in harms)}, accepted <= {SHARE_MAX_HARM})")
+        tied, harms, total = share_layers(model, batches, max_harm=request.share_max_harm)
+        steps.append({"method": "share-layers", "strength": len(tied), "removed": tied,
+                      "importance": [h for _, h in harms], "max_harm": request.share_max_harm,
+                      "harm_of_all_ties": total,
+                      "score": "1 - cos(output, untied output) with layer i+1 := layer i"})
+        job.log(f"  shared layer pairs {tied or 'none'} (harm per adjacent pair "
+                f"{', '.join(f'{h:.3f}' for _, h in harms)}; all ties together {total:.3f}, "
+                f"accepted <= {request.share_max_harm})")
 
     masks = {}
     if request.sparsity or request.sparsity_pattern != "unstructured":

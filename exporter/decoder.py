@@ -69,7 +69,8 @@ def load_decoder(job) -> None:
     if config.get("model_type") not in SUPPORTED:
         raise ValueError(f"text-generation supports {' and '.join(SUPPORTED)}-family "
                          f"decoders; {source!r} is {config.get('model_type')!r}.")
-    if job.compression is not None and config["model_type"] != "llama":
+    if job.compression is not None and job.compression.active \
+            and config["model_type"] != "llama":
         raise ValueError(f"Compression of {config['model_type']}-family decoders is not "
                          f"supported yet (llama family only); export without it.")
 

@@ -32,6 +32,7 @@ from .partition import partition
 from .quantize import quantize
 from .sensitivity import sensitivity
 from .smooth import smooth
+from .strength import choose_strength
 from .tensorrt import check_rules
 from .to_onnx import check_float, export_onnx
 from .validate import validate
@@ -76,6 +77,7 @@ class Job:
 # The pipeline.
 STAGES = (
     load,          # model directory or packaged name -> PyTorch model + tokenizer.json
+    choose_strength,  # size / latency budget: the weakest compression that meets it, measured
     compress,      # drop layers, prune heads / FFN, share, sparsify; heal by distillation
     export_onnx,   # PyTorch -> float ONNX at the target's opset (optimum-onnx)
     check_float,   # float ONNX vs PyTorch on evaluation text (max abs diff)

@@ -279,7 +279,11 @@ def insert_qdq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto],
     """Quantize the weights of `matmuls` and put Q -> DQ on their activation inputs."""
     inits = {i.name: i for i in model.graph.initializer}
     targets = {id(n) for n in matmuls}
+    # Tied layers (--share-layers) read one weight from several MatMuls: it is quantized
+    # once, and its float copy stays only if a MatMul left in float still reads it.
+    float_readers = {name for n in model.graph.node if id(n) not in targets for name in n.input}
     done: set[str] = set()
+    weights_done: set[str] = set()
     nodes = []
     for node in model.graph.node:
         if id(node) in targets:
@@ -296,17 +300,20 @@ def insert_qdq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto],
                     helper.make_node("DequantizeLinear", [x + "_q", x + "_scale", x + "_zero"],
                                      [x + "_dq"], name=x + "_DequantizeLinear"),
                 ]
-            w = numpy_helper.to_array(inits[w_name])
-            q, scale = quantize_weight(w, per_channel=settings.per_channel)
-            model.graph.initializer.remove(inits[w_name])
-            model.graph.initializer.extend([
-                numpy_helper.from_array(q, w_name + "_int8"),
-                numpy_helper.from_array(scale, w_name + "_scale"),
-                numpy_helper.from_array(np.zeros(scale.shape, np.int8), w_name + "_zero")])
-            nodes.append(helper.make_node(
-                "DequantizeLinear", [w_name + "_int8", w_name + "_scale", w_name + "_zero"],
-                [w_name + "_dq"], name=w_name + "_DequantizeLinear",
-                **({"axis": 1} if settings.per_channel else {})))
+            if w_name not in weights_done:
+                weights_done.add(w_name)
+                w = numpy_helper.to_array(inits[w_name])
+                q, scale = quantize_weight(w, per_channel=settings.per_channel)
+                if w_name not in float_readers:
+                    model.graph.initializer.remove(inits[w_name])
+                model.graph.initializer.extend([
+                    numpy_helper.from_array(q, w_name + "_int8"),
+                    numpy_helper.from_array(scale, w_name + "_scale"),
+                    numpy_helper.from_array(np.zeros(scale.shape, np.int8), w_name + "_zero")])
+                nodes.append(helper.make_node(
+                    "DequantizeLinear", [w_name + "_int8", w_name + "_scale", w_name + "_zero"],
+                    [w_name + "_dq"], name=w_name + "_DequantizeLinear",
+                    **({"axis": 1} if settings.per_channel else {})))
             node.input[0], node.input[1] = x + "_dq", w_name + "_dq"
         nodes.append(node)
     del model.graph.node[:]

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from .compress import compression_lines
+from .strength import strength_lines
 
 
 def report_data(job) -> dict:
@@ -49,6 +50,11 @@ def render_markdown(data: dict) -> str:
             f"| peak RSS (MB) | {rss['float_onnx']} | {rss['bundle']} | |", "",
             f"Peak RSS: {rss['what']}. The exporter itself peaked at {rss['exporter']} MB.",
             ""]
+        if "size_latency_budget" in v:
+            b = v["size_latency_budget"]
+            lines += [f"Size / latency budget {b['budget']}: model {b['model_mb']} MB, "
+                      f"latency p50 {b['latency_ms_p50']} ms: "
+                      f"**{'holds' if b['holds'] else 'BROKEN'}**.", ""]
     if q.get("mode") == "none":
         lines += ["## Quantization", "", f"- none: {q['precision']} throughout", ""]
     elif q:
@@ -94,6 +100,7 @@ def render_markdown(data: dict) -> str:
                       f"{' (holds)' if st['holds'] else ''}" for st in search["steps"])
                   + (f"; skipped for size: {', '.join(search['skipped_for_size'])}"
                      if search["skipped_for_size"] else "") + ".", ""]
+    lines += strength_lines(data.get("strength"))
     lines += compression_lines(data.get("compression"))
     if data.get("stage_seconds"):
         lines += ["## Stage times (s)", "",

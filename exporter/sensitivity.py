@@ -236,8 +236,11 @@ def sensitivity(job) -> None:
     # Budget search on the evaluation texts.
     float_bytes = job.float_onnx.stat().st_size
     evaluation = Scorer(job, job.evaluation, threads=threads)
+    max_bytes = int(settings.max_size_ratio * float_bytes)
+    if job.target.validation.max_model_mb is not None:   # the size budget caps it too
+        max_bytes = min(max_bytes, int(job.target.validation.max_model_mb * 1e6))
     steps, skipped = search(order, build=build, score=evaluation.score, budget=job.budget,
-                            max_bytes=int(settings.max_size_ratio * float_bytes))
+                            max_bytes=max_bytes)
     chosen = steps[-1]
     kept = [s.float_group for s in steps[1:]]
     record = {
@@ -248,7 +251,7 @@ def sensitivity(job) -> None:
         "search": {
             "budget": str(job.budget), "data": f"{len(evaluation.texts)} evaluation texts "
                                                f"vs the float graph",
-            "max_size_ratio": settings.max_size_ratio,
+            "max_size_ratio": settings.max_size_ratio, "max_bytes": max_bytes,
             "steps": [{"float_group": s.float_group, "metrics": s.metrics,
                        "size_bytes": s.size_bytes, "holds": s.holds} for s in steps],
             "skipped_for_size": skipped,
@@ -269,10 +272,12 @@ def sensitivity(job) -> None:
     job.log(f"  most harmful: {top}")
     if not chosen.holds:
         broken = job.budget.check(chosen.metrics)
+        capped = ", capped by max_model_mb" \
+            if max_bytes < settings.max_size_ratio * float_bytes else ""
         reject(job, f"Accuracy budget {job.budget} broken: {'; '.join(broken)}. That is the "
                     f"best reached with {len(kept)} of {len(order)} int8 groups kept float "
                     f"({', '.join(kept) or 'none'}) within the size limit of "
-                    f"{settings.max_size_ratio:.0%} of float"
+                    f"{max_bytes / 1e6:.1f} MB ({settings.max_size_ratio:.0%} of float{capped})"
                     + (f" (skipped for size: {', '.join(skipped)})" if skipped else "")
                     + ". Loosen the budget, raise quantization.max_size_ratio, or calibrate "
                       "on text closer to the evaluation text.")

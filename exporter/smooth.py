@@ -60,7 +60,8 @@ def fold_into_value(node, inverse, inits, producer, readers) -> bool:
         return False
     value, bias = producer.get(node.input[2]), inits.get(node.input[3])
     if value is None or value.op_type != "MatMul" or value.input[1] not in inits \
-            or readers.get(node.input[2]) != 1 or bias is None:
+            or readers.get(node.input[2]) != 1 or readers.get(value.input[1]) != 1 \
+            or bias is None:
         return False
     hidden = inverse.shape[0]
     w = numpy_helper.to_array(inits[value.input[1]])      # (in, hidden)
@@ -87,8 +88,16 @@ def smooth_graph(model: onnx.ModelProto, peaks: dict[str, np.ndarray],
     for node in model.graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
+    # A weight read by MatMuls of two groups (tied layers) would need two different scalings
+    # of one tensor: those groups are not smoothed.
+    weight_groups: dict[str, set[str]] = {}
+    for x, consumers in groups.items():
+        for n in consumers:
+            weight_groups.setdefault(n.input[1], set()).add(x)
     scales = {}
     for x, consumers in groups.items():
+        if any(len(weight_groups[n.input[1]]) > 1 for n in consumers):
+            continue
         weights = [numpy_helper.to_array(inits[n.input[1]]) for n in consumers]  # (in, out)
         w_peak = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)          # (in,)
         s = peaks[x] ** alpha / np.maximum(w_peak, 1e-8) ** (1 - alpha)
@@ -145,12 +154,13 @@ def smooth(job) -> None:
     if not diff <= tolerance:
         raise RuntimeError(f"Smoothing changed the float outputs by {diff:.3e} (tolerance "
                            f"{tolerance:g}); set smoothing_alpha = 0 in the profile.")
-    every = np.concatenate(list(scales.values()))
+    every = np.concatenate(list(scales.values()) or [np.ones(1, np.float32)])
     names = {i.name for i in model.graph.initializer}
     folded = [x for x in scales if x + "_inverse_scale" not in names]
     job.records["smoothing"] = {
         "applied": True, "method": "SmoothQuant (per input channel, Mul before Q)",
         "alpha": alpha, "activations": len(scales), "calibration_texts": len(texts),
+        "skipped_for_tied_weights": len(tensors) - len(scales),
         "folded_into_attention_value": len(folded),
         "scale_range": [round(float(every.min()), 4), round(float(every.max()), 4)],
         "float_max_abs_diff": diff,

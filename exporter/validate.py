@@ -19,6 +19,7 @@ import numpy as np
 from .feeds import encoder_feeds, ort_session, pool
 from .progress import progress
 from .report import write_report
+from .strength import limit_failures, limits_text
 from .to_onnx import torch_output
 
 
@@ -173,6 +174,12 @@ def validate(job) -> None:
         },
     }
     broken = job.budget.check(metrics)
+    if settings.max_model_mb is not None or settings.max_latency_ms is not None:
+        over = limit_failures(settings, model_bytes=quant_bytes, latency_ms=quant_latency["p50"])
+        record["size_latency_budget"] = {"budget": limits_text(settings), "holds": not over,
+                                         "model_mb": round(quant_bytes / 1e6, 3),
+                                         "latency_ms_p50": quant_latency["p50"]}
+        broken += over
     record["budget_holds"] = not broken
     job.records["validation"] = record
     if "agreement" in metrics:
@@ -186,7 +193,10 @@ def validate(job) -> None:
             f"{quant_latency['p50']:.2f} ms vs float {float_latency['p50']:.2f} ms; "
             f"model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float)")
     if broken:
-        reject(job, f"Accuracy budget {job.budget} broken: {'; '.join(broken)}.")
+        reject(job, f"Accuracy budget {job.budget}"
+                    + (f" or size / latency budget {limits_text(settings)}"
+                       if "size_latency_budget" in record else "")
+                    + f" broken: {'; '.join(broken)}.")
 
 
 def reject(job, message: str) -> None:

@@ -13,6 +13,7 @@ user's own profile.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -60,6 +61,10 @@ class ValidationSettings:
     eval_samples: int         # default held-out texts (an --eval file is used whole)
     latency_runs: int         # timed batch-1 runs per model for p50/p95 latency
     float_check_tolerance: float  # max |ONNX float - PyTorch| allowed on hidden states
+    # Size / latency budget (None: no budget). When set, the exporter picks the compression
+    # strength that meets it within the accuracy budget (exporter.strength).
+    max_model_mb: float | None = None    # model file(s), 1e6 bytes
+    max_latency_ms: float | None = None  # batch-1 p50 on the build machine, ms
 
     def budget_for(self, task: str) -> str:
         return self.classification_budget if task == "text-classification" \
@@ -122,6 +127,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "generation.weights": ("int4", "int8", "float"),
     "generation.activations": ("float32", "float16"),
 }
+
+
+# Settings that must be a finite number above zero when set.
+POSITIVE: tuple[str, ...] = ("validation.max_model_mb", "validation.max_latency_ms")
+
+
+def positive_number(value, what: str) -> float:
+    """`value` as a float, or ValueError naming `what` unless it is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a number above 0, got {value!r}.")
+    return float(value)
 
 
 def available_targets() -> list[str]:
@@ -236,8 +253,13 @@ def _convert(value, hint, path: Path, where: str):
             raise ValueError(f"{path}: {where!r} must be a list of {item.__name__}, "
                              f"got {value!r}.")
         return tuple(value)
-    if origin in (typing.Union, types.UnionType):
-        raise AssertionError(f"optional profile fields are not supported ({where})")
+    if origin in (typing.Union, types.UnionType):   # `float | None`: TOML has no null,
+        (hint,) = {a for a in typing.get_args(hint) if a is not type(None)}   # absent is None
+    if where in POSITIVE:
+        try:
+            return positive_number(value, f"{path}: {where!r}")
+        except ValueError as e:
+            raise ValueError(f"{e} Leave the key out for no budget.") from None
     ok = isinstance(value, hint) and not (hint is int and isinstance(value, bool))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True

@@ -193,3 +193,74 @@ def test_pruned_smollm2_graph_matches_pytorch(tmp_path):
         reference = model(ids).logits[0].numpy()
     ours = OnnxDecoder(path, shape).logits(ids[0].tolist())
     assert np.abs(ours - reference).max() < 1e-3 * max(1.0, np.abs(reference).max())
+
+
+# --- parameter sharing: measured, and stored once when it ties ---
+
+def test_sharing_ties_only_what_the_harm_allows(torch_minilm, batches):
+    """On MiniLM every adjacent pair alone moves the output by more than the default 0.02
+    (1 - cosine), so the default ties nothing; a loose limit ties non-overlapping pairs and
+    the harm of all ties together stays within it."""
+    model = copy.deepcopy(torch_minilm)
+    tied, harms, total = C.share_layers(model, batches, max_harm=0.02)
+    assert tied == [] and total == 0.0 and min(h for _, h in harms) > 0.02, harms
+    assert C.parameters(model) == C.parameters(torch_minilm)
+    tied, harms, total = C.share_layers(model, batches, max_harm=0.25)
+    assert tied and 0 < total <= 0.25, (tied, harms, total)
+    flat = [i for pair in tied for i in pair]
+    assert len(flat) == len(set(flat))       # a layer is in one pair at most
+    layers = C.layer_list(model)
+    for i, j in tied:
+        assert layers[i].output.dense.weight is layers[j].output.dense.weight
+    assert 1 - _cosine(model, torch_minilm, batches) == pytest.approx(total, abs=1e-4)
+
+
+def test_shared_layers_are_stored_once_in_the_bundle(tmp_path):
+    """Tied pairs read one int8 weight per matrix in the exported graph (smoothing skips
+    the tied matrices, quantization writes each shared weight once)."""
+    import onnx
+
+    out = export("minilm", target="arm-cpu", output=tmp_path / "shared",
+                 calibration=[u.text for u in smart_home_utterances(100, split="calibration")],
+                 evaluation=[u.text for u in smart_home_utterances(60, split="eval")],
+                 compression=Compression(share_layers=True, share_max_harm=0.25),
+                 accuracy_budget="cosine>=0.5", log=lambda line: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    step = manifest["compression"][0]
+    pairs = step["removed"]
+    assert step["method"] == "share-layers" and pairs and step["harm_of_all_ties"] <= 0.25
+    graph = onnx.load(out / "model.onnx").graph
+    matmuls = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(matmuls) == 36
+    weights = {n.input[1] for n in matmuls}
+    assert len(weights) == 36 - 6 * len(pairs)    # q, k, v, o, FFN in, out per tied layer
+    int8_matrices = sum(int(np.prod(i.dims)) for i in graph.initializer
+                        if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2)
+    layer = 4 * 384 * 384 + 2 * 384 * 1536      # a BERT layer's matrices (MiniLM)
+    assert int8_matrices == 30522 * 384 + (6 - len(pairs)) * layer   # + the word embeddings
+    record = manifest["compression"][-1]     # with biases and LayerNorms: 4992 more a layer
+    assert record["parameters_before"] - record["parameters_after"] == len(pairs) * (layer
+                                                                                     + 4992)
+    vectors = runtime.load(out).embed(["turn on the kitchen lights"])
+    assert vectors.shape == (1, 384)
+
+
+def test_bench_report_embeds_its_plot(tmp_path):
+    """bench_compression writes the table and, beside it, the quality/latency PNG that the
+    markdown links relatively (one real variant, briefly timed)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_compression.py"
+    spec = importlib.util.spec_from_file_location("bench_compression", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "results" / "bench"
+    assert bench.main(["--only", "int8", "--heal-steps", "0", "--runs", "20", "--rounds", "1",
+                       "--output", str(out)]) == 0
+    markdown = out.with_suffix(".md").read_text()
+    assert "| int8 | no | 6 |" in markdown
+    assert "![quality against latency](bench.png)" in markdown
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert rows[0]["variant"] == "int8" and rows[0]["latency_ms_p50"] > 0

@@ -1,0 +1,136 @@
+"""Size / latency budget: the exporter picks the compression strength, measured on real
+MiniLM exports, and refuses what it cannot meet."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from exporter import BudgetError, Compression, export
+from exporter.__main__ import main
+from exporter.data import smart_home_utterances
+from exporter.strength import describe, ladder, limit_failures
+from targets import load_target
+
+
+@pytest.fixture(scope="module")
+def texts():
+    """Small calibration / evaluation sets: each candidate is a real export."""
+    return ([u.text for u in smart_home_utterances(100, split="calibration")],
+            [u.text for u in smart_home_utterances(60, split="eval")])
+
+
+# --- refusals before any work ---
+
+@pytest.mark.parametrize("line, message", [
+    ("max_model_mb = -1", "'validation.max_model_mb' must be a number above 0, got -1"),
+    ("max_model_mb = 0", "must be a number above 0, got 0"),
+    ('max_latency_ms = "5"', "'validation.max_latency_ms' must be a number above 0, got '5'"),
+    ("max_latency_ms = true", "must be a number above 0, got True"),
+    ("max_latency_ms = inf", "must be a number above 0, got inf"),
+])
+def test_profile_refuses_bad_budgets(tmp_path, line, message):
+    path = tmp_path / "board.toml"
+    path.write_text(f'extends = "arm-cpu"\n[validation]\n{line}\n')
+    with pytest.raises(ValueError, match=message):
+        load_target(path)
+
+
+def test_profile_budget_is_read_and_unset_by_default(tmp_path):
+    assert load_target("arm-cpu").validation.max_model_mb is None
+    assert load_target("arm-cpu").validation.max_latency_ms is None
+    path = tmp_path / "board.toml"
+    path.write_text('extends = "arm-cpu"\n[validation]\nmax_model_mb = 15\n'
+                    'max_latency_ms = 2.5\n')
+    v = load_target(path).validation
+    assert (v.max_model_mb, v.max_latency_ms) == (15.0, 2.5)
+
+
+def test_cli_refuses_bad_budgets(capsys):
+    assert main(["--target", "arm-cpu", "--max-model-mb", "-3"]) == 2
+    assert "--max-model-mb must be a number above 0, got -3.0" in capsys.readouterr().err
+    assert main(["--target", "arm-cpu", "--max-latency-ms", "0"]) == 2
+    assert "--max-latency-ms must be a number above 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--target", "arm-cpu", "--max-model-mb", "small"])
+    assert e.value.code == 2
+    assert "--max-model-mb: invalid float value: 'small'" in capsys.readouterr().err
+    assert main(["--target", "arm-cpu", "--max-model-mb", "15", "--drop-layers", "1"]) == 2
+    assert "picks the compression strength itself" in capsys.readouterr().err
+
+
+def test_decoders_refuse_a_budget():
+    with pytest.raises(ValueError, match="compression of encoders only"):
+        export("smollm2", target="arm-cpu", max_model_mb=50)
+
+
+def test_ladder_is_cumulative_weakest_first():
+    rungs = ladder(6, heal_steps=50)
+    assert describe(rungs[0]) == "none" and rungs[0].heal_steps == 0
+    assert all(r.heal_steps == 50 for r in rungs[1:])
+    for weaker, stronger in zip(rungs, rungs[1:], strict=False):
+        fields = ("drop_layers", "prune_ffn", "prune_heads")
+        assert all(getattr(stronger, f) >= getattr(weaker, f) for f in fields)
+        assert any(getattr(stronger, f) > getattr(weaker, f) for f in fields)
+    assert max(r.drop_layers for r in rungs) == 3   # at most half the layers
+
+
+def test_limit_failures():
+    v = dataclasses.replace(load_target("arm-cpu").validation, max_model_mb=15.0,
+                            max_latency_ms=1.0)
+    assert limit_failures(v, model_bytes=15_000_000, latency_ms=1.0) == []
+    broken = limit_failures(v, model_bytes=15_000_001, latency_ms=1.2)
+    assert broken == ["model 15.00 MB, above the budget of 15 MB",
+                      "latency p50 1.200 ms, above the budget of 1 ms"]
+
+
+# --- real searches on MiniLM ---
+
+def test_size_budget_met_by_the_weakest_strength(tmp_path, texts):
+    """int8 MiniLM is ~23.6 MB, dropping one layer ~21.8 MB: a 22 MB budget takes one layer."""
+    calibration, evaluation = texts
+    lines: list[str] = []
+    out = export("minilm", target="arm-cpu", output=tmp_path / "fit", calibration=calibration,
+                 evaluation=evaluation, accuracy_budget="cosine>=0.8", max_model_mb=22,
+                 max_latency_ms=1000, log=lines.append)
+    manifest = json.loads((out / "manifest.json").read_text())
+    search = manifest["strength_search"]
+    rows = search["candidates"]
+    assert search["chosen"] == "drop 1" and [r["strength"] for r in rows] == ["none", "drop 1"]
+    assert rows[0]["verdict"] == "too large" and rows[0]["model_bytes"] > 22e6
+    assert rows[1]["verdict"] == "fits" and rows[1]["model_bytes"] <= 22e6
+    assert rows[1]["metrics"]["cosine"] >= 0.8 and rows[1]["latency_ms_p50"] > 0
+    assert sum(line.startswith("  [") for line in lines) == 2   # a progress line per candidate
+    # the bundle itself went through the normal path, and its own figures meet the budget
+    assert manifest["model"]["layers_after_compression"] == 5
+    assert [c["method"] for c in manifest["compression"]] == ["drop-layers"]
+    assert (out / "model.onnx").stat().st_size <= 22e6
+    fitted = manifest["validation"]["size_latency_budget"]
+    assert fitted["holds"] and fitted["model_mb"] <= 22 and fitted["latency_ms_p50"] <= 1000
+    sensitivity = json.loads((out / "report.json").read_text())["sensitivity"]
+    assert sensitivity["search"]["max_bytes"] <= 22e6    # capped by the size budget
+    report = (out / "report.md").read_text()
+    assert "## Size / latency budget: model <= 22 MB, latency <= 1000 ms" in report
+    assert "| drop 1 | 5 |" in report
+
+
+def test_impossible_size_budget_is_refused_with_the_best_reached(tmp_path, texts):
+    calibration, evaluation = texts
+    with pytest.raises(BudgetError) as e:
+        export("minilm", target="arm-cpu", output=tmp_path / "tiny", calibration=calibration,
+               evaluation=evaluation, max_model_mb=5, log=lambda line: None)
+    message = str(e.value)
+    assert "Size / latency budget model <= 5 MB cannot be met within the accuracy budget " \
+           "cosine>=0.995,min-cosine>=0.98" in message
+    # MiniLM's default budget allows no layer dropped: the search stops at drop 1
+    assert "smallest reached drop 1: 21." in message and "compression alone breaks" in message
+    assert "No bundle written" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_budget_keeps_heal_steps_only():
+    with pytest.raises(ValueError, match="picks the compression strength itself"):
+        export("minilm", target="arm-cpu", max_model_mb=20,
+               compression=Compression(prune_ffn=0.5))
