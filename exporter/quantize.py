@@ -366,18 +366,20 @@ def fuse_integer_matmuls(model: onnx.ModelProto, *, bias: bool = True) -> int:
     return sum(n is not None for n in replaced.values())
 
 
-def layer_norms_in_float64(model: onnx.ModelProto) -> int:
+def float64_where_cpus_differ(model: onnx.ModelProto) -> int:
     """Run each LayerNormalization whose output is quantized (directly or through the
-    SmoothQuant Mul) in float64, between two Casts; returns how many.
+    SmoothQuant Mul), and each Softmax, in float64 between two Casts; returns how many.
 
-    ONNX Runtime's float32 LayerNorm gives different last bits on its x86 and aarch64 builds
-    (measured on MiniLM, same input: 3 of 4 outputs differ, by up to 1.9e-6 after the
-    embeddings and 1.1e-5 in layer 0), and a quantizer then rounds a value that sits on a
-    step boundary up on one CPU and down on the other. In float64 the two results differ by
-    ~1e-16 and round to the same float32, so the uint8 codes match. What else reaches a
-    quantizer in MiniLM (Add, Mul, BiasGelu, the integer MatMuls without fused bias) was
-    measured bit-identical on both; MultiHeadAttention is not (its softmax, up to 1.8e-7),
-    but its output reaches only a quantizer, where that rarely moves a code.
+    ONNX Runtime's float32 LayerNorm and Softmax give different last bits on its x86 and
+    aarch64 builds (measured on MiniLM, same input: 3 of 4 LayerNorm outputs differ, by up
+    to 1.9e-6 after the embeddings and 1.1e-5 in layer 0; softmax up to 6e-8), and a
+    quantizer then rounds a value that sits on a step boundary up on one CPU and down on the
+    other. In float64 the two results differ by ~1e-16 and round to the same float32, so the
+    uint8 codes match. What else reaches a quantizer in MiniLM (Add, Mul, Erf, BiasGelu,
+    float MatMul, the integer MatMuls without fused bias) was measured bit-identical on both.
+    The fused MultiHeadAttention computes its softmax inside, out of reach: use
+    graph_optimization "basic" with this (measured on 1000 texts with the fused attention:
+    3 texts still get a different code).
 
     Costs time: float64 LayerNorm is ~9x slower than float32 in ONNX Runtime (measured).
     """
@@ -393,11 +395,11 @@ def layer_norms_in_float64(model: onnx.ModelProto) -> int:
     inits = {i.name: i for i in model.graph.initializer}
     nodes, replaced, count = [], set(), 0
     for node in model.graph.node:
-        if node.op_type != "LayerNormalization" or not quantized(node.output[0]) \
-                or not all(p in inits for p in node.input[1:]):
+        if not (node.op_type == "Softmax" or node.op_type == "LayerNormalization"
+                and quantized(node.output[0]) and all(p in inits for p in node.input[1:])):
             nodes.append(node)
             continue
-        x, out = node.input[0], node.output[0]
+        x, out, tag = node.input[0], node.output[0], node.name or node.output[0]
         params = []
         for p in node.input[1:]:
             if p + "_f64" not in inits:
@@ -407,13 +409,13 @@ def layer_norms_in_float64(model: onnx.ModelProto) -> int:
             params.append(p + "_f64")
             replaced.add(p)
         nodes += [
-            helper.make_node("Cast", [x], [x + "_f64"], to=TensorProto.DOUBLE,
-                             name=node.name + "_to_f64"),
-            helper.make_node("LayerNormalization", [x + "_f64", *params], [out + "_f64"],
-                             name=node.name, domain=node.domain,
+            helper.make_node("Cast", [x], [tag + "_x_f64"], to=TensorProto.DOUBLE,
+                             name=tag + "_to_f64"),
+            helper.make_node(node.op_type, [tag + "_x_f64", *params],
+                             [tag + "_y_f64"], name=node.name, domain=node.domain,
                              **{a.name: helper.get_attribute_value(a) for a in node.attribute}),
-            helper.make_node("Cast", [out + "_f64"], [out], to=TensorProto.FLOAT,
-                             name=node.name + "_to_f32"),
+            helper.make_node("Cast", [tag + "_y_f64"], [out], to=TensorProto.FLOAT,
+                             name=tag + "_to_f32"),
         ]
         count += 1
     del model.graph.node[:]
@@ -443,7 +445,7 @@ def build_int8(source: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
     tables = quantize_embeddings_by_row(model) \
         if settings.embeddings == "int8-rows" and "embeddings" not in float_groups else []
     if settings.portable_rounding:
-        layer_norms_in_float64(model)
+        float64_where_cpus_differ(model)
     if lower:
         fuse_integer_matmuls(model, bias=not settings.portable_rounding)
     return model, [n.name for n in matmuls], tables
@@ -534,5 +536,5 @@ def quantize(job) -> None:
     job.log(f"  {len(names)} MatMuls int8 ({settings.calibration}, {len(texts)} texts, "
             f"calibration peak RSS {result.peak_rss_mb:.0f} MB), {len(tables)} embedding "
             f"tables int8 by row, {len(kept_float)} attention nodes float"
-            f"{', quantized LayerNorms in float64' if settings.portable_rounding else ''}; "
+            f"{', LayerNorm/Softmax in float64' if settings.portable_rounding else ''}; "
             f"{job.quantized_onnx.stat().st_size / 1e6:.1f} MB")

@@ -15,10 +15,10 @@ from exporter.budget import Budget
 from exporter.quantize import (
     CALIBRATION_METHODS,
     calibrate_all,
+    float64_where_cpus_differ,
     fuse_integer_matmuls,
     insert_qdq,
     kl_threshold,
-    layer_norms_in_float64,
 )
 from exporter.sensitivity import Step, search
 from runtime.model import ort_session
@@ -142,9 +142,9 @@ def test_fused_integer_matmul_equals_onnxruntime_qdq(tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_quantized_layer_norms_run_in_float64():
-    """LayerNorm -> Mul -> QuantizeLinear moves to float64 between Casts; a LayerNorm that
-    no quantizer reads (the graph output) stays float32; the values are LayerNorm's."""
+def test_quantized_layer_norms_and_softmax_run_in_float64():
+    """LayerNorm -> Mul -> QuantizeLinear and Softmax move to float64 between Casts; a
+    LayerNorm that no quantizer reads (the graph output) stays float32; same values."""
     rng = np.random.default_rng(0)
     f32 = TensorProto.FLOAT
     inits = [numpy_helper.from_array(rng.normal(size=64).astype(np.float32), n)
@@ -154,19 +154,23 @@ def test_quantized_layer_norms_run_in_float64():
     nodes = [helper.make_node("LayerNormalization", ["x", "g1", "b1"], ["n1"], name="ln1"),
              helper.make_node("Mul", ["n1", "smooth"], ["s1"], name="smooth"),
              helper.make_node("QuantizeLinear", ["s1", "scale", "zero"], ["q"], name="q"),
-             helper.make_node("LayerNormalization", ["n1", "g2", "b2"], ["y"], name="ln2")]
+             helper.make_node("LayerNormalization", ["n1", "g2", "b2"], ["y"], name="ln2"),
+             helper.make_node("Softmax", ["n1"], ["p"], name="softmax")]
     model = helper.make_model(
         helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f32, ["b", "s", 64])],
                           [helper.make_tensor_value_info(o, t, ["b", "s", 64])
-                           for o, t in (("q", TensorProto.UINT8), ("y", f32), ("n1", f32))],
+                           for o, t in (("q", TensorProto.UINT8), ("y", f32), ("n1", f32),
+                                        ("p", f32))],
                           inits), opset_imports=[helper.make_opsetid("", 18)])
     portable = onnx.ModelProto()
     portable.CopyFrom(model)
-    assert layer_norms_in_float64(portable) == 1
+    assert float64_where_cpus_differ(portable) == 2
     onnx.checker.check_model(portable)
     ops = [(n.op_type, n.name) for n in portable.graph.node]
     assert ops[:3] == [("Cast", "ln1_to_f64"), ("LayerNormalization", "ln1"),
-                       ("Cast", "ln1_to_f32")] and ops[-1] == ("LayerNormalization", "ln2")
+                       ("Cast", "ln1_to_f32")] and ("LayerNormalization", "ln2") in ops
+    assert ops[-3:] == [("Cast", "softmax_to_f64"), ("Softmax", "softmax"),
+                        ("Cast", "softmax_to_f32")]
     assert {"g1", "b1"}.isdisjoint(i.name for i in portable.graph.initializer)
     x = {"x": rng.normal(size=(2, 5, 64)).astype(np.float32) * 3}
     expected = ort_session(model.SerializeToString()).run(None, x)
