@@ -320,14 +320,18 @@ def insert_qdq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto],
     model.graph.node.extend(nodes)
 
 
-def fuse_integer_matmuls(model: onnx.ModelProto) -> int:
+def fuse_integer_matmuls(model: onnx.ModelProto, *, bias: bool = True) -> int:
     """DQ(x_q), DQ(W_int8) -> MatMul [-> Add bias] becomes one com.microsoft
     MatMulIntegerToFloat with the bias inside; returns how many were written.
 
     ONNX Runtime makes the same MatMulIntegerToFloat from the QDQ pattern at load time, but
     leaves the bias Add as its own node; written directly, the kernel adds the bias itself
-    (MiniLM: 12 fewer nodes, batch-1 latency about 6% lower). Only for targets whose graphs
-    may use com.microsoft ops (graph_optimization "transformer" on ONNX Runtime).
+    (MiniLM: 12 fewer nodes, batch-1 latency about 6% lower). `bias=False` leaves the Add
+    out (portable_rounding): with the bias inside, the x86 and aarch64 kernels differ in the
+    last bit (measured on MiniLM's attention output: 28k of 74k values, up to 4.8e-7);
+    without it, and with the bias as a separate Add, the two are bit-identical. Only for
+    targets whose graphs may use com.microsoft ops (graph_optimization "transformer" on
+    ONNX Runtime).
     """
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -349,7 +353,8 @@ def fuse_integer_matmuls(model: onnx.ModelProto) -> int:
         inputs = [dq_x.input[0], dq_w.input[0], dq_x.input[1], dq_w.input[1],
                   dq_x.input[2], dq_w.input[2]]
         output, after = node.output[0], readers.get(node.output[0], [])
-        if len(after) == 1 and after[0].op_type == "Add" and output not in graph_outputs:
+        if bias and len(after) == 1 and after[0].op_type == "Add" \
+                and output not in graph_outputs:
             bias = next((b for b in after[0].input if b != output), "")
             if bias in inits and len(inits[bias].dims) == 1:
                 inputs.append(bias)
@@ -426,6 +431,66 @@ def fuse_quantized_attention(model: onnx.ModelProto) -> int:
     return sum(n is not None for n in replaced.values())
 
 
+def float64_where_cpus_differ(model: onnx.ModelProto) -> int:
+    """Run each LayerNormalization whose output is quantized (directly or through the
+    SmoothQuant Mul), and each Softmax, in float64 between two Casts; returns how many.
+
+    ONNX Runtime's float32 LayerNorm and Softmax give different last bits on its x86 and
+    aarch64 builds (measured on MiniLM, same input: 3 of 4 LayerNorm outputs differ, by up
+    to 1.9e-6 after the embeddings and 1.1e-5 in layer 0; softmax up to 6e-8), and a
+    quantizer then rounds a value that sits on a step boundary up on one CPU and down on the
+    other. In float64 the two results differ by ~1e-16 and round to the same float32, so the
+    uint8 codes match. What else reaches a quantizer in MiniLM (Add, Mul, Erf, BiasGelu,
+    float MatMul, the integer MatMuls without fused bias) was measured bit-identical on both.
+    The fused MultiHeadAttention computes its softmax inside, out of reach: use
+    graph_optimization "basic" with this (measured on 1000 texts with the fused attention:
+    3 texts still get a different code).
+
+    Costs time: float64 LayerNorm is ~9x slower than float32 in ONNX Runtime (measured).
+    """
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def quantized(name: str) -> bool:
+        return any(r.op_type == "QuantizeLinear" or (r.op_type == "Mul" and quantized(r.output[0]))
+                   for r in readers.get(name, []))
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, replaced, count = [], set(), 0
+    for node in model.graph.node:
+        if not (node.op_type == "Softmax" or node.op_type == "LayerNormalization"
+                and quantized(node.output[0]) and all(p in inits for p in node.input[1:])):
+            nodes.append(node)
+            continue
+        x, out, tag = node.input[0], node.output[0], node.name or node.output[0]
+        params = []
+        for p in node.input[1:]:
+            if p + "_f64" not in inits:
+                inits[p + "_f64"] = numpy_helper.from_array(
+                    numpy_helper.to_array(inits[p]).astype(np.float64), p + "_f64")
+                model.graph.initializer.append(inits[p + "_f64"])
+            params.append(p + "_f64")
+            replaced.add(p)
+        nodes += [
+            helper.make_node("Cast", [x], [tag + "_x_f64"], to=TensorProto.DOUBLE,
+                             name=tag + "_to_f64"),
+            helper.make_node(node.op_type, [tag + "_x_f64", *params],
+                             [tag + "_y_f64"], name=node.name, domain=node.domain,
+                             **{a.name: helper.get_attribute_value(a) for a in node.attribute}),
+            helper.make_node("Cast", [tag + "_y_f64"], [out], to=TensorProto.FLOAT,
+                             name=tag + "_to_f32"),
+        ]
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for n in nodes for name in n.input}
+    for name in replaced - used:
+        model.graph.initializer.remove(inits[name])
+    return count
+
+
 def lowers_to_contrib_ops(target) -> bool:
     """Whether the bundle may use onnxruntime's com.microsoft int8 kernels directly."""
     return target.graph_rules == "onnxruntime" and target.graph_optimization == "transformer"
@@ -444,8 +509,10 @@ def build_int8(source: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
     insert_qdq(model, matmuls, ranges, settings)
     tables = quantize_embeddings_by_row(model) \
         if settings.embeddings == "int8-rows" and "embeddings" not in float_groups else []
+    if settings.portable_rounding:
+        float64_where_cpus_differ(model)
     if lower:
-        fuse_integer_matmuls(model)
+        fuse_integer_matmuls(model, bias=not settings.portable_rounding)
         fuse_quantized_attention(model)
     return model, [n.name for n in matmuls], tables
 
@@ -517,9 +584,11 @@ def quantize(job) -> None:
             **({"methods_compared": compared} if compared else {}),
         },
         "quantized_nodes": names,
-        "integer_kernels": "com.microsoft MatMulIntegerToFloat (bias fused); QAttention "
-                           "(one int8 GEMM for Q, K and V)" if lower
-                           else "QDQ (fused by the runtime)",
+        "integer_kernels": ("com.microsoft MatMulIntegerToFloat" + (
+            " (bias as its own Add)" if settings.portable_rounding else " (bias fused)")
+            + "; QAttention (one int8 GEMM for Q, K and V)") if lower
+            else "QDQ (fused by the runtime)",
+        "portable_rounding": settings.portable_rounding,
         "embeddings": {"mode": settings.embeddings, "tables": tables,
                        "float_below_bytes": SMALL_TABLE_BYTES},
         "outliers": job.records.get("smoothing", {"applied": False}),
@@ -533,5 +602,6 @@ def quantize(job) -> None:
             if k != "data"))
     job.log(f"  {len(names)} MatMuls int8 ({settings.calibration}, {len(texts)} texts, "
             f"calibration peak RSS {result.peak_rss_mb:.0f} MB), {len(tables)} embedding "
-            f"tables int8 by row, {len(kept_float)} attention nodes float; "
+            f"tables int8 by row, {len(kept_float)} attention nodes float"
+            f"{', LayerNorm/Softmax in float64' if settings.portable_rounding else ''}; "
             f"{job.quantized_onnx.stat().st_size / 1e6:.1f} MB")

@@ -39,6 +39,7 @@ class QuantizationSettings:
     compare_calibration: bool = True   # also score the other calibration methods (report)
     sensitivity_samples: int = 100     # calibration texts the per-group harm is measured on
     max_size_ratio: float = 0.30       # budget search: model bytes at most this x float's
+    portable_rounding: bool = False    # x86 and aarch64 round every activation alike
 
 
 @dataclass(frozen=True)

@@ -49,30 +49,75 @@ def _skip_reason() -> str | None:
     return None
 
 
+def embed_under_qemu(bundle: Path, texts: list[str], tmp_path: Path) -> np.ndarray:
+    """The runtime package alone embeds `texts` with `bundle` in the emulated aarch64 Python.
+    Its C tokenizer is built for x86, so the emulated Python takes the pure-Python twin,
+    exactly as on a board without the compiled extension."""
+    shutil.copytree(ROOT / "runtime", tmp_path / "pkg" / "runtime",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"), dirs_exist_ok=True)
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(SITE), "PYTHONNOUSERSITE": "1"}
+    result = subprocess.run(
+        ["qemu-aarch64", "-L", str(SYSROOT), str(PYTHON), "-c", PROBE, str(tmp_path / "pkg"),
+         str(bundle), str(tmp_path / "texts.json"), str(tmp_path / "arm.npy")],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert facts == {"machine": "aarch64", "tokenizer": "python", "heavy": []}
+    return np.load(tmp_path / "arm.npy")
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 def test_arm_cpu_bundle_under_aarch64_emulation_matches_x86(minilm_bundle, eval_texts,
                                                             tmp_path):
     texts = eval_texts[:40]
     x86 = runtime.load(minilm_bundle, threads=1).embed(texts)
-    # the runtime package alone: its C tokenizer is built for x86, so the emulated Python
-    # takes the pure-Python twin, exactly as on a board without the compiled extension
-    shutil.copytree(ROOT / "runtime", tmp_path / "pkg" / "runtime",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    (tmp_path / "texts.json").write_text(json.dumps(texts))
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(SITE), "PYTHONNOUSERSITE": "1"}
-    result = subprocess.run(
-        ["qemu-aarch64", "-L", str(SYSROOT), str(PYTHON), "-c", PROBE, str(tmp_path / "pkg"),
-         str(minilm_bundle), str(tmp_path / "texts.json"), str(tmp_path / "arm.npy")],
-        capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    facts = json.loads(result.stdout.strip().splitlines()[-1])
-    assert facts == {"machine": "aarch64", "tokenizer": "python", "heavy": []}
-    arm = np.load(tmp_path / "arm.npy")
-    cosine = (arm * x86).sum(axis=1) / (np.linalg.norm(arm, axis=1) * np.linalg.norm(x86, axis=1))
-    # Measured here (qemu 7.2, onnxruntime 1.32, 40 texts): mean 0.99999, min 0.99971. Integer
-    # GEMMs are exact on both, but float rounding in LayerNorm / Softmax / the fp32 parts of
-    # the GEMMs differs between NEON and AVX kernels and can move an activation across a
-    # quantization step, so single texts sit a little lower than the mean.
+    cosine = cosines(embed_under_qemu(minilm_bundle, texts, tmp_path), x86)
+    # Measured here (qemu 7.2, onnxruntime 1.32, today's default bundle): these 40 texts
+    # mean 0.99993, min 0.99843 (text 17), so the min assertion fails; all 200: mean
+    # 0.99996, min 0.99843, 14 texts under 0.9999. The cause: ONNX Runtime's float32
+    # LayerNorm (and MatMulIntegerToFloat with a fused bias) differ in the last bits between
+    # its x86 and aarch64 builds; in about 1 text in 14 a value on a quantization step
+    # boundary rounds to a different uint8 code, and the int8 layers after it amplify that
+    # one step (text 17: one code in layer 0 -> 6% relative difference in the last hidden
+    # state). The other texts agree to ~3e-7. portable_rounding removes the cause at a
+    # latency cost (targets/arm-cpu.toml; next test).
     print(f"aarch64 vs x86 cosine: mean {cosine.mean():.6f}, min {cosine.min():.6f}")
     assert cosine.mean() >= 0.9999 and cosine.min() >= 0.999, (cosine.mean(), cosine.min())
+
+
+@pytest.fixture(scope="module")
+def portable_bundle(tmp_path_factory):
+    """arm-cpu with portable_rounding and the attention unfused (so that its softmax runs in
+    float64 too), as a board profile; the other calibration methods are not scored, to save
+    a minute."""
+    from exporter import export
+
+    work = tmp_path_factory.mktemp("portable")
+    (work / "portable.toml").write_text(
+        'extends = "arm-cpu"\ndescription = "arm-cpu, rounding that x86 and aarch64 share"\n'
+        'graph_optimization = "basic"\n'
+        "[quantization]\nportable_rounding = true\ncompare_calibration = false\n")
+    return export("minilm", target=work / "portable.toml", output=work / "bundle",
+                  log=lambda line: None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+def test_portable_rounding_gives_x86_embeddings_on_aarch64(portable_bundle, eval_texts,
+                                                          tmp_path):
+    """Every uint8 code the same on both CPUs: only the last LayerNorm (no quantizer reads
+    it) differs, by float32 rounding (measured: cosine 1.000000, 1 - cosine <= 2e-7, on
+    1000 held-out texts)."""
+    x86 = runtime.load(portable_bundle, threads=1).embed(eval_texts)
+    cosine = cosines(embed_under_qemu(portable_bundle, eval_texts, tmp_path), x86)
+    print(f"portable rounding, aarch64 vs x86 cosine on {len(cosine)} texts: "
+          f"mean {cosine.mean():.7f}, min {cosine.min():.7f}")
+    assert cosine.min() >= 0.9999, (cosine.mean(), cosine.min())
+    # no text with a different code: those differ by 1e-4 or more, float32 rounding by ~1e-7
+    assert (1 - cosine).max() <= 1e-6, (1 - cosine).max()

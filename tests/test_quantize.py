@@ -15,6 +15,7 @@ from exporter.budget import Budget
 from exporter.quantize import (
     CALIBRATION_METHODS,
     calibrate_all,
+    float64_where_cpus_differ,
     fuse_integer_matmuls,
     insert_qdq,
     kl_threshold,
@@ -131,6 +132,51 @@ def test_fused_integer_matmul_equals_onnxruntime_qdq(tmp_path):
     expected = ort_session(model.SerializeToString()).run(None, x)[0]
     got = ort_session(fused.SerializeToString()).run(None, x)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # portable_rounding: the bias stays a separate Add after the integer MatMul
+    unbiased = onnx.ModelProto()
+    unbiased.CopyFrom(model)
+    assert fuse_integer_matmuls(unbiased, bias=False) == 1
+    ops = [n.op_type for n in unbiased.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 1 and ops.count("Add") == 1
+    got = ort_session(unbiased.SerializeToString()).run(None, x)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_layer_norms_and_softmax_run_in_float64():
+    """LayerNorm -> Mul -> QuantizeLinear and Softmax move to float64 between Casts; a
+    LayerNorm that no quantizer reads (the graph output) stays float32; same values."""
+    rng = np.random.default_rng(0)
+    f32 = TensorProto.FLOAT
+    inits = [numpy_helper.from_array(rng.normal(size=64).astype(np.float32), n)
+             for n in ("g1", "b1", "g2", "b2", "smooth")]
+    inits += [numpy_helper.from_array(np.array(0.05, np.float32), "scale"),
+              numpy_helper.from_array(np.array(128, np.uint8), "zero")]
+    nodes = [helper.make_node("LayerNormalization", ["x", "g1", "b1"], ["n1"], name="ln1"),
+             helper.make_node("Mul", ["n1", "smooth"], ["s1"], name="smooth"),
+             helper.make_node("QuantizeLinear", ["s1", "scale", "zero"], ["q"], name="q"),
+             helper.make_node("LayerNormalization", ["n1", "g2", "b2"], ["y"], name="ln2"),
+             helper.make_node("Softmax", ["n1"], ["p"], name="softmax")]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", f32, ["b", "s", 64])],
+                          [helper.make_tensor_value_info(o, t, ["b", "s", 64])
+                           for o, t in (("q", TensorProto.UINT8), ("y", f32), ("n1", f32),
+                                        ("p", f32))],
+                          inits), opset_imports=[helper.make_opsetid("", 18)])
+    portable = onnx.ModelProto()
+    portable.CopyFrom(model)
+    assert float64_where_cpus_differ(portable) == 2
+    onnx.checker.check_model(portable)
+    ops = [(n.op_type, n.name) for n in portable.graph.node]
+    assert ops[:3] == [("Cast", "ln1_to_f64"), ("LayerNormalization", "ln1"),
+                       ("Cast", "ln1_to_f32")] and ("LayerNormalization", "ln2") in ops
+    assert ops[-3:] == [("Cast", "softmax_to_f64"), ("Softmax", "softmax"),
+                        ("Cast", "softmax_to_f32")]
+    assert {"g1", "b1"}.isdisjoint(i.name for i in portable.graph.initializer)
+    x = {"x": rng.normal(size=(2, 5, 64)).astype(np.float32) * 3}
+    expected = ort_session(model.SerializeToString()).run(None, x)
+    got = ort_session(portable.SerializeToString()).run(None, x)
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_allclose(g.astype(np.float32), e.astype(np.float32), atol=1e-5)
 
 
 def fake_search(cosines: dict[frozenset, float], sizes: dict[str, int], budget: str,
