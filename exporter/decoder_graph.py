@@ -268,8 +268,10 @@ class _Graph:
         if w.weight is not None:
             weight = self.init(f"{name}.weight", w.weight.T.astype(self.np_float))
             return self.node("MatMul", [x, weight], [f"{name}.out"], name=name)[0]
+        if self.nibble_split(w):
+            return self._split_product(x, w, name, k)
         inputs = [x, self.init(f"{name}.codes", w.codes),
-                  self.small_floats(f"{name}.scales", w.scales.reshape(-1))]
+                  self.small_floats(f"{name}.scales", w.scales, shape=(-1,))]
         if w.zero_points is not None:
             inputs.append(self.init(f"{name}.zero_points", w.zero_points.reshape(-1)))
         y = self.node("MatMulNBits", inputs, [f"{name}.nbits"], name=name, domain=MS,
@@ -283,6 +285,37 @@ class _Graph:
                                                               w.offsets.T.copy())],
                            [f"{name}.offset_out"], name=f"{name}.offsets")[0]
         return self.node("Add", [y, offset], [f"{name}.out"], name=f"{name}.add_offsets")[0]
+
+    def nibble_split(self, w: Linear) -> bool:
+        """Whether 8-bit blocks run as two exact 4-bit halves: with float activations for
+        8-bit blocks (int8_accuracy_level 0), which MLAS runs fast only on 4-bit blocks.
+
+        A symmetric 8-bit code c (zero point 128) splits into nibbles c = 16 hi + lo, and
+        d (c - 128) = 16d (hi - 8) + d (lo - 0): two 4-bit MatMulNBits (scales 16d and d,
+        zero points 8 and 0) that sum to the 8-bit product to the last bit of the weights,
+        in the same bytes."""
+        return (w.bits == 8 and self.level(8) == 0 and w.zero_points is None
+                and w.offsets is None)
+
+    def nibble_scales(self, name: str, w: Linear, shape: tuple) -> tuple[str, str]:
+        """The block scales d and 16d in `shape` (one stored table; ONNX Runtime folds the
+        product at load)."""
+        d = self.small_floats(f"{name}.scales", w.scales, shape=shape)
+        factor = self.init(f"{name}.sixteen", np.array(16.0, self.np_float))
+        return d, self.node("Mul", [d, factor], [f"{name}.scales16"], name=f"{name}.scale16")[0]
+
+    def _split_product(self, x: str, w: Linear, name: str, k: int) -> str:
+        d, d16 = self.nibble_scales(name, w, (-1,))
+        out, blocks = w.codes.shape[:2]
+        zero = self.init(f"{name}.low.zero_points",
+                         np.zeros(out * ((blocks + 1) // 2), np.uint8))
+        halves = [self.node("MatMulNBits", [x, self.init(f"{name}.{half}.codes", codes),
+                                            *scales], [f"{name}.{half}"], name=f"{name}.{half}",
+                            domain=MS, K=k, N=out, bits=4, block_size=w.block_size,
+                            accuracy_level=0)[0]
+                  for half, codes, scales in (("high", pack(w.codes >> 4, 4), [d16]),
+                                              ("low", pack(w.codes & 0x0F, 4), [d, zero]))]
+        return self.node("Add", halves, [f"{name}.out"], name=f"{name}.add_halves")[0]
 
     def blocksum(self, x: str, k: int, block: int) -> str:
         key = (x, block)
@@ -369,6 +402,8 @@ def _embedding(g: _Graph, shape: DecoderShape, weights: DecoderWeights) -> str:
     if emb.offsets is not None or emb.bits != 8:
         raise ValueError("a quantized embedding table must be 8-bit blocks without offsets")
     vocab, blocks = emb.scales.shape
+    if g.nibble_split(emb):
+        return _split_embedding(g, shape, emb)
     inputs = [g.init("embedding.codes", emb.codes), "input_ids",
               g.small_floats("embedding.gather_scales", emb.scales,
                              shape=(vocab, blocks, 1), stored_as="embedding.scales")]
@@ -378,6 +413,24 @@ def _embedding(g: _Graph, shape: DecoderShape, weights: DecoderWeights) -> str:
     x = g.node("GatherBlockQuantized", inputs, ["embedded_blocks"], name="embedding",
                domain=MS, bits=8, block_size=emb.block_size, gather_axis=0,
                quantize_axis=2)[0]
+    return g.node("Reshape", [x, g.init("embedding.shape",
+                                        np.array([0, 0, shape.hidden], np.int64))],
+                  ["embedded"], name="embedding.flatten")[0]
+
+
+def _split_embedding(g: _Graph, shape: DecoderShape, emb: Linear) -> str:
+    """Embedding rows from the two nibble tables (see `_Graph.nibble_split`): high + low.
+    The tied LM head stores the same halves, so they are kept once."""
+    vocab, blocks = emb.scales.shape
+    d, d16 = g.nibble_scales("embedding", emb, (vocab, blocks, 1))
+    zero = g.init("embedding.low.zero_points", np.zeros((vocab, blocks, 1), np.uint8))
+    parts = [g.node("GatherBlockQuantized", [g.init(f"embedding.{half}.codes", codes),
+                                             "input_ids", *scales], [f"embedded.{half}"],
+                    name=f"embedding.{half}", domain=MS, bits=4, block_size=emb.block_size,
+                    gather_axis=0, quantize_axis=2)[0]
+             for half, codes, scales in (("high", pack(emb.codes >> 4, 4), [d16]),
+                                         ("low", pack(emb.codes & 0x0F, 4), [d, zero]))]
+    x = g.node("Add", parts, ["embedded_blocks"], name="embedding.add_halves")[0]
     return g.node("Reshape", [x, g.init("embedding.shape",
                                         np.array([0, 0, shape.hidden], np.int64))],
                   ["embedded"], name="embedding.flatten")[0]
@@ -505,16 +558,8 @@ def _lm_head(g: _Graph, shape: DecoderShape, weights: DecoderWeights, last: str)
                ["logits_shape"], name="head.logits_shape", axis=0)
         return g.node("Reshape", [logits2d, "logits_shape"], ["head.out"],
                       name="head.unflatten")[0]
-    if head is None:  # tied quantized: MatMulNBits reads the embedding's code blocks
-        vocab, blocks = emb.scales.shape
-        inputs = [last, "embedding.codes",
-                  g.small_floats("lm_head.scales", emb.scales, shape=(vocab * blocks,),
-                                 stored_as="embedding.scales")]
-        if emb.zero_points is not None:
-            inputs.append(g.init("lm_head.zero_points", emb.zero_points.reshape(-1)))
-        return g.node("MatMulNBits", inputs, ["head.out"], name="lm_head", domain=MS, K=h,
-                      N=shape.vocab, bits=emb.bits, block_size=emb.block_size,
-                      accuracy_level=g.level(emb.bits))[0]
+    if head is None:  # tied quantized: the embedding's blocks, stored once (see _Graph.init)
+        head = emb
     return g.linear(last, head, "lm_head", h)
 
 

@@ -383,3 +383,49 @@ def test_jetson_decoder_is_float16_on_cuda(gpt2_dir, tmp_path, precision):
     if precision == "fp16":   # float16 rounding only
         assert np.abs(ours - ref).max() < 0.02 * np.abs(ref).max()
     assert manifest["validation"]["budget_holds"]
+
+
+# --- exact mode: float activations everywhere (accuracy levels 0) ------------------------------
+
+@pytest.fixture(scope="module")
+def exact_bundle(tmp_path_factory):
+    """SmolLM2 with float activations for the int4 blocks and the int8 head (split into two
+    exact 4-bit halves): the bundle computes what the GGUF holds, in float."""
+    from exporter import export
+
+    work = tmp_path_factory.mktemp("exact")
+    (work / "exact.toml").write_text(
+        'extends = "arm-cpu"\ndescription = "arm-cpu, decoders computed exactly"\n'
+        "[generation]\naccuracy_level = 0\nint8_accuracy_level = 0\n")
+    return export("smollm2", target=work / "exact.toml", output=work / "smollm2-exact",
+                  log=lambda line: None)
+
+
+def test_exact_mode_matches_float_and_transformers(exact_bundle, smollm2_checkpoint):
+    """Perplexity within +0.5% of float and greedy tokens identical to transformers' float
+    model for 64 tokens on five prompts; no larger than the GGUF file."""
+    import onnx
+    from transformers import AutoModelForCausalLM
+
+    from exporter.decoder import PROMPTS, torch_greedy
+
+    manifest = json.loads((exact_bundle / "manifest.json").read_text())
+    metrics = manifest["validation"]["metrics"]
+    assert abs(metrics["perplexity-increase"]) <= 0.5, metrics
+    ops = [n for n in onnx.load(exact_bundle / "model.onnx").graph.node
+           if n.op_type == "MatMulNBits"]
+    assert {n.attribute[0].name for n in ops} and all(
+        a.i == 0 for n in ops for a in n.attribute if a.name == "accuracy_level")
+    assert (exact_bundle / "model.onnx").stat().st_size <= 1.01 * gguf.packaged_gguf(
+        "smollm2").stat().st_size
+    model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype="float32").eval()
+    llm = runtime.load(exact_bundle)
+    decoder = llm._decoder()
+    eos = set(manifest["generation"]["eos_token_ids"])
+    for prompt in PROMPTS:   # up to 64 tokens, or to eos where transformers stops too
+        ids = llm.tokenizer.encode(prompt)
+        ours = list(runtime.generate.generate_tokens(
+            decoder, ids, max_new_tokens=64, eos=eos, temperature=0, top_k=0, top_p=1.0,
+            seed=None))
+        ref = torch_greedy(model, ids, 64)
+        assert ours == [t for t in ref if t not in eos] and len(ref) - len(ours) <= 1, prompt
