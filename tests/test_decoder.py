@@ -414,8 +414,9 @@ def test_exact_mode_matches_float_and_transformers(exact_bundle, smollm2_checkpo
     assert abs(metrics["perplexity-increase"]) <= 0.5, metrics
     ops = [n for n in onnx.load(exact_bundle / "model.onnx").graph.node
            if n.op_type == "MatMulNBits"]
-    assert {n.attribute[0].name for n in ops} and all(
-        a.i == 0 for n in ops for a in n.attribute if a.name == "accuracy_level")
+    levels = [a.i for n in ops for a in n.attribute if a.name == "accuracy_level"]
+    assert len(levels) == len(ops) > 0 and set(levels) == {0}
+    assert all(a.i == 4 for n in ops for a in n.attribute if a.name == "bits")
     assert (exact_bundle / "model.onnx").stat().st_size <= 1.01 * gguf.packaged_gguf(
         "smollm2").stat().st_size
     model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype="float32").eval()
