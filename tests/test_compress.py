@@ -230,10 +230,11 @@ def test_shared_layers_are_stored_once_in_the_bundle(tmp_path):
     pairs = step["removed"]
     assert step["method"] == "share-layers" and pairs and step["harm_of_all_ties"] <= 0.25
     graph = onnx.load(out / "model.onnx").graph
-    matmuls = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
-    assert len(matmuls) == 36
+    # int8 GEMMs: QAttention (a layer's Q|K|V in one tensor) and MatMulIntegerToFloat
+    matmuls = [n for n in graph.node if n.op_type in ("MatMulIntegerToFloat", "QAttention")]
+    assert sum(3 if n.op_type == "QAttention" else 1 for n in matmuls) == 36
     weights = {n.input[1] for n in matmuls}
-    assert len(weights) == 36 - 6 * len(pairs)    # q, k, v, o, FFN in, out per tied layer
+    assert len(weights) == 4 * (6 - len(pairs))   # q|k|v, o, FFN in, out per distinct layer
     int8_matrices = sum(int(np.prod(i.dims)) for i in graph.initializer
                         if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2)
     layer = 4 * 384 * 384 + 2 * 384 * 1536      # a BERT layer's matrices (MiniLM)
