@@ -391,8 +391,9 @@ def fuse_quantized_attention(model: onnx.ModelProto) -> int:
     replaced: dict[int, onnx.NodeProto | None] = {}
     concatenated: dict[tuple[str, ...], str] = {}
     for node in model.graph.node:
-        if node.op_type != "MultiHeadAttention" or len(node.input) != 5:
-            continue
+        if node.op_type != "MultiHeadAttention" or len(node.input) != 5 or any(
+                a.name not in ("num_heads", "mask_filter_value") for a in node.attribute):
+            continue   # QAttention has no equivalent of MHA's scale or other options
         qkv = [producer.get(name) for name in node.input[:3]]
         if not all(m is not None and m.op_type == "MatMulIntegerToFloat" and len(m.input) == 6
                    and readers[m.output[0]] == 1 for m in qkv):
