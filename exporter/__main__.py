@@ -60,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
                         choices=("unstructured", "2:4", "4:8", "1:4"),
                         help="N:M keeps N of every M weights (default: unstructured)")
     parser.add_argument("--share-layers", action="store_true",
-                        help="tie adjacent layers whose sharing costs little (measured)")
+                        help="tie adjacent layers' attention, FFN or whole layer where sharing "
+                             "costs little (measured)")
     parser.add_argument("--share-max-harm", type=float, default=0.02, metavar="H",
-                        help="--share-layers: the most output harm (1 - cosine to the untied "
-                             "model) all ties together may cost (default 0.02)")
+                        help="--share-layers: the most harm all ties together may cost: 1 - cosine "
+                             "to the untied output, or a decoder's relative perplexity "
+                             "increase (default 0.02)")
     parser.add_argument("--heal-steps", type=int, default=0, metavar="N",
                         help="distillation steps from the original after compressing")
     parser.add_argument("--max-model-mb", type=float, metavar="MB",

@@ -9,9 +9,11 @@ in place; every later stage then exports the smaller model unchanged. In order:
 2. structured pruning: attention heads and FFN neurons ranked by their measured contribution
    to the residual stream, |x_head @ W_o[:, head]| and mean |a_j| * |W_down[:, j]| over real
    calibration tokens (activation-based), and cut out of the matrices (smaller MatMuls).
-3. parameter sharing: an adjacent layer takes the weights of the one before it where the
-   measured harm (1 - cosine of the model's output to the original's) is small; the tied
-   parameters are one tensor, which the exported graph stores once.
+3. parameter sharing: an adjacent layer takes the attention block, the FFN block or all the
+   weights of the one before it where the measured harm is small (1 - cosine of the output
+   to the untied model's; for decoders the relative perplexity increase, since a decoder's
+   logits can keep their direction and still lose the right token); the tied parameters
+   are one tensor, which the exported graph stores once.
 4. magnitude sparsity: the smallest weights of every layer's matrices set to zero,
    unstructured (per matrix) or N:M (N kept in every M consecutive inputs).
 5. healing: distillation from a frozen copy of the original (`exporter.heal`).
@@ -49,8 +51,9 @@ class Compression:
     prune_heads / prune_ffn: fraction of attention heads / FFN neurons to remove, in [0, 1).
     sparsity: fraction of each layer matrix's weights set to zero, in [0, 1), with
     `sparsity_pattern` "unstructured" or N:M ("2:4": 2 of every 4 kept, fixing the fraction
-    at 0.5). share_layers: tie adjacent layers where the harm is small: at most
-    `share_max_harm` (1 - cosine of the output to the untied model's) for all ties together.
+    at 0.5). share_layers: tie adjacent layers' attention, FFN or whole layer where the harm
+    is small: at most `share_max_harm` for all ties together (1 - cosine of the output to
+    the untied model's; for decoders the relative perplexity increase, 0.02 = +2%).
     heal_steps: distillation steps from the original afterwards (0: none).
     """
 
@@ -75,7 +78,8 @@ class Compression:
                 or not isinstance(self.share_max_harm, (int, float)) \
                 or not 0.0 <= self.share_max_harm <= 2.0:
             raise ValueError(f"--share-max-harm {self.share_max_harm!r} is outside [0, 2]: it "
-                             f"is 1 - cosine of the output (0.02 allows a 2% drift).")
+                             f"is 1 - cosine of the output, or a decoder's relative perplexity "
+                             f"increase (0.02 allows a 2% drift).")
         if self.sparsity_pattern not in PATTERNS:
             raise ValueError(f"Unknown sparsity pattern {self.sparsity_pattern!r}; expected "
                              f"one of {', '.join(PATTERNS)}.")
@@ -373,55 +377,125 @@ def sparsity_masks(model, fraction: float, pattern: str) -> dict:
     return masks
 
 
-def share_candidates(model, original_output, batches, output_of) -> list[tuple[int, float]]:
-    """Per adjacent pair (i, i+1): output harm (1 - mean cosine to the original output) when
-    layer i+1 runs with layer i's weights."""
-    harms = []
-    layers = layer_list(model)
+# What sharing may tie between adjacent layers: a whole layer or one of its two blocks.
+SHARE_PARTS = ("attention", "ffn", "layer")
+# How sharing measures harm, for (encoders and classifiers, decoders).
+SHARE_SCORES = ("1 - cos(output, untied output)",
+                "perplexity / untied perplexity - 1 on calibration prose")
+
+
+def share_modules(layer, kind: str, part: str) -> list:
+    """The modules of `layer` that hold `part`'s parameters."""
+    if part == "layer":
+        return [layer]
+    if kind == "llama":
+        return [layer.self_attn if part == "attention" else layer.mlp]
+    return [layer.attention] if part == "attention" else [layer.intermediate, layer.output]
+
+
+def _part_parameters(layer, kind: str, part: str) -> dict:
+    """(module path, parameter name) -> Parameter, for every parameter of `part`."""
+    found = {}
+    for m, module in enumerate(share_modules(layer, kind, part)):
+        for name, sub in module.named_modules():
+            for pname, p in sub._parameters.items():
+                if p is not None:
+                    found[(m, name, pname)] = p
+    return found
+
+
+def share_harm(job, outputs: list, reference: list, batches: list) -> float:
+    """How much `outputs` moved from `reference`: for decoders the relative perplexity
+    increase on the batches' next tokens (the decoder budget's metric), else
+    1 - mean cosine of the outputs."""
+    if getattr(job, "task", None) != "text-generation":
+        return 1 - _mean_cosine(outputs, reference)
+    return _perplexity(outputs, batches) / _perplexity(reference, batches) - 1
+
+
+def _perplexity(logits: list, batches: list) -> float:
+    import torch
+
+    nll = [torch.nn.functional.cross_entropy(x[:, :-1].flatten(0, 1), b["input_ids"][:, 1:]
+                                             .flatten()) for x, b in zip(logits, batches,
+                                                                         strict=True)]
+    return float(torch.stack(nll).mean().exp())
+
+
+def share_candidates(job, model, reference, batches) -> list[tuple[int, str, float]]:
+    """(i, part, harm) per adjacent pair and part: the harm when layer i+1 runs with layer
+    i's attention, FFN, or whole layer. A whole layer is only measured when both of its
+    blocks alone stay within job's limit (it costs at least as much as the worse one)."""
+    kind, layers = kind_of(model), layer_list(model)
+    limit = job.compression.share_max_harm
+    found = []
     for i in range(len(layers) - 1):
-        source, dest = layers[i].state_dict(), layers[i + 1].state_dict()
-        if any(source[k].shape != v.shape for k, v in dest.items()):
-            continue   # pruned to different shapes: cannot share
-        saved = copy.deepcopy(dest)
-        layers[i + 1].load_state_dict(source)
-        harm = 1 - _mean_cosine(output_of(model, batches), original_output)
-        layers[i + 1].load_state_dict(saved)
-        harms.append((i, round(harm, 5)))
-    return harms
+        harms = {}
+        for part in SHARE_PARTS:
+            if part == "layer" and max(harms.values(), default=limit) > limit:
+                continue
+            source = _part_parameters(layers[i], kind, part)
+            dest = _part_parameters(layers[i + 1], kind, part)
+            if source.keys() != dest.keys() or any(source[n].shape != dest[n].shape
+                                                   for n in source):
+                continue   # pruned to different shapes: cannot share
+            undo = tie(model, i, i + 1, part)
+            harms[part] = round(share_harm(job, output_of(model, batches), reference,
+                                           batches), 5)
+            undo()
+            found.append((i, part, harms[part]))
+    return found
 
 
-def share_layers(model, batches, *, max_harm: float) -> tuple[list, list, float]:
-    """Tie adjacent layer pairs, least harmful first, while the harm of all ties together
-    (1 - mean cosine of the output to the untied model's) stays at most `max_harm`; a pair
-    that would take it over is put back. Returns (tied pairs, harm per pair alone, total)."""
+def share_layers(job, model, batches) -> tuple[list, list, float]:
+    """Tie adjacent layers' attention blocks, FFN blocks or whole layers, least harmful first,
+    while the harm of all ties together (`share_harm` against the untied model) stays at most
+    job.compression.share_max_harm; a tie that would take it over is undone. A layer's block
+    is tied at most once (no chains). Returns ([i, i+1, part] tied, (i, part, harm alone) per
+    candidate, harm of all ties together)."""
+    limit = job.compression.share_max_harm
     reference = output_of(model, batches)   # the harm of the ties alone, not of earlier cuts
-    harms = share_candidates(model, reference, batches, output_of)
-    layers = layer_list(model)
+    # decoders rank their ~90 candidates on the first batch (4 windows of 128 tokens: a few
+    # minutes less on 2 cores); every tie is then checked on all batches
+    few = 1 if getattr(job, "task", None) == "text-generation" else len(batches)
+    candidates = share_candidates(job, model, reference[:few], batches[:few])
+    whole = {i for i, part, harm in candidates if part == "layer" and harm <= limit}
     tied, used, total = [], set(), 0.0
-    for i, harm in sorted(harms, key=lambda x: x[1]):
-        if harm > max_harm or i in used or i + 1 in used:
+    for i, part, harm in sorted(candidates, key=lambda c: (c[2], c[1] != "layer")):
+        blocks = ("attention", "ffn") if part == "layer" else (part,)
+        if harm > limit or (part != "layer" and i in whole) \
+                or any((j, b) in used for j in (i, i + 1) for b in blocks):
             continue
-        saved = copy.deepcopy(layers[i + 1])
-        layers[i + 1].load_state_dict(layers[i].state_dict())
-        tie(model, i, i + 1)
-        harm_now = round(1 - _mean_cosine(output_of(model, batches), reference), 5)
-        if harm_now > max_harm:   # pairs measured alone can add up
-            layers[i + 1] = saved
+        undo = tie(model, i, i + 1, part)
+        harm_now = round(share_harm(job, output_of(model, batches), reference, batches), 5)
+        if harm_now > limit:   # ties measured alone can add up
+            undo()
+            if part == "layer":
+                whole.discard(i)   # its blocks may still go one by one
             continue
-        tied.append([i, i + 1])
-        used |= {i, i + 1}
+        tied.append([i, i + 1, part])
+        used |= {(j, b) for j in (i, i + 1) for b in blocks}
         total = harm_now
-    return sorted(tied), harms, total
+    return sorted(tied), candidates, total
 
 
-def tie(model, source: int, dest: int) -> None:
-    """Layer `dest` uses layer `source`'s parameter tensors (one storage, two modules)."""
-    layers = layer_list(model)
-    own = dict(layers[dest].named_modules())
-    for name, module in layers[source].named_modules():
-        for pname, p in module._parameters.items():
-            if p is not None:
-                own[name]._parameters[pname] = p
+def tie(model, source: int, dest: int, part: str = "layer"):
+    """Layer `dest` uses layer `source`'s parameter tensors for `part` (one storage, two
+    modules). Returns a function that puts `dest`'s own tensors back."""
+    kind, layers = kind_of(model), layer_list(model)
+    theirs = _part_parameters(layers[source], kind, part)
+    own = _part_parameters(layers[dest], kind, part)
+    modules = {}
+    for m, module in enumerate(share_modules(layers[dest], kind, part)):
+        for name, sub in module.named_modules():
+            modules[(m, name)] = sub
+    for (m, name, pname), p in theirs.items():
+        modules[(m, name)]._parameters[pname] = p
+
+    def undo():
+        for (m, name, pname), p in own.items():
+            modules[(m, name)]._parameters[pname] = p
+    return undo
 
 
 def _mean_cosine(a: list, b: list) -> float:
@@ -490,14 +564,17 @@ def compress(job) -> None:
             job.log(f"  pruned FFN neurons; per layer now {list(kept.values())}")
 
     if request.share_layers:
-        tied, harms, total = share_layers(model, batches, max_harm=request.share_max_harm)
+        tied, harms, total = share_layers(job, model, batches)
         steps.append({"method": "share-layers", "strength": len(tied), "removed": tied,
-                      "importance": [h for _, h in harms], "max_harm": request.share_max_harm,
-                      "harm_of_all_ties": total,
-                      "score": "1 - cos(output, untied output) with layer i+1 := layer i"})
-        job.log(f"  shared layer pairs {tied or 'none'} (harm per adjacent pair "
-                f"{', '.join(f'{h:.3f}' for _, h in harms)}; all ties together {total:.3f}, "
-                f"accepted <= {request.share_max_harm})")
+                      "importance": [list(c) for c in harms],
+                      "max_harm": request.share_max_harm, "harm_of_all_ties": total,
+                      "score": SHARE_SCORES[job.task == "text-generation"]
+                      + " with layer i+1's attention, FFN or whole layer := layer i's"})
+        best = ", ".join(f"{p} {i}-{i + 1} {h:.3f}"
+                         for i, p, h in sorted(harms, key=lambda c: c[2])[:4])
+        job.log(f"  shared {', '.join(f'{p} {i}-{i + 1}' for i, _, p in tied) or 'nothing'} "
+                f"(least harmful alone: {best}; all ties together {total:.3f}, accepted <= "
+                f"{request.share_max_harm})")
 
     masks = {}
     if request.sparsity or request.sparsity_pattern != "unstructured":
@@ -524,9 +601,14 @@ def compress(job) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     if job.gguf is not None and not job.requantize:
-        job.requantize = True   # the GGUF's blocks hold the uncompressed weights
-        record["requantized"] = "the GGUF's blocks describe the uncompressed model: the " \
-                                "compressed weights are rounded from float instead"
+        if [s["method"] for s in steps] == ["share-layers"] and not request.heal_steps:
+            # ties alone change no weight: the tied layer reads the GGUF blocks of the one
+            # before it, still exact (exporter/decoder.py: quantized_weights)
+            job.gguf_ties = [tuple(t) for t in steps[0]["removed"]]
+        else:
+            job.requantize = True   # the GGUF's blocks hold the uncompressed weights
+            record["requantized"] = "the GGUF's blocks describe the uncompressed model: " \
+                                    "the compressed weights are rounded from float instead"
     job.records["compression"] = record
     if job.task == "text-generation":
         check_decoder_budget(job, record.get("quality_after_healing",

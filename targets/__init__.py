@@ -85,6 +85,9 @@ class GenerationSettings:
     perplexity_window: int   # tokens per window when measuring perplexity
     perplexity_windows: int  # windows of held-out text measured at export
     activations: str = "float32"  # activations, KV cache and float weights: "float16" on GPUs
+    # with int8_accuracy_level 0: the 8-bit LM head runs with int8 activations and its K
+    # largest logits per position are recomputed with float ones (0: the whole head in float)
+    exact_top_logits: int = 0
 
 
 DEFAULT_GENERATION = GenerationSettings(
@@ -161,6 +164,9 @@ def load_target(name_or_path: str | Path) -> Target:
     raw = _read_merged(path, chain=())
     raw.setdefault("name", path.stem)
     target = _build(Target, raw, path, prefix="")
+    if target.generation.exact_top_logits < 0:
+        raise ValueError(f"{path}: 'generation.exact_top_logits' is "
+                         f"{target.generation.exact_top_logits}; expected 0 (off) or more.")
     if target.runtime.pipeline_stages < 1:
         raise ValueError(f"{path}: 'runtime.pipeline_stages' is "
                          f"{target.runtime.pipeline_stages}; expected 1 or more.")

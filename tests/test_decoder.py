@@ -385,25 +385,13 @@ def test_jetson_decoder_is_float16_on_cuda(gpt2_dir, tmp_path, precision):
     assert manifest["validation"]["budget_holds"]
 
 
-# --- exact mode: float activations everywhere (accuracy levels 0) ------------------------------
+# --- arm-cpu's default: float activations (accuracy levels 0), the head's top logits exact ------
 
-@pytest.fixture(scope="module")
-def exact_bundle(tmp_path_factory):
-    """SmolLM2 with float activations for the int4 blocks and the int8 head (split into two
-    exact 4-bit halves): the bundle computes what the GGUF holds, in float."""
-    from exporter import export
-
-    work = tmp_path_factory.mktemp("exact")
-    (work / "exact.toml").write_text(
-        'extends = "arm-cpu"\ndescription = "arm-cpu, decoders computed exactly"\n'
-        "[generation]\naccuracy_level = 0\nint8_accuracy_level = 0\n")
-    return export("smollm2", target=work / "exact.toml", output=work / "smollm2-exact",
-                  log=lambda line: None)
-
-
-def test_exact_mode_matches_float_and_transformers(exact_bundle, smollm2_checkpoint):
-    """Perplexity within +0.5% of float and greedy tokens identical to transformers' float
-    model for 64 tokens on five prompts; no larger than the GGUF file."""
+def test_exact_mode_matches_float_and_transformers(smollm2_bundle, smollm2_checkpoint):
+    """The default arm-cpu bundle: perplexity within +0.5% of float and greedy tokens
+    identical to transformers' float model for 64 tokens on five prompts; no larger than
+    the GGUF file."""
+    exact_bundle = smollm2_bundle
     import onnx
     from transformers import AutoModelForCausalLM
 
@@ -412,11 +400,15 @@ def test_exact_mode_matches_float_and_transformers(exact_bundle, smollm2_checkpo
     manifest = json.loads((exact_bundle / "manifest.json").read_text())
     metrics = manifest["validation"]["metrics"]
     assert abs(metrics["perplexity-increase"]) <= 0.5, metrics
-    ops = [n for n in onnx.load(exact_bundle / "model.onnx").graph.node
-           if n.op_type == "MatMulNBits"]
-    levels = [a.i for n in ops for a in n.attribute if a.name == "accuracy_level"]
-    assert len(levels) == len(ops) > 0 and set(levels) == {0}
-    assert all(a.i == 4 for n in ops for a in n.attribute if a.name == "bits")
+    graph = onnx.load(exact_bundle / "model.onnx").graph
+    ops = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    attrs = {n.name: {a.name: a.i for a in n.attribute} for n in ops}
+    layers = [a for name, a in attrs.items() if name.startswith("layers.")]
+    assert len(layers) == 4 * 30 and {(a["accuracy_level"], a["bits"]) for a in layers} == {
+        (0, 4)}
+    # the head: 8-bit blocks with int8 activations, its top 64 logits recomputed in float
+    assert (attrs["lm_head"]["accuracy_level"], attrs["lm_head"]["bits"]) == (4, 8)
+    assert {"TopK", "GatherBlockQuantized", "ScatterElements"} <= {n.op_type for n in graph.node}
     assert (exact_bundle / "model.onnx").stat().st_size <= 1.01 * gguf.packaged_gguf(
         "smollm2").stat().st_size
     model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype="float32").eval()
@@ -430,3 +422,47 @@ def test_exact_mode_matches_float_and_transformers(exact_bundle, smollm2_checkpo
             seed=None))
         ref = torch_greedy(model, ids, 64)
         assert ours == [t for t in ref if t not in eos] and len(ref) - len(ours) <= 1, prompt
+
+
+def test_refined_head_makes_the_top_logits_exact(smollm2_checkpoint, tmp_path):
+    """exact_top_logits K: the head runs with int8 activations, then its K largest logits per
+    position are recomputed in float; they equal the all-float head's (its two exact 4-bit
+    halves) to float rounding, and the argmax is the same. Q4_1 layers drop their zero-point
+    input (d*(q - 8) + (m + 8d)) and compute the same."""
+    import dataclasses
+
+    import onnx
+    from transformers import AutoConfig
+
+    from exporter.decoder import OnnxDecoder
+    from exporter.decoder_graph import DecoderShape, _zero_point_eight, build
+
+    config = AutoConfig.from_pretrained(smollm2_checkpoint)
+    w = gguf.carried_weights(gguf.packaged_gguf("smollm2"), config)
+    assert _zero_point_eight(w.qkv[0]) and _zero_point_eight(w.down[0])
+    w = dataclasses.replace(w, **{name: getattr(w, name)[:2] for name in (
+        "qkv", "o", "gate_up", "down", "input_norms", "post_attention_norms")})
+    shape = dataclasses.replace(DecoderShape.from_config(config, 64), layers=2)
+    ids = list(range(1000, 1040))
+    logits = {}
+    for name, k in (("float", 0), ("refined", 32)):
+        graph = build(shape, w, accuracy_level=0, int8_accuracy_level=0, exact_top_logits=k)
+        onnx.save(graph, tmp_path / f"{name}.onnx")
+        logits[name] = OnnxDecoder(tmp_path / f"{name}.onnx", shape).logits(ids)
+    refined = onnx.load(tmp_path / "refined.onnx").graph
+    nbits = [n for n in refined.node if n.op_type == "MatMulNBits"]
+    assert all(len(n.input) == 3 for n in nbits if n.name.startswith("layers."))
+    levels = {n.name: [a.i for a in n.attribute if a.name == "accuracy_level"][0] for n in nbits}
+    assert levels["lm_head"] == 4
+    assert {v for k, v in levels.items() if k.startswith("layers.")} == {0}
+    graph = build(shape, w, accuracy_level=4, int8_accuracy_level=4)
+    onnx.save(graph, tmp_path / "fast.onnx")
+    fast = OnnxDecoder(tmp_path / "fast.onnx", shape).logits(ids)
+    exact, ours = logits["float"], logits["refined"]
+    assert 1e-3 < np.abs(fast - exact).max() < 1.0     # int8 activations: close, not equal
+    assert (fast.argmax(-1) == exact.argmax(-1)).mean() >= 0.9
+    top = np.argsort(-exact, axis=-1)[:, :16]   # well inside the approximate top 32
+    assert np.abs(np.take_along_axis(ours - exact, top, -1)).max() < 1e-4
+    assert (ours.argmax(-1) == exact.argmax(-1)).all()
+    rest = np.abs(ours - exact).max()
+    assert 1e-4 < rest < 0.5, rest     # the others carry the int8-activation error
