@@ -374,9 +374,9 @@ def build(shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int =
     `accuracy_level` is MatMulNBits' compute mode for 4-bit matrices, `int8_accuracy_level`
     for 8-bit ones (0: float activations, as stored; 4: activations quantized to int8 per
     block, integer dot products). `float_type` is the type of activations, KV cache and float
-    weights: "float32" or "float16". `exact_top_logits` K > 0, with an 8-bit LM head at
-    int8_accuracy_level 0: the head runs with int8 activations and its K largest logits per
-    position are then recomputed from float activations (`_refined_head`)."""
+    weights: "float32" or "float16". `exact_top_logits` K > 0, with a symmetric 8-bit LM
+    head: the head runs with int8 activations and its K largest logits per position are then
+    recomputed from float activations (`_refined_head`), whatever `int8_accuracy_level`."""
     if float_type not in FLOAT_TYPES:
         raise ValueError(f"float_type must be one of {sorted(FLOAT_TYPES)}, got {float_type!r}")
     g = _Graph(float_type)
@@ -593,7 +593,8 @@ def _lm_head(g: _Graph, shape: DecoderShape, weights: DecoderWeights, last: str)
                       name="head.unflatten")[0]
     if head is None:  # tied quantized: the embedding's blocks, stored once (see _Graph.init)
         head = emb
-    if g.exact_top_logits and g.nibble_split(head) and head.bias is None:
+    if g.exact_top_logits and head.bits == 8 and head.bias is None \
+            and head.zero_points is None and head.offsets is None:
         return _refined_head(g, shape, head, last)
     return g.linear(last, head, "lm_head", h)
 

@@ -85,8 +85,8 @@ class GenerationSettings:
     perplexity_window: int   # tokens per window when measuring perplexity
     perplexity_windows: int  # windows of held-out text measured at export
     activations: str = "float32"  # activations, KV cache and float weights: "float16" on GPUs
-    # with int8_accuracy_level 0: the 8-bit LM head runs with int8 activations and its K
-    # largest logits per position are recomputed with float ones (0: the whole head in float)
+    # an 8-bit LM head runs with int8 activations and its K largest logits per position are
+    # recomputed with float ones (0: the head at int8_accuracy_level like other 8-bit blocks)
     exact_top_logits: int = 0
 
 
