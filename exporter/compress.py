@@ -459,19 +459,27 @@ def share_layers(job, model, batches) -> tuple[list, list, float]:
     # minutes less on 2 cores); every tie is then checked on all batches
     few = 1 if getattr(job, "task", None) == "text-generation" else len(batches)
     candidates = share_candidates(job, model, reference[:few], batches[:few])
+    def order(c):
+        return c[2], c[1] != "layer"
+
     whole = {i for i, part, harm in candidates if part == "layer" and harm <= limit}
-    tied, used, total = [], set(), 0.0
-    for i, part, harm in sorted(candidates, key=lambda c: (c[2], c[1] != "layer")):
+    queue = sorted((c for c in candidates if c[2] <= limit), key=order)
+    tied, used, tried, total = [], set(), set(), 0.0
+    while queue:
+        i, part, harm = queue.pop(0)
         blocks = ("attention", "ffn") if part == "layer" else (part,)
-        if harm > limit or (part != "layer" and i in whole) \
+        if (i, part) in tried or (part != "layer" and i in whole) \
                 or any((j, b) in used for j in (i, i + 1) for b in blocks):
-            continue
+            continue   # a block waits while its whole layer may still be tied
+        tried.add((i, part))
         undo = tie(model, i, i + 1, part)
         harm_now = round(share_harm(job, output_of(model, batches), reference, batches), 5)
         if harm_now > limit:   # ties measured alone can add up
             undo()
-            if part == "layer":
-                whole.discard(i)   # its blocks may still go one by one
+            if part == "layer":   # its blocks may still go one by one
+                whole.discard(i)
+                queue = sorted(queue + [c for c in candidates if c[0] == i and
+                                        c[1] != "layer" and c[2] <= limit], key=order)
             continue
         tied.append([i, i + 1, part])
         used |= {(j, b) for j in (i, i + 1) for b in blocks}
