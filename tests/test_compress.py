@@ -353,3 +353,28 @@ def test_bench_report_embeds_its_plot(tmp_path):
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = json.loads(out.with_suffix(".json").read_text())
     assert rows[0]["variant"] == "int8" and rows[0]["latency_ms_p50"] > 0
+
+
+def test_a_whole_layer_tie_that_fails_leaves_its_blocks_a_chance(monkeypatch):
+    """The search order: blocks wait while their whole layer is a candidate; a layer tie
+    whose harm together with the others breaks the limit is undone and its blocks are tried
+    one by one; a block is tied once at most."""
+    state = set()
+
+    def tie(model, source, dest, part="layer"):
+        state.add((source, part))
+        return lambda: state.discard((source, part))
+
+    def harm(job, outputs, reference, batches):   # a whole layer 0 costs more together
+        return 0.03 if (0, "layer") in outputs[0] else 0.004 * len(outputs[0])
+
+    monkeypatch.setattr(C, "tie", tie)
+    monkeypatch.setattr(C, "output_of", lambda model, batches: [frozenset(state)])
+    monkeypatch.setattr(C, "share_harm", harm)
+    monkeypatch.setattr(C, "share_candidates", lambda job, model, reference, batches: [
+        (0, "attention", 0.004), (0, "ffn", 0.004), (0, "layer", 0.009),
+        (2, "attention", 0.01), (2, "ffn", 0.5)])
+    tied, _, total = C.share_layers(_share_job(0.02), None, [None])
+    assert tied == [[0, 1, "attention"], [0, 1, "ffn"], [2, 3, "attention"]], tied
+    assert total == pytest.approx(0.012) and state == {(0, "attention"), (0, "ffn"),
+                                                        (2, "attention")}
