@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .heal import calibration_batches, heal, quality
+from .heal import calibration_batches, heal, perplexity, quality
 
 # FFN pruning never leaves a layer fewer than this share of its neurons.
 FFN_FLOOR = 0.05
@@ -410,16 +410,7 @@ def share_harm(job, outputs: list, reference: list, batches: list) -> float:
     1 - mean cosine of the outputs."""
     if getattr(job, "task", None) != "text-generation":
         return 1 - _mean_cosine(outputs, reference)
-    return _perplexity(outputs, batches) / _perplexity(reference, batches) - 1
-
-
-def _perplexity(logits: list, batches: list) -> float:
-    import torch
-
-    nll = [torch.nn.functional.cross_entropy(x[:, :-1].flatten(0, 1), b["input_ids"][:, 1:]
-                                             .flatten()) for x, b in zip(logits, batches,
-                                                                         strict=True)]
-    return float(torch.stack(nll).mean().exp())
+    return perplexity(outputs, batches) / perplexity(reference, batches) - 1
 
 
 def share_candidates(job, model, reference, batches) -> list[tuple[int, str, float]]:

@@ -87,6 +87,16 @@ def calibration_batches(job, *, purpose: str) -> list[dict]:
     return batches
 
 
+def perplexity(logits: list, batches: list[dict]) -> float:
+    """exp(mean next-token cross-entropy) of a decoder's logits per batch on its input_ids."""
+    import torch
+
+    nll = [torch.nn.functional.cross_entropy(x[:, :-1].flatten(0, 1),
+                                             b["input_ids"][:, 1:].flatten())
+           for x, b in zip(logits, batches, strict=True)]
+    return math.exp(float(torch.stack(nll).mean()))
+
+
 def quality(job, model, original, batches: list[dict]) -> dict:
     """The compressed model against the original on `batches`.
 
@@ -111,10 +121,7 @@ def quality(job, model, original, batches: list[dict]) -> dict:
     if job.task == "text-generation":
         out = {}
         for name, logits in (("perplexity", ours), ("original-perplexity", ref)):
-            nll = [torch.nn.functional.cross_entropy(x[:, :-1].flatten(0, 1),
-                                                     b["input_ids"][:, 1:].flatten())
-                   for x, b in zip(logits, batches, strict=True)]
-            out[name] = round(math.exp(float(torch.stack(nll).mean())), 4)
+            out[name] = round(perplexity(logits, batches), 4)
         agree = torch.cat([(x.argmax(-1) == y.argmax(-1)).flatten()
                            for x, y in zip(ours, ref, strict=True)])
         out["next-token-agreement"] = round(float(agree.float().mean()), 4)
