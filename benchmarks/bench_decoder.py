@@ -19,8 +19,11 @@ Per variant: prefill latency of a 128-token prompt, greedy decode tokens/s at ba
 tokens after a short prompt), peak RSS of a fresh process that loads the model and does both,
 model file size, and perplexity on held-out English prose (pydoc_data paragraphs, the
 exporter's windows: 8 x 256 tokens, each window from an empty cache). Every variant runs in its
-own subprocess (so peak RSS is its own; runtime defaults, spinning on), one after another;
-timings keep the best of `--rounds` rounds. Prints a table and writes
+own subprocess (so peak RSS is its own; runtime defaults, spinning on). Timings keep the best
+of `--rounds` rounds, each after an untimed warm-up round; the rounds go round-robin over the
+variants, each in a fresh process, so that drift in the machine's speed during the run
+moves every variant alike (the JSON keeps every round). llama.cpp is timed with logits for
+the last position only, as our bundles compute them. Prints a table and writes
 benchmarks/results/bench_decoder.json.
 """
 
@@ -41,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PROMPT = "The capital of France is"
+TIMED = ("prefill_128_ms", "decode_tokens_per_s")
 VARIANTS = ("transformers eager fp32", "ORT fp32 + cache", "our int8 bundle",
             "our int4 bundle", "our int4 fast", "llama.cpp")
 
@@ -75,35 +79,51 @@ def windowed_ppl(logits_fn, ids: list[int], window: int) -> float:
 
 # --- one variant, in its own process ---------------------------------------------------------
 
+def load(variant: str, args) -> dict:
+    if variant == "transformers eager fp32":
+        return transformers_variant(args)
+    if variant == "llama.cpp":
+        return llama_cpp_variant(args)
+    return onnx_variant(args, variant)
+
+
+def time_round(step: dict, long_prompt: list[int], short: list[int], new_tokens: int) -> dict:
+    """One timed round: prefill of the 128-token prompt, then greedy decode after the short one."""
+    started = time.perf_counter()
+    step["prefill"](long_prompt)
+    prefill = (time.perf_counter() - started) * 1e3
+    step["prefill"](short)
+    started = time.perf_counter()
+    tokens = step["decode"](new_tokens)
+    rate = new_tokens / (time.perf_counter() - started)
+    return {"prefill_128_ms": round(prefill, 1), "decode_tokens_per_s": round(rate, 1),
+            "greedy_tokens": tokens}
+
+
 def measure(variant: str, args) -> dict:
+    """Everything about one variant, with one timed round after a warm-up round."""
     ids = eval_ids(Path(args.tokenizer), args.window, args.windows)
     long_prompt = prompt_128(ids)
     short = [int(t) for t in args.prompt_ids.split(",")]
-    if variant == "transformers eager fp32":
-        step = transformers_variant(args)
-    elif variant == "llama.cpp":
-        step = llama_cpp_variant(args)
-    else:
-        step = onnx_variant(args, variant)
-    best = {}
-    for _ in range(args.rounds):
-        started = time.perf_counter()
-        step["prefill"](long_prompt)
-        prefill = (time.perf_counter() - started) * 1e3
-        step["prefill"](short)
-        started = time.perf_counter()
-        tokens = step["decode"](args.new_tokens)
-        rate = args.new_tokens / (time.perf_counter() - started)
-        best["prefill_128_ms"] = min(best.get("prefill_128_ms", 1e9), round(prefill, 1))
-        best["decode_tokens_per_s"] = max(best.get("decode_tokens_per_s", 0), round(rate, 1))
-        best["greedy_tokens"] = tokens
+    step = load(variant, args)
+    time_round(step, long_prompt, short, args.new_tokens)   # warm-up
+    result = time_round(step, long_prompt, short, args.new_tokens)
     # peak RSS of loading, prefill and decode; the perplexity pass below holds 256 positions
     # of logits in float64 on top, which is the measurement's cost, not the model's
-    best["peak_rss_mb"] = round([int(line.split()[1]) for line in open("/proc/self/status")
-                                 if line.startswith("VmHWM:")][0] / 1024, 1)
-    best["perplexity"] = round(windowed_ppl(step["logits"], ids, args.window), 4)
-    best["size_mb"] = round(step["size"] / 1e6, 1)
-    return best
+    result["peak_rss_mb"] = round([int(line.split()[1]) for line in open("/proc/self/status")
+                                   if line.startswith("VmHWM:")][0] / 1024, 1)
+    result["perplexity"] = round(windowed_ppl(step["logits"], ids, args.window), 4)
+    result["size_mb"] = round(step["size"] / 1e6, 1)
+    return result
+
+
+def timing(variant: str, args) -> dict:
+    """One more timed round of one variant, in a fresh process, after a warm-up round."""
+    ids = eval_ids(Path(args.tokenizer), args.window, args.windows)
+    short = [int(t) for t in args.prompt_ids.split(",")]
+    step = load(variant, args)
+    time_round(step, prompt_128(ids), short, args.new_tokens)
+    return time_round(step, prompt_128(ids), short, args.new_tokens)
 
 
 def onnx_variant(args, variant: str) -> dict:
@@ -169,26 +189,42 @@ def transformers_variant(args) -> dict:
 
 
 def llama_cpp_variant(args) -> dict:
+    import llama_cpp
     from llama_cpp import Llama
 
-    llm = Llama(model_path=args.gguf, n_ctx=args.context, n_threads=args.threads,
-                n_batch=512, logits_all=True, verbose=False)
-    state = {}
+    def open_model(all_logits: bool):
+        return Llama(model_path=args.gguf, n_ctx=args.context, n_threads=args.threads,
+                     n_batch=512, logits_all=all_logits, verbose=False)
+
+    # Timed with logits for the last position only, as our bundles compute them (with
+    # logits_all, llama.cpp runs its LM head on every prompt token and llama-cpp-python
+    # copies every row into `scores`; without it, `scores` is not filled at all, so the
+    # last row is read from the context, a copy as our Decoder returns one).
+    state = {"llm": open_model(False)}
+
+    def last_logits(llm) -> np.ndarray:
+        row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)).copy()
 
     def prefill(ids):
+        llm = state["llm"]
         llm.reset()
         llm.eval(ids)
-        state["logits"] = np.array(llm.scores[llm.n_tokens - 1])
+        state["logits"] = last_logits(llm)
 
     def decode(n):
-        tokens = []
+        llm, tokens = state["llm"], []
         for _ in range(n):
             tokens.append(int(state["logits"].argmax()))
             llm.eval([tokens[-1]])
-            state["logits"] = np.array(llm.scores[llm.n_tokens - 1])
+            state["logits"] = last_logits(llm)
         return tokens
 
     def logits(ids):
+        if "scoring" not in state:   # perplexity needs every position's logits
+            del state["llm"]
+            state["scoring"] = open_model(True)
+        llm = state["scoring"]
         llm.reset()
         llm.eval(ids)
         return np.array(llm.scores[:len(ids)])
@@ -231,6 +267,7 @@ def main() -> int:
     parser.add_argument("--fast", help="an int4 bundle with accuracy levels 4 (default: "
                                        "export one)")
     parser.add_argument("--one", help=argparse.SUPPRESS)   # internal: measure one variant
+    parser.add_argument("--time", help=argparse.SUPPRESS)  # internal: one timed round
     for hidden in ("tokenizer", "checkpoint", "gguf", "float-onnx", "prompt-ids"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
     parser.add_argument("--context", type=int, default=1024, help=argparse.SUPPRESS)
@@ -239,6 +276,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one, args)))
+        return 0
+    if args.time:
+        print(json.dumps(timing(args.time, args)))
         return 0
 
     import importlib.util
@@ -272,19 +312,35 @@ def main() -> int:
               "--rounds", str(args.rounds), "--new-tokens", str(args.new_tokens),
               "--prompt-ids", ",".join(map(str, prompt_ids)), "--context", str(args.context)]
     results, skipped = {}, {}
+
+    def run(mode: str, variant: str) -> dict | None:
+        out = subprocess.run([sys.executable, __file__, mode, variant, *common],
+                             capture_output=True, text=True)
+        time.sleep(1.0)
+        if out.returncode:
+            skipped[variant] = out.stderr.strip().splitlines()[-1] if out.stderr else "failed"
+            results.pop(variant, None)
+            return None
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     for variant in VARIANTS:
         if variant == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
             skipped[variant] = ("llama-cpp-python is not installed (pip install "
                                 "llama-cpp-python builds it from source, about 4 minutes here)")
             continue
         print(f"measuring {variant} ...", file=sys.stderr)
-        out = subprocess.run([sys.executable, __file__, "--one", variant, *common],
-                             capture_output=True, text=True)
-        if out.returncode:
-            skipped[variant] = out.stderr.strip().splitlines()[-1] if out.stderr else "failed"
-            continue
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        time.sleep(1.0)
+        if (result := run("--one", variant)) is not None:
+            results[variant] = result | {"rounds": [{k: result[k] for k in TIMED}]}
+    # The other timed rounds go round-robin over the variants, each in a fresh process, so
+    # that a machine that speeds up or slows down during the run moves every variant alike.
+    for round_number in range(2, args.rounds + 1):
+        for variant in list(results):
+            print(f"timing round {round_number}: {variant} ...", file=sys.stderr)
+            if (timed := run("--time", variant)) is not None:
+                results[variant]["rounds"].append({k: timed[k] for k in TIMED})
+    for result in results.values():
+        result["prefill_128_ms"] = min(r["prefill_128_ms"] for r in result["rounds"])
+        result["decode_tokens_per_s"] = max(r["decode_tokens_per_s"] for r in result["rounds"])
 
     reference = results.get("transformers eager fp32", {})
     peer = results.get("llama.cpp", {})
