@@ -13,9 +13,14 @@
  *
  * Each call copies the text to a UCS4 buffer and then works without the GIL
  * (but for texts under RELEASE_GIL_CHARS); an encoder is read-only after
- * construction, so threads may share one. Allocation in the GIL-free part uses
- * PyMem_Raw*, the only allocator that allows it. Python objects in there are
- * borrowed id ints owned by the encoder, touched again only with the GIL.
+ * construction (but for BPE's lock-guarded word cache), so threads may share
+ * one. encode_batch splits a big batch (BATCH_CHARS_PER_THREAD chars a thread)
+ * into contiguous runs of texts and encodes them on up to BATCH_THREADS_MAX
+ * POSIX threads at once, each with its own scratch and id buffers; a small
+ * batch, or a build without pthreads, runs on the calling thread. Allocation
+ * in the GIL-free part uses PyMem_Raw*, the only allocator that allows it.
+ * Python objects in there are borrowed id ints owned by the encoder, touched
+ * again only with the GIL.
  *
  * Module layout follows pallets/markupsafe's _speedups.c: multi-phase init
  * (PEP 489), a heap type, no global mutable state.
@@ -26,6 +31,16 @@
 
 #include <stdint.h>
 #include <string.h>
+
+/* encode_batch's worker threads: POSIX threads where there are some. */
+#if defined(HAVE_PTHREAD_H) && !defined(_WIN32)
+#define TOK_BATCH_THREADS 1
+#include <pthread.h>
+#include <unistd.h>
+#if defined(__linux__)
+#include <sched.h>
+#endif
+#endif
 
 #include "_tokenizer_tables.h"
 
@@ -157,17 +172,22 @@ typedef struct {
     size_t cap, heap_cap;
 } BpeBuf;
 
-/* Scratch space of one encode call: never shared between threads. */
+struct CacheEntry;
+
+/* Scratch space of one encode call (or one batch thread): never shared between threads. */
 typedef struct {
     TextBuf norm, tmp, sorted;
     HashBuf hashes;
     BpeBuf bpe;
-    int cache_locked; /* this call holds the BPE encoder's cache lock */
+    struct CacheEntry *cache;     /* BPE word cache this text may use; NULL: none */
+    struct CacheEntry *own_cache; /* a batch thread's private cache (made on first use) */
+    int may_own_cache;            /* a batch thread: own_cache when the shared one is busy */
 } Scratch;
 
 static void
 scratch_free(Scratch *s)
 {
+    PyMem_RawFree(s->own_cache);
     PyMem_RawFree(s->norm.data);
     PyMem_RawFree(s->tmp.data);
     PyMem_RawFree(s->sorted.data);
@@ -1096,6 +1116,90 @@ encode_one(PyObject *self, PyObject *text, piece_fn encode_text, int replace_sur
     return result;
 }
 
+/* ------------------------------------------------ batches on several threads */
+
+/* Enough work for a thread (~1 ms of encoding) to be worth starting one. */
+#define BATCH_CHARS_PER_THREAD 32768
+#define BATCH_THREADS_MAX 8
+
+/* One contiguous run of a batch's texts and what encoding it takes. */
+typedef struct {
+    const void *encoder;
+    piece_fn encode_text;
+    const ucs4 *chars;
+    const size_t *char_ends;
+    size_t *id_ends;          /* id_ends[i] of its texts, into its own `ids` */
+    Py_ssize_t first, stop;   /* its texts: [first, stop) */
+    Scratch s;
+    IdBuf ids;
+    int status;               /* -1: out of memory */
+} BatchPart;
+
+static void
+batch_run(BatchPart *p)
+{
+    size_t start = p->first ? p->char_ends[p->first - 1] : 0;
+    for (Py_ssize_t i = p->first; i < p->stop && p->status == 0; i++) {
+        p->status = p->encode_text(p->encoder, p->chars + start, p->char_ends[i] - start, &p->s,
+                                   &p->ids);
+        p->id_ends[i] = p->ids.len;
+        start = p->char_ends[i];
+    }
+}
+
+#ifdef TOK_BATCH_THREADS
+static void *
+batch_worker(void *part)
+{
+    batch_run(part);
+    return NULL;
+}
+
+/* CPUs this process may run on. */
+static size_t
+usable_cpus(void)
+{
+#if defined(__linux__) && defined(CPU_COUNT)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) {
+        return (size_t)CPU_COUNT(&set);
+    }
+#endif
+#ifdef _SC_NPROCESSORS_ONLN
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    if (n > 0) {
+        return (size_t)n;
+    }
+#endif
+    return 1;
+}
+#endif
+
+/* Threads for a batch: one per BATCH_CHARS_PER_THREAD chars, at most one a
+ * text, a CPU, or BATCH_THREADS_MAX; 1 means the calling thread alone. */
+static int
+batch_threads(size_t total, Py_ssize_t count)
+{
+    size_t n = total / BATCH_CHARS_PER_THREAD;
+    if (n > (size_t)count) {
+        n = (size_t)count;
+    }
+    if (n > BATCH_THREADS_MAX) {
+        n = BATCH_THREADS_MAX;
+    }
+#ifdef TOK_BATCH_THREADS
+    if (n >= 2) {
+        size_t cpus = usable_cpus();
+        if (n > cpus) {
+            n = cpus;
+        }
+    }
+#else
+    n = 1;
+#endif
+    return n < 2 ? 1 : (int)n;
+}
+
 static PyObject *
 encode_many(PyObject *self, PyObject *texts, piece_fn encode_text, int replace_surrogates)
 {
@@ -1118,13 +1222,15 @@ encode_many(PyObject *self, PyObject *texts, piece_fn encode_text, int replace_s
         }
         total += PyUnicode_GET_LENGTH(text);
     }
-    /* All texts in one buffer; ends[i] is where text i stops, in chars and in ids. */
+    /* All texts in one buffer; char_ends[i] is where text i stops in it, and
+     * id_ends[i] where its ids stop in its part's id buffer. */
     ucs4 *chars = PyMem_RawMalloc((total ? total : 1) * sizeof(ucs4));
     size_t *char_ends = PyMem_RawMalloc((count ? count : 1) * sizeof(size_t));
     size_t *id_ends = PyMem_RawMalloc((count ? count : 1) * sizeof(size_t));
     PyObject *result = NULL;
-    Scratch s = {0};
-    IdBuf ids = {0};
+    BatchPart parts[BATCH_THREADS_MAX];
+    memset(parts, 0, sizeof(parts));
+    int n_parts = 1;
     if (chars == NULL || char_ends == NULL || id_ends == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -1139,13 +1245,60 @@ encode_many(PyObject *self, PyObject *texts, piece_fn encode_text, int replace_s
         offset += n;
         char_ends[i] = offset;
     }
+    /* Contiguous runs of texts with about as many chars each. */
+    n_parts = batch_threads((size_t)total, count);
+    Py_ssize_t next = 0;
+    for (int k = 0; k < n_parts; k++) {
+        BatchPart *p = &parts[k];
+        p->encoder = self;
+        p->encode_text = encode_text;
+        p->chars = chars;
+        p->char_ends = char_ends;
+        p->id_ends = id_ends;
+        p->s.may_own_cache = n_parts > 1;
+        p->first = next;
+        if (k == n_parts - 1) {
+            next = count;
+        }
+        else {
+            size_t t = (size_t)total, m = (size_t)n_parts, j = (size_t)k + 1;
+            size_t target = t / m * j + t % m * j / m;
+            while (next < count && char_ends[next] <= target) {
+                next++;
+            }
+            /* The text across the target goes where it unbalances less. */
+            if (next < count
+                && char_ends[next] - target < target - (next ? char_ends[next - 1] : 0)) {
+                next++;
+            }
+        }
+        p->stop = next;
+    }
     int status = 0;
     Py_BEGIN_ALLOW_THREADS
-    size_t start = 0;
-    for (Py_ssize_t i = 0; i < count && status == 0; i++) {
-        status = encode_text(self, chars + start, char_ends[i] - start, &s, &ids);
-        id_ends[i] = ids.len;
-        start = char_ends[i];
+    int started[BATCH_THREADS_MAX] = {0};
+#ifdef TOK_BATCH_THREADS
+    pthread_t threads[BATCH_THREADS_MAX];
+    for (int k = 1; k < n_parts; k++) {
+        /* A thread that cannot start leaves its part to this one. */
+        started[k] = parts[k].first < parts[k].stop
+                     && pthread_create(&threads[k], NULL, batch_worker, &parts[k]) == 0;
+    }
+#endif
+    for (int k = 0; k < n_parts; k++) {
+        if (!started[k]) {
+            batch_run(&parts[k]);
+        }
+    }
+#ifdef TOK_BATCH_THREADS
+    for (int k = 1; k < n_parts; k++) {
+        if (started[k]) {
+            pthread_join(threads[k], NULL);
+        }
+    }
+#endif
+    for (int k = 0; k < n_parts; k++) {
+        status |= parts[k].status;
     }
     Py_END_ALLOW_THREADS
     if (status < 0) {
@@ -1155,22 +1308,27 @@ encode_many(PyObject *self, PyObject *texts, piece_fn encode_text, int replace_s
     if ((result = PyList_New(count)) == NULL) {
         goto done;
     }
-    size_t first = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *list = id_list(ids.data + first, id_ends[i] - first);
-        if (list == NULL) {
-            Py_CLEAR(result);
-            goto done;
+    for (int k = 0; k < n_parts; k++) {
+        const BatchPart *p = &parts[k];
+        size_t first = 0;
+        for (Py_ssize_t i = p->first; i < p->stop; i++) {
+            PyObject *list = id_list(p->ids.data + first, id_ends[i] - first);
+            if (list == NULL) {
+                Py_CLEAR(result);
+                goto done;
+            }
+            PyList_SET_ITEM(result, i, list);
+            first = id_ends[i];
         }
-        PyList_SET_ITEM(result, i, list);
-        first = id_ends[i];
     }
 done:
     PyMem_RawFree(chars);
     PyMem_RawFree(char_ends);
     PyMem_RawFree(id_ends);
-    PyMem_RawFree(ids.data);
-    scratch_free(&s);
+    for (int k = 0; k < n_parts; k++) {
+        PyMem_RawFree(parts[k].ids.data);
+        scratch_free(&parts[k].s);
+    }
     Py_DECREF(seq);
     return result;
 }
@@ -1325,12 +1483,13 @@ typedef struct {
 /* Word cache: short words and their ids, direct-mapped by hash (one 64-byte
  * line each, 1 MB). Encoding runs without the GIL and threads may share an
  * encoder, so a lock guards it: each text try-locks it once, and a thread that
- * finds it busy encodes that text without the cache instead of waiting. */
+ * finds it busy encodes that text without it instead of waiting (an
+ * encode_batch thread: with a private cache of its own, freed with the batch). */
 #define CACHE_SLOTS 16384
 #define CACHE_BYTES 22
 #define CACHE_IDS 7
 
-typedef struct {
+typedef struct CacheEntry {
     uint64_t hash;
     uint8_t length, count; /* length 0: empty */
     uint8_t bytes[CACHE_BYTES];
@@ -1521,9 +1680,9 @@ bpe_word(const Bpe *b, const ucs4 *t, size_t n, int space_first, Scratch *s, IdB
     }
     uint64_t hash = 0;
     CacheEntry *entry = NULL;
-    if (s->cache_locked && len <= CACHE_BYTES) {
+    if (s->cache != NULL && len <= CACHE_BYTES) {
         hash = hash_bytes(w->bytes, len);
-        entry = &b->cache[hash & (CACHE_SLOTS - 1)];
+        entry = &s->cache[hash & (CACHE_SLOTS - 1)];
         if (entry->length == len && entry->hash == hash
             && memcmp(entry->bytes, w->bytes, len) == 0) {
             for (uint8_t i = 0; i < entry->count; i++) {
@@ -1685,11 +1844,20 @@ static int
 bpe_text(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
 {
     const Bpe *b = ctx;
-    s->cache_locked = PyThread_acquire_lock(b->cache_lock, NOWAIT_LOCK);
+    int locked = PyThread_acquire_lock(b->cache_lock, NOWAIT_LOCK);
+    if (locked) {
+        s->cache = b->cache;
+    }
+    else if (s->may_own_cache) {
+        if (s->own_cache == NULL) { /* without memory for it, no cache */
+            s->own_cache = PyMem_RawCalloc(CACHE_SLOTS, sizeof(CacheEntry));
+        }
+        s->cache = s->own_cache;
+    }
     int status = split_added(ctx, &b->raw_added, t, n, bpe_raw_piece, s, out);
-    if (s->cache_locked) {
+    s->cache = NULL;
+    if (locked) {
         PyThread_release_lock(b->cache_lock);
-        s->cache_locked = 0;
     }
     return status;
 }
@@ -1984,7 +2152,8 @@ static PyMethodDef Bpe_methods[] = {
      PyDoc_STR("encode(text, /)\n--\n\nContent ids of `text` (no special tokens).")},
     {"encode_batch", Bpe_encode_batch, METH_O,
      PyDoc_STR("encode_batch(texts, /)\n--\n\n"
-               "encode() of each str in `texts`, in one call without the GIL.")},
+               "encode() of each str in `texts`, in one call without the GIL; a big batch "
+               "is split over several threads (up to 8, one per 32k chars and CPU).")},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2014,7 +2183,8 @@ static PyMethodDef Encoder_methods[] = {
      PyDoc_STR("encode(text, /)\n--\n\nContent ids of `text` (no special tokens).")},
     {"encode_batch", Encoder_encode_batch, METH_O,
      PyDoc_STR("encode_batch(texts, /)\n--\n\n"
-               "encode() of each str in `texts`, in one call without the GIL.")},
+               "encode() of each str in `texts`, in one call without the GIL; a big batch "
+               "is split over several threads (up to 8, one per 32k chars and CPU).")},
     {NULL, NULL, 0, NULL},
 };
 

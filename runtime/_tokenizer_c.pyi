@@ -27,14 +27,19 @@ class WordPieceEncoder:
     def encode(self, text: str, /) -> list[int]:
         """Content ids of `text`: added tokens, then normalize/pre-tokenize/WordPiece."""
     def encode_batch(self, texts: Iterable[str], /) -> list[list[int]]:
-        """`encode` of each text, in one call that releases the GIL throughout."""
+        """`encode` of each text, in one call that releases the GIL throughout.
+
+        A big batch is split into contiguous runs of texts encoded on several
+        threads at once (one per 32k chars, at most 8 and the usable CPUs).
+        """
 
 class BPEEncoder:
     """Text to content ids with a byte-level pre-tokenizer and BPE merges.
 
     Takes what `_tokenizer_py.BPEEncoder` takes (token ids below 2**24). Threads
     may share one: encoding releases the GIL, and the word cache inside is
-    guarded by a lock that is only ever try-locked.
+    guarded by a lock that is only ever try-locked (a batch thread that finds it
+    busy uses a private one of its own instead).
     """
 
     def __init__(
@@ -53,4 +58,8 @@ class BPEEncoder:
     def encode(self, text: str, /) -> list[int]:
         """Content ids of `text`: added tokens, then pre-tokenize and BPE each word."""
     def encode_batch(self, texts: Iterable[str], /) -> list[list[int]]:
-        """`encode` of each text, in one call that releases the GIL throughout."""
+        """`encode` of each text, in one call that releases the GIL throughout.
+
+        A big batch is split into contiguous runs of texts encoded on several
+        threads at once (one per 32k chars, at most 8 and the usable CPUs).
+        """

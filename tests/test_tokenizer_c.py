@@ -495,3 +495,44 @@ if given is not None:
             expected = [twin.encode(text) for text in texts]
             assert [c_encoder.encode(text) for text in texts] == expected
             assert c_encoder.encode_batch(texts) == expected
+
+
+# ------------------------------------------------- big batches on several threads
+
+
+def _surrogates_as(text: str, replacement: str) -> str:
+    return "".join(replacement if 0xD800 <= ord(c) < 0xE000 else c for c in text)
+
+
+def test_big_batches_split_over_threads_match_encode_and_hf(real_texts, smollm2_tokenizer_json):
+    # encode_batch gives each thread a contiguous run of texts (one per 32k
+    # chars, up to 8 and the CPU count) and joins their ids in order.
+    tokenizers = pytest.importorskip("tokenizers")
+    rng = random.Random(11)
+    hard = [t for t in BPE_HARD_TEXTS if len(t) <= 10_000]
+    texts = []
+    for i in range(3000):
+        words = rng.choices(real_texts, k=rng.randint(1, 12))
+        if i % 3 == 0:
+            words.insert(rng.randrange(len(words) + 1), rng.choice(hard))
+        texts.append(" ".join(words))
+    texts[1500] = ""
+    assert sum(map(len, texts)) > 8 * 32768
+    # One text longer than all others together, first or last: a thread may get none.
+    lopsided = [["x y " * 50_000, "a", "b c"], ["a", "b c", "é " * 100_000]]
+    cases = [
+        (REFERENCE, "\x00"),  # clean_text drops a lone surrogate like NUL
+        (smollm2_tokenizer_json, "\ufffd"),  # byte-level BPE reads it as U+FFFD
+    ]
+    for path, replacement in cases:
+        tok = Tokenizer.from_file(path, backend="c")
+        hf = tokenizers.Tokenizer.from_file(str(path))
+        hf.no_padding()
+        hf.no_truncation()
+        expected = [tok.encode(t) for t in texts]
+        assert tok.encode_batch(texts) == expected
+        assert tok.encode_batch(texts[::-1]) == expected[::-1]  # order kept
+        hf_texts = [_surrogates_as(t, replacement) for t in texts]
+        assert [e.ids for e in hf.encode_batch(hf_texts)] == expected
+        for batch in lopsided:
+            assert tok.encode_batch(batch) == [tok.encode(t) for t in batch]
