@@ -13,14 +13,15 @@
  *
  * Each call copies the text to a UCS4 buffer and then works without the GIL
  * (but for texts under RELEASE_GIL_CHARS); an encoder is read-only after
- * construction (but for BPE's lock-guarded word cache), so threads may share
- * one. encode_batch splits a big batch (BATCH_CHARS_PER_THREAD chars a thread)
- * into contiguous runs of texts and encodes them on up to BATCH_THREADS_MAX
- * POSIX threads at once, each with its own scratch and id buffers; a small
- * batch, or a build without pthreads, runs on the calling thread. Allocation
- * in the GIL-free part uses PyMem_Raw*, the only allocator that allows it.
- * Python objects in there are borrowed id ints owned by the encoder, touched
- * again only with the GIL.
+ * construction but for its word cache (1 MB of words and their ids, guarded
+ * by a try-lock; see "word caches"), so threads may share one. encode_batch
+ * splits a big batch (BATCH_CHARS_PER_THREAD chars a thread) into contiguous
+ * runs of texts and encodes them on up to BATCH_THREADS_MAX POSIX threads at
+ * once, each with its own scratch and id buffers (and a private word cache
+ * when the shared one is busy); a small batch, or a build without pthreads,
+ * runs on the calling thread. Allocation in the GIL-free part uses PyMem_Raw*,
+ * the only allocator that allows it. Python objects in there are borrowed id
+ * ints owned by the encoder, touched again only with the GIL.
  *
  * Module layout follows pallets/markupsafe's _speedups.c: multi-phase init
  * (PEP 489), a heap type, no global mutable state.
@@ -179,7 +180,7 @@ typedef struct {
     TextBuf norm, tmp, sorted;
     HashBuf hashes;
     BpeBuf bpe;
-    struct CacheEntry *cache;     /* BPE word cache this text may use; NULL: none */
+    struct CacheEntry *cache;     /* the word cache this text may use; NULL: none */
     struct CacheEntry *own_cache; /* a batch thread's private cache (made on first use) */
     int may_own_cache;            /* a batch thread: own_cache when the shared one is busy */
 } Scratch;
@@ -197,6 +198,181 @@ scratch_free(Scratch *s)
     PyMem_RawFree(s->bpe.prev);
     PyMem_RawFree(s->bpe.next);
     PyMem_RawFree(s->bpe.heap);
+}
+
+/* ------------------------------------------------------------- word caches */
+
+/* Each encoder (WordPiece or BPE) has a word cache: short words and their ids,
+ * direct-mapped by hash, one 64-byte entry each, CACHE_SLOTS of them: 1 MB per
+ * encoder (calloc'd, so pages cost memory only once used). A word is its UTF-8
+ * (WordPiece: a piece as word_piece gets it, after normalization and the
+ * punctuation split; BPE: a pre-token's bytes); a word over CACHE_BYTES bytes,
+ * or with more than CACHE_IDS ids, is not cached. Ids are int32: BPE's token
+ * ids, WordPiece's vocab entry indices (-1: unk).
+ *
+ * Encoding runs without the GIL and threads may share an encoder, so a lock
+ * guards the cache: each text try-locks it once, and a thread that finds it
+ * busy encodes that text without it instead of waiting (an encode_batch
+ * thread: with a private cache of its own, made on first use and freed with
+ * the batch). Never waiting, the lock is a bare atomic flag (a PyThread lock
+ * costs ~30 ns a text, 8% of a short one). */
+#define CACHE_SHIFT 14
+#define CACHE_SLOTS (1 << CACHE_SHIFT)
+#define CACHE_BYTES 22
+#define CACHE_IDS 7
+
+typedef struct CacheEntry {
+    uint64_t hash;
+    uint8_t length, count; /* length 0: empty */
+    uint8_t bytes[CACHE_BYTES];
+    int32_t ids[CACHE_IDS];
+} CacheEntry;
+
+typedef struct {
+    CacheEntry *entries;
+    long busy; /* the lock: 1 while a text uses `entries` */
+} WordCache;
+
+/* Try-lock and unlock of a busy flag: acquire and release ordering. The
+ * flag is the one thing an encode call writes in an encoder but its cache. */
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+
+static inline int
+flag_try_lock(const long *busy)
+{
+    return _InterlockedExchange((long *)busy, 1) == 0;
+}
+
+static inline void
+flag_unlock(const long *busy)
+{
+    _InterlockedExchange((long *)busy, 0);
+}
+#else /* GCC, Clang and compatible compilers */
+static inline int
+flag_try_lock(const long *busy)
+{
+    return __atomic_exchange_n((long *)busy, 1, __ATOMIC_ACQUIRE) == 0;
+}
+
+static inline void
+flag_unlock(const long *busy)
+{
+    __atomic_store_n((long *)busy, 0, __ATOMIC_RELEASE);
+}
+#endif
+
+/* GIL held; a Python error on failure. */
+static int
+word_cache_init(WordCache *c)
+{
+    c->entries = PyMem_Calloc(CACHE_SLOTS, sizeof(CacheEntry));
+    if (c->entries == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* Also for a cache that word_cache_init never saw. */
+static void
+word_cache_free(WordCache *c)
+{
+    PyMem_Free(c->entries);
+    c->entries = NULL;
+}
+
+/* The cache one text may use, in s->cache: the encoder's shared one if its
+ * lock is free, else a batch thread's own, else none. Returns whether the
+ * lock was taken; cache_end gives it back. */
+static int
+cache_begin(const WordCache *c, Scratch *s)
+{
+    int locked = flag_try_lock(&c->busy);
+    if (locked) {
+        s->cache = c->entries;
+    }
+    else if (s->may_own_cache) {
+        if (s->own_cache == NULL) { /* without memory for it, no cache */
+            s->own_cache = PyMem_RawCalloc(CACHE_SLOTS, sizeof(CacheEntry));
+        }
+        s->cache = s->own_cache;
+    }
+    return locked;
+}
+
+static void
+cache_end(const WordCache *c, Scratch *s, int locked)
+{
+    s->cache = NULL;
+    if (locked) {
+        flag_unlock(&c->busy);
+    }
+}
+
+/* The entry for a word of this hash; it holds the word if cache_holds says so. */
+static inline CacheEntry *
+cache_slot(CacheEntry *cache, uint64_t hash)
+{
+    return &cache[(hash * UINT64_C(0x9E3779B97F4A7C15)) >> (64 - CACHE_SHIFT)];
+}
+
+static inline int
+cache_holds(const CacheEntry *entry, uint64_t hash, const uint8_t *word, size_t len)
+{
+    if (entry->length != len || entry->hash != hash) {
+        return 0;
+    }
+    for (size_t i = 0; i < len; i++) { /* memcmp, without a libc call for a few bytes */
+        if (entry->bytes[i] != word[i]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Replaces the entry with word -> ids, if they fit (0 < len <= CACHE_BYTES). */
+static inline void
+cache_put(CacheEntry *entry, uint64_t hash, const uint8_t *word, size_t len,
+          const int32_t *ids, size_t count)
+{
+    if (count > CACHE_IDS) {
+        return;
+    }
+    entry->hash = hash;
+    entry->length = (uint8_t)len;
+    entry->count = (uint8_t)count;
+    memcpy(entry->bytes, word, len);
+    if (count > 0) {
+        memcpy(entry->ids, ids, count * sizeof(int32_t));
+    }
+}
+
+/* UTF-8 of c at p (a lone surrogate in its 3-byte form); returns how many bytes. */
+static inline size_t
+utf8_put(uint8_t *p, ucs4 c)
+{
+    if (c < 0x80) {
+        p[0] = (uint8_t)c;
+        return 1;
+    }
+    if (c < 0x800) {
+        p[0] = (uint8_t)(0xC0 | c >> 6);
+        p[1] = (uint8_t)(0x80 | (c & 0x3F));
+        return 2;
+    }
+    if (c < 0x10000) {
+        p[0] = (uint8_t)(0xE0 | c >> 12);
+        p[1] = (uint8_t)(0x80 | (c >> 6 & 0x3F));
+        p[2] = (uint8_t)(0x80 | (c & 0x3F));
+        return 3;
+    }
+    p[0] = (uint8_t)(0xF0 | c >> 18);
+    p[1] = (uint8_t)(0x80 | (c >> 12 & 0x3F));
+    p[2] = (uint8_t)(0x80 | (c >> 6 & 0x3F));
+    p[3] = (uint8_t)(0x80 | (c & 0x3F));
+    return 4;
 }
 
 /* --------------------------------------------------------------- the encoder */
@@ -248,6 +424,7 @@ typedef struct {
     PyObject *unk_id;
     int clean_text, handle_chinese_chars, strip_accents, lowercase;
     AddedSet raw_added, normalized_added;
+    WordCache cache; /* piece -> vocab entry indices (-1: unk) */
 } Encoder;
 
 static inline size_t
@@ -268,21 +445,22 @@ same_chars(const ucs4 *a, const ucs4 *b, Py_ssize_t n)
     return 1;
 }
 
-static PyObject *
+/* The index of prefix + piece in e->vocab, or -1. */
+static int32_t
 vocab_get(const Encoder *e, uint64_t hash, const ucs4 *prefix, Py_ssize_t prefix_length,
           const ucs4 *piece, Py_ssize_t piece_length)
 {
     for (size_t slot = slot_of(hash, e->slot_mask);; slot = (slot + 1) & e->slot_mask) {
         uint32_t index = e->slots[slot];
         if (index == 0) {
-            return NULL;
+            return -1;
         }
         const VocabEntry *entry = &e->vocab[index - 1];
         if (entry->hash == hash && entry->length == prefix_length + piece_length) {
             const ucs4 *key = e->vocab_chars + entry->offset;
             if (same_chars(key, prefix, prefix_length)
                 && same_chars(key + prefix_length, piece, piece_length)) {
-                return entry->id;
+                return (int32_t)(index - 1);
             }
         }
     }
@@ -483,47 +661,98 @@ normalize(const Encoder *e, const ucs4 *text, size_t n, Scratch *s, TextBuf *out
 
 /* ------------------------------------------------- pre-tokenize + WordPiece */
 
-/* Greedy longest-match-first; any miss makes the whole piece unk. */
+/* Greedy longest-match-first; any miss makes the whole piece unk. Through the
+ * word cache (looked up first: a cache line is cheaper than a vocab probe that
+ * misses), whose hash of a piece is the vocab's, FNV-1a over its chars: the
+ * first round of the greedy loop hashes the same prefixes. */
 static int
 word_piece(const Encoder *e, const ucs4 *piece, Py_ssize_t n, Scratch *s, IdBuf *out)
 {
     if ((long long)n > e->max_word_chars) {
         return ids_push(out, e->unk_id);
     }
-    size_t mark = out->len;
+    /* No vocab key is longer than longest_token. */
+    Py_ssize_t most = e->longest_token < n ? e->longest_token : n;
+    /* hashes.data[k]: the hash of piece[0:k], for k up to `most` (the first
+     * round) or n (the cache's key), whichever is more. */
+    int cached = s->cache != NULL && n <= CACHE_BYTES;
+    Py_ssize_t hashed = cached && n > most ? n : most;
+    if (grow((void **)&s->hashes.data, &s->hashes.cap, (size_t)hashed + 1, sizeof(uint64_t)) < 0) {
+        return -1;
+    }
+    uint64_t h = HASH_BASIS;
+    for (Py_ssize_t k = 1; k <= hashed; k++) {
+        h = hash_step(h, piece[k - 1]);
+        s->hashes.data[k] = h;
+    }
+    uint8_t key[CACHE_BYTES + 4]; /* room for the char that goes past the limit */
+    size_t len = 0;
+    CacheEntry *entry = NULL;
+    if (cached) {
+        for (Py_ssize_t k = 0; k < n && len <= CACHE_BYTES; k++) {
+            len += utf8_put(key + len, piece[k]);
+        }
+        if (len <= CACHE_BYTES) {
+            entry = cache_slot(s->cache, h);
+            if (cache_holds(entry, h, key, len)) {
+                for (uint8_t i = 0; i < entry->count; i++) {
+                    int32_t index = entry->ids[i];
+                    if (ids_push(out, index < 0 ? e->unk_id : e->vocab[index].id) < 0) {
+                        return -1;
+                    }
+                }
+                return 0;
+            }
+        }
+    }
+    int32_t found[CACHE_IDS]; /* vocab indices for the cache; -1: unk */
+    size_t count = 0, mark = out->len;
     for (Py_ssize_t start = 0; start < n;) {
         const ucs4 *prefix = start ? e->prefix : NULL;
         Py_ssize_t prefix_length = start ? e->prefix_length : 0;
-        /* No vocab key is longer than longest_token. */
-        Py_ssize_t most = e->longest_token - prefix_length;
-        if (most > n - start) {
-            most = n - start;
+        if (start > 0) {
+            most = e->longest_token - prefix_length;
+            if (most > n - start) {
+                most = n - start;
+            }
+            if (most > 0 && grow((void **)&s->hashes.data, &s->hashes.cap, (size_t)most + 1,
+                                 sizeof(uint64_t)) < 0) {
+                return -1;
+            }
+            uint64_t g = e->prefix_hash;
+            for (Py_ssize_t k = 1; k <= most; k++) {
+                g = hash_step(g, piece[start + k - 1]);
+                s->hashes.data[k] = g;
+            }
         }
-        if (most > 0 && grow((void **)&s->hashes.data, &s->hashes.cap, (size_t)most + 1,
-                             sizeof(uint64_t)) < 0) {
-            return -1;
-        }
-        uint64_t h = start ? e->prefix_hash : HASH_BASIS;
-        for (Py_ssize_t k = 1; k <= most; k++) {
-            h = hash_step(h, piece[start + k - 1]);
-            s->hashes.data[k] = h;
-        }
-        PyObject *id = NULL;
+        int32_t index = -1;
         Py_ssize_t k = most;
         for (; k > 0; k--) {
-            id = vocab_get(e, s->hashes.data[k], prefix, prefix_length, piece + start, k);
-            if (id != NULL) {
+            index = vocab_get(e, s->hashes.data[k], prefix, prefix_length, piece + start, k);
+            if (index >= 0) {
                 break;
             }
         }
-        if (id == NULL) {
+        if (index < 0) { /* the whole piece is unk */
             out->len = mark;
-            return ids_push(out, e->unk_id);
+            found[0] = -1;
+            count = 1;
+            if (ids_push(out, e->unk_id) < 0) {
+                return -1;
+            }
+            break;
         }
-        if (ids_push(out, id) < 0) {
+        if (ids_push(out, e->vocab[index].id) < 0) {
             return -1;
         }
+        if (count < CACHE_IDS) {
+            found[count] = index;
+        }
+        count++;
         start += k;
+    }
+    if (entry != NULL) {
+        cache_put(entry, h, key, len, found, count);
     }
     return 0;
 }
@@ -644,12 +873,15 @@ encode_raw_piece(const void *ctx, const ucs4 *text, size_t n, Scratch *s, IdBuf 
                        out);
 }
 
-/* The whole hot loop; runs without the GIL. */
+/* The whole hot loop; runs without the GIL (but for short texts). */
 static int
 encode_text(const void *ctx, const ucs4 *text, size_t n, Scratch *s, IdBuf *out)
 {
     const Encoder *e = ctx;
-    return split_added(e, &e->raw_added, text, n, encode_raw_piece, s, out);
+    int locked = cache_begin(&e->cache, s);
+    int status = split_added(e, &e->raw_added, text, n, encode_raw_piece, s, out);
+    cache_end(&e->cache, s, locked);
+    return status;
 }
 
 /* ------------------------------------------------------------ construction */
@@ -944,6 +1176,7 @@ Encoder_dealloc(PyObject *self)
     Py_XDECREF(e->unk_id);
     added_set_clear(&e->raw_added);
     added_set_clear(&e->normalized_added);
+    word_cache_free(&e->cache);
     type->tp_free(self);
     Py_DECREF(type);
 }
@@ -1000,6 +1233,9 @@ Encoder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     e->handle_chinese_chars = handle_chinese_chars;
     e->strip_accents = strip_accents;
     e->lowercase = lowercase;
+    if (word_cache_init(&e->cache) < 0) {
+        goto error;
+    }
 
     int overflow;
     e->max_word_chars = PyLong_AsLongLongAndOverflow(max_word_chars, &overflow);
@@ -1480,27 +1716,10 @@ typedef struct {
     int32_t id;
 } WordSlot;
 
-/* Word cache: short words and their ids, direct-mapped by hash (one 64-byte
- * line each, 1 MB). Encoding runs without the GIL and threads may share an
- * encoder, so a lock guards it: each text try-locks it once, and a thread that
- * finds it busy encodes that text without it instead of waiting (an
- * encode_batch thread: with a private cache of its own, freed with the batch). */
-#define CACHE_SLOTS 16384
-#define CACHE_BYTES 22
-#define CACHE_IDS 7
-
-typedef struct CacheEntry {
-    uint64_t hash;
-    uint8_t length, count; /* length 0: empty */
-    uint8_t bytes[CACHE_BYTES];
-    int32_t ids[CACHE_IDS];
-} CacheEntry;
-
 typedef struct {
     PyObject_HEAD
     int32_t byte_ids[256]; /* token of each byte; -1 if the vocab has none */
-    CacheEntry *cache;
-    PyThread_type_lock cache_lock;
+    WordCache cache;
     MergeSlot *merges;
     size_t merge_mask;
     PyObject **id_objects; /* id -> the vocab's int, for 0 <= id < n_ids */
@@ -1658,33 +1877,14 @@ bpe_word(const Bpe *b, const ucs4 *t, size_t n, int space_first, Scratch *s, IdB
         w->bytes[len++] = ' ';
     }
     for (size_t i = 0; i < n; i++) {
-        ucs4 c = t[i];
-        if (c < 0x80) {
-            w->bytes[len++] = (uint8_t)c;
-        }
-        else if (c < 0x800) {
-            w->bytes[len++] = (uint8_t)(0xC0 | c >> 6);
-            w->bytes[len++] = (uint8_t)(0x80 | (c & 0x3F));
-        }
-        else if (c < 0x10000) {
-            w->bytes[len++] = (uint8_t)(0xE0 | c >> 12);
-            w->bytes[len++] = (uint8_t)(0x80 | (c >> 6 & 0x3F));
-            w->bytes[len++] = (uint8_t)(0x80 | (c & 0x3F));
-        }
-        else {
-            w->bytes[len++] = (uint8_t)(0xF0 | c >> 18);
-            w->bytes[len++] = (uint8_t)(0x80 | (c >> 12 & 0x3F));
-            w->bytes[len++] = (uint8_t)(0x80 | (c >> 6 & 0x3F));
-            w->bytes[len++] = (uint8_t)(0x80 | (c & 0x3F));
-        }
+        len += utf8_put(w->bytes + len, t[i]);
     }
     uint64_t hash = 0;
     CacheEntry *entry = NULL;
     if (s->cache != NULL && len <= CACHE_BYTES) {
         hash = hash_bytes(w->bytes, len);
-        entry = &s->cache[hash & (CACHE_SLOTS - 1)];
-        if (entry->length == len && entry->hash == hash
-            && memcmp(entry->bytes, w->bytes, len) == 0) {
+        entry = cache_slot(s->cache, hash);
+        if (cache_holds(entry, hash, w->bytes, len)) {
             for (uint8_t i = 0; i < entry->count; i++) {
                 if (ids_push(out, b->id_objects[entry->ids[i]]) < 0) {
                     return -1;
@@ -1703,15 +1903,8 @@ bpe_word(const Bpe *b, const ucs4 *t, size_t n, int space_first, Scratch *s, IdB
     if (bpe_merge(b, w, len, out) < 0) {
         return -1;
     }
-    size_t count = out->len - mark;
-    if (entry != NULL && count <= CACHE_IDS) {
-        entry->hash = hash;
-        entry->length = (uint8_t)len;
-        entry->count = (uint8_t)count;
-        memcpy(entry->bytes, w->bytes, len);
-        if (count > 0) {
-            memcpy(entry->ids, w->result, count * sizeof(int32_t));
-        }
+    if (entry != NULL) {
+        cache_put(entry, hash, w->bytes, len, w->result, out->len - mark);
     }
     return 0;
 }
@@ -1844,21 +2037,9 @@ static int
 bpe_text(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
 {
     const Bpe *b = ctx;
-    int locked = PyThread_acquire_lock(b->cache_lock, NOWAIT_LOCK);
-    if (locked) {
-        s->cache = b->cache;
-    }
-    else if (s->may_own_cache) {
-        if (s->own_cache == NULL) { /* without memory for it, no cache */
-            s->own_cache = PyMem_RawCalloc(CACHE_SLOTS, sizeof(CacheEntry));
-        }
-        s->cache = s->own_cache;
-    }
+    int locked = cache_begin(&b->cache, s);
     int status = split_added(ctx, &b->raw_added, t, n, bpe_raw_piece, s, out);
-    s->cache = NULL;
-    if (locked) {
-        PyThread_release_lock(b->cache_lock);
-    }
+    cache_end(&b->cache, s, locked);
     return status;
 }
 
@@ -2046,10 +2227,7 @@ Bpe_dealloc(PyObject *self)
     }
     PyMem_Free(b->id_objects);
     PyMem_Free(b->merges);
-    PyMem_Free(b->cache);
-    if (b->cache_lock != NULL) {
-        PyThread_free_lock(b->cache_lock);
-    }
+    word_cache_free(&b->cache);
     PyMem_Free(b->words);
     PyMem_Free(b->word_bytes);
     added_set_clear(&b->raw_added);
@@ -2103,10 +2281,7 @@ Bpe_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     b->ignore_merges = ignore_merges;
     b->fuse_unk = fuse_unk;
     b->unk_id = -1;
-    b->cache = PyMem_Calloc(CACHE_SLOTS, sizeof(CacheEntry));
-    b->cache_lock = PyThread_allocate_lock();
-    if (b->cache == NULL || b->cache_lock == NULL) {
-        PyErr_NoMemory();
+    if (word_cache_init(&b->cache) < 0) {
         goto error;
     }
     if (build_bpe_vocab(b, vocab) < 0 || build_merges(b, vocab, merges) < 0) {

@@ -8,7 +8,10 @@ class WordPieceEncoder:
     """Text to content ids (no special tokens) with BERT normalization and WordPiece.
 
     Takes what `_tokenizer_py.WordPieceEncoder` takes; ids come back as `int`.
-    Read-only once built: threads may share one (encoding releases the GIL).
+    Threads may share one: encoding releases the GIL, and all it writes is a
+    word cache (1 MB: pieces of up to 22 UTF-8 bytes and their ids) guarded by
+    a lock that is only ever try-locked (a thread that finds it busy goes
+    without, a batch thread with a private one of its own).
     """
 
     def __init__(
@@ -37,9 +40,10 @@ class BPEEncoder:
     """Text to content ids with a byte-level pre-tokenizer and BPE merges.
 
     Takes what `_tokenizer_py.BPEEncoder` takes (token ids below 2**24). Threads
-    may share one: encoding releases the GIL, and the word cache inside is
-    guarded by a lock that is only ever try-locked (a batch thread that finds it
-    busy uses a private one of its own instead).
+    may share one: encoding releases the GIL, and all it writes is a word cache
+    (1 MB: words of up to 22 UTF-8 bytes and their ids) guarded by a lock that
+    is only ever try-locked (a thread that finds it busy goes without, a batch
+    thread with a private one of its own).
     """
 
     def __init__(

@@ -227,6 +227,104 @@ def test_threads_share_one_encoder(every_setting):
     assert results == [expected * 2] * 4
 
 
+# ------------------------------------------------------------ word caches
+
+# As in _tokenizer_c.c: each encoder caches words (WordPiece: pieces, after
+# normalization and the punctuation split) of up to CACHE_BYTES bytes of UTF-8
+# with up to CACHE_IDS ids, direct-mapped in CACHE_SLOTS entries; texts under
+# RELEASE_GIL_CHARS chars keep the GIL.
+CACHE_SLOTS, CACHE_BYTES, CACHE_IDS, RELEASE_GIL_CHARS = 16384, 22, 7, 256
+UNK = 100  # MiniLM's [UNK]
+
+
+def _cache_words() -> list[str]:
+    """Words that hit every branch of the WordPiece cache, and more distinct
+    words than it has entries (so entries get evicted and reused)."""
+    rng = random.Random(13)
+    alphabet = "abcdefghijklmnopqrstuvwxyzéüßçøπλжщ"
+    made = {"".join(rng.choices(alphabet, k=rng.randint(1, 14))) for _ in range(3 * CACHE_SLOTS)}
+    return [
+        "the", "Kitchen", "unaffable", "tokenization", "naïve", "a", "é", "x",
+        "a" * (CACHE_BYTES - 1), "a" * CACHE_BYTES, "a" * (CACHE_BYTES + 1),
+        "é" * (CACHE_BYTES // 2), "é" * (CACHE_BYTES // 2 + 1),
+        "antidisestablishmentarianism",  # over CACHE_BYTES chars
+        "достопримечательности",  # few enough chars, too many bytes
+        "qxqxqxqxqxqxqxqxqx",  # more ids than an entry holds
+        "🦜", "x🦜y", "ᚠᚢᚦ", "☃",  # [UNK]
+        "x" * 100, "x" * 101,  # max_input_chars_per_word: 101 chars are [UNK] at once
+        "don't", "a.b.c", "中文",  # split on punctuation and CJK before the cache
+    ] + sorted(made)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache_texts() -> list[str]:
+    """The cache words in texts of 40 words (each one past RELEASE_GIL_CHARS)."""
+    words = _cache_words()
+    random.Random(17).shuffle(words)
+    texts = [" ".join(words[i : i + 40]) for i in range(0, len(words), 40)]
+    assert min(map(len, texts[:-1])) >= RELEASE_GIL_CHARS
+    return texts
+
+
+def test_word_cache_gives_hf_ids_every_time(cache_texts):
+    tokenizers = pytest.importorskip("tokenizers")
+    hf = tokenizers.Tokenizer.from_file(str(REFERENCE))
+    hf.no_padding()
+    hf.no_truncation()
+    tok = Tokenizer.from_file(REFERENCE, backend="c")
+    words = _cache_words()
+    expected = [e.ids[1:-1] for e in hf.encode_batch(words)]
+    # The cases are there: unk pieces, ids past an entry, and a bigger set than the cache.
+    assert [UNK] in expected
+    short = [w for w, ids in zip(words, expected, strict=True) if len(w.encode()) <= CACHE_BYTES]
+    assert max(len(tok.encode(w)) - 2 for w in short) > CACHE_IDS
+    assert len(set(words)) > 2 * CACHE_SLOTS
+    # Word by word, with the GIL: cold, warm, then in another order (other evictions).
+    encode = tok._encoder.encode
+    assert [encode(w) for w in words] == expected
+    assert [encode(w) for w in words] == expected
+    assert [encode(w) for w in reversed(words)] == expected[::-1]
+    for word, ids in zip(words[:30], expected, strict=False):
+        assert [encode(word) for _ in range(5)] == [ids] * 5
+    # Whole texts, without the GIL: the same ids as HF, again and again.
+    hf_ids = [e.ids for e in hf.encode_batch(cache_texts)]
+    for texts in (cache_texts, cache_texts, cache_texts[::-1]):
+        got = [tok.encode(t) for t in texts]
+        assert got == (hf_ids if texts is cache_texts else hf_ids[::-1])
+    assert tok.encode_batch(cache_texts) == hf_ids
+
+
+def test_word_cache_shared_by_threads(cache_texts):
+    # Threads that release the GIL contend for the one cache: those that find
+    # it busy go without it (encode_batch threads with a private one).
+    tok = Tokenizer.from_file(REFERENCE, backend="c")
+    expected = [tok.encode(t) for t in cache_texts]
+    twin = Tokenizer.from_file(REFERENCE, backend="python")
+    assert [twin.encode(t) for t in cache_texts] == expected
+    n_threads = 6
+    results: list = [None] * n_threads
+
+    def work(k: int) -> None:
+        # Each thread its own order, so their words evict each other's.
+        order = list(range(len(cache_texts)))
+        random.Random(k).shuffle(order)
+        got = {}
+        for _ in range(2):
+            for i in order:
+                got.setdefault(i, []).append(tok.encode(cache_texts[i]))
+        batch = tok.encode_batch(cache_texts) if k % 2 else []
+        results[k] = ([got[i] for i in range(len(cache_texts))], batch)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(n_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k, (got, batch) in enumerate(results):
+        assert got == [[ids, ids] for ids in expected]
+        assert batch == (expected if k % 2 else [])
+
+
 # ------------------------------------------------------- memory and surface
 
 
