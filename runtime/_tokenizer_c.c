@@ -13,12 +13,12 @@
  *
  * Each call copies the text to a UCS4 buffer and then works without the GIL
  * (but for texts under RELEASE_GIL_CHARS); an encoder is read-only after
- * construction but for its word cache (1 MB of words and their ids, guarded
- * by a try-lock; see "word caches"), so threads may share one. encode_batch
+ * construction but for its word caches (a pool of 1 MB caches of words and
+ * their ids, one per thread encoding at the same time, each guarded by a
+ * try-lock; see "word caches"), so threads may share one. encode_batch
  * splits a big batch (BATCH_CHARS_PER_THREAD chars a thread) into contiguous
  * runs of texts and encodes them on up to BATCH_THREADS_MAX POSIX threads at
- * once, each with its own scratch and id buffers (and a private word cache
- * when the shared one is busy); a small batch, or a build without pthreads,
+ * once, each with its own scratch and id buffers; a small batch, or a build without pthreads,
  * runs on the calling thread. Allocation in the GIL-free part uses PyMem_Raw*,
  * the only allocator that allows it. Python objects in there are borrowed id
  * ints owned by the encoder, touched again only with the GIL.
@@ -181,14 +181,12 @@ typedef struct {
     HashBuf hashes;
     BpeBuf bpe;
     struct CacheEntry *cache;     /* the word cache this text may use; NULL: none */
-    struct CacheEntry *own_cache; /* a batch thread's private cache (made on first use) */
-    int may_own_cache;            /* a batch thread: own_cache when the shared one is busy */
+    int cache_index;              /* which of the encoder's caches s->cache is */
 } Scratch;
 
 static void
 scratch_free(Scratch *s)
 {
-    PyMem_RawFree(s->own_cache);
     PyMem_RawFree(s->norm.data);
     PyMem_RawFree(s->tmp.data);
     PyMem_RawFree(s->sorted.data);
@@ -211,10 +209,13 @@ scratch_free(Scratch *s)
  * ids, WordPiece's vocab entry indices (-1: unk).
  *
  * Encoding runs without the GIL and threads may share an encoder, so a lock
- * guards the cache: each text try-locks it once, and a thread that finds it
- * busy encodes that text without it instead of waiting (an encode_batch
- * thread: with a private cache of its own, made on first use and freed with
- * the batch). Never waiting, the lock is a bare atomic flag (a PyThread lock
+ * guards each cache. An encoder has a pool of CACHE_POOL caches: each text
+ * try-locks them in order and uses the first free one, so threads that encode
+ * at the same time (encode_batch's, or the application's) each keep a warm
+ * cache of their own; a cache is made the first time a thread needs it (one
+ * thread: 1 MB; each further concurrent thread: 1 MB more) and kept until the
+ * encoder goes. A text that finds every cache busy is encoded without one;
+ * nobody waits. Never waiting, a lock is a bare atomic flag (a PyThread lock
  * costs ~30 ns a text, 8% of a short one). */
 #define CACHE_SHIFT 14
 #define CACHE_SLOTS (1 << CACHE_SHIFT)
@@ -228,9 +229,14 @@ typedef struct CacheEntry {
     int32_t ids[CACHE_IDS];
 } CacheEntry;
 
+/* As many as encode_batch runs threads (BATCH_THREADS_MAX). */
+#define CACHE_POOL 8
+
 typedef struct {
-    CacheEntry *entries;
-    long busy; /* the lock: 1 while a text uses `entries` */
+    /* entries[i] is written only by the thread holding busy[i]: made by the
+     * first text that takes lock i (entries[0] at construction). */
+    CacheEntry *entries[CACHE_POOL];
+    long busy[CACHE_POOL]; /* lock i: 1 while a text uses entries[i] */
 } WordCache;
 
 /* Try-lock and unlock of a busy flag: acquire and release ordering. The
@@ -267,47 +273,55 @@ flag_unlock(const long *busy)
 static int
 word_cache_init(WordCache *c)
 {
-    c->entries = PyMem_Calloc(CACHE_SLOTS, sizeof(CacheEntry));
-    if (c->entries == NULL) {
+    memset(c, 0, sizeof(*c));
+    c->entries[0] = PyMem_RawCalloc(CACHE_SLOTS, sizeof(CacheEntry));
+    if (c->entries[0] == NULL) {
         PyErr_NoMemory();
         return -1;
     }
     return 0;
 }
 
-/* Also for a cache that word_cache_init never saw. */
+/* Also for a cache that word_cache_init never saw (all NULL). */
 static void
 word_cache_free(WordCache *c)
 {
-    PyMem_Free(c->entries);
-    c->entries = NULL;
+    for (int i = 0; i < CACHE_POOL; i++) {
+        PyMem_RawFree(c->entries[i]);
+        c->entries[i] = NULL;
+    }
 }
 
-/* The cache one text may use, in s->cache: the encoder's shared one if its
- * lock is free, else a batch thread's own, else none. Returns whether the
- * lock was taken; cache_end gives it back. */
-static int
+/* Takes the first free cache of the pool for one text, in s->cache (NULL:
+ * every cache busy, or no memory for a new one); cache_end gives it back. */
+static void
 cache_begin(const WordCache *c, Scratch *s)
 {
-    int locked = flag_try_lock(&c->busy);
-    if (locked) {
-        s->cache = c->entries;
-    }
-    else if (s->may_own_cache) {
-        if (s->own_cache == NULL) { /* without memory for it, no cache */
-            s->own_cache = PyMem_RawCalloc(CACHE_SLOTS, sizeof(CacheEntry));
+    WordCache *pool = (WordCache *)c; /* the locks and their caches are the mutable part */
+    s->cache = NULL;
+    for (int i = 0; i < CACHE_POOL; i++) {
+        if (!flag_try_lock(&pool->busy[i])) {
+            continue;
         }
-        s->cache = s->own_cache;
+        if (pool->entries[i] == NULL) {
+            pool->entries[i] = PyMem_RawCalloc(CACHE_SLOTS, sizeof(CacheEntry));
+        }
+        if (pool->entries[i] == NULL) {
+            flag_unlock(&pool->busy[i]);
+            return;
+        }
+        s->cache = pool->entries[i];
+        s->cache_index = i;
+        return;
     }
-    return locked;
 }
 
 static void
-cache_end(const WordCache *c, Scratch *s, int locked)
+cache_end(const WordCache *c, Scratch *s)
 {
-    s->cache = NULL;
-    if (locked) {
-        flag_unlock(&c->busy);
+    if (s->cache != NULL) {
+        s->cache = NULL;
+        flag_unlock(&((WordCache *)c)->busy[s->cache_index]);
     }
 }
 
@@ -878,9 +892,9 @@ static int
 encode_text(const void *ctx, const ucs4 *text, size_t n, Scratch *s, IdBuf *out)
 {
     const Encoder *e = ctx;
-    int locked = cache_begin(&e->cache, s);
+    cache_begin(&e->cache, s);
     int status = split_added(e, &e->raw_added, text, n, encode_raw_piece, s, out);
-    cache_end(&e->cache, s, locked);
+    cache_end(&e->cache, s);
     return status;
 }
 
@@ -1491,7 +1505,6 @@ encode_many(PyObject *self, PyObject *texts, piece_fn encode_text, int replace_s
         p->chars = chars;
         p->char_ends = char_ends;
         p->id_ends = id_ends;
-        p->s.may_own_cache = n_parts > 1;
         p->first = next;
         if (k == n_parts - 1) {
             next = count;
@@ -2037,9 +2050,9 @@ static int
 bpe_text(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
 {
     const Bpe *b = ctx;
-    int locked = cache_begin(&b->cache, s);
+    cache_begin(&b->cache, s);
     int status = split_added(ctx, &b->raw_added, t, n, bpe_raw_piece, s, out);
-    cache_end(&b->cache, s, locked);
+    cache_end(&b->cache, s);
     return status;
 }
 

@@ -8,10 +8,10 @@ class WordPieceEncoder:
     """Text to content ids (no special tokens) with BERT normalization and WordPiece.
 
     Takes what `_tokenizer_py.WordPieceEncoder` takes; ids come back as `int`.
-    Threads may share one: encoding releases the GIL, and all it writes is a
-    word cache (1 MB: pieces of up to 22 UTF-8 bytes and their ids) guarded by
-    a lock that is only ever try-locked (a thread that finds it busy goes
-    without, a batch thread with a private one of its own).
+    Threads may share one: encoding releases the GIL, and all it writes is its
+    word caches (pieces of up to 22 UTF-8 bytes and their ids; 1 MB for each
+    thread that encodes at the same time as others, up to 8, made when first
+    needed and kept), each guarded by a lock that is only ever try-locked.
     """
 
     def __init__(
@@ -40,10 +40,10 @@ class BPEEncoder:
     """Text to content ids with a byte-level pre-tokenizer and BPE merges.
 
     Takes what `_tokenizer_py.BPEEncoder` takes (token ids below 2**24). Threads
-    may share one: encoding releases the GIL, and all it writes is a word cache
-    (1 MB: words of up to 22 UTF-8 bytes and their ids) guarded by a lock that
-    is only ever try-locked (a thread that finds it busy goes without, a batch
-    thread with a private one of its own).
+    may share one: encoding releases the GIL, and all it writes is its word
+    caches (words of up to 22 UTF-8 bytes and their ids; 1 MB for each thread
+    that encodes at the same time as others, up to 8, made when first needed
+    and kept), each guarded by a lock that is only ever try-locked.
     """
 
     def __init__(

