@@ -99,9 +99,10 @@ def measure(encode, encode_batch, short, paragraphs, rounds: int, share: int = 1
 
 
 def c_batch_threads(texts: list[str]) -> int:
-    """Threads the C `encode_batch` uses for `texts` (the rule in runtime/_tokenizer_c.c)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cpus or 1, 8, sum(map(len, texts)) // 32768, len(texts)))
+    """Threads the C `encode_batch` uses for `texts` (asked of the extension itself)."""
+    from runtime import _tokenizer_c
+
+    return _tokenizer_c.batch_threads(sum(map(len, texts)), len(texts))
 
 
 def cold(tok):

@@ -2448,11 +2448,37 @@ static PyModuleDef_Slot module_slots[] = {
     {0, NULL},
 };
 
+/* batch_threads for Python: how many threads encode_batch would use. */
+static PyObject *
+module_batch_threads(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        return PyErr_Format(PyExc_TypeError, "batch_threads() takes 2 arguments (%zd given)",
+                            nargs);
+    }
+    Py_ssize_t chars = PyLong_AsSsize_t(args[0]), count = PyLong_AsSsize_t(args[1]);
+    if ((chars == -1 || count == -1) && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (chars < 0 || count < 0) {
+        return PyErr_Format(PyExc_ValueError, "batch_threads() takes counts >= 0");
+    }
+    return PyLong_FromLong(batch_threads((size_t)chars, count));
+}
+
+static PyMethodDef module_methods[] = {
+    {"batch_threads", (PyCFunction)(void (*)(void))module_batch_threads, METH_FASTCALL,
+     PyDoc_STR("batch_threads(chars, texts, /)\n--\n\n"
+               "Threads encode_batch uses for `texts` texts of `chars` chars in all here.")},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "runtime._tokenizer_c",
     .m_doc = "C twin of runtime._tokenizer_py: WordPiece and byte-level BPE, text in, ids out.",
     .m_size = 0,
+    .m_methods = module_methods,
     .m_slots = module_slots,
 };
 

@@ -67,3 +67,6 @@ class BPEEncoder:
         A big batch is split into contiguous runs of texts encoded on several
         threads at once (one per 32k chars, at most 8 and the usable CPUs).
         """
+
+def batch_threads(chars: int, texts: int, /) -> int:
+    """Threads `encode_batch` uses here for `texts` texts of `chars` chars in all."""

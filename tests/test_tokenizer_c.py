@@ -407,9 +407,12 @@ def test_stub_matches_the_module():
         stub = Path(__file__).resolve().parents[1] / "runtime" / "_tokenizer_c.pyi"
     tree = ast.parse(stub.read_text(encoding="utf-8"))
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
     public = {name for name in vars(_tokenizer_c) if not name.startswith("_")}
-    assert set(classes) == public == {"WordPieceEncoder", "BPEEncoder"}
-    for name in public:
+    assert set(classes) | functions == public
+    assert set(classes) == {"WordPieceEncoder", "BPEEncoder"}
+    assert functions == {"batch_threads"}
+    for name in classes:
         methods = {n.name for n in classes[name].body if isinstance(n, ast.FunctionDef)}
         have = {attr for attr in vars(getattr(_tokenizer_c, name)) if not attr.startswith("_")}
         assert methods - {"__init__"} == have == {"encode", "encode_batch"}
@@ -634,3 +637,16 @@ def test_big_batches_split_over_threads_match_encode_and_hf(real_texts, smollm2_
         assert [e.ids for e in hf.encode_batch(hf_texts)] == expected
         for batch in lopsided:
             assert tok.encode_batch(batch) == [tok.encode(t) for t in batch]
+
+
+def test_batch_threads_rule():
+    # One per 32k chars, at most one a text, a usable CPU, or 8; 1: the caller alone.
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert _tokenizer_c.batch_threads(0, 0) == 1
+    assert _tokenizer_c.batch_threads(32767 * 2, 1000) == 1
+    assert _tokenizer_c.batch_threads(10**8, 1) == 1
+    assert _tokenizer_c.batch_threads(10**8, 10**6) == min(cpus, 8)
+    with pytest.raises(ValueError):
+        _tokenizer_c.batch_threads(-1, 3)
