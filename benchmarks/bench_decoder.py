@@ -121,9 +121,9 @@ def timing(variant: str, args) -> dict:
     """One more timed round of one variant, in a fresh process, after a warm-up round."""
     ids = eval_ids(Path(args.tokenizer), args.window, args.windows)
     short = [int(t) for t in args.prompt_ids.split(",")]
-    step = load(variant, args)
-    time_round(step, prompt_128(ids), short, args.new_tokens)
-    return time_round(step, prompt_128(ids), short, args.new_tokens)
+    long_prompt, step = prompt_128(ids), load(variant, args)
+    time_round(step, long_prompt, short, args.new_tokens)
+    return time_round(step, long_prompt, short, args.new_tokens)
 
 
 def onnx_variant(args, variant: str) -> dict:
