@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent
 
 class BuildExt(build_ext):
     def build_extension(self, ext):
+        if ext.name != "runtime._tokenizer_c":
+            return super().build_extension(ext)
         header_dir = Path(self.build_temp).resolve() / "generated"
         header = header_dir / "_tokenizer_tables.h"
         command = [sys.executable, str(ROOT / "runtime" / "_gen_tables.py"), str(header)]
@@ -42,7 +44,16 @@ setup(
             extra_compile_args=["-O2", "-pthread"] if sys.platform != "win32" else ["/O2"],
             extra_link_args=["-pthread"] if sys.platform != "win32" else [],
             optional=True,
-        )
+        ),
+        Extension(
+            "runtime._kernels",
+            sources=["runtime/_kernels.c"],
+            depends=["runtime/_q4_math.h"],
+            # the vector paths are compiled per function (target attributes) and chosen
+            # at run time, so the library itself needs no -march
+            extra_compile_args=["-O2"] if sys.platform != "win32" else ["/O2"],
+            optional=True,
+        ),
     ],
     cmdclass={"build_ext": BuildExt},
 )

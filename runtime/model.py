@@ -27,13 +27,28 @@ from .stages import StagedSession, run_batches
 from .tokenizer import Tokenizer
 
 
+def kernel_library() -> str | None:
+    """Path of runtime._kernels, our onnxruntime custom-op library, or None where it was not
+    built (no C compiler at install) or runs nothing on this CPU (`_kernels.isa()` "off")."""
+    try:
+        from . import _kernels
+    except ImportError:
+        return None
+    return None if _kernels.isa() == "off" else _kernels.__file__
+
+
 def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = True,
-                providers: Sequence[str] = ("CPUExecutionProvider",)):
+                providers: Sequence[str] = ("CPUExecutionProvider",), kernels: bool = True):
     """An onnxruntime session with explicit threading.
 
     `spinning=False` stops ONNX Runtime's worker threads from busy-waiting after each call:
     on a device that also runs the application, spinning threads steal its cores (measured:
     latency doubles on a busy 2-core machine).
+
+    `kernels` registers our custom-op library (runtime/_kernels.c) in a CPU-only session:
+    graph nodes it implements (4-bit GGUF blocks with float activations) then run our
+    kernel instead of their function body in standard ops. Bundles do not need it: without
+    the library, or with `kernels=False`, the same graph runs on standard ops.
     """
     import onnxruntime as ort
 
@@ -46,6 +61,11 @@ def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = 
     available = set(ort.get_available_providers())
     chosen = [p for p in providers  # a name, or (name, options) as onnxruntime takes it
               if (p[0] if isinstance(p, tuple) else p) in available] or ["CPUExecutionProvider"]
+    library = kernel_library() if kernels else None
+    if library is not None and all((p[0] if isinstance(p, tuple) else p)
+                                   == "CPUExecutionProvider" for p in chosen):
+        # in a GPU session the node stays a function, which the GPU provider can take
+        options.register_custom_ops_library(library)
     model = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(model, options, providers=chosen)
 

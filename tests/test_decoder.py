@@ -404,8 +404,11 @@ def test_exact_mode_matches_float_and_transformers(smollm2_bundle, smollm2_check
     ops = [n for n in graph.node if n.op_type == "MatMulNBits"]
     attrs = {n.name: {a.name: a.i for a in n.attribute} for n in ops}
     layers = [a for name, a in attrs.items() if name.startswith("layers.")]
-    assert len(layers) == 4 * 30 and {(a["accuracy_level"], a["bits"]) for a in layers} == {
-        (0, 4)}
+    # Q4_1 products: MatMul4BitOffsets (float activations, see test_kernels.py), or where its
+    # float16 tables are not exact MatMulNBits with float activations
+    fused = [n for n in graph.node if n.op_type == "MatMul4BitOffsets"]
+    assert len(layers) + len(fused) == 4 * 30 and len(layers) <= 2
+    assert {(a["accuracy_level"], a["bits"]) for a in layers} <= {(0, 4)}
     # the head: 8-bit blocks with int8 activations, its top 64 logits recomputed in float
     assert (attrs["lm_head"]["accuracy_level"], attrs["lm_head"]["bits"]) == (4, 8)
     assert {"TopK", "GatherBlockQuantized", "ScatterElements"} <= {n.op_type for n in graph.node}
@@ -454,7 +457,7 @@ def test_refined_head_makes_the_top_logits_exact(smollm2_checkpoint, tmp_path):
     assert all(len(n.input) == 3 for n in nbits if n.name.startswith("layers."))
     levels = {n.name: [a.i for a in n.attribute if a.name == "accuracy_level"][0] for n in nbits}
     assert levels["lm_head"] == 4
-    assert {v for k, v in levels.items() if k.startswith("layers.")} == {0}
+    assert {v for k, v in levels.items() if k.startswith("layers.")} <= {0}
     graph = build(shape, w, accuracy_level=4, int8_accuracy_level=4)
     onnx.save(graph, tmp_path / "fast.onnx")
     fast = OnnxDecoder(tmp_path / "fast.onnx", shape).logits(ids)

@@ -1,0 +1,173 @@
+"""Our onnxruntime kernels (runtime/_kernels.c) against the standard-op function body they
+replace, on SmolLM2's real GGUF Q4_1 blocks.
+
+A bundle holds `edge_exporter.MatMul4BitOffsets` as a model-local function: without our
+library onnxruntime inlines its body (MatMulNBits + block sums @ offsets); with it, the node
+runs our kernel. Both must compute w = d*(q - 8) + o, and the library must actually take the
+node (else the speed is silently lost). Every vector path is checked: EDGE_Q4_ISA picks one
+when a session is made. Skipped where the extension is not built (pip install -e . builds it).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from exporter import gguf
+from exporter.decoder_graph import EDGE, MS, _offset_tables, q4_offsets_function
+from runtime.model import kernel_library, ort_session
+
+_kernels = pytest.importorskip("runtime._kernels",
+                               reason="kernels not built (pip install -e . builds them)")
+BEST = _kernels.isa()
+# every path this CPU runs, the scalar reference included
+PATHS = {"avx512": ["avx512", "avx2", "scalar"], "avx2": ["avx2", "scalar"]}.get(BEST, ["scalar"])
+
+
+@pytest.fixture(scope="module")
+def q4_1():
+    """Layer 0's qkv, gate_up and down of the packaged SmolLM2 GGUF (Q4_1, carried exactly)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(gguf.checkpoint(gguf.packaged_gguf("smollm2"),
+                                                        log=lambda line: None))
+    w = gguf.carried_weights(gguf.packaged_gguf("smollm2"), config)
+    return {"qkv": w.qkv[0], "gate_up": w.gate_up[0], "down": w.down[0]}
+
+
+def _model(linear, k: int | None = None) -> bytes:
+    """One MatMul4BitOffsets node over `linear`'s tables; `k` declares another K (broken)."""
+    d, o = _offset_tables(linear)
+    n, k = linear.out_features, k or linear.in_features
+    node = helper.make_node("MatMul4BitOffsets", ["x", "codes", "d", "o"], ["y"], domain=EDGE,
+                            K=k, N=n)
+    graph = helper.make_graph(
+        [node], "q4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "rows", "k"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "rows", n])],
+        [numpy_helper.from_array(linear.codes, "codes"), numpy_helper.from_array(d, "d"),
+         numpy_helper.from_array(o, "o")])
+    model = helper.make_model(graph, functions=[q4_offsets_function()], opset_imports=[
+        helper.make_opsetid("", 21), helper.make_opsetid(MS, 1), helper.make_opsetid(EDGE, 1)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def _session(model: bytes, monkeypatch, isa: str | None, **kwargs):
+    monkeypatch.setenv("EDGE_Q4_ISA", isa or "off")
+    return ort_session(model, threads=2, kernels=isa is not None, **kwargs)
+
+
+def test_real_q4_1_tables_fit_the_kernel(q4_1):
+    """GGUF's d and m + 8d are exact in float16 for these matrices, and the tables rebuild
+    the carried weights exactly."""
+    for linear in q4_1.values():
+        d, o = _offset_tables(linear)
+        q = np.stack([linear.codes & 15, linear.codes >> 4], -1).reshape(
+            linear.out_features, -1, 32).astype(np.float64)
+        w = d.astype(np.float64)[..., None] * (q - 8) + o.T.astype(np.float64)[..., None]
+        assert np.array_equal(w.reshape(linear.out_features, -1), linear.dequantize())
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("rows", [1, 3, 5, 16, 37])
+def test_kernel_equals_the_function_body(q4_1, monkeypatch, isa, rows):
+    """Every path, for decode (1 row), a few rows and prefill (16+, the GEMM path, with a
+    partial group of rows), on real activations' scale: within float rounding of a float64
+    product, as close as onnxruntime's own MatMulNBits."""
+    rng = np.random.default_rng(rows)
+    for name, linear in q4_1.items():
+        model = _model(linear)
+        x = rng.standard_normal((1, rows, linear.in_features)).astype(np.float32)
+        exact = x.astype(np.float64) @ linear.dequantize().astype(np.float64).T
+        scale = np.abs(exact).max()
+        body = _session(model, monkeypatch, None).run(None, {"x": x})[0]
+        ours = _session(model, monkeypatch, isa).run(None, {"x": x})[0]
+        assert np.abs(body - exact).max() <= 2e-6 * scale, name
+        assert np.abs(ours - exact).max() <= 2e-6 * scale, (name, isa, rows)
+
+
+def _node_ops(session) -> set[str]:
+    path = session.end_profiling()
+    events = json.loads(open(path).read())
+    return {e["args"]["op_name"] for e in events if e.get("cat") == "Node"}
+
+
+def test_the_library_takes_the_node_and_the_body_runs_without_it(q4_1, monkeypatch, tmp_path):
+    """Profiled: with the library the node runs as one MatMul4BitOffsets kernel; without it
+    (not registered, or EDGE_Q4_ISA=off on a CPU without a path) its body's MatMulNBits."""
+    import onnxruntime as ort
+
+    model = _model(q4_1["qkv"])
+    x = np.ones((1, 1, 576), np.float32)
+    for isa, expect in ((BEST if BEST != "off" else "scalar", "MatMul4BitOffsets"),
+                        (None, "MatMulNBits")):
+        monkeypatch.setenv("EDGE_Q4_ISA", isa or "off")
+        options = ort.SessionOptions()
+        options.enable_profiling = True
+        options.profile_file_prefix = str(tmp_path / "profile")
+        if isa is not None:
+            options.register_custom_ops_library(_kernels.__file__)
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        session.run(None, {"x": x})
+        ops = _node_ops(session)
+        assert expect in ops and ({"MatMul4BitOffsets", "MatMulNBits"} - {expect}).isdisjoint(
+            ops), (isa, ops)
+    monkeypatch.setenv("EDGE_Q4_ISA", "off")
+    assert _kernels.isa() == "off" and kernel_library() is None
+
+
+def test_bad_shapes_are_refused_with_the_op_name(q4_1, monkeypatch):
+    """A node whose K does not match its tables, or an x whose last dimension is not K,
+    fails with a message naming the op, not a crash or a wrong answer; no rows is fine."""
+    linear = q4_1["qkv"]
+    broken = _model(linear, k=608)   # the tables hold K = 576
+    with pytest.raises(Exception, match="MatMul4BitOffsets: codes are not"):
+        _session(broken, monkeypatch, PATHS[0]).run(None, {"x": np.ones((1, 1, 608), np.float32)})
+    session = _session(_model(linear), monkeypatch, PATHS[0])
+    with pytest.raises(Exception, match="MatMul4BitOffsets: x's last dimension is not K"):
+        session.run(None, {"x": np.ones((1, 1, 575), np.float32)})
+    assert session.run(None, {"x": np.ones((1, 0, 576), np.float32)})[0].shape == (1, 0, 960)
+    assert session.run(None, {"x": np.ones((1, 1, 576), np.float32)})[0].shape == (1, 1, 960)
+
+
+def test_bundle_with_and_without_kernels(smollm2_bundle, monkeypatch):
+    """The default SmolLM2 bundle: its Q4_1 products are MatMul4BitOffsets nodes (all but the
+    two matrices whose m + 8d is not exact in float16), and the runtime's session with our
+    kernels and one without agree on the logits to float rounding and on every greedy
+    token."""
+    import onnx
+
+    from runtime.generate import Decoder, generate_tokens
+
+    graph = onnx.load(smollm2_bundle / "model.onnx", load_external_data=False).graph
+    fused = [n for n in graph.node if n.op_type == "MatMul4BitOffsets"]
+    unfused = [n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("layers.")]
+    assert len(fused) + len(unfused) == 4 * 30 and len(unfused) <= 2
+    ids = list(range(1000, 1040))
+    runs = {}
+    for isa in (PATHS[0], None):
+        monkeypatch.setenv("EDGE_Q4_ISA", isa or "off")
+        decoder = Decoder(ort_session(smollm2_bundle / "model.onnx", threads=2,
+                                      kernels=isa is not None), context=256)
+        logits = decoder.forward(ids)
+        tokens = list(generate_tokens(decoder, ids, max_new_tokens=24, eos=set(),
+                                      temperature=0, top_k=0, top_p=1.0, seed=None))
+        runs[isa] = logits, tokens
+    (ours, ours_tokens), (body, body_tokens) = runs[PATHS[0]], runs[None]
+    assert np.abs(ours - body).max() <= 1e-3 * np.abs(body).max()
+    assert ours_tokens == body_tokens
+
+
+def test_stub_lists_the_module_surface():
+    """runtime/_kernels.pyi declares exactly what the module exports."""
+    import ast
+    from pathlib import Path
+
+    stub = Path(__file__).resolve().parents[1] / "runtime" / "_kernels.pyi"
+    declared = {node.name for node in ast.parse(stub.read_text()).body
+                if isinstance(node, ast.FunctionDef)}
+    assert declared == {name for name in dir(_kernels) if not name.startswith("_")}
+    assert BEST in {"avx512", "avx2", "off"}
