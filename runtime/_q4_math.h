@@ -160,6 +160,12 @@ q4_columns_scalar(const q4_product *p, int64_t n0, int64_t n1)
 #define Q4_X86 1
 #include <immintrin.h>
 
+/* Bytes ahead of the codes being read that a step asks the cache for: a decode step reads
+ * every weight once, and the hardware prefetcher alone left SmolLM2's decode waiting on
+ * memory (measured: 65 -> 80-87 tokens/s at 2048-3072, 70 at 1024, 74 at 4096). */
+#ifndef Q4_PREFETCH
+#define Q4_PREFETCH 2048
+#endif
 #define Q4_CHUNK 16   /* columns whose offsets are added as one vector */
 
 /* y[r, n:n+16] += sum_b o[b, n:n+16] * s[r, b] for every row (two chains, for latency). */
@@ -212,6 +218,14 @@ q4_step_avx512(const q4_product *p, int64_t r0, const int rows, int64_t n, __m51
             }
         }
         __m512 lo[Q4_COLS], hi[Q4_COLS];
+        if (Q4_PREFETCH && b % 4 == 0)
+            Q4_UNROLL
+            for (int c = 0; c < Q4_COLS; c++)
+                _mm_prefetch((const char *)(p->codes + ((n + c) * p->blocks + b) * (Q4_BLOCK / 2)
+                                            + Q4_PREFETCH), _MM_HINT_T0);
+        if (Q4_PREFETCH && b % 32 == 0)
+            _mm_prefetch((const char *)(p->scales + n * p->blocks + b) + Q4_PREFETCH / 8,
+                         _MM_HINT_T0);
         Q4_UNROLL
         for (int c = 0; c < Q4_COLS; c++) {
             const int64_t at = (n + c) * p->blocks + b;
@@ -350,6 +364,11 @@ q4_step_avx2(const q4_product *p, int64_t r0, const int rows, int64_t n)
         for (int c = 0; c < Q4_COLS; c++)
             acc[r][c] = _mm256_setzero_ps();
     for (int64_t b = 0; b < p->blocks; b++) {
+        if (Q4_PREFETCH && b % 4 == 0)
+            Q4_UNROLL
+            for (int c = 0; c < Q4_COLS; c++)
+                _mm_prefetch((const char *)(p->codes + ((n + c) * p->blocks + b) * (Q4_BLOCK / 2)
+                                            + Q4_PREFETCH), _MM_HINT_T0);
         Q4_UNROLL
         for (int c = 0; c < Q4_COLS; c++) {
             const int64_t at = (n + c) * p->blocks + b;
@@ -397,10 +416,73 @@ q4_offsets_avx2(const q4_product *p, int64_t n)
     }
 }
 
+/* Prefill on AVX2: as q4_rows_avx512, 16 columns as two 8-lane halves, 4 rows at a time
+ * (8 accumulators of 16 registers); the tile is widened with scalar stores. */
+__attribute__((target("avx2,fma,f16c"))) static void
+q4_tile_avx2(const q4_product *p, int64_t n, int64_t b0, int64_t b1, float *tile)
+{
+    for (int c = 0; c < Q4_CHUNK; c++) {
+        const uint16_t *d = p->scales + (n + c) * p->blocks;
+        const uint8_t *codes = p->codes + (n + c) * p->blocks * (Q4_BLOCK / 2);
+        for (int64_t b = b0; b < b1; b++) {
+            const float scale = _cvtsh_ss(d[b]);
+            float *at = tile + (b - b0) * Q4_BLOCK * Q4_CHUNK + c;
+            for (int j = 0; j < Q4_BLOCK / 2; j++) {
+                const uint8_t byte = codes[b * (Q4_BLOCK / 2) + j];
+                at[(2 * j) * Q4_CHUNK] = scale * (float)((byte & 15) - 8);
+                at[(2 * j + 1) * Q4_CHUNK] = scale * (float)((byte >> 4) - 8);
+            }
+        }
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void
+q4_rows_avx2(const q4_product *p, int64_t n, int64_t k0, int64_t k1, const float *tile, int first)
+{
+    const int64_t k = p->blocks * Q4_BLOCK;
+    for (int64_t r0 = 0; r0 < p->m; r0 += 4) {
+        const float *x = p->xg + (r0 / Q4_GROUP) * Q4_GROUP * k + r0 % Q4_GROUP;
+        const int rows = p->m - r0 < 4 ? (int)(p->m - r0) : 4;
+        __m256 acc[4][2];
+        Q4_UNROLL
+        for (int r = 0; r < 4; r++)
+            Q4_UNROLL
+            for (int h = 0; h < 2; h++)
+                acc[r][h] = first || r >= rows
+                    ? _mm256_setzero_ps() : _mm256_loadu_ps(p->y + (r0 + r) * p->n + n + 8 * h);
+        for (int64_t i = k0; i < k1; i++) {
+            const __m256 w0 = _mm256_loadu_ps(tile + (i - k0) * Q4_CHUNK);
+            const __m256 w1 = _mm256_loadu_ps(tile + (i - k0) * Q4_CHUNK + 8);
+            Q4_UNROLL
+            for (int r = 0; r < 4; r++) {
+                const __m256 xr = _mm256_broadcast_ss(x + i * Q4_GROUP + r);
+                acc[r][0] = _mm256_fmadd_ps(w0, xr, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(w1, xr, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < rows; r++)
+            for (int h = 0; h < 2; h++)
+                _mm256_storeu_ps(p->y + (r0 + r) * p->n + n + 8 * h, acc[r][h]);
+    }
+}
+
 __attribute__((target("avx2,fma,f16c"))) static void
 q4_columns_avx2(const q4_product *p, int64_t n0, int64_t n1)
 {
     int64_t n = n0;
+    if (p->xg != NULL) {
+        float tile[Q4_SLAB * Q4_BLOCK * Q4_CHUNK];
+        for (; n + Q4_CHUNK <= n1; n += Q4_CHUNK) {
+            for (int64_t b = 0; b < p->blocks; b += Q4_SLAB) {
+                const int64_t b1 = b + Q4_SLAB < p->blocks ? b + Q4_SLAB : p->blocks;
+                q4_tile_avx2(p, n, b, b1, tile);
+                q4_rows_avx2(p, n, b * Q4_BLOCK, b1 * Q4_BLOCK, tile, b == 0);
+            }
+            q4_offsets_avx2(p, n);
+        }
+        q4_columns_scalar(p, n, n1);
+        return;
+    }
     for (; n + Q4_CHUNK <= n1; n += Q4_CHUNK) {
         for (int64_t c = n; c < n + Q4_CHUNK; c += Q4_COLS) {
             int64_t r = 0;
