@@ -131,6 +131,15 @@ q4_prepare_rows(const float *x, int64_t m, int64_t k, float *xg, float *sums)
     }
 }
 
+/* x[r, i], from whichever layout the call prepared (xs, or xg for the GEMM paths). */
+static inline float
+q4_x(const q4_product *p, int64_t r, int64_t i)
+{
+    if (p->xs != NULL)
+        return q4_xs(p->xs, p->blocks, r, i / Q4_BLOCK)[(i % 2) * (Q4_BLOCK / 2) + (i % Q4_BLOCK) / 2];
+    return p->xg[((r / Q4_GROUP) * p->blocks * Q4_BLOCK + i) * Q4_GROUP + r % Q4_GROUP];
+}
+
 /* Columns [n0, n1) of every row, one column at a time: the reference the vector paths are
  * tested against (tests/test_kernels.py) and the tail they leave. */
 static void
@@ -141,11 +150,10 @@ q4_columns_scalar(const q4_product *p, int64_t n0, int64_t n1)
             float total = 0.0f;
             for (int64_t b = 0; b < p->blocks; b++) {
                 const uint8_t *c = p->codes + (n * p->blocks + b) * (Q4_BLOCK / 2);
-                const float *xs = q4_xs(p->xs, p->blocks, r, b);
                 float block = 0.0f;
                 for (int j = 0; j < Q4_BLOCK / 2; j++) {
-                    block += (float)((c[j] & 15) - 8) * xs[j];
-                    block += (float)((c[j] >> 4) - 8) * xs[Q4_BLOCK / 2 + j];
+                    block += (float)((c[j] & 15) - 8) * q4_x(p, r, b * Q4_BLOCK + 2 * j);
+                    block += (float)((c[j] >> 4) - 8) * q4_x(p, r, b * Q4_BLOCK + 2 * j + 1);
                 }
                 total += q4_half(p->scales[n * p->blocks + b]) * block;
             }
@@ -156,7 +164,7 @@ q4_columns_scalar(const q4_product *p, int64_t n0, int64_t n1)
     }
 }
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(Q4_NO_X86)
 #define Q4_X86 1
 #include <immintrin.h>
 

@@ -89,6 +89,34 @@ def test_kernel_equals_the_function_body(q4_1, monkeypatch, isa, rows):
         assert np.abs(ours - exact).max() <= 2e-6 * scale, (name, isa, rows)
 
 
+@pytest.mark.parametrize("isa", PATHS)
+def test_column_and_row_tails(monkeypatch, isa):
+    """Shapes SmolLM2 does not have: N not a multiple of the 16-column chunk (the scalar
+    tail, also after the GEMM path) and K of 1 or 3 blocks, for decode and prefill rows."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(7)
+    for k, n in ((32, 20), (96, 40), (64, 3)):
+        blocks = k // 32
+        codes = rng.integers(0, 256, (n, blocks, 16), dtype=np.uint8)
+        d = (rng.random((n, blocks)) * 0.05).astype(np.float16)
+        o = (rng.standard_normal((blocks, n)) * 0.1).astype(np.float16)
+        q = np.stack([codes & 15, codes >> 4], -1).reshape(n, blocks, 32).astype(np.float64)
+        w = (d.astype(np.float64)[..., None] * (q - 8)
+             + o.T.astype(np.float64)[..., None]).reshape(n, k)
+        # a Linear whose tables are exactly d and o: m = o - 8d
+        linear = SimpleNamespace(bits=4, block_size=32, codes=codes, bias=None,
+                                 scales=d.astype(np.float32), zero_points=np.zeros(1, np.uint8),
+                                 offsets=(o.T.astype(np.float64) - 8 * d.astype(np.float64)),
+                                 out_features=n, in_features=k)
+        model = _model(linear)
+        for rows in (1, 5, 17, 33):
+            x = rng.standard_normal((1, rows, k)).astype(np.float32)
+            exact = x.astype(np.float64) @ w.T
+            ours = _session(model, monkeypatch, isa).run(None, {"x": x})[0]
+            assert np.abs(ours - exact).max() <= 1e-5 * np.abs(exact).max(), (k, n, rows)
+
+
 def _node_ops(session) -> set[str]:
     path = session.end_profiling()
     events = json.loads(open(path).read())
