@@ -314,6 +314,40 @@ q4_rows_avx512(const q4_product *p, int64_t n, int64_t k0, int64_t k1, const flo
     }
 }
 
+/* As q4_rows_avx512 for two chunks side by side (32 columns), 8 rows at a time: 10 loads
+ * per 16 FMAs instead of 17 (measured, 128 rows, one thread: 1.21x -> 1.06x MLAS's time
+ * on 576 x 3072, 1.41x -> 1.28x on 1536 x 576). */
+__attribute__((target("avx512f,avx512bw,avx512dq,fma,f16c"))) static void
+q4_rows2_avx512(const q4_product *p, int64_t n, int64_t k0, int64_t k1, const float *tiles,
+                int first)
+{
+    const int64_t k = p->blocks * Q4_BLOCK, width = (k1 - k0) * Q4_CHUNK;
+    for (int64_t r0 = 0; r0 < p->m; r0 += 8) {
+        const float *x = p->xg + (r0 / Q4_GROUP) * Q4_GROUP * k + r0 % Q4_GROUP;
+        const int rows = p->m - r0 < 8 ? (int)(p->m - r0) : 8;
+        __m512 acc[8][2];
+        Q4_UNROLL
+        for (int r = 0; r < 8; r++)
+            Q4_UNROLL
+            for (int h = 0; h < 2; h++)
+                acc[r][h] = first || r >= rows ? _mm512_setzero_ps()
+                    : _mm512_loadu_ps(p->y + (r0 + r) * p->n + n + h * Q4_CHUNK);
+        for (int64_t i = k0; i < k1; i++) {
+            const __m512 w0 = _mm512_loadu_ps(tiles + (i - k0) * Q4_CHUNK);
+            const __m512 w1 = _mm512_loadu_ps(tiles + width + (i - k0) * Q4_CHUNK);
+            Q4_UNROLL
+            for (int r = 0; r < 8; r++) {
+                const __m512 xr = _mm512_set1_ps(x[i * Q4_GROUP + r]);
+                acc[r][0] = _mm512_fmadd_ps(w0, xr, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(w1, xr, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < rows; r++)
+            for (int h = 0; h < 2; h++)
+                _mm512_storeu_ps(p->y + (r0 + r) * p->n + n + h * Q4_CHUNK, acc[r][h]);
+    }
+}
+
 /* Columns [n0, n1): 16 rows or more as a GEMM over float tiles (q4_rows_avx512), fewer
  * rows in steps of 4, then 1, columns at a time (decode). */
 __attribute__((target("avx512f,avx512bw,avx512dq,fma,f16c"))) static void
@@ -322,13 +356,22 @@ q4_columns_avx512(const q4_product *p, int64_t n0, int64_t n1)
     const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     const int64_t end = n0 + (n1 - n0) / Q4_CHUNK * Q4_CHUNK;   /* whole chunks */
     if (p->xg != NULL) {
-        float tile[Q4_SLAB * Q4_BLOCK * Q4_CHUNK];
+        float tile[2 * Q4_SLAB * Q4_BLOCK * Q4_CHUNK];
         for (int64_t c = n0; c < end; c += Q4_CHUNK) {
+            const int pair = c + 2 * Q4_CHUNK <= end;
             for (int64_t b = 0; b < p->blocks; b += Q4_SLAB) {
                 const int64_t b1 = b + Q4_SLAB < p->blocks ? b + Q4_SLAB : p->blocks;
                 q4_tile_avx512(p, c, b, b1, table, tile);
-                q4_rows_avx512(p, c, b * Q4_BLOCK, b1 * Q4_BLOCK, tile, b == 0);
+                if (pair) {
+                    q4_tile_avx512(p, c + Q4_CHUNK, b, b1, table,
+                                   tile + (b1 - b) * Q4_BLOCK * Q4_CHUNK);
+                    q4_rows2_avx512(p, c, b * Q4_BLOCK, b1 * Q4_BLOCK, tile, b == 0);
+                }
+                else {
+                    q4_rows_avx512(p, c, b * Q4_BLOCK, b1 * Q4_BLOCK, tile, b == 0);
+                }
             }
+            c += pair ? Q4_CHUNK : 0;
         }
     } else {   /* a few rows */
         int64_t r = 0;
