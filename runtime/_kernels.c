@@ -8,7 +8,7 @@
  * block sums @ o), so a bundle runs on any onnxruntime; a session that registers this
  * library (runtime/model.py) runs the node with the kernel below instead: float
  * activations like the body, but the float16 tables read as stored and no separate offset
- * MatMul, Add and block sums (SmolLM2 decode: +20-25% tokens/s on AVX-512).
+ * MatMul, Add and block sums (SmolLM2 decode: 87.6 against 55.1 tokens/s on AVX-512).
  *
  * The library registers the op only where it has a vector path (x86 with AVX-512, or AVX2 +
  * FMA + F16C); elsewhere it registers nothing and the function body runs. EDGE_Q4_ISA
