@@ -547,6 +547,23 @@ push_lower(TextBuf *out, ucs4 c, unsigned flags)
     return 0;
 }
 
+/* Appends the NFD of Hangul syllable c (Unicode 3.12): 2 or 3 jamo, starters
+ * that are never marks and never cased. */
+static inline int
+push_hangul(TextBuf *out, ucs4 c)
+{
+    if (text_reserve(out, 3) < 0) {
+        return -1;
+    }
+    ucs4 s = c - 0xAC00;
+    out->data[out->len++] = 0x1100 + s / 588;
+    out->data[out->len++] = 0x1161 + (s % 588) / 28;
+    if (s % 28) {
+        out->data[out->len++] = 0x11A7 + s % 28;
+    }
+    return 0;
+}
+
 /* NFD of src into dst: decompose, then order each run of non-starters by
  * combining class, stably (what CPython's unicodedata.normalize does with an
  * insertion sort; long runs get a counting sort so Zalgo text stays linear). */
@@ -568,15 +585,9 @@ nfd(const ucs4 *src, size_t n, TextBuf *dst, TextBuf *sorted)
             }
             dst->data[dst->len++] = c;
         }
-        else if (c >= 0xAC00 && c <= 0xD7A3) { /* Hangul syllable, Unicode 3.12 */
-            if (text_reserve(dst, 3) < 0) {
+        else if (c >= 0xAC00 && c <= 0xD7A3) {
+            if (push_hangul(dst, c) < 0) {
                 return -1;
-            }
-            ucs4 s = c - 0xAC00;
-            dst->data[dst->len++] = 0x1100 + s / 588;
-            dst->data[dst->len++] = 0x1161 + (s % 588) / 28;
-            if (s % 28) {
-                dst->data[dst->len++] = 0x11A7 + s % 28;
             }
         }
         else {
@@ -713,16 +724,8 @@ normalize_stripping(const Encoder *e, const ucs4 *text, size_t n, TextBuf *out)
         if (!(flags & F_DECOMP)) {
             status = push_stripped(e, out, c);
         }
-        else if (c >= 0xAC00 && c <= 0xD7A3) { /* Hangul: jamo, never marks or cased */
-            ucs4 syllable = c - 0xAC00;
-            if (text_reserve(out, 3) < 0) {
-                return -1;
-            }
-            out->data[out->len++] = 0x1100 + syllable / 588;
-            out->data[out->len++] = 0x1161 + (syllable % 588) / 28;
-            if (syllable % 28) {
-                out->data[out->len++] = 0x11A7 + syllable % 28;
-            }
+        else if (c >= 0xAC00 && c <= 0xD7A3) {
+            status = push_hangul(out, c);
         }
         else {
             const tok_map *row = find_map(tok_decomp, N_ROWS(tok_decomp), c);
