@@ -179,6 +179,8 @@ def render(tables: dict) -> str:
         f"#define TOK_SHIFT {shift}\n"
         + c_array("uint16_t", "tok_index", index)
         + c_array("uint16_t", "tok_flags", [f"0x{f:X}" for f in blocks])
+        + "\n/* The flags of ASCII again, one load away: most text is ASCII. */\n"
+        + c_array("uint16_t", "tok_ascii_flags", [f"0x{f:X}" for f in tables["flags"][:128]])
         + "\n/* Rows of (code point, offset into the pool, length), sorted by code point. */\n"
         "typedef struct { uint32_t cp; uint16_t offset; uint8_t length; } tok_map;\n\n"
         "/* NFD of each code point with F_DECOMP (Hangul syllables are computed). */\n"

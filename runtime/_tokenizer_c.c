@@ -13,9 +13,10 @@
  *
  * Each call copies the text to a UCS4 buffer and then works without the GIL
  * (but for texts under RELEASE_GIL_CHARS); an encoder is read-only after
- * construction but for its word caches (a pool of 1 MB caches of words and
- * their ids, one per thread encoding at the same time, each guarded by a
- * try-lock; see "word caches"), so threads may share one. encode_batch
+ * construction but for its slots (a pool of 1 MB caches of words and their
+ * ids, with the scratch buffers of a call, one per thread encoding at the
+ * same time, each guarded by a try-lock; see "word caches"), so threads may
+ * share one. encode_batch
  * splits a big batch (BATCH_CHARS_PER_THREAD chars a thread) into contiguous
  * runs of texts and encodes them on up to BATCH_THREADS_MAX POSIX threads at
  * once, each with its own scratch and id buffers; a small batch, or a build without pthreads,
@@ -53,6 +54,9 @@ static inline unsigned
 char_flags(ucs4 c)
 {
     /* c < 0x110000: Python strs hold nothing else. */
+    if (c < 128) {
+        return tok_ascii_flags[c];
+    }
     return tok_flags[((size_t)tok_index[c >> TOK_SHIFT] << TOK_SHIFT)
                      | (c & ((1u << TOK_SHIFT) - 1))];
 }
@@ -175,18 +179,23 @@ typedef struct {
 
 struct CacheEntry;
 
-/* Scratch space of one encode call (or one batch thread): never shared between threads. */
+/* Working memory of one encode call (or one batch thread): never shared
+ * between threads. The encoder keeps one per word cache (see slot_take), so a
+ * call on a short text allocates nothing but its result. */
 typedef struct {
+    TextBuf input;                /* encode's text as UCS4 */
     TextBuf norm, tmp, sorted;
     HashBuf hashes;
     BpeBuf bpe;
+    IdBuf ids;                    /* encode's ids */
     struct CacheEntry *cache;     /* the word cache this text may use; NULL: none */
-    int cache_index;              /* which of the encoder's caches s->cache is */
+    int slot;                     /* which of the encoder's slots this is; -1: none */
 } Scratch;
 
 static void
 scratch_free(Scratch *s)
 {
+    PyMem_RawFree(s->input.data);
     PyMem_RawFree(s->norm.data);
     PyMem_RawFree(s->tmp.data);
     PyMem_RawFree(s->sorted.data);
@@ -196,6 +205,23 @@ scratch_free(Scratch *s)
     PyMem_RawFree(s->bpe.prev);
     PyMem_RawFree(s->bpe.next);
     PyMem_RawFree(s->bpe.heap);
+    PyMem_RawFree(s->ids.data);
+    memset(s, 0, sizeof(*s));
+}
+
+/* Buffers kept between calls hold at most this many items each (a longer
+ * text's are freed after it): 256 KB of UCS4, enough for 64k-char texts. */
+#define SCRATCH_KEEP 65536
+
+static void
+scratch_trim(Scratch *s)
+{
+    if (s->input.cap > SCRATCH_KEEP || s->norm.cap > SCRATCH_KEEP || s->tmp.cap > SCRATCH_KEEP
+        || s->sorted.cap > SCRATCH_KEEP || s->hashes.cap > SCRATCH_KEEP
+        || s->bpe.cap > SCRATCH_KEEP || s->bpe.heap_cap > SCRATCH_KEEP
+        || s->ids.cap > SCRATCH_KEEP) {
+        scratch_free(s);
+    }
 }
 
 /* ------------------------------------------------------------- word caches */
@@ -211,13 +237,13 @@ scratch_free(Scratch *s)
  * ids, WordPiece's vocab entry indices (-1: unk).
  *
  * Encoding runs without the GIL and threads may share an encoder, so a lock
- * guards each cache. An encoder has a pool of CACHE_POOL caches: each text
- * try-locks them in order and uses the first free one, so threads that encode
- * at the same time (encode_batch's, or the application's) each keep a warm
- * cache of their own; a cache is made the first time a thread needs it (one
- * thread: 1 MB; each further concurrent thread: 1 MB more) and kept until the
- * encoder goes. A text that finds every cache busy is encoded without one;
- * nobody waits. Never waiting, a lock is a bare atomic flag (a PyThread lock
+ * guards each cache. An encoder has a pool of CACHE_POOL caches: each call
+ * (each batch thread) try-locks them in order and uses the first free one, so
+ * threads that encode at the same time (encode_batch's, or the application's)
+ * each keep a warm cache of their own; a cache is made the first time a thread
+ * needs it (one thread: 1 MB; each further concurrent thread: 1 MB more) and
+ * kept until the encoder goes, with the scratch buffers of its calls. A call
+ * that finds every cache busy is encoded without one; nobody waits. Never waiting, a lock is a bare atomic flag (a PyThread lock
  * costs ~30 ns a text, 8% of a short one). */
 #define CACHE_SHIFT 14
 #define CACHE_SLOTS (1 << CACHE_SHIFT)
@@ -235,10 +261,12 @@ typedef struct CacheEntry {
 #define CACHE_POOL 8
 
 typedef struct {
-    /* entries[i] is written only by the thread holding busy[i]: made by the
-     * first text that takes lock i (entries[0] at construction). */
+    /* entries[i] and scratch[i] are used only by the thread holding busy[i]:
+     * entries[i] is made by the first call that takes lock i (entries[0] at
+     * construction); scratch[i] keeps its buffers from call to call. */
     CacheEntry *entries[CACHE_POOL];
-    long busy[CACHE_POOL]; /* lock i: 1 while a text uses entries[i] */
+    Scratch scratch[CACHE_POOL];
+    long busy[CACHE_POOL]; /* lock i: 1 while a call uses slot i */
 } WordCache;
 
 /* Try-lock and unlock of a busy flag: acquire and release ordering. The
@@ -291,16 +319,17 @@ word_cache_free(WordCache *c)
     for (int i = 0; i < CACHE_POOL; i++) {
         PyMem_RawFree(c->entries[i]);
         c->entries[i] = NULL;
+        scratch_free(&c->scratch[i]);
     }
 }
 
-/* Takes the first free cache of the pool for one text, in s->cache (NULL:
- * every cache busy, or no memory for a new one); cache_end gives it back. */
-static void
-cache_begin(const WordCache *c, Scratch *s)
+/* The first free slot of the pool, a cache and the scratch that goes with it,
+ * for one call (or one batch thread); slot_give gives it back. Without a
+ * free slot (or memory for a new cache), `own`: no cache, fresh buffers. */
+static Scratch *
+slot_take(const WordCache *c, Scratch *own)
 {
-    WordCache *pool = (WordCache *)c; /* the locks and their caches are the mutable part */
-    s->cache = NULL;
+    WordCache *pool = (WordCache *)c; /* the locks and their slots are the mutable part */
     for (int i = 0; i < CACHE_POOL; i++) {
         if (!flag_try_lock(&pool->busy[i])) {
             continue;
@@ -310,21 +339,28 @@ cache_begin(const WordCache *c, Scratch *s)
         }
         if (pool->entries[i] == NULL) {
             flag_unlock(&pool->busy[i]);
-            return;
+            break;
         }
+        Scratch *s = &pool->scratch[i];
         s->cache = pool->entries[i];
-        s->cache_index = i;
-        return;
+        s->slot = i;
+        return s;
     }
+    memset(own, 0, sizeof(*own));
+    own->slot = -1;
+    return own;
 }
 
 static void
-cache_end(const WordCache *c, Scratch *s)
+slot_give(const WordCache *c, Scratch *s)
 {
-    if (s->cache != NULL) {
-        s->cache = NULL;
-        flag_unlock(&((WordCache *)c)->busy[s->cache_index]);
+    if (s->slot < 0) {
+        scratch_free(s);
+        return;
     }
+    int slot = s->slot;
+    scratch_trim(s);
+    flag_unlock(&((WordCache *)c)->busy[slot]);
 }
 
 /* The two entries a word of this hash may be in: the most recently used first. */
@@ -838,40 +874,28 @@ normalize(const Encoder *e, const ucs4 *text, size_t n, Scratch *s, TextBuf *out
 static int
 word_piece(const Encoder *e, const ucs4 *piece, Py_ssize_t n, Scratch *s, IdBuf *out)
 {
-    if (n == 1 && piece[0] < 128) { /* punctuation, mostly: a third of all pieces */
-        return ids_push(out, e->ascii_piece[piece[0]]);
-    }
     if ((long long)n > e->max_word_chars) {
         return ids_push(out, e->unk_id);
     }
-    /* No vocab key is longer than longest_token. */
-    Py_ssize_t most = e->longest_token < n ? e->longest_token : n;
-    /* hashes.data[k]: the hash of piece[0:k], for k up to `most` (the first
-     * round) or n (the cache's key), whichever is more. */
-    int cached = s->cache != NULL && n <= CACHE_BYTES;
-    Py_ssize_t hashed = cached && n > most ? n : most;
-    if (grow((void **)&s->hashes.data, &s->hashes.cap, (size_t)hashed + 1, sizeof(uint64_t)) < 0) {
-        return -1;
-    }
-    uint64_t h = HASH_BASIS;
-    for (Py_ssize_t k = 1; k <= hashed; k++) {
-        h = hash_step(h, piece[k - 1]);
-        s->hashes.data[k] = h;
-    }
+    /* The cache first: its key is the piece's UTF-8, its hash the vocab's of
+     * the whole piece. */
     uint8_t key[CACHE_BYTES + 4]; /* room for the char that goes past the limit */
     size_t len = 0;
+    uint64_t h = HASH_BASIS;
     CacheEntry *entry = NULL;
-    if (cached) {
-        for (Py_ssize_t k = 0; k < n && len <= CACHE_BYTES; k++) {
-            len += utf8_put(key + len, piece[k]);
+    if (s->cache != NULL && n <= CACHE_BYTES) {
+        for (Py_ssize_t k = 0; k < n; k++) {
+            h = hash_step(h, piece[k]);
+            if (len <= CACHE_BYTES) {
+                len += utf8_put(key + len, piece[k]);
+            }
         }
         if (len <= CACHE_BYTES) {
             entry = cache_set(s->cache, h);
             const CacheEntry *hit = cache_find(entry, h, key, len);
             if (hit != NULL) {
-                entry = (CacheEntry *)hit;
-                for (uint8_t i = 0; i < entry->count; i++) {
-                    int32_t index = entry->ids[i];
+                for (uint8_t i = 0; i < hit->count; i++) {
+                    int32_t index = hit->ids[i];
                     if (ids_push(out, index < 0 ? e->unk_id : e->ids[index]) < 0) {
                         return -1;
                     }
@@ -879,6 +903,17 @@ word_piece(const Encoder *e, const ucs4 *piece, Py_ssize_t n, Scratch *s, IdBuf 
                 return 0;
             }
         }
+    }
+    /* No vocab key is longer than longest_token. hashes.data[k]: the hash of
+     * piece[0:k], for k up to `most`. */
+    Py_ssize_t most = e->longest_token < n ? e->longest_token : n;
+    if (grow((void **)&s->hashes.data, &s->hashes.cap, (size_t)most + 1, sizeof(uint64_t)) < 0) {
+        return -1;
+    }
+    uint64_t first = HASH_BASIS;
+    for (Py_ssize_t k = 1; k <= most; k++) {
+        first = hash_step(first, piece[k - 1]);
+        s->hashes.data[k] = first;
     }
     int32_t found[CACHE_IDS]; /* vocab indices for the cache; -1: unk */
     size_t count = 0, mark = out->len;
@@ -932,6 +967,17 @@ word_piece(const Encoder *e, const ucs4 *piece, Py_ssize_t n, Scratch *s, IdBuf 
     return 0;
 }
 
+/* word_piece, but a single ASCII char (punctuation, mostly: a third of all
+ * pieces) comes from a table without a call. */
+static inline int
+piece_ids(const Encoder *e, const ucs4 *piece, Py_ssize_t n, Scratch *s, IdBuf *out)
+{
+    if (n == 1 && piece[0] < 128) {
+        return ids_push(out, e->ascii_piece[piece[0]]);
+    }
+    return word_piece(e, piece, n, s, out);
+}
+
 /* BertPreTokenizer + WordPiece: words split on whitespace, punctuation alone. */
 static int
 encode_words(const void *ctx, const ucs4 *text, size_t n, Scratch *s, IdBuf *out)
@@ -943,11 +989,11 @@ encode_words(const void *ctx, const ucs4 *text, size_t n, Scratch *s, IdBuf *out
         if (!(flags & (F_WS | F_PUNCT))) {
             continue;
         }
-        if (run < i && word_piece(e, text + run, (Py_ssize_t)(i - run), s, out) < 0) {
+        if (run < i && piece_ids(e, text + run, (Py_ssize_t)(i - run), s, out) < 0) {
             return -1;
         }
         if ((flags & F_PUNCT) && !(flags & F_WS)
-            && word_piece(e, text + i, 1, s, out) < 0) {
+            && piece_ids(e, text + i, 1, s, out) < 0) {
             return -1;
         }
         run = i + 1;
@@ -1053,10 +1099,7 @@ static int
 encode_text(const void *ctx, const ucs4 *text, size_t n, Scratch *s, IdBuf *out)
 {
     const Encoder *e = ctx;
-    cache_begin(&e->cache, s);
-    int status = split_added(e, &e->raw_added, text, n, encode_raw_piece, s, out);
-    cache_end(&e->cache, s);
-    return status;
+    return split_added(e, &e->raw_added, text, n, encode_raw_piece, s, out);
 }
 
 /* ------------------------------------------------------------ construction */
@@ -1510,36 +1553,37 @@ copy_chars(PyObject *text, ucs4 *chars, Py_ssize_t n, int replace_surrogates)
 }
 
 static PyObject *
-encode_one(PyObject *self, PyObject *text, piece_fn encode_text, int replace_surrogates)
+encode_one(PyObject *self, const WordCache *pool, PyObject *text, piece_fn encode_text,
+           int replace_surrogates)
 {
     if (!PyUnicode_Check(text)) {
         return PyErr_Format(PyExc_TypeError, "encode() expects str, got %s",
                             Py_TYPE(text)->tp_name);
     }
     Py_ssize_t n = PyUnicode_GET_LENGTH(text);
-    ucs4 *chars = PyMem_RawMalloc((n ? n : 1) * sizeof(ucs4));
-    if (chars == NULL) {
-        return PyErr_NoMemory();
+    Scratch own;
+    Scratch *s = slot_take(pool, &own);
+    PyObject *result = NULL;
+    s->input.len = s->ids.len = 0;
+    if (text_reserve(&s->input, (size_t)n + 1) < 0) {
+        PyErr_NoMemory();
+        goto done;
     }
-    if (copy_chars(text, chars, n, replace_surrogates) < 0) {
-        PyMem_RawFree(chars);
-        return NULL;
+    if (copy_chars(text, s->input.data, n, replace_surrogates) < 0) {
+        goto done;
     }
-    Scratch s = {0};
-    IdBuf ids = {0};
     int status;
     if (n >= RELEASE_GIL_CHARS) {
         Py_BEGIN_ALLOW_THREADS
-        status = encode_text(self, chars, (size_t)n, &s, &ids);
+        status = encode_text(self, s->input.data, (size_t)n, s, &s->ids);
         Py_END_ALLOW_THREADS
     }
     else {
-        status = encode_text(self, chars, (size_t)n, &s, &ids);
+        status = encode_text(self, s->input.data, (size_t)n, s, &s->ids);
     }
-    PyObject *result = status < 0 ? PyErr_NoMemory() : id_list(ids.data, ids.len);
-    PyMem_RawFree(chars);
-    PyMem_RawFree(ids.data);
-    scratch_free(&s);
+    result = status < 0 ? PyErr_NoMemory() : id_list(s->ids.data, s->ids.len);
+done:
+    slot_give(pool, s);
     return result;
 }
 
@@ -1552,12 +1596,12 @@ encode_one(PyObject *self, PyObject *text, piece_fn encode_text, int replace_sur
 /* One contiguous run of a batch's texts and what encoding it takes. */
 typedef struct {
     const void *encoder;
+    const WordCache *pool;
     piece_fn encode_text;
     const ucs4 *chars;
     const size_t *char_ends;
     size_t *id_ends;          /* id_ends[i] of its texts, into its own `ids` */
     Py_ssize_t first, stop;   /* its texts: [first, stop) */
-    Scratch s;
     IdBuf ids;
     int status;               /* -1: out of memory */
 } BatchPart;
@@ -1566,12 +1610,15 @@ static void
 batch_run(BatchPart *p)
 {
     size_t start = p->first ? p->char_ends[p->first - 1] : 0;
+    Scratch own;
+    Scratch *s = slot_take(p->pool, &own);
     for (Py_ssize_t i = p->first; i < p->stop && p->status == 0; i++) {
-        p->status = p->encode_text(p->encoder, p->chars + start, p->char_ends[i] - start, &p->s,
+        p->status = p->encode_text(p->encoder, p->chars + start, p->char_ends[i] - start, s,
                                    &p->ids);
         p->id_ends[i] = p->ids.len;
         start = p->char_ends[i];
     }
+    slot_give(p->pool, s);
 }
 
 #ifdef TOK_BATCH_THREADS
@@ -1628,7 +1675,8 @@ batch_threads(size_t total, Py_ssize_t count)
 }
 
 static PyObject *
-encode_many(PyObject *self, PyObject *texts, piece_fn encode_text, int replace_surrogates)
+encode_many(PyObject *self, const WordCache *pool, PyObject *texts, piece_fn encode_text,
+            int replace_surrogates)
 {
     if (PyUnicode_Check(texts)) {
         return PyErr_Format(PyExc_TypeError,
@@ -1678,6 +1726,7 @@ encode_many(PyObject *self, PyObject *texts, piece_fn encode_text, int replace_s
     for (int k = 0; k < n_parts; k++) {
         BatchPart *p = &parts[k];
         p->encoder = self;
+        p->pool = pool;
         p->encode_text = encode_text;
         p->chars = chars;
         p->char_ends = char_ends;
@@ -1753,7 +1802,6 @@ done:
     PyMem_RawFree(id_ends);
     for (int k = 0; k < n_parts; k++) {
         PyMem_RawFree(parts[k].ids.data);
-        scratch_free(&parts[k].s);
     }
     Py_DECREF(seq);
     return result;
@@ -1762,13 +1810,13 @@ done:
 static PyObject *
 Encoder_encode(PyObject *self, PyObject *text)
 {
-    return encode_one(self, text, encode_text, 0);
+    return encode_one(self, &((Encoder *)self)->cache, text, encode_text, 0);
 }
 
 static PyObject *
 Encoder_encode_batch(PyObject *self, PyObject *texts)
 {
-    return encode_many(self, texts, encode_text, 0);
+    return encode_many(self, &((Encoder *)self)->cache, texts, encode_text, 0);
 }
 
 /* ============================================================ byte-level BPE
@@ -2229,10 +2277,7 @@ static int
 bpe_text(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
 {
     const Bpe *b = ctx;
-    cache_begin(&b->cache, s);
-    int status = split_added(ctx, &b->raw_added, t, n, bpe_raw_piece, s, out);
-    cache_end(&b->cache, s);
-    return status;
+    return split_added(ctx, &b->raw_added, t, n, bpe_raw_piece, s, out);
 }
 
 /* GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the
@@ -2505,13 +2550,13 @@ error:
 static PyObject *
 Bpe_encode(PyObject *self, PyObject *text)
 {
-    return encode_one(self, text, bpe_text, 1);
+    return encode_one(self, &((Bpe *)self)->cache, text, bpe_text, 1);
 }
 
 static PyObject *
 Bpe_encode_batch(PyObject *self, PyObject *texts)
 {
-    return encode_many(self, texts, bpe_text, 1);
+    return encode_many(self, &((Bpe *)self)->cache, texts, bpe_text, 1);
 }
 
 static PyMethodDef Bpe_methods[] = {

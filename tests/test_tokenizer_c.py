@@ -196,6 +196,15 @@ def test_long_words_and_long_tokens(vocab):
     assert c_encoder.encode("a b") == twin.encode("a b") == [100, 100]
 
 
+def test_buffers_kept_between_calls_carry_nothing_over(every_setting):
+    # Each encoder keeps its scratch buffers from call to call (freed after a text
+    # of 64k+ chars): every text must come out the same in any order.
+    order = HARD_TEXTS + HARD_TEXTS[::-1] + random.Random(3).sample(HARD_TEXTS, len(HARD_TEXTS))
+    c_encoder, twin = every_setting[-1]
+    expected = {text: twin.encode(text) for text in HARD_TEXTS}
+    assert [c_encoder.encode(t) for t in order] == [expected[t] for t in order]
+
+
 # ---------------------------------------------------------------- batching
 
 
@@ -340,6 +349,7 @@ def _rss_bytes() -> int:
 def test_no_leaks(vocab):
     c_encoder, _ = encoders(vocab, dict.fromkeys(FLAGS, True))
     short, long_text = "Turn on the Kitchen lights! [MASK] naïve", "Ünïcode wörds 中文 " * 50
+    huge_text = long_text * 100  # 85k chars: over what the kept buffers hold
 
     def churn(seconds: float) -> None:
         # Every entry point, the GIL-free path, and the error paths; a time
@@ -349,6 +359,7 @@ def test_no_leaks(vocab):
             for _ in range(1000):
                 c_encoder.encode(short)
             c_encoder.encode(long_text)
+            c_encoder.encode(huge_text if i % 10 == 0 else long_text)  # buffers freed after
             c_encoder.encode_batch([short, long_text, ""])
             for bad in (["x", None], "x"):
                 with pytest.raises(TypeError):
