@@ -712,6 +712,21 @@ push_stripped(const Encoder *e, TextBuf *out, ucs4 c)
     return 0;
 }
 
+/* clean_text's step for one char: false for a control char (dropped), and
+ * other whitespace it cleans becomes ' ' (with its flags). */
+static inline int
+clean_char(const Encoder *e, ucs4 *c, unsigned *flags)
+{
+    if (e->clean_text && (*flags & (F_CONTROL | F_CLEAN_WS))) {
+        if (*flags & F_CONTROL) {
+            return 0;
+        }
+        *c = ' ';
+        *flags = char_flags(' ');
+    }
+    return 1;
+}
+
 /* BertNormalizer with strip_accents in the twin's order (clean, CJK spacing,
  * NFD, drop nonspacing marks, lowercase) but one char at a time, which is the
  * same thing unless canonical reordering moves a kept char: NFD only reorders
@@ -727,27 +742,16 @@ normalize_stripping(const Encoder *e, const ucs4 *text, size_t n, TextBuf *out)
     }
     for (size_t i = 0; i < n; i++) {
         ucs4 c = text[i];
+        unsigned flags = char_flags(c);
+        if (!clean_char(e, &c, &flags)) {
+            continue;
+        }
         if (c < 0x80) { /* no mark, decomposition or CJK here */
-            unsigned flags = char_flags(c);
-            if (e->clean_text && (flags & (F_CONTROL | F_CLEAN_WS))) {
-                if (flags & F_CONTROL) {
-                    continue;
-                }
-                c = ' ';
-            }
             if (out->cap == out->len && text_reserve(out, 1) < 0) {
                 return -1;
             }
             out->data[out->len++] = e->lowercase && (flags & F_LOWER) ? c + ('a' - 'A') : c;
             continue;
-        }
-        unsigned flags = char_flags(c);
-        if (e->clean_text && (flags & (F_CONTROL | F_CLEAN_WS))) {
-            if (flags & F_CONTROL) {
-                continue;
-            }
-            c = ' ';
-            flags = char_flags(c);
         }
         int cjk = e->handle_chinese_chars && (flags & F_CJK);
         if (cjk) {
@@ -804,12 +808,8 @@ normalize(const Encoder *e, const ucs4 *text, size_t n, Scratch *s, TextBuf *out
     for (size_t i = 0; i < n; i++) {
         ucs4 c = text[i];
         unsigned flags = char_flags(c);
-        if (e->clean_text && (flags & (F_CONTROL | F_CLEAN_WS))) {
-            if (flags & F_CONTROL) {
-                continue;
-            }
-            c = ' ';
-            flags = char_flags(c);
+        if (!clean_char(e, &c, &flags)) {
+            continue;
         }
         if (first->cap - first->len < 3 && text_reserve(first, 3) < 0) {
             return -1;
