@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Build an aarch64 user-space root for tests/test_aarch64.py: Debian's arm64 Python 3.11 and
-# its shared libraries (apt, into a private package-list cache: the host's dpkg is untouched),
-# plus aarch64 wheels of numpy and onnxruntime unpacked into site-packages.
+# Build an aarch64 user-space root for tests/test_aarch64.py: Debian's arm64 Python 3.11, its
+# headers (for compiling the C extensions) and its shared libraries (apt, into a private
+# package-list cache: the host's dpkg is untouched), plus aarch64 wheels of numpy and
+# onnxruntime unpacked into site-packages. The C extensions also need a cross compiler:
+# apt-get install gcc-aarch64-linux-gnu.
 #
 #   scripts/aarch64_sysroot.sh [DEST]          # default ~/.cache/edge-exporter/aarch64
 #   qemu-aarch64 -L DEST DEST/usr/bin/python3.11 -c "import onnxruntime"
@@ -14,8 +16,8 @@ NUMPY=${NUMPY_VERSION:-$(python -c 'import numpy; print(numpy.__version__)')}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-# The Python interpreter and the shared libraries it, numpy and onnxruntime load.
-PACKAGES="libc6 libgcc-s1 libstdc++6 python3.11-minimal libpython3.11-minimal
+# The Python interpreter, its headers and the shared libraries it, numpy and onnxruntime load.
+PACKAGES="libc6 libgcc-s1 libstdc++6 python3.11-minimal libpython3.11-minimal libpython3.11-dev
 libpython3.11-stdlib libexpat1 zlib1g libffi8 libssl3 libbz2-1.0 liblzma5 libuuid1
 libcrypt1 libsqlite3-0 libncursesw6 libtinfo6 libreadline8 libdb5.3 libgdbm6 libnsl2
 libtirpc3 libgssapi-krb5-2 libkrb5-3 libk5crypto3 libcom-err2 libkrb5support0 libkeyutils1"
