@@ -5,18 +5,20 @@ transformers' slow Python tokenizers, for MiniLM (WordPiece) and SmolLM2 (byte-l
 
 Three workloads, each through the library's public call, special tokens included:
 
-    short       one `encode` call per text (home-assistant-intents English sentences,
-                ~30 chars): microseconds per call
-    paragraph   one `encode` call per paragraph (~120 words of those sentences in all
-                languages, joined): microseconds per call
-    batch       one `encode_batch` call on 1,000 such paragraphs: texts per second
+    short           one `encode` call per text (home-assistant-intents English
+                    sentences, ~65 chars): microseconds per call
+    paragraph       one `encode` call per paragraph (~120 words of those sentences in all
+                    languages, joined): microseconds per call
+    short batch     one `encode_batch` call on all the short texts: texts per second
+    paragraph batch one `encode_batch` call on 1,000 paragraphs: texts per second
 
 Each figure is the best of `--rounds` timed rounds after a warm-up (word caches are
 warm, as in a long-running process), but for "runtime (python, cold)": the Python twin
 with its word cache cleared before every call (once before the batch call), so every
 word is seen for the first time. HF's `encode_batch` runs on all cores (rayon), ours
 on up to 8 threads (one per 32k chars, at most the usable CPUs); the core count and
-our thread count are printed. The slow tokenizers are transformers'
+our thread counts are printed, and after each table the C path's speedup over the
+others (their time / ours) for each workload. The slow tokenizers are transformers'
 BertTokenizer (MiniLM's vocab.txt) and GPT2Tokenizer (SmolLM2's vocab and merges;
 it has no Digits step, so its ids differ on numbers: a speed reference only); they
 run on a tenth of the texts. Needs the test extra (tokenizers, transformers),
@@ -86,16 +88,48 @@ def tokenizer_files(tmp: Path) -> dict[str, tuple[Path, object]]:
     }
 
 
+COLUMNS = {  # JSON key: (heading, format, larger is faster)
+    "short_us_per_call": ("us/call short", "{:.2f}", False),
+    "paragraph_us_per_call": ("us/call para", "{:.1f}", False),
+    "short_batch_texts_per_s": ("texts/s batch short", "{:,.0f}", True),
+    "paragraph_batch_texts_per_s": ("texts/s batch para", "{:,.0f}", True),
+}
+
+
 def measure(encode, encode_batch, short, paragraphs, rounds: int, share: int = 1) -> dict:
-    """us/call on short texts and paragraphs, texts/s on the batch; on 1/share of the texts."""
+    """us/call and batch texts/s on short texts and paragraphs; on 1/share of the texts."""
     short, paragraphs = short[::share], paragraphs[::share]
     return {
         "short_us_per_call": best_of(rounds, lambda: [encode(t) for t in short])
         / len(short) * 1e6,
         "paragraph_us_per_call": best_of(rounds, lambda: [encode(t) for t in paragraphs])
         / len(paragraphs) * 1e6,
-        "batch_texts_per_s": len(paragraphs) / best_of(rounds, lambda: encode_batch(paragraphs)),
+        "short_batch_texts_per_s": len(short) / best_of(rounds, lambda: encode_batch(short)),
+        "paragraph_batch_texts_per_s": len(paragraphs)
+        / best_of(rounds, lambda: encode_batch(paragraphs)),
     }
+
+
+def speedups(rows: dict[str, dict], ours: str) -> dict[str, dict]:
+    """How many times faster `ours` is than every other row, per workload."""
+    mine = rows[ours]
+    return {
+        name: {
+            key: mine[key] / row[key] if faster else row[key] / mine[key]
+            for key, (_, _, faster) in COLUMNS.items()
+        }
+        for name, row in rows.items()
+        if name != ours
+    }
+
+
+def print_table(title: str, rows: dict[str, dict], form: str | None = None) -> None:
+    """`rows` as a table, one column per workload; `form` formats every value, where given."""
+    print(f"\n{title}")
+    print(f"{'':28}" + "".join(f" {heading:>19}" for heading, _, _ in COLUMNS.values()))
+    for name, row in rows.items():
+        cells = ((form or own).format(row[key]) for key, (_, own, _) in COLUMNS.items())
+        print(f"{name:28}" + "".join(f" {c:>19}" for c in cells))
 
 
 def c_batch_threads(texts: list[str]) -> int:
@@ -135,7 +169,8 @@ def main() -> None:
         f"{len(short)} short texts (mean {sum(map(len, short)) / len(short):.0f} chars), "
         f"{len(paragraphs)} paragraphs (mean "
         f"{sum(map(len, paragraphs)) / len(paragraphs):.0f} chars); "
-        f"{os.cpu_count()} cores; C batch on {c_batch_threads(paragraphs)} threads; "
+        f"{os.cpu_count()} cores; C batch on {c_batch_threads(short)} threads (short), "
+        f"{c_batch_threads(paragraphs)} (paragraphs); "
         f"best of {args.rounds}"
     )
     results: dict[str, dict[str, dict]] = {}
@@ -144,11 +179,11 @@ def main() -> None:
             hf = tokenizers.Tokenizer.from_file(str(path))
             hf.no_padding()
             hf.no_truncation()
-            expected = [e.ids for e in hf.encode_batch(paragraphs)]
+            expected = [e.ids for e in hf.encode_batch(short + paragraphs)]
             rows = {}
             for name in BACKENDS:
                 tok = Tokenizer.from_file(path, backend=name)
-                assert tok.encode_batch(paragraphs) == expected, (file_name, name)
+                assert tok.encode_batch(short + paragraphs) == expected, (file_name, name)
                 rows[f"runtime ({name})"] = measure(
                     tok.encode, tok.encode_batch, short, paragraphs, args.rounds
                 )
@@ -165,20 +200,20 @@ def main() -> None:
                 slow.encode, lambda ts, slow=slow: slow(ts)["input_ids"], short, paragraphs,
                 max(1, args.rounds // 2), share=10,
             )  # fmt: skip
-            results[file_name] = rows
-            print(f"\n{file_name}")
-            print(f"{'':28} {'us/call short':>14} {'us/call para':>14} {'texts/s batch':>14}")
-            for name, row in rows.items():
-                print(
-                    f"{name:28} {row['short_us_per_call']:14.2f} "
-                    f"{row['paragraph_us_per_call']:14.1f} {row['batch_texts_per_s']:14,.0f}"
-                )
+            print_table(file_name, rows)
+            results[file_name] = {"measured": rows}
+            if "runtime (c)" in rows:
+                ratios = speedups(rows, "runtime (c)")
+                print_table(f"{file_name}: runtime (c) is this many times faster than", ratios,
+                            form="{:.1f}x")
+                results[file_name]["c_speedup"] = ratios
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
             {
                 "cores": os.cpu_count(),
-                "c_batch_threads": c_batch_threads(paragraphs),
+                "c_batch_threads": {"short": c_batch_threads(short),
+                                    "paragraph": c_batch_threads(paragraphs)},
                 "rounds": args.rounds,
                 "results": results,
             },
