@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -158,3 +159,35 @@ def test_runtime_in_a_venv_with_only_numpy_and_onnxruntime(minilm_bundle, device
     there = np.array(json.loads(out.stdout))
     here = runtime.load(minilm_bundle).embed(["turn on the kitchen lights"])
     np.testing.assert_allclose(there, here, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_install_without_a_c_compiler_falls_back_to_python(minilm_bundle, device_python,
+                                                           tmp_path):
+    """A device without a C compiler: pip still installs the package (both extensions are
+    optional), and the runtime tokenizes with the pure-Python twin after one warning line,
+    however many tokenizers it makes."""
+    # The sources alone: pip builds in the tree, and setuptools would take the objects a
+    # build with a compiler left in build/ as up to date.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "*.so", "*.pyd", "__pycache__"))
+    site = tmp_path / "site"
+    env = {**os.environ, "CC": "/bin/false"}  # what setuptools compiles with
+    subprocess.run([device_python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    "--no-deps", "--target", str(site), str(source)], env=env, check=True)
+    assert (site / "runtime" / "tokenizer.py").is_file()
+    assert not [p.name for p in site.rglob("*") if p.suffix in (".so", ".pyd")]
+    code = ("import sys, json, runtime; m = runtime.load(sys.argv[1]); "
+            "runtime.Tokenizer.from_file(m.bundle.file('tokenizer.json')); "
+            "print(json.dumps([runtime.Tokenizer.backend, "
+            "m.embed(['turn on the kitchen lights']).tolist()]))")
+    out = subprocess.run([device_python, "-c", code, str(minilm_bundle)], capture_output=True,
+                         text=True, check=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    backend, there = json.loads(out.stdout)
+    assert backend == "python"
+    warnings = [line for line in out.stderr.splitlines() if "Warning" in line]
+    assert len(warnings) == 1 and "C tokenizer is not available" in warnings[0], out.stderr
+    here = runtime.load(minilm_bundle).embed(["turn on the kitchen lights"])
+    np.testing.assert_allclose(np.array(there), here, atol=1e-4)
