@@ -152,6 +152,18 @@ text_reserve(TextBuf *b, size_t extra)
     return grow((void **)&b->data, &b->cap, b->len + extra, sizeof(ucs4));
 }
 
+/* Empties `out` with room for an n-char text normalized: ' ' c ' ' at most per
+ * char in the common case (longer lowercases reserve more as they go). */
+static int
+text_restart(TextBuf *out, size_t n)
+{
+    out->len = 0;
+    if (n > PY_SSIZE_T_MAX / 3 / sizeof(ucs4)) {
+        return -1;
+    }
+    return text_reserve(out, 3 * n);
+}
+
 static inline int
 ids_push(IdBuf *b, PyObject *id)
 {
@@ -736,8 +748,7 @@ clean_char(const Encoder *e, ucs4 *c, unsigned *flags)
 static int
 normalize_stripping(const Encoder *e, const ucs4 *text, size_t n, TextBuf *out)
 {
-    out->len = 0;
-    if (n > PY_SSIZE_T_MAX / 3 / sizeof(ucs4) || text_reserve(out, 3 * n) < 0) {
+    if (text_restart(out, n) < 0) {
         return -1;
     }
     for (size_t i = 0; i < n; i++) {
@@ -800,9 +811,7 @@ normalize(const Encoder *e, const ucs4 *text, size_t n, Scratch *s, TextBuf *out
     }
     /* Pass by pass: clean and CJK spacing (and lowercasing, if no stripping). */
     TextBuf *first = strip ? &s->tmp : out;
-    first->len = 0;
-    /* Room for the common case, ' ' c ' ' at most; longer lowercases reserve more. */
-    if (n > PY_SSIZE_T_MAX / 3 / sizeof(ucs4) || text_reserve(first, 3 * n) < 0) {
+    if (text_restart(first, n) < 0) {
         return -1;
     }
     for (size_t i = 0; i < n; i++) {
