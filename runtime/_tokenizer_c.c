@@ -7,6 +7,9 @@
  *     added tokens -> clean, CJK spacing, NFD + drop Mn, lowercase
  *                  -> split on whitespace and punctuation -> WordPiece -> ids
  *
+ * An all-ASCII text (most of them) takes these steps in one pass instead
+ * (encode_ascii), with per-char tables that the general path makes for itself.
+ *
  * The Unicode tables come from the twin itself: runtime/_gen_tables.py writes
  * _tokenizer_tables.h at build time (setup.py), and the module refuses to load
  * under another Unicode version than the one they were made with.
@@ -202,6 +205,7 @@ typedef struct {
     IdBuf ids;                    /* encode's ids */
     struct CacheEntry *cache;     /* the word cache this text may use; NULL: none */
     int slot;                     /* which of the encoder's slots this is; -1: none */
+    int ascii;                    /* the text being encoded is all ASCII */
 } Scratch;
 
 static void
@@ -515,6 +519,7 @@ typedef struct {
     long long max_word_chars;
     PyObject *unk_id;
     PyObject *ascii_piece[128]; /* the ids of each ASCII char as a piece by itself (borrowed) */
+    uint8_t ascii_kind[128], ascii_norm[128]; /* encode_ascii's tables */
     int clean_text, handle_chinese_chars, strip_accents, lowercase;
     AddedSet raw_added, normalized_added;
     WordCache cache; /* piece -> vocab entry indices (-1: unk) */
@@ -878,39 +883,27 @@ normalize(const Encoder *e, const ucs4 *text, size_t n, Scratch *s, TextBuf *out
 
 /* Greedy longest-match-first; any miss makes the whole piece unk. Through the
  * word cache (looked up first: a cache line is cheaper than a vocab probe that
- * misses), whose hash of a piece is the vocab's, FNV-1a over its chars: the
- * first round of the greedy loop hashes the same prefixes. */
+ * misses): `key` is the piece's UTF-8 (`len` bytes; not looked up over
+ * CACHE_BYTES), `h` its FNV-1a over chars, the vocab's hash of the piece. */
 static int
-word_piece(const Encoder *e, const ucs4 *piece, Py_ssize_t n, Scratch *s, IdBuf *out)
+word_piece_keyed(const Encoder *e, const ucs4 *piece, Py_ssize_t n, uint64_t h,
+                 const uint8_t *key, size_t len, Scratch *s, IdBuf *out)
 {
     if ((long long)n > e->max_word_chars) {
         return ids_push(out, e->unk_id);
     }
-    /* The cache first: its key is the piece's UTF-8, its hash the vocab's of
-     * the whole piece. */
-    uint8_t key[CACHE_BYTES + 4]; /* room for the char that goes past the limit */
-    size_t len = 0;
-    uint64_t h = HASH_BASIS;
     CacheEntry *entry = NULL;
-    if (s->cache != NULL && n <= CACHE_BYTES) {
-        for (Py_ssize_t k = 0; k < n; k++) {
-            h = hash_step(h, piece[k]);
-            if (len <= CACHE_BYTES) {
-                len += utf8_put(key + len, piece[k]);
-            }
-        }
-        if (len <= CACHE_BYTES) {
-            entry = cache_set(s->cache, h);
-            const CacheEntry *hit = cache_find(entry, h, key, len);
-            if (hit != NULL) {
-                for (uint8_t i = 0; i < hit->count; i++) {
-                    int32_t index = hit->ids[i];
-                    if (ids_push(out, index < 0 ? e->unk_id : e->ids[index]) < 0) {
-                        return -1;
-                    }
+    if (s->cache != NULL && len <= CACHE_BYTES) {
+        entry = cache_set(s->cache, h);
+        const CacheEntry *hit = cache_find(entry, h, key, len);
+        if (hit != NULL) {
+            for (uint8_t i = 0; i < hit->count; i++) {
+                int32_t index = hit->ids[i];
+                if (ids_push(out, index < 0 ? e->unk_id : e->ids[index]) < 0) {
+                    return -1;
                 }
-                return 0;
             }
+            return 0;
         }
     }
     /* No vocab key is longer than longest_token. hashes.data[k]: the hash of
@@ -976,6 +969,27 @@ word_piece(const Encoder *e, const ucs4 *piece, Py_ssize_t n, Scratch *s, IdBuf 
     return 0;
 }
 
+/* word_piece_keyed of a piece, its cache key made here. */
+static int
+word_piece(const Encoder *e, const ucs4 *piece, Py_ssize_t n, Scratch *s, IdBuf *out)
+{
+    uint8_t key[CACHE_BYTES + 4]; /* room for the char that goes past the limit */
+    size_t len = 0;
+    uint64_t h = HASH_BASIS;
+    if (s->cache != NULL && n <= CACHE_BYTES && (long long)n <= e->max_word_chars) {
+        for (Py_ssize_t k = 0; k < n; k++) {
+            h = hash_step(h, piece[k]);
+            if (len <= CACHE_BYTES) {
+                len += utf8_put(key + len, piece[k]);
+            }
+        }
+    }
+    else {
+        len = CACHE_BYTES + 1; /* not looked up */
+    }
+    return word_piece_keyed(e, piece, n, h, key, len, s, out);
+}
+
 /* word_piece, but a single ASCII char (punctuation, mostly: a third of all
  * pieces) comes from a table without a call. */
 static inline int
@@ -1012,6 +1026,35 @@ encode_words(const void *ctx, const ucs4 *text, size_t n, Scratch *s, IdBuf *out
 
 /* -------------------------------------------------------------- added tokens */
 
+/* The longest token of `set` at text[i] (i < n), or NULL. */
+static const AddedEntry *
+added_at(const AddedSet *set, const ucs4 *text, size_t n, size_t i)
+{
+    ucs4 c = text[i];
+    /* First token whose first char is >= c. */
+    Py_ssize_t lo = 0, hi = set->count;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (set->chars[set->tokens[mid].offset] < c) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    for (Py_ssize_t t = lo; t < set->count; t++) {
+        const AddedEntry *token = &set->tokens[t];
+        const ucs4 *content = set->chars + token->offset;
+        if (content[0] != c) {
+            break;
+        }
+        if ((size_t)token->length <= n - i && same_chars(content, text + i, token->length)) {
+            return token;
+        }
+    }
+    return NULL;
+}
+
 /* Leftmost-longest match of `set` in text[pos:n]: the token, its start in *at. */
 static const AddedEntry *
 find_added(const AddedSet *set, const ucs4 *text, size_t n, size_t pos, size_t *at)
@@ -1021,28 +1064,10 @@ find_added(const AddedSet *set, const ucs4 *text, size_t n, size_t pos, size_t *
         if (!(set->first_bits[(c & 255) >> 6] >> (c & 63) & 1)) {
             continue;
         }
-        /* First token whose first char is >= c. */
-        Py_ssize_t lo = 0, hi = set->count;
-        while (lo < hi) {
-            Py_ssize_t mid = (lo + hi) / 2;
-            if (set->chars[set->tokens[mid].offset] < c) {
-                lo = mid + 1;
-            }
-            else {
-                hi = mid;
-            }
-        }
-        for (Py_ssize_t t = lo; t < set->count; t++) {
-            const AddedEntry *token = &set->tokens[t];
-            const ucs4 *content = set->chars + token->offset;
-            if (content[0] != c) {
-                break;
-            }
-            if ((size_t)token->length <= n - i
-                && memcmp(content, text + i, token->length * sizeof(ucs4)) == 0) {
-                *at = i;
-                return token;
-            }
+        const AddedEntry *token = added_at(set, text, n, i);
+        if (token != NULL) {
+            *at = i;
+            return token;
         }
     }
     return NULL;
@@ -1103,11 +1128,82 @@ encode_raw_piece(const void *ctx, const ucs4 *text, size_t n, Scratch *s, IdBuf 
                        out);
 }
 
+/* ASCII text, encode_text in one pass: what each char becomes and does comes
+ * from tables made by the general path itself (ascii_tables), and a piece's
+ * cache key is made on the way. */
+enum { ASCII_WORD, ASCII_SPACE, ASCII_PUNCT, ASCII_DROP, ASCII_STOP, ASCII_ADDED = 8 };
+
+/* Returns 1, with `out` as it was, where an added token may be: at a raw
+ * added token (a char with ASCII_ADDED, the first char of one, where one
+ * matches) or at an ASCII_STOP char (what the first char of a normalized
+ * added token normalizes from). The general path takes that text. */
+static int
+encode_ascii(const Encoder *e, const ucs4 *text, size_t n, Scratch *s, IdBuf *out)
+{
+    size_t mark = out->len;
+    s->norm.len = 0;
+    if (text_reserve(&s->norm, n) < 0) {
+        return -1;
+    }
+    ucs4 *piece = s->norm.data;
+    uint8_t key[CACHE_BYTES];
+    size_t len = 0;
+    uint64_t h = HASH_BASIS;
+    for (size_t i = 0; i <= n; i++) {
+        ucs4 c = i < n ? text[i] : ' ';
+        unsigned kind = i < n ? e->ascii_kind[c] : ASCII_SPACE;
+        if (kind & ASCII_ADDED) {
+            if (added_at(&e->raw_added, text, n, i) != NULL) {
+                out->len = mark;
+                return 1;
+            }
+            kind &= ~ASCII_ADDED;
+        }
+        if (kind == ASCII_WORD) {
+            uint8_t b = e->ascii_norm[c];
+            if (len < CACHE_BYTES) {
+                key[len] = b;
+            }
+            piece[len++] = b;
+            h = hash_step(h, b);
+            continue;
+        }
+        if (kind == ASCII_DROP) {
+            continue;
+        }
+        if (kind == ASCII_STOP) {
+            out->len = mark;
+            return 1;
+        }
+        if (len == 1) {
+            if (ids_push(out, e->ascii_piece[piece[0]]) < 0) {
+                return -1;
+            }
+        }
+        else if (len > 0
+                 && word_piece_keyed(e, piece, (Py_ssize_t)len, h, key, len, s, out) < 0) {
+            return -1;
+        }
+        len = 0;
+        h = HASH_BASIS;
+        if (kind == ASCII_PUNCT && ids_push(out, e->ascii_piece[e->ascii_norm[c]]) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* The whole hot loop; runs without the GIL (but for short texts). */
 static int
 encode_text(const void *ctx, const ucs4 *text, size_t n, Scratch *s, IdBuf *out)
 {
     const Encoder *e = ctx;
+    if (s->ascii) {
+        int status = encode_ascii(e, text, n, s, out);
+        if (status <= 0) {
+            return status;
+        }
+    }
     return split_added(e, &e->raw_added, text, n, encode_raw_piece, s, out);
 }
 
@@ -1420,6 +1516,47 @@ Encoder_dealloc(PyObject *self)
     Py_DECREF(type);
 }
 
+static int
+starts_added(const AddedSet *set, ucs4 c)
+{
+    for (Py_ssize_t t = 0; t < set->count; t++) {
+        if (set->chars[set->tokens[t].offset] == c) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* encode_ascii's tables, from what the general path does to each ASCII char
+ * alone (ASCII is normalized char by char: clean, lowercase, nothing else). */
+static int
+ascii_tables(Encoder *e)
+{
+    Scratch s;
+    memset(&s, 0, sizeof(s));
+    for (ucs4 c = 0; c < 128; c++) {
+        if (normalize(e, &c, 1, &s, &s.norm) < 0) {
+            scratch_free(&s);
+            PyErr_NoMemory();
+            return -1;
+        }
+        ucs4 d = s.norm.len ? s.norm.data[0] : 0;
+        unsigned flags = char_flags(d);
+        e->ascii_norm[c] = (uint8_t)d;
+        e->ascii_kind[c] = s.norm.len == 0 ? ASCII_DROP
+                           : s.norm.len > 1 || d >= 128 || starts_added(&e->normalized_added, d)
+                               ? ASCII_STOP
+                           : flags & F_WS    ? ASCII_SPACE
+                           : flags & F_PUNCT ? ASCII_PUNCT
+                                             : ASCII_WORD;
+        if (starts_added(&e->raw_added, c)) {
+            e->ascii_kind[c] |= ASCII_ADDED;
+        }
+    }
+    scratch_free(&s);
+    return 0;
+}
+
 static PyObject *
 Encoder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
@@ -1515,6 +1652,9 @@ Encoder_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         && build_added_tokens(&e->raw_added, &e->normalized_added, e, added_tokens) < 0) {
         goto error;
     }
+    if (ascii_tables(e) < 0) {
+        goto error;
+    }
     Py_DECREF(vocab);
     return (PyObject *)e;
 error:
@@ -1574,6 +1714,7 @@ encode_one(PyObject *self, const WordCache *pool, PyObject *text, piece_fn encod
     Scratch *s = slot_take(pool, &own);
     PyObject *result = NULL;
     s->input.len = s->ids.len = 0;
+    s->ascii = PyUnicode_IS_ASCII(text);
     if (text_reserve(&s->input, (size_t)n + 1) < 0) {
         PyErr_NoMemory();
         goto done;
@@ -1609,6 +1750,7 @@ typedef struct {
     piece_fn encode_text;
     const ucs4 *chars;
     const size_t *char_ends;
+    const uint8_t *ascii;     /* ascii[i]: text i is all ASCII */
     size_t *id_ends;          /* id_ends[i] of its texts, into its own `ids` */
     Py_ssize_t first, stop;   /* its texts: [first, stop) */
     IdBuf ids;
@@ -1622,6 +1764,7 @@ batch_run(BatchPart *p)
     Scratch own;
     Scratch *s = slot_take(p->pool, &own);
     for (Py_ssize_t i = p->first; i < p->stop && p->status == 0; i++) {
+        s->ascii = p->ascii[i];
         p->status = p->encode_text(p->encoder, p->chars + start, p->char_ends[i] - start, s,
                                    &p->ids);
         p->id_ends[i] = p->ids.len;
@@ -1711,11 +1854,12 @@ encode_many(PyObject *self, const WordCache *pool, PyObject *texts, piece_fn enc
     ucs4 *chars = PyMem_RawMalloc((total ? total : 1) * sizeof(ucs4));
     size_t *char_ends = PyMem_RawMalloc((count ? count : 1) * sizeof(size_t));
     size_t *id_ends = PyMem_RawMalloc((count ? count : 1) * sizeof(size_t));
+    uint8_t *ascii = PyMem_RawMalloc(count ? count : 1);
     PyObject *result = NULL;
     BatchPart parts[BATCH_THREADS_MAX];
     memset(parts, 0, sizeof(parts));
     int n_parts = 1;
-    if (chars == NULL || char_ends == NULL || id_ends == NULL) {
+    if (chars == NULL || char_ends == NULL || id_ends == NULL || ascii == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -1728,6 +1872,7 @@ encode_many(PyObject *self, const WordCache *pool, PyObject *texts, piece_fn enc
         }
         offset += n;
         char_ends[i] = offset;
+        ascii[i] = (uint8_t)PyUnicode_IS_ASCII(text);
     }
     /* Contiguous runs of texts with about as many chars each. */
     n_parts = batch_threads((size_t)total, count);
@@ -1739,6 +1884,7 @@ encode_many(PyObject *self, const WordCache *pool, PyObject *texts, piece_fn enc
         p->encode_text = encode_text;
         p->chars = chars;
         p->char_ends = char_ends;
+        p->ascii = ascii;
         p->id_ends = id_ends;
         p->first = next;
         if (k == n_parts - 1) {
@@ -1809,6 +1955,7 @@ done:
     PyMem_RawFree(chars);
     PyMem_RawFree(char_ends);
     PyMem_RawFree(id_ends);
+    PyMem_RawFree(ascii);
     for (int k = 0; k < n_parts; k++) {
         PyMem_RawFree(parts[k].ids.data);
     }

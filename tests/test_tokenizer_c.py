@@ -196,6 +196,32 @@ def test_long_words_and_long_tokens(vocab):
     assert c_encoder.encode("a b") == twin.encode("a b") == [100, 100]
 
 
+# An all-ASCII text takes C's one-pass path (encode_ascii), built from per-char
+# tables; an added token in it (or a char that starts one) sends it back to the
+# general path. Each text below is ASCII, so each goes through that path.
+ASCII_TEXTS = [
+    *(f"a{chr(c)}b {chr(c)} x{chr(c)}{chr(c)}Y {chr(c)}" for c in range(128)),
+    # Around the word cache's 22-byte key and max_input_chars_per_word (100).
+    *(("Unaffable" * 12)[:n] + " ok" for n in (21, 22, 23, 99, 100, 101)),
+    "[MASK]", "a[MASK]b", "[mask] [MASK ] [", "x [MASK]", "<mask>", " <mask> ", "[CLS] [SEP]",
+    "xyz axyz xyz.", "abcab abab", "zab xyzab", "HOME ASSISTANT home assistant", "Lights lights",
+    "a\x00b \x00", "a\ty\tb \ty\t", " x x  x", "\x1c\x1d\x1e\x1f\x7f\x0b\x0c\r\n",
+    "Hello, World! It's 10:30 -- ok?", "",
+]  # fmt: skip
+
+
+def test_ascii_texts_match_the_twin_in_every_setting(every_setting):
+    for c_encoder, twin in every_setting:
+        expected = [twin.encode(text) for text in ASCII_TEXTS]
+        assert [c_encoder.encode(text) for text in ASCII_TEXTS] == expected
+        assert c_encoder.encode_batch(ASCII_TEXTS) == expected
+    # The same words with a non-ASCII char take the general path, to the same ids.
+    c_encoder, twin = every_setting[-1]
+    assert c_encoder.encode("Hello, World") + c_encoder.encode("é") == c_encoder.encode(
+        "Hello, World é"
+    )
+
+
 def test_buffers_kept_between_calls_carry_nothing_over(every_setting):
     # Each encoder keeps its scratch buffers from call to call (freed after a text
     # of 64k+ chars): every text must come out the same in any order.
@@ -462,6 +488,24 @@ if given is not None:
     @settings(max_examples=400, deadline=None, derandomize=True)
     @given(texts=st.lists(_text, min_size=1, max_size=4))
     def test_random_text_matches_the_twin_in_every_setting(every_setting, texts):
+        for c_encoder, twin in every_setting:
+            expected = [twin.encode(text) for text in texts]
+            assert [c_encoder.encode(text) for text in texts] == expected
+            assert c_encoder.encode_batch(texts) == expected
+
+    # All-ASCII text, the one-pass path's (see ASCII_TEXTS).
+    _ascii_text = st.lists(
+        st.one_of(
+            st.characters(max_codepoint=127),
+            st.sampled_from([piece for piece in _PIECES if piece.isascii()]),
+            st.text(st.characters(max_codepoint=127), max_size=5),
+        ),
+        max_size=30,
+    ).map("".join)
+
+    @settings(max_examples=400, deadline=None, derandomize=True)
+    @given(texts=st.lists(_ascii_text, min_size=1, max_size=4))
+    def test_random_ascii_text_matches_the_twin_in_every_setting(every_setting, texts):
         for c_encoder, twin in every_setting:
             expected = [twin.encode(text) for text in texts]
             assert [c_encoder.encode(text) for text in texts] == expected
