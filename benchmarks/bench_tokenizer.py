@@ -12,8 +12,9 @@ Three workloads, each through the library's public call, special tokens included
     short batch     one `encode_batch` call on all the short texts: texts per second
     paragraph batch one `encode_batch` call on 1,000 paragraphs: texts per second
 
-Each figure is the best of `--rounds` timed rounds after a warm-up (word caches are
-warm, as in a long-running process), but for "runtime (python, cold)": the Python twin
+Each figure is the best of `--rounds` timed rounds after a warm-up, and a round times
+every tokenizer in turn, so that a VM's drifting speed hits them alike. Word caches are
+warm, as in a long-running process, but for "runtime (python, cold)": the Python twin
 with its word cache cleared before every call (once before the batch call), so every
 word is seen for the first time. HF's `encode_batch` runs on all cores (rayon), ours
 on up to 8 threads (one per 32k chars, at most the usable CPUs); the core count and
@@ -33,7 +34,9 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 
 def workloads(seed: int = 0) -> tuple[list[str], list[str]]:
@@ -50,17 +53,6 @@ def workloads(seed: int = 0) -> tuple[list[str], list[str]]:
             words += rng.choice(everything).split()
         paragraphs.append(" ".join(words))
     return english, paragraphs
-
-
-def best_of(rounds: int, run) -> float:
-    """Smallest wall time of `run()` over `rounds` rounds, after one warm-up."""
-    run()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def tokenizer_files(tmp: Path) -> dict[str, tuple[Path, object]]:
@@ -96,18 +88,38 @@ COLUMNS = {  # JSON key: (heading, format, larger is faster)
 }
 
 
-def measure(encode, encode_batch, short, paragraphs, rounds: int, share: int = 1) -> dict:
-    """us/call and batch texts/s on short texts and paragraphs; on 1/share of the texts."""
-    short, paragraphs = short[::share], paragraphs[::share]
-    return {
-        "short_us_per_call": best_of(rounds, lambda: [encode(t) for t in short])
-        / len(short) * 1e6,
-        "paragraph_us_per_call": best_of(rounds, lambda: [encode(t) for t in paragraphs])
-        / len(paragraphs) * 1e6,
-        "short_batch_texts_per_s": len(short) / best_of(rounds, lambda: encode_batch(short)),
-        "paragraph_batch_texts_per_s": len(paragraphs)
-        / best_of(rounds, lambda: encode_batch(paragraphs)),
-    }
+class Contestant(NamedTuple):
+    """A tokenizer's one-text and batch calls; it runs on 1/share of the texts."""
+
+    encode: Callable[[str], list[int]]
+    encode_batch: Callable[[list[str]], list[list[int]]]
+    share: int = 1
+
+
+def measure(
+    contestants: dict[str, Contestant], short: list[str], paragraphs: list[str], rounds: int
+) -> dict[str, dict]:
+    """name -> us/call and batch texts/s on short texts and paragraphs, each the best of
+    `rounds` rounds after a warm-up. Each round times every contestant in turn, so that
+    all of them see the machine in the same state (a shared VM's speed drifts by tens
+    of percent over minutes)."""
+    rows: dict[str, dict] = {name: {} for name in contestants}
+    for key in COLUMNS:
+        texts = paragraphs if key.startswith("paragraph") else short
+        batch = "batch" in key
+        best: dict[str, float] = {}
+        for round_ in range(rounds + 1):  # round 0 is the warm-up
+            for name, (encode, encode_batch, share) in contestants.items():
+                mine = texts[::share]
+                start = time.perf_counter()
+                _ = encode_batch(mine) if batch else [encode(t) for t in mine]
+                took = time.perf_counter() - start
+                if round_:
+                    best[name] = min(took, best.get(name, took))
+        for name, (_, _, share) in contestants.items():
+            count = len(texts[::share])
+            rows[name][key] = count / best[name] if batch else best[name] / count * 1e6
+    return rows
 
 
 def speedups(rows: dict[str, dict], ours: str) -> dict[str, dict]:
@@ -180,26 +192,23 @@ def main() -> None:
             hf.no_padding()
             hf.no_truncation()
             expected = [e.ids for e in hf.encode_batch(short + paragraphs)]
-            rows = {}
+            contestants = {}
             for name in BACKENDS:
                 tok = Tokenizer.from_file(path, backend=name)
                 assert tok.encode_batch(short + paragraphs) == expected, (file_name, name)
-                rows[f"runtime ({name})"] = measure(
-                    tok.encode, tok.encode_batch, short, paragraphs, args.rounds
-                )
-                if name == "python":
-                    rows["runtime (python, cold)"] = measure(
-                        *cold(tok), short, paragraphs, args.rounds
+                contestants[f"runtime ({name})"] = Contestant(tok.encode, tok.encode_batch)
+                if name == "python":  # its own word cache, which it clears
+                    contestants["runtime (python, cold)"] = Contestant(
+                        *cold(Tokenizer.from_file(path, backend=name))
                     )
-            rows["HF tokenizers (Rust)"] = measure(
+            contestants["HF tokenizers (Rust)"] = Contestant(
                 lambda t, hf=hf: hf.encode(t).ids,
                 lambda ts, hf=hf: [e.ids for e in hf.encode_batch(ts)],
-                short, paragraphs, args.rounds,
-            )  # fmt: skip
-            rows["transformers slow (Python)"] = measure(
-                slow.encode, lambda ts, slow=slow: slow(ts)["input_ids"], short, paragraphs,
-                max(1, args.rounds // 2), share=10,
-            )  # fmt: skip
+            )
+            contestants["transformers slow (Python)"] = Contestant(
+                slow.encode, lambda ts, slow=slow: slow(ts)["input_ids"], share=10
+            )
+            rows = measure(contestants, short, paragraphs, args.rounds)
             print_table(file_name, rows)
             results[file_name] = {"measured": rows}
             if "runtime (c)" in rows:
