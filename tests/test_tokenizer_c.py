@@ -476,40 +476,35 @@ if given is not None:
         "e\u0301", "\u0323", "\u0302", "\u0316", "\u05b0", "İ", "Σ", "ς", " ", "  ", "\t", "\n",
         "\u3000", "\x00", "\u200d", "\ufffd", "中", "##", "un", "##able", ".", "'",
     ]  # fmt: skip
-    _text = st.lists(
-        st.one_of(
-            st.characters(),  # any code point, lone surrogates included
-            st.sampled_from(_PIECES),
-            st.text(max_size=5),
-        ),
-        max_size=30,
-    ).map("".join)
+
+    def _texts(ascii_only: bool):
+        """1-4 texts, each up to 30 chars, pieces and short strings; all-ASCII ones take
+        C's one-pass path (see ASCII_TEXTS)."""
+        if ascii_only:
+            chars = st.characters(max_codepoint=127)
+            parts = [chars, st.sampled_from([p for p in _PIECES if p.isascii()])]
+            parts.append(st.text(chars, max_size=5))
+        else:
+            chars = st.characters()  # any code point, lone surrogates included
+            parts = [chars, st.sampled_from(_PIECES), st.text(max_size=5)]
+        text = st.lists(st.one_of(*parts), max_size=30).map("".join)
+        return st.lists(text, min_size=1, max_size=4)
+
+    def _matches_the_twin(every_setting, texts):
+        for c_encoder, twin in every_setting:
+            expected = [twin.encode(text) for text in texts]
+            assert [c_encoder.encode(text) for text in texts] == expected
+            assert c_encoder.encode_batch(texts) == expected
 
     @settings(max_examples=400, deadline=None, derandomize=True)
-    @given(texts=st.lists(_text, min_size=1, max_size=4))
+    @given(texts=_texts(ascii_only=False))
     def test_random_text_matches_the_twin_in_every_setting(every_setting, texts):
-        for c_encoder, twin in every_setting:
-            expected = [twin.encode(text) for text in texts]
-            assert [c_encoder.encode(text) for text in texts] == expected
-            assert c_encoder.encode_batch(texts) == expected
-
-    # All-ASCII text, the one-pass path's (see ASCII_TEXTS).
-    _ascii_text = st.lists(
-        st.one_of(
-            st.characters(max_codepoint=127),
-            st.sampled_from([piece for piece in _PIECES if piece.isascii()]),
-            st.text(st.characters(max_codepoint=127), max_size=5),
-        ),
-        max_size=30,
-    ).map("".join)
+        _matches_the_twin(every_setting, texts)
 
     @settings(max_examples=400, deadline=None, derandomize=True)
-    @given(texts=st.lists(_ascii_text, min_size=1, max_size=4))
+    @given(texts=_texts(ascii_only=True))
     def test_random_ascii_text_matches_the_twin_in_every_setting(every_setting, texts):
-        for c_encoder, twin in every_setting:
-            expected = [twin.encode(text) for text in texts]
-            assert [c_encoder.encode(text) for text in texts] == expected
-            assert c_encoder.encode_batch(texts) == expected
+        _matches_the_twin(every_setting, texts)
 else:
 
     @pytest.mark.skip(reason="hypothesis is not installed (pip install hypothesis)")
