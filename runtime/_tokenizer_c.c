@@ -1665,16 +1665,39 @@ error:
 
 /* ------------------------------------------------------------------ encoding */
 
-/* Ids as a new list; the ids are borrowed from the encoder. */
+/* What encode_batch puts around each text's ids, as runtime.Tokenizer decides
+ * it: its special tokens, and truncation of the text's own ids. */
+typedef struct {
+    PyObject **prefix, **suffix; /* ints */
+    Py_ssize_t n_prefix, n_suffix;
+    Py_ssize_t max_content;      /* -1: no truncation */
+} Template;
+
+/* prefix + ids[:max_content] + suffix as a new list (ids borrowed from the
+ * encoder); `t` NULL: the ids alone. */
 static PyObject *
-id_list(PyObject *const *ids, size_t n)
+id_list(const Template *t, PyObject *const *ids, size_t n)
 {
-    PyObject *list = PyList_New((Py_ssize_t)n);
+    static const Template bare = {NULL, NULL, 0, 0, -1};
+    if (t == NULL) {
+        t = &bare;
+    }
+    if (t->max_content >= 0 && n > (size_t)t->max_content) {
+        n = (size_t)t->max_content;
+    }
+    Py_ssize_t at = 0;
+    PyObject *list = PyList_New(t->n_prefix + (Py_ssize_t)n + t->n_suffix);
     if (list == NULL) {
         return NULL;
     }
+    for (Py_ssize_t i = 0; i < t->n_prefix; i++) {
+        PyList_SET_ITEM(list, at++, Py_NewRef(t->prefix[i]));
+    }
     for (size_t i = 0; i < n; i++) {
-        PyList_SET_ITEM(list, (Py_ssize_t)i, Py_NewRef(ids[i]));
+        PyList_SET_ITEM(list, at++, Py_NewRef(ids[i]));
+    }
+    for (Py_ssize_t i = 0; i < t->n_suffix; i++) {
+        PyList_SET_ITEM(list, at++, Py_NewRef(t->suffix[i]));
     }
     return list;
 }
@@ -1731,7 +1754,7 @@ encode_one(PyObject *self, const WordCache *pool, PyObject *text, piece_fn encod
     else {
         status = encode_text(self, s->input.data, (size_t)n, s, &s->ids);
     }
-    result = status < 0 ? PyErr_NoMemory() : id_list(s->ids.data, s->ids.len);
+    result = status < 0 ? PyErr_NoMemory() : id_list(NULL, s->ids.data, s->ids.len);
 done:
     slot_give(pool, s);
     return result;
@@ -1827,8 +1850,8 @@ batch_threads(size_t total, Py_ssize_t count)
 }
 
 static PyObject *
-encode_many(PyObject *self, const WordCache *pool, PyObject *texts, piece_fn encode_text,
-            int replace_surrogates)
+encode_many(PyObject *self, const WordCache *pool, PyObject *texts, const Template *t,
+            piece_fn encode_text, int replace_surrogates)
 {
     if (PyUnicode_Check(texts)) {
         return PyErr_Format(PyExc_TypeError,
@@ -1942,7 +1965,7 @@ encode_many(PyObject *self, const WordCache *pool, PyObject *texts, piece_fn enc
         const BatchPart *p = &parts[k];
         size_t first = 0;
         for (Py_ssize_t i = p->first; i < p->stop; i++) {
-            PyObject *list = id_list(p->ids.data + first, id_ends[i] - first);
+            PyObject *list = id_list(t, p->ids.data + first, id_ends[i] - first);
             if (list == NULL) {
                 Py_CLEAR(result);
                 goto done;
@@ -1963,6 +1986,71 @@ done:
     return result;
 }
 
+/* encode_batch's argument `name`, a sequence of ints, as a PySequence_Fast. */
+static PyObject *
+int_sequence(PyObject *arg, const char *name, PyObject ***items, Py_ssize_t *n)
+{
+    PyObject *seq = PySequence_Fast(arg, "");
+    if (seq == NULL) {
+        return PyErr_Format(PyExc_TypeError,
+                            "encode_batch() %s must be a sequence of int, not %s", name,
+                            Py_TYPE(arg)->tp_name);
+    }
+    *n = PySequence_Fast_GET_SIZE(seq);
+    *items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < *n; i++) {
+        if (!PyLong_Check((*items)[i])) {
+            PyErr_Format(PyExc_TypeError, "encode_batch() %s: item %zd is %s, not int", name, i,
+                         Py_TYPE((*items)[i])->tp_name);
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    return seq;
+}
+
+/* encode_batch(texts, /, prefix=(), suffix=(), max_content=None) of either encoder. */
+static PyObject *
+encode_batch(PyObject *self, const WordCache *pool, PyObject *args, PyObject *kwargs,
+             piece_fn encode_text, int replace_surrogates)
+{
+    static char *keywords[] = {"", "prefix", "suffix", "max_content", NULL};
+    PyObject *texts, *prefix_arg = NULL, *suffix_arg = NULL, *max_content = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|OOO:encode_batch", keywords, &texts,
+                                     &prefix_arg, &suffix_arg, &max_content)) {
+        return NULL;
+    }
+    Template t = {NULL, NULL, 0, 0, -1};
+    PyObject *prefix = NULL, *suffix = NULL, *result = NULL;
+    if (prefix_arg != NULL
+        && (prefix = int_sequence(prefix_arg, "prefix", &t.prefix, &t.n_prefix)) == NULL) {
+        return NULL;
+    }
+    if (suffix_arg != NULL
+        && (suffix = int_sequence(suffix_arg, "suffix", &t.suffix, &t.n_suffix)) == NULL) {
+        goto done;
+    }
+    if (max_content != Py_None) {
+        if (!PyLong_Check(max_content)) {
+            PyErr_Format(PyExc_TypeError, "encode_batch() max_content must be an int or None, "
+                         "not %s", Py_TYPE(max_content)->tp_name);
+            goto done;
+        }
+        t.max_content = PyLong_AsSsize_t(max_content);
+        if (t.max_content < 0) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_ValueError, "encode_batch() max_content must be >= 0");
+            }
+            goto done;
+        }
+    }
+    result = encode_many(self, pool, texts, &t, encode_text, replace_surrogates);
+done:
+    Py_XDECREF(prefix);
+    Py_XDECREF(suffix);
+    return result;
+}
+
 static PyObject *
 Encoder_encode(PyObject *self, PyObject *text)
 {
@@ -1970,9 +2058,9 @@ Encoder_encode(PyObject *self, PyObject *text)
 }
 
 static PyObject *
-Encoder_encode_batch(PyObject *self, PyObject *texts)
+Encoder_encode_batch(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    return encode_many(self, &((Encoder *)self)->cache, texts, encode_text, 0);
+    return encode_batch(self, &((Encoder *)self)->cache, args, kwargs, encode_text, 0);
 }
 
 /* ============================================================ byte-level BPE
@@ -2710,18 +2798,20 @@ Bpe_encode(PyObject *self, PyObject *text)
 }
 
 static PyObject *
-Bpe_encode_batch(PyObject *self, PyObject *texts)
+Bpe_encode_batch(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    return encode_many(self, &((Bpe *)self)->cache, texts, bpe_text, 1);
+    return encode_batch(self, &((Bpe *)self)->cache, args, kwargs, bpe_text, 1);
 }
 
 static PyMethodDef Bpe_methods[] = {
     {"encode", Bpe_encode, METH_O,
      PyDoc_STR("encode(text, /)\n--\n\nContent ids of `text` (no special tokens).")},
-    {"encode_batch", Bpe_encode_batch, METH_O,
-     PyDoc_STR("encode_batch(texts, /)\n--\n\n"
-               "encode() of each str in `texts`, in one call without the GIL; a big batch "
-               "is split over several threads (up to 8, one per 32k chars and CPU).")},
+    {"encode_batch", (PyCFunction)(void (*)(void))Bpe_encode_batch,
+     METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("encode_batch(texts, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
+               "prefix + encode(text)[:max_content] + suffix for each str in `texts`, in one "
+               "call without the GIL; a big batch is split over several threads (up to 8, "
+               "one per 32k chars and CPU).")},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2749,10 +2839,12 @@ static PyType_Spec Bpe_spec = {
 static PyMethodDef Encoder_methods[] = {
     {"encode", Encoder_encode, METH_O,
      PyDoc_STR("encode(text, /)\n--\n\nContent ids of `text` (no special tokens).")},
-    {"encode_batch", Encoder_encode_batch, METH_O,
-     PyDoc_STR("encode_batch(texts, /)\n--\n\n"
-               "encode() of each str in `texts`, in one call without the GIL; a big batch "
-               "is split over several threads (up to 8, one per 32k chars and CPU).")},
+    {"encode_batch", (PyCFunction)(void (*)(void))Encoder_encode_batch,
+     METH_VARARGS | METH_KEYWORDS,
+     PyDoc_STR("encode_batch(texts, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
+               "prefix + encode(text)[:max_content] + suffix for each str in `texts`, in one "
+               "call without the GIL; a big batch is split over several threads (up to 8, "
+               "one per 32k chars and CPU).")},
     {NULL, NULL, 0, NULL},
 };
 

@@ -29,8 +29,17 @@ class WordPieceEncoder:
     ) -> None: ...
     def encode(self, text: str, /) -> list[int]:
         """Content ids of `text`: added tokens, then normalize/pre-tokenize/WordPiece."""
-    def encode_batch(self, texts: Iterable[str], /) -> list[list[int]]:
-        """`encode` of each text, in one call that releases the GIL throughout.
+    def encode_batch(
+        self,
+        texts: Iterable[str],
+        /,
+        prefix: Sequence[int] = (),
+        suffix: Sequence[int] = (),
+        max_content: int | None = None,
+    ) -> list[list[int]]:
+        """`[*prefix, *encode(text)[:max_content], *suffix]` of each text, in one call
+        that releases the GIL throughout (runtime.Tokenizer passes its special tokens
+        and truncation budget).
 
         A big batch is split into contiguous runs of texts encoded on several
         threads at once (one per 32k chars, at most 8 and the usable CPUs).
@@ -61,8 +70,17 @@ class BPEEncoder:
     ) -> None: ...
     def encode(self, text: str, /) -> list[int]:
         """Content ids of `text`: added tokens, then pre-tokenize and BPE each word."""
-    def encode_batch(self, texts: Iterable[str], /) -> list[list[int]]:
-        """`encode` of each text, in one call that releases the GIL throughout.
+    def encode_batch(
+        self,
+        texts: Iterable[str],
+        /,
+        prefix: Sequence[int] = (),
+        suffix: Sequence[int] = (),
+        max_content: int | None = None,
+    ) -> list[list[int]]:
+        """`[*prefix, *encode(text)[:max_content], *suffix]` of each text, in one call
+        that releases the GIL throughout (runtime.Tokenizer passes its special tokens
+        and truncation budget).
 
         A big batch is split into contiguous runs of texts encoded on several
         threads at once (one per 32k chars, at most 8 and the usable CPUs).

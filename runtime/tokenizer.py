@@ -8,7 +8,8 @@ pre-tokenize, WordPiece or BPE) lives in a backend with a tiny surface,
 `WordPieceEncoder(vocab, **options)` and `BPEEncoder(vocab, merges, **options)`,
 each with `.encode(text) -> list[int]`: the C module `_tokenizer_c` when it is
 built, else its pure-Python twin `_tokenizer_py`. The C encoders also have
-`encode_batch(texts)`, which `Tokenizer.encode_batch` uses.
+`encode_batch(texts, prefix, suffix, max_content)`, which `Tokenizer.encode_batch`
+uses: it puts the special tokens and truncation decided here around each text's ids.
 
 Example:
     >>> tok = Tokenizer.from_file("all-MiniLM-L6-v2/tokenizer.json")
@@ -280,18 +281,10 @@ class Tokenizer:
         budget = None if max_length is None else self._content_budget(max_length)
         if not hasattr(self._encoder, "encode_batch"):  # the Python twin: one text at a time
             return [self.encode(text, max_length=max_length) for text in texts]
-        # The C backend encodes the whole batch in one call, without the GIL.
-        batch = self._encoder.encode_batch(texts)
-        if budget is not None:
-            for ids in batch:
-                del ids[budget:]
-        # In place and inlined, as in encode: per short text this takes ~90 ns, a call per
-        # text ~120 ns, and building new lists ~200 ns (of ~600 ns encoding it in C).
-        prefix, suffix = self._prefix_ids, self._suffix_ids
-        for ids in batch:
-            ids[:0] = prefix
-            ids += suffix
-        return batch
+        # The C backend encodes the whole batch in one call, without the GIL, and builds
+        # each text's list as decided here: special tokens around its ids, cut to the
+        # budget. (Done here per text, that took ~90 ns of a short text's ~500 ns.)
+        return self._encoder.encode_batch(texts, self._prefix_ids, self._suffix_ids, budget)
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids`, as HF's `Tokenizer.decode` gives it; unknown ids are skipped.

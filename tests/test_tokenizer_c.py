@@ -247,6 +247,28 @@ def test_encode_batch_is_encode_per_text(every_setting):
         c_encoder.encode(3)
 
 
+def test_encode_batch_puts_the_template_around_each_text(every_setting, bpe_pairs):
+    # runtime.Tokenizer passes its special tokens and truncation budget; C applies them.
+    for c_encoder in (every_setting[-1][0], bpe_pairs[0][0]):
+        texts = ["hello world", "", "a b c d e f", "\x00"]
+        plain = c_encoder.encode_batch(texts)
+        for prefix, suffix, most in [([7], [8, 9], None), ((), [5], 2), ([1, 2], (), 0)]:
+            expected = [[*prefix, *ids[:most], *suffix] for ids in plain]
+            assert c_encoder.encode_batch(texts, prefix, suffix, most) == expected
+            assert (
+                c_encoder.encode_batch(texts, max_content=most, suffix=suffix, prefix=prefix)
+                == expected
+            )
+        with pytest.raises(TypeError, match=r"prefix: item 1 is str, not int"):
+            c_encoder.encode_batch(texts, [1, "2"])
+        with pytest.raises(TypeError, match="suffix must be a sequence of int, not NoneType"):
+            c_encoder.encode_batch(texts, (), None)
+        with pytest.raises(ValueError, match="max_content must be >= 0"):
+            c_encoder.encode_batch(texts, (), (), -1)
+        with pytest.raises(TypeError, match="max_content must be an int or None, not float"):
+            c_encoder.encode_batch(texts, max_content=1.0)
+
+
 def test_threads_share_one_encoder(every_setting):
     # Long texts release the GIL, so these really run at the same time.
     c_encoder = every_setting[-1][0]
@@ -387,9 +409,12 @@ def test_no_leaks(vocab):
             c_encoder.encode(long_text)
             c_encoder.encode(huge_text if i % 10 == 0 else long_text)  # buffers freed after
             c_encoder.encode_batch([short, long_text, ""])
+            c_encoder.encode_batch([short, long_text, ""], [101], [102], 5)
             for bad in (["x", None], "x"):
                 with pytest.raises(TypeError):
                     c_encoder.encode_batch(bad)
+            with pytest.raises(TypeError):
+                c_encoder.encode_batch([short], [101], [102, None])
             if i % 50 == 0:
                 encoders({"[UNK]": 0, "a": 10**20}, dict.fromkeys(FLAGS, True))
                 with pytest.raises(KeyError):
@@ -414,7 +439,13 @@ def test_id_objects_are_released():
         **_options("[UNK]"),
     )
     assert c_encoder.encode("a b c") == [big_id] * 3
-    assert sys.getrefcount(big_id) > base
+    held = sys.getrefcount(big_id)
+    batch = c_encoder.encode_batch(["a b", "a"], [big_id], (big_id,), 1)
+    assert batch == [[big_id] * 3] * 2
+    del batch
+    with pytest.raises(TypeError):
+        c_encoder.encode_batch(["a"], [big_id], [big_id, "x"])
+    assert sys.getrefcount(big_id) == held > base
     del c_encoder
     assert sys.getrefcount(big_id) == base
 
