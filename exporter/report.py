@@ -39,6 +39,8 @@ def render_markdown(data: dict) -> str:
             *(f"| cosine p{p} | {val:.5f} |" for p, val in v["cosine_percentiles"].items()),
             "", "Lowest-cosine texts:", "",
             *(f"- {w['cosine']:.4f}: {w['text']!r}" for w in v["worst_texts"]), "",
+            *([f"Integer products: {v['integer_products']}.", ""]
+              if "integer_products" in v else []),
             "## Speed, size, memory", "",
             "| | float ONNX | bundle | ratio |", "|---|---|---|---|",
             f"| latency p50, batch 1 (ms) | {lat['float_onnx']['p50']:.3f} | "

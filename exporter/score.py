@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .exact import exact_products, scores_exactly
 from .feeds import encoder_feeds, ort_session, pool
 from .validate import classification_metrics, cosine_rows
 
@@ -26,6 +27,7 @@ class Scorer:
 
     def __init__(self, job, utterances, *, threads: int = 0):
         self.job, self.threads = job, threads
+        self.exact = scores_exactly(job.target)  # the device's integer products (exact.py)
         self.utterances = list(utterances)
         self.texts = [u.text for u in self.utterances]
         session = ort_session(job.float_onnx, threads=threads)
@@ -49,6 +51,8 @@ class Scorer:
     def score(self, model: onnx.ModelProto) -> dict[str, float]:
         """cosine / min-cosine (and, for labelled classification, agreement, accuracy and
         accuracy-drop) of `model` against the float graph."""
+        if self.exact:
+            model = exact_products(model)
         session = ort_session(model.SerializeToString(), threads=self.threads)
         ours = self.outputs(session)
         cos = cosine_rows(ours, self.reference)

@@ -40,6 +40,7 @@ class QuantizationSettings:
     sensitivity_samples: int = 100     # calibration texts the per-group harm is measured on
     max_size_ratio: float = 0.30       # budget search: model bytes at most this x float's
     portable_rounding: bool = False    # x86 and aarch64 round every activation alike
+    exact_integer_products: bool = True  # the device's int8 products do not saturate
 
 
 @dataclass(frozen=True)

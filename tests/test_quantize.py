@@ -273,3 +273,53 @@ def test_bundle_records_sensitivity_for_every_group(minilm_bundle):
     assert ops.count("MatMulIntegerToFloat") + 3 * ops.count("QAttention") == \
         len(q["quantized_nodes"])
     assert ops.count("QAttention") == 6
+
+
+# ------------------------------------------------- exact integer products (exporter/exact.py)
+
+
+def test_exact_twin_holds_the_same_numbers(minilm_bundle):
+    from exporter.exact import WEIGHT_INPUTS, exact_products, host_saturates
+
+    model = onnx.load(minilm_bundle / "model.onnx")
+    original = model.SerializeToString()
+    twin = exact_products(model)
+    assert model.SerializeToString() == original  # a copy: the bundle's graph is untouched
+    before = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in twin.graph.initializer}
+    checked = 0
+    for old, new in zip(model.graph.node, twin.graph.node, strict=True):
+        weight, zero = WEIGHT_INPUTS.get(old.op_type, (0, 0))
+        if old.op_type not in WEIGHT_INPUTS or before[old.input[weight]].dtype != np.int8:
+            continue
+        assert after[new.input[weight]].dtype == np.uint8 == after[new.input[zero]].dtype
+        numbers = before[old.input[weight]].astype(np.int16) - before[old.input[zero]]
+        same = after[new.input[weight]].astype(np.int16) - after[new.input[zero]]
+        assert np.array_equal(numbers, same), old.name
+        checked += 1
+    assert checked == 24  # 18 MatMulIntegerToFloat and 6 QAttention in the default bundle
+    # The twin runs; where this CPU multiplies u8 x s8 exactly, to the bundle's own outputs.
+    session = ort_session(str(minilm_bundle / "model.onnx"))
+    feeds = {i.name: np.array([[101, 7592, 2088, 102]] if i.name == "input_ids" else
+                              [[1, 1, 1, 1]] if i.name == "attention_mask" else [[0] * 4],
+                              np.int64) for i in session.get_inputs()}
+    ours = session.run(None, feeds)[0].ravel()
+    exact = ort_session(twin.SerializeToString()).run(None, feeds)[0].ravel()
+    cosine = ours @ exact / np.linalg.norm(ours) / np.linalg.norm(exact)
+    assert cosine > (0.99 if host_saturates() else 0.999999), cosine
+
+
+def test_host_saturates_reads_the_cpu_flags(tmp_path, monkeypatch):
+    from exporter import exact
+
+    vnni, avx2 = tmp_path / "vnni", tmp_path / "avx2"
+    vnni.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    avx2.write_text("flags\t\t: fpu sse2 avx2 fma\n")
+    monkeypatch.setattr(exact.platform, "machine", lambda: "x86_64")
+    assert not exact.host_saturates(vnni)
+    assert exact.host_saturates(avx2)
+    assert exact.host_saturates(tmp_path / "missing")  # flags unknown: x86 is taken to saturate
+    monkeypatch.setattr(exact.platform, "machine", lambda: "aarch64")
+    exact.host_saturates.cache_clear()
+    assert not exact.host_saturates(avx2)
+    exact.host_saturates.cache_clear()
