@@ -27,8 +27,17 @@ class WordPieceEncoder:
         lowercase: bool,
         added_tokens: Iterable[AddedToken] = (),
     ) -> None: ...
-    def encode(self, text: str, /) -> list[int]:
-        """Content ids of `text`: added tokens, then normalize/pre-tokenize/WordPiece."""
+    def encode(
+        self,
+        text: str,
+        /,
+        prefix: Sequence[int] = (),
+        suffix: Sequence[int] = (),
+        max_content: int | None = None,
+    ) -> list[int]:
+        """`[*prefix, *content_ids[:max_content], *suffix]`, where content_ids are
+        `text`'s (added tokens, then normalize/pre-tokenize/WordPiece);
+        runtime.Tokenizer passes its special tokens and truncation budget."""
     def encode_batch(
         self,
         texts: Iterable[str],
@@ -68,8 +77,17 @@ class BPEEncoder:
         fuse_unk: bool = False,
         added_tokens: Iterable[AddedToken] = (),
     ) -> None: ...
-    def encode(self, text: str, /) -> list[int]:
-        """Content ids of `text`: added tokens, then pre-tokenize and BPE each word."""
+    def encode(
+        self,
+        text: str,
+        /,
+        prefix: Sequence[int] = (),
+        suffix: Sequence[int] = (),
+        max_content: int | None = None,
+    ) -> list[int]:
+        """`[*prefix, *content_ids[:max_content], *suffix]`, where content_ids are
+        `text`'s (added tokens, then pre-tokenize and BPE each word);
+        runtime.Tokenizer passes its special tokens and truncation budget."""
     def encode_batch(
         self,
         texts: Iterable[str],

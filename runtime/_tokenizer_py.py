@@ -184,6 +184,18 @@ class AddedToken(NamedTuple):
     normalized: bool = False
 
 
+def _framed(
+    ids: list[int], prefix: Iterable[int], suffix: Iterable[int], max_content: int | None
+) -> list[int]:
+    """`[*prefix, *ids[:max_content], *suffix]`, in `ids` (runtime.Tokenizer decides
+    the special tokens and truncation budget; the encoders apply them)."""
+    if max_content is not None:
+        del ids[max_content:]
+    ids[:0] = prefix
+    ids += suffix
+    return ids
+
+
 def _is_word_char(char: str) -> bool:
     # Rust regex `\w`: Alphabetic | Mark | Decimal_Number | Connector_Punctuation
     # | Join_Control. Used only by `single_word` added tokens. Exact for every
@@ -287,8 +299,16 @@ class WordPieceEncoder:
             t._replace(content=self.normalize(t.content)) for t in added_tokens if t.normalized
         )
 
-    def encode(self, text: str) -> list[int]:
-        """Content ids of `text`: added tokens, then normalize/pre-tokenize/WordPiece."""
+    def encode(
+        self,
+        text: str,
+        /,
+        prefix: Iterable[int] = (),
+        suffix: Iterable[int] = (),
+        max_content: int | None = None,
+    ) -> list[int]:
+        """`prefix` + content ids of `text` (added tokens, then normalize/pre-tokenize/
+        WordPiece), cut to `max_content`, + `suffix`."""
         ids: list[int] = []
         for piece, added_id in self._raw_added.split(text):
             if added_id is not None:
@@ -300,7 +320,7 @@ class WordPieceEncoder:
                     continue
                 for word in self._split_whitespace(part):
                     ids.extend(self._word_ids(word))
-        return ids
+        return _framed(ids, prefix, suffix, max_content)
 
     def normalize(self, text: str) -> str:
         """BertNormalizer, in HF's order: clean, CJK spacing, accents, lowercase."""
@@ -520,8 +540,16 @@ class BPEEncoder:
         self._raw_added = _AddedTokenSplitter(t for t in added_tokens if not t.normalized)
         self._normalized_added = _AddedTokenSplitter(t for t in added_tokens if t.normalized)
 
-    def encode(self, text: str) -> list[int]:
-        """Content ids of `text`: added tokens, then pre-tokenize and BPE each word."""
+    def encode(
+        self,
+        text: str,
+        /,
+        prefix: Iterable[int] = (),
+        suffix: Iterable[int] = (),
+        max_content: int | None = None,
+    ) -> list[int]:
+        """`prefix` + content ids of `text` (added tokens, then pre-tokenize and BPE
+        each word), cut to `max_content`, + `suffix`."""
         if not text.isascii():
             text = _SURROGATE_RE.sub("\ufffd", text)
         ids: list[int] = []
@@ -535,7 +563,7 @@ class BPEEncoder:
                     continue
                 for word in self.pre_tokenize(part):
                     ids.extend(self._word_ids(word))
-        return ids
+        return _framed(ids, prefix, suffix, max_content)
 
     def pre_tokenize(self, text: str) -> list[str]:
         """The words BPE runs on, as HF's pre-tokenizer cuts `text` (no byte mapping)."""

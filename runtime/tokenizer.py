@@ -255,14 +255,10 @@ class Tokenizer:
                 f"encode() expects str, got {type(text).__name__}; "
                 "decode bytes first, e.g. data.decode('utf-8')."
             )
-        ids = self._encoder.encode(text)
-        if max_length is not None:
-            del ids[self._content_budget(max_length) :]
-        # In place: the encoder returns a new list. Inlined: a call was a twentieth of a
-        # short text's encode.
-        ids[:0] = self._prefix_ids
-        ids += self._suffix_ids
-        return ids
+        # The backend puts the special tokens around the ids and cuts them to the
+        # budget (in C, that saves ~0.3 us of a short text's ~0.8 us).
+        budget = None if max_length is None else self._content_budget(max_length)
+        return self._encoder.encode(text, self._prefix_ids, self._suffix_ids, budget)
 
     def encode_batch(
         self, texts: Iterable[str], *, max_length: int | None = None

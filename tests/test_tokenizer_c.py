@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import unicodedata
+import weakref
 from pathlib import Path
 
 import pytest
@@ -247,9 +248,10 @@ def test_encode_batch_is_encode_per_text(every_setting):
         c_encoder.encode(3)
 
 
-def test_encode_batch_puts_the_template_around_each_text(every_setting, bpe_pairs):
-    # runtime.Tokenizer passes its special tokens and truncation budget; C applies them.
-    for c_encoder in (every_setting[-1][0], bpe_pairs[0][0]):
+def test_encode_puts_the_template_around_the_ids(every_setting, bpe_pairs):
+    # runtime.Tokenizer passes its special tokens and truncation budget; both backends
+    # apply them, in encode and (C) encode_batch.
+    for c_encoder, py_encoder in (every_setting[-1], bpe_pairs[0]):
         texts = ["hello world", "", "a b c d e f", "\x00"]
         plain = c_encoder.encode_batch(texts)
         for prefix, suffix, most in [([7], [8, 9], None), ((), [5], 2), ([1, 2], (), 0)]:
@@ -259,14 +261,49 @@ def test_encode_batch_puts_the_template_around_each_text(every_setting, bpe_pair
                 c_encoder.encode_batch(texts, max_content=most, suffix=suffix, prefix=prefix)
                 == expected
             )
-        with pytest.raises(TypeError, match=r"prefix: item 1 is str, not int"):
-            c_encoder.encode_batch(texts, [1, "2"])
-        with pytest.raises(TypeError, match="suffix must be a sequence of int, not NoneType"):
-            c_encoder.encode_batch(texts, (), None)
-        with pytest.raises(ValueError, match="max_content must be >= 0"):
-            c_encoder.encode_batch(texts, (), (), -1)
-        with pytest.raises(TypeError, match="max_content must be an int or None, not float"):
-            c_encoder.encode_batch(texts, max_content=1.0)
+            for encoder in (c_encoder, py_encoder):
+                assert [encoder.encode(t, prefix, suffix, most) for t in texts] == expected
+                assert [
+                    encoder.encode(t, max_content=most, suffix=suffix, prefix=prefix)
+                    for t in texts
+                ] == expected
+        for method, arg in ((c_encoder.encode_batch, texts), (c_encoder.encode, "text")):
+            name = method.__name__
+            with pytest.raises(TypeError, match=rf"{name}\(\) prefix: item 1 is str, not int"):
+                method(arg, [1, "2"])
+            with pytest.raises(TypeError, match="suffix must be a sequence of int, not NoneType"):
+                method(arg, (), None)
+            with pytest.raises(ValueError, match="max_content must be >= 0"):
+                method(arg, (), (), -1)
+            with pytest.raises(TypeError, match="max_content must be an int or None, not float"):
+                method(arg, max_content=1.0)
+            with pytest.raises(TypeError, match="unexpected keyword argument 'budget'"):
+                method(arg, budget=3)
+            with pytest.raises(TypeError, match="multiple values for argument 'prefix'"):
+                method(arg, (), prefix=())
+            with pytest.raises(TypeError, match="takes from 1 to 4 positional arguments but 5"):
+                method(arg, (), (), None, 1)
+            with pytest.raises(TypeError, match="takes from 1 to 4 positional arguments but 0"):
+                method()
+
+
+def test_encode_batch_lists_are_tracked_by_the_gc(every_setting):
+    # C builds a batch's lists untracked (so collections during the build skip them)
+    # and tracks them at the end: a cycle made through one later must be collectable.
+    c_encoder = every_setting[-1][0]
+    batch = c_encoder.encode_batch(["hello world"] * 2000 + HARD_TEXTS, [101], [102])
+    assert gc.is_tracked(batch) and all(gc.is_tracked(ids) for ids in batch)
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.ids = batch[0]
+    batch[0].append(holder)  # a cycle the GC sees only through the list
+    alive = weakref.ref(holder)
+    del batch, holder
+    gc.collect()
+    assert alive() is None
 
 
 def test_threads_share_one_encoder(every_setting):
