@@ -81,6 +81,29 @@ def device_python(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def prose() -> list[str]:
+    """English prose, line by line, ~34k lines: Python's reference documentation
+    (pydoc_data.topics, ~11k lines), then the docstrings of the standard library's
+    top-level modules (~23k lines; read with ast, nothing imported). Some lines are
+    code examples, as in real documentation."""
+    import ast
+    import sysconfig
+    from pydoc_data.topics import topics
+
+    lines = [line for text in topics.values() for line in text.split("\n")]
+    documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):  # e.g. lib2to3's deliberately odd test data
+            continue
+        for node in ast.walk(tree):
+            doc = ast.get_docstring(node) if isinstance(node, documented) else None
+            lines += doc.split("\n") if doc else []
+    return lines
+
+
+@pytest.fixture(scope="session")
 def real_texts() -> list[str]:
     """Every distinct string in home-assistant-intents (~35k, all ~65 languages)."""
     from exporter.data import intent_strings

@@ -2,10 +2,11 @@
 
 The reference file is all-MiniLM-L6-v2's tokenizer.json (BERT uncased WordPiece);
 HF runs with no_padding()/no_truncation(), since `encode` never pads. Real text
-is every sentence template and response of home-assistant-intents in all its
-languages (accents, CJK, RTL, Indic and Thai scripts); the rest are edge cases,
-variants of the file (cased, no normalizer, added tokens...), every code point,
-and random text from hypothesis.
+is English prose (conftest's `prose`: Python's reference docs and the standard
+library's docstrings, ~34k lines) and every sentence template and response of
+home-assistant-intents in all its languages (accents, CJK, RTL, Indic and Thai
+scripts); the rest are edge cases, variants of the file (cased, no normalizer,
+added tokens...), every code point, and random text from hypothesis.
 """
 
 from __future__ import annotations
@@ -126,6 +127,20 @@ def test_real_texts_match_hf(tok, real_texts, real_ids):
     got = tok.encode_batch(real_texts)
     mismatches = [(t, g, e) for t, g, e in zip(real_texts, got, expected, strict=True) if g != e]
     assert not mismatches[:5], f"{len(mismatches)} of {len(real_texts)} texts differ"
+
+
+@pytest.fixture(scope="session")
+def prose_ids(hf, prose) -> list[list[int]]:
+    return [e.ids for e in hf.encode_batch(prose)]
+
+
+def test_english_prose_matches_hf(tok, hf, prose, prose_ids):
+    got = tok.encode_batch(prose)
+    mismatches = [(t, g, e) for t, g, e in zip(prose, got, prose_ids, strict=True) if g != e]
+    assert len(prose) > 30_000
+    assert not mismatches[:5], f"{len(mismatches)} of {len(prose)} lines differ"
+    text = "\n".join(prose[:3000])  # one long text, as a document would come
+    assert tok.encode(text) == hf.encode(text).ids
 
 
 @pytest.mark.parametrize("text", EDGE_CASES, ids=range(len(EDGE_CASES)))
