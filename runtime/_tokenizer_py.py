@@ -13,8 +13,10 @@ what Hugging Face `tokenizers` (Rust, v0.22) does for two families of files:
 
 A C twin (`runtime._tokenizer_c`) may replace it; it must offer the same
 surface: `WordPieceEncoder(vocab, **options)` and `BPEEncoder(vocab, merges,
-**options)`, each with `.encode(text) -> list[int]`.
-Special tokens, truncation and decoding are policy and live in `tokenizer.py`.
+**options)`, each with `.encode(text, /, prefix=(), suffix=(), max_content=None)
+-> list[int]`: the text's ids, cut to `max_content`, between `prefix` and `suffix`.
+Which special tokens and what truncation budget are policy, decided in
+`tokenizer.py` (the encoders only apply them), as is decoding.
 
 Unicode tables. HF decides "control", "punctuation" and "non-spacing mark" with
 the `unicode_categories` crate, frozen at Unicode 8.0, while Python's
@@ -184,16 +186,28 @@ class AddedToken(NamedTuple):
     normalized: bool = False
 
 
-def _framed(
-    ids: list[int], prefix: Iterable[int], suffix: Iterable[int], max_content: int | None
-) -> list[int]:
-    """`[*prefix, *ids[:max_content], *suffix]`, in `ids` (runtime.Tokenizer decides
-    the special tokens and truncation budget; the encoders apply them)."""
-    if max_content is not None:
-        del ids[max_content:]
-    ids[:0] = prefix
-    ids += suffix
-    return ids
+class _Encoder:
+    """What both encoders share: `encode` puts runtime.Tokenizer's special tokens and
+    truncation budget around the ids of `content_ids`, which each encoder defines."""
+
+    def content_ids(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode(
+        self,
+        text: str,
+        /,
+        prefix: Iterable[int] = (),
+        suffix: Iterable[int] = (),
+        max_content: int | None = None,
+    ) -> list[int]:
+        """`[*prefix, *content_ids(text)[:max_content], *suffix]`."""
+        ids = self.content_ids(text)
+        if max_content is not None:
+            del ids[max_content:]
+        ids[:0] = prefix
+        ids += suffix
+        return ids
 
 
 def _is_word_char(char: str) -> bool:
@@ -252,7 +266,7 @@ class _AddedTokenSplitter:
             yield text[offset:], None
 
 
-class WordPieceEncoder:
+class WordPieceEncoder(_Encoder):
     """Text to content ids (no special tokens) with BERT normalization and WordPiece.
 
     Args are the parsed fields of a tokenizer.json; `strip_accents` is already
@@ -299,16 +313,9 @@ class WordPieceEncoder:
             t._replace(content=self.normalize(t.content)) for t in added_tokens if t.normalized
         )
 
-    def encode(
-        self,
-        text: str,
-        /,
-        prefix: Iterable[int] = (),
-        suffix: Iterable[int] = (),
-        max_content: int | None = None,
-    ) -> list[int]:
-        """`prefix` + content ids of `text` (added tokens, then normalize/pre-tokenize/
-        WordPiece), cut to `max_content`, + `suffix`."""
+    def content_ids(self, text: str) -> list[int]:
+        """Ids of `text`, no special tokens: added tokens, then normalize/pre-tokenize/
+        WordPiece."""
         ids: list[int] = []
         for piece, added_id in self._raw_added.split(text):
             if added_id is not None:
@@ -320,7 +327,7 @@ class WordPieceEncoder:
                     continue
                 for word in self._split_whitespace(part):
                     ids.extend(self._word_ids(word))
-        return _framed(ids, prefix, suffix, max_content)
+        return ids
 
     def normalize(self, text: str) -> str:
         """BertNormalizer, in HF's order: clean, CJK spacing, accents, lowercase."""
@@ -474,7 +481,7 @@ _LATIN1_TO_BYTE_LEVEL = dict(enumerate(BYTE_TO_CHAR))
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
-class BPEEncoder:
+class BPEEncoder(_Encoder):
     """Text to content ids with a byte-level pre-tokenizer and BPE merges.
 
     `merges` are (left, right) token pairs, highest priority first. `split` names
@@ -540,16 +547,9 @@ class BPEEncoder:
         self._raw_added = _AddedTokenSplitter(t for t in added_tokens if not t.normalized)
         self._normalized_added = _AddedTokenSplitter(t for t in added_tokens if t.normalized)
 
-    def encode(
-        self,
-        text: str,
-        /,
-        prefix: Iterable[int] = (),
-        suffix: Iterable[int] = (),
-        max_content: int | None = None,
-    ) -> list[int]:
-        """`prefix` + content ids of `text` (added tokens, then pre-tokenize and BPE
-        each word), cut to `max_content`, + `suffix`."""
+    def content_ids(self, text: str) -> list[int]:
+        """Ids of `text`, no special tokens: added tokens, then pre-tokenize and BPE
+        each word."""
         if not text.isascii():
             text = _SURROGATE_RE.sub("\ufffd", text)
         ids: list[int] = []
@@ -563,7 +563,7 @@ class BPEEncoder:
                     continue
                 for word in self.pre_tokenize(part):
                     ids.extend(self._word_ids(word))
-        return _framed(ids, prefix, suffix, max_content)
+        return ids
 
     def pre_tokenize(self, text: str) -> list[str]:
         """The words BPE runs on, as HF's pre-tokenizer cuts `text` (no byte mapping)."""
