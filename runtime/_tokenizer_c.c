@@ -2095,7 +2095,7 @@ encode_call(PyObject *self, const WordCache *pool, int many, PyObject *const *ar
 {
     PyObject *subject, *hold[2], *result = NULL;
     Template t;
-    if (call_args(many ? "encode_batch" : "encode", args, PyVectorcall_NARGS(nargs), kwnames,
+    if (call_args(many ? "encode_batch" : "encode", args, nargs, kwnames,
                   &subject, &t, hold) == 0) {
         result = many ? encode_many(self, pool, subject, &t, encode_text, replace_surrogates)
                       : encode_one(self, pool, subject, &t, encode_text, replace_surrogates);
