@@ -182,8 +182,8 @@ class Tokenizer:
                 _warned_no_c = True
                 warnings.warn(
                     f"runtime.Tokenizer: the C tokenizer is not available ({_C_MISSING}); "
-                    "using the pure-Python backend, about 20x slower. Install with a C "
-                    "compiler (pip install .) to build it.",
+                    "using the pure-Python backend, 7-60x slower. Install with a C compiler "
+                    "(pip install .) to build it.",
                     RuntimeWarning,
                     stacklevel=4,
                 )
