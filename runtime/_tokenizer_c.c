@@ -1862,7 +1862,10 @@ encode_many(PyObject *self, const WordCache *pool, PyObject *texts, const Templa
         return PyErr_Format(PyExc_TypeError,
                             "encode_batch() expects a list of str, got a single str");
     }
-    PyObject *seq = PySequence_Fast(texts, "encode_batch() expects a list of str");
+    char not_iterable[160];
+    snprintf(not_iterable, sizeof not_iterable, "encode_batch() expects a list of str, got %.100s",
+             Py_TYPE(texts)->tp_name);
+    PyObject *seq = PySequence_Fast(texts, not_iterable);
     if (seq == NULL) {
         return NULL;
     }

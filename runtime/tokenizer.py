@@ -276,7 +276,7 @@ class Tokenizer:
             )
         budget = None if max_length is None else self._content_budget(max_length)
         if not hasattr(self._encoder, "encode_batch"):  # the Python twin: one text at a time
-            return [self.encode(text, max_length=max_length) for text in texts]
+            return [self.encode(text, max_length=max_length) for text in _strings(texts)]
         # The C backend encodes the whole batch in one call, without the GIL, and builds
         # each text's list as decided here: special tokens around its ids, cut to the
         # budget. (Done here per text, that took ~90 ns of a short text's ~500 ns.)
@@ -323,8 +323,12 @@ class Tokenizer:
 
     def _content_budget(self, max_length: int) -> int:
         n_special = len(self._prefix_ids) + len(self._suffix_ids)
-        if isinstance(max_length, bool) or not isinstance(max_length, int):
-            raise TypeError(f"max_length must be an int or None, got {max_length!r}.")
+        try:  # any integer, e.g. a bundle's length read through numpy, but not a bool
+            if isinstance(max_length, bool):
+                raise TypeError
+            max_length = operator.index(max_length)
+        except TypeError:
+            raise TypeError(f"max_length must be an int or None, got {max_length!r}.") from None
         if max_length < n_special:
             # HF silently skips truncation here and returns more than max_length ids.
             raise ValueError(
@@ -372,6 +376,23 @@ class DecodeStream:
         self._prefix = decode(self._ids, skip_special_tokens=self._skip)
         self._prefix_index = len(self._ids)
         return new_text
+
+
+def _strings(texts: Iterable[str]) -> list[str]:
+    """`texts` as a list, checked to hold only str, with the C encode_batch's errors."""
+    try:
+        iterator = iter(texts)
+    except TypeError:
+        raise TypeError(
+            f"encode_batch() expects a list of str, got {type(texts).__name__}"
+        ) from None
+    texts = list(iterator)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(
+                f"encode_batch() expects a list of str, item {i} is {type(text).__name__}"
+            )
+    return texts
 
 
 def _token_bytes(token: str) -> bytes:

@@ -287,6 +287,18 @@ def test_truncation_needs_room_for_special_tokens(tok):
         tok.encode_batch([], max_length=1)
 
 
+def test_max_length_is_any_integer_but_a_bool(tok):
+    import numpy as np
+
+    three = tok.encode("hello big world", max_length=3)
+    assert len(three) == 3
+    assert tok.encode("hello big world", max_length=np.int64(3)) == three
+    assert tok.encode_batch(["hello big world"], max_length=np.int32(3)) == [three]
+    for bad in (True, 3.0, "3", np.float64(3)):
+        with pytest.raises(TypeError, match="max_length must be an int or None"):
+            tok.encode("hello", max_length=bad)
+
+
 # ---------------------------------------------------------------- batching
 
 
@@ -409,6 +421,31 @@ def test_encode_rejects_non_str(tok, bad):
 def test_encode_batch_rejects_a_bare_str(tok):
     with pytest.raises(TypeError, match="list of str"):
         tok.encode_batch("hello")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (None, "got NoneType"),
+    (42, "got int"),
+    (["hello", 3], "item 1 is int"),
+    (("hello", b"hi"), "item 1 is bytes"),
+])
+def test_encode_batch_names_what_is_not_a_str(tok, bad, message):
+    # the same words from both backends
+    with pytest.raises(TypeError, match=rf"^encode_batch\(\) expects a list of str, {message}$"):
+        tok.encode_batch(bad)
+
+
+def test_encode_batch_takes_any_iterable_and_keeps_its_errors(tok):
+    expected = [tok.encode("hello"), tok.encode("hi there")]
+    assert tok.encode_batch(("hello", "hi there")) == expected
+    assert tok.encode_batch(t for t in ["hello", "hi there"]) == expected
+
+    def failing():
+        yield "hello"
+        raise TypeError("the caller's own error")
+
+    with pytest.raises(TypeError, match="^the caller's own error$"):
+        tok.encode_batch(failing())
 
 
 def test_unknown_backend_is_a_value_error():
