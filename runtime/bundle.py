@@ -65,6 +65,9 @@ class Bundle:
     def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
         """Read `path/manifest.json` and, with `verify`, check every listed file's sha256."""
         path = Path(path)
+        if path.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is a file; a bundle is the directory "
+                                    f"that holds manifest.json, e.g. {str(path.parent)!r}.")
         if not path.is_dir():
             raise FileNotFoundError(f"Bundle directory {str(path)!r} does not exist.")
         manifest_file = path / "manifest.json"

@@ -283,7 +283,11 @@ class Model:
         """reduce(graph output, attention mask) per batch -> one row per text, text order."""
         if isinstance(texts, str):
             raise TypeError("Pass a list of strings; wrap a single text in a list.")
-        texts = list(texts)
+        try:
+            iterator = iter(texts)
+        except TypeError:
+            raise TypeError(f"Pass a list of strings, not {type(texts).__name__}.") from None
+        texts = list(iterator)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts must be str; item {i} is {type(text).__name__}.")

@@ -59,6 +59,8 @@ def test_bad_input_types(minilm_bundle):
         model.embed("turn on the lights")
     with pytest.raises(TypeError, match="item 1 is bytes"):
         model.embed(["ok", b"bytes"])
+    with pytest.raises(TypeError, match="Pass a list of strings, not NoneType"):
+        model.embed(None)
 
 
 def test_tampered_file_is_refused(bundle_copy):
@@ -85,6 +87,9 @@ def test_missing_file_and_manifest(bundle_copy, tmp_path):
         runtime.load(bundle_copy)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         runtime.load(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json' is a file; a bundle is the "
+                                                "directory that holds manifest.json"):
+        runtime.load(bundle_copy / "tokenizer.json")
 
 
 def test_corrupt_manifest(bundle_copy):
