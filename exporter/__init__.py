@@ -18,6 +18,7 @@ from targets import CHOICES, Target, load_target, positive_number
 from .budget import Budget
 from .compress import Compression
 from .data import Utterance, read_texts, smart_home_utterances
+from .report import check_replaceable
 from .validate import BudgetError
 
 __all__ = ["BudgetError", "Compression", "export"]
@@ -125,9 +126,10 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     overrides the profile's number format: "int8" or "fp16" for encoders, "int4", "int8" or
     "float" weights for decoders ("fp16": float16 weights and activations); `stages`
     (pipeline stages, one per device; encoders) overrides the profile's. Returns the bundle
-    directory; raises BudgetError when the budget is broken. A GGUF's quantized blocks are
-    carried into the bundle exactly; `requantize=True` rounds its dequantized weights to the
-    target's format instead.
+    directory; raises BudgetError when the budget is broken, and FileExistsError, before any
+    work, when `output` (or `<output>.rejected`) holds anything but an earlier export. A
+    GGUF's quantized blocks are carried into the bundle exactly; `requantize=True` rounds its
+    dequantized weights to the target's format instead.
     `compression` (exporter.Compression) removes layers, heads, FFN neurons or weights before
     export and heals by distillation; the budget is then checked against the original model.
     `max_model_mb` / `max_latency_ms` override the profile's size / latency budget: the
@@ -157,6 +159,8 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     model_name = (Path(model).name if Path(model).is_dir() else
                   Path(model).stem if str(model).endswith(".gguf") else model)
     output = Path(output) if output else Path("build") / f"{model_name}-{profile.name}"
+    check_replaceable(output)  # before any work: the output, and where a rejection's report goes
+    check_replaceable(output.with_name(output.name + ".rejected"))
     calibration_set = _texts(calibration, default_split="calibration", what="calibration",
                              count=profile.quantization.calibration_samples)
     evaluation_set = _texts(evaluation, default_split="eval", what="evaluation",

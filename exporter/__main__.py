@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         except BudgetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(path)

@@ -17,7 +17,7 @@ import onnx
 from runtime.bundle import FORMAT_VERSION, sha256_of
 
 from .compress import compression_entries
-from .report import replace_dir, report_data, write_report_files
+from .report import replace_dir, report_data, write_report_files, written_here
 
 TOOLS = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
 
@@ -89,7 +89,7 @@ def bundle(job) -> None:
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     replace_dir(staging, job.output)
     rejected = job.output.with_name(job.output.name + ".rejected")
-    if rejected.exists():  # an earlier failed attempt's report no longer applies
-        shutil.rmtree(rejected)
+    if rejected.is_dir() and not rejected.is_symlink() and written_here(rejected):
+        shutil.rmtree(rejected)  # an earlier failed attempt's report no longer applies
     job.log(f"  wrote {job.output}/ ({', '.join(p.name for p in files)}, manifest.json)")
 

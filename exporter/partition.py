@@ -365,9 +365,10 @@ def restage(bundle_dir: str | Path, stages: int, output: str | Path) -> Path:
     """
     from runtime.bundle import sha256_of
 
-    from .report import replace_dir
+    from .report import check_replaceable, replace_dir
 
     source, output = Path(bundle_dir), Path(output)
+    check_replaceable(output)
     manifest = json.loads((source / "manifest.json").read_text())
     if manifest.get("stages"):
         raise ValueError(f"{source} is already cut into {len(manifest['stages'])} stages; "

@@ -171,8 +171,44 @@ def write_report(job, directory: Path) -> None:
     replace_dir(tmp, directory)
 
 
+REPORT_FILES = frozenset({"report.json", "report.md"})
+
+
+def written_here(path: Path) -> bool:
+    """Whether directory `path` holds only what an export writes: a bundle (manifest.json and
+    the files it lists) or a rejected export's report. An empty directory qualifies."""
+    known = set(REPORT_FILES)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        known |= {"manifest.json"} | {entry["path"] for entry in manifest["files"]}
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, TypeError):  # unreadable: its files are not known to be ours
+        return False
+    found = (p for p in path.rglob("*") if p.is_symlink() or not p.is_dir())
+    return all(p.relative_to(path).as_posix() in known for p in found)
+
+
+def check_replaceable(path: Path) -> None:
+    """Raise FileExistsError unless `path` is absent or a directory that an export wrote
+    (`written_here`): an export replaces its own output and nothing else of the user's."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        what = "a link" if path.is_symlink() else "not a directory"
+        raise FileExistsError(f"Output {str(path)!r} exists and is {what}; refusing to replace "
+                              f"it. Choose another --output or move it away.")
+    if not written_here(path):
+        raise FileExistsError(
+            f"Output {str(path)!r} exists and holds files that no export wrote (it is not a "
+            f"bundle whose manifest.json lists them all); refusing to replace it. Choose "
+            f"another --output, or remove the directory if it is an old bundle.")
+
+
 def replace_dir(new: Path, final: Path) -> None:
-    """Move directory `new` to `final`, replacing any old `final` with renames only."""
+    """Move directory `new` to `final`, replacing any old `final` with renames only. An old
+    `final` must be one that an export wrote (`check_replaceable`)."""
+    check_replaceable(final)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -129,6 +129,51 @@ def test_cli_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_output_holding_user_files_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "mine").write_text("a file of mine")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    (tmp_path / "x.rejected").mkdir()
+    (tmp_path / "x.rejected" / "photo.jpg").write_bytes(b"\xff\xd8")
+    for output, message in [("mine", "exists and is not a directory"),
+                            ("notes", "holds files that no export wrote"),
+                            ("x", "x.rejected' exists and holds files that no export wrote")]:
+        assert main(["--target", "arm-cpu", "--output", str(tmp_path / output)]) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "mine").read_text() == "a file of mine"
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes", "x.rejected"]
+
+
+def test_only_what_an_export_wrote_is_replaced(tmp_path, minilm_bundle):
+    import shutil
+
+    from exporter.report import check_replaceable, replace_dir
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(minilm_bundle, bundle)
+    check_replaceable(bundle)  # an earlier bundle: replaced by the next export
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty")
+    (tmp_path / "rejected").mkdir()
+    (tmp_path / "rejected" / "report.md").write_text("# BROKEN")
+    check_replaceable(tmp_path / "rejected")
+
+    (bundle / "notes.txt").write_text("mine")  # a file the manifest does not list
+    new = tmp_path / "new"
+    new.mkdir()
+    with pytest.raises(FileExistsError, match="holds files that no export wrote"):
+        replace_dir(new, bundle)
+    assert (bundle / "notes.txt").read_text() == "mine" and new.is_dir()
+    (bundle / "notes.txt").unlink()
+    (bundle / "manifest.json").write_text("{not json")  # its files are no longer known
+    with pytest.raises(FileExistsError, match="holds files that no export wrote"):
+        check_replaceable(bundle)
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    with pytest.raises(FileExistsError, match="exists and is a link"):
+        check_replaceable(tmp_path / "link")
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "holds no text"),
     (b"\xff\xfeturn on\n", "not valid UTF-8"),
