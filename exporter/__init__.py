@@ -146,6 +146,9 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     profile = target if isinstance(target, Target) else load_target(target)
     generative = model in PACKAGED_GGUF or str(model).endswith(".gguf")
     task = task or infer_task(model if generative else resolve_model_dir(model))
+    if generative and task != "text-generation":
+        raise ValueError(f"{model!r} is a decoder (GGUF); it exports for text-generation only, "
+                         f"not {task}. Leave out --task, or pass --task text-generation.")
     if task == "text-generation":
         profile = _decoder_profile(profile, precision=precision, stages=stages)
         default_budget = profile.generation.budget

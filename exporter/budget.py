@@ -24,6 +24,14 @@ METRICS: dict[str, str] = {
                         "up to the first difference",
 }
 
+# metric -> the values it can take: a clause no value can meet is refused when parsed,
+# before an export spends minutes to break it.
+RANGES: dict[str, tuple[float, float]] = {
+    "cosine": (-1.0, 1.0), "min-cosine": (-1.0, 1.0), "agreement": (0.0, 1.0),
+    "accuracy": (0.0, 1.0), "accuracy-drop": (-100.0, 100.0),
+    "perplexity-increase": (-100.0, float("inf")), "greedy-agreement": (0.0, 1.0),
+}
+
 _CLAUSE = re.compile(r"^\s*([a-z0-9-]+)\s*(>=|<=)\s*(-?[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*$")
 
 
@@ -53,6 +61,10 @@ class Budget:
             if metric not in METRICS:
                 raise ValueError(f"Unknown accuracy metric {metric!r} in budget {text!r}. "
                                  f"Available: {', '.join(METRICS)}.")
+            low, high = RANGES[metric]
+            if (op == ">=" and float(value) > high) or (op == "<=" and float(value) < low):
+                raise ValueError(f"Accuracy budget clause {part.strip()!r} can never hold: "
+                                 f"{metric} lies in [{low:g}, {high:g}] ({METRICS[metric]}).")
             clauses.append(Clause(metric, op, float(value)))
         return cls(tuple(clauses))
 

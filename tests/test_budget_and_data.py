@@ -20,10 +20,18 @@ def test_budget_reports_by_how_much():
 @pytest.mark.parametrize("text, message", [
     ("cosine>0.9", "expected METRIC>=VALUE"),
     ("bleu>=3", "Unknown accuracy metric 'bleu'"),
+    ("cosine>=1.5", r"'cosine>=1.5' can never hold: cosine lies in \[-1, 1\]"),
+    ("cosine>=0.99, agreement>=2", r"'agreement>=2' can never hold: agreement lies in \[0, 1\]"),
+    ("perplexity-increase<=-100.5", r"can never hold: perplexity-increase lies in \[-100, inf\]"),
 ])
 def test_bad_budget(text, message):
     with pytest.raises(ValueError, match=message):
         Budget.parse(text)
+
+
+def test_budget_at_the_edge_of_its_range_is_kept():
+    assert str(Budget.parse("cosine>=1, agreement>=1, accuracy-drop<=-100")) == \
+        "cosine>=1,agreement>=1,accuracy-drop<=-100"
 
 
 def test_default_text_is_seeded_real_and_disjoint():

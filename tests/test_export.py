@@ -122,6 +122,9 @@ def test_broken_budget_fails_loudly_and_keeps_the_old_bundle(tmp_path, minilm_bu
     (["--target", "jetsn"], "Unknown target 'jetsn'. Available: arm-cpu"),
     (["--target", "arm-cpu", "--model", "/no/such/model"], "neither a directory"),
     (["--target", "arm-cpu", "--accuracy-budget", "cosine>0.9"], "Bad accuracy budget"),
+    (["--target", "arm-cpu", "--accuracy-budget", "cosine>=1.5"], "can never hold"),
+    (["--target", "arm-cpu", "--model", "smollm2", "--task", "feature-extraction"],
+     "it exports for text-generation only, not feature-extraction"),
 ])
 def test_cli_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_path):
     assert main([*argv, "--output", str(tmp_path / "out")]) == 2
