@@ -267,8 +267,9 @@ def choose_layers_to_drop(request, importance: list[float]) -> list[int]:
         chosen = sorted(request)
     else:
         chosen = sorted(int(i) for i in np.argsort(importance)[:request])
-    if len(chosen) >= n:
-        raise ValueError(f"Dropping {len(chosen)} of {n} layers would leave no layer; "
+    asked = len(chosen) if isinstance(request, tuple) else request
+    if asked >= n:
+        raise ValueError(f"Dropping {asked} of {n} layers would leave no layer; "
                          f"drop at most {n - 1}.")
     return chosen
 

@@ -102,7 +102,8 @@ def read_texts(path: str | Path) -> list[Utterance]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Text file {str(path)!r} does not exist.")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"Text file {str(path)!r} {what}.")
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"Text file {str(path)!r} must end in .txt (one text per line) "
                          f"or .jsonl (objects with a \"text\" field), not {path.suffix!r}.")

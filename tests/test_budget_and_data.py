@@ -68,5 +68,8 @@ def test_bad_text_files(tmp_path, name, content, error, message):
 
 
 def test_missing_text_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(FileNotFoundError, match="missing.txt' does not exist"):
         read_texts(tmp_path / "missing.txt")
+    (tmp_path / "dir.txt").mkdir()
+    with pytest.raises(FileNotFoundError, match="dir.txt' is not a regular file"):
+        read_texts(tmp_path / "dir.txt")

@@ -59,6 +59,8 @@ def test_dropping_every_layer_is_refused():
     with pytest.raises(ValueError, match="Dropping 6 of 6 layers would leave no layer; drop "
                                          "at most 5"):
         C.choose_layers_to_drop(6, [0.1] * 6)
+    with pytest.raises(ValueError, match="Dropping 9 of 6 layers"):  # as asked, not clipped
+        C.choose_layers_to_drop(9, [0.1] * 6)
     with pytest.raises(ValueError, match=r"the model has 6 layers \(indices 0-5\); \[7\]"):
         C.choose_layers_to_drop((1, 7), [0.1] * 6)
 
