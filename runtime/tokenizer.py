@@ -531,13 +531,15 @@ def _bpe_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
             f"{path}: normalizer {json.dumps(data['normalizer'])[:120]} is not supported for "
             "byte-level BPE; the runtime tokenizer supports files without a normalizer (null)."
         )
+    # The pre-tokenizer first: it tells a byte-level file from a SentencePiece-style one.
+    pre_tokenizer = _byte_level_pre_tokenizer(data.get("pre_tokenizer"), path)
     _check_type(data.get("decoder"), "decoder", ("ByteLevel",), path)
     return {
         "merges": merges,
         "unk_token": unk_token,
         "fuse_unk": _field(model, "model.fuse_unk", bool, path, False),
         "ignore_merges": _field(model, "model.ignore_merges", bool, path, False),
-        **_byte_level_pre_tokenizer(data.get("pre_tokenizer"), path),
+        **pre_tokenizer,
     }
 
 

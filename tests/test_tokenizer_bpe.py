@@ -373,6 +373,10 @@ def test_vocab_accessors_match_hf(tok, hf):
             r"Split regex '\\\\w\+' is not one",
         ),
         (lambda d: d.update(pre_tokenizer={"type": "Metaspace"}), "pre_tokenizer.type 'Metaspace'"),
+        (  # SentencePiece-style BPE (Llama-2): named by its pre-tokenizer, not its decoder
+            lambda d: d.update(pre_tokenizer={"type": "Metaspace"}, decoder={"type": "Metaspace"}),
+            "pre_tokenizer.type 'Metaspace'",
+        ),
         (lambda d: d["model"].update(dropout=0.1), "model.dropout"),
         (lambda d: d["model"].update(byte_fallback=True), "byte_fallback"),
         (lambda d: d.update(decoder={"type": "WordPiece"}), "decoder.type 'WordPiece'"),
