@@ -209,6 +209,9 @@ def replace_dir(new: Path, final: Path) -> None:
     """Move directory `new` to `final`, replacing any old `final` with renames only. An old
     `final` must be one that an export wrote (`check_replaceable`)."""
     check_replaceable(final)
+    mask = os.umask(0)  # read the umask (only a call that sets it returns it)
+    os.umask(mask)
+    os.chmod(new, 0o777 & ~mask)  # a directory made by mkdtemp is private (0700)
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")

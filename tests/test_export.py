@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +178,15 @@ def test_only_what_an_export_wrote_is_replaced(tmp_path, minilm_bundle):
     (tmp_path / "link").symlink_to(tmp_path / "empty")
     with pytest.raises(FileExistsError, match="exists and is a link"):
         check_replaceable(tmp_path / "link")
+
+    # what replaces it is readable as any other file the user makes, not mkdtemp's 0700
+    fresh = Path(tempfile.mkdtemp(dir=tmp_path))
+    (fresh / "report.md").write_text("# BROKEN")
+    replace_dir(fresh, tmp_path / "rejected")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "rejected").stat().st_mode) == 0o777 & ~mask
+    assert (tmp_path / "rejected" / "report.md").read_text() == "# BROKEN"
 
 
 @pytest.mark.parametrize("content, message", [
