@@ -209,9 +209,12 @@ def replace_dir(new: Path, final: Path) -> None:
     """Move directory `new` to `final`, replacing any old `final` with renames only. An old
     `final` must be one that an export wrote (`check_replaceable`)."""
     check_replaceable(final)
-    mask = os.umask(0)  # read the umask (only a call that sets it returns it)
-    os.umask(mask)
-    os.chmod(new, 0o777 & ~mask)  # a directory made by mkdtemp is private (0700)
+    # A directory made by mkdtemp is private (0700); give `new` the mode a plain mkdir gets
+    # under the user's umask (read this way: setting the umask to read it is not thread-safe).
+    probe = new / ".mode"
+    probe.mkdir()
+    os.chmod(new, probe.stat().st_mode & 0o7777)
+    probe.rmdir()
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
