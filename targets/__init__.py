@@ -134,6 +134,32 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Numeric settings and the values they may take, inclusive (None: no bound). A profile is
+# checked when it is read, so a wrong number fails before an export starts, naming its key.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "opset": (13, None),                     # per-channel QuantizeLinear needs 13
+    "quantization.percentile": (50.0, 100.0),
+    "quantization.calibration_samples": (1, None),
+    "quantization.smoothing_alpha": (0.0, 1.0),
+    "quantization.sensitivity_samples": (1, None),
+    "quantization.max_size_ratio": (0.01, 1.0),
+    "generation.block_size": (16, 4096),        # a power of two, as MatMulNBits takes
+    "generation.accuracy_level": (0, 4),
+    "generation.int8_accuracy_level": (0, 4),
+    "generation.context_length": (2, None),
+    "generation.perplexity_window": (2, None),
+    "generation.perplexity_windows": (1, None),
+    "generation.exact_top_logits": (0, None),
+    "runtime.threads": (0, None),            # 0: onnxruntime decides
+    "runtime.max_sequence_length": (4, None),   # room for special tokens and some text
+    "runtime.batch_size": (1, None),
+    "runtime.pipeline_stages": (1, None),
+    "validation.eval_samples": (1, None),
+    "validation.latency_runs": (1, None),
+    "validation.float_check_tolerance": (1e-9, 1.0),
+}
+
+
 # Settings that must be a finite number above zero when set.
 POSITIVE: tuple[str, ...] = ("validation.max_model_mb", "validation.max_latency_ms")
 
@@ -165,12 +191,20 @@ def load_target(name_or_path: str | Path) -> Target:
     raw = _read_merged(path, chain=())
     raw.setdefault("name", path.stem)
     target = _build(Target, raw, path, prefix="")
-    if target.generation.exact_top_logits < 0:
-        raise ValueError(f"{path}: 'generation.exact_top_logits' is "
-                         f"{target.generation.exact_top_logits}; expected 0 (off) or more.")
-    if target.runtime.pipeline_stages < 1:
-        raise ValueError(f"{path}: 'runtime.pipeline_stages' is "
-                         f"{target.runtime.pipeline_stages}; expected 1 or more.")
+    block = target.generation.block_size
+    if block & (block - 1):
+        raise ValueError(f"{path}: 'generation.block_size' is {block}; expected a power of "
+                         f"two (16, 32, 64, 128, ...).")
+    if not target.runtime.execution_providers:
+        raise ValueError(f"{path}: 'runtime.execution_providers' is empty; list at least "
+                         f"\"CPUExecutionProvider\".")
+    import onnxruntime  # the runtime refuses a name it does not know: so does the profile
+
+    known = onnxruntime.get_all_providers()
+    for name in target.runtime.execution_providers:
+        if name not in known:
+            raise ValueError(f"{path}: 'runtime.execution_providers' lists {name!r}, which "
+                             f"onnxruntime does not know; its providers: {', '.join(known)}.")
     return dataclasses.replace(target, source=str(path))
 
 
@@ -277,4 +311,9 @@ def _convert(value, hint, path: Path, where: str):
     choices = CHOICES.get(where)
     if choices and value not in choices:
         raise ValueError(f"{path}: {where!r} is {value!r}; expected one of {', '.join(choices)}.")
+    low, high = RANGES.get(where, (None, None))
+    if not ((low is None or value >= low) and (high is None or value <= high)):  # nan too
+        bounds = (f"from {low} to {high}" if high is not None and low is not None
+                  else f"{low} or more" if low is not None else f"at most {high}")
+        raise ValueError(f"{path}: {where!r} is {value!r}; expected {bounds}.")
     return value

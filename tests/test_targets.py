@@ -57,6 +57,23 @@ def test_missing_profile_file():
      r"'runtime.execution_providers' must be a list of str"),
     (("opset = 18", ""), r"missing key 'opset'"),
     (("opset = 18", "opset = 18 = 3"), r"not valid TOML"),
+    # numbers out of range are refused when the profile is read, before any export work
+    (("threads = 0", "threads = -1"), r"'runtime.threads' is -1; expected 0 or more"),
+    (("batch_size = 32", "batch_size = 0"), r"'runtime.batch_size' is 0; expected 1 or more"),
+    (("opset = 18", "opset = 9"), r"'opset' is 9; expected 13 or more"),
+    (("smoothing_alpha = 0.7", "smoothing_alpha = nan"),
+     r"'quantization.smoothing_alpha' is nan; expected from 0.0 to 1.0"),
+    (("percentile = 99.999", "percentile = 1e3"),
+     r"'quantization.percentile' is 1000.0; expected from 50.0 to 100.0"),
+    (("latency_runs = 200", "latency_runs = 0"), r"'validation.latency_runs' is 0"),
+    (("block_size = 32", "block_size = 48"), r"'generation.block_size' is 48; expected a power"),
+    (("accuracy_level = 0", "accuracy_level = 7"), r"'generation.accuracy_level' is 7"),
+    (('execution_providers = ["CPUExecutionProvider"]', "execution_providers = []"),
+     r"'runtime.execution_providers' is empty"),
+    (('execution_providers = ["CPUExecutionProvider"]',
+      'execution_providers = ["CudaExecutionProvider", "CPUExecutionProvider"]'),
+     r"lists 'CudaExecutionProvider', which onnxruntime does not know; its providers: .*"
+     r"CUDAExecutionProvider"),
 ])
 def test_bad_profile_names_file_key_and_expectation(tmp_path, edit, message):
     text = (PROFILE_DIR / "arm-cpu.toml").read_text()
