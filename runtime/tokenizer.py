@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import operator
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -290,8 +290,8 @@ class Tokenizer:
             'hello, world'
         """
         tokens = []
-        for token_id in ids:
-            token = self._id_to_token.get(operator.index(token_id))
+        for token_id in _ids(ids):
+            token = self._id_to_token.get(token_id)
             if token is not None and not (skip_special_tokens and token in self._special):
                 tokens.append(token)
         if self._byte_level:
@@ -361,7 +361,7 @@ class DecodeStream:
             prefix = decode(self._ids, skip_special_tokens=self._skip)
             if not prefix.endswith("\ufffd"):
                 self._prefix, self._prefix_index = prefix, len(self._ids)
-        self._ids.append(operator.index(token_id))
+        self._ids.extend(_ids((token_id,)))
         text = decode(self._ids, skip_special_tokens=self._skip)
         # (HF compares UTF-8 lengths; decode's output never holds a lone surrogate.)
         if len(text.encode()) <= len(self._prefix.encode()) or text.endswith("\ufffd"):
@@ -376,6 +376,25 @@ class DecodeStream:
         self._prefix = decode(self._ids, skip_special_tokens=self._skip)
         self._prefix_index = len(self._ids)
         return new_text
+
+
+def _ids(ids: Iterable[int]) -> Iterator[int]:
+    """The token ids of `ids` (numpy ints too), with a clear error for anything else.
+    An id past the vocab is skipped as HF skips it; a negative one, which HF cannot
+    represent, is an error."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"decode() expects a list of int ids, got {type(ids).__name__}.")
+    for i, token_id in enumerate(ids):
+        try:
+            if isinstance(token_id, bool):
+                raise TypeError
+            token_id = operator.index(token_id)
+        except TypeError:
+            raise TypeError(f"decode() expects int ids; item {i} is "
+                            f"{type(token_id).__name__}.") from None
+        if token_id < 0:
+            raise ValueError(f"decode(): token ids are >= 0; item {i} is {token_id}.")
+        yield token_id
 
 
 def _strings(texts: Iterable[str]) -> list[str]:

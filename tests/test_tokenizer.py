@@ -334,6 +334,24 @@ def test_decode_odd_id_sequences_match_hf(tok, hf):
         )
 
 
+def test_decode_takes_any_int_ids_and_refuses_others(tok, hf):
+    import numpy as np
+
+    ids = hf.encode("turn on the lights").ids
+    assert tok.decode(np.array(ids)) == tok.decode(iter(ids)) == hf.decode(ids)
+    for bad, error, message in [
+        (None, TypeError, "expects a list of int ids, got NoneType"),
+        ("101 102", TypeError, "expects a list of int ids, got str"),
+        ([101, 2.0], TypeError, "expects int ids; item 1 is float"),
+        ([101, True], TypeError, "expects int ids; item 1 is bool"),
+        ([101, -100], ValueError, "token ids are >= 0; item 1 is -100"),  # HF: OverflowError
+    ]:
+        with pytest.raises(error, match=message):
+            tok.decode(bad)
+        with pytest.raises(error):
+            tok.decode_stream().step(bad[-1] if isinstance(bad, list) else bad)
+
+
 def test_vocab_accessors_match_hf(tok, hf):
     assert tok.vocab_size == hf.get_vocab_size() == 30522
     assert tok.pad_id == 0
