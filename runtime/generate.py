@@ -13,6 +13,8 @@ flat however long the generation runs.
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -101,15 +103,47 @@ def sample(logits: np.ndarray, *, temperature: float, top_k: int, top_p: float,
     return int(rng.choice(probs.size, p=probs))
 
 
-def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}.")
-    if temperature < 0:
+def count(value, name: str, *, least: int) -> int:
+    """`value` as an int >= least (numpy ints too); a bool or a float is refused."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}.") from None
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}.")
+    return value
+
+
+def check_sampling(*, max_new_tokens, temperature, top_k, top_p, seed) -> dict:
+    """generate()'s sampling options, checked; numpy numbers become Python ones."""
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {value!r}.")
+    if not temperature >= 0:  # nan too
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}.")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}.")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
+    return {"max_new_tokens": count(max_new_tokens, "max_new_tokens", least=0),
+            "temperature": float(temperature), "top_p": float(top_p),
+            "top_k": count(top_k, "top_k (0: off)", least=0),
+            "seed": None if seed is None else count(seed, "seed", least=0)}
+
+
+def stop_strings(stop) -> list[str]:
+    """generate()'s `stop`: None, a str or a list of str; empty strings stop nothing."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)):
+        raise TypeError(f"stop must be a str or a list of str, got {type(stop).__name__}.")
+    for i, s in enumerate(stop):
+        if not isinstance(s, str):
+            raise TypeError(f"stop must be a str or a list of str; item {i} is "
+                            f"{type(s).__name__}.")
+    return [s for s in stop if s]
 
 
 def generate_tokens(decoder: Decoder, prompt: list[int], *, max_new_tokens: int,
@@ -172,20 +206,19 @@ def negative_log_likelihood(logits: np.ndarray, ids: Sequence[int]) -> float:
 def perplexity(decoder: Decoder, ids: list[int], window: int) -> float:
     """exp(mean negative log-likelihood) over non-overlapping windows of `window` tokens,
     each starting from an empty cache (the first token of a window is context only)."""
-    if window < 2:
-        raise ValueError(f"window must be at least 2 tokens, got {window}.")
+    window = count(window, "window", least=2)
     window = min(window, decoder.context)
-    total, count = 0.0, 0
+    total, scored = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = ids[start:start + window]
         if len(chunk) < 2:
             break
         decoder.reset()
         total += negative_log_likelihood(decoder.forward(chunk, all_logits=True), chunk)
-        count += len(chunk) - 1
-    if not count:
+        scored += len(chunk) - 1
+    if not scored:
         raise ValueError("perplexity() needs a text of at least 2 tokens.")
-    return float(np.exp(total / count))
+    return float(np.exp(total / scored))
 
 
 def render_chat(fmt: dict, messages: Sequence[dict]) -> str:

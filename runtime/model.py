@@ -8,7 +8,10 @@
 
 from __future__ import annotations
 
+import threading
+import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +21,11 @@ from .generate import (
     ContextError,
     Decoder,
     check_sampling,
+    count,
     generate_tokens,
     perplexity,
     render_chat,
+    stop_strings,
     stream_text,
 )
 from .stages import StagedSession, run_batches
@@ -68,6 +73,33 @@ def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = 
         options.register_custom_ops_library(library)
     model = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(model, options, providers=chosen)
+
+
+def checked_providers(providers) -> list:
+    """`providers` (names, or (name, options) pairs as onnxruntime takes them, best first)
+    checked against onnxruntime: a name it does not know is an error; when the best ones
+    are missing from this build, the session falls back to the next, with a warning."""
+    import onnxruntime as ort
+
+    if isinstance(providers, str) or not isinstance(providers, (list, tuple)):
+        raise TypeError(f"providers must be a list of onnxruntime provider names, "
+                        f"got {providers!r}.")
+    names = [p[0] if isinstance(p, tuple) and len(p) == 2 else p for p in providers]
+    if not names:
+        raise ValueError("providers is empty: name at least one, e.g. ['CPUExecutionProvider'].")
+    known = ort.get_all_providers()
+    for name in names:
+        if not isinstance(name, str) or name not in known:
+            raise ValueError(f"Unknown execution provider {name!r}; onnxruntime's are: "
+                             f"{', '.join(known)}.")
+    available = ort.get_available_providers()
+    usable = [n for n in names if n in available] or ["CPUExecutionProvider"]
+    skipped = names[:names.index(usable[0])] if usable[0] in names else names
+    if skipped:
+        warnings.warn(f"{', '.join(skipped)} not in this onnxruntime build (it has "
+                      f"{', '.join(available)}); running on {usable[0]}.",
+                      RuntimeWarning, stacklevel=4)
+    return list(providers)
 
 
 def pad_batch(ids: list[list[int]], *, pad_id: int, input_names: Sequence[str]) -> dict:
@@ -136,8 +168,11 @@ class Model:
         self.max_length: int = manifest.get("max_length", settings.get("max_sequence_length"))
         self.batch_size: int = settings.get("batch_size", 32)
         self.tokenizer = Tokenizer.from_file(bundle.file("tokenizer.json"))
-        threads = settings.get("threads", 0) if threads is None else threads
-        providers = providers or settings.get("execution_providers", ["CPUExecutionProvider"])
+        threads = count(settings.get("threads", 0) if threads is None else threads,
+                        "threads", least=0)  # 0: onnxruntime's default
+        providers = checked_providers(
+            settings.get("execution_providers", ["CPUExecutionProvider"])
+            if providers is None else providers)
         if manifest.get("stages"):   # pipeline stages, each on its own device
             outputs = [o["name"] for o in manifest.get("outputs", [])]
             if pipeline == "ray":
@@ -154,7 +189,8 @@ class Model:
             self.session = ort_session(bundle.file(manifest.get("model_file", "model.onnx")),
                                        threads=threads, spinning=spinning, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self._generator: Decoder | None = None
+        self._idle: list[Decoder] = []   # KV caches no generation holds
+        self._lock = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -213,14 +249,27 @@ class Model:
         """Tokens the KV cache holds (prompt + generated), text-generation bundles."""
         return int(self.manifest.get("generation", {}).get("context_length", self.max_length))
 
-    def _decoder(self) -> Decoder:
-        if self._generator is None:
-            self._generator = Decoder(self.session, context=self.context)
-        return self._generator
+    @contextmanager
+    def _decoder(self) -> Iterator[Decoder]:
+        """A KV cache for one generation alone: an idle one, or a new one while every cache
+        is held (by a stream not yet finished, or by another thread)."""
+        with self._lock:
+            decoder = self._idle.pop() if self._idle else None
+        if decoder is None:
+            decoder = Decoder(self.session, context=self.context)
+        try:
+            yield decoder
+        finally:
+            with self._lock:
+                self._idle.append(decoder)
+
+    def _tokens(self, ids: list[int], **options) -> Iterator[int]:
+        with self._decoder() as decoder:   # held until the stream ends or is closed
+            yield from generate_tokens(decoder, ids, **options)
 
     def generate(self, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] = (), stream: bool = False):
+                 stop: str | Sequence[str] | None = (), stream: bool = False):
         """Continue `prompt`; returns the new text, or with stream=True an iterator of text
         pieces (each piece whole characters, so printing them as they come is safe).
 
@@ -237,9 +286,9 @@ class Model:
         self._require("text-generation", "generate")
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be str, got {type(prompt).__name__}.")
-        if isinstance(stop, str):
-            stop = (stop,)
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        stop = stop_strings(stop)
+        options = check_sampling(max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, top_p=top_p, seed=seed)
         ids = self.tokenizer.encode(prompt)
         if not ids:
             raise ValueError("The prompt is empty: give at least one token of text.")
@@ -247,9 +296,8 @@ class Model:
             raise ContextError(f"The prompt is {len(ids)} tokens; this bundle's context holds "
                                f"{self.context} (prompt + generated). Shorten the prompt.")
         eos = set(self.manifest.get("generation", {}).get("eos_token_ids", []))
-        tokens = generate_tokens(self._decoder(), ids, max_new_tokens=max_new_tokens, eos=eos,
-                                 temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        pieces = stream_text(tokens, self.tokenizer.decode_stream().step, [s for s in stop if s])
+        tokens = self._tokens(ids, eos=eos, **options)
+        pieces = stream_text(tokens, self.tokenizer.decode_stream().step, stop)
         return pieces if stream else "".join(pieces)
 
     def chat(self, messages: Sequence[dict], **options):
@@ -272,7 +320,8 @@ class Model:
         self._require("text-generation", "perplexity")
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}.")
-        return perplexity(self._decoder(), self.tokenizer.encode(text), window)
+        with self._decoder() as decoder:
+            return perplexity(decoder, self.tokenizer.encode(text), window)
 
     def _require(self, task: str, method: str) -> None:
         if self.task != task:
@@ -291,9 +340,11 @@ class Model:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts must be str; item {i} is {type(text).__name__}.")
+        batch_size = self.batch_size if batch_size is None else count(
+            batch_size, "batch_size", least=1)
         rows: np.ndarray | None = None
         work = list(batches(self.tokenizer, texts, max_length=self.max_length,
-                            batch_size=batch_size or self.batch_size,
+                            batch_size=batch_size,
                             input_names=self.input_names))
         # staged bundles pipeline the batches through their stages
         results = run_batches(self.session, (feeds for _, feeds in work))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -199,6 +200,50 @@ def test_bad_generation_requests(smollm2):
         smollm2.generate(["Hi"])
     with pytest.raises(ValueError, match="needs a feature-extraction bundle"):
         runtime.Model.embed(smollm2, ["Hi"])
+    for options, error, message in [
+        ({"max_new_tokens": True}, TypeError, "max_new_tokens must be an int, got True"),
+        ({"max_new_tokens": -1}, ValueError, "max_new_tokens must be >= 0, got -1"),
+        ({"temperature": float("nan")}, ValueError, "temperature must be >= 0"),
+        ({"temperature": "hot"}, TypeError, "temperature must be a number, got 'hot'"),
+        ({"top_k": 2.5}, TypeError, "top_k .* must be an int, got 2.5"),
+        ({"seed": -1}, ValueError, "seed must be >= 0, got -1"),
+        ({"seed": "x"}, TypeError, "seed must be an int, got 'x'"),
+        ({"stop": [1]}, TypeError, "stop must be a str or a list of str; item 0 is int"),
+        ({"stop": 7}, TypeError, "stop must be a str or a list of str, got int"),
+    ]:
+        with pytest.raises(error, match=message):
+            smollm2.generate("Hi", **options)
+    with pytest.raises(TypeError, match="window must be an int, got 2.5"):
+        smollm2.perplexity("Hello there, my friend.", window=2.5)
+    # numpy numbers (a length or seed read from an array) and stop=None are fine
+    assert smollm2.generate("Hi", max_new_tokens=np.int64(2), seed=np.int32(1), stop=None,
+                            temperature=np.float32(0.5)) == \
+        smollm2.generate("Hi", max_new_tokens=2, seed=1, temperature=0.5)
+
+
+def test_interleaved_and_threaded_generations_do_not_share_a_cache(smollm2):
+    prompts = ["The capital of France is", "One, two, three,", "def fibonacci(n):"]
+    alone = [smollm2.generate(p, max_new_tokens=12) for p in prompts]
+    # two streams open at once, each advanced in turn, and a whole generation in between
+    first, second = (smollm2.generate(p, max_new_tokens=12, stream=True) for p in prompts[:2])
+    pieces = [[next(first)], [next(second)]]
+    assert smollm2.generate(prompts[2], max_new_tokens=12) == alone[2]
+    pieces[0] += first
+    pieces[1] += second
+    assert ["".join(p) for p in pieces] == alone[:2]
+    # threads: each generation gets a cache of its own; idle caches are reused
+    results = {}
+
+    def work(i):
+        results[i] = smollm2.generate(prompts[i % 3], max_new_tokens=12)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(6)] == alone * 2
+    assert smollm2.perplexity("Hello there, my friend.") > 1
 
 
 def test_runtime_perplexity_matches_the_export_measurement(smollm2, smollm2_bundle):
@@ -210,7 +255,8 @@ def test_runtime_perplexity_matches_the_export_measurement(smollm2, smollm2_bund
     data = v["perplexity_data"]
     text = "\n\n".join(t for t in english_prose() if split_of(t) in ("eval", "test"))
     ids = smollm2.tokenizer.encode(text)[:data["window"] * data["windows"]]
-    ppl = runtime.generate.perplexity(smollm2._decoder(), ids, data["window"])
+    with smollm2._decoder() as decoder:
+        ppl = runtime.generate.perplexity(decoder, ids, data["window"])
     assert ppl == pytest.approx(v["metrics"]["perplexity"], rel=1e-4)
     assert 5 < smollm2.perplexity(PROSE, window=64) < 60
 
@@ -226,11 +272,12 @@ def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 ids = m.tokenizer.encode("Tell me about the sea.")
 out = []
-for token in generate_tokens(m._decoder(), ids, max_new_tokens=900, eos=set(),
-                             temperature=0.7, top_k=0, top_p=1.0, seed=1):
-    out.append(token)
-    if len(out) == 60:
-        before = rss()
+with m._decoder() as decoder:
+    for token in generate_tokens(decoder, ids, max_new_tokens=900, eos=set(),
+                                 temperature=0.7, top_k=0, top_p=1.0, seed=1):
+        out.append(token)
+        if len(out) == 60:
+            before = rss()
 print(len(out), before, rss())
 """
     out = subprocess.run([sys.executable, "-c", code, str(smollm2_bundle)], capture_output=True,
@@ -313,10 +360,9 @@ def _torch_logits(model_dir, ids):
 
 def _bundle_logits(bundle, ids, split=3):
     """Logits for ids fed as a prompt and then token by token (the KV cache path)."""
-    decoder = runtime.load(bundle, providers=["CPUExecutionProvider"])._decoder()
-    decoder.reset()
-    head = decoder.forward(ids[:split], all_logits=True)
-    return np.concatenate([head] + [decoder.forward([t]) for t in ids[split:]])
+    with runtime.load(bundle, providers=["CPUExecutionProvider"])._decoder() as decoder:
+        head = decoder.forward(ids[:split], all_logits=True)
+        return np.concatenate([head] + [decoder.forward([t]) for t in ids[split:]])
 
 
 def test_gpt2_family_bundle_computes_what_transformers_does(gpt2_dir, tmp_path):
@@ -416,13 +462,11 @@ def test_exact_mode_matches_float_and_transformers(smollm2_bundle, smollm2_check
         "smollm2").stat().st_size
     model = AutoModelForCausalLM.from_pretrained(smollm2_checkpoint, dtype="float32").eval()
     llm = runtime.load(exact_bundle)
-    decoder = llm._decoder()
     eos = set(manifest["generation"]["eos_token_ids"])
     for prompt in PROMPTS:   # up to 64 tokens, or to eos where transformers stops too
         ids = llm.tokenizer.encode(prompt)
-        ours = list(runtime.generate.generate_tokens(
-            decoder, ids, max_new_tokens=64, eos=eos, temperature=0, top_k=0, top_p=1.0,
-            seed=None))
+        ours = list(llm._tokens(ids, max_new_tokens=64, eos=eos, temperature=0, top_k=0,
+                                top_p=1.0, seed=None))
         ref = torch_greedy(model, ids, 64)
         assert ours == [t for t in ref if t not in eos] and len(ref) - len(ours) <= 1, prompt
 

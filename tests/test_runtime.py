@@ -61,6 +61,42 @@ def test_bad_input_types(minilm_bundle):
         model.embed(["ok", b"bytes"])
     with pytest.raises(TypeError, match="Pass a list of strings, not NoneType"):
         model.embed(None)
+    # a batch size that cannot be used is an error, not an empty or default result
+    for bad, error, message in [(0, ValueError, "batch_size must be >= 1, got 0"),
+                                (-1, ValueError, "batch_size must be >= 1, got -1"),
+                                (1.5, TypeError, "batch_size must be an int, got 1.5"),
+                                (True, TypeError, "batch_size must be an int, got True")]:
+        with pytest.raises(error, match=message):
+            model.embed(["turn on the lights"], batch_size=bad)
+    assert model.embed(["a", "b", "c"], batch_size=np.int64(2)).shape == (3, 384)
+
+
+def test_bad_load_options_are_refused(minilm_bundle):
+    for options, error, message in [
+        ({"threads": -1}, ValueError, "threads must be >= 0, got -1"),
+        ({"threads": "2"}, TypeError, "threads must be an int, got '2'"),
+        ({"providers": "CPUExecutionProvider"}, TypeError, "must be a list of onnxruntime"),
+        ({"providers": []}, ValueError, "providers is empty"),
+        ({"providers": ["CpuExecutionProvider"]}, ValueError,
+         "Unknown execution provider 'CpuExecutionProvider'; onnxruntime's are: .*"
+         "CPUExecutionProvider"),
+        ({"pipeline": "processes"}, ValueError, "pipeline must be 'threads' or 'ray'"),
+    ]:
+        with pytest.raises(error, match=message):
+            runtime.load(minilm_bundle, **options)
+
+
+def test_missing_provider_falls_back_with_a_warning(minilm_bundle):
+    import onnxruntime as ort
+
+    missing = next(p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider",
+                               "MIGraphXExecutionProvider")
+                   if p not in ort.get_available_providers())
+    with pytest.warns(RuntimeWarning, match=f"{missing} not in this onnxruntime build .*; "
+                                            f"running on CPUExecutionProvider"):
+        model = runtime.load(minilm_bundle, providers=[missing, "CPUExecutionProvider"])
+    assert model.session.get_providers()[0] == "CPUExecutionProvider"
+    assert model.embed(["lock the door"]).shape == (1, 384)
 
 
 def test_tampered_file_is_refused(bundle_copy):
