@@ -232,8 +232,9 @@ class Model:
                 (isinstance(width, int) and len(labels) != width):
             raise BundleError(f"{self.bundle.path / 'manifest.json'} has no usable \"labels\" "
                               f"list (one name per output class); re-export the bundle.")
-        if not isinstance(top_k, int) or not 1 <= top_k <= len(labels):
-            raise ValueError(f"top_k must be an int from 1 to {len(labels)}, got {top_k!r}.")
+        top_k = count(top_k, "top_k", least=1)
+        if top_k > len(labels):
+            raise ValueError(f"top_k must be from 1 to {len(labels)}, got {top_k}.")
         logits = self._run(texts, batch_size, lambda out, mask: out)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)

@@ -99,8 +99,14 @@ def test_classify_refuses_a_bundle_without_labels(intent_bundle, tmp_path):
 def test_classify_on_an_embedding_bundle_and_bad_top_k(minilm_bundle, intent_bundle):
     with pytest.raises(ValueError, match="classify\\(\\) needs a text-classification bundle"):
         runtime.load(minilm_bundle).classify(["turn on the lights"])
-    with pytest.raises(ValueError, match="top_k must be an int from 1 to"):
-        runtime.load(intent_bundle).classify(["turn on the lights"], top_k=0)
+    model = runtime.load(intent_bundle)
+    with pytest.raises(ValueError, match="top_k must be >= 1, got 0"):
+        model.classify(["turn on the lights"], top_k=0)
+    with pytest.raises(ValueError, match=f"top_k must be from 1 to {len(model.labels)}, got 999"):
+        model.classify(["turn on the lights"], top_k=999)
+    with pytest.raises(TypeError, match="top_k must be an int, got True"):
+        model.classify(["turn on the lights"], top_k=True)
+    assert len(model.classify(["turn on the lights"], top_k=np.int64(3))[0]) == 3
 
 
 @pytest.mark.parametrize("lines, message", [
