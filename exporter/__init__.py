@@ -24,6 +24,30 @@ from .validate import BudgetError
 __all__ = ["BudgetError", "Compression", "export"]
 
 
+# Fewer calibration or evaluation texts than this get a warning.
+MIN_TEXTS = 32
+
+
+def data_warnings(task: str, profile: Target, calibration: list[Utterance],
+                  evaluation: list[Utterance]) -> list[str]:
+    """What about the calibration and evaluation texts weakens the export's claims."""
+    lines = []
+    if task != "text-generation":   # (decoders weigh windows of tokens, not texts)
+        for what, texts, usual, harm in [
+                ("calibration", calibration, profile.quantization.calibration_samples,
+                 "int8 ranges taken from so few rarely cover what the device will see"),
+                ("evaluation", evaluation, profile.validation.eval_samples,
+                 "the accuracy figures rest on too few to mean much")]:
+            if len(texts) < min(MIN_TEXTS, usual):
+                lines.append(f"only {len(texts)} {what} texts: {harm} (the profile uses "
+                             f"{usual}).")
+    overlap = {u.text for u in calibration} & {u.text for u in evaluation}
+    if overlap:
+        lines.append(f"{len(overlap)} evaluation texts are also calibration texts; the "
+                     f"accuracy figures are optimistic for those.")
+    return lines
+
+
 def _texts(source, *, default_split: str, count: int, what: str) -> list[Utterance]:
     if source is None:
         return smart_home_utterances(count, split=default_split)
@@ -146,9 +170,18 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     profile = target if isinstance(target, Target) else load_target(target)
     generative = model in PACKAGED_GGUF or str(model).endswith(".gguf")
     task = task or infer_task(model if generative else resolve_model_dir(model))
+    if requantize and not generative:
+        raise ValueError(f"requantize applies to GGUF sources only; {model!r} is not a .gguf "
+                         f"file or a packaged GGUF model.")
     if generative and task != "text-generation":
         raise ValueError(f"{model!r} is a decoder (GGUF); it exports for text-generation only, "
                          f"not {task}. Leave out --task, or pass --task text-generation.")
+    if task == "text-classification" and infer_task(resolve_model_dir(model)) != task:
+        raise ValueError(f"{model!r} has no trained classification head (config.json names no "
+                         f"*ForSequenceClassification architecture): a text-classification "
+                         f"export would carry a randomly initialized one. Fine-tune it first "
+                         f"(samples/train_intents.py shows how), or export it as "
+                         f"feature-extraction.")
     if task == "text-generation":
         profile = _decoder_profile(profile, precision=precision, stages=stages)
         default_budget = profile.generation.budget
@@ -158,7 +191,7 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
         default_budget = profile.validation.budget_for(task)
     profile = _limits(profile, max_model_mb=max_model_mb, max_latency_ms=max_latency_ms,
                       task=task, compression=compression)
-    budget = Budget.parse(accuracy_budget or default_budget)
+    budget = Budget.parse(default_budget if accuracy_budget is None else accuracy_budget)
     model_name = (Path(model).name if Path(model).is_dir() else
                   Path(model).stem if str(model).endswith(".gguf") else model)
     output = Path(output) if output else Path("build") / f"{model_name}-{profile.name}"
@@ -168,16 +201,15 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
                              count=profile.quantization.calibration_samples)
     evaluation_set = _texts(evaluation, default_split="eval", what="evaluation",
                             count=profile.validation.eval_samples)
+    budget.check_measurable(task, labelled=all(u.intent is not None for u in evaluation_set))
     job = pipeline.new_job(model, target=profile, task=task, output=output,
                            calibration=calibration_set, evaluation=evaluation_set,
                            budget=budget, compression=compression, log=log)
     job.requantize = requantize
     if isinstance(evaluation, (str, Path)):
         job.records["eval_source"] = str(evaluation)
-    overlap = {u.text for u in calibration_set} & {u.text for u in evaluation_set}
-    if overlap:
-        job.log(f"warning: {len(overlap)} evaluation texts are also calibration texts; "
-                f"the accuracy figures are optimistic for those.")
+    for line in data_warnings(task, profile, calibration_set, evaluation_set):
+        job.log(f"warning: {line}")
     try:
         return pipeline.run(job)
     finally:

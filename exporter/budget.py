@@ -32,6 +32,15 @@ RANGES: dict[str, tuple[float, float]] = {
     "perplexity-increase": (-100.0, float("inf")), "greedy-agreement": (0.0, 1.0),
 }
 
+# task -> the metrics its validation measures; the accuracy ones need every evaluation text
+# labelled (a .jsonl "label" field, or the default smart-home utterances).
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "feature-extraction": ("cosine", "min-cosine"),
+    "text-classification": ("cosine", "min-cosine", "agreement", "accuracy", "accuracy-drop"),
+    "text-generation": ("perplexity-increase", "greedy-agreement"),
+}
+LABELLED_METRICS = ("accuracy", "accuracy-drop")
+
 _CLAUSE = re.compile(r"^\s*([a-z0-9-]+)\s*(>=|<=)\s*(-?[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*$")
 
 
@@ -51,6 +60,9 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
+        if not text.strip():
+            raise ValueError("The accuracy budget is empty: give at least one clause, e.g. "
+                             "'cosine>=0.97', or leave it out for the profile's.")
         clauses = []
         for part in text.split(","):
             match = _CLAUSE.match(part)
@@ -67,6 +79,17 @@ class Budget:
                                  f"{metric} lies in [{low:g}, {high:g}] ({METRICS[metric]}).")
             clauses.append(Clause(metric, op, float(value)))
         return cls(tuple(clauses))
+
+    def check_measurable(self, task: str, *, labelled: bool) -> None:
+        """ValueError, before any export work, for a clause this export will not measure."""
+        for c in self.clauses:
+            if c.metric not in TASK_METRICS[task]:
+                raise ValueError(f"Accuracy budget clause '{c}' cannot be checked: a {task} "
+                                 f"export measures {', '.join(TASK_METRICS[task])}.")
+            if c.metric in LABELLED_METRICS and not labelled:
+                raise ValueError(f"Accuracy budget clause '{c}' needs labelled evaluation "
+                                 f"text: give --eval a .jsonl whose every line has a \"label\", "
+                                 f"or budget on agreement instead.")
 
     def check(self, metrics: dict[str, float]) -> list[str]:
         """One line per broken clause, saying by how much; empty when the budget holds."""

@@ -23,10 +23,23 @@ def test_budget_reports_by_how_much():
     ("cosine>=1.5", r"'cosine>=1.5' can never hold: cosine lies in \[-1, 1\]"),
     ("cosine>=0.99, agreement>=2", r"'agreement>=2' can never hold: agreement lies in \[0, 1\]"),
     ("perplexity-increase<=-100.5", r"can never hold: perplexity-increase lies in \[-100, inf\]"),
+    ("  ", "The accuracy budget is empty"),
 ])
 def test_bad_budget(text, message):
     with pytest.raises(ValueError, match=message):
         Budget.parse(text)
+
+
+def test_budget_must_be_measurable_for_the_task():
+    Budget.parse("cosine>=0.9,agreement>=0.9").check_measurable("text-classification",
+                                                                 labelled=False)
+    Budget.parse("accuracy-drop<=1").check_measurable("text-classification", labelled=True)
+    with pytest.raises(ValueError, match="'accuracy-drop<=1' needs labelled evaluation text"):
+        Budget.parse("accuracy-drop<=1").check_measurable("text-classification", labelled=False)
+    with pytest.raises(ValueError, match="'agreement>=0.9' cannot be checked: a "
+                                         "feature-extraction export measures cosine"):
+        Budget.parse("cosine>=0.9,agreement>=0.9").check_measurable("feature-extraction",
+                                                                     labelled=True)
 
 
 def test_budget_at_the_edge_of_its_range_is_kept():
@@ -73,3 +86,22 @@ def test_missing_text_file(tmp_path):
     (tmp_path / "dir.txt").mkdir()
     with pytest.raises(FileNotFoundError, match="dir.txt' is not a regular file"):
         read_texts(tmp_path / "dir.txt")
+
+
+def test_few_or_shared_texts_are_warned_about():
+    from exporter import data_warnings
+    from exporter.data import Utterance
+    from targets import load_target
+
+    profile = load_target("arm-cpu")
+    few = [Utterance(f"turn on light {i}") for i in range(5)]
+    many = smart_home_utterances(40, split="calibration")
+    assert data_warnings("feature-extraction", profile, many,
+                         smart_home_utterances(40, split="eval")) == []
+    calibration, evaluation = data_warnings("feature-extraction", profile, few, few[:3])[:2]
+    assert calibration.startswith("only 5 calibration texts: int8 ranges")
+    assert calibration.endswith("(the profile uses 300).")
+    assert evaluation.startswith("only 3 evaluation texts: the accuracy figures")
+    assert data_warnings("text-generation", profile, few, many) == []   # windows, not texts
+    (shared,) = data_warnings("feature-extraction", profile, many, many[:32])
+    assert shared.startswith("32 evaluation texts are also calibration texts")

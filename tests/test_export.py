@@ -128,6 +128,16 @@ def test_broken_budget_fails_loudly_and_keeps_the_old_bundle(tmp_path, minilm_bu
     (["--target", "arm-cpu", "--accuracy-budget", "cosine>=1.5"], "can never hold"),
     (["--target", "arm-cpu", "--model", "smollm2", "--task", "feature-extraction"],
      "it exports for text-generation only, not feature-extraction"),
+    # budgets the export would not measure are refused before any work, not after it
+    (["--target", "arm-cpu", "--accuracy-budget", ""], "The accuracy budget is empty"),
+    (["--target", "arm-cpu", "--accuracy-budget", "perplexity-increase<=5"],
+     "'perplexity-increase<=5' cannot be checked: a feature-extraction export measures "
+     "cosine, min-cosine"),
+    (["--target", "arm-cpu", "--model", "smollm2", "--accuracy-budget", "cosine>=0.9"],
+     "a text-generation export measures perplexity-increase, greedy-agreement"),
+    (["--target", "arm-cpu", "--requantize"], "requantize applies to GGUF sources only"),
+    (["--target", "arm-cpu", "--task", "text-classification"],
+     "'minilm' has no trained classification head"),
 ])
 def test_cli_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_path):
     assert main([*argv, "--output", str(tmp_path / "out")]) == 2
