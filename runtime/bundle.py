@@ -2,7 +2,8 @@
 
 A bundle is refused, with the file or field and the reason, when its manifest is missing or
 unreadable, its format version is unknown, a listed file is missing, has the wrong size or the
-wrong sha256, or its graph needs a newer opset than the installed onnxruntime runs.
+wrong sha256, or its graph needs a newer opset than the installed onnxruntime runs. The
+runtime loads only files the manifest lists, by paths inside the bundle.
 
     >>> bundle = Bundle.open("build/minilm-arm-cpu")
     >>> bundle.manifest["task"]
@@ -88,7 +89,15 @@ class Bundle:
         return bundle
 
     def file(self, name: str) -> Path:
+        """The path of a file the manifest lists (and `open` verified); any other name, or one
+        that leads outside the bundle, is refused: what the runtime loads is what was checked."""
+        if name not in self._listed():
+            raise BundleError(f"{self.path / 'manifest.json'}: {name!r} is not in its 'files' "
+                              f"list, so it cannot be verified; re-export the bundle.")
         return self.path / name
+
+    def _listed(self) -> set[str]:
+        return {entry["path"] for entry in self.manifest["files"]}
 
     def _field(self, name: str, kind: type):
         value = self.manifest.get(name)
@@ -106,13 +115,22 @@ class Bundle:
                 f"update the runtime or re-export the bundle.")
         for name, kind in (("task", str), ("files", list), ("opset", int), ("target", dict)):
             self._field(name, kind)
+        root = self.path.resolve()
+        for i, entry in enumerate(self.manifest["files"]):
+            if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+                    and isinstance(entry.get("sha256"), str)
+                    and isinstance(entry.get("bytes"), int)):
+                raise BundleError(f"{self.path / 'manifest.json'}: files[{i}] must be "
+                                  f"{{\"path\": str, \"bytes\": int, \"sha256\": str}}, "
+                                  f"got {entry!r}.")
+            name = entry["path"]
+            if not name or Path(name).is_absolute() or root not in (root / name).resolve().parents:
+                raise BundleError(f"manifest.json lists an unsafe file path {name!r}.")
 
     def _check_files(self) -> None:
         for entry in self.manifest["files"]:
-            name = entry.get("path", "")
-            file = (self.path / name).resolve()
-            if not name or self.path.resolve() not in file.parents:
-                raise BundleError(f"manifest.json lists an unsafe file path {name!r}.")
+            name = entry["path"]
+            file = self.path / name
             if not file.is_file():
                 raise BundleError(f"{self.path / name}: listed in manifest.json but missing.")
             size = file.stat().st_size

@@ -174,6 +174,9 @@ class Model:
             settings.get("execution_providers", ["CPUExecutionProvider"])
             if providers is None else providers)
         if manifest.get("stages"):   # pipeline stages, each on its own device
+            for stage in manifest["stages"]:
+                if isinstance(stage, dict) and "file" in stage:
+                    bundle.file(stage["file"])   # listed, so verified (Stages checks the rest)
             outputs = [o["name"] for o in manifest.get("outputs", [])]
             if pipeline == "ray":
                 from .ray_stages import RayStagedSession

@@ -128,6 +128,31 @@ def test_missing_file_and_manifest(bundle_copy, tmp_path):
         runtime.load(bundle_copy / "tokenizer.json")
 
 
+def test_a_file_the_manifest_does_not_vouch_for_is_never_loaded(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    listed = manifest["files"]
+    # model.onnx swapped and dropped from the list: verification would pass without it
+    model = (bundle_copy / "model.onnx").read_bytes()
+    shutil.copy(bundle_copy / "tokenizer.json", bundle_copy / "model.onnx")
+    for verify in (True, False):
+        edit_manifest(bundle_copy, files=[f for f in listed if f["path"] != "model.onnx"])
+        with pytest.raises(BundleError, match="'model.onnx' is not in its 'files' list"):
+            runtime.load(bundle_copy, verify=verify)
+    (bundle_copy / "model.onnx").write_bytes(model)
+    for verify in (True, False):
+        edit_manifest(bundle_copy, files=listed, model_file="../outside.onnx")
+        with pytest.raises(BundleError, match="'../outside.onnx' is not in its 'files' list"):
+            runtime.load(bundle_copy, verify=verify)
+        for entry in ({"path": "/etc/hostname", "bytes": 1, "sha256": "0"},
+                      {"path": "a/../../x", "bytes": 1, "sha256": "0"}):
+            edit_manifest(bundle_copy, files=[*listed, entry], model_file="model.onnx")
+            with pytest.raises(BundleError, match="lists an unsafe file path"):
+                runtime.load(bundle_copy, verify=verify)
+        edit_manifest(bundle_copy, files=[*listed, "model.onnx"])
+        with pytest.raises(BundleError, match=r"files\[4\] must be \{\"path\": str"):
+            runtime.load(bundle_copy, verify=verify)
+
+
 def test_corrupt_manifest(bundle_copy):
     (bundle_copy / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="manifest.json is not valid JSON"):
