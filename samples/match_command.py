@@ -57,11 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=0.03,
                         help="minimum lead over the runner-up to act (default 0.03)")
     args = parser.parse_args(argv)
+    for name in ("threshold", "margin"):
+        if not 0 <= getattr(args, name) <= 1:   # cosine similarities of unit vectors
+            parser.error(f"--{name} must be from 0 to 1, got {getattr(args, name)}")
 
     try:
         model = runtime.load(args.bundle, spinning=False)
     except (FileNotFoundError, runtime.BundleError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if model.task != "feature-extraction":
+        print(f"error: {args.bundle} is a {model.task} bundle; this sample matches sentence "
+              f"embeddings (export one with: python -m exporter --target arm-cpu)",
+              file=sys.stderr)
         return 2
     if args.utterances == ["-"]:
         utterances = [line.strip() for line in sys.stdin if line.strip()]

@@ -212,6 +212,11 @@ def test_device_application(minilm_bundle):
     assert "-> light.kitchen.on" in lines[0]
     assert "-> no action" in lines[1]
     assert "ambiguous: lock.front_door." in lines[2]  # lock vs unlock: a near tie, not acted on
+    for args, message in [(["--threshold", "2"], "--threshold must be from 0 to 1, got 2.0"),
+                           (["--margin", "nan"], "--margin must be from 0 to 1, got nan")]:
+        bad = subprocess.run([sys.executable, "samples/match_command.py", str(minilm_bundle),
+                              *args], capture_output=True, text=True, cwd=REPO)
+        assert bad.returncode == 2 and message in bad.stderr
 
 
 def test_runtime_in_a_venv_with_only_numpy_and_onnxruntime(minilm_bundle, device_python,
