@@ -18,7 +18,7 @@ from targets import CHOICES, Target, load_target, positive_number
 from .budget import Budget
 from .compress import Compression
 from .data import Utterance, read_texts, smart_home_utterances
-from .report import check_replaceable
+from .report import check_replaceable, remove_leftovers
 from .validate import BudgetError
 
 __all__ = ["BudgetError", "Compression", "export"]
@@ -196,7 +196,9 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
                   Path(model).stem if str(model).endswith(".gguf") else model)
     output = Path(output) if output else Path("build") / f"{model_name}-{profile.name}"
     check_replaceable(output)  # before any work: the output, and where a rejection's report goes
-    check_replaceable(output.with_name(output.name + ".rejected"))
+    rejected = output.with_name(output.name + ".rejected")
+    check_replaceable(rejected)
+    freed = remove_leftovers(output) + remove_leftovers(rejected)
     calibration_set = _texts(calibration, default_split="calibration", what="calibration",
                              count=profile.quantization.calibration_samples)
     evaluation_set = _texts(evaluation, default_split="eval", what="evaluation",
@@ -205,12 +207,14 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     job = pipeline.new_job(model, target=profile, task=task, output=output,
                            calibration=calibration_set, evaluation=evaluation_set,
                            budget=budget, compression=compression, log=log)
-    job.requantize = requantize
-    if isinstance(evaluation, (str, Path)):
-        job.records["eval_source"] = str(evaluation)
-    for line in data_warnings(task, profile, calibration_set, evaluation_set):
-        job.log(f"warning: {line}")
-    try:
+    try:   # from here on, however the export ends, its work directory goes
+        job.requantize = requantize
+        if isinstance(evaluation, (str, Path)):
+            job.records["eval_source"] = str(evaluation)
+        if freed:
+            job.log(f"removed {freed / 1e6:.0f} MB that killed exports of {output} left beside it")
+        for line in data_warnings(task, profile, calibration_set, evaluation_set):
+            job.log(f"warning: {line}")
         return pipeline.run(job)
     finally:
         shutil.rmtree(job.workdir, ignore_errors=True)

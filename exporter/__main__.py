@@ -2,12 +2,14 @@
 
 A thin layer over `exporter.export`: each flag is one argument of it.
 Exit status: 0 bundle written, 2 bad input, 3 a budget (accuracy, size or latency) broken,
-1 anything else.
+1 anything else; 128 + N when stopped by signal N (SIGTERM, SIGHUP: the export's temporary
+files are removed first, as on Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from targets import available_targets, load_target
@@ -110,5 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)   # unwinds through the export's cleanup, as Ctrl-C does
+
+
 if __name__ == "__main__":
+    # A CI timeout or `docker stop` sends SIGTERM, a closed terminal SIGHUP: by default they end
+    # the process on the spot and leave the work directory (hundreds of MB) behind.
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _stop)
     sys.exit(main())

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -365,7 +364,7 @@ def restage(bundle_dir: str | Path, stages: int, output: str | Path) -> Path:
     """
     from runtime.bundle import sha256_of
 
-    from .report import check_replaceable, replace_dir
+    from .report import check_replaceable, replace_dir, temp_dir_beside
 
     source, output = Path(bundle_dir), Path(output)
     check_replaceable(output)
@@ -374,8 +373,7 @@ def restage(bundle_dir: str | Path, stages: int, output: str | Path) -> Path:
         raise ValueError(f"{source} is already cut into {len(manifest['stages'])} stages; "
                          f"restage a single-graph bundle.")
     model_file = manifest.get("model_file", "model.onnx")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging = temp_dir_beside(output)
     try:
         manifest["stages"] = write_stages(onnx.load(source / model_file), stages, staging,
                                           manifest["target"]["runtime"]["execution_providers"])

@@ -12,7 +12,6 @@ export never leaves a half-written bundle behind.
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from .load import load
 from .optimize import optimize
 from .partition import partition
 from .quantize import quantize
+from .report import temp_dir_beside
 from .sensitivity import sensitivity
 from .smooth import smooth
 from .strength import choose_strength
@@ -126,8 +126,7 @@ def new_job(model: str, *, target: Target, task: str | None, output: Path,
             compression: Compression | None = None, log=None) -> Job:
     """A job with its own temporary work directory next to the output (same filesystem,
     so the final rename is atomic)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    workdir = temp_dir_beside(output)
     return Job(model=model, target=target, task=task, output=output, calibration=calibration,
                evaluation=evaluation, budget=budget, workdir=workdir, compression=compression,
                log=log or (lambda line: print(line, file=sys.stderr, flush=True)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -164,9 +165,47 @@ def write_report_files(data: dict, directory: Path) -> list[Path]:
     return files
 
 
+def temp_dir_beside(target: Path) -> Path:
+    """A new private directory next to `target` (the same filesystem, so the final rename is
+    atomic), named `.<target>.<pid>.<random>`: the pid tells a later export that the process
+    which made it is gone (`remove_leftovers`)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
+def remove_leftovers(target: Path) -> int:
+    """Remove what exports of `target` left beside it when they were killed before their
+    cleanup could run (SIGKILL, power loss): work directories and replaced bundles whose
+    process is gone. Returns the bytes freed."""
+    own = re.compile(rf"\.{re.escape(target.name)}\.(?:old-)?(\d+)(?:\..+)?")
+    freed = 0
+    parent = target.parent if target.parent.is_dir() else None
+    for path in parent.iterdir() if parent else ():
+        match = own.fullmatch(path.name)
+        if not match or path.is_symlink() or not path.is_dir():
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        freed += sum(f.stat().st_size for f in path.rglob("*")
+                     if f.is_file() and not f.is_symlink())
+        shutil.rmtree(path, ignore_errors=True)
+    return freed
+
+
 def write_report(job, directory: Path) -> None:
     """Write report.json and report.md into `directory`, replacing it atomically."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = temp_dir_beside(directory)
     write_report_files(report_data(job), tmp)
     replace_dir(tmp, directory)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from exporter import BudgetError, export
 from exporter.__main__ import main
 from runtime.bundle import sha256_of
 from runtime.model import pad_batch, pool
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def torch_embeddings(model, tokenizer, texts, max_length=128):
@@ -159,6 +163,44 @@ def test_output_holding_user_files_is_refused_before_any_work(tmp_path, capsys):
     assert (tmp_path / "mine").read_text() == "a file of mine"
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes", "x.rejected"]
+
+
+def test_leftovers_of_killed_exports_are_removed_and_nothing_else(tmp_path):
+    from exporter.report import remove_leftovers, temp_dir_beside
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(done.stdout)   # a pid whose process has exited
+    output = tmp_path / "out"
+    killed = [tmp_path / f".out.{dead}.k2j4x9", tmp_path / f".out.old-{dead}"]
+    for path in killed:
+        (path / "float").mkdir(parents=True)
+        (path / "float" / "model.onnx").write_bytes(b"x" * 1000)
+    live = temp_dir_beside(output)   # this process's own: still in use
+    kept = [live, tmp_path / ".out.notes", tmp_path / f".other.{dead}.abc", tmp_path / "out"]
+    for path in kept[1:]:
+        path.mkdir()
+    assert remove_leftovers(output) == 2000
+    assert not any(p.exists() for p in killed) and all(p.is_dir() for p in kept)
+    assert remove_leftovers(tmp_path / "missing-parent" / "out") == 0
+
+
+def test_sigterm_stops_an_export_and_removes_its_work(tmp_path):
+    """A CI timeout sends SIGTERM: the CLI exits 143 with nothing left beside the output."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "exporter", "--target", "arm-cpu",
+                             "--output", str(tmp_path / "out")], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.*")) and time.monotonic() < deadline:
+        time.sleep(0.2)   # until its work directory exists
+    assert list(tmp_path.glob(".out.*")), "the export made no work directory"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_only_what_an_export_wrote_is_replaced(tmp_path, minilm_bundle):
