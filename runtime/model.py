@@ -192,7 +192,7 @@ class Model:
             self.session = ort_session(bundle.file(manifest.get("model_file", "model.onnx")),
                                        threads=threads, spinning=spinning, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self._idle: list[Decoder] = []   # KV caches no generation holds
+        self._idle: Decoder | None = None   # a KV cache no generation holds
         self._lock = threading.Lock()
 
     @property
@@ -255,17 +255,19 @@ class Model:
 
     @contextmanager
     def _decoder(self) -> Iterator[Decoder]:
-        """A KV cache for one generation alone: an idle one, or a new one while every cache
-        is held (by a stream not yet finished, or by another thread)."""
+        """A KV cache for one generation alone: the idle one, or a new one while it is held
+        (by a stream not yet finished, or by another thread). One cache is kept for the next
+        generation; others are freed, so memory falls back once concurrent work ends."""
         with self._lock:
-            decoder = self._idle.pop() if self._idle else None
+            decoder, self._idle = self._idle, None
         if decoder is None:
             decoder = Decoder(self.session, context=self.context)
         try:
             yield decoder
         finally:
             with self._lock:
-                self._idle.append(decoder)
+                if self._idle is None:
+                    self._idle = decoder
 
     def _tokens(self, ids: list[int], **options) -> Iterator[int]:
         with self._decoder() as decoder:   # held until the stream ends or is closed
