@@ -14,10 +14,11 @@ flat however long the generation runs.
 from __future__ import annotations
 
 import numbers
-import operator
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+from ._checks import count
 
 
 class ContextError(ValueError):
@@ -101,19 +102,6 @@ def sample(logits: np.ndarray, *, temperature: float, top_k: int, top_p: float,
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum()
     return int(rng.choice(probs.size, p=probs))
-
-
-def count(value, name: str, *, least: int) -> int:
-    """`value` as an int >= least (numpy ints too); a bool or a float is refused."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {value!r}.") from None
-    if value < least:
-        raise ValueError(f"{name} must be >= {least}, got {value}.")
-    return value
 
 
 def check_sampling(*, max_new_tokens, temperature, top_k, top_p, seed) -> dict:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ._checks import count
 from .bundle import Bundle, BundleError
 from .generate import (
     ContextError,
     Decoder,
     check_sampling,
-    count,
     generate_tokens,
     perplexity,
     render_chat,

@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import json
-import operator
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from types import ModuleType
 from typing import Any
 
 from . import _tokenizer_py
+from ._checks import integer
 from ._tokenizer_py import AddedToken
 
 try:
@@ -323,12 +323,7 @@ class Tokenizer:
 
     def _content_budget(self, max_length: int) -> int:
         n_special = len(self._prefix_ids) + len(self._suffix_ids)
-        try:  # any integer, e.g. a bundle's length read through numpy, but not a bool
-            if isinstance(max_length, bool):
-                raise TypeError
-            max_length = operator.index(max_length)
-        except TypeError:
-            raise TypeError(f"max_length must be an int or None, got {max_length!r}.") from None
+        max_length = integer(max_length, "max_length", what="an int or None")
         if max_length < n_special:
             # HF silently skips truncation here and returns more than max_length ids.
             raise ValueError(
@@ -385,13 +380,10 @@ def _ids(ids: Iterable[int]) -> Iterator[int]:
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise TypeError(f"decode() expects a list of int ids, got {type(ids).__name__}.")
     for i, token_id in enumerate(ids):
-        try:
-            if isinstance(token_id, bool):
-                raise TypeError
-            token_id = operator.index(token_id)
-        except TypeError:
+        if isinstance(token_id, bool) or not hasattr(token_id, "__index__"):
             raise TypeError(f"decode() expects int ids; item {i} is "
-                            f"{type(token_id).__name__}.") from None
+                            f"{type(token_id).__name__}.")
+        token_id = token_id.__index__()
         if token_id < 0:
             raise ValueError(f"decode(): token ids are >= 0; item {i} is {token_id}.")
         yield token_id
