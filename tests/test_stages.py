@@ -38,10 +38,12 @@ def test_staged_bundle_equals_single_graph(minilm_bundle, eval_texts, single, st
     np.testing.assert_array_equal(got, single)
 
 
-def test_cuda_stage_devices_fall_back_to_cpu(minilm_bundle, eval_texts, single, tmp_path):
+def test_cuda_stage_devices_fall_back_to_cpu(minilm_bundle, eval_texts, single, tmp_path,
+                                             cuda_fallback_warning):
     path = restage(minilm_bundle, 2, tmp_path / "staged")
     manifest = json.loads((path / "manifest.json").read_text())
-    model = runtime.load(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with cuda_fallback_warning:
+        model = runtime.load(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert [s["device"] for s in manifest["stages"]] == ["cpu", "cpu"]  # arm-cpu target
     np.testing.assert_array_equal(model.embed(eval_texts[:20], batch_size=16),
                                   single[:20])
