@@ -105,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         except BudgetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # the machine, not the request: a full disk, an I/O error
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 

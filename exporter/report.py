@@ -169,8 +169,15 @@ def temp_dir_beside(target: Path) -> Path:
     """A new private directory next to `target` (the same filesystem, so the final rename is
     atomic), named `.<target>.<pid>.<random>`: the pid tells a later export that the process
     which made it is gone (`remove_leftovers`)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+    except PermissionError:
+        where = target.parent
+        while not where.exists():   # the directory that refused: the nearest one that exists
+            where = where.parent
+        raise PermissionError(f"Cannot write {str(target)!r}: no permission to create files in "
+                              f"{str(where)!r}. Choose another --output.") from None
 
 
 def _alive(pid: int) -> bool:

@@ -149,6 +149,13 @@ def test_cli_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs Linux /sys (unwritable to all)")
+def test_unwritable_output_is_a_clear_error(capsys):
+    assert main(["--target", "arm-cpu", "--output", "/sys/edge-exporter/out"]) == 2
+    assert "Cannot write '/sys/edge-exporter/out': no permission to create files in '/sys'." \
+        in capsys.readouterr().err
+
+
 def test_output_holding_user_files_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "mine").write_text("a file of mine")
     (tmp_path / "notes").mkdir()
