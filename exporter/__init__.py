@@ -169,14 +169,15 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
 
     profile = target if isinstance(target, Target) else load_target(target)
     generative = model in PACKAGED_GGUF or str(model).endswith(".gguf")
-    task = task or infer_task(model if generative else resolve_model_dir(model))
+    inferred = infer_task(model if generative else resolve_model_dir(model))
+    task = task or inferred
     if requantize and not generative:
         raise ValueError(f"requantize applies to GGUF sources only; {model!r} is not a .gguf "
                          f"file or a packaged GGUF model.")
     if generative and task != "text-generation":
         raise ValueError(f"{model!r} is a decoder (GGUF); it exports for text-generation only, "
                          f"not {task}. Leave out --task, or pass --task text-generation.")
-    if task == "text-classification" and infer_task(resolve_model_dir(model)) != task:
+    if task == "text-classification" and inferred != task:
         raise ValueError(f"{model!r} has no trained classification head (config.json names no "
                          f"*ForSequenceClassification architecture): a text-classification "
                          f"export would carry a randomly initialized one. Fine-tune it first "
