@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import _args as argtypes  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 # name -> Compression fields. "int8" is the baseline: the profile's int8, nothing removed.
@@ -86,17 +88,19 @@ def measure(job, name: str, healed: bool, threads: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="minilm", help="encoder (feature-extraction)")
-    parser.add_argument("--classifier", type=Path, metavar="DIR",
+    parser.add_argument("--model", type=argtypes.model, default="minilm",
+                        help="encoder (feature-extraction)")
+    parser.add_argument("--classifier", type=argtypes.classifier, metavar="DIR",
                         help="a trained classifier directory holding test.jsonl "
                              "(samples/train_intents.py)")
-    parser.add_argument("--target", default="arm-cpu")
-    parser.add_argument("--heal-steps", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--target", type=argtypes.target, default="arm-cpu")
+    parser.add_argument("--heal-steps", type=argtypes.at_least(0), default=100)
+    parser.add_argument("--rounds", type=argtypes.at_least(1), default=5)
+    parser.add_argument("--threads", type=argtypes.at_least(1), default=1,
                         help="ONNX Runtime intra-op threads, no spinning (default 1: steady "
                              "numbers on a shared machine)")
-    parser.add_argument("--runs", type=int, default=300, help="timed runs per variant")
+    parser.add_argument("--runs", type=argtypes.at_least(1), default=300,
+                        help="timed runs per variant")
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--output", type=Path, default=RESULTS / "bench_compression")
     args = parser.parse_args(argv)

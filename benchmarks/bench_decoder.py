@@ -46,6 +46,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import _args as argtypes  # noqa: E402
+
 PROMPT = "The capital of France is"
 TIMED = ("prefill_128_ms", "decode_tokens_per_s")
 VARIANTS = ("transformers eager fp32", "ORT fp32 + cache", "our int8 bundle",
@@ -263,14 +265,14 @@ def ensure_bundle(path: str | None, precision: str, target: str) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="arm-cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--int4", help="an int4 SmolLM2 bundle (default: export one)")
-    parser.add_argument("--int8", help="an int8 SmolLM2 bundle (default: export one)")
-    parser.add_argument("--fast", help="an int4 bundle with accuracy levels 4 (default: "
-                                       "export one)")
+    parser.add_argument("--target", type=argtypes.target, default="arm-cpu")
+    parser.add_argument("--threads", type=argtypes.at_least(1), default=2)
+    parser.add_argument("--rounds", type=argtypes.at_least(1), default=3)
+    parser.add_argument("--new-tokens", type=argtypes.at_least(1), default=64)
+    for name, what in (("int4", "an int4 SmolLM2 bundle"), ("int8", "an int8 SmolLM2 bundle"),
+                       ("fast", "an int4 bundle with accuracy levels 4")):
+        parser.add_argument(f"--{name}", type=argtypes.bundle,
+                            help=f"{what} (default: export one)")
     parser.add_argument("--one", help=argparse.SUPPRESS)   # internal: measure one variant
     parser.add_argument("--time", help=argparse.SUPPRESS)  # internal: one timed round
     for hidden in ("tokenizer", "checkpoint", "gguf", "float-onnx", "prompt-ids"):

@@ -60,6 +60,10 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import _args as argtypes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_encoder.json"
 
@@ -657,28 +661,18 @@ def section(b: Bench) -> dict:
             "variants": [row_json(r, ref) for r in b.rows]}
 
 
-def classifier_dir(value: str) -> Path:
-    """argparse type for --classifier: a trained model directory holding test.jsonl."""
-    path = Path(value)
-    if not (path / "test.jsonl").is_file():
-        raise argparse.ArgumentTypeError(
-            f"{value!r} has no test.jsonl: give a directory written by "
-            f"`python samples/train_intents.py --output {value}`.")
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="minilm",
+    parser.add_argument("--model", type=argtypes.model, default="minilm",
                         help="checkpoint directory or packaged name (default: minilm)")
-    parser.add_argument("--classifier", type=classifier_dir, metavar="DIR",
+    parser.add_argument("--classifier", type=argtypes.classifier, metavar="DIR",
                         help="also benchmark this intent classifier (samples/train_intents.py "
                              "--output DIR), on its test.jsonl")
-    parser.add_argument("--target", default="arm-cpu",
+    parser.add_argument("--target", type=argtypes.target, default="arm-cpu",
                         help="built-in target or .toml profile (default: arm-cpu)")
-    parser.add_argument("--threads", type=int, default=2,
+    parser.add_argument("--threads", type=argtypes.at_least(1), default=2,
                         help="intra-op threads for every variant (default: 2)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=argtypes.at_least(1), default=3,
                         help="timing passes over all variants (default: 3)")
     parser.add_argument("--no-spinning", action="store_true",
                         help="turn ONNX Runtime's thread spinning off in every session")

@@ -40,6 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import _args as argtypes  # noqa: E402
+
 STAGE_COUNTS = (1, 2, 4)
 
 
@@ -70,11 +72,16 @@ def time_stream(model, feeds: list[dict]) -> tuple[float, list]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, help="a single-graph bundle (default: export)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads in all (default 2)")
-    parser.add_argument("--batches", type=int, default=48, help="batches in the stream")
-    parser.add_argument("--batch-size", type=int, default=8, help="texts per batch")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
+    parser.add_argument("--bundle", type=argtypes.bundle,
+                        help="a single-graph bundle (default: export)")
+    parser.add_argument("--threads", type=argtypes.at_least(1), default=2,
+                        help="CPU threads in all (default 2)")
+    parser.add_argument("--batches", type=argtypes.at_least(1), default=48,
+                        help="batches in the stream")
+    parser.add_argument("--batch-size", type=argtypes.at_least(1), default=8,
+                        help="texts per batch")
+    parser.add_argument("--rounds", type=argtypes.at_least(1), default=3,
+                        help="timed rounds per variant")
     args = parser.parse_args(argv)
 
     import runtime

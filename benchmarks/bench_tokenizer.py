@@ -32,11 +32,17 @@ import argparse
 import json
 import os
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import _args as argtypes  # noqa: E402
 
 
 def workloads(seed: int = 0) -> tuple[list[str], list[str]]:
@@ -175,7 +181,7 @@ def main() -> None:
     from runtime.tokenizer import BACKENDS, Tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=argtypes.at_least(1), default=5)
     parser.add_argument("--json", type=Path, default=Path("build/bench_tokenizer.json"))
     args = parser.parse_args()
 

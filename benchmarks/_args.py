@@ -1,0 +1,70 @@
+"""argparse types the benchmarks share, so that a bad argument is refused at once, with
+its reason, rather than after minutes of exporting (or never: `--rounds 0` timed nothing).
+
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--target", type=target, default="arm-cpu")
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An integer argument that must be `minimum` or more."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def target(text: str) -> str:
+    """A built-in target name or a .toml profile that loads (the name is what is kept)."""
+    from targets import load_target
+
+    try:
+        load_target(text)
+    except (ValueError, OSError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def model(text: str) -> str:
+    """A packaged model name or a checkpoint directory with a config.json."""
+    from exporter.load import resolve_model_dir
+
+    try:
+        resolve_model_dir(text)
+    except (ValueError, OSError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def bundle(text: str) -> Path:
+    """A bundle directory whose manifest reads (its files are verified when loaded)."""
+    from runtime.bundle import Bundle
+
+    try:
+        Bundle.open(text, verify=False)
+    except (ValueError, OSError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return Path(text)
+
+
+def classifier(text: str) -> Path:
+    """A trained intent classifier directory (samples/train_intents.py), holding test.jsonl."""
+    path = Path(text)
+    if not (path / "test.jsonl").is_file():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no test.jsonl: give a directory written by "
+            f"`python samples/train_intents.py --output {text}`.")
+    return path
