@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .compress import compression_lines
@@ -235,26 +236,31 @@ def written_here(path: Path) -> bool:
     return all(p.relative_to(path).as_posix() in known for p in found)
 
 
-def check_replaceable(path: Path) -> None:
-    """Raise FileExistsError unless `path` is absent or a directory that an export wrote
-    (`written_here`): an export replaces its own output and nothing else of the user's."""
+NOT_AN_EXPORT = "no export wrote (it is not a bundle whose manifest.json lists them all)"
+
+
+def check_replaceable(path: Path, *, ours: Callable[[Path], bool] = written_here,
+                      why: str = NOT_AN_EXPORT) -> None:
+    """Raise FileExistsError unless `path` is absent or a directory that `ours` says this
+    tool wrote (by default `written_here`: an export's): a tool replaces its own output and
+    nothing else of the user's. `why` ends the refusal's "holds files that ..."."""
     if not path.exists() and not path.is_symlink():
         return
     if path.is_symlink() or not path.is_dir():
         what = "a link" if path.is_symlink() else "not a directory"
         raise FileExistsError(f"Output {str(path)!r} exists and is {what}; refusing to replace "
                               f"it. Choose another --output or move it away.")
-    if not written_here(path):
+    if not ours(path):
         raise FileExistsError(
-            f"Output {str(path)!r} exists and holds files that no export wrote (it is not a "
-            f"bundle whose manifest.json lists them all); refusing to replace it. Choose "
-            f"another --output, or remove the directory if it is an old bundle.")
+            f"Output {str(path)!r} exists and holds files that {why}; refusing to replace it. "
+            f"Choose another --output, or remove the directory if it is an old output.")
 
 
-def replace_dir(new: Path, final: Path) -> None:
+def replace_dir(new: Path, final: Path, *, ours: Callable[[Path], bool] = written_here,
+                why: str = NOT_AN_EXPORT) -> None:
     """Move directory `new` to `final`, replacing any old `final` with renames only. An old
-    `final` must be one that an export wrote (`check_replaceable`)."""
-    check_replaceable(final)
+    `final` must be one that this tool wrote (`check_replaceable` with `ours` and `why`)."""
+    check_replaceable(final, ours=ours, why=why)
     # A directory made by mkdtemp is private (0700); give `new` the mode a plain mkdir gets
     # under the user's umask (read this way: setting the umask to read it is not thread-safe).
     probe = new / ".mode"

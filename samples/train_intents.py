@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from collections import Counter
@@ -29,6 +30,46 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def at_least(minimum: int):
+    """argparse type: an integer of `minimum` or more."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def above_zero(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
+def written_by_training(path: Path) -> bool:
+    """Whether directory `path` holds only what this script wrote (listed in training.json),
+    so that training again may replace it; an empty directory qualifies too."""
+    try:
+        known = set(json.loads((path / "training.json").read_text(encoding="utf-8"))["files"])
+    except FileNotFoundError:
+        known = set()
+    except (ValueError, KeyError, TypeError):
+        return False
+    found = (p for p in path.rglob("*") if p.is_symlink() or not p.is_dir())
+    return all(p.relative_to(path).as_posix() in known | {"training.json"} for p in found)
+
+
+NOT_TRAINED_HERE = "this script did not write (they are not listed in its training.json)"
 
 
 def write_jsonl(path: Path, rows) -> None:
@@ -40,13 +81,26 @@ def write_jsonl(path: Path, rows) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="directory for the trained model")
-    parser.add_argument("--train-size", type=int, default=4000)
-    parser.add_argument("--test-size", type=int, default=800)
-    parser.add_argument("--epochs", type=float, default=4.0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-size", type=at_least(1), default=4000)
+    parser.add_argument("--test-size", type=at_least(2), default=800,
+                        help="test utterances; half as many again for validation")
+    parser.add_argument("--epochs", type=above_zero, default=4.0)
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--lr", type=above_zero, default=2e-4)
+    parser.add_argument("--seed", type=at_least(0), default=0)
     args = parser.parse_args(argv)
+    if int(args.epochs * args.train_size / args.batch_size) < 1:
+        parser.error(f"--epochs {args.epochs:g} of {args.train_size} utterances in batches of "
+                     f"{args.batch_size} is not one training step; train longer.")
+
+    from exporter.report import check_replaceable, remove_leftovers, replace_dir, temp_dir_beside
+
+    out = Path(args.output)
+    try:   # before minutes of training, not after
+        check_replaceable(out, ours=written_by_training, why=NOT_TRAINED_HERE)
+    except FileExistsError as e:
+        parser.error(str(e))
+    remove_leftovers(out)   # what a killed run left beside it
 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -59,8 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
 
     train = smart_home_utterances(args.train_size, split="train", seed=args.seed)
     validation = smart_home_utterances(args.test_size // 2, split="calibration", seed=args.seed)
@@ -129,13 +181,21 @@ def main(argv: list[str] | None = None) -> int:
             "macro_f1": macro_f1(truth, predicted, len(labels)),
             "utterances": len(rows),
         }
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    for name, rows in (("train", train), ("validation", validation), ("test", test)):
-        write_jsonl(out / f"{name}.jsonl", rows)
-    (out / "training.json").write_text(json.dumps(
-        {"labels": labels, "train_counts": dict(counts), "results": results,
-         "args": vars(args), "seconds": round(time.time() - started, 1)}, indent=2) + "\n")
+    staging = temp_dir_beside(out)   # written whole, then renamed into place
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for name, rows in (("train", train), ("validation", validation), ("test", test)):
+            write_jsonl(staging / f"{name}.jsonl", rows)
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*")
+                       if p.is_file())
+        (staging / "training.json").write_text(json.dumps(
+            {"labels": labels, "train_counts": dict(counts), "results": results,
+             "args": vars(args), "seconds": round(time.time() - started, 1), "files": files},
+            indent=2) + "\n")
+        replace_dir(staging, out, ours=written_by_training, why=NOT_TRAINED_HERE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     t, v = results["test"], results["validation"]
     print(f"test accuracy {100 * t['accuracy']:.2f}%, macro-F1 {100 * t['macro_f1']:.2f} "
           f"on {t['utterances']} utterances (validation accuracy {100 * v['accuracy']:.2f}%); "

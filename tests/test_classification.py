@@ -20,16 +20,21 @@ from runtime import BundleError
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def intent_model(tmp_path_factory):
-    """A real MiniLM intent classifier, trained briefly by the sample training script."""
+def training_script():
+    """samples/train_intents.py as a module."""
     sys.path.insert(0, str(REPO / "samples"))
     try:
         import train_intents
     finally:
         sys.path.pop(0)
+    return train_intents
+
+
+@pytest.fixture(scope="session")
+def intent_model(tmp_path_factory):
+    """A real MiniLM intent classifier, trained briefly by the sample training script."""
     out = tmp_path_factory.mktemp("intent") / "model"
-    assert train_intents.main(["--output", str(out), "--train-size", "2000", "--test-size",
+    assert training_script().main(["--output", str(out), "--train-size", "2000", "--test-size",
                                "300", "--epochs", "4"]) == 0
     return out
 
@@ -50,6 +55,33 @@ def test_training_writes_a_plain_hf_directory(intent_model):
     train = {json.loads(line)["text"] for line in open(intent_model / "train.jsonl")}
     test = {json.loads(line)["text"] for line in open(intent_model / "test.jsonl")}
     assert not train & test
+    # Written whole into a temp dir beside it, then renamed: nothing else is left there,
+    # and training.json lists every file, so that training again may replace them.
+    assert [p.name for p in intent_model.parent.iterdir()] == ["model"]
+    assert set(report["files"]) == {p.name for p in intent_model.iterdir()} - {"training.json"}
+    assert training_script().written_by_training(intent_model)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "argument --epochs: must be a number above 0, got 0"),
+    (["--lr", "nan"], "argument --lr: must be a number above 0, got nan"),
+    (["--test-size", "1"], "argument --test-size: must be at least 2, got 1"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--train-size", "10", "--epochs", "1"], "is not one training step"),
+    ([], "'{out}' exists and holds files that this script did not write"),
+])
+def test_training_refuses_before_it_starts(tmp_path, capsys, args, message):
+    """Bad numbers failed after loading the model (--epochs 0 in torch's scheduler) or
+    never (--lr -1 trained); an --output holding the user's files had them overwritten."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text("my own\n")
+    with pytest.raises(SystemExit) as stop:
+        training_script().main(["--output", str(out), *args])
+    assert stop.value.code == 2
+    assert message.format(out=out) in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    assert (out / "config.json").read_text() == "my own\n"
 
 
 def test_labels_round_trip_through_the_bundle(intent_model, intent_bundle):
