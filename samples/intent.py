@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="minimum confidence to act (default 0.5)")
     args = parser.parse_args(argv)
+    if not 0 <= args.threshold <= 1:   # a probability; above 1 nothing could ever act
+        parser.error(f"--threshold must be from 0 to 1, got {args.threshold}")
 
     try:
         model = runtime.load(args.bundle, spinning=False)

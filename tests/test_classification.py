@@ -161,3 +161,8 @@ def test_intent_device_application(intent_bundle):
                           "set a timer for ten minutes", "--threshold", "0.0"],
                          capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.startswith("'set a timer for ten minutes' -> Hass")
+    for threshold in ("1.5", "nan", "-0.1"):
+        bad = subprocess.run([sys.executable, "samples/intent.py", str(intent_bundle), "hi",
+                              "--threshold", threshold], capture_output=True, text=True, cwd=REPO)
+        assert bad.returncode == 2
+        assert f"--threshold must be from 0 to 1, got {float(threshold)}" in bad.stderr
