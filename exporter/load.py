@@ -100,6 +100,17 @@ def read_pooling(model_dir: Path) -> dict:
     return {"mode": mode, "normalize": normalize, "source": "modules.json"}
 
 
+def check_runtime_tokenizer(path: Path, source: Path | str) -> None:
+    """Raise ValueError, naming `source` (what the user gave), unless the runtime's tokenizer
+    reads tokenizer.json `path` (a copy in the work directory)."""
+    from runtime.tokenizer import Tokenizer
+
+    try:
+        Tokenizer.from_file(path, backend="python")
+    except ValueError as e:
+        raise ValueError(str(e).replace(str(path), str(source))) from None
+
+
 def load(job) -> None:
     """Stage: fill job.model_dir, job.torch_model, job.labels, job.pooling, job.max_length."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
@@ -111,6 +122,19 @@ def load(job) -> None:
 
     import transformers
 
+    # The tokenizer first: a kind the runtime cannot run is refused before the model loads.
+    tokenizer_json = job.workdir / "tokenizer.json"
+    if (model_dir / "tokenizer.json").is_file():
+        shutil.copyfile(model_dir / "tokenizer.json", tokenizer_json)
+        check_runtime_tokenizer(tokenizer_json, model_dir / "tokenizer.json")
+    else:  # slow-tokenizer checkpoints: let transformers convert to the fast format once
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+        if not tokenizer.is_fast:
+            raise ValueError(f"{model_dir} has no tokenizer.json and its tokenizer cannot be "
+                             f"converted to one; the runtime needs tokenizer.json.")
+        tokenizer.backend_tokenizer.save(str(tokenizer_json))
+        check_runtime_tokenizer(tokenizer_json, f"the tokenizer.json converted from {model_dir}")
+
     auto_class = getattr(transformers, TASKS[task])
     try:
         job.torch_model = auto_class.from_pretrained(model_dir).eval()
@@ -121,16 +145,6 @@ def load(job) -> None:
         id2label = job.torch_model.config.id2label
         job.labels = [str(id2label[i]) for i in range(len(id2label))]
         check_labels(job.evaluation, job.labels)
-
-    tokenizer_json = job.workdir / "tokenizer.json"
-    if (model_dir / "tokenizer.json").is_file():
-        shutil.copyfile(model_dir / "tokenizer.json", tokenizer_json)
-    else:  # slow-tokenizer checkpoints: let transformers convert to the fast format once
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, use_fast=True)
-        if not tokenizer.is_fast:
-            raise ValueError(f"{model_dir} has no tokenizer.json and its tokenizer cannot be "
-                             f"converted to one; the runtime needs tokenizer.json.")
-        tokenizer.backend_tokenizer.save(str(tokenizer_json))
 
     job.pooling = read_pooling(model_dir) if task == "feature-extraction" else {}
     config = job.torch_model.config

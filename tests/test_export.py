@@ -267,6 +267,32 @@ def test_cli_model_dir_without_config(tmp_path, capsys):
     assert [p for p in tmp_path.iterdir() if p.name != "model"] == []
 
 
+@pytest.mark.parametrize("architecture", ["BertModel", "LlamaForCausalLM"])
+def test_a_tokenizer_the_runtime_cannot_run_is_refused_before_the_model_loads(
+        tmp_path, capsys, architecture):
+    """A Unigram tokenizer (T5, XLM-R, ALBERT) was found only after the float export, and the
+    error named the hidden work directory's copy of tokenizer.json. The checkpoint here has
+    no weights at all: the refusal must come before transformers looks for them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    model = tmp_path / "model"
+    model.mkdir()
+    config = {"architectures": [architecture], "model_type": "bert" if architecture ==
+              "BertModel" else "llama", "vocab_size": 200}
+    (model / "config.json").write_text(json.dumps(config))
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.train_from_iterator(["turn on the kitchen lights", "what time is it"] * 50,
+                                  trainers.UnigramTrainer(vocab_size=40, unk_token="<unk>",
+                                                          special_tokens=["<unk>"]))
+    tokenizer.save(str(model / "tokenizer.json"))
+    assert main(["--target", "arm-cpu", "--model", str(model),
+                 "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {model / 'tokenizer.json'}: unsupported model.type 'Unigram'" in err
+    assert [p for p in tmp_path.iterdir() if p.name != "model"] == []
+
+
 def test_list_targets(capsys):
     assert main(["--list-targets"]) == 0
     out = capsys.readouterr().out
