@@ -11,6 +11,7 @@ edge-exporter[ray]`); `import runtime` never imports ray.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -48,6 +49,11 @@ class RayStagedSession(_StagedIO):
         self._ray = ray
         self.plan = Stages(stages, outputs)
         gpus = ray.cluster_resources().get("GPU", 0)
+        cuda = sum(stage["device"].startswith("cuda") for stage in stages)
+        if cuda and gpus < len(stages):
+            warnings.warn(f"The Ray cluster has {gpus:g} GPUs for {len(stages)} stages, {cuda} "
+                          f"of them meant for CUDA; every stage runs on CPU.", RuntimeWarning,
+                          stacklevel=4)
         actor = ray.remote(_StageWorker)
         self.actors = []
         for i, stage in enumerate(stages):

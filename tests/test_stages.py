@@ -80,5 +80,14 @@ def test_ray_actors_equal_single_graph(minilm_bundle, eval_texts, single, tmp_pa
         model = runtime.load(path, pipeline="ray")
         assert type(model.session).__name__ == "RayStagedSession"
         np.testing.assert_array_equal(model.embed(eval_texts, batch_size=16), single)
+        # A GPU target's stages on a cluster with too few GPUs: all on CPU, and said so.
+        manifest = json.loads((path / "manifest.json").read_text())
+        for i, stage in enumerate(manifest["stages"]):
+            stage["device"] = f"cuda:{i}"
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.warns(RuntimeWarning, match="has 0 GPUs for 2 stages, 2 of them meant "
+                                                "for CUDA; every stage runs on CPU"):
+            model = runtime.load(path, pipeline="ray")
+        np.testing.assert_array_equal(model.embed(eval_texts[:20], batch_size=16), single[:20])
     finally:
         ray.shutdown()
