@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from runtime.generate import Decoder, render_chat
 from runtime.generate import perplexity as window_perplexity
 
 from .decoder_graph import DecoderShape, DecoderWeights, Linear, build, float_weights, pack
-from .load import check_runtime_tokenizer
+from .load import write_tokenizer
 from .report import write_report
 from .validate import BudgetError
 
@@ -77,11 +76,7 @@ def load_decoder(job) -> None:
 
     import transformers
 
-    # The tokenizer first: a kind the runtime cannot run is refused before the model loads.
-    if not (job.model_dir / "tokenizer.json").is_file():
-        raise ValueError(f"{job.model_dir} has no tokenizer.json; the runtime needs one.")
-    shutil.copyfile(job.model_dir / "tokenizer.json", job.workdir / "tokenizer.json")
-    check_runtime_tokenizer(job.workdir / "tokenizer.json", job.model_dir / "tokenizer.json")
+    write_tokenizer(job.model_dir, job.workdir / "tokenizer.json")   # first: it may refuse
     try:
         job.torch_model = transformers.AutoModelForCausalLM.from_pretrained(
             job.model_dir, dtype="float32").eval()

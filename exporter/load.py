@@ -100,15 +100,66 @@ def read_pooling(model_dir: Path) -> dict:
     return {"mode": mode, "normalize": normalize, "source": "modules.json"}
 
 
-def check_runtime_tokenizer(path: Path, source: Path | str) -> None:
-    """Raise ValueError, naming `source` (what the user gave), unless the runtime's tokenizer
-    reads tokenizer.json `path` (a copy in the work directory)."""
+def write_tokenizer(model_dir: Path, dest: Path) -> None:
+    """Write checkpoint `model_dir`'s tokenizer.json to `dest`, converted once by transformers
+    from a slow tokenizer's files (vocab.txt; vocab.json + merges.txt) where it has none.
+    Raises ValueError, naming the checkpoint's file, unless the runtime's tokenizer reads it
+    (a Unigram tokenizer, say): called before the model loads, so that this comes first."""
     from runtime.tokenizer import Tokenizer
 
+    if (model_dir / "tokenizer.json").is_file():
+        shutil.copyfile(model_dir / "tokenizer.json", dest)
+        source = str(model_dir / "tokenizer.json")
+    else:
+        import transformers
+
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, use_fast=True)
+        except Exception as e:  # which error depends on the model type and the files missing
+            raise ValueError(f"{model_dir} has no tokenizer.json, and transformers cannot "
+                             f"build one from its files ({type(e).__name__}: {e}); the runtime "
+                             f"needs tokenizer.json.") from e
+        if not tokenizer.is_fast:
+            raise ValueError(f"{model_dir} has no tokenizer.json and its tokenizer cannot be "
+                             f"converted to one; the runtime needs tokenizer.json.")
+        tokenizer.backend_tokenizer.save(str(dest))
+        source = f"the tokenizer.json converted from {model_dir}"
     try:
-        Tokenizer.from_file(path, backend="python")
+        Tokenizer.from_file(dest, backend="python")
     except ValueError as e:
-        raise ValueError(str(e).replace(str(path), str(source))) from None
+        raise ValueError(str(e).replace(str(dest), source)) from None
+
+
+def set_padding(tokenizer_json: Path, model_dir: Path, config) -> dict:
+    """Make sure the runtime finds a pad id in `tokenizer_json` (the bundle's copy): most
+    tokenizer.json files have `"padding": null`, and the runtime falls back to '[PAD]' only
+    for WordPiece. A byte-level BPE encoder (RoBERTa) gets a padding section with the model's
+    pad token: the tokenizer's, else config.json's pad_token_id. Returns what was decided."""
+    from runtime.tokenizer import Tokenizer
+
+    if Tokenizer.from_file(tokenizer_json, backend="python").pad_id is not None:
+        return {"source": "tokenizer.json"}
+    import transformers
+
+    pad_id, source = None, None
+    try:
+        pad_id = transformers.AutoTokenizer.from_pretrained(model_dir).pad_token_id
+        source = "tokenizer's pad_token"
+    except (OSError, ValueError, TypeError):   # config.json's, then
+        pass
+    if pad_id is None and getattr(config, "pad_token_id", None) is not None:
+        pad_id, source = config.pad_token_id, "config.json pad_token_id"
+    if pad_id is None:
+        raise ValueError(f"{model_dir} names no pad token (tokenizer.json has no padding, "
+                         f"tokenizer_config.json no pad_token, config.json no pad_token_id); "
+                         f"batches need one: set pad_token in tokenizer_config.json.")
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    data["padding"] = {"strategy": "BatchLongest", "direction": "Right",
+                       "pad_to_multiple_of": None, "pad_id": int(pad_id), "pad_type_id": 0,
+                       "pad_token": Tokenizer.from_file(tokenizer_json, backend="python")
+                       .decode([pad_id], skip_special_tokens=False)}
+    tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return {"source": source, "pad_id": int(pad_id)}
 
 
 def load(job) -> None:
@@ -122,18 +173,8 @@ def load(job) -> None:
 
     import transformers
 
-    # The tokenizer first: a kind the runtime cannot run is refused before the model loads.
     tokenizer_json = job.workdir / "tokenizer.json"
-    if (model_dir / "tokenizer.json").is_file():
-        shutil.copyfile(model_dir / "tokenizer.json", tokenizer_json)
-        check_runtime_tokenizer(tokenizer_json, model_dir / "tokenizer.json")
-    else:  # slow-tokenizer checkpoints: let transformers convert to the fast format once
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, use_fast=True)
-        if not tokenizer.is_fast:
-            raise ValueError(f"{model_dir} has no tokenizer.json and its tokenizer cannot be "
-                             f"converted to one; the runtime needs tokenizer.json.")
-        tokenizer.backend_tokenizer.save(str(tokenizer_json))
-        check_runtime_tokenizer(tokenizer_json, f"the tokenizer.json converted from {model_dir}")
+    write_tokenizer(model_dir, tokenizer_json)   # first: it may refuse the tokenizer's kind
 
     auto_class = getattr(transformers, TASKS[task])
     try:
@@ -146,6 +187,7 @@ def load(job) -> None:
         job.labels = [str(id2label[i]) for i in range(len(id2label))]
         check_labels(job.evaluation, job.labels)
 
+    padding = set_padding(tokenizer_json, model_dir, job.torch_model.config)
     job.pooling = read_pooling(model_dir) if task == "feature-extraction" else {}
     config = job.torch_model.config
     limits = [job.target.runtime.max_sequence_length, config.max_position_embeddings]
@@ -157,8 +199,11 @@ def load(job) -> None:
     job.records["model"] = {
         "source": job.model, "directory": str(model_dir), "architecture": config.model_type,
         "parameters": params, "hidden_size": config.hidden_size,
-        "layers": config.num_hidden_layers,
+        "layers": config.num_hidden_layers, "padding": padding,
     }
+    if "pad_id" in padding:
+        job.log(f"  tokenizer.json names no pad id: the bundle's pads with {padding['pad_id']} "
+                f"(the {padding['source']})")
     head = (f"{len(job.labels)} labels" if job.labels else
             f"pooling {job.pooling['mode']}{' + L2' if job.pooling['normalize'] else ''}")
     job.log(f"  {config.model_type} {task}, {config.num_hidden_layers} layers, "

@@ -168,6 +168,10 @@ class Model:
         self.max_length: int = manifest.get("max_length", settings.get("max_sequence_length"))
         self.batch_size: int = settings.get("batch_size", 32)
         self.tokenizer = Tokenizer.from_file(bundle.file("tokenizer.json"))
+        if self.task != "text-generation" and self.tokenizer.pad_id is None:
+            raise BundleError(f"{bundle.file('tokenizer.json')} names no pad id (no "
+                              f"padding.pad_id, no [PAD]), and batches need one; export the "
+                              f"bundle again: the exporter adds the model's.")
         threads = count(settings.get("threads", 0) if threads is None else threads,
                         "threads", least=0)  # 0: onnxruntime's default
         providers = checked_providers(

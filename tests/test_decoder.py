@@ -399,6 +399,32 @@ def test_gpt2_family_int4_bundle_and_no_compression(gpt2_dir, tmp_path):
     assert not (tmp_path / "no").exists()
 
 
+def test_a_checkpoint_with_only_slow_tokenizer_files_exports(gpt2_dir, smollm2_tokenizer_json,
+                                                             tmp_path):
+    """GPT-2 checkpoints often ship vocab.json + merges.txt and no tokenizer.json. Encoders
+    were converted by transformers; decoders were refused ("has no tokenizer.json")."""
+    import shutil
+
+    import tokenizers
+
+    from exporter import export
+
+    model = tmp_path / "slow"
+    shutil.copytree(gpt2_dir, model)
+    (model / "tokenizer.json").unlink()
+    bpe = json.loads(smollm2_tokenizer_json.read_text())["model"]
+    (model / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in bpe["merges"]]
+    (model / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+    (model / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer"}))
+    bundle = export(str(model), target="arm-cpu", precision="float", output=tmp_path / "b",
+                    log=lambda line: None)
+    original = tokenizers.Tokenizer.from_file(str(smollm2_tokenizer_json))
+    tok = runtime.load(bundle).tokenizer
+    for text in ("The capital of France is", "naïve café, 12 déjà-vu's!"):
+        assert tok.encode(text) == original.encode(text, add_special_tokens=False).ids
+
+
 @pytest.mark.parametrize("precision", [None, "fp16"])
 def test_jetson_decoder_is_float16_on_cuda(gpt2_dir, tmp_path, precision):
     """jetson: float16 activations and KV cache with int4 blocks (or fp16 weights with

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import runtime
 from exporter import BudgetError, export
 from exporter.__main__ import main
 from runtime.bundle import sha256_of
@@ -291,6 +292,60 @@ def test_a_tokenizer_the_runtime_cannot_run_is_refused_before_the_model_loads(
     err = capsys.readouterr().err
     assert f"error: {model / 'tokenizer.json'}: unsupported model.type 'Unigram'" in err
     assert [p for p in tmp_path.iterdir() if p.name != "model"] == []
+
+
+def test_a_checkpoint_without_any_tokenizer_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(
+        {"architectures": ["BertModel"], "model_type": "bert"}))
+    assert main(["--target", "arm-cpu", "--model", str(tmp_path / "model"),
+                 "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err   # was: "stat: path should be string, ..., not NoneType"
+    assert "has no tokenizer.json, and transformers cannot build one from its files" in err
+    assert [p for p in tmp_path.iterdir() if p.name != "model"] == []
+
+
+def test_a_bpe_encoder_without_padding_gets_the_models_pad_id(tmp_path, smollm2_tokenizer_json):
+    """RoBERTa-style: byte-level BPE, `"padding": null` in tokenizer.json (as most are), no
+    '[PAD]'. Its export broke in the float check on `int(None)` (no pad id for a batch). Now
+    the bundle's tokenizer.json pads with the model's <pad>, and batches equal single texts.
+    (A small randomly initialised RoBERTa with SmolLM2's real BPE vocab: no RoBERTa weights
+    ship in a package.)"""
+    import torch
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+
+    bpe = json.loads(smollm2_tokenizer_json.read_text())["model"]
+    # RoBERTa's layout: <pad> is 1, which is also its position embeddings' padding index.
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab |= {token: i + 4 for token, i in bpe["vocab"].items()} | {"<mask>": len(bpe["vocab"]) + 4}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in bpe["merges"]]
+    (tmp_path / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
+    tokenizer = RobertaTokenizerFast(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    torch.manual_seed(0)
+    model = tmp_path / "roberta"
+    RobertaModel(RobertaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=2,
+                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    assert json.loads((model / "tokenizer.json").read_text())["padding"] is None
+
+    bundle = export(str(model), target="arm-cpu", output=tmp_path / "bundle",
+                    accuracy_budget="cosine>=0.5", log=lambda line: None)
+    padding = json.loads((bundle / "tokenizer.json").read_text())["padding"]
+    assert padding["pad_id"] == vocab["<pad>"] and padding["pad_token"] == "<pad>"
+    report = json.loads((bundle / "report.json").read_text())
+    assert report["model"]["padding"] == {"source": "tokenizer's pad_token",
+                                          "pad_id": vocab["<pad>"]}
+    texts = ["hi", "turn on the kitchen lights and close the blinds", "what time is it"]
+    embedded = runtime.load(bundle).embed(texts)
+    for text, row in zip(texts, embedded, strict=True):
+        np.testing.assert_allclose(runtime.load(bundle).embed([text])[0], row, atol=1e-5)
+    # A bundle without one (an older exporter's) is refused at load, not at the first batch.
+    data = json.loads((bundle / "tokenizer.json").read_text())
+    (bundle / "tokenizer.json").write_text(json.dumps(data | {"padding": None}))
+    with pytest.raises(runtime.BundleError, match="names no pad id .* export the bundle again"):
+        runtime.load(bundle, verify=False)
 
 
 def test_list_targets(capsys):
