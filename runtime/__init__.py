@@ -8,7 +8,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# onnxruntime (1.32 on Linux) keeps a device id and an event store under ~/.cache/Microsoft
+# and looks up its upload host: nothing a car or a speaker should do unasked. Off unless
+# the application set ORT_DISABLE_TELEMETRY itself; onnxruntime reads it when first imported.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from .bundle import Bundle, BundleError
 from .generate import ContextError

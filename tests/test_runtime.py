@@ -219,6 +219,26 @@ def test_device_application(minilm_bundle):
         assert bad.returncode == 2 and message in bad.stderr
 
 
+def test_no_telemetry_unless_the_application_asks(minilm_bundle, tmp_path):
+    """onnxruntime 1.32 writes a device id and an event store under ~/.cache/Microsoft and
+    looks up its upload host; `import runtime` turns that off by default,
+    and leaves an application's own ORT_DISABLE_TELEMETRY as it is."""
+    code = ("import os, sys, runtime; runtime.load(sys.argv[1]).embed(['hi']); "
+            "print(os.environ['ORT_DISABLE_TELEMETRY'])")
+    for setting, expected in [(None, "1"), ("0", "0")]:
+        env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+        home = tmp_path / f"home-{setting}"
+        home.mkdir()
+        env["HOME"] = str(home)
+        if setting is not None:
+            env["ORT_DISABLE_TELEMETRY"] = setting
+        out = subprocess.run([sys.executable, "-c", code, str(minilm_bundle)], env=env,
+                             capture_output=True, text=True, check=True, cwd=tmp_path)
+        assert out.stdout.split() == [expected]
+        if setting is None:
+            assert not (home / ".cache" / "Microsoft").exists()
+
+
 def test_runtime_in_a_venv_with_only_numpy_and_onnxruntime(minilm_bundle, device_python,
                                                            tmp_path):
     """What a device has: numpy, onnxruntime and the base package, nothing else."""
