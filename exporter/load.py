@@ -75,12 +75,20 @@ def check_labels(evaluation, labels: list[str]) -> None:
                              f"the model's {len(labels)} labels ({shown}).")
 
 
+# sentence-transformers Pooling flags -> the runtime's pooling mode (runtime.model.pool).
+POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                 "pooling_mode_max_tokens": "max"}
+
+
 def read_pooling(model_dir: Path) -> dict:
     """Sentence-embedding pooling from a sentence-transformers layout, else mean + L2 norm.
 
     all-MiniLM-L6-v2 declares mean pooling (1_Pooling/config.json) followed by a Normalize
     module (modules.json); a plain encoder checkpoint gets the same, which is what most
-    sentence encoders use, and the manifest records where the choice came from.
+    sentence encoders use, and the manifest records where the choice came from. A layout the
+    bundle cannot reproduce (a Dense or other module after pooling, a pooling mode the
+    runtime lacks, or several concatenated) is a ValueError: its embeddings would silently
+    differ from the ones sentence-transformers gives, and any index built with them.
     """
     modules_file = model_dir / "modules.json"
     if not modules_file.is_file():
@@ -90,13 +98,22 @@ def read_pooling(model_dir: Path) -> dict:
     for module in modules:
         kind = module.get("type", "")
         if kind.endswith("Pooling"):
-            config = json.loads((model_dir / module["path"] / "config.json").read_text())
-            if config.get("pooling_mode_cls_token"):
-                mode = "cls"
-            elif config.get("pooling_mode_max_tokens"):
-                mode = "max"
+            config_file = model_dir / module["path"] / "config.json"
+            config = json.loads(config_file.read_text())
+            chosen = [flag for flag, on in config.items() if flag.startswith("pooling_mode_")
+                      and on is True]
+            if len(chosen) != 1 or chosen[0] not in POOLING_MODES:
+                raise ValueError(
+                    f"{config_file} pools by {' + '.join(chosen) or 'no mode'}; a bundle pools "
+                    f"by exactly one of {', '.join(POOLING_MODES)}.")
+            mode = POOLING_MODES[chosen[0]]
         elif kind.endswith("Normalize"):
             normalize = True
+        elif not kind.endswith("Transformer"):
+            raise ValueError(
+                f"{modules_file} lists a {kind or 'typeless'} module ({module.get('path')!r}) "
+                f"that a bundle does not carry (only Transformer, Pooling and Normalize): its "
+                f"embeddings would differ from the model's.")
     return {"mode": mode, "normalize": normalize, "source": "modules.json"}
 
 
@@ -174,7 +191,9 @@ def load(job) -> None:
     import transformers
 
     tokenizer_json = job.workdir / "tokenizer.json"
-    write_tokenizer(model_dir, tokenizer_json)   # first: it may refuse the tokenizer's kind
+    # First what may refuse the checkpoint: its tokenizer's kind, its pooling.
+    write_tokenizer(model_dir, tokenizer_json)
+    job.pooling = read_pooling(model_dir) if task == "feature-extraction" else {}
 
     auto_class = getattr(transformers, TASKS[task])
     try:
@@ -188,7 +207,6 @@ def load(job) -> None:
         check_labels(job.evaluation, job.labels)
 
     padding = set_padding(tokenizer_json, model_dir, job.torch_model.config)
-    job.pooling = read_pooling(model_dir) if task == "feature-extraction" else {}
     config = job.torch_model.config
     limits = [job.target.runtime.max_sequence_length, config.max_position_embeddings]
     st_config = model_dir / "sentence_bert_config.json"

