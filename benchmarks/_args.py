@@ -27,37 +27,46 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def target(text: str) -> str:
-    """A built-in target name or a .toml profile that loads (the name is what is kept)."""
+def _passing(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argument that `check` must accept; its ValueError or OSError is the refusal."""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except (ValueError, OSError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return parse
+
+
+def _target(text: str) -> None:
     from targets import load_target
 
-    try:
-        load_target(text)
-    except (ValueError, OSError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    load_target(text)
 
 
-def model(text: str) -> str:
-    """A packaged model name or a checkpoint directory with a config.json."""
+def _model(text: str) -> None:
     from exporter.load import resolve_model_dir
 
-    try:
-        resolve_model_dir(text)
-    except (ValueError, OSError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    resolve_model_dir(text)
+
+
+def _bundle(text: str) -> None:
+    from runtime.bundle import Bundle
+
+    Bundle.open(text, verify=False)   # its files are verified when it is loaded
+
+
+# A built-in target name or a .toml profile that loads (the name is what is kept).
+target = _passing(_target)
+# A packaged model name or a checkpoint directory with a config.json.
+model = _passing(_model)
 
 
 def bundle(text: str) -> Path:
-    """A bundle directory whose manifest reads (its files are verified when loaded)."""
-    from runtime.bundle import Bundle
-
-    try:
-        Bundle.open(text, verify=False)
-    except (ValueError, OSError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return Path(text)
+    """A bundle directory whose manifest reads."""
+    return Path(_passing(_bundle)(text))
 
 
 def classifier(text: str) -> Path:

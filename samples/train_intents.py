@@ -32,30 +32,6 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def at_least(minimum: int):
-    """argparse type: an integer of `minimum` or more."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
-def above_zero(text: str) -> float:
-    """argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
-
-
 def written_by_training(path: Path) -> bool:
     """Whether directory `path` holds only what this script wrote (listed in training.json),
     so that training again may replace it; an empty directory qualifies too."""
@@ -81,14 +57,21 @@ def write_jsonl(path: Path, rows) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="directory for the trained model")
-    parser.add_argument("--train-size", type=at_least(1), default=4000)
-    parser.add_argument("--test-size", type=at_least(2), default=800,
+    parser.add_argument("--train-size", type=int, default=4000)
+    parser.add_argument("--test-size", type=int, default=800,
                         help="test utterances; half as many again for validation")
-    parser.add_argument("--epochs", type=above_zero, default=4.0)
-    parser.add_argument("--batch-size", type=at_least(1), default=32)
-    parser.add_argument("--lr", type=above_zero, default=2e-4)
-    parser.add_argument("--seed", type=at_least(0), default=0)
+    parser.add_argument("--epochs", type=float, default=4.0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name, least in (("train_size", 1), ("test_size", 2), ("batch_size", 1), ("seed", 0)):
+        if getattr(args, name) < least:
+            parser.error(f"argument --{name.replace('_', '-')}: must be at least {least}, "
+                         f"got {getattr(args, name)}")
+    for name in ("epochs", "lr"):
+        if not 0 < getattr(args, name) < float("inf"):
+            parser.error(f"argument --{name}: must be a number above 0, got {getattr(args, name)}")
     if int(args.epochs * args.train_size / args.batch_size) < 1:
         parser.error(f"--epochs {args.epochs:g} of {args.train_size} utterances in batches of "
                      f"{args.batch_size} is not one training step; train longer.")
