@@ -168,7 +168,7 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     """
     from . import pipeline
     from .gguf import PACKAGED_GGUF
-    from .load import infer_task, resolve_model_dir
+    from .load import check_single_label, infer_task, resolve_model_dir
 
     profile = target if isinstance(target, Target) else load_target(target)
     generative = model in PACKAGED_GGUF or str(model).endswith(".gguf")
@@ -186,6 +186,8 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
                          f"export would carry a randomly initialized one. Fine-tune it first "
                          f"(samples/train_intents.py shows how), or export it as "
                          f"feature-extraction.")
+    if task == "text-classification":
+        check_single_label(resolve_model_dir(model))
     if task == "text-generation":
         profile = _decoder_profile(profile, precision=precision, stages=stages)
         default_budget = profile.generation.budget
@@ -196,7 +198,7 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     profile = _limits(profile, max_model_mb=max_model_mb, max_latency_ms=max_latency_ms,
                       task=task, compression=compression)
     budget = Budget.parse(default_budget if accuracy_budget is None else accuracy_budget)
-    model_name = (Path(model).name if Path(model).is_dir() else
+    model_name = (Path(model).resolve().name if Path(model).is_dir() else
                   Path(model).stem if str(model).endswith(".gguf") else model)
     output = Path(output) if output else Path("build") / f"{model_name}-{profile.name}"
     check_replaceable(output)  # before any work: the output, and where a rejection's report goes

@@ -65,6 +65,23 @@ def infer_task(model: Path | str) -> str:
     return "feature-extraction"
 
 
+def check_single_label(model_dir: Path) -> None:
+    """Raise ValueError unless classifier `model_dir` picks one of several labels per text:
+    the runtime's classify() gives softmax probabilities over the labels, which would misread
+    a multi-label head (a sigmoid per label) or a regression head (one score: always 1.0)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    kind = config.get("problem_type")
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
+    if kind == "multi_label_classification":
+        raise ValueError(f"{model_dir} is a multi-label classifier (problem_type "
+                         f"multi_label_classification); bundles classify single-label only, "
+                         f"with softmax probabilities, which would misread it.")
+    if kind == "regression" or (kind is None and labels == 1):
+        raise ValueError(f"{model_dir} has a regression head (one output, no labels); bundles "
+                         f"classify into labels with softmax probabilities, which would read "
+                         f"every score as 1.0.")
+
+
 def check_labels(evaluation, labels: list[str]) -> None:
     """Every labelled evaluation text must carry one of the model's labels."""
     known = set(labels)

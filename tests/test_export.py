@@ -357,6 +357,37 @@ def test_a_layout_the_bundle_cannot_reproduce_is_refused_before_the_model_loads(
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+@pytest.mark.parametrize("config, message", [
+    ({"problem_type": "multi_label_classification", "id2label": {"0": "light", "1": "music"}},
+     "is a multi-label classifier"),
+    ({"problem_type": "regression", "id2label": {"0": "LABEL_0"}}, "has a regression head"),
+    ({"id2label": {"0": "LABEL_0"}}, "has a regression head"),
+])
+def test_a_classifier_that_softmax_would_misread_is_refused(tmp_path, capsys, config, message):
+    """classify() gives softmax probabilities: a regression head scored 1.0 for every text,
+    and a multi-label head's independent probabilities became a distribution. Refused from
+    config.json alone, before anything loads."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(
+        {"architectures": ["BertForSequenceClassification"], "model_type": "bert"} | config))
+    assert main(["--target", "arm-cpu", "--model", str(tmp_path / "model"),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_default_output_is_named_after_the_model_directory(tmp_path, monkeypatch, capsys):
+    """`--model .` from inside a checkpoint wrote to build/-arm-cpu."""
+    model = tmp_path / "my-encoder"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    (model / "build" / "my-encoder-arm-cpu").mkdir(parents=True)
+    (model / "build" / "my-encoder-arm-cpu" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(model)
+    assert main(["--target", "arm-cpu", "--model", "."]) == 2   # refused: not an export's
+    assert "'build/my-encoder-arm-cpu' exists and holds files" in capsys.readouterr().err
+
+
 def test_a_checkpoint_without_any_tokenizer_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(
