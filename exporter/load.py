@@ -134,11 +134,12 @@ def read_pooling(model_dir: Path) -> dict:
     return {"mode": mode, "normalize": normalize, "source": "modules.json"}
 
 
-def write_tokenizer(model_dir: Path, dest: Path) -> None:
+def write_tokenizer(model_dir: Path, dest: Path):
     """Write checkpoint `model_dir`'s tokenizer.json to `dest`, converted once by transformers
     from a slow tokenizer's files (vocab.txt; vocab.json + merges.txt) where it has none.
     Raises ValueError, naming the checkpoint's file, unless the runtime's tokenizer reads it
-    (a Unigram tokenizer, say): called before the model loads, so that this comes first."""
+    (a Unigram tokenizer, say): called before the model loads, so that this comes first.
+    Returns the runtime's (Python) tokenizer of it."""
     from runtime.tokenizer import Tokenizer
 
     if (model_dir / "tokenizer.json").is_file():
@@ -159,19 +160,18 @@ def write_tokenizer(model_dir: Path, dest: Path) -> None:
         tokenizer.backend_tokenizer.save(str(dest))
         source = f"the tokenizer.json converted from {model_dir}"
     try:
-        Tokenizer.from_file(dest, backend="python")
+        return Tokenizer.from_file(dest, backend="python")
     except ValueError as e:
         raise ValueError(str(e).replace(str(dest), source)) from None
 
 
-def set_padding(tokenizer_json: Path, model_dir: Path, config) -> dict:
+def set_padding(tokenizer_json: Path, tokenizer, model_dir: Path, config) -> dict:
     """Make sure the runtime finds a pad id in `tokenizer_json` (the bundle's copy): most
     tokenizer.json files have `"padding": null`, and the runtime falls back to '[PAD]' only
     for WordPiece. A byte-level BPE encoder (RoBERTa) gets a padding section with the model's
-    pad token: the tokenizer's, else config.json's pad_token_id. Returns what was decided."""
-    from runtime.tokenizer import Tokenizer
-
-    if Tokenizer.from_file(tokenizer_json, backend="python").pad_id is not None:
+    pad token: the tokenizer's, else config.json's pad_token_id. `tokenizer` is the runtime's
+    tokenizer of `tokenizer_json` (`write_tokenizer`). Returns what was decided."""
+    if tokenizer.pad_id is not None:
         return {"source": "tokenizer.json"}
     import transformers
 
@@ -190,8 +190,7 @@ def set_padding(tokenizer_json: Path, model_dir: Path, config) -> dict:
     data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     data["padding"] = {"strategy": "BatchLongest", "direction": "Right",
                        "pad_to_multiple_of": None, "pad_id": int(pad_id), "pad_type_id": 0,
-                       "pad_token": Tokenizer.from_file(tokenizer_json, backend="python")
-                       .decode([pad_id], skip_special_tokens=False)}
+                       "pad_token": tokenizer.decode([pad_id], skip_special_tokens=False)}
     tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return {"source": source, "pad_id": int(pad_id)}
 
@@ -209,7 +208,7 @@ def load(job) -> None:
 
     tokenizer_json = job.workdir / "tokenizer.json"
     # First what may refuse the checkpoint: its tokenizer's kind, its pooling.
-    write_tokenizer(model_dir, tokenizer_json)
+    tokenizer = write_tokenizer(model_dir, tokenizer_json)
     job.pooling = read_pooling(model_dir) if task == "feature-extraction" else {}
 
     auto_class = getattr(transformers, TASKS[task])
@@ -223,7 +222,7 @@ def load(job) -> None:
         job.labels = [str(id2label[i]) for i in range(len(id2label))]
         check_labels(job.evaluation, job.labels)
 
-    padding = set_padding(tokenizer_json, model_dir, job.torch_model.config)
+    padding = set_padding(tokenizer_json, tokenizer, model_dir, job.torch_model.config)
     config = job.torch_model.config
     limits = [job.target.runtime.max_sequence_length, config.max_position_embeddings]
     st_config = model_dir / "sentence_bert_config.json"
