@@ -15,6 +15,8 @@ A C twin (`runtime._tokenizer_c`) may replace it; it must offer the same
 surface: `WordPieceEncoder(vocab, **options)` and `BPEEncoder(vocab, merges,
 **options)`, each with `.encode(text, /, prefix=(), suffix=(), max_content=None)
 -> list[int]`: the text's ids, cut to `max_content`, between `prefix` and `suffix`.
+Only the twin has `encode_offsets` (the same ids, and the characters each came
+from); `runtime.Tokenizer` uses it on either backend.
 Which special tokens and what truncation budget are policy, decided in
 `tokenizer.py` (the encoders only apply them), as is decoding.
 
@@ -46,8 +48,8 @@ import functools
 import heapq
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 
 def _char_class(ranges: str) -> str:
@@ -162,6 +164,7 @@ _OTHER_ALPHABETIC_SYMBOLS = _char_class("24B6-24E9 1F130-1F149 1F150-1F169 1F170
 _CONTROL_RE = re.compile(f"[{_CONTROL}]+")
 _CLEAN_WHITESPACE_RE = re.compile(f"[{_CLEAN_WHITESPACE}]")
 _WHITESPACE_RE = re.compile(f"[{_WHITESPACE}]+")
+_NON_WHITESPACE_RE = re.compile(f"[^{_WHITESPACE}]+")
 _PUNCTUATION_SPLIT_RE = re.compile(f"([{_PUNCTUATION}])")
 _NONSPACING_MARK_RE = re.compile(f"[{_NONSPACING_MARK}]+")
 _CJK_RE = re.compile(f"[{_CJK}]")
@@ -172,6 +175,14 @@ _OTHER_ALPHABETIC_RE = re.compile(f"[{_OTHER_ALPHABETIC_SYMBOLS}]")
 # text repeats few enough distinct words that LRU bookkeeping does not pay off.
 _CACHE_WORDS = 1 << 14
 _CACHE_MAX_WORD_CHARS = 64
+
+
+def _remember(cache: dict, word: str | bytes, value: Any) -> None:
+    """Keep `value` for `word` in a per-word cache, within the bounds above."""
+    if len(word) <= _CACHE_MAX_WORD_CHARS:
+        if len(cache) >= _CACHE_WORDS:
+            cache.clear()
+        cache[word] = value
 
 
 class AddedToken(NamedTuple):
@@ -209,6 +220,26 @@ class _Encoder:
         ids += suffix
         return ids
 
+    def content_spans(self, text: str) -> list[tuple[int, int, int]]:
+        raise NotImplementedError
+
+    def encode_offsets(
+        self,
+        text: str,
+        /,
+        prefix: Iterable[int] = (),
+        suffix: Iterable[int] = (),
+        max_content: int | None = None,
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode`'s ids, and for each the (start, end) of the characters of `text`
+        it came from, as HF's `Encoding.offsets` before any post-processor trimming;
+        (0, 0) for `prefix` and `suffix`."""
+        spans = self.content_spans(text)[:max_content]
+        prefix, suffix = list(prefix), list(suffix)
+        ids = [*prefix, *(token_id for token_id, _, _ in spans), *suffix]
+        offsets = [(0, 0)] * len(prefix) + [(s, e) for _, s, e in spans] + [(0, 0)] * len(suffix)
+        return ids, offsets
+
 
 def _is_word_char(char: str) -> bool:
     # Rust regex `\w`: Alphabetic | Mark | Decimal_Number | Connector_Punctuation
@@ -241,6 +272,15 @@ class _AddedTokenSplitter:
         if self._pattern is None:
             yield text, None
             return
+        for start, stop, token_id in self.spans(text):
+            yield text[start:stop], token_id
+
+    def spans(self, text: str) -> Iterator[tuple[int, int, int | None]]:
+        """`split`'s pieces as (start, stop, added token id or None) in `text`."""
+        if self._pattern is None:
+            if text:
+                yield 0, len(text), None
+            return
         offset = 0
         for match in self._pattern.finditer(text):
             start, stop = match.span()
@@ -259,11 +299,11 @@ class _AddedTokenSplitter:
                 while stop < len(text) and _WHITESPACE_RE.match(text, stop):
                     stop += 1
             if offset < start:
-                yield text[offset:start], None
-            yield text[start:stop], token.id
+                yield offset, start, None
+            yield start, stop, token.id
             offset = stop
         if offset < len(text):
-            yield text[offset:], None
+            yield offset, len(text), None
 
 
 class WordPieceEncoder(_Encoder):
@@ -305,6 +345,9 @@ class WordPieceEncoder(_Encoder):
         self._strip_accents = strip_accents
         self._lowercase = lowercase
         self._cache: dict[str, tuple[int, ...]] = {}
+        # For offsets only: each char's normalized form, and each id's token length.
+        self._normalized_chars: dict[str, str] = {}
+        self._token_lengths: dict[int, int] | None = None
 
         added_tokens = list(added_tokens)
         self._raw_added = _AddedTokenSplitter(t for t in added_tokens if not t.normalized)
@@ -328,6 +371,66 @@ class WordPieceEncoder(_Encoder):
                 for word in self._split_whitespace(part):
                     ids.extend(self._word_ids(word))
         return ids
+
+    def content_spans(self, text: str) -> list[tuple[int, int, int]]:
+        """`content_ids` as (id, start, end): the characters of `text` each id came from.
+
+        Normalization maps each character of `text` to zero or more characters
+        (CJK spacing adds two, accent stripping drops marks, 'İ' lowercases to
+        two), so a normalized character's origin is the one it came from, as
+        HF's alignments record it. WordPiece pieces tile their word (or one
+        unk covers it), so each piece's span follows from its token's length.
+        """
+        spans: list[tuple[int, int, int]] = []
+        for start, stop, added_id in self._raw_added.spans(text):
+            if added_id is not None:
+                spans.append((added_id, start, stop))
+                continue
+            normalized, origin = self._normalize_aligned(text, start, stop)
+            for part_start, part_stop, added_id in self._normalized_added.spans(normalized):
+                if added_id is not None:
+                    spans.append((added_id, origin[part_start], origin[part_stop - 1] + 1))
+                    continue
+                for word in _NON_WHITESPACE_RE.finditer(normalized, part_start, part_stop):
+                    at = word.start()
+                    for piece in _PUNCTUATION_SPLIT_RE.split(word.group()):
+                        for token_id, piece_start, piece_stop in self._piece_spans(piece, at):
+                            spans.append(
+                                (token_id, origin[piece_start], origin[piece_stop - 1] + 1)
+                            )
+                        at += len(piece)
+        return spans
+
+    def _normalize_aligned(self, text: str, start: int, stop: int) -> tuple[str, Sequence[int]]:
+        """`normalize(text[start:stop])`, and for each of its characters the index in
+        `text` of the character it came from."""
+        piece = text[start:stop]
+        normalized = self.normalize(piece)
+        if piece.isascii() and len(normalized) == len(piece):  # one char for one char
+            return normalized, range(start, stop)
+        chars: list[str] = []
+        origin: list[int] = []
+        cache = self._normalized_chars
+        for index, char in enumerate(piece, start):
+            if (one := cache.get(char)) is None:
+                one = cache[char] = self.normalize(char)
+            chars.append(one)
+            origin += [index] * len(one)
+        return "".join(chars), origin
+
+    def _piece_spans(self, piece: str, at: int) -> list[tuple[int, int, int]]:
+        """WordPiece of `piece`, which starts at `at`, as (id, start, stop)."""
+        ids = self.word_piece(piece)
+        if ids == [self._unk_id]:  # a miss, or a piece that is the unk token itself
+            return [(self._unk_id, at, at + len(piece))]
+        if self._token_lengths is None:
+            self._token_lengths = {i: len(token) for token, i in self._vocab.items()}
+        spans = []
+        for i, token_id in enumerate(ids):
+            length = self._token_lengths[token_id] - (len(self._prefix) if i else 0)
+            spans.append((token_id, at, at + length))
+            at += length
+        return spans
 
     def normalize(self, text: str) -> str:
         """BertNormalizer, in HF's order: clean, CJK spacing, accents, lowercase."""
@@ -385,10 +488,7 @@ class WordPieceEncoder(_Encoder):
                 if piece
                 for token_id in self.word_piece(piece)
             )
-            if len(word) <= _CACHE_MAX_WORD_CHARS:
-                if len(self._cache) >= _CACHE_WORDS:
-                    self._cache.clear()
-                self._cache[word] = ids
+            _remember(self._cache, word, ids)
         return ids
 
 
@@ -541,6 +641,7 @@ class BPEEncoder(_Encoder):
         self._add_prefix_space = add_prefix_space
         self._ignore_merges = ignore_merges
         self._cache: dict[str, tuple[int, ...]] = {}
+        self._span_cache: dict[bytes, list[tuple[int, int, int]]] = {}  # for offsets only
         added_tokens = list(added_tokens)
         # No normalizer: a "normalized" token is matched in the raw text, but in
         # a second pass, after the others (as HF does).
@@ -565,6 +666,66 @@ class BPEEncoder(_Encoder):
                     ids.extend(self._word_ids(word))
         return ids
 
+    def content_spans(self, text: str) -> list[tuple[int, int, int]]:
+        """`content_ids` as (id, start, end): the characters of `text` each id came from.
+
+        A token covers whole characters: a byte of a character split between
+        tokens (an emoji's four) counts that character in each of them, and the
+        space `add_prefix_space` adds counts as the word's first character, as
+        HF's alignments have it.
+        """
+        if not text.isascii():
+            text = _SURROGATE_RE.sub("\ufffd", text)
+        spans: list[tuple[int, int, int]] = []
+        for start, stop, added_id in self._raw_added.spans(text):
+            if added_id is not None:
+                spans.append((added_id, start, stop))
+                continue
+            for part_start, part_stop, added_id in self._normalized_added.spans(text[start:stop]):
+                part_start += start
+                part_stop += start
+                if added_id is not None:
+                    spans.append((added_id, part_start, part_stop))
+                    continue
+                words = self._word_spans(text, part_start, part_stop)
+                for word_start, word_stop, prefixed in words:
+                    word = text[word_start:word_stop]
+                    # The character each byte of the word came from.
+                    origin = [word_start] if prefixed else []
+                    for index, char in enumerate(word, word_start):
+                        origin += [index] * (1 if char < "\x80" else len(char.encode("utf-8")))
+                    data = (" " + word if prefixed else word).encode("utf-8")
+                    if (word_spans := self._span_cache.get(data)) is None:
+                        word_spans = self.bpe_spans(data)
+                        _remember(self._span_cache, data, word_spans)
+                    for token_id, first, last in word_spans:
+                        spans.append((token_id, origin[first], origin[last - 1] + 1))
+        return spans
+
+    def _word_spans(self, text: str, start: int, stop: int) -> Iterator[tuple[int, int, bool]]:
+        """`pre_tokenize(text[start:stop])` as (start, stop, whether a space is added
+        before it)."""
+        if self._numeric:
+            cuts = [start, stop]
+            for match in self._numeric.finditer(text, start, stop):
+                cuts[-1:-1] = match.span()
+            segments = [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if a < b]
+        else:
+            segments = [(start, stop)] if start < stop else []
+        for seg_start, seg_stop in segments:
+            segment = text[seg_start:seg_stop]
+            if self._split == "gpt2":  # the prefix goes before the segment, then the split
+                prefixed = self._add_prefix_space and not segment.startswith(" ")
+                shift = seg_start - prefixed
+                for match in self._pattern.finditer(" " + segment if prefixed else segment):
+                    first, last = match.span()
+                    yield max(first + shift, seg_start), last + shift, prefixed and first == 0
+            else:  # the split, then a prefix before each piece
+                for match in self._pattern.finditer(segment):
+                    first, last = match.span()
+                    add = self._add_prefix_space and not match.group().startswith(" ")
+                    yield first + seg_start, last + seg_start, add
+
     def pre_tokenize(self, text: str) -> list[str]:
         """The words BPE runs on, as HF's pre-tokenizer cuts `text` (no byte mapping)."""
         segments = [s for s in self._numeric.split(text) if s] if self._numeric else [text]
@@ -581,19 +742,49 @@ class BPEEncoder(_Encoder):
         return words
 
     def bpe(self, word: bytes) -> list[int]:
-        """HF's Word::merge_all: the lowest-ranked merge (leftmost on ties) until none applies.
+        """HF's Word::merge_all: the lowest-ranked merge (leftmost on ties) until none
+        applies. Bytes without a token become unk_id (one per run with fuse_unk), or go."""
+        return [token_id for token_id, _, _ in self.bpe_spans(word)]
+
+    def bpe_spans(self, word: bytes) -> list[tuple[int, int, int]]:
+        """`bpe(word)` as (id, first byte, end byte) in `word`; a byte without a
+        token and no unk_id is in no span."""
+        if self._ignore_merges:
+            token_id = self._vocab.get(word.decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL))
+            if token_id is not None:
+                return [(token_id, 0, len(word))]
+        symbols: list[int | None] = []
+        ends: list[int] = []  # each symbol's end byte; its start is in `starts`
+        starts: list[int] = []
+        for i, byte in enumerate(word):
+            symbol = self._byte_ids[byte]
+            if symbol is None:
+                if self._unk_id is None:
+                    continue
+                if self._fuse_unk and i and self._byte_ids[word[i - 1]] is None:
+                    ends[-1] = i + 1  # the run of unknown bytes stays one unk
+                    continue
+                symbol = self._unk_id
+            symbols.append(symbol)
+            starts.append(i)
+            ends.append(i + 1)
+        self._merge_all(symbols)
+        spans: list[list[int]] = []
+        for symbol, start, end in zip(symbols, starts, ends, strict=True):
+            if symbol is None:  # merged into the symbol before it
+                spans[-1][2] = end
+            else:
+                spans.append([symbol, start, end])
+        return [(symbol, start, end) for symbol, start, end in spans]
+
+    def _merge_all(self, symbols: list[int | None]) -> None:
+        """Apply the merges to `symbols` in place: a merged pair's left symbol becomes
+        the merged id, its right one None.
 
         A heap of (rank, position, merged id) with lazy deletion, as in
         tokenizers/src/models/bpe/word.rs, including its staleness test (the
         pair now at `position` must still merge into `merged id`).
         """
-        if self._ignore_merges:
-            token_id = self._vocab.get(word.decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL))
-            if token_id is not None:
-                return [token_id]
-        symbols: list[int | None] = [self._byte_ids[b] for b in word]
-        if None in symbols:
-            symbols = self._unknown_bytes(symbols)
         n, merges = len(symbols), self._merges
         after = [*range(1, n), -1]  # linked list over the live symbols
         before = list(range(-1, n - 1))
@@ -620,26 +811,10 @@ class BPEEncoder(_Encoder):
                 heapq.heappush(heap, (merge[0], h, merge[1]))
             if k >= 0 and (merge := merges.get((new, symbols[k]))):
                 heapq.heappush(heap, (merge[0], i, merge[1]))
-        return [s for s in symbols if s is not None]
-
-    def _unknown_bytes(self, symbols: list[int | None]) -> list[int | None]:
-        """Bytes without a token become unk_id (one per run with fuse_unk), or go."""
-        if self._unk_id is None:
-            return [s for s in symbols if s is not None]
-        out: list[int | None] = []
-        for i, symbol in enumerate(symbols):
-            if symbol is not None:
-                out.append(symbol)
-            elif not (self._fuse_unk and i and symbols[i - 1] is None):
-                out.append(self._unk_id)
-        return out
 
     def _word_ids(self, word: str) -> tuple[int, ...]:
         ids = self._cache.get(word)
         if ids is None:
             ids = tuple(self.bpe(word.encode("utf-8")))
-            if len(word) <= _CACHE_MAX_WORD_CHARS:
-                if len(self._cache) >= _CACHE_WORDS:
-                    self._cache.clear()
-                self._cache[word] = ids
+            _remember(self._cache, word, ids)
         return ids

@@ -10,6 +10,7 @@ each with `.encode(text) -> list[int]`: the C module `_tokenizer_c` when it is
 built, else its pure-Python twin `_tokenizer_py`. The C encoders also have
 `encode_batch(texts, prefix, suffix, max_content)`, which `Tokenizer.encode_batch`
 uses: it puts the special tokens and truncation decided here around each text's ids.
+Offsets (`encode_with_offsets`) come from the twin's `encode_offsets` on either backend.
 
 Example:
     >>> tok = Tokenizer.from_file("all-MiniLM-L6-v2/tokenizer.json")
@@ -21,12 +22,14 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _tokenizer_py
 from ._checks import integer
@@ -98,12 +101,15 @@ class Tokenizer:
         decode_prefix: str | None = "##",
         decode_cleanup: bool = True,
         pad_id: int | None = None,
+        trim_offsets: bool | None = None,
         backend: str | None = None,
     ) -> None:
         """`prefix_ids`/`suffix_ids` surround every encoded text (e.g. [CLS], [SEP]).
 
         `strip_accents=None` strips accents when lowercasing, as HF does.
         `decode_prefix=None` means no WordPiece decoder: tokens are joined with spaces.
+        `trim_offsets` is the post-processor's (ByteLevel, RobertaProcessing) offset
+        trimming: None for none, else its `add_prefix_space`.
         """
         self._choose_backend(backend)
         if unk_token not in vocab:
@@ -111,7 +117,8 @@ class Tokenizer:
                 f"unk_token {unk_token!r} is not in the vocab; "
                 "WordPiece needs it for unknown words."
             )
-        self._encoder = BACKENDS[self.backend].WordPieceEncoder(
+        self._set_encoder(
+            "WordPieceEncoder",
             vocab,
             unk_token=unk_token,
             continuing_subword_prefix=continuing_subword_prefix,
@@ -125,7 +132,7 @@ class Tokenizer:
         self._decode_prefix = decode_prefix
         self._decode_cleanup = decode_cleanup
         self._byte_level = False
-        self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id)
+        self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets)
 
     @classmethod
     def byte_level_bpe(
@@ -143,6 +150,7 @@ class Tokenizer:
         prefix_ids: Sequence[int] = (),
         suffix_ids: Sequence[int] = (),
         pad_id: int | None = None,
+        trim_offsets: bool | None = None,
         backend: str | None = None,
     ) -> Tokenizer:
         """A byte-level BPE tokenizer (GPT-2, Llama-3, SmolLM2 family); decodes bytes back.
@@ -160,7 +168,8 @@ class Tokenizer:
         self._choose_backend(backend)
         if unk_token is not None and unk_token not in vocab:
             raise ValueError(f"unk_token {unk_token!r} is not in the vocab.")
-        self._encoder = BACKENDS[self.backend].BPEEncoder(
+        self._set_encoder(
+            "BPEEncoder",
             vocab,
             [tuple(merge) for merge in merges],
             split=split,
@@ -172,7 +181,7 @@ class Tokenizer:
             added_tokens=added_tokens,
         )
         self._byte_level = True
-        self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id)
+        self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets)
         return self
 
     def _choose_backend(self, backend: str | None) -> None:
@@ -194,10 +203,24 @@ class Tokenizer:
             )
         self.backend = backend
 
-    def _set_vocab(self, vocab, added_tokens, prefix_ids, suffix_ids, pad_id) -> None:
+    def _set_encoder(self, kind: str, *args: Any, **options: Any) -> None:
+        """The backend's encoder of `kind`, and how to build the Python twin's, which
+        computes offsets on either backend (built when first asked for)."""
+        self._encoder = getattr(BACKENDS[self.backend], kind)(*args, **options)
+        if self.backend == "python":
+            self._offsets_encoder: Any = self._encoder
+        else:
+            self._offsets_encoder = functools.partial(
+                getattr(_tokenizer_py, kind), *args, **options
+            )
+
+    def _set_vocab(
+        self, vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets
+    ) -> None:
         self._prefix_ids = list(prefix_ids)
         self._suffix_ids = list(suffix_ids)
         self._pad_id = pad_id
+        self._trim_offsets = trim_offsets
         # Added tokens win over the model vocab in both directions, as in HF.
         self._token_to_id = dict(vocab) | {t.content: t.id for t in added_tokens}
         self._id_to_token = {i: t for t, i in vocab.items()} | {
@@ -216,10 +239,18 @@ class Tokenizer:
             >>> Tokenizer.from_file("all-MiniLM-L6-v2/tokenizer.json").vocab_size
             30522
         """
-        kind, settings = _read_tokenizer_json(Path(path))
+        path = Path(path)
+        stamp = _stamp(path)
+        kind, settings = _read_tokenizer_json(path)
         if kind == "BPE":
-            return cls.byte_level_bpe(**settings, backend=backend)
-        return cls(**settings, backend=backend)
+            self = cls.byte_level_bpe(**settings, backend=backend)
+        else:
+            self = cls(**settings, backend=backend)
+        if self.backend != "python":
+            # Read the file again if offsets are asked for, rather than keep its vocab
+            # and merges (~13 MB for SmolLM2's) for the Python twin.
+            self._offsets_encoder = functools.partial(_twin_encoder, path, stamp)
+        return self
 
     @property
     def vocab_size(self) -> int:
@@ -281,6 +312,48 @@ class Tokenizer:
         # each text's list as decided here: special tokens around its ids, cut to the
         # budget. (Done here per text, that took ~90 ns of a short text's ~500 ns.)
         return self._encoder.encode_batch(texts, self._prefix_ids, self._suffix_ids, budget)
+
+    def encode_with_offsets(self, text: str, *, max_length: int | None = None) -> Encoding:
+        """`encode(text)`, and for each id the (start, end) of the characters of `text`
+        it stands for: HF's `Encoding.offsets`, (0, 0) for special tokens.
+
+        A token covers whole characters, so the tokens of one emoji all span it.
+        Computed by the Python twin on either backend (tens of µs for a short text;
+        the C backend builds the twin on the first call).
+
+        Example:
+            >>> tok.encode_with_offsets("Héllo, world").offsets
+            [(0, 0), (0, 5), (5, 6), (7, 12), (0, 0)]
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode_with_offsets() expects str, got {type(text).__name__}.")
+        budget = None if max_length is None else self._content_budget(max_length)
+        if not isinstance(self._offsets_encoder, _tokenizer_py._Encoder):
+            self._offsets_encoder = self._offsets_encoder()
+        ids, offsets = self._offsets_encoder.encode_offsets(
+            text, self._prefix_ids, self._suffix_ids, budget
+        )
+        if self._trim_offsets is not None:
+            self._trim(ids, offsets)
+        return Encoding(ids, offsets)
+
+    def _trim(self, ids: list[int], offsets: list[tuple[int, int]]) -> None:
+        """HF's ByteLevel post-processor `trim_offsets`: each token's span loses the
+        characters of its leading and trailing spaces ('Ġ' or whitespace), but for a
+        single leading space of the first token when the processor adds one."""
+        content = range(len(self._prefix_ids), len(ids) - len(self._suffix_ids))
+        for i in content:
+            token = self._id_to_token.get(ids[i], "")
+            lead = _LEADING_SPACES_RE.match(token).end()
+            trail = len(token) - _TRAILING_SPACES_RE.search(token).start()
+            if lead == 0 and trail == 0:
+                continue
+            start, end = offsets[i]
+            first = i == content.start or start == 0
+            if first and self._trim_offsets and lead == 1:
+                lead = 0
+            start = min(start + lead, end)
+            offsets[i] = start, max(end - trail, start)
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids`, as HF's `Tokenizer.decode` gives it; unknown ids are skipped.
@@ -373,6 +446,35 @@ class DecodeStream:
         return new_text
 
 
+class Encoding(NamedTuple):
+    """`Tokenizer.encode_with_offsets`: ids, and the (start, end) characters of each."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+
+# What trim_offsets cuts from a token's ends: byte-level spaces and Rust whitespace.
+_SPACES = "\u0120" + _tokenizer_py._WHITESPACE
+_LEADING_SPACES_RE = re.compile(f"[{_SPACES}]*")
+_TRAILING_SPACES_RE = re.compile(f"[{_SPACES}]*\\Z")
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat() if path.is_file() else None
+    return (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
+
+
+def _twin_encoder(path: Path, stamp: tuple[int, int]) -> _tokenizer_py._Encoder:
+    """The Python twin's encoder for the tokenizer.json at `path`, which must not have
+    changed since `stamp` (a Tokenizer's C and Python encoders read the same file)."""
+    if _stamp(path) != stamp:
+        raise RuntimeError(
+            f"{path} changed or went away since this Tokenizer read it; offsets need the "
+            "same file. Load the tokenizer again."
+        )
+    return Tokenizer.from_file(path, backend="python")._encoder
+
+
 def _ids(ids: Iterable[int]) -> Iterator[int]:
     """The token ids of `ids` (numpy ints too), with a clear error for anything else.
     An id past the vocab is skipped as HF skips it; a negative one, which HF cannot
@@ -448,6 +550,7 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
     else:
         settings |= _wordpiece_settings(data, model, path)
     settings["prefix_ids"], settings["suffix_ids"] = _special_ids(data.get("post_processor"), path)
+    settings["trim_offsets"] = _trim_offsets(data.get("post_processor"), path)
 
     padding = data.get("padding")
     if isinstance(padding, dict):
@@ -671,6 +774,19 @@ def _special_ids(processor: Any, path: Path) -> tuple[list[int], list[int]]:
             )
         around[side].extend(ids)
     return around
+
+
+def _trim_offsets(processor: Any, path: Path) -> bool | None:
+    """None if the post-processor leaves offsets as they are, else the `add_prefix_space`
+    of the ByteLevel or RobertaProcessing step that trims them."""
+    steps = processor.get("processors") if isinstance(processor, dict) else None
+    for step in steps if isinstance(steps, list) else [processor]:
+        kind = step.get("type") if isinstance(step, dict) else None
+        if kind in ("ByteLevel", "RobertaProcessing") and _field(
+            step, "post_processor.trim_offsets", bool, path, True
+        ):
+            return _field(step, "post_processor.add_prefix_space", bool, path, True)
+    return None
 
 
 def _check_type(section: Any, field: str, supported: tuple[str, ...], path: Path) -> str:

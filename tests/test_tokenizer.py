@@ -263,6 +263,66 @@ def test_file_variants_match_hf(variant_case, backend):
     assert tok.encode_batch(texts) == expected_ids
     assert [tok.decode(ids) for ids in expected_ids[::5]] == expected_text
     assert tok.vocab_size == vocab_size
+    assert_offsets_match(tok, hf_tokenizer(path), texts[::3])
+
+
+# ----------------------------------------------------------------- offsets
+
+
+def assert_offsets_match(tok, hf, texts, *, max_length=None):
+    """`encode_with_offsets` gives HF's ids and offsets for every text."""
+    expected = hf.encode_batch(texts)
+    mismatches = [
+        (text, got, (e.ids, e.offsets))
+        for text, e in zip(texts, expected, strict=True)
+        if (got := tok.encode_with_offsets(text, max_length=max_length)) != (e.ids, e.offsets)
+    ]
+    assert not mismatches[:3], f"{len(mismatches)} of {len(texts)} texts differ"
+
+
+def test_offsets_match_hf(tok, hf, some_texts, prose):
+    # Accents, CJK, RTL, Indic and Thai scripts, English prose, and the edge cases:
+    # controls removed, 'İ' lowercased to two chars, words over 100 chars as one unk.
+    texts = some_texts + prose[::20] + EDGE_CASES
+    assert_offsets_match(tok, hf, texts)
+    ids, offsets = tok.encode_with_offsets("Héllo,  wörld 東京 İstanbul")
+    assert ids == tok.encode("Héllo,  wörld 東京 İstanbul")
+    assert offsets == [(0, 0), (0, 5), (5, 6), (8, 13), (14, 15), (15, 16), (17, 25), (0, 0)]
+
+
+@pytest.mark.parametrize("max_length", [2, 3, 8])
+def test_offsets_are_truncated_with_the_ids(tok, some_texts, max_length):
+    assert_offsets_match(
+        tok, hf_tokenizer(max_length=max_length), some_texts[:300], max_length=max_length
+    )
+
+
+def test_offsets_on_the_c_backend_come_from_the_same_file(tmp_path):
+    if "c" not in BACKENDS:
+        pytest.skip("the C extension is not built")
+    # The twin that computes them is built when first asked for, from the file read again.
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(REFERENCE.read_bytes())
+    tok = Tokenizer.from_file(path, backend="c")
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace('"lowercase":true', '"lowercase":false'), encoding="utf-8")
+    with pytest.raises(RuntimeError, match="changed or went away .* Load the tokenizer again"):
+        tok.encode_with_offsets("Hello")
+    assert tok.encode("Hello") == [101, 7592, 102]  # the C encoder read it before
+    cased = Tokenizer.from_file(path, backend="c")
+    expected = hf_tokenizer(path).encode("Hello")
+    assert cased.encode_with_offsets("Hello") == (expected.ids, expected.offsets)
+    assert expected.ids != [101, 7592, 102]
+    # Built from arguments, not a file: the twin is built from the same arguments.
+    tok = Tokenizer(vocab={"[UNK]": 0, "hi": 1, "##s": 2}, unk_token="[UNK]", backend="c")
+    assert tok.encode_with_offsets("His hi!") == ([1, 2, 1, 0], [(0, 2), (2, 3), (4, 6), (6, 7)])
+
+
+def test_encode_with_offsets_refuses_what_encode_refuses(tok):
+    with pytest.raises(TypeError, match="expects str, got bytes"):
+        tok.encode_with_offsets(b"hello")
+    with pytest.raises(ValueError, match="max_length=1"):
+        tok.encode_with_offsets("hello", max_length=1)
 
 
 # -------------------------------------------------------------- truncation
@@ -582,7 +642,9 @@ if given is not None:
     @_fast
     @given(text=st.one_of(_texts, st.text(_any_char)))
     def test_random_text_matches_hf(tok, hf, text):
-        assert tok.encode(text) == hf.encode(text).ids
+        expected = hf.encode(text)
+        assert tok.encode(text) == expected.ids
+        assert tok.encode_with_offsets(text) == (expected.ids, expected.offsets)
 
     @_fast
     @given(
@@ -593,7 +655,9 @@ if given is not None:
     )
     def test_random_text_with_lone_surrogates(tok, hf, text):
         nul_for_surrogate = "".join("\x00" if 0xD800 <= ord(c) < 0xE000 else c for c in text)
-        assert tok.encode(text) == hf.encode(nul_for_surrogate).ids
+        expected = hf.encode(nul_for_surrogate)
+        assert tok.encode(text) == expected.ids
+        assert tok.encode_with_offsets(text) == (expected.ids, expected.offsets)
 
     @_fast
     @given(ids=st.lists(st.integers(0, 30530), max_size=30), skip=st.booleans())

