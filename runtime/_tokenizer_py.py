@@ -744,11 +744,19 @@ class BPEEncoder(_Encoder):
     def bpe(self, word: bytes) -> list[int]:
         """HF's Word::merge_all: the lowest-ranked merge (leftmost on ties) until none
         applies. Bytes without a token become unk_id (one per run with fuse_unk), or go."""
-        return [token_id for token_id, _, _ in self.bpe_spans(word)]
+        if self._ignore_merges:
+            token_id = self._vocab.get(word.decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL))
+            if token_id is not None:
+                return [token_id]
+        symbols: list[int | None] = [self._byte_ids[b] for b in word]
+        if None in symbols:  # rare: bpe_spans handles them, and keeps the bytes' positions
+            return [token_id for token_id, _, _ in self.bpe_spans(word)]
+        self._merge_all(symbols)
+        return [s for s in symbols if s is not None]
 
     def bpe_spans(self, word: bytes) -> list[tuple[int, int, int]]:
         """`bpe(word)` as (id, first byte, end byte) in `word`; a byte without a
-        token and no unk_id is in no span."""
+        token is unk_id's (one per run with fuse_unk), or in no span without one."""
         if self._ignore_merges:
             token_id = self._vocab.get(word.decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL))
             if token_id is not None:
