@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 # Packaged models: name -> (PyPI distribution, importable module with get_model_path()).
@@ -111,7 +112,7 @@ def read_pooling(model_dir: Path) -> dict:
     if not modules_file.is_file():
         return {"mode": "mean", "normalize": True, "source": "default (no modules.json)"}
     modules = json.loads(modules_file.read_text())
-    mode, normalize = "mean", False
+    mode, normalize, include_prompt = "mean", False, True
     for module in modules:
         kind = module.get("type", "")
         if kind.endswith("Pooling"):
@@ -124,6 +125,7 @@ def read_pooling(model_dir: Path) -> dict:
                     f"{config_file} pools by {' + '.join(chosen) or 'no mode'}; a bundle pools "
                     f"by exactly one of {', '.join(POOLING_MODES)}.")
             mode = POOLING_MODES[chosen[0]]
+            include_prompt = config.get("include_prompt", True)
         elif kind.endswith("Normalize"):
             normalize = True
         elif not kind.endswith("Transformer"):
@@ -131,7 +133,35 @@ def read_pooling(model_dir: Path) -> dict:
                 f"{modules_file} lists a {kind or 'typeless'} module ({module.get('path')!r}) "
                 f"that a bundle does not carry (only Transformer, Pooling and Normalize): its "
                 f"embeddings would differ from the model's.")
-    return {"mode": mode, "normalize": normalize, "source": "modules.json"}
+    pooling = {"mode": mode, "normalize": normalize, "source": "modules.json"}
+    pooling |= read_prompts(model_dir)
+    if pooling.get("prompts") and include_prompt is not True:
+        raise ValueError(
+            f"{model_dir}: its Pooling module leaves the prompt's tokens out of the pooling "
+            f"(include_prompt false), which a bundle does not do: its embeddings would differ "
+            f"from the model's.")
+    return pooling
+
+
+def read_prompts(model_dir: Path) -> dict:
+    """The prompts of config_sentence_transformers.json, which sentence-transformers puts
+    before a text ("query: ..."): {"prompts": {name: prompt}, "default_prompt": name or
+    None}, or {} when there are none. `Model.embed` applies the default unless told another
+    name, as sentence-transformers does; a bundle that dropped it would embed differently."""
+    config_file = model_dir / "config_sentence_transformers.json"
+    if not config_file.is_file():
+        return {}
+    config = json.loads(config_file.read_text())
+    prompts = config.get("prompts") or {}
+    default = config.get("default_prompt_name")
+    if not isinstance(prompts, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise ValueError(f"{config_file}: 'prompts' must map names to prompt strings, got "
+                         f"{prompts!r:.120}.")
+    if default is not None and default not in prompts:
+        raise ValueError(f"{config_file}: default_prompt_name {default!r} is not one of its "
+                         f"prompts ({', '.join(map(repr, prompts)) or 'none'}).")
+    return {"prompts": prompts, "default_prompt": default} if prompts else {}
 
 
 def write_tokenizer(model_dir: Path, dest: Path):
@@ -240,5 +270,13 @@ def load(job) -> None:
                 f"(the {padding['source']})")
     head = (f"{len(job.labels)} labels" if job.labels else
             f"pooling {job.pooling['mode']}{' + L2' if job.pooling['normalize'] else ''}")
+    if job.pooling.get("prompts"):
+        default = job.pooling["default_prompt"]
+        head += (f", prompts {', '.join(job.pooling['prompts'])}"
+                 f"{f' (default {default})' if default else ''}")
+        if default:  # what the device will embed, so what calibration and checks see
+            prompt = job.pooling["prompts"][default]
+            job.calibration = [replace(u, text=prompt + u.text) for u in job.calibration]
+            job.evaluation = [replace(u, text=prompt + u.text) for u in job.evaluation]
     job.log(f"  {config.model_type} {task}, {config.num_hidden_layers} layers, "
             f"{params / 1e6:.1f}M parameters, {head}, max length {job.max_length}")

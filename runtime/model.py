@@ -208,19 +208,48 @@ class Model:
         """Class names by id for text-classification bundles, else None."""
         return self.manifest.get("labels")
 
-    def embed(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
+    def embed(self, texts: Sequence[str], *, batch_size: int | None = None,
+              prompt_name: str | None = None) -> np.ndarray:
         """Sentence embeddings, (len(texts), dim) float32, in the order of `texts`.
 
         Each text is tokenized, truncated to the bundle's max length, padded per batch and
         pooled the way the source model pools (mean + L2 norm for all-MiniLM-L6-v2).
+        A model with sentence-transformers prompts (`prompts`, e.g. {"query": "query: "})
+        gets the one named `prompt_name` before each text, else its default prompt if it
+        has one, as sentence-transformers does.
 
             >>> model.embed(["turn on the kitchen lights", "lock the front door"]).shape
             (2, 384)
         """
         self._require("feature-extraction", "embed")
         pooling = self.manifest.get("pooling", {"mode": "mean", "normalize": True})
+        prompt = self._prompt(prompt_name)
         return self._run(texts, batch_size, lambda out, mask: pool(
-            out, mask, mode=pooling["mode"], normalize=pooling["normalize"]))
+            out, mask, mode=pooling["mode"], normalize=pooling["normalize"]), prompt=prompt)
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The model's sentence-transformers prompts by name ({} for most models)."""
+        prompts = self.manifest.get("pooling", {}).get("prompts", {})
+        if not isinstance(prompts, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+            raise BundleError(f"{self.bundle.path / 'manifest.json'}: pooling.prompts must "
+                              f"map names to prompt strings.")
+        return prompts
+
+    def _prompt(self, name: str | None) -> str:
+        """The text to put before each text: the named prompt, else the default one."""
+        if name is None:
+            name = self.manifest.get("pooling", {}).get("default_prompt")
+            if name is None:
+                return ""
+        elif not isinstance(name, str):
+            raise TypeError(f"prompt_name must be a str or None, got {type(name).__name__}.")
+        prompts = self.prompts
+        if name not in prompts:
+            known = ", ".join(map(repr, prompts)) or "none"
+            raise ValueError(f"Unknown prompt_name {name!r}; this model's prompts: {known}.")
+        return prompts[name]
 
     def classify(self, texts: Sequence[str], *, top_k: int = 1,
                  batch_size: int | None = None) -> list:
@@ -338,8 +367,10 @@ class Model:
             raise ValueError(f"{method}() needs a {task} bundle; {self.bundle.path} is a "
                              f"{self.task} bundle.")
 
-    def _run(self, texts: Sequence[str], batch_size: int | None, reduce) -> np.ndarray:
-        """reduce(graph output, attention mask) per batch -> one row per text, text order."""
+    def _run(self, texts: Sequence[str], batch_size: int | None, reduce,
+             prompt: str = "") -> np.ndarray:
+        """reduce(graph output, attention mask) per batch -> one row per text, text order;
+        `prompt` goes before each text."""
         if isinstance(texts, str):
             raise TypeError("Pass a list of strings; wrap a single text in a list.")
         try:
@@ -350,6 +381,8 @@ class Model:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"texts must be str; item {i} is {type(text).__name__}.")
+        if prompt:
+            texts = [prompt + text for text in texts]
         batch_size = self.batch_size if batch_size is None else count(
             batch_size, "batch_size", least=1)
         rows: np.ndarray | None = None

@@ -338,6 +338,38 @@ def test_sentence_transformers_pooling_is_read_or_refused(tmp_path, pooling, mod
         assert (found["mode"], found["normalize"], found["source"]) == (*expected, "modules.json")
 
 
+@pytest.mark.parametrize("config, include_prompt, expected", [
+    ({}, True, {}),
+    ({"prompts": {}, "default_prompt_name": None}, True, {}),
+    ({"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt_name": None},
+     True, {"prompts": {"query": "query: ", "passage": "passage: "}, "default_prompt": None}),
+    ({"prompts": {"query": "query: "}, "default_prompt_name": "query"}, True,
+     {"prompts": {"query": "query: "}, "default_prompt": "query"}),
+    ({"prompts": {"query": "query: "}, "default_prompt_name": "search"}, True,
+     r"default_prompt_name 'search' is not one of its prompts \('query'\)"),
+    ({"prompts": {"query": 1}}, True, "'prompts' must map names to prompt strings"),
+    ({"prompts": ["query: "]}, True, "'prompts' must map names to prompt strings"),
+    ({"prompts": {"query": "query: "}}, False, "leaves the prompt's tokens out of the pooling"),
+    ({}, False, {}),   # no prompt: nothing to leave out
+])
+def test_sentence_transformers_prompts_are_carried_or_refused(tmp_path, config, include_prompt,
+                                                               expected):
+    """sentence-transformers puts a model's default prompt before every text; a bundle that
+    dropped it embedded differently from the model, silently."""
+    from exporter.load import read_pooling
+
+    path = _sentence_transformers_layout(
+        tmp_path, {"pooling_mode_mean_tokens": True, "include_prompt": include_prompt},
+        "Normalize")
+    (path / "config_sentence_transformers.json").write_text(json.dumps(config))
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            read_pooling(path)
+    else:
+        assert read_pooling(path) == {"mode": "mean", "normalize": True,
+                                      "source": "modules.json"} | expected
+
+
 def test_a_layout_the_bundle_cannot_reproduce_is_refused_before_the_model_loads(tmp_path,
                                                                                capsys):
     """All-MiniLM-L6-v2's tokenizer and config with a Dense module after pooling, and no

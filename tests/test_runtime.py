@@ -43,6 +43,34 @@ def test_embed_shape_norm_and_order(minilm_bundle, eval_texts):
     assert model.embed([]).shape == (0, 384)
 
 
+def test_prompts_go_before_each_text(minilm_bundle, bundle_copy):
+    """A model with sentence-transformers prompts: the default one before every text,
+    another by name, as sentence-transformers' encode(prompt_name=...) does."""
+    plain = runtime.load(minilm_bundle)
+    assert plain.prompts == {}
+    manifest_file = bundle_copy / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["pooling"] |= {"prompts": {"query": "query: ", "passage": "passage: "},
+                            "default_prompt": "query"}
+    manifest_file.write_text(json.dumps(manifest))
+    model = runtime.load(bundle_copy)
+    texts = ["turn on the kitchen lights", "lock the front door"]
+    assert model.prompts == {"query": "query: ", "passage": "passage: "}
+    np.testing.assert_array_equal(model.embed(texts), plain.embed(["query: " + t for t in texts]))
+    np.testing.assert_array_equal(model.embed(texts, prompt_name="passage"),
+                                  plain.embed(["passage: " + t for t in texts]))
+    assert not np.allclose(model.embed(texts), plain.embed(texts), atol=1e-3)
+    with pytest.raises(ValueError, match="Unknown prompt_name 'doc'; this model's prompts: "
+                                         "'query', 'passage'"):
+        model.embed(texts, prompt_name="doc")
+    with pytest.raises(ValueError, match="prompts: none"):
+        plain.embed(texts, prompt_name="query")
+    with pytest.raises(TypeError, match="prompt_name must be a str or None, got int"):
+        model.embed(texts, prompt_name=1)
+    with pytest.raises(TypeError, match="item 1 is int"):   # the texts are checked as before
+        model.embed(["a", 2])
+
+
 def test_odd_and_long_text(minilm_bundle):
     model = runtime.load(minilm_bundle)
     long_text = " ".join(["lights"] * 10_000)
