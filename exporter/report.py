@@ -1,4 +1,4 @@
-"""The validation report: report.json for tools, report.md for people."""
+"""The validation report: report.json for tools, report.md (with report.png) for people."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ def report_data(job) -> dict:
             "budget": str(job.budget), **job.records, "stage_seconds": job.timings}
 
 
-def render_markdown(data: dict) -> str:
+def render_markdown(data: dict, *, plot: str | None = None) -> str:
+    """report.md; `plot` names the PNG beside it, if one was drawn."""
     if data.get("task") == "text-generation":
         return render_decoder_markdown(data)
     v = data.get("validation", {})
@@ -41,6 +42,8 @@ def render_markdown(data: dict) -> str:
             *(f"| cosine p{p} | {val:.5f} |" for p, val in v["cosine_percentiles"].items()),
             "", "Lowest-cosine texts:", "",
             *(f"- {w['cosine']:.4f}: {w['text']!r}" for w in v["worst_texts"]), "",
+            *([f"![cosine to float per text, and each group's quantization harm]({plot})", ""]
+              if plot else []),
             *([f"Integer products: {v['integer_products']}.", ""]
               if "integer_products" in v else []),
             "## Speed, size, memory", "",
@@ -162,8 +165,67 @@ def render_decoder_markdown(data: dict) -> str:
 def write_report_files(data: dict, directory: Path) -> list[Path]:
     files = [directory / "report.json", directory / "report.md"]
     files[0].write_text(json.dumps(data, indent=2) + "\n")
-    files[1].write_text(render_markdown(data))
-    return files
+    plot = directory / "report.png"
+    drawn = plot_report(data, plot)
+    files[1].write_text(render_markdown(data, plot=plot.name if drawn else None))
+    return files + ([plot] if drawn else [])
+
+
+def plot_report(data: dict, path: Path) -> bool:
+    """Draw report.png for an encoder export: the histogram of each held-out text's cosine
+    to the float model, with the budget's thresholds, and, when the sensitivity search ran,
+    the harm of quantizing each node group (log scale), the groups kept in float marked.
+    False (nothing drawn) for decoders, or without matplotlib."""
+    v, s = data.get("validation", {}), data.get("sensitivity", {})
+    histogram = v.get("cosine_histogram")
+    if data.get("task") == "text-generation" or not histogram:
+        return False
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = s.get("groups", []) if s.get("applied") else []
+    height = max(4.5, 0.16 * len(groups) + 1.2)   # one readable row per group
+    fig, axes = plt.subplots(1, 2 if groups else 1, figsize=(12 if groups else 6.5, height),
+                             squeeze=False)
+    ax = axes[0][0]
+    edges, counts = histogram["edges"], histogram["counts"]
+    ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.7)
+    for key, style, label in (("cosine", "-", "mean"), ("min-cosine", "--", "min")):
+        ax.axvline(v["metrics"][key], color="black", ls=style, lw=1,
+                   label=f"{label} {v['metrics'][key]:.4f}")
+    for clause in data.get("budget", "").split(","):
+        name, _, bound = clause.partition(">=")
+        if name.strip() in ("cosine", "min-cosine") and bound:
+            ax.axvline(float(bound), color="tab:red", ls=":", lw=1.2,
+                       label=f"budget {name.strip()} >= {bound}")
+    ax.set_xlabel("cosine of bundle to float output, per text")
+    ax.set_ylabel("texts")
+    ax.set_title(f"{v['eval_texts']} held-out texts ({v['eval_data']})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    if groups:
+        kept = {step["float_group"] for step in s["search"]["steps"][1:]}
+        ax = axes[0][1]
+        rows = groups[::-1]   # the most harmful on top
+        colors = {"int8": "tab:blue", "float by design": "lightgray"}
+        ax.barh([g["group"] for g in rows], [max(g["harm"], 1e-9) for g in rows],
+                color=["tab:orange" if g["group"] in kept else colors.get(g["kind"], "gray")
+                       for g in rows])
+        ax.set_xscale("log")
+        ax.set_xlabel("harm: 1 - mean cosine with only this group int8\n(blue: int8; "
+                      "orange: back to float for the budget; gray: float by design)")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.margins(y=0.01)
+        ax.set_title("quantization sensitivity per node group", fontsize=10)
+    fig.suptitle(f"{data['name']}: {data['target']}, budget {data.get('budget', '')}",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return True
 
 
 def temp_dir_beside(target: Path) -> Path:
@@ -212,13 +274,14 @@ def remove_leftovers(target: Path) -> int:
 
 
 def write_report(job, directory: Path) -> None:
-    """Write report.json and report.md into `directory`, replacing it atomically."""
+    """Write report.json, report.md (and report.png) into `directory`, replacing it
+    atomically."""
     tmp = temp_dir_beside(directory)
     write_report_files(report_data(job), tmp)
     replace_dir(tmp, directory)
 
 
-REPORT_FILES = frozenset({"report.json", "report.md"})
+REPORT_FILES = frozenset({"report.json", "report.md", "report.png"})
 
 
 def written_here(path: Path) -> bool:

@@ -166,6 +166,7 @@ def validate(job) -> None:
         "eval_data": "user file" if job.records.get("eval_source") else "smart-home utterances",
         "metrics": metrics,
         "cosine_percentiles": {p: round(float(np.percentile(cos, p)), 5) for p in (1, 5, 50)},
+        "cosine_histogram": cosine_histogram(cos),
         "worst_texts": [{"text": texts[i], "cosine": round(float(cos[i]), 5)}
                         for i in np.argsort(cos)[:5]],
         "budget": str(job.budget),
@@ -207,6 +208,14 @@ def validate(job) -> None:
                     + (f" or size / latency budget {limits_text(settings)}"
                        if "size_latency_budget" in record else "")
                     + f" broken: {'; '.join(broken)}.")
+
+
+def cosine_histogram(cos: np.ndarray, bins: int = 40) -> dict:
+    """Counts of per-text cosines in `bins` equal bins from the lowest to 1 (the report's
+    plot: where the tail lies reads better there than in percentiles)."""
+    low = min(float(cos.min()), 1.0 - 1e-6)
+    counts, edges = np.histogram(np.minimum(cos, 1.0), bins=bins, range=(low, 1.0))
+    return {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist()}
 
 
 def integer_products(exact: bool) -> str:

@@ -64,7 +64,8 @@ def test_float_onnx_matches_pytorch(tmp_path, torch_minilm, eval_texts):
 def test_bundle_files_and_manifest(minilm_bundle):
     manifest = json.loads((minilm_bundle / "manifest.json").read_text())
     listed = {f["path"]: f for f in manifest["files"]}
-    assert set(listed) == {"model.onnx", "tokenizer.json", "report.md", "report.json"}
+    assert set(listed) == {"model.onnx", "tokenizer.json", "report.md", "report.json",
+                           "report.png"}
     for name, entry in listed.items():
         assert sha256_of(minilm_bundle / name) == entry["sha256"]
         assert (minilm_bundle / name).stat().st_size == entry["bytes"]
@@ -83,6 +84,27 @@ def test_bundle_files_and_manifest(minilm_bundle):
     assert set(v["latency_ms_batch1"]) == {"float_onnx", "bundle", "ratio_p50"}
     assert v["peak_rss_mb"]["bundle"] > 0
     assert "cosine" in (minilm_bundle / "report.md").read_text()
+
+
+def test_report_plots_what_reads_better_as_a_picture(minilm_bundle, tmp_path, monkeypatch):
+    """report.png: each held-out text's cosine to float (a histogram with the budget) and
+    each node group's quantization harm; report.md shows it."""
+    from exporter.report import write_report_files
+
+    assert (minilm_bundle / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![cosine to float per text" in (minilm_bundle / "report.md").read_text()
+    data = json.loads((minilm_bundle / "report.json").read_text())
+    v = data["validation"]
+    histogram = v["cosine_histogram"]
+    assert sum(histogram["counts"]) == v["eval_texts"]
+    assert histogram["edges"][0] <= v["metrics"]["min-cosine"] <= histogram["edges"][1]
+    assert histogram["edges"][-1] == 1.0
+    # Without matplotlib (a slim build host): the same report, without the picture.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    files = write_report_files(data, tmp_path)
+    assert [f.name for f in files] == ["report.json", "report.md"]
+    assert "![" not in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / "report.png").exists()
 
 
 def test_bundle_is_small(minilm_bundle):
