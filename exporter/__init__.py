@@ -21,7 +21,7 @@ from targets import CHOICES, Target, load_target, positive_number
 from .budget import Budget
 from .compress import Compression
 from .data import Utterance, read_texts, smart_home_utterances
-from .report import check_replaceable, remove_leftovers
+from .report import check_archive_replaceable, check_replaceable, remove_leftovers
 from .validate import BudgetError
 
 __all__ = ["BudgetError", "Compression", "export"]
@@ -144,7 +144,7 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
            accuracy_budget: str | None = None, precision: str | None = None,
            stages: int | None = None, requantize: bool = False,
            compression: Compression | None = None, max_model_mb: float | None = None,
-           max_latency_ms: float | None = None, log=None) -> Path:
+           max_latency_ms: float | None = None, tar: bool = False, log=None) -> Path:
     """Export `model` (a checkpoint directory, a .gguf file or a packaged name) for `target`.
 
     `calibration`/`evaluation` are .txt/.jsonl paths or lists of texts; by default, disjoint
@@ -162,6 +162,8 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     `max_model_mb` / `max_latency_ms` override the profile's size / latency budget: the
     exporter then picks the weakest compression that meets it within the accuracy budget
     (`exporter.strength`; `compression` may then only set heal_steps, to heal each candidate).
+    `tar=True` also writes `<output>.tar`, the bundle as one file for flashing
+    (`runtime.unpack` installs it, verified).
 
         >>> export("minilm", target="x86-server", accuracy_budget="cosine>=0.98")
         PosixPath('build/minilm-x86-server')
@@ -204,6 +206,9 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     check_replaceable(output)  # before any work: the output, and where a rejection's report goes
     rejected = output.with_name(output.name + ".rejected")
     check_replaceable(rejected)
+    archive = output.with_name(output.name + ".tar") if tar else None
+    if archive:
+        check_archive_replaceable(archive, output.name)
     freed = remove_leftovers(output) + remove_leftovers(rejected)
     calibration_set = _texts(calibration, default_split="calibration", what="calibration",
                              count=profile.quantization.calibration_samples)
@@ -215,6 +220,7 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
                            budget=budget, compression=compression, log=log)
     try:   # from here on, however the export ends, its work directory goes
         job.requantize = requantize
+        job.archive = archive
         if isinstance(evaluation, (str, Path)):
             job.records["eval_source"] = str(evaluation)
         if freed:

@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                              "default: smart-home utterances")
     parser.add_argument("--eval", metavar="FILE", help="held-out texts, same formats")
     parser.add_argument("--output", metavar="DIR", help="default: build/<model>-<target>/")
+    parser.add_argument("--tar", action="store_true",
+                        help="also write <output>.tar, the bundle as one file for flashing "
+                             "(runtime.unpack(path, directory) installs it, verified)")
     parser.add_argument("--accuracy-budget", metavar="BUDGET",
                         help="e.g. 'cosine>=0.97' or 'cosine>=0.98,min-cosine>=0.9'; "
                              "default: the profile's")
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                           accuracy_budget=args.accuracy_budget, precision=args.precision,
                           stages=args.stages, requantize=args.requantize,
                           compression=compression, max_model_mb=args.max_model_mb,
-                          max_latency_ms=args.max_latency_ms)
+                          max_latency_ms=args.max_latency_ms, tar=args.tar)
         except BudgetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3

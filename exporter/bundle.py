@@ -8,16 +8,24 @@ other file with its size and sha256; the runtime refuses a bundle that does not 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from importlib import metadata
 
 import onnx
 
+from runtime._files import write_archive
 from runtime.bundle import FORMAT_VERSION, sha256_of
 
 from .compress import compression_entries
-from .report import replace_dir, report_data, write_report_files, written_here
+from .report import (
+    check_archive_replaceable,
+    replace_dir,
+    report_data,
+    write_report_files,
+    written_here,
+)
 
 TOOLS = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
 
@@ -87,9 +95,18 @@ def bundle(job) -> None:
         "opset": opset,
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if job.archive:   # built before anything is replaced; renamed into place after the bundle
+        packed = job.workdir / "bundle.tar"
+        write_archive(staging, packed, name=job.output.name, created=manifest["created"])
+        check_archive_replaceable(job.archive, job.output.name)
     replace_dir(staging, job.output)
+    if job.archive:
+        os.replace(packed, job.archive)
     rejected = job.output.with_name(job.output.name + ".rejected")
     if rejected.is_dir() and not rejected.is_symlink() and written_here(rejected):
         shutil.rmtree(rejected)  # an earlier failed attempt's report no longer applies
     job.log(f"  wrote {job.output}/ ({', '.join(p.name for p in files)}, manifest.json)")
+    if job.archive:
+        job.log(f"  wrote {job.archive} ({job.archive.stat().st_size / 1e6:.1f} MB; "
+                f"runtime.unpack(path, directory) installs it, verified)")
 

@@ -66,6 +66,7 @@ class Job:
     precision: str | None = None      # decoders: override of the profile's generation.weights
     gguf: Path | None = None          # decoders: the GGUF file the model came from
     requantize: bool = False          # decoders from GGUF: round instead of carrying blocks
+    archive: Path | None = None       # also write the bundle as this .tar (--tar)
     gguf_ties: list = field(default_factory=list)  # (source, dest, part): carried blocks shared
     generation: dict = field(default_factory=dict)  # decoders: eos ids, context, chat format
     decoder_shape: Any = None

@@ -6,9 +6,12 @@ import json
 import os
 import re
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from runtime._files import archive_members, bundle_files, holds_only, replace_directory
 
 from .compress import compression_lines
 from .strength import strength_lines
@@ -287,16 +290,8 @@ REPORT_FILES = frozenset({"report.json", "report.md", "report.png"})
 def written_here(path: Path) -> bool:
     """Whether directory `path` holds only what an export writes: a bundle (manifest.json and
     the files it lists) or a rejected export's report. An empty directory qualifies."""
-    known = set(REPORT_FILES)
-    try:
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        known |= {"manifest.json"} | {entry["path"] for entry in manifest["files"]}
-    except FileNotFoundError:
-        pass
-    except (ValueError, KeyError, TypeError):  # unreadable: its files are not known to be ours
-        return False
-    found = (p for p in path.rglob("*") if p.is_symlink() or not p.is_dir())
-    return all(p.relative_to(path).as_posix() in known for p in found)
+    known = bundle_files(path)
+    return known is not None and holds_only(path, known | REPORT_FILES)
 
 
 NOT_AN_EXPORT = "no export wrote (it is not a bundle whose manifest.json lists them all)"
@@ -319,21 +314,27 @@ def check_replaceable(path: Path, *, ours: Callable[[Path], bool] = written_here
             f"Choose another --output, or remove the directory if it is an old output.")
 
 
+def check_archive_replaceable(archive: Path, name: str) -> None:
+    """Raise FileExistsError unless `archive` is absent or a bundle archive of bundle `name`
+    (one that an export wrote, which `--tar` replaces)."""
+    if not archive.exists() and not archive.is_symlink():
+        return
+    try:
+        if archive.is_symlink() or not archive.is_file():
+            raise ValueError("not a file")
+        with tarfile.open(archive) as tar:
+            top, _ = archive_members(tar, archive)
+        if top != name:
+            raise ValueError(f"it holds bundle {top!r}")
+    except (ValueError, tarfile.TarError, OSError):
+        raise FileExistsError(f"{str(archive)!r} exists and is not an archive of bundle "
+                              f"{name!r}; refusing to replace it. Choose another --output or "
+                              f"move it away.") from None
+
+
 def replace_dir(new: Path, final: Path, *, ours: Callable[[Path], bool] = written_here,
                 why: str = NOT_AN_EXPORT) -> None:
     """Move directory `new` to `final`, replacing any old `final` with renames only. An old
     `final` must be one that this tool wrote (`check_replaceable` with `ours` and `why`)."""
     check_replaceable(final, ours=ours, why=why)
-    # A directory made by mkdtemp is private (0700); give `new` the mode a plain mkdir gets
-    # under the user's umask (read this way: setting the umask to read it is not thread-safe).
-    probe = new / ".mode"
-    probe.mkdir()
-    os.chmod(new, probe.stat().st_mode & 0o7777)
-    probe.rmdir()
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.rename(final, old)
-    os.rename(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_directory(new, final)

@@ -16,12 +16,12 @@ from pathlib import Path
 # the application set ORT_DISABLE_TELEMETRY itself; onnxruntime reads it when first imported.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from .bundle import Bundle, BundleError
+from .bundle import Bundle, BundleError, unpack
 from .generate import ContextError
 from .model import Model
 from .tokenizer import Tokenizer
 
-__all__ = ["Bundle", "BundleError", "ContextError", "Model", "Tokenizer", "load"]
+__all__ = ["Bundle", "BundleError", "ContextError", "Model", "Tokenizer", "load", "unpack"]
 __version__ = "0.1.0"
 
 

@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from ._files import archive_members, bundle_files, holds_only, replace_directory
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -66,6 +71,10 @@ class Bundle:
     def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
         """Read `path/manifest.json` and, with `verify`, check every listed file's sha256."""
         path = Path(path)
+        if path.is_file() and tarfile.is_tarfile(path):
+            raise FileNotFoundError(f"{str(path)!r} is a bundle archive; install it with "
+                                    f"runtime.unpack({str(path)!r}, DIRECTORY), then load "
+                                    f"the directory that returns.")
         if path.is_file():
             raise FileNotFoundError(f"{str(path)!r} is a file; a bundle is the directory "
                                     f"that holds manifest.json, e.g. {str(path.parent)!r}.")
@@ -151,3 +160,66 @@ class Bundle:
                 f"{self.path / 'manifest.json'}: the graph needs ai.onnx opset {needed}, but "
                 f"onnxruntime {onnxruntime.__version__} runs opsets up to {have}; upgrade "
                 f"onnxruntime or export with a target whose opset is <= {have}.")
+
+
+def unpack(archive: str | Path, into: str | Path) -> Path:
+    """Install the bundle in `archive` (the .tar `python -m exporter --tar` writes) as the
+    directory `into/<bundle name>`, and return that path.
+
+    The bundle appears whole and verified, or not at all: it is unpacked beside its place,
+    checked like `Bundle.open` (every file's size and sha256, format version, opset) and
+    against its manifest (no file it does not list), then renamed into place. An earlier
+    bundle of the same name is replaced; anything else there is refused. An archive with
+    links, device files or paths that leave its directory is refused before anything is
+    written.
+
+        >>> runtime.unpack("/media/usb/minilm-arm-cpu.tar", "/opt/models")
+        PosixPath('/opt/models/minilm-arm-cpu')
+    """
+    archive, into = Path(archive), Path(into)
+    if not archive.is_file():
+        raise BundleError(f"Bundle archive not found: {str(archive)!r}"
+                          + (" is a directory; runtime.load() it." if archive.is_dir() else "."))
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except tarfile.TarError:
+        raise BundleError(f"{archive} is not a tar archive; a bundle archive is the .tar "
+                          f"that `python -m exporter --tar` writes.") from None
+    with tar:
+        try:
+            name, files = archive_members(tar, archive)
+        except ValueError as e:
+            raise BundleError(str(e)) from None
+        except tarfile.TarError as e:   # cut short in copying
+            raise BundleError(f"{archive} is damaged ({e}); copy it again.") from None
+        final = into / name
+        if final.is_symlink() or final.exists() and not _a_bundle(final):
+            raise FileExistsError(f"{str(final)!r} exists and is not a bundle; refusing to "
+                                  f"replace it. Unpack into another directory.")
+        into.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=into))
+        try:
+            for member in files:
+                dest = work.joinpath(*Path(member.name).parts[1:])
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(member) as source, open(dest, "wb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+            try:
+                bundle = Bundle.open(work)   # sizes, sha256, format version, opset
+            except BundleError as e:   # name the archive's file, not the hidden work copy
+                raise BundleError(f"{archive}: {str(e).replace(str(work), name)}") from None
+            if not holds_only(work, bundle._listed() | {"manifest.json"}):
+                raise BundleError(f"{archive} holds files its manifest.json does not list; "
+                                  f"a bundle archive holds only the bundle.")
+            replace_directory(work, final)
+        except tarfile.TarError as e:
+            raise BundleError(f"{archive} is damaged ({e}); copy it again.") from None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def _a_bundle(path: Path) -> bool:
+    """Whether directory `path` is a bundle: manifest.json and only the files it lists."""
+    known = bundle_files(path)
+    return path.is_dir() and bool(known) and holds_only(path, known)

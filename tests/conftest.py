@@ -17,13 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def minilm_bundle(tmp_path_factory):
-    """A real all-MiniLM-L6-v2 arm-cpu bundle, exported once with the profile's defaults."""
+    """A real all-MiniLM-L6-v2 arm-cpu bundle, exported once with the profile's defaults,
+    and packed beside it as minilm-arm-cpu.tar (--tar)."""
     from exporter import export
 
     lines: list[str] = []
     path = export("minilm", target="arm-cpu",
                   output=tmp_path_factory.mktemp("bundles") / "minilm-arm-cpu",
-                  log=lines.append)
+                  tar=True, log=lines.append)
     return path
 
 

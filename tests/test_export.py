@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -84,6 +85,33 @@ def test_bundle_files_and_manifest(minilm_bundle):
     assert set(v["latency_ms_batch1"]) == {"float_onnx", "bundle", "ratio_p50"}
     assert v["peak_rss_mb"]["bundle"] > 0
     assert "cosine" in (minilm_bundle / "report.md").read_text()
+
+
+def test_bundle_archive_is_the_bundle_and_the_same_bytes_for_the_same_files(minilm_bundle,
+                                                                            tmp_path):
+    from runtime._files import write_archive
+
+    archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
+    manifest = json.loads((minilm_bundle / "manifest.json").read_text())
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        assert [m.name for m in members] == sorted(
+            f"minilm-arm-cpu/{p.name}" for p in minilm_bundle.iterdir())
+        for member in members:
+            assert member.isfile() and (member.uid, member.gid, member.mode) == (0, 0, 0o644)
+            assert tar.extractfile(member).read() == (minilm_bundle / member.name.split("/")[1]
+                                                     ).read_bytes()
+    again = tmp_path / "again.tar"
+    write_archive(minilm_bundle, again, name="minilm-arm-cpu", created=manifest["created"])
+    assert again.read_bytes() == archive.read_bytes()
+
+
+def test_an_archive_path_holding_something_else_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "out.tar").write_text("my notes")
+    assert main(["--target", "arm-cpu", "--output", str(tmp_path / "out"), "--tar"]) == 2
+    assert "out.tar' exists and is not an archive of bundle 'out'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.tar"]
+    assert (tmp_path / "out.tar").read_text() == "my notes"
 
 
 def test_report_plots_what_reads_better_as_a_picture(minilm_bundle, tmp_path, monkeypatch):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,80 @@ def test_prompts_go_before_each_text(minilm_bundle, bundle_copy):
         model.embed(texts, prompt_name=1)
     with pytest.raises(TypeError, match="item 1 is int"):   # the texts are checked as before
         model.embed(["a", 2])
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*"))
+
+
+def test_a_bundle_archive_installs_verified_and_whole(minilm_bundle, tmp_path):
+    """--tar writes the bundle as one file for flashing; runtime.unpack installs it only
+    once every file checks out, replacing an earlier install and nothing else."""
+    archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
+    into = tmp_path / "models"
+    installed = runtime.unpack(archive, into)
+    assert installed == into / "minilm-arm-cpu"
+    assert _names(installed) == _names(minilm_bundle)
+    for path in minilm_bundle.iterdir():
+        assert (installed / path.name).read_bytes() == path.read_bytes()
+    texts = ["turn on the kitchen lights", "lock the front door"]
+    np.testing.assert_array_equal(runtime.load(installed).embed(texts),
+                                  runtime.load(minilm_bundle).embed(texts))
+    with pytest.raises(FileNotFoundError, match="is a bundle archive; install it with "
+                                                "runtime.unpack"):
+        runtime.load(archive)
+
+    # A damaged copy (one flipped byte in tokenizer.json) is refused, naming the file; the
+    # installed bundle stays as it was and nothing is left beside it.
+    data = bytearray(archive.read_bytes())
+    with tarfile.open(archive) as tar:
+        data[tar.getmember("minilm-arm-cpu/tokenizer.json").offset_data + 100] ^= 1
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(bytes(data))
+    before = _names(into)
+    with pytest.raises(BundleError, match="damaged.tar: minilm-arm-cpu/tokenizer.json: sha256 "
+                                          "does not match"):
+        runtime.unpack(damaged, into)
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(archive.read_bytes()[:5_000_000])
+    with pytest.raises(BundleError, match="truncated.tar is damaged"):
+        runtime.unpack(truncated, into)
+    assert _names(into) == before
+    runtime.unpack(archive, into)   # again: replaces its earlier install
+    assert _names(into) == before
+
+    # Anything but a bundle's files is refused before anything is written.
+    def packed(name: str, **fields) -> Path:
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.tar"
+        with tarfile.open(path, "w") as tar:
+            info = tarfile.TarInfo(name)
+            for key, value in fields.items():
+                setattr(info, key, value)
+            tar.addfile(info, io.BytesIO(b"x" * info.size))
+        return path
+
+    for path, message in [
+        (packed("minilm-arm-cpu/../../evil", size=1), "is an absolute or escaping path"),
+        (packed("/etc/evil", size=1), "is an absolute or escaping path"),
+        (packed("minilm-arm-cpu/manifest.json", type=tarfile.SYMTYPE, linkname="/etc/passwd"),
+         "is a link"),
+        (packed("minilm-arm-cpu/null", type=tarfile.CHRTYPE), "not a regular file"),
+        (packed("loose.json", size=1), "outside the bundle's directory"),
+    ]:
+        with pytest.raises(BundleError, match=message):
+            runtime.unpack(path, into)
+    (tmp_path / "text.tar").write_text("not a tar")
+    with pytest.raises(BundleError, match="is not a tar archive"):
+        runtime.unpack(tmp_path / "text.tar", into)
+    assert _names(into) == before and not (tmp_path.parent / "evil").exists()
+
+    # A directory of the user's where the bundle would go is not replaced.
+    mine = tmp_path / "mine" / "minilm-arm-cpu"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not a bundle"):
+        runtime.unpack(archive, mine.parent)
+    assert _names(mine) == ["notes.txt"]
 
 
 def test_odd_and_long_text(minilm_bundle):
