@@ -147,6 +147,27 @@ def test_a_bundle_archive_installs_verified_and_whole(minilm_bundle, tmp_path):
     assert _names(mine) == ["notes.txt"]
 
 
+def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
+    """python -m runtime unpack / verify, for an updater's shell script: one line and exit 0,
+    or the reason and exit 2."""
+    def run(*args):
+        done = subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+    archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
+    assert run("unpack", archive, tmp_path / "models") == (
+        0, str(tmp_path / "models" / "minilm-arm-cpu"), "")
+    code, out, _ = run("verify", tmp_path / "models" / "minilm-arm-cpu")
+    assert code == 0 and "minilm-arm-cpu (feature-extraction, target arm-cpu)" in out
+    assert "sha256 verified" in out
+    (tmp_path / "models" / "minilm-arm-cpu" / "tokenizer.json").write_text("{}")
+    code, _, err = run("verify", tmp_path / "models" / "minilm-arm-cpu")
+    assert code == 2 and "tokenizer.json" in err
+    assert run("verify", archive)[0] == 2 and "runtime.unpack" in run("verify", archive)[2]
+    assert run("unpack", tmp_path / "missing.tar", tmp_path)[0] == 2
+
+
 def test_odd_and_long_text(minilm_bundle):
     model = runtime.load(minilm_bundle)
     long_text = " ".join(["lights"] * 10_000)
