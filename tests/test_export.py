@@ -135,6 +135,19 @@ def test_report_plots_what_reads_better_as_a_picture(minilm_bundle, tmp_path, mo
     assert not (tmp_path / "report.png").exists()
 
 
+@pytest.mark.parametrize("cosines", [
+    [0.9999999] * 300,      # an fp16 bundle: float32 cannot cut 1e-6 into 40 bins
+    [1.0, 1.0000001],       # rounding above 1
+    [0.5, 0.97, 0.999],
+])
+def test_cosine_histogram_counts_every_text(cosines):
+    from exporter.validate import cosine_histogram
+
+    histogram = cosine_histogram(np.array(cosines, dtype=np.float32))
+    assert sum(histogram["counts"]) == len(cosines)
+    assert histogram["edges"][0] <= min(cosines) and histogram["edges"][-1] == 1.0
+
+
 def test_bundle_is_small(minilm_bundle):
     manifest = json.loads((minilm_bundle / "manifest.json").read_text())
     sizes = manifest["validation"]["size_bytes"]
