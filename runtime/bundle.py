@@ -166,20 +166,22 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
     """Install the bundle in `archive` (the .tar `python -m exporter --tar` writes) as the
     directory `into/<bundle name>`, and return that path.
 
-    The bundle appears whole and verified, or not at all: it is unpacked beside its place,
-    checked like `Bundle.open` (every file's size and sha256, format version, opset) and
-    against its manifest (no file it does not list), then renamed into place. An earlier
-    bundle of the same name is replaced; anything else there is refused. An archive with
-    links, device files or paths that leave its directory is refused before anything is
-    written.
+    The bundle appears whole and verified, or not at all. Before anything is written, the
+    archive must hold the bundle's directory and nothing else: regular files only (no links
+    or devices, no path that leaves the directory), each one its manifest lists, of the size
+    it lists. Then it is unpacked beside its place, checked like `Bundle.open` (sha256,
+    format version, opset) and renamed into place. An earlier bundle of that name is
+    replaced; anything else there is refused.
 
         >>> runtime.unpack("/media/usb/minilm-arm-cpu.tar", "/opt/models")
         PosixPath('/opt/models/minilm-arm-cpu')
     """
     archive, into = Path(archive), Path(into)
+    if archive.is_dir():
+        raise FileNotFoundError(f"{str(archive)!r} is a directory; runtime.load() a bundle "
+                                f"directory, runtime.unpack() a bundle archive (.tar).")
     if not archive.is_file():
-        raise BundleError(f"Bundle archive not found: {str(archive)!r}"
-                          + (" is a directory; runtime.load() it." if archive.is_dir() else "."))
+        raise FileNotFoundError(f"Bundle archive {str(archive)!r} does not exist.")
     try:
         tar = tarfile.open(archive, "r:*")
     except tarfile.TarError:
@@ -188,10 +190,21 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
     with tar:
         try:
             name, files = archive_members(tar, archive)
-        except ValueError as e:
+            manifest = _archived_manifest(tar, files, archive, name)
+        except ValueError as e:   # BundleError included
             raise BundleError(str(e)) from None
         except tarfile.TarError as e:   # cut short in copying
             raise BundleError(f"{archive} is damaged ({e}); copy it again.") from None
+        sizes = {entry.get("path"): entry.get("bytes") for entry in manifest.get("files", [])
+                 if isinstance(entry, dict)} | {"manifest.json": None}
+        for member in files:
+            path = member.name.split("/", 1)[1]
+            if path not in sizes:
+                raise BundleError(f"{archive}: {member.name} is not listed in its "
+                                  f"manifest.json; a bundle archive holds only the bundle.")
+            if sizes[path] not in (None, member.size):
+                raise BundleError(f"{archive}: {member.name} has {member.size} bytes, its "
+                                  f"manifest.json says {sizes[path]}; copy the archive again.")
         final = into / name
         if final.is_symlink() or final.exists() and not _a_bundle(final):
             raise FileExistsError(f"{str(final)!r} exists and is not a bundle; refusing to "
@@ -205,18 +218,33 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
                 with tar.extractfile(member) as source, open(dest, "wb") as out:
                     shutil.copyfileobj(source, out, 1 << 20)
             try:
-                bundle = Bundle.open(work)   # sizes, sha256, format version, opset
+                Bundle.open(work)   # fields, every listed file's size and sha256, opset
             except BundleError as e:   # name the archive's file, not the hidden work copy
                 raise BundleError(f"{archive}: {str(e).replace(str(work), name)}") from None
-            if not holds_only(work, bundle._listed() | {"manifest.json"}):
-                raise BundleError(f"{archive} holds files its manifest.json does not list; "
-                                  f"a bundle archive holds only the bundle.")
             replace_directory(work, final)
         except tarfile.TarError as e:
             raise BundleError(f"{archive} is damaged ({e}); copy it again.") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def _archived_manifest(tar: tarfile.TarFile, files: list[tarfile.TarInfo], archive: Path,
+                       name: str) -> dict:
+    """The manifest.json in a bundle archive, read without unpacking anything."""
+    entry = next((m for m in files if m.name == f"{name}/manifest.json"), None)
+    if entry is None:
+        raise BundleError(f"{archive} has no {name}/manifest.json; it is not a bundle archive.")
+    if entry.size > 64 << 20:
+        raise BundleError(f"{archive}: {name}/manifest.json has {entry.size} bytes; a "
+                          f"manifest is a few kB.")
+    try:
+        manifest = json.loads(tar.extractfile(entry).read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{archive}: {name}/manifest.json is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{archive}: {name}/manifest.json must hold a JSON object.")
+    return manifest
 
 
 def _a_bundle(path: Path) -> bool:

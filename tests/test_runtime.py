@@ -130,9 +130,18 @@ def test_a_bundle_archive_installs_verified_and_whole(minilm_bundle, tmp_path):
          "is a link"),
         (packed("minilm-arm-cpu/null", type=tarfile.CHRTYPE), "not a regular file"),
         (packed("loose.json", size=1), "outside the bundle's directory"),
+        (packed("minilm-arm-cpu/model.onnx", size=1), "has no minilm-arm-cpu/manifest.json"),
     ]:
         with pytest.raises(BundleError, match=message):
             runtime.unpack(path, into)
+    extra = tmp_path / "extra.tar"   # the bundle and one file more, refused before writing
+    with tarfile.open(archive) as source, tarfile.open(extra, "w") as tar:
+        for member in source.getmembers():
+            tar.addfile(member, source.extractfile(member))
+        tar.addfile(tarfile.TarInfo("minilm-arm-cpu/run.sh"), io.BytesIO())
+    with pytest.raises(BundleError, match="minilm-arm-cpu/run.sh is not listed in its "
+                                          "manifest.json"):
+        runtime.unpack(extra, into)
     (tmp_path / "text.tar").write_text("not a tar")
     with pytest.raises(BundleError, match="is not a tar archive"):
         runtime.unpack(tmp_path / "text.tar", into)
