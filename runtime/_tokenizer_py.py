@@ -405,9 +405,10 @@ class WordPieceEncoder(_Encoder):
         """`normalize(text[start:stop])`, and for each of its characters the index in
         `text` of the character it came from."""
         piece = text[start:stop]
-        normalized = self.normalize(piece)
-        if piece.isascii() and len(normalized) == len(piece):  # one char for one char
-            return normalized, range(start, stop)
+        if piece.isascii():
+            normalized = self.normalize(piece)
+            if len(normalized) == len(piece):  # one char for one char: nothing was dropped
+                return normalized, range(start, stop)
         chars: list[str] = []
         origin: list[int] = []
         cache = self._normalized_chars
