@@ -88,7 +88,9 @@ def sample(logits: np.ndarray, *, temperature: float, top_k: int, top_p: float,
     """Next token id from one row of logits: greedy when temperature is 0."""
     if temperature <= 0:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
+    logits = logits.astype(np.float64)
+    with np.errstate(over="ignore"):   # a tiny temperature sends all but the best to -inf
+        scaled = (logits - logits.max()) / temperature   # <= 0, so never +inf or NaN
     if 0 < top_k < scaled.size:
         kth = np.partition(scaled, -top_k)[-top_k]
         scaled[scaled < kth] = -np.inf
@@ -109,8 +111,9 @@ def check_sampling(*, max_new_tokens, temperature, top_k, top_p, seed) -> dict:
     for name, value in (("temperature", temperature), ("top_p", top_p)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a number, got {value!r}.")
-    if not temperature >= 0:  # nan too
-        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}.")
+    if not 0 <= temperature < float("inf"):  # nan too
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got "
+                         f"{temperature!r}.")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
     return {"max_new_tokens": count(max_new_tokens, "max_new_tokens", least=0),
@@ -143,6 +146,8 @@ def generate_tokens(decoder: Decoder, prompt: list[int], *, max_new_tokens: int,
     if len(prompt) >= decoder.context:
         raise ContextError(f"The prompt is {len(prompt)} tokens; the bundle's context holds "
                            f"{decoder.context} (prompt + generated). Shorten the prompt.")
+    if max_new_tokens == 0:
+        return
     rng = np.random.default_rng(seed)
     decoder.reset()
     logits = decoder.forward(prompt)[-1]
@@ -169,12 +174,12 @@ def stream_text(tokens: Iterator[int], step, stop: Sequence[str]) -> Iterator[st
         if not piece:
             continue
         text += piece
-        for s in stop:
-            at = text.find(s, max(emitted - len(s) + 1, 0))
-            if at >= 0:
-                if at > emitted:
-                    yield text[emitted:at]
-                return
+        found = [at for s in stop if (at := text.find(s, max(emitted - len(s) + 1, 0))) >= 0]
+        if found:   # the earliest stop string ends the text, whichever is listed first
+            at = min(found)
+            if at > emitted:
+                yield text[emitted:at]
+            return
         safe = len(text) - hold
         if safe > emitted:
             yield text[emitted:safe]
@@ -183,12 +188,23 @@ def stream_text(tokens: Iterator[int], step, stop: Sequence[str]) -> Iterator[st
         yield text[emitted:]
 
 
-def negative_log_likelihood(logits: np.ndarray, ids: Sequence[int]) -> float:
-    """Summed -log p(ids[i + 1] | ids[:i + 1]) from the logits (positions, vocab) of ids."""
-    logits = np.asarray(logits[:len(ids) - 1], dtype=np.float64)
-    top = logits.max(axis=1, keepdims=True)
-    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-    return float((log_z - logits[np.arange(len(ids) - 1), list(ids[1:])]).sum())
+def negative_log_likelihood(logits: np.ndarray, ids: Sequence[int], *,
+                            rows: int = 64) -> float:
+    """Summed -log p(ids[i + 1] | ids[:i + 1]) from the logits (positions, vocab) of ids,
+    in float64, `rows` positions at a time (a whole window at once took 4x the logits' own
+    memory: 2 GB for SmolLM2 at 1,024 tokens)."""
+    total = 0.0
+    for start in range(0, len(ids) - 1, rows):
+        stop = min(start + rows, len(ids) - 1)
+        block = np.asarray(logits[start:stop], dtype=np.float64)
+        top = block.max(axis=1, keepdims=True)
+        block -= top
+        np.exp(block, out=block)
+        log_z = top[:, 0] + np.log(block.sum(axis=1))
+        chosen = np.asarray(logits[np.arange(start, stop), list(ids[start + 1:stop + 1])],
+                            dtype=np.float64)
+        total += float((log_z - chosen).sum())
+    return total
 
 
 def perplexity(decoder: Decoder, ids: list[int], window: int) -> float:

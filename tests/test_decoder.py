@@ -17,7 +17,15 @@ import pytest
 import runtime
 from exporter import gguf
 from exporter.decoder_graph import pack, unpack
-from runtime.generate import render_chat, sample, stream_text
+from runtime.generate import (
+    ContextError,
+    check_sampling,
+    generate_tokens,
+    negative_log_likelihood,
+    render_chat,
+    sample,
+    stream_text,
+)
 
 PROSE = ("The Python language reference describes the syntax and core semantics of the "
          "language. It is terse, but attempts to be exact and complete. The semantics of "
@@ -128,6 +136,53 @@ def test_stream_text_holds_back_stop_strings():
     assert "".join(out) == "caf\u00e9 "
     out = list(stream_text(iter([1, 6, 7]), pieces.get, ["END"]))   # no stop: all of it
     assert "".join(out) == "cafEnd"
+
+
+def test_the_earliest_stop_string_ends_the_text_whatever_the_order():
+    pieces = {1: "Paris", 2: ".\n\nThe", 3: " is"}
+    for stop in ([".", "\n\n"], ["\n\n", "."]):   # one piece holds both
+        assert "".join(stream_text(iter([1, 2]), pieces.get, stop)) == "Paris"
+    for stop in (["is", "Paris"], ["Paris", "is"]):
+        assert "".join(stream_text(iter([1, 3]), pieces.get, stop)) == ""
+
+
+def test_sampling_takes_any_finite_temperature_and_refuses_the_rest():
+    logits = np.array([1.0, 3.0, 2.0, -1.0], np.float32)
+    rng = np.random.default_rng(0)
+    # a temperature this small used to overflow (logits / 1e-320) into NaN probabilities
+    assert {sample(logits, temperature=1e-320, top_k=0, top_p=1, rng=rng)
+            for _ in range(20)} == {1}
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            check_sampling(max_new_tokens=1, temperature=bad, top_k=0, top_p=1, seed=None)
+
+
+def test_no_new_tokens_runs_no_prefill():
+    class Unreachable:
+        context = 64
+
+        def forward(self, ids, **_):
+            raise AssertionError("max_new_tokens=0 ran the model")
+
+    tokens = generate_tokens(Unreachable(), [1, 2, 3], max_new_tokens=0, eos={0},
+                             temperature=0, top_k=0, top_p=1, seed=None)
+    assert list(tokens) == []
+    with pytest.raises(ContextError):   # the prompt is still checked
+        list(generate_tokens(Unreachable(), list(range(64)), max_new_tokens=0, eos={0},
+                             temperature=0, top_k=0, top_p=1, seed=None))
+
+
+def test_negative_log_likelihood_in_blocks_is_the_whole_computation():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=8, size=(150, 1000)).astype(np.float32)
+    ids = rng.integers(0, 1000, size=151).tolist()
+    whole = logits.astype(np.float64)
+    log_p = whole - whole.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    expected = -log_p[np.arange(150), ids[1:]].sum()
+    for rows in (1, 7, 64, 500):
+        assert negative_log_likelihood(logits, ids, rows=rows) == pytest.approx(expected,
+                                                                                 rel=1e-12)
 
 
 def test_decode_stream_emits_whole_characters(smollm2_tokenizer_json):
