@@ -33,7 +33,8 @@ def load(path: str | Path, *, threads: int | None = None, spinning: bool = True,
     `threads` overrides the profile's intra-op thread count; `spinning=False` keeps ONNX
     Runtime's idle worker threads from busy-waiting (use it when the device runs other work);
     `providers` overrides the execution providers the target lists; `verify=False` skips the
-    sha256 check of every file (it reads the whole bundle once). A bundle cut into pipeline
+    size and sha256 check of every file (it reads the whole bundle once); a missing file is
+    still refused. A bundle cut into pipeline
     stages runs them in threads in this process (`pipeline="threads"`), or as Ray actors, one
     per stage, across the nodes of a Ray cluster (`pipeline="ray"`, needs the `ray` extra).
 

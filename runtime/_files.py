@@ -11,10 +11,54 @@ from __future__ import annotations
 import calendar
 import json
 import os
+import re
 import shutil
 import tarfile
+import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+
+
+def work_dir_beside(target: Path) -> Path:
+    """A new private directory next to `target` (the same filesystem, so the final rename is
+    atomic), named `.<target>.<pid>.<random>`: the pid tells a later run that the process
+    which made it is gone (`remove_leftovers`)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+
+
+def remove_leftovers(target: Path) -> int:
+    """Remove what runs writing `target` left beside it when they were killed before their
+    cleanup could run (SIGKILL, power loss): work directories and replaced copies whose
+    process is gone. Returns the bytes freed."""
+    # Exactly the names work_dir_beside and replace_directory make (mkdtemp adds 8 chars of
+    # [a-z0-9_]), and replace_directory's older `.old-<pid>`; nothing looser: the work
+    # directory `.out.2024.<pid>.<random>` of a live run writing `out.2024` is not `out`'s.
+    own = re.compile(rf"\.{re.escape(target.name)}\."
+                     rf"(?:(\d+)\.[a-z0-9_]{{8}}|old-(\d+)(?:\.[a-z0-9_]{{8}})?)")
+    freed = 0
+    parent = target.parent if target.parent.is_dir() else None
+    for path in parent.iterdir() if parent else ():
+        match = own.fullmatch(path.name)
+        if not match or path.is_symlink() or not path.is_dir():
+            continue
+        pid = int(match.group(1) or match.group(2))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        freed += sum(f.stat().st_size for f in path.rglob("*")
+                     if f.is_file() and not f.is_symlink())
+        shutil.rmtree(path, ignore_errors=True)
+    return freed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
 
 
 def replace_directory(new: Path, final: Path) -> None:
@@ -28,11 +72,35 @@ def replace_directory(new: Path, final: Path) -> None:
     probe.rmdir()
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        # A fresh name: a leftover of a killed run may hold `.old-<pid>` of a pid reused
+        # since (a device reboots). rename() replaces the empty directory mkdtemp made.
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}.",
+                                    dir=final.parent))
         os.rename(final, old)
     os.rename(new, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_tree(path: Path) -> None:
+    """fsync every file under directory `path`, then the directories: after a power cut,
+    a directory renamed into place afterwards holds whole files."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files + dirs + ["."]:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def sync_directory(path: Path) -> None:
+    """fsync directory `path` itself, so that a rename into it survives a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_archive(bundle_dir: Path, archive: Path, *, name: str, created: str) -> None:
@@ -50,25 +118,34 @@ def write_archive(bundle_dir: Path, archive: Path, *, name: str, created: str) -
                 tar.addfile(info, f)
 
 
-def archive_members(tar: tarfile.TarFile, archive: Path) -> tuple[str, list[tarfile.TarInfo]]:
-    """(the bundle's directory name, its files) of an open bundle archive; ValueError for
-    anything else in it: links, devices, absolute or escaping paths, several top levels."""
-    tops, files = set(), []
+def archive_members(tar: tarfile.TarFile,
+                    archive: Path) -> tuple[str, dict[str, tarfile.TarInfo]]:
+    """(the bundle's directory name, {path inside it: member} for its files) of an open
+    bundle archive; ValueError for anything else in it: links, devices, absolute or escaping
+    paths, several top levels, a file twice. Names are read as tar does: `./a//b` is `a/b`."""
+    tops, files = set(), {}
     for member in tar.getmembers():
-        parts = Path(member.name).parts
-        if (not parts or Path(member.name).is_absolute() or ".." in parts
+        name = PurePosixPath(member.name)
+        parts = tuple(p for p in name.parts if p != ".")
+        if (name.is_absolute() or ".." in parts or "\0" in member.name
                 or not (member.isfile() or member.isdir())):
             kind = "a link" if member.issym() or member.islnk() else (
                 "an absolute or escaping path" if member.isfile() or member.isdir()
                 else "not a regular file")
             raise ValueError(f"{archive}: member {member.name!r} is {kind}; a bundle archive "
                              f"holds only the bundle's files.")
+        if not parts:   # "." itself
+            continue
         tops.add(parts[0])
         if member.isfile():
             if len(parts) < 2:
                 raise ValueError(f"{archive}: file {member.name!r} is outside the bundle's "
                                  f"directory.")
-            files.append(member)
+            path = "/".join(parts[1:])
+            if path in files:
+                raise ValueError(f"{archive}: {parts[0]}/{path} is in it twice; a bundle "
+                                 f"archive holds each file once.")
+            files[path] = member
     if len(tops) != 1 or not files:
         found = ", ".join(sorted(tops)) or "nothing"
         raise ValueError(f"{archive}: a bundle archive holds one directory (the bundle), "

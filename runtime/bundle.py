@@ -16,11 +16,19 @@ import hashlib
 import json
 import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._files import archive_members, bundle_files, holds_only, replace_directory
+from ._files import (
+    archive_members,
+    bundle_files,
+    holds_only,
+    remove_leftovers,
+    replace_directory,
+    sync_directory,
+    sync_tree,
+    work_dir_beside,
+)
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -54,6 +62,22 @@ def max_supported_opset(ort_version: str) -> int:
     return best
 
 
+def installed_max_opset() -> int:
+    """Highest ai.onnx opset the installed onnxruntime runs: the newest opset any of its
+    kernels was written for, asked of onnxruntime itself (releases newer than ORT_MAX_OPSET's
+    last row run more than it says); the table where a build does not answer."""
+    import onnxruntime
+
+    have = max_supported_opset(onnxruntime.__version__)
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+        kernels = ort_c.get_all_opkernel_def()
+    except (ImportError, AttributeError, RuntimeError):
+        return have
+    return max([have] + [k.version_range[0] for k in kernels if k.domain in ("", "ai.onnx")])
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -69,7 +93,8 @@ class Bundle:
 
     @classmethod
     def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
-        """Read `path/manifest.json` and, with `verify`, check every listed file's sha256."""
+        """Read `path/manifest.json` and check that every listed file is there; with `verify`,
+        also its size and sha256 (which reads every byte)."""
         path = Path(path)
         if path.is_file() and tarfile.is_tarfile(path):
             raise FileNotFoundError(f"{str(path)!r} is a bundle archive; install it with "
@@ -92,8 +117,7 @@ class Bundle:
             raise BundleError(f"{manifest_file} must hold a JSON object.")
         bundle = cls(path, manifest)
         bundle._check_fields()
-        if verify:
-            bundle._check_files()
+        bundle._check_files(contents=verify)
         bundle._check_opset()
         return bundle
 
@@ -133,15 +157,21 @@ class Bundle:
                                   f"{{\"path\": str, \"bytes\": int, \"sha256\": str}}, "
                                   f"got {entry!r}.")
             name = entry["path"]
-            if not name or Path(name).is_absolute() or root not in (root / name).resolve().parents:
+            try:
+                inside = "\0" not in name and root in (root / name).resolve().parents
+            except (OSError, RuntimeError):   # a link loop
+                inside = False
+            if not name or Path(name).is_absolute() or not inside:
                 raise BundleError(f"manifest.json lists an unsafe file path {name!r}.")
 
-    def _check_files(self) -> None:
+    def _check_files(self, *, contents: bool) -> None:
         for entry in self.manifest["files"]:
             name = entry["path"]
             file = self.path / name
             if not file.is_file():
                 raise BundleError(f"{self.path / name}: listed in manifest.json but missing.")
+            if not contents:
+                continue
             size = file.stat().st_size
             if size != entry.get("bytes"):
                 raise BundleError(f"{self.path / name}: {size} bytes, manifest.json says "
@@ -154,7 +184,7 @@ class Bundle:
         import onnxruntime
 
         needed = self.manifest["opset"]
-        have = max_supported_opset(onnxruntime.__version__)
+        have = installed_max_opset()
         if needed > have:
             raise BundleError(
                 f"{self.path / 'manifest.json'}: the graph needs ai.onnx opset {needed}, but "
@@ -195,25 +225,18 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
             raise BundleError(str(e)) from None
         except tarfile.TarError as e:   # cut short in copying
             raise BundleError(f"{archive} is damaged ({e}); copy it again.") from None
-        sizes = {entry.get("path"): entry.get("bytes") for entry in manifest.get("files", [])
-                 if isinstance(entry, dict)} | {"manifest.json": None}
-        for member in files:
-            path = member.name.split("/", 1)[1]
-            if path not in sizes:
-                raise BundleError(f"{archive}: {member.name} is not listed in its "
-                                  f"manifest.json; a bundle archive holds only the bundle.")
-            if sizes[path] not in (None, member.size):
-                raise BundleError(f"{archive}: {member.name} has {member.size} bytes, its "
-                                  f"manifest.json says {sizes[path]}; copy the archive again.")
+        sizes = _archived_sizes(manifest, files, archive, name)
         final = into / name
-        if final.is_symlink() or final.exists() and not _a_bundle(final):
+        if final.is_symlink() or final.exists() and not (
+                final.is_dir() and (_a_bundle(final) or holds_only(final, set(sizes)))):
             raise FileExistsError(f"{str(final)!r} exists and is not a bundle; refusing to "
                                   f"replace it. Unpack into another directory.")
         into.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=into))
+        remove_leftovers(final)   # of an unpack killed before its cleanup could run
+        work = work_dir_beside(final)
         try:
-            for member in files:
-                dest = work.joinpath(*Path(member.name).parts[1:])
+            for path, member in files.items():
+                dest = work / path
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with tar.extractfile(member) as source, open(dest, "wb") as out:
                     shutil.copyfileobj(source, out, 1 << 20)
@@ -221,7 +244,9 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
                 Bundle.open(work)   # fields, every listed file's size and sha256, opset
             except BundleError as e:   # name the archive's file, not the hidden work copy
                 raise BundleError(f"{archive}: {str(e).replace(str(work), name)}") from None
+            sync_tree(work)   # whole files on disk before the rename makes them the bundle
             replace_directory(work, final)
+            sync_directory(into)
         except tarfile.TarError as e:
             raise BundleError(f"{archive} is damaged ({e}); copy it again.") from None
         finally:
@@ -229,10 +254,11 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
     return final
 
 
-def _archived_manifest(tar: tarfile.TarFile, files: list[tarfile.TarInfo], archive: Path,
+def _archived_manifest(tar: tarfile.TarFile, files: dict[str, tarfile.TarInfo], archive: Path,
                        name: str) -> dict:
-    """The manifest.json in a bundle archive, read without unpacking anything."""
-    entry = next((m for m in files if m.name == f"{name}/manifest.json"), None)
+    """The manifest.json in a bundle archive, read without unpacking anything, and its
+    fields checked as `Bundle.open` checks them."""
+    entry = files.get("manifest.json")
     if entry is None:
         raise BundleError(f"{archive} has no {name}/manifest.json; it is not a bundle archive.")
     if entry.size > 64 << 20:
@@ -244,7 +270,34 @@ def _archived_manifest(tar: tarfile.TarFile, files: list[tarfile.TarInfo], archi
         raise BundleError(f"{archive}: {name}/manifest.json is not valid JSON: {e}") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{archive}: {name}/manifest.json must hold a JSON object.")
+    try:
+        listed = Bundle(Path(name), manifest)
+        listed._check_fields()
+        listed._check_opset()
+    except BundleError as e:
+        raise BundleError(f"{archive}: {e}") from None
     return manifest
+
+
+def _archived_sizes(manifest: dict, files: dict[str, tarfile.TarInfo], archive: Path,
+                    name: str) -> dict[str, int | None]:
+    """{path: bytes} of what the archive's manifest lists (manifest.json itself: None), once
+    every file in the archive is one it lists, of that size, and every one it lists is in
+    the archive: checked before anything is written."""
+    sizes = {entry["path"]: entry["bytes"] for entry in manifest["files"]}
+    sizes["manifest.json"] = None
+    for path, member in files.items():
+        if path not in sizes:
+            raise BundleError(f"{archive}: {name}/{path} is not listed in its manifest.json; "
+                              f"a bundle archive holds only the bundle.")
+        if sizes[path] not in (None, member.size):
+            raise BundleError(f"{archive}: {name}/{path} has {member.size} bytes, its "
+                              f"manifest.json says {sizes[path]}; copy the archive again.")
+    missing = sorted(set(sizes) - set(files))
+    if missing:
+        raise BundleError(f"{archive}: {name}/{missing[0]} is listed in its manifest.json but "
+                          f"not in the archive; copy the archive again.")
+    return sizes
 
 
 def _a_bundle(path: Path) -> bool:

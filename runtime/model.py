@@ -153,6 +153,33 @@ def batches(tokenizer: Tokenizer, texts: Sequence[str], *, max_length: int,
                                 input_names=input_names)
 
 
+def _runtime_settings(bundle: Bundle) -> dict:
+    settings = bundle.manifest["target"].get("runtime", {})
+    if not isinstance(settings, dict):
+        raise BundleError(f"{bundle.path / 'manifest.json'}: target.runtime must be an object "
+                          f"of settings, got {settings!r}.")
+    return settings
+
+
+def _check_settings(bundle: Bundle, max_length, batch_size) -> None:
+    """The manifest fields every call reads, checked once at load with the field named."""
+    where = bundle.path / "manifest.json"
+    for name, value in (("max_length (or target.runtime.max_sequence_length)", max_length),
+                        ("target.runtime.batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BundleError(f"{where}: {name} must be a positive int, got {value!r}; "
+                              f"export the bundle again.")
+    pooling = bundle.manifest.get("pooling")
+    if bundle.manifest["task"] == "feature-extraction" and pooling is not None and not (
+            isinstance(pooling, dict) and pooling.get("mode") in POOLING_MODES
+            and isinstance(pooling.get("normalize"), bool)):
+        raise BundleError(f"{where}: pooling must be {{\"mode\": one of "
+                          f"{', '.join(POOLING_MODES)}, \"normalize\": bool}}, got {pooling!r}.")
+
+
+POOLING_MODES = ("mean", "cls", "max")
+
+
 class Model:
     """A loaded bundle. Build one with `runtime.load(path)`."""
 
@@ -164,9 +191,10 @@ class Model:
         self.bundle = bundle
         self.manifest = manifest
         self.task: str = manifest["task"]
-        settings = manifest["target"].get("runtime", {})
+        settings = _runtime_settings(bundle)
         self.max_length: int = manifest.get("max_length", settings.get("max_sequence_length"))
         self.batch_size: int = settings.get("batch_size", 32)
+        _check_settings(bundle, self.max_length, self.batch_size)
         self.tokenizer = Tokenizer.from_file(bundle.file("tokenizer.json"))
         if self.task != "text-generation" and self.tokenizer.pad_id is None:
             raise BundleError(f"{bundle.file('tokenizer.json')} names no pad id (no "

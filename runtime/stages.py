@@ -142,11 +142,15 @@ class StagedSession(_StagedIO):
         stop = threading.Event()
 
         def feed():
-            for item in feeds:
-                if stop.is_set():
-                    break
-                links[0].put(dict(item))
-            links[0].put(_DONE)
+            try:
+                for item in feeds:
+                    if stop.is_set():
+                        break
+                    links[0].put(dict(item))
+            except BaseException as e:  # the caller's iterable failed: raised in its thread
+                links[0].put(_Failure(e))
+            finally:
+                links[0].put(_DONE)
 
         def work(i: int, session):
             while True:

@@ -156,6 +156,79 @@ def test_a_bundle_archive_installs_verified_and_whole(minilm_bundle, tmp_path):
     assert _names(mine) == ["notes.txt"]
 
 
+def _repacked(archive: Path, path: Path, *, rename=lambda name: name, manifest=None,
+              extra=()) -> Path:
+    """`archive`'s members under new names, with another manifest.json and extra members."""
+    with tarfile.open(archive) as source, tarfile.open(path, "w") as tar:
+        for member in source.getmembers():
+            data = source.extractfile(member).read()
+            if manifest is not None and member.name.endswith("/manifest.json"):
+                data = json.dumps(manifest).encode()
+            member.name, member.size = rename(member.name), len(data)
+            tar.addfile(member, io.BytesIO(data))
+        for name, data in extra:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_unpack_reads_names_as_tar_does_and_checks_the_manifest_before_writing(
+        minilm_bundle, tmp_path):
+    archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
+    into = tmp_path / "models"
+    # `tar -cf x.tar ./minilm-arm-cpu` names members ./minilm-arm-cpu/...: the same bundle
+    dotted = _repacked(archive, tmp_path / "dotted.tar", rename=lambda n: "./" + n)
+    assert runtime.unpack(dotted, into) == into / "minilm-arm-cpu"
+    before = _names(into)
+    manifest = json.loads((minilm_bundle / "manifest.json").read_text())
+    huge = b"{" + b" " * (1 << 20) + b"}"
+    for path, message in [
+        # a second manifest.json slipped past the size checks, and a .tar.gz of zeros could
+        # fill the disk before it was read
+        (_repacked(archive, tmp_path / "twice.tar",
+                   extra=[("minilm-arm-cpu/manifest.json", huge)]),
+         "minilm-arm-cpu/manifest.json is in it twice"),
+        (_repacked(archive, tmp_path / "files.tar", manifest=manifest | {"files": 5}),
+         "field 'files' must be list"),
+        (_repacked(archive, tmp_path / "path.tar", manifest=manifest | {
+            "files": [*manifest["files"], {"path": ["x"], "bytes": 1, "sha256": "0"}]}),
+         r"files\[\d+\] must be"),
+        (_repacked(archive, tmp_path / "missing.tar", manifest=manifest | {
+            "files": [*manifest["files"], {"path": "stage1.onnx", "bytes": 1, "sha256": "0"}]}),
+         "minilm-arm-cpu/stage1.onnx is listed in its manifest.json but not in the archive"),
+        (_repacked(archive, tmp_path / "opset.tar", manifest=manifest | {"opset": 999}),
+         "needs ai.onnx opset 999"),
+    ]:
+        with pytest.raises(BundleError, match=message):
+            runtime.unpack(path, into)
+    assert _names(into) == before
+
+
+def test_unpack_recovers_from_what_a_killed_or_damaged_install_left(minilm_bundle, tmp_path):
+    archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
+    into = tmp_path / "models"
+    installed = runtime.unpack(archive, into)
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead = int(done.stdout)   # a pid whose process has exited
+    # an unpack killed (SIGKILL, power loss) mid-copy, and a replaced copy that a killed
+    # update never removed, under a pid the device reuses after a reboot: this one's
+    killed = into / f".minilm-arm-cpu.{dead}.a1b2c3d4"
+    stale = into / f".minilm-arm-cpu.old-{os.getpid()}"
+    for path in (killed, stale):
+        path.mkdir()
+        (path / "model.onnx").write_bytes(b"x" * 1000)
+    (installed / "manifest.json").write_text("")   # and a damaged install
+    with pytest.raises(BundleError):
+        runtime.load(installed)
+    assert runtime.unpack(archive, into) == installed
+    runtime.load(installed)
+    assert not killed.exists()
+    runtime.unpack(archive, into)   # the stale .old-<pid> is in the way of no rename
+    assert sorted(p.name for p in into.iterdir()) == sorted(["minilm-arm-cpu", stale.name])
+
+
 def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
     """python -m runtime unpack / verify, for an updater's shell script: one line and exit 0,
     or the reason and exit 2."""
@@ -175,6 +248,10 @@ def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
     assert code == 2 and "tokenizer.json" in err
     assert run("verify", archive)[0] == 2 and "runtime.unpack" in run("verify", archive)[2]
     assert run("unpack", tmp_path / "missing.tar", tmp_path)[0] == 2
+    manifest = json.loads((minilm_bundle / "manifest.json").read_text())
+    bad = _repacked(archive, tmp_path / "bad.tar", manifest=manifest | {"files": 5})
+    code, _, err = run("unpack", bad, tmp_path / "models")
+    assert code == 2 and "field 'files' must be list" in err and "Traceback" not in err
 
 
 def test_odd_and_long_text(minilm_bundle):
@@ -286,6 +363,44 @@ def test_a_file_the_manifest_does_not_vouch_for_is_never_loaded(bundle_copy):
         with pytest.raises(BundleError, match=rf"files\[{len(listed)}\] must be "
                                               r"\{\"path\": str"):
             runtime.load(bundle_copy, verify=verify)
+
+
+def test_a_missing_file_is_refused_even_unverified(bundle_copy):
+    (bundle_copy / "model.onnx").unlink()
+    with pytest.raises(BundleError, match="model.onnx: listed in manifest.json but missing"):
+        runtime.load(bundle_copy, verify=False)
+
+
+def test_odd_manifest_values_are_refused_naming_the_field(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    target, pooling = manifest["target"], manifest["pooling"]
+    for changes, message in [
+        ({"files": [*manifest["files"], {"path": "a\0b", "bytes": 1, "sha256": "0"}]},
+         "unsafe file path"),
+        ({"target": target | {"runtime": None}}, "target.runtime must be an object"),
+        ({"target": target | {"runtime": target["runtime"] | {"batch_size": 0}}},
+         "target.runtime.batch_size must be a positive int, got 0"),
+        ({"max_length": None}, r"max_length \(or target.runtime.max_sequence_length\) must"),
+        ({"pooling": {"mode": "mean"}}, "pooling must be"),
+        ({"pooling": pooling | {"mode": "median"}}, "pooling must be"),
+    ]:
+        edit_manifest(bundle_copy, **manifest | changes)
+        with pytest.raises(BundleError, match=message):
+            runtime.load(bundle_copy, verify=False)
+
+
+def test_the_installed_onnxruntime_is_asked_its_opset(bundle_copy):
+    import onnxruntime
+
+    from runtime.bundle import installed_max_opset, max_supported_opset
+
+    have = installed_max_opset()
+    assert have >= max_supported_opset(onnxruntime.__version__)
+    edit_manifest(bundle_copy, opset=have)
+    runtime.load(bundle_copy, verify=False)
+    edit_manifest(bundle_copy, opset=have + 1)
+    with pytest.raises(BundleError, match=f"needs ai.onnx opset {have + 1}, but onnxruntime"):
+        runtime.load(bundle_copy, verify=False)
 
 
 def test_corrupt_manifest(bundle_copy):

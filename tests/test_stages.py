@@ -49,6 +49,22 @@ def test_cuda_stage_devices_fall_back_to_cpu(minilm_bundle, eval_texts, single, 
                                   single[:20])
 
 
+def test_a_failing_feed_reaches_the_caller_instead_of_hanging(minilm_bundle, tmp_path):
+    session = runtime.load(restage(minilm_bundle, 2, tmp_path / "staged")).session
+    feed = {"input_ids": np.array([[101, 7592, 102]]), "attention_mask": np.ones((1, 3), int),
+            "token_type_ids": np.zeros((1, 3), int)}
+    feed = {i.name: feed[i.name] for i in session.get_inputs()}
+
+    def feeds():
+        yield feed
+        raise OSError("the caller's data source failed")
+
+    stream = session.run_stream(feeds())
+    assert len(next(stream)) == 1
+    with pytest.raises(OSError, match="data source failed"):
+        next(stream)
+
+
 def test_stage_errors_are_clear(minilm_bundle, tmp_path):
     model = onnx.load(minilm_bundle / "model.onnx")
     with pytest.raises(ValueError, match=r"stages must be an int >= 1, got 0"):
