@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from collections.abc import Iterable
@@ -63,10 +62,11 @@ def _texts(source, *, default_split: str, count: int, what: str) -> list[Utteran
 
 
 def _layers(model_dir: Path) -> int | None:
-    config = Path(model_dir) / "config.json"
-    if not config.is_file():
+    from .load import read_config
+
+    if not (Path(model_dir) / "config.json").is_file():
         return None
-    return json.loads(config.read_text()).get("num_hidden_layers")
+    return read_config(model_dir).get("num_hidden_layers")
 
 
 def _override(profile: Target, *, precision: str | None, stages: int | None,
@@ -137,6 +137,21 @@ def _limits(profile: Target, *, max_model_mb, max_latency_ms, task: str,
     return profile
 
 
+def _check_compression(compression: Compression | None, profile: Target,
+                       layers: int | None) -> None:
+    """What compress() would refuse after loading the model, refused before any work."""
+    if compression is None:
+        return
+    v = profile.validation
+    if compression.heal_steps and not compression.active \
+            and v.max_model_mb is None and v.max_latency_ms is None:
+        raise ValueError("--heal-steps needs a compression to heal (e.g. --drop-layers 1).")
+    if layers is not None and compression.drop_layers:
+        from .compress import choose_layers_to_drop
+
+        choose_layers_to_drop(compression.drop_layers, [0.0] * layers)
+
+
 def export(model: str = "minilm", *, target: str | Path | Target, task: str | None = None,
            output: str | Path | None = None,
            calibration: str | Path | Iterable[str] | None = None,
@@ -190,19 +205,28 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
                          f"feature-extraction.")
     if task == "text-classification":
         check_single_label(resolve_model_dir(model))
+    layers = None if generative else _layers(resolve_model_dir(model))
     if task == "text-generation":
         profile = _decoder_profile(profile, precision=precision, stages=stages)
         default_budget = profile.generation.budget
     else:
-        profile = _override(profile, precision=precision, stages=stages,
-                            layers=_layers(resolve_model_dir(model)))
+        profile = _override(profile, precision=precision, stages=stages, layers=layers)
         default_budget = profile.validation.budget_for(task)
     profile = _limits(profile, max_model_mb=max_model_mb, max_latency_ms=max_latency_ms,
                       task=task, compression=compression)
+    _check_compression(compression, profile, layers)
     budget = Budget.parse(default_budget if accuracy_budget is None else accuracy_budget)
     model_name = (Path(model).resolve().name if Path(model).is_dir() else
                   Path(model).stem if str(model).endswith(".gguf") else model)
     output = Path(output) if output else Path("build") / f"{model_name}-{profile.name}"
+    if output.name in ("", ".."):   # "." or "x/..": the directory it names
+        output = output.resolve()
+    for parent in output.parents:   # the nearest one that exists must be a directory
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise FileExistsError(f"Output {str(output)!r}: {str(parent)!r} exists and is "
+                                      f"not a directory. Choose another --output.")
+            break
     check_replaceable(output)  # before any work: the output, and where a rejection's report goes
     rejected = output.with_name(output.name + ".rejected")
     check_replaceable(rejected)
@@ -221,8 +245,12 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     try:   # from here on, however the export ends, its work directory goes
         job.requantize = requantize
         job.archive = archive
-        if isinstance(evaluation, (str, Path)):
-            job.records["eval_source"] = str(evaluation)
+        for key, given, texts in (("eval_source", evaluation, evaluation_set),
+                                  ("calibration_source", calibration, calibration_set)):
+            if isinstance(given, (str, Path)):
+                job.records[key] = str(given)
+            elif given is not None:
+                job.records[key] = f"{len(texts)} texts given"
         if freed:
             job.log(f"removed {freed / 1e6:.0f} MB that killed exports of {output} left beside it")
         for line in data_warnings(task, profile, calibration_set, evaluation_set):

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--share-layers", action="store_true",
                         help="tie adjacent layers' attention, FFN or whole layer where sharing "
                              "costs little (measured)")
-    parser.add_argument("--share-max-harm", type=float, default=0.02, metavar="H",
+    parser.add_argument("--share-max-harm", type=float, metavar="H",
                         help="--share-layers: the most harm all ties together may cost: 1 - cosine "
                              "to the untied output, or a decoder's relative perplexity "
                              "increase (default 0.02)")
@@ -91,13 +91,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.target:
             parser.error("--target is required (or --list-targets)")
+        if args.share_max_harm is not None and not args.share_layers:
+            raise ValueError("--share-max-harm sets how much --share-layers may cost; give "
+                             "--share-layers too, or leave it out.")
         from exporter import BudgetError, Compression, export
 
         compression = Compression(
             drop_layers=Compression.parse_layers(args.drop_layers) if args.drop_layers else 0,
             prune_heads=args.prune_heads, prune_ffn=args.prune_ffn, sparsity=args.sparsity,
             sparsity_pattern=args.sparsity_pattern, share_layers=args.share_layers,
-            share_max_harm=args.share_max_harm, heal_steps=args.heal_steps)
+            heal_steps=args.heal_steps, **({} if args.share_max_harm is None else
+                                           {"share_max_harm": args.share_max_harm}))
         try:
             path = export(args.model, target=args.target, task=args.task, output=args.output,
                           calibration=args.calibration, evaluation=args.eval,
@@ -114,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:   # the machine, not the request: a full disk, an I/O error
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:   # the export's work directory is gone by now
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
     print(path)
     return 0
 

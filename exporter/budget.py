@@ -40,8 +40,11 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "text-generation": ("perplexity-increase", "greedy-agreement"),
 }
 LABELLED_METRICS = ("accuracy", "accuracy-drop")
+# metrics where smaller is better (a budget caps them with <=); the others take >=
+LOWER_IS_BETTER = ("accuracy-drop", "perplexity-increase")
 
-_CLAUSE = re.compile(r"^\s*([a-z0-9-]+)\s*(>=|<=)\s*(-?[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*$")
+_CLAUSE = re.compile(r"^\s*([a-z0-9-]+)\s*(>=|<=)\s*"
+                     r"([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*$")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,11 @@ class Budget:
             if metric not in METRICS:
                 raise ValueError(f"Unknown accuracy metric {metric!r} in budget {text!r}. "
                                  f"Available: {', '.join(METRICS)}.")
+            if (op == "<=") != (metric in LOWER_IS_BETTER):
+                better = "<=" if metric in LOWER_IS_BETTER else ">="
+                raise ValueError(f"Accuracy budget clause {part.strip()!r} bounds the wrong "
+                                 f"side: a budget says how far {metric} may get worse, "
+                                 f"e.g. '{metric}{better}{value}'.")
             low, high = RANGES[metric]
             if (op == ">=" and float(value) > high) or (op == "<=" and float(value) < low):
                 raise ValueError(f"Accuracy budget clause {part.strip()!r} can never hold: "

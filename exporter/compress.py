@@ -108,13 +108,13 @@ class Compression:
 
     @classmethod
     def parse_layers(cls, text: str) -> int | tuple[int, ...]:
-        """CLI form of drop_layers: "2" (a count) or "1,3" (indices)."""
+        """CLI form of drop_layers: "2" (a count), "1,3" (indices) or "4," (index 4 alone)."""
         if re.fullmatch(r"\d+", text.strip()):
             return int(text)
-        if re.fullmatch(r"\d+(,\d+)+,?", text.replace(" ", "")):
+        if re.fullmatch(r"\d+(,\d+)*,?", text.replace(" ", "")):
             return tuple(int(i) for i in text.replace(" ", "").strip(",").split(","))
-        raise ValueError(f"--drop-layers {text!r}: give a count (2) or comma-separated layer "
-                         f"indices (1,3).")
+        raise ValueError(f"--drop-layers {text!r}: give a count (2), comma-separated layer "
+                         f"indices (1,3), or one index with a comma after it (4,).")
 
 
 # --- the model's parts, per architecture ---

@@ -108,7 +108,11 @@ def read_texts(path: str | Path) -> list[Utterance]:
         raise ValueError(f"Text file {str(path)!r} must end in .txt (one text per line) "
                          f"or .jsonl (objects with a \"text\" field), not {path.suffix!r}.")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a BOM (Windows editors write one) is not text. Lines end at "\n" (and
+        # "\r\n") only: splitlines() also breaks at U+2028, U+0085 or \x0c, which JSON
+        # strings and prose may hold.
+        lines = [line.removesuffix("\r")
+                 for line in path.read_text(encoding="utf-8-sig").split("\n")]
     except UnicodeDecodeError as e:
         raise ValueError(f"Text file {str(path)!r} is not valid UTF-8 (byte {e.start}): "
                          f"re-save it as UTF-8.") from e
@@ -125,6 +129,9 @@ def read_texts(path: str | Path) -> list[Utterance]:
             raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}).") from e
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f"{path}:{number}: expected an object with a string \"text\" field.")
+        if not record["text"].strip():
+            raise ValueError(f"{path}:{number}: \"text\" is empty; give the text or leave the "
+                             f"line out.")
         label = record.get("label")
         out.append(Utterance(record["text"], None if label is None else str(label),
                              where=f"{path}:{number}"))

@@ -12,7 +12,6 @@ The bundle stage is shared with the encoders.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import resource
 import subprocess
@@ -65,7 +64,9 @@ def load_decoder(job) -> None:
         from .load import resolve_model_dir
 
         job.model_dir = resolve_model_dir(source)
-    config = json.loads((job.model_dir / "config.json").read_text())
+    from .load import read_config
+
+    config = read_config(job.model_dir)
     if config.get("model_type") not in SUPPORTED:
         raise ValueError(f"text-generation supports {' and '.join(SUPPORTED)}-family "
                          f"decoders; {source!r} is {config.get('model_type')!r}.")
@@ -103,6 +104,9 @@ def load_decoder(job) -> None:
                             model.config.num_attention_heads)}
     job.log(f"  {model.config.model_type} decoder, {model.config.num_hidden_layers} layers, "
             f"{params / 1e6:.1f}M parameters, context {job.max_length}, eos {eos_ids}")
+    eval_windows(job)   # too little evaluation text: refused now, not after the build
+    if job.records.get("calibration_source"):
+        _user_windows(job, job.calibration, "calibration")
 
 
 def chat_format(model_dir: Path) -> dict | None:
@@ -384,6 +388,16 @@ def quantize_decoder(job) -> None:
 
 
 # --- validate ----------------------------------------------------------------------------------
+
+def _user_windows(job, texts, what: str, width: int = 128) -> list[list[int]]:
+    """Windows of `width` tokens of the user's `texts` (their --calibration or --eval)."""
+    ids = encode(job, "\n\n".join(u.text for u in texts))
+    windows = [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)]
+    if not windows:
+        raise ValueError(f"The {what} text ({job.records[what + '_source']}) has {len(ids)} "
+                         f"tokens; a decoder needs at least one window of {width}.")
+    return windows
+
 
 def eval_windows(job) -> list[list[int]]:
     """Token windows of held-out text: the --eval file's texts, else English prose."""

@@ -51,9 +51,13 @@ def _decoder_windows(job, purpose: str) -> list[list[int]]:
     from .data import english_prose, split_of
     from .decoder import encode
 
+    count = DECODER_BATCHES[purpose][0]
+    if purpose != "measure" and job.records.get("calibration_source"):   # the user's text
+        from .decoder import _user_windows
+
+        return _user_windows(job, job.calibration, "calibration", DECODER_WINDOW)[:count]
     splits = {"score": ("calibration",), "heal": ("train", "calibration"),
               "measure": ("eval", "test")}[purpose]
-    count = DECODER_BATCHES[purpose][0]
     ids = encode(job, "\n\n".join(t for t in english_prose() if split_of(t) in splits))
     width = DECODER_WINDOW
     return [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)][:count]

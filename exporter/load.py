@@ -51,13 +51,25 @@ def resolve_model_dir(model: str) -> Path:
     return path
 
 
+def read_config(model_dir: Path) -> dict:
+    """`model_dir/config.json` as a dict; ValueError naming the file when it is not one."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); is the checkpoint complete?") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
 def infer_task(model: Path | str) -> str:
     """text-generation for a GGUF file, a packaged GGUF name or a *ForCausalLM / GPT-2's
     *LMHeadModel checkpoint; text-classification for *ForSequenceClassification; else
     feature-extraction (read from config.json, without loading the model)."""
     if not isinstance(model, Path):
         return "text-generation"   # a packaged GGUF name or a .gguf path
-    config = json.loads((model / "config.json").read_text())
+    config = read_config(model)
     architectures = config.get("architectures") or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         return "text-classification"
@@ -70,7 +82,7 @@ def check_single_label(model_dir: Path) -> None:
     """Raise ValueError unless classifier `model_dir` picks one of several labels per text:
     the runtime's classify() gives softmax probabilities over the labels, which would misread
     a multi-label head (a sigmoid per label) or a regression head (one score: always 1.0)."""
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir)
     kind = config.get("problem_type")
     labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
     if kind == "multi_label_classification":
@@ -89,7 +101,12 @@ def check_labels(evaluation, labels: list[str]) -> None:
     for u in evaluation:
         if u.intent is not None and u.intent not in known:
             shown = ", ".join(labels[:6]) + (", ..." if len(labels) > 6 else "")
-            raise ValueError(f"{u.where or 'evaluation text'}: label {u.intent!r} is not one of "
+            if u.where is None:   # the default texts: smart-home intents
+                raise ValueError(f"The default evaluation texts are smart-home commands "
+                                 f"labelled with their intent ({u.intent!r}, ...), and this "
+                                 f"model's {len(labels)} labels ({shown}) are others: give "
+                                 f"its own labelled held-out texts with --eval FILE.jsonl.")
+            raise ValueError(f"{u.where}: label {u.intent!r} is not one of "
                              f"the model's {len(labels)} labels ({shown}).")
 
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
 import tarfile
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime._files import archive_members, bundle_files, holds_only, replace_directory
+from runtime._files import (
+    archive_members,
+    bundle_files,
+    holds_only,
+    remove_leftovers,  # noqa: F401 (the exporter's callers import it from here)
+    replace_directory,
+    work_dir_beside,
+)
 
 from .compress import compression_lines
 from .strength import strength_lines
@@ -232,48 +235,15 @@ def plot_report(data: dict, path: Path) -> bool:
 
 
 def temp_dir_beside(target: Path) -> Path:
-    """A new private directory next to `target` (the same filesystem, so the final rename is
-    atomic), named `.<target>.<pid>.<random>`: the pid tells a later export that the process
-    which made it is gone (`remove_leftovers`)."""
+    """`work_dir_beside(target)`, a PermissionError naming the directory that refused."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+        return work_dir_beside(target)
     except PermissionError:
         where = target.parent
         while not where.exists():   # the directory that refused: the nearest one that exists
             where = where.parent
         raise PermissionError(f"Cannot write {str(target)!r}: no permission to create files in "
                               f"{str(where)!r}. Choose another --output.") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # another user's process
-        return True
-    return True
-
-
-def remove_leftovers(target: Path) -> int:
-    """Remove what exports of `target` left beside it when they were killed before their
-    cleanup could run (SIGKILL, power loss): work directories and replaced bundles whose
-    process is gone. Returns the bytes freed."""
-    own = re.compile(rf"\.{re.escape(target.name)}\.(?:old-)?(\d+)(?:\..+)?")
-    freed = 0
-    parent = target.parent if target.parent.is_dir() else None
-    for path in parent.iterdir() if parent else ():
-        match = own.fullmatch(path.name)
-        if not match or path.is_symlink() or not path.is_dir():
-            continue
-        pid = int(match.group(1))
-        if pid == os.getpid() or _alive(pid):
-            continue
-        freed += sum(f.stat().st_size for f in path.rglob("*")
-                     if f.is_file() and not f.is_symlink())
-        shutil.rmtree(path, ignore_errors=True)
-    return freed
 
 
 def write_report(job, directory: Path) -> None:
@@ -289,9 +259,14 @@ REPORT_FILES = frozenset({"report.json", "report.md", "report.png"})
 
 def written_here(path: Path) -> bool:
     """Whether directory `path` holds only what an export writes: a bundle (manifest.json and
-    the files it lists) or a rejected export's report. An empty directory qualifies."""
+    the files it lists) or, in `<output>.rejected`, a rejected export's report. An empty
+    directory qualifies. (A user's folder of report.md and notes named `out` is not one.)"""
     known = bundle_files(path)
-    return known is not None and holds_only(path, known | REPORT_FILES)
+    if known is None:
+        return False
+    if path.name.endswith(".rejected"):
+        known |= REPORT_FILES
+    return holds_only(path, known)
 
 
 NOT_AN_EXPORT = "no export wrote (it is not a bundle whose manifest.json lists them all)"

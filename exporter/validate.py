@@ -163,7 +163,7 @@ def validate(job) -> None:
     float_latency, quant_latency = timed["float"], timed["bundle"]
     record = {
         "eval_texts": len(texts),
-        "eval_data": "user file" if job.records.get("eval_source") else "smart-home utterances",
+        "eval_data": job.records.get("eval_source", "smart-home utterances"),
         "metrics": metrics,
         "cosine_percentiles": {p: round(float(np.percentile(cos, p)), 5) for p in (1, 5, 50)},
         "cosine_histogram": cosine_histogram(cos),

@@ -195,6 +195,11 @@ def load_target(name_or_path: str | Path) -> Target:
     if block & (block - 1):
         raise ValueError(f"{path}: 'generation.block_size' is {block}; expected a power of "
                          f"two (16, 32, 64, 128, ...).")
+    if target.name in ("", ".", "..") or "/" in target.name or "\\" in target.name \
+            or target.name.startswith("."):
+        raise ValueError(f"{path}: 'name' is {target.name!r}; it names the output directory "
+                         f"(build/<model>-<name>): no path separators or leading dot.")
+    _check_budgets(target, path)
     if not target.runtime.execution_providers:
         raise ValueError(f"{path}: 'runtime.execution_providers' is empty; list at least "
                          f"\"CPUExecutionProvider\".")
@@ -205,7 +210,30 @@ def load_target(name_or_path: str | Path) -> Target:
         if name not in known:
             raise ValueError(f"{path}: 'runtime.execution_providers' lists {name!r}, which "
                              f"onnxruntime does not know; its providers: {', '.join(known)}.")
+    from runtime.bundle import installed_max_opset
+
+    most = installed_max_opset()
+    if target.opset > most:
+        raise ValueError(f"{path}: 'opset' is {target.opset}; onnxruntime "
+                         f"{onnxruntime.__version__} runs opsets up to {most}.")
     return dataclasses.replace(target, source=str(path))
+
+
+def _check_budgets(target: Target, path: Path) -> None:
+    """Each of the profile's accuracy budgets parsed, and measurable by its task, when the
+    profile is read (not when an export of that task first needs it)."""
+    from exporter.budget import Budget
+
+    for where, text, task in (
+            ("validation.accuracy_budget", target.validation.accuracy_budget,
+             "feature-extraction"),
+            ("validation.classification_budget", target.validation.classification_budget,
+             "text-classification"),
+            ("generation.budget", target.generation.budget, "text-generation")):
+        try:
+            Budget.parse(text).check_measurable(task, labelled=True)
+        except ValueError as e:
+            raise ValueError(f"{path}: {where!r} is {text!r}: {e}") from None
 
 
 def _resolve(name_or_path: str | Path, *, relative_to: Path | None = None) -> Path:

@@ -67,11 +67,39 @@ def test_read_txt_and_jsonl(tmp_path):
     assert [(u.text, u.intent) for u in got] == [("hi", "HassNevermind"), ("yo", None)]
 
 
+def test_text_files_are_read_as_written(tmp_path):
+    """Lines end at \\n (or \\r\\n) only; U+2028, NEL and form feed are text (json.dumps
+    with ensure_ascii=False writes them raw), and a BOM is not."""
+    texts = ["a\u2028b", "c\x85d", "e\x0cf", "plain"]
+    (tmp_path / "odd.jsonl").write_text(
+        "\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts),
+        encoding="utf-8-sig")
+    assert [u.text for u in read_texts(tmp_path / "odd.jsonl")] == texts
+    (tmp_path / "odd.txt").write_text("\n".join(texts) + "\n", encoding="utf-8-sig")
+    assert [u.text for u in read_texts(tmp_path / "odd.txt")] == texts
+
+
+@pytest.mark.parametrize("text", ["cosine>=9.7E-1", "cosine>=+0.97", "cosine>=1.",
+                                  "cosine>=.97", "perplexity-increase<=1e1"])
+def test_budget_numbers_in_any_usual_form(text):
+    value = float(text.split("=")[1])
+    assert Budget.parse(text).clauses[0].value == value
+
+
+@pytest.mark.parametrize("text", ["cosine<=0.97", "agreement<=0.9", "accuracy-drop>=1",
+                                  "cosine>=0.9,cosine<=0.5"])
+def test_a_clause_bounding_the_wrong_side_is_refused(text):
+    with pytest.raises(ValueError, match="bounds the wrong side"):
+        Budget.parse(text)
+
+
 @pytest.mark.parametrize("name, content, error, message", [
     ("empty.txt", b"\n \n", ValueError, "holds no text"),
     ("latin1.txt", "caf\xe9\n".encode("latin-1"), ValueError, "not valid UTF-8"),
     ("bad.jsonl", b'{"text": "ok"}\n{not json\n', ValueError, r"bad.jsonl:2: not valid JSON"),
     ("nofield.jsonl", b'{"txt": "ok"}\n', ValueError, r"nofield.jsonl:1: expected an object"),
+    ("blank.jsonl", b'{"text": "ok"}\n{"text": "  ", "label": "x"}\n', ValueError,
+     r'blank.jsonl:2: "text" is empty'),
     ("data.csv", b"a,b\n", ValueError, r"must end in .txt"),
 ])
 def test_bad_text_files(tmp_path, name, content, error, message):

@@ -185,6 +185,43 @@ def test_negative_log_likelihood_in_blocks_is_the_whole_computation():
                                                                                  rel=1e-12)
 
 
+def test_a_decoder_scores_and_heals_on_the_users_calibration_text(smollm2_tokenizer_json,
+                                                                    tmp_path):
+    import shutil
+
+    from exporter.data import Utterance
+    from exporter.heal import DECODER_WINDOW, _decoder_windows
+
+    shutil.copy(smollm2_tokenizer_json, tmp_path / "tokenizer.json")
+    texts = ["Set the thermostat to twenty degrees and dim the lights."] * 40
+    job = SimpleNamespace(workdir=tmp_path, task="text-generation",
+                          records={"calibration_source": "mine.txt"},
+                          calibration=[Utterance(t) for t in texts])
+    tok = runtime.Tokenizer.from_file(tmp_path / "tokenizer.json")
+    ids = tok.encode("\n\n".join(texts))
+    windows = _decoder_windows(job, "score")
+    assert windows and windows[0] == ids[:DECODER_WINDOW]   # its text, not pydoc prose
+    assert all(len(w) == DECODER_WINDOW for w in windows)
+    job.calibration = job.calibration[:2]
+    job._hf_tokenizer = None
+    del job._hf_tokenizer
+    with pytest.raises(ValueError, match=r"The calibration text \(mine.txt\) has \d+ tokens; "
+                                         r"a decoder needs at least one window of 128"):
+        _decoder_windows(job, "heal")
+
+
+def test_too_little_evaluation_text_is_refused_before_the_build(tmp_path, capsys):
+    from exporter.__main__ import main
+
+    (tmp_path / "one.txt").write_text("Just one short line.\n")
+    assert main(["--target", "arm-cpu", "--model", "smollm2", "--eval",
+                 str(tmp_path / "one.txt"), "--output", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert "perplexity needs at least one window of 256" in err
+    assert "[compress]" not in out and "[build_float]" not in out   # no work wasted
+    assert not (tmp_path / "out").exists()
+
+
 def test_decode_stream_emits_whole_characters(smollm2_tokenizer_json):
     tok = runtime.Tokenizer.from_file(smollm2_tokenizer_json)
     text = "Caf\u00e9 \U0001F600 \u4e2d\u6587!"

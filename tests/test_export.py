@@ -206,6 +206,14 @@ def test_broken_budget_fails_loudly_and_keeps_the_old_bundle(tmp_path, minilm_bu
     (["--target", "arm-cpu", "--requantize"], "requantize applies to GGUF sources only"),
     (["--target", "arm-cpu", "--task", "text-classification"],
      "'minilm' has no trained classification head"),
+    # what compress() refused only after loading the model and scoring its layers
+    (["--target", "arm-cpu", "--drop-layers", "7,9"],
+     "--drop-layers 7,9: the model has 6 layers (indices 0-5); [7, 9] do not exist"),
+    (["--target", "arm-cpu", "--drop-layers", "6"], "Dropping 6 of 6 layers would leave no "
+                                                    "layer"),
+    (["--target", "arm-cpu", "--heal-steps", "5"], "--heal-steps needs a compression to heal"),
+    (["--target", "arm-cpu", "--drop-layers", "7,"], "--drop-layers 7: the model has 6 layers"),
+    (["--target", "arm-cpu", "--share-max-harm", "0.1"], "give --share-layers too"),
 ])
 def test_cli_bad_input_exits_2_with_a_clear_message(argv, message, capsys, tmp_path):
     assert main([*argv, "--output", str(tmp_path / "out")]) == 2
@@ -226,14 +234,20 @@ def test_output_holding_user_files_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     (tmp_path / "x.rejected").mkdir()
     (tmp_path / "x.rejected" / "photo.jpg").write_bytes(b"\xff\xd8")
+    (tmp_path / "reports").mkdir()   # named like a report, but not in <output>.rejected
+    (tmp_path / "reports" / "report.md").write_text("my own report")
     for output, message in [("mine", "exists and is not a directory"),
                             ("notes", "holds files that no export wrote"),
-                            ("x", "x.rejected' exists and holds files that no export wrote")]:
+                            ("x", "x.rejected' exists and holds files that no export wrote"),
+                            ("reports", "holds files that no export wrote"),
+                            ("mine/sub", "exists and is not a directory")]:
         assert main(["--target", "arm-cpu", "--output", str(tmp_path / output)]) == 2
         assert message in capsys.readouterr().err
     assert (tmp_path / "mine").read_text() == "a file of mine"
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes", "x.rejected"]
+    assert (tmp_path / "reports" / "report.md").read_text() == "my own report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes", "reports",
+                                                          "x.rejected"]
 
 
 def test_leftovers_of_killed_exports_are_removed_and_nothing_else(tmp_path):
@@ -243,15 +257,20 @@ def test_leftovers_of_killed_exports_are_removed_and_nothing_else(tmp_path):
                           capture_output=True, text=True, check=True)
     dead = int(done.stdout)   # a pid whose process has exited
     output = tmp_path / "out"
-    killed = [tmp_path / f".out.{dead}.k2j4x9", tmp_path / f".out.old-{dead}"]
+    killed = [tmp_path / f".out.{dead}.k2j4x9_q", tmp_path / f".out.old-{dead}",
+              tmp_path / f".out.old-{dead}.a1b2c3d4"]
     for path in killed:
         (path / "float").mkdir(parents=True)
         (path / "float" / "model.onnx").write_bytes(b"x" * 1000)
     live = temp_dir_beside(output)   # this process's own: still in use
-    kept = [live, tmp_path / ".out.notes", tmp_path / f".other.{dead}.abc", tmp_path / "out"]
+    # ... and another output's: `out.2024` whose work directory reads, to a loose pattern,
+    # as `out`'s with pid 2024 (a dead pid here)
+    kept = [live, tmp_path / ".out.notes", tmp_path / f".other.{dead}.abcdefgh",
+            tmp_path / "out", tmp_path / f".out.{dead}.{os.getpid()}.abcdefgh",
+            tmp_path / f".out.{dead}.abc"]
     for path in kept[1:]:
         path.mkdir()
-    assert remove_leftovers(output) == 2000
+    assert remove_leftovers(output) == 3000
     assert not any(p.exists() for p in killed) and all(p.is_dir() for p in kept)
     assert remove_leftovers(tmp_path / "missing-parent" / "out") == 0
 

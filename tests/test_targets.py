@@ -74,6 +74,19 @@ def test_missing_profile_file():
       'execution_providers = ["CudaExecutionProvider", "CPUExecutionProvider"]'),
      r"lists 'CudaExecutionProvider', which onnxruntime does not know; its providers: .*"
      r"CUDAExecutionProvider"),
+    # what only an export of that task would have tripped on, minutes in
+    (("opset = 18", "opset = 99"), r"'opset' is 99; onnxruntime .* runs opsets up to \d+"),
+    (('accuracy_budget = "cosine>=0.995,min-cosine>=0.98"', 'accuracy_budget = ""'),
+     r"'validation.accuracy_budget' is '': The accuracy budget is empty"),
+    (('accuracy_budget = "cosine>=0.995,min-cosine>=0.98"', 'accuracy_budget = "cosin>=0.9"'),
+     r"'validation.accuracy_budget' is 'cosin>=0.9': Unknown accuracy metric 'cosin'"),
+    (('classification_budget = "accuracy-drop<=0.3,agreement>=0.995"',
+      'classification_budget = "perplexity-increase<=3"'),
+     r"'validation.classification_budget' .* cannot be checked: a text-classification"),
+    (('budget = "perplexity-increase<=10"', 'budget = "cosine>=0.9"'),
+     r"'generation.budget' is 'cosine>=0.9': .* a text-generation export measures"),
+    (('description = "', 'name = "../../etc"\ndescription = "'),
+     r"'name' is '../../etc'; it names the output directory"),
 ])
 def test_bad_profile_names_file_key_and_expectation(tmp_path, edit, message):
     text = (PROFILE_DIR / "arm-cpu.toml").read_text()
