@@ -207,19 +207,25 @@ def negative_log_likelihood(logits: np.ndarray, ids: Sequence[int], *,
     return total
 
 
-def perplexity(decoder: Decoder, ids: list[int], window: int) -> float:
+def perplexity(decoder: Decoder, ids: list[int], window: int, *, chunk: int = 128) -> float:
     """exp(mean negative log-likelihood) over non-overlapping windows of `window` tokens,
-    each starting from an empty cache (the first token of a window is context only)."""
+    each starting from an empty cache (the first token of a window is context only). A
+    window goes through the cache `chunk` tokens at a time: the same logits as all at once
+    (attention reads the cache), with a chunk's rows of logits in memory instead of the
+    window's (200 MB for SmolLM2 at 1,024 tokens)."""
     window = count(window, "window", least=2)
     window = min(window, decoder.context)
     total, scored = 0.0, 0
     for start in range(0, len(ids) - 1, window):
-        chunk = ids[start:start + window]
-        if len(chunk) < 2:
+        part = ids[start:start + window]
+        if len(part) < 2:
             break
         decoder.reset()
-        total += negative_log_likelihood(decoder.forward(chunk, all_logits=True), chunk)
-        scored += len(chunk) - 1
+        for at in range(0, len(part) - 1, chunk):
+            piece, targets = part[at:at + chunk], part[at + 1:at + chunk + 1]
+            logits = decoder.forward(piece, all_logits=True)
+            total += negative_log_likelihood(logits, [piece[0], *targets])
+        scored += len(part) - 1
     if not scored:
         raise ValueError("perplexity() needs a text of at least 2 tokens.")
     return float(np.exp(total / scored))
