@@ -57,7 +57,8 @@ def load_decoder(job) -> None:
     elif str(source).endswith(".gguf"):
         job.gguf = Path(source)
         if not job.gguf.is_file():
-            raise FileNotFoundError(f"GGUF file {source!r} does not exist.")
+            what = "is not a regular file" if job.gguf.exists() else "does not exist"
+            raise FileNotFoundError(f"GGUF file {source!r} {what}.")
     if job.gguf is not None:
         job.model_dir = gguf.checkpoint(job.gguf, log=job.log)
     else:

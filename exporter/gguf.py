@@ -156,15 +156,18 @@ def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
     converted once and cached under `cache` (default ~/.cache/exporter/gguf)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"GGUF file {str(path)!r} {what}.")
     key = f"{path.stem}-{file_digest(path)[:16]}"
     target = (cache or cache_root() / "gguf") / key
     if (target / "config.json").is_file():
         return target
+    try:
+        metadata = read_metadata(path)
+    except (ValueError, IndexError, KeyError, TypeError, EOFError) as e:   # gguf's parser
+        raise ValueError(f"{path} is not a GGUF file the gguf package can read ({e}).") from None
     log(f"  converting {path.name} to a float checkpoint (once; cached in {target})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    metadata = read_metadata(path)
     remove_leftovers(target)   # of a conversion killed before its cleanup could run
     tmp = temp_dir_beside(target)
     try:

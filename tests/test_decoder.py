@@ -81,6 +81,19 @@ def test_gguf_type_that_cannot_be_carried_is_refused():
         gguf.carry(tensor, rows=576, cols=576)
 
 
+def test_a_file_that_is_not_gguf_is_named_before_any_conversion(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x01" * 64)
+    lines = []
+    with pytest.raises(ValueError, match=r"model.gguf is not a GGUF file the gguf package can "
+                                         r"read"):
+        gguf.checkpoint(fake, cache=tmp_path / "cache", log=lines.append)
+    assert lines == [] and not (tmp_path / "cache").exists()
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(FileNotFoundError, match="dir.gguf' is not a regular file"):
+        gguf.checkpoint(tmp_path / "dir.gguf", cache=tmp_path / "cache")
+
+
 def test_gguf_tokenizer_is_rebuilt_from_metadata(smollm2_checkpoint):
     """No BOS prepended (the GGUF says add_bos_token false), digits split, eos <|im_end|>."""
     from tokenizers import Tokenizer
@@ -266,6 +279,17 @@ def test_stream_equals_whole_text_and_seeds_reproduce(smollm2):
     assert other != whole
 
 
+def test_perplexity_through_the_cache_in_chunks_is_the_whole_window(smollm2):
+    from exporter.data import english_prose
+    from runtime.generate import perplexity
+
+    ids = smollm2.tokenizer.encode("\n\n".join(english_prose()[:6]))[:600]
+    with smollm2._decoder() as decoder:
+        whole = perplexity(decoder, ids, 300, chunk=300)
+        for chunk in (64, 7):
+            assert perplexity(decoder, ids, 300, chunk=chunk) == pytest.approx(whole, rel=1e-4)
+
+
 def test_stop_strings_and_limits(smollm2):
     text = smollm2.generate("The capital of France is", max_new_tokens=16)
     cut = smollm2.generate("The capital of France is", max_new_tokens=16, stop=["."])
@@ -295,7 +319,7 @@ def test_bad_generation_requests(smollm2):
     for options, error, message in [
         ({"max_new_tokens": True}, TypeError, "max_new_tokens must be an int, got True"),
         ({"max_new_tokens": -1}, ValueError, "max_new_tokens must be >= 0, got -1"),
-        ({"temperature": float("nan")}, ValueError, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, ValueError, "temperature must be a finite number >= 0"),
         ({"temperature": "hot"}, TypeError, "temperature must be a number, got 'hot'"),
         ({"top_k": 2.5}, TypeError, "top_k .* must be an int, got 2.5"),
         ({"seed": -1}, ValueError, "seed must be >= 0, got -1"),
