@@ -9,10 +9,12 @@ every timestamp the manifest's creation time. `tar -xf` unpacks it anywhere;
 from __future__ import annotations
 
 import calendar
+import ctypes
 import json
 import os
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -70,6 +72,9 @@ def replace_directory(new: Path, final: Path) -> None:
     probe.mkdir()
     os.chmod(new, probe.stat().st_mode & 0o7777)
     probe.rmdir()
+    if final.exists() and not final.is_symlink() and final.is_dir() and _exchange(new, final):
+        shutil.rmtree(new, ignore_errors=True)   # now the old one
+        return
     old = None
     if final.exists():
         # A fresh name: a leftover of a killed run may hold `.old-<pid>` of a pid reused
@@ -77,9 +82,25 @@ def replace_directory(new: Path, final: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}.",
                                     dir=final.parent))
         os.rename(final, old)
-    os.rename(new, final)
+    os.rename(new, final)   # (between the two renames, `final` is missing for a moment)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap directories `a` and `b` in one step (Linux renameat2 RENAME_EXCHANGE), so that a
+    program opening `b` meanwhile finds the old or the new one, never neither. False where
+    the system or filesystem cannot, and nothing was changed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):   # a libc without it (glibc before 2.28)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    at_cwd, exchange = -100, 2   # AT_FDCWD, RENAME_EXCHANGE
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0
 
 
 def sync_tree(path: Path) -> None:

@@ -237,21 +237,27 @@ class Model:
         return self.manifest.get("labels")
 
     def embed(self, texts: Sequence[str], *, batch_size: int | None = None,
-              prompt_name: str | None = None) -> np.ndarray:
+              prompt_name: str | None = None, prompt: str | None = None) -> np.ndarray:
         """Sentence embeddings, (len(texts), dim) float32, in the order of `texts`.
 
         Each text is tokenized, truncated to the bundle's max length, padded per batch and
         pooled the way the source model pools (mean + L2 norm for all-MiniLM-L6-v2).
         A model with sentence-transformers prompts (`prompts`, e.g. {"query": "query: "})
         gets the one named `prompt_name` before each text, else its default prompt if it
-        has one, as sentence-transformers does.
+        has one, as sentence-transformers does; `prompt` is the text itself, overriding both
+        (`prompt=""`: none).
 
             >>> model.embed(["turn on the kitchen lights", "lock the front door"]).shape
             (2, 384)
         """
         self._require("feature-extraction", "embed")
         pooling = self.manifest.get("pooling", {"mode": "mean", "normalize": True})
-        prompt = self._prompt(prompt_name)
+        if prompt is None:
+            prompt = self._prompt(prompt_name)
+        elif prompt_name is not None:
+            raise ValueError("Give prompt_name or prompt, not both.")
+        elif not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str or None, got {type(prompt).__name__}.")
         return self._run(texts, batch_size, lambda out, mask: pool(
             out, mask, mode=pooling["mode"], normalize=pooling["normalize"]), prompt=prompt)
 

@@ -62,6 +62,12 @@ def test_prompts_go_before_each_text(minilm_bundle, bundle_copy):
     np.testing.assert_array_equal(model.embed(texts, prompt_name="passage"),
                                   plain.embed(["passage: " + t for t in texts]))
     assert not np.allclose(model.embed(texts), plain.embed(texts), atol=1e-3)
+    # the text itself, as sentence-transformers' encode(prompt=...): "" for none
+    np.testing.assert_array_equal(model.embed(texts, prompt=""), plain.embed(texts))
+    np.testing.assert_array_equal(model.embed(texts, prompt="doc: "),
+                                  plain.embed(["doc: " + t for t in texts]))
+    with pytest.raises(ValueError, match="prompt_name or prompt, not both"):
+        model.embed(texts, prompt="", prompt_name="query")
     with pytest.raises(ValueError, match="Unknown prompt_name 'doc'; this model's prompts: "
                                          "'query', 'passage'"):
         model.embed(texts, prompt_name="doc")
@@ -227,6 +233,39 @@ def test_unpack_recovers_from_what_a_killed_or_damaged_install_left(minilm_bundl
     assert not killed.exists()
     runtime.unpack(archive, into)   # the stale .old-<pid> is in the way of no rename
     assert sorted(p.name for p in into.iterdir()) == sorted(["minilm-arm-cpu", stale.name])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_a_replaced_bundle_directory_is_never_missing(tmp_path):
+    """An application loading the bundle while an update replaces it finds the old one or the
+    new one: the two directories swap in one step (with two renames, it was briefly gone)."""
+    import tempfile
+    import threading
+
+    from runtime._files import replace_directory
+
+    final = tmp_path / "bundle"
+    final.mkdir()
+    (final / "version").write_text("0")
+    stop, missing = threading.Event(), []
+
+    def watch():
+        while not stop.is_set():
+            if not (final / "version").is_file():
+                missing.append(1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for i in range(1, 301):
+            new = Path(tempfile.mkdtemp(dir=tmp_path))
+            (new / "version").write_text(str(i))
+            replace_directory(new, final)
+    finally:
+        stop.set()
+        watcher.join()
+    assert (final / "version").read_text() == "300" and not missing
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
 
 
 def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
