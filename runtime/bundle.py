@@ -12,6 +12,7 @@ runtime loads only files the manifest lists, by paths inside the bundle.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -62,6 +63,7 @@ def max_supported_opset(ort_version: str) -> int:
     return best
 
 
+@functools.cache   # the installed onnxruntime does not change under a running process
 def installed_max_opset() -> int:
     """Highest ai.onnx opset the installed onnxruntime runs: the newest opset any of its
     kernels was written for, asked of onnxruntime itself (releases newer than ORT_MAX_OPSET's
