@@ -26,6 +26,13 @@ TASKS: dict[str, str] = {
 }
 
 
+def packaged_names() -> list[str]:
+    """The names --model takes for a packaged model: encoders and GGUF decoders."""
+    from .gguf import PACKAGED_GGUF
+
+    return [*PACKAGED_MODELS, *PACKAGED_GGUF]
+
+
 def resolve_model_dir(model: str) -> Path:
     """The checkpoint directory for a packaged model name or a path.
 
@@ -43,8 +50,8 @@ def resolve_model_dir(model: str) -> Path:
     path = Path(model)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"Model {model!r} is neither a directory nor a packaged model name "
-            f"(available: {', '.join(PACKAGED_MODELS)}).")
+            f"Model {model!r} is neither a directory, a .gguf file nor a packaged model "
+            f"name (available: {', '.join(packaged_names())}).")
     if not (path / "config.json").is_file():
         raise ValueError(f"Model directory {model!r} has no config.json: give a Hugging Face "
                          f"checkpoint directory (config.json, weights, tokenizer files).")

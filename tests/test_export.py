@@ -192,6 +192,7 @@ def test_broken_budget_fails_loudly_and_keeps_the_old_bundle(tmp_path, minilm_bu
 @pytest.mark.parametrize("argv, message", [
     (["--target", "jetsn"], "Unknown target 'jetsn'. Available: arm-cpu"),
     (["--target", "arm-cpu", "--model", "/no/such/model"], "neither a directory"),
+    (["--target", "arm-cpu", "--model", "smolm2"], "(available: minilm, smollm2)"),
     (["--target", "arm-cpu", "--accuracy-budget", "cosine>0.9"], "Bad accuracy budget"),
     (["--target", "arm-cpu", "--accuracy-budget", "cosine>=1.5"], "can never hold"),
     (["--target", "arm-cpu", "--model", "smollm2", "--task", "feature-extraction"],
