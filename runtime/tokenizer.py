@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -403,7 +404,7 @@ class Tokenizer:
                 f"max_length={max_length} leaves no room for the {n_special} special "
                 f"tokens this tokenizer adds; use max_length >= {n_special} or None."
             )
-        return max_length - n_special
+        return min(max_length - n_special, sys.maxsize)   # past it: no truncation, in C too
 
 
 class DecodeStream:
@@ -543,7 +544,7 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
     vocab = _field(model, "model.vocab", dict, path)
     if not all(isinstance(t, str) and type(i) is int for t, i in vocab.items()):
         raise ValueError(f"{path}: model.vocab must map token strings to int ids.")
-    added_tokens = _added_tokens(data, path)
+    added_tokens = _added_tokens(data, path, vocab)
     settings: dict[str, Any] = {"vocab": vocab, "added_tokens": added_tokens}
     if kind == "BPE":
         settings |= _bpe_settings(data, model, path)
@@ -702,7 +703,27 @@ def _byte_level_pre_tokenizer(pre: Any, path: Path) -> dict[str, Any]:
     return settings
 
 
-def _added_tokens(data: dict, path: Path) -> list[AddedToken]:
+def _added_tokens(data: dict, path: Path, vocab: dict[str, int]) -> list[AddedToken]:
+    """The file's added tokens with the ids HF gives them when it loads the file, whatever
+    their "id" says (HF's AddedVocabulary.add_tokens): a token of the model's vocab takes
+    that id, any other the next id past the vocab and the added tokens before it; an empty
+    token is dropped, and a repeated one keeps its first entry. Files HF wrote agree."""
+    added_tokens: list[AddedToken] = []
+    ids: dict[str, int] = {}
+    for token in _listed_added_tokens(data, path):
+        if not token.content or token.content in ids:
+            continue
+        if token.content in vocab:
+            ids[token.content] = vocab[token.content]
+        else:
+            top = max(ids.values(), default=None)
+            past = top is not None and (top >= len(vocab) or not vocab)
+            ids[token.content] = top + 1 if past else len(vocab)
+        added_tokens.append(token._replace(id=ids[token.content]))
+    return added_tokens
+
+
+def _listed_added_tokens(data: dict, path: Path) -> list[AddedToken]:
     added_tokens = []
     for entry in _field(data, "added_tokens", list, path, []):
         if (

@@ -359,6 +359,13 @@ def test_max_length_is_any_integer_but_a_bool(tok):
             tok.encode("hello", max_length=bad)
 
 
+def test_a_max_length_past_any_text_is_no_truncation(tok, hf):
+    text = "hello big world"
+    for huge in (2**62, 2**63, 2**63 + 2, 2**64 - 1):
+        assert tok.encode(text, max_length=huge) == hf.encode(text).ids
+        assert tok.encode_batch([text], max_length=huge) == [hf.encode(text).ids]
+
+
 # ---------------------------------------------------------------- batching
 
 
@@ -419,6 +426,40 @@ def test_vocab_accessors_match_hf(tok, hf):
         assert tok.token_to_id(token) == hf.token_to_id(token)
     for i in [0, 101, 7592, 29650, 30521, 30522]:
         assert tok.id_to_token(i) == hf.id_to_token(i)
+
+
+def _added(token_id: int, content: str, special: bool = True, **flags) -> dict:
+    return {"id": token_id, "content": content, "single_word": False, "lstrip": False,
+            "rstrip": False, "normalized": not special, "special": special, **flags}
+
+
+@pytest.mark.parametrize("added", [
+    [_added(30600, "[FOO]"), _added(30601, "cat", special=False)],   # a gap, a vocab word
+    [_added(40000, "[A1]"), _added(30522, "[A2]")],                  # out of order
+    [_added(7, "[ZZ]")],                                             # a vocab word's id
+    [_added(30522, ""), _added(30523, "[BAR]")],                     # an empty token
+    [_added(30522, "[FOO]"), _added(30523, "[FOO]")],                # twice
+    [_added(999, "[CLS]")],                                          # a special, again
+    [_added(5, "hello", special=False)],                             # in the vocab
+], ids=["gap", "order", "low", "empty", "twice", "cls", "vocab"])
+def test_added_token_ids_are_the_ones_hf_gives_them(tmp_path, backend, added):
+    """HF assigns an added token's id when it loads the file, whatever the file's "id" says:
+    its vocab id, else the next one past the vocab and the tokens added before it (a file
+    HF wrote agrees; one edited by hand may not)."""
+    data = json.loads(REFERENCE.read_text(encoding="utf-8"))
+    data["added_tokens"] += added
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    ours, theirs = Tokenizer.from_file(path, backend=backend), hf_tokenizer(path)
+    text = "[FOO] cat hello [A1] [A2] [ZZ] [BAR] [CLS] x"
+    assert ours.encode(text) == theirs.encode(text).ids
+    assert ours.vocab_size == theirs.get_vocab_size(with_added_tokens=True)
+    for entry in added:
+        assert ours.token_to_id(entry["content"]) == theirs.token_to_id(entry["content"])
+    ids = list(range(30518, 30528)) + [4937, 7592]
+    for skip in (True, False):
+        assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+            ids, skip_special_tokens=skip)
 
 
 # ------------------------------------------------------------------ errors
