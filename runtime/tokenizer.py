@@ -26,6 +26,7 @@ import functools
 import json
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -208,6 +209,7 @@ class Tokenizer:
         """The backend's encoder of `kind`, and how to build the Python twin's, which
         computes offsets on either backend (built when first asked for)."""
         self._encoder = getattr(BACKENDS[self.backend], kind)(*args, **options)
+        self._offsets_lock = threading.Lock()
         if self.backend == "python":
             self._offsets_encoder: Any = self._encoder
         else:
@@ -329,9 +331,13 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode_with_offsets() expects str, got {type(text).__name__}.")
         budget = None if max_length is None else self._content_budget(max_length)
-        if not isinstance(self._offsets_encoder, _tokenizer_py._Encoder):
-            self._offsets_encoder = self._offsets_encoder()
-        ids, offsets = self._offsets_encoder.encode_offsets(
+        encoder = self._offsets_encoder
+        if not isinstance(encoder, _tokenizer_py._Encoder):
+            with self._offsets_lock:   # built once, however many threads ask first
+                if not isinstance(self._offsets_encoder, _tokenizer_py._Encoder):
+                    self._offsets_encoder = self._offsets_encoder()
+                encoder = self._offsets_encoder
+        ids, offsets = encoder.encode_offsets(
             text, self._prefix_ids, self._suffix_ids, budget
         )
         if self._trim_offsets is not None:

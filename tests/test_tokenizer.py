@@ -318,6 +318,17 @@ def test_offsets_on_the_c_backend_come_from_the_same_file(tmp_path):
     assert tok.encode_with_offsets("His hi!") == ([1, 2, 1, 0], [(0, 2), (2, 3), (4, 6), (6, 7)])
 
 
+def test_offsets_asked_first_from_many_threads_at_once(backend):
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = hf_tokenizer().encode("Hello, world")
+    for _ in range(5):   # a fresh tokenizer: its offsets twin is built by the first callers
+        tok = Tokenizer.from_file(REFERENCE, backend=backend)
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(tok.encode_with_offsets, ["Hello, world"] * 16))
+        assert all(r == (expected.ids, expected.offsets) for r in results)
+
+
 def test_encode_with_offsets_refuses_what_encode_refuses(tok):
     with pytest.raises(TypeError, match="expects str, got bytes"):
         tok.encode_with_offsets(b"hello")
