@@ -255,6 +255,11 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
             job.log(f"removed {freed / 1e6:.0f} MB that killed exports of {output} left beside it")
         for line in data_warnings(task, profile, calibration_set, evaluation_set):
             job.log(f"warning: {line}")
+        if task == "text-generation" and calibration is not None \
+                and not (compression is not None and compression.active):
+            job.log("warning: a decoder's calibration text ranks and heals compression, and "
+                    "this export compresses nothing, so it is not read (weight-only int4/int8 "
+                    "needs no calibration).")
         return pipeline.run(job)
     finally:
         shutil.rmtree(job.workdir, ignore_errors=True)

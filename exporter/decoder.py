@@ -106,7 +106,8 @@ def load_decoder(job) -> None:
     job.log(f"  {model.config.model_type} decoder, {model.config.num_hidden_layers} layers, "
             f"{params / 1e6:.1f}M parameters, context {job.max_length}, eos {eos_ids}")
     eval_windows(job)   # too little evaluation text: refused now, not after the build
-    if job.records.get("calibration_source"):
+    if job.records.get("calibration_source") and job.compression is not None \
+            and job.compression.active:   # what compression will rank and heal on
         _user_windows(job, job.calibration, "calibration")
 
 

@@ -233,6 +233,15 @@ def test_too_little_evaluation_text_is_refused_before_the_build(tmp_path, capsys
     assert "perplexity needs at least one window of 256" in err
     assert "[compress]" not in out and "[build_float]" not in out   # no work wasted
     assert not (tmp_path / "out").exists()
+    # calibration text is what compression ranks and heals on: too little of it, refused
+    # as early; with nothing to compress it is not read, and a warning says so
+    (tmp_path / "prose.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 60)
+    assert main(["--target", "arm-cpu", "--model", "smollm2", "--eval",
+                 str(tmp_path / "prose.txt"), "--calibration", str(tmp_path / "one.txt"),
+                 "--drop-layers", "1", "--output", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert "The calibration text (" in err and "a decoder needs at least one window of 128" in err
+    assert "[compress]" not in out
 
 
 def test_decode_stream_emits_whole_characters(smollm2_tokenizer_json):
