@@ -221,6 +221,10 @@ class Model:
                                              inputs=manifest["inputs"], threads=threads,
                                              spinning=spinning, providers=providers)
         else:
+            if pipeline == "ray":
+                warnings.warn(f"pipeline='ray' runs the stages of a bundle cut into stages; "
+                              f"{bundle.path} is one graph, so it runs in this process.",
+                              RuntimeWarning, stacklevel=3)
             self.session = ort_session(bundle.file(manifest.get("model_file", "model.onnx")),
                                        threads=threads, spinning=spinning, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]

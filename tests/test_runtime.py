@@ -404,6 +404,12 @@ def test_a_file_the_manifest_does_not_vouch_for_is_never_loaded(bundle_copy):
             runtime.load(bundle_copy, verify=verify)
 
 
+def test_ray_asked_of_a_single_graph_says_it_runs_here(minilm_bundle):
+    with pytest.warns(RuntimeWarning, match="is one graph, so it runs in this process"):
+        model = runtime.load(minilm_bundle, pipeline="ray")
+    assert model.embed(["lights on"]).shape == (1, 384)
+
+
 def test_a_missing_file_is_refused_even_unverified(bundle_copy):
     (bundle_copy / "model.onnx").unlink()
     with pytest.raises(BundleError, match="model.onnx: listed in manifest.json but missing"):
