@@ -65,13 +65,22 @@ def _alive(pid: int) -> bool:
 
 def replace_directory(new: Path, final: Path) -> None:
     """Move directory `new` (made by mkdtemp beside `final`) to `final`, replacing an old
-    `final` with renames only. `new` gets the mode a plain mkdir gets under the umask."""
+    `final` with renames only. `new`, its directories and its files get the modes a plain
+    mkdir and open get under the umask."""
     # mkdtemp makes a private (0700) directory; a device's service account must read it.
     # (Read this way: setting the umask to read it is not thread-safe.)
     probe = new / ".mode"
     probe.mkdir()
-    os.chmod(new, probe.stat().st_mode & 0o7777)
+    directory_mode = probe.stat().st_mode & 0o7777
     probe.rmdir()
+    probe.touch()
+    file_mode = probe.stat().st_mode & 0o7777
+    probe.unlink()
+    # ... and so must its files: a writer may make them private (safetensors: 0600)
+    for path in new.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, directory_mode if path.is_dir() else file_mode)
+    os.chmod(new, directory_mode)
     if final.exists() and not final.is_symlink() and final.is_dir() and _exchange(new, final):
         shutil.rmtree(new, ignore_errors=True)   # now the old one
         return

@@ -228,6 +228,8 @@ class Model:
             self.session = ort_session(bundle.file(manifest.get("model_file", "model.onnx")),
                                        threads=threads, spinning=spinning, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        if self.task == "text-classification":
+            self._checked_labels()   # refused at load, not at the first classify()
         self._idle: Decoder | None = None   # a KV cache no generation holds
         self._lock = threading.Lock()
 
@@ -289,6 +291,16 @@ class Model:
             raise ValueError(f"Unknown prompt_name {name!r}; this model's prompts: {known}.")
         return prompts[name]
 
+    def _checked_labels(self) -> list[str]:
+        """The manifest's labels, one per output of the classifier (checked at load)."""
+        labels = self.labels
+        width = self.session.get_outputs()[0].shape[-1]
+        if not isinstance(labels, list) or not labels or \
+                (isinstance(width, int) and len(labels) != width):
+            raise BundleError(f"{self.bundle.path / 'manifest.json'} has no usable \"labels\" "
+                              f"list (one name per output class); re-export the bundle.")
+        return labels
+
     def classify(self, texts: Sequence[str], *, top_k: int = 1,
                  batch_size: int | None = None) -> list:
         """The most likely label of each text with its softmax probability.
@@ -300,12 +312,7 @@ class Model:
             [('HassTurnOn', 0.98)]
         """
         self._require("text-classification", "classify")
-        labels = self.labels
-        width = self.session.get_outputs()[0].shape[-1]
-        if not isinstance(labels, list) or not labels or \
-                (isinstance(width, int) and len(labels) != width):
-            raise BundleError(f"{self.bundle.path / 'manifest.json'} has no usable \"labels\" "
-                              f"list (one name per output class); re-export the bundle.")
+        labels = self._checked_labels()
         top_k = count(top_k, "top_k", least=1)
         if top_k > len(labels):
             raise ValueError(f"top_k must be from 1 to {len(labels)}, got {top_k}.")

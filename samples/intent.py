@@ -11,9 +11,24 @@ or a home, doing nothing beats doing the wrong thing. Uses only `runtime`.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 import runtime
+
+
+def read_utterances(arguments: list[str]) -> list[str]:
+    """The arguments, each '-' replaced by stdin's lines (UTF-8; a bad byte becomes U+FFFD
+    rather than stopping the device's loop). (As in match_command.py: each sample stands
+    alone, to be copied to a device by itself.)"""
+    out: list[str] = []
+    for argument in arguments:
+        if argument == "-":
+            stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+            out += [line.strip() for line in stdin if line.strip()]
+        else:
+            out.append(argument)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:  # BundleError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.utterances == ["-"]:
-        utterances = [line.strip() for line in sys.stdin if line.strip()]
-    else:
-        utterances = args.utterances
+    utterances = read_utterances(args.utterances)
 
     for text, ranked in zip(utterances, model.classify(utterances, top_k=2), strict=True):
         (intent, score), (runner_up, second) = ranked

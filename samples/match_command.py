@@ -13,8 +13,11 @@ act on a guess.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
+
+import numpy as np
 
 import runtime
 
@@ -46,6 +49,25 @@ DEMO_UTTERANCES = (
 )
 
 
+def read_utterances(arguments: list[str]) -> list[str]:
+    """The arguments, each '-' replaced by stdin's lines (UTF-8; a bad byte becomes U+FFFD
+    rather than stopping the device's loop)."""
+    out: list[str] = []
+    for argument in arguments:
+        if argument == "-":
+            stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+            out += [line.strip() for line in stdin if line.strip()]
+        else:
+            out.append(argument)
+    return out
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1, so that dot products are cosines (a model without a
+    Normalize module, e.g. paraphrase-MiniLM-L6-v2, embeds unnormalized)."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", help="bundle directory written by python -m exporter")
@@ -71,17 +93,14 @@ def main(argv: list[str] | None = None) -> int:
               f"embeddings (export one with: python -m exporter --target arm-cpu)",
               file=sys.stderr)
         return 2
-    if args.utterances == ["-"]:
-        utterances = [line.strip() for line in sys.stdin if line.strip()]
-    else:
-        utterances = args.utterances or list(DEMO_UTTERANCES)
+    utterances = read_utterances(args.utterances) or list(DEMO_UTTERANCES)
 
     ids = list(COMMANDS)
-    known = model.embed([COMMANDS[i] for i in ids])   # (commands, dim), unit length
+    known = unit(model.embed([COMMANDS[i] for i in ids]))   # (commands, dim)
     started = time.perf_counter()
-    heard = model.embed(utterances)                    # (utterances, dim), unit length
+    heard = unit(model.embed(utterances))                    # (utterances, dim)
     elapsed_ms = (time.perf_counter() - started) * 1e3
-    scores = heard @ known.T                           # cosine similarities
+    scores = heard @ known.T                                 # cosine similarities
     for text, row in zip(utterances, scores, strict=True):
         second, best = (int(i) for i in row.argsort()[-2:])
         if row[best] >= args.threshold and row[best] - row[second] < args.margin:

@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < least:
             parser.error(f"argument --{name.replace('_', '-')}: must be at least {least}, "
                          f"got {getattr(args, name)}")
+    if args.seed >= 2**63:   # torch.manual_seed's limit
+        parser.error(f"argument --seed: must be below 2**63, got {args.seed}")
     for name in ("epochs", "lr"):
         if not 0 < getattr(args, name) < float("inf"):
             parser.error(f"argument --{name}: must be a number above 0, got {getattr(args, name)}")
@@ -105,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     # A validation/test utterance of an intent never seen in training cannot be scored fairly.
     validation = [u for u in validation if u.intent in index]
     test = [u for u in test if u.intent in index]
+    if len(labels) < 2 or not test:
+        parser.error(f"--train-size {args.train_size} gives {len(labels)} intent(s) and "
+                     f"{len(test)} test utterances of them; a classifier needs at least 2 "
+                     f"intents to tell apart and a test set (try --train-size 200 or more)")
     counts = Counter(u.intent for u in train)
     print(f"{len(train)} train / {len(validation)} validation / {len(test)} test utterances, "
           f"{len(labels)} intents; rarest in train: "

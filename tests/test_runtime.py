@@ -268,6 +268,29 @@ def test_a_replaced_bundle_directory_is_never_missing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
 
 
+def test_a_replaced_directory_takes_the_modes_of_the_umask(tmp_path):
+    """What a writer made private (safetensors writes 0600) becomes readable as any file the
+    user makes, for a device's service account; mkdtemp's 0700 too."""
+    import tempfile
+
+    from runtime._files import replace_directory
+
+    new = Path(tempfile.mkdtemp(dir=tmp_path))
+    (new / "sub").mkdir(mode=0o700)
+    for path in (new / "weights.safetensors", new / "sub" / "x.json"):
+        path.write_text("{}")
+        path.chmod(0o600)
+    (tmp_path / "file").touch()   # what the umask gives a plain file and directory
+    (tmp_path / "dir").mkdir()
+    file_mode, dir_mode = ((tmp_path / name).stat().st_mode & 0o777 for name in ("file", "dir"))
+    replace_directory(new, tmp_path / "out")
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
+             for p in (tmp_path / "out").rglob("*")}
+    assert modes == {"out/weights.safetensors": file_mode, "out/sub/x.json": file_mode,
+                     "out/sub": dir_mode}
+    assert (tmp_path / "out").stat().st_mode & 0o777 == dir_mode
+
+
 def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
     """python -m runtime unpack / verify, for an updater's shell script: one line and exit 0,
     or the reason and exit 2."""
@@ -512,6 +535,25 @@ def test_device_application(minilm_bundle):
         bad = subprocess.run([sys.executable, "samples/match_command.py", str(minilm_bundle),
                               *args], capture_output=True, text=True, cwd=REPO)
         assert bad.returncode == 2 and message in bad.stderr
+
+
+def test_device_application_reads_stdin_where_told_and_compares_cosines(minilm_bundle,
+                                                                         tmp_path):
+    # '-' among other utterances is stdin's lines there (it was matched as the text "-"),
+    # bytes that are not UTF-8 do not stop it, and a bundle that does not normalize its
+    # embeddings is compared by cosine all the same (raw dot products acted on anything)
+    unnormalized = Path(shutil.copytree(minilm_bundle, tmp_path / "raw"))
+    edit_manifest(unnormalized, pooling=json.loads(
+        (minilm_bundle / "manifest.json").read_text())["pooling"] | {"normalize": False})
+    for bundle in (minilm_bundle, unnormalized):
+        out = subprocess.run([sys.executable, "samples/match_command.py", str(bundle),
+                              "please switch on the kitchen light", "-"],
+                             input=b"what's the capital of france\n\xff open\n",
+                             capture_output=True, check=True, cwd=REPO)
+        lines = out.stdout.decode().splitlines()
+        assert len(lines) == 3 and "-> light.kitchen.on (similarity 0." in lines[0]
+        assert lines[1].startswith("\"what's the capital of france\" -> no action")
+        assert lines[2].startswith("'\ufffd open' ->")
 
 
 def test_no_telemetry_unless_the_application_asks(minilm_bundle, tmp_path):
