@@ -69,7 +69,7 @@ def test_cli_refuses_a_bad_fraction(capsys):
     assert main(["--target", "arm-cpu", "--prune-ffn", "1.5"]) == 2
     assert "--prune-ffn 1.5 is outside [0, 1)" in capsys.readouterr().err
     assert main(["--target", "arm-cpu", "--drop-layers", "1;2"]) == 2
-    assert "give a count (2) or comma-separated layer indices" in capsys.readouterr().err
+    assert "give a count (2), comma-separated layer indices (1,3)" in capsys.readouterr().err
 
 
 # --- MiniLM, in PyTorch ---

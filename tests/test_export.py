@@ -304,9 +304,13 @@ def test_only_what_an_export_wrote_is_replaced(tmp_path, minilm_bundle):
     check_replaceable(bundle)  # an earlier bundle: replaced by the next export
     (tmp_path / "empty").mkdir()
     check_replaceable(tmp_path / "empty")
-    (tmp_path / "rejected").mkdir()
-    (tmp_path / "rejected" / "report.md").write_text("# BROKEN")
-    check_replaceable(tmp_path / "rejected")
+    (tmp_path / "out.rejected").mkdir()   # a rejected export's report, where one goes
+    (tmp_path / "out.rejected" / "report.md").write_text("# BROKEN")
+    check_replaceable(tmp_path / "out.rejected")
+    (tmp_path / "reports").mkdir()   # the same file anywhere else is the user's
+    (tmp_path / "reports" / "report.md").write_text("# mine")
+    with pytest.raises(FileExistsError, match="holds files that no export wrote"):
+        check_replaceable(tmp_path / "reports")
 
     (bundle / "notes.txt").write_text("mine")  # a file the manifest does not list
     new = tmp_path / "new"
@@ -325,11 +329,11 @@ def test_only_what_an_export_wrote_is_replaced(tmp_path, minilm_bundle):
     # what replaces it is readable as any other file the user makes, not mkdtemp's 0700
     fresh = Path(tempfile.mkdtemp(dir=tmp_path))
     (fresh / "report.md").write_text("# BROKEN")
-    replace_dir(fresh, tmp_path / "rejected")
+    replace_dir(fresh, tmp_path / "out.rejected")
     mask = os.umask(0)
     os.umask(mask)
-    assert stat.S_IMODE((tmp_path / "rejected").stat().st_mode) == 0o777 & ~mask
-    assert (tmp_path / "rejected" / "report.md").read_text() == "# BROKEN"
+    assert stat.S_IMODE((tmp_path / "out.rejected").stat().st_mode) == 0o777 & ~mask
+    assert (tmp_path / "out.rejected" / "report.md").read_text() == "# BROKEN"
 
 
 @pytest.mark.parametrize("content, message", [
