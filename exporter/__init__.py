@@ -137,6 +137,15 @@ def _limits(profile: Target, *, max_model_mb, max_latency_ms, task: str,
     return profile
 
 
+def _exportable_opset() -> int:
+    """The highest opset torch's TorchScript ONNX exporter (what optimum-onnx runs) writes."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return 10**6   # not known here: the export stage says
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 10**6))
+
+
 def _check_compression(compression: Compression | None, profile: Target,
                        layers: int | None) -> None:
     """What compress() would refuse after loading the model, refused before any work."""
@@ -215,6 +224,10 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     profile = _limits(profile, max_model_mb=max_model_mb, max_latency_ms=max_latency_ms,
                       task=task, compression=compression)
     _check_compression(compression, profile, layers)
+    if task != "text-generation" and profile.opset > (most := _exportable_opset()):
+        raise ValueError(f"{profile.source or profile.name}: 'opset' is {profile.opset}; the "
+                         f"PyTorch exporter that writes encoders (TorchScript, through "
+                         f"optimum-onnx) writes opsets up to {most}. Decoders take more.")
     budget = Budget.parse(default_budget if accuracy_budget is None else accuracy_budget)
     model_name = (Path(model).resolve().name if Path(model).is_dir() else
                   Path(model).stem if str(model).endswith(".gguf") else model)

@@ -229,6 +229,16 @@ def test_unwritable_output_is_a_clear_error(capsys):
         in capsys.readouterr().err
 
 
+def test_an_opset_the_encoder_exporter_cannot_write_is_refused_before_any_work(tmp_path,
+                                                                                capsys):
+    (tmp_path / "new.toml").write_text('extends = "arm-cpu"\nopset = 21\n')
+    assert main(["--target", str(tmp_path / "new.toml"), "--output",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "new.toml: 'opset' is 21; the PyTorch exporter that writes encoders" in err
+    assert "writes opsets up to 20" in err and not (tmp_path / "out").exists()
+
+
 def test_output_holding_user_files_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "mine").write_text("a file of mine")
     (tmp_path / "notes").mkdir()
