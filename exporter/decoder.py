@@ -391,10 +391,15 @@ def quantize_decoder(job) -> None:
 
 # --- validate ----------------------------------------------------------------------------------
 
+def token_windows(ids: list[int], width: int) -> list[list[int]]:
+    """`ids` cut into whole, non-overlapping windows of `width` tokens (a short tail dropped)."""
+    return [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)]
+
+
 def _user_windows(job, texts, what: str, width: int = 128) -> list[list[int]]:
     """Windows of `width` tokens of the user's `texts` (their --calibration or --eval)."""
     ids = encode(job, "\n\n".join(u.text for u in texts))
-    windows = [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)]
+    windows = token_windows(ids, width)
     if not windows:
         raise ValueError(f"The {what} text ({job.records[what + '_source']}) has {len(ids)} "
                          f"tokens; a decoder needs at least one window of {width}.")
@@ -414,7 +419,7 @@ def eval_windows(job) -> list[list[int]]:
         source = "pydoc_data English prose (held-out paragraphs)"
     ids = encode(job, "\n\n".join(texts))
     width = min(settings.perplexity_window, job.max_length)
-    windows = [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)]
+    windows = token_windows(ids, width)
     windows = windows[:settings.perplexity_windows]
     if not windows:
         raise ValueError(f"The evaluation text has {len(ids)} tokens; perplexity needs at "

@@ -49,7 +49,7 @@ def _encoder_texts(job, purpose: str) -> list:
 
 def _decoder_windows(job, purpose: str) -> list[list[int]]:
     from .data import english_prose, split_of
-    from .decoder import encode
+    from .decoder import encode, token_windows
 
     count = DECODER_BATCHES[purpose][0]
     if purpose != "measure" and job.records.get("calibration_source"):   # the user's text
@@ -60,7 +60,7 @@ def _decoder_windows(job, purpose: str) -> list[list[int]]:
               "measure": ("eval", "test")}[purpose]
     ids = encode(job, "\n\n".join(t for t in english_prose() if split_of(t) in splits))
     width = DECODER_WINDOW
-    return [ids[i:i + width] for i in range(0, len(ids) - width + 1, width)][:count]
+    return token_windows(ids, width)[:count]
 
 
 def calibration_batches(job, *, purpose: str) -> list[dict]:
