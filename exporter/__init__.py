@@ -69,9 +69,16 @@ def _layers(model_dir: Path) -> int | None:
     return read_config(model_dir).get("num_hidden_layers")
 
 
+def _dropped(compression: Compression | None) -> int:
+    """How many layers `compression` drops."""
+    drop = compression.drop_layers if compression is not None else 0
+    return len(drop) if isinstance(drop, tuple) else drop
+
+
 def _override(profile: Target, *, precision: str | None, stages: int | None,
-              layers: int | None) -> Target:
-    """The profile with --precision / --stages applied, and the stage count checked."""
+              layers: int | None, dropped: int = 0) -> Target:
+    """The profile with --precision / --stages applied, and the stage count checked against
+    the `layers` left after `dropped` are dropped."""
     if precision is not None:
         if precision not in CHOICES["precision"]:
             raise ValueError(f"Unknown precision {precision!r}; expected one of "
@@ -83,9 +90,12 @@ def _override(profile: Target, *, precision: str | None, stages: int | None,
         profile = dataclasses.replace(
             profile, runtime=dataclasses.replace(profile.runtime, pipeline_stages=stages))
     count = profile.runtime.pipeline_stages
-    if layers is not None and count > layers:
-        raise ValueError(f"Cannot split a {layers}-layer model into {count} pipeline stages: "
-                         f"a stage needs at least one layer; use at most {layers} stages.")
+    kept = None if layers is None else layers - dropped
+    if kept is not None and kept >= 1 and count > kept:   # none kept: compression's error
+        after = f" after --drop-layers removes {dropped}" if dropped else ""
+        raise ValueError(f"Cannot split a {layers}-layer model{after} into {count} pipeline "
+                         f"stages: a stage needs at least one layer; use at most {kept} "
+                         f"stages.")
     return profile
 
 
@@ -219,7 +229,8 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
         profile = _decoder_profile(profile, precision=precision, stages=stages)
         default_budget = profile.generation.budget
     else:
-        profile = _override(profile, precision=precision, stages=stages, layers=layers)
+        profile = _override(profile, precision=precision, stages=stages, layers=layers,
+                            dropped=_dropped(compression))
         default_budget = profile.validation.budget_for(task)
     profile = _limits(profile, max_model_mb=max_model_mb, max_latency_ms=max_latency_ms,
                       task=task, compression=compression)

@@ -46,13 +46,14 @@ LATENCY_RUNS = 90
 MB = 1e6
 
 
-def ladder(layers: int, *, heal_steps: int = 0) -> list[Compression]:
-    """Compression strengths for a `layers`-layer encoder, weakest first, each cumulative.
+def ladder(layers: int, *, heal_steps: int = 0, keep: int = 1) -> list[Compression]:
+    """Compression strengths for a `layers`-layer encoder, weakest first, each cumulative;
+    no rung leaves fewer than `keep` layers (one per pipeline stage).
 
         >>> [describe(c) for c in ladder(4)][:4]
         ['none', 'drop 1', 'drop 2', 'drop 2 + ffn 0.25']
     """
-    top = layers // 2
+    top = max(0, min(layers // 2, layers - keep))
     rungs = [{"drop_layers": k} for k in range(top + 1)]
     rungs += [{"drop_layers": top, "prune_ffn": f} for f in FFN_FRACTIONS]
     rungs += [{"drop_layers": top, "prune_ffn": FFN_FRACTIONS[-1], "prune_heads": h}
@@ -146,7 +147,8 @@ def choose_strength(job) -> None:
     if settings.max_model_mb is None and settings.max_latency_ms is None:
         return
     heal_steps = job.compression.heal_steps if job.compression else 0
-    rungs = ladder(len(layer_list(job.torch_model)), heal_steps=heal_steps)
+    rungs = ladder(len(layer_list(job.torch_model)), heal_steps=heal_steps,
+                   keep=job.target.runtime.pipeline_stages)
     threads = job.target.runtime.threads
     latency_texts = [u.text for u in job.calibration[:50]]
     job.log(f"  size / latency budget {limits_text(settings)}, accuracy budget {job.budget}: "

@@ -81,6 +81,15 @@ def test_export_refuses_more_stages_than_layers():
 
     with pytest.raises(ValueError, match=r"6-layer model into 7 pipeline stages"):
         export("minilm", target="x86-server", stages=7)
+    from exporter import Compression
+
+    for drop in (3, (0, 2, 4)):   # the count left after dropping, before any work
+        with pytest.raises(ValueError, match=r"after --drop-layers removes 3 into 4 pipeline "
+                                             r"stages.*at most 3 stages"):
+            export("minilm", target="x86-server", stages=4,
+                   compression=Compression(drop_layers=drop))
+    with pytest.raises(ValueError, match="Dropping 6 of 6 layers would leave no layer"):
+        export("minilm", target="x86-server", stages=2, compression=Compression(drop_layers=6))
     with pytest.raises(ValueError, match=r"stages must be an int >= 1 .*got 0"):
         export("minilm", target="x86-server", stages=0)
 

@@ -75,6 +75,9 @@ def test_ladder_is_cumulative_weakest_first():
         assert all(getattr(stronger, f) >= getattr(weaker, f) for f in fields)
         assert any(getattr(stronger, f) > getattr(weaker, f) for f in fields)
     assert max(r.drop_layers for r in rungs) == 3   # at most half the layers
+    # a 4-stage pipeline keeps a layer per stage; 6 stages: only FFN and head pruning
+    assert max(r.drop_layers for r in ladder(6, keep=4)) == 2
+    assert {r.drop_layers for r in ladder(6, keep=6)} == {0}
 
 
 def test_limit_failures():
