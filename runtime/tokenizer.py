@@ -428,29 +428,56 @@ class DecodeStream:
         self._ids: list[int] = []
         self._prefix = ""
         self._prefix_index = 0
+        # Text of ids already moved out of the window, not yet emitted (see _cut).
+        self._owed: list[str] = []
 
     def step(self, token_id: int) -> str | None:
         """The text `token_id` completes, or None while it is still incomplete."""
         decode = self._tokenizer.decode
-        if not self._prefix and self._ids:
+        if not self._prefix and self._ids and not self._owed:
             prefix = decode(self._ids, skip_special_tokens=self._skip)
             if not prefix.endswith("\ufffd"):
                 self._prefix, self._prefix_index = prefix, len(self._ids)
         self._ids.extend(_ids((token_id,)))
         text = decode(self._ids, skip_special_tokens=self._skip)
         # (HF compares UTF-8 lengths; decode's output never holds a lone surrogate.)
-        if len(text.encode()) <= len(self._prefix.encode()) or text.endswith("\ufffd"):
+        if self._owed:
+            incomplete = (text or self._owed[-1]).endswith("\ufffd")
+        else:
+            incomplete = len(text.encode()) <= len(self._prefix.encode()) or \
+                text.endswith("\ufffd")
+        if incomplete:
+            if len(self._ids) - self._prefix_index > _STREAM_WINDOW:
+                self._cut(text)
             return None
         if not text.startswith(self._prefix):
             raise ValueError(  # HF's DecodeStreamError::InvalidPrefix
                 f"decode_stream: {text!r} does not extend {self._prefix!r}; "
                 "this tokenizer's decoding is not incremental here."
             )
-        new_text = text[len(self._prefix) :]
+        new_text = "".join(self._owed) + text[len(self._prefix) :]
+        self._owed.clear()
         self._ids = self._ids[self._prefix_index :]  # keep the window short
         self._prefix = decode(self._ids, skip_special_tokens=self._skip)
         self._prefix_index = len(self._ids)
         return new_text
+
+    def _cut(self, text: str) -> None:
+        """Bound the window while ids pile up that do not decode to whole characters (a model
+        emitting stray UTF-8 bytes): HF decodes all of them again at every step, so a run of
+        n costs O(n²). The older ids' text moves to `_owed`, emitted with the next piece as
+        HF emits it, where decoding the window in two parts gives the same text, as it does
+        past a byte that cannot continue a character."""
+        decode, keep = self._tokenizer.decode, _STREAM_WINDOW // 2
+        head = decode(self._ids[:-keep], skip_special_tokens=self._skip)
+        tail = decode(self._ids[-keep:], skip_special_tokens=self._skip)
+        if tail.endswith("\ufffd") and head + tail == text and head.startswith(self._prefix):
+            self._owed.append(head[len(self._prefix) :])
+            self._ids, self._prefix, self._prefix_index = self._ids[-keep:], "", 0
+
+
+# Ids a DecodeStream decodes again at each step, at most (two thirds of it once in a while).
+_STREAM_WINDOW = 24
 
 
 class Encoding(NamedTuple):

@@ -398,6 +398,40 @@ def test_decode_stream_matches_hf(tok, hf):
     )
 
 
+def test_decode_stream_of_stray_bytes_matches_hf_in_a_bounded_window(tok, hf):
+    # A model gone wrong can emit long runs of UTF-8 bytes that form no character. HF
+    # decodes the whole run again at each step (O(n²): 27 s for 4,000 such ids); ours
+    # decodes a bounded window and must still give exactly HF's pieces.
+    from tokenizers.decoders import DecodeStream
+
+    byte_ids = [tok.token_to_id(c) for c in _tokenizer_py.BYTE_TO_CHAR]  # (None: no such id)
+    words = tok.encode("naïve 家 👨‍👩‍👧 ok<|im_end|>")
+    rng = random.Random(5)
+    sequences = [[byte_ids[0x80]] * 400 + words,   # continuation bytes, then text
+                 [byte_ids[0xE2]] * 300 + [byte_ids[0x82], byte_ids[0xAC]] + words]
+    for _ in range(40):
+        pool = [i for i in byte_ids[0x80:] if i is not None] * 3 + words + \
+            [tok.token_to_id("<|im_end|>")]
+        sequences.append([rng.choice(pool) for _ in range(rng.randrange(30, 200))])
+    decoded_lengths = []
+    real_decode = tok.decode
+
+    def counting_decode(ids, **kwargs):
+        decoded_lengths.append(len(ids))
+        return real_decode(ids, **kwargs)
+
+    tok.decode = counting_decode
+    try:
+        for skip in (True, False):
+            for ids in sequences:
+                ours, theirs = tok.decode_stream(skip_special_tokens=skip), DecodeStream(
+                    skip_special_tokens=skip)
+                assert [ours.step(i) for i in ids] == [theirs.step(hf, i) for i in ids]
+    finally:
+        del tok.decode
+    assert max(decoded_lengths) <= 32, max(decoded_lengths)
+
+
 def test_vocab_accessors_match_hf(tok, hf):
     assert tok.vocab_size == hf.get_vocab_size()
     assert tok.pad_id is None
