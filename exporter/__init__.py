@@ -17,11 +17,10 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")   # as runtime does: see its
 
 from targets import CHOICES, Target, load_target, positive_number
 
-from .budget import Budget
+from .budget import Budget, BudgetError
 from .compress import Compression
 from .data import Utterance, read_texts, smart_home_utterances
 from .report import check_archive_replaceable, check_replaceable, remove_leftovers
-from .validate import BudgetError
 
 __all__ = ["BudgetError", "Compression", "export"]
 

@@ -9,10 +9,14 @@ files are removed first, as on Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import signal
 import sys
 
 from targets import available_targets, load_target
+
+# What an export imports beyond the runtime's numpy + onnxruntime (the "export" extra).
+EXPORT_STACK = ("torch", "transformers", "optimum", "onnx")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.share_max_harm is not None and not args.share_layers:
             raise ValueError("--share-max-harm sets how much --share-layers may cost; give "
                              "--share-layers too, or leave it out.")
+        missing = [m for m in EXPORT_STACK if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"error: the exporter needs {', '.join(missing)}, which this environment "
+                  f"lacks (the device runtime does not): pip install torch==2.13.0 && "
+                  f"pip install 'edge-exporter[export]'", file=sys.stderr)
+            return 1
         from exporter import BudgetError, Compression, export
 
         compression = Compression(

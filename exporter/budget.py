@@ -11,6 +11,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+
+class BudgetError(RuntimeError):
+    """The quantized model broke its accuracy budget."""
+
+
 # metric name -> what it measures (the validate stage computes these).
 METRICS: dict[str, str] = {
     "cosine": "mean cosine similarity of the outputs (pooled embeddings or logits), bundle vs "

@@ -17,16 +17,13 @@ import time
 import numpy as np
 import onnx
 
+from .budget import BudgetError
 from .exact import exact_products, host_saturates, scores_exactly
 from .feeds import encoder_feeds, ort_session, pool
 from .progress import progress
 from .report import write_report
 from .strength import limit_failures, limits_text
 from .to_onnx import torch_output
-
-
-class BudgetError(RuntimeError):
-    """The quantized model broke its accuracy budget."""
 
 
 def outputs(job, session, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -586,6 +586,30 @@ def test_python_dash_m_exporter_help():
     assert "--target" in out.stdout and "--accuracy-budget" in out.stdout
 
 
+def test_cli_without_the_export_stack_says_what_to_install():
+    # On a device only the runtime is installed: --help and --list-targets work, an export
+    # says what is missing in one line, never a ModuleNotFoundError traceback.
+    import subprocess
+    import sys
+
+    absent = ("import sys, runpy; sys.modules.update(dict.fromkeys(['torch', 'onnx', "
+              "'transformers', 'optimum'])); sys.argv[0] = 'exporter'; "
+              "runpy.run_module('exporter', run_name='__main__')")
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", absent, *args], capture_output=True,
+                              text=True, cwd=Path(__file__).parent.parent)
+
+    assert run("--help").returncode == 0
+    listed = run("--list-targets")
+    assert listed.returncode == 0 and "jetson" in listed.stdout, listed.stderr
+    failed = run("--target", "arm-cpu")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.strip().splitlines() == [
+        "error: the exporter needs torch, transformers, optimum, onnx, which this environment "
+        "lacks (the device runtime does not): pip install torch==2.13.0 && "
+        "pip install 'edge-exporter[export]'"]
+
+
 def test_x86_server_export(tmp_path, eval_texts, cuda_fallback_warning):
     """The second CPU target builds and holds its budget (small sets keep this quick)."""
     import runtime
