@@ -47,7 +47,7 @@ print(json.dumps({"machine": platform.machine(), "tokenizer": runtime.Tokenizer.
 
 def _skip_reason() -> str | None:
     if shutil.which("qemu-aarch64") is None:
-        return "qemu-aarch64 is not installed (apt-get install qemu-user)"
+        return "this machine has no qemu-aarch64 (apt-get install qemu-user)"
     if not PYTHON.is_file() or not (SITE / "onnxruntime").is_dir() or not (SITE / "numpy").is_dir():
         return f"no aarch64 root with numpy and onnxruntime at {SYSROOT} " \
                f"(run scripts/aarch64_sysroot.sh {SYSROOT})"
