@@ -1,5 +1,6 @@
 """argparse types the benchmarks share, so that a bad argument is refused at once, with
-its reason, rather than after minutes of exporting (or never: `--rounds 0` timed nothing).
+its reason, rather than after minutes of exporting (or never: `--rounds 0` timed nothing);
+and `write_result`, which writes their result files whole or not at all.
 
     parser.add_argument("--rounds", type=at_least(1), default=3)
     parser.add_argument("--target", type=target, default="arm-cpu")
@@ -8,6 +9,7 @@ its reason, rather than after minutes of exporting (or never: `--rounds 0` timed
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,8 +49,13 @@ def _target(text: str) -> None:
 
 
 def _model(text: str) -> None:
-    from exporter.load import resolve_model_dir
+    from exporter.gguf import PACKAGED_GGUF
+    from exporter.load import PACKAGED_MODELS, resolve_model_dir
 
+    if text in PACKAGED_GGUF or text.endswith(".gguf"):
+        raise ValueError(f"{text!r} is a decoder; this benchmark measures encoders: give "
+                         f"{', '.join(PACKAGED_MODELS)} or a checkpoint directory "
+                         f"(decoders: benchmarks/bench_decoder.py).")
     resolve_model_dir(text)
 
 
@@ -60,7 +67,7 @@ def _bundle(text: str) -> None:
 
 # A built-in target name or a .toml profile that loads (the name is what is kept).
 target = _passing(_target)
-# A packaged model name or a checkpoint directory with a config.json.
+# A packaged encoder name or a checkpoint directory with a config.json.
 model = _passing(_model)
 
 
@@ -77,3 +84,15 @@ def classifier(text: str) -> Path:
             f"{text!r} has no test.jsonl: give a directory written by "
             f"`python samples/train_intents.py --output {text}`.")
     return path
+
+
+def write_result(path: Path, text: str) -> None:
+    """`path` holds `text`, or what it held before if the run is stopped: never a part of it
+    (a temporary file beside it, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

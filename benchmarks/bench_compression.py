@@ -101,7 +101,8 @@ def main(argv=None) -> int:
                              "numbers on a shared machine)")
     parser.add_argument("--runs", type=argtypes.at_least(1), default=300,
                         help="timed runs per variant")
-    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="VARIANT")
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+                        help="these variants only (int8, the baseline, is always measured)")
     parser.add_argument("--output", type=Path, default=RESULTS / "bench_compression")
     args = parser.parse_args(argv)
 
@@ -123,7 +124,9 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench_compression."))
     rows = []
     try:
-        for name in args.only or VARIANTS:
+        # int8, uncompressed, is every variant's baseline: always measured
+        names = ["int8", *(n for n in args.only if n != "int8")] if args.only else VARIANTS
+        for name in names:
             started = time.perf_counter()
             job = pipeline.new_job(model, target=target, task=None, output=tmp / "out",
                                    calibration=calibration, evaluation=evaluation,
@@ -186,8 +189,9 @@ def write(rows, args, model: str) -> None:
     lines += ["", f"![quality against latency]({png.name})", ""]
     text = "\n".join(lines)
     print(text)
-    args.output.with_suffix(".md").write_text(text)
-    args.output.with_suffix(".json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    argtypes.write_result(args.output.with_suffix(".md"), text)
+    argtypes.write_result(args.output.with_suffix(".json"),
+                          json.dumps(rows, indent=2, default=str) + "\n")
 
 
 def plot(rows, key: str, path: Path, model: str) -> None:

@@ -254,6 +254,7 @@ def ensure_bundle(path: str | None, precision: str, target: str) -> Path:
         print(f"exporting {out.name} ...", file=sys.stderr)
         if precision == "fast":
             profile = ROOT / "build" / f"{target}-fast.toml"
+            profile.parent.mkdir(parents=True, exist_ok=True)
             profile.write_text(f'extends = "{target}"\ndescription = "{target}, int8 '
                                f'activations"\n[generation]\naccuracy_level = 4\n'
                                f'int8_accuracy_level = 4\n')
@@ -370,9 +371,7 @@ def main() -> int:
               f"{drift:+.2f}% | {same}/{args.new_tokens} |")
     for name, why in skipped.items():
         print(f"\n{name}: not measured: {why}")
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_decoder.json").write_text(json.dumps(
+    argtypes.write_result(ROOT / "benchmarks" / "results" / "bench_decoder.json", json.dumps(
         {"threads": args.threads, "target": args.target, "cpu": platform.processor(),
          "cpus": os.cpu_count(), "results": results, "skipped": skipped}, indent=2) + "\n")
     return 0

@@ -733,8 +733,7 @@ def main(argv: list[str] | None = None) -> int:
                       "test": len(classifier.job.evaluation),
                       "timed": min(TIMED_TEXTS, len(classifier.job.evaluation))},
             **section(classifier)}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    argtypes.write_result(args.output, json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")
     return 0
 

@@ -153,10 +153,13 @@ def print_table(title: str, rows: dict[str, dict], form: str | None = None) -> N
         print(f"{name:28}" + "".join(f" {c:>19}" for c in cells))
 
 
-def c_batch_threads(texts: list[str]) -> int:
-    """Threads the C `encode_batch` uses for `texts` (asked of the extension itself)."""
-    from runtime import _tokenizer_c
-
+def c_batch_threads(texts: list[str]) -> int | None:
+    """Threads the C `encode_batch` uses for `texts` (asked of the extension itself); None
+    where the extension is not built."""
+    try:
+        from runtime import _tokenizer_c
+    except ImportError:
+        return None
     return _tokenizer_c.batch_threads(sum(map(len, texts)), len(texts))
 
 
@@ -176,23 +179,30 @@ def cold(tok):
 
 
 def main() -> None:
-    import tokenizers
-
-    from runtime.tokenizer import BACKENDS, Tokenizer
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=argtypes.at_least(1), default=5)
     parser.add_argument("--json", type=Path, default=Path("build/bench_tokenizer.json"))
     args = parser.parse_args()
+    try:   # the peers this compares with
+        import tokenizers
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"bench_tokenizer compares with Hugging Face tokenizers and "
+                         f"transformers; {e.name} is not installed: "
+                         f"pip install -e '.[export,test]'") from None
+
+    from runtime.tokenizer import BACKENDS, Tokenizer
 
     short, paragraphs = workloads()
     print(
         f"{len(short)} short texts (mean {sum(map(len, short)) / len(short):.0f} chars), "
         f"{len(paragraphs)} paragraphs (mean "
         f"{sum(map(len, paragraphs)) / len(paragraphs):.0f} chars); "
-        f"{os.cpu_count()} cores; C batch on {c_batch_threads(short)} threads (short), "
-        f"{c_batch_threads(paragraphs)} (paragraphs); "
-        f"best of {args.rounds}"
+        f"{os.cpu_count()} cores; "
+        + (f"C batch on {c_batch_threads(short)} threads (short), "
+           f"{c_batch_threads(paragraphs)} (paragraphs); " if "c" in BACKENDS else
+           "C extension not built: the Python twin and the peers only; ")
+        + f"best of {args.rounds}"
     )
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -225,19 +235,18 @@ def main() -> None:
                 print_table(f"{file_name}: runtime (c) is this many times faster than", ratios,
                             form="{:.1f}x")
                 results[file_name]["c_speedup"] = ratios
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
+    argtypes.write_result(
+        args.json,
         json.dumps(
             {
                 "cores": os.cpu_count(),
-                "c_batch_threads": {"short": c_batch_threads(short),
+                "c_batch_threads": {"short": c_batch_threads(short),   # None: no C
                                     "paragraph": c_batch_threads(paragraphs)},
                 "rounds": args.rounds,
                 "results": results,
             },
             indent=2,
         ),
-        encoding="utf-8",
     )
     print(f"\nwrote {args.json}")
 

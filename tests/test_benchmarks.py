@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
     ("bench_compression.py", ["--heal-steps", "-1"], "argument --heal-steps: must be at least 0"),
     ("bench_compression.py", ["--model", "tests"], "argument --model: Model directory 'tests' "
                                                    "has no config.json"),
+    ("bench_encoder.py", ["--model", "smollm2"], "argument --model: 'smollm2' is a decoder; "
+                                                 "this benchmark measures encoders"),
 ])
 def test_bad_arguments_are_refused_before_any_work(script, args, message):
     """Each was accepted before, then failed after minutes of exporting, or timed nothing
@@ -34,3 +36,22 @@ def test_bad_arguments_are_refused_before_any_work(script, args, message):
     assert run.returncode == 2, run.stderr
     assert message in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_result_files_are_written_whole(tmp_path, monkeypatch):
+    # A run stopped while writing leaves the earlier result, never a truncated file.
+    sys.path.insert(0, str(REPO))
+    from benchmarks._args import write_result
+
+    result = tmp_path / "results" / "bench.json"
+    write_result(result, '{"rows": 1}\n')
+    assert result.read_text() == '{"rows": 1}\n'
+
+    def stopped(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_result(result, '{"rows": 2}\n')
+    assert result.read_text() == '{"rows": 1}\n'
+    assert [p.name for p in result.parent.iterdir()] == ["bench.json"]
