@@ -8,6 +8,7 @@ A budget is one or more comma-separated clauses `metric>=value` or `metric<=valu
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -113,6 +114,10 @@ class Budget:
                 broken.append(f"{c.metric} was not measured (it needs {need})")
                 continue
             got = metrics[c.metric]
+            if not math.isfinite(got):   # NaN compares false with everything: never a pass
+                broken.append(f"{c.metric} is {got} (the model's outputs are not finite "
+                              f"numbers), so the budget {c} is broken")
+                continue
             miss = c.value - got if c.op == ">=" else got - c.value
             if miss > 0:
                 side = "below" if c.op == ">=" else "above"

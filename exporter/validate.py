@@ -211,7 +211,8 @@ def cosine_histogram(cos: np.ndarray, bins: int = 40) -> dict:
     """Counts of per-text cosines in `bins` equal bins from the lowest to 1 (the report's
     plot: where the tail lies reads better there than in percentiles)."""
     cos = np.minimum(cos.astype(np.float64), 1.0)
-    low = min(float(cos.min()), 1.0 - 1e-4)   # fp16 bundles: every text within 1e-5 of 1
+    cos = cos[np.isfinite(cos)]   # (a NaN breaks the budget; the plot shows the rest)
+    low = min(float(cos.min(initial=1.0)), 1.0 - 1e-4)   # fp16 bundles: every text within 1e-5 of 1
     counts, edges = np.histogram(cos, bins=bins, range=(low, 1.0))
     return {"edges": [round(float(e), 6) for e in edges], "counts": counts.tolist()}
 

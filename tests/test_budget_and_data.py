@@ -17,6 +17,22 @@ def test_budget_reports_by_how_much():
     assert "below the budget cosine>=0.97 by 0.02000" in line
 
 
+def test_a_metric_that_is_not_a_number_breaks_the_budget():
+    # NaN compares false with everything, so `miss > 0` let an fp16 graph that overflowed
+    # (every output NaN) pass its budget, and the sensitivity search stop at once.
+    import numpy as np
+
+    from exporter.validate import cosine_histogram
+
+    nan = float("nan")
+    assert len(Budget.parse("cosine>=0.97, min-cosine>=0.9").check(
+        {"cosine": nan, "min-cosine": 0.95})) == 1
+    (line,) = Budget.parse("perplexity-increase<=10").check({"perplexity-increase": nan})
+    assert "perplexity-increase is nan" in line and "broken" in line
+    assert Budget.parse("perplexity-increase<=10").check({"perplexity-increase": float("inf")})
+    assert sum(cosine_histogram(np.array([nan, 0.99, 0.98]))["counts"]) == 2   # no ValueError
+
+
 @pytest.mark.parametrize("text, message", [
     ("cosine>0.9", "expected METRIC>=VALUE"),
     ("bleu>=3", "Unknown accuracy metric 'bleu'"),
