@@ -88,6 +88,7 @@ class Calibration:
     start_rss_mb: float
     peak_rss_mb: float
     dropped_fill: dict[str, int] = field(default_factory=dict)  # tensor -> values ignored
+    not_a_number: dict[str, int] = field(default_factory=dict)  # tensor -> NaNs ignored
 
 
 def rss_mb() -> float:
@@ -103,7 +104,8 @@ def rss_mb() -> float:
 def _finite(value: np.ndarray) -> np.ndarray:
     """`value` without attention-mask fill: exported BERT graphs fill masked scores with
     float32 min (-3.4e38); a range or histogram that includes it is useless (and crashes
-    onnxruntime's percentile calibrator with "Too many bins for data range")."""
+    onnxruntime's percentile calibrator with "Too many bins for data range"). Infinities
+    and NaN (a -inf mask's softmax over a row masked whole) go too."""
     return value[np.abs(value) < MASK_FILL_LIMIT]
 
 
@@ -159,13 +161,16 @@ def calibrate_all(model_path, tensors: list[str], feeds, *, methods: tuple[str, 
     low = dict.fromkeys(tensors, np.inf)
     high = dict.fromkeys(tensors, -np.inf)
     dropped: dict[str, int] = {}
+    nans: dict[str, int] = {}
     seen = 0
     for batch in progress(feeds(), total=total, desc="calibrating (min/max)"):
         seen += 1
         for name, value in zip(tensors, session.run(tensors, batch), strict=True):
             lo, hi = float(value.min()), float(value.max())
-            if max(-lo, hi) >= MASK_FILL_LIMIT:
+            if max(-lo, hi) >= MASK_FILL_LIMIT or lo != lo or hi != hi:   # fill, inf, NaN
                 kept = _finite(value)
+                if lo != lo or hi != hi:   # a NaN is no value (the batch's others still are)
+                    nans[name] = nans.get(name, 0) + int(np.isnan(value).sum())
                 dropped[name] = dropped.get(name, 0) + value.size - kept.size
                 if not kept.size:
                     continue
@@ -179,7 +184,7 @@ def calibrate_all(model_path, tensors: list[str], feeds, *, methods: tuple[str, 
             low[t] = high[t] = 0.0
     ranges = {"minmax": {t: (low[t], high[t]) for t in tensors}}
     if set(methods) <= {"minmax"}:
-        return Calibration(ranges, seen, round(start, 1), round(peak, 1), dropped)
+        return Calibration(ranges, seen, round(start, 1), round(peak, 1), dropped, nans)
 
     hist = {t: np.zeros(HISTOGRAM_BINS, np.int64) for t in tensors}
     edge = {t: max(abs(low[t]), abs(high[t]), 1e-12) for t in tensors}
@@ -203,7 +208,7 @@ def calibrate_all(model_path, tensors: list[str], feeds, *, methods: tuple[str, 
             else:
                 cut = kl_threshold(hist[t], edge[t])
             ranges[method][t] = (max(low[t], -cut), min(high[t], cut))
-    return Calibration(ranges, seen, round(start, 1), round(peak, 1), dropped)
+    return Calibration(ranges, seen, round(start, 1), round(peak, 1), dropped, nans)
 
 
 def calibrate(model_path, tensors: list[str], feeds, *, method: str, percentile: float,
@@ -219,7 +224,9 @@ def activation_qparams(low: float, high: float, *, dtype: str,
     _, np_type, qmin, qmax = INT_TYPES[dtype]
     low, high = min(low, 0.0), max(high, 0.0)
     if symmetric:
-        scale = max(-low, high) / ((qmax - qmin) / 2) or 1.0
+        # amax / 127: +amax and -amax both land on a code (TensorRT's and onnxruntime's
+        # symmetric range); / 127.5 put +amax half a step past 127, clipped.
+        scale = max(-low, high) / ((qmax - qmin) // 2) or 1.0
         zero = 0 if dtype == "int8" else 128
     else:
         scale = (high - low) / (qmax - qmin) or 1.0
@@ -581,7 +588,9 @@ def quantize(job) -> None:
             "streamed": True,
             "peak_rss_mb": result.peak_rss_mb,
             "rss_before_mb": result.start_rss_mb,
-            "mask_fill_values_ignored": sum(result.dropped_fill.values()),
+            "mask_fill_values_ignored": sum(result.dropped_fill.values())
+            - sum(result.not_a_number.values()),
+            "nan_values_ignored": sum(result.not_a_number.values()),
             **({"methods_compared": compared} if compared else {}),
         },
         "quantized_nodes": names,

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from exporter.budget import Budget
 from exporter.quantize import (
     CALIBRATION_METHODS,
+    activation_qparams,
     calibrate_all,
     float64_where_cpus_differ,
     fuse_integer_matmuls,
@@ -86,6 +87,38 @@ def test_kl_threshold_clips_a_long_tail():
     hist, _ = np.histogram(values, bins=2048, range=(0, 60.0))
     cut = kl_threshold(hist, 60.0)
     assert 2.5 < cut < 20, cut   # keeps the Gaussian body, drops the lone outlier
+
+
+def test_nan_in_a_batch_hides_none_of_its_other_values(tmp_path):
+    # min()/max() of a batch holding a NaN are NaN, and Python's min(low, nan) kept the old
+    # value: the whole batch's range was ignored, silently (an all-NaN tensor got 0..0).
+    path = tmp_path / "identity.onnx"
+    onnx.save(helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]),
+        opset_imports=[helper.make_opsetid("", 17)]), path)
+    batches = [np.array([0.0, 1.0, 2.0, np.nan], np.float32),
+               np.array([0.1, 0.2, 0.3, 0.4], np.float32)]
+    result = calibrate_all(path, ["y"], lambda: ({"x": b} for b in batches),
+                           methods=CALIBRATION_METHODS, percentile=99.99, total=2)
+    assert result.ranges["minmax"]["y"] == (0.0, 2.0)
+    for method in CALIBRATION_METHODS:
+        lo, hi = result.ranges[method]["y"]
+        assert np.isfinite([lo, hi]).all() and hi > 0.3, (method, lo, hi)
+    assert result.not_a_number == {"y": 1}
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8"])
+def test_symmetric_activation_scale_keeps_both_ends(dtype):
+    # amax / 127 (TensorRT's and onnxruntime's symmetric int8): +amax and -amax round to a
+    # code and back exactly; amax / 127.5 clipped +amax by half a step.
+    scale, zero = activation_qparams(-0.5, 1.0, dtype=dtype, symmetric=True)
+    lowest, highest = (-128, 127) if dtype == "int8" else (0, 255)
+    for x in (1.0, -1.0):
+        q = np.clip(np.round(x / scale) + zero.astype(np.int64), lowest, highest)
+        assert (q - zero.astype(np.int64)) * scale == pytest.approx(x, rel=1e-6)
+    assert float(scale) == pytest.approx(1.0 / 127)
 
 
 def test_attention_mask_fill_does_not_reach_a_range(tmp_path):
