@@ -124,5 +124,18 @@ class Budget:
                 broken.append(f"{c.metric} is {got:.5f}, {side} the budget {c} by {miss:.5f}")
         return broken
 
+    def shortfall(self, metrics: dict[str, float]) -> float:
+        """How far `metrics` are from holding the budget: the sum of each broken clause's
+        miss, relative to its bound's size; 0 when it holds, inf for a metric not measured
+        or not a number."""
+        total = 0.0
+        for c in self.clauses:
+            got = metrics.get(c.metric, math.nan)
+            if not math.isfinite(got):
+                return math.inf
+            miss = c.value - got if c.op == ">=" else got - c.value
+            total += max(miss, 0.0) / max(abs(c.value), 1e-3)
+        return total
+
     def __str__(self) -> str:
         return ",".join(str(c) for c in self.clauses)

@@ -15,11 +15,26 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .budget import LABELLED_METRICS
 from .exact import exact_products, scores_exactly
 from .feeds import encoder_feeds, ort_session, pool
 from .validate import classification_metrics, cosine_rows
 
 BATCH = 16
+
+
+def selection_texts(job) -> tuple[list, str]:
+    """The texts an export's choices are scored on (the budget search's float groups, the
+    strength search's rung), and how the report says so: calibration texts, as many as there
+    are evaluation texts. The evaluation texts are left to validation, which then measures
+    the chosen graph on texts no choice has seen. A budget that needs labels the calibration
+    texts lack is the exception: it is searched on the evaluation texts, and says so."""
+    chosen = list(job.calibration[:len(job.evaluation)])
+    labelled = any(c.metric in LABELLED_METRICS for c in job.budget.clauses)
+    if labelled and not all(u.intent in (job.labels or ()) for u in chosen):
+        return list(job.evaluation), (f"{len(job.evaluation)} evaluation texts (the budget "
+                                      f"needs labels, which the calibration texts lack)")
+    return chosen, f"{len(chosen)} calibration texts (evaluation texts are left to validation)"
 
 
 class Scorer:

@@ -8,9 +8,11 @@ export_onnx, optimize, smooth, quantize, to_float16: every weight MatMul int8, n
 search and no calibration comparison, which is what keeps a rung to seconds) and is measured:
 model bytes; batch-1 latency p50 on calibration utterances at their natural length (best of 3
 rounds, as validation times); the accuracy budget's metrics against the ORIGINAL float model
-on the evaluation text. The first rung meeting all three becomes `job.compression`; the normal
-stages then build it again, run the sensitivity search (capped at the size budget), validate
-(which checks size and latency once more on the final bundle) and bundle it.
+on the selection texts (score.selection_texts: calibration texts, so that validation's
+evaluation texts stay unseen by every choice). The first rung meeting all three becomes
+`job.compression`; the normal stages then build it again, run the sensitivity search (capped
+at the size budget), validate (which checks size and latency once more on the final bundle)
+and bundle it.
 
 The rungs are cumulative: each removes what the one before removed and more (layer importance
 and neuron scores are measured once per model, so a larger cut keeps the smaller one's choice).
@@ -140,12 +142,13 @@ def choose_strength(job) -> None:
     import onnx
 
     from .feeds import ort_session
-    from .score import Scorer
+    from .score import Scorer, selection_texts
     from .validate import BudgetError, latency_ms
 
     settings = job.target.validation
     if settings.max_model_mb is None and settings.max_latency_ms is None:
         return
+    texts, described = selection_texts(job)
     heal_steps = job.compression.heal_steps if job.compression else 0
     rungs = ladder(len(layer_list(job.torch_model)), heal_steps=heal_steps,
                    keep=job.target.runtime.pipeline_stages)
@@ -166,7 +169,7 @@ def choose_strength(job) -> None:
         candidate = _candidate(job, compression, index)
         _build(candidate)
         if scorer is None:   # rung 0 is the original model: its float graph is the reference
-            scorer = Scorer(candidate, job.evaluation, threads=threads)
+            scorer = Scorer(candidate, texts, threads=threads)
         model_bytes, latency, metrics = measure(candidate)
         row = {"rung": index, "strength": describe(compression),
                "compression": dataclasses.asdict(compression),
@@ -209,8 +212,8 @@ def choose_strength(job) -> None:
                      "exported and made full int8 (the sensitivity search only where full "
                      "int8 broke the accuracy budget and the float graph did not); size of "
                      "the model file; latency batch-1 p50 on calibration utterances, best of "
-                     "3 rounds; accuracy against the original float model on the "
-                     "evaluation text",
+                     f"3 rounds; accuracy against the original float model on "
+                     f"{described}",
               "chosen": describe(chosen) if chosen else None}
     job.records["strength"] = record
     if chosen is None:

@@ -356,3 +356,34 @@ def test_host_saturates_reads_the_cpu_flags(tmp_path, monkeypatch):
     exact.host_saturates.cache_clear()
     assert not exact.host_saturates(avx2)
     exact.host_saturates.cache_clear()
+
+
+def test_choices_are_scored_on_texts_validation_does_not_report_on():
+    # The budget and strength searches chose on the evaluation texts, so validation's
+    # "held-out" check passed by construction; they now score calibration texts.
+    from types import SimpleNamespace
+
+    from exporter.data import Utterance
+    from exporter.score import selection_texts
+
+    calibration = [Utterance(f"turn on lamp {i}", "HassTurnOn") for i in range(50)]
+    evaluation = [Utterance(f"dim the hall {i}", "HassLightSet") for i in range(20)]
+    job = SimpleNamespace(calibration=calibration, evaluation=evaluation, labels=None,
+                          budget=Budget.parse("cosine>=0.99,min-cosine>=0.9"))
+    texts, described = selection_texts(job)
+    assert texts == calibration[:20] and "calibration texts" in described
+    # a labelled budget, and calibration texts without labels: the evaluation texts, said so
+    job.budget, job.labels = Budget.parse("accuracy-drop<=1"), ["HassTurnOn", "HassLightSet"]
+    job.calibration = [Utterance(u.text, None) for u in calibration]
+    texts, described = selection_texts(job)
+    assert texts == evaluation and "need" in described and "labels" in described
+    job.calibration = calibration   # labelled: calibration again
+    assert selection_texts(job)[0] == calibration[:20]
+
+
+def test_the_best_step_reached_is_the_one_nearest_the_budget():
+    budget = Budget.parse("cosine>=0.99,min-cosine>=0.9")
+    steps = [{"cosine": 0.90, "min-cosine": 0.8}, {"cosine": 0.95, "min-cosine": 0.85},
+             {"cosine": 0.93, "min-cosine": 0.85}, {"cosine": float("nan"), "min-cosine": 1}]
+    assert min(range(4), key=lambda i: budget.shortfall(steps[i])) == 1
+    assert budget.shortfall({"cosine": 0.995, "min-cosine": 0.95}) == 0
