@@ -499,6 +499,29 @@ def float64_where_cpus_differ(model: onnx.ModelProto) -> int:
     return count
 
 
+def name_nodes(model: onnx.ModelProto) -> int:
+    """Give each unnamed node, and each but the first of nodes sharing a name, a name of its
+    own (`<op>_<index>`): the int8 / float choices are made by node name, and a name shared
+    by several nodes (or "", which ONNX allows) would keep all of them float. Returns how
+    many were renamed."""
+    taken = {n.name for n in model.graph.node if n.name}
+    seen: set[str] = set()
+    renamed = 0
+    for index, node in enumerate(model.graph.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        name, k = f"{node.op_type}_{index}", 0
+        while name in taken:
+            k += 1
+            name = f"{node.op_type}_{index}_{k}"
+        node.name = name
+        taken.add(name)
+        seen.add(name)
+        renamed += 1
+    return renamed
+
+
 def lowers_to_contrib_ops(target) -> bool:
     """Whether the bundle may use onnxruntime's com.microsoft int8 kernels directly."""
     return target.graph_rules == "onnxruntime" and target.graph_optimization == "transformer"
@@ -537,6 +560,9 @@ def quantize(job) -> None:
         job.records["quantization"] = {"mode": "none", "precision": job.target.precision}
         return
     model = onnx.load(source)
+    if name_nodes(model):   # int8 / float choices name nodes: each name must be one node
+        source = job.workdir / "named.onnx"
+        onnx.save(model, source)
     matmuls = weight_matmuls(model)
     activations = sorted({n.input[0] for n in matmuls})
 

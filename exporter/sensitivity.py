@@ -85,10 +85,14 @@ def node_groups(model: onnx.ModelProto, *, int8_tables: bool) -> list[Group]:
     by_input: dict[str, list[str]] = {}
     for node in matmuls:
         by_input.setdefault(node.input[0], []).append(node.name)
-    groups = []
+    groups, used = [], set()
     for x, names in by_input.items():
         role = next((r for fragment, r in ROLES if fragment in names[0]), f"reads {x}")
-        groups.append(Group(f"{layer_of(names[0])} {role}", "int8", names, []))
+        name = f"{layer_of(names[0])} {role}"
+        if name in used:   # node names that say no layer: each group keeps its own name
+            name = f"{name} ({names[0]})"
+        used.add(name)
+        groups.append(Group(name, "int8", names, []))
     if int8_tables:
         groups.append(Group("embeddings", "int8", [], []))
 

@@ -387,3 +387,35 @@ def test_the_best_step_reached_is_the_one_nearest_the_budget():
              {"cosine": 0.93, "min-cosine": 0.85}, {"cosine": float("nan"), "min-cosine": 1}]
     assert min(range(4), key=lambda i: budget.shortfall(steps[i])) == 1
     assert budget.shortfall({"cosine": 0.995, "min-cosine": 0.95}) == 0
+
+
+def test_node_choices_hold_for_unnamed_nodes_and_names_without_a_layer():
+    # Groups were keyed by a name that said no layer here ("model attention Q/K/V" twice: one
+    # group lost), and float-keeping matched node names, so unnamed MatMuls all went float.
+    from exporter.quantize import build_int8, name_nodes
+    from exporter.sensitivity import node_groups
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), f"w{i}")
+             for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"],
+                              name="/enc/block0/attention/self/query/MatMul"),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", "w1"], ["b"],
+                              name="/enc/block1/attention/self/query/MatMul"),
+             helper.make_node("Relu", ["b"], ["s"]),
+             helper.make_node("MatMul", ["s", "w2"], ["y"])]   # unnamed
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+    assert name_nodes(model) == 3   # the two Relus and the last MatMul
+    names = [n.name for n in model.graph.node]
+    assert len(set(names)) == len(names) and all(names)
+    groups = [g for g in node_groups(model, int8_tables=False) if g.kind == "int8"]
+    assert len(groups) == 3 and len({g.name for g in groups}) == 3
+    ranges = {t: (-4.0, 4.0) for t in ("x", "r", "s")}
+    for group in groups:   # each group float alone: exactly its MatMul stays float
+        _, quantized, _ = build_int8(model, ranges, SETTINGS, float_groups={group.name},
+                                     groups={g.name: g.nodes for g in groups})
+        assert set(quantized) == {n for g in groups for n in g.nodes} - set(group.nodes)
