@@ -98,6 +98,31 @@ def _override(profile: Target, *, precision: str | None, stages: int | None,
     return profile
 
 
+def _check_encoder_profile(profile: Target) -> None:
+    """Settings that contradict each other, refused before any work: each used to fail only at
+    the stage that met it, minutes into the export."""
+    where = profile.source or profile.name
+    q = profile.quantization
+    if profile.precision != "int8":
+        return
+    from .float16 import FLOAT16_QDQ_OPSET
+
+    if profile.float_type == "float16" and profile.opset < FLOAT16_QDQ_OPSET:
+        raise ValueError(f"{where}: float_type \"float16\" with int8 needs opset "
+                         f"{FLOAT16_QDQ_OPSET} or later (float16 Q/DQ scales); 'opset' is "
+                         f"{profile.opset}.")
+    if profile.graph_rules == "tensorrt":
+        if q.activations != "int8" or not q.symmetric_activations:
+            raise ValueError(f"{where}: graph_rules \"tensorrt\" takes symmetric int8 "
+                             f"activations only (quantization.activations = \"int8\", "
+                             f"symmetric_activations = true); the profile has "
+                             f"{q.activations!r}, symmetric {q.symmetric_activations}.")
+        if q.embeddings != "float":
+            raise ValueError(f"{where}: graph_rules \"tensorrt\" needs quantization.embeddings "
+                             f"= \"float\": TensorRT reads no int8 table outside Q/DQ; the "
+                             f"profile has {q.embeddings!r}.")
+
+
 def _decoder_profile(profile: Target, *, precision: str | None,
                      stages: int | None) -> Target:
     """The profile as decoders read it: `precision` picks the weights ("fp16": float weights
@@ -230,6 +255,7 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     else:
         profile = _override(profile, precision=precision, stages=stages, layers=layers,
                             dropped=_dropped(compression))
+        _check_encoder_profile(profile)
         default_budget = profile.validation.budget_for(task)
     profile = _limits(profile, max_model_mb=max_model_mb, max_latency_ms=max_latency_ms,
                       task=task, compression=compression)

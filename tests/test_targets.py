@@ -131,3 +131,25 @@ def test_bad_extends_is_a_clear_error(tmp_path, files, message):
         (tmp_path / name).write_text(text)
     with pytest.raises(ValueError, match=message):
         load_target(tmp_path / "a.toml")
+
+
+@pytest.mark.parametrize("body, message", [
+    ("opset = 18", r"float_type \"float16\" with int8 needs opset 19 or later"),
+    ("[quantization]\nactivations = \"uint8\"\nsymmetric_activations = false",
+     r"graph_rules \"tensorrt\" takes symmetric int8 activations only"),
+    ("[quantization]\nembeddings = \"int8-rows\"",
+     r"graph_rules \"tensorrt\" needs quantization.embeddings = \"float\""),
+])
+def test_contradicting_jetson_settings_are_refused_before_any_work(tmp_path, body, message):
+    # Each loaded, then failed minutes into the export (float16, or the TensorRT rules).
+    from exporter import export
+
+    profile = tmp_path / "jetson-edit.toml"
+    profile.write_text(f'extends = "jetson"\n{body}\n')
+    with pytest.raises(ValueError, match=message):
+        export("minilm", target=profile, output=tmp_path / "out", log=lambda line: None)
+    assert not (tmp_path / "out").exists()
+    if body == "opset = 18":   # no int8 with --precision fp16: nothing contradicts
+        from exporter import _check_encoder_profile
+
+        _check_encoder_profile(dataclasses.replace(load_target(profile), precision="fp16"))
