@@ -38,7 +38,8 @@ def selection_texts(job) -> tuple[list, str]:
 
 
 class Scorer:
-    """Metrics of candidate graphs against job.float_onnx on `utterances`."""
+    """Metrics of candidate graphs against job.float_onnx on `utterances` (against the
+    original PyTorch model where the job compressed it)."""
 
     def __init__(self, job, utterances, *, threads: int = 0):
         self.job, self.threads = job, threads
@@ -48,7 +49,14 @@ class Scorer:
         session = ort_session(job.float_onnx, threads=threads)
         self.feeds = list(encoder_feeds(job.workdir / "tokenizer.json", self.texts, session,
                                         max_length=job.max_length, batch_size=BATCH))
-        self.reference = self.outputs(session)
+        original = getattr(job, "reference_model", None)
+        # A compressed model's budget holds against the original, as validation checks it:
+        # scored against the compressed float graph, the search stopped where validation
+        # then failed.
+        self.against = "the original model (PyTorch, before compression)" \
+            if original is not None else "the float graph"
+        self.reference = self.outputs(session) if original is None else \
+            self.torch_outputs(original)
         self.labelled = job.task == "text-classification" and all(
             u.intent in job.labels for u in self.utterances)
 
@@ -57,6 +65,19 @@ class Scorer:
         rows = []
         for feeds in self.feeds:
             out = session.run(None, feeds)[0]
+            if self.job.pooling:
+                out = pool(out, feeds["attention_mask"], mode=self.job.pooling["mode"],
+                           normalize=False)
+            rows.append(out)
+        return np.concatenate(rows)
+
+    def torch_outputs(self, model) -> np.ndarray:
+        """The same reduction of a PyTorch model's outputs on the same feeds."""
+        from .to_onnx import torch_output
+
+        rows = []
+        for feeds in self.feeds:
+            out = torch_output(model, feeds)
             if self.job.pooling:
                 out = pool(out, feeds["attention_mask"], mode=self.job.pooling["mode"],
                            normalize=False)

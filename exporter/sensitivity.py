@@ -254,7 +254,7 @@ def sensitivity(job) -> None:
         "data": f"{len(probe)} calibration texts",
         "groups": sorted(rows, key=lambda r: -r["harm"]),
         "search": {
-            "budget": str(job.budget), "data": f"{described}, vs the float graph",
+            "budget": str(job.budget), "data": f"{described}, vs {selection.against}",
             "max_size_ratio": settings.max_size_ratio, "max_bytes": max_bytes,
             "steps": [{"float_group": s.float_group, "metrics": s.metrics,
                        "size_bytes": s.size_bytes, "holds": s.holds} for s in steps],

@@ -183,6 +183,11 @@ def test_compressed_minilm_bundle(minilm_bundle, tmp_path, eval_texts):
     assert vectors.shape == (8, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
     # the budget is checked against the original model, not against the pruned one
     assert manifest["validation"]["metrics"]["cosine"] < 0.95
+    # and so is the sensitivity search's: against the pruned float graph it stopped at full
+    # int8 (~0.998), where validation against the original then measured < 0.95
+    search = json.loads((out / "report.json").read_text())["sensitivity"]["search"]
+    assert "original model" in search["data"]
+    assert search["steps"][-1]["metrics"]["cosine"] < 0.95
 
 
 # --- SmolLM2: per-layer heads and FFN widths in the decoder graph ---
