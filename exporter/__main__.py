@@ -12,6 +12,8 @@ import argparse
 import importlib.util
 import signal
 import sys
+import traceback
+from pathlib import Path
 
 from targets import available_targets, load_target
 
@@ -122,7 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         except BudgetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, TypeError) as e:
+    except (ValueError, TypeError) as e:
+        library = _raised_in_library(e)
+        if library:   # most likely our code handed the library something wrong: our bug
+            traceback.print_exc()
+            print(f"error: {library} raised {type(e).__name__}: {e} (exit 1: the traceback "
+                  f"above is worth reporting)", file=sys.stderr)
+            return 1
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:   # the machine, not the request: a full disk, an I/O error
@@ -133,6 +144,32 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(path)
     return 0
+
+
+# Where this tool's code lives: a ValueError raised in it (or in the standard library, say
+# json or tomllib reading a user's file) is a refusal of the input, exit 2; one raised by a
+# third-party library's Python code (torch, onnx, numpy ...) is most likely a bug of ours,
+# exit 1 with its traceback.
+_OURS = tuple(str(Path(__file__).resolve().parent.parent / p) for p in
+              ("exporter", "targets", "runtime"))
+
+
+def _raised_in_library(error: BaseException) -> str | None:
+    """The third-party package whose Python code raised `error`, or None when it was this
+    tool's code or the standard library."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return None
+    where = Path(tb.tb_frame.f_code.co_filename).resolve()
+    if str(where).startswith(_OURS):
+        return None
+    parts = where.parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts and parts.index(marker) + 1 < len(parts):
+            return parts[parts.index(marker) + 1].removesuffix(".py")
+    return None
 
 
 def _stop(signum, frame):

@@ -586,6 +586,27 @@ def test_python_dash_m_exporter_help():
     assert "--target" in out.stdout and "--accuracy-budget" in out.stdout
 
 
+def test_cli_tells_a_library_error_from_a_refused_input(monkeypatch, capsys):
+    # Every ValueError was "bad input", exit 2, one line: a bug of ours that made numpy or
+    # torch raise looked like the user's fault and hid where it happened.
+    import exporter
+
+    def numpy_refuses(*args, **kwargs):
+        np.linspace(0, 1, -1)   # numpy's own Python code raises ValueError
+
+    monkeypatch.setattr(exporter, "export", numpy_refuses)
+    assert main(["--target", "arm-cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "error: numpy raised ValueError" in err
+
+    def refused(*args, **kwargs):
+        raise ValueError("Unknown thing 'x'")
+
+    monkeypatch.setattr(exporter, "export", refused)
+    assert main(["--target", "arm-cpu"]) == 2
+    assert capsys.readouterr().err == "error: Unknown thing 'x'\n"
+
+
 def test_cli_without_the_export_stack_says_what_to_install():
     # On a device only the runtime is installed: --help and --list-targets work, an export
     # says what is missing in one line, never a ModuleNotFoundError traceback.
