@@ -197,6 +197,18 @@ def bundle_files(path: Path) -> set[str] | None:
 
 def holds_only(path: Path, allowed: set[str]) -> bool:
     """Whether every file and link under directory `path` is one of `allowed` (relative
-    POSIX paths)."""
-    found = (p for p in path.rglob("*") if p.is_symlink() or not p.is_dir())
-    return all(p.relative_to(path).as_posix() in allowed for p in found)
+    POSIX paths). False where a directory under it cannot be read: what it holds is unknown
+    (Path.rglob skips such a directory silently)."""
+
+    def unreadable(error: OSError) -> None:
+        raise error
+
+    try:
+        for root, dirs, files in os.walk(path, onerror=unreadable):
+            here = Path(root).relative_to(path)
+            links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+            if any((here / name).as_posix() not in allowed for name in (*files, *links)):
+                return False
+    except OSError:
+        return False
+    return True

@@ -619,3 +619,29 @@ def test_install_without_a_c_compiler_falls_back_to_python(minilm_bundle, device
     assert len(warnings) == 1 and "C tokenizer is not available" in warnings[0], out.stderr
     here = runtime.load(minilm_bundle).embed(["turn on the kitchen lights"])
     np.testing.assert_allclose(np.array(there), here, atol=1e-4)
+
+
+def test_holds_only_answers_no_where_a_directory_cannot_be_read(tmp_path, monkeypatch):
+    # Path.rglob skipped an unreadable subdirectory silently, so a folder holding a user's
+    # unreadable data looked like an earlier bundle, replaceable.
+    import os
+
+    from runtime._files import holds_only
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    (tmp_path / "sub" / "a.txt").write_text("a")
+    assert holds_only(tmp_path, {"model.onnx", "sub/a.txt"})
+    assert not holds_only(tmp_path, {"model.onnx"})
+    os.symlink(tmp_path / "sub", tmp_path / "link")   # a link to a directory is an entry
+    assert not holds_only(tmp_path, {"model.onnx", "sub/a.txt"})
+    assert holds_only(tmp_path, {"model.onnx", "sub/a.txt", "link"})
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert not holds_only(tmp_path, {"model.onnx", "sub/a.txt", "link"})
