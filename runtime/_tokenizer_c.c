@@ -2005,19 +2005,25 @@ done:
     return result;
 }
 
-/* Argument `name` of `fn`, a sequence of ints, as a PySequence_Fast. */
+/* Argument `name` of `fn`, a sequence of ints, as a tuple: the items are read while the
+ * GIL is released, when another thread could resize a list (runtime.Tokenizer passes
+ * tuples, which cost nothing here; anything else is copied). */
 static PyObject *
 int_sequence(const char *fn, PyObject *arg, const char *name, PyObject ***items, Py_ssize_t *n)
 {
-    PyObject *seq = PySequence_Fast(arg, "");
+    PyObject *seq = PyTuple_CheckExact(arg) ? Py_NewRef(arg) : PySequence_Tuple(arg);
     if (seq == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
+            return NULL;
+        }
+        PyErr_Clear();
         return PyErr_Format(PyExc_TypeError, "%s() %s must be a sequence of int, not %s", fn,
                             name, Py_TYPE(arg)->tp_name);
     }
     *n = PySequence_Fast_GET_SIZE(seq);
     *items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t i = 0; i < *n; i++) {
-        if (!PyLong_Check((*items)[i])) {
+        if (!PyLong_Check((*items)[i]) || PyBool_Check((*items)[i])) {
             PyErr_Format(PyExc_TypeError, "%s() %s: item %zd is %s, not int", fn, name, i,
                          Py_TYPE((*items)[i])->tp_name);
             Py_DECREF(seq);
@@ -2608,6 +2614,31 @@ bpe_id(PyObject *vocab, PyObject *token, Py_ssize_t rank)
     return (int32_t)PyLong_AsLong(id); /* checked when the vocab was read */
 }
 
+/* Each id of `vocab` (a private dict) replaced by the exact int it stands for, asked of its
+ * __index__ once: the tables are sized by one reading and filled by another, so a value
+ * whose __index__ changed between them would write past them. */
+static int
+exact_ids(PyObject *vocab)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(vocab, &pos, &key, &value)) {
+        if (PyLong_CheckExact(value)) {
+            continue;
+        }
+        PyObject *id = id_object(value, key);
+        if (id == NULL) {
+            return -1;
+        }
+        int rc = PyDict_SetItem(vocab, key, id); /* an existing key: the dict keeps its size */
+        Py_DECREF(id);
+        if (rc < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static int
 build_bpe_vocab(Bpe *b, PyObject *vocab)
 {
@@ -2671,7 +2702,12 @@ build_bpe_vocab(Bpe *b, PyObject *vocab)
         if (id == NULL) {
             return -1;
         }
-        int32_t index = (int32_t)PyLong_AsLong(id);
+        long index = PyLong_AsLong(id);
+        if (index < 0 || index >= (long)b->n_ids) { /* exact_ids made this impossible */
+            Py_DECREF(id);
+            PyErr_Format(PyExc_ValueError, "the id of token %R changed while it was read", key);
+            return -1;
+        }
         Py_XSETREF(b->id_objects[index], id);
         /* The bytes a token stands for, if all its chars are byte-level chars. */
         Py_ssize_t length = PyUnicode_GET_LENGTH(key);
@@ -2687,7 +2723,7 @@ build_bpe_vocab(Bpe *b, PyObject *vocab)
             }
         }
         if (all_bytes && length == 1) {
-            b->byte_ids[char_byte[PyUnicode_READ(kind, data, 0)]] = index;
+            b->byte_ids[char_byte[PyUnicode_READ(kind, data, 0)]] = (int32_t)index;
         }
         if (all_bytes && b->words != NULL) {
             uint64_t h = hash_bytes(b->word_bytes + start, offset - start);
@@ -2695,7 +2731,7 @@ build_bpe_vocab(Bpe *b, PyObject *vocab)
             while (b->words[slot].length != 0) {
                 slot = (slot + 1) & b->word_mask;
             }
-            b->words[slot] = (WordSlot){h, start, (uint32_t)(offset - start), index};
+            b->words[slot] = (WordSlot){h, start, (uint32_t)(offset - start), (int32_t)index};
         }
         else {
             offset = start;
@@ -2823,7 +2859,8 @@ Bpe_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (word_cache_init(&b->cache) < 0) {
         goto error;
     }
-    if (build_bpe_vocab(b, vocab) < 0 || build_merges(b, vocab, merges) < 0) {
+    if (exact_ids(vocab) < 0 || build_bpe_vocab(b, vocab) < 0
+        || build_merges(b, vocab, merges) < 0) {
         goto error;
     }
     if (unk_id != Py_None) {

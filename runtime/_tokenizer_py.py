@@ -254,6 +254,24 @@ def _is_word_char(char: str) -> bool:
     )
 
 
+def bert_normalize(text: str, *, clean_text: bool, handle_chinese_chars: bool,
+                   strip_accents: bool, lowercase: bool) -> str:
+    """BertNormalizer, in HF's order: clean, CJK spacing, accents, lowercase."""
+    ascii_only = text.isascii()
+    if clean_text:
+        text = _CLEAN_WHITESPACE_RE.sub(" ", _CONTROL_RE.sub("", text))
+    if handle_chinese_chars and not ascii_only:
+        text = _CJK_RE.sub(r" \g<0> ", text)
+    if strip_accents and not ascii_only:
+        # Python's NFD knows a few characters newer than HF's crate (e.g.
+        # U+11938 decomposes in Python, not in HF). Such characters are
+        # never in a BERT vocab, so the word is [UNK] either way.
+        text = _NONSPACING_MARK_RE.sub("", unicodedata.normalize("NFD", text))
+    if lowercase:
+        text = text.lower() if ascii_only else text.translate(_LOWERCASE_FIXES).lower()
+    return text
+
+
 class _AddedTokenSplitter:
     """Cuts text around added tokens, like AddedVocabulary::find_matches.
 
@@ -435,19 +453,9 @@ class WordPieceEncoder(_Encoder):
 
     def normalize(self, text: str) -> str:
         """BertNormalizer, in HF's order: clean, CJK spacing, accents, lowercase."""
-        ascii_only = text.isascii()
-        if self._clean_text:
-            text = _CLEAN_WHITESPACE_RE.sub(" ", _CONTROL_RE.sub("", text))
-        if self._handle_chinese_chars and not ascii_only:
-            text = _CJK_RE.sub(r" \g<0> ", text)
-        if self._strip_accents and not ascii_only:
-            # Python's NFD knows a few characters newer than HF's crate (e.g.
-            # U+11938 decomposes in Python, not in HF). Such characters are
-            # never in a BERT vocab, so the word is [UNK] either way.
-            text = _NONSPACING_MARK_RE.sub("", unicodedata.normalize("NFD", text))
-        if self._lowercase:
-            text = text.lower() if ascii_only else text.translate(_LOWERCASE_FIXES).lower()
-        return text
+        return bert_normalize(text, clean_text=self._clean_text,
+                              handle_chinese_chars=self._handle_chinese_chars,
+                              strip_accents=self._strip_accents, lowercase=self._lowercase)
 
     def pre_tokenize(self, text: str) -> list[str]:
         """BertPreTokenizer: drop whitespace, isolate each punctuation char."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import re
 import sys
 import threading
@@ -119,6 +120,17 @@ class Tokenizer:
                 f"unk_token {unk_token!r} is not in the vocab; "
                 "WordPiece needs it for unknown words."
             )
+        strip_accents = lowercase if strip_accents is None else strip_accents
+        for token in added_tokens:
+            if token.normalized and token.content and not _tokenizer_py.bert_normalize(
+                token.content, clean_text=clean_text, handle_chinese_chars=handle_chinese_chars,
+                strip_accents=strip_accents, lowercase=lowercase,
+            ):
+                raise ValueError(  # HF matches its empty pattern between every two chars
+                    f"added token {token.content!r} is normalized to nothing by this "
+                    "tokenizer's normalizer (Hugging Face then splits the text at every "
+                    "character); give it \"normalized\": false, or remove it."
+                )
         self._set_encoder(
             "WordPieceEncoder",
             vocab,
@@ -127,7 +139,7 @@ class Tokenizer:
             max_input_chars_per_word=max_input_chars_per_word,
             clean_text=clean_text,
             handle_chinese_chars=handle_chinese_chars,
-            strip_accents=lowercase if strip_accents is None else strip_accents,
+            strip_accents=strip_accents,
             lowercase=lowercase,
             added_tokens=added_tokens,
         )
@@ -220,8 +232,9 @@ class Tokenizer:
     def _set_vocab(
         self, vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets
     ) -> None:
-        self._prefix_ids = list(prefix_ids)
-        self._suffix_ids = list(suffix_ids)
+        # Tuples: the C backend reads them without the GIL, so they must not change.
+        self._prefix_ids = _id_tuple(prefix_ids, "prefix_ids")
+        self._suffix_ids = _id_tuple(suffix_ids, "suffix_ids")
         self._pad_id = pad_id
         self._trim_offsets = trim_offsets
         # Added tokens win over the model vocab in both directions, as in HF.
@@ -493,6 +506,26 @@ _LEADING_SPACES_RE = re.compile(f"[{_SPACES}]*")
 _TRAILING_SPACES_RE = re.compile(f"[{_SPACES}]*\\Z")
 
 
+# Token ids: HF stores them as u32; the C backend's byte-level BPE tables take ids below 2**24.
+MAX_ID = 2**32
+MAX_BPE_ID = 2**24
+
+
+def _id_tuple(ids: Iterable[int], name: str) -> tuple[int, ...]:
+    """`ids` as a tuple of plain ints (numpy ints too), each a valid token id."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"{name} must be a sequence of int ids, got {type(ids).__name__}.")
+    out = []
+    for i, token_id in enumerate(ids):
+        if isinstance(token_id, bool) or not hasattr(token_id, "__index__"):
+            raise TypeError(f"{name}[{i}] is {type(token_id).__name__}, not an int id.")
+        value = operator.index(token_id)
+        if not 0 <= value < MAX_ID:
+            raise ValueError(f"{name}[{i}] is {value}; a token id lies in [0, 2**32).")
+        out.append(value)
+    return tuple(out)
+
+
 def _stamp(path: Path) -> tuple[int, int]:
     stat = path.stat() if path.is_file() else None
     return (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
@@ -577,6 +610,11 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
     vocab = _field(model, "model.vocab", dict, path)
     if not all(isinstance(t, str) and type(i) is int for t, i in vocab.items()):
         raise ValueError(f"{path}: model.vocab must map token strings to int ids.")
+    top = MAX_BPE_ID if kind == "BPE" else MAX_ID   # (what the C BPE tables index)
+    bad = next((t for t, i in vocab.items() if not 0 <= i < top), None)
+    if bad is not None:
+        raise ValueError(f"{path}: model.vocab gives {bad!r:.40} the id {vocab[bad]}; ids lie "
+                         f"in [0, {'2**24' if kind == 'BPE' else '2**32'}) here.")
     added_tokens = _added_tokens(data, path, vocab)
     settings: dict[str, Any] = {"vocab": vocab, "added_tokens": added_tokens}
     if kind == "BPE":
@@ -611,6 +649,9 @@ def _wordpiece_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
         ),
         "max_input_chars_per_word": _field(model, "model.max_input_chars_per_word", int, path, 100),
     }
+    if not 0 <= settings["max_input_chars_per_word"] < 2**64:
+        raise ValueError(f"{path}: model.max_input_chars_per_word is "
+                         f"{settings['max_input_chars_per_word']}; expected 0 to 2**64 - 1.")
 
     normalizer = data.get("normalizer")
     if normalizer is None:  # no normalization at all
@@ -740,11 +781,16 @@ def _added_tokens(data: dict, path: Path, vocab: dict[str, int]) -> list[AddedTo
     """The file's added tokens with the ids HF gives them when it loads the file, whatever
     their "id" says (HF's AddedVocabulary.add_tokens): a token of the model's vocab takes
     that id, any other the next id past the vocab and the added tokens before it; an empty
-    token is dropped, and a repeated one keeps its first entry. Files HF wrote agree."""
+    token is dropped, and a repeated one keeps its first id with the last entry's flags
+    (lstrip, rstrip, single_word, normalized, special). Files HF wrote agree."""
     added_tokens: list[AddedToken] = []
     ids: dict[str, int] = {}
     for token in _listed_added_tokens(data, path):
-        if not token.content or token.content in ids:
+        if not token.content:
+            continue
+        if token.content in ids:
+            at = next(i for i, t in enumerate(added_tokens) if t.content == token.content)
+            added_tokens[at] = token._replace(id=ids[token.content])
             continue
         if token.content in vocab:
             ids[token.content] = vocab[token.content]
@@ -767,6 +813,9 @@ def _listed_added_tokens(data: dict, path: Path) -> list[AddedToken]:
             raise ValueError(
                 f"{path}: added_tokens entry {entry!r:.80} needs a str 'content' and an int 'id'."
             )
+        if not 0 <= entry["id"] < MAX_ID:
+            raise ValueError(f"{path}: added_tokens entry {entry['content']!r:.40} has id "
+                             f"{entry['id']}; an id lies in [0, 2**32).")
         special = bool(entry.get("special", False))
         added_tokens.append(
             AddedToken(

@@ -452,7 +452,11 @@ def _added(token_id: int, content: str, special: bool = True, **flags) -> dict:
     [_added(30522, "[FOO]"), _added(30523, "[FOO]")],                # twice
     [_added(999, "[CLS]")],                                          # a special, again
     [_added(5, "hello", special=False)],                             # in the vocab
-], ids=["gap", "order", "low", "empty", "twice", "cls", "vocab"])
+    # twice, the second with other flags: HF keeps the first id and the last flags
+    [_added(30522, "[A1]"), _added(30523, "[A1]", lstrip=True, rstrip=True)],
+    [_added(30522, "[A2]", special=False), _added(30523, "[A2]", special=True)],
+], ids=["gap", "order", "low", "empty", "twice", "cls", "vocab", "twice-strip",
+        "twice-special"])
 def test_added_token_ids_are_the_ones_hf_gives_them(tmp_path, backend, added):
     """HF assigns an added token's id when it loads the file, whatever the file's "id" says:
     its vocab id, else the next one past the vocab and the tokens added before it (a file
@@ -482,6 +486,42 @@ def test_missing_file_names_the_path(tmp_path):
         Tokenizer.from_file(missing)
     with pytest.raises(FileNotFoundError, match="directory"):
         Tokenizer.from_file(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["model"]["vocab"].update(the=-5), "gives 'the' the id -5"),
+    (lambda d: d["model"]["vocab"].update(the=2**40), "gives 'the' the id 1099511627776"),
+    (lambda d: d["model"].update(max_input_chars_per_word=-1), "max_input_chars_per_word is -1"),
+    (lambda d: d["model"].update(max_input_chars_per_word=2**70), "max_input_chars_per_word"),
+    (lambda d: d["added_tokens"].append(_added(-3, "[NEG]")), r"'\[NEG\]' has id -3"),
+    (lambda d: d["added_tokens"].append(_added(2**40, "[BIG]")), "has id 1099511627776"),
+    # BertNormalizer strips the accent to nothing: HF would then split every character
+    (lambda d: d["added_tokens"].append(_added(30522, "\u0301", special=False)),
+     "normalized to nothing"),
+])
+def test_files_hf_refuses_or_misreads_are_refused(tmp_path, backend, edit, message):
+    # Each loaded and gave ids HF never would (negative, past u32, every word [UNK], or the
+    # token silently ignored where HF splits the text apart).
+    data = json.loads(REFERENCE.read_text(encoding="utf-8"))
+    edit(data)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        Tokenizer.from_file(path, backend=backend)
+
+
+def test_prefix_and_suffix_ids_are_plain_ints_on_both_backends(backend):
+    import numpy as np
+
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "hi": 3}
+    tok = Tokenizer(vocab=vocab, unk_token="[UNK]", prefix_ids=np.array([1]),
+                    suffix_ids=[np.int32(2)], backend=backend)
+    assert tok.encode("hi") == tok.encode_batch(["hi"])[0] == [1, 3, 2]
+    assert all(type(i) is int for i in tok.encode("hi"))
+    with pytest.raises(TypeError, match=r"suffix_ids\[0\] is bool"):
+        Tokenizer(vocab=vocab, unk_token="[UNK]", suffix_ids=[True], backend=backend)
+    with pytest.raises(ValueError, match=r"prefix_ids\[0\] is -1"):
+        Tokenizer(vocab=vocab, unk_token="[UNK]", prefix_ids=[-1], backend=backend)
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -537,3 +537,19 @@ else:
     @pytest.mark.skip(reason="hypothesis is not installed (pip install hypothesis)")
     def test_property_tests_need_hypothesis():
         pass
+
+
+@pytest.mark.parametrize("flags", [{"lstrip": True}, {"rstrip": True}, {"single_word": True}])
+def test_a_repeated_added_token_takes_its_last_flags(tmp_path, smollm2_tokenizer_json, backend,
+                                                     flags):
+    # HF keeps a repeated added token's first id and its last entry's flags; we kept the
+    # first entry whole, so "a  zzqq  b" kept the spaces an lstrip / rstrip token absorbs.
+    data = json.loads(Path(smollm2_tokenizer_json).read_text(encoding="utf-8"))
+    entry = {"content": "zzqq", "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": False}
+    data["added_tokens"] += [{**entry, "id": 900000}, {**entry, "id": 900001, **flags}]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    ours, theirs = Tokenizer.from_file(path, backend=backend), hf_tokenizer(path)
+    for text in ("a  zzqq  b", "xzzqqx", "zzqq", " zzqq\n"):
+        assert ours.encode(text) == theirs.encode(text).ids, text

@@ -771,3 +771,55 @@ def test_batch_threads_rule():
     assert _tokenizer_c.batch_threads(10**8, 10**6) == min(cpus, 8)
     with pytest.raises(ValueError):
         _tokenizer_c.batch_threads(-1, 3)
+
+
+def _survives(code: str) -> None:
+    """Run `code` in a fresh interpreter (a crash must not take pytest down): it must exit 0."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=240, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+
+
+def test_a_prefix_list_changed_by_another_thread_is_never_read_freed():
+    # encode read the prefix list's item array with the GIL released: another thread
+    # resizing the list meanwhile made it read freed memory (a segfault; ASan: use after free).
+    _survives("""
+import threading
+from runtime import _tokenizer_c as C
+enc = C.WordPieceEncoder({"[UNK]": 0, "a": 1}, unk_token="[UNK]", continuing_subword_prefix="##",
+    max_input_chars_per_word=100, clean_text=True, handle_chinese_chars=True,
+    strip_accents=True, lowercase=True)
+prefix, stop = [10**30 + i for i in range(1000)], False
+def mutate():
+    while not stop:
+        prefix[:] = [10**30 + i for i in range(1000)]
+        prefix.clear()
+        prefix.extend(10**30 + i for i in range(1000))
+thread = threading.Thread(target=mutate)
+thread.start()
+try:
+    for _ in range(60):
+        ids = enc.encode("a " * 100000, prefix)
+        assert all(type(x) is int for x in ids[:1000])
+        enc.encode_batch(["a " * 50000] * 2, prefix)
+finally:
+    stop = True
+    thread.join()
+""")
+
+
+def test_an_id_whose_index_changes_cannot_write_past_the_tables():
+    # The BPE tables were sized by one reading of each id's __index__ and filled by another.
+    _survives("""
+from runtime import _tokenizer_c as C
+class Flip:
+    n = 0
+    def __index__(self):
+        Flip.n += 1
+        return 0 if Flip.n == 1 else 5_000_000
+enc = C.BPEEncoder({"a": Flip()}, [], split="gpt2", individual_digits=False,
+                   add_prefix_space=False, ignore_merges=False)
+assert enc.encode("a") == [0], enc.encode("a")
+""")
