@@ -323,6 +323,22 @@ def prune_heads(model, kind: str, scores, fraction: float) -> dict[int, list[int
     return removed
 
 
+def _removes_no_head(model, kind: str, fraction: float, total: int) -> str:
+    """Why --prune-heads `fraction` removed no head of `model`, and what would."""
+    if kind == "llama":
+        per_group = model.config.num_attention_heads // model.config.num_key_value_heads
+        if per_group == 1:
+            return ("--prune-heads: each of this model's key/value heads serves one query "
+                    "head, which stays (removing it would change the KV cache); its heads "
+                    "cannot be pruned. Leave out --prune-heads.")
+        return (f"--prune-heads {fraction:g} removes no attention head of this model: each "
+                f"of its KV groups has {per_group} query heads, and {fraction:g} of them "
+                f"rounds to none; ask for at least {0.5 / per_group:.2f}.")
+    return (f"--prune-heads {fraction:g} removes no attention head of this model: "
+            f"{fraction:g} of its {total} heads rounds to none; ask for at least "
+            f"{0.5 / total:.3f}.")
+
+
 def prune_ffn(model, kind: str, scores, fraction: float, *, multiple: int = 1) -> dict[int, int]:
     """Remove the same fraction of each layer's FFN neurons, the lowest-scoring, keeping a
     multiple of `multiple` (decoders: the MatMulNBits block, which the down projection's
@@ -543,18 +559,29 @@ def compress(job) -> None:
     if request.prune_heads or request.prune_ffn:
         head_scores, ffn_scores = contribution_scores(model, batches, kind)
         if request.prune_heads:
+            total_heads = sum(len(x) for x in head_scores)
             removed = prune_heads(model, kind, head_scores, request.prune_heads)
             count = sum(len(v) for v in removed.values())
+            if not count:
+                raise ValueError(_removes_no_head(model, kind, request.prune_heads, total_heads))
             left = [attention_parts(layer, kind)[3] for layer in layer_list(model)]
             steps.append({"method": "prune-heads", "strength": request.prune_heads,
                           "removed": {str(k): v for k, v in removed.items()},
                           "heads_per_layer": left,
                           "importance": [[round(float(x), 4) for x in s] for s in head_scores],
                           "score": "mean |x_head @ W_o[:, head]| over real tokens"})
-            job.log(f"  pruned {count} attention heads; heads per layer now {left}")
+            job.log(f"  pruned {count} of {total_heads} attention heads "
+                    f"({count / total_heads:.0%}; asked {request.prune_heads:g}); heads per "
+                    f"layer now {left}")
         if request.prune_ffn:
             block = job.target.generation.block_size if kind == "llama" else 1
             kept = prune_ffn(model, kind, ffn_scores, request.prune_ffn, multiple=block)
+            if all(k == len(ffn_scores[i]) for i, k in kept.items()):
+                raise ValueError(
+                    f"--prune-ffn {request.prune_ffn:g} removes no FFN neuron of this model: "
+                    f"{len(ffn_scores[0])} per layer"
+                    + (f", kept in multiples of {block} (the int4 block)" if block > 1 else "")
+                    + ", rounds back to all of them. Ask for more.")
             steps.append({"method": "prune-ffn", "strength": request.prune_ffn,
                           "removed": {str(i): len(ffn_scores[i]) - k for i, k in kept.items()},
                           "neurons_per_layer": list(kept.values()),

@@ -65,6 +65,27 @@ def test_dropping_every_layer_is_refused():
         C.choose_layers_to_drop((1, 7), [0.1] * 6)
 
 
+def test_a_compression_that_removes_nothing_is_refused(tmp_path):
+    # --prune-heads 0.1 rounded to no head of SmolLM2's 3-head KV groups, yet the GGUF's exact
+    # int4 blocks were dropped for float rounding, for no compression at all.
+    with pytest.raises(ValueError, match=r"--prune-heads 0\.001 removes no attention head.*"
+                                         r"of its 72 heads rounds to none"):
+        export("minilm", target="arm-cpu", output=tmp_path / "m", log=lambda line: None,
+               compression=Compression(prune_heads=0.001))
+    with pytest.raises(ValueError, match=r"each of its KV groups has 3 query heads.*at least "
+                                         r"0\.17"):
+        export("smollm2", target="arm-cpu", output=tmp_path / "s", log=lambda line: None,
+               compression=Compression(prune_heads=0.1))
+    with pytest.raises(ValueError, match=r"--prune-ffn 0\.01 removes no FFN neuron.*1536 per "
+                                         r"layer, kept in multiples of 32"):
+        export("smollm2", target="arm-cpu", output=tmp_path / "s", log=lambda line: None,
+               compression=Compression(prune_ffn=0.01))
+    # a model whose every KV head serves one query head (no GQA) cannot be head-pruned
+    mha = types.SimpleNamespace(config=types.SimpleNamespace(num_attention_heads=8,
+                                                             num_key_value_heads=8))
+    assert "cannot be pruned" in C._removes_no_head(mha, "llama", 0.5, 64)
+
+
 def test_cli_refuses_a_bad_fraction(capsys):
     assert main(["--target", "arm-cpu", "--prune-ffn", "1.5"]) == 2
     assert "--prune-ffn 1.5 is outside [0, 1)" in capsys.readouterr().err
