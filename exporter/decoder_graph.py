@@ -584,7 +584,9 @@ def _skip_norm(g: _Graph, shape: DecoderShape, x: str, residual: str, name: str,
         if bias is not None:
             inputs.append(g.init(f"{name}.skip_bias", bias.astype(g.np_float)))
         op = "SkipLayerNormalization"
-    else:
+    else:   # inputs: x, skip, gamma[, bias]
+        if bias is not None:
+            inputs.append(g.init(f"{name}.skip_bias", bias.astype(g.np_float)))
         op = "SkipSimplifiedLayerNormalization"
     normed, _, _, summed = g.node(op, inputs, [outputs[0], "", "", outputs[1]], name=name,
                                   domain=MS, epsilon=shape.rms_eps)
@@ -714,8 +716,9 @@ def float_weights(model) -> DecoderWeights:
     layers = model.config.num_hidden_layers
     prefix = "model."
 
-    def lin(name):
-        return Linear(weight=state[f"{prefix}{name}.weight"])
+    def lin(name):   # (attention_bias / mlp_bias configs have biases)
+        return Linear(weight=state[f"{prefix}{name}.weight"],
+                      bias=state.get(f"{prefix}{name}.bias"))
 
     def layer(i, name):
         return lin(f"layers.{i}.{name}")

@@ -490,6 +490,36 @@ def _bundle_logits(bundle, ids, split=3):
         return np.concatenate([head] + [decoder.forward([t]) for t in ids[split:]])
 
 
+@pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
+def test_llama_projection_biases_reach_the_graph(tmp_path, bias):
+    # Llama configs with attention_bias / mlp_bias (Qwen2-style q/k/v biases) lost them: the
+    # graph's logits differed from transformers' by about their own size. (Random weights:
+    # the claim is that the graph computes what the model does.)
+    import onnx
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from exporter.decoder import OnnxDecoder
+    from exporter.decoder_graph import DecoderShape, build, float_weights
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                         max_position_embeddings=128, **{bias: True})
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    shape = DecoderShape.from_config(model.config, 64)
+    onnx.save(build(shape, float_weights(model)), tmp_path / "m.onnx")
+    ids = list(range(10, 30))
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0].numpy()
+    ours = OnnxDecoder(tmp_path / "m.onnx", shape).logits(ids)
+    assert np.abs(ours - reference).max() < 1e-4 * max(1.0, np.abs(reference).max())
+
+
 def test_gpt2_family_bundle_computes_what_transformers_does(gpt2_dir, tmp_path):
     from exporter import export
     from exporter.decoder import torch_greedy
