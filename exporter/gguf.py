@@ -209,6 +209,8 @@ def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
 # Q4_0: w = d * (q - 8), Q4_1: w = d * q + m, q in [0, 16), byte j holds q[j] | q[j + 16] << 4.
 # Q8_0: w = d * q, q int8.
 CARRIED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+# Bytes of one block of 32 weights: a float16 scale (and Q4_1's float16 offset), then codes.
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
 def _halves(raw: np.ndarray, offset: int) -> np.ndarray:
@@ -225,7 +227,12 @@ def carry(tensor, *, rows: int, cols: int, permute_heads: int = 0):
         raise ValueError(f"GGUF tensor {tensor.name} is {kind}; only {', '.join(CARRIED_TYPES)} "
                          f"blocks can be carried exactly. Re-quantize the GGUF to one of them.")
     nb = cols // 32
-    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, nb, -1)
+    raw = np.asarray(tensor.data, dtype=np.uint8)
+    if cols % 32 or raw.size != rows * nb * BLOCK_BYTES[kind]:
+        raise ValueError(f"GGUF tensor {tensor.name} holds {raw.size} bytes of {kind} blocks; "
+                         f"a {rows} x {cols} matrix takes {rows * -(-cols // 32)} blocks of "
+                         f"{BLOCK_BYTES[kind]} bytes: the file does not match its config.")
+    raw = raw.reshape(rows, nb, -1)
     if permute_heads:
         raw = raw[_unpermute_rows(rows, permute_heads)]
     d = _halves(raw, 0)
@@ -257,9 +264,14 @@ def carried_weights(path: Path, config):
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     h, layers = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (getattr(config, "head_dim", None)
-                                       or h // config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q = config.num_attention_heads * head_dim   # may differ from h (an explicit head_dim)
+    kv = config.num_key_value_heads * head_dim
     inter = config.intermediate_size
+    biases = sorted(n for n in tensors if n.startswith("blk.") and n.endswith(".bias"))
+    if biases:   # (transformers reads them; --requantize goes through it)
+        raise ValueError(f"GGUF {path.name} has bias tensors ({biases[0]}, ...), which "
+                         f"carrying its blocks exactly does not take.")
 
     def get(name):
         if name not in tensors:
@@ -286,9 +298,9 @@ def carried_weights(path: Path, config):
         input_norms=[floats(f"blk.{i}.attn_norm.weight") for i in range(layers)],
         post_attention_norms=[floats(f"blk.{i}.ffn_norm.weight") for i in range(layers)],
         final_norm=floats("output_norm.weight"),
-        qkv=[concat([block(i, "attn_q", h, h, nh), block(i, "attn_k", kv, h, nkv),
+        qkv=[concat([block(i, "attn_q", q, h, nh), block(i, "attn_k", kv, h, nkv),
                      block(i, "attn_v", kv, h)]) for i in range(layers)],
-        o=[block(i, "attn_output", h, h) for i in range(layers)],
+        o=[block(i, "attn_output", h, q) for i in range(layers)],
         gate_up=[concat([block(i, "ffn_gate", inter, h), block(i, "ffn_up", inter, h)])
                  for i in range(layers)],
         down=[block(i, "ffn_down", h, inter) for i in range(layers)],

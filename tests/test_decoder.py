@@ -81,6 +81,67 @@ def test_gguf_type_that_cannot_be_carried_is_refused():
         gguf.carry(tensor, rows=576, cols=576)
 
 
+def _fake_gguf(monkeypatch, shapes: dict, extra: tuple = ()):
+    """A GGUF reader holding Q8_0 blocks of random matrices of `shapes` (and F32 norms)."""
+    import types
+
+    import gguf
+
+    rng, kind = np.random.default_rng(0), gguf.GGMLQuantizationType
+    tensors, dense = [], {}
+    for name, shape in shapes.items():
+        x = rng.standard_normal(shape).astype(np.float32)
+        data = gguf.quants.quantize(x, kind.Q8_0)
+        dense[name] = gguf.quants.dequantize(data, kind.Q8_0)
+        tensors.append(types.SimpleNamespace(name=name, tensor_type=kind.Q8_0, data=data))
+    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight",
+                 *extra):
+        tensors.append(types.SimpleNamespace(name=name, tensor_type=kind.F32,
+                                             data=np.ones(64, np.float32)))
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path: types.SimpleNamespace(tensors=tensors))
+    return dense
+
+
+def test_gguf_blocks_carry_a_head_dim_of_its_own(monkeypatch, tmp_path):
+    # q and the output projection were read as hidden x hidden: with an explicit head_dim
+    # (heads x head_dim != hidden) the blocks were cut at the wrong width.
+    from transformers import LlamaConfig
+
+    from exporter.gguf import _unpermute_rows, carried_weights
+
+    h, heads, kv_heads, head_dim, inter = 64, 2, 1, 48, 64
+    config = LlamaConfig(vocab_size=64, hidden_size=h, intermediate_size=inter,
+                         num_hidden_layers=1, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, head_dim=head_dim)
+    dense = _fake_gguf(monkeypatch, {
+        "token_embd.weight": (64, h), "blk.0.attn_q.weight": (heads * head_dim, h),
+        "blk.0.attn_k.weight": (kv_heads * head_dim, h),
+        "blk.0.attn_v.weight": (kv_heads * head_dim, h),
+        "blk.0.attn_output.weight": (h, heads * head_dim), "blk.0.ffn_gate.weight": (inter, h),
+        "blk.0.ffn_up.weight": (inter, h), "blk.0.ffn_down.weight": (h, inter)})
+    weights = carried_weights(tmp_path / "fake.gguf", config)
+    np.testing.assert_array_equal(weights.o[0].dequantize(), dense["blk.0.attn_output.weight"])
+    q = dense["blk.0.attn_q.weight"][_unpermute_rows(heads * head_dim, heads)]
+    np.testing.assert_array_equal(weights.qkv[0].dequantize()[:heads * head_dim], q)
+    # a tensor whose bytes do not fit the config's shape is named, not misread
+    config.head_dim = 32
+    with pytest.raises(ValueError, match="blk.0.attn_q.weight holds 6528 bytes of Q8_0 blocks; "
+                                         "a 64 x 64 matrix takes 128 blocks"):
+        carried_weights(tmp_path / "fake.gguf", config)
+
+
+def test_gguf_bias_tensors_are_refused_for_carrying(monkeypatch, tmp_path):
+    from transformers import LlamaConfig
+
+    from exporter.gguf import carried_weights
+
+    _fake_gguf(monkeypatch, {"token_embd.weight": (64, 64)}, extra=("blk.0.attn_q.bias",))
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(ValueError, match="has bias tensors"):
+        carried_weights(tmp_path / "fake.gguf", config)
+
+
 def test_a_file_that_is_not_gguf_is_named_before_any_conversion(tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x01" * 64)
