@@ -473,21 +473,30 @@ def share_layers(job, model, batches) -> tuple[list, list, float]:
     whole = {i for i, part, harm in candidates if part == "layer" and harm <= limit}
     queue = sorted((c for c in candidates if c[2] <= limit), key=order)
     tied, used, tried, total = [], set(), set(), 0.0
+
+    def blocks_alone(i: int) -> None:
+        """Layer i is not tied whole: its blocks, which waited for it, may go one by one."""
+        nonlocal queue
+        whole.discard(i)
+        queue = sorted(queue + [c for c in candidates if c[0] == i and c[1] != "layer"
+                                and c[2] <= limit], key=order)
+
     while queue:
         i, part, harm = queue.pop(0)
         blocks = ("attention", "ffn") if part == "layer" else (part,)
-        if (i, part) in tried or (part != "layer" and i in whole) \
-                or any((j, b) in used for j in (i, i + 1) for b in blocks):
+        if (i, part) in tried or (part != "layer" and i in whole):
             continue   # a block waits while its whole layer may still be tied
+        if any((j, b) in used for j in (i, i + 1) for b in blocks):
+            if part == "layer":   # a block of it is tied already: never whole
+                blocks_alone(i)
+            continue
         tried.add((i, part))
         undo = tie(model, i, i + 1, part)
         harm_now = round(share_harm(job, output_of(model, batches), reference, batches), 5)
         if harm_now > limit:   # ties measured alone can add up
             undo()
-            if part == "layer":   # its blocks may still go one by one
-                whole.discard(i)
-                queue = sorted(queue + [c for c in candidates if c[0] == i and
-                                        c[1] != "layer" and c[2] <= limit], key=order)
+            if part == "layer":
+                blocks_alone(i)
             continue
         tied.append([i, i + 1, part])
         used |= {(j, b) for j in (i, i + 1) for b in blocks}

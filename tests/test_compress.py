@@ -406,3 +406,27 @@ def test_a_whole_layer_tie_that_fails_leaves_its_blocks_a_chance(monkeypatch):
     assert tied == [[0, 1, "attention"], [0, 1, "ffn"], [2, 3, "attention"]], tied
     assert total == pytest.approx(0.012) and state == {(0, "attention"), (0, "ffn"),
                                                         (2, "attention")}
+
+
+def test_a_whole_layer_that_cannot_be_tied_lets_its_other_block_go(monkeypatch):
+    # Layer 1 whole waited its turn, but layer 0's attention tie had taken layer 1's
+    # attention: the whole-layer tie was skipped and layer 1's FFN, waiting for it, was
+    # never tried again although it was within the limit.
+    state = set()
+
+    def tie(model, source, dest, part="layer"):
+        state.add((source, part))
+        return lambda: state.discard((source, part))
+
+    harms = {(0, "attention"): 0.001, (1, "attention"): 0.002, (1, "ffn"): 0.002,
+             (1, "layer"): 0.005}
+    monkeypatch.setattr(C, "tie", tie)
+    monkeypatch.setattr(C, "output_of", lambda model, batches: [frozenset(state)])
+    monkeypatch.setattr(C, "share_harm",
+                        lambda job, outputs, reference, batches: sum(harms[t] for t in
+                                                                     outputs[0]))
+    monkeypatch.setattr(C, "share_candidates", lambda job, model, reference, batches: [
+        (i, part, harm) for (i, part), harm in harms.items()])
+    tied, _, total = C.share_layers(_share_job(0.02), None, [None])
+    assert tied == [[0, 1, "attention"], [1, 2, "ffn"]], tied
+    assert total == pytest.approx(0.003)
