@@ -95,10 +95,13 @@ def perplexity(logits: list, batches: list[dict]) -> float:
     """exp(mean next-token cross-entropy) of a decoder's logits per batch on its input_ids."""
     import torch
 
-    nll = [torch.nn.functional.cross_entropy(x[:, :-1].flatten(0, 1),
-                                             b["input_ids"][:, 1:].flatten())
-           for x, b in zip(logits, batches, strict=True)]
-    return math.exp(float(torch.stack(nll).mean()))
+    total = count = 0.0   # per token: a short last batch weighs what its tokens do
+    for x, b in zip(logits, batches, strict=True):
+        targets = b["input_ids"][:, 1:].flatten()
+        total += float(torch.nn.functional.cross_entropy(
+            x[:, :-1].flatten(0, 1).double(), targets, reduction="sum"))
+        count += targets.numel()
+    return math.exp(total / count)
 
 
 def quality(job, model, original, batches: list[dict]) -> dict:

@@ -430,3 +430,21 @@ def test_a_whole_layer_that_cannot_be_tied_lets_its_other_block_go(monkeypatch):
     tied, _, total = C.share_layers(_share_job(0.02), None, [None])
     assert tied == [[0, 1, "attention"], [1, 2, "ffn"]], tied
     assert total == pytest.approx(0.003)
+
+
+def test_heal_perplexity_weighs_every_token_once():
+    # The mean of per-batch means gave a short last batch a full batch's weight.
+    import math
+
+    from exporter.heal import perplexity
+
+    vocab = 8
+    good = torch.full((4, 5, vocab), -9.0)
+    good[..., 1] = 9.0                                  # predicts token 1 surely
+    bad = torch.zeros((1, 5, vocab))                    # uniform: log(8) per token
+    batches = [{"input_ids": torch.ones((4, 5), dtype=torch.long)},
+               {"input_ids": torch.ones((1, 5), dtype=torch.long)}]
+    nll_good = float(torch.nn.functional.cross_entropy(good[:, :-1].flatten(0, 1),
+                                                       torch.ones(16, dtype=torch.long)))
+    expected = math.exp((16 * nll_good + 4 * math.log(vocab)) / 20)
+    assert perplexity([good, bad], batches) == pytest.approx(expected, rel=1e-6)
