@@ -139,29 +139,44 @@ class StagedSession(_StagedIO):
         worker thread per stage, at most two batches waiting between two stages."""
         names = list(output_names or self.plan.final)
         links = [queue.Queue(maxsize=2) for _ in range(len(self.sessions) + 1)]
-        stop = threading.Event()
+        stop = threading.Event()   # the caller stopped: every thread drops what it holds
+
+        def put(i: int, item) -> bool:
+            while not stop.is_set():
+                try:
+                    links[i].put(item, timeout=_POLL_S)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def get(i: int):
+            while not stop.is_set():
+                try:
+                    return links[i].get(timeout=_POLL_S)
+                except queue.Empty:
+                    pass
+            return _DONE
 
         def feed():
             try:
                 for item in feeds:
-                    if stop.is_set():
-                        break
-                    links[0].put(dict(item))
+                    if stop.is_set() or not put(0, dict(item)):
+                        return
             except BaseException as e:  # the caller's iterable failed: raised in its thread
-                links[0].put(_Failure(e))
+                put(0, _Failure(e))
             finally:
-                links[0].put(_DONE)
+                put(0, _DONE)
 
         def work(i: int, session):
             while True:
-                item = links[i].get()
+                item = get(i)
                 if item is not _DONE and not isinstance(item, _Failure):
                     try:
                         item = self.plan.step(i, session, item)
                     except BaseException as e:  # handed to the caller's thread
                         item = _Failure(e)
-                links[i + 1].put(item)
-                if item is _DONE:
+                if not put(i + 1, item) or item is _DONE:
                     return
 
         threads = [threading.Thread(target=feed, daemon=True)] + [
@@ -169,16 +184,19 @@ class StagedSession(_StagedIO):
             for i, s in enumerate(self.sessions)]
         for t in threads:
             t.start()
-        item = None
         try:
             while (item := links[-1].get()) is not _DONE:
                 if isinstance(item, _Failure):
                     raise item.error
                 yield [item[n] for n in names]
         finally:
+            # Stopped early, or failed: the workers drop what they hold at their next hand-
+            # off. Nothing waits for the feed, which may be blocked in the caller's source.
             stop.set()
-            while item is not _DONE:   # stopped early: let the pipeline run dry
-                item = links[-1].get()
+
+
+# How often a pipeline thread waiting on a full or empty queue looks whether to stop.
+_POLL_S = 0.05
 
 
 def run_batches(session, feeds: Iterable[dict]) -> Iterator[list]:

@@ -65,6 +65,44 @@ def test_a_failing_feed_reaches_the_caller_instead_of_hanging(minilm_bundle, tmp
         next(stream)
 
 
+def test_a_stream_from_a_live_source_stops_at_once(minilm_bundle, tmp_path):
+    # close() (and a stage's error) waited until the caller's source gave its next item:
+    # forever, for a queue nobody fills any more.
+    import queue
+    import threading
+    import time
+
+    session = runtime.load(restage(minilm_bundle, 2, tmp_path / "staged")).session
+    feed = {"input_ids": np.array([[101, 7592, 102]]), "attention_mask": np.ones((1, 3), int),
+            "token_type_ids": np.zeros((1, 3), int)}
+    feed = {i.name: feed[i.name] for i in session.get_inputs()}
+    sources = [queue.Queue(), queue.Queue()]
+
+    def live(source):
+        while True:
+            yield source.get()
+
+    before = threading.active_count()
+    sources[0].put(feed)
+    stream = session.run_stream(live(sources[0]))
+    assert len(next(stream)) == 1
+    started = time.perf_counter()
+    stream.close()
+    assert time.perf_counter() - started < 2
+    sources[1].put({**feed, "input_ids": feed["input_ids"].astype(np.float32)})   # bad
+    stream = session.run_stream(live(sources[1]))
+    started = time.perf_counter()
+    with pytest.raises(Exception, match="Unexpected input data type"):
+        next(stream)
+    assert time.perf_counter() - started < 5
+    for source in sources:   # a feed blocked in its source leaves once that gives an item
+        source.put(feed)
+    deadline = time.perf_counter() + 10
+    while threading.active_count() > before and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == before
+
+
 def test_stage_errors_are_clear(minilm_bundle, tmp_path):
     model = onnx.load(minilm_bundle / "model.onnx")
     with pytest.raises(ValueError, match=r"stages must be an int >= 1, got 0"):
