@@ -25,11 +25,13 @@ BATCH = 16
 
 def selection_texts(job) -> tuple[list, str]:
     """The texts an export's choices are scored on (the budget search's float groups, the
-    strength search's rung), and how the report says so: calibration texts, as many as there
-    are evaluation texts. The evaluation texts are left to validation, which then measures
-    the chosen graph on texts no choice has seen. A budget that needs labels the calibration
-    texts lack is the exception: it is searched on the evaluation texts, and says so."""
-    chosen = list(job.calibration[:len(job.evaluation)])
+    strength search's rung), and how the report says so: the calibration texts (as many as
+    calibration uses). The evaluation texts are left to validation, which then measures the
+    chosen graph on texts no choice has seen; a budget held on the search's texts can still
+    break there (min-cosine is a tail), and then fails as any broken budget does. A budget
+    that needs labels the calibration texts lack is the exception: it is searched on the
+    evaluation texts, and says so."""
+    chosen = list(job.calibration[:job.target.quantization.calibration_samples])
     labelled = any(c.metric in LABELLED_METRICS for c in job.budget.clauses)
     if labelled and not all(u.intent in (job.labels or ()) for u in chosen):
         return list(job.evaluation), (f"{len(job.evaluation)} evaluation texts (the budget "

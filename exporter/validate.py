@@ -201,10 +201,15 @@ def validate(job) -> None:
             + ("; accuracy as the device computes it (exact integer products, which this "
                "host's CPU saturates)" if exact else ""))
     if broken:
+        search = job.records.get("sensitivity", {}).get("search")
+        held = f" The sensitivity search held it on {search['data'].split(' (')[0]}, not on " \
+               f"these held-out texts: calibrate on more text like them, or loosen the " \
+               f"budget." if search and search["steps"] and search["steps"][-1]["holds"] \
+            else ""
         reject(job, f"Accuracy budget {job.budget}"
                     + (f" or size / latency budget {limits_text(settings)}"
                        if "size_latency_budget" in record else "")
-                    + f" broken: {'; '.join(broken)}.")
+                    + f" broken on {len(texts)} evaluation texts: {'; '.join(broken)}.{held}")
 
 
 def cosine_histogram(cos: np.ndarray, bins: int = 40) -> dict:

@@ -369,16 +369,18 @@ def test_choices_are_scored_on_texts_validation_does_not_report_on():
     calibration = [Utterance(f"turn on lamp {i}", "HassTurnOn") for i in range(50)]
     evaluation = [Utterance(f"dim the hall {i}", "HassLightSet") for i in range(20)]
     job = SimpleNamespace(calibration=calibration, evaluation=evaluation, labels=None,
-                          budget=Budget.parse("cosine>=0.99,min-cosine>=0.9"))
-    texts, described = selection_texts(job)
-    assert texts == calibration[:20] and "calibration texts" in described
+                          budget=Budget.parse("cosine>=0.99,min-cosine>=0.9"),
+                          target=SimpleNamespace(
+                              quantization=SimpleNamespace(calibration_samples=30)))
+    texts, described = selection_texts(job)   # as many as calibration uses
+    assert texts == calibration[:30] and "30 calibration texts" in described
     # a labelled budget, and calibration texts without labels: the evaluation texts, said so
     job.budget, job.labels = Budget.parse("accuracy-drop<=1"), ["HassTurnOn", "HassLightSet"]
     job.calibration = [Utterance(u.text, None) for u in calibration]
     texts, described = selection_texts(job)
     assert texts == evaluation and "need" in described and "labels" in described
     job.calibration = calibration   # labelled: calibration again
-    assert selection_texts(job)[0] == calibration[:20]
+    assert selection_texts(job)[0] == calibration[:30]
 
 
 def test_the_best_step_reached_is_the_one_nearest_the_budget():
