@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from . import Bundle, BundleError, unpack
+from .model import Model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,14 +32,21 @@ def main(argv: list[str] | None = None) -> int:
             print(unpack(args.archive, args.directory))
         else:
             bundle = Bundle.open(args.bundle)
+            # Everything load checks beyond the files (settings, stages, tokenizer, labels)
+            # is checked by loading it: an updater switches to a bundle that verify passed.
+            Model(bundle, threads=1, providers=["CPUExecutionProvider"])
             m = bundle.manifest
             size = sum(entry["bytes"] for entry in m["files"])
             print(f"{bundle.path}: {m.get('name')} ({m.get('task')}, target "
                   f"{m.get('target', {}).get('name')}), {len(m['files'])} files, "
                   f"{size / 1e6:.1f} MB, sha256 verified; format {m['format_version']}, "
                   f"opset {m['opset']}")
-    except (BundleError, FileNotFoundError, FileExistsError, PermissionError) as e:
+    except (BundleError, FileNotFoundError, FileExistsError, PermissionError,
+            NotADirectoryError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:   # onnxruntime cannot make a session of it
+        print(f"error: {args.bundle}: onnxruntime cannot load it: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -314,6 +314,17 @@ def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
     bad = _repacked(archive, tmp_path / "bad.tar", manifest=manifest | {"files": 5})
     code, _, err = run("unpack", bad, tmp_path / "models")
     assert code == 2 and "field 'files' must be list" in err and "Traceback" not in err
+    # what load refuses beyond the files, verify refuses too (it passed batch_size 0)
+    shutil.rmtree(tmp_path / "models")
+    run("unpack", archive, tmp_path / "models")
+    installed = tmp_path / "models" / "minilm-arm-cpu"
+    manifest = json.loads((installed / "manifest.json").read_text())
+    manifest["target"]["runtime"]["batch_size"] = 0
+    (installed / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run("verify", installed)
+    assert code == 2 and "batch_size must be a positive int" in err
+    (tmp_path / "a-file").write_text("x")   # a path through a file: bad input, not I/O
+    assert run("unpack", archive, tmp_path / "a-file" / "sub")[0] == 2
 
 
 def test_odd_and_long_text(minilm_bundle):
