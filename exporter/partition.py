@@ -35,6 +35,9 @@ from onnx import helper, numpy_helper
 
 BALANCE_SLACK = 1.1         # fewer tensors handed on may cost up to 10% of balance
 PROBE_SHAPES = ((2, 5), (3, 7))   # (batch, sequence) of the two probe runs
+# Graph input types those probes can feed.
+PROBE_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32,
+               "tensor(float)": np.float32, "tensor(float16)": np.float16}
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulIntegerToFloat")
 # Ops whose float output is a clean place to cut. ONNX Runtime fuses a residual Add into the
 # LayerNorm after it (SkipLayerNormalization) and a bias Add into the MatMul before it, so a
@@ -160,7 +163,7 @@ def balanced_cuts(cost: np.ndarray, candidates: list[int], stages: int) -> tuple
 
 def split(model: onnx.ModelProto, stages: int) -> list[Stage]:
     """`model` cut into `stages` contiguous stages (see the module docstring)."""
-    if not isinstance(stages, int) or stages < 1:
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
         raise ValueError(f"The number of stages must be an int >= 1, got {stages!r}.")
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
@@ -244,8 +247,11 @@ def annotate_io(model: onnx.ModelProto, stages: list[Stage]) -> None:
     for batch, seq in PROBE_SHAPES:
         feeds = {}
         for i in session.get_inputs():
-            dtype = np.int64 if "int64" in i.type else np.float32
-            feeds[i.name] = np.ones((batch, seq), dtype)
+            if i.type not in PROBE_TYPES or len(i.shape) != 2:
+                raise ValueError(f"Cannot cut this graph into stages: its input {i.name!r} "
+                                 f"is {i.type} of rank {len(i.shape)}; stages take (batch, "
+                                 f"sequence) inputs of {', '.join(PROBE_TYPES)}.")
+            feeds[i.name] = np.ones((batch, seq), PROBE_TYPES[i.type])
         values = dict(zip([o.name for o in session.get_outputs()],
                           session.run(None, feeds), strict=True))
         values.update(feeds)
@@ -372,6 +378,9 @@ def restage(bundle_dir: str | Path, stages: int, output: str | Path) -> Path:
     if manifest.get("stages"):
         raise ValueError(f"{source} is already cut into {len(manifest['stages'])} stages; "
                          f"restage a single-graph bundle.")
+    if manifest.get("task") == "text-generation":
+        raise ValueError(f"{source} is a decoder bundle; pipeline stages are for encoders "
+                         f"(a decoder's KV cache is not cut across stages yet).")
     model_file = manifest.get("model_file", "model.onnx")
     staging = temp_dir_beside(output)
     try:

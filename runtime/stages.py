@@ -49,12 +49,12 @@ def device_providers(device: str, providers: Sequence) -> list:
     if not device.startswith("cuda:") or not device[5:].isdigit():
         raise BundleError(f"Unknown stage device {device!r} in manifest.json "
                           f"(expected 'cpu' or 'cuda:N').")
-    options = {"device_id": int(device[5:])}
     chosen = []
     for p in providers:
-        name = p[0] if isinstance(p, tuple) else p
-        chosen.append((name, options) if name in ("CUDAExecutionProvider",
-                                                   "TensorrtExecutionProvider") else p)
+        name, options = p if isinstance(p, tuple) else (p, {})
+        pinned = name in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        # the caller's options (gpu_mem_limit ...) stay; the stage's device is added
+        chosen.append((name, {**options, "device_id": int(device[5:])}) if pinned else p)
     return chosen
 
 

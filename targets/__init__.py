@@ -267,9 +267,9 @@ def _read_merged(path: Path, *, chain: tuple[Path, ...]) -> dict:
                          f"extend itself, directly or through others.")
     raw = _read(path)
     parent = raw.get("extends")
-    if parent is None:
+    if parent is None or parent == "":   # "": none (what a manifest records)
         return raw
-    if not isinstance(parent, str) or not parent:
+    if not isinstance(parent, str):
         raise ValueError(f"{path}: 'extends' must be a target name or .toml path, "
                          f"got {parent!r}.")
     try:

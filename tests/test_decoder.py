@@ -755,3 +755,14 @@ def test_refined_head_makes_the_top_logits_exact(smollm2_checkpoint, tmp_path):
     assert (ours.argmax(-1) == exact.argmax(-1)).all()
     rest = np.abs(ours - exact).max()
     assert 1e-4 < rest < 0.5, rest     # the others carry the int8-activation error
+
+
+def test_a_decoder_bundle_is_not_cut_into_stages(smollm2_bundle, tmp_path):
+    # restage fed the decoder's int32 / float inputs as float32 probes and failed inside
+    # onnxruntime; the exporter already refuses stages for decoders.
+    from exporter.partition import restage
+
+    with pytest.raises(ValueError, match="is a decoder bundle; pipeline stages are for "
+                                         "encoders"):
+        restage(smollm2_bundle, 2, tmp_path / "staged")
+    assert not (tmp_path / "staged").exists()

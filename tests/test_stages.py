@@ -103,8 +103,20 @@ def test_a_stream_from_a_live_source_stops_at_once(minilm_bundle, tmp_path):
     assert threading.active_count() == before
 
 
+def test_stage_devices_keep_the_callers_provider_options():
+    from runtime.stages import device_providers
+
+    given = [("CUDAExecutionProvider", {"gpu_mem_limit": 1 << 30}), "CPUExecutionProvider"]
+    assert device_providers("cuda:1", given) == [
+        ("CUDAExecutionProvider", {"gpu_mem_limit": 1 << 30, "device_id": 1}),
+        "CPUExecutionProvider"]
+    assert given[0][1] == {"gpu_mem_limit": 1 << 30}   # the caller's dict is not changed
+
+
 def test_stage_errors_are_clear(minilm_bundle, tmp_path):
     model = onnx.load(minilm_bundle / "model.onnx")
+    with pytest.raises(ValueError, match=r"stages must be an int >= 1, got True"):
+        split(model, True)
     with pytest.raises(ValueError, match=r"stages must be an int >= 1, got 0"):
         split(model, 0)
     with pytest.raises(ValueError, match=r"Cannot split the graph into 100000 stages"):

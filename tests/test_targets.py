@@ -153,3 +153,12 @@ def test_contradicting_jetson_settings_are_refused_before_any_work(tmp_path, bod
         from exporter import _check_encoder_profile
 
         _check_encoder_profile(dataclasses.replace(load_target(profile), precision="fp16"))
+
+
+def test_an_empty_extends_means_none(tmp_path):
+    # "" is what a manifest records for a profile that extends nothing; it was refused.
+    text = (PROFILE_DIR / "arm-cpu.toml").read_text()
+    assert "extends" not in text
+    profile = tmp_path / "mine.toml"
+    profile.write_text('extends = ""\n' + text)
+    assert load_target(profile).quantization == load_target("arm-cpu").quantization
