@@ -632,13 +632,13 @@ def test_cli_without_the_export_stack_says_what_to_install():
 
 
 def test_x86_server_export(tmp_path, eval_texts, cuda_fallback_warning):
-    """The second CPU target builds and holds its budget (small sets keep this quick)."""
+    """The second CPU target builds and holds its budget on held-out texts. (The profile's
+    300 calibration texts: the budget search chooses on them, and 100 left min-cosine 0.0005
+    short on these 60 held-out texts.)"""
     import runtime
-    from exporter.data import smart_home_utterances
 
-    calibration = [u.text for u in smart_home_utterances(100, split="calibration", seed=3)]
     path = export("minilm", target="x86-server", output=tmp_path / "x86",
-                  calibration=calibration, evaluation=eval_texts[:60], log=lambda line: None)
+                  evaluation=eval_texts[:60], log=lambda line: None)
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["target"]["name"] == "x86-server"
     assert manifest["validation"]["metrics"]["cosine"] >= 0.97
