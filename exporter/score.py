@@ -64,22 +64,18 @@ class Scorer:
 
     def outputs(self, session) -> np.ndarray:
         """(texts, dim): pooled embeddings for feature-extraction, logits otherwise."""
-        rows = []
-        for feeds in self.feeds:
-            out = session.run(None, feeds)[0]
-            if self.job.pooling:
-                out = pool(out, feeds["attention_mask"], mode=self.job.pooling["mode"],
-                           normalize=False)
-            rows.append(out)
-        return np.concatenate(rows)
+        return self._reduced(lambda feeds: session.run(None, feeds)[0])
 
     def torch_outputs(self, model) -> np.ndarray:
         """The same reduction of a PyTorch model's outputs on the same feeds."""
         from .to_onnx import torch_output
 
+        return self._reduced(lambda feeds: torch_output(model, feeds))
+
+    def _reduced(self, run) -> np.ndarray:
         rows = []
         for feeds in self.feeds:
-            out = torch_output(model, feeds)
+            out = run(feeds)
             if self.job.pooling:
                 out = pool(out, feeds["attention_mask"], mode=self.job.pooling["mode"],
                            normalize=False)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import operator
 import re
 import sys
 import threading
@@ -517,9 +516,7 @@ def _id_tuple(ids: Iterable[int], name: str) -> tuple[int, ...]:
         raise TypeError(f"{name} must be a sequence of int ids, got {type(ids).__name__}.")
     out = []
     for i, token_id in enumerate(ids):
-        if isinstance(token_id, bool) or not hasattr(token_id, "__index__"):
-            raise TypeError(f"{name}[{i}] is {type(token_id).__name__}, not an int id.")
-        value = operator.index(token_id)
+        value = integer(token_id, f"{name}[{i}]", what="an int id")
         if not 0 <= value < MAX_ID:
             raise ValueError(f"{name}[{i}] is {value}; a token id lies in [0, 2**32).")
         out.append(value)

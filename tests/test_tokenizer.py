@@ -518,7 +518,7 @@ def test_prefix_and_suffix_ids_are_plain_ints_on_both_backends(backend):
                     suffix_ids=[np.int32(2)], backend=backend)
     assert tok.encode("hi") == tok.encode_batch(["hi"])[0] == [1, 3, 2]
     assert all(type(i) is int for i in tok.encode("hi"))
-    with pytest.raises(TypeError, match=r"suffix_ids\[0\] is bool"):
+    with pytest.raises(TypeError, match=r"suffix_ids\[0\] must be an int id, got True"):
         Tokenizer(vocab=vocab, unk_token="[UNK]", suffix_ids=[True], backend=backend)
     with pytest.raises(ValueError, match=r"prefix_ids\[0\] is -1"):
         Tokenizer(vocab=vocab, unk_token="[UNK]", prefix_ids=[-1], backend=backend)
