@@ -311,7 +311,8 @@ def max_staged_diff(job, single, bundle_dir, manifest_stages, texts: list[str]) 
         for a, b in zip(whole.run(None, f), got, strict=True):
             if a.shape != b.shape:
                 return float("inf")
-            worst = max(worst, float(np.abs(a.astype(np.float64) - b).max(initial=0.0)))
+            diff = float(np.abs(a.astype(np.float64) - b).max(initial=0.0))
+            worst = max(worst, diff if diff == diff else float("inf"))   # NaN: not a match
     return worst
 
 

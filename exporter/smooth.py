@@ -37,7 +37,8 @@ SCALE_LIMITS = (1e-2, 1e3)   # keep s_j sane for channels that are ~0 in activat
 
 def channel_absmax(model: onnx.ModelProto, tensors: list[str], feeds, *,
                    total: int) -> dict[str, np.ndarray]:
-    """max |x| per last-axis channel of each tensor over the calibration feeds (streamed)."""
+    """max |x| per last-axis channel of each tensor over the calibration feeds (streamed).
+    NaNs are left out (a channel that held only NaN stays NaN), as calibration leaves them out."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     for name in tensors:
@@ -46,17 +47,19 @@ def channel_absmax(model: onnx.ModelProto, tensors: list[str], feeds, *,
     peak: dict[str, np.ndarray] = {}
     for batch in progress(feeds, total=total, desc="smoothing (channel ranges)"):
         for name, value in zip(tensors, session.run(tensors, batch), strict=True):
-            channel = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            peak[name] = np.maximum(peak[name], channel) if name in peak else channel
+            channel = np.fmax.reduce(np.abs(value).reshape(-1, value.shape[-1]), axis=0)
+            peak[name] = np.fmax(peak[name], channel) if name in peak else channel
     return peak
 
 
-def fold_into_value(node, inverse, inits, producer, readers) -> bool:
+def fold_into_value(node, inverse, inits, producer, readers, only_readers: int) -> bool:
     """Scale the output channels of a MultiHeadAttention by `inverse` through its V
-    projection: V's weight columns and the V third of the packed Q/K/V bias. Only when V
-    comes from a weight MatMul read by nothing else and the bias is a (3 * hidden,)
-    initializer; returns whether it folded."""
-    if node is None or node.op_type != "MultiHeadAttention" or len(node.input) < 4:
+    projection: V's weight columns and the V third of the packed Q/K/V bias. Only when the
+    attention output has no readers but the group's `only_readers` MatMuls (every reader
+    sees the scaled output), V comes from a weight MatMul read by nothing else and the bias
+    is a (3 * hidden,) initializer; returns whether it folded."""
+    if node is None or node.op_type != "MultiHeadAttention" or len(node.input) < 4 \
+            or readers.get(node.output[0]) != only_readers:
         return False
     value, bias = producer.get(node.input[2]), inits.get(node.input[3])
     if value is None or value.op_type != "MatMul" or value.input[1] not in inits \
@@ -88,6 +91,8 @@ def smooth_graph(model: onnx.ModelProto, peaks: dict[str, np.ndarray],
     for node in model.graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
+    for output in model.graph.output:   # the caller reads these: never rescale one
+        readers[output.name] = readers.get(output.name, 0) + 1
     # A weight read by MatMuls of two groups (tied layers) would need two different scalings
     # of one tensor: those groups are not smoothed.
     weight_groups: dict[str, set[str]] = {}
@@ -95,14 +100,19 @@ def smooth_graph(model: onnx.ModelProto, peaks: dict[str, np.ndarray],
         for n in consumers:
             weight_groups.setdefault(n.input[1], set()).add(x)
     scales = {}
+    # A weight also read by anything but the group's MatMuls (a tied embedding's Gather, a
+    # graph output) must keep its values: that group is not smoothed either.
     for x, consumers in groups.items():
-        if any(len(weight_groups[n.input[1]]) > 1 for n in consumers):
+        if any(len(weight_groups[n.input[1]]) > 1 for n in consumers) or any(
+                readers[n.input[1]] != sum(m.input[1] == n.input[1] for m in consumers)
+                for n in consumers):
             continue
         weights = [numpy_helper.to_array(inits[n.input[1]]) for n in consumers]  # (in, out)
         w_peak = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)          # (in,)
         s = peaks[x] ** alpha / np.maximum(w_peak, 1e-8) ** (1 - alpha)
-        s = np.clip(s, *SCALE_LIMITS).astype(np.float32)
-        folded = fold_into_value(producer.get(x), 1.0 / s, inits, producer, readers)
+        s = np.clip(np.nan_to_num(s, nan=1.0), *SCALE_LIMITS).astype(np.float32)  # NaN: 1
+        folded = fold_into_value(producer.get(x), 1.0 / s, inits, producer, readers,
+                                 len(consumers))
         for node, w in zip(consumers, weights, strict=True):
             inits[node.input[1]].CopyFrom(
                 numpy_helper.from_array((w * s[:, None]).astype(np.float32), node.input[1]))

@@ -47,11 +47,14 @@ def torch_output(model, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def masked_max_abs(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Max |a - b|, over real tokens only when the outputs are per token (batch, seq, dim)."""
+    """Max |a - b|, over real tokens only when the outputs are per token (batch, seq, dim);
+    inf where either holds a NaN, so that a check accumulating with max() cannot lose it
+    (max(0.0, nan) is 0.0)."""
     diff = np.abs(a - b)
     if diff.ndim == 3:
         diff = np.where(mask[..., None].astype(bool), diff, 0)
-    return float(diff.max())
+    worst = float(diff.max(initial=0.0))
+    return worst if worst == worst else float("inf")
 
 
 def check_float(job) -> None:
