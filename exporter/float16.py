@@ -17,6 +17,8 @@ additive attention mask into -65504 instead of -inf (so a masked row never gives
 
 from __future__ import annotations
 
+import heapq
+
 import onnx
 
 # ai.onnx opset from which QuantizeLinear/DequantizeLinear accept float16 scales.
@@ -33,7 +35,37 @@ def convert(model: onnx.ModelProto) -> onnx.ModelProto:
         raise ValueError(f"float16 with int8 Q/DQ needs opset {FLOAT16_QDQ_OPSET} or later "
                          f"(float16 scales); the graph has opset {opset}. Set opset = "
                          f"{FLOAT16_QDQ_OPSET} in the profile.")
-    return convert_float_to_float16(model, keep_io_types=True)
+    half = convert_float_to_float16(model, keep_io_types=True)
+    # The converter appends the Casts it adds (for a float graph input, or around an op it
+    # keeps in float32: Max, Range, TopK ...) at the end of the node list.
+    _sort_nodes(half.graph)
+    return half
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Put `graph`'s nodes in topological order, keeping the given order where it already
+    is one (Kahn's algorithm, the earliest ready node first)."""
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    waits = [0] * len(nodes)
+    readers: list[list[int]] = [[] for _ in nodes]
+    for i, node in enumerate(nodes):
+        for source in {producer[name] for name in node.input if name in producer}:
+            waits[i] += 1
+            readers[source].append(i)
+    ready = [i for i, count in enumerate(waits) if count == 0]
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for reader in readers[i]:
+            waits[reader] -= 1
+            if waits[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(order) != len(nodes):
+        raise RuntimeError("the float16 graph has a cycle; please report this export")
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
 
 
 def to_float16(job) -> None:

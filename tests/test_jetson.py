@@ -79,3 +79,36 @@ def test_fp16_variant_has_no_int8(tmp_path, calibration, eval_texts):
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["quantization"]["mode"] == "none"
     assert manifest["validation"]["metrics"]["cosine"] >= 0.999
+
+
+@pytest.mark.parametrize("case", ["float input", "op kept in float32"])
+def test_float16_graph_is_topologically_sorted(case):
+    """onnxruntime's converter appends the Casts it adds at the end of the node list, and the
+    stage's own onnx.checker call refused the graph."""
+    from onnx import helper, numpy_helper
+
+    from exporter.float16 import convert
+    from runtime.model import ort_session
+
+    one = numpy_helper.from_array(np.full(4, 0.5, np.float32), "one")
+    if case == "float input":
+        nodes = [helper.make_node("Add", ["x", "one"], ["y"])]
+        source = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])
+        feeds = {"x": np.arange(8, dtype=np.float32).reshape(2, 4)}
+    else:   # Max stays float32 in the converter: Casts around it
+        nodes = [helper.make_node("Cast", ["ids"], ["f"], to=TensorProto.FLOAT),
+                 helper.make_node("Max", ["f", "one"], ["m"]),
+                 helper.make_node("Add", ["m", "one"], ["y"])]
+        source = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 4])
+        feeds = {"ids": np.arange(8, dtype=np.int64).reshape(2, 4)}
+    graph = helper.make_graph(nodes, "g", [source],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [one])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    expected = ort_session(model.SerializeToString()).run(None, feeds)[0]
+    half = convert(model)
+    onnx.checker.check_model(half)
+    assert any(n.op_type == "Cast" for n in half.graph.node)
+    got = ort_session(half.SerializeToString()).run(None, feeds)[0]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-3)
