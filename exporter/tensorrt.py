@@ -181,23 +181,25 @@ def dedicate_dequantize(model: onnx.ModelProto) -> int:
     Q -> DQ -> {MatMul q, MatMul k, MatMul v} becomes Q -> {DQ -> q, DQ_1 -> k, DQ_2 -> v}:
     the pattern TensorRT fuses (one Q may feed several DQs).
     """
-    consumers: dict[str, list[onnx.NodeProto]] = {}
+    # Every input slot that reads a DQ output: a node may read one twice (MatMul(x, x)).
+    slots: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+        for j, name in enumerate(node.input):
+            slots.setdefault(name, []).append((node, j))
+    outputs = {o.name for o in model.graph.output}
     nodes, copies = [], 0
     for node in model.graph.node:
         nodes.append(node)
         if node.op_type != "DequantizeLinear":
             continue
-        for i, user in enumerate(consumers.get(node.output[0], [])[1:], start=1):
+        readers = slots.get(node.output[0], [])
+        # The original keeps its first reader, or the graph output if it is one.
+        for i, (user, j) in enumerate(readers[node.output[0] not in outputs:], start=1):
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
             copy.name = f"{_name(node)}_{i}"
             copy.output[0] = f"{node.output[0]}_{i}"
-            for j, name in enumerate(user.input):
-                if name == node.output[0]:
-                    user.input[j] = copy.output[0]
+            user.input[j] = copy.output[0]
             nodes.append(copy)
             copies += 1
     del model.graph.node[:]

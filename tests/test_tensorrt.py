@@ -152,3 +152,27 @@ def test_dedicate_dequantize_gives_each_consumer_its_own_dq():
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     y, y2 = session.run(None, {"x": np.ones((1, 4), np.float32)})
     np.testing.assert_array_equal(y, y2)
+
+
+def test_dedicate_dequantize_gives_each_input_slot_its_own_dq():
+    """A node reading one DQ twice (x @ x) next to another reader: one DQ per slot, none left
+    without a reader; and a DQ that is also a graph output keeps the output, not a reader."""
+    model = linear_graph()
+    x = np.arange(4, dtype=np.float32).reshape(1, 4) / 4
+    model.graph.node.append(helper.make_node("Mul", ["x_dq", "x_dq"], ["sq"], name="square"))
+    model.graph.output.extend([helper.make_tensor_value_info("sq", TensorProto.FLOAT, [1, 4]),
+                               helper.make_tensor_value_info("x_dq", TensorProto.FLOAT, [1, 4])])
+    before = ort.InferenceSession(model.SerializeToString(),
+                                  providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert dedicate_dequantize(model) == 3
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and
+           n.input[0] == "x_q"]
+    readers = {dq.output[0]: sum(name == dq.output[0] for n in model.graph.node
+                                 for name in n.input) for dq in dqs}
+    assert readers == {"x_dq": 0, "x_dq_1": 1, "x_dq_2": 1, "x_dq_3": 1}
+    assert [v.rule for v in check(model)] == ["fusible-consumer"] * 2   # Mul: not int8 op
+    onnx.checker.check_model(model)
+    after = ort.InferenceSession(model.SerializeToString(),
+                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
