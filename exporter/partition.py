@@ -271,21 +271,39 @@ def annotate_io(model: onnx.ModelProto, stages: list[Stage]) -> None:
             else:
                 shape.append(f"{name}_dim{i}")
         info[name] = {"dtype": x.dtype.name, "shape": shape}
+    # A stage declares each tensor it hands on as the whole graph knows it: ONNX Runtime
+    # fuses by what shape inference knows (residual Add + LayerNorm into
+    # SkipLayerNormalization once the hidden size is known, measured), so a static dim the
+    # whole graph lacks, or one it has and the stage lacks, makes the stage round differently.
+    # Graph inputs and outputs as declared; others as ONNX shape inference has them, where it
+    # does; else dtype and rank only.
     declared = {v.name: v for v in (*model.graph.input, *model.graph.output)}
+    inferred = _inferred_values(model)
     for stage in stages:
         stage.io = {n: info[n] for n in (*stage.inputs, *stage.outputs)}
         graph = stage.model.graph
         for target, group in ((graph.input, stage.inputs), (graph.output, stage.outputs)):
             for name in group:
-                # dtype and rank only (graph inputs and outputs as the whole graph declares
-                # them): a static dim the whole graph's own inference lacks lets ONNX
-                # Runtime fuse differently inside the stage (residual Add + LayerNorm into
-                # SkipLayerNormalization, measured), and the stage would round differently.
                 dtype = helper.np_dtype_to_tensor_dtype(np.dtype(info[name]["dtype"]))
-                rank = [None] * len(info[name]["shape"])
-                target.append(declared.get(name) or helper.make_tensor_value_info(name, dtype,
-                                                                                  rank))
+                rank = len(info[name]["shape"])
+                known = inferred.get(name)
+                if known is not None and (known.type.tensor_type.elem_type != dtype
+                                          or len(known.type.tensor_type.shape.dim) != rank):
+                    known = None
+                target.append(declared.get(name) or known or
+                              helper.make_tensor_value_info(name, dtype, [None] * rank))
         onnx.checker.check_model(stage.model)
+
+
+def _inferred_values(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """The intermediate tensors' types and shapes as ONNX shape inference infers them ({} for
+    a graph it cannot infer, say one over 2 GB)."""
+    try:
+        values = onnx.shape_inference.infer_shapes(model).graph.value_info
+    except (onnx.shape_inference.InferenceError, ValueError):
+        return {}
+    return {v.name: v for v in values
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
 
 
 def stage_device(index: int, providers) -> str:

@@ -166,3 +166,47 @@ def test_ray_actors_equal_single_graph(minilm_bundle, eval_texts, single, tmp_pa
         np.testing.assert_array_equal(model.embed(eval_texts[:20], batch_size=16), single[:20])
     finally:
         ray.shutdown()
+
+
+def test_stage_io_declares_what_the_whole_graph_infers(tmp_path):
+    """A residual Add whose other input crosses a stage boundary, then LayerNorm: with the
+    hidden size known the whole graph fuses them into SkipLayerNormalization. Declared by
+    rank only, the stage lost that size, did not fuse, and rounded differently (4.8e-7)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporter.partition import write_stages
+    from runtime.model import ort_session
+    from runtime.stages import StagedSession
+
+    rng = np.random.default_rng(0)
+    hidden = 8
+    inits = [numpy_helper.from_array(rng.normal(size=(1, hidden)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(hidden, hidden)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.ones(hidden, np.float32), "gamma"),
+             numpy_helper.from_array(np.zeros(hidden, np.float32), "beta"),
+             numpy_helper.from_array(np.array([2], np.int64), "axis")]
+    norm = ("gamma", "beta")
+    nodes = [helper.make_node("Unsqueeze", ["x", "axis"], ["x3"]),
+             helper.make_node("MatMul", ["x3", "w1"], ["a0"]),
+             helper.make_node("LayerNormalization", ["a0", *norm], ["h0"]),
+             helper.make_node("MatMul", ["h0", "w"], ["a1"]),
+             helper.make_node("LayerNormalization", ["a1", *norm], ["h1"]),
+             helper.make_node("MatMul", ["h1", "w"], ["a2"]),
+             helper.make_node("LayerNormalization", ["a2", *norm], ["h2"]),
+             helper.make_node("MatMul", ["h2", "w"], ["a3"]),
+             helper.make_node("Add", ["a3", "h0"], ["s3"]),   # h0 crosses every cut
+             helper.make_node("LayerNormalization", ["s3", *norm], ["y"])]
+    for i, node in enumerate(nodes):
+        node.name = f"n{i}"
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    x = rng.normal(size=(3, 5)).astype(np.float32)
+    expected = ort_session(model.SerializeToString(), threads=1).run(None, {"x": x})[0]
+    for count in (2, 3):
+        out = tmp_path / str(count)
+        out.mkdir()
+        records = write_stages(model, count, out, ["CPUExecutionProvider"])
+        got = StagedSession(out, records, outputs=["y"], threads=1).run(None, {"x": x})[0]
+        np.testing.assert_array_equal(got, expected)
