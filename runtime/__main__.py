@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from . import Bundle, BundleError, unpack
-from .model import Model
+from .model import Model, _manifest_runtime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             bundle = Bundle.open(args.bundle)
             # Everything load checks beyond the files (settings, stages, tokenizer, labels)
             # is checked by loading it: an updater switches to a bundle that verify passed.
+            # The manifest's threads and providers too, though this loads on one CPU thread.
+            _manifest_runtime(bundle)
             Model(bundle, threads=1, providers=["CPUExecutionProvider"])
             m = bundle.manifest
             size = sum(entry["bytes"] for entry in m["files"])
@@ -44,9 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, FileNotFoundError, FileExistsError, PermissionError,
             NotADirectoryError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:   # onnxruntime cannot make a session of it
-        print(f"error: {args.bundle}: onnxruntime cannot load it: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -75,23 +75,32 @@ def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = 
     return ort.InferenceSession(model, options, providers=chosen)
 
 
-def checked_providers(providers) -> list:
-    """`providers` (names, or (name, options) pairs as onnxruntime takes them, best first)
-    checked against onnxruntime: a name it does not know is an error; when the best ones
-    are missing from this build, the session falls back to the next, with a warning."""
+def known_providers(providers, name: str = "providers") -> list:
+    """`providers` (names, or (name, options) pairs as onnxruntime takes them, best first),
+    each a name onnxruntime knows, whether or not this build has it."""
     import onnxruntime as ort
 
     if isinstance(providers, str) or not isinstance(providers, (list, tuple)):
-        raise TypeError(f"providers must be a list of onnxruntime provider names, "
+        raise TypeError(f"{name} must be a list of onnxruntime provider names, "
                         f"got {providers!r}.")
     names = [p[0] if isinstance(p, tuple) and len(p) == 2 else p for p in providers]
     if not names:
-        raise ValueError("providers is empty: name at least one, e.g. ['CPUExecutionProvider'].")
+        raise ValueError(f"{name} is empty: name at least one, e.g. ['CPUExecutionProvider'].")
     known = ort.get_all_providers()
-    for name in names:
-        if not isinstance(name, str) or name not in known:
-            raise ValueError(f"Unknown execution provider {name!r}; onnxruntime's are: "
-                             f"{', '.join(known)}.")
+    for provider in names:
+        if not isinstance(provider, str) or provider not in known:
+            raise ValueError(f"Unknown execution provider {provider!r} in {name}; "
+                             f"onnxruntime's are: {', '.join(known)}.")
+    return list(providers)
+
+
+def checked_providers(providers) -> list:
+    """`providers` checked against onnxruntime (`known_providers`); when the best ones are
+    missing from this build, the session falls back to the next, with a warning."""
+    import onnxruntime as ort
+
+    providers = known_providers(providers)
+    names = [p[0] if isinstance(p, tuple) and len(p) == 2 else p for p in providers]
     available = ort.get_available_providers()
     usable = [n for n in names if n in available] or ["CPUExecutionProvider"]
     skipped = names[:names.index(usable[0])] if usable[0] in names else names
@@ -169,15 +178,69 @@ def _check_settings(bundle: Bundle, max_length, batch_size) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BundleError(f"{where}: {name} must be a positive int, got {value!r}; "
                               f"export the bundle again.")
+    task = bundle.manifest["task"]
+    if task not in TASKS:
+        raise BundleError(f"{where}: task {task!r} is not one this runtime runs "
+                          f"({', '.join(TASKS)}).")
     pooling = bundle.manifest.get("pooling")
-    if bundle.manifest["task"] == "feature-extraction" and pooling is not None and not (
+    if task == "feature-extraction" and pooling is not None and not (
             isinstance(pooling, dict) and pooling.get("mode") in POOLING_MODES
             and isinstance(pooling.get("normalize"), bool)):
         raise BundleError(f"{where}: pooling must be {{\"mode\": one of "
                           f"{', '.join(POOLING_MODES)}, \"normalize\": bool}}, got {pooling!r}.")
+    if task == "text-generation":
+        _check_generation(where, bundle.manifest.get("generation"))
+
+
+def _check_generation(where: Path, generation) -> None:
+    """The manifest's "generation" object: what generate(), chat() and the KV cache read."""
+    if generation is None:
+        return
+    if not isinstance(generation, dict):
+        raise BundleError(f"{where}: generation must be an object, got {generation!r}.")
+    context = generation.get("context_length", 2)
+    if isinstance(context, bool) or not isinstance(context, int) or context < 2:
+        raise BundleError(f"{where}: generation.context_length must be an int >= 2 (tokens "
+                          f"the KV cache holds), got {context!r}.")
+    eos = generation.get("eos_token_ids", [])
+    if not isinstance(eos, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**32 for i in eos):
+        raise BundleError(f"{where}: generation.eos_token_ids must be a list of token ids, "
+                          f"got {eos!r}.")
+    chat = generation.get("chat")
+    if chat is not None and not (
+            isinstance(chat, dict) and isinstance(chat.get("roles"), dict)
+            and all(isinstance(k, str) and isinstance(v, str)
+                    for k, v in chat["roles"].items())
+            and isinstance(chat.get("default_system"), str)
+            and isinstance(chat.get("generation_prompt"), str)):
+        raise BundleError(f"{where}: generation.chat must be {{\"roles\": {{role: pattern}}, "
+                          f"\"default_system\": str, \"generation_prompt\": str}}.")
+
+
+def _manifest_runtime(bundle: Bundle) -> tuple[int, list]:
+    """target.runtime's threads and execution_providers, checked as load uses them."""
+    settings = _runtime_settings(bundle)
+    try:
+        return (_threads(settings.get("threads", 0), "target.runtime.threads"),
+                known_providers(settings.get("execution_providers", ["CPUExecutionProvider"]),
+                                "target.runtime.execution_providers"))
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{bundle.path / 'manifest.json'}: {e}") from None
+
+
+def _threads(value, name: str) -> int:
+    """An intra-op thread count: 0 (onnxruntime's default) or more, as onnxruntime takes it."""
+    threads = count(value, name, least=0)
+    if threads >= 2**31:
+        raise ValueError(f"{name} must be below 2**31, got {threads}.")
+    return threads
 
 
 POOLING_MODES = ("mean", "cls", "max")
+TASKS = ("feature-extraction", "text-classification", "text-generation")
+# What each task's graph takes: a decoder's KV cache, or an encoder's token ids alone.
+DECODER_INPUTS = ("input_ids", "past_key.0", "seqlens_k")
 
 
 class Model:
@@ -195,16 +258,46 @@ class Model:
         self.max_length: int = manifest.get("max_length", settings.get("max_sequence_length"))
         self.batch_size: int = settings.get("batch_size", 32)
         _check_settings(bundle, self.max_length, self.batch_size)
-        self.tokenizer = Tokenizer.from_file(bundle.file("tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(bundle.file("tokenizer.json"))
+        except (ValueError, TypeError) as e:   # BundleError (a ValueError) passes as it is
+            where = str(bundle.file("tokenizer.json"))
+            raise e if isinstance(e, BundleError) else BundleError(
+                str(e) if where in str(e) else f"{where}: {e}") from e
         if self.task != "text-generation" and self.tokenizer.pad_id is None:
             raise BundleError(f"{bundle.file('tokenizer.json')} names no pad id (no "
                               f"padding.pad_id, no [PAD]), and batches need one; export the "
                               f"bundle again: the exporter adds the model's.")
-        threads = count(settings.get("threads", 0) if threads is None else threads,
-                        "threads", least=0)  # 0: onnxruntime's default
-        providers = checked_providers(
-            settings.get("execution_providers", ["CPUExecutionProvider"])
-            if providers is None else providers)
+        if threads is None or providers is None:
+            own_threads, own_providers = _manifest_runtime(bundle)
+        threads = own_threads if threads is None else _threads(threads, "threads")
+        providers = checked_providers(own_providers if providers is None else providers)
+        try:
+            self.session = self._session(bundle, threads, spinning, providers, pipeline)
+        except (OSError, MemoryError, BundleError):
+            raise
+        except (ValueError, TypeError) as e:   # a stage that needs a tensor none makes
+            raise BundleError(f"{bundle.path}: {e}") from e
+        except Exception as e:   # onnxruntime's errors derive from Exception alone
+            raise BundleError(f"{bundle.path}: onnxruntime cannot load its graph: "
+                              f"{type(e).__name__}: {e}") from e
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        decoder = all(name in self.input_names for name in DECODER_INPUTS)
+        if decoder != (self.task == "text-generation"):
+            raise BundleError(f"{bundle.path / 'manifest.json'}: task is {self.task!r}, but "
+                              f"the graph {'is' if decoder else 'is not'} a decoder with a "
+                              f"KV cache (inputs {', '.join(self.input_names)}).")
+        if self.task == "text-classification":
+            self._checked_labels()   # refused at load, not at the first classify()
+        elif self.task == "feature-extraction":
+            _ = self.prompts   # checked at load, not at the first embed()
+        self._idle: Decoder | None = None   # a KV cache no generation holds
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _session(bundle: Bundle, threads: int, spinning: bool, providers, pipeline: str):
+        """The bundle's graph (or pipeline of stages) as one session."""
+        manifest = bundle.manifest
         if manifest.get("stages"):   # pipeline stages, each on its own device
             for stage in manifest["stages"]:
                 if isinstance(stage, dict) and "file" in stage:
@@ -213,25 +306,18 @@ class Model:
             if pipeline == "ray":
                 from .ray_stages import RayStagedSession
 
-                self.session = RayStagedSession(bundle.path, manifest["stages"],
-                                                outputs=outputs, inputs=manifest["inputs"],
-                                                threads=threads, providers=providers)
-            else:
-                self.session = StagedSession(bundle.path, manifest["stages"], outputs=outputs,
-                                             inputs=manifest["inputs"], threads=threads,
-                                             spinning=spinning, providers=providers)
-        else:
-            if pipeline == "ray":
-                warnings.warn(f"pipeline='ray' runs the stages of a bundle cut into stages; "
-                              f"{bundle.path} is one graph, so it runs in this process.",
-                              RuntimeWarning, stacklevel=3)
-            self.session = ort_session(bundle.file(manifest.get("model_file", "model.onnx")),
-                                       threads=threads, spinning=spinning, providers=providers)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        if self.task == "text-classification":
-            self._checked_labels()   # refused at load, not at the first classify()
-        self._idle: Decoder | None = None   # a KV cache no generation holds
-        self._lock = threading.Lock()
+                return RayStagedSession(bundle.path, manifest["stages"], outputs=outputs,
+                                        inputs=manifest["inputs"], threads=threads,
+                                        providers=providers)
+            return StagedSession(bundle.path, manifest["stages"], outputs=outputs,
+                                 inputs=manifest["inputs"], threads=threads,
+                                 spinning=spinning, providers=providers)
+        if pipeline == "ray":
+            warnings.warn(f"pipeline='ray' runs the stages of a bundle cut into stages; "
+                          f"{bundle.path} is one graph, so it runs in this process.",
+                          RuntimeWarning, stacklevel=4)
+        return ort_session(bundle.file(manifest.get("model_file", "model.onnx")),
+                           threads=threads, spinning=spinning, providers=providers)
 
     @property
     def dim(self) -> int:
@@ -257,7 +343,7 @@ class Model:
             (2, 384)
         """
         self._require("feature-extraction", "embed")
-        pooling = self.manifest.get("pooling", {"mode": "mean", "normalize": True})
+        pooling = self.manifest.get("pooling") or {"mode": "mean", "normalize": True}
         if prompt is None:
             prompt = self._prompt(prompt_name)
         elif prompt_name is not None:
@@ -270,7 +356,7 @@ class Model:
     @property
     def prompts(self) -> dict[str, str]:
         """The model's sentence-transformers prompts by name ({} for most models)."""
-        prompts = self.manifest.get("pooling", {}).get("prompts", {})
+        prompts = (self.manifest.get("pooling") or {}).get("prompts", {})
         if not isinstance(prompts, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
             raise BundleError(f"{self.bundle.path / 'manifest.json'}: pooling.prompts must "
@@ -280,7 +366,7 @@ class Model:
     def _prompt(self, name: str | None) -> str:
         """The text to put before each text: the named prompt, else the default one."""
         if name is None:
-            name = self.manifest.get("pooling", {}).get("default_prompt")
+            name = (self.manifest.get("pooling") or {}).get("default_prompt")
             if name is None:
                 return ""
         elif not isinstance(name, str):
@@ -327,9 +413,13 @@ class Model:
     # --- text-generation bundles ---------------------------------------------------------
 
     @property
+    def _generation(self) -> dict:
+        return self.manifest.get("generation") or {}   # checked at load
+
+    @property
     def context(self) -> int:
         """Tokens the KV cache holds (prompt + generated), text-generation bundles."""
-        return int(self.manifest.get("generation", {}).get("context_length", self.max_length))
+        return int(self._generation.get("context_length", self.max_length))
 
     @contextmanager
     def _decoder(self) -> Iterator[Decoder]:
@@ -379,7 +469,7 @@ class Model:
         if len(ids) >= self.context:
             raise ContextError(f"The prompt is {len(ids)} tokens; this bundle's context holds "
                                f"{self.context} (prompt + generated). Shorten the prompt.")
-        eos = set(self.manifest.get("generation", {}).get("eos_token_ids", []))
+        eos = set(self._generation.get("eos_token_ids", []))
         tokens = self._tokens(ids, eos=eos, **options)
         pieces = stream_text(tokens, self.tokenizer.decode_stream().step, stop)
         return pieces if stream else "".join(pieces)
@@ -392,7 +482,7 @@ class Model:
             'The capital of France is Paris.'
         """
         self._require("text-generation", "chat")
-        fmt = self.manifest.get("generation", {}).get("chat")
+        fmt = self._generation.get("chat")
         if not fmt:
             raise ValueError(f"{self.bundle.path} has no chat template (its model has none, "
                              f"or it is not a plain per-message template); use generate().")

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -766,3 +767,28 @@ def test_a_decoder_bundle_is_not_cut_into_stages(smollm2_bundle, tmp_path):
                                          "encoders"):
         restage(smollm2_bundle, 2, tmp_path / "staged")
     assert not (tmp_path / "staged").exists()
+
+
+def test_generation_fields_are_checked_at_load(smollm2_bundle, tmp_path):
+    """What generate(), chat() and the KV cache read, refused at load naming the field
+    (they failed at the first generate() with an AttributeError or TypeError)."""
+    import shutil
+
+    from runtime import BundleError
+
+    copy = Path(shutil.copytree(smollm2_bundle, tmp_path / "bundle"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    generation = manifest["generation"]
+    for changes, message in [
+        ({"generation": [1]}, "generation must be an object"),
+        ({"generation": generation | {"eos_token_ids": 2}}, "eos_token_ids must be a list"),
+        ({"generation": generation | {"context_length": "1k"}}, "context_length must be an int"),
+        ({"generation": generation | {"context_length": -5}}, "context_length must be an int"),
+        ({"generation": generation | {"chat": "{{ messages }}"}}, "generation.chat must be"),
+    ]:
+        (copy / "manifest.json").write_text(json.dumps(manifest | changes))
+        with pytest.raises(BundleError, match=message):
+            runtime.load(copy, verify=False)
+    (copy / "manifest.json").write_text(json.dumps(manifest | {"generation": None}))
+    model = runtime.load(copy, verify=False)   # null: no eos, the context of max_length
+    assert model.context == model.max_length

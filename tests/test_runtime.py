@@ -362,7 +362,7 @@ def test_bad_load_options_are_refused(minilm_bundle):
         ({"providers": "CPUExecutionProvider"}, TypeError, "must be a list of onnxruntime"),
         ({"providers": []}, ValueError, "providers is empty"),
         ({"providers": ["CpuExecutionProvider"]}, ValueError,
-         "Unknown execution provider 'CpuExecutionProvider'; onnxruntime's are: .*"
+         "Unknown execution provider 'CpuExecutionProvider' in providers; onnxruntime's are: .*"
          "CPUExecutionProvider"),
         ({"pipeline": "processes"}, ValueError, "pipeline must be 'threads' or 'ray'"),
     ]:
@@ -462,10 +462,77 @@ def test_odd_manifest_values_are_refused_naming_the_field(bundle_copy):
         ({"max_length": None}, r"max_length \(or target.runtime.max_sequence_length\) must"),
         ({"pooling": {"mode": "mean"}}, "pooling must be"),
         ({"pooling": pooling | {"mode": "median"}}, "pooling must be"),
+        ({"pooling": pooling | {"prompts": ["query: "]}}, "pooling.prompts must map"),
+        ({"task": "foo"}, "task 'foo' is not one this runtime runs"),
+        ({"task": "text-generation"}, "the graph is not a decoder"),
+        ({"target": target | {"runtime": target["runtime"] | {"threads": -1}}},
+         "target.runtime.threads must be >= 0"),
+        ({"target": target | {"runtime": target["runtime"] | {"threads": "2"}}},
+         "target.runtime.threads must be an int"),
+        ({"target": target | {"runtime": target["runtime"] | {"execution_providers": ["Foo"]}}},
+         "Unknown execution provider 'Foo' in target.runtime.execution_providers"),
+        ({"target": target | {"runtime": target["runtime"] | {
+            "execution_providers": "CPUExecutionProvider"}}},
+         "target.runtime.execution_providers must be a list"),
     ]:
         edit_manifest(bundle_copy, **manifest | changes)
         with pytest.raises(BundleError, match=message):
             runtime.load(bundle_copy, verify=False)
+    edit_manifest(bundle_copy, **manifest | {"pooling": None})   # null: mean, normalized
+    assert runtime.load(bundle_copy, verify=False).embed(["hi"]).shape == (1, 384)
+    with pytest.raises(ValueError, match="threads must be below 2"):
+        runtime.load(bundle_copy, verify=False, threads=2**31)
+
+
+def test_verify_refuses_what_load_refuses_in_one_line(bundle_copy):
+    """Settings the one-thread CPU load of verify overrides, a graph onnxruntime cannot load
+    and a tokenizer the runtime cannot read: exit 2 and one line, like every bad bundle
+    (the last two were an exit-1 traceback: onnxruntime's errors are no RuntimeError)."""
+    import onnx
+
+    def verify():
+        done = subprocess.run([sys.executable, "-m", "runtime", "verify", str(bundle_copy)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        return done.returncode, done.stderr.strip()
+
+    def relist(name):   # the file's new sha256 and size in the manifest: only its content is bad
+        import hashlib
+
+        manifest = json.loads((bundle_copy / "manifest.json").read_text())
+        data = (bundle_copy / name).read_bytes()
+        for entry in manifest["files"]:
+            if entry["path"] == name:
+                entry |= {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    runtime_settings = manifest["target"]["runtime"]
+    edit_manifest(bundle_copy, target=manifest["target"] | {
+        "runtime": runtime_settings | {"execution_providers": ["FooEP"]}})
+    code, err = verify()
+    assert code == 2 and "Unknown execution provider 'FooEP'" in err and "\n" not in err
+    edit_manifest(bundle_copy, target=manifest["target"])
+
+    tokenizer = json.loads((bundle_copy / "tokenizer.json").read_text())
+    (bundle_copy / "tokenizer.json").write_text(json.dumps(tokenizer | {
+        "model": tokenizer["model"] | {"type": "Unigram"}}))
+    relist("tokenizer.json")
+    code, err = verify()
+    assert code == 2 and "unsupported model.type 'Unigram'" in err and "\n" not in err
+    with pytest.raises(BundleError, match="Unigram"):
+        runtime.load(bundle_copy)
+    (bundle_copy / "tokenizer.json").write_text(json.dumps(tokenizer))
+    relist("tokenizer.json")
+
+    graph = onnx.load(bundle_copy / "model.onnx")
+    graph.graph.node[0].domain = "com.example"
+    graph.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    onnx.save(graph, bundle_copy / "model.onnx")
+    relist("model.onnx")
+    code, err = verify()
+    assert code == 2 and "onnxruntime cannot load its graph" in err and "\n" not in err
+    with pytest.raises(BundleError, match="onnxruntime cannot load its graph"):
+        runtime.load(bundle_copy)
 
 
 def test_the_installed_onnxruntime_is_asked_its_opset(bundle_copy):
