@@ -228,8 +228,13 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     """
     from . import pipeline
     from .gguf import PACKAGED_GGUF
-    from .load import check_single_label, infer_task, resolve_model_dir
+    from .load import TASKS, check_single_label, infer_task, resolve_model_dir
 
+    if task is not None and task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}. Available: {', '.join(TASKS)}.")
+    if isinstance(output, str) and not output.strip():
+        raise ValueError(f"Output {output!r} names no directory; leave it out for the "
+                         f"default (build/<model>-<target>/).")
     profile = target if isinstance(target, Target) else load_target(target)
     generative = model in PACKAGED_GGUF or str(model).endswith(".gguf")
     inferred = infer_task(model if generative else resolve_model_dir(model))
@@ -267,7 +272,8 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     budget = Budget.parse(default_budget if accuracy_budget is None else accuracy_budget)
     model_name = (Path(model).resolve().name if Path(model).is_dir() else
                   Path(model).stem if str(model).endswith(".gguf") else model)
-    output = Path(output) if output else Path("build") / f"{model_name}-{profile.name}"
+    output = Path(output) if output is not None else \
+        Path("build") / f"{model_name}-{profile.name}"
     if output.name in ("", ".."):   # "." or "x/..": the directory it names
         output = output.resolve()
     for parent in output.parents:   # the nearest one that exists must be a directory

@@ -110,9 +110,9 @@ def read_texts(path: str | Path) -> list[Utterance]:
     try:
         # utf-8-sig: a BOM (Windows editors write one) is not text. Lines end at "\n" (and
         # "\r\n") only: splitlines() also breaks at U+2028, U+0085 or \x0c, which JSON
-        # strings and prose may hold.
+        # strings and prose may hold, and read_text() at a lone "\r" (universal newlines).
         lines = [line.removesuffix("\r")
-                 for line in path.read_text(encoding="utf-8-sig").split("\n")]
+                 for line in path.read_bytes().decode("utf-8-sig").split("\n")]
     except UnicodeDecodeError as e:
         raise ValueError(f"Text file {str(path)!r} is not valid UTF-8 (byte {e.start}): "
                          f"re-save it as UTF-8.") from e

@@ -60,14 +60,20 @@ def resolve_model_dir(model: str) -> Path:
 
 def read_config(model_dir: Path) -> dict:
     """`model_dir/config.json` as a dict; ValueError naming the file when it is not one."""
-    path = Path(model_dir) / "config.json"
+    return read_json(Path(model_dir) / "config.json")
+
+
+def read_json(path: Path, kind: type = dict):
+    """The JSON file at `path`, which must hold a `kind` (object or array); a ValueError
+    naming the file when it does not."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); is the checkpoint complete?") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}.")
-    return config
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} must hold a JSON {'object' if kind is dict else 'array'}, "
+                         f"got {type(value).__name__}.")
+    return value
 
 
 def infer_task(model: Path | str) -> str:
@@ -108,7 +114,7 @@ def check_labels(evaluation, labels: list[str]) -> None:
     for u in evaluation:
         if u.intent is not None and u.intent not in known:
             shown = ", ".join(labels[:6]) + (", ..." if len(labels) > 6 else "")
-            if u.where is None:   # the default texts: smart-home intents
+            if not u.where:   # the default texts (or a list given in code): smart-home intents
                 raise ValueError(f"The default evaluation texts are smart-home commands "
                                  f"labelled with their intent ({u.intent!r}, ...), and this "
                                  f"model's {len(labels)} labels ({shown}) are others: give "
@@ -135,13 +141,17 @@ def read_pooling(model_dir: Path) -> dict:
     modules_file = model_dir / "modules.json"
     if not modules_file.is_file():
         return {"mode": "mean", "normalize": True, "source": "default (no modules.json)"}
-    modules = json.loads(modules_file.read_text())
+    modules = read_json(modules_file, list)
     mode, normalize, include_prompt = "mean", False, True
     for module in modules:
-        kind = module.get("type", "")
+        if not isinstance(module, dict) or not isinstance(module.get("type"), str) \
+                or not isinstance(module.get("path"), str):
+            raise ValueError(f"{modules_file}: each module must be an object with a string "
+                             f"\"type\" and \"path\", got {module!r:.120}.")
+        kind = module["type"]
         if kind.endswith("Pooling"):
             config_file = model_dir / module["path"] / "config.json"
-            config = json.loads(config_file.read_text())
+            config = read_json(config_file)
             chosen = [flag for flag, on in config.items() if flag.startswith("pooling_mode_")
                       and on is True]
             if len(chosen) != 1 or chosen[0] not in POOLING_MODES:
@@ -175,7 +185,7 @@ def read_prompts(model_dir: Path) -> dict:
     config_file = model_dir / "config_sentence_transformers.json"
     if not config_file.is_file():
         return {}
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     prompts = config.get("prompts") or {}
     default = config.get("default_prompt_name")
     if not isinstance(prompts, dict) or not all(
@@ -281,7 +291,12 @@ def load(job) -> None:
     limits = [job.target.runtime.max_sequence_length, config.max_position_embeddings]
     st_config = model_dir / "sentence_bert_config.json"
     if st_config.is_file():
-        limits.append(json.loads(st_config.read_text()).get("max_seq_length", limits[0]))
+        longest = read_json(st_config).get("max_seq_length", limits[0])
+        if longest is not None:   # sentence-transformers' null: the model's own limit
+            if isinstance(longest, bool) or not isinstance(longest, int) or longest < 1:
+                raise ValueError(f"{st_config}: max_seq_length must be a positive int, got "
+                                 f"{longest!r}.")
+            limits.append(longest)
     job.max_length = min(limits)
     params = sum(p.numel() for p in job.torch_model.parameters())
     job.records["model"] = {

@@ -171,6 +171,13 @@ class Step:
     holds: bool
 
 
+def size_limit(max_bytes: int, ratio: float, float_bytes: int) -> str:
+    """The search's size limit in words: "27.1 MB (30% of float)", and whether the size
+    budget (max_model_mb) lowered it below the ratio's."""
+    capped = ", capped by max_model_mb" if max_bytes < int(ratio * float_bytes) else ""
+    return f"{max_bytes / 1e6:.1f} MB ({ratio:.0%} of float{capped})"
+
+
 def search(order: list[str], *, build: Callable[[frozenset[str]], onnx.ModelProto],
            score: Callable[[onnx.ModelProto], dict[str, float]], budget: Budget,
            max_bytes: int) -> tuple[list[Step], list[str]]:
@@ -279,13 +286,11 @@ def sensitivity(job) -> None:
         # the budget, not the last, is the best reached.
         best = min(range(len(steps)), key=lambda i: job.budget.shortfall(steps[i].metrics))
         broken = job.budget.check(steps[best].metrics)
-        capped = ", capped by max_model_mb" \
-            if max_bytes < settings.max_size_ratio * float_bytes else ""
         reject(job, f"Accuracy budget {job.budget} broken on the search's "
                     f"{len(selection.texts)} texts: {'; '.join(broken)}. That is the "
                     f"best reached, with {best} of {len(order)} int8 groups kept float "
                     f"({', '.join(kept[:best]) or 'none'}) within the size limit of "
-                    f"{max_bytes / 1e6:.1f} MB ({settings.max_size_ratio:.0%} of float{capped})"
+                    f"{size_limit(max_bytes, settings.max_size_ratio, float_bytes)}"
                     + (f" (skipped for size: {', '.join(skipped)})" if skipped else "")
                     + ". Loosen the budget, raise quantization.max_size_ratio, or calibrate "
                       "on text closer to the evaluation text.")

@@ -93,6 +93,13 @@ def test_text_files_are_read_as_written(tmp_path):
     assert [u.text for u in read_texts(tmp_path / "odd.jsonl")] == texts
     (tmp_path / "odd.txt").write_text("\n".join(texts) + "\n", encoding="utf-8-sig")
     assert [u.text for u in read_texts(tmp_path / "odd.txt")] == texts
+    # a lone \r is text too (read_text()'s universal newlines split there), and line
+    # numbers count as an editor does
+    (tmp_path / "cr.txt").write_bytes(b"turn on\rthe light\r\n\nlock the door\n")
+    got = read_texts(tmp_path / "cr.txt")
+    assert [(u.text, u.where) for u in got] == [
+        ("turn on\rthe light", f"{tmp_path / 'cr.txt'}:1"),
+        ("lock the door", f"{tmp_path / 'cr.txt'}:3")]
 
 
 @pytest.mark.parametrize("text", ["cosine>=9.7E-1", "cosine>=+0.97", "cosine>=1.",

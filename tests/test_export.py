@@ -435,6 +435,27 @@ def test_sentence_transformers_pooling_is_read_or_refused(tmp_path, pooling, mod
         assert (found["mode"], found["normalize"], found["source"]) == (*expected, "modules.json")
 
 
+@pytest.mark.parametrize("name, content, expected", [
+    ("modules.json", "{bad", r"modules.json is not valid JSON"),
+    ("modules.json", '{"a": 1}', r"modules.json must hold a JSON array, got dict"),
+    ("modules.json", '["x"]', r"modules.json: each module must be an object"),
+    ("modules.json", '[{"type": "sentence_transformers.models.Pooling"}]',
+     r"modules.json: each module must be an object with a string \"type\" and \"path\""),
+    ("1_Pooling/config.json", "[]", r"1_Pooling/config.json must hold a JSON object"),
+    ("config_sentence_transformers.json", "{bad",
+     r"config_sentence_transformers.json is not valid JSON"),
+])
+def test_broken_sentence_transformers_files_are_named(tmp_path, name, content, expected):
+    """A nameless JSONDecodeError (exit 2 with no file named) or an AttributeError (exit 1,
+    reported as our bug) before."""
+    from exporter.load import read_pooling
+
+    path = _sentence_transformers_layout(tmp_path, {"pooling_mode_mean_tokens": True})
+    (path / name).write_text(content)
+    with pytest.raises(ValueError, match=expected):
+        read_pooling(path)
+
+
 @pytest.mark.parametrize("config, include_prompt, expected", [
     ({}, True, {}),
     ({"prompts": {}, "default_prompt_name": None}, True, {}),
@@ -644,3 +665,26 @@ def test_x86_server_export(tmp_path, eval_texts, cuda_fallback_warning):
     assert manifest["validation"]["metrics"]["cosine"] >= 0.97
     with cuda_fallback_warning:
         assert runtime.load(path).embed(["open the garage"]).shape == (1, 384)
+
+
+def test_export_refuses_an_unknown_task_and_an_empty_output_first(tmp_path):
+    """A KeyError deep in the budget code, after reading the texts, and "" silently meant
+    build/<model>-<target>/ (a script with an empty $OUT replaced an earlier bundle)."""
+    with pytest.raises(ValueError, match="Unknown task 'bogus'. Available: feature-extraction"):
+        export("minilm", target="arm-cpu", task="bogus", output=tmp_path / "out")
+    with pytest.raises(ValueError, match="Output '' names no directory"):
+        export("minilm", target="arm-cpu", output="")
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_texts_with_other_labels_say_to_give_labelled_texts():
+    """Texts that come from no file (the default set, or a list given in code) have where ""
+    and got a message starting ": label ..."."""
+    from exporter.data import Utterance
+    from exporter.load import check_labels
+
+    with pytest.raises(ValueError, match="The default evaluation texts are smart-home "
+                                         "commands .* give its own labelled held-out texts"):
+        check_labels([Utterance("turn it up", intent="HassSetVolume")], ["neg", "pos"])
+    with pytest.raises(ValueError, match=r"^e.jsonl:3: label 'x' is not one of"):
+        check_labels([Utterance("hi", intent="x", where="e.jsonl:3")], ["neg", "pos"])

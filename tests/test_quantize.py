@@ -21,7 +21,7 @@ from exporter.quantize import (
     insert_qdq,
     kl_threshold,
 )
-from exporter.sensitivity import Step, search
+from exporter.sensitivity import Step, search, size_limit
 from runtime.model import ort_session
 from targets import load_target
 
@@ -421,3 +421,13 @@ def test_node_choices_hold_for_unnamed_nodes_and_names_without_a_layer():
         _, quantized, _ = build_int8(model, ranges, SETTINGS, float_groups={group.name},
                                      groups={g.name: g.nodes for g in groups})
         assert set(quantized) == {n for g in groups for n in g.nodes} - set(group.nodes)
+
+
+def test_size_limit_says_capped_only_when_max_model_mb_lowered_it():
+    """int(ratio * float bytes) is what the search is given; the message compared it with
+    the unrounded product and said "capped by max_model_mb" with no size budget at all."""
+    float_bytes = 90_333_333
+    own = int(0.3 * float_bytes)
+    assert size_limit(own, 0.3, float_bytes) == "27.1 MB (30% of float)"
+    assert size_limit(20_000_000, 0.3, float_bytes) == \
+        "20.0 MB (30% of float, capped by max_model_mb)"
