@@ -114,6 +114,8 @@ class Tokenizer:
         trimming: None for none, else its `add_prefix_space`.
         """
         self._choose_backend(backend)
+        _check_vocab(vocab, MAX_ID)
+        _check_added(added_tokens, pad_id)
         if unk_token not in vocab:
             raise ValueError(
                 f"unk_token {unk_token!r} is not in the vocab; "
@@ -179,6 +181,8 @@ class Tokenizer:
         """
         self = cls.__new__(cls)
         self._choose_backend(backend)
+        _check_vocab(vocab, MAX_BPE_ID)
+        _check_added(added_tokens, pad_id)
         if unk_token is not None and unk_token not in vocab:
             raise ValueError(f"unk_token {unk_token!r} is not in the vocab.")
         self._set_encoder(
@@ -242,6 +246,7 @@ class Tokenizer:
             t.id: t.content for t in added_tokens
         }
         self._special = frozenset(t.content for t in added_tokens if t.special)
+        self._added_ids = frozenset(t.id for t in added_tokens)
 
     @classmethod
     def from_file(cls, path: str | Path, *, backend: str | None = None) -> Tokenizer:
@@ -254,13 +259,16 @@ class Tokenizer:
             >>> Tokenizer.from_file("all-MiniLM-L6-v2/tokenizer.json").vocab_size
             30522
         """
-        path = Path(path)
+        path = Path(path).resolve()   # read again for offsets, maybe from another cwd
         stamp = _stamp(path)
         kind, settings = _read_tokenizer_json(path)
-        if kind == "BPE":
-            self = cls.byte_level_bpe(**settings, backend=backend)
-        else:
-            self = cls(**settings, backend=backend)
+        try:
+            if kind == "BPE":
+                self = cls.byte_level_bpe(**settings, backend=backend)
+            else:
+                self = cls(**settings, backend=backend)
+        except ValueError as e:   # a check the constructors make, of this file's values
+            raise ValueError(f"{path}: {e}") from None
         if self.backend != "python":
             # Read the file again if offsets are asked for, rather than keep its vocab
             # and merges (~13 MB for SmolLM2's) for the Python twin.
@@ -353,16 +361,20 @@ class Tokenizer:
             text, self._prefix_ids, self._suffix_ids, budget
         )
         if self._trim_offsets is not None:
-            self._trim(ids, offsets)
+            self._trim(text, ids, offsets)
         return Encoding(ids, offsets)
 
-    def _trim(self, ids: list[int], offsets: list[tuple[int, int]]) -> None:
+    def _trim(self, text: str, ids: list[int], offsets: list[tuple[int, int]]) -> None:
         """HF's ByteLevel post-processor `trim_offsets`: each token's span loses the
         characters of its leading and trailing spaces ('Ġ' or whitespace), but for a
-        single leading space of the first token when the processor adds one."""
+        single leading space of the first token when the processor adds one. An added
+        token's own text is what it matched, with the spaces an lstrip/rstrip took."""
         content = range(len(self._prefix_ids), len(ids) - len(self._suffix_ids))
         for i in content:
-            token = self._id_to_token.get(ids[i], "")
+            if ids[i] in self._added_ids:
+                token = text[offsets[i][0]:offsets[i][1]]
+            else:
+                token = self._id_to_token.get(ids[i], "")
             lead = _LEADING_SPACES_RE.match(token).end()
             trail = len(token) - _TRAILING_SPACES_RE.search(token).start()
             if lead == 0 and trail == 0:
@@ -523,6 +535,35 @@ def _id_tuple(ids: Iterable[int], name: str) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _check_vocab(vocab: Mapping[str, int], top: int, name: str = "vocab") -> None:
+    """`vocab` maps token strings to int ids in [0, top): 2**32 (HF's u32), or 2**24 for a
+    byte-level BPE (what the C backend's tables index)."""
+    if not isinstance(vocab, Mapping):
+        raise TypeError(f"{name} must map token strings to int ids, got "
+                        f"{type(vocab).__name__}.")
+    for token, token_id in vocab.items():
+        if not isinstance(token, str) or type(token_id) is not int:
+            raise ValueError(f"{name} must map token strings to int ids; it maps "
+                             f"{token!r:.40} to {token_id!r:.40}.")
+        if not 0 <= token_id < top:
+            raise ValueError(f"{name} gives {token!r:.40} the id {token_id}; ids lie in "
+                             f"[0, {'2**24' if top == MAX_BPE_ID else '2**32'}) here.")
+
+
+def _check_added(added_tokens: Sequence[AddedToken], pad_id: int | None) -> None:
+    """Added tokens and the pad id are token ids, as the vocab's are."""
+    for token in added_tokens:
+        if not isinstance(token, AddedToken):
+            raise TypeError(f"added_tokens must hold AddedToken, got {type(token).__name__}.")
+        if not isinstance(token.content, str) or type(token.id) is not int \
+                or not 0 <= token.id < MAX_ID:
+            raise ValueError(f"added token {token.content!r:.40} has id {token.id!r}; an id "
+                             f"is an int in [0, 2**32).")
+    if pad_id is not None and (type(pad_id) is not int or not 0 <= pad_id < MAX_ID):
+        raise ValueError(f"pad_id must be None or a token id, an int in [0, 2**32); got "
+                         f"{pad_id!r}.")
+
+
 def _stamp(path: Path) -> tuple[int, int]:
     stat = path.stat() if path.is_file() else None
     return (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
@@ -605,13 +646,10 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
     model = _field(data, "model", dict, path)
     kind = _check_type(model, "model", ("WordPiece", "BPE"), path)
     vocab = _field(model, "model.vocab", dict, path)
-    if not all(isinstance(t, str) and type(i) is int for t, i in vocab.items()):
-        raise ValueError(f"{path}: model.vocab must map token strings to int ids.")
-    top = MAX_BPE_ID if kind == "BPE" else MAX_ID   # (what the C BPE tables index)
-    bad = next((t for t, i in vocab.items() if not 0 <= i < top), None)
-    if bad is not None:
-        raise ValueError(f"{path}: model.vocab gives {bad!r:.40} the id {vocab[bad]}; ids lie "
-                         f"in [0, {'2**24' if kind == 'BPE' else '2**32'}) here.")
+    try:
+        _check_vocab(vocab, MAX_BPE_ID if kind == "BPE" else MAX_ID, "model.vocab")
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
     added_tokens = _added_tokens(data, path, vocab)
     settings: dict[str, Any] = {"vocab": vocab, "added_tokens": added_tokens}
     if kind == "BPE":
@@ -624,6 +662,9 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
     padding = data.get("padding")
     if isinstance(padding, dict):
         settings["pad_id"] = _field(padding, "padding.pad_id", int, path)
+        if not 0 <= settings["pad_id"] < MAX_ID:
+            raise ValueError(f"{path}: padding.pad_id is {settings['pad_id']}; a token id lies "
+                             f"in [0, 2**32).")
     elif kind == "WordPiece":
         settings["pad_id"] = next(
             (t.id for t in added_tokens if t.content == "[PAD]"), vocab.get("[PAD]")
@@ -854,19 +895,24 @@ def _special_ids(processor: Any, path: Path) -> tuple[list[int], list[int]]:
         return [cls[1]], [sep[1]]
     # "single": [{"SpecialToken": {"id": "[CLS]"}}, {"Sequence": {"id": "A"}}, ...]
     single = processor.get("single")
-    if not isinstance(single, list) or sum("Sequence" in piece for piece in single) != 1:
+    if not isinstance(single, list) or not all(isinstance(p, dict) for p in single) or \
+            sum("Sequence" in piece for piece in single) != 1:
         raise ValueError(
-            f"{path}: post_processor.single must be a list with exactly one Sequence item, "
+            f"{path}: post_processor.single must be a list of objects with exactly one "
+            f"Sequence item, "
             f"got {single!r:.200}."
         )
     around: tuple[list[int], list[int]] = ([], [])  # ids before and after the text
     side = 0
+    specials = processor.get("special_tokens", {})
     for piece in single:
         if "Sequence" in piece:
             side = 1
             continue
-        name = piece.get("SpecialToken", {}).get("id")
-        ids = processor.get("special_tokens", {}).get(name, {}).get("ids")
+        name = piece.get("SpecialToken", {}).get("id") \
+            if isinstance(piece.get("SpecialToken", {}), dict) else None
+        entry = specials.get(name, {}) if isinstance(specials, dict) else None
+        ids = entry.get("ids") if isinstance(entry, dict) else None
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise ValueError(
                 f"{path}: post_processor.special_tokens has no ids for {name!r}; "
@@ -891,7 +937,10 @@ def _trim_offsets(processor: Any, path: Path) -> bool | None:
 
 def _check_type(section: Any, field: str, supported: tuple[str, ...], path: Path) -> str:
     """The section's "type" if it is one of `supported`, else a ValueError saying so."""
-    kind = section.get("type") if isinstance(section, dict) else section
+    if section is not None and not isinstance(section, dict):
+        raise ValueError(f"{path}: {field} must be an object with a \"type\" (or null), got "
+                         f"{section!r:.80}.")
+    kind = section.get("type") if isinstance(section, dict) else None
     if kind not in supported:
         raise ValueError(
             f"{path}: unsupported {field}.type {kind!r}. The runtime tokenizer supports "

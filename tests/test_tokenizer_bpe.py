@@ -296,7 +296,7 @@ def _roberta(data):
 
 VARIANTS = [
     _gpt2, _llama3, _llama3_prefix_space, _prefix_space, _no_unk, _trim_offsets, _roberta,
-    "added_tokens",
+    "added_tokens", "added_tokens_trimmed",   # the latter: RoBERTa's lstrip <mask>, trimmed
 ]  # fmt: skip
 
 
@@ -306,7 +306,7 @@ VARIANTS = [
 def variant_case(request, tmp_path_factory, smollm2_tokenizer_json, prose, real_texts):
     """(file, texts, HF ids) for one variant of the SmolLM2 file."""
     path = tmp_path_factory.mktemp("bpe-variant") / "tokenizer.json"
-    if request.param == "added_tokens":
+    if request.param in ("added_tokens", "added_tokens_trimmed"):
         hf = tokenizers.Tokenizer.from_file(str(smollm2_tokenizer_json))
         AddedToken = tokenizers.AddedToken
         hf.add_tokens(
@@ -320,6 +320,10 @@ def variant_case(request, tmp_path_factory, smollm2_tokenizer_json, prose, real_
         )
         hf.add_special_tokens([AddedToken("<special>", normalized=False)])
         hf.save(str(path))
+        if request.param == "added_tokens_trimmed":   # offsets trimmed of what lstrip took
+            data = json.loads(path.read_text(encoding="utf-8"))
+            _roberta(data)
+            path.write_text(json.dumps(data), encoding="utf-8")
     else:
         data = json.loads(Path(smollm2_tokenizer_json).read_text(encoding="utf-8"))
         request.param(data)
