@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -58,6 +59,15 @@ def _texts(source, *, default_split: str, count: int, what: str) -> list[Utteran
     if not items or not all(isinstance(u.text, str) for u in items):
         raise ValueError(f"{what} must be a non-empty list of strings.")
     return items
+
+
+def _sample(texts: list[Utterance], count: int) -> list[Utterance]:
+    """`count` of `texts`, a seeded random sample in random order, where there are more: the
+    stages read the first n they need (calibration, sensitivity, heal), and a file's first
+    lines (one sorted by intent, say) cover a few of its kinds only."""
+    if len(texts) <= count:
+        return texts
+    return [texts[i] for i in random.Random(0).sample(range(len(texts)), count)]
 
 
 def _layers(model_dir: Path) -> int | None:
@@ -291,6 +301,9 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     freed = remove_leftovers(output) + remove_leftovers(rejected)
     calibration_set = _texts(calibration, default_split="calibration", what="calibration",
                              count=profile.quantization.calibration_samples)
+    calibration_given = len(calibration_set)
+    if task != "text-generation":   # (a decoder reads its text in order, as windows)
+        calibration_set = _sample(calibration_set, profile.quantization.calibration_samples)
     evaluation_set = _texts(evaluation, default_split="eval", what="evaluation",
                             count=profile.validation.eval_samples)
     budget.check_measurable(task, labelled=all(u.intent is not None for u in evaluation_set))
@@ -300,12 +313,19 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     try:   # from here on, however the export ends, its work directory goes
         job.requantize = requantize
         job.archive = archive
-        for key, given, texts in (("eval_source", evaluation, evaluation_set),
-                                  ("calibration_source", calibration, calibration_set)):
+        for key, given, count in (("eval_source", evaluation, len(evaluation_set)),
+                                  ("calibration_source", calibration, calibration_given)):
             if isinstance(given, (str, Path)):
                 job.records[key] = str(given)
             elif given is not None:
-                job.records[key] = f"{len(texts)} texts given"
+                job.records[key] = f"{count} texts given"
+        if len(calibration_set) < calibration_given:
+            job.records["calibration_source"] += (
+                f" ({len(calibration_set)} of its {calibration_given} texts, a seeded random "
+                f"sample)")
+            job.log(f"calibrating on {len(calibration_set)} of the {calibration_given} "
+                    f"calibration texts (quantization.calibration_samples), a seeded random "
+                    f"sample")
         if freed:
             job.log(f"removed {freed / 1e6:.0f} MB that killed exports of {output} left beside it")
         for line in data_warnings(task, profile, calibration_set, evaluation_set):

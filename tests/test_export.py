@@ -688,3 +688,33 @@ def test_default_texts_with_other_labels_say_to_give_labelled_texts():
         check_labels([Utterance("turn it up", intent="HassSetVolume")], ["neg", "pos"])
     with pytest.raises(ValueError, match=r"^e.jsonl:3: label 'x' is not one of"):
         check_labels([Utterance("hi", intent="x", where="e.jsonl:3")], ["neg", "pos"])
+
+
+def test_a_long_calibration_file_is_sampled_not_cut(tmp_path, monkeypatch):
+    """The stages read the first calibration_samples texts: a file sorted by intent
+    calibrated on its first intents only. Longer sets are a seeded random sample, said so."""
+    from exporter import pipeline
+
+    lines = [f"{kind} number {i}" for kind in ("lights", "music", "doors", "heat")
+             for i in range(250)]
+    (tmp_path / "cal.txt").write_text("\n".join(lines) + "\n")
+    seen = {}
+
+    def run(job):   # everything export() decided, without exporting
+        seen.update(texts=[u.text for u in job.calibration], records=dict(job.records))
+        return job.output
+
+    monkeypatch.setattr(pipeline, "run", run)
+    for _ in range(2):
+        export("minilm", target="arm-cpu", output=tmp_path / "out",
+               calibration=tmp_path / "cal.txt", log=lambda line: None)
+        first = seen["texts"]
+    assert len(first) == 300 and len(set(first)) == 300 and set(first) <= set(lines)
+    assert seen["texts"] == first   # seeded: the same sample every time
+    for kind in ("lights", "music", "doors", "heat"):   # every part of the file, any prefix
+        assert 10 < sum(t.startswith(kind) for t in first[:100]) < 45
+    assert seen["records"]["calibration_source"] == \
+        f"{tmp_path / 'cal.txt'} (300 of its 1000 texts, a seeded random sample)"
+    export("minilm", target="arm-cpu", output=tmp_path / "out", calibration=lines[:50],
+           log=lambda line: None)
+    assert seen["texts"] == lines[:50]   # no more than the profile takes: all, in order
