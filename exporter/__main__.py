@@ -9,6 +9,7 @@ files are removed first, as on Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import dis
 import importlib.util
 import signal
 import sys
@@ -131,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {library} raised {type(e).__name__}: {e} (exit 1: the traceback "
                   f"above is worth reporting)", file=sys.stderr)
             return 1
+        call = _raised_in_a_call(e)
+        if call:   # a C function (numpy's reshape, int()) our code called: our bug too
+            traceback.print_exc()
+            print(f"error: a call at {call} raised {type(e).__name__}: {e} (exit 1: the "
+                  f"traceback above is worth reporting)", file=sys.stderr)
+            return 1
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, PermissionError) as e:
@@ -170,6 +177,22 @@ def _raised_in_library(error: BaseException) -> str | None:
         if marker in parts and parts.index(marker) + 1 < len(parts):
             return parts[parts.index(marker) + 1].removesuffix(".py")
     return None
+
+
+def _raised_in_a_call(error: BaseException) -> str | None:
+    """"file:line" of this tool's code where `error` came out of a function written in C
+    (numpy, a builtin), or None where a `raise` statement raised it: every refusal of an
+    input is one, and a C function's error escaping our code unexplained is a bug."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or not str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_OURS):
+        return None
+    op = next((i.opname for i in dis.get_instructions(tb.tb_frame.f_code)
+               if i.offset == tb.tb_lasti), "RAISE_VARARGS")
+    if op in ("RAISE_VARARGS", "RERAISE"):
+        return None
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
 
 
 def _stop(signum, frame):

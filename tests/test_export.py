@@ -627,6 +627,16 @@ def test_cli_tells_a_library_error_from_a_refused_input(monkeypatch, capsys):
     assert main(["--target", "arm-cpu"]) == 2
     assert capsys.readouterr().err == "error: Unknown thing 'x'\n"
 
+    # numpy's C code raising inside our code (no Python frame of numpy's): a bug as well
+    ours = Path(exporter.__file__).parent / "made_up.py"
+    scope = {"np": np}
+    exec(compile("def reshaped(*args, **kwargs):\n    np.zeros(3).reshape(2, 2)\n",
+                 str(ours), "exec"), scope)
+    monkeypatch.setattr(exporter, "export", scope["reshaped"])
+    assert main(["--target", "arm-cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and f"error: a call at {ours}:2 raised ValueError" in err
+
 
 def test_cli_without_the_export_stack_says_what_to_install():
     # On a device only the runtime is installed: --help and --list-targets work, an export
