@@ -116,7 +116,7 @@ def measure(variant: str, args) -> dict:
     # peak RSS of loading, prefill and decode; the perplexity pass below holds 256 positions
     # of logits in float64 on top, which is the measurement's cost, not the model's
     result["peak_rss_mb"] = round([int(line.split()[1]) for line in open("/proc/self/status")
-                                   if line.startswith("VmHWM:")][0] / 1024, 1)
+                                   if line.startswith("VmHWM:")][0] * 1024 / 1e6, 1)   # MB
     result["perplexity"] = round(windowed_ppl(step["logits"], ids, args.window), 4)
     result["size_mb"] = round(step["size"] / 1e6, 1)
     return result

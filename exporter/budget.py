@@ -121,7 +121,7 @@ class Budget:
             miss = c.value - got if c.op == ">=" else got - c.value
             if miss > 0:
                 side = "below" if c.op == ">=" else "above"
-                broken.append(f"{c.metric} is {got:.5f}, {side} the budget {c} by {miss:.5f}")
+                broken.append(f"{c.metric} is {got:.6g}, {side} the budget {c} by {miss:.2g}")
         return broken
 
     def shortfall(self, metrics: dict[str, float]) -> float:
@@ -139,3 +139,9 @@ class Budget:
 
     def __str__(self) -> str:
         return ",".join(str(c) for c in self.clauses)
+
+
+def rounded(metrics: dict[str, float], digits: int = 5) -> dict[str, float]:
+    """`metrics` for a record or report. Budgets are checked on the unrounded values: a
+    min-cosine of 0.979996 rounds to 0.98 and would pass min-cosine>=0.98."""
+    return {name: round(value, digits) for name, value in metrics.items()}

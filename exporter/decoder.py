@@ -24,8 +24,10 @@ import numpy as np
 from runtime.generate import Decoder, render_chat
 from runtime.generate import perplexity as window_perplexity
 
+from .budget import rounded
 from .decoder_graph import DecoderShape, DecoderWeights, Linear, build, float_weights, pack
 from .load import write_tokenizer
+from .quantize import kib_to_mb
 from .report import write_report
 from .validate import BudgetError
 
@@ -201,13 +203,19 @@ class OnnxDecoder:
 
 
 def torch_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
+    """The PyTorch model's argmax tokens after `ids`, as OnnxDecoder.greedy picks them: a
+    plain loop over the logits with the KV cache. (generate(do_sample=False) applies what the
+    checkpoint's generation_config asks, a repetition_penalty say, and stops at EOS.)"""
     import torch
 
+    out: list[int] = []
+    step, past = torch.tensor([ids]), None
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
-                             dtype=torch.long), max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=model.generation_config.eos_token_id)
-    return out[0, len(ids):].tolist()[:new_tokens]
+        while len(out) < new_tokens:
+            result = model(input_ids=step, past_key_values=past, use_cache=True)
+            out.append(int(result.logits[0, -1].argmax()))
+            step, past = torch.tensor([[out[-1]]]), result.past_key_values
+    return out
 
 
 def encode(job, text: str) -> list[int]:
@@ -455,8 +463,10 @@ def decode_speed(decoder: OnnxDecoder, prompt: list[int], tokens: int = 32) -> d
 
 
 _MEMORY_PROBE = """
-import sys, numpy as np, onnxruntime as ort
-s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+import sys, numpy as np
+sys.path.insert(0, sys.argv[6])
+from runtime.model import ort_session   # as the device runs it: with our kernels, if built
+s = ort_session(sys.argv[1])
 layers, kv, ctx, hd = map(int, sys.argv[2:6])
 kind = s.get_inputs()[1].type   # past_key.0: float32, or float16 in GPU graphs
 dtype = np.float16 if kind == "tensor(float16)" else np.float32
@@ -473,9 +483,10 @@ print([int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmH
 def peak_rss_mb(path: Path, shape: DecoderShape) -> float:
     """Peak RSS of a new process that loads the graph and prefills 64 tokens."""
     out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), str(shape.layers),
-                          str(shape.kv_heads), str(shape.context), str(shape.head_dim)],
+                          str(shape.kv_heads), str(shape.context), str(shape.head_dim),
+                          str(Path(__file__).resolve().parent.parent)],
                          capture_output=True, text=True, check=True)
-    return round(int(out.stdout.split()[-1]) / 1024, 1)
+    return round(kib_to_mb(int(out.stdout.split()[-1])), 1)
 
 
 def validate_decoder(job) -> None:
@@ -494,9 +505,10 @@ def validate_decoder(job) -> None:
     speed = decode_speed(ours, encode(job, PROMPTS[0]))
     float_bytes = job.float_onnx.stat().st_size
     quant_bytes = job.quantized_onnx.stat().st_size
-    metrics = {"perplexity": round(ppl, 4), "float-perplexity": round(float_ppl, 4),
-               "perplexity-increase": round(100 * (ppl / float_ppl - 1), 3),
-               "greedy-agreement": round(float(np.mean(greedy)), 4)}
+    measured = {"perplexity": ppl, "float-perplexity": float_ppl,
+                "perplexity-increase": 100 * (ppl / float_ppl - 1),
+                "greedy-agreement": float(np.mean(greedy))}
+    metrics = rounded(measured, 4)   # checked unrounded, below
     record = {
         "metrics": metrics, "budget": str(job.budget),
         "perplexity_data": job.records["perplexity_data"],
@@ -507,12 +519,13 @@ def validate_decoder(job) -> None:
                        "ratio": round(quant_bytes / float_bytes, 4)},
         "peak_rss_mb": {"float_onnx": peak_rss_mb(job.float_onnx, job.decoder_shape),
                         "bundle": peak_rss_mb(job.quantized_onnx, job.decoder_shape),
-                        "what": "new process: load the graph with its KV cache buffers, "
-                                "prefill 64 tokens",
-                        "exporter": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                                          / 1024, 1)},
+                        "what": "new process: load the graph as the runtime does (with its "
+                                "kernels where built) and its KV cache buffers, prefill 64 "
+                                "tokens",
+                        "exporter": round(kib_to_mb(
+                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), 1)},
     }
-    broken = job.budget.check(metrics)
+    broken = job.budget.check(measured)
     record["budget_holds"] = not broken
     job.records["validation"] = record
     job.log(f"  perplexity {ppl:.3f} vs float {float_ppl:.3f} "

@@ -98,7 +98,13 @@ def rss_mb() -> float:
             line = next(x for x in status if x.startswith("VmRSS:"))
     except (OSError, StopIteration):
         return 0.0
-    return int(line.split()[1]) / 1024
+    return kib_to_mb(int(line.split()[1]))
+
+
+def kib_to_mb(kib: float) -> float:
+    """/proc's and getrusage's KiB in MB (1e6 bytes), the unit of every size the report
+    gives (model files, max_model_mb)."""
+    return kib * 1024 / 1e6
 
 
 def _finite(value: np.ndarray) -> np.ndarray:

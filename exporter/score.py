@@ -84,13 +84,13 @@ class Scorer:
 
     def score(self, model: onnx.ModelProto) -> dict[str, float]:
         """cosine / min-cosine (and, for labelled classification, agreement, accuracy and
-        accuracy-drop) of `model` against the float graph."""
+        accuracy-drop) of `model` against the float graph, unrounded."""
         if self.exact:
             model = exact_products(model)
         session = ort_session(model.SerializeToString(), threads=self.threads)
         ours = self.outputs(session)
         cos = cosine_rows(ours, self.reference)
-        metrics = {"cosine": round(float(cos.mean()), 6), "min-cosine": round(float(cos.min()), 6)}
+        metrics = {"cosine": float(cos.mean()), "min-cosine": float(cos.min())}
         if self.job.task == "text-classification":
             metrics.update(classification_metrics(
                 self.job, ours, self.reference,

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper, numpy_helper
 
-from .budget import Budget
+from .budget import Budget, rounded
 from .feeds import encoder_feeds, ort_session
 from .progress import progress
 from .quantize import activation_qparams, build_int8, calibrate_all, weight_matmuls
@@ -240,7 +240,7 @@ def sensitivity(job) -> None:
             model = fake_quantize(source, group, ranges, settings)
         m = scorer.score(model)
         rows.append({"group": group.name, "kind": group.kind, "nodes": len(group.nodes),
-                     "harm": round(1 - m["cosine"], 7), "min-cosine": m["min-cosine"]})
+                     "harm": round(1 - m["cosine"], 7), "min-cosine": round(m["min-cosine"], 6)})
     harm = {r["group"]: r["harm"] for r in rows}
     order = sorted(matmul_groups, key=lambda g: -harm[g])
 
@@ -263,7 +263,7 @@ def sensitivity(job) -> None:
         "search": {
             "budget": str(job.budget), "data": f"{described}, vs {selection.against}",
             "max_size_ratio": settings.max_size_ratio, "max_bytes": max_bytes,
-            "steps": [{"float_group": s.float_group, "metrics": s.metrics,
+            "steps": [{"float_group": s.float_group, "metrics": rounded(s.metrics, 6),
                        "size_bytes": s.size_bytes, "holds": s.holds} for s in steps],
             "skipped_for_size": skipped,
         },
@@ -299,4 +299,4 @@ def sensitivity(job) -> None:
         onnx.checker.check_model(model)
         onnx.save(model, job.quantized_onnx)
     job.log(f"  budget {job.budget} holds with {len(kept)} group(s) kept float after "
-            f"{len(steps)} scored graph(s): {chosen.metrics}")
+            f"{len(steps)} scored graph(s): {rounded(chosen.metrics, 6)}")

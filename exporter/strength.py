@@ -32,6 +32,7 @@ import dataclasses
 import shutil
 import time
 
+from .budget import rounded
 from .compress import Compression, layer_list, parameters
 
 # The ladder, after the first rung (nothing removed): drop layers one by one (by measured
@@ -178,7 +179,7 @@ def choose_strength(job) -> None:
         compression_breaks = False
         if job.budget.check(metrics):   # is it the compression, or the int8?
             float_metrics = scorer.score(onnx.load(candidate.float_onnx))
-            row["float_metrics"] = float_metrics
+            row["float_metrics"] = rounded(float_metrics, 6)
             compression_breaks = bool(job.budget.check(float_metrics))
             if not compression_breaks:
                 row["quantized"] = _recover(candidate)
@@ -192,7 +193,7 @@ def choose_strength(job) -> None:
              *(["too large"] if any("MB" in o for o in over) else []),
              *(["too slow"] if any(" ms" in o for o in over) else [])]))
         rows.append({**row, "model_bytes": model_bytes, "latency_ms_p50": latency,
-                     "metrics": metrics, "verdict": verdict,
+                     "metrics": rounded(metrics, 6), "verdict": verdict,
                      "seconds": round(time.perf_counter() - started, 1)})
         job.log(f"  [{index + 1}/{len(rungs)}] {describe(compression)}: "
                 f"{row['parameters'] / 1e6:.2f}M params, {model_bytes / MB:.2f} MB, "

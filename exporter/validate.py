@@ -17,10 +17,11 @@ import time
 import numpy as np
 import onnx
 
-from .budget import BudgetError
+from .budget import BudgetError, rounded
 from .exact import exact_products, host_saturates, scores_exactly
 from .feeds import encoder_feeds, ort_session, pool
 from .progress import progress
+from .quantize import kib_to_mb
 from .report import write_report
 from .strength import limit_failures, limits_text
 from .to_onnx import torch_output
@@ -65,7 +66,7 @@ def classification_metrics(job, ours: np.ndarray, ref: np.ndarray, *,
     """Agreement with float, and accuracy / macro-F1 of both when every text has a label
     (labels from `utterances`, by default the evaluation set; None: no labels)."""
     bundle_top, float_top = ours.argmax(axis=1), ref.argmax(axis=1)
-    metrics = {"agreement": round(float((bundle_top == float_top).mean()), 5)}
+    metrics = {"agreement": float((bundle_top == float_top).mean())}
     if utterances == ():
         utterances = job.evaluation
     labels = [u.intent for u in (utterances or [])[:len(ours)]] or [None]
@@ -74,13 +75,13 @@ def classification_metrics(job, ours: np.ndarray, ref: np.ndarray, *,
         float_accuracy = float((float_top == truth).mean())
         bundle_accuracy = float((bundle_top == truth).mean())
         metrics.update({
-            "accuracy": round(bundle_accuracy, 5),
-            "float-accuracy": round(float_accuracy, 5),
-            "accuracy-drop": round(100 * (float_accuracy - bundle_accuracy), 3),
-            "macro-f1": round(macro_f1(truth, bundle_top, len(job.labels)), 5),
-            "float-macro-f1": round(macro_f1(truth, float_top, len(job.labels)), 5),
+            "accuracy": bundle_accuracy,
+            "float-accuracy": float_accuracy,
+            "accuracy-drop": 100 * (float_accuracy - bundle_accuracy),
+            "macro-f1": macro_f1(truth, bundle_top, len(job.labels)),
+            "float-macro-f1": macro_f1(truth, float_top, len(job.labels)),
         })
-    return metrics
+    return metrics   # unrounded: budgets are checked on these (budget.rounded for records)
 
 
 def latency_ms(job, sessions: dict, texts: list[str], runs: int,
@@ -130,7 +131,7 @@ def peak_rss_mb(model_path, *, threads: int, seq: int) -> float:
     """Peak RSS (MB) of a new process that loads the graph and runs a batch of 32 x seq."""
     out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(model_path), str(threads),
                           str(seq)], capture_output=True, text=True, check=True)
-    return round(int(out.stdout.split()[-1]) / 1024, 1)  # KiB -> MiB
+    return round(kib_to_mb(int(out.stdout.split()[-1])), 1)
 
 
 def validate(job) -> None:
@@ -150,9 +151,10 @@ def validate(job) -> None:
 
     ours, ref = outputs(job, scored, texts)
     cos = cosine_rows(ours, ref)
-    metrics = {"cosine": round(float(cos.mean()), 5), "min-cosine": round(float(cos.min()), 5)}
+    measured = {"cosine": float(cos.mean()), "min-cosine": float(cos.min())}
     if job.task == "text-classification":
-        metrics.update(classification_metrics(job, ours, ref))
+        measured.update(classification_metrics(job, ours, ref))
+    metrics = rounded(measured)
     float_bytes = job.float_onnx.stat().st_size
     quant_bytes = job.quantized_onnx.stat().st_size
     timed = latency_ms(job, {"float": float_session, "bundle": quant_session}, texts,
@@ -176,10 +178,10 @@ def validate(job) -> None:
             "float_onnx": peak_rss_mb(job.float_onnx, threads=threads, seq=job.max_length),
             "bundle": peak_rss_mb(job.quantized_onnx, threads=threads, seq=job.max_length),
             "what": f"new process: load the graph, run a batch of 32 x {job.max_length} tokens",
-            "exporter": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "exporter": round(kib_to_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), 1),
         },
     }
-    broken = job.budget.check(metrics)
+    broken = job.budget.check(measured)
     if settings.max_model_mb is not None or settings.max_latency_ms is not None:
         over = limit_failures(settings, model_bytes=quant_bytes, latency_ms=quant_latency["p50"])
         record["size_latency_budget"] = {"budget": limits_text(settings), "holds": not over,

@@ -14,7 +14,18 @@ def test_budget_reports_by_how_much():
     budget = Budget.parse("cosine>=0.97, min-cosine>=0.9")
     assert budget.check({"cosine": 0.98, "min-cosine": 0.95}) == []
     (line,) = budget.check({"cosine": 0.95, "min-cosine": 0.95})
-    assert "below the budget cosine>=0.97 by 0.02000" in line
+    assert line == "cosine is 0.95, below the budget cosine>=0.97 by 0.02"
+
+
+def test_budget_is_checked_unrounded_and_says_so():
+    """validate and the searches check the measured values; the records hold them rounded
+    (min-cosine 0.979996 was stored as 0.98, and min-cosine>=0.98 then held)."""
+    from exporter.budget import rounded
+
+    measured = {"cosine": 0.9987654321, "min-cosine": 0.979996}
+    assert rounded(measured) == {"cosine": 0.99877, "min-cosine": 0.98}
+    assert Budget.parse("min-cosine>=0.98").check(measured) == [
+        "min-cosine is 0.979996, below the budget min-cosine>=0.98 by 4e-06"]
 
 
 def test_a_metric_that_is_not_a_number_breaks_the_budget():

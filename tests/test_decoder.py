@@ -792,3 +792,28 @@ def test_generation_fields_are_checked_at_load(smollm2_bundle, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest | {"generation": None}))
     model = runtime.load(copy, verify=False)   # null: no eos, the context of max_length
     assert model.context == model.max_length
+
+
+def test_the_torch_greedy_reference_is_plain_argmax():
+    """generate(do_sample=False) applied the checkpoint's generation_config (here a
+    repetition_penalty), so greedy-agreement compared the bundle with another decoding: 0.06
+    to 0.75 for the same float model. (Random weights: the claim is about the decoding.)"""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from exporter.decoder import torch_greedy
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.repetition_penalty = 1.3
+    model.generation_config.eos_token_id = 3
+    ids = [5, 9, 2]
+    expected = list(ids)
+    with torch.no_grad():
+        for _ in range(16):   # every step from scratch: no cache, no processors
+            expected.append(int(model(torch.tensor([expected])).logits[0, -1].argmax()))
+    assert torch_greedy(model, ids, 16) == expected[len(ids):]
+    assert len(set(expected[len(ids):])) < 16   # it repeats: the penalty would have changed it
