@@ -298,6 +298,7 @@ def load(job) -> None:
                                  f"{longest!r}.")
             limits.append(longest)
     job.max_length = min(limits)
+    job.model_max_length = min(limits[1:])
     params = sum(p.numel() for p in job.torch_model.parameters())
     job.records["model"] = {
         "source": job.model, "directory": str(model_dir), "architecture": config.model_type,

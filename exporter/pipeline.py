@@ -59,6 +59,7 @@ class Job:
     labels: list[str] = field(default_factory=list)   # text-classification, by class id
     pooling: dict = field(default_factory=dict)
     max_length: int = 0
+    model_max_length: int = 0         # the model's own limit (max_length also the profile's)
     float_onnx: Path | None = None
     optimized_onnx: Path | None = None
     smoothed_onnx: Path | None = None

@@ -52,6 +52,8 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
               if plot else []),
             *([f"Integer products: {v['integer_products']}.", ""]
               if "integer_products" in v else []),
+            *([f"Truncation: {truncation_text(v['truncation'], v['eval_texts'])}", ""]
+              if v.get("truncation", {}).get("texts_cut") else []),
             "## Speed, size, memory", "",
             "| | float ONNX | bundle | ratio |", "|---|---|---|---|",
             f"| latency p50, batch 1 (ms) | {lat['float_onnx']['p50']:.3f} | "
@@ -244,6 +246,18 @@ def temp_dir_beside(target: Path) -> Path:
             where = where.parent
         raise PermissionError(f"Cannot write {str(target)!r}: no permission to create files in "
                               f"{str(where)!r}. Choose another --output.") from None
+
+
+def truncation_text(cut: dict, texts: int) -> str:
+    """The truncation record in words (log and report)."""
+    cost = cut.get("float_cosine_cut_vs_whole")
+    return (f"{cut['texts_cut']} of {texts} evaluation texts are longer than the bundle's "
+            f"{cut['max_length']} tokens (longest {cut['longest_tokens']}) and are cut; the "
+            f"accuracy above compares bundle and float on the same cut texts"
+            + (f"; the cut alone costs the float model cosine {cost['mean']:.4f} mean, "
+               f"{cost['min']:.4f} min against the whole texts (its own limit "
+               f"{cut['model_max_length']} tokens): raise runtime.max_sequence_length if "
+               f"the device sees such texts" if cost else "") + ".")
 
 
 def write_report(job, directory: Path) -> None:

@@ -19,10 +19,10 @@ import onnx
 
 from .budget import BudgetError, rounded
 from .exact import exact_products, host_saturates, scores_exactly
-from .feeds import encoder_feeds, ort_session, pool
+from .feeds import encoder_feeds, ort_session, pad_batch, pool
 from .progress import progress
 from .quantize import kib_to_mb
-from .report import write_report
+from .report import truncation_text, write_report
 from .strength import limit_failures, limits_text
 from .to_onnx import torch_output
 
@@ -42,6 +42,37 @@ def outputs(job, session, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         ours.append(pair[0])
         ref.append(pair[1])
     return np.concatenate(ours), np.concatenate(ref)
+
+
+def truncation(job, texts: list[str], input_names: list[str]) -> dict:
+    """How many of `texts` the bundle cuts at its max_length, and what the cut alone costs:
+    the float model's cosine, cut against whole (at the model's own limit). Accuracy above
+    compares the bundle with float on the same cut texts, which is the quantization's harm;
+    this is the profile's max_sequence_length's."""
+    from runtime.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(job.workdir / "tokenizer.json")
+    lengths = [len(ids) for ids in tokenizer.encode_batch(texts)]
+    cut = [t for t, n in zip(texts, lengths, strict=True) if n > job.max_length]
+    record = {"max_length": job.max_length, "model_max_length": job.model_max_length,
+              "texts_cut": len(cut), "longest_tokens": max(lengths, default=0)}
+    if cut and job.model_max_length > job.max_length:
+        reference = job.torch_model if job.reference_model is None else job.reference_model
+        rows = []
+        for limit in (job.max_length, job.model_max_length):
+            out = []
+            for start in range(0, len(cut), 16):
+                ids = tokenizer.encode_batch(cut[start:start + 16], max_length=limit)
+                feeds = pad_batch(ids, pad_id=tokenizer.pad_id,
+                                  input_names=input_names)
+                x = torch_output(reference, feeds)
+                out.append(pool(x, feeds["attention_mask"], mode=job.pooling["mode"],
+                                normalize=False) if job.pooling else x)
+            rows.append(np.concatenate(out))
+        cos = cosine_rows(*rows)
+        record["float_cosine_cut_vs_whole"] = {"mean": round(float(cos.mean()), 5),
+                                               "min": round(float(cos.min()), 5)}
+    return record
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -168,6 +199,7 @@ def validate(job) -> None:
         "cosine_histogram": cosine_histogram(cos),
         "worst_texts": [{"text": texts[i], "cosine": round(float(cos[i]), 5)}
                         for i in np.argsort(cos)[:5]],
+        "truncation": truncation(job, texts, [i.name for i in float_session.get_inputs()]),
         "budget": str(job.budget),
         "integer_products": integer_products(exact),
         "latency_ms_batch1": {"float_onnx": float_latency, "bundle": quant_latency,
@@ -202,6 +234,8 @@ def validate(job) -> None:
             f"model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float)"
             + ("; accuracy as the device computes it (exact integer products, which this "
                "host's CPU saturates)" if exact else ""))
+    if record["truncation"]["texts_cut"]:
+        job.log(f"  warning: {truncation_text(record['truncation'], len(texts))}")
     if broken:
         search = job.records.get("sensitivity", {}).get("search")
         held = f" The sensitivity search held it on {search['data'].split(' (')[0]}, not on " \
