@@ -165,6 +165,15 @@ typedef struct {
     q4_columns_fn columns;
 } Kernel;
 
+/* The op as registered for one path: onnxruntime hands `op` back to create_kernel, which
+ * reads the path from it, so each session runs the path its own registration chose (a
+ * process-wide path let a later registration, EDGE_Q4_ISA=off say, reach sessions made
+ * earlier: a NULL path, a segfault). */
+typedef struct {
+    CustomOp op;   /* first: a PathOp's address is its op's */
+    q4_columns_fn columns;
+} PathOp;
+
 typedef struct {
     const q4_product *product;
     q4_columns_fn columns;
@@ -181,12 +190,10 @@ run_task(void *data, size_t i)
     task->columns(task->product, n0, n1);
 }
 
-static q4_columns_fn kernel_columns;   /* the path chosen at registration */
-
 static OrtStatus *
 create_kernel(const CustomOp *op, const void *unused_api, const void *info, void **out)
 {
-    (void)op, (void)unused_api;
+    (void)unused_api;
     Kernel *kernel = calloc(1, sizeof *kernel);
     if (kernel == NULL)
         return fail(ORT_FAIL, "MatMul4BitOffsets: out of memory");
@@ -202,7 +209,7 @@ create_kernel(const CustomOp *op, const void *unused_api, const void *info, void
         free(kernel);
         return status;
     }
-    kernel->columns = kernel_columns;
+    kernel->columns = ((const PathOp *)op)->columns;
     *out = kernel;
     return NULL;
 }
@@ -250,14 +257,15 @@ compute(void *kernel_data, void *context)
     TRY(input(context, 0, &x, shape, &x_rank));
     if (x_rank < 1 || shape[x_rank - 1] != k)
         return fail(ORT_INVALID_ARGUMENT, "MatMul4BitOffsets: x's last dimension is not K");
+    /* shapes, not only sizes: a transposed table has the right size and gives garbage */
     TRY(input(context, 1, &codes, dims, &rank));
-    if (count(dims, rank) != n * blocks * (Q4_BLOCK / 2))
+    if (rank != 3 || dims[0] != n || dims[1] != blocks || dims[2] != Q4_BLOCK / 2)
         return fail(ORT_INVALID_ARGUMENT, "MatMul4BitOffsets: codes are not N x K/32 x 16 bytes");
     TRY(input(context, 2, &scales, dims, &rank));
     if (count(dims, rank) != n * blocks)
         return fail(ORT_INVALID_ARGUMENT, "MatMul4BitOffsets: scales are not N x K/32");
     TRY(input(context, 3, &offsets, dims, &rank));
-    if (count(dims, rank) != n * blocks)
+    if (rank != 2 || dims[0] != blocks || dims[1] != n)
         return fail(ORT_INVALID_ARGUMENT, "MatMul4BitOffsets: offsets are not K/32 x N");
 
     const int64_t m = count(shape, x_rank - 1);
@@ -308,21 +316,40 @@ op_input_type(const CustomOp *op, size_t i)
     return i == 0 ? TYPE_FLOAT : i == 1 ? TYPE_UINT8 : TYPE_FLOAT16;
 }
 
-static CustomOp matmul_4bit_offsets = {
-    .version = 16,
-    .GetName = op_name,
-    .GetExecutionProviderType = op_provider,
-    .GetInputType = op_input_type,
-    .GetInputTypeCount = op_inputs,
-    .GetOutputType = op_output_type,
-    .GetOutputTypeCount = op_outputs,
-    .KernelDestroy = destroy_kernel,
-    .GetInputCharacteristic = op_required,
-    .GetOutputCharacteristic = op_required,
-    .GetInputMemoryType = op_default_memory,
-    .CreateKernelV2 = create_kernel,
-    .KernelComputeV2 = compute,
+#define MATMUL_4BIT_OFFSETS                     \
+    {                                           \
+        .version = 16,                          \
+        .GetName = op_name,                     \
+        .GetExecutionProviderType = op_provider, \
+        .GetInputType = op_input_type,          \
+        .GetInputTypeCount = op_inputs,         \
+        .GetOutputType = op_output_type,        \
+        .GetOutputTypeCount = op_outputs,       \
+        .KernelDestroy = destroy_kernel,        \
+        .GetInputCharacteristic = op_required,  \
+        .GetOutputCharacteristic = op_required, \
+        .GetInputMemoryType = op_default_memory, \
+        .CreateKernelV2 = create_kernel,        \
+        .KernelComputeV2 = compute,             \
+    }
+
+static const PathOp path_ops[] = {
+#ifdef Q4_X86
+    {MATMUL_4BIT_OFFSETS, q4_columns_avx512},
+    {MATMUL_4BIT_OFFSETS, q4_columns_avx2},
+#endif
+    {MATMUL_4BIT_OFFSETS, q4_columns_scalar},
 };
+
+/* The op that runs `columns`; NULL for none ("off"). */
+static const PathOp *
+path_op(q4_columns_fn columns)
+{
+    for (size_t i = 0; columns != NULL && i < sizeof path_ops / sizeof *path_ops; i++)
+        if (path_ops[i].columns == columns)
+            return &path_ops[i];
+    return NULL;
+}
 
 /* Called by onnxruntime (SessionOptions.register_custom_ops_library). Registers nothing
  * where there is no path to run, so the bundle's function body runs instead. */
@@ -338,12 +365,12 @@ RegisterCustomOps(void *options, const OrtApiBase *base)
     if (table == NULL)
         return NULL;   /* an onnxruntime older than 1.17: nothing registered */
     api = table;
-    kernel_columns = columns_for(chosen_isa());
-    if (kernel_columns == NULL)
+    const PathOp *path = path_op(columns_for(chosen_isa()));
+    if (path == NULL)
         return NULL;
     void *domain = NULL;
     TRY(API(CreateCustomOpDomain, OrtStatus *(*)(const char *, void **))("edge_exporter", &domain));
-    TRY(API(CustomOpDomain_Add, OrtStatus *(*)(void *, const CustomOp *))(domain, &matmul_4bit_offsets));
+    TRY(API(CustomOpDomain_Add, OrtStatus *(*)(void *, const CustomOp *))(domain, &path->op));
     /* the session options keep the domain; onnxruntime's own samples never release it */
     return API(AddCustomOpDomain, OrtStatus *(*)(void *, void *))(options, domain);
 }

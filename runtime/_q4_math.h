@@ -150,12 +150,13 @@ q4_columns_scalar(const q4_product *p, int64_t n0, int64_t n1)
             float total = 0.0f;
             for (int64_t b = 0; b < p->blocks; b++) {
                 const uint8_t *c = p->codes + (n * p->blocks + b) * (Q4_BLOCK / 2);
-                float block = 0.0f;
+                /* each weight d * (q - 8), as the vector paths and the function body make
+                 * it: an infinite d then gives NaN at q = 8 there too, not +-inf */
+                const float d = q4_half(p->scales[n * p->blocks + b]);
                 for (int j = 0; j < Q4_BLOCK / 2; j++) {
-                    block += (float)((c[j] & 15) - 8) * q4_x(p, r, b * Q4_BLOCK + 2 * j);
-                    block += (float)((c[j] >> 4) - 8) * q4_x(p, r, b * Q4_BLOCK + 2 * j + 1);
+                    total += d * (float)((c[j] & 15) - 8) * q4_x(p, r, b * Q4_BLOCK + 2 * j);
+                    total += d * (float)((c[j] >> 4) - 8) * q4_x(p, r, b * Q4_BLOCK + 2 * j + 1);
                 }
-                total += q4_half(p->scales[n * p->blocks + b]) * block;
             }
             for (int64_t b = 0; b < p->blocks; b++)
                 total += q4_half(p->offsets[b * p->n + n]) * p->sums[r * p->blocks + b];

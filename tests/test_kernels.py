@@ -41,13 +41,19 @@ def q4_1():
 def _model(linear, k: int | None = None) -> bytes:
     """One MatMul4BitOffsets node over `linear`'s tables; `k` declares another K (broken)."""
     d, o = _offset_tables(linear)
-    n, k = linear.out_features, k or linear.in_features
+    return _tables_model(linear.codes, d, o, k or linear.in_features)
+
+
+def _tables_model(codes, d, o, k: int) -> bytes:
+    """One MatMul4BitOffsets node over the tables codes [N, K/32, 16], d [N, K/32] and
+    o [K/32, N] (float16), declaring `k`."""
+    n = d.shape[0]
     node = helper.make_node("MatMul4BitOffsets", ["x", "codes", "d", "o"], ["y"], domain=EDGE,
                             K=k, N=n)
     graph = helper.make_graph(
         [node], "q4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "rows", "k"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "rows", n])],
-        [numpy_helper.from_array(linear.codes, "codes"), numpy_helper.from_array(d, "d"),
+        [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(d, "d"),
          numpy_helper.from_array(o, "o")])
     model = helper.make_model(graph, functions=[q4_offsets_function()], opset_imports=[
         helper.make_opsetid("", 21), helper.make_opsetid(MS, 1), helper.make_opsetid(EDGE, 1)])
@@ -199,3 +205,81 @@ def test_stub_lists_the_module_surface():
                 if isinstance(node, ast.FunctionDef)}
     assert declared == {name for name in dir(_kernels) if not name.startswith("_")}
     assert BEST in {"avx512", "avx2", "off"}
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_an_infinite_scale_gives_nan_on_every_path(monkeypatch, isa):
+    """w = d*(q - 8) + o with d = inf and q = 8 is NaN (inf * 0), as the function body has
+    it; the scalar path (and the column tail of the vector ones) factored d out of the block
+    and gave -inf."""
+    rng = np.random.default_rng(3)
+    n, blocks = 17, 1   # column 16: the tail after a 16-column chunk
+    codes = rng.integers(0, 256, (n, blocks, 16), dtype=np.uint8)
+    d = (rng.random((n, blocks)) * 0.05).astype(np.float16)
+    o = (rng.standard_normal((blocks, n)) * 0.1).astype(np.float16)
+    for column in (0, 16):
+        codes[column, 0, 0] = 0x88
+        d[column, 0] = np.inf
+    model = _tables_model(codes, d, o, 32)
+    x = rng.standard_normal((1, 3, 32)).astype(np.float32)
+    body = _session(model, monkeypatch, None).run(None, {"x": x})[0]
+    ours = _session(model, monkeypatch, isa).run(None, {"x": x})[0]
+    assert np.isnan(body[..., [0, 16]]).all() and np.isnan(ours[..., [0, 16]]).all()
+    np.testing.assert_allclose(ours, body, rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_tables_and_no_rows(monkeypatch):
+    """Tables of the right size and the wrong shape are refused (they ran, giving garbage);
+    no rows give an empty y with the kernel and, now, with the function body too."""
+    rng = np.random.default_rng(4)
+    n, blocks = 24, 2
+    codes = rng.integers(0, 256, (n, blocks, 16), dtype=np.uint8)
+    d = (rng.random((n, blocks)) * 0.05).astype(np.float16)
+    o = (rng.standard_normal((blocks, n)) * 0.1).astype(np.float16)
+    model = _tables_model(codes, d, o, 64)
+    empty = np.ones((1, 0, 64), np.float32)
+    for isa in (None, PATHS[0]):
+        assert _session(model, monkeypatch, isa).run(None, {"x": empty})[0].shape == (1, 0, n)
+    import onnx
+
+    broken = onnx.load_from_string(model)
+    for init in broken.graph.initializer:
+        if init.name == "o":
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(o.T), "o"))
+    with pytest.raises(Exception, match="MatMul4BitOffsets: offsets are not K/32 x N"):
+        _session(broken.SerializeToString(), monkeypatch, PATHS[0]).run(
+            None, {"x": np.ones((1, 1, 64), np.float32)})
+
+
+def test_each_session_runs_the_path_its_own_registration_chose(tmp_path):
+    """The path was one global, set at every registration: registering again with
+    EDGE_Q4_ISA=off left an earlier session's kernels a NULL path (segfault). In a
+    subprocess, as a crash would end this one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import os, sys
+import numpy as np, onnxruntime as ort
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from test_kernels import _tables_model
+rng = np.random.default_rng(5)
+codes = rng.integers(0, 256, (16, 1, 16), dtype=np.uint8)
+d = (rng.random((16, 1)) * 0.05).astype(np.float16)
+o = (rng.standard_normal((1, 16)) * 0.1).astype(np.float16)
+model = _tables_model(codes, d, o, 32)
+def options(isa):
+    os.environ["EDGE_Q4_ISA"] = isa
+    chosen = ort.SessionOptions()
+    chosen.register_custom_ops_library({_kernels.__file__!r})
+    return chosen
+first = options({PATHS[0]!r})
+options("off")   # another part of the program turns them off, for its own sessions
+session = ort.InferenceSession(model, first, providers=["CPUExecutionProvider"])
+x = rng.standard_normal((1, 2, 32)).astype(np.float32)
+print(session.run(None, {{"x": x}})[0].shape)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "(1, 2, 16)", done.stderr[-2000:]
