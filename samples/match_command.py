@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
               f"embeddings (export one with: python -m exporter --target arm-cpu)",
               file=sys.stderr)
         return 2
-    utterances = read_utterances(args.utterances) or list(DEMO_UTTERANCES)
+    utterances = read_utterances(args.utterances) if args.utterances else list(DEMO_UTTERANCES)
+    if not utterances:   # "-" and an empty stdin: nothing was said, nothing to act on
+        return 0
 
     ids = list(COMMANDS)
     known = unit(model.embed([COMMANDS[i] for i in ids]))   # (commands, dim)

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     try:   # before minutes of training, not after
         check_replaceable(out, ours=written_by_training, why=NOT_TRAINED_HERE)
-    except FileExistsError as e:
+        shutil.rmtree(temp_dir_beside(out))   # where the model will be staged can be written
+    except OSError as e:   # FileExistsError, PermissionError, a parent that is a file ...
         parser.error(str(e))
     remove_leftovers(out)   # what a killed run left beside it
 

@@ -5,12 +5,14 @@
 # onnxruntime unpacked into site-packages. The C extensions also need a cross compiler:
 # apt-get install gcc-aarch64-linux-gnu.
 #
-#   scripts/aarch64_sysroot.sh [DEST]          # default ~/.cache/edge-exporter/aarch64
+#   scripts/aarch64_sysroot.sh [DEST]          # default $AARCH64_SYSROOT, which
+#                                              # tests/test_aarch64.py reads, else
+#                                              # ~/.cache/edge-exporter/aarch64
 #   qemu-aarch64 -L DEST DEST/usr/bin/python3.11 -c "import onnxruntime"
 #
 # Needs apt-get (Debian 12 / bookworm package names), pip, and network access to both.
 set -euo pipefail
-DEST=${1:-$HOME/.cache/edge-exporter/aarch64}
+DEST=${1:-${AARCH64_SYSROOT:-$HOME/.cache/edge-exporter/aarch64}}
 ONNXRUNTIME=${ONNXRUNTIME_VERSION:-$(python -c 'import onnxruntime; print(onnxruntime.__version__)')}
 NUMPY=${NUMPY_VERSION:-$(python -c 'import numpy; print(numpy.__version__)')}
 WORK=$(mktemp -d)

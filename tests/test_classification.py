@@ -84,6 +84,16 @@ def test_training_refuses_before_it_starts(tmp_path, capsys, args, message):
     assert (out / "config.json").read_text() == "my own\n"
 
 
+def test_training_refuses_an_output_it_cannot_write_before_it_starts(tmp_path, capsys):
+    """An --output under a file (or where it may not write) trained for minutes, then
+    failed with a traceback when it saved."""
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit) as stop:
+        training_script().main(["--output", str(tmp_path / "a-file" / "model")])
+    assert stop.value.code == 2 and "a-file" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
 def test_labels_round_trip_through_the_bundle(intent_model, intent_bundle):
     config = json.loads((intent_model / "config.json").read_text())
     manifest = json.loads((intent_bundle / "manifest.json").read_text())

@@ -632,6 +632,10 @@ def test_device_application_reads_stdin_where_told_and_compares_cosines(minilm_b
         assert len(lines) == 3 and "-> light.kitchen.on (similarity 0." in lines[0]
         assert lines[1].startswith("\"what's the capital of france\" -> no action")
         assert lines[2].startswith("'\ufffd open' ->")
+    # a closed pipe with nothing said: nothing to act on (it ran the demo's commands)
+    quiet = subprocess.run([sys.executable, "samples/match_command.py", str(minilm_bundle), "-"],
+                           input=b"\n  \n", capture_output=True, check=True, cwd=REPO)
+    assert quiet.stdout == b""
 
 
 def test_no_telemetry_unless_the_application_asks(minilm_bundle, tmp_path):
