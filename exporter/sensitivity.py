@@ -17,8 +17,9 @@ graph per group, so the analysis is linear in the number of groups (MiniLM: 49, 
 minute on 2 cores).
 
 The budget search then starts from the full-int8 graph and, in order of harm, keeps one more
-int8 group in float until the budget (scored on the evaluation texts against the float graph,
-the metrics validation checks) holds, and stops there. A float MatMul costs 4x its int8 bytes
+int8 group in float until the budget (the metrics validation checks, scored against the float
+graph on the calibration texts: the evaluation texts are left to validation, see
+score.selection_texts) holds, and stops there. A float MatMul costs 4x its int8 bytes
 and runs the float kernel: groups that would take the model past `max_size_ratio` of the float
 graph are skipped. When every group that fits is float and the budget still fails, the export
 stops with BudgetError and the best figures reached.
