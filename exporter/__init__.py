@@ -43,6 +43,10 @@ def data_warnings(task: str, profile: Target, calibration: list[Utterance],
             if len(texts) < min(MIN_TEXTS, usual):
                 lines.append(f"only {len(texts)} {what} texts: {harm} (the profile uses "
                              f"{usual}).")
+    repeated = len(evaluation) - len({u.text for u in evaluation})
+    if repeated and task != "text-generation":
+        lines.append(f"{repeated} evaluation texts repeat an earlier one; each counts again "
+                     f"in the accuracy figures (and in min-cosine's tail).")
     overlap = {u.text for u in calibration} & {u.text for u in evaluation}
     if overlap:
         lines.append(f"{len(overlap)} evaluation texts are also calibration texts; the "

@@ -167,3 +167,6 @@ def test_few_or_shared_texts_are_warned_about():
     assert data_warnings("text-generation", profile, few, many) == []   # windows, not texts
     (shared,) = data_warnings("feature-extraction", profile, many, many[:32])
     assert shared.startswith("32 evaluation texts are also calibration texts")
+    evaluation = smart_home_utterances(40, split="eval")
+    (repeated,) = data_warnings("feature-extraction", profile, many, evaluation + evaluation[:2])
+    assert repeated.startswith("2 evaluation texts repeat an earlier one")
