@@ -65,13 +65,13 @@ def _texts(source, *, default_split: str, count: int, what: str) -> list[Utteran
     return items
 
 
-def _sample(texts: list[Utterance], count: int) -> list[Utterance]:
-    """`count` of `texts`, a seeded random sample in random order, where there are more: the
-    stages read the first n they need (calibration, sensitivity, heal), and a file's first
-    lines (one sorted by intent, say) cover a few of its kinds only."""
+def _shuffled(texts: list[Utterance], count: int) -> list[Utterance]:
+    """`texts` in a seeded random order where there are more than `count`: each stage reads
+    the first n it needs (calibration `count`, sensitivity fewer, healing more), and a file's
+    first lines (one sorted by intent, say) cover a few of its kinds only."""
     if len(texts) <= count:
         return texts
-    return [texts[i] for i in random.Random(0).sample(range(len(texts)), count)]
+    return random.Random(0).sample(texts, len(texts))
 
 
 def _layers(model_dir: Path) -> int | None:
@@ -307,7 +307,7 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
                              count=profile.quantization.calibration_samples)
     calibration_given = len(calibration_set)
     if task != "text-generation":   # (a decoder reads its text in order, as windows)
-        calibration_set = _sample(calibration_set, profile.quantization.calibration_samples)
+        calibration_set = _shuffled(calibration_set, profile.quantization.calibration_samples)
     evaluation_set = _texts(evaluation, default_split="eval", what="evaluation",
                             count=profile.validation.eval_samples)
     budget.check_measurable(task, labelled=all(u.intent is not None for u in evaluation_set))
@@ -323,13 +323,13 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
                 job.records[key] = str(given)
             elif given is not None:
                 job.records[key] = f"{count} texts given"
-        if len(calibration_set) < calibration_given:
+        sampled = profile.quantization.calibration_samples
+        if task != "text-generation" and calibration_given > sampled:
             job.records["calibration_source"] += (
-                f" ({len(calibration_set)} of its {calibration_given} texts, a seeded random "
-                f"sample)")
-            job.log(f"calibrating on {len(calibration_set)} of the {calibration_given} "
-                    f"calibration texts (quantization.calibration_samples), a seeded random "
-                    f"sample")
+                f" ({calibration_given} texts in a seeded random order; calibration reads "
+                f"the first {sampled})")
+            job.log(f"calibrating on {sampled} of the {calibration_given} calibration texts "
+                    f"(quantization.calibration_samples), a seeded random sample")
         if freed:
             job.log(f"removed {freed / 1e6:.0f} MB that killed exports of {output} left beside it")
         for line in data_warnings(task, profile, calibration_set, evaluation_set):

@@ -259,6 +259,19 @@ def set_padding(tokenizer_json: Path, tokenizer, model_dir: Path, config) -> dic
     return {"source": source, "pad_id": int(pad_id)}
 
 
+def model_length_limit(model_dir: Path, positions: int) -> int:
+    """Tokens the model takes: its position embeddings, or fewer where sentence-transformers'
+    max_seq_length says so (absent or null: the positions)."""
+    st_config = model_dir / "sentence_bert_config.json"
+    longest = read_json(st_config).get("max_seq_length") if st_config.is_file() else None
+    if longest is None:
+        return positions
+    if isinstance(longest, bool) or not isinstance(longest, int) or longest < 1:
+        raise ValueError(f"{st_config}: max_seq_length must be a positive int, got "
+                         f"{longest!r}.")
+    return min(positions, longest)
+
+
 def load(job) -> None:
     """Stage: fill job.model_dir, job.torch_model, job.labels, job.pooling, job.max_length."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
@@ -288,17 +301,8 @@ def load(job) -> None:
 
     padding = set_padding(tokenizer_json, tokenizer, model_dir, job.torch_model.config)
     config = job.torch_model.config
-    limits = [job.target.runtime.max_sequence_length, config.max_position_embeddings]
-    st_config = model_dir / "sentence_bert_config.json"
-    if st_config.is_file():
-        longest = read_json(st_config).get("max_seq_length", limits[0])
-        if longest is not None:   # sentence-transformers' null: the model's own limit
-            if isinstance(longest, bool) or not isinstance(longest, int) or longest < 1:
-                raise ValueError(f"{st_config}: max_seq_length must be a positive int, got "
-                                 f"{longest!r}.")
-            limits.append(longest)
-    job.max_length = min(limits)
-    job.model_max_length = min(limits[1:])
+    job.model_max_length = model_length_limit(model_dir, config.max_position_embeddings)
+    job.max_length = min(job.target.runtime.max_sequence_length, job.model_max_length)
     params = sum(p.numel() for p in job.torch_model.parameters())
     job.records["model"] = {
         "source": job.model, "directory": str(model_dir), "architecture": config.model_type,

@@ -262,7 +262,7 @@ compute(void *kernel_data, void *context)
     if (rank != 3 || dims[0] != n || dims[1] != blocks || dims[2] != Q4_BLOCK / 2)
         return fail(ORT_INVALID_ARGUMENT, "MatMul4BitOffsets: codes are not N x K/32 x 16 bytes");
     TRY(input(context, 2, &scales, dims, &rank));
-    if (count(dims, rank) != n * blocks)
+    if (rank != 2 || dims[0] != n || dims[1] != blocks)
         return fail(ORT_INVALID_ARGUMENT, "MatMul4BitOffsets: scales are not N x K/32");
     TRY(input(context, 3, &offsets, dims, &rank));
     if (rank != 2 || dims[0] != blocks || dims[1] != n)

@@ -218,6 +218,15 @@ def _check_generation(where: Path, generation) -> None:
                           f"\"default_system\": str, \"generation_prompt\": str}}.")
 
 
+def _onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """onnxruntime's own exception classes (Fail, InvalidGraph, InvalidProtobuf ...): what a
+    graph it cannot load raises; not an ImportError, a MemoryError or an OSError."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(v for v in vars(state).values()
+                 if isinstance(v, type) and issubclass(v, Exception)) + (RuntimeError,)
+
+
 def _manifest_runtime(bundle: Bundle) -> tuple[int, list]:
     """target.runtime's threads and execution_providers, checked as load uses them."""
     settings = _runtime_settings(bundle)
@@ -274,11 +283,11 @@ class Model:
         providers = checked_providers(own_providers if providers is None else providers)
         try:
             self.session = self._session(bundle, threads, spinning, providers, pipeline)
-        except (OSError, MemoryError, BundleError):
+        except BundleError:
             raise
         except (ValueError, TypeError) as e:   # a stage that needs a tensor none makes
             raise BundleError(f"{bundle.path}: {e}") from e
-        except Exception as e:   # onnxruntime's errors derive from Exception alone
+        except _onnxruntime_errors() as e:   # they derive from Exception alone
             raise BundleError(f"{bundle.path}: onnxruntime cannot load its graph: "
                               f"{type(e).__name__}: {e}") from e
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -170,3 +170,25 @@ def test_few_or_shared_texts_are_warned_about():
     evaluation = smart_home_utterances(40, split="eval")
     (repeated,) = data_warnings("feature-extraction", profile, many, evaluation + evaluation[:2])
     assert repeated.startswith("2 evaluation texts repeat an earlier one")
+
+
+def test_accuracy_drop_is_exact_at_the_budget():
+    """100 * (0.95 - 0.94) is 1.0000000000000009: a drop of exactly the budget broke it."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from exporter.data import Utterance
+    from exporter.validate import classification_metrics
+
+    labels = ["a", "b"]
+    truth = [0] * 100
+    float_logits = np.array([[1.0, 0.0]] * 95 + [[0.0, 1.0]] * 5)
+    ours = float_logits.copy()
+    ours[0] = [0.0, 1.0]   # one more wrong: 94 against 95
+    job = SimpleNamespace(labels=labels,
+                          evaluation=[Utterance(f"t{i}", intent=labels[t]) for i, t in
+                                      enumerate(truth)])
+    metrics = classification_metrics(job, ours, float_logits)
+    assert metrics["accuracy-drop"] == 1.0
+    assert Budget.parse("accuracy-drop<=1").check(metrics) == []

@@ -700,9 +700,10 @@ def test_default_texts_with_other_labels_say_to_give_labelled_texts():
         check_labels([Utterance("hi", intent="x", where="e.jsonl:3")], ["neg", "pos"])
 
 
-def test_a_long_calibration_file_is_sampled_not_cut(tmp_path, monkeypatch):
-    """The stages read the first calibration_samples texts: a file sorted by intent
-    calibrated on its first intents only. Longer sets are a seeded random sample, said so."""
+def test_a_long_calibration_file_is_shuffled_not_cut(tmp_path, monkeypatch):
+    """The stages read the first n texts they need: a file sorted by intent calibrated on
+    its first intents only. Longer sets come in a seeded random order, said so; all of them
+    stay (healing reads up to 2,000)."""
     from exporter import pipeline
 
     lines = [f"{kind} number {i}" for kind in ("lights", "music", "doors", "heat")
@@ -719,12 +720,13 @@ def test_a_long_calibration_file_is_sampled_not_cut(tmp_path, monkeypatch):
         export("minilm", target="arm-cpu", output=tmp_path / "out",
                calibration=tmp_path / "cal.txt", log=lambda line: None)
         first = seen["texts"]
-    assert len(first) == 300 and len(set(first)) == 300 and set(first) <= set(lines)
-    assert seen["texts"] == first   # seeded: the same sample every time
+    assert sorted(first) == sorted(lines)
+    assert seen["texts"] == first   # seeded: the same order every time
     for kind in ("lights", "music", "doors", "heat"):   # every part of the file, any prefix
         assert 10 < sum(t.startswith(kind) for t in first[:100]) < 45
-    assert seen["records"]["calibration_source"] == \
-        f"{tmp_path / 'cal.txt'} (300 of its 1000 texts, a seeded random sample)"
+    assert seen["records"]["calibration_source"] == (
+        f"{tmp_path / 'cal.txt'} (1000 texts in a seeded random order; calibration reads "
+        f"the first 300)")
     export("minilm", target="arm-cpu", output=tmp_path / "out", calibration=lines[:50],
            log=lambda line: None)
     assert seen["texts"] == lines[:50]   # no more than the profile takes: all, in order
@@ -759,3 +761,22 @@ def test_validation_says_what_cutting_long_texts_costs(tmp_path, torch_minilm):
     record = truncation(job, texts, names)
     assert record["texts_cut"] == 1 and "float_cosine_cut_vs_whole" not in record
     assert truncation(job, texts[:1], names)["texts_cut"] == 0
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, 512), ('{"max_seq_length": 256}', 256), ('{"max_seq_length": null}', 512),
+    ('{"do_lower_case": false}', 512), ('{"max_seq_length": 1024}', 512),
+    ('{"max_seq_length": "256"}', "max_seq_length must be a positive int"),
+])
+def test_the_models_own_length_limit(tmp_path, content, expected):
+    """sentence-transformers' max_seq_length, else the position embeddings; a file without
+    the key gave the profile's 128, and truncation's cost was never measured."""
+    from exporter.load import model_length_limit
+
+    if content is not None:
+        (tmp_path / "sentence_bert_config.json").write_text(content)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            model_length_limit(tmp_path, 512)
+    else:
+        assert model_length_limit(tmp_path, 512) == expected

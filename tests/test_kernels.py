@@ -249,6 +249,13 @@ def test_transposed_tables_and_no_rows(monkeypatch):
     with pytest.raises(Exception, match="MatMul4BitOffsets: offsets are not K/32 x N"):
         _session(broken.SerializeToString(), monkeypatch, PATHS[0]).run(
             None, {"x": np.ones((1, 1, 64), np.float32)})
+    broken = onnx.load_from_string(model)
+    for init in broken.graph.initializer:
+        if init.name == "d":
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(d.T), "d"))
+    with pytest.raises(Exception, match="MatMul4BitOffsets: scales are not N x K/32"):
+        _session(broken.SerializeToString(), monkeypatch, PATHS[0]).run(
+            None, {"x": np.ones((1, 1, 64), np.float32)})
 
 
 def test_each_session_runs_the_path_its_own_registration_chose(tmp_path):

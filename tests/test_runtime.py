@@ -484,6 +484,22 @@ def test_odd_manifest_values_are_refused_naming_the_field(bundle_copy):
         runtime.load(bundle_copy, verify=False, threads=2**31)
 
 
+def test_only_onnxruntimes_errors_become_a_bad_bundle(minilm_bundle, monkeypatch):
+    """Ray missing (an ImportError with its install hint) or memory running out is not the
+    bundle's fault: they pass as they are, not as "onnxruntime cannot load its graph"."""
+    from runtime.model import Model
+
+    for error in (ImportError("pipeline='ray' needs Ray: pip install 'edge-exporter[ray]'."),
+                  MemoryError()):
+        def session(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(Model, "_session", staticmethod(session))
+        with pytest.raises(type(error)) as raised:
+            runtime.load(minilm_bundle, verify=False)
+        assert not isinstance(raised.value, BundleError)
+
+
 def test_verify_refuses_what_load_refuses_in_one_line(bundle_copy):
     """Settings the one-thread CPU load of verify overrides, a graph onnxruntime cannot load
     and a tokenizer the runtime cannot read: exit 2 and one line, like every bad bundle
