@@ -203,15 +203,18 @@ class OnnxDecoder:
 
 
 def torch_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
-    """The PyTorch model's argmax tokens after `ids`, as OnnxDecoder.greedy picks them: a
-    plain loop over the logits with the KV cache. (generate(do_sample=False) applies what the
-    checkpoint's generation_config asks, a repetition_penalty say, and stops at EOS.)"""
+    """The PyTorch model's argmax tokens after `ids`, up to its end-of-sequence token
+    (included), as generation ends there: a plain loop over the logits with the KV cache.
+    (generate(do_sample=False) also applies what the checkpoint's generation_config asks,
+    a repetition_penalty say, which OnnxDecoder.greedy does not.)"""
     import torch
 
+    eos = model.generation_config.eos_token_id
+    eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     out: list[int] = []
     step, past = torch.tensor([ids]), None
     with torch.no_grad():
-        while len(out) < new_tokens:
+        while len(out) < new_tokens and not (out and out[-1] in eos):
             result = model(input_ids=step, past_key_values=past, use_cache=True)
             out.append(int(result.logits[0, -1].argmax()))
             step, past = torch.tensor([[out[-1]]]), result.past_key_values

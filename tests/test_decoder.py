@@ -809,11 +809,14 @@ def test_the_torch_greedy_reference_is_plain_argmax():
                          max_position_embeddings=64)
     model = LlamaForCausalLM(config).eval()
     model.generation_config.repetition_penalty = 1.3
-    model.generation_config.eos_token_id = 3
     ids = [5, 9, 2]
     expected = list(ids)
     with torch.no_grad():
         for _ in range(16):   # every step from scratch: no cache, no processors
             expected.append(int(model(torch.tensor([expected])).logits[0, -1].argmax()))
-    assert torch_greedy(model, ids, 16) == expected[len(ids):]
-    assert len(set(expected[len(ids):])) < 16   # it repeats: the penalty would have changed it
+    new = expected[len(ids):]
+    model.generation_config.eos_token_id = None
+    assert torch_greedy(model, ids, 16) == new
+    assert len(set(new)) < 16   # it repeats: the penalty would have changed it
+    model.generation_config.eos_token_id = [new[4]]   # ends at its end-of-sequence token
+    assert torch_greedy(model, ids, 16) == new[:new.index(new[4]) + 1]
