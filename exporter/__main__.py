@@ -126,17 +126,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 3
     except (ValueError, TypeError) as e:
-        library = _raised_in_library(e)
-        if library:   # most likely our code handed the library something wrong: our bug
+        culprit = _not_a_refusal(e)
+        if culprit:   # most likely our code handed the library something wrong: our bug
             traceback.print_exc()
-            print(f"error: {library} raised {type(e).__name__}: {e} (exit 1: the traceback "
+            print(f"error: {culprit} raised {type(e).__name__}: {e} (exit 1: the traceback "
                   f"above is worth reporting)", file=sys.stderr)
-            return 1
-        call = _raised_in_a_call(e)
-        if call:   # a C function (numpy's reshape, int()) our code called: our bug too
-            traceback.print_exc()
-            print(f"error: a call at {call} raised {type(e).__name__}: {e} (exit 1: the "
-                  f"traceback above is worth reporting)", file=sys.stderr)
             return 1
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -161,38 +155,29 @@ _OURS = tuple(str(Path(__file__).resolve().parent.parent / p) for p in
               ("exporter", "targets", "runtime"))
 
 
-def _raised_in_library(error: BaseException) -> str | None:
-    """The third-party package whose Python code raised `error`, or None when it was this
-    tool's code or the standard library."""
+def _not_a_refusal(error: BaseException) -> str | None:
+    """Who raised `error`, where it is most likely a bug of ours, not a refusal of the input:
+    a third-party package's Python code ("numpy"), or a function written in C that this
+    tool's code called ("a call at FILE:LINE": numpy's reshape, a builtin). None where a
+    `raise` statement of this tool's, or of the standard library's Python code (json or
+    tomllib reading a user's file), raised it: every refusal of an input is one of those."""
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     if tb is None:
         return None
-    where = Path(tb.tb_frame.f_code.co_filename).resolve()
+    code = tb.tb_frame.f_code
+    where = Path(code.co_filename).resolve()
     if str(where).startswith(_OURS):
-        return None
+        op = next((i.opname for i in dis.get_instructions(code) if i.offset == tb.tb_lasti),
+                  "RAISE_VARARGS")
+        return None if op in ("RAISE_VARARGS", "RERAISE") else \
+            f"a call at {code.co_filename}:{tb.tb_lineno}"
     parts = where.parts
     for marker in ("site-packages", "dist-packages"):
         if marker in parts and parts.index(marker) + 1 < len(parts):
             return parts[parts.index(marker) + 1].removesuffix(".py")
     return None
-
-
-def _raised_in_a_call(error: BaseException) -> str | None:
-    """"file:line" of this tool's code where `error` came out of a function written in C
-    (numpy, a builtin), or None where a `raise` statement raised it: every refusal of an
-    input is one, and a C function's error escaping our code unexplained is a bug."""
-    tb = error.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None or not str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_OURS):
-        return None
-    op = next((i.opname for i in dis.get_instructions(tb.tb_frame.f_code)
-               if i.offset == tb.tb_lasti), "RAISE_VARARGS")
-    if op in ("RAISE_VARARGS", "RERAISE"):
-        return None
-    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
 
 
 def _stop(signum, frame):
