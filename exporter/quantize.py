@@ -2,7 +2,8 @@
 
 What gets quantized, and why (measured on all-MiniLM-L6-v2, see benchmarks/bench_encoder.py):
 
-* Every MatMul with a weight initializer (Q, K, V, attention output, FFN in, FFN out):
+* Every MatMul with a weight initializer (Q, K, V, attention output, FFN in, FFN out), and
+  every Gemm with one (a classifier's pooler and head, after onnxruntime's basic level):
   weights int8 symmetric per output channel, the activation input through one
   QuantizeLinear -> DequantizeLinear pair with a calibrated scale and zero point, shared by
   every MatMul that reads it (Q, K and V: one QuantizeLinear for three). The MatMul output
@@ -65,12 +66,25 @@ INT_TYPES: dict[str, tuple[int, type, int, int]] = {
 
 
 def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """MatMul nodes whose second input is a 2-D float initializer (a Linear layer's weight)."""
+    """MatMul nodes whose second input is a 2-D float initializer (a Linear layer's weight),
+    and Gemm nodes whose B is one: onnxruntime's "basic" level (jetson) rewrites a 2-D
+    MatMul + bias Add, a classifier's pooler and head, as Gemm."""
     inits = {i.name: i for i in model.graph.initializer}
     return [n for n in model.graph.node
-            if n.op_type == "MatMul" and n.input[1] in inits
+            if (n.op_type == "MatMul" or n.op_type == "Gemm" and not _attribute(n, "transA"))
+            and n.input[1] in inits
             and len(inits[n.input[1]].dims) == 2
             and inits[n.input[1]].data_type == TensorProto.FLOAT]
+
+
+def output_axis(node: onnx.NodeProto) -> int:
+    """The axis of a weight MatMul's or Gemm's B that indexes output channels: B is
+    (in, out), or (out, in) for a Gemm with transB."""
+    return 0 if node.op_type == "Gemm" and _attribute(node, "transB") else 1
+
+
+def _attribute(node: onnx.NodeProto, name: str) -> int:
+    return next((a.i for a in node.attribute if a.name == name), 0)
 
 
 @dataclass
@@ -295,6 +309,7 @@ def insert_qdq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto],
     # Tied layers (--share-layers) read one weight from several MatMuls: it is quantized
     # once, and its float copy stays only if a MatMul left in float still reads it.
     float_readers = {name for n in model.graph.node if id(n) not in targets for name in n.input}
+    weights = {n.input[1] for n in matmuls}
     done: set[str] = set()
     weights_done: set[str] = set()
     nodes = []
@@ -313,24 +328,30 @@ def insert_qdq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto],
                     helper.make_node("DequantizeLinear", [x + "_q", x + "_scale", x + "_zero"],
                                      [x + "_dq"], name=x + "_DequantizeLinear"),
                 ]
-            if w_name not in weights_done:
-                weights_done.add(w_name)
+            # One int8 copy per weight and output axis: a tied weight that a Gemm reads
+            # transposed has its output channels in rows (axis 0).
+            axis = output_axis(node)
+            w_q = w_name if axis == 1 else w_name + "_by_row"
+            if w_q not in weights_done:
+                weights_done.add(w_q)
                 w = numpy_helper.to_array(inits[w_name])
-                q, scale = quantize_weight(w, per_channel=settings.per_channel)
-                if w_name not in float_readers:
-                    model.graph.initializer.remove(inits[w_name])
+                q, scale = quantize_weight(w if axis == 1 else w.T,
+                                           per_channel=settings.per_channel)
+                q = q if axis == 1 else np.ascontiguousarray(q.T)
                 model.graph.initializer.extend([
-                    numpy_helper.from_array(q, w_name + "_int8"),
-                    numpy_helper.from_array(scale, w_name + "_scale"),
-                    numpy_helper.from_array(np.zeros(scale.shape, np.int8), w_name + "_zero")])
+                    numpy_helper.from_array(q, w_q + "_int8"),
+                    numpy_helper.from_array(scale, w_q + "_scale"),
+                    numpy_helper.from_array(np.zeros(scale.shape, np.int8), w_q + "_zero")])
                 nodes.append(helper.make_node(
-                    "DequantizeLinear", [w_name + "_int8", w_name + "_scale", w_name + "_zero"],
-                    [w_name + "_dq"], name=w_name + "_DequantizeLinear",
-                    **({"axis": 1} if settings.per_channel else {})))
-            node.input[0], node.input[1] = x + "_dq", w_name + "_dq"
+                    "DequantizeLinear", [w_q + "_int8", w_q + "_scale", w_q + "_zero"],
+                    [w_q + "_dq"], name=w_q + "_DequantizeLinear",
+                    **({"axis": axis} if settings.per_channel else {})))
+            node.input[0], node.input[1] = x + "_dq", w_q + "_dq"
         nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    for w_name in weights - float_readers:
+        model.graph.initializer.remove(inits[w_name])
 
 
 def fuse_integer_matmuls(model: onnx.ModelProto, *, bias: bool = True) -> int:
@@ -368,9 +389,9 @@ def fuse_integer_matmuls(model: onnx.ModelProto, *, bias: bool = True) -> int:
         output, after = node.output[0], readers.get(node.output[0], [])
         if bias and len(after) == 1 and after[0].op_type == "Add" \
                 and output not in graph_outputs:
-            bias = next((b for b in after[0].input if b != output), "")
-            if bias in inits and len(inits[bias].dims) == 1:
-                inputs.append(bias)
+            bias_name = next((b for b in after[0].input if b != output), "")
+            if bias_name in inits and len(inits[bias_name].dims) == 1:
+                inputs.append(bias_name)
                 output = after[0].output[0]
                 replaced[id(after[0])] = None
         replaced[id(node)] = helper.make_node("MatMulIntegerToFloat", inputs, [output],

@@ -275,7 +275,8 @@ def sensitivity(job) -> None:
         {"group": g, "nodes": matmul_groups[g] or ["embedding tables"], "harm": harm[g],
          "reason": "kept float by the budget search (measured harm when quantized)"}
         for g in kept]
-    q["excluded_nodes"] += [{"node": n, "op": "MatMul", "reason": f"accuracy budget: group "
+    op = {n.name: n.op_type for n in source.graph.node}
+    q["excluded_nodes"] += [{"node": n, "op": op[n], "reason": f"accuracy budget: group "
                              f"'{g}' harm {harm[g]:.2e}"} for g in kept for n in matmul_groups[g]]
     if kept:
         dropped = {n for g in kept for n in matmul_groups[g]}

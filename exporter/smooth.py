@@ -79,12 +79,19 @@ def fold_into_value(node, inverse, inits, producer, readers, only_readers: int) 
     return True
 
 
+def smoothable(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The weight MatMuls, whose weights are (in, out). A Gemm (jetson's pooler and
+    classifier head) is quantized but not smoothed: its weight may be stored transposed,
+    and whether a head needs float is the sensitivity stage's decision."""
+    return [n for n in weight_matmuls(model) if n.op_type == "MatMul"]
+
+
 def smooth_graph(model: onnx.ModelProto, peaks: dict[str, np.ndarray],
                  alpha: float) -> dict[str, np.ndarray]:
     """Scale the weights of every weight MatMul group and insert x * (1/s); returns s."""
     inits = {i.name: i for i in model.graph.initializer}
     groups: dict[str, list[onnx.NodeProto]] = {}
-    for node in weight_matmuls(model):
+    for node in smoothable(model):
         groups.setdefault(node.input[0], []).append(node)
     producer = {o: n for n in model.graph.node for o in n.output}
     readers: dict[str, int] = {}
@@ -145,7 +152,7 @@ def smooth(job) -> None:
         job.records["smoothing"] = {"applied": False}
         return
     model = onnx.load(job.optimized_onnx)
-    tensors = sorted({n.input[0] for n in weight_matmuls(model)})
+    tensors = sorted({n.input[0] for n in smoothable(model)})
     texts = [u.text for u in job.calibration[:job.target.quantization.calibration_samples]]
     if not texts:
         raise ValueError("Calibration needs at least one text; the calibration set is empty.")

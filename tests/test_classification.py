@@ -129,6 +129,26 @@ def test_bundle_agrees_with_float(intent_model, intent_bundle):
     assert {"agreement", "accuracy", "float-accuracy", "accuracy-drop", "macro-f1"} <= set(metrics)
 
 
+
+def test_jetson_quantizes_the_pooler_and_head_gemms(intent_model, tmp_path):
+    """onnxruntime's basic level (jetson) turns the pooler's and the classifier's 2-D MatMul
+    + Add into Gemm: those are int8 too (they stayed float), within TensorRT's rules."""
+    import onnx
+
+    from exporter.tensorrt import check
+
+    bundle = export(str(intent_model), target="jetson", evaluation=intent_model / "test.jsonl",
+                    output=tmp_path / "intent-jetson", log=lambda line: None)
+    model = onnx.load(bundle / "model.onnx")
+    assert check(model) == []
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 2 and all(producer.get(n.input[0]) == producer.get(n.input[1])
+                                   == "DequantizeLinear" for n in gemms)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {n.name for n in gemms} <= set(manifest["quantization"]["quantized_nodes"])
+    assert manifest["validation"]["budget_holds"]
+
 def test_classify_refuses_a_bundle_without_labels(intent_bundle, tmp_path):
     copy = Path(shutil.copytree(intent_bundle, tmp_path / "b"))
     manifest = json.loads((copy / "manifest.json").read_text())

@@ -20,6 +20,7 @@ from exporter.quantize import (
     fuse_integer_matmuls,
     insert_qdq,
     kl_threshold,
+    weight_matmuls,
 )
 from exporter.sensitivity import Step, search, size_limit
 from runtime.model import ort_session
@@ -431,3 +432,57 @@ def test_size_limit_says_capped_only_when_max_model_mb_lowered_it():
     assert size_limit(own, 0.3, float_bytes) == "27.1 MB (30% of float)"
     assert size_limit(20_000_000, 0.3, float_bytes) == \
         "20.0 MB (30% of float, capped by max_model_mb)"
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_weights_are_int8_per_output_channel(trans_b):
+    """What onnxruntime's basic level makes of a classifier head (Gemm, its weight (in, out)
+    or transposed) is quantized like a MatMul: one scale per output channel."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 4)).astype(np.float32) * np.array([1, 10, 100, 0.01], np.float32)
+    b = rng.normal(size=(4,)).astype(np.float32)
+    stored = w.T.copy() if trans_b else w
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="head", transB=trans_b)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])],
+        [numpy_helper.from_array(stored, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert [n.name for n in weight_matmuls(model)] == ["head"]
+    insert_qdq(model, weight_matmuls(model), {"x": (-4.0, 4.0)}, SETTINGS)
+    onnx.checker.check_model(model)
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert "w" not in inits
+    scale = next(v for k, v in inits.items() if k.startswith("w") and k.endswith("_scale"))
+    np.testing.assert_allclose(scale, np.abs(w).max(axis=0) / 127, rtol=1e-6)
+    x = np.clip(rng.normal(size=(3, 16)), -4, 4).astype(np.float32)
+    got = ort_session(model.SerializeToString()).run(None, {"x": x})[0]
+    # every column within its own int8 step: a per-tensor scale would lose the small one
+    x_step = 8.0 / 255
+    bound = np.abs(x).sum(axis=1, keepdims=True) * scale / 2 + np.abs(w).sum(axis=0) * x_step
+    assert np.all(np.abs(got - (x @ w + b)) <= bound + 1e-5)
+
+
+def test_a_weight_read_as_is_and_transposed_gets_an_int8_copy_for_each():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 8)).astype(np.float32) * np.linspace(0.01, 10, 8, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
+         helper.make_node("Gemm", ["x", "w"], ["b"], name="head", transB=1)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 8]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    insert_qdq(model, weight_matmuls(model), {"x": (-3.0, 3.0)}, SETTINGS)
+    onnx.checker.check_model(model)
+    dequantized = {n.output[0]: n.input[0] for n in model.graph.node
+                   if n.op_type == "DequantizeLinear"}
+    int8 = [dequantized[n.input[1]] for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert len(set(int8)) == 2 and "w" not in {i.name for i in model.graph.initializer}
+    x = rng.uniform(-3, 3, size=(2, 8)).astype(np.float32)
+    a, b = ort_session(model.SerializeToString()).run(None, {"x": x})
+    for got, exact, weight in ((a, x @ w, w), (b, x @ w.T, w.T)):
+        step = np.abs(weight).max(axis=0) / 127           # per output channel
+        assert np.all(np.abs(got - exact) <= np.abs(x).sum(axis=1, keepdims=True) * step / 2
+                      + np.abs(weight).sum(axis=0) * 6 / 255 / 2 + 1e-5)
