@@ -129,6 +129,22 @@ def _finite(value: np.ndarray) -> np.ndarray:
     return value[np.abs(value) < MASK_FILL_LIMIT]
 
 
+def _smoothed(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
+    """Counts `p` with each empty bin given `eps` (taken evenly from the others), normalized,
+    so that KL(P || Q) is finite where Q is empty and P is not: the outliers folded into P's
+    last bin land where Q (built without them) can be empty. onnxruntime's and MXNet's
+    entropy calibration do the same (smooth_distribution, on counts). None when `p` has no
+    count to spare."""
+    zeros = p == 0
+    nonzero = p.size - zeros.sum()
+    if not nonzero:
+        return None
+    out = p + eps * zeros - (eps * zeros.sum() / nonzero) * ~zeros
+    if not (out > 0).all():
+        return None
+    return out / out.sum()
+
+
 def kl_threshold(hist: np.ndarray, edge: float, *, levels: int = 128) -> float:
     """Clipping threshold for |x| that minimizes KL(P || Q), P the histogram clipped at the
     threshold (outliers folded into the last bin), Q that P merged into `levels` bins: the
@@ -146,11 +162,10 @@ def kl_threshold(hist: np.ndarray, edge: float, *, levels: int = 128) -> float:
             nonzero = hist[idx] > 0
             if nonzero.any():
                 q[idx[nonzero]] = hist[idx].sum() / nonzero.sum()
-        mask = p > 0
-        pn, qn = p / p.sum(), q / max(q.sum(), 1e-30)
-        if np.any(qn[mask] == 0):
+        pn, qn = _smoothed(p), _smoothed(q)
+        if pn is None or qn is None:
             continue
-        kl = float(np.sum(pn[mask] * np.log(pn[mask] / qn[mask])))
+        kl = float(np.sum(pn * np.log(pn / qn)))
         if kl < best:
             best, best_i = kl, i
     return best_i / bins * edge
@@ -243,6 +258,8 @@ def activation_qparams(low: float, high: float, *, dtype: str,
     """Scale (float32 scalar) and zero point (dtype scalar) covering [low, high] and 0."""
     _, np_type, qmin, qmax = INT_TYPES[dtype]
     low, high = min(low, 0.0), max(high, 0.0)
+    if np.float32(max(-low, high) / (qmax - qmin)) < np.finfo(np.float32).tiny:
+        low = high = 0.0   # a float32 scale would be 0 or subnormal: the empty range's 1.0
     if symmetric:
         # amax / 127: +amax and -amax both land on a code (TensorRT's and onnxruntime's
         # symmetric range); / 127.5 put +amax half a step past 127, clipped.
@@ -267,13 +284,22 @@ def quantize_embeddings_by_row(model: onnx.ModelProto, *,
     """Rewrite Gather(table, ids) on 2-D float tables of at least `min_bytes` as int8 rows
     times per-row scales."""
     inits = {i.name: i for i in model.graph.initializer}
-    rewritten, nodes = [], []
-    for node in model.graph.node:
+
+    def rows_of(node: onnx.NodeProto):
         table = inits.get(node.input[0]) if node.op_type == "Gather" else None
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         if table is None or len(table.dims) != 2 or axis != 0 \
                 or table.data_type != TensorProto.FLOAT \
                 or 4 * int(np.prod(table.dims)) < min_bytes:
+            return None
+        return table
+
+    # a table another node reads too (a tied output projection): its float copy stays
+    float_readers = {name for n in model.graph.node if rows_of(n) is None for name in n.input}
+    rewritten, nodes = [], []
+    for node in model.graph.node:
+        table = rows_of(node)
+        if table is None:
             nodes.append(node)
             continue
         name, out = node.input[0], node.output[0]
@@ -282,7 +308,8 @@ def quantize_embeddings_by_row(model: onnx.ModelProto, *,
             peak = np.abs(w).max(axis=1, keepdims=True)
             scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)  # (rows, 1)
             q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
-            model.graph.initializer.remove(table)
+            if name not in float_readers:
+                model.graph.initializer.remove(table)
             model.graph.initializer.extend([numpy_helper.from_array(q, name + "_int8"),
                                             numpy_helper.from_array(scale, name + "_row_scale")])
             rewritten.append(name)
@@ -444,7 +471,11 @@ def fuse_quantized_attention(model: onnx.ModelProto) -> int:
             sources = tuple(m.input[i] for m in qkv)
             if sources not in concatenated:   # layers sharing weights share the fused ones
                 name = f"{node.name}_qkv_{what}"
-                parts = [numpy_helper.to_array(inits[source]) for source in sources]
+                # per-tensor weights: one scale (zero point) per matrix, as one per column
+                columns = [inits[m.input[1]].dims[-1] for m in qkv]
+                parts = [np.broadcast_to(numpy_helper.to_array(inits[source]), (n,))
+                         if i != 1 else numpy_helper.to_array(inits[source])
+                         for source, n in zip(sources, columns, strict=True)]
                 model.graph.initializer.append(numpy_helper.from_array(
                     np.concatenate(parts, axis=-1), name))
                 concatenated[sources] = name

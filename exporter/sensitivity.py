@@ -278,6 +278,9 @@ def sensitivity(job) -> None:
     op = {n.name: n.op_type for n in source.graph.node}
     q["excluded_nodes"] += [{"node": n, "op": op[n], "reason": f"accuracy budget: group "
                              f"'{g}' harm {harm[g]:.2e}"} for g in kept for n in matmul_groups[g]]
+    if "embeddings" in kept:   # the tables ship float: the record says so
+        q["embeddings"] = {**q["embeddings"], "tables": [],
+                           "kept_float_for_accuracy": q["embeddings"]["tables"]}
     if kept:
         dropped = {n for g in kept for n in matmul_groups[g]}
         q["quantized_nodes"] = [n for n in q["quantized_nodes"] if n not in dropped]

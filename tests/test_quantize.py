@@ -90,6 +90,17 @@ def test_kl_threshold_clips_a_long_tail():
     assert 2.5 < cut < 20, cut   # keeps the Gaussian body, drops the lone outlier
 
 
+def test_kl_threshold_clips_an_outlier_far_beyond_the_body():
+    # The body under 128/2048 of the range: every candidate below the edge had an empty last
+    # bin with the outlier folded into it, Q = 0 < P there, and was skipped: no clipping.
+    rng = np.random.default_rng(0)
+    for outlier in (40.0, 100.0, 1000.0):
+        values = np.abs(np.concatenate([rng.normal(size=100_000), [outlier]]))
+        hist, _ = np.histogram(values, bins=2048, range=(0, outlier))
+        cut = kl_threshold(hist, outlier)
+        assert cut <= outlier / 8, (outlier, cut)
+
+
 def test_nan_in_a_batch_hides_none_of_its_other_values(tmp_path):
     # min()/max() of a batch holding a NaN are NaN, and Python's min(low, nan) kept the old
     # value: the whole batch's range was ignored, silently (an all-NaN tensor got 0..0).
@@ -486,3 +497,118 @@ def test_a_weight_read_as_is_and_transposed_gets_an_int8_copy_for_each():
         step = np.abs(weight).max(axis=0) / 127           # per output channel
         assert np.all(np.abs(got - exact) <= np.abs(x).sum(axis=1, keepdims=True) * step / 2
                       + np.abs(weight).sum(axis=0) * 6 / 255 / 2 + 1e-5)
+
+
+def test_quantized_attention_with_per_tensor_weights():
+    """per_channel = false on a transformer target: one scale per Q, K and V matrix, which
+    QAttention takes as per-column scales (np.concatenate of three 0-d scales raised)."""
+    import dataclasses
+
+    from exporter.quantize import build_int8
+    rng = np.random.default_rng(0)
+    hidden = 16
+    inits = [numpy_helper.from_array(rng.normal(size=(hidden, hidden)).astype(np.float32), n)
+             for n in ("wq", "wk", "wv")]
+    inits.append(numpy_helper.from_array(rng.normal(size=(3 * hidden,)).astype(np.float32), "b"))
+    nodes = [helper.make_node("MatMul", ["x", w], [o], name=o)
+             for w, o in (("wq", "q"), ("wk", "k"), ("wv", "v"))]
+    nodes.append(helper.make_node("MultiHeadAttention", ["q", "k", "v", "b", ""], ["y"],
+                                  name="mha", domain="com.microsoft", num_heads=2))
+    model = helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, hidden])], inits),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    x = rng.normal(size=(1, 5, hidden)).astype(np.float32)
+    settings = dataclasses.replace(SETTINGS, per_channel=False, portable_rounding=False)
+    ranges = {"x": (float(x.min()), float(x.max()))}
+    fused = build_int8(model, ranges, settings, lower=True)[0]
+    assert "QAttention" in [n.op_type for n in fused.graph.node]
+    plain = build_int8(model, ranges, settings, lower=False)[0]
+    run = [ort_session(m.SerializeToString()).run(None, {"x": x})[0] for m in (fused, plain)]
+    np.testing.assert_allclose(run[0], run[1], atol=1e-5)
+
+
+def test_int8_rows_keep_the_float_table_another_node_reads():
+    """A table a Gather and a tied output projection both read: the projection still needs
+    the float table (it was removed, and the graph no longer loaded)."""
+    from exporter.quantize import quantize_embeddings_by_row
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(1024, 256)).astype(np.float32)   # 1 MiB: int8 rows
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="gather"),
+         helper.make_node("Transpose", ["table"], ["table_t"], name="tie", perm=[1, 0]),
+         helper.make_node("MatMul", ["emb", "table_t"], ["logits"], name="head")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, 1024])],
+        [numpy_helper.from_array(table, "table")]),
+        opset_imports=[helper.make_opsetid("", 18)])
+    assert quantize_embeddings_by_row(model) == ["table"]
+    ids = np.array([[3, 7, 1000]], np.int64)
+    logits = ort_session(model.SerializeToString()).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(logits, table[ids] @ table.T, rtol=0.02, atol=0.5)
+
+
+def test_record_says_float_when_the_search_keeps_the_tables_float(tmp_path, monkeypatch):
+    """The budget search gives the "embeddings" group back to float: the manifest's
+    quantization.embeddings.tables must not still list the table as int8."""
+    import dataclasses
+    import types
+
+    import exporter.sensitivity as S
+    from exporter.quantize import build_int8
+    rng = np.random.default_rng(0)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="gather"),
+         helper.make_node("MatMul", ["emb", "w"], ["y"], name="layer.0/output/dense/MatMul")],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, 256])],
+        [numpy_helper.from_array(rng.normal(size=(1024, 256)).astype(np.float32), "table"),
+         numpy_helper.from_array(rng.normal(size=(256, 256)).astype(np.float32), "w")]),
+        opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(model, tmp_path / "float.onnx")
+    target = load_target("arm-cpu")
+    target = dataclasses.replace(target, quantization=dataclasses.replace(
+        target.quantization, max_size_ratio=1.0))
+    ranges = {"emb": (-4.0, 4.0)}
+    quantized, names, tables = build_int8(model, ranges, target.quantization)
+    onnx.save(quantized, tmp_path / "model.onnx")
+
+    class TableHurts:   # the int8 table breaks the budget, the int8 MatMul does not
+        texts, against = ["t"], "the float graph"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def score(self, m):
+            c = 0.98 if any(i.name == "table_int8" for i in m.graph.initializer) else 0.999
+            return {"cosine": c, "min-cosine": c}
+
+    monkeypatch.setattr(S, "Scorer", TableHurts)
+    monkeypatch.setattr(S, "ort_session", lambda *a, **k: None)
+    monkeypatch.setattr(S, "encoder_feeds", lambda *a, **k: iter(()))
+    monkeypatch.setattr(S, "calibrate_all", lambda path, tensors, *a, **k: types.SimpleNamespace(
+        ranges={"minmax": {t: (-1.0, 1.0) for t in tensors}}))
+    monkeypatch.setattr(S, "selection_texts", lambda job: (["t"], "1 calibration text"))
+    job = types.SimpleNamespace(
+        target=target, workdir=tmp_path, calibration=[types.SimpleNamespace(text="t")],
+        max_length=8, float_onnx=tmp_path / "float.onnx", quantized_onnx=tmp_path / "model.onnx",
+        budget=Budget.parse("cosine>=0.99"), log=lambda line: None,
+        records={"quantize_inputs": {"source": str(tmp_path / "float.onnx"), "ranges": ranges,
+                                     "lower": False},
+                 "quantization": {"embeddings": {"mode": "int8-rows", "tables": tables},
+                                  "quantized_nodes": names, "excluded_nodes": []}})
+    S.sensitivity(job)
+    shipped = {i.name for i in onnx.load(tmp_path / "model.onnx").graph.initializer}
+    assert "table" in shipped and "table_int8" not in shipped   # the table ships float
+    assert job.records["quantization"]["embeddings"]["tables"] == []
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_range_too_small_for_float32_gets_a_usable_scale(dtype, symmetric):
+    # 1e-44 / 255 is 0 in float32: QDQ with scale 0 makes every value 0 (onnxruntime), and
+    # TensorRT refuses it; such a range is empty, as onnxruntime's compute_scale_zp treats it
+    scale, _ = activation_qparams(0.0, 1e-44, dtype=dtype, symmetric=symmetric)
+    assert scale > 0 and np.isfinite(scale)
+    scale, _ = activation_qparams(0.0, 1e-30, dtype=dtype, symmetric=symmetric)
+    assert scale == np.float32(1e-30 / (127 if symmetric else 255))
