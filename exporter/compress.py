@@ -455,6 +455,22 @@ def share_candidates(job, model, reference, batches) -> list[tuple[int, str, flo
     return found
 
 
+def gguf_carry(steps: list[dict], *, healed: bool, layers: int):
+    """(the GGUF layers the compressed model keeps, in order; its ties) when compression
+    changed no weight of them, so that each still reads the GGUF's own blocks, exact
+    (exporter/decoder.py: quantized_weights); None where a weight changed. Dropping and
+    tying change none; ties number the layers after the drop.
+
+    >>> gguf_carry([{"method": "drop-layers", "removed": [1]}], healed=False, layers=3)
+    ([0, 2], [])
+    """
+    if healed or not {s["method"] for s in steps} <= {"drop-layers", "share-layers"}:
+        return None
+    dropped = next((s["removed"] for s in steps if s["method"] == "drop-layers"), [])
+    return ([i for i in range(layers) if i not in dropped],
+            [tuple(t) for s in steps if s["method"] == "share-layers" for t in s["removed"]])
+
+
 def share_layers(job, model, batches) -> tuple[list, list, float]:
     """Tie adjacent layers' attention blocks, FFN blocks or whole layers, least harmful first,
     while the harm of all ties together (`share_harm` against the untied model) stays at most
@@ -637,10 +653,10 @@ def compress(job) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     if job.gguf is not None and not job.requantize:
-        if [s["method"] for s in steps] == ["share-layers"] and not request.heal_steps:
-            # ties alone change no weight: the tied layer reads the GGUF blocks of the one
-            # before it, still exact (exporter/decoder.py: quantized_weights)
-            job.gguf_ties = [tuple(t) for t in steps[0]["removed"]]
+        carry = gguf_carry(steps, healed=bool(request.heal_steps),
+                           layers=original.config.num_hidden_layers)
+        if carry is not None:
+            job.gguf_layers, job.gguf_ties = carry
         else:
             job.requantize = True   # the GGUF's blocks hold the uncompressed weights
             record["requantized"] = "the GGUF's blocks describe the uncompressed model: " \

@@ -305,8 +305,8 @@ def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
         from .gguf import carried_weights
 
         try:
-            carried = tie_carried(carried_weights(job.gguf, job.torch_model.config),
-                                  job.gguf_ties)
+            carried = tie_carried(carried_weights(job.gguf, job.torch_model.config,
+                                                  layers=job.gguf_layers), job.gguf_ties)
         except ValueError as e:
             raise ValueError(f"{e} To round the dequantized weights to {weights} blocks "
                              f"instead (a second rounding: quality is lost and reported), "

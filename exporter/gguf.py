@@ -255,15 +255,17 @@ def _unpermute_rows(rows: int, heads: int) -> np.ndarray:
     return index.reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(rows)
 
 
-def carried_weights(path: Path, config):
-    """DecoderWeights whose matrices are the GGUF's own blocks (see `carry`)."""
+def carried_weights(path: Path, config, *, layers: list[int] | None = None):
+    """DecoderWeights whose matrices are the GGUF's own blocks (see `carry`), of the GGUF's
+    `layers` in that order (by default the first config.num_hidden_layers: all of them)."""
     import gguf
 
     from .decoder_graph import DecoderWeights, concat
 
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
-    h, layers = config.hidden_size, config.num_hidden_layers
+    h = config.hidden_size
+    layers = range(config.num_hidden_layers) if layers is None else layers
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q = config.num_attention_heads * head_dim   # may differ from h (an explicit head_dim)
     kv = config.num_key_value_heads * head_dim
@@ -295,13 +297,13 @@ def carried_weights(path: Path, config):
     return DecoderWeights(
         embedding=lin("token_embd.weight", config.vocab_size, h),
         lm_head=head,
-        input_norms=[floats(f"blk.{i}.attn_norm.weight") for i in range(layers)],
-        post_attention_norms=[floats(f"blk.{i}.ffn_norm.weight") for i in range(layers)],
+        input_norms=[floats(f"blk.{i}.attn_norm.weight") for i in layers],
+        post_attention_norms=[floats(f"blk.{i}.ffn_norm.weight") for i in layers],
         final_norm=floats("output_norm.weight"),
         qkv=[concat([block(i, "attn_q", q, h, nh), block(i, "attn_k", kv, h, nkv),
-                     block(i, "attn_v", kv, h)]) for i in range(layers)],
-        o=[block(i, "attn_output", h, q) for i in range(layers)],
+                     block(i, "attn_v", kv, h)]) for i in layers],
+        o=[block(i, "attn_output", h, q) for i in layers],
         gate_up=[concat([block(i, "ffn_gate", inter, h), block(i, "ffn_up", inter, h)])
-                 for i in range(layers)],
-        down=[block(i, "ffn_down", h, inter) for i in range(layers)],
+                 for i in layers],
+        down=[block(i, "ffn_down", h, inter) for i in layers],
     )

@@ -69,6 +69,7 @@ class Job:
     requantize: bool = False          # decoders from GGUF: round instead of carrying blocks
     archive: Path | None = None       # also write the bundle as this .tar (--tar)
     gguf_ties: list = field(default_factory=list)  # (source, dest, part): carried blocks shared
+    gguf_layers: list | None = None   # the GGUF's layers kept by --drop-layers (None: all)
     generation: dict = field(default_factory=dict)  # decoders: eos ids, context, chat format
     decoder_shape: Any = None
     float_weights: Any = None

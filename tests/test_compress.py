@@ -323,6 +323,41 @@ def test_smollm2_sharing_measures_perplexity_and_keeps_gguf_blocks_exact(tmp_pat
     assert np.abs(ours - expected).max() < 1e-3 * np.abs(expected).max()
 
 
+def test_smollm2_dropped_layers_keep_gguf_blocks_exact(tmp_path):
+    """Dropping layers changes no layer left: the int4 graph reads the kept layers' own GGUF
+    blocks (it used to round every weight again from float) and computes the float model
+    with the same layers dropped. A step that changes weights still rounds from float."""
+    import onnx
+    from transformers import AutoModelForCausalLM
+
+    from exporter.decoder import OnnxDecoder, tie_carried
+    from exporter.decoder_graph import DecoderShape, build
+    from exporter.gguf import carried_weights, checkpoint, packaged_gguf
+
+    gguf = packaged_gguf("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint(gguf, log=lambda line: None),
+                                                 dtype="float32").eval()
+    total = model.config.num_hidden_layers
+    steps = [{"method": "drop-layers", "removed": [3, 25]},
+             {"method": "share-layers", "removed": [[3, 4, "attention"]]}]
+    layers, ties = C.gguf_carry(steps, healed=False, layers=total)
+    assert layers == [i for i in range(total) if i not in (3, 25)] and ties == [
+        (3, 4, "attention")]
+    assert C.gguf_carry(steps, healed=True, layers=total) is None
+    assert C.gguf_carry([*steps, {"method": "prune-ffn", "removed": {}}], healed=False,
+                        layers=total) is None
+    C._set_layers(model, [C.layer_list(model)[i] for i in layers])
+    shape = DecoderShape.from_config(model.config, 128)
+    graph = build(shape, tie_carried(carried_weights(gguf, model.config, layers=layers), []),
+                  accuracy_level=0, int8_accuracy_level=0)
+    onnx.save(graph, tmp_path / "dropped.onnx")
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 216, 1230]])
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
+    ours = OnnxDecoder(tmp_path / "dropped.onnx", shape).logits(ids[0].tolist())
+    assert np.abs(ours - expected).max() < 1e-3 * np.abs(expected).max()
+
+
 def test_shared_layers_are_stored_once_in_the_bundle(tmp_path):
     """Tied pairs read one int8 weight per matrix in the exported graph (smoothing skips
     the tied matrices, quantization writes each shared weight once)."""
