@@ -28,6 +28,7 @@ so every layer's KV cache keeps one shape, which the runtime's preallocated cach
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import asdict, dataclass
 
@@ -301,7 +302,12 @@ def prune_heads(model, kind: str, scores, fraction: float) -> dict[int, list[int
                 removed.setdefault(i, []).append(h)
                 left[i] -= 1
         for i, heads in removed.items():
-            layers[i].attention.prune_heads(heads)
+            # transformers numbers heads as the checkpoint had them before any pruning
+            # (config.pruned_heads): map the current indices scored here onto those
+            attention = layers[i].attention
+            numbering = sorted(set(range(len(scores[i]) + len(attention.pruned_heads)))
+                               - set(attention.pruned_heads))
+            attention.prune_heads([numbering[h] for h in heads])
         return {i: sorted(v) for i, v in sorted(removed.items())}
     for i, layer in enumerate(layers):
         a = layer.self_attn
@@ -323,6 +329,16 @@ def prune_heads(model, kind: str, scores, fraction: float) -> dict[int, list[int
     return removed
 
 
+def _least_fraction(count: int, digits: int) -> str:
+    """The smallest fraction with `digits` decimals of which round(fraction * count) >= 1
+    (round() halves to even: 0.25 of 2 rounds to 0)."""
+    scale = 10 ** digits
+    fraction = math.ceil(0.5 / count * scale) / scale
+    while round(fraction * count) < 1:
+        fraction = round(fraction + 1 / scale, digits)
+    return f"{fraction:.{digits}f}"
+
+
 def _removes_no_head(model, kind: str, fraction: float, total: int) -> str:
     """Why --prune-heads `fraction` removed no head of `model`, and what would."""
     if kind == "llama":
@@ -333,10 +349,10 @@ def _removes_no_head(model, kind: str, fraction: float, total: int) -> str:
                     "cannot be pruned. Leave out --prune-heads.")
         return (f"--prune-heads {fraction:g} removes no attention head of this model: each "
                 f"of its KV groups has {per_group} query heads, and {fraction:g} of them "
-                f"rounds to none; ask for at least {0.5 / per_group:.2f}.")
+                f"rounds to none; ask for at least {_least_fraction(per_group, 2)}.")
     return (f"--prune-heads {fraction:g} removes no attention head of this model: "
             f"{fraction:g} of its {total} heads rounds to none; ask for at least "
-            f"{0.5 / total:.3f}.")
+            f"{_least_fraction(total, 3)}.")
 
 
 def prune_ffn(model, kind: str, scores, fraction: float, *, multiple: int = 1) -> dict[int, int]:
@@ -384,7 +400,9 @@ def sparsity_masks(model, fraction: float, pattern: str) -> dict:
             else:
                 n, m = PATTERNS[pattern]
                 if w.shape[1] % m:
-                    continue
+                    raise ValueError(f"--sparsity-pattern {pattern}: a layer matrix of shape "
+                                     f"{tuple(w.shape)} has {w.shape[1]} inputs, not a "
+                                     f"multiple of {m}; use --sparsity-pattern unstructured.")
                 groups = w.abs().view(w.shape[0], -1, m)
                 top = groups.topk(n, dim=-1).indices
                 mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True)
@@ -600,6 +618,9 @@ def compress(job) -> None:
                     f"layer now {left}")
         if request.prune_ffn:
             block = job.target.generation.block_size if kind == "llama" else 1
+            pattern = PATTERNS[request.sparsity_pattern]
+            if pattern:   # N:M needs every matrix's input width a multiple of M
+                block = math.lcm(block, pattern[1])
             kept = prune_ffn(model, kind, ffn_scores, request.prune_ffn, multiple=block)
             if all(k == len(ffn_scores[i]) for i, k in kept.items()):
                 raise ValueError(
@@ -633,6 +654,13 @@ def compress(job) -> None:
         masks = sparsity_masks(model, request.sparsity, request.sparsity_pattern)
         zeros = sum(int((~m).sum()) for m in masks.values())
         total = sum(m.numel() for m in masks.values())
+        if not zeros:
+            largest = max(m.weight.numel() for layer in layer_list(model)
+                          for m in layer.modules() if isinstance(m, torch.nn.Linear))
+            raise ValueError(f"--sparsity {request.sparsity:g} zeroes no weight of this model: "
+                             f"{request.sparsity:g} of its largest layer matrix's {largest} "
+                             f"weights rounds to none; ask for at least "
+                             f"{1 / largest:.2g} (one weight; more to matter).")
         steps.append({"method": "sparsity", "strength": round(zeros / max(total, 1), 4),
                       "pattern": request.sparsity_pattern, "removed": f"{zeros} weights zeroed",
                       "matrices": len(masks),

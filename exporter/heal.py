@@ -41,7 +41,7 @@ def _encoder_texts(job, purpose: str) -> list:
         return job.evaluation[:count]
     texts = list(job.calibration[:count])
     if len(texts) < count:   # default-domain extra calibration utterances (never eval/test)
-        seen = {u.text for u in texts}
+        seen = {u.text for u in texts} | {u.text for u in job.evaluation}   # never heal on eval
         extra = smart_home_utterances(count, split="calibration", seed=11)
         texts += [u for u in extra if u.text not in seen][:count - len(texts)]
     return texts
@@ -107,19 +107,24 @@ def perplexity(logits: list, batches: list[dict]) -> float:
 def quality(job, model, original, batches: list[dict]) -> dict:
     """The compressed model against the original on `batches`.
 
-    feature-extraction: cosine of pooled sentence embeddings (mean, min); classification:
+    feature-extraction: cosine of sentence embeddings pooled as the bundle pools them
+    (mean, min); classification:
     cosine of logits, top-1 agreement and, with labelled evaluation text, accuracy of both;
     decoders: perplexity of both and next-token agreement."""
     import torch
+
+    from runtime.model import pool
 
     model.eval()
     ours, ref, masks = [], [], []
     with torch.no_grad():
         for batch in batches:
             a, b = model(**batch), original(**batch)
-            if job.task == "feature-extraction":
-                m = batch["attention_mask"][..., None].float()
-                a, b = ((x.last_hidden_state * m).sum(1) / m.sum(1) for x in (a, b))
+            if job.task == "feature-extraction":   # the bundle's own pooling, as validate
+                mode = job.pooling.get("mode", "mean")
+                mask = batch["attention_mask"].numpy()
+                a, b = (torch.from_numpy(pool(x.last_hidden_state.numpy(), mask, mode=mode,
+                                              normalize=False)) for x in (a, b))
             else:
                 a, b = a.logits, b.logits
             ours.append(a)

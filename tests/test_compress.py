@@ -483,3 +483,125 @@ def test_heal_perplexity_weighs_every_token_once():
                                                        torch.ones(16, dtype=torch.long)))
     expected = math.exp((16 * nll_good + 4 * math.log(vocab)) / 20)
     assert perplexity([good, bad], batches) == pytest.approx(expected, rel=1e-6)
+
+
+# --- bookkeeping edge cases, on tiny random models ---
+
+def _tiny_bert(**kwargs):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, intermediate_size=128,
+                                **kwargs)).eval()
+
+
+def _tiny_llama(heads=8, kv_heads=2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=heads,
+                                        num_key_value_heads=kv_heads, head_dim=8)).eval()
+
+
+def test_head_pruning_of_a_checkpoint_pruned_before_removes_the_heads_scored():
+    # transformers numbers heads as they were before config.pruned_heads: current head 1
+    # of a layer whose head 0 was pruned is its head 2; passing 1 removed current head 0
+    model = _tiny_bert(pruned_heads={0: [0]})
+    query = model.encoder.layer[0].attention.self.query.weight.detach().clone()   # 3 heads
+    removed = C.prune_heads(model, "bert", [torch.tensor([5.0, 0.0, 5.0]),
+                                            torch.tensor([5.0] * 4)], 1 / 7)
+    assert removed == {0: [1]}
+    after = model.encoder.layer[0].attention.self.query.weight.detach()
+    assert torch.equal(after, torch.cat([query[:16], query[32:]]))
+    assert model.encoder.layer[0].attention.self.num_attention_heads == 2
+
+
+@pytest.mark.parametrize("heads, kv_heads, kind", [(8, 4, "llama"), (4, 4, "bert")])
+def test_the_fraction_suggested_for_no_head_removes_one(heads, kv_heads, kind):
+    import re
+
+    model = _tiny_llama(heads, kv_heads) if kind == "llama" else _tiny_bert()
+    scores = [torch.rand(heads if kind == "llama" else 4) for _ in range(2)]
+    message = C._removes_no_head(model, kind, 0.01, 8)
+    suggested = float(re.search(r"at least (\d+\.\d+)", message).group(1))
+    assert C.prune_heads(model, kind, scores, suggested), message
+
+
+def _compress_job(model, task, compression, **extra):
+    from exporter.budget import Budget
+
+    return types.SimpleNamespace(compression=compression, torch_model=model, task=task,
+                                 log=lambda line: None, records={"model": {}}, gguf=None,
+                                 requantize=False, target=None, pooling={},
+                                 budget=Budget.parse("perplexity-increase<=1000"), **extra)
+
+
+def test_a_sparsity_that_zeroes_nothing_is_refused(monkeypatch):
+    # it zeroed no weight, yet a GGUF decoder's exact blocks were dropped for rounding
+    from pathlib import Path
+
+    ids = torch.randint(0, 100, (2, 16))
+    monkeypatch.setattr(C, "calibration_batches", lambda job, purpose: [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    job = _compress_job(_tiny_llama(), "text-generation", Compression(sparsity=1e-6))
+    job.gguf = Path("model.gguf")
+    with pytest.raises(ValueError, match=r"--sparsity 1e-06 zeroes no weight"):
+        C.compress(job)
+    assert not job.requantize
+
+
+def test_n_m_sparsity_covers_every_matrix_after_ffn_pruning(monkeypatch):
+    # prune-ffn 0.3 left 90 of 128 neurons: the FFN output matrix (90 inputs) was skipped
+    # silently by 2:4 and the reported strength 0.5 counted only the matrices masked
+    ids = torch.randint(0, 100, (2, 12))
+    monkeypatch.setattr(C, "calibration_batches", lambda job, purpose: [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+         "token_type_ids": torch.zeros_like(ids)}])
+    model = _tiny_bert()
+    job = _compress_job(model, "feature-extraction",
+                        Compression(prune_ffn=0.3, sparsity_pattern="2:4"))
+    C.compress(job)
+    weights = [m.weight for layer in C.layer_list(model) for m in layer.modules()
+               if isinstance(m, torch.nn.Linear)]
+    zero = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    step = job.records["compression"]["methods"][-1]
+    assert step["matrices"] == len(weights) == 12
+    assert zero == pytest.approx(step["strength"], abs=1e-3) and step["strength"] == 0.5
+
+
+def test_quality_pools_as_the_bundle_does():
+    # a CLS-pooled model's compression quality was the cosine of mean-pooled states
+    from exporter.heal import quality
+
+    reference = _tiny_bert()
+    model = copy.deepcopy(reference)
+    with torch.no_grad():   # a compressed model that moved far from the original
+        for p in C.layer_list(model)[1].parameters():
+            p.add_(torch.randn_like(p))
+    ids = torch.randint(0, 100, (4, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "token_type_ids": torch.zeros_like(ids)}
+    job = types.SimpleNamespace(task="feature-extraction",
+                                pooling={"mode": "cls", "normalize": True})
+    with torch.no_grad():
+        a, b = (m(**batch).last_hidden_state[:, 0] for m in (model, reference))
+    expected = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    q = quality(job, model, reference, [batch])
+    assert q["cosine"] == pytest.approx(float(expected.mean()), abs=1e-4)
+    assert q["min-cosine"] == pytest.approx(float(expected.min()), abs=1e-4)
+
+
+def test_healing_never_reads_the_evaluation_texts():
+    # a short calibration set is topped up with default-domain utterances: those the user's
+    # own evaluation file also holds were healed on ("never the evaluation text")
+    from exporter.data import Utterance
+    from exporter.heal import _encoder_texts
+
+    mine = ["stop the music", "what time is it", "turn on the kitchen lights"]
+    job = types.SimpleNamespace(calibration=[Utterance("dim the hallway")],
+                                evaluation=[Utterance(t) for t in mine])
+    for purpose in ("heal", "score"):
+        texts = {u.text for u in _encoder_texts(job, purpose)}
+        assert not texts & set(mine), (purpose, texts & set(mine))
