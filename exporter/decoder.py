@@ -35,6 +35,8 @@ from .validate import BudgetError
 # GPT-2 (LayerNorm, learned positions, biases, GELU MLP).
 SUPPORTED = ("llama", "gpt2")
 
+CHECK_TOKENS = 32   # greedy tokens validation and the decode speed measurement generate
+
 # Prompts for the greedy check: short factual and chat-like openings.
 PROMPTS = (
     "The capital of France is",
@@ -43,6 +45,7 @@ PROMPTS = (
     "Once upon a time, in a small village,",
     "The three primary colors are",
 )
+FLOAT_CHECK_PROMPT = PROMPTS[0] + " a city that"   # check_decoder's logits, then greedy
 
 
 # --- load -----------------------------------------------------------------------------------
@@ -90,6 +93,14 @@ def load_decoder(job) -> None:
     model = job.torch_model
     settings = job.target.generation
     job.max_length = min(settings.context_length, model.config.max_position_embeddings)
+    # the checks below generate CHECK_TOKENS after each prompt: refused now, not mid-validation
+    needed = max(len(encode(job, p)) for p in (*PROMPTS, FLOAT_CHECK_PROMPT)) + CHECK_TOKENS
+    if job.max_length < needed:
+        raise ValueError(f"A context of {job.max_length} tokens (generation.context_length "
+                         f"{settings.context_length}, the model's limit "
+                         f"{model.config.max_position_embeddings}) is too small: the export's "
+                         f"checks generate {CHECK_TOKENS} tokens after prompts of up to "
+                         f"{needed - CHECK_TOKENS}; use a context of at least {needed}.")
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = model.config.eos_token_id
@@ -244,7 +255,7 @@ def check_decoder(job) -> None:
     import torch
 
     decoder = OnnxDecoder(job.float_onnx, job.decoder_shape, job.target.runtime.threads)
-    ids = encode(job, PROMPTS[0] + " a city that")
+    ids = encode(job, FLOAT_CHECK_PROMPT)
     with torch.no_grad():
         ref = job.torch_model(torch.tensor([ids])).logits[0].numpy()
     diff = float(np.abs(decoder.logits(ids) - ref).max())
@@ -446,7 +457,7 @@ def perplexity(decoder: OnnxDecoder, windows: list[list[int]]) -> float:
     return window_perplexity(decoder.decoder, [t for w in windows for t in w], width)
 
 
-def decode_speed(decoder: OnnxDecoder, prompt: list[int], tokens: int = 32) -> dict:
+def decode_speed(decoder: OnnxDecoder, prompt: list[int], tokens: int = CHECK_TOKENS) -> dict:
     """Prefill latency (ms) and greedy decode tokens/s, best of 2."""
     best = {}
     d = decoder.decoder
@@ -502,7 +513,7 @@ def validate_decoder(job) -> None:
     del float_decoder
     ours = OnnxDecoder(job.quantized_onnx, job.decoder_shape, threads)
     ppl = perplexity(ours, windows)
-    tokens = 32
+    tokens = CHECK_TOKENS
     greedy = [agreement(ours.greedy(encode(job, p), tokens),
                         torch_greedy(job.torch_model, encode(job, p), tokens)) for p in PROMPTS]
     speed = decode_speed(ours, encode(job, PROMPTS[0]))

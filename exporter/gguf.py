@@ -73,6 +73,29 @@ def read_metadata(path: Path) -> dict:
             if key not in skip and not key.startswith("GGUF.")}
 
 
+def refuse_rope_scaling(path: Path) -> None:
+    """A GGUF whose rotary embedding is scaled (Llama 3.1+: a rope_freqs.weight tensor and
+    rope.scaling metadata) is refused: transformers' GGUF loader drops both, so the checkpoint,
+    and the graph checked against it, would rotate with the unscaled frequencies."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, TypeError, EOFError) as e:   # gguf's parser
+        raise ValueError(f"{path} is not a GGUF file the gguf package can read ({e}).") from None
+    field = reader.fields.get("general.architecture")
+    arch = field.contents() if field is not None else "llama"
+    field = reader.fields.get(f"{arch}.rope.scaling.type")
+    scaling = field.contents() if field is not None else None
+    freqs = any(t.name.startswith("rope_freqs") for t in reader.tensors)
+    if freqs or scaling not in (None, "none"):
+        what = f"rope.scaling.type {scaling!r}" if scaling not in (None, "none") else \
+            "a rope_freqs.weight tensor"
+        raise ValueError(f"GGUF {path.name} scales its rotary embedding ({what}, as Llama 3.1 "
+                         f"and later do), which is not supported yet: the model would be "
+                         f"exported with unscaled rotary frequencies.")
+
+
 def clean_tokenizer(data: dict, metadata: dict) -> dict:
     """The tokenizer.json transformers built from a GGUF, corrected from the GGUF metadata."""
     if metadata.get("tokenizer.ggml.model") != "gpt2":
@@ -116,11 +139,16 @@ def _token(data: dict, token_id: int) -> dict:
 def special_tokens(data: dict, metadata: dict) -> dict:
     """bos/eos/pad token strings and ids as the GGUF declares them."""
     out = {}
-    for role in ("bos", "eos", "padding"):
+    for role in ("bos", "eos", "padding", "eot", "eom"):
         token_id = metadata.get(f"tokenizer.ggml.{role}_token_id")
         if token_id is not None:
             out[role] = {"id": int(token_id), "content": _token(data, int(token_id))["content"]}
     return out
+
+
+def stop_token_ids(specials: dict) -> list[int]:
+    """The ids that end generation: the GGUF's eos, end-of-turn and end-of-message tokens."""
+    return sorted({specials[role]["id"] for role in ("eos", "eot", "eom") if role in specials})
 
 
 def file_digest(path: Path) -> str:
@@ -158,7 +186,8 @@ def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         raise FileNotFoundError(f"GGUF file {str(path)!r} {what}.")
-    key = f"{path.stem}-{file_digest(path)[:16]}"
+    refuse_rope_scaling(path)
+    key = f"{path.stem}-{file_digest(path)[:16]}-2"   # -2: eot/eom stop tokens
     target = (cache or cache_root() / "gguf") / key
     if (target / "config.json").is_file():
         return target
@@ -180,9 +209,10 @@ def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
                                             encoding="utf-8")
         specials = special_tokens(data, metadata)
         config = model.config
-        if "eos" in specials:
-            config.eos_token_id = specials["eos"]["id"]
-            model.generation_config.eos_token_id = specials["eos"]["id"]
+        stops = stop_token_ids(specials)
+        if stops:   # llama.cpp ends generation at any of them (end of turn, of message too)
+            config.eos_token_id = specials.get("eos", {"id": stops[0]})["id"]
+            model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         model.save_pretrained(tmp)
         tokenizer_config = json.loads((tmp / "tokenizer_config.json").read_text())
         for role, key_name in (("bos", "bos_token"), ("eos", "eos_token")):

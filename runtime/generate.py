@@ -161,16 +161,22 @@ def generate_tokens(decoder: Decoder, prompt: list[int], *, max_new_tokens: int,
         logits = decoder.forward([token])[-1]
 
 
-def stream_text(tokens: Iterator[int], step, stop: Sequence[str]) -> Iterator[str]:
+def stream_text(tokens: Iterator[int], step, stop: Sequence[str], flush=None) -> Iterator[str]:
     """Text pieces for a token stream. `step(token)` returns the text a token completes, or
     None while a character is still incomplete (byte-level tokens can end inside a UTF-8
     sequence): `Tokenizer.decode_stream().step`. Text that could be the start of a stop
     string is held back until it is known not to be one; a stop string ends the stream and
-    is not part of it."""
+    is not part of it. `flush()`, called once the tokens end, returns what `step` still
+    holds (`DecodeStream.flush`), so the text is the whole decode of the tokens."""
+    def pieces():
+        for token in tokens:
+            yield step(token)
+        if flush is not None:
+            yield flush()
+
     text, emitted = "", 0
     hold = max((len(s) for s in stop), default=1) - 1
-    for token in tokens:
-        piece = step(token)
+    for piece in pieces():
         if not piece:
             continue
         text += piece

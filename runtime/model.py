@@ -480,7 +480,8 @@ class Model:
                                f"{self.context} (prompt + generated). Shorten the prompt.")
         eos = set(self._generation.get("eos_token_ids", []))
         tokens = self._tokens(ids, eos=eos, **options)
-        pieces = stream_text(tokens, self.tokenizer.decode_stream().step, stop)
+        decoding = self.tokenizer.decode_stream()
+        pieces = stream_text(tokens, decoding.step, stop, decoding.flush)
         return pieces if stream else "".join(pieces)
 
     def chat(self, messages: Sequence[dict], **options):

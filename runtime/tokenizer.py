@@ -486,6 +486,15 @@ class DecodeStream:
         self._prefix_index = len(self._ids)
         return new_text
 
+    def flush(self) -> str:
+        """The text of the ids `step` still holds back (a character cut off by the end of the
+        stream, or a real U+FFFD at its end), as `decode` writes it; the stream starts over."""
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)
+        rest = "".join(self._owed) + (text[len(self._prefix):] if text.startswith(self._prefix)
+                                      else text)
+        self._ids, self._prefix, self._prefix_index, self._owed = [], "", 0, []
+        return rest
+
     def _cut(self, text: str) -> None:
         """Bound the window while ids pile up that do not decode to whole characters (a model
         emitting stray UTF-8 bytes): HF decodes all of them again at every step, so a run of

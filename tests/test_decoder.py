@@ -143,6 +143,40 @@ def test_gguf_bias_tensors_are_refused_for_carrying(monkeypatch, tmp_path):
         carried_weights(tmp_path / "fake.gguf", config)
 
 
+def test_gguf_end_of_turn_and_message_tokens_end_generation():
+    # Llama-3-style metadata: eos <|end_of_text|>, eot <|eot_id|> (llama.cpp stops at both)
+    data = {"added_tokens": [{"id": i, "content": c} for i, c in
+                             enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<m>"])]}
+    metadata = {"tokenizer.ggml.eos_token_id": 0, "tokenizer.ggml.eot_token_id": 2,
+                "tokenizer.ggml.eom_token_id": 3, "tokenizer.ggml.bos_token_id": 1}
+    assert gguf.stop_token_ids(gguf.special_tokens(data, metadata)) == [0, 2, 3]
+
+
+def test_gguf_with_scaled_rotary_frequencies_is_refused(tmp_path):
+    import gguf as gguf_package
+
+    reader = gguf_package.GGUFReader(gguf.packaged_gguf("smollm2"))
+    path = tmp_path / "rope.gguf"
+    writer = gguf_package.GGUFWriter(path, arch="llama")
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=field.types[-1]
+                             if kind == gguf_package.GGUFValueType.ARRAY else None)
+    freqs = np.ones(32, np.float32)
+    freqs[16:] = 8.0
+    writer.add_tensor("rope_freqs.weight", freqs)   # Llama 3.1's llama3 rope scaling
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="rotary"):
+        gguf.checkpoint(path, cache=tmp_path / "cache", log=lambda line: None)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_a_file_that_is_not_gguf_is_named_before_any_conversion(tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x01" * 64)
@@ -312,6 +346,17 @@ def test_decode_stream_emits_whole_characters(smollm2_tokenizer_json):
     step = tok.decode_stream().step
     out = list(stream_text(iter(tok.encode(text)), step, []))
     assert "".join(out) == text and all("\ufffd" not in p for p in out)
+
+
+def test_streamed_text_ends_as_the_whole_decode(smollm2_tokenizer_json):
+    # a real U+FFFD as the last character, and a character cut off by the end of generation
+    tok = runtime.Tokenizer.from_file(smollm2_tokenizer_json)
+    for text in ("end with a replacement \ufffd", "x \U0001F600"):
+        ids = tok.encode(text)
+        for cut in (ids, ids[:-1]):
+            decoding = tok.decode_stream()
+            out = "".join(stream_text(iter(cut), decoding.step, [], decoding.flush))
+            assert out == tok.decode(cut)
 
 
 # --- the exported bundle ---------------------------------------------------------------------
@@ -580,6 +625,18 @@ def test_llama_projection_biases_reach_the_graph(tmp_path, bias):
         reference = model(torch.tensor([ids])).logits[0].numpy()
     ours = OnnxDecoder(tmp_path / "m.onnx", shape).logits(ids)
     assert np.abs(ours - reference).max() < 1e-4 * max(1.0, np.abs(reference).max())
+
+
+def test_a_context_too_small_for_the_checks_is_refused_before_the_build(gpt2_dir, tmp_path):
+    from exporter import export
+
+    profile = tmp_path / "small.toml"
+    profile.write_text('extends = "arm-cpu"\nname = "small"\n[generation]\ncontext_length = 20\n')
+    lines = []
+    with pytest.raises(ValueError, match="too small: the export's checks"):
+        export(str(gpt2_dir), target=str(profile), precision="float", output=tmp_path / "out",
+               log=lines.append)
+    assert "[build_float]" not in lines
 
 
 def test_gpt2_family_bundle_computes_what_transformers_does(gpt2_dir, tmp_path):
