@@ -40,6 +40,7 @@ faster, 87.6 against 55.1 tokens/s, benchmarks/bench_decoder.py).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,13 +71,22 @@ class DecoderShape:
     family: str = "llama"  # "llama": RMSNorm, rotary, SwiGLU; "gpt2": LayerNorm, learned
     activation: str = "silu"  # positions, biases, GELU ("gelu_new" tanh form or exact "gelu")
     attention_scales: tuple[float, ...] = ()  # per layer (GPT-2 may scale by 1/(layer+1))
+    rope_type: str = "default"   # config.rope_scaling's type, one of ROPE_TYPES
+    rope_scaling: tuple[tuple[str, float], ...] = ()  # and its numbers, sorted by name
+
+    ROPE_TYPES = ("default", "linear", "llama3")   # frequencies fixed whatever the length
 
     @classmethod
     def from_config(cls, config, context: int) -> DecoderShape:
         if config.model_type == "gpt2":
             return cls.from_gpt2_config(config, context)
-        if getattr(config, "rope_scaling", None):
-            raise ValueError(f"rope_scaling {config.rope_scaling!r} is not supported yet.")
+        rope = dict(getattr(config, "rope_scaling", None) or {})
+        kind = rope.pop("rope_type", rope.pop("type", "default"))
+        if kind not in cls.ROPE_TYPES:
+            raise ValueError(f"rope_scaling type {kind!r} is not supported yet (supported: "
+                             f"{', '.join(cls.ROPE_TYPES)}; Llama 3.1 and 3.2 use llama3).")
+        numbers = tuple(sorted((k, float(v)) for k, v in rope.items()
+                               if isinstance(v, int | float) and not isinstance(v, bool)))
         head_dim = (getattr(config, "head_dim", None)
                     or config.hidden_size // config.num_attention_heads)
         return cls(vocab=config.vocab_size, hidden=config.hidden_size,
@@ -85,7 +95,8 @@ class DecoderShape:
                    intermediate=config.intermediate_size, rms_eps=float(config.rms_norm_eps),
                    rope_theta=float(config.rope_theta),
                    context=min(context, config.max_position_embeddings),
-                   attention_scales=(head_dim ** -0.5,) * config.num_hidden_layers)
+                   attention_scales=(head_dim ** -0.5,) * config.num_hidden_layers,
+                   rope_type=kind, rope_scaling=numbers)
 
     @classmethod
     def from_gpt2_config(cls, config, context: int) -> DecoderShape:
@@ -433,11 +444,34 @@ def _zero_point_eight(w: Linear, dtype=np.float32) -> bool:
 
 
 def rotary_caches(shape: DecoderShape) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin tables (context, head_dim/2) as transformers' Llama computes them."""
+    """cos/sin tables (context, head_dim/2) as transformers' Llama computes them, its
+    "linear" and "llama3" frequency scaling included (modeling_rope_utils.py)."""
     inv_freq = 1.0 / (shape.rope_theta ** (np.arange(0, shape.head_dim, 2, dtype=np.int64)
                                            .astype(np.float32) / shape.head_dim))
+    inv_freq = scaled_frequencies(inv_freq.astype(np.float32), shape.rope_type,
+                                  dict(shape.rope_scaling))
     angles = np.outer(np.arange(shape.context, dtype=np.float32), inv_freq)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def scaled_frequencies(inv_freq: np.ndarray, kind: str, rope: dict[str, float]) -> np.ndarray:
+    """Rotary frequencies (float32) after rope_scaling of type `kind`. linear: all slowed
+    down by `factor`; llama3 (Llama 3.1+): wavelengths past original / low_freq_factor
+    slowed down by `factor`, those under original / high_freq_factor kept, those between
+    blended."""
+    if kind == "default":
+        return inv_freq
+    factor = np.float32(rope["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    slowed = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = ((original / wavelen - low) / (high - low)).astype(np.float32)
+    blended = (1 - smooth) * slowed / factor + smooth * slowed
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return np.where(medium, blended, slowed).astype(np.float32)
 
 
 def build(shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int = 0,

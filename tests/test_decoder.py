@@ -639,6 +639,52 @@ def test_a_context_too_small_for_the_checks_is_refused_before_the_build(gpt2_dir
     assert "[build_float]" not in lines
 
 
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "linear", "factor": 4.0}])
+def test_scaled_rotary_frequencies_reach_the_graph(tmp_path, rope_scaling):
+    # Llama 3.1 and 3.2 (the small ones a device runs) scale their rotary frequencies; they
+    # were refused. original_max_position_embeddings 16 puts every kind of frequency (kept,
+    # blended, slowed down) inside a 40-token test. (Random weights: the claim is that the
+    # graph computes what the model does.)
+    import onnx
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from exporter.decoder import OnnxDecoder
+    from exporter.decoder_graph import DecoderShape, build, float_weights
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, rope_scaling=rope_scaling)
+    model = LlamaForCausalLM(config).eval()
+    shape = DecoderShape.from_config(model.config, 64)
+    onnx.save(build(shape, float_weights(model)), tmp_path / "m.onnx")
+    ids = [(7 * i) % 256 for i in range(40)]
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0].numpy()
+        unscaled = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "rope_scaling": None}))
+        unscaled.load_state_dict(model.state_dict())
+        plain = unscaled.eval()(torch.tensor([ids])).logits[0].numpy()
+    ours = OnnxDecoder(tmp_path / "m.onnx", shape).logits(ids)
+    tolerance = 1e-4 * max(1.0, np.abs(reference).max())
+    assert np.abs(ours - reference).max() < tolerance
+    assert np.abs(plain - reference).max() > 100 * tolerance   # the scaling matters here
+
+
+def test_rotary_scaling_that_depends_on_the_length_is_refused():
+    from transformers import LlamaConfig
+
+    from exporter.decoder_graph import DecoderShape
+
+    config = LlamaConfig(num_hidden_layers=1, rope_scaling={"rope_type": "dynamic",
+                                                            "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_scaling type 'dynamic' is not supported yet"):
+        DecoderShape.from_config(config, 64)
+
 def test_gpt2_family_bundle_computes_what_transformers_does(gpt2_dir, tmp_path):
     from exporter import export
     from exporter.decoder import torch_greedy
