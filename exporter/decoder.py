@@ -29,7 +29,7 @@ from .decoder_graph import DecoderShape, DecoderWeights, Linear, build, float_we
 from .load import write_tokenizer
 from .quantize import kib_to_mb
 from .report import write_report
-from .validate import BudgetError
+from .validate import BudgetError, cpu_target, timed_on
 
 # Architectures the graph builder covers: Llama (RMSNorm, rotary, GQA, SwiGLU, no bias) and
 # GPT-2 (LayerNorm, learned positions, biases, GELU MLP).
@@ -528,7 +528,7 @@ def validate_decoder(job) -> None:
         "perplexity_data": job.records["perplexity_data"],
         "greedy": {"prompts": len(PROMPTS), "tokens": tokens,
                    "per_prompt": [round(g, 3) for g in greedy]},
-        "speed": {"float_onnx": float_speed, "bundle": speed},
+        "speed": {"float_onnx": float_speed, "bundle": speed, "timed_on": timed_on(job.target)},
         "size_bytes": {"float_onnx": float_bytes, "bundle_model": quant_bytes,
                        "ratio": round(quant_bytes / float_bytes, 4)},
         "peak_rss_mb": {"float_onnx": peak_rss_mb(job.float_onnx, job.decoder_shape),
@@ -545,8 +545,9 @@ def validate_decoder(job) -> None:
     job.log(f"  perplexity {ppl:.3f} vs float {float_ppl:.3f} "
             f"({metrics['perplexity-increase']:+.2f}%); greedy agreement "
             f"{100 * metrics['greedy-agreement']:.1f}% over {len(PROMPTS)} prompts; decode "
-            f"{speed['decode_tokens_per_s']} tok/s vs float {float_speed['decode_tokens_per_s']};"
-            f" model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float)")
+            f"{speed['decode_tokens_per_s']} tok/s vs float {float_speed['decode_tokens_per_s']}"
+            f"{'' if cpu_target(job.target) else ' (host CPU, not the target device)'}; "
+            f"model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float)")
     if broken:
         rejected = job.output.with_name(job.output.name + ".rejected")
         write_report(job, rejected)

@@ -63,6 +63,7 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
             f"| model file (MB) | {size['float_onnx'] / 1e6:.1f} | "
             f"{size['bundle_model'] / 1e6:.1f} | {size['ratio']:.2f} |",
             f"| peak RSS (MB) | {rss['float_onnx']} | {rss['bundle']} | |", "",
+            *timed_on(lat),
             f"Peak RSS: {rss['what']}. The exporter itself peaked at {rss['exporter']} MB.",
             ""]
         if "size_latency_budget" in v:
@@ -162,6 +163,7 @@ def render_decoder_markdown(data: dict) -> str:
             f"| model file (MB) | {size['float_onnx'] / 1e6:.1f} | "
             f"{size['bundle_model'] / 1e6:.1f} | {size['ratio']:.2f} |",
             f"| peak RSS (MB) | {rss['float_onnx']} | {rss['bundle']} | |", "",
+            *timed_on(sp),
             f"Peak RSS: {rss['what']}. The exporter itself peaked at {rss['exporter']} MB.", ""]
     lines += compression_lines(data.get("compression"))
     if data.get("stage_seconds"):
@@ -327,3 +329,8 @@ def replace_dir(new: Path, final: Path, *, ours: Callable[[Path], bool] = writte
     `final` must be one that this tool wrote (`check_replaceable` with `ours` and `why`)."""
     check_replaceable(final, ours=ours, why=why)
     replace_directory(new, final)
+
+
+def timed_on(speed: dict) -> list[str]:
+    """The line saying where the speeds were timed (reports written before it had none)."""
+    return [f"Timed on {speed['timed_on']}.", ""] if "timed_on" in speed else []

@@ -116,6 +116,24 @@ def classification_metrics(job, ours: np.ndarray, ref: np.ndarray, *,
     return metrics   # unrounded: budgets are checked on these (budget.rounded for records)
 
 
+def cpu_target(target) -> bool:
+    return target.runtime.execution_providers[0] == "CPUExecutionProvider"
+
+
+def timed_on(target) -> str:
+    """Where the export times the float graph and the bundle, and, for a target whose
+    bundle runs on other execution providers, that these are not the device's timings."""
+    import os
+    import platform
+
+    where = f"this host's CPU ({platform.machine()}, {os.cpu_count()} cores, " \
+            f"CPUExecutionProvider)"
+    if not cpu_target(target):
+        where += f"; the target runs {target.runtime.execution_providers[0]}, so these " \
+                 f"timings are not the device's speed"
+    return where
+
+
 def latency_ms(job, sessions: dict, texts: list[str], runs: int,
                rounds: int = 3) -> dict[str, dict[str, float]]:
     """Batch-1 latency p50/p95 (ms) per session at natural length, cycling through `texts`.
@@ -204,7 +222,8 @@ def validate(job) -> None:
         "budget": str(job.budget),
         "integer_products": integer_products(exact),
         "latency_ms_batch1": {"float_onnx": float_latency, "bundle": quant_latency,
-                              "ratio_p50": round(quant_latency["p50"] / float_latency["p50"], 3)},
+                              "ratio_p50": round(quant_latency["p50"] / float_latency["p50"], 3),
+                              "timed_on": timed_on(job.target)},
         "size_bytes": {"float_onnx": float_bytes, "bundle_model": quant_bytes,
                        "ratio": round(quant_bytes / float_bytes, 4)},
         "peak_rss_mb": {
@@ -231,7 +250,8 @@ def validate(job) -> None:
                    if "accuracy" in metrics else "; no labels, so no accuracy"))
     job.log(f"  cosine to PyTorch float: mean {metrics['cosine']:.4f}, min "
             f"{metrics['min-cosine']:.4f} on {len(texts)} texts; latency p50 "
-            f"{quant_latency['p50']:.2f} ms vs float {float_latency['p50']:.2f} ms; "
+            f"{quant_latency['p50']:.2f} ms vs float {float_latency['p50']:.2f} ms"
+            f"{'' if cpu_target(job.target) else ' (host CPU, not the target device)'}; "
             f"model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float)"
             + ("; accuracy as the device computes it (exact integer products, which this "
                "host's CPU saturates)" if exact else ""))

@@ -47,6 +47,18 @@ def test_jetson_bundle_follows_tensorrt_rules(jetson_bundle):
     assert manifest["opset"] == 19
 
 
+
+def test_jetson_report_says_its_timings_are_not_the_devices(jetson_bundle, minilm_bundle):
+    # timed with the CPU provider on the build host: a jetson bundle (float16, explicit Q/DQ
+    # for TensorRT) was reported 18x slower than float with nothing saying where it was timed
+    timed = json.loads((jetson_bundle / "manifest.json").read_text())["validation"][
+        "latency_ms_batch1"]["timed_on"]
+    assert "CPUExecutionProvider" in timed and "TensorrtExecutionProvider" in timed
+    assert f"Timed on {timed}." in (jetson_bundle / "report.md").read_text()
+    arm = json.loads((minilm_bundle / "manifest.json").read_text())["validation"][
+        "latency_ms_batch1"]["timed_on"]
+    assert "CPUExecutionProvider" in arm and "not the device's" not in arm
+
 def test_jetson_bundle_matches_float_on_cpu(jetson_bundle, eval_texts, torch_minilm):
     manifest = json.loads((jetson_bundle / "manifest.json").read_text())
     assert manifest["validation"]["metrics"]["cosine"] >= 0.97     # the profile's budget
