@@ -76,6 +76,30 @@ def bundle(text: str) -> Path:
     return Path(_passing(_bundle)(text))
 
 
+def result_file(text: str) -> Path:
+    """A file to write results to: not an existing directory (refused at once rather than
+    after the whole run, when os.replace fails and the results are lost)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path.")
+    return path
+
+
+def single_graph_bundle(text: str) -> Path:
+    """An encoder bundle whose graph is not cut into pipeline stages yet."""
+    import json
+
+    path = bundle(text)
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    if manifest.get("stages"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is already cut into {len(manifest['stages'])} stages; give a "
+            f"single-graph bundle (e.g. an arm-cpu export).")
+    if manifest.get("task") == "text-generation":
+        raise argparse.ArgumentTypeError(f"{text!r} is a decoder bundle; give an encoder's.")
+    return path
+
+
 def classifier(text: str) -> Path:
     """A trained intent classifier directory (samples/train_intents.py), holding test.jsonl."""
     path = Path(text)

@@ -103,7 +103,8 @@ def main(argv=None) -> int:
                         help="timed runs per variant")
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
                         help="these variants only (int8, the baseline, is always measured)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "bench_compression")
+    parser.add_argument("--output", type=argtypes.result_file,
+                        default=RESULTS / "bench_compression")
     args = parser.parse_args(argv)
 
     from exporter import pipeline
@@ -166,8 +167,18 @@ def quality_key(rows) -> str:
     return "accuracy" if "accuracy" in rows[0]["quality"] else "cosine"
 
 
+def result_paths(output: Path) -> dict[str, Path]:
+    """The .json, .md and .png written for `--output`: its name plus each suffix, so that
+    `--output run.1` and `--output run.2` stay apart (with_suffix made both run.json); a name
+    already ending in one of them (`--output x.json`) is taken as the stem."""
+    if output.suffix in (".json", ".md", ".png"):
+        output = output.with_suffix("")
+    return {s: output.with_name(output.name + s) for s in (".json", ".md", ".png")}
+
+
 def write(rows, args, model: str) -> None:
     key = quality_key(rows)
+    paths = result_paths(args.output)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     header = ("| variant | healed | layers | params (M) | model.onnx (MB) | gzip (MB) | "
               f"latency p50 (ms) | speed vs int8 | {key} |")
@@ -184,13 +195,13 @@ def write(rows, args, model: str) -> None:
                      f"{r['parameters'] / 1e6:.2f} | {r['model_bytes'] / 1e6:.2f} | "
                      f"{r['gzip_bytes'] / 1e6:.2f} | {r['latency_ms_p50']:.3f} | "
                      f"{r['speedup_vs_int8']:.2f}x | {value} |")
-    png = args.output.with_suffix(".png")
+    png = paths[".png"]
     plot(rows, key, png, model)
     lines += ["", f"![quality against latency]({png.name})", ""]
     text = "\n".join(lines)
     print(text)
-    argtypes.write_result(args.output.with_suffix(".md"), text)
-    argtypes.write_result(args.output.with_suffix(".json"),
+    argtypes.write_result(paths[".md"], text)
+    argtypes.write_result(paths[".json"],
                           json.dumps(rows, indent=2, default=str) + "\n")
 
 

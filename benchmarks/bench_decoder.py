@@ -200,8 +200,11 @@ def llama_cpp_variant(args) -> dict:
     from llama_cpp import Llama
 
     def open_model(all_logits: bool):
+        # n_threads_batch too: llama-cpp-python defaults it to every CPU, and the 128-token
+        # prefill runs on it (our sessions get args.threads for prefill and decode alike)
         return Llama(model_path=args.gguf, n_ctx=args.context, n_threads=args.threads,
-                     n_batch=512, logits_all=all_logits, verbose=False)
+                     n_threads_batch=args.threads, n_batch=512, logits_all=all_logits,
+                     verbose=False)
 
     # Timed with logits for the last position only, as our bundles compute them (with
     # logits_all, llama.cpp runs its LM head on every prompt token and llama-cpp-python

@@ -640,7 +640,10 @@ def bench(model: str, *, task: str | None, evaluation: list,
                           calibration_texts=[u.text for u in setup.calibration],
                           input_names=graph_inputs(job.float_onnx),
                           max_length=job.max_length)
-    bundle_model = job.output / "model.onnx" if job.output.is_dir() else job.quantized_onnx
+    # a bundle cut into pipeline stages (x86-server) holds stage*.onnx and no model.onnx: time
+    # the single graph they were cut from (the partition stage checked them equal to it)
+    bundle_model = (job.output / "model.onnx" if (job.output / "model.onnx").is_file()
+                    else job.quantized_onnx)
     ctx = Context(model_dir=job.model_dir, task=job.task, target=setup.target,
                   threads=setup.threads, spinning=setup.spinning, workdir=workdir,
                   float_onnx=job.float_onnx, bundle_model=bundle_model,
@@ -676,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="timing passes over all variants (default: 3)")
     parser.add_argument("--no-spinning", action="store_true",
                         help="turn ONNX Runtime's thread spinning off in every session")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
+    parser.add_argument("--output", type=argtypes.result_file, default=RESULTS,
+                        help="JSON results file")
     args = parser.parse_args(argv)
 
     from exporter.data import read_texts, smart_home_utterances

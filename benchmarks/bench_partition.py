@@ -74,7 +74,7 @@ def time_stream(model, feeds: list[dict]) -> tuple[float, list]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=argtypes.bundle,
+    parser.add_argument("--bundle", type=argtypes.single_graph_bundle,
                         help="a single-graph bundle (default: export)")
     parser.add_argument("--threads", type=argtypes.at_least(1), default=2,
                         help="CPU threads in all (default 2)")

@@ -181,7 +181,8 @@ def cold(tok):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=argtypes.at_least(1), default=5)
-    parser.add_argument("--json", type=Path, default=Path("build/bench_tokenizer.json"))
+    parser.add_argument("--json", type=argtypes.result_file,
+                        default=Path("build/bench_tokenizer.json"))
     args = parser.parse_args()
     try:   # the peers this compares with
         import tokenizers

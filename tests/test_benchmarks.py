@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
     ("bench_compression.py", ["--heal-steps", "-1"], "argument --heal-steps: must be at least 0"),
     ("bench_compression.py", ["--model", "tests"], "argument --model: Model directory 'tests' "
                                                    "has no config.json"),
+    ("bench_tokenizer.py", ["--json", "tests"], "argument --json: 'tests' is a directory"),
+    ("bench_encoder.py", ["--output", "tests"], "argument --output: 'tests' is a directory"),
+    ("bench_compression.py", ["--output", "tests"], "argument --output: 'tests' is a directory"),
     ("bench_encoder.py", ["--model", "smollm2"], "argument --model: 'smollm2' is a decoder; "
                                                  "this benchmark measures encoders"),
 ])
@@ -55,3 +58,46 @@ def test_result_files_are_written_whole(tmp_path, monkeypatch):
         write_result(result, '{"rows": 2}\n')
     assert result.read_text() == '{"rows": 1}\n'
     assert [p.name for p in result.parent.iterdir()] == ["bench.json"]
+
+
+def test_compression_outputs_with_dots_do_not_collide():
+    # `--output r/run.1` and `--output r/run.2` both wrote r/run.json (Path.with_suffix)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_compression
+
+    one = bench_compression.result_paths(Path("r/run.1"))
+    two = bench_compression.result_paths(Path("r/run.2"))
+    assert one[".json"] == Path("r/run.1.json") and two[".json"] == Path("r/run.2.json")
+    assert bench_compression.result_paths(Path("r/x.json"))[".md"] == Path("r/x.md")
+
+
+def test_llama_cpp_prefill_gets_the_same_threads(monkeypatch):
+    # llama-cpp-python's n_threads_batch (prompt evaluation) defaults to every CPU
+    import types
+
+    seen = {}
+
+    class Llama:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=Llama))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_decoder
+
+    bench_decoder.llama_cpp_variant(types.SimpleNamespace(gguf=__file__, context=64, threads=1))
+    assert seen["n_threads"] == 1 and seen.get("n_threads_batch") == 1
+
+
+def test_partition_refuses_a_staged_bundle(tmp_path, monkeypatch):
+    # it was accepted, then exporter.partition.restage ended the run in a ValueError traceback
+    import argparse
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks import _args
+
+    monkeypatch.setattr(_args, "_bundle", lambda text: None)   # a manifest that reads
+    (tmp_path / "manifest.json").write_text('{"task": "feature-extraction", "stages": '
+                                            '[{"file": "stage0.onnx"}, {"file": "stage1.onnx"}]}')
+    with pytest.raises(argparse.ArgumentTypeError, match="already cut into 2 stages"):
+        _args.single_graph_bundle(str(tmp_path))
