@@ -1324,7 +1324,7 @@ compare_sort_items(const void *a_, const void *b_)
 typedef struct {
     PyObject *content; /* str */
     PyObject *id;      /* exact int */
-    int single_word, lstrip, rstrip, normalized;
+    int single_word, lstrip, rstrip, normalized, special;
 } AddedSpec;
 
 static int
@@ -1339,8 +1339,8 @@ flag_attr(PyObject *token, const char *name, int *out)
     return *out < 0 ? -1 : 0;
 }
 
-/* An AddedSet of the specs whose `normalized` equals `normalized`; later
- * specs with the same content replace earlier ones, as in the twin's dict. */
+/* An AddedSet of the specs whose `normalized` equals `normalized`; of specs
+ * with the same content, the first special one, else the first, as in the twin. */
 static int
 build_added(AddedSet *set, AddedSpec *specs, Py_ssize_t n, int normalized)
 {
@@ -1348,17 +1348,23 @@ build_added(AddedSet *set, AddedSpec *specs, Py_ssize_t n, int normalized)
     if (by_content == NULL) {
         return -1;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (specs[i].normalized != normalized || PyUnicode_GET_LENGTH(specs[i].content) == 0) {
-            continue;
+    /* Two tokens may have one content (normalized ones: "Zorg" and "ZORG" under
+     * lowercase). HF's matcher lists the special tokens first, then the others,
+     * each in order, and the first listed wins: keep the first seen. */
+    for (int special = 1; special >= 0; special--) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (specs[i].normalized != normalized || !specs[i].special != !special
+                || PyUnicode_GET_LENGTH(specs[i].content) == 0) {
+                continue;
+            }
+            PyObject *index = PyLong_FromSsize_t(i);
+            if (index == NULL || PyDict_SetDefault(by_content, specs[i].content, index) == NULL) {
+                Py_XDECREF(index);
+                Py_DECREF(by_content);
+                return -1;
+            }
+            Py_DECREF(index);
         }
-        PyObject *index = PyLong_FromSsize_t(i);
-        if (index == NULL || PyDict_SetItem(by_content, specs[i].content, index) < 0) {
-            Py_XDECREF(index);
-            Py_DECREF(by_content);
-            return -1;
-        }
-        Py_DECREF(index);
     }
     Py_ssize_t count = PyDict_GET_SIZE(by_content), total = 0, pos = 0;
     PyObject *content, *index;
@@ -1467,7 +1473,8 @@ build_added_tokens(AddedSet *raw, AddedSet *normalized, const Encoder *e,
         if (spec->id == NULL || flag_attr(token, "single_word", &spec->single_word) < 0
             || flag_attr(token, "lstrip", &spec->lstrip) < 0
             || flag_attr(token, "rstrip", &spec->rstrip) < 0
-            || flag_attr(token, "normalized", &spec->normalized) < 0) {
+            || flag_attr(token, "normalized", &spec->normalized) < 0
+            || flag_attr(token, "special", &spec->special) < 0) {
             goto done;
         }
         if (spec->normalized && e != NULL) {

@@ -160,6 +160,18 @@ _LOWERCASE_FIXES = {0x03A3: 0x03C3} | {
 # The "other alphabetic" symbols (circled/squared Latin letters) that Rust
 # regex's `\w` counts as word characters while their category is So.
 _OTHER_ALPHABETIC_SYMBOLS = _char_class("24B6-24E9 1F130-1F149 1F150-1F169 1F170-1F189")
+# Rust regex's `\w` is Unicode 16 in tokenizers 0.22; these word characters were
+# assigned in Unicode 15 and 16 (letters, marks, digits), unknown to Python 3.11's
+# unicodedata (14.0). Checked against HF on every code point by
+# tests/test_tokenizer.py::test_single_word_boundary_matches_hf_on_every_code_point.
+_WORD_ADDITIONS = _char_class("""
+    897 CF3 ECE 1C89-1C8A A7CB-A7CD A7DA-A7DC 105C0-105F3 10D40-10D65 10D69-10D6D 10D6F-10D85
+    10EC2-10EC4 10EFC-10EFF 1123F-11241 11380-11389 1138B 1138E 11390-113B5 113B7-113C0 113C2
+    113C5 113C7-113CA 113CC-113D3 113E1-113E2 116D0-116E3 11BC0-11BE0 11BF0-11BF9 11F00-11F10
+    11F12-11F3A 11F3E-11F42 11F50-11F5A 1342F 13440-13455 13460-143FA 16100-16139 16D40-16D6C
+    16D70-16D79 18CFF 1B132 1B155 1CCF0-1CCF9 1DF25-1DF2A 1E030-1E06D 1E08F 1E4D0-1E4F9
+    1E5D0-1E5FA 2B739 2EBF0-2EE5D 31350-323AF
+""")
 
 _CONTROL_RE = re.compile(f"[{_CONTROL}]+")
 _CLEAN_WHITESPACE_RE = re.compile(f"[{_CLEAN_WHITESPACE}]")
@@ -168,7 +180,7 @@ _NON_WHITESPACE_RE = re.compile(f"[^{_WHITESPACE}]+")
 _PUNCTUATION_SPLIT_RE = re.compile(f"([{_PUNCTUATION}])")
 _NONSPACING_MARK_RE = re.compile(f"[{_NONSPACING_MARK}]+")
 _CJK_RE = re.compile(f"[{_CJK}]")
-_OTHER_ALPHABETIC_RE = re.compile(f"[{_OTHER_ALPHABETIC_SYMBOLS}]")
+_OTHER_ALPHABETIC_RE = re.compile(f"[{_OTHER_ALPHABETIC_SYMBOLS}{_WORD_ADDITIONS}]")
 
 # Per-word cache bounds: at most this many words of at most this many chars
 # (~2 MB), cleared when full. Clearing is O(1) and safe under threads; natural
@@ -243,8 +255,8 @@ class _Encoder:
 
 def _is_word_char(char: str) -> bool:
     # Rust regex `\w`: Alphabetic | Mark | Decimal_Number | Connector_Punctuation
-    # | Join_Control. Used only by `single_word` added tokens. Exact for every
-    # character Python's unicodedata knows; newer letters count as non-word here.
+    # | Join_Control. Used only by `single_word` added tokens. Python's categories,
+    # plus the word characters of Unicode 15 and 16 (_WORD_ADDITIONS), as HF's.
     category = unicodedata.category(char)
     return (
         category[0] in "LM"
@@ -281,7 +293,13 @@ class _AddedTokenSplitter:
     """
 
     def __init__(self, tokens: Iterable[AddedToken]) -> None:
-        self._by_content = {token.content: token for token in tokens if token.content}
+        # Tokens of one content (normalized ones: "Zorg" and "ZORG" under lowercase):
+        # HF's matcher lists the special tokens first, then the others, each in
+        # order, and the first listed wins.
+        self._by_content: dict[str, AddedToken] = {}
+        for token in sorted(tokens, key=lambda token: not token.special):
+            if token.content:
+                self._by_content.setdefault(token.content, token)
         patterns = sorted(self._by_content, key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, patterns))) if patterns else None
 
@@ -310,9 +328,12 @@ class _AddedTokenSplitter:
                 continue
             if token.lstrip:
                 # Swallow the whitespace run on the left, but never text that
-                # a previous (rstrip) token already took.
+                # a previous (rstrip) token already took: HF's
+                # max(newstart, start_offset), which moves the start forward
+                # past what that rstrip took when the token begins inside it.
                 while start > offset and _WHITESPACE_RE.match(text, start - 1):
                     start -= 1
+                start = max(start, offset)
             if token.rstrip:
                 while stop < len(text) and _WHITESPACE_RE.match(text, stop):
                     stop += 1

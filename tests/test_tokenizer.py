@@ -798,3 +798,61 @@ def test_constructors_check_ids_as_from_file_does(backend, build, message):
     where the C backend refused: both backends refuse alike, as from_file does."""
     with pytest.raises(ValueError, match=message):
         build(backend)
+
+
+# ------------------------------------------- added tokens: HF's matching rules
+
+
+def test_single_word_boundary_matches_hf_on_every_code_point(tmp_path, backend):
+    """A single_word token next to a letter, mark or digit of Unicode 15/16 (U+1E030,
+    U+0897, U+11F50...) is not a word of its own for HF (Rust regex `\\w` is Unicode 16);
+    Python 3.11's unicodedata (14.0) did not know them, and the token was taken."""
+    hf = tokenizers.Tokenizer.from_file(str(REFERENCE))
+    hf.add_tokens([tokenizers.AddedToken("<tag>", single_word=True, normalized=False)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    hf = hf_tokenizer(tmp_path / "tokenizer.json")
+    tok = Tokenizer.from_file(tmp_path / "tokenizer.json", backend=backend)
+    assert tok.encode("<tag>\U0001e030") == hf.encode("<tag>\U0001e030").ids
+    for i in range(0, len(ALL_CODE_POINTS), 20_000):
+        chars = [chr(c) for c in ALL_CODE_POINTS[i : i + 20_000]]
+        for text in (" <tag>".join(chars), "<tag> ".join(chars)):
+            assert tok.encode(text) == hf.encode(text).ids, i
+
+
+def test_lstrip_token_inside_a_previous_rstrip_has_hf_offsets(tmp_path, backend):
+    """HF's lstrip start is max(newstart, start_offset): a token that begins in the
+    whitespace a previous rstrip token took starts where that one ended."""
+    hf = tokenizers.Tokenizer.from_file(str(REFERENCE))
+    hf.add_tokens([tokenizers.AddedToken(" x", lstrip=True, normalized=False)])
+    hf.add_special_tokens([tokenizers.AddedToken(" <s> ", rstrip=True, normalized=False)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    hf = hf_tokenizer(tmp_path / "tokenizer.json")
+    tok = Tokenizer.from_file(tmp_path / "tokenizer.json", backend=backend)
+    for text in [" <s>  x", " <s>  x y", "a <s>  <s> "]:
+        expected = hf.encode(text)
+        assert tok.encode_with_offsets(text) == (expected.ids, expected.offsets)
+
+
+@pytest.mark.parametrize("order", ["non-special first", "special first", "special later"])
+def test_normalized_tokens_of_one_content_take_hf_first(tmp_path, backend, order):
+    """"Zorg" and "ZORG" (normalized) both match "zorg" in the lowercased text: HF's
+    matcher lists special tokens first, then the others in order, and the first wins
+    (the backends took the last)."""
+    hf = tokenizers.Tokenizer.from_file(str(REFERENCE))
+    first = tokenizers.AddedToken("Zorg", normalized=True, rstrip=True)
+    second = tokenizers.AddedToken("ZORG", normalized=True, lstrip=True)
+    if order == "non-special first":
+        hf.add_tokens([first, second])
+    elif order == "special first":
+        hf.add_special_tokens([first])
+        hf.add_tokens([second])
+    else:
+        hf.add_tokens([first])
+        hf.add_special_tokens([second])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    hf = hf_tokenizer(tmp_path / "tokenizer.json")
+    tok = Tokenizer.from_file(tmp_path / "tokenizer.json", backend=backend)
+    for text in ["a zorg  b", "ZORG", "Zörg x"]:
+        expected = hf.encode(text)
+        assert tok.encode(text) == expected.ids
+        assert tok.encode_with_offsets(text) == (expected.ids, expected.offsets)
