@@ -73,27 +73,56 @@ def read_metadata(path: Path) -> dict:
             if key not in skip and not key.startswith("GGUF.")}
 
 
-def refuse_rope_scaling(path: Path) -> None:
-    """A GGUF whose rotary embedding is scaled (Llama 3.1+: a rope_freqs.weight tensor and
-    rope.scaling metadata) is refused: transformers' GGUF loader drops both, so the checkpoint,
-    and the graph checked against it, would rotate with the unscaled frequencies."""
+# Llama 3's "llama3" rotary scaling parameters besides its factor (Llama 3.1, 3.2 and 3.3 use
+# these). llama.cpp's convert_hf_to_gguf.py writes that scaling as one factor per frequency
+# (rope_freqs.weight: theta_i / factor_i), not as its parameters; they are recovered by
+# recomputing the file's factors from these and its largest factor.
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+
+def rope_scaling(path: Path) -> dict | None:
+    """config.rope_scaling for GGUF `path`, which transformers' GGUF reader drops (the
+    checkpoint would rotate with unscaled frequencies): "linear" from the rope.scaling
+    metadata, "llama3" recovered from rope_freqs.weight, None where nothing is scaled.
+    Any other scaling is refused."""
     import gguf
+
+    from .decoder_graph import scaled_frequencies
 
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, TypeError, EOFError) as e:   # gguf's parser
         raise ValueError(f"{path} is not a GGUF file the gguf package can read ({e}).") from None
-    field = reader.fields.get("general.architecture")
-    arch = field.contents() if field is not None else "llama"
-    field = reader.fields.get(f"{arch}.rope.scaling.type")
-    scaling = field.contents() if field is not None else None
-    freqs = any(t.name.startswith("rope_freqs") for t in reader.tensors)
-    if freqs or scaling not in (None, "none"):
-        what = f"rope.scaling.type {scaling!r}" if scaling not in (None, "none") else \
-            "a rope_freqs.weight tensor"
-        raise ValueError(f"GGUF {path.name} scales its rotary embedding ({what}, as Llama 3.1 "
-                         f"and later do), which is not supported yet: the model would be "
-                         f"exported with unscaled rotary frequencies.")
+
+    def field(name: str, default=None):
+        found = reader.fields.get(name)
+        return default if found is None else found.contents()
+
+    arch = field("general.architecture", "llama")
+    kind = field(f"{arch}.rope.scaling.type", "none")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is None and kind == "none":
+        return None
+    if freqs is None and kind == "linear":
+        return {"rope_type": "linear", "factor": float(field(f"{arch}.rope.scaling.factor"))}
+    if freqs is not None and kind == "none":
+        factors = np.asarray(freqs.data, dtype=np.float32).reshape(-1)
+        dim = 2 * factors.size
+        base = float(field(f"{arch}.rope.freq_base", 10000.0))
+        unscaled = (1.0 / base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(
+            np.float32)
+        scaling = {"rope_type": "llama3", "factor": float(factors.max()), **LLAMA3_ROPE}
+        ours = unscaled / scaled_frequencies(unscaled, "llama3", scaling)
+        if np.allclose(ours, factors, rtol=1e-5, atol=0):
+            return scaling
+        raise ValueError(f"GGUF {path.name} scales its rotary frequencies by rope_freqs.weight "
+                         f"in a way other than Llama 3's llama3 scaling (factor "
+                         f"{factors.max():g}, low/high frequency factors 1 and 4, original "
+                         f"context 8192), which is not supported yet.")
+    raise ValueError(f"GGUF {path.name}: rotary scaling {kind!r}"
+                     f"{' with a rope_freqs.weight tensor' if freqs is not None else ''} is not "
+                     f"supported yet (linear, and llama3 as rope_freqs.weight, are).")
 
 
 def clean_tokenizer(data: dict, metadata: dict) -> dict:
@@ -186,8 +215,8 @@ def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         raise FileNotFoundError(f"GGUF file {str(path)!r} {what}.")
-    refuse_rope_scaling(path)
-    key = f"{path.stem}-{file_digest(path)[:16]}-2"   # -2: eot/eom stop tokens
+    scaling = rope_scaling(path)
+    key = f"{path.stem}-{file_digest(path)[:16]}-3"   # -3: eot/eom stop tokens, rope scaling
     target = (cache or cache_root() / "gguf") / key
     if (target / "config.json").is_file():
         return target
@@ -209,6 +238,8 @@ def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
                                             encoding="utf-8")
         specials = special_tokens(data, metadata)
         config = model.config
+        if scaling is not None:   # saved with the config: the checkpoint is loaded from it
+            config.rope_scaling = scaling
         stops = stop_token_ids(specials)
         if stops:   # llama.cpp ends generation at any of them (end of turn, of message too)
             config.eos_token_id = specials.get("eos", {"id": stops[0]})["id"]

@@ -152,11 +152,13 @@ def test_gguf_end_of_turn_and_message_tokens_end_generation():
     assert gguf.stop_token_ids(gguf.special_tokens(data, metadata)) == [0, 2, 3]
 
 
-def test_gguf_with_scaled_rotary_frequencies_is_refused(tmp_path):
+def _smollm2_gguf_with(path: Path, *, rope_freqs: np.ndarray | None = None,
+                       fields: dict | None = None) -> Path:
+    """A copy of the packaged SmolLM2 GGUF at `path`, with a rope_freqs.weight tensor and
+    metadata fields of our choice (written as gguf's own gguf_new_metadata.py copies)."""
     import gguf as gguf_package
 
     reader = gguf_package.GGUFReader(gguf.packaged_gguf("smollm2"))
-    path = tmp_path / "rope.gguf"
     writer = gguf_package.GGUFWriter(path, arch="llama")
     for field in reader.fields.values():
         if field.name == "general.architecture" or field.name.startswith("GGUF."):
@@ -164,14 +166,77 @@ def test_gguf_with_scaled_rotary_frequencies_is_refused(tmp_path):
         kind = field.types[0]
         writer.add_key_value(field.name, field.contents(), kind, sub_type=field.types[-1]
                              if kind == gguf_package.GGUFValueType.ARRAY else None)
-    freqs = np.ones(32, np.float32)
-    freqs[16:] = 8.0
-    writer.add_tensor("rope_freqs.weight", freqs)   # Llama 3.1's llama3 rope scaling
-    writer.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    for name, value in (fields or {}).items():
+        writer.add_key_value(name, value, gguf_package.GGUFValueType.STRING
+                             if isinstance(value, str) else gguf_package.GGUFValueType.FLOAT32)
+    tensors = list(reader.tensors)
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    if rope_freqs is not None:
+        writer.add_tensor_info("rope_freqs.weight", rope_freqs.shape, rope_freqs.dtype,
+                               rope_freqs.nbytes, gguf_package.GGMLQuantizationType.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:
+        writer.write_tensor_data(t.data)
+    if rope_freqs is not None:
+        writer.write_tensor_data(rope_freqs)
     writer.close()
+    return path
+
+
+def _llama_cpp_rope_factors(dim: int, base: float, factor: float) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's convert_hf_to_gguf.py writes it for Llama 3.1+
+    (LlamaModel.generate_extra_tensors, with Llama 3's low/high factors 1 and 4, 8192)."""
+    import math
+
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < 8192 / 4:
+            factors.append(1)
+        elif wavelen > 8192 / 1:
+            factors.append(factor)
+        else:
+            smooth = (8192 / wavelen - 1) / (4 - 1)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def test_gguf_rotary_scaling_reaches_the_checkpoint(tmp_path):
+    """transformers' GGUF reader drops rotary scaling: Llama 3.1+ files (rope_freqs.weight)
+    converted with plain frequencies and the export computed another model, silently. The
+    llama3 parameters are recovered from the factors, and the graph's frequencies are
+    llama.cpp's (theta_i / factor_i)."""
+    from transformers import AutoConfig
+
+    from exporter.decoder_graph import DecoderShape, rotary_caches
+
+    factors = _llama_cpp_rope_factors(64, 100000.0, 32.0)
+    assert len(set(factors.tolist())) > 3   # kept, blended and slowed-down frequencies
+    path = _smollm2_gguf_with(tmp_path / "llama3.gguf", rope_freqs=factors)
+    config = AutoConfig.from_pretrained(gguf.checkpoint(path, cache=tmp_path / "cache",
+                                                        log=lambda line: None))
+    assert config.rope_scaling == {"rope_type": "llama3", "factor": 32.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192}
+    cos, _ = rotary_caches(DecoderShape.from_config(config, 4096))
+    inv_freq = 1.0 / (100000.0 ** (np.arange(0, 64, 2, dtype=np.float32) / 64)) / factors
+    expected = np.cos(np.outer(np.arange(4096, dtype=np.float32), inv_freq))
+    np.testing.assert_allclose(cos, expected, atol=2e-4)   # float32 angles up to ~4096 rad
+
+
+@pytest.mark.parametrize("change", ["other factors", "yarn"])
+def test_gguf_rotary_scaling_we_cannot_reproduce_is_refused(tmp_path, change):
+    if change == "other factors":
+        factors = np.ones(32, np.float32)
+        factors[16:] = 8.0
+        path = _smollm2_gguf_with(tmp_path / "rope.gguf", rope_freqs=factors)
+    else:
+        path = _smollm2_gguf_with(tmp_path / "rope.gguf", fields={
+            "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0})
     with pytest.raises(ValueError, match="rotary"):
         gguf.checkpoint(path, cache=tmp_path / "cache", log=lambda line: None)
     assert not (tmp_path / "cache").exists()
