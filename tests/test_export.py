@@ -82,7 +82,7 @@ def test_bundle_files_and_manifest(minilm_bundle):
     assert set(manifest["tools"]) >= {"torch", "transformers", "onnx", "onnxruntime"}
     v = manifest["validation"]
     assert v["budget_holds"] and v["metrics"]["cosine"] >= 0.97
-    assert set(v["latency_ms_batch1"]) == {"float_onnx", "bundle", "ratio_p50"}
+    assert set(v["latency_ms_batch1"]) == {"float_onnx", "bundle", "ratio_p50", "timed_on"}
     assert v["peak_rss_mb"]["bundle"] > 0
     assert "cosine" in (minilm_bundle / "report.md").read_text()
 
