@@ -93,14 +93,23 @@ def load_decoder(job) -> None:
     model = job.torch_model
     settings = job.target.generation
     job.max_length = min(settings.context_length, model.config.max_position_embeddings)
-    # the checks below generate CHECK_TOKENS after each prompt: refused now, not mid-validation
-    needed = max(len(encode(job, p)) for p in (*PROMPTS, FLOAT_CHECK_PROMPT)) + CHECK_TOKENS
+    # The checks' positions, refused now rather than mid-validation: greedy feeds a prompt
+    # and each token it generates but the last, decode_speed PROMPTS[0] and CHECK_TOKENS
+    # more, check_decoder FLOAT_CHECK_PROMPT once.
+    lengths = [len(encode(job, p)) for p in PROMPTS]
+    needed = max(max(lengths) + CHECK_TOKENS - 1, lengths[0] + CHECK_TOKENS,
+                 len(encode(job, FLOAT_CHECK_PROMPT)))
     if job.max_length < needed:
-        raise ValueError(f"A context of {job.max_length} tokens (generation.context_length "
-                         f"{settings.context_length}, the model's limit "
-                         f"{model.config.max_position_embeddings}) is too small: the export's "
-                         f"checks generate {CHECK_TOKENS} tokens after prompts of up to "
-                         f"{needed - CHECK_TOKENS}; use a context of at least {needed}.")
+        if model.config.max_position_embeddings < needed:
+            raise ValueError(f"This model's context (max_position_embeddings "
+                             f"{model.config.max_position_embeddings}) is shorter than the "
+                             f"{needed} tokens the export's checks use (greedy text of "
+                             f"{CHECK_TOKENS} tokens after each prompt); it cannot be "
+                             f"exported as a text generator.")
+        raise ValueError(f"generation.context_length {settings.context_length} is too small: "
+                         f"the export's checks use {needed} tokens (greedy text of "
+                         f"{CHECK_TOKENS} tokens after each prompt); set it to at least "
+                         f"{needed}.")
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = model.config.eos_token_id
@@ -478,14 +487,14 @@ def decode_speed(decoder: OnnxDecoder, prompt: list[int], tokens: int = CHECK_TO
 
 _MEMORY_PROBE = """
 import sys, numpy as np
-sys.path.insert(0, sys.argv[6])
+sys.path.insert(0, sys.argv[7])
 from runtime.model import ort_session   # as the device runs it: with our kernels, if built
 s = ort_session(sys.argv[1])
-layers, kv, ctx, hd = map(int, sys.argv[2:6])
+layers, kv, ctx, hd, n = map(int, sys.argv[2:7])
 kind = s.get_inputs()[1].type   # past_key.0: float32, or float16 in GPU graphs
 dtype = np.float16 if kind == "tensor(float16)" else np.float32
-feeds = {"input_ids": np.ones((1, 64), np.int64), "seqlens_k": np.array([63], np.int32),
-         "total_sequence_length": np.array(64, np.int32), "num_logits": np.array([1], np.int64)}
+feeds = {"input_ids": np.ones((1, n), np.int64), "seqlens_k": np.array([n - 1], np.int32),
+         "total_sequence_length": np.array(n, np.int32), "num_logits": np.array([1], np.int64)}
 for i in range(layers):
     for k in ("key", "value"):
         feeds[f"past_{k}.{i}"] = np.zeros((1, kv, ctx, hd), dtype)
@@ -494,10 +503,14 @@ print([int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmH
 """
 
 
+PROBE_TOKENS = 64   # the memory probe's prefill (fewer where the context is shorter)
+
+
 def peak_rss_mb(path: Path, shape: DecoderShape) -> float:
-    """Peak RSS of a new process that loads the graph and prefills 64 tokens."""
+    """Peak RSS of a new process that loads the graph and prefills PROBE_TOKENS tokens."""
     out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), str(shape.layers),
                           str(shape.kv_heads), str(shape.context), str(shape.head_dim),
+                          str(min(PROBE_TOKENS, shape.context)),
                           str(Path(__file__).resolve().parent.parent)],
                          capture_output=True, text=True, check=True)
     return round(kib_to_mb(int(out.stdout.split()[-1])), 1)
@@ -534,8 +547,8 @@ def validate_decoder(job) -> None:
         "peak_rss_mb": {"float_onnx": peak_rss_mb(job.float_onnx, job.decoder_shape),
                         "bundle": peak_rss_mb(job.quantized_onnx, job.decoder_shape),
                         "what": "new process: load the graph as the runtime does (with its "
-                                "kernels where built) and its KV cache buffers, prefill 64 "
-                                "tokens",
+                                "kernels where built) and its KV cache buffers, prefill "
+                                f"{min(PROBE_TOKENS, job.decoder_shape.context)} tokens",
                         "exporter": round(kib_to_mb(
                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), 1)},
     }
@@ -546,7 +559,7 @@ def validate_decoder(job) -> None:
             f"({metrics['perplexity-increase']:+.2f}%); greedy agreement "
             f"{100 * metrics['greedy-agreement']:.1f}% over {len(PROMPTS)} prompts; decode "
             f"{speed['decode_tokens_per_s']} tok/s vs float {float_speed['decode_tokens_per_s']}"
-            f"{'' if cpu_target(job.target) else ' (host CPU, not the target device)'}; "
+            f" ({'this host' if cpu_target(job.target) else 'host CPU, not the target device'}); "
             f"model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float)")
     if broken:
         rejected = job.output.with_name(job.output.name + ".rejected")
