@@ -143,13 +143,21 @@ def test_gguf_bias_tensors_are_refused_for_carrying(monkeypatch, tmp_path):
         carried_weights(tmp_path / "fake.gguf", config)
 
 
-def test_gguf_end_of_turn_and_message_tokens_end_generation():
-    # Llama-3-style metadata: eos <|end_of_text|>, eot <|eot_id|> (llama.cpp stops at both)
+def test_gguf_end_of_turn_and_message_tokens_end_generation(tmp_path):
+    # Llama-3-style metadata: eos <|end_of_text|>, eot <|eot_id|> (llama.cpp stops at both);
+    # only eos reached the bundle, and chat answers ran on into invented turns
+    from transformers import AutoConfig, GenerationConfig
+
     data = {"added_tokens": [{"id": i, "content": c} for i, c in
                              enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<m>"])]}
     metadata = {"tokenizer.ggml.eos_token_id": 0, "tokenizer.ggml.eot_token_id": 2,
                 "tokenizer.ggml.eom_token_id": 3, "tokenizer.ggml.bos_token_id": 1}
     assert gguf.stop_token_ids(gguf.special_tokens(data, metadata)) == [0, 2, 3]
+    # through a real conversion: SmolLM2's eos is <|im_end|> (2); <|endoftext|> (0) as eot
+    path = _smollm2_gguf_with(tmp_path / "eot.gguf", fields={"tokenizer.ggml.eot_token_id": 0})
+    directory = gguf.checkpoint(path, cache=tmp_path / "cache", log=lambda line: None)
+    assert GenerationConfig.from_pretrained(directory).eos_token_id == [0, 2]
+    assert AutoConfig.from_pretrained(directory).eos_token_id == 2
 
 
 def _smollm2_gguf_with(path: Path, *, rope_freqs: np.ndarray | None = None,
@@ -166,9 +174,10 @@ def _smollm2_gguf_with(path: Path, *, rope_freqs: np.ndarray | None = None,
         kind = field.types[0]
         writer.add_key_value(field.name, field.contents(), kind, sub_type=field.types[-1]
                              if kind == gguf_package.GGUFValueType.ARRAY else None)
+    kinds = gguf_package.GGUFValueType
     for name, value in (fields or {}).items():
-        writer.add_key_value(name, value, gguf_package.GGUFValueType.STRING
-                             if isinstance(value, str) else gguf_package.GGUFValueType.FLOAT32)
+        writer.add_key_value(name, value, kinds.STRING if isinstance(value, str) else
+                             kinds.UINT32 if isinstance(value, int) else kinds.FLOAT32)
     tensors = list(reader.tensors)
     for t in tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
@@ -693,26 +702,43 @@ def test_llama_projection_biases_reach_the_graph(tmp_path, bias):
 
 
 def test_a_context_too_small_for_the_checks_is_refused_before_the_build(gpt2_dir, tmp_path):
+    """The checks generate text after prompts through the fixed-size cache: a context they
+    do not fit was refused halfway ("21 tokens do not fit"), after the build. The least
+    context the refusal asks for is enough: the export then runs to its end."""
+    import re
+
     from exporter import export
 
-    profile = tmp_path / "small.toml"
-    profile.write_text('extends = "arm-cpu"\nname = "small"\n[generation]\ncontext_length = 20\n')
+    def profile(context: int) -> str:
+        path = tmp_path / f"context{context}.toml"
+        path.write_text(f'extends = "arm-cpu"\nname = "small"\n[generation]\n'
+                        f'context_length = {context}\n')
+        return str(path)
+
     lines = []
-    with pytest.raises(ValueError, match="too small: the export's checks"):
-        export(str(gpt2_dir), target=str(profile), precision="float", output=tmp_path / "out",
+    with pytest.raises(ValueError, match="context_length 20 is too small: the export's checks "
+                                         "use") as refused:
+        export(str(gpt2_dir), target=profile(20), precision="float", output=tmp_path / "out",
                log=lines.append)
     assert "[build_float]" not in lines
-
+    least = int(re.search(r"at least (\d+)", str(refused.value)).group(1))
+    with pytest.raises(ValueError, match=f"context_length {least - 1} is too small"):
+        export(str(gpt2_dir), target=profile(least - 1), precision="float",
+               output=tmp_path / "out", log=lines.append)
+    bundle = export(str(gpt2_dir), target=profile(least), precision="float",
+                    output=tmp_path / "out", log=lambda line: None)
+    assert json.loads((bundle / "manifest.json").read_text())["generation"][
+        "context_length"] == least
 
 
 @pytest.mark.parametrize("rope_scaling", [
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 16},
+     "original_max_position_embeddings": 32},
     {"rope_type": "linear", "factor": 4.0}])
 def test_scaled_rotary_frequencies_reach_the_graph(tmp_path, rope_scaling):
     # Llama 3.1 and 3.2 (the small ones a device runs) scale their rotary frequencies; they
-    # were refused. original_max_position_embeddings 16 puts every kind of frequency (kept,
-    # blended, slowed down) inside a 40-token test. (Random weights: the claim is that the
+    # were refused. original_max_position_embeddings 32 puts every kind of llama3 frequency
+    # (kept, blended, slowed down) inside a 40-token test. (Random weights: the claim is that the
     # graph computes what the model does.)
     import onnx
     import torch
@@ -727,6 +753,9 @@ def test_scaled_rotary_frequencies_reach_the_graph(tmp_path, rope_scaling):
                          max_position_embeddings=128, rope_scaling=rope_scaling)
     model = LlamaForCausalLM(config).eval()
     shape = DecoderShape.from_config(model.config, 64)
+    if rope_scaling["rope_type"] == "llama3":
+        wavelengths = 2 * np.pi * 10000.0 ** (np.arange(0, 32, 2) / 32)
+        assert [(wavelengths < 32 / 4).sum(), (wavelengths > 32).sum()] == [1, 13]
     onnx.save(build(shape, float_weights(model)), tmp_path / "m.onnx")
     ids = [(7 * i) % 256 for i in range(40)]
     with torch.no_grad():
