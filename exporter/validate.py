@@ -121,17 +121,18 @@ def cpu_target(target) -> bool:
 
 
 def timed_on(target) -> str:
-    """Where the export times the float graph and the bundle, and, for a target whose
-    bundle runs on other execution providers, that these are not the device's timings."""
+    """Where the export times the float graph and the bundle: this host's CPU, which is the
+    device only where the export runs on it; for a target whose bundle runs on other
+    execution providers, these are plainly not the device's timings."""
     import os
     import platform
 
     where = f"this host's CPU ({platform.machine()}, {os.cpu_count()} cores, " \
-            f"CPUExecutionProvider)"
-    if not cpu_target(target):
-        where += f"; the target runs {target.runtime.execution_providers[0]}, so these " \
-                 f"timings are not the device's speed"
-    return where
+            f"CPUExecutionProvider, {target.runtime.threads or 'all'} threads)"
+    if cpu_target(target):
+        return where + ", not the target device unless the export ran on it"
+    return where + f"; the target runs {target.runtime.execution_providers[0]}, so these " \
+                   f"timings are not the device's speed"
 
 
 def latency_ms(job, sessions: dict, texts: list[str], runs: int,
@@ -251,7 +252,7 @@ def validate(job) -> None:
     job.log(f"  cosine to PyTorch float: mean {metrics['cosine']:.4f}, min "
             f"{metrics['min-cosine']:.4f} on {len(texts)} texts; latency p50 "
             f"{quant_latency['p50']:.2f} ms vs float {float_latency['p50']:.2f} ms"
-            f"{'' if cpu_target(job.target) else ' (host CPU, not the target device)'}; "
+            f" ({'this host' if cpu_target(job.target) else 'host CPU, not the target device'}); "
             f"model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float)"
             + ("; accuracy as the device computes it (exact integer products, which this "
                "host's CPU saturates)" if exact else ""))

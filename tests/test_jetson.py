@@ -57,7 +57,7 @@ def test_jetson_report_says_its_timings_are_not_the_devices(jetson_bundle, minil
     assert f"Timed on {timed}." in (jetson_bundle / "report.md").read_text()
     arm = json.loads((minilm_bundle / "manifest.json").read_text())["validation"][
         "latency_ms_batch1"]["timed_on"]
-    assert "CPUExecutionProvider" in arm and "not the device's" not in arm
+    assert "CPUExecutionProvider" in arm and "not the target device unless" in arm
 
 def test_jetson_bundle_matches_float_on_cpu(jetson_bundle, eval_texts, torch_minilm):
     manifest = json.loads((jetson_bundle / "manifest.json").read_text())
