@@ -215,11 +215,11 @@ def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         raise FileNotFoundError(f"GGUF file {str(path)!r} {what}.")
-    scaling = rope_scaling(path)
     key = f"{path.stem}-{file_digest(path)[:16]}-3"   # -3: eot/eom stop tokens, rope scaling
     target = (cache or cache_root() / "gguf") / key
     if (target / "config.json").is_file():
         return target
+    scaling = rope_scaling(path)   # before anything is written (~4 s: read once, when converting)
     try:
         metadata = read_metadata(path)
     except (ValueError, IndexError, KeyError, TypeError, EOFError) as e:   # gguf's parser
