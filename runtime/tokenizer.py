@@ -113,6 +113,8 @@ class Tokenizer:
         `trim_offsets` is the post-processor's (ByteLevel, RobertaProcessing) offset
         trimming: None for none, else its `add_prefix_space`.
         """
+        settings = {k: v for k, v in locals().items() if k not in ("self", "backend")}
+        self._settings = lambda: ("WordPiece", settings)   # what a pickle rebuilds it from
         self._choose_backend(backend)
         _check_vocab(vocab, MAX_ID)
         _check_added(added_tokens, pad_id)
@@ -179,7 +181,9 @@ class Tokenizer:
             >>> tok.encode("hi!"), tok.decode([256, 33])
             ([256, 33], 'hi!')
         """
+        settings = {k: v for k, v in locals().items() if k not in ("cls", "backend")}
         self = cls.__new__(cls)
+        self._settings = lambda: ("BPE", settings)
         self._choose_backend(backend)
         _check_vocab(vocab, MAX_BPE_ID)
         _check_added(added_tokens, pad_id)
@@ -273,7 +277,20 @@ class Tokenizer:
             # Read the file again if offsets are asked for, rather than keep its vocab
             # and merges (~13 MB for SmolLM2's) for the Python twin.
             self._offsets_encoder = functools.partial(_twin_encoder, path, stamp)
+        self._settings = functools.partial(_file_settings, path, stamp)   # likewise
         return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as the settings it was built from (a file's are read again, so the
+        file must not have changed), to be rebuilt on the same backend where that is
+        available: a Tokenizer can go to worker processes (multiprocessing, DataLoader).
+
+        Example:
+            >>> pickle.loads(pickle.dumps(tok)).encode("hello world") == tok.encode("hello world")
+            True
+        """
+        kind, settings = self._settings()
+        return _rebuild, (kind, settings, self.backend)
 
     @property
     def vocab_size(self) -> int:
@@ -587,6 +604,25 @@ def _twin_encoder(path: Path, stamp: tuple[int, int]) -> _tokenizer_py._Encoder:
             "same file. Load the tokenizer again."
         )
     return Tokenizer.from_file(path, backend="python")._encoder
+
+
+def _file_settings(path: Path, stamp: tuple[int, int]) -> tuple[str, dict[str, Any]]:
+    """`_read_tokenizer_json` of `path`, which must not have changed since `stamp`."""
+    if _stamp(path) != stamp:
+        raise RuntimeError(
+            f"{path} changed or went away since this Tokenizer read it; a pickled "
+            "Tokenizer is rebuilt from that file. Load the tokenizer again."
+        )
+    return _read_tokenizer_json(path)
+
+
+def _rebuild(kind: str, settings: dict[str, Any], backend: str) -> Tokenizer:
+    """The Tokenizer that `Tokenizer.__reduce__` pickled, on `backend` where this process
+    has it (else on the default one, which warns when that is the Python twin)."""
+    backend_here = backend if backend in BACKENDS else None
+    if kind == "BPE":
+        return Tokenizer.byte_level_bpe(**settings, backend=backend_here)
+    return Tokenizer(**settings, backend=backend_here)
 
 
 def _ids(ids: Iterable[int]) -> Iterator[int]:

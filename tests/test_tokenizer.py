@@ -340,6 +340,47 @@ def test_offsets_asked_first_from_many_threads_at_once(backend):
         assert all(r == (expected.ids, expected.offsets) for r in results)
 
 
+def _encode_in_worker(tok_and_texts):
+    tok, texts = tok_and_texts
+    return tok.backend, tok.encode_batch(texts), tok.encode_with_offsets(texts[0])
+
+
+def test_a_tokenizer_goes_to_worker_processes(tok, some_texts):
+    """Pickled (as multiprocessing and DataLoader workers need) and rebuilt on the same
+    backend in a fresh interpreter, with the same ids and offsets."""
+    import multiprocessing
+
+    texts = some_texts[:50]
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        backend, ids, offsets = pool.map(_encode_in_worker, [(tok, texts)])[0]
+    assert (backend, ids, offsets) == (
+        tok.backend, tok.encode_batch(texts), tok.encode_with_offsets(texts[0]))
+
+
+def test_pickling_a_tokenizer_built_from_arguments(backend):
+    import pickle
+
+    tok = Tokenizer(vocab={"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "hi": 3, "##s": 4},
+                    unk_token="[UNK]", prefix_ids=[1], suffix_ids=[2], lowercase=False,
+                    added_tokens=[AddedToken("<x>", 5, special=True)], backend=backend)
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.backend == backend
+    assert copy.encode("his hi <x> Hi") == tok.encode("his hi <x> Hi") == [1, 3, 4, 3, 5, 0, 2]
+    assert copy.decode([3, 4, 5], skip_special_tokens=False) == "his <x>"
+    assert pickle.loads(pickle.dumps(copy)).encode("hi") == [1, 3, 2]
+
+
+def test_pickling_needs_the_file_the_tokenizer_read(tmp_path, backend):
+    import pickle
+
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(REFERENCE.read_bytes())
+    tok = Tokenizer.from_file(path, backend=backend)
+    path.unlink()
+    with pytest.raises(RuntimeError, match="changed or went away .* a pickled Tokenizer"):
+        pickle.dumps(tok)
+
+
 def test_encode_with_offsets_refuses_what_encode_refuses(tok):
     with pytest.raises(TypeError, match="expects str, got bytes"):
         tok.encode_with_offsets(b"hello")

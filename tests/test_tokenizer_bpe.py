@@ -374,6 +374,18 @@ def test_encode_batch_is_encode_per_text(tok, real_texts):
 # ---------------------------------------------------------------- decoding
 
 
+def test_pickled_tokenizer_is_the_same_tokenizer(tok, real_case):
+    """Rebuilt from the file on the same backend: ids, offsets and decoding unchanged."""
+    import pickle
+
+    texts = real_case[0][:200]
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.backend == tok.backend
+    assert copy.encode_batch(texts) == real_case[1][:200]
+    assert copy.encode_with_offsets(texts[0]) == tok.encode_with_offsets(texts[0])
+    assert copy.decode(real_case[1][0]) == tok.decode(real_case[1][0])
+
+
 def test_decode_matches_hf(tok, hf, real_case):
     ids = real_case[1][::13]
     assert [tok.decode(i) for i in ids] == hf.decode_batch(ids)
