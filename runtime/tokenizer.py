@@ -474,12 +474,19 @@ class DecodeStream:
 
     def step(self, token_id: int) -> str | None:
         """The text `token_id` completes, or None while it is still incomplete."""
-        decode = self._tokenizer.decode
+        tokenizer = self._tokenizer
+        (token_id,) = _ids((token_id,))
+        token = tokenizer._id_to_token.get(token_id)
+        if token is None or (self._skip and token in tokenizer._special):
+            # It decodes to nothing wherever it stands, so it stays out of the window: a
+            # run of n of them (a model emitting special tokens) cost O(n²) decoding.
+            return None
+        decode = tokenizer.decode
         if not self._prefix and self._ids and not self._owed:
             prefix = decode(self._ids, skip_special_tokens=self._skip)
             if not prefix.endswith("\ufffd"):
                 self._prefix, self._prefix_index = prefix, len(self._ids)
-        self._ids.extend(_ids((token_id,)))
+        self._ids.append(token_id)
         text = decode(self._ids, skip_special_tokens=self._skip)
         # (HF compares UTF-8 lengths; decode's output never holds a lone surrogate.)
         if self._owed:

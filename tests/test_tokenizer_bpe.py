@@ -415,16 +415,20 @@ def test_decode_stream_matches_hf(tok, hf):
 
 
 def test_decode_stream_of_stray_bytes_matches_hf_in_a_bounded_window(tok, hf):
-    # A model gone wrong can emit long runs of UTF-8 bytes that form no character. HF
-    # decodes the whole run again at each step (O(n²): 27 s for 4,000 such ids); ours
-    # decodes a bounded window and must still give exactly HF's pieces.
+    # A model gone wrong can emit long runs of UTF-8 bytes that form no character, or of
+    # special tokens that decode to nothing. HF decodes the whole run again at each step
+    # (O(n²): 27 s for 4,000 such ids); ours decodes a bounded window and must still give
+    # exactly HF's pieces.
     from tokenizers.decoders import DecodeStream
 
     byte_ids = [tok.token_to_id(c) for c in _tokenizer_py.BYTE_TO_CHAR]  # (None: no such id)
     words = tok.encode("naïve 家 👨‍👩‍👧 ok<|im_end|>")
+    end, unknown = tok.token_to_id("<|im_end|>"), hf.get_vocab_size() + 7
     rng = random.Random(5)
     sequences = [[byte_ids[0x80]] * 400 + words,   # continuation bytes, then text
-                 [byte_ids[0xE2]] * 300 + [byte_ids[0x82], byte_ids[0xAC]] + words]
+                 [byte_ids[0xE2]] * 300 + [byte_ids[0x82], byte_ids[0xAC]] + words,
+                 [end] * 400 + words, [unknown] * 300 + words,
+                 [byte_ids[0xE2], end, byte_ids[0x82], unknown, end, byte_ids[0xAC]] + words]
     for _ in range(40):
         pool = [i for i in byte_ids[0x80:] if i is not None] * 3 + words + \
             [tok.token_to_id("<|im_end|>")]
