@@ -101,6 +101,17 @@ def test_kl_threshold_clips_an_outlier_far_beyond_the_body():
         assert cut <= outlier / 8, (outlier, cut)
 
 
+def test_kl_threshold_clips_a_sparse_heavy_tail():
+    # Laplace's tail thins out into single values with empty bins between them; every
+    # candidate cut on an empty bin had Q = 0 where the folded tail made P > 0, and the
+    # tail was kept whole (cut = the edge).
+    rng = np.random.default_rng(0)
+    values = np.abs(rng.laplace(size=100_000))
+    hist, _ = np.histogram(values, bins=2048, range=(0, values.max()))
+    cut = kl_threshold(hist, values.max())
+    assert 5 < cut < 0.95 * values.max(), (cut, values.max())
+
+
 def test_nan_in_a_batch_hides_none_of_its_other_values(tmp_path):
     # min()/max() of a batch holding a NaN are NaN, and Python's min(low, nan) kept the old
     # value: the whole batch's range was ignored, silently (an all-NaN tensor got 0..0).
