@@ -59,8 +59,8 @@ class Clause:
     op: str       # ">=" or "<="
     value: float
 
-    def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.value:g}"
+    def __str__(self) -> str:   # the bound as given: 6 digits made 0.9999995 read ">=1"
+        return f"{self.metric}{self.op}{self.value:.15g}"
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,8 @@ class Budget:
             miss = c.value - got if c.op == ">=" else got - c.value
             if miss > 0:
                 side = "below" if c.op == ">=" else "above"
-                broken.append(f"{c.metric} is {got:.6g}, {side} the budget {c} by {miss:.2g}")
+                broken.append(f"{c.metric} is {_unlike(got, c.value)}, {side} the budget {c} "
+                              f"by {miss:.2g}")
         return broken
 
     def shortfall(self, metrics: dict[str, float]) -> float:
@@ -139,6 +140,18 @@ class Budget:
 
     def __str__(self) -> str:
         return ",".join(str(c) for c in self.clauses)
+
+
+def _unlike(value: float, bound: float) -> str:
+    """`value` to 6 significant digits, or as many more as keep it on its side of `bound`
+    (a min-cosine of 0.9799996 is not "0.98, below the budget min-cosine>=0.98")."""
+    def side(x: float) -> int:
+        return (x > bound) - (x < bound)
+
+    digits = 6
+    while digits < 17 and side(float(f"{value:.{digits}g}")) != side(value):
+        digits += 1
+    return f"{value:.{digits}g}"
 
 
 def rounded(metrics: dict[str, float], digits: int = 5) -> dict[str, float]:

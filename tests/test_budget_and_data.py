@@ -28,6 +28,23 @@ def test_budget_is_checked_unrounded_and_says_so():
         "min-cosine is 0.979996, below the budget min-cosine>=0.98 by 4e-06"]
 
 
+def test_budget_and_measured_value_are_printed_as_they_compare():
+    """The budget as given (it goes into the manifest, the report and every message) and a
+    measured value on its own side of it: `:g` printed min-cosine>=0.9999995 as
+    'min-cosine>=1', and a min-cosine of 0.9799996 as '0.98, below the budget ...>=0.98'."""
+    budget = Budget.parse("min-cosine>=0.9999995")
+    assert str(budget) == "min-cosine>=0.9999995"
+    assert Budget.parse(str(budget)) == budget
+    assert Budget.parse("min-cosine>=0.98").check({"min-cosine": 0.9799996}) == [
+        "min-cosine is 0.9799996, below the budget min-cosine>=0.98 by 4e-07"]
+    assert Budget.parse("min-cosine>=0.99999965").check({"min-cosine": 0.9999996}) == [
+        "min-cosine is 0.9999996, below the budget min-cosine>=0.99999965 by 5e-08"]
+    assert Budget.parse("accuracy-drop<=0.3").check({"accuracy-drop": 0.30000004}) == [
+        "accuracy-drop is 0.30000004, above the budget accuracy-drop<=0.3 by 4e-08"]
+    assert str(Budget.parse("cosine>=9.7E-1, perplexity-increase<=1e1")) == \
+        "cosine>=0.97,perplexity-increase<=10"
+
+
 def test_a_metric_that_is_not_a_number_breaks_the_budget():
     # NaN compares false with everything, so `miss > 0` let an fp16 graph that overflowed
     # (every output NaN) pass its budget, and the sensitivity search stop at once.
