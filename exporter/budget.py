@@ -48,6 +48,8 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 LABELLED_METRICS = ("accuracy", "accuracy-drop")
 # metrics where smaller is better (a budget caps them with <=); the others take >=
 LOWER_IS_BETTER = ("accuracy-drop", "perplexity-increase")
+# metrics measured in percent (points); the others are shares or cosines
+PERCENT_METRICS = ("accuracy-drop", "perplexity-increase")
 
 _CLAUSE = re.compile(r"^\s*([a-z0-9-]+)\s*(>=|<=)\s*"
                      r"([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*$")
@@ -69,12 +71,26 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
+        if not isinstance(text, str):
+            raise TypeError(f"An accuracy budget is a string such as 'cosine>=0.97', got "
+                            f"{type(text).__name__} {text!r}.")
         if not text.strip():
             raise ValueError("The accuracy budget is empty: give at least one clause, e.g. "
                              "'cosine>=0.97', or leave it out for the profile's.")
         clauses = []
         for part in text.split(","):
             match = _CLAUSE.match(part)
+            percent = _CLAUSE.match(part.strip().removesuffix("%"))
+            if not match and percent and percent.group(1) in METRICS \
+                    and part.strip().endswith("%"):
+                metric, op, value = percent.groups()
+                low, high = RANGES[metric]
+                unit = (f"{metric} is in percent already: write '{metric}{op}{value}'"
+                        if metric in PERCENT_METRICS else
+                        f"{metric} lies in [{low:g}, {high:g}]: write "
+                        f"'{metric}{op}{float(value) / 100:g}' for {value}%")
+                raise ValueError(f"Bad accuracy budget clause {part.strip()!r} in {text!r}: "
+                                 f"no percent sign; {unit}.")
             if not match:
                 raise ValueError(f"Bad accuracy budget clause {part.strip()!r} in {text!r}: "
                                  f"expected METRIC>=VALUE or METRIC<=VALUE, e.g. 'cosine>=0.97'.")

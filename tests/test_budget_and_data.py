@@ -74,6 +74,24 @@ def test_bad_budget(text, message):
         Budget.parse(text)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("perplexity-increase<=5%", "no percent sign; perplexity-increase is in percent already: "
+                                "write 'perplexity-increase<=5'"),
+    ("accuracy-drop<=0.3 %", "accuracy-drop is in percent already: write 'accuracy-drop<=0.3'"),
+    ("cosine>=0.9, agreement>=99.5%", r"agreement lies in \[0, 1\]: write 'agreement>=0.995' "
+                                      r"for 99.5%"),
+])
+def test_a_percent_sign_is_refused_with_how_to_write_it(text, message):
+    with pytest.raises(ValueError, match=message):
+        Budget.parse(text)
+
+
+def test_a_budget_that_is_not_text_is_a_type_error():
+    with pytest.raises(TypeError, match="An accuracy budget is a string such as "
+                                        "'cosine>=0.97', got float 0.99"):
+        Budget.parse(0.99)
+
+
 def test_budget_must_be_measurable_for_the_task():
     Budget.parse("cosine>=0.9,agreement>=0.9").check_measurable("text-classification",
                                                                  labelled=False)
