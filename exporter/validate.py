@@ -169,7 +169,8 @@ _MEMORY_PROBE = """
 import resource, sys, numpy as np, onnxruntime as ort
 opts = ort.SessionOptions(); opts.intra_op_num_threads = int(sys.argv[2])
 s = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
-n = int(sys.argv[3]); feeds = {i.name: np.ones((32, n), np.int64) for i in s.get_inputs()}
+batch, n = int(sys.argv[3]), int(sys.argv[4])
+feeds = {i.name: np.ones((batch, n), np.int64) for i in s.get_inputs()}
 s.run(None, feeds)
 # VmHWM is per address space, so it starts afresh at exec; ru_maxrss would carry over the
 # high-water mark of the (large, torch-holding) parent this process was forked from.
@@ -178,10 +179,11 @@ print(int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF
 """
 
 
-def peak_rss_mb(model_path, *, threads: int, seq: int) -> float:
-    """Peak RSS (MB) of a new process that loads the graph and runs a batch of 32 x seq."""
+def peak_rss_mb(model_path, *, threads: int, batch: int, seq: int) -> float:
+    """Peak RSS (MB) of a new process that loads the graph and runs a batch of batch x seq
+    (the profile's runtime.batch_size: what embed() runs on the device)."""
     out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(model_path), str(threads),
-                          str(seq)], capture_output=True, text=True, check=True)
+                          str(batch), str(seq)], capture_output=True, text=True, check=True)
     return round(kib_to_mb(int(out.stdout.split()[-1])), 1)
 
 
@@ -191,7 +193,7 @@ def validate(job) -> None:
     texts = [u.text for u in job.evaluation]   # default sets hold eval_samples texts
     if not texts:
         raise ValueError("Validation needs at least one evaluation text; the set is empty.")
-    threads = job.target.runtime.threads
+    threads, batch = job.target.runtime.threads, job.target.runtime.batch_size
     float_session = ort_session(job.float_onnx, threads=threads)
     quant_session = ort_session(job.quantized_onnx, threads=threads)
     # Accuracy as the device computes it: where this host's integer products saturate and
@@ -228,9 +230,12 @@ def validate(job) -> None:
         "size_bytes": {"float_onnx": float_bytes, "bundle_model": quant_bytes,
                        "ratio": round(quant_bytes / float_bytes, 4)},
         "peak_rss_mb": {
-            "float_onnx": peak_rss_mb(job.float_onnx, threads=threads, seq=job.max_length),
-            "bundle": peak_rss_mb(job.quantized_onnx, threads=threads, seq=job.max_length),
-            "what": f"new process: load the graph, run a batch of 32 x {job.max_length} tokens",
+            "float_onnx": peak_rss_mb(job.float_onnx, threads=threads, batch=batch,
+                                      seq=job.max_length),
+            "bundle": peak_rss_mb(job.quantized_onnx, threads=threads, batch=batch,
+                                  seq=job.max_length),
+            "what": f"new process: load the graph, run a batch of {batch} x {job.max_length} "
+                    f"tokens (runtime.batch_size x max_sequence_length)",
             "exporter": round(kib_to_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), 1),
         },
     }

@@ -227,3 +227,48 @@ def test_accuracy_drop_is_exact_at_the_budget():
     metrics = classification_metrics(job, ours, float_logits)
     assert metrics["accuracy-drop"] == 1.0
     assert Budget.parse("accuracy-drop<=1").check(metrics) == []
+
+
+def test_peak_memory_is_measured_at_the_profiles_batch(tmp_path, monkeypatch):
+    """rpi5 runs embed() in batches of 8: its peak RSS was measured (and reported) for 32."""
+    import types
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    import exporter.validate as validate
+    from exporter.data import Utterance
+    from targets import load_target
+
+    # (batch, seq) int64 in -> (batch, seq) float out: the probe feeds it as it feeds a model
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["y"], to=TensorProto.FLOAT)], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s"])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    probed = []
+    real_run = validate.subprocess.run
+
+    def run(argv, **kwargs):
+        probed.append(argv[4:])   # threads, batch, seq
+        return real_run(argv, **kwargs)
+
+    monkeypatch.setattr(validate.subprocess, "run", run)
+    out = np.ones((1, 4), np.float32)
+    monkeypatch.setattr(validate, "outputs", lambda job, session, texts: (out, out))
+    monkeypatch.setattr(validate, "truncation", lambda job, texts, names: {"texts_cut": 0})
+    monkeypatch.setattr(validate, "latency_ms", lambda *a, **k: {
+        name: {"p50": 1.0, "p95": 1.0} for name in ("float", "bundle")})
+    target = load_target("rpi5")
+    job = types.SimpleNamespace(
+        target=target, evaluation=[Utterance("turn on the lights")], float_onnx=path,
+        quantized_onnx=path, task="feature-extraction", max_length=16, records={},
+        budget=Budget.parse("cosine>=0.9"), log=lambda line: None)
+    validate.validate(job)
+    assert target.runtime.batch_size == 8
+    assert probed == [[str(target.runtime.threads), "8", "16"]] * 2
+    rss = job.records["validation"]["peak_rss_mb"]
+    assert rss["what"].startswith("new process: load the graph, run a batch of 8 x 16 tokens")
+    assert rss["bundle"] > 0
