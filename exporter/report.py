@@ -19,6 +19,15 @@ from runtime._files import (
 from .compress import compression_lines
 from .strength import strength_lines
 
+# metric -> its unit where it is not a share or a cosine (the budget names it the same way)
+UNITS: dict[str, str] = {"accuracy-drop": "points", "perplexity-increase": "%"}
+
+
+def metric_label(name: str) -> str:
+    """A metric's name in the report's tables, with its unit: accuracy-drop 0.33 is a third
+    of a point, not a third of the accuracy."""
+    return f"{name} ({UNITS[name]})" if name in UNITS else name
+
 
 def report_data(job) -> dict:
     return {"name": job.output.name, "task": job.task, "target": job.target.name,
@@ -44,7 +53,7 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
         lines += [
             f"## Accuracy ({v['eval_texts']} held-out texts, {v['eval_data']})", "",
             "| metric | value |", "|---|---|",
-            *(f"| {k} | {val:.5f} |" for k, val in m.items()),
+            *(f"| {metric_label(k)} | {val:.5f} |" for k, val in m.items()),
             *(f"| cosine p{p} | {val:.5f} |" for p, val in v["cosine_percentiles"].items()),
             "", "Lowest-cosine texts:", "",
             *(f"- {w['cosine']:.4f}: {w['text']!r}" for w in v["worst_texts"]), "",
@@ -148,7 +157,8 @@ def render_decoder_markdown(data: dict) -> str:
         size, rss = v["size_bytes"], v["peak_rss_mb"]
         lines += [
             f"## Quality ({pd['windows']} windows of {pd['window']} tokens: {pd['source']})", "",
-            "| metric | value |", "|---|---|", *(f"| {k} | {val} |" for k, val in m.items()),
+            "| metric | value |", "|---|---|",
+            *(f"| {metric_label(k)} | {val} |" for k, val in m.items()),
             "", f"Greedy agreement with PyTorch float per prompt ({v['greedy']['tokens']} "
             f"tokens): {', '.join(str(g) for g in v['greedy']['per_prompt'])}", "",
             "## Speed, size, memory", "", "| | float ONNX | bundle | ratio |",

@@ -272,3 +272,24 @@ def test_peak_memory_is_measured_at_the_profiles_batch(tmp_path, monkeypatch):
     rss = job.records["validation"]["peak_rss_mb"]
     assert rss["what"].startswith("new process: load the graph, run a batch of 8 x 16 tokens")
     assert rss["bundle"] > 0
+
+
+def test_report_tables_give_the_units_of_metrics_in_percent():
+    """accuracy-drop is in points and perplexity-increase in percent; the report's tables
+    printed them bare next to accuracy and agreement, which are shares of 1."""
+    from exporter.report import render_markdown
+
+    validation = {
+        "eval_texts": 300, "eval_data": "smart-home utterances", "budget_holds": True,
+        "metrics": {"cosine": 0.99, "min-cosine": 0.98, "agreement": 0.99667,
+                    "accuracy": 0.9, "float-accuracy": 0.90333, "accuracy-drop": 0.33333},
+        "cosine_percentiles": {1: 0.98}, "worst_texts": [],
+        "latency_ms_batch1": {"float_onnx": {"p50": 2.0, "p95": 3.0},
+                              "bundle": {"p50": 1.0, "p95": 2.0}, "ratio_p50": 0.5},
+        "size_bytes": {"float_onnx": 90_000_000, "bundle_model": 23_000_000, "ratio": 0.26},
+        "peak_rss_mb": {"float_onnx": 290.0, "bundle": 186.0, "exporter": 1500.0,
+                        "what": "new process"}}
+    report = render_markdown({"name": "x", "task": "text-classification", "target": "arm-cpu",
+                              "budget": "accuracy-drop<=0.3", "validation": validation})
+    assert "| accuracy-drop (points) | 0.33333 |" in report
+    assert "| agreement | 0.99667 |" in report and "| accuracy | 0.90000 |" in report
