@@ -34,6 +34,12 @@ def report_data(job) -> dict:
             "budget": str(job.budget), **job.records, "stage_seconds": job.timings}
 
 
+def accuracy_holds(v: dict) -> bool:
+    """Whether the validation record `v` says the accuracy budget holds (a size / latency
+    budget has its own line; records written before the two were told apart had one flag)."""
+    return bool(v.get("accuracy_budget_holds", v.get("budget_holds")))
+
+
 def render_markdown(data: dict, *, plot: str | None = None) -> str:
     """report.md; `plot` names the PNG beside it, if one was drawn."""
     if data.get("task") == "text-generation":
@@ -42,7 +48,7 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
     q = data.get("quantization", {})
     lines = [f"# Export report: {data['name']}", "",
              f"Task `{data['task']}`, target `{data['target']}`, accuracy budget "
-             f"`{data['budget']}`: **{'holds' if v.get('budget_holds') else 'BROKEN'}**.", ""]
+             f"`{data['budget']}`: **{'holds' if accuracy_holds(v) else 'BROKEN'}**.", ""]
     if "float_check" in data:
         fc = data["float_check"]
         lines += [f"Float ONNX vs PyTorch: max abs diff {fc['max_abs_diff']:.2e} on "

@@ -229,8 +229,9 @@ def test_accuracy_drop_is_exact_at_the_budget():
     assert Budget.parse("accuracy-drop<=1").check(metrics) == []
 
 
-def test_peak_memory_is_measured_at_the_profiles_batch(tmp_path, monkeypatch):
-    """rpi5 runs embed() in batches of 8: its peak RSS was measured (and reported) for 32."""
+def stubbed_validation(tmp_path, monkeypatch, target, *, latency_ms: float = 1.0):
+    """A job that `exporter.validate.validate` runs on a tiny graph, in seconds: outputs equal
+    to float's (cosine 1), fixed latency, real peak-memory probes."""
     import types
 
     import numpy as np
@@ -239,7 +240,6 @@ def test_peak_memory_is_measured_at_the_profiles_batch(tmp_path, monkeypatch):
 
     import exporter.validate as validate
     from exporter.data import Utterance
-    from targets import load_target
 
     # (batch, seq) int64 in -> (batch, seq) float out: the probe feeds it as it feeds a model
     graph = helper.make_graph(
@@ -248,6 +248,23 @@ def test_peak_memory_is_measured_at_the_profiles_batch(tmp_path, monkeypatch):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s"])])
     path = tmp_path / "model.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    out = np.ones((1, 4), np.float32)
+    monkeypatch.setattr(validate, "outputs", lambda job, session, texts: (out, out))
+    monkeypatch.setattr(validate, "truncation", lambda job, texts, names: {"texts_cut": 0})
+    monkeypatch.setattr(validate, "latency_ms", lambda *a, **k: {
+        name: {"p50": latency_ms, "p95": latency_ms} for name in ("float", "bundle")})
+    return types.SimpleNamespace(
+        target=target, evaluation=[Utterance("turn on the lights")], float_onnx=path,
+        quantized_onnx=path, task="feature-extraction", max_length=16, records={},
+        budget=Budget.parse("cosine>=0.9"), log=lambda line: None, output=tmp_path / "out",
+        timings={})
+
+
+def test_peak_memory_is_measured_at_the_profiles_batch(tmp_path, monkeypatch):
+    """rpi5 runs embed() in batches of 8: its peak RSS was measured (and reported) for 32."""
+    import exporter.validate as validate
+    from targets import load_target
+
     probed = []
     real_run = validate.subprocess.run
 
@@ -256,16 +273,8 @@ def test_peak_memory_is_measured_at_the_profiles_batch(tmp_path, monkeypatch):
         return real_run(argv, **kwargs)
 
     monkeypatch.setattr(validate.subprocess, "run", run)
-    out = np.ones((1, 4), np.float32)
-    monkeypatch.setattr(validate, "outputs", lambda job, session, texts: (out, out))
-    monkeypatch.setattr(validate, "truncation", lambda job, texts, names: {"texts_cut": 0})
-    monkeypatch.setattr(validate, "latency_ms", lambda *a, **k: {
-        name: {"p50": 1.0, "p95": 1.0} for name in ("float", "bundle")})
     target = load_target("rpi5")
-    job = types.SimpleNamespace(
-        target=target, evaluation=[Utterance("turn on the lights")], float_onnx=path,
-        quantized_onnx=path, task="feature-extraction", max_length=16, records={},
-        budget=Budget.parse("cosine>=0.9"), log=lambda line: None)
+    job = stubbed_validation(tmp_path, monkeypatch, target)
     validate.validate(job)
     assert target.runtime.batch_size == 8
     assert probed == [[str(target.runtime.threads), "8", "16"]] * 2
@@ -293,3 +302,31 @@ def test_report_tables_give_the_units_of_metrics_in_percent():
                               "budget": "accuracy-drop<=0.3", "validation": validation})
     assert "| accuracy-drop (points) | 0.33333 |" in report
     assert "| agreement | 0.99667 |" in report and "| accuracy | 0.90000 |" in report
+
+
+def test_a_latency_budget_broken_alone_is_not_called_an_accuracy_failure(tmp_path,
+                                                                        monkeypatch):
+    """Only the latency broke: the message and the rejected report said the accuracy budget
+    broke, and told the user to calibrate on more text like the evaluation text."""
+    import dataclasses
+
+    import exporter.validate as validate
+    from exporter import BudgetError
+    from targets import load_target
+
+    target = load_target("arm-cpu")
+    target = dataclasses.replace(target, validation=dataclasses.replace(
+        target.validation, max_latency_ms=2.0))
+    job = stubbed_validation(tmp_path, monkeypatch, target, latency_ms=2.5)
+    job.records["sensitivity"] = {"search": {"data": "300 calibration texts (...)",
+                                             "steps": [{"holds": True}]}}
+    with pytest.raises(BudgetError) as e:
+        validate.validate(job)
+    assert str(e.value).startswith(
+        "Size / latency budget latency <= 2 ms broken on 1 evaluation texts: latency p50 "
+        "2.500 ms, above the budget of 2 ms. No bundle written")
+    v = job.records["validation"]
+    assert v["accuracy_budget_holds"] and not v["budget_holds"]
+    report = (tmp_path / "out.rejected" / "report.md").read_text()
+    assert "accuracy budget `cosine>=0.9`: **holds**" in report
+    assert "Size / latency budget latency <= 2 ms: model" in report and "**BROKEN**" in report
