@@ -47,7 +47,7 @@ class RayStagedSession(_StagedIO):
         if not ray.is_initialized():
             ray.init()
         self._ray = ray
-        self.plan = Stages(stages, outputs)
+        self.plan = Stages(stages, outputs, [i["name"] for i in inputs] if inputs else None)
         gpus = ray.cluster_resources().get("GPU", 0)
         cuda = sum(stage["device"].startswith("cuda") for stage in stages)
         if cuda and gpus < len(stages):

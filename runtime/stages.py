@@ -46,7 +46,8 @@ def device_providers(device: str, providers: Sequence) -> list:
     device N; "cpu" keeps only the CPU provider."""
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    if not device.startswith("cuda:") or not device[5:].isdigit():
+    if not isinstance(device, str) or not device.startswith("cuda:") \
+            or not device[5:].isdigit():
         raise BundleError(f"Unknown stage device {device!r} in manifest.json "
                           f"(expected 'cpu' or 'cuda:N').")
     chosen = []
@@ -59,19 +60,52 @@ def device_providers(device: str, providers: Sequence) -> list:
 
 
 class Stages:
-    """The stage plan of a manifest: which tensors each stage reads, makes and passes on."""
+    """The stage plan of a manifest: which tensors each stage reads, makes and passes on.
 
-    def __init__(self, stages: list[dict], outputs: Sequence[str]):
-        if not stages:
-            raise BundleError("manifest.json has an empty 'stages' list.")
+    The plan is checked as a whole before anything runs: every tensor a stage reads is a
+    graph input (`inputs`; without them, whatever no stage makes) or made by an earlier
+    stage, and every output of the graph is made by some stage."""
+
+    def __init__(self, stages: list[dict], outputs: Sequence[str],
+                 inputs: Sequence[str] | None = None):
+        if not stages or not isinstance(stages, list):
+            raise BundleError(f"manifest.json: 'stages' must be a non-empty list, "
+                              f"got {stages!r}.")
         for i, stage in enumerate(stages):
+            if not isinstance(stage, dict):
+                raise BundleError(f"manifest.json: stage {i} must be an object, got {stage!r}.")
             for key in ("file", "device", "inputs", "outputs"):
                 if key not in stage:
                     raise BundleError(f"manifest.json: stage {i} has no {key!r}.")
+            for key in ("file", "device"):
+                if not isinstance(stage[key], str):
+                    raise BundleError(f"manifest.json: stage {i} {key!r} must be a string, "
+                                      f"got {stage[key]!r}.")
+            for key in ("inputs", "outputs"):
+                if not isinstance(stage[key], list) or not all(
+                        isinstance(t, dict) and isinstance(t.get("name"), str)
+                        for t in stage[key]):
+                    raise BundleError(f"manifest.json: stage {i} {key!r} must be a list of "
+                                      f"{{\"name\": str, ...}}, got {stage[key]!r}.")
         self.plan = stages
         self.final = list(outputs)
         self.inputs = [[t["name"] for t in s["inputs"]] for s in stages]
         self.outputs = [[t["name"] for t in s["outputs"]] for s in stages]
+        made = {n for names in self.outputs for n in names}
+        self.graph_inputs = list(inputs) if inputs is not None else list(dict.fromkeys(
+            n for names in self.inputs for n in names if n not in made))
+        available = set(self.graph_inputs)
+        for i, names in enumerate(self.inputs):
+            missing = [n for n in names if n not in available]
+            if missing:
+                raise BundleError(f"manifest.json: stage {i} ({stages[i]['file']}) reads "
+                                  f"{missing}, which no graph input or earlier stage makes; "
+                                  f"re-export the bundle.")
+            available |= set(self.outputs[i])
+        missing = [n for n in self.final if n not in available]
+        if missing:
+            raise BundleError(f"manifest.json: the graph outputs {missing} are made by no "
+                              f"stage; re-export the bundle.")
         # tensors still needed after stage i: read by a later stage, or a final output
         self.keep = []
         for i in range(len(stages)):
@@ -89,6 +123,17 @@ class Stages:
         return {n: v for n, v in env.items() if n in self.keep[i]}
 
 
+def check_stage_graph(plan: Stages, i: int, session) -> None:
+    """Stage i's graph takes the tensors the manifest says it reads and makes the ones it
+    says it hands on (a manifest edited apart from its stage files fails here, at load)."""
+    takes = [t.name for t in session.get_inputs()]
+    makes = {t.name for t in session.get_outputs()}
+    if set(takes) != set(plan.inputs[i]) or not set(plan.outputs[i]) <= makes:
+        raise BundleError(f"manifest.json: stage {i} ({plan.plan[i]['file']}) lists inputs "
+                          f"{plan.inputs[i]} and outputs {plan.outputs[i]}, but its graph "
+                          f"takes {takes} and makes {sorted(makes)}; re-export the bundle.")
+
+
 class _StagedIO:
     """onnxruntime's get_inputs/get_outputs for a staged model, from the manifest."""
 
@@ -99,8 +144,8 @@ class _StagedIO:
         described = {t["name"]: t for s in stages for t in (*s["inputs"], *s["outputs"])}
         self._inputs = [TensorInfo(i["name"], i.get("shape", []), i.get("dtype", ""))
                         for i in inputs] or [
-            TensorInfo(n, described[n]["shape"], described[n]["dtype"])
-            for n in self.plan.inputs[0]]
+            TensorInfo(n, described[n].get("shape", []), described[n].get("dtype", ""))
+            for n in self.plan.graph_inputs]
         self._outputs = [TensorInfo(n, described.get(n, {}).get("shape", []),
                                     described.get(n, {}).get("dtype", ""))
                          for n in self.plan.final]
@@ -120,11 +165,13 @@ class StagedSession(_StagedIO):
                  providers: Sequence = ("CPUExecutionProvider",)):
         from .model import ort_session
 
-        self.plan = Stages(stages, outputs)
+        self.plan = Stages(stages, outputs, [i["name"] for i in inputs] if inputs else None)
         directory = Path(directory)
         self.sessions = [ort_session(directory / s["file"], threads=threads, spinning=spinning,
                                      providers=device_providers(s["device"], providers))
                          for s in stages]
+        for i, session in enumerate(self.sessions):
+            check_stage_graph(self.plan, i, session)
         self._describe(inputs)
 
     def run(self, output_names, feeds: dict) -> list[np.ndarray]:

@@ -210,3 +210,85 @@ def test_stage_io_declares_what_the_whole_graph_infers(tmp_path):
         records = write_stages(model, count, out, ["CPUExecutionProvider"])
         got = StagedSession(out, records, outputs=["y"], threads=1).run(None, {"x": x})[0]
         np.testing.assert_array_equal(got, expected)
+
+
+def _chain_model(layers: int = 4):
+    """x (batch, seq) -> `layers` x (MatMul, LayerNorm) -> y (batch, seq, 8); the first
+    LayerNorm's output is also read by the last layer (it crosses every cut)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    hidden = 8
+    inits = [numpy_helper.from_array(rng.normal(size=(1, hidden)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(hidden, hidden)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.ones(hidden, np.float32), "gamma"),
+             numpy_helper.from_array(np.zeros(hidden, np.float32), "beta"),
+             numpy_helper.from_array(np.array([2], np.int64), "axis")]
+    norm = ("gamma", "beta")
+    nodes = [helper.make_node("Unsqueeze", ["x", "axis"], ["x3"]),
+             helper.make_node("MatMul", ["x3", "w1"], ["a0"]),
+             helper.make_node("LayerNormalization", ["a0", *norm], ["h0"])]
+    for i in range(1, layers):
+        nodes += [helper.make_node("MatMul", [f"h{i - 1}", "w"], [f"a{i}"]),
+                  helper.make_node("LayerNormalization", [f"a{i}", *norm], [f"h{i}"])]
+    nodes += [helper.make_node("Add", [f"h{layers - 1}", "h0"], ["s"]),
+              helper.make_node("LayerNormalization", ["s", *norm], ["y"])]
+    for i, node in enumerate(nodes):
+        node.name = f"n{i}"
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+@pytest.mark.parametrize("edit", ["input renamed", "stages reversed", "last stage dropped",
+                                  "output renamed", "file swapped", "device not a string"])
+def test_a_stage_plan_that_does_not_fit_its_graphs_is_refused_at_load(tmp_path, edit):
+    """A manifest whose stage plan does not fit the stage graphs loaded fine and failed at
+    the first call with a KeyError, an onnxruntime error or an AttributeError."""
+    import copy
+
+    from exporter.partition import write_stages
+    from runtime.bundle import BundleError
+    from runtime.stages import StagedSession
+
+    records = write_stages(_chain_model(), 3, tmp_path, ["CPUExecutionProvider"])
+    x = np.ones((2, 3), np.float32)
+    assert StagedSession(tmp_path, records, outputs=["y"], threads=1).run(None, {"x": x})
+    plan, outputs = copy.deepcopy(records), ["y"]
+    if edit == "input renamed":
+        plan[1]["inputs"][0]["name"] = "nonexistent"
+    elif edit == "stages reversed":
+        plan.reverse()
+    elif edit == "last stage dropped":
+        plan.pop()
+    elif edit == "output renamed":
+        outputs = ["nope"]
+    elif edit == "file swapped":
+        plan[1]["file"] = plan[2]["file"]
+    else:
+        plan[1]["device"] = 1
+    with pytest.raises(BundleError, match=r"manifest\.json: (stage \d|the graph outputs)"):
+        StagedSession(tmp_path, plan, outputs=outputs, threads=1)
+
+
+def test_staged_session_names_every_graph_input_without_a_manifest(tmp_path):
+    """Without `inputs`, get_inputs() listed stage 0's inputs only: a graph input that a
+    later stage reads first was missing, and feeds built from it failed in that stage."""
+    from onnx import TensorProto, helper
+
+    from exporter.partition import write_stages
+    from runtime.stages import StagedSession
+
+    model = _chain_model()
+    model.graph.input.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT,
+                                                           ["batch", "seq"]))
+    model.graph.node[-1].input[0] = "t"   # y = LayerNorm(s + bias): bias read at the end
+    model.graph.node.insert(len(model.graph.node) - 1, helper.make_node(
+        "Unsqueeze", ["bias", "axis"], ["bias3"], name="bias_unsqueeze"))
+    model.graph.node.insert(len(model.graph.node) - 1,
+                            helper.make_node("Add", ["s", "bias3"], ["t"], name="bias_add"))
+    records = write_stages(model, 2, tmp_path, ["CPUExecutionProvider"])
+    assert "bias" not in [t["name"] for t in records[0]["inputs"]]
+    session = StagedSession(tmp_path, records, outputs=["y"], threads=1)
+    assert [i.name for i in session.get_inputs()] == ["x", "bias"]
