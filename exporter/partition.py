@@ -387,13 +387,15 @@ def restage(bundle_dir: str | Path, stages: int, output: str | Path) -> Path:
         >>> restage("build/minilm-x86-server-1", 4, "build/minilm-x86-server-4")
         PosixPath('build/minilm-x86-server-4')
     """
-    from runtime.bundle import sha256_of
+    from runtime.bundle import Bundle, sha256_of
 
     from .report import check_replaceable, replace_dir, temp_dir_beside
 
     source, output = Path(bundle_dir), Path(output)
     check_replaceable(output)
-    manifest = json.loads((source / "manifest.json").read_text())
+    # every file checked against its sha256, as runtime.load checks it: the copy gets new
+    # hashes, so a damaged source would otherwise come out as a bundle that verifies
+    manifest = Bundle.open(source).manifest
     if manifest.get("stages"):
         raise ValueError(f"{source} is already cut into {len(manifest['stages'])} stages; "
                          f"restage a single-graph bundle.")

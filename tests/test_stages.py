@@ -292,3 +292,32 @@ def test_staged_session_names_every_graph_input_without_a_manifest(tmp_path):
     assert "bias" not in [t["name"] for t in records[0]["inputs"]]
     session = StagedSession(tmp_path, records, outputs=["y"], threads=1)
     assert [i.name for i in session.get_inputs()] == ["x", "bias"]
+
+
+def _tiny_bundle(directory, model) -> None:
+    """A single-graph bundle around `model`: just what restage and Bundle.open read."""
+    from runtime.bundle import sha256_of
+
+    directory.mkdir()
+    onnx.save(model, directory / "model.onnx")
+    (directory / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    files = [{"path": p.name, "sha256": sha256_of(p), "bytes": p.stat().st_size}
+             for p in sorted(directory.iterdir())]
+    (directory / "manifest.json").write_text(json.dumps({
+        "format_version": 1, "name": directory.name, "task": "feature-extraction",
+        "opset": 19, "model_file": "model.onnx", "files": files,
+        "target": {"runtime": {"execution_providers": ["CPUExecutionProvider"]}}}))
+
+
+def test_restage_refuses_a_damaged_source_bundle(tmp_path):
+    """restage copied the source's files and hashed them afresh: a bundle that runtime.load
+    refuses (a file modified after export) came out as one that verifies."""
+    from runtime.bundle import Bundle, BundleError
+
+    _tiny_bundle(tmp_path / "single", _chain_model())
+    Bundle.open(restage(tmp_path / "single", 2, tmp_path / "staged"))   # a sound one restages
+    (tmp_path / "single" / "tokenizer.json").write_text('{"model": {"vocab": {"b": 0}}}')
+    with pytest.raises(BundleError, match=r"tokenizer\.json: sha256 does not match"):
+        restage(tmp_path / "single", 2, tmp_path / "staged2")
+    assert not (tmp_path / "staged2").exists()
+
