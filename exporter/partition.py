@@ -392,6 +392,9 @@ def restage(bundle_dir: str | Path, stages: int, output: str | Path) -> Path:
     from .report import check_replaceable, replace_dir, temp_dir_beside
 
     source, output = Path(bundle_dir), Path(output)
+    if output.resolve() == source.resolve():
+        raise ValueError(f"restage writes a new bundle beside {source}; give an output "
+                         f"other than the source bundle itself.")
     check_replaceable(output)
     # every file checked against its sha256, as runtime.load checks it: the copy gets new
     # hashes, so a damaged source would otherwise come out as a bundle that verifies

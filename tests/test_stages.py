@@ -321,3 +321,10 @@ def test_restage_refuses_a_damaged_source_bundle(tmp_path):
         restage(tmp_path / "single", 2, tmp_path / "staged2")
     assert not (tmp_path / "staged2").exists()
 
+
+def test_restage_refuses_to_write_over_its_source(tmp_path):
+    """restage(b, n, b) replaced the single-graph bundle with its stages."""
+    _tiny_bundle(tmp_path / "single", _chain_model())
+    with pytest.raises(ValueError, match="other than the source bundle itself"):
+        restage(tmp_path / "single", 2, tmp_path / "single")
+    assert (tmp_path / "single" / "model.onnx").is_file()
