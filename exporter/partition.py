@@ -193,11 +193,11 @@ def split(model: onnx.ModelProto, stages: int) -> list[Stage]:
         best = results[-1][1]   # every cut allowed: the best balance
         cut_points = next(cuts for cuts, squares in results if squares <= BALANCE_SLACK * best)
     bounds = [0, *cut_points, len(nodes)]
-    return [_stage(model, nodes, a, b, nbytes, flops)
+    return [_stage(model, nodes, a, b, flops)
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _stage(model, nodes, a: int, b: int, nbytes, flops) -> Stage:
+def _stage(model, nodes, a: int, b: int, flops) -> Stage:
     inits = {i.name: i for i in model.graph.initializer}
     made = {o for n in nodes[a:b] for o in n.output}
     read_later = {name for n in nodes[b:] for name in n.input}
@@ -217,8 +217,11 @@ def _stage(model, nodes, a: int, b: int, nbytes, flops) -> Stage:
                                                          if n not in graph_inputs]
     outputs = [o for n in nodes[a:b] for o in n.output
                if o and (o in read_later or o in final)]
+    # the bytes the stage holds: a constant read in several stages is copied into each
+    # (nbytes[a:b] counts it at its first reader only)
+    held = sum(numpy_helper.to_array(inits[n]).nbytes for n in used_inits)
     stage = Stage(list(nodes[a:b]), inputs, outputs,
-                  weight_bytes=int(nbytes[a:b].sum()), flops_per_token=int(flops[a:b].sum()))
+                  weight_bytes=int(held), flops_per_token=int(flops[a:b].sum()))
     stage.model = helper.make_model(
         helper.make_graph(stage.nodes, f"stage_{a}_{b}", [], [],
                           initializer=[inits[n] for n in used_inits]),

@@ -328,3 +328,17 @@ def test_restage_refuses_to_write_over_its_source(tmp_path):
     with pytest.raises(ValueError, match="other than the source bundle itself"):
         restage(tmp_path / "single", 2, tmp_path / "single")
     assert (tmp_path / "single" / "model.onnx").is_file()
+
+
+def test_stage_weight_bytes_are_what_each_stage_holds(tmp_path):
+    """A constant read in several stages is copied into each; the manifest counted it in the
+    first stage only (here: 0 bytes and a 0% weight share for a stage holding a matrix)."""
+    from onnx import numpy_helper
+
+    from exporter.partition import write_stages
+
+    records = write_stages(_chain_model(), 3, tmp_path, ["CPUExecutionProvider"])
+    for record in records:
+        held = onnx.load(tmp_path / record["file"]).graph.initializer
+        assert record["weight_bytes"] == sum(numpy_helper.to_array(t).nbytes for t in held)
+        assert record["share"]["weights"] > 0
