@@ -535,7 +535,7 @@ class Model:
                             batch_size=batch_size,
                             input_names=self.input_names))
         # staged bundles pipeline the batches through their stages
-        results = run_batches(self.session, (feeds for _, feeds in work))
+        results = run_batches(self.session, [feeds for _, feeds in work])
         for (index, feeds), result in zip(work, results, strict=True):
             out = reduce(result[0], feeds["attention_mask"])
             if rows is None:

@@ -247,7 +247,10 @@ _POLL_S = 0.05
 
 
 def run_batches(session, feeds: Iterable[dict]) -> Iterator[list]:
-    """Each batch's outputs: pipelined for staged sessions, one after another otherwise."""
-    if hasattr(session, "run_stream"):
+    """Each batch's outputs: pipelined for staged sessions, one after another otherwise. A
+    single batch has nothing to overlap with: it runs the stages in turn, in this thread
+    (starting a thread per stage for it cost more than its compute on MiniLM)."""
+    single = isinstance(feeds, Sequence) and len(feeds) < 2
+    if hasattr(session, "run_stream") and not single:
         return session.run_stream(feeds)
     return (session.run(None, f) for f in feeds)

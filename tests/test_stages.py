@@ -342,3 +342,23 @@ def test_stage_weight_bytes_are_what_each_stage_holds(tmp_path):
         held = onnx.load(tmp_path / record["file"]).graph.initializer
         assert record["weight_bytes"] == sum(numpy_helper.to_array(t).nbytes for t in held)
         assert record["share"]["weights"] > 0
+
+
+def test_a_single_batch_runs_the_stages_in_turn(tmp_path, monkeypatch):
+    """One batch has nothing to overlap with; through the thread pipeline (a thread per
+    stage, started per call) it took about twice the time of the stages run in turn
+    (MiniLM, 2 and 6 stages, batch 1: 3.0 vs 1.7 ms, 5.5 vs 2.7 ms)."""
+    from exporter.partition import write_stages
+    from runtime.stages import StagedSession, run_batches
+
+    records = write_stages(_chain_model(), 2, tmp_path, ["CPUExecutionProvider"])
+    session = StagedSession(tmp_path, records, outputs=["y"], threads=1)
+    x = {"x": np.ones((2, 3), np.float32)}
+    expected = session.run(None, x)
+
+    def no_threads(*args, **kwargs):
+        raise AssertionError("a single batch went through the thread pipeline")
+
+    monkeypatch.setattr(session, "run_stream", no_threads)
+    (got,) = list(run_batches(session, [x]))
+    np.testing.assert_array_equal(got[0], expected[0])
