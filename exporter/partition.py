@@ -372,8 +372,10 @@ def partition(job) -> None:
                               job.target.runtime.execution_providers)
     texts = [u.text for u in job.evaluation[:32]]
     diff = max_staged_diff(job, job.quantized_onnx, out_dir, job.stages, texts)
-    job.records["partition"] = {"stages": count, "max_abs_diff_vs_single_graph": diff,
-                                "checked_texts": len(texts)}
+    job.records["partition"] = {
+        "stages": count, "max_abs_diff_vs_single_graph": diff, "checked_texts": len(texts),
+        "per_stage": [{k: s[k] for k in ("file", "device", "nodes", "weight_bytes",
+                                         "flops_per_token", "share")} for s in job.stages]}
     if diff != 0.0:
         raise RuntimeError(f"The {count} stages differ from the single graph by {diff:.3e} "
                            f"on CPU; they must be equal. This is a partitioning bug.")
@@ -381,6 +383,25 @@ def partition(job) -> None:
                        for s in job.stages)
     job.log(f"  {count} stages (weights/FLOPs share: {shares}); equal to the single graph "
             f"on {len(texts)} texts")
+
+
+def partition_lines(record: dict | None) -> list[str]:
+    """The report's section on pipeline stages (markdown lines): what each stage holds, and
+    that the speed, size and memory figures are the single graph's."""
+    if not record:
+        return []
+    lines = [f"## Pipeline stages: {record['stages']}", "",
+             f"Outputs equal to the single graph's on {record['checked_texts']} texts (max abs "
+             f"diff {record['max_abs_diff_vs_single_graph']:g}). The latency, model size and "
+             f"peak RSS above are the single graph's, before cutting; the stages were not "
+             f"timed.", ""]
+    if record.get("per_stage"):
+        lines += ["| stage | device | nodes | weights (MB) | weights share | FLOPs share |",
+                  "|---|---|---|---|---|---|",
+                  *(f"| {s['file']} | {s['device']} | {s['nodes']} | "
+                    f"{s['weight_bytes'] / 1e6:.2f} | {100 * s['share']['weights']:.0f}% | "
+                    f"{100 * s['share']['flops']:.0f}% |" for s in record["per_stage"]), ""]
+    return lines
 
 
 def restage(bundle_dir: str | Path, stages: int, output: str | Path) -> Path:

@@ -17,6 +17,7 @@ from runtime._files import (
 )
 
 from .compress import compression_lines
+from .partition import partition_lines
 from .strength import strength_lines
 
 # metric -> its unit where it is not a share or a cosine (the budget names it the same way)
@@ -133,6 +134,7 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
                      if search["skipped_for_size"] else "") + ".", ""]
     lines += strength_lines(data.get("strength"))
     lines += compression_lines(data.get("compression"))
+    lines += partition_lines(data.get("partition"))
     if data.get("stage_seconds"):
         lines += ["## Stage times (s)", "",
                   ", ".join(f"{k} {s}" for k, s in data["stage_seconds"].items()), ""]

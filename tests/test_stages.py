@@ -362,3 +362,21 @@ def test_a_single_batch_runs_the_stages_in_turn(tmp_path, monkeypatch):
     monkeypatch.setattr(session, "run_stream", no_threads)
     (got,) = list(run_batches(session, [x]))
     np.testing.assert_array_equal(got[0], expected[0])
+
+
+def test_the_report_says_the_bundle_is_staged_and_what_was_timed():
+    """report.md of a staged export said nothing about its stages, and its 'bundle' latency,
+    size and peak RSS (the single graph's, before cutting) read as the staged bundle's."""
+    from exporter.report import render_markdown
+
+    stage = {"device": "cuda:0", "nodes": 47, "weight_bytes": 16_271_168,
+             "flops_per_token": 1, "share": {"weights": 0.6914, "flops": 0.3333}}
+    text = render_markdown({
+        "name": "minilm-x86-server", "task": "feature-extraction", "target": "x86-server",
+        "budget": "cosine>=0.995", "partition": {
+            "stages": 2, "max_abs_diff_vs_single_graph": 0.0, "checked_texts": 32,
+            "per_stage": [{"file": "stage0.onnx", **stage},
+                          {"file": "stage1.onnx", **stage, "device": "cuda:1"}]}})
+    assert "## Pipeline stages: 2" in text
+    assert "peak RSS above are the single graph's" in text
+    assert "| stage1.onnx | cuda:1 | 47 | 16.27 | 69% | 33% |" in text
