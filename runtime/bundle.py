@@ -126,7 +126,7 @@ class Bundle:
     def file(self, name: str) -> Path:
         """The path of a file the manifest lists (and `open` verified); any other name, or one
         that leads outside the bundle, is refused: what the runtime loads is what was checked."""
-        if name not in self._listed():
+        if not isinstance(name, str) or name not in self._listed():   # (a list: unhashable)
             raise BundleError(f"{self.path / 'manifest.json'}: {name!r} is not in its 'files' "
                               f"list, so it cannot be verified; re-export the bundle.")
         return self.path / name

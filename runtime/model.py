@@ -277,6 +277,13 @@ class Model:
             raise BundleError(f"{bundle.file('tokenizer.json')} names no pad id (no "
                               f"padding.pad_id, no [PAD]), and batches need one; export the "
                               f"bundle again: the exporter adds the model's.")
+        if self.task != "text-generation":
+            try:   # room for the special tokens every text gets: checked at load, not per call
+                self.tokenizer.encode("", max_length=self.max_length)
+            except ValueError as e:
+                raise BundleError(f"{bundle.path / 'manifest.json'}: max_length "
+                                  f"{self.max_length} is too short for this tokenizer ({e}); "
+                                  f"export the bundle again.") from None
         if threads is None or providers is None:
             own_threads, own_providers = _manifest_runtime(bundle)
         threads = own_threads if threads is None else _threads(threads, "threads")
@@ -299,7 +306,14 @@ class Model:
         if self.task == "text-classification":
             self._checked_labels()   # refused at load, not at the first classify()
         elif self.task == "feature-extraction":
-            _ = self.prompts   # checked at load, not at the first embed()
+            _ = self.prompts   # checked at load, not at the first embed(); so is
+            try:               # the default prompt's name
+                self._prompt(None)
+            except BundleError:
+                raise
+            except (TypeError, ValueError) as e:
+                raise BundleError(f"{bundle.path / 'manifest.json'}: pooling.default_prompt "
+                                  f"must name one of pooling.prompts ({e})") from None
         self._idle: Decoder | None = None   # a KV cache no generation holds
         self._lock = threading.Lock()
 
@@ -312,14 +326,15 @@ class Model:
                 if isinstance(stage, dict) and "file" in stage:
                     bundle.file(stage["file"])   # listed, so verified (Stages checks the rest)
             outputs = [o["name"] for o in manifest.get("outputs", [])]
+            inputs = manifest.get("inputs", [])   # none listed: the first stage's inputs
             if pipeline == "ray":
                 from .ray_stages import RayStagedSession
 
                 return RayStagedSession(bundle.path, manifest["stages"], outputs=outputs,
-                                        inputs=manifest["inputs"], threads=threads,
+                                        inputs=inputs, threads=threads,
                                         providers=providers)
             return StagedSession(bundle.path, manifest["stages"], outputs=outputs,
-                                 inputs=manifest["inputs"], threads=threads,
+                                 inputs=inputs, threads=threads,
                                  spinning=spinning, providers=providers)
         if pipeline == "ray":
             warnings.warn(f"pipeline='ray' runs the stages of a bundle cut into stages; "

@@ -484,6 +484,33 @@ def test_odd_manifest_values_are_refused_naming_the_field(bundle_copy):
         runtime.load(bundle_copy, verify=False, threads=2**31)
 
 
+def test_manifest_fields_every_call_reads_are_checked_at_load(bundle_copy):
+    """What embed() reads from the manifest is refused at load (and so by verify, exit 2 in
+    one line), not accepted there to fail every call after: a max_length with no room for
+    the special tokens, a default prompt that names none of the prompts. A stage plan
+    without the top-level "inputs" list runs on its first stage's (it was a KeyError
+    traceback), and a model_file that is not a name is refused naming it."""
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    pooling = manifest["pooling"]
+    for changes, message in [
+        ({"max_length": 1}, "max_length 1 is too short for this tokenizer"),
+        ({"pooling": pooling | {"prompts": {"query": "query: "}, "default_prompt": "passage"}},
+         "pooling.default_prompt must name one of pooling.prompts"),
+        ({"model_file": ["model.onnx"]}, r"\['model.onnx'\] is not in its 'files' list"),
+    ]:
+        edit_manifest(bundle_copy, **manifest | changes)
+        with pytest.raises(BundleError, match=message):
+            runtime.load(bundle_copy, verify=False)
+        done = subprocess.run([sys.executable, "-m", "runtime", "verify", str(bundle_copy)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "\n" not in done.stderr.strip(), done.stderr
+    staged = {k: v for k, v in manifest.items() if k not in ("inputs", "model_file")}
+    (bundle_copy / "manifest.json").write_text(json.dumps(staged | {"stages": [
+        {"file": "model.onnx", "device": "cpu", "inputs": manifest["inputs"],
+         "outputs": manifest["outputs"]}]}))
+    assert runtime.load(bundle_copy, verify=False).embed(["hi"]).shape == (1, 384)
+
+
 def test_only_onnxruntimes_errors_become_a_bad_bundle(minilm_bundle, monkeypatch):
     """Ray missing (an ImportError with its install hint) or memory running out is not the
     bundle's fault: they pass as they are, not as "onnxruntime cannot load its graph"."""
