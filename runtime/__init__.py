@@ -41,6 +41,28 @@ def load(path: str | Path, *, threads: int | None = None, spinning: bool = True,
         >>> runtime.load("build/minilm-arm-cpu", spinning=False)
         <runtime.Model 'minilm-arm-cpu' task='feature-extraction'>
     """
-    bundle = Bundle.open(path, verify=verify)
-    return Model(bundle, threads=threads, spinning=spinning, providers=providers,
-                 pipeline=pipeline)
+    # runtime.unpack replaces a bundle by swapping directories: one swapped in while this
+    # loads would pair the manifest verified here with files read after it (never verified
+    # against it), so the load starts again on the new directory.
+    for _ in range(3):
+        before = _identity(path)
+        try:
+            model = Model(Bundle.open(path, verify=verify), threads=threads,
+                          spinning=spinning, providers=providers, pipeline=pipeline)
+        except (BundleError, FileNotFoundError):
+            if before is not None and _identity(path) != before:
+                continue   # replaced meanwhile: half old, half new
+            raise
+        if _identity(path) == before:
+            return model
+    raise BundleError(f"{path} was replaced 3 times while it loaded; load it again once the "
+                      f"update is done.")
+
+
+def _identity(path: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of directory `path`: what a rename into its place changes."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError, TypeError):
+        return None
+    return info.st_dev, info.st_ino

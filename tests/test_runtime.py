@@ -268,6 +268,56 @@ def test_a_replaced_bundle_directory_is_never_missing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
 
 
+def test_a_bundle_replaced_while_it_loads_is_loaded_whole(bundle_copy, tmp_path,
+                                                           monkeypatch):
+    """runtime.unpack swaps the new directory into place: a load running meanwhile, its
+    manifest verified before the swap and its files read after, loads again, so that the
+    model's manifest is the one of the files it runs (it kept the old manifest)."""
+    from runtime._files import replace_directory
+
+    new = Path(shutil.copytree(bundle_copy, tmp_path / ".bundle.new"))
+    edit_manifest(new, name="the-new-one")
+    real = runtime.Tokenizer.from_file.__func__
+    swaps = []
+
+    def from_file(cls, path, **options):   # read by Model, after Bundle.open verified
+        if not swaps:
+            swaps.append(path)
+            replace_directory(new, bundle_copy)   # what runtime.unpack does at the end
+        return real(cls, path, **options)
+
+    monkeypatch.setattr(runtime.Tokenizer, "from_file", classmethod(from_file))
+    model = runtime.load(bundle_copy)
+    assert swaps and model.manifest["name"] == "the-new-one"
+    assert model.embed(["lights on"]).shape == (1, 384)
+    monkeypatch.undo()
+
+    # swapped while the files are hashed: the new files are no error of the bundle's
+    import hashlib
+
+    from runtime import bundle as bundle_module
+
+    newer = Path(shutil.copytree(bundle_copy, tmp_path / ".bundle.newer"))
+    data = json.dumps(json.loads((newer / "tokenizer.json").read_text())).encode()
+    (newer / "tokenizer.json").write_bytes(data)
+    manifest = json.loads((newer / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == "tokenizer.json":
+            entry |= {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    edit_manifest(newer, files=manifest["files"], name="the-newer-one")
+    real_sha = bundle_module.sha256_of
+
+    def sha256_of(path):
+        if len(swaps) == 1:
+            swaps.append(path)
+            replace_directory(newer, bundle_copy)
+        return real_sha(path)
+
+    monkeypatch.setattr(bundle_module, "sha256_of", sha256_of)
+    model = runtime.load(bundle_copy)
+    assert len(swaps) == 2 and model.manifest["name"] == "the-newer-one"
+
+
 def test_a_replaced_directory_takes_the_modes_of_the_umask(tmp_path):
     """What a writer made private (safetensors writes 0600) becomes readable as any file the
     user makes, for a device's service account; mkdtemp's 0700 too."""
