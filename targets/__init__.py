@@ -254,7 +254,8 @@ def _resolve(name_or_path: str | Path, *, relative_to: Path | None = None) -> Pa
 
 def _read(path: Path) -> dict:
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a BOM (Windows editors write one) is not TOML, and tomllib refuses it
+        return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"Target profile {str(path)!r} is not valid TOML: {e}") from e
 

@@ -162,3 +162,11 @@ def test_an_empty_extends_means_none(tmp_path):
     profile = tmp_path / "mine.toml"
     profile.write_text('extends = ""\n' + text)
     assert load_target(profile).quantization == load_target("arm-cpu").quantization
+
+
+def test_a_profile_saved_with_a_bom_is_read(tmp_path):
+    # Windows editors save UTF-8 with a BOM; tomllib refused it as "Invalid statement (at
+    # line 1, column 1)", while --calibration / --eval files drop it.
+    profile = tmp_path / "board.toml"
+    profile.write_bytes(b'\xef\xbb\xbfextends = "arm-cpu"\ndescription = "mine"\n')
+    assert load_target(profile).description == "mine"
