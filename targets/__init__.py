@@ -188,18 +188,20 @@ def load_target(name_or_path: str | Path) -> Target:
         ('CUDAExecutionProvider', 'CPUExecutionProvider')
     """
     path = _resolve(name_or_path)
-    raw = _read_merged(path, chain=())
+    origins: dict[str, Path] = {}   # dotted key -> the file in the extends chain that set it
+    raw = _read_merged(path, chain=(), origins=origins)
     raw.setdefault("name", path.stem)
-    target = _build(Target, raw, path, prefix="")
+    target = _build(Target, raw, path, prefix="", origins=origins)
     block = target.generation.block_size
     if block & (block - 1):
-        raise ValueError(f"{path}: 'generation.block_size' is {block}; expected a power of "
+        raise ValueError(f"{origins.get('generation.block_size', path)}: "
+                         f"'generation.block_size' is {block}; expected a power of "
                          f"two (16, 32, 64, 128, ...).")
     if target.name in ("", ".", "..") or "/" in target.name or "\\" in target.name \
             or target.name.startswith("."):
         raise ValueError(f"{path}: 'name' is {target.name!r}; it names the output directory "
                          f"(build/<model>-<name>): no path separators or leading dot.")
-    _check_budgets(target, path)
+    _check_budgets(target, path, origins)
     if not target.runtime.execution_providers:
         raise ValueError(f"{path}: 'runtime.execution_providers' is empty; list at least "
                          f"\"CPUExecutionProvider\".")
@@ -219,7 +221,7 @@ def load_target(name_or_path: str | Path) -> Target:
     return dataclasses.replace(target, source=str(path))
 
 
-def _check_budgets(target: Target, path: Path) -> None:
+def _check_budgets(target: Target, path: Path, origins: dict[str, Path]) -> None:
     """Each of the profile's accuracy budgets parsed, and measurable by its task, when the
     profile is read (not when an export of that task first needs it)."""
     from exporter.budget import Budget
@@ -233,7 +235,8 @@ def _check_budgets(target: Target, path: Path) -> None:
         try:
             Budget.parse(text).check_measurable(task, labelled=True)
         except ValueError as e:
-            raise ValueError(f"{path}: {where!r} is {text!r}: {e}") from None
+            raise ValueError(f"{origins.get(where, path)}: {where!r} is {text!r}: {e}") \
+                from None
 
 
 def _resolve(name_or_path: str | Path, *, relative_to: Path | None = None) -> Path:
@@ -260,8 +263,10 @@ def _read(path: Path) -> dict:
         raise ValueError(f"Target profile {str(path)!r} is not valid TOML: {e}") from e
 
 
-def _read_merged(path: Path, *, chain: tuple[Path, ...]) -> dict:
-    """The profile's table with its `extends` chain merged underneath (child keys win)."""
+def _read_merged(path: Path, *, chain: tuple[Path, ...], origins: dict[str, Path]) -> dict:
+    """The profile's table with its `extends` chain merged underneath (child keys win).
+    `origins` gets the file each dotted key was set in, for errors to name the file to edit
+    (a typo in a base profile is not in the board profile that extends it)."""
     if path.resolve() in chain:
         names = " -> ".join(p.stem for p in (*chain, path.resolve()))
         raise ValueError(f"{path}: 'extends' forms a cycle ({names}); a profile cannot "
@@ -269,6 +274,7 @@ def _read_merged(path: Path, *, chain: tuple[Path, ...]) -> dict:
     raw = _read(path)
     parent = raw.get("extends")
     if parent is None or parent == "":   # "": none (what a manifest records)
+        _note_origins(raw, path, origins)
         return raw
     if not isinstance(parent, str):
         raise ValueError(f"{path}: 'extends' must be a target name or .toml path, "
@@ -277,9 +283,18 @@ def _read_merged(path: Path, *, chain: tuple[Path, ...]) -> dict:
         parent_path = _resolve(parent, relative_to=path.parent)
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"{path}: 'extends' names a profile that cannot be found: {e}") from e
-    base = _read_merged(parent_path, chain=(*chain, path.resolve()))
+    base = _read_merged(parent_path, chain=(*chain, path.resolve()), origins=origins)
     base.pop("name", None)   # a board profile is named after its own file
+    origins.pop("name", None)
+    _note_origins(raw, path, origins)   # after the parent's: the child's keys win
     return _merge(base, raw)
+
+
+def _note_origins(raw: dict, path: Path, origins: dict[str, Path], prefix: str = "") -> None:
+    for key, value in raw.items():
+        origins[prefix + key] = path
+        if isinstance(value, dict):
+            _note_origins(value, path, origins, prefix + key + ".")
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -292,13 +307,15 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def _build(cls, raw: dict, path: Path, prefix: str):
-    """Instantiate dataclass `cls` from a TOML table, checking keys, types and choices."""
+def _build(cls, raw: dict, path: Path, prefix: str, origins: dict[str, Path]):
+    """Instantiate dataclass `cls` from a TOML table, checking keys, types and choices.
+    Errors name the file `origins` says set the key (`path`, the profile, by default)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ValueError(f"{path}: unknown key {prefix + unknown[0]!r}. "
+        raise ValueError(f"{origins.get(prefix + unknown[0], path)}: unknown key "
+                         f"{prefix + unknown[0]!r}. "
                          f"Expected keys: {', '.join(prefix + k for k in fields)}.")
     values = {}
     for key, field in fields.items():
@@ -307,16 +324,17 @@ def _build(cls, raw: dict, path: Path, prefix: str):
             if field.default is dataclasses.MISSING:
                 raise ValueError(f"{path}: missing key {where!r}.")
             continue
-        values[key] = _convert(raw[key], hints[key], path, where)
+        values[key] = _convert(raw[key], hints[key], path, where, origins)
     return cls(**values)
 
 
-def _convert(value, hint, path: Path, where: str):
+def _convert(value, hint, root: Path, where: str, origins: dict[str, Path]):
+    path = origins.get(where, root)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ValueError(f"{path}: {where!r} must be a table [{where}], "
                              f"not {type(value).__name__}.")
-        return _build(hint, value, path, prefix=where + ".")
+        return _build(hint, value, root, prefix=where + ".", origins=origins)
     origin = typing.get_origin(hint)
     if origin is tuple:
         (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}

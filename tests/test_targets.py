@@ -170,3 +170,17 @@ def test_a_profile_saved_with_a_bom_is_read(tmp_path):
     profile = tmp_path / "board.toml"
     profile.write_bytes(b'\xef\xbb\xbfextends = "arm-cpu"\ndescription = "mine"\n')
     assert load_target(profile).description == "mine"
+
+
+@pytest.mark.parametrize("base, message", [
+    ("[quantization]\ncalibration_sampels = 10\n",
+     r"base.toml: unknown key 'quantization.calibration_sampels'"),
+    ("[runtime]\nthreads = \"4\"\n", r"base.toml: 'runtime.threads' must be int"),
+    ("[generation]\nblock_size = 48\n", r"base.toml: 'generation.block_size' is 48"),
+])
+def test_an_error_in_an_extended_profile_names_that_file(tmp_path, base, message):
+    # They named the board profile that extends it, which holds no such key.
+    (tmp_path / "base.toml").write_text(f'extends = "arm-cpu"\n{base}')
+    (tmp_path / "board.toml").write_text('extends = "base.toml"\ndescription = "board"\n')
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + "/" + message):
+        load_target(tmp_path / "board.toml")
