@@ -209,7 +209,8 @@ def _check_compression(compression: Compression | None, profile: Target,
         choose_layers_to_drop(compression.drop_layers, [0.0] * layers)
 
 
-def export(model: str = "minilm", *, target: str | Path | Target, task: str | None = None,
+def export(model: str | Path = "minilm", *, target: str | Path | Target,
+           task: str | None = None,
            output: str | Path | None = None,
            calibration: str | Path | Iterable[str] | None = None,
            evaluation: str | Path | Iterable[str] | None = None,
@@ -244,6 +245,11 @@ def export(model: str = "minilm", *, target: str | Path | Target, task: str | No
     from .gguf import PACKAGED_GGUF
     from .load import TASKS, check_single_label, infer_task, resolve_model_dir
 
+    if isinstance(model, os.PathLike):   # the manifest records it, as text; a Path of a
+        model = os.fspath(model)           # .gguf file was read as a checkpoint directory
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a checkpoint directory, a .gguf file or a packaged "
+                        f"model name, got {type(model).__name__} {model!r:.80}.")
     if task is not None and task not in TASKS:
         raise ValueError(f"Unknown task {task!r}. Available: {', '.join(TASKS)}.")
     if isinstance(output, str) and not output.strip():

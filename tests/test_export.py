@@ -780,3 +780,22 @@ def test_the_models_own_length_limit(tmp_path, content, expected):
             model_length_limit(tmp_path, 512)
     else:
         assert model_length_limit(tmp_path, 512) == expected
+
+
+def test_a_model_given_as_a_path_is_exported_as_its_text(tmp_path, monkeypatch):
+    """A Path to a checkpoint directory ran the whole export, then the manifest could not
+    be written (PosixPath is not JSON serializable); a Path to a .gguf file was read as a
+    checkpoint directory (NotADirectoryError: 'm.gguf/config.json')."""
+    from exporter import pipeline
+    from exporter.load import resolve_model_dir
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run", lambda job: seen.update(job=job) or job.output)
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    for model, task in ((resolve_model_dir("minilm"), "feature-extraction"),
+                        (tmp_path / "m.gguf", "text-generation")):
+        export(model, target="arm-cpu", output=tmp_path / "out", calibration=["hi"],
+               evaluation=["hello"], log=lambda line: None)
+        assert seen["job"].model == str(model) and seen["job"].task == task
+    with pytest.raises(TypeError, match="model must be a checkpoint directory, a .gguf file"):
+        export(["minilm"], target="arm-cpu", output=tmp_path / "out")
