@@ -21,7 +21,12 @@ from targets import CHOICES, Target, load_target, positive_number
 from .budget import Budget, BudgetError
 from .compress import Compression
 from .data import Utterance, read_texts, smart_home_utterances
-from .report import check_archive_replaceable, check_replaceable, remove_leftovers
+from .report import (
+    check_archive_replaceable,
+    check_not_in_bundle,
+    check_replaceable,
+    remove_leftovers,
+)
 
 __all__ = ["BudgetError", "Compression", "export"]
 
@@ -302,6 +307,7 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
                 raise FileExistsError(f"Output {str(output)!r}: {str(parent)!r} exists and is "
                                       f"not a directory. Choose another --output.")
             break
+    check_not_in_bundle(output)
     check_replaceable(output)  # before any work: the output, and where a rejection's report goes
     rejected = output.with_name(output.name + ".rejected")
     check_replaceable(rejected)

@@ -323,6 +323,19 @@ def check_replaceable(path: Path, *, ours: Callable[[Path], bool] = written_here
             f"Choose another --output, or remove the directory if it is an old output.")
 
 
+def check_not_in_bundle(path: Path) -> None:
+    """Raise FileExistsError where `path` lies inside a bundle: written there, it would be a
+    file that bundle's manifest does not list, and no export or runtime.unpack would replace
+    that bundle any more."""
+    for parent in path.resolve().parents:
+        known = bundle_files(parent)   # empty (falsy) without a manifest.json: no walk
+        if known and holds_only(parent, known):
+            raise FileExistsError(f"Output {str(path)!r} lies inside the bundle "
+                                  f"{str(parent)!r}, which would then hold files its manifest "
+                                  f"does not list (and no export could replace it). Choose an "
+                                  f"--output outside it, e.g. beside it.")
+
+
 def check_archive_replaceable(archive: Path, name: str) -> None:
     """Raise FileExistsError unless `archive` is absent or a bundle archive of bundle `name`
     (one that an export wrote, which `--tar` replaces)."""

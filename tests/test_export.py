@@ -261,6 +261,21 @@ def test_output_holding_user_files_is_refused_before_any_work(tmp_path, capsys):
                                                           "x.rejected"]
 
 
+def test_an_output_inside_a_bundle_is_refused_before_any_work(tmp_path, capsys):
+    """It was written there: the outer bundle then held a directory its manifest does not
+    list, so no export (and no runtime.unpack) would replace it any more."""
+    bundle = tmp_path / "minilm-arm-cpu"
+    bundle.mkdir()
+    (bundle / "model.onnx").write_bytes(b"onnx")
+    (bundle / "manifest.json").write_text(json.dumps(
+        {"files": [{"path": "model.onnx", "sha256": sha256_of(bundle / "model.onnx"),
+                    "bytes": 4}]}))
+    for output in (bundle / "v2", bundle / "new" / "v2"):
+        assert main(["--target", "arm-cpu", "--output", str(output)]) == 2
+        assert f"lies inside the bundle {str(bundle)!r}" in capsys.readouterr().err
+    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "model.onnx"]
+
+
 def test_leftovers_of_killed_exports_are_removed_and_nothing_else(tmp_path):
     from exporter.report import remove_leftovers, temp_dir_beside
 
