@@ -109,7 +109,8 @@ def check_single_label(model_dir: Path) -> None:
 
 
 def check_labels(evaluation, labels: list[str]) -> None:
-    """Every labelled evaluation text must carry one of the model's labels."""
+    """Every labelled text (evaluation, or a calibration file's) must carry one of the
+    model's labels."""
     known = set(labels)
     for u in evaluation:
         if u.intent is not None and u.intent not in known:
@@ -298,6 +299,9 @@ def load(job) -> None:
         id2label = job.torch_model.config.id2label
         job.labels = [str(id2label[i]) for i in range(len(id2label))]
         check_labels(job.evaluation, job.labels)
+        # A file's calibration labels too: a labelled budget is searched on them, and one
+        # unknown label sent that search to the evaluation texts, "which lack labels".
+        check_labels([u for u in job.calibration if u.where], job.labels)
 
     padding = set_padding(tokenizer_json, tokenizer, model_dir, job.torch_model.config)
     config = job.torch_model.config

@@ -196,3 +196,29 @@ def test_intent_device_application(intent_bundle):
                               "--threshold", threshold], capture_output=True, text=True, cwd=REPO)
         assert bad.returncode == 2
         assert f"--threshold must be from 0 to 1, got {float(threshold)}" in bad.stderr
+
+
+def test_unknown_labels_in_a_calibration_file_are_refused_with_their_line(tmp_path, capsys):
+    """A labelled budget is searched on the calibration file's labels; one it did not know
+    sent the search to the evaluation texts (then no longer held out), saying the
+    calibration texts "lack" labels."""
+    import transformers
+
+    from exporter.load import resolve_model_dir
+
+    model = tmp_path / "classifier"   # tiny and random: refused before anything runs it
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, id2label={0: "neg", 1: "pos"},
+                                     architectures=["BertForSequenceClassification"])
+    transformers.BertForSequenceClassification(config).save_pretrained(model)
+    shutil.copy(resolve_model_dir("minilm") / "tokenizer.json", model)
+    lines = ['{"text": "great stuff", "label": "pos"}', '{"text": "awful", "label": "bad"}']
+    (tmp_path / "cal.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "eval.jsonl").write_text(lines[0] + "\n")
+    code = main(["--model", str(model), "--target", "arm-cpu", "--calibration",
+                 str(tmp_path / "cal.jsonl"), "--eval", str(tmp_path / "eval.jsonl"),
+                 "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert re.search(r"cal.jsonl:2: label 'bad' is not one of the model's 2 labels",
+                     capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
