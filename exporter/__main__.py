@@ -37,9 +37,12 @@ def main(argv: list[str] | None = None) -> int:
                                            "text-generation"),
                         help="default: read from the model")
     parser.add_argument("--calibration", metavar="FILE",
-                        help=".txt (one text per line) or .jsonl with a \"text\" field; "
-                             "default: smart-home utterances")
-    parser.add_argument("--eval", metavar="FILE", help="held-out texts, same formats")
+                        help=".txt (one text per line) or .jsonl with a \"text\" field "
+                             "(and \"label\" for classifiers); default: smart-home "
+                             "utterances (decoders: English prose)")
+    parser.add_argument("--eval", metavar="FILE",
+                        help="held-out texts, same formats; default: other "
+                             "smart-home utterances (decoders: English prose)")
     parser.add_argument("--output", metavar="DIR", help="default: build/<model>-<target>/")
     parser.add_argument("--tar", action="store_true",
                         help="also write <output>.tar, the bundle as one file for flashing "

@@ -620,6 +620,8 @@ def test_python_dash_m_exporter_help():
     out = subprocess.run([sys.executable, "-m", "exporter", "--help"], capture_output=True,
                          text=True, check=True, cwd=Path(__file__).parent.parent)
     assert "--target" in out.stdout and "--accuracy-budget" in out.stdout
+    # a decoder calibrates (compression) and is measured on English prose, not smart-home text
+    assert " ".join(out.stdout.split()).count("utterances (decoders: English prose)") == 2
 
 
 def test_cli_tells_a_library_error_from_a_refused_input(monkeypatch, capsys):
