@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import tarfile
 from collections.abc import Callable
@@ -257,15 +258,21 @@ def plot_report(data: dict, path: Path) -> bool:
 
 
 def temp_dir_beside(target: Path) -> Path:
-    """`work_dir_beside(target)`, a PermissionError naming the directory that refused."""
+    """`work_dir_beside(target)`, a PermissionError naming the directory that refused (no
+    permission, or a read-only file system: the --output chosen, not the machine failing)."""
     try:
         return work_dir_beside(target)
-    except PermissionError:
+    except OSError as e:
+        if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
+            raise
         where = target.parent
         while not where.exists():   # the directory that refused: the nearest one that exists
             where = where.parent
-        raise PermissionError(f"Cannot write {str(target)!r}: no permission to create files in "
-                              f"{str(where)!r}. Choose another --output.") from None
+        why = (f"no permission to create files in {str(where)!r}"
+               if isinstance(e, PermissionError) else
+               f"{str(where)!r} is on a read-only file system")
+        raise PermissionError(f"Cannot write {str(target)!r}: {why}. Choose another "
+                              f"--output.") from None
 
 
 def truncation_text(cut: dict, texts: int) -> str:

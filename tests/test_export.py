@@ -229,6 +229,22 @@ def test_unwritable_output_is_a_clear_error(capsys):
         in capsys.readouterr().err
 
 
+def test_an_output_on_a_read_only_file_system_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """It exited 1 ("the machine failed") with "[Errno 30] Read-only file system" naming a
+    work directory the user never gave."""
+    import errno
+
+    from exporter import report
+
+    def read_only(target):
+        raise OSError(errno.EROFS, "Read-only file system", str(target.parent / ".out.1.x"))
+
+    monkeypatch.setattr(report, "work_dir_beside", read_only)
+    assert main(["--target", "arm-cpu", "--output", str(tmp_path / "out")]) == 2
+    assert (f"Cannot write {str(tmp_path / 'out')!r}: {str(tmp_path)!r} is on a read-only "
+            f"file system. Choose another --output.") in capsys.readouterr().err
+
+
 def test_an_opset_the_encoder_exporter_cannot_write_is_refused_before_any_work(tmp_path,
                                                                                 capsys):
     (tmp_path / "new.toml").write_text('extends = "arm-cpu"\nopset = 21\n')
