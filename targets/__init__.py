@@ -246,7 +246,8 @@ def _resolve(name_or_path: str | Path, *, relative_to: Path | None = None) -> Pa
         if relative_to is not None and not path.is_absolute():
             path = relative_to / path
         if not path.is_file():
-            raise FileNotFoundError(f"Target profile {str(path)!r} does not exist.")
+            what = "is not a file" if path.exists() else "does not exist"
+            raise FileNotFoundError(f"Target profile {str(path)!r} {what}.")
         return path
     path = PROFILE_DIR / f"{text}.toml"
     if not path.is_file():

@@ -42,9 +42,12 @@ def test_unknown_target_lists_the_valid_ones():
         load_target("jetsn")
 
 
-def test_missing_profile_file():
+def test_missing_profile_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.toml"):
         load_target("nope.toml")
+    (tmp_path / "boards").mkdir()   # a directory given by mistake "does not exist"ed
+    with pytest.raises(FileNotFoundError, match=r"/boards' is not a file\."):
+        load_target(f"{tmp_path}/boards/")
 
 
 @pytest.mark.parametrize("edit, message", [
