@@ -18,7 +18,6 @@ from runtime._files import (
 )
 
 from .compress import compression_lines
-from .partition import partition_lines
 from .strength import strength_lines
 
 # metric -> its unit where it is not a share or a cosine (the budget names it the same way)
@@ -44,6 +43,10 @@ def accuracy_holds(v: dict) -> bool:
 
 def render_markdown(data: dict, *, plot: str | None = None) -> str:
     """report.md; `plot` names the PNG beside it, if one was drawn."""
+    # Imported here: partition imports onnx, and `python -m exporter` (--help,
+    # --list-targets) imports this module on a device that has only the runtime.
+    from .partition import partition_lines
+
     if data.get("task") == "text-generation":
         return render_decoder_markdown(data)
     v = data.get("validation", {})
