@@ -122,6 +122,13 @@ def _check_encoder_profile(profile: Target) -> None:
     the stage that met it, minutes into the export."""
     where = profile.source or profile.name
     q = profile.quantization
+    if profile.graph_rules == "tensorrt" and profile.graph_optimization == "transformer":
+        # the fusions write com.microsoft ops (MultiHeadAttention, BiasGelu), which the
+        # tensorrt rules refuse at the end of the export, int8 or fp16
+        raise ValueError(f"{where}: graph_rules \"tensorrt\" takes standard ONNX ops only, "
+                         f"and graph_optimization \"transformer\" writes ONNX Runtime's "
+                         f"com.microsoft fusions (MultiHeadAttention, BiasGelu); set "
+                         f"graph_optimization = \"basic\" (TensorRT fuses attention itself).")
     if profile.precision != "int8":
         return
     from .float16 import FLOAT16_QDQ_OPSET

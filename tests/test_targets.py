@@ -142,6 +142,8 @@ def test_bad_extends_is_a_clear_error(tmp_path, files, message):
      r"graph_rules \"tensorrt\" takes symmetric int8 activations only"),
     ("[quantization]\nembeddings = \"int8-rows\"",
      r"graph_rules \"tensorrt\" needs quantization.embeddings = \"float\""),
+    ("graph_optimization = \"transformer\"",
+     r"graph_rules \"tensorrt\" takes standard ONNX ops only"),
 ])
 def test_contradicting_jetson_settings_are_refused_before_any_work(tmp_path, body, message):
     # Each loaded, then failed minutes into the export (float16, or the TensorRT rules).
@@ -156,6 +158,10 @@ def test_contradicting_jetson_settings_are_refused_before_any_work(tmp_path, bod
         from exporter import _check_encoder_profile
 
         _check_encoder_profile(dataclasses.replace(load_target(profile), precision="fp16"))
+    if body.startswith("graph_optimization"):   # com.microsoft fusions: fp16 breaks it too
+        with pytest.raises(ValueError, match=message):
+            export("minilm", target=profile, precision="fp16", output=tmp_path / "out",
+                   log=lambda line: None)
 
 
 def test_an_empty_extends_means_none(tmp_path):
