@@ -87,7 +87,8 @@ def check(model: onnx.ModelProto) -> list[Violation]:
         'dedicated-dq'
     """
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
+    inits = constants(graph)
+    producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
@@ -107,7 +108,7 @@ def check(model: onnx.ModelProto) -> list[Violation]:
                 if init is not None and init.data_type == TensorProto.INT8:
                     add(node, "int8-only-in-qdq", f"reads int8 constant {name!r}")
             continue
-        _check_qdq_constants(node, inits, add)
+        _check_qdq_constants(node, inits, producer, add)
         users = consumers.get(node.output[0], [])
         if node.op_type == "QuantizeLinear":
             for user in users:
@@ -121,11 +122,39 @@ def check(model: onnx.ModelProto) -> list[Violation]:
             if user.op_type not in INT8_OPS:
                 add(node, "fusible-consumer", f"output feeds {user.op_type} {_name(user)!r}")
             else:
-                _check_axis(node, user, inits, add)
+                _check_axis(node, user, inits, producer, add)
     return found
 
 
-def _check_qdq_constants(node, inits, add) -> None:
+def constants(graph: onnx.GraphProto) -> dict[str, TensorProto]:
+    """Every constant tensor of `graph` by name: its initializers and the outputs of its
+    Constant nodes (what exporters such as torch.onnx write for scales and zero points)."""
+    found = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS and node.attribute:
+            value = helper.get_attribute_value(node.attribute[0])
+            if not isinstance(value, TensorProto):   # value_float(s), value_int(s)
+                value = numpy_helper.from_array(np.asarray(
+                    value, np.float32 if "float" in node.attribute[0].name else np.int64))
+            tensor = TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            found[tensor.name] = tensor
+    return found
+
+
+def _int8_input(dq, inits, producer) -> bool:
+    """Whether a DequantizeLinear reads int8: an int8 constant, or a QuantizeLinear's output
+    whose zero point is int8 (without one, a DQ's zero point is 0 of its input's type)."""
+    if dq.input[0] in inits:
+        return inits[dq.input[0]].data_type == TensorProto.INT8
+    q = producer.get(dq.input[0])
+    zero = inits.get(q.input[2]) if q is not None and q.op_type == "QuantizeLinear" \
+        and len(q.input) > 2 and q.input[2] else None
+    return zero is not None and zero.data_type == TensorProto.INT8
+
+
+def _check_qdq_constants(node, inits, producer, add) -> None:
     scale = inits.get(node.input[1])
     if scale is None:
         add(node, "constant-scale", f"scale {node.input[1]!r} is not a constant")
@@ -137,10 +166,14 @@ def _check_qdq_constants(node, inits, add) -> None:
         if not (np.isfinite(values).all() and (values > 0).all()):
             add(node, "constant-scale", f"scale values {values.ravel()[:4]} are not all "
                                         f"positive and finite")
-    zero = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if zero is None:
-        add(node, "int8-zero-point", "no int8 zero point (the default is uint8)"
-            if len(node.input) < 3 or not node.input[2] else "zero point is not a constant")
+    missing = len(node.input) < 3 or not node.input[2]
+    zero = None if missing else inits.get(node.input[2])
+    if missing:
+        # A DQ's default zero point is 0 of its input's type (int8 is fine); a Q's is uint8.
+        if node.op_type != "DequantizeLinear" or not _int8_input(node, inits, producer):
+            add(node, "int8-zero-point", "no int8 zero point (the default is uint8)")
+    elif zero is None:
+        add(node, "int8-zero-point", "zero point is not a constant")
     elif zero.data_type != TensorProto.INT8:
         add(node, "int8-zero-point", f"zero point has type "
                                      f"{TensorProto.DataType.Name(zero.data_type)}")
@@ -153,12 +186,15 @@ def _check_qdq_constants(node, inits, add) -> None:
             add(node, "weight-range", f"weight {node.input[0]!r} holds -128")
 
 
-def _check_axis(dq, user, inits, add) -> None:
+def _check_axis(dq, user, inits, producer, add) -> None:
     scale = inits.get(dq.input[1])
     if scale is None or len(scale.dims) == 0 or int(np.prod(scale.dims)) == 1:
         return  # per tensor: always fine
     weight_index, channel_axis = INT8_OPS[user.op_type]
     weight = inits.get(dq.input[0])
+    q = producer.get(dq.input[0])
+    if weight is None and q is not None and q.op_type == "QuantizeLinear":
+        weight = inits.get(q.input[0])   # a float weight TensorRT quantizes when it builds
     if weight is None or list(user.input).index(dq.output[0]) != weight_index:
         add(dq, "per-channel-axis", f"per-channel scale on an activation input of "
                                     f"{_name(user)!r}")

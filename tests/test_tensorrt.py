@@ -176,3 +176,62 @@ def test_dedicate_dequantize_gives_each_input_slot_its_own_dq():
                                  providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for a, b in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _float_weight_quantized_in_graph(model):
+    """Q(float W, per channel) -> DQ -> MatMul: TensorRT quantizes the weight itself when it
+    builds (the form QAT exports write; its developer guide, "Quantized Weights")."""
+    w = numpy_helper.to_array(_init(model, "w_int8")) * np.array([0.01, 0.02, 0.03])
+    model.graph.initializer.remove(_init(model, "w_int8"))
+    model.graph.initializer.append(numpy_helper.from_array(w.astype(np.float32), "w_float"))
+    model.graph.node.insert(0, helper.make_node(
+        "QuantizeLinear", ["w_float", "w_scale", "w_zero"], ["w_q"], name="w_Q", axis=1))
+    _node(model, "w_DQ").input[0] = "w_q"
+
+
+def _qparams_from_constant_nodes(model):
+    """Scales and zero points written as Constant nodes (torch.onnx's way), not initializers."""
+    for name in ("x_scale", "x_zero", "w_scale", "w_zero"):
+        init = _init(model, name)
+        model.graph.initializer.remove(init)
+        model.graph.node.insert(0, helper.make_node("Constant", [], [name], value=init,
+                                                    name=name + "_constant"))
+
+
+def _dq_without_zero_point(model):
+    """DQ(int8 W, scale): the zero point left out is 0 of W's type, int8."""
+    del _node(model, "w_DQ").input[2]
+
+
+@pytest.mark.parametrize("form", [_float_weight_quantized_in_graph,
+                                  _qparams_from_constant_nodes, _dq_without_zero_point],
+                         ids=lambda f: f.__name__)
+def test_checker_accepts_the_other_valid_tensorrt_forms(form):
+    """Each was refused: a per-channel scale 'on an activation input', scales 'not a
+    constant', 'no int8 zero point (the default is uint8)'."""
+    model = linear_graph()
+    x = np.arange(4, dtype=np.float32).reshape(1, 4) / 4
+    before = ort.InferenceSession(model.SerializeToString(),
+                                  providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    form(model)
+    onnx.checker.check_model(model, full_check=True)
+    after = ort.InferenceSession(model.SerializeToString(),
+                                 providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-6)   # the same graph, written otherwise
+    assert [str(v) for v in check(model)] == []
+
+
+def test_checker_still_refuses_those_forms_broken():
+    model = linear_graph()
+    _float_weight_quantized_in_graph(model)
+    _node(model, "w_DQ").attribute[0].i = 0          # axis 0 of (in, out): input channels
+    _node(model, "w_Q").attribute[0].i = 0
+    assert [v.rule for v in check(model)] == ["per-channel-axis"]
+    model = linear_graph()
+    _qparams_from_constant_nodes(model)
+    _node(model, "x_zero_constant").attribute[0].t.CopyFrom(
+        numpy_helper.from_array(np.array(3, np.int8), "x_zero"))
+    assert {v.rule for v in check(model)} == {"int8-zero-point"}
+    model = linear_graph()
+    del _node(model, "x_Q").input[2], _node(model, "x_DQ").input[2]   # uint8 activations
+    assert [v.node for v in check(model) if v.rule == "int8-zero-point"] == ["x_Q", "x_DQ"]
