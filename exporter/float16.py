@@ -19,10 +19,16 @@ from __future__ import annotations
 
 import heapq
 
+import numpy as np
 import onnx
+from onnx import TensorProto, helper
+
+from .feeds import encoder_feeds, ort_session
 
 # ai.onnx opset from which QuantizeLinear/DequantizeLinear accept float16 scales.
 FLOAT16_QDQ_OPSET = 19
+FLOAT16_MAX = 65504.0      # float16's largest finite value: anything above becomes inf
+RANGE_CHECK_TEXTS = 64     # calibration texts the float graph's value ranges are taken on
 
 
 def convert(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -40,6 +46,40 @@ def convert(model: onnx.ModelProto) -> onnx.ModelProto:
     # keeps in float32: Max, Range, TopK ...) at the end of the node list.
     _sort_nodes(half.graph)
     return half
+
+
+def float16_overflows(model: onnx.ModelProto, feeds) -> tuple[dict[str, float], float]:
+    """Run the float32 `model` on `feeds` and return the float tensors whose |values| pass
+    float16's range (name -> peak), and the largest |value| seen in any float tensor.
+
+    Only constants are clipped by the conversion; a value computed past 65504 becomes inf on
+    the device. ONNX Runtime's CPU provider cannot be relied on to show it: it has no float16
+    kernel for most ops and runs them in float32 with the Casts between them removed. The
+    attention-mask fill (float32 min, |x| >= MASK_FILL_LIMIT) is left out: its constant is
+    clipped to -65504 on purpose.
+    """
+    from .quantize import MASK_FILL_LIMIT
+
+    probe = onnx.shape_inference.infer_shapes(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(v.name, TensorProto.FLOAT, None)
+        for v in probe.graph.value_info
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT and v.name not in known)
+    session = ort_session(probe.SerializeToString())
+    names = [o.name for o in session.get_outputs()]
+    over: dict[str, float] = {}
+    largest = 0.0
+    for batch in feeds:
+        for name, value in zip(names, session.run(names, batch), strict=True):
+            if value.dtype != np.float32:
+                continue
+            magnitude = np.abs(value)
+            peak = float(magnitude[magnitude < MASK_FILL_LIMIT].max(initial=0.0))
+            largest = max(largest, peak)
+            if peak > FLOAT16_MAX:
+                over[name] = max(over.get(name, 0.0), peak)
+    return over, largest
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> None:
@@ -74,6 +114,17 @@ def to_float16(job) -> None:
         return
     model = onnx.load(job.quantized_onnx)
     before = job.quantized_onnx.stat().st_size
+    texts = [u.text for u in job.calibration[:RANGE_CHECK_TEXTS]]
+    feeds = encoder_feeds(job.workdir / "tokenizer.json", texts, ort_session(job.quantized_onnx),
+                          max_length=job.max_length)
+    over, largest = float16_overflows(model, feeds)
+    if over:
+        worst = sorted(over.items(), key=lambda item: -item[1])
+        shown = ", ".join(f"{name!r} reaches {peak:.4g}" for name, peak in worst[:5])
+        raise ValueError(f"float16 cannot hold this model's activations: {len(over)} float "
+                         f"tensors pass float16's largest value, 65504, on {len(texts)} "
+                         f"calibration texts ({shown}); on the device they become inf. Keep "
+                         f"float_type = \"float32\" and precision = \"int8\" in the profile.")
     half = convert(model)
     onnx.checker.check_model(half)
     out = job.workdir / "model_fp16.onnx"
@@ -81,5 +132,7 @@ def to_float16(job) -> None:
     job.quantized_onnx = out
     job.records["float16"] = {"applied": True, "bytes_before": before,
                               "bytes_after": out.stat().st_size,
-                              "io": "inputs and outputs kept (float32 outputs via Cast)"}
+                              "io": "inputs and outputs kept (float32 outputs via Cast)",
+                              "largest_activation": round(largest, 2),
+                              "range_checked_on": f"{len(texts)} calibration texts"}
     job.log(f"  float16: {before / 1e6:.1f} -> {out.stat().st_size / 1e6:.1f} MB")

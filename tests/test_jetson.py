@@ -124,3 +124,53 @@ def test_float16_graph_is_topologically_sorted(case):
     got = ort_session(half.SerializeToString()).run(None, feeds)[0]
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-3)
+
+
+def _ids_graph(factor: float) -> onnx.ModelProto:
+    """BERT's three int64 inputs -> (float(ids) * factor) / factor (batch, seq), with an
+    attention-mask style fill (mask - 1) * float32 max added to a second output."""
+    from onnx import helper, numpy_helper
+
+    ids = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+           for n in ("input_ids", "attention_mask", "token_type_ids")]
+    nodes = [helper.make_node("Cast", ["input_ids"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["f", "factor"], ["big"]),
+             helper.make_node("Div", ["big", "factor"], ["y"]),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["m", "one"], ["m1"]),
+             helper.make_node("Mul", ["m1", "fill"], ["masked"])]
+    inits = [numpy_helper.from_array(np.array(factor, np.float32), "factor"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(np.finfo(np.float32).max, np.float32), "fill")]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq"])
+               for n in ("y", "masked")]
+    return helper.make_model(helper.make_graph(nodes, "g", ids, outputs, inits),
+                             opset_imports=[helper.make_opsetid("", 19)])
+
+
+@pytest.mark.parametrize("factor", [1.0, 100.0])
+def test_float16_stage_refuses_activations_past_float16_range(tmp_path, factor):
+    """Only constants were clipped: a computed value past 65504 (here token ids x 100, up to
+    3e6) was converted silently, and the CPU validation cannot see the inf the device makes
+    (ONNX Runtime runs Mul and Div in float32 on CPU)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from exporter.data import Utterance
+    from exporter.float16 import to_float16
+    from exporter.load import resolve_model_dir
+
+    shutil.copy(resolve_model_dir("minilm") / "tokenizer.json", tmp_path / "tokenizer.json")
+    onnx.save(_ids_graph(factor), tmp_path / "model.onnx")
+    job = SimpleNamespace(
+        target=SimpleNamespace(float_type="float16", precision="int8"),
+        quantized_onnx=tmp_path / "model.onnx", workdir=tmp_path, max_length=32,
+        calibration=[Utterance("turn on the kitchen lights"), Utterance("zyzzyva")],
+        records={}, log=lambda line: None)
+    if factor == 1.0:   # ids below 30522: in range; the mask fill is clipped on purpose
+        to_float16(job)
+        assert job.records["float16"]["largest_activation"] > 1000
+        assert job.quantized_onnx.name == "model_fp16.onnx"
+        return
+    with pytest.raises(ValueError, match=r"65504.*'big' reaches 2.87"):
+        to_float16(job)
