@@ -161,3 +161,32 @@ def cuda_fallback_warning():
         return contextlib.nullcontext()
     return pytest.warns(RuntimeWarning, match="CUDAExecutionProvider not in this onnxruntime "
                                               "build .*; running on CPUExecutionProvider")
+
+
+@pytest.fixture(scope="session")
+def stream_window():
+    """check(tok, hf, sequences): asserts that `tok.decode_stream()` gives exactly HF's
+    DecodeStream pieces for each sequence of ids, skipping special tokens and not, and
+    returns the most ids any one `tok.decode` call of those streams read."""
+    from tokenizers.decoders import DecodeStream
+
+    def check(tok, hf, sequences) -> int:
+        decoded_lengths = []
+        real_decode = tok.decode
+
+        def counting_decode(ids, **kwargs):
+            decoded_lengths.append(len(ids))
+            return real_decode(ids, **kwargs)
+
+        tok.decode = counting_decode
+        try:
+            for skip in (True, False):
+                for ids in sequences:
+                    ours, theirs = tok.decode_stream(skip_special_tokens=skip), DecodeStream(
+                        skip_special_tokens=skip)
+                    assert [ours.step(i) for i in ids] == [theirs.step(hf, i) for i in ids]
+        finally:
+            del tok.decode
+        return max(decoded_lengths)
+
+    return check

@@ -168,53 +168,10 @@ def test_ray_actors_equal_single_graph(minilm_bundle, eval_texts, single, tmp_pa
         ray.shutdown()
 
 
-def test_stage_io_declares_what_the_whole_graph_infers(tmp_path):
-    """A residual Add whose other input crosses a stage boundary, then LayerNorm: with the
-    hidden size known the whole graph fuses them into SkipLayerNormalization. Declared by
-    rank only, the stage lost that size, did not fuse, and rounded differently (4.8e-7)."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    from exporter.partition import write_stages
-    from runtime.model import ort_session
-    from runtime.stages import StagedSession
-
-    rng = np.random.default_rng(0)
-    hidden = 8
-    inits = [numpy_helper.from_array(rng.normal(size=(1, hidden)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.normal(size=(hidden, hidden)).astype(np.float32), "w"),
-             numpy_helper.from_array(np.ones(hidden, np.float32), "gamma"),
-             numpy_helper.from_array(np.zeros(hidden, np.float32), "beta"),
-             numpy_helper.from_array(np.array([2], np.int64), "axis")]
-    norm = ("gamma", "beta")
-    nodes = [helper.make_node("Unsqueeze", ["x", "axis"], ["x3"]),
-             helper.make_node("MatMul", ["x3", "w1"], ["a0"]),
-             helper.make_node("LayerNormalization", ["a0", *norm], ["h0"]),
-             helper.make_node("MatMul", ["h0", "w"], ["a1"]),
-             helper.make_node("LayerNormalization", ["a1", *norm], ["h1"]),
-             helper.make_node("MatMul", ["h1", "w"], ["a2"]),
-             helper.make_node("LayerNormalization", ["a2", *norm], ["h2"]),
-             helper.make_node("MatMul", ["h2", "w"], ["a3"]),
-             helper.make_node("Add", ["a3", "h0"], ["s3"]),   # h0 crosses every cut
-             helper.make_node("LayerNormalization", ["s3", *norm], ["y"])]
-    for i, node in enumerate(nodes):
-        node.name = f"n{i}"
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-    x = rng.normal(size=(3, 5)).astype(np.float32)
-    expected = ort_session(model.SerializeToString(), threads=1).run(None, {"x": x})[0]
-    for count in (2, 3):
-        out = tmp_path / str(count)
-        out.mkdir()
-        records = write_stages(model, count, out, ["CPUExecutionProvider"])
-        got = StagedSession(out, records, outputs=["y"], threads=1).run(None, {"x": x})[0]
-        np.testing.assert_array_equal(got, expected)
-
-
 def _chain_model(layers: int = 4):
-    """x (batch, seq) -> `layers` x (MatMul, LayerNorm) -> y (batch, seq, 8); the first
-    LayerNorm's output is also read by the last layer (it crosses every cut)."""
+    """x (batch, seq) -> MatMul, LayerNorm -> h0, then `layers - 1` x (MatMul, LayerNorm),
+    the last LayerNorm's input a residual Add of h0 (which crosses every cut) -> y (batch,
+    seq, 8)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -228,10 +185,12 @@ def _chain_model(layers: int = 4):
     nodes = [helper.make_node("Unsqueeze", ["x", "axis"], ["x3"]),
              helper.make_node("MatMul", ["x3", "w1"], ["a0"]),
              helper.make_node("LayerNormalization", ["a0", *norm], ["h0"])]
-    for i in range(1, layers):
+    for i in range(1, layers - 1):
         nodes += [helper.make_node("MatMul", [f"h{i - 1}", "w"], [f"a{i}"]),
                   helper.make_node("LayerNormalization", [f"a{i}", *norm], [f"h{i}"])]
-    nodes += [helper.make_node("Add", [f"h{layers - 1}", "h0"], ["s"]),
+    last = layers - 1
+    nodes += [helper.make_node("MatMul", [f"h{last - 1}", "w"], [f"a{last}"]),
+              helper.make_node("Add", [f"a{last}", "h0"], ["s"]),
               helper.make_node("LayerNormalization", ["s", *norm], ["y"])]
     for i, node in enumerate(nodes):
         node.name = f"n{i}"
@@ -239,6 +198,26 @@ def _chain_model(layers: int = 4):
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", hidden])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def test_stage_io_declares_what_the_whole_graph_infers(tmp_path):
+    """A residual Add whose other input crosses a stage boundary, then LayerNorm: with the
+    hidden size known the whole graph fuses them into SkipLayerNormalization. Declared by
+    rank only, the stage lost that size, did not fuse, and rounded differently (4.8e-7)."""
+    from exporter.partition import write_stages
+    from runtime.model import ort_session
+    from runtime.stages import StagedSession
+
+    rng = np.random.default_rng(0)
+    model = _chain_model()
+    x = rng.normal(size=(3, 5)).astype(np.float32)
+    expected = ort_session(model.SerializeToString(), threads=1).run(None, {"x": x})[0]
+    for count in (2, 3):
+        out = tmp_path / str(count)
+        out.mkdir()
+        records = write_stages(model, count, out, ["CPUExecutionProvider"])
+        got = StagedSession(out, records, outputs=["y"], threads=1).run(None, {"x": x})[0]
+        np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("edit", ["input renamed", "stages reversed", "last stage dropped",
