@@ -13,7 +13,7 @@
  * The library registers the op only where it has a vector path (x86 with AVX-512, or AVX2 +
  * FMA + F16C); elsewhere it registers nothing and the function body runs. EDGE_Q4_ISA
  * (avx512, avx2, scalar, off), read when a session registers the library, forces a path,
- * for tests.
+ * for tests (a vector one only where the CPU runs it); any other value is an error.
  *
  * ONNX Runtime's C API is a table of function pointers that only grows: we declare the
  * few entries we call by their position in it (API version 17, onnxruntime 1.17) and the
@@ -123,7 +123,10 @@ best_isa(void)
     return "off";
 }
 
-/* The path EDGE_Q4_ISA asks for if this CPU runs it, else the best one ("off": none). */
+#define ISA_CHOICES "avx512, avx2, scalar or off"
+
+/* The path EDGE_Q4_ISA asks for if this CPU runs it, else the best one ("off": none);
+ * NULL for a value that names no path (a typo, "OFF": it was ignored, the kernel ran). */
 static const char *
 chosen_isa(void)
 {
@@ -132,11 +135,11 @@ chosen_isa(void)
         return best;
     if (strcmp(asked, "off") == 0 || strcmp(asked, "scalar") == 0)
         return strcmp(asked, "off") == 0 ? "off" : "scalar";
-    if (strcmp(asked, "avx2") == 0 && strcmp(best, "off") != 0)
-        return "avx2";
-    if (strcmp(asked, "avx512") == 0 && strcmp(best, "avx512") == 0)
-        return "avx512";
-    return best;
+    if (strcmp(asked, "avx2") == 0)
+        return strcmp(best, "off") != 0 ? "avx2" : best;
+    if (strcmp(asked, "avx512") == 0)
+        return best;   /* avx512 where the CPU runs it, else the best it has */
+    return NULL;
 }
 
 static q4_columns_fn
@@ -365,7 +368,11 @@ RegisterCustomOps(void *options, const OrtApiBase *base)
     if (table == NULL)
         return NULL;   /* an onnxruntime older than 1.17: nothing registered */
     api = table;
-    const PathOp *path = path_op(columns_for(chosen_isa()));
+    const char *isa = chosen_isa();
+    if (isa == NULL)
+        return fail(ORT_INVALID_ARGUMENT, "EDGE_Q4_ISA names no path of runtime._kernels: "
+                    "set it to " ISA_CHOICES ", or unset it for the best path here");
+    const PathOp *path = path_op(columns_for(isa));
     if (path == NULL)
         return NULL;
     void *domain = NULL;
@@ -381,7 +388,12 @@ static PyObject *
 kernels_isa(PyObject *module, PyObject *unused)
 {
     (void)module, (void)unused;
-    return PyUnicode_FromString(chosen_isa());
+    const char *isa = chosen_isa();
+    if (isa == NULL)
+        return PyErr_Format(PyExc_ValueError, "EDGE_Q4_ISA='%s' names no path of runtime._kernels: "
+                            "set it to " ISA_CHOICES ", or unset it for the best path here.",
+                            getenv("EDGE_Q4_ISA"));
+    return PyUnicode_FromString(isa);
 }
 
 static PyMethodDef kernels_methods[] = {

@@ -7,4 +7,6 @@ nodes with the kernel instead of their function body.
 
 def isa() -> str:
     """The path the kernel runs on here: "avx512", "avx2", "scalar" (EDGE_Q4_ISA=scalar,
-    for tests) or "off" (nothing registered: the bundle's function body runs)."""
+    for tests) or "off" (nothing registered: the bundle's function body runs).
+
+    Raises ValueError when EDGE_Q4_ISA is set to anything else than those four."""

@@ -279,3 +279,21 @@ print(session.run(None, {{"x": x}})[0].shape)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "(1, 2, 16)", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value", ["OFF", "none", "avx-512", "neon"])
+def test_an_unknown_isa_is_refused(monkeypatch, value):
+    """EDGE_Q4_ISA names one of four paths; any other value (a typo, "OFF") was ignored and
+    the best path ran, so asking to turn the kernel off silently left it on."""
+    import onnxruntime as ort
+
+    monkeypatch.setenv("EDGE_Q4_ISA", value)
+    with pytest.raises(ValueError, match=f"EDGE_Q4_ISA='{value}' names no path.*avx512, avx2, "
+                                         "scalar or off"):
+        _kernels.isa()
+    with pytest.raises(ValueError, match="EDGE_Q4_ISA"):
+        kernel_library()
+    with pytest.raises(Exception, match="EDGE_Q4_ISA names no path"):
+        ort.SessionOptions().register_custom_ops_library(_kernels.__file__)
+    monkeypatch.setenv("EDGE_Q4_ISA", "scalar")
+    assert _kernels.isa() == "scalar"
