@@ -21,6 +21,7 @@ from runtime.bundle import FORMAT_VERSION, sha256_of
 from .compress import compression_entries
 from .report import (
     check_archive_replaceable,
+    remove_stale_archive,
     replace_dir,
     report_data,
     write_report_files,
@@ -106,6 +107,9 @@ def bundle(job) -> None:
     if rejected.is_dir() and not rejected.is_symlink() and written_here(rejected):
         shutil.rmtree(rejected)  # an earlier failed attempt's report no longer applies
     job.log(f"  wrote {job.output}/ ({', '.join(p.name for p in files)}, manifest.json)")
+    if not job.archive and (stale := remove_stale_archive(job.output)):
+        job.log(f"  removed {stale}: an earlier --tar export's archive of the bundle this "
+                f"one replaced")
     if job.archive:
         job.log(f"  wrote {job.archive} ({job.archive.stat().st_size / 1e6:.1f} MB; "
                 f"runtime.unpack(path, directory) installs it, verified)")

@@ -364,6 +364,21 @@ def check_archive_replaceable(archive: Path, name: str) -> None:
                               f"move it away.") from None
 
 
+def remove_stale_archive(output: Path) -> Path | None:
+    """Remove `<output>.tar` where it is an archive an export wrote of bundle `output.name`
+    (so of the bundle just replaced: this export wrote none) and return its path; leave
+    anything else there alone. Flashed, it would install the old model."""
+    archive = output.with_name(output.name + ".tar")
+    if not archive.exists():
+        return None
+    try:
+        check_archive_replaceable(archive, output.name)
+    except FileExistsError:
+        return None   # not ours: the user's file
+    archive.unlink()
+    return archive
+
+
 def replace_dir(new: Path, final: Path, *, ours: Callable[[Path], bool] = written_here,
                 why: str = NOT_AN_EXPORT) -> None:
     """Move directory `new` to `final`, replacing any old `final` with renames only. An old

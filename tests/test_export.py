@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -85,6 +86,26 @@ def test_bundle_files_and_manifest(minilm_bundle):
     assert set(v["latency_ms_batch1"]) == {"float_onnx", "bundle", "ratio_p50", "timed_on"}
     assert v["peak_rss_mb"]["bundle"] > 0
     assert "cosine" in (minilm_bundle / "report.md").read_text()
+
+
+def test_an_archive_of_the_replaced_bundle_is_removed_and_nothing_else(minilm_bundle,
+                                                                         tmp_path):
+    """Exporting again without --tar left the earlier --tar export's archive beside the new
+    bundle: flashed, it installs the old model. Only an archive of that bundle goes."""
+    from exporter.report import remove_stale_archive
+
+    archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
+    output = tmp_path / "minilm-arm-cpu"
+    shutil.copy(archive, tmp_path / "minilm-arm-cpu.tar")
+    assert remove_stale_archive(output) == tmp_path / "minilm-arm-cpu.tar"
+    assert not (tmp_path / "minilm-arm-cpu.tar").exists()
+    assert remove_stale_archive(output) is None
+    (tmp_path / "minilm-arm-cpu.tar").write_text("my notes")   # the user's: kept
+    shutil.copy(archive, tmp_path / "other.tar")                # another bundle's: kept
+    assert remove_stale_archive(output) is None
+    assert remove_stale_archive(tmp_path / "other") is None
+    assert (tmp_path / "minilm-arm-cpu.tar").read_text() == "my notes"
+    assert (tmp_path / "other.tar").read_bytes() == archive.read_bytes()
 
 
 def test_bundle_archive_is_the_bundle_and_the_same_bytes_for_the_same_files(minilm_bundle,
