@@ -20,9 +20,11 @@ The budget search then starts from the full-int8 graph and, in order of harm, ke
 int8 group in float until the budget (the metrics validation checks, scored against the float
 graph on the calibration texts: the evaluation texts are left to validation, see
 score.selection_texts) holds, and stops there. A float MatMul costs 4x its int8 bytes
-and runs the float kernel: groups that would take the model past `max_size_ratio` of the float
-graph are skipped. When every group that fits is float and the budget still fails, the export
-stops with BudgetError and the best figures reached.
+(2x where the profile's float_type is float16) and runs the float kernel: groups that would
+take the model past `max_size_ratio` of the float graph are skipped. Sizes are those of the
+model file as it ships, after the float16 stage where there is one: validation and the size
+budget (max_model_mb) measure that file. When every group that fits is float and the budget
+still fails, the export stops with BudgetError and the best figures reached.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from onnx import helper, numpy_helper
 
 from .budget import Budget, rounded
 from .feeds import encoder_feeds, ort_session
+from .float16 import convert
 from .progress import progress
 from .quantize import activation_qparams, build_int8, calibrate_all, weight_matmuls
 from .score import Scorer, selection_texts
@@ -179,29 +182,37 @@ def size_limit(max_bytes: int, ratio: float, float_bytes: int) -> str:
     return f"{max_bytes / 1e6:.1f} MB ({ratio:.0%} of float{capped})"
 
 
+def shipped_bytes(model: onnx.ModelProto, target) -> int:
+    """Bytes of `model`'s file as the bundle ships it: in float16 where the profile's
+    float_type asks for it (the to_float16 stage runs after this one)."""
+    return (convert(model) if target.float_type == "float16" else model).ByteSize()
+
+
 def search(order: list[str], *, build: Callable[[frozenset[str]], onnx.ModelProto],
            score: Callable[[onnx.ModelProto], dict[str, float]], budget: Budget,
-           max_bytes: int) -> tuple[list[Step], list[str]]:
+           max_bytes: int, size: Callable[[onnx.ModelProto], int] = onnx.ModelProto.ByteSize,
+           ) -> tuple[list[Step], list[str]]:
     """Greedy mixed precision: full int8 first, then one more group of `order` (most harmful
     first) in float per step, stopping at the first graph that holds the budget. A group that
-    would take the model over `max_bytes` is skipped. Returns (steps scored, groups skipped
-    for size); the last step is the chosen graph, or the best reached if none holds."""
+    would take the model over `max_bytes` (its `size`) is skipped. Returns (steps scored,
+    groups skipped for size); the last step is the chosen graph, or the best reached if none
+    holds."""
     kept: list[str] = []
     model = build(frozenset())
     metrics = score(model)
-    steps = [Step(None, metrics, model.ByteSize(), not budget.check(metrics))]
+    steps = [Step(None, metrics, size(model), not budget.check(metrics))]
     skipped = []
     for group in order:
         if steps[-1].holds:
             break
         model = build(frozenset([*kept, group]))
-        size = model.ByteSize()
-        if size > max(max_bytes, steps[0].size_bytes):
+        bytes_ = size(model)
+        if bytes_ > max(max_bytes, steps[0].size_bytes):
             skipped.append(group)
             continue
         kept.append(group)
         metrics = score(model)
-        steps.append(Step(group, metrics, size, not budget.check(metrics)))
+        steps.append(Step(group, metrics, bytes_, not budget.check(metrics)))
     return steps, skipped
 
 
@@ -253,7 +264,8 @@ def sensitivity(job) -> None:
     if job.target.validation.max_model_mb is not None:   # the size budget caps it too
         max_bytes = min(max_bytes, int(job.target.validation.max_model_mb * 1e6))
     steps, skipped = search(order, build=build, score=selection.score, budget=job.budget,
-                            max_bytes=max_bytes)
+                            max_bytes=max_bytes,
+                            size=lambda model: shipped_bytes(model, job.target))
     chosen = steps[-1]
     kept = [s.float_group for s in steps[1:]]
     record = {

@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.budget import Budget
+from exporter.budget import Budget, BudgetError
 from exporter.quantize import (
     CALIBRATION_METHODS,
     activation_qparams,
@@ -612,6 +612,105 @@ def test_record_says_float_when_the_search_keeps_the_tables_float(tmp_path, monk
     shipped = {i.name for i in onnx.load(tmp_path / "model.onnx").graph.initializer}
     assert "table" in shipped and "table_int8" not in shipped   # the table ships float
     assert job.records["quantization"]["embeddings"]["tables"] == []
+
+
+def fake_sensitivity_job(tmp_path, monkeypatch, model, target, *, hurts="", budget="cosine>=0.99",
+                         reference_model=None, float_cosine=1.0, cosine=None):
+    """A job at the sensitivity stage for the float `model`, quantized full int8 for `target`;
+    its Scorer gives cosine 0.98 to a graph where initializer `hurts` is present (an int8
+    weight that breaks the budget), 0.999 to another int8 graph, and at most `float_cosine`
+    (the float graph's, against the original model when `reference_model` is given); or
+    `cosine(initializer names)` where that is given."""
+    import types
+
+    import exporter.sensitivity as S
+    from exporter.quantize import build_int8
+    onnx.save(model, tmp_path / "float.onnx")
+    ranges = {n.input[0]: (-4.0, 4.0) for n in weight_matmuls(model)}
+    quantized, names, tables = build_int8(model, ranges, target.quantization)
+    onnx.save(quantized, tmp_path / "model.onnx")
+    scored = []
+
+    class Fake:
+        texts, against = ["t"], "the float graph"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def score(self, m):
+            inits = {i.name: i.data_type for i in m.graph.initializer}
+            scored.append(inits)
+            if cosine is not None:
+                c = cosine(set(inits))
+                return {"cosine": c, "min-cosine": c}
+            c = 0.98 if hurts in inits else 0.999
+            if not any(t == TensorProto.INT8 for t in inits.values()):
+                c = float_cosine
+            c = min(c, float_cosine)   # int8 does not undo what compression lost
+            return {"cosine": c, "min-cosine": c}
+
+    monkeypatch.setattr(S, "Scorer", Fake)
+    monkeypatch.setattr(S, "ort_session", lambda *a, **k: None)
+    monkeypatch.setattr(S, "encoder_feeds", lambda *a, **k: iter(()))
+    monkeypatch.setattr(S, "calibrate_all", lambda path, tensors, *a, **k: types.SimpleNamespace(
+        ranges={"minmax": {t: (-1.0, 1.0) for t in tensors}}))
+    monkeypatch.setattr(S, "selection_texts", lambda job: (["t"], "1 calibration text"))
+
+    def reject(job, message):   # (without the report: these records are not a whole export's)
+        raise BudgetError(message)
+
+    monkeypatch.setattr(S, "reject", reject)
+    job = types.SimpleNamespace(
+        target=target, workdir=tmp_path, calibration=[types.SimpleNamespace(text="t")],
+        max_length=8, float_onnx=tmp_path / "float.onnx", quantized_onnx=tmp_path / "model.onnx",
+        budget=Budget.parse(budget), log=lambda line: None, reference_model=reference_model,
+        records={"quantize_inputs": {"source": str(tmp_path / "float.onnx"), "ranges": ranges,
+                                     "lower": False},
+                 "quantization": {"embeddings": {"mode": target.quantization.embeddings,
+                                                 "tables": tables},
+                                  "quantized_nodes": names, "excluded_nodes": []}})
+    return job, scored
+
+
+def table_and_two_matmuls(opset: int) -> onnx.ModelProto:
+    """A 1 MiB embedding table (jetson keeps it float), then two 256 x 256 MatMuls."""
+    rng = np.random.default_rng(0)
+    return helper.make_model(helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="gather"),
+         helper.make_node("Relu", ["emb"], ["x"], name="relu"),
+         helper.make_node("MatMul", ["x", "w1"], ["h"], name="layer.0/intermediate/dense/MatMul"),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="layer.0/output/dense/MatMul")],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, 256])],
+        [numpy_helper.from_array(rng.normal(size=(1024, 256)).astype(np.float32), "table"),
+         numpy_helper.from_array(rng.normal(size=(256, 256)).astype(np.float32), "w1"),
+         numpy_helper.from_array(rng.normal(size=(256, 256)).astype(np.float32), "w2")]),
+        opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_float16_target_search_measures_the_float16_file(tmp_path, monkeypatch):
+    """jetson ships what stays float in float16: the size limit holds for that file (what
+    validation and max_model_mb measure). Measured in float32, the float table alone put the
+    full-int8 graph over the limit, and no group could ever go back to float."""
+    import dataclasses
+
+    import exporter.sensitivity as S
+    target = load_target("jetson")
+    # 50% of float: the float16 file with layer 0's FFN in kept float fits (0.72 MB of
+    # 1.57 MB); float32 full int8 alone is 1.18 MB
+    target = dataclasses.replace(target, quantization=dataclasses.replace(
+        target.quantization, max_size_ratio=0.5))
+    model = table_and_two_matmuls(target.opset)
+    job, scored = fake_sensitivity_job(tmp_path, monkeypatch, model, target, hurts="w1_int8")
+    S.sensitivity(job)
+    search = job.records["sensitivity"]["search"]
+    assert [s["float_group"] for s in search["steps"]] == [None, "layer 0 FFN in"]
+    assert search["steps"][-1]["holds"] and not search["skipped_for_size"]
+    assert all(s["size_bytes"] <= search["max_bytes"] for s in search["steps"])
+    # the graphs scored are the float32 ones (float16 is the next stage's)
+    assert all(t != TensorProto.FLOAT16 for inits in scored for t in inits.values())
+    shipped = {i.name for i in onnx.load(tmp_path / "model.onnx").graph.initializer}
+    assert "w1" in shipped and "w1_int8" not in shipped and "w2_int8" in shipped
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "int8"])
