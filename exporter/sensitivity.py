@@ -233,6 +233,24 @@ def sensitivity(job) -> None:
         return build_int8(source, inputs["ranges"], settings, float_groups=float_groups,
                           groups=matmul_groups, lower=inputs["lower"])[0]
 
+    # The budget search's texts, which validation does not report on (score.selection_texts).
+    texts, described = selection_texts(job)
+    selection = Scorer(job, texts, threads=threads)
+    if getattr(job, "reference_model", None) is not None:
+        # Scored against the original model: a compression that breaks the budget in float
+        # breaks it whatever goes back to float (the search then spent its size limit and
+        # told the user to raise it).
+        whole = selection.score(source)
+        if job.budget.check(whole):
+            job.records["sensitivity"] = {"applied": False, "float_metrics": rounded(whole, 6),
+                                          "data": f"{described}, vs {selection.against}"}
+            reject(job, f"Compression alone breaks the accuracy budget {job.budget}: the "
+                        f"compressed model's float graph, before any int8, against the "
+                        f"original model on the search's {len(selection.texts)} texts: "
+                        f"{'; '.join(job.budget.check(whole))}. No int8 group kept float "
+                        f"can recover that. Compress less, heal (--heal-steps), or loosen "
+                        f"the budget.")
+
     # Harm of each group alone, on calibration texts.
     probe = job.calibration[:settings.sensitivity_samples]
     extra = sorted({t for g in groups for t in g.tensors})
@@ -256,10 +274,8 @@ def sensitivity(job) -> None:
     harm = {r["group"]: r["harm"] for r in rows}
     order = sorted(matmul_groups, key=lambda g: -harm[g])
 
-    # Budget search on texts validation does not report on (score.selection_texts).
+    # Budget search.
     float_bytes = job.float_onnx.stat().st_size
-    texts, described = selection_texts(job)
-    selection = Scorer(job, texts, threads=threads)
     max_bytes = int(settings.max_size_ratio * float_bytes)
     if job.target.validation.max_model_mb is not None:   # the size budget caps it too
         max_bytes = min(max_bytes, int(job.target.validation.max_model_mb * 1e6))

@@ -713,6 +713,22 @@ def test_float16_target_search_measures_the_float16_file(tmp_path, monkeypatch):
     assert "w1" in shipped and "w1_int8" not in shipped and "w2_int8" in shipped
 
 
+def test_search_refuses_at_once_when_compression_alone_breaks_the_budget(tmp_path, monkeypatch):
+    """A compressed model is scored against the original: when its float graph already
+    misses the budget, no group kept float can recover it. The search used to try every
+    group within the size limit, then advise raising max_size_ratio."""
+    import exporter.sensitivity as S
+    target = load_target("arm-cpu")
+    job, scored = fake_sensitivity_job(tmp_path, monkeypatch, table_and_two_matmuls(18), target,
+                                       hurts="w1_int8", reference_model=object(),
+                                       float_cosine=0.95)
+    with pytest.raises(BudgetError, match="Compression alone breaks the accuracy budget "
+                                          "cosine>=0.99") as refused:
+        S.sensitivity(job)
+    assert "max_size_ratio" not in str(refused.value)
+    assert len(scored) == 1   # the float graph only: no per-group harm, no search
+
+
 @pytest.mark.parametrize("dtype", ["uint8", "int8"])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_a_range_too_small_for_float32_gets_a_usable_scale(dtype, symmetric):
