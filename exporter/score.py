@@ -41,9 +41,10 @@ def selection_texts(job) -> tuple[list, str]:
 
 class Scorer:
     """Metrics of candidate graphs against job.float_onnx on `utterances` (against the
-    original PyTorch model where the job compressed it)."""
+    original PyTorch model where the job compressed it, unless `original` is False: what
+    int8 alone changes, the sensitivity stage's harm)."""
 
-    def __init__(self, job, utterances, *, threads: int = 0):
+    def __init__(self, job, utterances, *, threads: int = 0, original: bool = True):
         self.job, self.threads = job, threads
         self.exact = scores_exactly(job.target)  # the device's integer products (exact.py)
         self.utterances = list(utterances)
@@ -51,7 +52,7 @@ class Scorer:
         session = ort_session(job.float_onnx, threads=threads)
         self.feeds = list(encoder_feeds(job.workdir / "tokenizer.json", self.texts, session,
                                         max_length=job.max_length, batch_size=BATCH))
-        original = getattr(job, "reference_model", None)
+        original = getattr(job, "reference_model", None) if original else None
         # A compressed model's budget holds against the original, as validation checks it:
         # scored against the compressed float graph, the search stopped where validation
         # then failed.

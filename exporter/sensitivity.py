@@ -12,9 +12,9 @@ Groups (one row each in the manifest and the report):
   `onnxruntime.quantization.quantize_static`) would add there: Q/DQ on their inputs.
 
 Harm of group g = 1 - mean cosine of the output (pooled embedding or logits) to the float
-graph when *only g* is quantized, on the first `sensitivity_samples` calibration texts. One
-graph per group, so the analysis is linear in the number of groups (MiniLM: 49, about a
-minute on 2 cores).
+graph (a compressed model's own) when *only g* is quantized, on the first
+`sensitivity_samples` calibration texts. One graph per group, so the analysis is linear in
+the number of groups (MiniLM: 49, about a minute on 2 cores).
 
 The budget search then starts from the full-int8 graph and, in order of harm, keeps one more
 int8 group in float until the budget (the metrics validation checks, scored against the float
@@ -260,7 +260,9 @@ def sensitivity(job) -> None:
         max_length=job.max_length), methods=("minmax",), percentile=100.0, total=len(probe),
         threads=threads).ranges["minmax"]
     ranges = {**fill, **inputs["ranges"]}
-    scorer = Scorer(job, probe, threads=threads)
+    # against the float graph even for a compressed model: what each group's int8 costs,
+    # not that plus what compression lost (every group's harm was the same ~0.25 then)
+    scorer = Scorer(job, probe, threads=threads, original=False)
     everything = frozenset(matmul_groups)
     rows = []
     for group in progress(groups, total=len(groups), desc="sensitivity (node groups)"):
