@@ -29,6 +29,7 @@ still fails, the export stops with BudgetError and the best figures reached.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,6 +166,12 @@ def fake_quantize(model: onnx.ModelProto, group: Group, ranges, settings) -> onn
     return out
 
 
+def most_harmful_first(harm: float) -> float:
+    """Sort key: larger harm first, and a NaN harm (the outputs were not finite numbers)
+    before all; NaN compares false with everything, and one among the keys unsorted the rest."""
+    return -harm if harm == harm else -math.inf
+
+
 @dataclass
 class Step:
     """One graph the budget search scored."""
@@ -274,7 +281,7 @@ def sensitivity(job) -> None:
         rows.append({"group": group.name, "kind": group.kind, "nodes": len(group.nodes),
                      "harm": round(1 - m["cosine"], 7), "min-cosine": round(m["min-cosine"], 6)})
     harm = {r["group"]: r["harm"] for r in rows}
-    order = sorted(matmul_groups, key=lambda g: -harm[g])
+    order = sorted(matmul_groups, key=lambda g: most_harmful_first(harm[g]))
 
     # Budget search.
     float_bytes = job.float_onnx.stat().st_size
@@ -290,7 +297,7 @@ def sensitivity(job) -> None:
         "applied": True,
         "harm": "1 - mean cosine to the float graph with only this group quantized",
         "data": f"{len(probe)} calibration texts",
-        "groups": sorted(rows, key=lambda r: -r["harm"]),
+        "groups": sorted(rows, key=lambda r: most_harmful_first(r["harm"])),
         "search": {
             "budget": str(job.budget), "data": f"{described}, vs {selection.against}",
             "max_size_ratio": settings.max_size_ratio, "max_bytes": max_bytes,

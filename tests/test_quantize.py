@@ -729,6 +729,30 @@ def test_search_refuses_at_once_when_compression_alone_breaks_the_budget(tmp_pat
     assert len(scored) == 1   # the float graph only: no per-group harm, no search
 
 
+def test_a_group_whose_int8_gives_nan_is_the_most_harmful(tmp_path, monkeypatch):
+    """A NaN harm (outputs not finite numbers) ranks first: NaN compares false with every
+    number, and one in the sort keys left the finite harms out of order too."""
+    import dataclasses
+
+    import exporter.sensitivity as S
+    target = load_target("arm-cpu")
+    target = dataclasses.replace(target, quantization=dataclasses.replace(
+        target.quantization, max_size_ratio=1.0))
+
+    def cosine(inits):   # FFN in costs 0.001, the table 0.002, FFN out makes NaN
+        if "w2_int8" in inits:
+            return float("nan")
+        return 1 - 0.001 * ("w1_int8" in inits) - 0.002 * ("table_int8" in inits)
+
+    job, _ = fake_sensitivity_job(tmp_path, monkeypatch, table_and_two_matmuls(18), target,
+                                  cosine=cosine)
+    S.sensitivity(job)
+    record = job.records["sensitivity"]
+    assert [g["group"] for g in record["groups"] if g["kind"] == "int8"] == \
+        ["layer 0 FFN out", "embeddings", "layer 0 FFN in"]
+    assert [s["float_group"] for s in record["search"]["steps"]] == [None, "layer 0 FFN out"]
+
+
 @pytest.mark.parametrize("dtype", ["uint8", "int8"])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_a_range_too_small_for_float32_gets_a_usable_scale(dtype, symmetric):
