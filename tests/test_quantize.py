@@ -563,10 +563,8 @@ def test_record_says_float_when_the_search_keeps_the_tables_float(tmp_path, monk
     """The budget search gives the "embeddings" group back to float: the manifest's
     quantization.embeddings.tables must not still list the table as int8."""
     import dataclasses
-    import types
 
     import exporter.sensitivity as S
-    from exporter.quantize import build_int8
     rng = np.random.default_rng(0)
     model = helper.make_model(helper.make_graph(
         [helper.make_node("Gather", ["table", "ids"], ["emb"], name="gather"),
@@ -576,38 +574,12 @@ def test_record_says_float_when_the_search_keeps_the_tables_float(tmp_path, monk
         [numpy_helper.from_array(rng.normal(size=(1024, 256)).astype(np.float32), "table"),
          numpy_helper.from_array(rng.normal(size=(256, 256)).astype(np.float32), "w")]),
         opset_imports=[helper.make_opsetid("", 18)])
-    onnx.save(model, tmp_path / "float.onnx")
     target = load_target("arm-cpu")
     target = dataclasses.replace(target, quantization=dataclasses.replace(
         target.quantization, max_size_ratio=1.0))
-    ranges = {"emb": (-4.0, 4.0)}
-    quantized, names, tables = build_int8(model, ranges, target.quantization)
-    onnx.save(quantized, tmp_path / "model.onnx")
-
-    class TableHurts:   # the int8 table breaks the budget, the int8 MatMul does not
-        texts, against = ["t"], "the float graph"
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def score(self, m):
-            c = 0.98 if any(i.name == "table_int8" for i in m.graph.initializer) else 0.999
-            return {"cosine": c, "min-cosine": c}
-
-    monkeypatch.setattr(S, "Scorer", TableHurts)
-    monkeypatch.setattr(S, "ort_session", lambda *a, **k: None)
-    monkeypatch.setattr(S, "encoder_feeds", lambda *a, **k: iter(()))
-    monkeypatch.setattr(S, "calibrate_all", lambda path, tensors, *a, **k: types.SimpleNamespace(
-        ranges={"minmax": {t: (-1.0, 1.0) for t in tensors}}))
-    monkeypatch.setattr(S, "selection_texts", lambda job: (["t"], "1 calibration text"))
-    job = types.SimpleNamespace(
-        target=target, workdir=tmp_path, calibration=[types.SimpleNamespace(text="t")],
-        max_length=8, float_onnx=tmp_path / "float.onnx", quantized_onnx=tmp_path / "model.onnx",
-        budget=Budget.parse("cosine>=0.99"), log=lambda line: None,
-        records={"quantize_inputs": {"source": str(tmp_path / "float.onnx"), "ranges": ranges,
-                                     "lower": False},
-                 "quantization": {"embeddings": {"mode": "int8-rows", "tables": tables},
-                                  "quantized_nodes": names, "excluded_nodes": []}})
+    # the int8 table breaks the budget, the int8 MatMul does not
+    job, _ = fake_sensitivity_job(tmp_path, monkeypatch, model, target, hurts="table_int8")
+    assert job.records["quantization"]["embeddings"]["tables"] == ["table"]
     S.sensitivity(job)
     shipped = {i.name for i in onnx.load(tmp_path / "model.onnx").graph.initializer}
     assert "table" in shipped and "table_int8" not in shipped   # the table ships float
