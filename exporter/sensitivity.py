@@ -291,8 +291,12 @@ def sensitivity(job) -> None:
     steps, skipped = search(order, build=build, score=selection.score, budget=job.budget,
                             max_bytes=max_bytes,
                             size=lambda model: shipped_bytes(model, job.target))
-    chosen = steps[-1]
-    kept = [s.float_group for s in steps[1:]]
+    chosen, best = steps[-1], len(steps) - 1
+    if not chosen.holds:
+        # Keeping a group float does not always help (min-cosine can drop): the step nearest
+        # the budget, not the last, is the best reached, and what the records describe.
+        best = min(range(len(steps)), key=lambda i: job.budget.shortfall(steps[i].metrics))
+    kept = [s.float_group for s in steps[1:best + 1]]
     record = {
         "applied": True,
         "harm": "1 - mean cosine to the float graph with only this group quantized",
@@ -303,7 +307,7 @@ def sensitivity(job) -> None:
             "max_size_ratio": settings.max_size_ratio, "max_bytes": max_bytes,
             "steps": [{"float_group": s.float_group, "metrics": rounded(s.metrics, 6),
                        "size_bytes": s.size_bytes, "holds": s.holds} for s in steps],
-            "skipped_for_size": skipped,
+            "skipped_for_size": skipped, "best_step": best,
         },
     }
     job.records["sensitivity"] = record
@@ -324,14 +328,11 @@ def sensitivity(job) -> None:
     top = ", ".join(f"{r['group']} {r['harm']:.1e}" for r in record["groups"][:3])
     job.log(f"  most harmful: {top}")
     if not chosen.holds:
-        # Keeping a group float does not always help (min-cosine can drop): the step nearest
-        # the budget, not the last, is the best reached.
-        best = min(range(len(steps)), key=lambda i: job.budget.shortfall(steps[i].metrics))
         broken = job.budget.check(steps[best].metrics)
         reject(job, f"Accuracy budget {job.budget} broken on the search's "
                     f"{len(selection.texts)} texts: {'; '.join(broken)}. That is the "
                     f"best reached, with {best} of {len(order)} int8 groups kept float "
-                    f"({', '.join(kept[:best]) or 'none'}) within the size limit of "
+                    f"({', '.join(kept) or 'none'}) within the size limit of "
                     f"{size_limit(max_bytes, settings.max_size_ratio, float_bytes)}"
                     + (f" (skipped for size: {', '.join(skipped)})" if skipped else "")
                     + ". Loosen the budget, raise quantization.max_size_ratio, or calibrate "

@@ -725,6 +725,39 @@ def test_a_group_whose_int8_gives_nan_is_the_most_harmful(tmp_path, monkeypatch)
     assert [s["float_group"] for s in record["search"]["steps"]] == [None, "layer 0 FFN out"]
 
 
+def test_a_rejected_search_records_its_best_step_not_every_group_tried(tmp_path, monkeypatch):
+    """The rejected report listed every group the search tried as kept float (and dropped
+    their nodes from quantized_nodes), where the message named the best step's groups."""
+    import dataclasses
+
+    import exporter.sensitivity as S
+    target = load_target("arm-cpu")
+    target = dataclasses.replace(target, quantization=dataclasses.replace(
+        target.quantization, max_size_ratio=1.0))
+    # cosine by the groups still int8 (T table, 1 FFN in, 2 FFN out): harm orders T, 1, 2;
+    # keeping T float is the best step, keeping 1 float too makes it worse
+    table = {"T12": 0.95, "12": 0.99, "2": 0.985, "1": 0.98, "T": 0.97, "": 0.96}
+
+    def cosine(inits):
+        int8 = "".join(k for k, name in (("T", "table_int8"), ("1", "w1_int8"),
+                                         ("2", "w2_int8")) if name in inits)
+        return table.get(int8, 0.9)
+
+    job, _ = fake_sensitivity_job(tmp_path, monkeypatch, table_and_two_matmuls(18), target,
+                                  budget="cosine>=0.995", cosine=cosine)
+    quantized = list(job.records["quantization"]["quantized_nodes"])
+    with pytest.raises(BudgetError, match=r"best reached, with 1 of 3 int8 groups kept float "
+                                          r"\(embeddings\)"):
+        S.sensitivity(job)
+    search = job.records["sensitivity"]["search"]
+    assert [s["float_group"] for s in search["steps"]] == [
+        None, "embeddings", "layer 0 FFN in", "layer 0 FFN out"]
+    assert search["best_step"] == 1
+    q = job.records["quantization"]
+    assert [g["group"] for g in q["kept_float_for_accuracy"]] == ["embeddings"]
+    assert q["quantized_nodes"] == quantized and q["embeddings"]["tables"] == []
+
+
 @pytest.mark.parametrize("dtype", ["uint8", "int8"])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_a_range_too_small_for_float32_gets_a_usable_scale(dtype, symmetric):
