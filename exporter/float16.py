@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import heapq
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from .feeds import encoder_feeds, ort_session
 
@@ -48,38 +47,28 @@ def convert(model: onnx.ModelProto) -> onnx.ModelProto:
     return half
 
 
-def float16_overflows(model: onnx.ModelProto, feeds) -> tuple[dict[str, float], float]:
-    """Run the float32 `model` on `feeds` and return the float tensors whose |values| pass
-    float16's range (name -> peak), and the largest |value| seen in any float tensor.
+def float16_overflows(model: onnx.ModelProto, path, feeds, *,
+                      total: int) -> tuple[dict[str, float], float]:
+    """The float tensors of `model` (saved at `path`) whose |values| pass float16's range on
+    `feeds` (name -> peak), and the largest |value| seen in any float tensor: the float32
+    graph's min/max calibration (`calibrate_all`) over every float tensor.
 
     Only constants are clipped by the conversion; a value computed past 65504 becomes inf on
     the device. ONNX Runtime's CPU provider cannot be relied on to show it: it has no float16
     kernel for most ops and runs them in float32 with the Casts between them removed. The
-    attention-mask fill (float32 min, |x| >= MASK_FILL_LIMIT) is left out: its constant is
-    clipped to -65504 on purpose.
+    attention-mask fill (float32 min) is left out, as calibration leaves it out: its constant
+    is clipped to -65504 on purpose.
     """
-    from .quantize import MASK_FILL_LIMIT
+    from .quantize import calibrate_all
 
-    probe = onnx.shape_inference.infer_shapes(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(
-        helper.make_tensor_value_info(v.name, TensorProto.FLOAT, None)
-        for v in probe.graph.value_info
-        if v.type.tensor_type.elem_type == TensorProto.FLOAT and v.name not in known)
-    session = ort_session(probe.SerializeToString())
-    names = [o.name for o in session.get_outputs()]
-    over: dict[str, float] = {}
-    largest = 0.0
-    for batch in feeds:
-        for name, value in zip(names, session.run(names, batch), strict=True):
-            if value.dtype != np.float32:
-                continue
-            magnitude = np.abs(value)
-            peak = float(magnitude[magnitude < MASK_FILL_LIMIT].max(initial=0.0))
-            largest = max(largest, peak)
-            if peak > FLOAT16_MAX:
-                over[name] = max(over.get(name, 0.0), peak)
-    return over, largest
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    tensors = [v.name for v in (*inferred.value_info, *inferred.output)
+               if v.type.tensor_type.elem_type == TensorProto.FLOAT]
+    ranges = calibrate_all(path, tensors, lambda: feeds, methods=("minmax",),
+                           percentile=100.0, total=total).ranges["minmax"]
+    peaks = {name: max(-low, high) for name, (low, high) in ranges.items()}
+    over = {name: peak for name, peak in peaks.items() if peak > FLOAT16_MAX}
+    return over, max(peaks.values(), default=0.0)
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> None:
@@ -117,7 +106,7 @@ def to_float16(job) -> None:
     texts = [u.text for u in job.calibration[:RANGE_CHECK_TEXTS]]
     feeds = encoder_feeds(job.workdir / "tokenizer.json", texts, ort_session(job.quantized_onnx),
                           max_length=job.max_length)
-    over, largest = float16_overflows(model, feeds)
+    over, largest = float16_overflows(model, job.quantized_onnx, feeds, total=len(texts))
     if over:
         worst = sorted(over.items(), key=lambda item: -item[1])
         shown = ", ".join(f"{name!r} reaches {peak:.4g}" for name, peak in worst[:5])
