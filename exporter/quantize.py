@@ -56,7 +56,25 @@ FLOAT_BY_DESIGN: dict[str, str] = {
               "quantize; static int8 here costs accuracy and the CPU kernels do not fuse it",
     "MultiHeadAttention": "fused attention core (scores, softmax, x V) runs in float; its "
                           "Q/K/V projections are int8",
+    "QAttention": "attention core (scores, softmax, x V) runs in float, after one int8 GEMM "
+                  "for its Q/K/V projections",
 }
+
+
+def float_by_design(model: onnx.ModelProto, shipped: onnx.ModelProto,
+                    quantized: list[str]) -> list[dict]:
+    """The manifest's entries for the nodes of float graph `model` that stay float on
+    purpose (FLOAT_BY_DESIGN), each under its op in `shipped`: a MultiHeadAttention whose
+    Q/K/V MatMuls went int8 ships as a QAttention where the target lowers to contrib ops."""
+    op = {n.name: n.op_type for n in shipped.graph.node}
+    done = set(quantized)
+    entries = []
+    for node in model.graph.node:
+        if node.op_type in FLOAT_BY_DESIGN and node.name not in done:
+            kind = op.get(node.name, node.op_type)
+            entries.append({"node": node.name, "op": kind,
+                            "reason": FLOAT_BY_DESIGN.get(kind, FLOAT_BY_DESIGN[node.op_type])})
+    return entries
 
 # Activation dtype name -> (TensorProto type, numpy type, qmin, qmax).
 INT_TYPES: dict[str, tuple[int, type, int, int]] = {
@@ -659,8 +677,7 @@ def quantize(job) -> None:
     onnx.save(quantized, job.quantized_onnx)
     job.records["quantize_inputs"] = {"source": source, "ranges": ranges, "lower": lower}
 
-    kept_float = [n for n in model.graph.node
-                  if n.op_type in FLOAT_BY_DESIGN and n.name not in set(names)]
+    kept_float = float_by_design(model, quantized, names)
     job.records["quantization"] = {
         "mode": "static-int8-qdq",
         "weights": f"{settings.weights} symmetric, "
@@ -690,8 +707,7 @@ def quantize(job) -> None:
         "embeddings": {"mode": settings.embeddings, "tables": tables,
                        "float_below_bytes": SMALL_TABLE_BYTES},
         "outliers": job.records.get("smoothing", {"applied": False}),
-        "excluded_nodes": [{"node": n.name, "op": n.op_type, "reason": FLOAT_BY_DESIGN[n.op_type]}
-                           for n in kept_float],
+        "excluded_nodes": kept_float,
         "activation_ranges": {t: [round(lo, 6), round(hi, 6)] for t, (lo, hi) in ranges.items()},
     }
     if compared:

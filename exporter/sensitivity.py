@@ -41,7 +41,7 @@ from .budget import Budget, rounded
 from .feeds import encoder_feeds, ort_session
 from .float16 import convert
 from .progress import progress
-from .quantize import activation_qparams, build_int8, calibrate_all, weight_matmuls
+from .quantize import activation_qparams, build_int8, calibrate_all, float_by_design, weight_matmuls
 from .score import Scorer, selection_texts
 from .validate import reject
 
@@ -317,8 +317,10 @@ def sensitivity(job) -> None:
          "reason": "kept float by the budget search (measured harm when quantized)"}
         for g in kept]
     op = {n.name: n.op_type for n in source.graph.node}
-    q["excluded_nodes"] += [{"node": n, "op": op[n], "reason": f"accuracy budget: group "
-                             f"'{g}' harm {harm[g]:.2e}"} for g in kept for n in matmul_groups[g]]
+    by_accuracy = [{"node": n, "op": op[n], "reason": f"accuracy budget: group '{g}' harm "
+                    f"{harm[g]:.2e}"} for g in kept for n in matmul_groups[g]]
+    q["excluded_nodes"] += by_accuracy
+    int8_names = q["quantized_nodes"]
     if "embeddings" in kept:   # the tables ship float: the record says so
         q["embeddings"] = {**q["embeddings"], "tables": [],
                            "kept_float_for_accuracy": q["embeddings"]["tables"]}
@@ -341,5 +343,7 @@ def sensitivity(job) -> None:
         model = build(frozenset(kept))
         onnx.checker.check_model(model)
         onnx.save(model, job.quantized_onnx)
+        # a layer whose Q, K or V stays float keeps its MultiHeadAttention (not QAttention)
+        q["excluded_nodes"] = float_by_design(source, model, int8_names) + by_accuracy
     job.log(f"  budget {job.budget} holds with {len(kept)} group(s) kept float after "
             f"{len(steps)} scored graph(s): {rounded(chosen.metrics, 6)}")

@@ -329,6 +329,10 @@ def test_bundle_records_sensitivity_for_every_group(minilm_bundle):
     assert ops.count("MatMulIntegerToFloat") + 3 * ops.count("QAttention") == \
         len(q["quantized_nodes"])
     assert ops.count("QAttention") == 6
+    # each node the manifest says stays float is named with its op in the shipped graph
+    shipped = {n.name: n.op_type for n in graph.graph.node}
+    assert {(e["node"], e["op"]) for e in q["excluded_nodes"]} <= set(shipped.items())
+    assert sum(e["op"] == "QAttention" for e in q["excluded_nodes"]) == 6
 
 
 # ------------------------------------------------- exact integer products (exporter/exact.py)
