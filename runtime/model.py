@@ -252,6 +252,17 @@ TASKS = ("feature-extraction", "text-classification", "text-generation")
 DECODER_INPUTS = ("input_ids", "past_key.0", "seqlens_k")
 
 
+class _Closed:
+    """A closed Model's session: any use says so."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __getattr__(self, name: str):
+        raise ValueError(f"The model of {self.path} is closed (Model.close()); load the "
+                         f"bundle again to use it.")
+
+
 class Model:
     """A loaded bundle. Build one with `runtime.load(path)`."""
 
@@ -342,6 +353,24 @@ class Model:
                           RuntimeWarning, stacklevel=4)
         return ort_session(bundle.file(manifest.get("model_file", "model.onnx")),
                            threads=threads, spinning=spinning, providers=providers)
+
+    def close(self) -> None:
+        """Release the bundle's sessions now, and a Ray pipeline's stage actors, which hold a
+        GPU each until then; the Model runs nothing after. `with runtime.load(path) as
+        model:` closes it at the end of the block. Closing twice is fine."""
+        if isinstance(self.session, _Closed):
+            return
+        session, self.session = self.session, _Closed(self.bundle.path)
+        with self._lock:
+            self._idle = None
+        if callable(getattr(session, "close", None)):
+            session.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def dim(self) -> int:

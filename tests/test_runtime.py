@@ -420,6 +420,17 @@ def test_bad_load_options_are_refused(minilm_bundle):
             runtime.load(minilm_bundle, **options)
 
 
+def test_a_closed_model_says_so(minilm_bundle):
+    with runtime.load(minilm_bundle) as model:
+        first = model.embed(["turn on the lights"])
+    for call in (lambda: model.embed(["turn on the lights"]), lambda: model.dim):
+        with pytest.raises(ValueError, match="is closed .*load the bundle again"):
+            call()
+    model.close()   # twice is fine
+    np.testing.assert_array_equal(runtime.load(minilm_bundle).embed(["turn on the lights"]),
+                                  first)
+
+
 def test_missing_provider_falls_back_with_a_warning(minilm_bundle):
     import onnxruntime as ort
 

@@ -164,6 +164,11 @@ def test_ray_actors_equal_single_graph(minilm_bundle, eval_texts, single, tmp_pa
                                                 "for CUDA; every stage runs on CPU"):
             model = runtime.load(path, pipeline="ray")
         np.testing.assert_array_equal(model.embed(eval_texts[:20], batch_size=16), single[:20])
+        # close() ends the stage actors (each holds a GPU on a cluster) there and then
+        actors = list(model.session.actors)
+        model.close()
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actors[0].step.remote({}), timeout=60)
     finally:
         ray.shutdown()
 
