@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: read from the model")
     parser.add_argument("--calibration", metavar="FILE",
                         help=".txt (one text per line) or .jsonl with a \"text\" field "
-                             "(and \"label\" for classifiers); default: smart-home "
+                             "(and \"label\", a name or class index, for classifiers); "
+                             "default: smart-home "
                              "utterances (decoders: English prose)")
     parser.add_argument("--eval", metavar="FILE",
                         help="held-out texts, same formats; default: other "

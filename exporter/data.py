@@ -59,6 +59,7 @@ class Utterance:
     text: str
     intent: str | None = None
     where: str = ""   # "file:line" for texts read from a file, for error messages
+    label_id: int | None = None   # a .jsonl label given as a class index (as HF datasets write)
 
 
 def split_of(text: str) -> str:
@@ -95,7 +96,8 @@ def smart_home_utterances(n: int, *, split: str, seed: int = 0) -> list[Utteranc
 
 
 def read_texts(path: str | Path) -> list[Utterance]:
-    """Texts from a `.txt` file (one per line) or a `.jsonl` file ("text", optional "label").
+    """Texts from a `.txt` file (one per line) or a `.jsonl` file ("text", optional "label":
+    a label name, or a class index as Hugging Face datasets write it).
 
     Blank lines are skipped. Raises FileNotFoundError for a missing file and ValueError for
     bad encoding, a bad JSON line, or a file with no text at all, naming the file and line.
@@ -133,8 +135,9 @@ def read_texts(path: str | Path) -> list[Utterance]:
             raise ValueError(f"{path}:{number}: \"text\" is empty; give the text or leave the "
                              f"line out.")
         label = record.get("label")
+        index = label if isinstance(label, int) and not isinstance(label, bool) else None
         out.append(Utterance(record["text"], None if label is None else str(label),
-                             where=f"{path}:{number}"))
+                             where=f"{path}:{number}", label_id=index))
     if not out:
         raise ValueError(f"Text file {str(path)!r} holds no text: give at least one line.")
     return out

@@ -108,6 +108,20 @@ def check_single_label(model_dir: Path) -> None:
                          f"every score as 1.0.")
 
 
+def named_labels(utterances: list, labels: list[str]) -> list:
+    """`utterances` with each label given as a class index (a JSON integer, as Hugging Face
+    datasets write a ClassLabel) replaced by the model's name for that class."""
+    out = []
+    for u in utterances:
+        if u.label_id is not None:
+            if not 0 <= u.label_id < len(labels):
+                raise ValueError(f"{u.where}: label {u.label_id} is a class index, and the "
+                                 f"model's {len(labels)} labels are 0 to {len(labels) - 1}.")
+            u = replace(u, intent=labels[u.label_id], label_id=None)
+        out.append(u)
+    return out
+
+
 def check_labels(evaluation, labels: list[str]) -> None:
     """Every labelled text (evaluation, or a calibration file's) must carry one of the
     model's labels."""
@@ -298,6 +312,8 @@ def load(job) -> None:
     if task == "text-classification":
         id2label = job.torch_model.config.id2label
         job.labels = [str(id2label[i]) for i in range(len(id2label))]
+        job.evaluation = named_labels(job.evaluation, job.labels)
+        job.calibration = named_labels(job.calibration, job.labels)
         check_labels(job.evaluation, job.labels)
         # A file's calibration labels too: a labelled budget is searched on them, and one
         # unknown label sent that search to the evaluation texts, "which lack labels".

@@ -198,6 +198,24 @@ def test_intent_device_application(intent_bundle):
         assert f"--threshold must be from 0 to 1, got {float(threshold)}" in bad.stderr
 
 
+def test_class_index_labels_take_the_models_names(tmp_path):
+    """Hugging Face datasets write a ClassLabel as its index: `"label": 1` is class 1."""
+    from exporter.data import read_texts
+    from exporter.load import check_labels, named_labels
+
+    lines = ['{"text": "great stuff", "label": 1}', '{"text": "meh", "label": "neg"}',
+             '{"text": "no label"}', '{"text": "yes", "label": true}']
+    (tmp_path / "eval.jsonl").write_text("\n".join(lines) + "\n")
+    texts = named_labels(read_texts(tmp_path / "eval.jsonl"), ["neg", "pos"])
+    assert [u.intent for u in texts] == ["pos", "neg", None, "True"]
+    with pytest.raises(ValueError, match=r"eval.jsonl:4: label 'True' is not one of"):
+        check_labels(texts, ["neg", "pos"])
+    (tmp_path / "eval.jsonl").write_text('{"text": "great stuff", "label": 2}\n')
+    with pytest.raises(ValueError, match=r"eval.jsonl:1: label 2 is a class index, and the "
+                                         r"model's 2 labels are 0 to 1"):
+        named_labels(read_texts(tmp_path / "eval.jsonl"), ["neg", "pos"])
+
+
 def test_unknown_labels_in_a_calibration_file_are_refused_with_their_line(tmp_path, capsys):
     """A labelled budget is searched on the calibration file's labels; one it did not know
     sent the search to the evaluation texts (then no longer held out), saying the
@@ -212,8 +230,8 @@ def test_unknown_labels_in_a_calibration_file_are_refused_with_their_line(tmp_pa
                                      architectures=["BertForSequenceClassification"])
     transformers.BertForSequenceClassification(config).save_pretrained(model)
     shutil.copy(resolve_model_dir("minilm") / "tokenizer.json", model)
-    lines = ['{"text": "great stuff", "label": "pos"}', '{"text": "awful", "label": "bad"}']
-    (tmp_path / "cal.jsonl").write_text("\n".join(lines) + "\n")
+    lines = ['{"text": "great stuff", "label": 1}', '{"text": "awful", "label": "bad"}']
+    (tmp_path / "cal.jsonl").write_text("\n".join(lines) + "\n")   # 1: "pos", the index
     (tmp_path / "eval.jsonl").write_text(lines[0] + "\n")
     code = main(["--model", str(model), "--target", "arm-cpu", "--calibration",
                  str(tmp_path / "cal.jsonl"), "--eval", str(tmp_path / "eval.jsonl"),
