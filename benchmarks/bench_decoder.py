@@ -251,14 +251,20 @@ def ensure_bundle(path: str | None, precision: str, target: str) -> Path:
     if path:
         return Path(path)
     from exporter import export
+    from targets import available_targets, load_target
 
-    out = ROOT / "build" / f"smollm2-{target}-{precision}"
+    # a .toml profile is named by its own name, not its path (which would put the bundle in
+    # build/smollm2-<path>-int4 and the fast profile beside the user's file), and the fast
+    # profile in build/ extends it by absolute path (a relative one resolves against build/)
+    name = load_target(target).name
+    base = target if target in available_targets() else str(Path(target).resolve())
+    out = ROOT / "build" / f"smollm2-{name}-{precision}"
     if not (out / "manifest.json").is_file():
         print(f"exporting {out.name} ...", file=sys.stderr)
         if precision == "fast":
-            profile = ROOT / "build" / f"{target}-fast.toml"
+            profile = ROOT / "build" / f"{name}-fast.toml"
             profile.parent.mkdir(parents=True, exist_ok=True)
-            profile.write_text(f'extends = "{target}"\ndescription = "{target}, int8 '
+            profile.write_text(f'extends = {json.dumps(base)}\ndescription = "{name}, int8 '
                                f'activations"\n[generation]\naccuracy_level = 4\n'
                                f'int8_accuracy_level = 4\n')
             export("smollm2", target=profile, output=out)

@@ -101,3 +101,30 @@ def test_partition_refuses_a_staged_bundle(tmp_path, monkeypatch):
                                             '[{"file": "stage0.onnx"}, {"file": "stage1.onnx"}]}')
     with pytest.raises(argparse.ArgumentTypeError, match="already cut into 2 stages"):
         _args.single_graph_bundle(str(tmp_path))
+
+
+def test_decoder_fast_profile_extends_a_relative_toml(tmp_path, monkeypatch):
+    # `--target mine.toml` wrote build/mine.toml-fast.toml with extends = "mine.toml", which
+    # resolves against build/: the run died there, after exporting the int4 and int8 bundles
+    # (an absolute path wrote the profile beside the user's file, bundles in build/smollm2-/...)
+    import exporter
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_decoder
+
+    from targets import load_target
+
+    exported = {}
+
+    def export(model, *, target, output, precision=None):
+        exported[output] = load_target(target)   # what the exporter would read first
+
+    monkeypatch.setattr(exporter, "export", export)
+    monkeypatch.setattr(bench_decoder, "ROOT", tmp_path / "repo")
+    (tmp_path / "mine.toml").write_text('extends = "arm-cpu"\n')
+    monkeypatch.chdir(tmp_path)
+    for target in ("mine.toml", str(tmp_path / "mine.toml")):
+        out = bench_decoder.ensure_bundle(None, "fast", target)
+        assert out == tmp_path / "repo" / "build" / "smollm2-mine-fast"
+        assert exported[out].generation.accuracy_level == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.toml", "repo"]
