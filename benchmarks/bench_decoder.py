@@ -329,14 +329,16 @@ def main() -> int:
               "--rounds", str(args.rounds), "--new-tokens", str(args.new_tokens),
               "--prompt-ids", ",".join(map(str, prompt_ids)), "--context", str(args.context)]
     results, skipped = {}, {}
+    failure: dict[str, str] = {}   # variant -> why its last process failed
 
     def run(mode: str, variant: str) -> dict | None:
+        """The variant's figures; None, with why in `failure`, when its process failed."""
         out = subprocess.run([sys.executable, __file__, mode, variant, *common],
                              capture_output=True, text=True)
         time.sleep(1.0)
         if out.returncode:
-            skipped[variant] = out.stderr.strip().splitlines()[-1] if out.stderr else "failed"
-            results.pop(variant, None)
+            failure[variant] = (out.stderr.strip().splitlines() or
+                                [f"exit status {out.returncode}"])[-1]
             return None
         return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -348,6 +350,8 @@ def main() -> int:
         print(f"measuring {variant} ...", file=sys.stderr)
         if (result := run("--one", variant)) is not None:
             results[variant] = result | {"rounds": [{k: result[k] for k in TIMED}]}
+        else:
+            skipped[variant] = failure[variant]
     # The other timed rounds go round-robin over the variants, each in a fresh process, so
     # that a machine that speeds up or slows down during the run moves every variant alike.
     for round_number in range(2, args.rounds + 1):
@@ -355,6 +359,9 @@ def main() -> int:
             print(f"timing round {round_number}: {variant} ...", file=sys.stderr)
             if (timed := run("--time", variant)) is not None:
                 results[variant]["rounds"].append({k: timed[k] for k in TIMED})
+            else:   # its measured figures and earlier rounds stand; the table says so
+                results[variant].setdefault("failed_rounds", []).append(
+                    f"round {round_number}: {failure[variant]}")
     for result in results.values():
         result["prefill_128_ms"] = min(r["prefill_128_ms"] for r in result["rounds"])
         result["decode_tokens_per_s"] = max(r["decode_tokens_per_s"] for r in result["rounds"])
@@ -380,6 +387,9 @@ def main() -> int:
               f"{drift:+.2f}% | {same}/{args.new_tokens} |")
     for name, why in skipped.items():
         print(f"\n{name}: not measured: {why}")
+    for name, r in results.items():
+        for why in r.get("failed_rounds", []):
+            print(f"\n{name}: timing {why} (best of the other rounds)")
     argtypes.write_result(ROOT / "benchmarks" / "results" / "bench_decoder.json", json.dumps(
         {"threads": args.threads, "target": args.target, "cpu": platform.processor(),
          "cpus": os.cpu_count(), "results": results, "skipped": skipped}, indent=2) + "\n")

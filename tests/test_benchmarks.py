@@ -128,3 +128,62 @@ def test_decoder_fast_profile_extends_a_relative_toml(tmp_path, monkeypatch):
         assert out == tmp_path / "repo" / "build" / "smollm2-mine-fast"
         assert exported[out].generation.accuracy_level == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.toml", "repo"]
+
+
+def fake_decoder_run(tmp_path, monkeypatch, *, failing_round: tuple[str, int] | None = None):
+    """bench_decoder.main() with its exports and its variant processes replaced: each
+    variant reports fixed figures, except `failing_round` (variant, round), which crashes."""
+    import json
+    import subprocess
+    import types
+
+    from tokenizers import Tokenizer, models
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_decoder
+
+    from exporter import gguf
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")).save(
+        str(bundle / "tokenizer.json"))
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "smollm2-float.onnx").write_bytes(b"")
+    monkeypatch.setattr(bench_decoder, "ROOT", tmp_path)
+    monkeypatch.setattr(bench_decoder, "ensure_bundle", lambda *args: bundle)
+    monkeypatch.setattr(gguf, "packaged_gguf", lambda name: tmp_path / "smollm2.gguf")
+    monkeypatch.setattr(gguf, "checkpoint", lambda path: tmp_path / "checkpoint")
+    monkeypatch.setattr(bench_decoder.time, "sleep", lambda s: None)
+    speed = {"transformers eager fp32": 20.0, "our int4 bundle": 80.0}
+    seen: dict[str, int] = {}
+
+    def run(command, **kwargs):
+        mode, variant = command[2], command[3]
+        seen[variant] = seen.get(variant, 0) + 1
+        if variant not in speed or (variant, seen[variant]) == failing_round:
+            return subprocess.CompletedProcess(command, 1, "", "MemoryError\n")
+        figures = {"prefill_128_ms": 100.0, "decode_tokens_per_s": speed[variant],
+                   "greedy_tokens": [1, 2, 3, 4]}
+        if mode == "--one":
+            figures |= {"peak_rss_mb": 300.0, "perplexity": 20.0 * speed[variant] / 20.0,
+                        "size_mb": 500.0 * 20.0 / speed[variant]}
+        return subprocess.CompletedProcess(command, 0, json.dumps(figures) + "\n", "")
+
+    monkeypatch.setattr(bench_decoder, "subprocess", types.SimpleNamespace(run=run))
+    monkeypatch.setattr(sys, "argv", ["bench_decoder.py", "--rounds", "3", "--new-tokens", "4"])
+    assert bench_decoder.main() == 0
+    path = tmp_path / "benchmarks" / "results" / "bench_decoder.json"
+    return json.loads(path.read_text())
+
+
+def test_decoder_keeps_a_variant_whose_later_round_failed(tmp_path, monkeypatch, capsys):
+    # a crash in timing round 3 dropped the variant's perplexity, size, RSS and two good
+    # rounds from the table and the JSON, and reported it as "not measured"
+    result = fake_decoder_run(tmp_path, monkeypatch, failing_round=("our int4 bundle", 3))
+    int4 = result["results"]["our int4 bundle"]
+    assert int4["perplexity"] == 80.0 and len(int4["rounds"]) == 2
+    assert "MemoryError" in int4["failed_rounds"][0]
+    assert "our int4 bundle" not in result["skipped"]
+    assert "| our int4 bundle |" in capsys.readouterr().out
+
