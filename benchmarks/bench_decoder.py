@@ -368,6 +368,17 @@ def main() -> int:
 
     reference = results.get("transformers eager fp32", {})
     peer = results.get("llama.cpp", {})
+    for r in results.values():   # the table's derived columns, for the JSON too
+        if reference:
+            r["vs_eager"] = {"decode_tokens_per_s": round(
+                ratio(r, reference, "decode_tokens_per_s"), 3)}
+            r["perplexity_vs_float_percent"] = round(
+                100 * (ratio(r, reference, "perplexity") - 1), 3)
+            r["greedy_equal_to_eager"] = sum(
+                1 for _ in iter_equal(r["greedy_tokens"], reference["greedy_tokens"]))
+        if peer:
+            r["vs_llama_cpp"] = {key: round(ratio(r, peer, key), 3) for key in
+                                 ("decode_tokens_per_s", "prefill_128_ms", "size_mb")}
     print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, {platform.machine()}; prefill "
           f"128 tokens, greedy decode {args.new_tokens} tokens at batch 1, best of "
           f"{args.rounds}; perplexity vs float = the eager model's\n")
@@ -392,7 +403,9 @@ def main() -> int:
             print(f"\n{name}: timing {why} (best of the other rounds)")
     argtypes.write_result(ROOT / "benchmarks" / "results" / "bench_decoder.json", json.dumps(
         {"threads": args.threads, "target": args.target, "cpu": platform.processor(),
-         "cpus": os.cpu_count(), "results": results, "skipped": skipped}, indent=2) + "\n")
+         "cpus": os.cpu_count(), "rounds": args.rounds, "new_tokens": args.new_tokens,
+         "prefill_tokens": 128, "perplexity_windows": [args.windows, args.window],
+         "results": results, "skipped": skipped}, indent=2) + "\n")
     return 0
 
 

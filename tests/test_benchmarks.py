@@ -187,3 +187,15 @@ def test_decoder_keeps_a_variant_whose_later_round_failed(tmp_path, monkeypatch,
     assert "our int4 bundle" not in result["skipped"]
     assert "| our int4 bundle |" in capsys.readouterr().out
 
+
+
+def test_decoder_json_has_the_tables_figures(tmp_path, monkeypatch, capsys):
+    # the ratios, the perplexity drift and the greedy agreement were printed, never saved
+    result = fake_decoder_run(tmp_path, monkeypatch)
+    assert result["new_tokens"] == 4 and result["rounds"] == 3
+    int4 = result["results"]["our int4 bundle"]
+    assert int4["vs_eager"]["decode_tokens_per_s"] == 4.0
+    assert int4["perplexity_vs_float_percent"] == 300.0
+    assert int4["greedy_equal_to_eager"] == 4
+    assert "vs_llama_cpp" not in int4   # llama.cpp was not measured (not installed here)
+    assert "| our int4 bundle | 125.0 | 100.0 | 80.0 | 4.00 |" in capsys.readouterr().out
