@@ -110,6 +110,34 @@ def classifier(text: str) -> Path:
     return path
 
 
+def labelled_classifier(min_texts: int) -> Callable[[str], Path]:
+    """A classifier directory (as `classifier`) whose test.jsonl holds at least `min_texts`
+    texts, every one labelled: bench_encoder scores accuracy on every test text and times
+    full batches of them (with fewer than one batch it failed after both exports)."""
+
+    def parse(text: str) -> Path:
+        from exporter.data import read_texts
+
+        path = classifier(text)
+        try:
+            texts = read_texts(path / "test.jsonl")
+        except (ValueError, OSError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        unlabelled = next((u for u in texts if u.intent is None), None)
+        if unlabelled:
+            raise argparse.ArgumentTypeError(
+                f"{unlabelled.where} has no \"label\"; the benchmark scores accuracy "
+                f"against every test text's label.")
+        if len(texts) < min_texts:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: test.jsonl holds {len(texts)} texts; the benchmark times batches "
+                f"of {min_texts}: give at least {min_texts} (samples/train_intents.py "
+                f"--test-size).")
+        return path
+
+    return parse
+
+
 def write_result(path: Path, text: str) -> None:
     """`path` holds `text`, or what it held before if the run is stopped: never a part of it
     (a temporary file beside it, then a rename)."""

@@ -668,9 +668,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=argtypes.model, default="minilm",
                         help="checkpoint directory or packaged name (default: minilm)")
-    parser.add_argument("--classifier", type=argtypes.classifier, metavar="DIR",
+    parser.add_argument("--classifier", type=argtypes.labelled_classifier(BATCH),
+                        metavar="DIR",
                         help="also benchmark this intent classifier (samples/train_intents.py "
-                             "--output DIR), on its test.jsonl")
+                             "--output DIR), on its test.jsonl (at least 32 labelled texts)")
     parser.add_argument("--target", type=argtypes.target, default="arm-cpu",
                         help="built-in target or .toml profile (default: arm-cpu)")
     parser.add_argument("--threads", type=argtypes.at_least(1), default=2,

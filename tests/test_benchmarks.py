@@ -199,3 +199,20 @@ def test_decoder_json_has_the_tables_figures(tmp_path, monkeypatch, capsys):
     assert int4["greedy_equal_to_eager"] == 4
     assert "vs_llama_cpp" not in int4   # llama.cpp was not measured (not installed here)
     assert "| our int4 bundle | 125.0 | 100.0 | 80.0 | 4.00 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "turn on the lights", "label": "HassTurnOn"}'] * 20,
+     "test.jsonl holds 20 texts; the benchmark times batches of 32"),
+    (['{"text": "turn on the lights", "label": "HassTurnOn"}'] * 40 + ['{"text": "hi"}'],
+     'test.jsonl:41 has no "label"'),
+])
+def test_encoder_refuses_a_classifier_test_set_it_cannot_score(tmp_path, lines, message):
+    # 20 test texts (train_intents.py --test-size 20) ended in a ZeroDivisionError, an
+    # unlabelled one in a ValueError: both after exporting the encoder and the classifier
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_encoder.py"),
+                          "--classifier", str(tmp_path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr and "Traceback" not in run.stderr
