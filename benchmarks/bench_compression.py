@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import gzip
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -195,19 +196,25 @@ def write(rows, args, model: str) -> None:
                      f"{r['parameters'] / 1e6:.2f} | {r['model_bytes'] / 1e6:.2f} | "
                      f"{r['gzip_bytes'] / 1e6:.2f} | {r['latency_ms_p50']:.3f} | "
                      f"{r['speedup_vs_int8']:.2f}x | {value} |")
+    # the measurements first: a plot that fails (or no matplotlib) must not lose them
+    argtypes.write_result(paths[".json"],
+                          json.dumps(rows, indent=2, default=str) + "\n")
     png = paths[".png"]
-    plot(rows, key, png, model)
-    lines += ["", f"![quality against latency]({png.name})", ""]
+    if plot(rows, key, png, model):
+        lines += ["", f"![quality against latency]({png.name})", ""]
     text = "\n".join(lines)
     print(text)
     argtypes.write_result(paths[".md"], text)
-    argtypes.write_result(paths[".json"],
-                          json.dumps(rows, indent=2, default=str) + "\n")
 
 
-def plot(rows, key: str, path: Path, model: str) -> None:
-    import matplotlib
-
+def plot(rows, key: str, path: Path, model: str) -> bool:
+    """Draw `path`, written whole (a temporary file, then a rename); False without
+    matplotlib (the exporter's own reports treat it as optional too)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -229,7 +236,14 @@ def plot(rows, key: str, path: Path, model: str) -> None:
     ax.set_title(f"Compression + int8: {Path(model).name} (x: not healed, o: healed)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(temporary, dpi=120, format="png")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+        plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

@@ -216,3 +216,24 @@ def test_encoder_refuses_a_classifier_test_set_it_cannot_score(tmp_path, lines, 
                          text=True, timeout=120)
     assert run.returncode == 2, run.stderr
     assert message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_compression_results_are_written_without_matplotlib(tmp_path, monkeypatch):
+    # the plot came first and needs matplotlib, which the exporter treats as optional: an
+    # ImportError at the very end lost the table and the JSON of the whole run
+    import argparse
+    import json
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_compression
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    row = {"variant": "int8", "healed": False, "parameters": 22_713_216, "layers": 6,
+           "model_bytes": 23_582_518, "gzip_bytes": 20_944_556,
+           "quality": {"cosine": 0.99781}, "latency_ms_p50": 2.4, "speedup_vs_int8": 1.0}
+    args = argparse.Namespace(output=tmp_path / "run", target="arm-cpu", threads=1, rounds=1)
+    bench_compression.write([row], args, "minilm")
+    assert json.loads((tmp_path / "run.json").read_text())[0]["variant"] == "int8"
+    table = (tmp_path / "run.md").read_text()
+    assert "| int8 | no | 6 |" in table and "run.png" not in table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.md"]
