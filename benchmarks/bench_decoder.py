@@ -316,8 +316,15 @@ def main() -> int:
 
         model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
         float_onnx.parent.mkdir(exist_ok=True)
-        onnx.save(build(DecoderShape.from_config(model.config, args.context),
-                        float_weights(model)), float_onnx)
+        # written whole or not at all: a run stopped mid-write left a truncated graph that
+        # every later run took as built (is_file), its ORT fp32 row failing for good
+        temporary = float_onnx.with_name(f".{float_onnx.name}.{os.getpid()}.tmp")
+        try:
+            onnx.save(build(DecoderShape.from_config(model.config, args.context),
+                            float_weights(model)), temporary)
+            os.replace(temporary, float_onnx)
+        finally:
+            temporary.unlink(missing_ok=True)
         del model
     from tokenizers import Tokenizer
 

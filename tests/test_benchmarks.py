@@ -130,9 +130,11 @@ def test_decoder_fast_profile_extends_a_relative_toml(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.toml", "repo"]
 
 
-def fake_decoder_run(tmp_path, monkeypatch, *, failing_round: tuple[str, int] | None = None):
+def fake_decoder_run(tmp_path, monkeypatch, *, failing_round: tuple[str, int] | None = None,
+                     float_graph: bool = True):
     """bench_decoder.main() with its exports and its variant processes replaced: each
-    variant reports fixed figures, except `failing_round` (variant, round), which crashes."""
+    variant reports fixed figures, except `failing_round` (variant, round), which crashes.
+    `float_graph`: the float ONNX graph is already built."""
     import json
     import subprocess
     import types
@@ -149,7 +151,8 @@ def fake_decoder_run(tmp_path, monkeypatch, *, failing_round: tuple[str, int] | 
     Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")).save(
         str(bundle / "tokenizer.json"))
     (tmp_path / "build").mkdir()
-    (tmp_path / "build" / "smollm2-float.onnx").write_bytes(b"")
+    if float_graph:
+        (tmp_path / "build" / "smollm2-float.onnx").write_bytes(b"")
     monkeypatch.setattr(bench_decoder, "ROOT", tmp_path)
     monkeypatch.setattr(bench_decoder, "ensure_bundle", lambda *args: bundle)
     monkeypatch.setattr(gguf, "packaged_gguf", lambda name: tmp_path / "smollm2.gguf")
@@ -237,3 +240,29 @@ def test_compression_results_are_written_without_matplotlib(tmp_path, monkeypatc
     table = (tmp_path / "run.md").read_text()
     assert "| int8 | no | 6 |" in table and "run.png" not in table
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.md"]
+
+
+def test_decoder_float_graph_is_written_whole(tmp_path, monkeypatch):
+    # stopped while saving, it left a truncated smollm2-float.onnx that later runs reused
+    import types
+
+    import onnx
+    import transformers
+
+    from exporter import decoder_graph
+
+    model = types.SimpleNamespace(config=None, eval=lambda: model)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: model)
+    monkeypatch.setattr(decoder_graph.DecoderShape, "from_config", lambda *args: None)
+    monkeypatch.setattr(decoder_graph, "build", lambda *args: None)
+    monkeypatch.setattr(decoder_graph, "float_weights", lambda *args: None)
+
+    def stopped(proto, path):
+        Path(path).write_bytes(b"half a graph")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "save", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        fake_decoder_run(tmp_path, monkeypatch, float_graph=False)
+    assert list((tmp_path / "build").iterdir()) == []
