@@ -309,6 +309,9 @@ VARIANTS: tuple[tuple[str, Callable[[Context], Variant]], ...] = (
     ("our bundle", our_bundle),
 )
 REFERENCE = "ORT fp32"
+OURS = "our bundle"
+# The peer tools' int8 variants: our bundle's ratios to each (the table's are to REFERENCE).
+PEERS = ("ORT dynamic int8", "Optimum static int8", "ORT quantize_static")
 
 
 # --------------------------------------------------------------------------------- export
@@ -591,6 +594,30 @@ def row_json(r: Row, ref: Row | None) -> dict:
     return out
 
 
+def versus_peers(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """Our bundle's size and best-round latency figures over each measured peer's (below 1:
+    ours is smaller / faster), peer name -> figure -> ratio."""
+    ours = next((r for r in rows if r.name == OURS and r.rounds), None)
+    if ours is None:
+        return {}
+    lat = best_of(ours.rounds)
+    out = {}
+    for peer in (r for r in rows if r.name in PEERS and r.rounds):
+        peer_lat = best_of(peer.rounds)
+        out[peer.name] = {"size": round(ours.size_bytes / peer.size_bytes, 3),
+                          **{k: round(lat[k] / peer_lat[k], 3) for k in lat}}
+    return out
+
+
+def versus_lines(rows: list[Row]) -> str:
+    """One line per peer: our bundle's ratios to it, in the table's column names."""
+    return "\n".join(
+        f"  {OURS} vs {name}: size {ratios['size']:.2f}x, "
+        + ", ".join(f"{FIGURE_COLUMNS[k][0]} {ratios[k]:.2f}x" for k in FIGURE_COLUMNS
+                    if k in ratios)
+        for name, ratios in versus_peers(rows).items())
+
+
 def notes(rows: list[Row], rounds: int) -> str:
     """One line per variant: what it is, and how much its rounds differed."""
     lines = []
@@ -661,7 +688,8 @@ def section(b: Bench) -> dict:
                          f"ratios to {REFERENCE}",
             "export_seconds": round(b.export_s, 1),
             "export_stage_seconds": b.job.timings,
-            "variants": [row_json(r, ref) for r in b.rows]}
+            "variants": [row_json(r, ref) for r in b.rows],
+            "ours_vs_peers": versus_peers(b.rows)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -713,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in [encoder, classifier] if classifier else [encoder]:
         print(table(b.rows, b.comparison))
         print(f"our export (every pipeline stage): {b.export_s:.1f} s")
+        print(versus_lines(b.rows))
         print(notes(b.rows, args.rounds))
         print()
     print(f"whole benchmark {wall_s:.0f} s; {args.threads} threads, ONNX Runtime spinning "

@@ -266,3 +266,30 @@ def test_decoder_float_graph_is_written_whole(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fake_decoder_run(tmp_path, monkeypatch, float_graph=False)
     assert list((tmp_path / "build").iterdir()) == []
+
+
+def test_encoder_gives_our_ratios_to_each_peer():
+    # the table's ratios were all to ORT fp32: ours against the best peer (dynamic int8) was
+    # worked out by hand for the README
+    import types
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_encoder as be
+
+    def row(name, size, b1, b32, error=""):
+        variant = None if error else be.Variant([], lambda feeds: None, note=name)
+        rounds = [] if error else [{"b1_p50": b1 + 1, "b32_mean": b32}, {"b1_p50": b1,
+                                                                         "b32_mean": b32 + 1}]
+        return be.Row(name, variant, error=error, size_bytes=size, rounds=rounds)
+
+    rows = [row("PyTorch eager fp32", 90, 8.0, 60.0), row("ORT fp32", 90, 2.5, 47.0),
+            row("ORT dynamic int8", 23, 1.25, 20.0), row("Optimum static int8", 0, 0, 0,
+                                                         error="ImportError: optimum"),
+            row("ORT quantize_static", 23, 16.0, 80.0), row("our bundle", 23, 1.0, 16.0)]
+    bench = types.SimpleNamespace(rows=rows, export_s=1.0, job=types.SimpleNamespace(timings={}),
+                                  comparison=types.SimpleNamespace(reference="cosines"))
+    versus = be.section(bench)["ours_vs_peers"]
+    assert versus == {"ORT dynamic int8": {"size": 1.0, "b1_p50": 0.8, "b32_mean": 0.8},
+                      "ORT quantize_static": {"size": 1.0, "b1_p50": 0.062, "b32_mean": 0.2}}
+    assert "our bundle vs ORT dynamic int8: size 1.00x, b1 p50 0.80x, b32 0.80x" in \
+        be.versus_lines(rows)
