@@ -50,13 +50,20 @@ def _target(text: str) -> None:
 
 def _model(text: str) -> None:
     from exporter.gguf import PACKAGED_GGUF
-    from exporter.load import PACKAGED_MODELS, resolve_model_dir
+    from exporter.load import PACKAGED_MODELS, infer_task, resolve_model_dir
 
     if text in PACKAGED_GGUF or text.endswith(".gguf"):
         raise ValueError(f"{text!r} is a decoder; this benchmark measures encoders: give "
                          f"{', '.join(PACKAGED_MODELS)} or a checkpoint directory "
                          f"(decoders: benchmarks/bench_decoder.py).")
-    resolve_model_dir(text)
+    # the task is inferred from config.json: a classifier or a causal LM checkpoint was
+    # exported in full, then the sentence-embedding comparison failed on it
+    task = infer_task(resolve_model_dir(text))
+    if task != "feature-extraction":
+        where = ("give it as --classifier DIR" if task == "text-classification" else
+                 "decoders: benchmarks/bench_decoder.py")
+        raise ValueError(f"{text!r} is a {task} checkpoint; --model takes a sentence encoder "
+                         f"(feature-extraction): {where}.")
 
 
 def _bundle(text: str) -> None:
@@ -67,7 +74,7 @@ def _bundle(text: str) -> None:
 
 # A built-in target name or a .toml profile that loads (the name is what is kept).
 target = _passing(_target)
-# A packaged encoder name or a checkpoint directory with a config.json.
+# A packaged encoder name or a feature-extraction checkpoint directory (with a config.json).
 model = _passing(_model)
 
 

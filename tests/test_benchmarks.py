@@ -293,3 +293,21 @@ def test_encoder_gives_our_ratios_to_each_peer():
                       "ORT quantize_static": {"size": 1.0, "b1_p50": 0.062, "b32_mean": 0.2}}
     assert "our bundle vs ORT dynamic int8: size 1.00x, b1 p50 0.80x, b32 0.80x" in \
         be.versus_lines(rows)
+
+
+@pytest.mark.parametrize("script", ["bench_encoder.py", "bench_compression.py"])
+@pytest.mark.parametrize("architecture, message", [
+    ("BertForSequenceClassification", "is a text-classification checkpoint; --model takes a "
+                                      "sentence encoder (feature-extraction): give it as "
+                                      "--classifier DIR"),
+    ("LlamaForCausalLM", "is a text-generation checkpoint"),
+])
+def test_model_must_be_an_encoder_checkpoint(tmp_path, script, architecture, message):
+    # a classifier given as --model was exported in full, then the embedding comparison
+    # ended in KeyError: 'mode' (its job has no pooling)
+    (tmp_path / "config.json").write_text(f'{{"architectures": ["{architecture}"]}}')
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / script),
+                          "--model", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert message in run.stderr and "Traceback" not in run.stderr
