@@ -107,6 +107,20 @@ def single_graph_bundle(text: str) -> Path:
     return path
 
 
+def decoder_bundle(text: str) -> Path:
+    """A text-generation bundle (bench_decoder reads its tokenizer for every variant's
+    prompt and text: an encoder's scored the peers on the wrong token ids)."""
+    import json
+
+    path = bundle(text)
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    if manifest.get("task") != "text-generation":
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a {manifest.get('task', 'non-generative')} bundle; give a SmolLM2 "
+            f"export (python -m exporter --model smollm2 ...).")
+    return path
+
+
 def classifier(text: str) -> Path:
     """A trained intent classifier directory (samples/train_intents.py), holding test.jsonl."""
     path = Path(text)

@@ -281,7 +281,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=argtypes.at_least(1), default=64)
     for name, what in (("int4", "an int4 SmolLM2 bundle"), ("int8", "an int8 SmolLM2 bundle"),
                        ("fast", "an int4 bundle with accuracy levels 4")):
-        parser.add_argument(f"--{name}", type=argtypes.bundle,
+        parser.add_argument(f"--{name}", type=argtypes.decoder_bundle,
                             help=f"{what} (default: export one)")
     parser.add_argument("--one", help=argparse.SUPPRESS)   # internal: measure one variant
     parser.add_argument("--time", help=argparse.SUPPRESS)  # internal: one timed round

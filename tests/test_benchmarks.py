@@ -311,3 +311,26 @@ def test_model_must_be_an_encoder_checkpoint(tmp_path, script, architecture, mes
                          timeout=120)
     assert run.returncode == 2, run.stderr
     assert message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_decoder_refuses_an_encoder_bundle(tmp_path, monkeypatch):
+    # `--int4 build/minilm-arm-cpu` was taken: its WordPiece tokenizer then made the prompt
+    # and the perplexity text of every variant, transformers and llama.cpp included
+    import argparse
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks import _args
+
+    monkeypatch.setattr(_args, "_bundle", lambda text: None)   # a manifest that reads
+    (tmp_path / "manifest.json").write_text('{"task": "feature-extraction"}')
+    with pytest.raises(argparse.ArgumentTypeError, match="is a feature-extraction bundle"):
+        _args.decoder_bundle(str(tmp_path))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_decoder
+
+    monkeypatch.setattr(sys, "argv", ["bench_decoder.py", "--int8", str(tmp_path)])
+    with pytest.raises(SystemExit) as refused:   # the script's --int4/--int8/--fast use it
+        bench_decoder.main()
+    assert refused.value.code == 2
+    (tmp_path / "manifest.json").write_text('{"task": "text-generation"}')
+    assert _args.decoder_bundle(str(tmp_path)) == tmp_path
