@@ -257,7 +257,14 @@ def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
             {"file": str(path), "sha256": file_digest(path),
              "metadata": {k: v for k, v in metadata.items()
                           if isinstance(v, (str, int, float, bool))}}, indent=2))
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # another export converted the same file meanwhile (parallel exports on a fresh
+            # cache): its checkpoint is this one, so use it
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1017,3 +1017,46 @@ def test_the_torch_greedy_reference_is_plain_argmax():
     assert len(set(new)) < 16   # it repeats: the penalty would have changed it
     model.generation_config.eos_token_id = [new[4]]   # ends at its end-of-sequence token
     assert torch_greedy(model, ids, 16) == new[:new.index(new[4]) + 1]
+
+
+def test_a_gguf_converted_meanwhile_by_another_export_is_used(tmp_path, monkeypatch):
+    """Two exports of one GGUF on a fresh cache convert it at once: the one that finishes
+    second takes the first one's checkpoint instead of failing on rename ("Directory not
+    empty")."""
+    import transformers
+
+    source = gguf.packaged_gguf("smollm2")
+    cache = tmp_path / "cache"
+    target = cache / f"{source.stem}-{gguf.file_digest(source)[:16]}-3"
+    tokenizer_json = gguf.checkpoint(source, log=lambda line: None) / "tokenizer.json"
+
+    class Model:   # stands in for the dequantized model; meanwhile the other export finishes
+        config = SimpleNamespace(rope_scaling=None, eos_token_id=None)
+        generation_config = SimpleNamespace(eos_token_id=None)
+
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            target.mkdir(parents=True)
+            (target / "config.json").write_text("{}")
+            return Model
+
+        @staticmethod
+        def save_pretrained(directory):
+            (Path(directory) / "config.json").write_text('{"mine": true}')
+
+    class Tokenizer:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            return Tokenizer
+
+        @staticmethod
+        def save_pretrained(directory):
+            data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+            (Path(directory) / "tokenizer.json").write_text(json.dumps(data))
+            (Path(directory) / "tokenizer_config.json").write_text("{}")
+
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Model)
+    monkeypatch.setattr(transformers, "AutoTokenizer", Tokenizer)
+    assert gguf.checkpoint(source, cache=cache, log=lambda line: None) == target
+    assert (target / "config.json").read_text() == "{}"   # the first one's, whole
+    assert [p.name for p in cache.iterdir()] == [target.name]   # no work dir left
