@@ -245,8 +245,8 @@ def render_chat(fmt: dict, messages: Sequence[dict]) -> str:
     roles = fmt["roles"]
     text = ""
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in roles or \
-                not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
+                m["role"] not in roles or not isinstance(m.get("content"), str):
             raise ValueError(f"message {i} must be {{'role': one of {sorted(roles)}, "
                              f"'content': str}}, got {m!r}.")
         if i == 0 and m["role"] != "system":

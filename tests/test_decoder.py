@@ -295,6 +295,10 @@ def test_chat_format_matches_the_jinja_template(smollm2_checkpoint):
             messages, tokenize=False, add_generation_prompt=True)
     with pytest.raises(ValueError, match="message 0 must be"):
         render_chat(fmt, [{"role": "robot", "content": "hi"}])
+    # a role of the wrong type is named too (a list raised "unhashable type: 'list'")
+    for role in (["user"], {"user": 1}, None):
+        with pytest.raises(ValueError, match="message 1 must be"):
+            render_chat(fmt, [{"role": "user", "content": "hi"}, {"role": role, "content": "x"}])
     with pytest.raises(TypeError):
         render_chat(fmt, "hello")
 
