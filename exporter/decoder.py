@@ -138,11 +138,20 @@ def chat_format(model_dir: Path) -> dict | None:
     Jinja: per role a `{content}` pattern, the default system message and the generation
     prompt. The reduction is checked by rendering conversations both ways; a template that is
     not a plain concatenation of per-message parts is refused (None: no chat in the bundle)."""
+    from jinja2 import TemplateError
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if not getattr(tokenizer, "chat_template", None):
         return None
+    try:
+        return _reduced_chat_template(tokenizer)
+    except TemplateError:   # raise_exception() on a conversation it refuses: no system role
+        return None         # say ("System role not supported"); the reduction needs one
+
+
+def _reduced_chat_template(tokenizer) -> dict | None:
+    """chat_format of a tokenizer that has a chat template."""
     mark = "\x00CONTENT\x00"
 
     def render(messages, prompt=False):

@@ -303,6 +303,21 @@ def test_chat_format_matches_the_jinja_template(smollm2_checkpoint):
         render_chat(fmt, "hello")
 
 
+def test_a_chat_template_that_refuses_a_system_message_exports_without_chat(
+        smollm2_checkpoint, tmp_path):
+    # a template that raise_exception()s on a system message stopped the export at load
+    from exporter.decoder import chat_format
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((smollm2_checkpoint / name).read_bytes())
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert chat_format(tmp_path) is None
+
+
 def test_sampling():
     logits = np.array([1.0, 3.0, 2.0, -1.0], np.float32)
     rng = np.random.default_rng(0)
