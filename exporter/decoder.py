@@ -152,6 +152,8 @@ def chat_format(model_dir: Path) -> dict | None:
 
 def _reduced_chat_template(tokenizer) -> dict | None:
     """chat_format of a tokenizer that has a chat template."""
+    from jinja2 import TemplateError
+
     mark = "\x00CONTENT\x00"
 
     def render(messages, prompt=False):
@@ -168,6 +170,17 @@ def _reduced_chat_template(tokenizer) -> dict | None:
         if not full.startswith(base) or full[len(base):].count(mark) != 1:
             return None
         roles[role] = full[len(base):].replace(mark, "{content}")
+    # a system message after the first: some templates write the first one with more around
+    # it (a BOS, Llama 3's date block) than a later one
+    first = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    try:
+        later = render([*first, {"role": "system", "content": mark}])
+    except TemplateError:   # a template that takes a system message first only
+        later = None
+    if later is not None:
+        if not later.startswith(render(first)) or later[len(render(first)):].count(mark) != 1:
+            return None
+        roles["system"] = later[len(render(first)):].replace(mark, "{content}")
     user = [{"role": "user", "content": "U"}]
     generation_prompt = render(user, prompt=True)[len(render(user)):]
     user_part = roles["user"].replace("{content}", "U")
@@ -176,9 +189,15 @@ def _reduced_chat_template(tokenizer) -> dict | None:
     default_system = render(user)[:-len(user_part)]
     fmt = {"roles": roles, "default_system": default_system,
            "generation_prompt": generation_prompt}
+    if roles["system"] != system_only.replace(mark, "{content}"):
+        fmt["first_system"] = system_only.replace(mark, "{content}")
     samples = [[{"role": "user", "content": "Hi there"}],
                [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Why?"}]]
+    if later is not None:
+        samples.append([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "Why?"}])
     for messages in samples:
         if render(messages, True) != render_chat(fmt, messages):  # the runtime's reading
             return None

@@ -249,7 +249,10 @@ def render_chat(fmt: dict, messages: Sequence[dict]) -> str:
                 m["role"] not in roles or not isinstance(m.get("content"), str):
             raise ValueError(f"message {i} must be {{'role': one of {sorted(roles)}, "
                              f"'content': str}}, got {m!r}.")
+        pattern = roles[m["role"]]
         if i == 0 and m["role"] != "system":
             text += fmt["default_system"]
-        text += roles[m["role"]].replace("{content}", m["content"])
+        elif i == 0:   # where the template writes a first system message its own way
+            pattern = fmt.get("first_system", pattern)
+        text += pattern.replace("{content}", m["content"])
     return text + fmt["generation_prompt"]

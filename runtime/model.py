@@ -213,9 +213,11 @@ def _check_generation(where: Path, generation) -> None:
             and all(isinstance(k, str) and isinstance(v, str)
                     for k, v in chat["roles"].items())
             and isinstance(chat.get("default_system"), str)
-            and isinstance(chat.get("generation_prompt"), str)):
+            and isinstance(chat.get("generation_prompt"), str)
+            and isinstance(chat.get("first_system", ""), str)):
         raise BundleError(f"{where}: generation.chat must be {{\"roles\": {{role: pattern}}, "
-                          f"\"default_system\": str, \"generation_prompt\": str}}.")
+                          f"\"default_system\": str, \"generation_prompt\": str}} (and "
+                          f"optionally \"first_system\": str).")
 
 
 def _onnxruntime_errors() -> tuple[type[Exception], ...]:

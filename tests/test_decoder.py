@@ -318,6 +318,39 @@ def test_a_chat_template_that_refuses_a_system_message_exports_without_chat(
     assert chat_format(tmp_path) is None
 
 
+@pytest.mark.parametrize("template", [
+    # a BOS before the conversation, not before each system message
+    "<s>{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    # Llama 3 style: the first system message (or a default one) in a block of its own
+    "<s>{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] %}"
+    "{% set messages = messages[1:] %}{% else %}{% set first = 'Be nice.' %}{% endif %}"
+    "<|im_start|>system\nDate: today\n\n{{ first }}<|im_end|>\n{% for m in messages %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"])
+def test_a_system_message_after_the_first_is_written_as_the_template_writes_it(
+        smollm2_checkpoint, tmp_path, template):
+    # the first system message's pattern (with the BOS, the date block) was used for every
+    # system message: a later one got "<s>" and the date block in mid-conversation
+    from transformers import AutoTokenizer
+
+    from exporter.decoder import chat_format
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((smollm2_checkpoint / name).read_bytes())
+    (tmp_path / "chat_template.jinja").write_text(template)
+    fmt = chat_format(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    for messages in ([{"role": "user", "content": "Hi"}, {"role": "system", "content": "Short."},
+                      {"role": "user", "content": "Why?"}],
+                     [{"role": "system", "content": "A"}, {"role": "user", "content": "B"},
+                      {"role": "system", "content": "C"}, {"role": "assistant", "content": "D"}],
+                     [{"role": "system", "content": "A"}, {"role": "user", "content": "B"}],
+                     [{"role": "assistant", "content": "A"}]):
+        assert render_chat(fmt, messages) == tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True)
+
+
 def test_sampling():
     logits = np.array([1.0, 3.0, 2.0, -1.0], np.float32)
     rng = np.random.default_rng(0)
