@@ -515,10 +515,17 @@ class Model:
         self._require("text-generation", "generate")
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be str, got {type(prompt).__name__}.")
+        return self._continue(self.tokenizer.encode(prompt), max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              stop=stop, stream=stream)
+
+    def _continue(self, ids: list[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                  stop: str | Sequence[str] | None = (), stream: bool = False):
+        """generate() from the prompt's ids."""
         stop = stop_strings(stop)
         options = check_sampling(max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, seed=seed)
-        ids = self.tokenizer.encode(prompt)
         if not ids:
             raise ValueError("The prompt is empty: give at least one token of text.")
         if len(ids) >= self.context:
@@ -542,7 +549,10 @@ class Model:
         if not fmt:
             raise ValueError(f"{self.bundle.path} has no chat template (its model has none, "
                              f"or it is not a plain per-message template); use generate().")
-        return self.generate(render_chat(fmt, messages), **options)
+        # the rendered template holds its special tokens (a BOS too, where the model has
+        # one): encoded as Hugging Face's apply_chat_template does, without adding them again
+        text = render_chat(fmt, messages)
+        return self._continue(self.tokenizer.encode(text, add_special_tokens=False), **options)
 
     def perplexity(self, text: str, *, window: int = 512) -> float:
         """Perplexity of the model on `text`, in non-overlapping windows of `window` tokens

@@ -351,6 +351,40 @@ def test_a_system_message_after_the_first_is_written_as_the_template_writes_it(
             messages, tokenize=False, add_generation_prompt=True)
 
 
+def test_chat_prompt_ids_are_apply_chat_templates_with_a_bos_adding_tokenizer(
+        smollm2_checkpoint, tmp_path):
+    # a tokenizer that adds a BOS (a GGUF with add_bos_token, Llama 3) and a template that
+    # writes it too: chat() encoded the rendered text adding another BOS
+    from transformers import AutoTokenizer
+
+    from exporter.decoder import chat_format
+
+    data = json.loads((smollm2_checkpoint / "tokenizer.json").read_text(encoding="utf-8"))
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+                "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.bos_token_id": 1}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(gguf.clean_tokenizer(data, metadata)))
+    config = json.loads((smollm2_checkpoint / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        dict(config, bos_token="<|im_start|>", add_bos_token=True)))
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% endif %}")
+    model = object.__new__(runtime.Model)   # what chat() reads of a bundle, and no graph
+    model.task, model.max_length = "text-generation", 64
+    model.tokenizer = runtime.Tokenizer.from_file(tmp_path / "tokenizer.json")
+    model.manifest = {"generation": {"chat": chat_format(tmp_path), "context_length": 64,
+                                     "eos_token_ids": [2]}}
+    prompts = []
+    model._tokens = lambda ids, **options: prompts.append(ids) or iter(())
+    messages = [{"role": "user", "content": "Hi"}]
+    assert model.chat(messages) == ""
+    assert prompts == [AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True)]
+    assert model.generate("Hi") == "" and prompts[-1] == [1, 26843]   # plain text: BOS added
+    assert model.tokenizer.encode("Hi", add_special_tokens=False, max_length=5) == [26843]
+
+
 def test_sampling():
     logits = np.array([1.0, 3.0, 2.0, -1.0], np.float32)
     rng = np.random.default_rng(0)
