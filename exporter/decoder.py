@@ -198,6 +198,12 @@ def _reduced_chat_template(tokenizer) -> dict | None:
         samples.append([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
                         {"role": "system", "content": "Be brief."},
                         {"role": "user", "content": "Why?"}])
+    # content with whitespace around it: Llama 3's templates write message['content'] | trim
+    padded = [{"role": "system", "content": " \nBe brief. "}, {"role": "user", "content": "\tHi\n"},
+              {"role": "assistant", "content": " Yo  "}, {"role": "user", "content": "Why?\n\n"}]
+    if render(padded, True) != render_chat(fmt, padded):
+        fmt["trim_content"] = True
+    samples.append(padded)
     for messages in samples:
         if render(messages, True) != render_chat(fmt, messages):  # the runtime's reading
             return None

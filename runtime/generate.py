@@ -254,5 +254,6 @@ def render_chat(fmt: dict, messages: Sequence[dict]) -> str:
             text += fmt["default_system"]
         elif i == 0:   # where the template writes a first system message its own way
             pattern = fmt.get("first_system", pattern)
-        text += pattern.replace("{content}", m["content"])
+        content = m["content"].strip() if fmt.get("trim_content") else m["content"]
+        text += pattern.replace("{content}", content)
     return text + fmt["generation_prompt"]

@@ -214,10 +214,11 @@ def _check_generation(where: Path, generation) -> None:
                     for k, v in chat["roles"].items())
             and isinstance(chat.get("default_system"), str)
             and isinstance(chat.get("generation_prompt"), str)
-            and isinstance(chat.get("first_system", ""), str)):
+            and isinstance(chat.get("first_system", ""), str)
+            and isinstance(chat.get("trim_content", False), bool)):
         raise BundleError(f"{where}: generation.chat must be {{\"roles\": {{role: pattern}}, "
                           f"\"default_system\": str, \"generation_prompt\": str}} (and "
-                          f"optionally \"first_system\": str).")
+                          f"optionally \"first_system\": str, \"trim_content\": bool).")
 
 
 def _onnxruntime_errors() -> tuple[type[Exception], ...]:

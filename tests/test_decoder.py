@@ -327,7 +327,10 @@ def test_a_chat_template_that_refuses_a_system_message_exports_without_chat(
     "{% set messages = messages[1:] %}{% else %}{% set first = 'Be nice.' %}{% endif %}"
     "<|im_start|>system\nDate: today\n\n{{ first }}<|im_end|>\n{% for m in messages %}"
     "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"])
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    # Llama 3's templates also write message['content'] | trim
+    "<s>{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"])
 def test_a_system_message_after_the_first_is_written_as_the_template_writes_it(
         smollm2_checkpoint, tmp_path, template):
     # the first system message's pattern (with the BOS, the date block) was used for every
@@ -346,7 +349,8 @@ def test_a_system_message_after_the_first_is_written_as_the_template_writes_it(
                      [{"role": "system", "content": "A"}, {"role": "user", "content": "B"},
                       {"role": "system", "content": "C"}, {"role": "assistant", "content": "D"}],
                      [{"role": "system", "content": "A"}, {"role": "user", "content": "B"}],
-                     [{"role": "assistant", "content": "A"}]):
+                     [{"role": "assistant", "content": "A"}],
+                     [{"role": "user", "content": " Hi\n"}, {"role": "system", "content": "\tx "}]):
         assert render_chat(fmt, messages) == tok.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True)
 
