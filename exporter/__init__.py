@@ -286,6 +286,16 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
     if task == "text-classification":
         check_single_label(resolve_model_dir(model))
     layers = None if generative else _layers(resolve_model_dir(model))
+    if generative and compression is not None and compression.drop_layers:
+        # a GGUF's layer count is in its metadata: --drop-layers beyond it is refused now,
+        # not after loading and scoring the model (minutes)
+        from .gguf import layer_count, packaged_gguf
+
+        try:
+            path = Path(model) if str(model).endswith(".gguf") else packaged_gguf(model)
+        except (ValueError, FileNotFoundError):
+            path = None   # not installed: loading says so
+        layers = None if path is None else layer_count(path)
     if task == "text-generation":
         profile = _decoder_profile(profile, precision=precision, stages=stages)
         default_budget = profile.generation.budget

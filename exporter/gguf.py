@@ -73,6 +73,21 @@ def read_metadata(path: Path) -> dict:
             if key not in skip and not key.startswith("GGUF.")}
 
 
+def layer_count(path: Path) -> int | None:
+    """The number of transformer layers a GGUF file declares (`<arch>.block_count`), read
+    from its metadata alone; None where the file is missing, unreadable or declares none
+    (loading it then says why)."""
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(path).fields
+    except (OSError, ValueError, IndexError, KeyError, TypeError, EOFError):
+        return None
+    arch = fields.get("general.architecture")
+    count = fields.get(f"{arch.contents() if arch else 'llama'}.block_count")
+    return None if count is None else int(count.contents())
+
+
 # Llama 3's "llama3" rotary scaling parameters besides its factor (Llama 3.1, 3.2 and 3.3 use
 # these). llama.cpp's convert_hf_to_gguf.py writes that scaling as one factor per frequency
 # (rope_freqs.weight: theta_i / factor_i), not as its parameters; they are recovered by

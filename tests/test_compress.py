@@ -86,6 +86,22 @@ def test_a_compression_that_removes_nothing_is_refused(tmp_path):
     assert "cannot be pruned" in C._removes_no_head(mha, "llama", 0.5, 64)
 
 
+def test_a_gguf_decoder_refuses_layers_it_lacks_before_any_work(tmp_path, monkeypatch):
+    # a decoder's layer count was only known once the model was loaded and its layers scored
+    # (about 2 minutes here); a GGUF declares it in its metadata
+    from exporter import pipeline
+
+    def started(job):
+        raise AssertionError("the export started before refusing")
+
+    monkeypatch.setattr(pipeline, "run", started)
+    for drop, message in (((3, 30), r"the model has 30 layers \(indices 0-29\); \[30\]"),
+                          (30, "Dropping 30 of 30 layers would leave no layer")):
+        with pytest.raises(ValueError, match=message):
+            export("smollm2", target="arm-cpu", output=tmp_path / "s", log=lambda line: None,
+                   compression=Compression(drop_layers=drop))
+
+
 def test_cli_refuses_a_bad_fraction(capsys):
     assert main(["--target", "arm-cpu", "--prune-ffn", "1.5"]) == 2
     assert "--prune-ffn 1.5 is outside [0, 1)" in capsys.readouterr().err
