@@ -211,10 +211,11 @@ def heal(job, student, teacher, *, steps: int, masks: dict, batches: list | None
             job.log(f"  healing step {step + 1}/{steps}: loss {np.mean(losses[-10:]):.4f} "
                     f"({time.perf_counter() - started:.0f} s)")
     seconds = round(time.perf_counter() - started, 1)
+    window = max(1, min(10, steps // 2))   # first and last steps apart: the loss's trend
     return {"steps": steps, "seconds": seconds, "learning_rate": lr,
             "batches": len(batches), "batch_size": int(batches[0]["input_ids"].shape[0]),
-            "loss_first": round(float(np.mean(losses[:10])), 5),
-            "loss_last": round(float(np.mean(losses[-10:])), 5),
+            "loss_first": round(float(np.mean(losses[:window])), 5),
+            "loss_last": round(float(np.mean(losses[-window:])), 5),
             "data": "calibration text (never the evaluation text)",
             "loss": "KL on logits + hidden-state MSE / teacher variance"
                     if job.task != "feature-extraction" else "hidden-state MSE / variance"}

@@ -627,3 +627,22 @@ def test_healing_never_reads_the_evaluation_texts():
     for purpose in ("heal", "score"):
         texts = {u.text for u in _encoder_texts(job, purpose)}
         assert not texts & set(mine), (purpose, texts & set(mine))
+
+
+def test_a_short_healing_reports_its_first_and_last_losses_apart():
+    # with 10 steps or fewer, "first 10" and "last 10" were the same steps: the report read
+    # "loss 0.47349 -> 0.47349" while the loss had moved from 0.52 to 0.47
+    teacher = _tiny_bert()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for p in C.layer_list(student)[1].parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    ids = torch.randint(0, 100, (4, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "token_type_ids": torch.zeros_like(ids)}
+    logged = []
+    job = types.SimpleNamespace(task="feature-extraction", log=logged.append)
+    record = heal(job, student, teacher, steps=6, masks={}, batches=[batch])
+    first = float(logged[0].split("loss ")[1].split()[0])    # step 1's own loss
+    assert record["loss_first"] != record["loss_last"], record
+    assert abs(record["loss_first"] - first) < abs(record["loss_last"] - first), (record, logged)
