@@ -677,6 +677,12 @@ def compress(job) -> None:
     if request.heal_steps:
         record["healing"] = heal(job, model, original, steps=request.heal_steps, masks=masks)
         record["quality_after_healing"] = quality(job, model, original, eval_batches)
+        worse = worse_after_healing(record["quality_before_healing"],
+                                    record["quality_after_healing"])
+        if worse:
+            record["healing"]["worse"] = worse
+            job.log(f"  warning: {request.heal_steps} healing steps made {', '.join(worse)} "
+                    f"worse against the original; heal longer, or leave out --heal-steps")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -700,6 +706,23 @@ def compress(job) -> None:
             f"quality vs original: {_describe(record['quality_before_healing'])}"
             + (f"; after {request.heal_steps} healing steps: {_describe(q)}"
                if request.heal_steps else ""))
+
+
+# Quality metrics where lower is better (higher for the rest); "original-" ones are the
+# original model's own, which healing does not touch.
+LOWER_IS_BETTER = ("perplexity",)
+
+
+def worse_after_healing(before: dict, after: dict) -> list[str]:
+    """The quality metrics healing made worse, as "min-cosine 0.97616 -> 0.96057".
+
+    >>> worse_after_healing({"cosine": 0.9, "perplexity": 30.0},
+    ...                     {"cosine": 0.95, "perplexity": 31.0})
+    ['perplexity 30.0 -> 31.0']
+    """
+    return [f"{k} {b} -> {after[k]}" for k, b in before.items()
+            if not k.startswith("original-")
+            and ((after[k] > b) if k in LOWER_IS_BETTER else (after[k] < b))]
 
 
 def check_decoder_budget(job, q: dict) -> None:
@@ -778,6 +801,8 @@ def compression_lines(record: dict | None) -> list[str]:
             str(v) for v in record["quality_after_healing"].values()) + " |")
         lines += ["", f"Healing: {h['steps']} steps in {h['seconds']} s on {h['data']}, "
                       f"loss {h['loss_first']} -> {h['loss_last']} ({h['loss']})."]
+        if h.get("worse"):
+            lines += ["", f"Warning: healing made {', '.join(h['worse'])} worse."]
     if record.get("requantized"):
         lines += ["", f"Note: {record['requantized']}."]
     return lines + [""]
