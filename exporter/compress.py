@@ -608,7 +608,10 @@ def compress(job) -> None:
             if not count:
                 raise ValueError(_removes_no_head(model, kind, request.prune_heads, total_heads))
             left = [attention_parts(layer, kind)[3] for layer in layer_list(model)]
-            steps.append({"method": "prune-heads", "strength": request.prune_heads,
+            # strength: the fraction removed, which a layer's last head (BERT) or a KV
+            # group's last query head (Llama) and rounding per group can keep from the asked
+            steps.append({"method": "prune-heads", "strength": round(count / total_heads, 4),
+                          "requested": request.prune_heads,
                           "removed": {str(k): v for k, v in removed.items()},
                           "heads_per_layer": left,
                           "importance": [[round(float(x), 4) for x in s] for s in head_scores],
@@ -628,13 +631,17 @@ def compress(job) -> None:
                     f"{len(ffn_scores[0])} per layer"
                     + (f", kept in multiples of {block} (the int4 block)" if block > 1 else "")
                     + ", rounds back to all of them. Ask for more.")
-            steps.append({"method": "prune-ffn", "strength": request.prune_ffn,
+            width = sum(len(x) for x in ffn_scores)
+            cut = width - sum(kept.values())
+            steps.append({"method": "prune-ffn", "strength": round(cut / width, 4),
+                          "requested": request.prune_ffn,
                           "removed": {str(i): len(ffn_scores[i]) - k for i, k in kept.items()},
                           "neurons_per_layer": list(kept.values()),
                           "importance": [round(float(s.mean()), 4) for s in ffn_scores],
                           "score": "mean |a_j| * |W_down[:, j]| over real tokens (per layer "
                                    "mean shown)"})
-            job.log(f"  pruned FFN neurons; per layer now {list(kept.values())}")
+            job.log(f"  pruned {cut} of {width} FFN neurons ({cut / width:.0%}; asked "
+                    f"{request.prune_ffn:g}); per layer now {list(kept.values())}")
 
     if request.share_layers:
         tied, harms, total = share_layers(job, model, batches)

@@ -678,3 +678,22 @@ def test_healing_that_makes_the_model_worse_says_so(monkeypatch):
     assert C.compression_entries(record)[-1]["worse"] == record["healing"]["worse"]
     assert C.worse_after_healing({"perplexity": 30.0, "original-perplexity": 28.0},
                                  {"perplexity": 29.0, "original-perplexity": 28.0}) == []
+
+
+def test_pruning_records_the_fraction_it_removed(monkeypatch):
+    # --prune-heads 0.99 removed 66 of MiniLM's 72 heads (a layer keeps one) and SmolLM2's
+    # --prune-ffn 0.1 8.3% (kept in int4 blocks), yet the manifest and the report's
+    # "strength" said 0.99 and 0.1
+    ids = torch.randint(0, 100, (2, 12))
+    monkeypatch.setattr(C, "calibration_batches", lambda job, purpose: [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+         "token_type_ids": torch.zeros_like(ids)}])
+    job = _compress_job(_tiny_bert(), "feature-extraction",
+                        Compression(prune_heads=0.99, prune_ffn=0.99))
+    C.compress(job)
+    heads, ffn = job.records["compression"]["methods"]
+    assert heads["heads_per_layer"] == [1, 1] and heads["strength"] == 0.75   # 6 of 8
+    assert ffn["neurons_per_layer"] == [7, 7] and ffn["strength"] == round(121 / 128, 4)
+    assert (heads["requested"], ffn["requested"]) == (0.99, 0.99)
+    table = "\n".join(C.compression_lines(job.records["compression"]))
+    assert "| prune-heads | 0.75 |" in table and f"| prune-ffn | {121 / 128:.4f} |" in table
