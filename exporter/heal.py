@@ -175,7 +175,14 @@ def heal(job, student, teacher, *, steps: int, masks: dict, batches: list | None
     Returns a record."""
     import torch
 
-    batches = batches or calibration_batches(job, purpose="heal")
+    data = "calibration text (never the evaluation text)"
+    if batches is None:
+        batches = calibration_batches(job, purpose="heal")
+        given = min(len(job.calibration), ENCODER_BATCHES["heal"][0])
+        total = sum(len(b["input_ids"]) for b in batches)
+        if job.task != "text-generation" and total > given:   # topped up: _encoder_texts
+            data = (f"{given} calibration texts and {total - given} default smart-home "
+                    f"utterances (never the evaluation text)")
     params = [p for name, p in student.named_parameters() if "embed" not in name]
     for name, p in student.named_parameters():
         p.requires_grad_("embed" not in name)
@@ -216,6 +223,6 @@ def heal(job, student, teacher, *, steps: int, masks: dict, batches: list | None
             "batches": len(batches), "batch_size": int(batches[0]["input_ids"].shape[0]),
             "loss_first": round(float(np.mean(losses[:window])), 5),
             "loss_last": round(float(np.mean(losses[-window:])), 5),
-            "data": "calibration text (never the evaluation text)",
+            "data": data,
             "loss": "KL on logits + hidden-state MSE / teacher variance"
                     if job.task != "feature-extraction" else "hidden-state MSE / variance"}

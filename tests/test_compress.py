@@ -697,3 +697,23 @@ def test_pruning_records_the_fraction_it_removed(monkeypatch):
     assert (heads["requested"], ffn["requested"]) == (0.99, 0.99)
     table = "\n".join(C.compression_lines(job.records["compression"]))
     assert "| prune-heads | 0.75 |" in table and f"| prune-ffn | {121 / 128:.4f} |" in table
+
+
+def test_healing_says_when_it_read_more_than_the_calibration_text(monkeypatch):
+    # 3 calibration texts were topped up to the healing pool's size with default smart-home
+    # utterances, and the record said "calibration text" only
+    import exporter.heal as H
+    from exporter.data import Utterance
+
+    teacher = _tiny_bert()
+    ids = torch.randint(0, 100, (5, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "token_type_ids": torch.zeros_like(ids)}
+    monkeypatch.setattr(H, "calibration_batches", lambda job, purpose: [batch])
+    job = types.SimpleNamespace(task="feature-extraction", log=lambda line: None,
+                                calibration=[Utterance(t) for t in ("a", "b", "c")])
+    record = heal(job, copy.deepcopy(teacher), teacher, steps=1, masks={})
+    assert record["data"].startswith("3 calibration texts and 2 default smart-home"), record
+    job.calibration = [Utterance(str(i)) for i in range(5)]
+    assert heal(job, copy.deepcopy(teacher), teacher, steps=1, masks={})["data"] == \
+        "calibration text (never the evaluation text)"
