@@ -795,9 +795,10 @@ def compression_lines(record: dict | None) -> list[str]:
              f"{record['parameters_after'] / 1e6:.2f}M "
              f"({100 * record['parameters_after'] / record['parameters_before']:.0f}%).", "",
              "| method | strength | removed | score |", "|---|---|---|---|"]
-    for step in record["methods"]:
-        lines.append(f"| {step['method']} | {step['strength']} | {step['removed']} | "
-                     f"{step.get('score', step.get('note', ''))} |")
+    for step in record["methods"]:   # (the scores' |x| would split a cell: escaped)
+        cells = (step["method"], step["strength"], step["removed"],
+                 step.get("score", step.get("note", "")))
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     lines += ["", "| quality vs original | " + " | ".join(record["quality_before_healing"])
               + " |", "|---|" + "---|" * len(record["quality_before_healing"]),
               "| before healing | " + " | ".join(

@@ -717,3 +717,20 @@ def test_healing_says_when_it_read_more_than_the_calibration_text(monkeypatch):
     job.calibration = [Utterance(str(i)) for i in range(5)]
     assert heal(job, copy.deepcopy(teacher), teacher, steps=1, masks={})["data"] == \
         "calibration text (never the evaluation text)"
+
+
+def test_the_report_table_keeps_its_columns():
+    # the scores' "|x_head @ W_o[:, head]|" split the markdown cell: 4 columns became 6
+    import re
+
+    record = {"parameters_before": 10, "parameters_after": 8, "quality_before_healing":
+              {"cosine": 0.9}, "methods": [
+                  {"method": "prune-heads", "strength": 0.25, "removed": {"0": [1]},
+                   "score": "mean |x_head @ W_o[:, head]| over real tokens"},
+                  {"method": "prune-ffn", "strength": 0.5, "removed": {"0": 2},
+                   "score": "mean |a_j| * |W_down[:, j]| over real tokens"}]}
+    lines = C.compression_lines(record)
+    header = lines.index("| method | strength | removed | score |")
+    for row in lines[header + 2:header + 4]:
+        assert len(re.findall(r"(?<!\\)\|", row)) == 5, row
+        assert "\\|x_head @ W_o[:, head]\\|" in row or "\\|a_j\\|" in row
