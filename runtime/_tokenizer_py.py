@@ -44,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import functools
 import heapq
 import re
@@ -606,9 +607,32 @@ def _bytes_to_unicode() -> list[str]:
 
 
 BYTE_TO_CHAR = _bytes_to_unicode()
+# UTF-8 length of each byte's byte-level char: HF's BPE counts a word's offsets in these.
+_BYTE_LEVEL_LENGTHS = [len(char.encode("utf-8")) for char in BYTE_TO_CHAR]
 # str.translate table: Latin-1 char of a byte -> its byte-level char.
 _LATIN1_TO_BYTE_LEVEL = dict(enumerate(BYTE_TO_CHAR))
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _shift_past_dropped(
+    word: bytes, spans: list[list[int]], byte_ids: list[int | None]
+) -> list[tuple[int, int, int]]:
+    """`spans` (id, first byte, end byte) as HF's offsets have them when bytes without a
+    token were dropped (no unk_token): HF's BPE::merge_word places each symbol right
+    after the symbols kept before it, counting in the byte-level chars' UTF-8, so a
+    token after a dropped byte is placed that byte's length early; read back through
+    the word's real layout, its span may take in the character before its own."""
+    real_starts = [0]  # where each byte's char starts in the byte-level word's UTF-8
+    for byte in word:
+        real_starts.append(real_starts[-1] + _BYTE_LEVEL_LENGTHS[byte])
+    shifted, at = [], 0
+    for symbol, start, end in spans:
+        size = sum(_BYTE_LEVEL_LENGTHS[byte] for byte in word[start:end]
+                   if byte_ids[byte] is not None)
+        first = bisect.bisect_right(real_starts, at) - 1
+        shifted.append((symbol, first, bisect.bisect_right(real_starts, at + size - 1)))
+        at += size
+    return shifted
 
 
 class BPEEncoder(_Encoder):
@@ -794,10 +818,12 @@ class BPEEncoder(_Encoder):
         symbols: list[int | None] = []
         ends: list[int] = []  # each symbol's end byte; its start is in `starts`
         starts: list[int] = []
+        dropped = False
         for i, byte in enumerate(word):
             symbol = self._byte_ids[byte]
             if symbol is None:
                 if self._unk_id is None:
+                    dropped = True
                     continue
                 if self._fuse_unk and i and self._byte_ids[word[i - 1]] is None:
                     ends[-1] = i + 1  # the run of unknown bytes stays one unk
@@ -813,6 +839,8 @@ class BPEEncoder(_Encoder):
                 spans[-1][2] = end
             else:
                 spans.append([symbol, start, end])
+        if dropped:
+            return _shift_past_dropped(word, spans, self._byte_ids)
         return [(symbol, start, end) for symbol, start, end in spans]
 
     def _merge_all(self, symbols: list[int | None]) -> None:

@@ -353,6 +353,21 @@ def test_file_variants_match_hf(variant_case, backend):
         )
 
 
+def test_offsets_past_bytes_dropped_without_unk_match_hf(tmp_path, smollm2_tokenizer_json,
+                                                         backend):
+    # SmolLM2 has no token for the bytes 0x04 or 0xF1 (the lead byte of U+6D201): without
+    # an unk token they are dropped, and HF places the tokens after them that much early.
+    data = json.loads(Path(smollm2_tokenizer_json).read_text(encoding="utf-8"))
+    _no_unk(data)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    texts = ["\U0006d201\uffff", "\U0006d201\uffff\U0006d201ab", "!\x04?!", "x \x04\x04\x04abc",
+             "\x1d!\U000840e4\u200b", "é\x04\x13é"]
+    tok = Tokenizer.from_file(path, backend=backend)
+    assert_offsets_match(tok, hf_tokenizer(path), texts)
+    assert tok.encode_with_offsets("\U0006d201\uffff").offsets == [(0, 1)] * 3 + [(0, 2), (1, 2)]
+
+
 # --------------------------------------------------- truncation, batching
 
 
