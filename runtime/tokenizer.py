@@ -251,6 +251,7 @@ class Tokenizer:
         }
         self._special = frozenset(t.content for t in added_tokens if t.special)
         self._added_ids = frozenset(t.id for t in added_tokens)
+        self._normalized_added_ids = frozenset(t.id for t in added_tokens if t.normalized)
 
     @classmethod
     def from_file(cls, path: str | Path, *, backend: str | None = None) -> Tokenizer:
@@ -392,11 +393,15 @@ class Tokenizer:
         """HF's ByteLevel post-processor `trim_offsets`: each token's span loses the
         characters of its leading and trailing spaces ('Ġ' or whitespace), but for a
         single leading space of the first token when the processor adds one. An added
-        token's own text is what it matched, with the spaces an lstrip/rstrip took."""
+        token's own text is what it matched, with the spaces an lstrip/rstrip took: for a
+        normalized one, in the normalized text (a WordPiece normalizer drops controls, some
+        of them spaces, and puts spaces around CJK chars)."""
         content = range(len(self._prefix_ids), len(ids) - len(self._suffix_ids))
         for i in content:
             if ids[i] in self._added_ids:
                 token = text[offsets[i][0]:offsets[i][1]]
+                if ids[i] in self._normalized_added_ids and not self._byte_level:
+                    token = self._offsets_encoder.normalize(token)
             else:
                 token = self._id_to_token.get(ids[i], "")
             lead = _LEADING_SPACES_RE.match(token).end()

@@ -908,3 +908,21 @@ def test_normalized_tokens_of_one_content_take_hf_first(tmp_path, backend, order
         expected = hf.encode(text)
         assert tok.encode(text) == expected.ids
         assert tok.encode_with_offsets(text) == (expected.ids, expected.offsets)
+
+
+def test_trimmed_offsets_of_a_normalized_added_token_match_hf(tmp_path, backend):
+    """A trimming post-processor (RobertaProcessing) counts the spaces of an added token's
+    text as HF holds it: for a normalized token the normalized text, where a CJK char
+    has spaces around it and a control char (U+0085, a space to Rust) is gone."""
+    data = json.loads(REFERENCE.read_text(encoding="utf-8"))
+    data["added_tokens"] += [_added(30522, "東京", special=False),
+                             _added(30523, "<mm>", special=False, lstrip=True, rstrip=True)]
+    data["post_processor"] = {"type": "RobertaProcessing", "sep": ["[SEP]", 102],
+                              "cls": ["[CLS]", 101], "trim_offsets": True,
+                              "add_prefix_space": True}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    hf, tok = hf_tokenizer(path), Tokenizer.from_file(path, backend=backend)
+    for text in ["x 東京", "東京", "a \x85 <mm> b", "a\t<mm>\x85 b", "東京東京 <mm>"]:
+        expected = hf.encode(text)
+        assert tok.encode_with_offsets(text) == (expected.ids, expected.offsets), text
