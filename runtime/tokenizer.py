@@ -865,6 +865,14 @@ def _byte_level_pre_tokenizer(pre: Any, path: Path) -> dict[str, Any]:
                 f"{path}: pre_tokenizer Split needs behavior 'Isolated' and invert false, got "
                 f"{split.get('behavior')!r} and {split.get('invert')!r}."
             )
+        if known[regex] == "gpt2" and settings["add_prefix_space"]:
+            # The encoders put GPT-2's prefix space once before the split, as
+            # ByteLevel(use_regex=true) does; after a Split, HF puts one before each piece.
+            raise ValueError(
+                f"{path}: pre_tokenizer Split(GPT-2 regex) then ByteLevel(add_prefix_space="
+                "true, use_regex=false) is not supported (a prefix space before every piece); "
+                "ByteLevel(use_regex=true) alone is GPT-2's split with one prefix space."
+            )
         settings["split"] = known[regex]
     elif not (use_regex and not kinds):
         raise ValueError(

@@ -476,6 +476,13 @@ def test_vocab_accessors_match_hf(tok, hf):
                 {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}),
             r"Split regex '\\\\w\+' is not one",
         ),
+        (  # HF puts a prefix space before every piece of the Split: not what the encoders do
+            lambda d: d.update(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": _tokenizer_py.GPT2_PATTERN},
+                 "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": True, "use_regex": False}]}),
+            r"Split\(GPT-2 regex\) then ByteLevel\(add_prefix_space=true",
+        ),
         (lambda d: d.update(pre_tokenizer={"type": "Metaspace"}), "pre_tokenizer.type 'Metaspace'"),
         (  # SentencePiece-style BPE (Llama-2): named by its pre-tokenizer, not its decoder
             lambda d: d.update(pre_tokenizer={"type": "Metaspace"}, decoder={"type": "Metaspace"}),
