@@ -782,7 +782,10 @@ class BPEEncoder(_Encoder):
 
     def pre_tokenize(self, text: str) -> list[str]:
         """The words BPE runs on, as HF's pre-tokenizer cuts `text` (no byte mapping)."""
-        segments = [s for s in self._numeric.split(text) if s] if self._numeric else [text]
+        if self._numeric:
+            segments = [s for s in self._numeric.split(text) if s]
+        else:  # none for an empty text: HF puts no prefix space before nothing
+            segments = [text] if text else []
         words = []
         for segment in segments:
             if self._split == "gpt2":  # ByteLevel(use_regex=True): prefix, then split

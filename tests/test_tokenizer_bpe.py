@@ -368,6 +368,20 @@ def test_offsets_past_bytes_dropped_without_unk_match_hf(tmp_path, smollm2_token
     assert tok.encode_with_offsets("\U0006d201\uffff").offsets == [(0, 1)] * 3 + [(0, 2), (1, 2)]
 
 
+def test_an_empty_text_gets_no_prefix_space(tmp_path, smollm2_tokenizer_json, backend):
+    # Without added tokens (which cut an empty text into no pieces at all), the Python
+    # twin gave "" GPT-2's prefix space: [216] where HF gives [].
+    data = json.loads(Path(smollm2_tokenizer_json).read_text(encoding="utf-8"))
+    _gpt2(data)
+    data["pre_tokenizer"]["add_prefix_space"] = True
+    data["added_tokens"] = []
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    tok, hf = Tokenizer.from_file(path, backend=backend), hf_tokenizer(path)
+    assert tok.encode("") == hf.encode("").ids == []
+    assert tok.encode_batch(["", " ", "a"]) == [e.ids for e in hf.encode_batch(["", " ", "a"])]
+
+
 # --------------------------------------------------- truncation, batching
 
 
