@@ -888,7 +888,8 @@ def _added_tokens(data: dict, path: Path, vocab: dict[str, int]) -> list[AddedTo
     their "id" says (HF's AddedVocabulary.add_tokens): a token of the model's vocab takes
     that id, any other the next id past the vocab and the added tokens before it; an empty
     token is dropped, and a repeated one keeps its first id with the last entry's flags
-    (lstrip, rstrip, single_word, normalized, special). Files HF wrote agree."""
+    (lstrip, rstrip, single_word, normalized), and is special if any entry is (HF's
+    is_special_token, which decode asks, never forgets one). Files HF wrote agree."""
     added_tokens: list[AddedToken] = []
     ids: dict[str, int] = {}
     for token in _listed_added_tokens(data, path):
@@ -896,7 +897,8 @@ def _added_tokens(data: dict, path: Path, vocab: dict[str, int]) -> list[AddedTo
             continue
         if token.content in ids:
             at = next(i for i, t in enumerate(added_tokens) if t.content == token.content)
-            added_tokens[at] = token._replace(id=ids[token.content])
+            special = token.special or added_tokens[at].special
+            added_tokens[at] = token._replace(id=ids[token.content], special=special)
             continue
         if token.content in vocab:
             ids[token.content] = vocab[token.content]

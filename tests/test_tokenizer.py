@@ -518,8 +518,10 @@ def _added(token_id: int, content: str, special: bool = True, **flags) -> dict:
     # twice, the second with other flags: HF keeps the first id and the last flags
     [_added(30522, "[A1]"), _added(30523, "[A1]", lstrip=True, rstrip=True)],
     [_added(30522, "[A2]", special=False), _added(30523, "[A2]", special=True)],
+    # ... but once special, a token stays special to decode (HF's special_tokens_set)
+    [_added(30522, "[A2]", special=True), _added(30523, "[A2]", special=False)],
 ], ids=["gap", "order", "low", "empty", "twice", "cls", "vocab", "twice-strip",
-        "twice-special"])
+        "twice-special", "twice-special-first"])
 def test_added_token_ids_are_the_ones_hf_gives_them(tmp_path, backend, added):
     """HF assigns an added token's id when it loads the file, whatever the file's "id" says:
     its vocab id, else the next one past the vocab and the tokens added before it (a file
