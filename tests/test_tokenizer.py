@@ -410,6 +410,16 @@ def test_truncation_needs_room_for_special_tokens(tok):
         tok.encode_batch([], max_length=1)
 
 
+@pytest.mark.parametrize("max_length", [None, 1, 3, 2**64])
+def test_without_special_tokens_matches_hf(tok, some_texts, max_length):
+    texts = some_texts[:300] + EDGE_CASES + ["[CLS] hello [SEP]"]
+    hf = hf_tokenizer(max_length=max_length if max_length != 2**64 else None)
+    got = [tok.encode(t, max_length=max_length, add_special_tokens=False) for t in texts]
+    assert got == [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+    with pytest.raises(ValueError, match="max_length must be >= 0"):
+        tok.encode("hello", max_length=-1, add_special_tokens=False)
+
+
 def test_max_length_is_any_integer_but_a_bool(tok):
     import numpy as np
 
