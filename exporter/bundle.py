@@ -89,6 +89,10 @@ def bundle(job) -> None:
         **({"strength_search": job.records["strength"]} if "strength" in job.records else {}),
         "quantization": {k: v for k, v in job.records["quantization"].items()
                          if k != "activation_ranges"},
+        # the user's calibration text, and how much of it calibration read (the default
+        # smart-home utterances leave it out)
+        **({"calibration_source": job.records["calibration_source"]}
+           if "calibration_source" in job.records else {}),
         "stages": job.stages,
         "float_check": job.records["float_check"],
         "validation": job.records["validation"],

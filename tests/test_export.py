@@ -853,3 +853,35 @@ def test_a_model_given_as_a_path_is_exported_as_its_text(tmp_path, monkeypatch):
         assert seen["job"].model == str(model) and seen["job"].task == task
     with pytest.raises(TypeError, match="model must be a checkpoint directory, a .gguf file"):
         export(["minilm"], target="arm-cpu", output=tmp_path / "out")
+
+
+def test_manifest_records_where_the_calibration_text_came_from(tmp_path):
+    """README: from a calibration set longer than the profile takes, a seeded random sample,
+    "which the manifest's calibration_source records". It went to report.json only."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from exporter.budget import Budget
+    from exporter.bundle import bundle
+    from exporter.pipeline import Job
+    from targets import load_target
+
+    work = tmp_path / "work"
+    work.mkdir()
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]),
+              work / "model.onnx")
+    (work / "tokenizer.json").write_text("{}")
+    source = "cal.txt (1000 texts in a seeded random order; calibration reads the first 300)"
+    job = Job(model="minilm", target=load_target("arm-cpu"), task="feature-extraction",
+              output=tmp_path / "out", calibration=[], evaluation=[],
+              budget=Budget.parse("cosine>=0.9"), workdir=work, log=lambda line: None,
+              quantized_onnx=work / "model.onnx",
+              records={"model": {}, "quantization": {}, "validation": {},
+                       "float_check": {"texts": 1, "max_abs_diff": 0.0, "tolerance": 1e-4},
+                       "calibration_source": source})
+    bundle(job)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["calibration_source"] == source
