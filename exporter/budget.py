@@ -3,7 +3,7 @@
 A budget is one or more comma-separated clauses `metric>=value` or `metric<=value`:
 
     >>> Budget.parse("cosine>=0.97, min-cosine>=0.9").check({"cosine": 0.96, "min-cosine": 0.93})
-    ['cosine is 0.96000, below the budget cosine>=0.97 by 0.01000']
+    ['cosine is 0.96, below the budget cosine>=0.97 by 0.01']
 """
 
 from __future__ import annotations

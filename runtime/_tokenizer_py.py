@@ -650,7 +650,7 @@ class BPEEncoder(_Encoder):
         >>> BPEEncoder(vocab, [("Ġ", "h"), ("Ġh", "i")], split="gpt2",
         ...     individual_digits=False, add_prefix_space=False,
         ...     ignore_merges=False).encode("hi hi")
-        [72, 73, 257]
+        [104, 105, 257]
     """
 
     def __init__(
