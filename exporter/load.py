@@ -274,6 +274,19 @@ def set_padding(tokenizer_json: Path, tokenizer, model_dir: Path, config) -> dic
     return {"source": source, "pad_id": int(pad_id)}
 
 
+def position_count(model) -> int:
+    """Token positions `model` (a transformers encoder, any head) embeds. RoBERTa, XLM-R,
+    MPNet and kin number a text's positions from padding_idx + 1 (position ids are the
+    running count of non-pad tokens past the padding index), so their
+    max_position_embeddings (514 for roberta-base) holds padding_idx + 1 (2) rows no
+    token reaches: a text of more than 512 tokens indexes past the table."""
+    positions = model.config.max_position_embeddings
+    embeddings = getattr(model.base_model, "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    padding_idx = getattr(table, "padding_idx", None)
+    return positions if padding_idx is None else positions - padding_idx - 1
+
+
 def model_length_limit(model_dir: Path, positions: int) -> int:
     """Tokens the model takes: its position embeddings, or fewer where sentence-transformers'
     max_seq_length says so (absent or null: the positions)."""
@@ -321,7 +334,7 @@ def load(job) -> None:
 
     padding = set_padding(tokenizer_json, tokenizer, model_dir, job.torch_model.config)
     config = job.torch_model.config
-    job.model_max_length = model_length_limit(model_dir, config.max_position_embeddings)
+    job.model_max_length = model_length_limit(model_dir, position_count(job.torch_model))
     job.max_length = min(job.target.runtime.max_sequence_length, job.model_max_length)
     params = sum(p.numel() for p in job.torch_model.parameters())
     job.records["model"] = {

@@ -601,16 +601,13 @@ def test_a_checkpoint_without_any_tokenizer_is_a_clear_error(tmp_path, capsys):
     assert [p for p in tmp_path.iterdir() if p.name != "model"] == []
 
 
-def test_a_bpe_encoder_without_padding_gets_the_models_pad_id(tmp_path, smollm2_tokenizer_json):
-    """RoBERTa-style: byte-level BPE, `"padding": null` in tokenizer.json (as most are), no
-    '[PAD]'. Its export broke in the float check on `int(None)` (no pad id for a batch). Now
-    the bundle's tokenizer.json pads with the model's <pad>, and batches equal single texts.
-    (A small randomly initialised RoBERTa with SmolLM2's real BPE vocab: no RoBERTa weights
-    ship in a package.)"""
+def roberta_checkpoint(tmp_path, bpe_tokenizer_json, **config):
+    """A small randomly initialised RoBERTa checkpoint with a real byte-level BPE vocab
+    (SmolLM2's: no RoBERTa weights ship in a package); returns (its directory, its vocab)."""
     import torch
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
 
-    bpe = json.loads(smollm2_tokenizer_json.read_text())["model"]
+    bpe = json.loads(bpe_tokenizer_json.read_text())["model"]
     # RoBERTa's layout: <pad> is 1, which is also its position embeddings' padding index.
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     vocab |= {token: i + 4 for token, i in bpe["vocab"].items()} | {"<mask>": len(bpe["vocab"]) + 4}
@@ -622,8 +619,19 @@ def test_a_bpe_encoder_without_padding_gets_the_models_pad_id(tmp_path, smollm2_
     model = tmp_path / "roberta"
     RobertaModel(RobertaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=2,
-                               pad_token_id=tokenizer.pad_token_id)).save_pretrained(model)
+                               pad_token_id=tokenizer.pad_token_id, **config)
+                 ).save_pretrained(model)
     tokenizer.save_pretrained(model)
+    return model, vocab
+
+
+def test_a_bpe_encoder_without_padding_gets_the_models_pad_id(tmp_path, smollm2_tokenizer_json):
+    """RoBERTa-style: byte-level BPE, `"padding": null` in tokenizer.json (as most are), no
+    '[PAD]'. Its export broke in the float check on `int(None)` (no pad id for a batch). Now
+    the bundle's tokenizer.json pads with the model's <pad>, and batches equal single texts.
+    (A small randomly initialised RoBERTa with SmolLM2's real BPE vocab: no RoBERTa weights
+    ship in a package.)"""
+    model, vocab = roberta_checkpoint(tmp_path, smollm2_tokenizer_json)
     assert json.loads((model / "tokenizer.json").read_text())["padding"] is None
 
     bundle = export(str(model), target="arm-cpu", output=tmp_path / "bundle",
@@ -642,6 +650,34 @@ def test_a_bpe_encoder_without_padding_gets_the_models_pad_id(tmp_path, smollm2_
     (bundle / "tokenizer.json").write_text(json.dumps(data | {"padding": None}))
     with pytest.raises(runtime.BundleError, match="names no pad id .* export the bundle again"):
         runtime.load(bundle, verify=False)
+
+
+def test_roberta_positions_past_the_padding_index_bound_the_max_length(
+        tmp_path, smollm2_tokenizer_json):
+    """RoBERTa numbers positions from padding_idx + 1, so max_position_embeddings 34 embeds
+    32 tokens (roberta-base: 514, 512). The bundle's max_length was 34: a 33-token text
+    failed on the device ("Gather ... indices element out of data bounds"), and with the
+    model's 514 above the profile's 128, validate's cut-vs-whole check ran PyTorch on any
+    evaluation text over 512 tokens and crashed the export at its end (IndexError)."""
+    from exporter import pipeline
+    from exporter.budget import Budget
+    from exporter.data import Utterance
+    from exporter.to_onnx import torch_output
+    from runtime import Tokenizer
+    from targets import load_target
+
+    model, _ = roberta_checkpoint(tmp_path, smollm2_tokenizer_json, max_position_embeddings=34)
+    job = pipeline.new_job(str(model), target=load_target("arm-cpu"), task=None,
+                           output=tmp_path / "out", calibration=[], budget=Budget.parse(
+                               "cosine>=0.9"), evaluation=[Utterance("hi")],
+                           log=lambda line: None)
+    pipeline.load(job)
+    assert job.max_length == job.model_max_length == 32
+    tokenizer = Tokenizer.from_file(job.workdir / "tokenizer.json")
+    ids = tokenizer.encode_batch(["turn on the kitchen lights " * 20], max_length=job.max_length)
+    assert len(ids[0]) == 32
+    feeds = pad_batch(ids, pad_id=tokenizer.pad_id, input_names=["input_ids", "attention_mask"])
+    assert torch_output(job.torch_model, feeds).shape == (1, 32, 64)   # was: IndexError
 
 
 def test_list_targets(capsys):
