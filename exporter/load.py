@@ -244,6 +244,44 @@ def write_tokenizer(model_dir: Path, dest: Path):
         raise ValueError(str(e).replace(str(dest), source)) from None
 
 
+# The tokenizer.json sections that transformers' fast tokenizers rebuild from
+# tokenizer_config.json when they load a checkpoint (BertTokenizerFast: do_lower_case,
+# strip_accents, tokenize_chinese_chars; RobertaTokenizerFast: add_prefix_space,
+# trim_offsets; ...).
+CONFIGURED_SECTIONS = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
+
+
+def follow_tokenizer_config(model_dir: Path, tokenizer_json: Path, tokenizer):
+    """`tokenizer_json` (the bundle's copy of the checkpoint's file) with the sections that
+    transformers changes when it loads `model_dir` taken as transformers has them: the
+    model was trained and is checked on transformers' tokens. A cased tokenizer.json next to
+    a tokenizer_config.json without do_lower_case (or none at all) is lowercased by
+    BertTokenizerFast, say, and a bundle that kept the file's sections gave other ids.
+    Returns (the runtime's tokenizer of the result, the names of the sections taken)."""
+    import transformers
+
+    from runtime.tokenizer import Tokenizer
+
+    try:
+        loaded = transformers.AutoTokenizer.from_pretrained(model_dir)
+    except Exception:   # (which error depends on the files) the file is all there is
+        return tokenizer, []
+    if not loaded.is_fast:
+        return tokenizer, []
+    theirs = json.loads(loaded.backend_tokenizer.to_str())
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    changed = [k for k in CONFIGURED_SECTIONS if data.get(k) != theirs.get(k)]
+    if not changed:
+        return tokenizer, []
+    data |= {k: theirs.get(k) for k in changed}
+    tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    source = f"{model_dir / 'tokenizer.json'} as transformers loads it ({', '.join(changed)})"
+    try:
+        return Tokenizer.from_file(tokenizer_json, backend="python"), changed
+    except ValueError as e:
+        raise ValueError(str(e).replace(str(tokenizer_json), source)) from None
+
+
 def set_padding(tokenizer_json: Path, tokenizer, model_dir: Path, config) -> dict:
     """Make sure the runtime finds a pad id in `tokenizer_json` (the bundle's copy): most
     tokenizer.json files have `"padding": null`, and the runtime falls back to '[PAD]' only
@@ -314,6 +352,7 @@ def load(job) -> None:
     tokenizer_json = job.workdir / "tokenizer.json"
     # First what may refuse the checkpoint: its tokenizer's kind, its pooling.
     tokenizer = write_tokenizer(model_dir, tokenizer_json)
+    tokenizer, followed = follow_tokenizer_config(model_dir, tokenizer_json, tokenizer)
     job.pooling = read_pooling(model_dir) if task == "feature-extraction" else {}
 
     auto_class = getattr(transformers, TASKS[task])
@@ -342,6 +381,10 @@ def load(job) -> None:
         "parameters": params, "hidden_size": config.hidden_size,
         "layers": config.num_hidden_layers, "padding": padding,
     }
+    if followed:
+        job.records["model"]["tokenizer_sections_from_transformers"] = followed
+        job.log(f"  tokenizer.json's {', '.join(followed)} as transformers loads "
+                f"{model_dir.name} (tokenizer_config.json changes them)")
     if "pad_id" in padding:
         job.log(f"  tokenizer.json names no pad id: the bundle's pads with {padding['pad_id']} "
                 f"(the {padding['source']})")

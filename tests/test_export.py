@@ -680,6 +680,41 @@ def test_roberta_positions_past_the_padding_index_bound_the_max_length(
     assert torch_output(job.torch_model, feeds).shape == (1, 32, 64)   # was: IndexError
 
 
+def test_the_bundle_tokenizes_as_transformers_loads_the_checkpoint(tmp_path):
+    """transformers rebuilds parts of tokenizer.json from tokenizer_config.json: here a
+    cased normalizer (a tokenizer.json written with `tokenizers`) next to no
+    tokenizer_config.json, which BertTokenizerFast lowercases (do_lower_case defaults to
+    true), as the model was trained. The bundle kept the file's sections: "Hello World" was
+    [CLS] [UNK] [UNK] [SEP] on the device and [CLS] hello world [SEP] in PyTorch, and no
+    check saw it (the float and int8 checks feed both the bundle's ids)."""
+    import transformers
+
+    from exporter import pipeline
+    from exporter.budget import Budget
+    from exporter.data import Utterance
+    from exporter.load import resolve_model_dir
+    from runtime import Tokenizer
+    from targets import load_target
+
+    model = tmp_path / "cased"
+    transformers.BertModel(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64)).save_pretrained(model)
+    data = json.loads((resolve_model_dir("minilm") / "tokenizer.json").read_text())
+    data["normalizer"]["lowercase"] = False
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    job = pipeline.new_job(str(model), target=load_target("arm-cpu"), task=None,
+                           output=tmp_path / "out", calibration=[], budget=Budget.parse(
+                               "cosine>=0.9"), evaluation=[Utterance("hi")],
+                           log=lambda line: None)
+    pipeline.load(job)
+    texts = ["Hello World", "Turn on the Kitchen Lights", "ÉCOLE"]
+    ours = Tokenizer.from_file(job.workdir / "tokenizer.json").encode_batch(texts)
+    assert ours == transformers.AutoTokenizer.from_pretrained(model)(texts)["input_ids"]
+    assert ours[0] == [101, 7592, 2088, 102]
+    assert job.records["model"]["tokenizer_sections_from_transformers"] == ["normalizer"]
+
+
 def test_list_targets(capsys):
     assert main(["--list-targets"]) == 0
     out = capsys.readouterr().out
