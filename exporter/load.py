@@ -192,6 +192,25 @@ def read_pooling(model_dir: Path) -> dict:
     return pooling
 
 
+def check_lowercasing(model_dir: Path, tokenizer_json: Path) -> None:
+    """Refuse a sentence-transformers model whose sentence_bert_config.json sets
+    do_lower_case, unless its tokenizer lowercases anyway: sentence-transformers then
+    lowercases each text before tokenizing it, which a bundle does not do, so a cased
+    tokenizer would give the device other ids than the model was trained on."""
+    st_config = model_dir / "sentence_bert_config.json"
+    if not st_config.is_file() or read_json(st_config).get("do_lower_case") is not True:
+        return
+    normalizer = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("normalizer")
+    if isinstance(normalizer, dict) and normalizer.get("type") == "BertNormalizer" \
+            and normalizer.get("lowercase", True) is True:
+        return
+    raise ValueError(f"{st_config}: do_lower_case is true, so sentence-transformers lowercases "
+                     f"each text before its tokenizer, which does not lowercase; a bundle "
+                     f"tokenizes as tokenizer.json says and would embed other tokens. Set "
+                     f"the tokenizer's normalizer to lowercase (BertNormalizer lowercase "
+                     f"true), or lowercase texts before embed().")
+
+
 def read_prompts(model_dir: Path) -> dict:
     """The prompts of config_sentence_transformers.json, which sentence-transformers puts
     before a text ("query: ..."): {"prompts": {name: prompt}, "default_prompt": name or
@@ -354,6 +373,8 @@ def load(job) -> None:
     tokenizer = write_tokenizer(model_dir, tokenizer_json)
     tokenizer, followed = follow_tokenizer_config(model_dir, tokenizer_json, tokenizer)
     job.pooling = read_pooling(model_dir) if task == "feature-extraction" else {}
+    if task == "feature-extraction":
+        check_lowercasing(model_dir, tokenizer_json)
 
     auto_class = getattr(transformers, TASKS[task])
     try:

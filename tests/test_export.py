@@ -715,6 +715,32 @@ def test_the_bundle_tokenizes_as_transformers_loads_the_checkpoint(tmp_path):
     assert job.records["model"]["tokenizer_sections_from_transformers"] == ["normalizer"]
 
 
+def test_sentence_transformers_lowercasing_a_cased_tokenizer_is_refused(tmp_path, capsys):
+    """sentence_bert_config.json's do_lower_case makes sentence-transformers lowercase each
+    text before tokenizing: with a cased tokenizer the bundle (which tokenizes the text as
+    given) embedded other tokens than the model's, silently. Refused before the model
+    loads; an uncased tokenizer lowercases anyway, and exports."""
+    from exporter.load import check_lowercasing, resolve_model_dir
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["BertModel"],
+                                                   "model_type": "bert"}))
+    (model / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": 128, "do_lower_case": True}))
+    data = json.loads((resolve_model_dir("minilm") / "tokenizer.json").read_text())
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    check_lowercasing(model, model / "tokenizer.json")   # uncased: nothing to refuse
+    data["normalizer"]["lowercase"] = False
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    (model / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    assert main(["--target", "arm-cpu", "--model", str(model),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "do_lower_case is true, so sentence-transformers lowercases" in \
+        capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
 def test_list_targets(capsys):
     assert main(["--list-targets"]) == 0
     out = capsys.readouterr().out
