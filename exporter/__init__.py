@@ -255,7 +255,7 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
     """
     from . import pipeline
     from .gguf import PACKAGED_GGUF
-    from .load import TASKS, check_single_label, infer_task, resolve_model_dir
+    from .load import TASKS, check_single_label, infer_task, packaged_names, resolve_model_dir
 
     if isinstance(model, os.PathLike):   # the manifest records it, as text; a Path of a
         model = os.fspath(model)           # .gguf file was read as a checkpoint directory
@@ -361,6 +361,11 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
                     f"(quantization.calibration_samples), a seeded random sample")
         if freed:
             job.log(f"removed {freed / 1e6:.0f} MB that killed exports of {output} left beside it")
+        if model in packaged_names() and Path(model).exists():
+            # transformers' from_pretrained("minilm") would load ./minilm: say which is used
+            job.log(f"warning: --model {model!r} is the packaged model, not the "
+                    f"{'directory' if Path(model).is_dir() else 'file'} {model!r} here; "
+                    f"pass './{model}' to export that instead.")
         for line in data_warnings(task, profile, calibration_set, evaluation_set):
             job.log(f"warning: {line}")
         if task == "text-generation" and calibration is not None \

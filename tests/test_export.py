@@ -741,6 +741,23 @@ def test_sentence_transformers_lowercasing_a_cased_tokenizer_is_refused(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+def test_a_checkpoint_directory_named_like_a_packaged_model_is_not_silently_passed_over(
+        tmp_path, monkeypatch):
+    """`save_pretrained("minilm")` then `--model minilm` exported the packaged MiniLM, not
+    the fine-tuned model beside it, without a word (transformers' from_pretrained("minilm")
+    loads the directory). Now the log says which one it is, and how to pick the other."""
+    from exporter import pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "minilm").mkdir()
+    (tmp_path / "minilm" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    monkeypatch.setattr(pipeline, "run", lambda job: job.output)   # the stages: not here
+    lines = []
+    export("minilm", target="arm-cpu", output=tmp_path / "out", log=lines.append)
+    assert "warning: --model 'minilm' is the packaged model, not the directory 'minilm' " \
+           "here; pass './minilm' to export that instead." in lines
+
+
 def test_list_targets(capsys):
     assert main(["--list-targets"]) == 0
     out = capsys.readouterr().out
