@@ -301,6 +301,19 @@ def quantize_weight(w: np.ndarray, *, per_channel: bool) -> tuple[np.ndarray, np
     return q, scale if per_channel else scale.reshape(())
 
 
+def subgraph_reads(nodes) -> set[str]:
+    """Names the subgraphs of `nodes` read (an If's branches, a Loop's body, nested too):
+    outer-scope tensors that no top-level node lists as an input. DeBERTa's exported
+    relative-position code reads an initializer only from inside an If."""
+    names: set[str] = set()
+    for node in nodes:
+        for a in node.attribute:
+            for graph in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+                names.update(name for n in graph.node for name in n.input)
+                names |= subgraph_reads(graph.node)
+    return names
+
+
 def quantize_embeddings_by_row(model: onnx.ModelProto, *,
                                min_bytes: int = SMALL_TABLE_BYTES) -> list[str]:
     """Rewrite Gather(table, ids) on 2-D float tables of at least `min_bytes` as int8 rows
@@ -318,6 +331,7 @@ def quantize_embeddings_by_row(model: onnx.ModelProto, *,
 
     # a table another node reads too (a tied output projection): its float copy stays
     float_readers = {name for n in model.graph.node if rows_of(n) is None for name in n.input}
+    float_readers |= subgraph_reads(model.graph.node)
     rewritten, nodes = [], []
     for node in model.graph.node:
         table = rows_of(node)
@@ -358,6 +372,7 @@ def insert_qdq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto],
     # Tied layers (--share-layers) read one weight from several MatMuls: it is quantized
     # once, and its float copy stays only if a MatMul left in float still reads it.
     float_readers = {name for n in model.graph.node if id(n) not in targets for name in n.input}
+    float_readers |= subgraph_reads(model.graph.node)
     weights = {n.input[1] for n in matmuls}
     done: set[str] = set()
     weights_done: set[str] = set()
@@ -447,7 +462,7 @@ def fuse_integer_matmuls(model: onnx.ModelProto, *, bias: bool = True) -> int:
                                               name=node.name, domain="com.microsoft")
     nodes = [replaced.get(id(n), n) for n in model.graph.node]
     nodes = [n for n in nodes if n is not None]
-    used = {name for n in nodes for name in n.input} | graph_outputs
+    used = {name for n in nodes for name in n.input} | graph_outputs | subgraph_reads(nodes)
     nodes = [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] not in used)]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -513,6 +528,7 @@ def fuse_quantized_attention(model: onnx.ModelProto) -> int:
     del model.graph.node[:]
     model.graph.node.extend(n for n in nodes if n is not None)
     used = {name for n in model.graph.node for name in n.input}
+    used |= subgraph_reads(model.graph.node)
     stale = [i for i in model.graph.initializer if i.name not in used]
     for init in stale:
         model.graph.initializer.remove(init)

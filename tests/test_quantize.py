@@ -771,3 +771,37 @@ def test_a_range_too_small_for_float32_gets_a_usable_scale(dtype, symmetric):
     assert scale > 0 and np.isfinite(scale)
     scale, _ = activation_qparams(0.0, 1e-30, dtype=dtype, symmetric=symmetric)
     assert scale == np.float32(1e-30 / (127 if symmetric else 255))
+
+
+def test_an_initializer_read_only_inside_an_if_branch_is_kept():
+    """DeBERTa's exported relative-position code reads a constant only from inside an If
+    branch (outer scope). The fused graph's clean-up dropped it as unused, and the int8
+    graph no longer loaded: "input '70' of node Gather ... is not output of any previous
+    nodes", a crash in the quantize stage of a valid checkpoint's export."""
+    from exporter.quantize import build_int8
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 4)).astype(np.float32)
+
+    def branch(name):   # reads "k" from the outer graph
+        return helper.make_graph([helper.make_node("Identity", ["k"], [name])], name, [],
+                                 [helper.make_tensor_value_info(name, TensorProto.INT64, [])])
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+         helper.make_node("If", ["cond"], ["z"], name="if", then_branch=branch("then"),
+                          else_branch=branch("else"))], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("z", TensorProto.INT64, [])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(7), "k")]),
+        opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.normal(size=(1, 8)).astype(np.float32)
+    for lower in (False, True):
+        quantized, names, _ = build_int8(model, {"x": (float(x.min()), float(x.max()))},
+                                         SETTINGS, lower=lower)
+        assert names == ["mm"]
+        y, z = ort_session(quantized.SerializeToString()).run(
+            None, {"x": x, "cond": np.array(True)})
+        assert z == 7 and np.abs(y - x @ w).max() < 0.1
