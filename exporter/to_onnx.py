@@ -30,10 +30,30 @@ def export_onnx(job) -> None:
         onnx_export_from_model(job.torch_model, out_dir, task=job.task,
                                opset=job.target.opset, do_validation=False)
     job.float_onnx = out_dir / "model.onnx"
+    check_stages_can_cut(job)
     job.records["export"] = {"exporter": "optimum-onnx", "opset": job.target.opset,
                              "float_bytes": job.float_onnx.stat().st_size}
     job.log(f"  float ONNX {job.float_onnx.stat().st_size / 1e6:.1f} MB, "
             f"opset {job.target.opset}")
+
+
+def check_stages_can_cut(job) -> None:
+    """Pipeline stages cut the graph's top-level node list, which an If or Loop (DeBERTa's
+    relative positions export as If nodes) does not allow: refused here, before the
+    quantization work, rather than by the partition stage at the end of the export."""
+    import onnx
+
+    stages = job.target.runtime.pipeline_stages
+    if stages == 1:
+        return
+    graph = onnx.load(job.float_onnx, load_external_data=False).graph
+    flow = [n for n in graph.node if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)]
+    if flow:
+        raise ValueError(f"This model's ONNX graph has control flow ({len(flow)} "
+                         f"{', '.join(sorted({n.op_type for n in flow}))} nodes), which "
+                         f"pipeline stages cannot cut, and the profile asks for {stages} "
+                         f"stages: export it as one graph with --stages 1.")
 
 
 def torch_output(model, feeds: dict[str, np.ndarray]) -> np.ndarray:

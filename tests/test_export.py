@@ -758,6 +758,41 @@ def test_a_checkpoint_directory_named_like_a_packaged_model_is_not_silently_pass
            "here; pass './minilm' to export that instead." in lines
 
 
+def test_pipeline_stages_of_a_graph_with_control_flow_are_refused_before_quantizing(
+        tmp_path, smollm2_tokenizer_json):
+    """DeBERTa exports its relative positions as If nodes, which pipeline stages cannot cut
+    (x86-server cuts into 2): the partition stage refused it, but only after calibration,
+    quantization and the sensitivity search. Now the export stage does, saying what to do."""
+    import shutil
+
+    import torch
+    from transformers import DebertaConfig, DebertaModel
+
+    from exporter import pipeline
+    from exporter.budget import Budget
+    from exporter.data import Utterance
+    from targets import load_target
+
+    roberta, vocab = roberta_checkpoint(tmp_path, smollm2_tokenizer_json)
+    model = tmp_path / "deberta"
+    torch.manual_seed(0)
+    DebertaModel(DebertaConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64, pad_token_id=1,
+                               relative_attention=True, pos_att_type=["c2p", "p2c"],
+                               position_biased_input=False)).save_pretrained(model)
+    for file in roberta.iterdir():
+        if file.name not in ("config.json", "model.safetensors"):
+            shutil.copy(file, model)
+    job = pipeline.new_job(str(model), target=load_target("x86-server"), task=None,
+                           output=tmp_path / "out", calibration=[], budget=Budget.parse(
+                               "cosine>=0.9"), evaluation=[Utterance("hi")],
+                           log=lambda line: None)
+    pipeline.load(job)
+    with pytest.raises(ValueError, match=r"control flow \(\d+ If nodes\), which pipeline "
+                                         r"stages cannot cut.* with --stages 1"):
+        pipeline.export_onnx(job)
+
+
 def test_list_targets(capsys):
     assert main(["--list-targets"]) == 0
     out = capsys.readouterr().out
