@@ -745,8 +745,9 @@ def check_decoder_budget(job, q: dict) -> None:
     if broken:
         raise BudgetError(f"Compression alone breaks the accuracy budget {job.budget}: "
                           f"{'; '.join(broken)} (PyTorch, {q['perplexity']} against "
-                          f"{q['original-perplexity']} on held-out prose). Compress less or "
-                          f"heal longer (--heal-steps). No bundle written.")
+                          f"{q['original-perplexity']} on "
+                          f"{job.records.get('eval_source') or 'held-out prose'}). Compress "
+                          f"less or heal longer (--heal-steps). No bundle written.")
 
 
 def output_of(model, batches) -> list:

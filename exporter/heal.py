@@ -52,10 +52,12 @@ def _decoder_windows(job, purpose: str) -> list[list[int]]:
     from .decoder import encode, token_windows
 
     count = DECODER_BATCHES[purpose][0]
-    if purpose != "measure" and job.records.get("calibration_source"):   # the user's text
+    given = "eval" if purpose == "measure" else "calibration"
+    if job.records.get(f"{given}_source"):   # the user's text (--eval measures, as validation)
         from .decoder import _user_windows
 
-        return _user_windows(job, job.calibration, "calibration", DECODER_WINDOW)[:count]
+        texts = job.evaluation if purpose == "measure" else job.calibration
+        return _user_windows(job, texts, given, DECODER_WINDOW)[:count]
     splits = {"score": ("calibration",), "heal": ("train", "calibration"),
               "measure": ("eval", "test")}[purpose]
     ids = encode(job, "\n\n".join(t for t in english_prose() if split_of(t) in splits))

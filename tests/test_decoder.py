@@ -481,6 +481,11 @@ def test_a_decoder_scores_and_heals_on_the_users_calibration_text(smollm2_tokeni
     with pytest.raises(ValueError, match=r"The calibration text \(mine.txt\) has \d+ tokens; "
                                          r"a decoder needs at least one window of 128"):
         _decoder_windows(job, "heal")
+    # the compress stage measures against the original on the --eval text, as validation
+    job.records["eval_source"] = "held.txt"
+    job.evaluation = [Utterance(t.replace("twenty", "nineteen")) for t in texts]
+    measured = _decoder_windows(job, "measure")
+    assert measured[0] == tok.encode("\n\n".join(u.text for u in job.evaluation))[:DECODER_WINDOW]
 
 
 def test_too_little_evaluation_text_is_refused_before_the_build(tmp_path, capsys):
