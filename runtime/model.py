@@ -359,12 +359,13 @@ class Model:
 
     def close(self) -> None:
         """Release the bundle's sessions now, and a Ray pipeline's stage actors, which hold a
-        GPU each until then; the Model runs nothing after. `with runtime.load(path) as
-        model:` closes it at the end of the block. Closing twice is fine."""
-        if isinstance(self.session, _Closed):
-            return
-        session, self.session = self.session, _Closed(self.bundle.path)
-        with self._lock:
+        GPU each until then; the Model starts nothing after (a call under way in another
+        thread, or an open stream, ends as it would). `with runtime.load(path) as model:`
+        closes it at the end of the block. Closing twice is fine."""
+        with self._lock:   # a generation ending now keeps its KV cache only while open
+            if isinstance(self.session, _Closed):
+                return
+            session, self.session = self.session, _Closed(self.bundle.path)
             self._idle = None
         if callable(getattr(session, "close", None)):
             session.close()
@@ -484,13 +485,14 @@ class Model:
         generation; others are freed, so memory falls back once concurrent work ends."""
         with self._lock:
             decoder, self._idle = self._idle, None
+            session = self.session
         if decoder is None:
-            decoder = Decoder(self.session, context=self.context)
+            decoder = Decoder(session, context=self.context)   # closed: says so
         try:
             yield decoder
         finally:
-            with self._lock:
-                if self._idle is None:
+            with self._lock:   # one that ends after close() is dropped, not kept for more
+                if self._idle is None and not isinstance(self.session, _Closed):
                     self._idle = decoder
 
     def _tokens(self, ids: list[int], **options) -> Iterator[int]:

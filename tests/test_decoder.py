@@ -647,6 +647,22 @@ def test_interleaved_and_threaded_generations_do_not_share_a_cache(smollm2):
     assert smollm2.perplexity("Hello there, my friend.") > 1
 
 
+def test_a_generation_that_ends_after_close_leaves_nothing_running(smollm2_bundle):
+    # close() in one thread while another generated: the generation's KV cache went back to
+    # the model as it ended, so the closed model kept generating with it (no error, ever)
+    # and kept its session and cache in memory.
+    model = runtime.load(smollm2_bundle)
+    stream = model.generate("Once upon a time", max_new_tokens=4, stream=True)
+    next(stream)
+    model.close()
+    list(stream)   # a generation under way when close() came ends as it would have
+    for call in (lambda: model.generate("Hi", max_new_tokens=2),
+                 lambda: model.perplexity("Hello there, my friend.")):
+        with pytest.raises(ValueError, match="is closed .*load the bundle again"):
+            call()
+    assert model._idle is None
+
+
 def test_runtime_perplexity_matches_the_export_measurement(smollm2, smollm2_bundle):
     """The runtime's windows are the exporter's: same text, same number."""
     from exporter.data import english_prose, split_of
