@@ -387,6 +387,39 @@ def test_odd_and_long_text(minilm_bundle):
     assert len(model.tokenizer.encode(long_text, max_length=model.max_length)) == 128
 
 
+def test_a_long_list_is_embedded_in_memory_that_follows_batch_size(minilm_bundle):
+    # embed() tokenized and padded the whole list before the first batch ran: 100k texts of
+    # 128 tokens held ~0.6 GB of ids and feeds besides the embeddings themselves.
+    import tracemalloc
+
+    model = runtime.load(minilm_bundle)
+    real = model.session
+
+    class Session:   # the graph's output for any batch, fast: what is measured is _run's
+        def run(self, names, feeds):
+            return [np.ones((*feeds["input_ids"].shape, 384), np.float32)]
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    model.session = Session()
+    texts = [f"{i} " + "turn on the kitchen lights and close the blinds " * 20
+             for i in range(20_000)]   # 128 tokens each, once truncated
+    tracemalloc.start()
+    try:
+        out = model.embed(texts, batch_size=16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (20_000, 384)
+    assert peak - out.nbytes < 16 << 20, f"{(peak - out.nbytes) >> 20} MB besides the output"
+    # the same rows, in order, as small calls give
+    model.session = real
+    some = texts[:70] + texts[-3:]
+    np.testing.assert_allclose(model.embed(some, batch_size=16),
+                               np.concatenate([model.embed([t]) for t in some]), atol=1e-5)
+
+
 def test_bad_input_types(minilm_bundle):
     model = runtime.load(minilm_bundle)
     with pytest.raises(TypeError, match="wrap a single text in a list"):
