@@ -704,6 +704,38 @@ print(len(out), before, rss())
     assert float(after) - float(before) < 3, (before, after)
 
 
+def test_memory_falls_back_once_concurrent_generations_end(smollm2_bundle):
+    """Each concurrent generation gets a KV cache of its own; once they end, one is kept and
+    the others go back to the system (they stayed in the heap: +500 MB after six)."""
+    code = """
+import gc, sys, threading, runtime
+m = runtime.load(sys.argv[1], threads=1)
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+m.generate("Hi", max_new_tokens=2)
+with m._decoder() as decoder:
+    cache = decoder.cache_bytes / 2**20
+del decoder   # the model's idle one
+before = rss()
+streams = [m.generate("Tell me about the sea.", max_new_tokens=4, stream=True) for _ in range(6)]
+for s in streams:
+    next(s)
+del streams, s
+threads = [threading.Thread(target=m.generate, args=("Hi there",), kwargs={"max_new_tokens": 3})
+           for _ in range(6)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+gc.collect()
+print(cache, before, rss())
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(smollm2_bundle)], capture_output=True,
+                         text=True, check=True)
+    cache, before, after = map(float, out.stdout.split())
+    assert float(after) - float(before) < cache, (cache, before, after)
+
+
 def test_generation_on_a_device_venv_without_torch(smollm2_bundle, device_python, tmp_path):
     code = ("import sys, runtime; m = runtime.load(sys.argv[1]); "
             "print(m.generate('The capital of France is', max_new_tokens=6))")
