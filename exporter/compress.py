@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .heal import calibration_batches, heal, perplexity, quality
+from .heal import batches_data, calibration_batches, heal, perplexity, quality
 
 # FFN pruning never leaves a layer fewer than this share of its neurons.
 FFN_FLOOR = 0.05
@@ -585,6 +585,7 @@ def compress(job) -> None:
         p.requires_grad_(False)
     job.reference_model = original
     batches = calibration_batches(job, purpose="score")
+    data = batches_data(job, batches, purpose="score")   # what the ranking read
     before = parameters(model)
     steps: list[dict] = []
 
@@ -594,7 +595,7 @@ def compress(job) -> None:
         kept = [m for i, m in enumerate(layer_list(model)) if i not in dropped]
         _set_layers(model, kept)
         steps.append({"method": "drop-layers", "strength": len(dropped), "removed": dropped,
-                      "importance": importance,
+                      "importance": importance, "data": data,
                       "score": "mean 1 - cos(layer input, layer output) over real tokens"})
         job.log(f"  dropped layers {dropped} of {len(importance)} (importance "
                 f"{', '.join(f'{s:.3f}' for s in importance)})")
@@ -615,6 +616,7 @@ def compress(job) -> None:
                           "removed": {str(k): v for k, v in removed.items()},
                           "heads_per_layer": left,
                           "importance": [[round(float(x), 4) for x in s] for s in head_scores],
+                          "data": data,
                           "score": "mean |x_head @ W_o[:, head]| over real tokens"})
             job.log(f"  pruned {count} of {total_heads} attention heads "
                     f"({count / total_heads:.0%}; asked {request.prune_heads:g}); heads per "
@@ -638,6 +640,7 @@ def compress(job) -> None:
                           "removed": {str(i): len(ffn_scores[i]) - k for i, k in kept.items()},
                           "neurons_per_layer": list(kept.values()),
                           "importance": [round(float(s.mean()), 4) for s in ffn_scores],
+                          "data": data,
                           "score": "mean |a_j| * |W_down[:, j]| over real tokens (per layer "
                                    "mean shown)"})
             job.log(f"  pruned {cut} of {width} FFN neurons ({cut / width:.0%}; asked "
@@ -648,6 +651,7 @@ def compress(job) -> None:
         steps.append({"method": "share-layers", "strength": len(tied), "removed": tied,
                       "importance": [list(c) for c in harms],
                       "max_harm": request.share_max_harm, "harm_of_all_ties": total,
+                      "data": data,
                       "score": SHARE_SCORES[job.task == "text-generation"]
                       + " with layer i+1's attention, FFN or whole layer := layer i's"})
         best = ", ".join(f"{p} {i}-{i + 1} {h:.3f}"
@@ -800,6 +804,9 @@ def compression_lines(record: dict | None) -> list[str]:
         cells = (step["method"], step["strength"], step["removed"],
                  step.get("score", step.get("note", "")))
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    ranked = next((step["data"] for step in record["methods"] if "data" in step), None)
+    if ranked:
+        lines += ["", f"Ranked on {ranked}."]
     lines += ["", "| quality vs original | " + " | ".join(record["quality_before_healing"])
               + " |", "|---|" + "---|" * len(record["quality_before_healing"]),
               "| before healing | " + " | ".join(

@@ -65,6 +65,23 @@ def _decoder_windows(job, purpose: str) -> list[list[int]]:
     return token_windows(ids, width)[:count]
 
 
+CALIBRATION_TEXT = "calibration text (never the evaluation text)"
+
+
+def batches_data(job, batches: list[dict], *, purpose: str) -> str:
+    """What `batches` (calibration_batches for `purpose`) hold, as the records say: an
+    encoder's short calibration set is topped up with default smart-home utterances
+    (_encoder_texts), and then says how many."""
+    if job.task == "text-generation":
+        return CALIBRATION_TEXT
+    given = min(len(job.calibration), ENCODER_BATCHES[purpose][0])
+    total = sum(len(b["input_ids"]) for b in batches)
+    if total <= given:
+        return CALIBRATION_TEXT
+    return (f"{given} calibration texts and {total - given} default smart-home utterances "
+            f"(never the evaluation text)")
+
+
 def calibration_batches(job, *, purpose: str) -> list[dict]:
     """Model inputs (torch int64 tensors) for `purpose`, built as the runtime builds them."""
     import torch
@@ -177,14 +194,10 @@ def heal(job, student, teacher, *, steps: int, masks: dict, batches: list | None
     Returns a record."""
     import torch
 
-    data = "calibration text (never the evaluation text)"
+    data = CALIBRATION_TEXT
     if batches is None:
         batches = calibration_batches(job, purpose="heal")
-        given = min(len(job.calibration), ENCODER_BATCHES["heal"][0])
-        total = sum(len(b["input_ids"]) for b in batches)
-        if job.task != "text-generation" and total > given:   # topped up: _encoder_texts
-            data = (f"{given} calibration texts and {total - given} default smart-home "
-                    f"utterances (never the evaluation text)")
+        data = batches_data(job, batches, purpose="heal")
     params = [p for name, p in student.named_parameters() if "embed" not in name]
     for name, p in student.named_parameters():
         p.requires_grad_("embed" not in name)

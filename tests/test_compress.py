@@ -513,9 +513,9 @@ def _tiny_bert(**kwargs):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, intermediate_size=128,
-                                **kwargs)).eval()
+    return BertModel(BertConfig(vocab_size=100, hidden_size=64, num_attention_heads=4,
+                                intermediate_size=128,
+                                **{"num_hidden_layers": 2, **kwargs})).eval()
 
 
 def _tiny_llama(heads=8, kv_heads=2):
@@ -557,7 +557,8 @@ def _compress_job(model, task, compression, **extra):
     return types.SimpleNamespace(compression=compression, torch_model=model, task=task,
                                  log=lambda line: None, records={"model": {}}, gguf=None,
                                  requantize=False, target=None, pooling={},
-                                 budget=Budget.parse("perplexity-increase<=1000"), **extra)
+                                 budget=Budget.parse("perplexity-increase<=1000"),
+                                 **{"calibration": [], **extra})
 
 
 def test_a_sparsity_that_zeroes_nothing_is_refused(monkeypatch):
@@ -717,6 +718,28 @@ def test_healing_says_when_it_read_more_than_the_calibration_text(monkeypatch):
     job.calibration = [Utterance(str(i)) for i in range(5)]
     assert heal(job, copy.deepcopy(teacher), teacher, steps=1, masks={})["data"] == \
         "calibration text (never the evaluation text)"
+
+
+def test_ranking_says_when_it_read_more_than_the_calibration_text(monkeypatch):
+    # 3 calibration texts were topped up to the scoring pool's size with default smart-home
+    # utterances before layers, heads and neurons were ranked on them, and neither the
+    # manifest nor the report said so (healing's own top-up was recorded)
+    from exporter.data import Utterance
+
+    ids = torch.randint(0, 100, (5, 12))
+    monkeypatch.setattr(C, "calibration_batches", lambda job, purpose: [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+         "token_type_ids": torch.zeros_like(ids)}])
+    job = _compress_job(_tiny_bert(num_hidden_layers=3), "feature-extraction",
+                        Compression(drop_layers=1, prune_heads=0.25, prune_ffn=0.5,
+                                    share_layers=True, share_max_harm=2.0),
+                        calibration=[Utterance(t) for t in ("a", "b", "c")])
+    C.compress(job)
+    record = job.records["compression"]
+    expected = "3 calibration texts and 2 default smart-home utterances"
+    for entry in C.compression_entries(record):   # the manifest's
+        assert entry["data"].startswith(expected), entry
+    assert f"Ranked on {expected}" in "\n".join(C.compression_lines(record))
 
 
 def test_the_report_table_keeps_its_columns():
