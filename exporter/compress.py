@@ -477,16 +477,21 @@ def gguf_carry(steps: list[dict], *, healed: bool, layers: int):
     """(the GGUF layers the compressed model keeps, in order; its ties) when compression
     changed no weight of them, so that each still reads the GGUF's own blocks, exact
     (exporter/decoder.py: quantized_weights); None where a weight changed. Dropping and
-    tying change none; ties number the layers after the drop.
+    tying change none; the steps number layers as the source checkpoint does, the ties
+    returned as the compressed model does (after the drop).
 
-    >>> gguf_carry([{"method": "drop-layers", "removed": [1]}], healed=False, layers=3)
-    ([0, 2], [])
+    >>> gguf_carry([{"method": "drop-layers", "removed": [1]},
+    ...             {"method": "share-layers", "removed": [[0, 2, "ffn"]]}],
+    ...            healed=False, layers=3)
+    ([0, 2], [(0, 1, 'ffn')])
     """
     if healed or not {s["method"] for s in steps} <= {"drop-layers", "share-layers"}:
         return None
     dropped = next((s["removed"] for s in steps if s["method"] == "drop-layers"), [])
-    return ([i for i in range(layers) if i not in dropped],
-            [tuple(t) for s in steps if s["method"] == "share-layers" for t in s["removed"]])
+    kept = [i for i in range(layers) if i not in dropped]
+    at = {layer: position for position, layer in enumerate(kept)}
+    return (kept, [(at[i], at[j], part) for s in steps if s["method"] == "share-layers"
+                   for i, j, part in s["removed"]])
 
 
 def share_layers(job, model, batches) -> tuple[list, list, float]:
@@ -588,12 +593,16 @@ def compress(job) -> None:
     data = batches_data(job, batches, purpose="score")   # what the ranking read
     before = parameters(model)
     steps: list[dict] = []
+    # the records number layers as the source checkpoint does: numbering[i] is the original
+    # number of the compressed model's layer i (layers dropped are missing from it)
+    numbering = list(range(len(layer_list(model))))
 
     if request.drop_layers:
         importance = layer_importance(model, batches)
         dropped = choose_layers_to_drop(request.drop_layers, importance)
         kept = [m for i, m in enumerate(layer_list(model)) if i not in dropped]
         _set_layers(model, kept)
+        numbering = [i for i in numbering if i not in dropped]
         steps.append({"method": "drop-layers", "strength": len(dropped), "removed": dropped,
                       "importance": importance, "data": data,
                       "score": "mean 1 - cos(layer input, layer output) over real tokens"})
@@ -613,8 +622,8 @@ def compress(job) -> None:
             # group's last query head (Llama) and rounding per group can keep from the asked
             steps.append({"method": "prune-heads", "strength": round(count / total_heads, 4),
                           "requested": request.prune_heads,
-                          "removed": {str(k): v for k, v in removed.items()},
-                          "heads_per_layer": left,
+                          "removed": {str(numbering[k]): v for k, v in removed.items()},
+                          "heads_per_layer": left, "layers": numbering,
                           "importance": [[round(float(x), 4) for x in s] for s in head_scores],
                           "data": data,
                           "score": "mean |x_head @ W_o[:, head]| over real tokens"})
@@ -637,8 +646,9 @@ def compress(job) -> None:
             cut = width - sum(kept.values())
             steps.append({"method": "prune-ffn", "strength": round(cut / width, 4),
                           "requested": request.prune_ffn,
-                          "removed": {str(i): len(ffn_scores[i]) - k for i, k in kept.items()},
-                          "neurons_per_layer": list(kept.values()),
+                          "removed": {str(numbering[i]): len(ffn_scores[i]) - k
+                                      for i, k in kept.items()},
+                          "neurons_per_layer": list(kept.values()), "layers": numbering,
                           "importance": [round(float(s.mean()), 4) for s in ffn_scores],
                           "data": data,
                           "score": "mean |a_j| * |W_down[:, j]| over real tokens (per layer "
@@ -648,15 +658,18 @@ def compress(job) -> None:
 
     if request.share_layers:
         tied, harms, total = share_layers(job, model, batches)
+        tied = [[numbering[i], numbering[j], part] for i, j, part in tied]
+        harms = [(numbering[i], numbering[i + 1], part, harm) for i, part, harm in harms]
         steps.append({"method": "share-layers", "strength": len(tied), "removed": tied,
                       "importance": [list(c) for c in harms],
                       "max_harm": request.share_max_harm, "harm_of_all_ties": total,
                       "data": data,
                       "score": SHARE_SCORES[job.task == "text-generation"]
-                      + " with layer i+1's attention, FFN or whole layer := layer i's"})
-        best = ", ".join(f"{p} {i}-{i + 1} {h:.3f}"
-                         for i, p, h in sorted(harms, key=lambda c: c[2])[:4])
-        job.log(f"  shared {', '.join(f'{p} {i}-{i + 1}' for i, _, p in tied) or 'nothing'} "
+                      + " with [i, j]: layer j's attention, FFN or whole layer := layer "
+                        "i's, j the next layer kept"})
+        best = ", ".join(f"{p} {i}-{j} {h:.3f}"
+                         for i, j, p, h in sorted(harms, key=lambda c: c[3])[:4])
+        job.log(f"  shared {', '.join(f'{p} {i}-{j}' for i, j, p in tied) or 'nothing'} "
                 f"(least harmful alone: {best}; all ties together {total:.3f}, accepted <= "
                 f"{request.share_max_harm})")
 
@@ -807,6 +820,8 @@ def compression_lines(record: dict | None) -> list[str]:
     ranked = next((step["data"] for step in record["methods"] if "data" in step), None)
     if ranked:
         lines += ["", f"Ranked on {ranked}."]
+    if any(step["method"] == "drop-layers" for step in record["methods"]):
+        lines += ["", "Layers are numbered as in the original model (before drop-layers)."]
     lines += ["", "| quality vs original | " + " | ".join(record["quality_before_healing"])
               + " |", "|---|" + "---|" * len(record["quality_before_healing"]),
               "| before healing | " + " | ".join(

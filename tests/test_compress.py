@@ -361,7 +361,7 @@ def test_smollm2_dropped_layers_keep_gguf_blocks_exact(tmp_path):
                                                  dtype="float32").eval()
     total = model.config.num_hidden_layers
     steps = [{"method": "drop-layers", "removed": [3, 25]},
-             {"method": "share-layers", "removed": [[3, 4, "attention"]]}]
+             {"method": "share-layers", "removed": [[4, 5, "attention"]]}]   # the source's
     layers, ties = C.gguf_carry(steps, healed=False, layers=total)
     assert layers == [i for i in range(total) if i not in (3, 25)] and ties == [
         (3, 4, "attention")]
@@ -740,6 +740,32 @@ def test_ranking_says_when_it_read_more_than_the_calibration_text(monkeypatch):
     for entry in C.compression_entries(record):   # the manifest's
         assert entry["data"].startswith(expected), entry
     assert f"Ranked on {expected}" in "\n".join(C.compression_lines(record))
+
+
+def test_layers_are_numbered_as_in_the_source_checkpoint_after_a_drop(monkeypatch):
+    # --drop-layers 1 then --prune-heads / --prune-ffn / --share-layers recorded their layers
+    # counting after the drop: "removed" {"1": ...} was the checkpoint's layer 2, and the
+    # manifest did not say which numbering it used
+    ids = torch.randint(0, 100, (4, 12))
+    monkeypatch.setattr(C, "calibration_batches", lambda job, purpose: [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+         "token_type_ids": torch.zeros_like(ids)}])
+    job = _compress_job(_tiny_bert(num_hidden_layers=3), "feature-extraction",
+                        Compression(drop_layers=(1,), prune_heads=0.25, prune_ffn=0.5,
+                                    share_layers=True, share_max_harm=2.0))
+    C.compress(job)
+    drop, heads, ffn, share = job.records["compression"]["methods"]
+    assert drop["removed"] == [1]
+    assert heads["layers"] == ffn["layers"] == [0, 2]   # of heads_per_layer, neurons_per_layer
+    assert set(heads["removed"]) <= {"0", "2"} and heads["removed"]
+    assert set(ffn["removed"]) == {"0", "2"}
+    assert share["removed"] and all(t[:2] == [0, 2] for t in share["removed"]), share
+    assert all(c[:2] == [0, 2] for c in share["importance"]), share
+    table = "\n".join(C.compression_lines(job.records["compression"]))
+    assert "Layers are numbered as in the original model" in table
+    # a GGUF decoder's carried blocks are tied by position in the compressed model
+    assert C.gguf_carry([drop, share], healed=False, layers=3) == (
+        [0, 2], [(0, 1, t[2]) for t in share["removed"]])
 
 
 def test_the_report_table_keeps_its_columns():
