@@ -26,6 +26,7 @@ from .report import (
     check_not_in_bundle,
     check_replaceable,
     remove_leftovers,
+    written_here,
 )
 
 __all__ = ["BudgetError", "Compression", "export"]
@@ -77,6 +78,16 @@ def _shuffled(texts: list[Utterance], count: int) -> list[Utterance]:
     if len(texts) <= count:
         return texts
     return random.Random(0).sample(texts, len(texts))
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which directory `path` is now (None where there is none): a directory written in its
+    place since (replace_directory renames a new one in) is another."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _layers(model_dir: Path) -> int | None:
@@ -343,6 +354,7 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
     job = pipeline.new_job(model, target=profile, task=task, output=output,
                            calibration=calibration_set, evaluation=evaluation_set,
                            budget=budget, compression=compression, log=log)
+    earlier = _identity(rejected)   # an earlier attempt's rejection report, if any
     try:   # from here on, however the export ends, its work directory goes
         job.requantize = requantize
         job.archive = archive
@@ -374,5 +386,14 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
                     "this export compresses nothing, so it is not read (weight-only int4/int8 "
                     "needs no calibration).")
         return pipeline.run(job)
+    except BudgetError:
+        # A rejection before validation (compression alone breaks a decoder's budget, the
+        # strength search reaches no rung) writes no report; an earlier attempt's report in
+        # <output>.rejected would read as this one's. (Validation's rejection replaced it; a
+        # bundle written removes it; an export that crashed leaves it, as it leaves a bundle.)
+        if earlier is not None and _identity(rejected) == earlier and written_here(rejected):
+            shutil.rmtree(rejected)
+            job.log(f"removed {rejected}/: an earlier attempt's report, not this one's")
+        raise
     finally:
         shutil.rmtree(job.workdir, ignore_errors=True)

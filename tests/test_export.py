@@ -1034,3 +1034,39 @@ def test_manifest_records_where_the_calibration_text_came_from(tmp_path):
     bundle(job)
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["calibration_source"] == source
+
+
+@pytest.mark.parametrize("ending", ["rejected before validation", "rejected with a report",
+                                    "crashed"])
+def test_an_earlier_rejection_report_goes_when_a_new_attempt_is_rejected(tmp_path, monkeypatch,
+                                                                        ending):
+    # a rejection before validation (compression alone breaks a decoder's budget, the
+    # strength search reaches no rung) writes no report: the earlier attempt's report stayed
+    # in out.rejected/ beside the new "No bundle written" and read as this attempt's
+    from exporter import pipeline
+    from exporter.report import write_report_files
+
+    rejected = tmp_path / "out.rejected"
+    rejected.mkdir()
+    (rejected / "report.md").write_text("# an earlier attempt: BROKEN")
+
+    def run(job):
+        if ending == "rejected with a report":
+            fresh = Path(tempfile.mkdtemp(dir=tmp_path))
+            write_report_files({"name": "out", "task": job.task, "target": "arm-cpu",
+                                "budget": str(job.budget)}, fresh)
+            os.replace(rejected, tmp_path / "old")   # as replace_dir: renames only
+            os.replace(fresh, rejected)
+        if ending == "crashed":
+            raise RuntimeError("the machine ran out of memory")
+        raise BudgetError("Compression alone breaks the accuracy budget. No bundle written.")
+
+    monkeypatch.setattr(pipeline, "run", run)
+    with pytest.raises(RuntimeError):   # BudgetError is one
+        export("minilm", target="arm-cpu", output=tmp_path / "out", log=lambda line: None)
+    if ending == "rejected before validation":
+        assert not rejected.exists()
+    elif ending == "rejected with a report":
+        assert "an earlier attempt" not in (rejected / "report.md").read_text()
+    else:   # no verdict: what an earlier attempt wrote stays, as its bundle would
+        assert (rejected / "report.md").read_text() == "# an earlier attempt: BROKEN"
