@@ -408,8 +408,15 @@ def main() -> int:
     for name, r in results.items():
         for why in r.get("failed_rounds", []):
             print(f"\n{name}: timing {why} (best of the other rounds)")
+    # what was measured: each bundle's own profile (a bundle given was exported for whatever
+    # target it names); --target only where this run exported the bundles it lacked
+    bundles = {name: {"path": str(path), "target": json.loads(
+        (path / "manifest.json").read_text(encoding="utf-8"))["target"]["name"]}
+        for name, path in (("int4", int4), ("int8", int8), ("fast", fast))}
+    exported = any(getattr(args, name) is None for name in bundles)
     argtypes.write_result(ROOT / "benchmarks" / "results" / "bench_decoder.json", json.dumps(
-        {"threads": args.threads, "target": args.target, "cpu": platform.processor(),
+        {"threads": args.threads, **({"target": args.target} if exported else {}),
+         "bundles": bundles, "cpu": platform.processor(),
          "cpus": os.cpu_count(), "rounds": args.rounds, "new_tokens": args.new_tokens,
          "prefill_tokens": 128, "perplexity_windows": [args.windows, args.window],
          "results": results, "skipped": skipped}, indent=2) + "\n")

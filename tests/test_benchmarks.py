@@ -131,10 +131,11 @@ def test_decoder_fast_profile_extends_a_relative_toml(tmp_path, monkeypatch):
 
 
 def fake_decoder_run(tmp_path, monkeypatch, *, failing_round: tuple[str, int] | None = None,
-                     float_graph: bool = True):
+                     float_graph: bool = True, argv: tuple = ()):
     """bench_decoder.main() with its exports and its variant processes replaced: each
     variant reports fixed figures, except `failing_round` (variant, round), which crashes.
-    `float_graph`: the float ONNX graph is already built."""
+    `float_graph`: the float ONNX graph is already built. `argv`: more arguments (a bundle
+    given is the fake one, a jetson export)."""
     import json
     import subprocess
     import types
@@ -147,9 +148,15 @@ def fake_decoder_run(tmp_path, monkeypatch, *, failing_round: tuple[str, int] | 
     from exporter import gguf
 
     bundle = tmp_path / "bundle"
-    bundle.mkdir()
+    bundle.mkdir(parents=True)
     Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")).save(
         str(bundle / "tokenizer.json"))
+    (bundle / "manifest.json").write_text(json.dumps({"task": "text-generation",
+                                                      "target": {"name": "jetson"}}))
+    sys.path.insert(0, str(REPO))
+    from benchmarks import _args
+
+    monkeypatch.setattr(_args, "_bundle", lambda text: None)   # a manifest that reads
     (tmp_path / "build").mkdir()
     if float_graph:
         (tmp_path / "build" / "smollm2-float.onnx").write_bytes(b"")
@@ -174,7 +181,8 @@ def fake_decoder_run(tmp_path, monkeypatch, *, failing_round: tuple[str, int] | 
         return subprocess.CompletedProcess(command, 0, json.dumps(figures) + "\n", "")
 
     monkeypatch.setattr(bench_decoder, "subprocess", types.SimpleNamespace(run=run))
-    monkeypatch.setattr(sys, "argv", ["bench_decoder.py", "--rounds", "3", "--new-tokens", "4"])
+    monkeypatch.setattr(sys, "argv", ["bench_decoder.py", "--rounds", "3", "--new-tokens", "4",
+                                      *argv])
     assert bench_decoder.main() == 0
     path = tmp_path / "benchmarks" / "results" / "bench_decoder.json"
     return json.loads(path.read_text())
@@ -202,6 +210,18 @@ def test_decoder_json_has_the_tables_figures(tmp_path, monkeypatch, capsys):
     assert int4["greedy_equal_to_eager"] == 4
     assert "vs_llama_cpp" not in int4   # llama.cpp was not measured (not installed here)
     assert "| our int4 bundle | 125.0 | 100.0 | 80.0 | 4.00 |" in capsys.readouterr().out
+
+
+def test_decoder_json_names_the_target_of_the_bundles_it_measured(tmp_path, monkeypatch):
+    # with every bundle given, the JSON said "target": "arm-cpu" (the --target default, used
+    # for nothing) for bundles exported for another profile
+    given = fake_decoder_run(tmp_path / "given", monkeypatch, argv=[
+        a for name in ("--int4", "--int8", "--fast") for a in (name, str(tmp_path / "given"
+                                                                        / "bundle"))])
+    assert "target" not in given
+    assert {b["target"] for b in given["bundles"].values()} == {"jetson"}
+    exported = fake_decoder_run(tmp_path / "exported", monkeypatch)   # --target arm-cpu
+    assert exported["target"] == "arm-cpu" and exported["bundles"]["int4"]["target"] == "jetson"
 
 
 @pytest.mark.parametrize("lines, message", [
