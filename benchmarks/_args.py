@@ -1,6 +1,7 @@
 """argparse types the benchmarks share, so that a bad argument is refused at once, with
 its reason, rather than after minutes of exporting (or never: `--rounds 0` timed nothing);
-and `write_result`, which writes their result files whole or not at all.
+`write_result`, which writes their result files whole or not at all; and `stop_on_signals`,
+with which a run stopped by SIGTERM or SIGHUP removes its work directory, as on Ctrl-C.
 
     parser.add_argument("--rounds", type=at_least(1), default=3)
     parser.add_argument("--target", type=target, default="arm-cpu")
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,3 +171,17 @@ def write_result(path: Path, text: str) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (a CI timeout, `kill`) and SIGHUP (a closed terminal) raise SystemExit(128 + N),
+    as Ctrl-C raises KeyboardInterrupt, so that the run's `finally` blocks remove its work
+    directory (by default those signals end the process on the spot and leave it, hundreds of
+    MB of exported models, in /tmp). For a script's `__main__`, as exporter's CLI does."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stop)

@@ -247,4 +247,5 @@ def plot(rows, key: str, path: Path, model: str) -> bool:
 
 
 if __name__ == "__main__":
+    argtypes.stop_on_signals()   # SIGTERM, SIGHUP: the work directory goes, as on Ctrl-C
     sys.exit(main())

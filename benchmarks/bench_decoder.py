@@ -437,4 +437,5 @@ def iter_equal(a: list[int], b: list[int]):
 
 
 if __name__ == "__main__":
+    argtypes.stop_on_signals()   # SIGTERM, SIGHUP: the work directory goes, as on Ctrl-C
     sys.exit(main())

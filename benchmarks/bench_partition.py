@@ -159,4 +159,5 @@ def measure(args, work: Path) -> int:
 
 
 if __name__ == "__main__":
+    argtypes.stop_on_signals()   # SIGTERM, SIGHUP: the work directory goes, as on Ctrl-C
     sys.exit(main())

@@ -253,4 +253,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argtypes.stop_on_signals()   # SIGTERM, SIGHUP: the temporary directory goes, as on Ctrl-C
     main()

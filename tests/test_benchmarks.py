@@ -354,3 +354,30 @@ def test_decoder_refuses_an_encoder_bundle(tmp_path, monkeypatch):
     assert refused.value.code == 2
     (tmp_path / "manifest.json").write_text('{"task": "text-generation"}')
     assert _args.decoder_bundle(str(tmp_path)) == tmp_path
+
+
+@pytest.mark.parametrize("script, prefix", [("bench_partition.py", "bench_partition."),
+                                            ("bench_encoder.py", "bench_encoder."),
+                                            ("bench_compression.py", "bench_compression.")])
+def test_a_run_stopped_by_sigterm_removes_its_work_directory(tmp_path, script, prefix):
+    # a CI timeout or `kill` ended the run on the spot: its /tmp/bench_* work directory
+    # (exported models, hundreds of MB) stayed behind, as Ctrl-C's did not
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / script)], cwd=REPO,
+                            env={**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.name.startswith(prefix) for p in tmp_path.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        time.sleep(1.0)   # at work in it
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr.read()
+    assert [p.name for p in tmp_path.iterdir()] == []
