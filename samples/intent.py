@@ -26,6 +26,7 @@ def read_utterances(arguments: list[str]) -> list[str]:
         if argument == "-":
             stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
             out += [line.strip() for line in stdin if line.strip()]
+            stdin.detach()   # not closed with the wrapper: another '-' reads on (to its end)
         else:
             out.append(argument)
     return out

@@ -775,6 +775,21 @@ def test_device_application_reads_stdin_where_told_and_compares_cosines(minilm_b
     assert quiet.stdout == b""
 
 
+@pytest.mark.parametrize("sample", ["match_command", "intent"])
+def test_device_applications_take_stdin_twice(sample, monkeypatch):
+    # The first '-' closed stdin with its reader, and a second one (`- -`, or `- "lights on"
+    # -`) stopped the application with "ValueError: I/O operation on closed file"; it now
+    # reads on to stdin's end, as `cat - -` does.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(sample, REPO / "samples" / f"{sample}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"lock the door\n")))
+    assert module.read_utterances(["-", "lights on", "-"]) == ["lock the door", "lights on"]
+    assert not sys.stdin.buffer.closed
+
+
 def test_no_telemetry_unless_the_application_asks(minilm_bundle, tmp_path):
     """onnxruntime 1.32 writes a device id and an event store under ~/.cache/Microsoft and
     looks up its upload host; `import runtime` turns that off by default,
