@@ -104,6 +104,7 @@ class Tokenizer:
         decode_cleanup: bool = True,
         pad_id: int | None = None,
         trim_offsets: bool | None = None,
+        truncation_side: str = "right",
         backend: str | None = None,
     ) -> None:
         """`prefix_ids`/`suffix_ids` surround every encoded text (e.g. [CLS], [SEP]).
@@ -111,7 +112,9 @@ class Tokenizer:
         `strip_accents=None` strips accents when lowercasing, as HF does.
         `decode_prefix=None` means no WordPiece decoder: tokens are joined with spaces.
         `trim_offsets` is the post-processor's (ByteLevel, RobertaProcessing) offset
-        trimming: None for none, else its `add_prefix_space`.
+        trimming: None for none, else its `add_prefix_space`. `truncation_side` is which
+        end `max_length` cuts: "right", or "left" (keep a text's last ids; the file's
+        truncation.direction "Left").
         """
         settings = {k: v for k, v in locals().items() if k not in ("self", "backend")}
         self._settings = lambda: ("WordPiece", settings)   # what a pickle rebuilds it from
@@ -149,7 +152,8 @@ class Tokenizer:
         self._decode_prefix = decode_prefix
         self._decode_cleanup = decode_cleanup
         self._byte_level = False
-        self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets)
+        self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets,
+                        truncation_side)
 
     @classmethod
     def byte_level_bpe(
@@ -168,6 +172,7 @@ class Tokenizer:
         suffix_ids: Sequence[int] = (),
         pad_id: int | None = None,
         trim_offsets: bool | None = None,
+        truncation_side: str = "right",
         backend: str | None = None,
     ) -> Tokenizer:
         """A byte-level BPE tokenizer (GPT-2, Llama-3, SmolLM2 family); decodes bytes back.
@@ -202,7 +207,8 @@ class Tokenizer:
             added_tokens=added_tokens,
         )
         self._byte_level = True
-        self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets)
+        self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets,
+                        truncation_side)
         return self
 
     def _choose_backend(self, backend: str | None) -> None:
@@ -237,8 +243,13 @@ class Tokenizer:
             )
 
     def _set_vocab(
-        self, vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets
+        self, vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets, truncation_side
     ) -> None:
+        if truncation_side not in ("right", "left"):
+            raise ValueError(f"truncation_side must be 'right' or 'left', got "
+                             f"{truncation_side!r}.")
+        # The backends cut on the right; a left cut is made here (`_keep_last`).
+        self._truncate_left = truncation_side == "left"
         # Tuples: the C backend reads them without the GIL, so they must not change.
         self._prefix_ids = _id_tuple(prefix_ids, "prefix_ids")
         self._suffix_ids = _id_tuple(suffix_ids, "suffix_ids")
@@ -258,7 +269,8 @@ class Tokenizer:
         """Load a Hugging Face tokenizer.json with a WordPiece or byte-level BPE model.
 
         The file's padding and truncation sections are not applied: `encode`
-        never pads and truncates only when given `max_length`.
+        never pads and truncates only when given `max_length` (on the side that
+        truncation.direction names).
 
         Example:
             >>> Tokenizer.from_file("all-MiniLM-L6-v2/tokenizer.json").vocab_size
@@ -315,9 +327,10 @@ class Tokenizer:
                add_special_tokens: bool = True) -> list[int]:
         """Ids of `text` with special tokens added, never padded.
 
-        `max_length` truncates the text's ids (from the right) so that the
-        result, special tokens included, has at most that many ids, as HF's
-        `enable_truncation(max_length)` does. `add_special_tokens=False` leaves
+        `max_length` truncates the text's ids (from the right, or from the left
+        where the file's truncation.direction is "Left") so that the result,
+        special tokens included, has at most that many ids, as HF's
+        `enable_truncation(max_length, direction=...)` does. `add_special_tokens=False` leaves
         out the post-processor's tokens ([CLS]/[SEP], a BOS), as HF's does: for
         text that already holds them, such as a rendered chat template.
 
@@ -334,9 +347,13 @@ class Tokenizer:
         # budget (in C, that saves ~0.3 us of a short text's ~0.8 us).
         if not add_special_tokens:
             budget = None if max_length is None else self._content_budget(max_length, 0)
-            return self._encoder.encode(text, (), (), budget)
-        budget = None if max_length is None else self._content_budget(max_length)
-        return self._encoder.encode(text, self._prefix_ids, self._suffix_ids, budget)
+            prefix, suffix = (), ()
+        else:
+            budget = None if max_length is None else self._content_budget(max_length)
+            prefix, suffix = self._prefix_ids, self._suffix_ids
+        if self._truncate_left and budget is not None:
+            return self._keep_last(self._encoder.encode(text), budget, prefix, suffix)
+        return self._encoder.encode(text, prefix, suffix, budget)
 
     def encode_batch(
         self, texts: Iterable[str], *, max_length: int | None = None
@@ -358,6 +375,9 @@ class Tokenizer:
         # The C backend encodes the whole batch in one call, without the GIL, and builds
         # each text's list as decided here: special tokens around its ids, cut to the
         # budget. (Done here per text, that took ~90 ns of a short text's ~500 ns.)
+        if self._truncate_left and budget is not None:
+            return [self._keep_last(ids, budget, self._prefix_ids, self._suffix_ids)
+                    for ids in self._encoder.encode_batch(texts, (), (), None)]
         return self._encoder.encode_batch(texts, self._prefix_ids, self._suffix_ids, budget)
 
     def encode_with_offsets(self, text: str, *, max_length: int | None = None) -> Encoding:
@@ -381,12 +401,25 @@ class Tokenizer:
                 if not isinstance(self._offsets_encoder, _tokenizer_py._Encoder):
                     self._offsets_encoder = self._offsets_encoder()
                 encoder = self._offsets_encoder
-        ids, offsets = encoder.encode_offsets(
-            text, self._prefix_ids, self._suffix_ids, budget
-        )
+        if self._truncate_left and budget is not None:
+            ids, offsets = encoder.encode_offsets(text)
+            ids = self._keep_last(ids, budget, self._prefix_ids, self._suffix_ids)
+            offsets = self._keep_last(offsets, budget, [(0, 0)] * len(self._prefix_ids),
+                                      [(0, 0)] * len(self._suffix_ids))
+        else:
+            ids, offsets = encoder.encode_offsets(
+                text, self._prefix_ids, self._suffix_ids, budget
+            )
         if self._trim_offsets is not None:
             self._trim(text, ids, offsets)
         return Encoding(ids, offsets)
+
+    @staticmethod
+    def _keep_last(content: list, budget: int, prefix: Sequence, suffix: Sequence) -> list:
+        """The last `budget` items of `content` between `prefix` and `suffix`: HF's
+        truncation direction "Left" (a single sequence: the ids it drops, it drops from
+        the start; the post-processor's tokens are added after)."""
+        return [*prefix, *content[max(len(content) - budget, 0):], *suffix]
 
     def _trim(self, text: str, ids: list[int], offsets: list[tuple[int, int]]) -> None:
         """HF's ByteLevel post-processor `trim_offsets`: each token's span loses the
@@ -722,6 +755,14 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
         settings |= _wordpiece_settings(data, model, path)
     settings["prefix_ids"], settings["suffix_ids"] = _special_ids(data.get("post_processor"), path)
     settings["trim_offsets"] = _trim_offsets(data.get("post_processor"), path)
+
+    truncation = data.get("truncation")
+    if isinstance(truncation, dict):   # its max_length is not applied: max_length= is
+        direction = _field(truncation, "truncation.direction", str, path, "Right")
+        if direction not in ("Right", "Left"):
+            raise ValueError(f"{path}: truncation.direction is {direction!r}; expected "
+                             f"\"Right\" or \"Left\".")
+        settings["truncation_side"] = direction.lower()
 
     padding = data.get("padding")
     if isinstance(padding, dict):

@@ -400,6 +400,36 @@ def test_truncation_matches_hf(tok, some_texts, max_length):
     assert all(len(ids) <= max_length for ids in got)
 
 
+@pytest.mark.parametrize("max_length", [2, 3, 8, 128])
+def test_left_truncation_matches_hf(tmp_path, backend, some_texts, max_length):
+    """A file whose truncation.direction is "Left" (as transformers writes truncation_side
+    "left") keeps each text's last ids; it was cut on the right, like any other."""
+    data = json.loads(REFERENCE.read_text())
+    data["truncation"]["direction"] = "Left"
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    tok = Tokenizer.from_file(path, backend=backend)
+    hf = hf_tokenizer()
+    hf.enable_truncation(max_length=max_length, direction="left")
+    texts = some_texts[:500] + EDGE_CASES
+    expected = hf.encode_batch(texts)
+    assert tok.encode_batch(texts, max_length=max_length) == [e.ids for e in expected]
+    assert [tok.encode(t, max_length=max_length) for t in texts] == [e.ids for e in expected]
+    assert [tok.encode(t, max_length=max_length, add_special_tokens=False) for t in texts] == [
+        e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+    assert_offsets_match(tok, hf, texts[:300], max_length=max_length)
+    assert tok.encode("a b c d e f", max_length=4) == [101, 1041, 1042, 102]
+
+
+def test_truncation_side_is_right_or_left():
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "a": 3, "b": 4}
+    tok = Tokenizer(vocab=vocab, unk_token="[UNK]", prefix_ids=[1], suffix_ids=[2],
+                    truncation_side="left")
+    assert tok.encode("a a b", max_length=4) == [1, 3, 4, 2]
+    with pytest.raises(ValueError, match="truncation_side must be 'right' or 'left', got 'Left'"):
+        Tokenizer(vocab=vocab, unk_token="[UNK]", truncation_side="Left")
+
+
 def test_truncation_needs_room_for_special_tokens(tok):
     # HF would silently not truncate here; a clear error is more useful.
     with pytest.raises(ValueError, match="max_length=1 .* 2 special tokens"):

@@ -395,6 +395,28 @@ def test_truncation_matches_hf(tok, smollm2_tokenizer_json, real_texts, max_leng
     ]
 
 
+@pytest.mark.parametrize("variant", [_gpt2, _roberta])
+@pytest.mark.parametrize("max_length", [3, 5, 64])
+def test_left_truncation_matches_hf(tmp_path, smollm2_tokenizer_json, backend, real_texts,
+                                    variant, max_length):
+    """truncation.direction "Left" keeps each text's last ids (and their offsets, trimmed
+    as the first token's where RoBERTa's processor trims); they were cut on the right."""
+    data = json.loads(smollm2_tokenizer_json.read_text())
+    variant(data)
+    data["truncation"] = {"direction": "Left", "max_length": 512, "strategy": "LongestFirst",
+                          "stride": 0}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    tok = Tokenizer.from_file(path, backend=backend)
+    hf = hf_tokenizer(path)
+    hf.enable_truncation(max_length=max_length, direction="left")
+    texts = real_texts[::50] + EDGE_CASES
+    expected = [e.ids for e in hf.encode_batch(texts)]
+    assert tok.encode_batch(texts, max_length=max_length) == expected
+    assert [tok.encode(t, max_length=max_length) for t in texts] == expected
+    assert_offsets_match(tok, hf, real_texts[::50], max_length=max_length)
+
+
 def test_encode_batch_is_encode_per_text(tok, real_texts):
     texts = real_texts[::40] + EDGE_CASES
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
