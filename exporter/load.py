@@ -369,6 +369,32 @@ def set_padding(tokenizer_json: Path, tokenizer, model_dir: Path, config) -> dic
     return {"source": source, "pad_id": int(pad_id)}
 
 
+def set_truncation_side(tokenizer_json: Path, model_dir: Path, max_length: int) -> str:
+    """Write the side transformers cuts `model_dir`'s long texts on into `tokenizer_json`
+    (the bundle's copy) as its truncation.direction, where the runtime reads it:
+    tokenizer_config.json's truncation_side (transformers applies it on each call; it is not
+    in tokenizer.json), else the file's own direction. A model whose texts were cut on the
+    left (truncation_side "left": their last tokens kept) got their first tokens on the
+    device. A file without a truncation section gets one, with the bundle's `max_length`.
+    Returns the side, "right" or "left"."""
+    import transformers
+
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    truncation = data.get("truncation")
+    direction = (truncation or {}).get("direction", "Right").lower()
+    try:
+        side = transformers.AutoTokenizer.from_pretrained(model_dir).truncation_side
+    except Exception:   # (which error depends on the files) the file is all there is
+        return direction
+    if side == direction:
+        return side
+    truncation = truncation or {"max_length": max_length, "strategy": "LongestFirst",
+                                "stride": 0}
+    data["truncation"] = truncation | {"direction": side.capitalize()}
+    tokenizer_json.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return side
+
+
 def position_count(model) -> int:
     """Token positions `model` (a transformers encoder, any head) embeds. RoBERTa, XLM-R,
     MPNet and kin number a text's positions from padding_idx + 1 (position ids are the
@@ -434,16 +460,21 @@ def load(job) -> None:
     config = job.torch_model.config
     job.model_max_length = model_length_limit(model_dir, position_count(job.torch_model))
     job.max_length = min(job.target.runtime.max_sequence_length, job.model_max_length)
+    truncation_side = set_truncation_side(tokenizer_json, model_dir, job.max_length)
     params = sum(p.numel() for p in job.torch_model.parameters())
     job.records["model"] = {
         "source": job.model, "directory": str(model_dir), "architecture": config.model_type,
         "parameters": params, "hidden_size": config.hidden_size,
         "layers": config.num_hidden_layers, "padding": padding,
+        "truncation_side": truncation_side,
     }
     if followed:
         job.records["model"]["tokenizer_sections_from_transformers"] = followed
         job.log(f"  tokenizer.json's {', '.join(followed)} as transformers loads "
                 f"{model_dir.name} (tokenizer_config.json changes them)")
+    if truncation_side == "left":
+        job.log("  long texts are cut on the left (their last tokens kept), as transformers "
+                "loads the tokenizer")
     if "pad_id" in padding:
         job.log(f"  tokenizer.json names no pad id: the bundle's pads with {padding['pad_id']} "
                 f"(the {padding['source']})")

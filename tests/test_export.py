@@ -766,6 +766,48 @@ def test_the_bundle_tokenizes_as_transformers_loads_the_checkpoint(tmp_path):
     assert job.records["model"]["tokenizer_sections_from_transformers"] == ["normalizer"]
 
 
+@pytest.mark.parametrize("config, direction, side", [
+    ({"truncation_side": "left"}, "Right", "left"),
+    ({}, "Left", "left"),
+    ({"truncation_side": "right"}, "Left", "right"),
+])
+def test_the_bundle_truncates_on_the_side_transformers_does(tmp_path, config, direction, side):
+    """tokenizer_config.json's truncation_side "left" (transformers keeps a long text's last
+    tokens) was lost: the bundle's tokenizer.json kept its direction, and the device cut
+    every long text on the right, embedding other tokens than the model was trained on."""
+    import transformers
+
+    from exporter import pipeline
+    from exporter.budget import Budget
+    from exporter.data import Utterance
+    from exporter.load import resolve_model_dir
+    from runtime import Tokenizer
+    from targets import load_target
+
+    model = tmp_path / "model"
+    transformers.BertModel(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64)).save_pretrained(model)
+    source = resolve_model_dir("minilm")
+    data = json.loads((source / "tokenizer.json").read_text())
+    data["truncation"]["direction"] = direction
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    (model / "tokenizer_config.json").write_text(json.dumps(
+        json.loads((source / "tokenizer_config.json").read_text()) | config))
+    job = pipeline.new_job(str(model), target=load_target("arm-cpu"), task=None,
+                           output=tmp_path / "out", calibration=[], budget=Budget.parse(
+                               "cosine>=0.9"), evaluation=[Utterance("hi")],
+                           log=lambda line: None)
+    pipeline.load(job)
+    assert job.records["model"]["truncation_side"] == side
+    texts = ["turn on the kitchen lights " * 40, "hi", "close the blinds in the bedroom"]
+    ours = Tokenizer.from_file(job.workdir / "tokenizer.json").encode_batch(
+        texts, max_length=8)
+    theirs = transformers.AutoTokenizer.from_pretrained(model)(
+        texts, truncation=True, max_length=8)["input_ids"]
+    assert ours == theirs
+
+
 def test_sentence_transformers_lowercasing_a_cased_tokenizer_is_refused(tmp_path, capsys):
     """sentence_bert_config.json's do_lower_case makes sentence-transformers lowercase each
     text before tokenizing: with a cased tokenizer the bundle (which tokenizes the text as
