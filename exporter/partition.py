@@ -39,7 +39,10 @@ PROBE_SHAPES = ((2, 5), (3, 7))   # (batch, sequence) of the two probe runs
 # Graph input types those probes can feed.
 PROBE_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32,
                "tensor(float)": np.float32, "tensor(float16)": np.float16}
-WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulIntegerToFloat")
+# Ops that multiply by a weight matrix, their input 1 (com.microsoft's fused Attention and
+# QAttention take the (hidden, 3 x hidden) query/key/value weight there).
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulIntegerToFloat", "Attention",
+              "QAttention")
 # Ops whose float output is a clean place to cut. ONNX Runtime fuses a residual Add into the
 # LayerNorm after it (SkipLayerNormalization) and a bias Add into the MatMul before it, so a
 # cut after such an Add changes the rounding; nothing fuses across a normalization's output.

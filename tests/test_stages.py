@@ -394,3 +394,24 @@ def test_an_embedding_table_does_not_weigh_like_the_layers_it_displaces(tmp_path
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     matmuls = [sum(n.op_type == "MatMul" for n in s.nodes) for s in split(model, 2)]
     assert matmuls == [2, 2]
+
+
+def test_fused_attention_counts_its_query_key_value_flops():
+    """x86-server's int8 MiniLM runs its query/key/value MatMuls inside QAttention: the
+    manifest's flops_per_token left them out (a quarter of each layer's FLOPs)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from exporter.partition import node_costs
+
+    hidden = 8
+    weight = numpy_helper.from_array(np.ones((hidden, 3 * hidden), np.float32), "qkv")
+    bias = numpy_helper.from_array(np.zeros(3 * hidden, np.float32), "bias")
+    for op, inputs in (("Attention", ["x", "qkv", "bias"]),
+                       ("QAttention", ["x", "qkv", "bias", "s", "s"])):
+        node = helper.make_node(op, inputs, ["y"], domain="com.microsoft", num_heads=2)
+        graph = helper.make_graph(
+            [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, hidden])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, hidden])],
+            [weight, bias])
+        _, flops = node_costs(helper.make_model(graph))
+        assert flops.tolist() == [2 * hidden * 3 * hidden]
