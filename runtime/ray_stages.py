@@ -16,7 +16,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-from .stages import Stages, _StagedIO, device_providers
+from .bundle import BundleError
+from .stages import Stages, _StagedIO, check_stage_graph, device_providers
 
 
 class _StageWorker:
@@ -32,6 +33,9 @@ class _StageWorker:
 
     def step(self, env: dict) -> dict:
         return self.plan.step(self.index, self.session, env)
+
+    def check(self) -> None:
+        check_stage_graph(self.plan, self.index, self.session)
 
 
 class RayStagedSession(_StagedIO):
@@ -66,6 +70,23 @@ class RayStagedSession(_StagedIO):
             self.actors.append(actor.options(**options).remote(
                 i, graph, stages, list(outputs), threads,
                 device_providers(device, providers)))
+        # Every actor's graph checked against the plan now, as StagedSession checks its
+        # sessions: a manifest edited apart from its stage files, or a graph an actor could
+        # not load, failed only at the first call, deep in a remote traceback. On failure
+        # the actors started end here (each may hold a GPU).
+        try:
+            for i, actor in enumerate(self.actors):
+                try:
+                    ray.get(actor.check.remote())
+                except ray.exceptions.RayTaskError as e:
+                    raise e.cause from None
+                except ray.exceptions.RayActorError as e:   # its __init__ failed
+                    reason = str(e).strip().splitlines()[-1]
+                    raise BundleError(f"{Path(directory) / stages[i]['file']}: the Ray actor "
+                                      f"of stage {i} could not load it: {reason}") from e
+        except BaseException:
+            self.close()
+            raise
         self.in_flight = in_flight or 2 * len(stages)
         self._describe(inputs)
 

@@ -415,3 +415,47 @@ def test_fused_attention_counts_its_query_key_value_flops():
             [weight, bias])
         _, flops = node_costs(helper.make_model(graph))
         assert flops.tolist() == [2 * hidden * 3 * hidden]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="ray is not installed (pip install 'edge-exporter[ray]')")
+def test_ray_refuses_a_stage_plan_that_does_not_fit_its_graphs_at_load(tmp_path, monkeypatch):
+    """StagedSession refuses such a plan (or a stage graph onnxruntime cannot read) at load;
+    as Ray actors it loaded, and the first call failed inside a remote traceback (a graph that
+    did not load: an ActorDiedError naming no file). The actors started are ended (each may
+    hold a GPU)."""
+    import copy
+
+    import ray
+
+    from exporter.partition import write_stages
+    from runtime.bundle import BundleError
+    from runtime.ray_stages import RayStagedSession
+
+    records = write_stages(_chain_model(), 2, tmp_path, ["CPUExecutionProvider"])
+    plan = copy.deepcopy(records)
+    plan[1]["outputs"][0]["name"] = "nope"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        x = np.ones((2, 3), np.float32)
+        session = RayStagedSession(tmp_path, records, outputs=["y"], threads=1)
+        assert session.run(None, {"x": x})
+        session.close()
+        ended, close = [], RayStagedSession.close
+
+        def counted_close(self):
+            ended.append(len(self.actors))
+            close(self)
+
+        monkeypatch.setattr(RayStagedSession, "close", counted_close)
+        with pytest.raises(BundleError, match=r"manifest\.json: stage 1 \(stage1\.onnx\) "
+                                              r"lists inputs .* and outputs \['nope'\]"):
+            RayStagedSession(tmp_path, plan, outputs=["nope"], threads=1)
+        assert ended == [2]   # both actors ended
+        (tmp_path / "stage1.onnx").write_bytes(b"not an onnx graph")   # runtime.load(verify=False)
+        with pytest.raises(BundleError, match=r"stage1\.onnx: the Ray actor of stage 1 could "
+                                              r"not load it: .*INVALID_PROTOBUF"):
+            RayStagedSession(tmp_path, records, outputs=["y"], threads=1)
+        assert ended == [2, 2]
+    finally:
+        ray.shutdown()
