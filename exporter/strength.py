@@ -48,6 +48,9 @@ LATENCY_RUNS = 90
 
 MB = 1e6
 
+# The verdict of rung 0 (nothing removed) when its float graph already breaks the budget.
+FLOAT_BREAKS = "the float model itself breaks the accuracy budget"
+
 
 def ladder(layers: int, *, heal_steps: int = 0, keep: int = 1) -> list[Compression]:
     """Compression strengths for a `layers`-layer encoder, weakest first, each cumulative;
@@ -188,7 +191,8 @@ def choose_strength(job) -> None:
         over = limit_failures(settings, model_bytes=model_bytes, latency_ms=latency)
         broken = job.budget.check(metrics)
         verdict = ("fits" if not over and not broken else "; ".join(
-            [*(["compression alone breaks the accuracy budget"] if compression_breaks else
+            [*([FLOAT_BREAKS if not compression.active else
+                "compression alone breaks the accuracy budget"] if compression_breaks else
                ["accuracy budget broken"] if broken else []),
              *(["too large"] if any("MB" in o for o in over) else []),
              *(["too slow"] if any(" ms" in o for o in over) else [])]))
@@ -239,6 +243,15 @@ def _unreachable(record: dict, rows: list[dict], job, *, stopped: bool) -> str:
 
     best = f"smallest reached {line(smallest)}" + (
         f"; fastest reached {line(fastest)}" if fastest is not smallest else "")
+    if rows[-1]["verdict"].startswith(FLOAT_BREAKS):
+        # rung 0 removes nothing: no strength, healing or size budget can help
+        r = rows[-1]
+        return (f"Size / latency budget {record['budget']} cannot be met within the accuracy "
+                f"budget {record['accuracy_budget']}: the float model itself breaks the "
+                f"accuracy budget, before any compression or int8 (float "
+                f"{_metrics_text(r['float_metrics'], job.budget)}; full int8 "
+                f"{_metrics_text(r['metrics'], job.budget)}), so no strength can meet it. "
+                f"Loosen the accuracy budget. No bundle written.")
     why = (f"stopped at '{rows[-1]['strength']}', whose compression alone breaks the accuracy "
            f"budget (stronger rungs remove more)" if stopped
            else f"all {len(rows)} strengths tried")

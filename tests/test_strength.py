@@ -137,3 +137,74 @@ def test_a_budget_keeps_heal_steps_only():
     with pytest.raises(ValueError, match="picks the compression strength itself"):
         export("minilm", target="arm-cpu", max_model_mb=20,
                compression=Compression(prune_ffn=0.5))
+
+
+# --- the search itself, on stand-in candidates (seconds) ---
+
+class _Layers:
+    """Stands in for a BERT model: what the search reads of it (layer list, parameters)."""
+
+    def __init__(self, layers: int):
+        self.config = type("Config", (), {"model_type": "bert", "num_hidden_layers": layers})()
+        self.encoder = type("Encoder", (), {"layer": list(range(layers))})()
+
+    def parameters(self):
+        return []
+
+
+def test_a_float_model_that_breaks_the_budget_is_not_blamed_on_compression(tmp_path,
+                                                                           monkeypatch):
+    """An absolute budget (accuracy>=0.95) the uncompressed float model itself misses: the
+    search stopped at 'none' saying its "compression alone breaks the accuracy budget" and
+    advised healing the candidates, though nothing was compressed."""
+    import onnx
+
+    import exporter.feeds
+    import exporter.score
+    import exporter.validate
+    from exporter import pipeline, strength
+    from exporter.budget import Budget
+    from exporter.data import Utterance
+
+    def build(candidate):   # a float and an int8 "graph" of 23 MB each
+        candidate.float_onnx = candidate.workdir / "float.onnx"
+        candidate.quantized_onnx = candidate.workdir / "model.onnx"
+        for path in (candidate.float_onnx, candidate.quantized_onnx):
+            path.write_bytes(b"\0" * 23_000_000)
+
+    class Scorer:   # float accuracy 0.9 on the search's texts, int8 0.89
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def score(self, path):
+            return {"cosine": 1.0 if path.endswith("float.onnx") else 0.999,
+                    "accuracy": 0.9 if path.endswith("float.onnx") else 0.89}
+
+    monkeypatch.setattr(strength, "_build", build)
+    monkeypatch.setattr(exporter.score, "Scorer", Scorer)
+    monkeypatch.setattr(exporter.score, "selection_texts", lambda job: (job.evaluation, "2 texts"))
+    monkeypatch.setattr(exporter.feeds, "ort_session", lambda path, threads: None)
+    monkeypatch.setattr(exporter.validate, "latency_ms",
+                        lambda *args: {"c": {"p50": 1.0, "p95": 1.0}})
+    monkeypatch.setattr(onnx, "load", str)
+    target = load_target("arm-cpu")
+    target = dataclasses.replace(target, validation=dataclasses.replace(
+        target.validation, max_model_mb=15.0))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "tokenizer.json").write_text("{}")
+    job = pipeline.Job(model="m", target=target, task="text-classification",
+                       output=tmp_path / "out", calibration=[Utterance("turn it on")],
+                       evaluation=[Utterance("a", intent="x"), Utterance("b", intent="y")],
+                       budget=Budget.parse("accuracy>=0.95"), workdir=workdir,
+                       log=lambda line: None, torch_model=_Layers(6), records={"model": {}})
+    with pytest.raises(BudgetError) as e:
+        strength.choose_strength(job)
+    message = str(e.value)
+    assert "compression alone" not in message and "--heal-steps" not in message
+    assert "accuracy budget accuracy>=0.95: the float model itself breaks the accuracy " \
+           "budget, before any compression or int8 (float accuracy 0.9; full int8 accuracy " \
+           "0.89), so no strength can meet it. Loosen the accuracy budget." in message
+    (row,) = job.records["strength"]["candidates"]
+    assert row["strength"] == "none"
+    assert row["verdict"] == "the float model itself breaks the accuracy budget; too large"
