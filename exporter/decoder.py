@@ -12,6 +12,7 @@ The bundle stage is shared with the encoders.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import resource
 import subprocess
@@ -110,6 +111,13 @@ def load_decoder(job) -> None:
                          f"the export's checks use {needed} tokens (greedy text of "
                          f"{CHECK_TOKENS} tokens after each prompt); set it to at least "
                          f"{needed}.")
+    if settings.weights != "float" and (job.gguf is None or settings.weights != "int4"
+                                        or job.requantize):   # rounded from float: blocks
+        shape = shape_of(job)
+        widths = {shape.hidden}   # pruning changes the others (quantize_decoder checks them)
+        if job.compression is None or not job.compression.active:
+            widths |= {shape.heads * shape.head_dim, shape.intermediate}
+        check_block_size(settings.block_size, settings.weights, widths)
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = model.config.eos_token_id
@@ -340,6 +348,22 @@ def round_to_nearest(weight: np.ndarray, bits: int, block: int) -> Linear:
                   zero_points=pack(zero, 4))
 
 
+def check_block_size(block: int, weights: str, widths: set[int]) -> None:
+    """Refuse a profile block size that does not divide every matrix's input width (the
+    weights are rounded in blocks of `block` along it), naming the block size that does."""
+    bad = sorted(k for k in widths if k % block)
+    if not bad:
+        return
+    common = math.gcd(*widths)
+    fits = common & -common   # the largest power of two dividing every width
+    fix = (f"Set block_size = {fits} in the profile's [generation] table" if fits >= 16
+           else "No block size a profile allows (a power of two, 16 or more) divides "
+                "them all: export with --precision float or fp16")
+    raise ValueError(f"generation.block_size {block} does not divide this model's matrix "
+                     f"input width{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))}: "
+                     f"{weights} weights are rounded in blocks of {block} inputs. {fix}.")
+
+
 def _half(scale: np.ndarray) -> np.ndarray:
     """Scales rounded to float16 (how the graph stores them) before the codes are chosen, so
     the codes are rounded against the scale the device will use; never zero."""
@@ -378,6 +402,8 @@ def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
                 "exact_top_logits": settings.exact_top_logits}
 
     block = settings.block_size
+    check_block_size(block, weights, {m.in_features for m in (
+        f.embedding, *f.qkv, *f.o, *f.gate_up, *f.down)})
 
     def q(lin: Linear, bits: int = bits) -> Linear:
         return dataclasses.replace(round_to_nearest(lin.weight, bits, block), bias=lin.bias)

@@ -874,6 +874,29 @@ def test_a_context_too_small_for_the_checks_is_refused_before_the_build(gpt2_dir
         "context_length"] == least
 
 
+def test_a_block_size_that_does_not_divide_the_matrices_is_refused_before_the_build(
+        gpt2_dir, tmp_path):
+    """A profile's block_size (any power of two from 16) that does not divide a matrix's input
+    width failed in quantize_decoder, after the build and the checks, with "input size 128 is
+    not a multiple of the block size 256": no profile key, no fix."""
+    from exporter import export
+    from exporter.decoder import check_block_size
+
+    profile = tmp_path / "block256.toml"
+    profile.write_text('extends = "arm-cpu"\nname = "b256"\n[generation]\nblock_size = 256\n')
+    lines = []
+    with pytest.raises(ValueError, match=r"generation.block_size 256 does not divide this "
+                                         r"model's matrix input width 128: .* Set block_size "
+                                         r"= 128 in the profile's \[generation\] table"):
+        export(str(gpt2_dir), target=str(profile), precision="int4", output=tmp_path / "out",
+               log=lines.append)
+    assert "[build_float]" not in lines
+    with pytest.raises(ValueError, match=r"widths 100, 200: .* No block size a profile allows "
+                                         r".* export with --precision float or fp16"):
+        check_block_size(32, "int8", {64, 100, 200})   # where compression changed a width
+    check_block_size(64, "int4", {576, 1536})
+
+
 @pytest.mark.parametrize("rope_scaling", [
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 32},
