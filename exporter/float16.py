@@ -20,7 +20,6 @@ from __future__ import annotations
 import heapq
 
 import onnx
-from onnx import TensorProto
 
 from .feeds import encoder_feeds, ort_session
 
@@ -61,14 +60,26 @@ def float16_overflows(model: onnx.ModelProto, path, feeds, *,
     """
     from .quantize import calibrate_all
 
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    tensors = [v.name for v in (*inferred.value_info, *inferred.output)
-               if v.type.tensor_type.elem_type == TensorProto.FLOAT]
+    tensors = float_tensors(model)
     ranges = calibrate_all(path, tensors, lambda: feeds, methods=("minmax",),
                            percentile=100.0, total=total).ranges["minmax"]
     peaks = {name: max(-low, high) for name, (low, high) in ranges.items()}
     over = {name: peak for name, peak in peaks.items() if peak > FLOAT16_MAX}
     return over, max(peaks.values(), default=0.0)
+
+
+def float_tensors(model: onnx.ModelProto) -> list[str]:
+    """The float32 tensors the nodes of `model` compute, typed as ONNX Runtime types them.
+    ONNX's own shape inference stops at com.microsoft ops: in a fused encoder the outputs of
+    MultiHeadAttention and BiasGelu (the FFN's widest activation), and of the MatMuls that
+    read them, would have no type and so no range check."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for node in probe.graph.node
+                              for name in node.output if name and name not in known)
+    session = ort_session(probe.SerializeToString())
+    return [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> None:
