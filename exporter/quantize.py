@@ -618,6 +618,19 @@ def name_nodes(model: onnx.ModelProto) -> int:
     return renamed
 
 
+def integer_kernels(model: onnx.ModelProto, settings) -> str:
+    """The manifest's words for what runs `model`'s int8 MatMuls: the com.microsoft kernels
+    the graph names (only BERT's attention fuses, so only it gets QAttention), else Q/DQ."""
+    ops = {n.op_type for n in model.graph.node if n.domain == "com.microsoft"}
+    kernels = []
+    if "MatMulIntegerToFloat" in ops:
+        kernels.append("com.microsoft MatMulIntegerToFloat" + (
+            " (bias as its own Add)" if settings.portable_rounding else " (bias fused)"))
+    if "QAttention" in ops:
+        kernels.append("QAttention (one int8 GEMM for Q, K and V)")
+    return "; ".join(kernels) or "QDQ (fused by the runtime)"
+
+
 def lowers_to_contrib_ops(target) -> bool:
     """Whether the bundle may use onnxruntime's com.microsoft int8 kernels directly."""
     return target.graph_rules == "onnxruntime" and target.graph_optimization == "transformer"
@@ -715,10 +728,7 @@ def quantize(job) -> None:
             **({"methods_compared": compared} if compared else {}),
         },
         "quantized_nodes": names,
-        "integer_kernels": ("com.microsoft MatMulIntegerToFloat" + (
-            " (bias as its own Add)" if settings.portable_rounding else " (bias fused)")
-            + "; QAttention (one int8 GEMM for Q, K and V)") if lower
-            else "QDQ (fused by the runtime)",
+        "integer_kernels": integer_kernels(quantized, settings),
         "portable_rounding": settings.portable_rounding,
         "embeddings": {"mode": settings.embeddings, "tables": tables,
                        "float_below_bytes": SMALL_TABLE_BYTES},

@@ -41,7 +41,14 @@ from .budget import Budget, rounded
 from .feeds import encoder_feeds, ort_session
 from .float16 import convert
 from .progress import progress
-from .quantize import activation_qparams, build_int8, calibrate_all, float_by_design, weight_matmuls
+from .quantize import (
+    activation_qparams,
+    build_int8,
+    calibrate_all,
+    float_by_design,
+    integer_kernels,
+    weight_matmuls,
+)
 from .score import Scorer, selection_texts
 from .validate import reject
 
@@ -345,5 +352,6 @@ def sensitivity(job) -> None:
         onnx.save(model, job.quantized_onnx)
         # a layer whose Q, K or V stays float keeps its MultiHeadAttention (not QAttention)
         q["excluded_nodes"] = float_by_design(source, model, int8_names) + by_accuracy
+        q["integer_kernels"] = integer_kernels(model, settings)
     job.log(f"  budget {job.budget} holds with {len(kept)} group(s) kept float after "
             f"{len(steps)} scored graph(s): {rounded(chosen.metrics, 6)}")

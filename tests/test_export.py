@@ -703,6 +703,22 @@ def test_a_bpe_encoder_without_padding_gets_the_models_pad_id(tmp_path, smollm2_
         runtime.load(bundle, verify=False)
 
 
+def test_the_manifest_names_the_integer_kernels_the_graph_has(tmp_path, smollm2_tokenizer_json):
+    """The record named MatMulIntegerToFloat and QAttention wherever the profile allows
+    com.microsoft ops, but the attention fusion (and so QAttention) is BERT's only: a RoBERTa
+    export on arm-cpu (optimized at the basic level) has no QAttention, and said it had."""
+    import onnx
+
+    model, _ = roberta_checkpoint(tmp_path, smollm2_tokenizer_json)
+    bundle = export(str(model), target="arm-cpu", output=tmp_path / "bundle",
+                    accuracy_budget="cosine>=0.5", log=lambda line: None)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    ops = {n.op_type for n in onnx.load(bundle / "model.onnx").graph.node}
+    assert "QAttention" not in ops and "MatMulIntegerToFloat" in ops
+    assert manifest["quantization"]["integer_kernels"] == \
+        "com.microsoft MatMulIntegerToFloat (bias fused)"
+
+
 def test_roberta_positions_past_the_padding_index_bound_the_max_length(
         tmp_path, smollm2_tokenizer_json):
     """RoBERTa numbers positions from padding_idx + 1, so max_position_embeddings 34 embeds
