@@ -561,6 +561,14 @@ def _compress_job(model, task, compression, **extra):
                                  **{"calibration": [], **extra})
 
 
+
+def _fake_batches(monkeypatch, *, rows: int, length: int) -> None:
+    """compress() reads one batch of `rows` random BERT inputs instead of calibration text."""
+    ids = torch.randint(0, 100, (rows, length))
+    monkeypatch.setattr(C, "calibration_batches", lambda job, purpose: [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+         "token_type_ids": torch.zeros_like(ids)}])
+
 def test_a_sparsity_that_zeroes_nothing_is_refused(monkeypatch):
     # it zeroed no weight, yet a GGUF decoder's exact blocks were dropped for rounding
     from pathlib import Path
@@ -578,10 +586,7 @@ def test_a_sparsity_that_zeroes_nothing_is_refused(monkeypatch):
 def test_n_m_sparsity_covers_every_matrix_after_ffn_pruning(monkeypatch):
     # prune-ffn 0.3 left 90 of 128 neurons: the FFN output matrix (90 inputs) was skipped
     # silently by 2:4 and the reported strength 0.5 counted only the matrices masked
-    ids = torch.randint(0, 100, (2, 12))
-    monkeypatch.setattr(C, "calibration_batches", lambda job, purpose: [
-        {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-         "token_type_ids": torch.zeros_like(ids)}])
+    _fake_batches(monkeypatch, rows=2, length=12)
     model = _tiny_bert()
     job = _compress_job(model, "feature-extraction",
                         Compression(prune_ffn=0.3, sparsity_pattern="2:4"))
@@ -652,10 +657,7 @@ def test_a_short_healing_reports_its_first_and_last_losses_apart():
 def test_healing_that_makes_the_model_worse_says_so(monkeypatch):
     # 6 healing steps on --sparsity 0.1 took MiniLM's min-cosine from 0.976 to 0.961 (loss up
     # from 0.008 to 0.012), and neither the log, the manifest nor the report said so
-    ids = torch.randint(0, 100, (4, 12))
-    monkeypatch.setattr(C, "calibration_batches", lambda job, purpose: [
-        {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-         "token_type_ids": torch.zeros_like(ids)}])
+    _fake_batches(monkeypatch, rows=4, length=12)
 
     def harmful(job, student, teacher, *, steps, masks):
         with torch.no_grad():
@@ -685,10 +687,7 @@ def test_pruning_records_the_fraction_it_removed(monkeypatch):
     # --prune-heads 0.99 removed 66 of MiniLM's 72 heads (a layer keeps one) and SmolLM2's
     # --prune-ffn 0.1 8.3% (kept in int4 blocks), yet the manifest and the report's
     # "strength" said 0.99 and 0.1
-    ids = torch.randint(0, 100, (2, 12))
-    monkeypatch.setattr(C, "calibration_batches", lambda job, purpose: [
-        {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-         "token_type_ids": torch.zeros_like(ids)}])
+    _fake_batches(monkeypatch, rows=2, length=12)
     job = _compress_job(_tiny_bert(), "feature-extraction",
                         Compression(prune_heads=0.99, prune_ffn=0.99))
     C.compress(job)
@@ -726,10 +725,7 @@ def test_ranking_says_when_it_read_more_than_the_calibration_text(monkeypatch):
     # manifest nor the report said so (healing's own top-up was recorded)
     from exporter.data import Utterance
 
-    ids = torch.randint(0, 100, (5, 12))
-    monkeypatch.setattr(C, "calibration_batches", lambda job, purpose: [
-        {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-         "token_type_ids": torch.zeros_like(ids)}])
+    _fake_batches(monkeypatch, rows=5, length=12)
     job = _compress_job(_tiny_bert(num_hidden_layers=3), "feature-extraction",
                         Compression(drop_layers=1, prune_heads=0.25, prune_ffn=0.5,
                                     share_layers=True, share_max_harm=2.0),
@@ -746,10 +742,7 @@ def test_layers_are_numbered_as_in_the_source_checkpoint_after_a_drop(monkeypatc
     # --drop-layers 1 then --prune-heads / --prune-ffn / --share-layers recorded their layers
     # counting after the drop: "removed" {"1": ...} was the checkpoint's layer 2, and the
     # manifest did not say which numbering it used
-    ids = torch.randint(0, 100, (4, 12))
-    monkeypatch.setattr(C, "calibration_batches", lambda job, purpose: [
-        {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-         "token_type_ids": torch.zeros_like(ids)}])
+    _fake_batches(monkeypatch, rows=4, length=12)
     job = _compress_job(_tiny_bert(num_hidden_layers=3), "feature-extraction",
                         Compression(drop_layers=(1,), prune_heads=0.25, prune_ffn=0.5,
                                     share_layers=True, share_max_harm=2.0))
