@@ -103,6 +103,10 @@ class Budget:
                 raise ValueError(f"Accuracy budget clause {part.strip()!r} bounds the wrong "
                                  f"side: a budget says how far {metric} may get worse, "
                                  f"e.g. '{metric}{better}{value}'.")
+            if not math.isfinite(float(value)):   # 1e999 reads as inf: no record reads back
+                raise ValueError(f"Accuracy budget clause {part.strip()!r}: {value} is beyond "
+                                 f"a float's range; give a bound within {metric}'s range, "
+                                 f"{RANGES[metric][0]:g} to {RANGES[metric][1]:g}.")
             low, high = RANGES[metric]
             if (op == ">=" and float(value) > high) or (op == "<=" and float(value) < low):
                 raise ValueError(f"Accuracy budget clause {part.strip()!r} can never hold: "

@@ -68,6 +68,9 @@ def test_a_metric_that_is_not_a_number_breaks_the_budget():
     ("cosine>=0.99, agreement>=2", r"'agreement>=2' can never hold: agreement lies in \[0, 1\]"),
     ("perplexity-increase<=-100.5", r"can never hold: perplexity-increase lies in \[-100, inf\]"),
     ("  ", "The accuracy budget is empty"),
+    # read as inf, recorded as 'cosine>=-inf', which no budget parse reads back
+    ("cosine>=-1e999", "-1e999 is beyond a float's range"),
+    ("accuracy-drop<=1e999", "1e999 is beyond a float's range"),
 ])
 def test_bad_budget(text, message):
     with pytest.raises(ValueError, match=message):
