@@ -37,6 +37,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "accuracy": (0.0, 1.0), "accuracy-drop": (-100.0, 100.0),
     "perplexity-increase": (-100.0, float("inf")), "greedy-agreement": (0.0, 1.0),
 }
+# metrics whose lower end is never reached: a perplexity is at least 1, so its increase is
+# above -100% (that would be a perplexity of 0); "perplexity-increase<=-100" can never hold
+OPEN_BELOW = ("perplexity-increase",)
 
 # task -> the metrics its validation measures; the accuracy ones need every evaluation text
 # labelled (a .jsonl "label" field, or the default smart-home utterances).
@@ -51,7 +54,7 @@ LOWER_IS_BETTER = ("accuracy-drop", "perplexity-increase")
 # metrics measured in percent (points); the others are shares or cosines
 PERCENT_METRICS = ("accuracy-drop", "perplexity-increase")
 
-_CLAUSE = re.compile(r"^\s*([a-z0-9-]+)\s*(>=|<=)\s*"
+_CLAUSE = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*(>=|<=)\s*"
                      r"([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*$")
 
 
@@ -96,8 +99,12 @@ class Budget:
                                  f"expected METRIC>=VALUE or METRIC<=VALUE, e.g. 'cosine>=0.97'.")
             metric, op, value = match.groups()
             if metric not in METRICS:
+                spelled = metric.lower().replace("_", "-")
+                hint = (f"metric names are lower case with hyphens: write "
+                        f"'{spelled}{op}{value}'" if spelled in METRICS else
+                        f"Available: {', '.join(METRICS)}")
                 raise ValueError(f"Unknown accuracy metric {metric!r} in budget {text!r}. "
-                                 f"Available: {', '.join(METRICS)}.")
+                                 f"{hint}.")
             if (op == "<=") != (metric in LOWER_IS_BETTER):
                 better = "<=" if metric in LOWER_IS_BETTER else ">="
                 raise ValueError(f"Accuracy budget clause {part.strip()!r} bounds the wrong "
@@ -108,9 +115,12 @@ class Budget:
                                  f"a float's range; give a bound within {metric}'s range, "
                                  f"{RANGES[metric][0]:g} to {RANGES[metric][1]:g}.")
             low, high = RANGES[metric]
-            if (op == ">=" and float(value) > high) or (op == "<=" and float(value) < low):
+            below = float(value) <= low if metric in OPEN_BELOW else float(value) < low
+            if (op == ">=" and float(value) > high) or (op == "<=" and below):
+                lower = "(" if metric in OPEN_BELOW else "["
                 raise ValueError(f"Accuracy budget clause {part.strip()!r} can never hold: "
-                                 f"{metric} lies in [{low:g}, {high:g}] ({METRICS[metric]}).")
+                                 f"{metric} lies in {lower}{low:g}, {high:g}] "
+                                 f"({METRICS[metric]}).")
             clauses.append(Clause(metric, op, float(value)))
         return cls(tuple(clauses))
 

@@ -66,7 +66,13 @@ def test_a_metric_that_is_not_a_number_breaks_the_budget():
     ("bleu>=3", "Unknown accuracy metric 'bleu'"),
     ("cosine>=1.5", r"'cosine>=1.5' can never hold: cosine lies in \[-1, 1\]"),
     ("cosine>=0.99, agreement>=2", r"'agreement>=2' can never hold: agreement lies in \[0, 1\]"),
-    ("perplexity-increase<=-100.5", r"can never hold: perplexity-increase lies in \[-100, inf\]"),
+    ("perplexity-increase<=-100.5", r"can never hold: perplexity-increase lies in \(-100, inf\]"),
+    # a perplexity is at least 1: an increase of -100% would be a perplexity of 0
+    ("perplexity-increase<=-100", r"can never hold: perplexity-increase lies in \(-100, inf\]"),
+    ("Cosine>=0.97", "metric names are lower case with hyphens: write 'cosine>=0.97'"),
+    ("cosine>=0.9, MIN_COSINE>=0.8", "write 'min-cosine>=0.8'"),
+    ("min_cosine>=0.8", "write 'min-cosine>=0.8'"),
+    ("Bleu>=3", "Unknown accuracy metric 'Bleu'.*Available: cosine"),
     ("  ", "The accuracy budget is empty"),
     # read as inf, recorded as 'cosine>=-inf', which no budget parse reads back
     ("cosine>=-1e999", "-1e999 is beyond a float's range"),
