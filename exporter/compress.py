@@ -100,7 +100,8 @@ class Compression:
                              f"indices >= 0.")
         if isinstance(self.heal_steps, bool) or not isinstance(self.heal_steps, int) \
                 or self.heal_steps < 0:
-            raise ValueError(f"heal_steps must be an int >= 0, got {self.heal_steps!r}.")
+            raise ValueError(f"--heal-steps {self.heal_steps!r} is not a count: give the "
+                             f"number of distillation steps, an int >= 0 (0: no healing).")
 
     @property
     def active(self) -> bool:

@@ -247,7 +247,10 @@ def _resolve(name_or_path: str | Path, *, relative_to: Path | None = None) -> Pa
             path = relative_to / path
         if not path.is_file():
             what = "is not a file" if path.exists() else "does not exist"
-            raise FileNotFoundError(f"Target profile {str(path)!r} {what}.")
+            builtin = path.stem if (PROFILE_DIR / f"{path.stem}.toml").is_file() else None
+            hint = (f"; the built-in profile is named {builtin!r}, without .toml"
+                    if builtin and not path.exists() else "")
+            raise FileNotFoundError(f"Target profile {str(path)!r} {what}{hint}.")
         return path
     path = PROFILE_DIR / f"{text}.toml"
     if not path.is_file():

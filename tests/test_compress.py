@@ -48,7 +48,7 @@ def _cosine(model, reference, batches) -> float:
     ({"sparsity": 1.5}, r"--sparsity 1.5 is outside \[0, 1\)"),
     ({"sparsity": 0.3, "sparsity_pattern": "2:4"}, "contradicts the 2:4 pattern"),
     ({"drop_layers": (1, 1)}, "distinct indices"),
-    ({"heal_steps": -1}, "heal_steps must be an int >= 0"),
+    ({"heal_steps": -1}, "--heal-steps -1 is not a count: .* an int >= 0"),
 ])
 def test_bad_requests_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -42,9 +42,13 @@ def test_unknown_target_lists_the_valid_ones():
         load_target("jetsn")
 
 
-def test_missing_profile_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.toml"):
+def test_missing_profile_file(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"'nope.toml' does not exist\.$"):
         load_target("nope.toml")
+    monkeypatch.chdir(tmp_path)   # a built-in's file name, where no such file is
+    with pytest.raises(FileNotFoundError, match="'arm-cpu.toml' does not exist; the built-in "
+                                                "profile is named 'arm-cpu', without .toml"):
+        load_target("arm-cpu.toml")
     (tmp_path / "boards").mkdir()   # a directory given by mistake "does not exist"ed
     with pytest.raises(FileNotFoundError, match=r"/boards' is not a file\."):
         load_target(f"{tmp_path}/boards/")
