@@ -13,23 +13,32 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+from collections.abc import Iterator
 
 import runtime
 
 
-def read_utterances(arguments: list[str]) -> list[str]:
-    """The arguments, each '-' replaced by stdin's lines (UTF-8; a bad byte becomes U+FFFD
-    rather than stopping the device's loop). (As in match_command.py: each sample stands
-    alone, to be copied to a device by itself.)"""
-    out: list[str] = []
+def batches(arguments: list[str]) -> Iterator[list[str]]:
+    """The utterances to act on, in turn: the arguments as they come, and for each '-' stdin's
+    lines one at a time, as each arrives (a device's speech front end writes a line per
+    request and waits for the answer). Stdin is read as UTF-8; a bad byte becomes U+FFFD
+    rather than stopping the device's loop. (As in match_command.py:
+    each sample stands alone, to be copied to a device by itself.)"""
+    given: list[str] = []
     for argument in arguments:
-        if argument == "-":
-            stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
-            out += [line.strip() for line in stdin if line.strip()]
-            stdin.detach()   # not closed with the wrapper: another '-' reads on (to its end)
-        else:
-            out.append(argument)
-    return out
+        if argument != "-":
+            given.append(argument)
+            continue
+        if given:
+            yield given
+            given = []
+        stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+        for line in stdin:
+            if line.strip():
+                yield [line.strip()]
+        stdin.detach()   # not closed with the wrapper: another '-' reads on (to its end)
+    if given:
+        yield given
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.threshold <= 1:   # a probability; above 1 nothing could ever act
         parser.error(f"--threshold must be from 0 to 1, got {args.threshold}")
+    if "-" in args.utterances and sys.stdin is None:   # started with `<&-`, or by pythonw
+        parser.error("'-' reads utterances from stdin, and this process has none: pipe them "
+                     "in, or give them as arguments")
 
     try:
         model = runtime.load(args.bundle, spinning=False)
@@ -50,15 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:  # BundleError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    utterances = read_utterances(args.utterances)
-
-    for text, ranked in zip(utterances, model.classify(utterances, top_k=2), strict=True):
-        (intent, score), (runner_up, second) = ranked
-        if score >= args.threshold:
-            print(f"{text!r} -> {intent} ({score:.0%})")
-        else:
-            print(f"{text!r} -> not sure, no action ({intent} {score:.0%}, "
-                  f"{runner_up} {second:.0%})")
+    for utterances in batches(args.utterances):
+        for text, ranked in zip(utterances, model.classify(utterances, top_k=2), strict=True):
+            (intent, score), (runner_up, second) = ranked
+            if score >= args.threshold:
+                print(f"{text!r} -> {intent} ({score:.0%})")
+            else:
+                print(f"{text!r} -> not sure, no action ({intent} {score:.0%}, "
+                      f"{runner_up} {second:.0%})")
+        sys.stdout.flush()   # the answer to this line now, not when stdin ends
     return 0
 
 

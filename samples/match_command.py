@@ -16,6 +16,7 @@ import argparse
 import io
 import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -49,18 +50,26 @@ DEMO_UTTERANCES = (
 )
 
 
-def read_utterances(arguments: list[str]) -> list[str]:
-    """The arguments, each '-' replaced by stdin's lines (UTF-8; a bad byte becomes U+FFFD
-    rather than stopping the device's loop)."""
-    out: list[str] = []
+def batches(arguments: list[str]) -> Iterator[list[str]]:
+    """The utterances to act on, in turn: the arguments as they come, and for each '-' stdin's
+    lines one at a time, as each arrives (a device's speech front end writes a line per
+    request and waits for the answer). Stdin is read as UTF-8; a bad byte becomes U+FFFD
+    rather than stopping the device's loop."""
+    given: list[str] = []
     for argument in arguments:
-        if argument == "-":
-            stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
-            out += [line.strip() for line in stdin if line.strip()]
-            stdin.detach()   # not closed with the wrapper: another '-' reads on (to its end)
-        else:
-            out.append(argument)
-    return out
+        if argument != "-":
+            given.append(argument)
+            continue
+        if given:
+            yield given
+            given = []
+        stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+        for line in stdin:
+            if line.strip():
+                yield [line.strip()]
+        stdin.detach()   # not closed with the wrapper: another '-' reads on (to its end)
+    if given:
+        yield given
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:
@@ -83,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("threshold", "margin"):
         if not 0 <= getattr(args, name) <= 1:   # cosine similarities of unit vectors
             parser.error(f"--{name} must be from 0 to 1, got {getattr(args, name)}")
+    if "-" in args.utterances and sys.stdin is None:   # started with `<&-`, or by pythonw
+        parser.error("'-' reads utterances from stdin, and this process has none: pipe them "
+                     "in, or give them as arguments")
 
     try:
         model = runtime.load(args.bundle, spinning=False)
@@ -94,29 +106,29 @@ def main(argv: list[str] | None = None) -> int:
               f"embeddings (export one with: python -m exporter --target arm-cpu)",
               file=sys.stderr)
         return 2
-    utterances = read_utterances(args.utterances) if args.utterances else list(DEMO_UTTERANCES)
-    if not utterances:   # "-" and an empty stdin: nothing was said, nothing to act on
-        return 0
-
     ids = list(COMMANDS)
-    known = unit(model.embed([COMMANDS[i] for i in ids]))   # (commands, dim)
-    started = time.perf_counter()
-    heard = unit(model.embed(utterances))                    # (utterances, dim)
-    elapsed_ms = (time.perf_counter() - started) * 1e3
-    scores = heard @ known.T                                 # cosine similarities
-    for text, row in zip(utterances, scores, strict=True):
-        second, best = (int(i) for i in row.argsort()[-2:])
-        if row[best] >= args.threshold and row[best] - row[second] < args.margin:
-            print(f"{text!r} -> no action, ambiguous: {ids[best]} {row[best]:.2f} vs "
-                  f"{ids[second]} {row[second]:.2f}")
-        elif row[best] >= args.threshold:
-            print(f"{text!r} -> {ids[best]} (similarity {row[best]:.2f})")
-        else:
-            print(f"{text!r} -> no action: closest is {ids[best]} at {row[best]:.2f}, "
-                  f"below {args.threshold}")
-    sys.stdout.flush()
-    print(f"[{len(utterances)} utterances embedded in {elapsed_ms:.1f} ms, "
-          f"tokenizer backend: {runtime.Tokenizer.backend}]", file=sys.stderr)
+    known = unit(model.embed([COMMANDS[i] for i in ids]))    # (commands, dim)
+    said, elapsed_ms = 0, 0.0
+    for utterances in batches(args.utterances) if args.utterances else [list(DEMO_UTTERANCES)]:
+        started = time.perf_counter()
+        heard = unit(model.embed(utterances))                # (utterances, dim)
+        elapsed_ms += (time.perf_counter() - started) * 1e3
+        said += len(utterances)
+        scores = heard @ known.T                             # cosine similarities
+        for text, row in zip(utterances, scores, strict=True):
+            second, best = (int(i) for i in row.argsort()[-2:])
+            if row[best] >= args.threshold and row[best] - row[second] < args.margin:
+                print(f"{text!r} -> no action, ambiguous: {ids[best]} {row[best]:.2f} vs "
+                      f"{ids[second]} {row[second]:.2f}")
+            elif row[best] >= args.threshold:
+                print(f"{text!r} -> {ids[best]} (similarity {row[best]:.2f})")
+            else:
+                print(f"{text!r} -> no action: closest is {ids[best]} at {row[best]:.2f}, "
+                      f"below {args.threshold}")
+        sys.stdout.flush()   # the answer to this line now, not when stdin ends
+    if said:   # "-" and an empty stdin: nothing was said, nothing acted on or timed
+        print(f"[{said} utterances embedded in {elapsed_ms:.1f} ms, "
+              f"tokenizer backend: {runtime.Tokenizer.backend}]", file=sys.stderr)
     return 0
 
 

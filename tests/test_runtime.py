@@ -775,19 +775,63 @@ def test_device_application_reads_stdin_where_told_and_compares_cosines(minilm_b
     assert quiet.stdout == b""
 
 
+def _sample(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "samples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("sample", ["match_command", "intent"])
 def test_device_applications_take_stdin_twice(sample, monkeypatch):
     # The first '-' closed stdin with its reader, and a second one (`- -`, or `- "lights on"
     # -`) stopped the application with "ValueError: I/O operation on closed file"; it now
     # reads on to stdin's end, as `cat - -` does.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(sample, REPO / "samples" / f"{sample}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"lock the door\n")))
-    assert module.read_utterances(["-", "lights on", "-"]) == ["lock the door", "lights on"]
+    module = _sample(sample)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"lock the door\n\nhi\n")))
+    assert list(module.batches(["a", "b", "-", "lights on", "-"])) == [
+        ["a", "b"], ["lock the door"], ["hi"], ["lights on"]]
     assert not sys.stdin.buffer.closed
+
+
+@pytest.mark.parametrize("sample", ["match_command", "intent"])
+def test_device_applications_without_stdin_say_so(sample, monkeypatch, capsys):
+    # started with stdin closed (`<&-`): '-' stopped it with "AttributeError: 'NoneType'
+    # object has no attribute 'buffer'" after loading the bundle
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(SystemExit) as stop:
+        _sample(sample).main(["no-bundle-needed", "-"])
+    assert stop.value.code == 2
+    assert "'-' reads utterances from stdin, and this process has none" in \
+        capsys.readouterr().err
+
+
+def test_device_application_answers_each_line_as_it_arrives(minilm_bundle):
+    # A speech front end writes one utterance and waits for the answer: '-' read stdin to its
+    # end before acting, so the answer came only when the pipe closed.
+    import threading
+
+    app = subprocess.Popen([sys.executable, "samples/match_command.py", str(minilm_bundle),
+                            "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        answers: list[str] = []
+        for said, command in [("please lock the front door", "lock.front_door."),
+                              ("switch on the kitchen light", "light.kitchen.on")]:
+            app.stdin.write(said + "\n")
+            app.stdin.flush()   # and the pipe stays open
+            reader = threading.Thread(target=lambda: answers.append(app.stdout.readline()))
+            reader.start()
+            reader.join(timeout=120)
+            assert not reader.is_alive(), f"no answer to {said!r} while stdin is open"
+            assert answers[-1].startswith(repr(said)) and command in answers[-1]
+        app.stdin.close()
+        assert app.wait(timeout=60) == 0
+        assert "[2 utterances embedded in" in app.stderr.read()
+    finally:
+        app.kill()
 
 
 def test_no_telemetry_unless_the_application_asks(minilm_bundle, tmp_path):
