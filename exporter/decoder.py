@@ -30,7 +30,7 @@ from .decoder_graph import DecoderShape, DecoderWeights, Linear, build, float_we
 from .load import write_tokenizer
 from .quantize import kib_to_mb
 from .report import write_report
-from .validate import BudgetError, cpu_target, timed_on
+from .validate import BudgetError, cpu_target, timed_on, timing_threads
 
 # Architectures the graph builder covers: Llama (RMSNorm, rotary, GQA, SwiGLU, no bias) and
 # GPT-2 (LayerNorm, learned positions, biases, GELU MLP).
@@ -578,7 +578,7 @@ def peak_rss_mb(path: Path, shape: DecoderShape) -> float:
 
 def validate_decoder(job) -> None:
     """Stage: perplexity float vs bundle, greedy agreement with PyTorch, speed, size, memory."""
-    threads = job.target.runtime.threads
+    threads = timing_threads(job.target)
     windows = eval_windows(job)
     float_decoder = OnnxDecoder(job.float_onnx, job.decoder_shape, threads)
     float_ppl = perplexity(float_decoder, windows)

@@ -147,7 +147,7 @@ def choose_strength(job) -> None:
 
     from .feeds import ort_session
     from .score import Scorer, selection_texts
-    from .validate import BudgetError, latency_ms
+    from .validate import BudgetError, latency_ms, timing_threads
 
     settings = job.target.validation
     if settings.max_model_mb is None and settings.max_latency_ms is None:
@@ -156,7 +156,7 @@ def choose_strength(job) -> None:
     heal_steps = job.compression.heal_steps if job.compression else 0
     rungs = ladder(len(layer_list(job.torch_model)), heal_steps=heal_steps,
                    keep=job.target.runtime.pipeline_stages)
-    threads = job.target.runtime.threads
+    threads = timing_threads(job.target)
     latency_texts = [u.text for u in job.calibration[:50]]
     job.log(f"  size / latency budget {limits_text(settings)}, accuracy budget {job.budget}: "
             f"up to {len(rungs)} strengths, weakest first")

@@ -292,6 +292,33 @@ def test_peak_memory_is_measured_at_the_profiles_batch(tmp_path, monkeypatch):
     assert rss["bundle"] > 0
 
 
+@pytest.mark.parametrize("cores, timed", [(2, 2), (8, 4)])
+def test_latency_is_timed_on_no_more_threads_than_the_host_has(tmp_path, monkeypatch, cores,
+                                                                timed):
+    """rpi5's 4 threads were timed on a 2-core build host, where they contend for the cores:
+    its latency (and a latency budget) were judged on a slowdown the Pi does not have."""
+    import exporter.validate as validate
+    from targets import load_target
+
+    sessions, real_session = [], validate.ort_session
+
+    def session(path, *, threads=0, **kwargs):
+        sessions.append(threads)
+        return real_session(path, threads=threads, **kwargs)
+
+    monkeypatch.setattr(validate, "ort_session", session)
+    monkeypatch.setattr(validate, "host_cores", lambda: cores)
+    target = load_target("rpi5")
+    assert target.runtime.threads == 4 and validate.timing_threads(target) == timed
+    job = stubbed_validation(tmp_path, monkeypatch, target)
+    validate.validate(job)
+    assert sessions[:2] == [timed, timed]   # the float graph and the bundle, as timed
+    where = job.records["validation"]["latency_ms_batch1"]["timed_on"]
+    assert f"{cores} cores, CPUExecutionProvider, {timed} threads" in where
+    assert ("the profile's 4 capped at this host's cores" in where) == (cores < 4)
+    assert validate.timing_threads(load_target("arm-cpu")) == 0   # all cores stays all
+
+
 def test_report_tables_give_the_units_of_metrics_in_percent():
     """accuracy-drop is in points and perplexity-increase in percent; the report's tables
     printed them bare next to accuracy and agreement, which are shares of 1."""
