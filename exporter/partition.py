@@ -423,6 +423,22 @@ def partition_lines(record: dict | None) -> list[str]:
     return lines
 
 
+def check_stage_count(stages: int, model: dict, source: Path) -> None:
+    """`stages` checked against the layers of the bundle's model (its manifest's "model"
+    record, after compression), as the export checks --stages: a stage needs at least one
+    layer (split alone cut MiniLM's 6 layers into 7 stages)."""
+    if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"The number of stages must be an int >= 1, got {stages!r}.")
+    layers = model.get("layers_after_compression", model.get("layers"))
+    if isinstance(layers, int) and layers >= 1 and stages > layers:
+        before = model.get("layers")
+        left = (f" (compression left {layers} of its {before})"
+                if isinstance(before, int) and before != layers else "")
+        raise ValueError(f"Cannot split the {layers}-layer model in {source} into {stages} "
+                         f"pipeline stages: a stage needs at least one layer{left}; use at "
+                         f"most {layers} stages.")
+
+
 def restage(bundle_dir: str | Path, stages: int, output: str | Path) -> Path:
     """A copy of a single-graph bundle at `output` with its graph cut into `stages` stages
     (the same graph, so the same outputs); written beside `output`, then renamed into place.
@@ -448,6 +464,7 @@ def restage(bundle_dir: str | Path, stages: int, output: str | Path) -> Path:
     if manifest.get("task") == "text-generation":
         raise ValueError(f"{source} is a decoder bundle; pipeline stages are for encoders "
                          f"(a decoder's KV cache is not cut across stages yet).")
+    check_stage_count(stages, manifest.get("model", {}), source)
     model_file = manifest.get("model_file", "model.onnx")
     staging = temp_dir_beside(output)
     try:

@@ -278,8 +278,9 @@ def test_staged_session_names_every_graph_input_without_a_manifest(tmp_path):
     assert [i.name for i in session.get_inputs()] == ["x", "bias"]
 
 
-def _tiny_bundle(directory, model) -> None:
-    """A single-graph bundle around `model`: just what restage and Bundle.open read."""
+def _tiny_bundle(directory, model, manifest: dict | None = None) -> None:
+    """A single-graph bundle around `model`: just what restage and Bundle.open read, and
+    `manifest`'s entries ({"model": {"layers": 2}})."""
     from runtime.bundle import sha256_of
 
     directory.mkdir()
@@ -290,7 +291,8 @@ def _tiny_bundle(directory, model) -> None:
     (directory / "manifest.json").write_text(json.dumps({
         "format_version": 1, "name": directory.name, "task": "feature-extraction",
         "opset": 19, "model_file": "model.onnx", "files": files,
-        "target": {"runtime": {"execution_providers": ["CPUExecutionProvider"]}}}))
+        "target": {"runtime": {"execution_providers": ["CPUExecutionProvider"]}},
+        **(manifest or {})}))
 
 
 def test_restage_refuses_a_damaged_source_bundle(tmp_path):
@@ -312,6 +314,23 @@ def test_restage_refuses_to_write_over_its_source(tmp_path):
     with pytest.raises(ValueError, match="other than the source bundle itself"):
         restage(tmp_path / "single", 2, tmp_path / "single")
     assert (tmp_path / "single" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("record", [{"layers": 2},
+                                    {"layers": 6, "layers_after_compression": 2}])
+def test_restage_refuses_more_stages_than_layers(tmp_path, record):
+    """export refused 7 stages of a 6-layer model; restage cut MiniLM into 7 stages (22,
+    16, 16, 16, 16, 13 and 12 nodes), some holding part of a layer. Refused before anything
+    is written."""
+    from runtime.bundle import Bundle
+
+    _tiny_bundle(tmp_path / "single", _chain_model(layers=2), {"model": record})
+    Bundle.open(restage(tmp_path / "single", 2, tmp_path / "two"))   # one layer each
+    with pytest.raises(ValueError, match=r"2-layer model in .*single into 3 pipeline "
+                                         r"stages: a stage needs at least one layer.*; "
+                                         r"use at most 2 stages"):
+        restage(tmp_path / "single", 3, tmp_path / "three")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["single", "two"]
 
 
 def test_stage_weight_bytes_are_what_each_stage_holds(tmp_path):
