@@ -423,6 +423,16 @@ def partition_lines(record: dict | None) -> list[str]:
     return lines
 
 
+def external_files(path: Path) -> set[str]:
+    """The files (relative to the graph's directory, as a manifest names them) that hold the
+    external data of the graph at `path`."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    model = onnx.load(path, load_external_data=False)
+    return {Path(ExternalDataInfo(t).location).as_posix() for t in _get_all_tensors(model)
+            if uses_external_data(t)}
+
+
 def check_stage_count(stages: int, model: dict, source: Path) -> None:
     """`stages` checked against the layers of the bundle's model (its manifest's "model"
     record, after compression), as the export checks --stages: a stage needs at least one
@@ -470,8 +480,11 @@ def restage(bundle_dir: str | Path, stages: int, output: str | Path) -> Path:
     try:
         manifest["stages"] = write_stages(onnx.load(source / model_file), stages, staging,
                                           manifest["target"]["runtime"]["execution_providers"])
+        # the stages hold their weights inline: the single graph's external data, a second
+        # copy of every weight, is read by no graph of the new bundle
+        graph_files = {model_file} | external_files(source / model_file)
         for entry in manifest["files"]:
-            if entry["path"] != model_file:
+            if entry["path"] not in graph_files:
                 shutil.copyfile(source / entry["path"], staging / entry["path"])
         manifest.pop("model_file", None)
         manifest["name"] = output.name

@@ -49,6 +49,33 @@ def test_cuda_stage_devices_fall_back_to_cpu(minilm_bundle, eval_texts, single, 
                                   single[:20])
 
 
+def test_restage_leaves_out_the_external_data_its_stages_do_not_read(minilm_bundle, eval_texts,
+                                                                     single, tmp_path):
+    """The stage graphs hold their weights inline; restage still copied the source graph's
+    external-data file into the staged bundle (a second copy of every weight, read by no
+    graph)."""
+    import shutil
+
+    from runtime.bundle import sha256_of
+
+    source = tmp_path / "external"
+    shutil.copytree(minilm_bundle, source)
+    onnx.save(onnx.load(source / "model.onnx"), source / "model.onnx",
+              save_as_external_data=True, location="model.onnx.data")
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["files"] = [{"path": p.name, "sha256": sha256_of(p), "bytes": p.stat().st_size}
+                         for p in sorted(source.iterdir()) if p.name != "manifest.json"]
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    assert runtime.load(source)   # a sound bundle, its weights in model.onnx.data
+
+    path = restage(source, 2, tmp_path / "staged")
+    files = [f["path"] for f in json.loads((path / "manifest.json").read_text())["files"]]
+    assert "model.onnx.data" not in files and not (path / "model.onnx.data").exists()
+    assert {"stage0.onnx", "stage1.onnx", "tokenizer.json"} <= set(files)
+    got = runtime.load(path).embed(eval_texts[:20], batch_size=16)   # verified, and the same
+    np.testing.assert_array_equal(got, single[:20])
+
+
 def test_a_failing_feed_reaches_the_caller_instead_of_hanging(minilm_bundle, tmp_path):
     session = runtime.load(restage(minilm_bundle, 2, tmp_path / "staged")).session
     feed = {"input_ids": np.array([[101, 7592, 102]]), "attention_mask": np.ones((1, 3), int),
