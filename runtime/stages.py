@@ -2,10 +2,11 @@
 
 The manifest's "stages" list says, per stage, its file, its device ("cuda:1", "cpu") and the
 tensors it takes and hands on. Stage i's session runs on CUDA device i where onnxruntime has
-CUDA, and on the CPU otherwise. A stream of batches is pipelined: each stage has a worker
-thread, and batch k+1 enters stage 0 while batch k is in stage 1, so the stages work at the
-same time (onnxruntime releases the GIL while it computes). Each batch is one micro-batch of
-the pipeline, computed exactly as the single graph computes it.
+CUDA and the process sees that GPU, and on the CPU otherwise (with a warning). A stream of
+batches is pipelined: each stage has a worker thread, and batch k+1 enters stage 0 while batch
+k is in stage 1, so the stages work at the same time (onnxruntime releases the GIL while it
+computes). Each batch is one micro-batch of the pipeline, computed exactly as the single graph
+computes it.
 
     >>> session = StagedSession("build/minilm-x86-server", manifest["stages"],
     ...                         outputs=["last_hidden_state"])
@@ -14,8 +15,10 @@ the pipeline, computed exactly as the single graph computes it.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +60,53 @@ def device_providers(device: str, providers: Sequence) -> list:
         # the caller's options (gpu_mem_limit ...) stay; the stage's device is added
         chosen.append((name, {**options, "device_id": int(device[5:])}) if pinned else p)
     return chosen
+
+
+def visible_gpus() -> int:
+    """How many CUDA devices this process sees (CUDA_VISIBLE_DEVICES applies), as the CUDA
+    driver counts them; 0 without a driver."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("nvcuda.dll" if os.name == "nt" else "libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0   # CUDA_ERROR_NO_DEVICE where CUDA_VISIBLE_DEVICES hides every GPU
+    return count.value
+
+
+def placed_devices(devices: Sequence[str], providers: Sequence) -> list[str]:
+    """The stages' devices as this process can hold them: a "cuda:N" stage whose GPU N it
+    does not see runs on the CPU, and a warning says how many stages want a GPU and how many
+    GPUs there are. (onnxruntime refuses a device_id past the last GPU, "Invalid device ID";
+    its InferenceSession then printed "EP Error" to stdout and ran that stage on the CPU,
+    which no warning said.) Without a GPU provider in this onnxruntime build nothing changes
+    here: every stage runs on the CPU, and load's provider check says so."""
+    import onnxruntime as ort
+
+    names = [p[0] if isinstance(p, tuple) else p for p in providers]
+    available = ort.get_available_providers()
+    if not any(n in available for n in names
+               if n in ("CUDAExecutionProvider", "TensorrtExecutionProvider")):
+        return list(devices)
+    wanted = [i for i, d in enumerate(devices) if isinstance(d, str)
+              and d.startswith("cuda:") and d[5:].isdigit()]
+    if not wanted:
+        return list(devices)
+    visible = visible_gpus()
+    missing = [i for i in wanted if int(devices[i][5:]) >= visible]
+    if missing:
+        warnings.warn(f"{len(wanted)} pipeline stages want a GPU "
+                      f"({', '.join(devices[i] for i in wanted)}) and this process sees "
+                      f"{visible}: stage{'s' if len(missing) > 1 else ''} "
+                      f"{', '.join(map(str, missing))} run{'' if len(missing) > 1 else 's'} "
+                      f"on the CPU. Make {max(int(devices[i][5:]) for i in wanted) + 1} GPUs "
+                      f"visible (CUDA_VISIBLE_DEVICES), or load with providers="
+                      f"['CPUExecutionProvider'] to run every stage on the CPU.",
+                      RuntimeWarning, stacklevel=6)   # runtime.load's caller
+    return ["cpu" if i in missing else d for i, d in enumerate(devices)]
 
 
 class Stages:
@@ -167,9 +217,11 @@ class StagedSession(_StagedIO):
 
         self.plan = Stages(stages, outputs, [i["name"] for i in inputs] if inputs else None)
         directory = Path(directory)
+        # where each stage runs: its manifest device, or the CPU where that GPU is not here
+        self.devices = placed_devices([s["device"] for s in stages], providers)
         self.sessions = [ort_session(directory / s["file"], threads=threads, spinning=spinning,
-                                     providers=device_providers(s["device"], providers))
-                         for s in stages]
+                                     providers=device_providers(device, providers))
+                         for s, device in zip(stages, self.devices, strict=True)]
         for i, session in enumerate(self.sessions):
             check_stage_graph(self.plan, i, session)
         self._describe(inputs)

@@ -140,6 +140,50 @@ def test_stage_devices_keep_the_callers_provider_options():
     assert given[0][1] == {"gpu_mem_limit": 1 << 30}   # the caller's dict is not changed
 
 
+@pytest.mark.parametrize("visible", [0, 1, 2])
+def test_stages_on_gpus_this_process_does_not_see_run_on_the_cpu_and_say_so(
+        tmp_path, monkeypatch, visible):
+    """Stage i of a GPU target asks for cuda:i. With fewer GPUs visible, onnxruntime refused
+    the device_id ("Invalid device ID: 1, must be between 0 (inclusive) and 1 (exclusive)"),
+    printed "EP Error" to stdout and ran the stage on the CPU: no warning, and a CLI's stdout
+    got its banner. (onnxruntime-gpu and the GPUs are faked here.)"""
+    import warnings
+
+    import onnxruntime as ort
+
+    import runtime.model
+    import runtime.stages
+    from exporter.partition import write_stages
+    from runtime.stages import StagedSession
+
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    records = write_stages(_chain_model(), 2, tmp_path, gpu)
+    assert [r["device"] for r in records] == ["cuda:0", "cuda:1"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu)
+    monkeypatch.setattr(runtime.stages, "visible_gpus", lambda: visible, raising=False)
+    asked, ort_session = [], runtime.model.ort_session
+
+    def cpu_session(path, *, providers, **kwargs):   # records the devices; runs on the CPU
+        asked.append(providers[0])
+        return ort_session(path, **kwargs)
+
+    monkeypatch.setattr(runtime.model, "ort_session", cpu_session)
+    cpu = {0: [0, 1], 1: [1], 2: []}[visible]
+    if cpu:
+        which = rf"stages? {', '.join(map(str, cpu))} runs? on the CPU"
+        with pytest.warns(RuntimeWarning, match=rf"2 pipeline stages want a GPU \(cuda:0, "
+                                                rf"cuda:1\) and this process sees {visible}: "
+                                                rf"{which}\. Make 2 GPUs visible"):
+            session = StagedSession(tmp_path, records, outputs=["y"], threads=1, providers=gpu)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            session = StagedSession(tmp_path, records, outputs=["y"], threads=1, providers=gpu)
+    on_gpu = [("CUDAExecutionProvider", {"device_id": i}) for i in range(2)]
+    assert asked == ["CPUExecutionProvider" if i in cpu else on_gpu[i] for i in range(2)]
+    assert session.devices == ["cpu" if i in cpu else f"cuda:{i}" for i in range(2)]
+
+
 def test_stage_errors_are_clear(minilm_bundle, tmp_path):
     model = onnx.load(minilm_bundle / "model.onnx")
     with pytest.raises(ValueError, match=r"stages must be an int >= 1, got True"):
