@@ -78,11 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--epochs {args.epochs:g} of {args.train_size} utterances in batches of "
                      f"{args.batch_size} is not one training step; train longer.")
 
-    from exporter.report import check_replaceable, remove_leftovers, replace_dir, temp_dir_beside
+    from exporter.report import (
+        check_not_in_bundle,
+        check_replaceable,
+        remove_leftovers,
+        replace_dir,
+        temp_dir_beside,
+    )
 
     out = Path(args.output)
     try:   # before minutes of training, not after
         check_replaceable(out, ours=written_by_training, why=NOT_TRAINED_HERE)
+        check_not_in_bundle(out)   # an exported bundle's manifest would not list the model
         shutil.rmtree(temp_dir_beside(out))   # where the model will be staged can be written
     except OSError as e:   # FileExistsError, PermissionError, a parent that is a file ...
         parser.error(str(e))

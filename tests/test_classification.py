@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -92,6 +93,29 @@ def test_training_refuses_an_output_it_cannot_write_before_it_starts(tmp_path, c
         training_script().main(["--output", str(tmp_path / "a-file" / "model")])
     assert stop.value.code == 2 and "a-file" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_training_refuses_an_output_inside_a_bundle_before_it_starts(tmp_path, capsys):
+    """An --output inside an exported bundle trained there: the bundle then held a model
+    its manifest does not list, and no export would replace that bundle any more."""
+    bundle = tmp_path / "minilm-arm-cpu"
+    bundle.mkdir()
+    (bundle / "model.onnx").write_bytes(b"onnx")
+    (bundle / "manifest.json").write_text(json.dumps(
+        {"files": [{"path": "model.onnx", "sha256": hashlib.sha256(b"onnx").hexdigest(),
+                    "bytes": 4}]}))
+    # One utterance: had the output passed, this would stop (exit 2) at "1 intent(s)".
+    cheap = ["--train-size", "1", "--batch-size", "1"]
+    for output in (bundle / "intents", bundle / "new" / "intents"):
+        with pytest.raises(SystemExit) as stop:
+            training_script().main(["--output", str(output), *cheap])
+        assert stop.value.code == 2
+        assert f"lies inside the bundle {str(bundle)!r}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:   # the bundle itself is not this script's output
+        training_script().main(["--output", str(bundle), *cheap])
+    assert stop.value.code == 2 and "did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "model.onnx"]
+    assert [p.name for p in tmp_path.iterdir()] == ["minilm-arm-cpu"]
 
 
 def test_labels_round_trip_through_the_bundle(intent_model, intent_bundle):
