@@ -119,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--train-size {args.train_size} gives {len(labels)} intent(s) and "
                      f"{len(test)} test utterances of them; a classifier needs at least 2 "
                      f"intents to tell apart and a test set (try --train-size 200 or more)")
+    if not validation:   # its accuracy would be NaN (the mean of nothing) in training.json
+        parser.error(f"--test-size {args.test_size} gives {len(validation)} validation "
+                     f"utterances of the {len(labels)} intents trained (of the "
+                     f"{args.test_size // 2} drawn, half of --test-size, it keeps those of "
+                     f"intents seen in training); at least 1 is needed (try --test-size 20 or "
+                     f"more)")
     counts = Counter(u.intent for u in train)
     print(f"{len(train)} train / {len(validation)} validation / {len(test)} test utterances, "
           f"{len(labels)} intents; rarest in train: "

@@ -95,6 +95,17 @@ def test_training_refuses_an_output_it_cannot_write_before_it_starts(tmp_path, c
     assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
 
 
+def test_training_refuses_an_empty_validation_set_before_it_starts(tmp_path, capsys):
+    """Seed 9's one validation utterance is of an intent that 32 training utterances never
+    show: validation was empty, and training.json recorded its accuracy as NaN."""
+    with pytest.raises(SystemExit) as stop:
+        training_script().main(["--output", str(tmp_path / "model"), "--train-size", "32",
+                                "--test-size", "2", "--epochs", "1", "--seed", "9"])
+    assert stop.value.code == 2
+    assert "--test-size 2 gives 0 validation utterances" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_training_refuses_an_output_inside_a_bundle_before_it_starts(tmp_path, capsys):
     """An --output inside an exported bundle trained there: the bundle then held a model
     its manifest does not list, and no export would replace that bundle any more."""
