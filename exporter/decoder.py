@@ -390,13 +390,19 @@ def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
                              f"instead (a second rounding: quality is lost and reported), "
                              f"pass --requantize.") from e
         else:
-            kinds = sorted({_form(m) for m in carried.qkv + carried.o + carried.gate_up
-                            + carried.down})
+            matrices = carried.qkv + carried.o + carried.gate_up + carried.down
+            kinds = sorted({_form(m) for m in matrices})
+            (carried_block,) = {m.block_size for m in matrices}   # ggml's: 32
+            if settings.block_size != carried_block:   # the profile's asks for another
+                job.log(f"  warning: generation.block_size {settings.block_size} is not "
+                        f"applied: the GGUF's blocks of {carried_block} weights are carried "
+                        f"exactly. To round the weights to blocks of {settings.block_size} "
+                        f"instead (a second rounding), pass --requantize.")
             return carried, {
                 "weights": "int4", "source": f"GGUF blocks carried exactly ({job.gguf.name})",
                 "matrices": ", ".join(kinds), "embedding": _form(carried.embedding),
                 "lm_head": "tied: the embedding's blocks" if carried.lm_head is None
-                else _form(carried.lm_head), "block_size": 32,
+                else _form(carried.lm_head), "block_size": carried_block,
                 "accuracy_level": settings.accuracy_level,
                 "int8_accuracy_level": settings.int8_accuracy_level,
                 "exact_top_logits": settings.exact_top_logits}

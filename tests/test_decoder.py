@@ -143,6 +143,50 @@ def test_gguf_bias_tensors_are_refused_for_carrying(monkeypatch, tmp_path):
         carried_weights(tmp_path / "fake.gguf", config)
 
 
+def _carry_fake_gguf(monkeypatch, tmp_path, *, block_size: int = 32):
+    """quantized_weights on a one-layer fake GGUF of Q8_0 blocks (see `_fake_gguf`) under an
+    int4 arm-cpu profile with `block_size`: (weights, record, log lines)."""
+    import dataclasses
+
+    from transformers import LlamaConfig
+
+    from exporter.decoder import quantized_weights
+    from targets import load_target
+
+    h = 64
+    _fake_gguf(monkeypatch, {
+        "token_embd.weight": (64, h), "blk.0.attn_q.weight": (h, h),
+        "blk.0.attn_k.weight": (h // 2, h), "blk.0.attn_v.weight": (h // 2, h),
+        "blk.0.attn_output.weight": (h, h), "blk.0.ffn_gate.weight": (h, h),
+        "blk.0.ffn_up.weight": (h, h), "blk.0.ffn_down.weight": (h, h)})
+    config = LlamaConfig(vocab_size=64, hidden_size=h, intermediate_size=h, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    target = load_target("arm-cpu")
+    target = dataclasses.replace(target, generation=dataclasses.replace(
+        target.generation, block_size=block_size))
+    lines = []
+    job = SimpleNamespace(target=target, float_weights=None, gguf=tmp_path / "fake.gguf",
+                          requantize=False, torch_model=SimpleNamespace(config=config),
+                          gguf_layers=None, gguf_ties=[], log=lines.append)
+    return *quantized_weights(job, "int4"), lines
+
+
+@pytest.mark.parametrize("block_size", [32, 64])
+def test_gguf_blocks_carried_say_their_own_block_size(monkeypatch, tmp_path, block_size):
+    """A profile's generation.block_size other than the GGUF's 32 was dropped without a word:
+    the bundle carried blocks of 32 (and recorded 32) under a target that asked for 64."""
+    weights, record, lines = _carry_fake_gguf(monkeypatch, tmp_path, block_size=block_size)
+    assert {m.block_size for m in weights.qkv + weights.o + weights.down} == {32}
+    assert record["block_size"] == 32 and "blocks of 32" in record["matrices"]
+    if block_size == 32:
+        assert lines == []
+    else:
+        assert lines == [f"  warning: generation.block_size {block_size} is not applied: the "
+                         f"GGUF's blocks of 32 weights are carried exactly. To round the "
+                         f"weights to blocks of {block_size} instead (a second rounding), pass "
+                         f"--requantize."]
+
+
 def test_gguf_end_of_turn_and_message_tokens_end_generation(tmp_path):
     # Llama-3-style metadata: eos <|end_of_text|>, eot <|eot_id|> (llama.cpp stops at both);
     # only eos reached the bundle, and chat answers ran on into invented turns
