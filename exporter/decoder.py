@@ -398,8 +398,10 @@ def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
                         f"applied: the GGUF's blocks of {carried_block} weights are carried "
                         f"exactly. To round the weights to blocks of {settings.block_size} "
                         f"instead (a second rounding), pass --requantize.")
+            bits = sorted({m.bits for m in matrices})   # a Q8_0 file's are 8-bit blocks
             return carried, {
-                "weights": "int4", "source": f"GGUF blocks carried exactly ({job.gguf.name})",
+                "weights": " + ".join(f"int{b}" for b in bits),
+                "source": f"GGUF blocks carried exactly ({job.gguf.name})",
                 "matrices": ", ".join(kinds), "embedding": _form(carried.embedding),
                 "lm_head": "tied: the embedding's blocks" if carried.lm_head is None
                 else _form(carried.lm_head), "block_size": carried_block,

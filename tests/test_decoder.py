@@ -187,6 +187,14 @@ def test_gguf_blocks_carried_say_their_own_block_size(monkeypatch, tmp_path, blo
                          f"--requantize."]
 
 
+def test_gguf_q8_0_blocks_carried_are_recorded_as_int8(monkeypatch, tmp_path):
+    """A Q8_0 file's blocks are carried as 8-bit blocks, which the record called int4 (the
+    profile's weights) and the report printed as "int4: int8 blocks of 32"."""
+    weights, record, _ = _carry_fake_gguf(monkeypatch, tmp_path)
+    assert {m.bits for m in weights.qkv + weights.o + weights.gate_up + weights.down} == {8}
+    assert record["weights"] == "int8" and record["matrices"] == "int8 blocks of 32, symmetric"
+
+
 def test_gguf_end_of_turn_and_message_tokens_end_generation(tmp_path):
     # Llama-3-style metadata: eos <|end_of_text|>, eot <|eot_id|> (llama.cpp stops at both);
     # only eos reached the bundle, and chat answers ran on into invented turns
