@@ -17,6 +17,8 @@ import time
 import numpy as np
 import onnx
 
+from runtime.model import usable_cores
+
 from .budget import BudgetError, rounded
 from .exact import exact_products, host_saturates, scores_exactly
 from .feeds import encoder_feeds, ort_session, pad_batch, pool
@@ -120,22 +122,13 @@ def cpu_target(target) -> bool:
     return target.runtime.execution_providers[0] == "CPUExecutionProvider"
 
 
-def host_cores() -> int:
-    """The cores this process may run on (a container or taskset may allow fewer than the
-    machine has)."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-        else os.cpu_count() or 1
-
-
 def timing_threads(target) -> int:
     """The intra-op threads the export times with: the profile's, but no more than this
     host's cores. rpi5's 4 threads on a 2-core build host contend for the cores (measured
     there: batch-1 p50 of the MiniLM bundle 7.2 ms on 4 threads, 2.6 ms on 2), so its latency budget
     was judged on a slowdown the device does not have. 0 (all cores) stays 0."""
     threads = target.runtime.threads
-    return min(threads, host_cores()) if threads else 0
+    return min(threads, usable_cores()) if threads else 0
 
 
 def timed_on(target) -> str:
@@ -146,7 +139,7 @@ def timed_on(target) -> str:
 
     threads, wanted = timing_threads(target), target.runtime.threads
     capped = f", the profile's {wanted} capped at this host's cores" if threads != wanted else ""
-    where = f"this host's CPU ({platform.machine()}, {host_cores()} cores, " \
+    where = f"this host's CPU ({platform.machine()}, {usable_cores()} cores, " \
             f"CPUExecutionProvider, {threads or 'all'} threads{capped})"
     if cpu_target(target):
         return where + ", not the target device unless the export ran on it"

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections import deque
@@ -41,6 +42,13 @@ def kernel_library() -> str | None:
     except ImportError:
         return None
     return None if _kernels.isa() == "off" else _kernels.__file__
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container or taskset may allow fewer than the
+    machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
 
 
 def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = True,

@@ -307,7 +307,7 @@ def test_latency_is_timed_on_no_more_threads_than_the_host_has(tmp_path, monkeyp
         return real_session(path, threads=threads, **kwargs)
 
     monkeypatch.setattr(validate, "ort_session", session)
-    monkeypatch.setattr(validate, "host_cores", lambda: cores)
+    monkeypatch.setattr(validate, "usable_cores", lambda: cores)
     target = load_target("rpi5")
     assert target.runtime.threads == 4 and validate.timing_threads(target) == timed
     job = stubbed_validation(tmp_path, monkeypatch, target)
