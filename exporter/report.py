@@ -11,6 +11,7 @@ from pathlib import Path
 from runtime._files import (
     archive_members,
     bundle_files,
+    damaged_archive,
     holds_only,
     remove_leftovers,  # noqa: F401 (the exporter's callers import it from here)
     replace_directory,
@@ -358,7 +359,9 @@ def check_archive_replaceable(archive: Path, name: str) -> None:
             top, _ = archive_members(tar, archive)
         if top != name:
             raise ValueError(f"it holds bundle {top!r}")
-    except (ValueError, tarfile.TarError, OSError):
+    except Exception as e:   # a damaged .tar.gz too: EOFError, zlib.error
+        if not isinstance(e, (ValueError, OSError)) and not damaged_archive(e):
+            raise
         raise FileExistsError(f"{str(archive)!r} exists and is not an archive of bundle "
                               f"{name!r}; refusing to replace it. Choose another --output or "
                               f"move it away.") from None

@@ -148,6 +148,20 @@ def write_archive(bundle_dir: Path, archive: Path, *, name: str, created: str) -
                 tar.addfile(info, f)
 
 
+def damaged_archive(error: BaseException) -> bool:
+    """Whether `error`, raised while reading a tar archive, says that the archive is damaged
+    (cut short or corrupted) rather than that it could not be read (an I/O error, with an
+    errno): tarfile's errors, and those of its decompressors for a .tar.gz, .tar.bz2 or
+    .tar.xz, which tarfile passes on as they are: EOFError (cut short), zlib.error,
+    lzma.LZMAError, and bz2's OSError without an errno."""
+    if isinstance(error, (tarfile.TarError, EOFError)):
+        return True
+    if isinstance(error, OSError):
+        return error.errno is None
+    return (type(error).__module__, type(error).__name__) in (("zlib", "error"),
+                                                              ("_lzma", "LZMAError"))
+
+
 def archive_members(tar: tarfile.TarFile,
                     archive: Path) -> tuple[str, dict[str, tarfile.TarInfo]]:
     """(the bundle's directory name, {path inside it: member} for its files) of an open

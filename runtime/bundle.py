@@ -23,6 +23,7 @@ from pathlib import Path
 from ._files import (
     archive_members,
     bundle_files,
+    damaged_archive,
     holds_only,
     remove_leftovers,
     replace_directory,
@@ -98,7 +99,7 @@ class Bundle:
         """Read `path/manifest.json` and check that every listed file is there; with `verify`,
         also its size and sha256 (which reads every byte)."""
         path = Path(path)
-        if path.is_file() and tarfile.is_tarfile(path):
+        if path.is_file() and _is_archive(path):
             raise FileNotFoundError(f"{str(path)!r} is a bundle archive; install it with "
                                     f"runtime.unpack({str(path)!r}, DIRECTORY), then load "
                                     f"the directory that returns.")
@@ -219,13 +220,19 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
     except tarfile.TarError:
         raise BundleError(f"{archive} is not a tar archive; a bundle archive is the .tar "
                           f"that `python -m exporter --tar` writes.") from None
+    except Exception as e:   # a .tar.gz cut short in its first block
+        if not damaged_archive(e):
+            raise
+        raise BundleError(f"{archive} is damaged ({e}); copy it again.") from None
     with tar:
         try:
             name, files = archive_members(tar, archive)
             manifest = _archived_manifest(tar, files, archive, name)
         except ValueError as e:   # BundleError included
             raise BundleError(str(e)) from None
-        except tarfile.TarError as e:   # cut short in copying
+        except Exception as e:   # cut short in copying, or corrupted
+            if not damaged_archive(e):
+                raise
             raise BundleError(f"{archive} is damaged ({e}); copy it again.") from None
         sizes = _archived_sizes(manifest, files, archive, name)
         final = into / name
@@ -249,7 +256,11 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
             sync_tree(work)   # whole files on disk before the rename makes them the bundle
             replace_directory(work, final)
             sync_directory(into)
-        except tarfile.TarError as e:
+        except BundleError:
+            raise
+        except Exception as e:   # read from the archive; writes fail with an errno
+            if not damaged_archive(e):
+                raise
             raise BundleError(f"{archive} is damaged ({e}); copy it again.") from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -300,6 +311,16 @@ def _archived_sizes(manifest: dict, files: dict[str, tarfile.TarInfo], archive: 
         raise BundleError(f"{archive}: {name}/{missing[0]} is listed in its manifest.json but "
                           f"not in the archive; copy the archive again.")
     return sizes
+
+
+def _is_archive(path: Path) -> bool:
+    """Whether file `path` is a tar archive, a .tar.gz cut short included."""
+    try:
+        return tarfile.is_tarfile(path)
+    except Exception as e:
+        if not damaged_archive(e):
+            raise
+        return True
 
 
 def _a_bundle(path: Path) -> bool:

@@ -341,6 +341,52 @@ def test_a_replaced_directory_takes_the_modes_of_the_umask(tmp_path):
     assert (tmp_path / "out").stat().st_mode & 0o777 == dir_mode
 
 
+@pytest.mark.parametrize("kind", ["gz", "bz2", "xz"])
+def test_a_damaged_compressed_archive_is_refused_as_damaged(tmp_path, kind):
+    """A .tar.gz, .tar.bz2 or .tar.xz cut short or corrupted on its way to the device is
+    refused as a damaged .tar is (exit 2, one line): tarfile passes its decompressors' errors
+    on as they are (EOFError, zlib.error, LZMAError, bz2's OSError "Invalid data stream"),
+    which were a traceback or an exit 1 that called a bad archive an I/O error."""
+    import bz2
+    import gzip
+    import lzma
+
+    from exporter.report import check_archive_replaceable
+
+    text = "".join(f"turn on the lights in room {i} at {i * 7 % 24}:00\n" for i in range(80_000))
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:   # big enough for several bz2 blocks
+        for name, data in (("b/notes.txt", text.encode()), ("b/manifest.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    compress = {"gz": lambda data: gzip.compress(data, mtime=0), "bz2": bz2.compress,
+                "xz": lzma.compress}[kind]
+    packed = compress(raw.getvalue())
+    corrupted = bytearray(packed)
+    corrupted[len(packed) // 10 if kind == "gz" else len(packed) // 2] ^= 0xFF
+    into = tmp_path / "models"
+    for name, data in (("cut", packed[:len(packed) // 2]), ("early", packed[:100]),
+                       ("corrupted", bytes(corrupted))):
+        archive = tmp_path / f"{name}.tar.{kind}"
+        archive.write_bytes(data)
+        damaged = rf"{name}.tar.{kind} is damaged \(.+\); copy it again"
+        with pytest.raises(BundleError, match=damaged if name != "early" else
+                           rf"{damaged}|is not a tar archive"):   # (bz2: one block read)
+            runtime.unpack(archive, into)
+        assert not into.exists() or not list(into.iterdir())
+        with pytest.raises(FileNotFoundError):   # a file, not a bundle directory
+            runtime.load(archive)
+        with pytest.raises(FileExistsError, match="is not an archive of bundle"):
+            check_archive_replaceable(archive, "b")   # the exporter's --tar leaves it be
+    done = subprocess.run([sys.executable, "-m", "runtime", "unpack",
+                           str(tmp_path / f"cut.tar.{kind}"), str(into)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and "is damaged" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
 def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
     """python -m runtime unpack / verify, for an updater's shell script: one line and exit 0,
     or the reason and exit 2."""
