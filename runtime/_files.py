@@ -205,7 +205,7 @@ def bundle_files(path: Path) -> set[str] | None:
         return {"manifest.json"} | {entry["path"] for entry in manifest["files"]}
     except FileNotFoundError:
         return set()
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 

@@ -114,7 +114,7 @@ class Bundle:
                               f"(was the export interrupted or rejected?).")
         try:
             manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:   # nested too deep; a number too long
             raise BundleError(f"{manifest_file} is not valid JSON: {e}") from e
         if not isinstance(manifest, dict):
             raise BundleError(f"{manifest_file} must hold a JSON object.")
@@ -279,7 +279,7 @@ def _archived_manifest(tar: tarfile.TarFile, files: dict[str, tarfile.TarInfo], 
                           f"manifest is a few kB.")
     try:
         manifest = json.loads(tar.extractfile(entry).read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:   # nested too deep; a number too long
         raise BundleError(f"{archive}: {name}/manifest.json is not valid JSON: {e}") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{archive}: {name}/manifest.json must hold a JSON object.")

@@ -387,6 +387,52 @@ def test_a_damaged_compressed_archive_is_refused_as_damaged(tmp_path, kind):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+def tiny_archive(path: Path, manifest_json: bytes | None = None) -> Path:
+    """A tiny bundle archive of bundle `b` (manifest.json, notes.txt): all that unpack
+    checks of a bundle, with no model to export."""
+    import hashlib
+
+    notes = b"lights on\n"
+    manifest = {"format_version": 1, "task": "feature-extraction", "opset": 17,
+                "target": {"name": "x"},
+                "files": [{"path": "notes.txt", "bytes": len(notes),
+                           "sha256": hashlib.sha256(notes).hexdigest()}]}
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("b/manifest.json", manifest_json or json.dumps(manifest).encode()),
+                           ("b/notes.txt", notes)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_manifest_json_cannot_parse_is_refused_as_not_valid_json(tmp_path):
+    """Arrays nested deeper than Python recurses, or a number of more digits than int()
+    takes, are no JSON the runtime can read: refused as any broken manifest.json is (they
+    were a RecursionError or a bare ValueError: a traceback from python -m runtime verify),
+    and an install holding one is replaced by unpack as a damaged one is."""
+    into = tmp_path / "models"
+    installed = runtime.unpack(tiny_archive(tmp_path / "good.tar"), into)
+    good = (installed / "manifest.json").read_bytes()
+    unreadable = [b"[" * 100_000 + b"]" * 100_000,
+                  good.replace(b'"opset": 17', b'"opset": ' + b"1" * 5000)]
+
+    assert installed == into / "b" and unreadable[1] != good
+    for text in unreadable:
+        with pytest.raises(BundleError, match=r"bad\.tar: b/manifest\.json is not valid JSON"):
+            runtime.unpack(tiny_archive(tmp_path / "bad.tar", text), into)
+        assert (installed / "manifest.json").read_bytes() == good
+        (installed / "manifest.json").write_bytes(text)   # a damaged install
+        with pytest.raises(BundleError, match=r"manifest\.json is not valid JSON"):
+            runtime.Bundle.open(installed)
+        done = subprocess.run([sys.executable, "-m", "runtime", "verify", str(installed)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "is not valid JSON" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        assert runtime.unpack(tmp_path / "good.tar", into) == installed   # replaced
+        assert (installed / "manifest.json").read_bytes() == good
+
+
 def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
     """python -m runtime unpack / verify, for an updater's shell script: one line and exit 0,
     or the reason and exit 2."""
