@@ -213,6 +213,10 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
     if archive.is_dir():
         raise FileNotFoundError(f"{str(archive)!r} is a directory; runtime.load() a bundle "
                                 f"directory, runtime.unpack() a bundle archive (.tar).")
+    if archive.exists() and not archive.is_file():   # it is read twice: checked, then copied
+        raise FileNotFoundError(f"Bundle archive {str(archive)!r} is not a regular file (a "
+                                f"pipe or a device); save the archive to a file and unpack "
+                                f"that.")
     if not archive.is_file():
         raise FileNotFoundError(f"Bundle archive {str(archive)!r} does not exist.")
     try:

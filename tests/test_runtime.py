@@ -433,6 +433,21 @@ def test_a_manifest_json_cannot_parse_is_refused_as_not_valid_json(tmp_path):
         assert (installed / "manifest.json").read_bytes() == good
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX's")
+def test_an_archive_on_a_pipe_is_not_said_to_be_missing(tmp_path):
+    """`python -m runtime unpack <(curl ...) /opt/models` hands unpack a pipe, which it cannot
+    read twice (checked, then copied): it said the archive did not exist."""
+    fifo = tmp_path / "bundle.tar"
+    os.mkfifo(fifo)
+    for path in (fifo, Path(os.devnull)):
+        with pytest.raises(FileNotFoundError, match="is not a regular file .*save the archive "
+                                                    "to a file"):
+            runtime.unpack(path, tmp_path / "models")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        runtime.unpack(tmp_path / "missing.tar", tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+
+
 def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
     """python -m runtime unpack / verify, for an updater's shell script: one line and exit 0,
     or the reason and exit 2."""
