@@ -448,6 +448,22 @@ def test_an_archive_on_a_pipe_is_not_said_to_be_missing(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="names are bytes on Linux")
+def test_unpack_prints_a_directory_named_in_another_encoding_as_it_is_named(tmp_path):
+    """A directory named in Latin-1 (b"mod\\xe8les"), on a device whose stdout is strict
+    UTF-8 (a UTF-8 locale; here PYTHONIOENCODING): python -m runtime unpack installed the
+    bundle, then failed to print its path (a traceback, exit 1: an updater takes the install
+    for failed). It prints the path's bytes, which a script can cd into."""
+    into = tmp_path / os.fsdecode(b"mod\xe8les")
+    done = subprocess.run([sys.executable, "-m", "runtime", "unpack",
+                           str(tiny_archive(tmp_path / "b.tar")), str(into)], cwd=REPO,
+                          capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+                          timeout=120)
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert done.stdout == os.fsencode(into / "b") + b"\n"
+    assert os.path.isdir(done.stdout.strip())
+
+
 def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
     """python -m runtime unpack / verify, for an updater's shell script: one line and exit 0,
     or the reason and exit 2."""
