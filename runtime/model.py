@@ -81,6 +81,13 @@ def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = 
         # in a GPU session the node stays a function, which the GPU provider can take
         options.register_custom_ops_library(library)
     model = path if isinstance(path, bytes) else str(path)
+    if isinstance(model, str) and not model.isascii():
+        try:   # onnxruntime takes a path as UTF-8 text: not a name in another encoding
+            model.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"onnxruntime opens only paths that are UTF-8, and {model!r} is "
+                             f"not (a directory named in another encoding); rename it, or "
+                             f"move the bundle to a directory that is.") from None
     return ort.InferenceSession(model, options, providers=chosen)
 
 

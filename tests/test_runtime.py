@@ -464,6 +464,32 @@ def test_unpack_prints_a_directory_named_in_another_encoding_as_it_is_named(tmp_
     assert os.path.isdir(done.stdout.strip())
 
 
+@pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="names are bytes on Linux")
+def test_a_graph_in_a_directory_named_in_another_encoding_is_refused_in_words(tmp_path):
+    """onnxruntime takes a path as UTF-8 text: one in a directory named in Latin-1 failed
+    with pybind11's "incompatible constructor arguments" and the signatures of
+    InferenceSession, over several lines (what runtime.load and verify then said)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from runtime.model import ort_session
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for name, works in ((b"mod\xc3\xa8les", True), (b"mod\xe8les", False)):   # UTF-8, Latin-1
+        directory = tmp_path / os.fsdecode(name)
+        directory.mkdir()
+        onnx.save(model, directory / "model.onnx")
+        if works:
+            assert ort_session(directory / "model.onnx").get_inputs()[0].name == "x"
+            continue
+        with pytest.raises(ValueError, match="onnxruntime opens only paths that are UTF-8, "
+                                             "and .* is not"):
+            ort_session(directory / "model.onnx")
+
+
 def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
     """python -m runtime unpack / verify, for an updater's shell script: one line and exit 0,
     or the reason and exit 2."""
