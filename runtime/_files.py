@@ -209,6 +209,19 @@ def bundle_files(path: Path) -> set[str] | None:
         return None
 
 
+def first_unlisted(path: Path, allowed: set[str]) -> str | None:
+    """The first file or link under directory `path` (a relative POSIX path) that is not one
+    of `allowed`; None when there is none (or a directory under it cannot be read)."""
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        here = Path(root).relative_to(path)
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        for name in sorted((*files, *links)):
+            if (here / name).as_posix() not in allowed:
+                return (here / name).as_posix()
+    return None
+
+
 def holds_only(path: Path, allowed: set[str]) -> bool:
     """Whether every file and link under directory `path` is one of `allowed` (relative
     POSIX paths). False where a directory under it cannot be read: what it holds is unknown

@@ -24,6 +24,7 @@ from ._files import (
     archive_members,
     bundle_files,
     damaged_archive,
+    first_unlisted,
     holds_only,
     remove_leftovers,
     replace_directory,
@@ -242,6 +243,13 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
         final = into / name
         if final.is_symlink() or final.exists() and not (
                 final.is_dir() and (_a_bundle(final) or holds_only(final, set(sizes)))):
+            known = bundle_files(final) if final.is_dir() and not final.is_symlink() else None
+            extra = first_unlisted(final, known | set(sizes)) if known else None
+            if extra is not None:   # verify passes it: the runtime reads only listed files
+                raise FileExistsError(f"{str(final)!r} is a bundle that also holds {extra!r}, "
+                                      f"which neither its manifest.json nor the archive's "
+                                      f"lists; refusing to delete it. Move it out of the "
+                                      f"bundle, or unpack into another directory.")
             raise FileExistsError(f"{str(final)!r} exists and is not a bundle; refusing to "
                                   f"replace it. Unpack into another directory.")
         into.mkdir(parents=True, exist_ok=True)

@@ -490,6 +490,25 @@ def test_a_graph_in_a_directory_named_in_another_encoding_is_refused_in_words(tm
             ort_session(directory / "model.onnx")
 
 
+def test_unpack_names_the_file_that_keeps_it_from_replacing_an_install(tmp_path):
+    """An install that also holds a file its manifest does not list (the application's notes,
+    a cache) loads and verifies, and unpack, rightly, does not delete that file; but it said
+    the directory "is not a bundle", which verify contradicts. It names the file."""
+    into = tmp_path / "models"
+    installed = runtime.unpack(tiny_archive(tmp_path / "b.tar"), into)
+    (installed / "cache").mkdir()
+    (installed / "cache" / "notes.txt").write_text("mine")
+    assert runtime.Bundle.open(installed).manifest["files"][0]["path"] == "notes.txt"
+    with pytest.raises(FileExistsError, match="is a bundle that also holds 'cache/notes.txt', "
+                                              "which neither its manifest.json nor the "
+                                              "archive's lists; refusing to delete it"):
+        runtime.unpack(tmp_path / "b.tar", into)
+    assert (installed / "cache" / "notes.txt").read_text() == "mine"
+    (installed / "manifest.json").unlink()   # no bundle at all: as before
+    with pytest.raises(FileExistsError, match="exists and is not a bundle"):
+        runtime.unpack(tmp_path / "b.tar", into)
+
+
 def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
     """python -m runtime unpack / verify, for an updater's shell script: one line and exit 0,
     or the reason and exit 2."""
