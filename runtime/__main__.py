@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "unpack":
-            _say(str(unpack(args.archive, args.directory)))
+            print(unpack(args.archive, args.directory))
         else:
             bundle = Bundle.open(args.bundle)
             # Everything load checks beyond the files (settings, stages, tokenizer, labels)
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             Model(bundle, threads=1, providers=["CPUExecutionProvider"])
             m = bundle.manifest
             size = sum(entry["bytes"] for entry in m["files"])
-            _say(f"{bundle.path}: {m.get('name')} ({m.get('task')}, target "
+            print(f"{bundle.path}: {m.get('name')} ({m.get('task')}, target "
                   f"{m.get('target', {}).get('name')}), {len(m['files'])} files, "
                   f"{size / 1e6:.1f} MB, sha256 verified; format {m['format_version']}, "
                   f"opset {m['opset']}")
@@ -51,22 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def _say(line: str) -> None:
-    """Print `line`, its paths as the bytes the file system names them with: a directory
-    named in another encoding than UTF-8 was a UnicodeEncodeError (a traceback and exit 1
-    after the bundle was installed) where stdout is strict (a UTF-8 locale's)."""
-    try:
-        print(line)
-    except UnicodeEncodeError:
-        try:
-            data = line.encode(sys.getfilesystemencoding(), "surrogateescape")
-        except UnicodeEncodeError:
-            data = line.encode("utf-8", "backslashreplace")
-        sys.stdout.flush()
-        sys.stdout.buffer.write(data + b"\n")
-        sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -203,8 +203,9 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
     The bundle appears whole and verified, or not at all. Before anything is written, the
     archive must hold the bundle's directory and nothing else: regular files only (no links
     or devices, no path that leaves the directory), each one its manifest lists, of the size
-    it lists. Then it is unpacked beside its place, checked like `Bundle.open` (sha256,
-    format version, opset) and renamed into place. An earlier bundle of that name is
+    it lists. Then it is unpacked beside its place, checked as `runtime.load` checks a
+    bundle (sha256, format version, opset, settings, tokenizer, the graph loaded in
+    onnxruntime on the CPU) and renamed into place. An earlier bundle of that name is
     replaced; anything else there is refused.
 
         >>> runtime.unpack("/media/usb/minilm-arm-cpu.tar", "/opt/models")
@@ -262,7 +263,14 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
                 with tar.extractfile(member) as source, open(dest, "wb") as out:
                     shutil.copyfileobj(source, out, 1 << 20)
             try:
-                Bundle.open(work)   # fields, every listed file's size and sha256, opset
+                # fields, every listed file's size and sha256, opset; then all that load
+                # checks beyond the files (settings, pooling, labels, tokenizer, the graph
+                # in onnxruntime), as `python -m runtime verify` does: a manifest damaged
+                # into another valid JSON ("mean" -> "mdan") replaced a good install
+                from .model import Model
+
+                Model(Bundle.open(work), threads=1, spinning=False,
+                      providers=["CPUExecutionProvider"]).close()
             except BundleError as e:   # name the archive's file, not the hidden work copy
                 raise BundleError(f"{archive}: {str(e).replace(str(work), name)}") from None
             sync_tree(work)   # whole files on disk before the rename makes them the bundle

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -164,12 +165,13 @@ def test_a_bundle_archive_installs_verified_and_whole(minilm_bundle, tmp_path):
 
 def _repacked(archive: Path, path: Path, *, rename=lambda name: name, manifest=None,
               extra=()) -> Path:
-    """`archive`'s members under new names, with another manifest.json and extra members."""
+    """`archive`'s members under new names, with another manifest.json (a dict, or the
+    file's bytes) and extra members."""
     with tarfile.open(archive) as source, tarfile.open(path, "w") as tar:
         for member in source.getmembers():
             data = source.extractfile(member).read()
             if manifest is not None and member.name.endswith("/manifest.json"):
-                data = json.dumps(manifest).encode()
+                data = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
             member.name, member.size = rename(member.name), len(data)
             tar.addfile(member, io.BytesIO(data))
         for name, data in extra:
@@ -205,10 +207,18 @@ def test_unpack_reads_names_as_tar_does_and_checks_the_manifest_before_writing(
          "minilm-arm-cpu/stage1.onnx is listed in its manifest.json but not in the archive"),
         (_repacked(archive, tmp_path / "opset.tar", manifest=manifest | {"opset": 999}),
          "needs ai.onnx opset 999"),
+        # valid JSON that load refuses: one flipped bit ("mean" -> "mdan") in transit
+        # replaced the good install with one that no longer loaded
+        (_repacked(archive, tmp_path / "mdan.tar", manifest=manifest | {
+            "pooling": manifest["pooling"] | {"mode": "mdan"}}), "pooling"),
+        (_repacked(archive, tmp_path / "batch.tar", manifest=manifest | {"target": {
+            **manifest["target"], "runtime": manifest["target"]["runtime"] | {
+                "batch_size": 0}}}), "batch_size must be a positive int"),
     ]:
         with pytest.raises(BundleError, match=message):
             runtime.unpack(path, into)
     assert _names(into) == before
+    runtime.load(into / "minilm-arm-cpu")   # the install they would have replaced
 
 
 def test_unpack_recovers_from_what_a_killed_or_damaged_install_left(minilm_bundle, tmp_path):
@@ -387,40 +397,23 @@ def test_a_damaged_compressed_archive_is_refused_as_damaged(tmp_path, kind):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def tiny_archive(path: Path, manifest_json: bytes | None = None) -> Path:
-    """A tiny bundle archive of bundle `b` (manifest.json, notes.txt): all that unpack
-    checks of a bundle, with no model to export."""
-    import hashlib
-
-    notes = b"lights on\n"
-    manifest = {"format_version": 1, "task": "feature-extraction", "opset": 17,
-                "target": {"name": "x"},
-                "files": [{"path": "notes.txt", "bytes": len(notes),
-                           "sha256": hashlib.sha256(notes).hexdigest()}]}
-    with tarfile.open(path, "w") as tar:
-        for name, data in (("b/manifest.json", manifest_json or json.dumps(manifest).encode()),
-                           ("b/notes.txt", notes)):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def test_a_manifest_json_cannot_parse_is_refused_as_not_valid_json(tmp_path):
+def test_a_manifest_json_cannot_parse_is_refused_as_not_valid_json(minilm_bundle, tmp_path):
     """Arrays nested deeper than Python recurses, or a number of more digits than int()
     takes, are no JSON the runtime can read: refused as any broken manifest.json is (they
     were a RecursionError or a bare ValueError: a traceback from python -m runtime verify),
     and an install holding one is replaced by unpack as a damaged one is."""
+    archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
     into = tmp_path / "models"
-    installed = runtime.unpack(tiny_archive(tmp_path / "good.tar"), into)
+    installed = runtime.unpack(archive, into)
     good = (installed / "manifest.json").read_bytes()
     unreadable = [b"[" * 100_000 + b"]" * 100_000,
-                  good.replace(b'"opset": 17', b'"opset": ' + b"1" * 5000)]
+                  re.sub(rb'"opset": \d+', b'"opset": ' + b"1" * 5000, good, count=1)]
 
-    assert installed == into / "b" and unreadable[1] != good
+    assert installed == into / "minilm-arm-cpu" and unreadable[1] != good
     for text in unreadable:
-        with pytest.raises(BundleError, match=r"bad\.tar: b/manifest\.json is not valid JSON"):
-            runtime.unpack(tiny_archive(tmp_path / "bad.tar", text), into)
+        with pytest.raises(BundleError, match=r"bad\.tar: minilm-arm-cpu/manifest\.json is "
+                                              r"not valid JSON"):
+            runtime.unpack(_repacked(archive, tmp_path / "bad.tar", manifest=text), into)
         assert (installed / "manifest.json").read_bytes() == good
         (installed / "manifest.json").write_bytes(text)   # a damaged install
         with pytest.raises(BundleError, match=r"manifest\.json is not valid JSON"):
@@ -429,7 +422,7 @@ def test_a_manifest_json_cannot_parse_is_refused_as_not_valid_json(tmp_path):
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "is not valid JSON" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
-        assert runtime.unpack(tmp_path / "good.tar", into) == installed   # replaced
+        assert runtime.unpack(archive, into) == installed   # replaced
         assert (installed / "manifest.json").read_bytes() == good
 
 
@@ -449,19 +442,20 @@ def test_an_archive_on_a_pipe_is_not_said_to_be_missing(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="names are bytes on Linux")
-def test_unpack_prints_a_directory_named_in_another_encoding_as_it_is_named(tmp_path):
-    """A directory named in Latin-1 (b"mod\\xe8les"), on a device whose stdout is strict
-    UTF-8 (a UTF-8 locale; here PYTHONIOENCODING): python -m runtime unpack installed the
-    bundle, then failed to print its path (a traceback, exit 1: an updater takes the install
-    for failed). It prints the path's bytes, which a script can cd into."""
+def test_unpack_into_a_directory_named_in_another_encoding_is_refused_in_words(minilm_bundle,
+                                                                               tmp_path):
+    """onnxruntime opens only UTF-8 paths, so a bundle in a directory named in Latin-1
+    (b"mod\xe8les") cannot load: unpack, which loads what it installs, refuses it in one
+    line (exit 2) and leaves nothing there, rather than install a bundle no load can open."""
     into = tmp_path / os.fsdecode(b"mod\xe8les")
     done = subprocess.run([sys.executable, "-m", "runtime", "unpack",
-                           str(tiny_archive(tmp_path / "b.tar")), str(into)], cwd=REPO,
-                          capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
-                          timeout=120)
-    assert (done.returncode, done.stderr) == (0, b"")
-    assert done.stdout == os.fsencode(into / "b") + b"\n"
-    assert os.path.isdir(done.stdout.strip())
+                           str(minilm_bundle.with_name("minilm-arm-cpu.tar")), str(into)],
+                          cwd=REPO, capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 2 and done.stdout == b"", done.stderr
+    assert b"onnxruntime opens only paths that are UTF-8" in done.stderr
+    assert b"Traceback" not in done.stderr
+    assert list(into.iterdir()) == []
 
 
 @pytest.mark.skipif(sys.platform in ("darwin", "win32"), reason="names are bytes on Linux")
@@ -490,23 +484,24 @@ def test_a_graph_in_a_directory_named_in_another_encoding_is_refused_in_words(tm
             ort_session(directory / "model.onnx")
 
 
-def test_unpack_names_the_file_that_keeps_it_from_replacing_an_install(tmp_path):
+def test_unpack_names_the_file_that_keeps_it_from_replacing_an_install(minilm_bundle, tmp_path):
     """An install that also holds a file its manifest does not list (the application's notes,
     a cache) loads and verifies, and unpack, rightly, does not delete that file; but it said
     the directory "is not a bundle", which verify contradicts. It names the file."""
     into = tmp_path / "models"
-    installed = runtime.unpack(tiny_archive(tmp_path / "b.tar"), into)
+    archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
+    installed = runtime.unpack(archive, into)
     (installed / "cache").mkdir()
     (installed / "cache" / "notes.txt").write_text("mine")
-    assert runtime.Bundle.open(installed).manifest["files"][0]["path"] == "notes.txt"
+    runtime.load(installed)
     with pytest.raises(FileExistsError, match="is a bundle that also holds 'cache/notes.txt', "
                                               "which neither its manifest.json nor the "
                                               "archive's lists; refusing to delete it"):
-        runtime.unpack(tmp_path / "b.tar", into)
+        runtime.unpack(archive, into)
     assert (installed / "cache" / "notes.txt").read_text() == "mine"
     (installed / "manifest.json").unlink()   # no bundle at all: as before
     with pytest.raises(FileExistsError, match="exists and is not a bundle"):
-        runtime.unpack(tmp_path / "b.tar", into)
+        runtime.unpack(archive, into)
 
 
 def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
