@@ -130,8 +130,8 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
                   *(f"| {r['group']}{' **(kept float)**' if r['group'] in kept else ''} | "
                     f"{r['kind']} | {r['nodes']} | {r['harm']:.2e} | {r['min-cosine']:.5f} |"
                     for r in s["groups"]), "",
-                  f"Budget search ({search['data']}, size limit {search['max_size_ratio']:.0%}"
-                  f" of float): " + "; ".join(
+                  f"Budget search ({search['data']}, size limit {search_limit(data)}): "
+                  + "; ".join(
                       f"{st['float_group'] or 'full int8'} -> cosine "
                       f"{st['metrics']['cosine']:.5f} / min {st['metrics']['min-cosine']:.5f}"
                       f"{' (holds)' if st['holds'] else ''}" for st in search["steps"])
@@ -388,6 +388,19 @@ def replace_dir(new: Path, final: Path, *, ours: Callable[[Path], bool] = writte
     `final` must be one that this tool wrote (`check_replaceable` with `ours` and `why`)."""
     check_replaceable(final, ours=ours, why=why)
     replace_directory(new, final)
+
+
+def search_limit(data: dict) -> str:
+    """The sensitivity search's size limit in words: the profile's max_size_ratio of float,
+    or max_model_mb's bytes where that budget lowered it (records before max_bytes: the
+    ratio)."""
+    from .sensitivity import size_limit
+
+    search = data["sensitivity"]["search"]
+    float_bytes = data.get("export", {}).get("float_bytes")
+    if "max_bytes" not in search or float_bytes is None:
+        return f"{search['max_size_ratio']:.0%} of float"
+    return size_limit(search["max_bytes"], search["max_size_ratio"], float_bytes)
 
 
 def timed_on(speed: dict) -> list[str]:

@@ -340,6 +340,24 @@ def test_report_tables_give_the_units_of_metrics_in_percent():
     assert "| agreement | 0.99667 |" in report and "| accuracy | 0.90000 |" in report
 
 
+def test_the_report_gives_the_size_limit_the_sensitivity_search_kept():
+    """max_model_mb lowers the search's size limit below max_size_ratio's; the report said
+    "size limit 30% of float" (27.1 MB for MiniLM) next to groups skipped for size under 20."""
+    from exporter.report import render_markdown
+
+    search = {"data": "300 calibration texts", "max_size_ratio": 0.3, "max_bytes": 20_000_000,
+              "steps": [{"float_group": None, "metrics": {"cosine": 0.99, "min-cosine": 0.95},
+                         "size_bytes": 19_000_000, "holds": False}],
+              "skipped_for_size": ["layer 0 FFN in"], "best_step": 0}
+    data = {"name": "x", "task": "feature-extraction", "target": "arm-cpu",
+            "budget": "cosine>=0.9", "export": {"float_bytes": 90_362_391},
+            "sensitivity": {"applied": True, "data": "100 calibration texts",
+                            "harm": "1 - cosine", "groups": [], "search": search}}
+    assert "size limit 20.0 MB (30% of float, capped by max_model_mb)" in render_markdown(data)
+    search["max_bytes"] = 27_108_717   # the ratio's own limit
+    assert "size limit 27.1 MB (30% of float))" in render_markdown(data)
+
+
 def test_a_latency_budget_broken_alone_is_not_called_an_accuracy_failure(tmp_path,
                                                                         monkeypatch):
     """Only the latency broke: the message and the rejected report said the accuracy budget
