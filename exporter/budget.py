@@ -168,6 +168,10 @@ class Budget:
             total += max(miss, 0.0) / max(abs(c.value), 1e-3)
         return total
 
+    def bounds(self, metric: str) -> list[float]:
+        """The bounds the budget puts on `metric` (none: an empty list)."""
+        return [c.value for c in self.clauses if c.metric == metric]
+
     def __str__(self) -> str:
         return ",".join(str(c) for c in self.clauses)
 
@@ -184,7 +188,22 @@ def _unlike(value: float, bound: float) -> str:
     return f"{value:.{digits}g}"
 
 
-def rounded(metrics: dict[str, float], digits: int = 5) -> dict[str, float]:
+def rounded(metrics: dict[str, float], digits: int = 5,
+            budget: Budget | None = None) -> dict[str, float]:
     """`metrics` for a record or report. Budgets are checked on the unrounded values: a
-    min-cosine of 0.979996 rounds to 0.98 and would pass min-cosine>=0.98."""
-    return {name: round(value, digits) for name, value in metrics.items()}
+    min-cosine of 0.979996 rounds to 0.98 and would pass min-cosine>=0.98. With `budget`, a
+    value keeps as many more digits as hold it on its side of the budget's bounds (the record
+    said min-cosine 0.98 next to a broken min-cosine>=0.98)."""
+    return {name: round(value, decimals(value, budget.bounds(name) if budget else [], digits))
+            for name, value in metrics.items()}
+
+
+def decimals(value: float, bounds: list[float], places: int) -> int:
+    """`places`, or as many more decimals as keep `value`, rounded, on its side of each of
+    `bounds`."""
+    def side(x: float, bound: float) -> int:
+        return (x > bound) - (x < bound)
+
+    while places < 17 and any(side(round(value, places), b) != side(value, b) for b in bounds):
+        places += 1
+    return places

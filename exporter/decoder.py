@@ -603,7 +603,7 @@ def validate_decoder(job) -> None:
     measured = {"perplexity": ppl, "float-perplexity": float_ppl,
                 "perplexity-increase": 100 * (ppl / float_ppl - 1),
                 "greedy-agreement": float(np.mean(greedy))}
-    metrics = rounded(measured, 4)   # checked unrounded, below
+    metrics = rounded(measured, 4, job.budget)   # checked unrounded, below
     record = {
         "metrics": metrics, "budget": str(job.budget),
         "perplexity_data": job.records["perplexity_data"],

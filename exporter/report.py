@@ -18,6 +18,7 @@ from runtime._files import (
     work_dir_beside,
 )
 
+from .budget import Budget, decimals
 from .compress import compression_lines
 from .strength import strength_lines
 
@@ -62,10 +63,12 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
     if v:
         lat, size, rss = v["latency_ms_batch1"], v["size_bytes"], v["peak_rss_mb"]
         m = v["metrics"]
+        budget = parsed_budget(data)
         lines += [
             f"## Accuracy ({v['eval_texts']} held-out texts, {v['eval_data']})", "",
             "| metric | value |", "|---|---|",
-            *(f"| {metric_label(k)} | {val:.5f} |" for k, val in m.items()),
+            *(f"| {metric_label(k)} | {shown(val, budget.bounds(k), 5)} |"
+              for k, val in m.items()),
             *(f"| cosine p{p} | {val:.5f} |" for p, val in v["cosine_percentiles"].items()),
             "", "Lowest-cosine texts:", "",
             *(f"- {w['cosine']:.4f}: {w['text']!r}" for w in v["worst_texts"]), "",
@@ -125,6 +128,7 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
     if s.get("applied"):
         search = s["search"]
         kept = [st["float_group"] for st in search["steps"][1:]]
+        budget = parsed_budget(data)
         lines += [f"## Sensitivity ({s['data']}; harm = {s['harm']})", "",
                   "| group | kind | nodes | harm | min cosine |", "|---|---|---|---|---|",
                   *(f"| {r['group']}{' **(kept float)**' if r['group'] in kept else ''} | "
@@ -133,7 +137,8 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
                   f"Budget search ({search['data']}, size limit {search_limit(data)}): "
                   + "; ".join(
                       f"{st['float_group'] or 'full int8'} -> cosine "
-                      f"{st['metrics']['cosine']:.5f} / min {st['metrics']['min-cosine']:.5f}"
+                      f"{shown(st['metrics']['cosine'], budget.bounds('cosine'), 5)} / min "
+                      f"{shown(st['metrics']['min-cosine'], budget.bounds('min-cosine'), 5)}"
                       f"{' (holds)' if st['holds'] else ''}" for st in search["steps"])
                   + (f"; skipped for size: {', '.join(search['skipped_for_size'])}"
                      if search["skipped_for_size"] else "") + ".", ""]
@@ -227,9 +232,10 @@ def plot_report(data: dict, path: Path) -> bool:
     ax = axes[0][0]
     edges, counts = histogram["edges"], histogram["counts"]
     ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.7)
+    budget = parsed_budget(data)
     for key, style, label in (("cosine", "-", "mean"), ("min-cosine", "--", "min")):
         ax.axvline(v["metrics"][key], color="black", ls=style, lw=1,
-                   label=f"{label} {v['metrics'][key]:.4f}")
+                   label=f"{label} {shown(v['metrics'][key], budget.bounds(key), 4)}")
     for clause in data.get("budget", "").split(","):
         name, _, bound = clause.partition(">=")
         if name.strip() in ("cosine", "min-cosine") and bound:
@@ -401,6 +407,20 @@ def search_limit(data: dict) -> str:
     if "max_bytes" not in search or float_bytes is None:
         return f"{search['max_size_ratio']:.0%} of float"
     return size_limit(search["max_bytes"], search["max_size_ratio"], float_bytes)
+
+
+def parsed_budget(data: dict) -> Budget:
+    """The record's accuracy budget (no clauses where it does not parse)."""
+    try:
+        return Budget.parse(data.get("budget", ""))
+    except (TypeError, ValueError):
+        return Budget(())
+
+
+def shown(value: float, bounds: list[float], places: int) -> str:
+    """`value` with `places` decimals, or as many more as keep it on its side of `bounds`:
+    a min-cosine of 0.979996 is not 0.98000 next to a broken min-cosine>=0.98."""
+    return f"{value:.{decimals(value, bounds, places)}f}"
 
 
 def timed_on(speed: dict) -> list[str]:

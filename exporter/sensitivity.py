@@ -312,7 +312,7 @@ def sensitivity(job) -> None:
         "search": {
             "budget": str(job.budget), "data": f"{described}, vs {selection.against}",
             "max_size_ratio": settings.max_size_ratio, "max_bytes": max_bytes,
-            "steps": [{"float_group": s.float_group, "metrics": rounded(s.metrics, 6),
+            "steps": [{"float_group": s.float_group, "metrics": rounded(s.metrics, 6, job.budget),
                        "size_bytes": s.size_bytes, "holds": s.holds} for s in steps],
             "skipped_for_size": skipped, "best_step": best,
         },

@@ -219,7 +219,7 @@ def validate(job) -> None:
     measured = {"cosine": float(cos.mean()), "min-cosine": float(cos.min())}
     if job.task == "text-classification":
         measured.update(classification_metrics(job, ours, ref))
-    metrics = rounded(measured)
+    metrics = rounded(measured, budget=job.budget)
     float_bytes = job.float_onnx.stat().st_size
     quant_bytes = job.quantized_onnx.stat().st_size
     timed = latency_ms(job, {"float": float_session, "bundle": quant_session}, texts,

@@ -358,6 +358,46 @@ def test_the_report_gives_the_size_limit_the_sensitivity_search_kept():
     assert "size limit 27.1 MB (30% of float))" in render_markdown(data)
 
 
+def test_records_and_report_keep_a_broken_metric_below_its_bound(tmp_path, monkeypatch):
+    """A min-cosine of 0.979996 breaks min-cosine>=0.98: the rejected report said BROKEN next
+    to "| min-cosine | 0.98000 |", and report.json held 0.98, which passes it."""
+    import numpy as np
+
+    import exporter.validate as validate
+    from exporter import BudgetError
+    from exporter.budget import rounded
+    from exporter.report import render_markdown
+    from targets import load_target
+
+    budget = Budget.parse("cosine>=0.9,min-cosine>=0.98")
+    job = stubbed_validation(tmp_path, monkeypatch, load_target("arm-cpu"))
+    job.budget = budget
+    c = 0.979996
+    monkeypatch.setattr(validate, "outputs", lambda job, session, texts: (
+        np.array([[c, (1 - c * c) ** 0.5]], np.float32).astype(np.float64),
+        np.array([[1.0, 0.0]])))
+    with pytest.raises(BudgetError):
+        validate.validate(job)
+    record = json.loads((tmp_path / "out.rejected" / "report.json").read_text())
+    assert record["validation"]["metrics"]["min-cosine"] < 0.98
+    report = (tmp_path / "out.rejected" / "report.md").read_text()
+    assert "**BROKEN**" in report and "| min-cosine | 0.979996 |" in report
+    assert "| cosine | 0.98000 |" in report   # its bound (0.9) is far: 5 decimals, as before
+    # the searches' and the decoder's records, and the budget search's line
+    assert rounded({"perplexity-increase": 10.00004}, 4, Budget.parse(
+        "perplexity-increase<=10")) == {"perplexity-increase": 10.00004}
+    step = {"float_group": None, "metrics": rounded({"cosine": 0.99, "min-cosine": 0.9799996},
+                                                    6, budget),
+            "size_bytes": 1, "holds": False}
+    report = render_markdown({
+        "name": "x", "task": "feature-extraction", "target": "arm-cpu", "budget": str(budget),
+        "sensitivity": {"applied": True, "data": "100 calibration texts", "harm": "1 - cosine",
+                        "groups": [], "search": {"data": "300 calibration texts",
+                                                 "max_size_ratio": 0.3, "steps": [step],
+                                                 "skipped_for_size": [], "best_step": 0}}})
+    assert "full int8 -> cosine 0.99000 / min 0.9799996." in report
+
+
 def test_a_latency_budget_broken_alone_is_not_called_an_accuracy_failure(tmp_path,
                                                                         monkeypatch):
     """Only the latency broke: the message and the rejected report said the accuracy budget
