@@ -19,7 +19,7 @@ import onnx
 
 from runtime.model import usable_cores
 
-from .budget import BudgetError, rounded
+from .budget import BudgetError, decimals, rounded
 from .exact import exact_products, host_saturates, scores_exactly
 from .feeds import encoder_feeds, ort_session, pad_batch, pool
 from .progress import progress
@@ -255,7 +255,9 @@ def validate(job) -> None:
     if settings.max_model_mb is not None or settings.max_latency_ms is not None:
         over = limit_failures(settings, model_bytes=quant_bytes, latency_ms=quant_latency["p50"])
         record["size_latency_budget"] = {"budget": limits_text(settings), "holds": not over,
-                                         "model_mb": round(quant_bytes / 1e6, 3),
+                                         "model_mb": round(quant_bytes / 1e6, decimals(
+                                             quant_bytes / 1e6, [settings.max_model_mb]
+                                             if settings.max_model_mb is not None else [], 3)),
                                          "latency_ms_p50": quant_latency["p50"]}
     broken = inaccurate + over
     record["accuracy_budget_holds"] = not inaccurate

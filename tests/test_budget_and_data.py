@@ -398,6 +398,28 @@ def test_records_and_report_keep_a_broken_metric_below_its_bound(tmp_path, monke
     assert "full int8 -> cosine 0.99000 / min 0.9799996." in report
 
 
+def test_a_model_over_its_size_budget_is_not_recorded_at_the_bound(tmp_path, monkeypatch):
+    """A model a few hundred bytes over max_model_mb: the size / latency line said "model
+    15.0 MB" (3 decimals) under a budget of "model <= 15 MB", and BROKEN."""
+    import dataclasses
+
+    import exporter.validate as validate
+    from exporter import BudgetError
+    from targets import load_target
+
+    target = load_target("arm-cpu")
+    job = stubbed_validation(tmp_path, monkeypatch, target)
+    size = job.quantized_onnx.stat().st_size   # some 100 bytes: 0.000... MB
+    job.target = dataclasses.replace(target, validation=dataclasses.replace(
+        target.validation, max_model_mb=(size - 1) / 1e6))
+    with pytest.raises(BudgetError):
+        validate.validate(job)
+    b = job.records["validation"]["size_latency_budget"]
+    assert not b["holds"] and b["model_mb"] > job.target.validation.max_model_mb
+    report = (tmp_path / "out.rejected" / "report.md").read_text()
+    assert f"model {size / 1e6} MB" in report
+
+
 def test_a_latency_budget_broken_alone_is_not_called_an_accuracy_failure(tmp_path,
                                                                         monkeypatch):
     """Only the latency broke: the message and the rejected report said the accuracy budget
