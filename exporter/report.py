@@ -103,7 +103,8 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
         lines += ["## Quantization", "",
                   f"- {q['mode']}: weights {q['weights']}, activations {q['activations']}"
                   + (f"; kernels: {q['integer_kernels']}" if "integer_kernels" in q else ""),
-                  f"- calibration: {cal['method']} on {cal['samples']} texts "
+                  f"- calibration: {cal['method']} on {cal['samples']} texts of "
+                  f"{data.get('calibration_source', 'smart-home utterances')} "
                   f"(sha256 {cal['data_sha256'][:12]}...)"
                   + (f", streamed, peak RSS {cal['peak_rss_mb']} MB (before: "
                      f"{cal['rss_before_mb']} MB)" if "peak_rss_mb" in cal else ""),

@@ -420,6 +420,23 @@ def test_a_model_over_its_size_budget_is_not_recorded_at_the_bound(tmp_path, mon
     assert f"model {size / 1e6} MB" in report
 
 
+def test_the_report_names_the_calibration_text():
+    """report.md named the evaluation text (its Accuracy heading) but not the calibration
+    text: a --calibration file was in the manifest only."""
+    from exporter.report import render_markdown
+
+    quantization = {"mode": "static-int8-qdq", "weights": "int8", "activations": "uint8",
+                    "calibration": {"method": "minmax", "samples": 300, "data_sha256": "ab" * 32},
+                    "quantized_nodes": [], "excluded_nodes": [],
+                    "embeddings": {"mode": "float", "tables": []}}
+    data = {"name": "x", "task": "feature-extraction", "target": "arm-cpu",
+            "budget": "cosine>=0.9", "quantization": quantization}
+    assert "minmax on 300 texts of smart-home utterances (sha256" in render_markdown(data)
+    data["calibration_source"] = "my/cal.txt (900 texts in a seeded random order; " \
+                                 "calibration reads the first 300)"
+    assert "minmax on 300 texts of my/cal.txt (900 texts in" in render_markdown(data)
+
+
 def test_a_latency_budget_broken_alone_is_not_called_an_accuracy_failure(tmp_path,
                                                                         monkeypatch):
     """Only the latency broke: the message and the rejected report said the accuracy budget
