@@ -76,6 +76,35 @@ def float_by_design(model: onnx.ModelProto, shipped: onnx.ModelProto,
                             "reason": FLOAT_BY_DESIGN.get(kind, FLOAT_BY_DESIGN[node.op_type])})
     return entries
 
+
+def int8_nodes(model: onnx.ModelProto, shipped: onnx.ModelProto, matmuls: list[str]) -> dict:
+    """The manifest's names for the int8 MatMuls `matmuls` of float graph `model`, as nodes
+    of `shipped`: "quantized_nodes" (a MatMul that ships under its own name, and each
+    QAttention once) and "fused_matmuls" (QAttention -> the Q, K and V MatMuls it runs as
+    one int8 GEMM; named for the MultiHeadAttention they fed, the MatMuls are gone).
+
+        >>> int8_nodes(model, shipped, ["q", "k", "v", "out"])["fused_matmuls"]
+        {'Attention_0': ['q', 'k', 'v']}
+    """
+    op = {n.name: n.op_type for n in shipped.graph.node}
+    output = {n.name: n.output[0] for n in model.graph.node}
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.name)
+    names, fused = [], {}
+    for matmul in matmuls:
+        if matmul in op:
+            names.append(matmul)
+            continue
+        into = [r for r in readers.get(output[matmul], []) if op.get(r) == "QAttention"]
+        assert len(into) == 1, f"int8 MatMul {matmul!r} is neither in the shipped graph nor " \
+                               f"in one QAttention ({into})"
+        if into[0] not in fused:
+            names.append(into[0])
+        fused.setdefault(into[0], []).append(matmul)
+    return {"quantized_nodes": names, "fused_matmuls": fused}
+
 # Activation dtype name -> (TensorProto type, numpy type, qmin, qmax).
 INT_TYPES: dict[str, tuple[int, type, int, int]] = {
     "uint8": (TensorProto.UINT8, np.uint8, 0, 255),
@@ -727,7 +756,7 @@ def quantize(job) -> None:
             "nan_values_ignored": sum(result.not_a_number.values()),
             **({"methods_compared": compared} if compared else {}),
         },
-        "quantized_nodes": names,
+        **int8_nodes(model, quantized, names),
         "integer_kernels": integer_kernels(quantized, settings),
         "portable_rounding": settings.portable_rounding,
         "embeddings": {"mode": settings.embeddings, "tables": tables,

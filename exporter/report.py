@@ -114,7 +114,7 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
                                         f"the attention V projection, no Mul)"
                                         if out.get("folded_into_attention_value") else "")
                                      if out.get("applied") else "none"),
-                  f"- {len(q['quantized_nodes'])} MatMuls int8; embeddings "
+                  f"- {int8_matmuls(q)} MatMuls int8; embeddings "
                   f"{q['embeddings']['mode']} ({', '.join(q['embeddings']['tables']) or 'none'})",
                   f"- kept in float: {len(q['excluded_nodes'])} nodes",
                   *(f"  - `{e['node']}`: {e['reason']}" for e in q["excluded_nodes"]), ""]
@@ -422,6 +422,13 @@ def shown(value: float, bounds: list[float], places: int) -> str:
     """`value` with `places` decimals, or as many more as keep it on its side of `bounds`:
     a min-cosine of 0.979996 is not 0.98000 next to a broken min-cosine>=0.98."""
     return f"{value:.{decimals(value, bounds, places)}f}"
+
+
+def int8_matmuls(q: dict) -> int:
+    """How many of the float graph's MatMuls the quantization record `q` says are int8: its
+    shipped nodes, each QAttention counted as the Q, K and V MatMuls it fuses."""
+    fused = q.get("fused_matmuls", {})
+    return len(q["quantized_nodes"]) + sum(len(m) - 1 for m in fused.values())
 
 
 def timed_on(speed: dict) -> list[str]:

@@ -46,6 +46,7 @@ from .quantize import (
     build_int8,
     calibrate_all,
     float_by_design,
+    int8_nodes,
     integer_kernels,
     weight_matmuls,
 )
@@ -326,14 +327,18 @@ def sensitivity(job) -> None:
     op = {n.name: n.op_type for n in source.graph.node}
     by_accuracy = [{"node": n, "op": op[n], "reason": f"accuracy budget: group '{g}' harm "
                     f"{harm[g]:.2e}"} for g in kept for n in matmul_groups[g]]
-    q["excluded_nodes"] += by_accuracy
-    int8_names = q["quantized_nodes"]
     if "embeddings" in kept:   # the tables ship float: the record says so
         q["embeddings"] = {**q["embeddings"], "tables": [],
                            "kept_float_for_accuracy": q["embeddings"]["tables"]}
-    if kept:
-        dropped = {n for g in kept for n in matmul_groups[g]}
-        q["quantized_nodes"] = [n for n in q["quantized_nodes"] if n not in dropped]
+    if kept:   # the records name the nodes of this graph (the best reached, if rejected)
+        model, int8, _ = build_int8(source, inputs["ranges"], settings,
+                                    float_groups=frozenset(kept), groups=matmul_groups,
+                                    lower=inputs["lower"])
+        q.update(int8_nodes(source, model, int8))
+        # a layer whose Q, K or V stays float keeps its MultiHeadAttention (not QAttention)
+        q["excluded_nodes"] = float_by_design(
+            source, model, [n.name for n in weight_matmuls(source)]) + by_accuracy
+        q["integer_kernels"] = integer_kernels(model, settings)
     top = ", ".join(f"{r['group']} {r['harm']:.1e}" for r in record["groups"][:3])
     job.log(f"  most harmful: {top}")
     if not chosen.holds:
@@ -347,11 +352,7 @@ def sensitivity(job) -> None:
                     + ". Loosen the budget, raise quantization.max_size_ratio, or calibrate "
                       "on text closer to the evaluation text.")
     if kept:
-        model = build(frozenset(kept))
         onnx.checker.check_model(model)
         onnx.save(model, job.quantized_onnx)
-        # a layer whose Q, K or V stays float keeps its MultiHeadAttention (not QAttention)
-        q["excluded_nodes"] = float_by_design(source, model, int8_names) + by_accuracy
-        q["integer_kernels"] = integer_kernels(model, settings)
     job.log(f"  budget {job.budget} holds with {len(kept)} group(s) kept float after "
             f"{len(steps)} scored graph(s): {rounded(chosen.metrics, 6)}")

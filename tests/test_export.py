@@ -76,7 +76,9 @@ def test_bundle_files_and_manifest(minilm_bundle):
     assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask",
                                                        "token_type_ids"]
     q = manifest["quantization"]
-    assert q["mode"] == "static-int8-qdq" and len(q["quantized_nodes"]) == 36
+    # 36 int8 MatMuls ship as 18 MatMulIntegerToFloat and 6 QAttention (Q, K and V each)
+    assert q["mode"] == "static-int8-qdq" and len(q["quantized_nodes"]) == 24
+    assert sum(len(m) for m in q["fused_matmuls"].values()) == 18
     assert q["calibration"]["samples"] == 300 and len(q["calibration"]["data_sha256"]) == 64
     assert all(e["reason"] for e in q["excluded_nodes"])
     assert q["outliers"]["applied"] and q["outliers"]["float_max_abs_diff"] <= 1e-4

@@ -326,11 +326,18 @@ def test_bundle_records_sensitivity_for_every_group(minilm_bundle):
     assert "Sensitivity" in (minilm_bundle / "report.md").read_text()
     # each QAttention is one int8 GEMM for a layer's Q, K and V MatMuls
     ops = [n.op_type for n in graph.graph.node]
-    assert ops.count("MatMulIntegerToFloat") + 3 * ops.count("QAttention") == \
-        len(q["quantized_nodes"])
     assert ops.count("QAttention") == 6
-    # each node the manifest says stays float is named with its op in the shipped graph
+    # each int8 node the manifest names is one of the shipped graph (the Q/K/V MatMuls that
+    # one QAttention fuses are gone: it named 18 of them), and the report counts MatMuls
     shipped = {n.name: n.op_type for n in graph.graph.node}
+    assert sorted(shipped[n] for n in q["quantized_nodes"]) == \
+        sorted(op for op in ops if op in ("MatMulIntegerToFloat", "QAttention"))
+    fused = q["fused_matmuls"]
+    assert sorted(fused) == sorted(n for n, op in shipped.items() if op == "QAttention")
+    assert all(len(m) == 3 and "/attention/self/" in m[0] for m in fused.values())
+    matmuls = ops.count("MatMulIntegerToFloat") + 3 * ops.count("QAttention")
+    assert f"- {matmuls} MatMuls int8;" in (minilm_bundle / "report.md").read_text()
+    # each node the manifest says stays float is named with its op in the shipped graph
     assert {(e["node"], e["op"]) for e in q["excluded_nodes"]} <= set(shipped.items())
     assert sum(e["op"] == "QAttention" for e in q["excluded_nodes"]) == 6
 
@@ -514,6 +521,45 @@ def test_a_weight_read_as_is_and_transposed_gets_an_int8_copy_for_each():
                       + np.abs(weight).sum(axis=0) * 6 / 255 / 2 + 1e-5)
 
 
+def attention_graph(rng, hidden: int, *, out: bool = False) -> onnx.ModelProto:
+    """MatMuls q, k and v into a MultiHeadAttention "mha" (and, with `out`, a MatMul "out"
+    after it): what QAttention fuses."""
+    inits = [numpy_helper.from_array(rng.normal(size=(hidden, hidden)).astype(np.float32), n)
+             for n in ("wq", "wk", "wv", "wo")[:4 if out else 3]]
+    inits.append(numpy_helper.from_array(rng.normal(size=(3 * hidden,)).astype(np.float32), "b"))
+    nodes = [helper.make_node("MatMul", ["x", w], [o], name=o)
+             for w, o in (("wq", "q"), ("wk", "k"), ("wv", "v"))]
+    nodes.append(helper.make_node("MultiHeadAttention", ["q", "k", "v", "b", ""],
+                                  ["a" if out else "y"], name="mha", domain="com.microsoft",
+                                  num_heads=2))
+    if out:
+        nodes.append(helper.make_node("MatMul", ["a", "wo"], ["y"], name="out"))
+    return helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, hidden])], inits),
+        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_int8_nodes_are_named_as_they_ship():
+    """Q, K and V fused into one QAttention are that node in the record (the manifest listed
+    the three MatMuls, which the shipped graph no longer has); with one of them float, the
+    others ship under their own names."""
+    from exporter.quantize import build_int8, int8_nodes
+    model = attention_graph(np.random.default_rng(0), 16, out=True)
+    ranges = {"x": (-3.0, 3.0), "a": (-3.0, 3.0)}
+    fused, names, _ = build_int8(model, ranges, SETTINGS, lower=True)
+    assert names == ["q", "k", "v", "out"]
+    assert int8_nodes(model, fused, names) == {
+        "quantized_nodes": ["mha", "out"], "fused_matmuls": {"mha": ["q", "k", "v"]}}
+    assert {n.name: n.op_type for n in fused.graph.node}["mha"] == "QAttention"
+    kept, names, _ = build_int8(model, ranges, SETTINGS, lower=True,
+                                float_groups=frozenset({"Q"}), groups={"Q": ["q"]})
+    assert int8_nodes(model, kept, names) == {
+        "quantized_nodes": ["k", "v", "out"], "fused_matmuls": {}}
+    assert int8_nodes(model, build_int8(model, ranges, SETTINGS)[0], ["q", "k", "v", "out"]) \
+        == {"quantized_nodes": ["q", "k", "v", "out"], "fused_matmuls": {}}
+
+
 def test_quantized_attention_with_per_tensor_weights():
     """per_channel = false on a transformer target: one scale per Q, K and V matrix, which
     QAttention takes as per-column scales (np.concatenate of three 0-d scales raised)."""
@@ -522,17 +568,7 @@ def test_quantized_attention_with_per_tensor_weights():
     from exporter.quantize import build_int8
     rng = np.random.default_rng(0)
     hidden = 16
-    inits = [numpy_helper.from_array(rng.normal(size=(hidden, hidden)).astype(np.float32), n)
-             for n in ("wq", "wk", "wv")]
-    inits.append(numpy_helper.from_array(rng.normal(size=(3 * hidden,)).astype(np.float32), "b"))
-    nodes = [helper.make_node("MatMul", ["x", w], [o], name=o)
-             for w, o in (("wq", "q"), ("wk", "k"), ("wv", "v"))]
-    nodes.append(helper.make_node("MultiHeadAttention", ["q", "k", "v", "b", ""], ["y"],
-                                  name="mha", domain="com.microsoft", num_heads=2))
-    model = helper.make_model(helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, hidden])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, hidden])], inits),
-        opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model = attention_graph(rng, hidden)
     x = rng.normal(size=(1, 5, hidden)).astype(np.float32)
     settings = dataclasses.replace(SETTINGS, per_channel=False, portable_rounding=False)
     ranges = {"x": (float(x.min()), float(x.max()))}
@@ -588,6 +624,31 @@ def test_record_says_float_when_the_search_keeps_the_tables_float(tmp_path, monk
     shipped = {i.name for i in onnx.load(tmp_path / "model.onnx").graph.initializer}
     assert "table" in shipped and "table_int8" not in shipped   # the table ships float
     assert job.records["quantization"]["embeddings"]["tables"] == []
+
+
+def test_records_name_the_nodes_of_the_graph_the_search_keeps(tmp_path, monkeypatch):
+    """The search keeps a layer's Q/K/V float: its attention ships as MultiHeadAttention,
+    not QAttention, and the records name what ships (no QAttention left in them)."""
+    import dataclasses
+
+    import exporter.sensitivity as S
+    from exporter.quantize import build_int8, int8_nodes
+    model = attention_graph(np.random.default_rng(0), 16, out=True)
+    target = load_target("arm-cpu")
+    target = dataclasses.replace(target, quantization=dataclasses.replace(
+        target.quantization, max_size_ratio=1.0))
+    job, _ = fake_sensitivity_job(tmp_path, monkeypatch, model, target, hurts="mha_qkv_weight")
+    inputs, q = job.records["quantize_inputs"], job.records["quantization"]
+    inputs["lower"] = True   # as quantize() records a target that lowers to contrib ops
+    lowered, names, _ = build_int8(model, inputs["ranges"], target.quantization, lower=True)
+    q.update(int8_nodes(model, lowered, names))
+    assert q["quantized_nodes"] == ["mha", "out"]
+    S.sensitivity(job)
+    shipped = {n.name: n.op_type for n in onnx.load(tmp_path / "model.onnx").graph.node}
+    assert shipped["mha"] == "MultiHeadAttention"
+    assert q["quantized_nodes"] == ["out"] and q["fused_matmuls"] == {}
+    assert [(e["node"], e["op"]) for e in q["excluded_nodes"]] == [
+        ("mha", "MultiHeadAttention"), ("q", "MatMul"), ("k", "MatMul"), ("v", "MatMul")]
 
 
 def fake_sensitivity_job(tmp_path, monkeypatch, model, target, *, hurts="", budget="cosine>=0.99",
