@@ -133,7 +133,7 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
         lines += [f"## Sensitivity ({s['data']}; harm = {s['harm']})", "",
                   "| group | kind | nodes | harm | min cosine |", "|---|---|---|---|---|",
                   *(f"| {r['group']}{' **(kept float)**' if r['group'] in kept else ''} | "
-                    f"{r['kind']} | {r['nodes']} | {r['harm']:.2e} | {r['min-cosine']:.5f} |"
+                    f"{r['kind']} | {group_size(r)} | {r['harm']:.2e} | {r['min-cosine']:.5f} |"
                     for r in s["groups"]), "",
                   f"Budget search ({search['data']}, size limit {search_limit(data)}): "
                   + "; ".join(
@@ -422,6 +422,15 @@ def shown(value: float, bounds: list[float], places: int) -> str:
     """`value` with `places` decimals, or as many more as keep it on its side of `bounds`:
     a min-cosine of 0.979996 is not 0.98000 next to a broken min-cosine>=0.98."""
     return f"{value:.{decimals(value, bounds, places)}f}"
+
+
+def group_size(row: dict) -> str:
+    """The sensitivity table's "nodes" cell: the embeddings group is tables, not nodes (it
+    said 0)."""
+    if "tables" in row:
+        n = len(row["tables"])
+        return f"{n} embedding table{'s' if n != 1 else ''}"
+    return str(row["nodes"])
 
 
 def int8_matmuls(q: dict) -> int:

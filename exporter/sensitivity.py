@@ -240,8 +240,8 @@ def sensitivity(job) -> None:
     inputs = job.records.pop("quantize_inputs")
     source = onnx.load(inputs["source"])
     threads = job.target.runtime.threads
-    int8_tables = bool(job.records["quantization"]["embeddings"]["tables"])
-    groups = node_groups(source, int8_tables=int8_tables)
+    tables = job.records["quantization"]["embeddings"]["tables"]
+    groups = node_groups(source, int8_tables=bool(tables))
     matmul_groups = {g.name: g.nodes for g in groups if g.kind == "int8"}
 
     def build(float_groups: frozenset[str]) -> onnx.ModelProto:
@@ -287,6 +287,7 @@ def sensitivity(job) -> None:
             model = fake_quantize(source, group, ranges, settings)
         m = scorer.score(model)
         rows.append({"group": group.name, "kind": group.kind, "nodes": len(group.nodes),
+                     **({"tables": tables} if group.name == "embeddings" else {}),
                      "harm": round(1 - m["cosine"], 7), "min-cosine": round(m["min-cosine"], 6)})
     harm = {r["group"]: r["harm"] for r in rows}
     order = sorted(matmul_groups, key=lambda g: most_harmful_first(harm[g]))

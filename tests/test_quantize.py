@@ -327,6 +327,7 @@ def test_bundle_records_sensitivity_for_every_group(minilm_bundle):
     # each QAttention is one int8 GEMM for a layer's Q, K and V MatMuls
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("QAttention") == 6
+    assert "| embeddings | int8 | 1 embedding table |" in (minilm_bundle / "report.md").read_text()
     # each int8 node the manifest names is one of the shipped graph (the Q/K/V MatMuls that
     # one QAttention fuses are gone: it named 18 of them), and the report counts MatMuls
     shipped = {n.name: n.op_type for n in graph.graph.node}
@@ -624,6 +625,11 @@ def test_record_says_float_when_the_search_keeps_the_tables_float(tmp_path, monk
     shipped = {i.name for i in onnx.load(tmp_path / "model.onnx").graph.initializer}
     assert "table" in shipped and "table_int8" not in shipped   # the table ships float
     assert job.records["quantization"]["embeddings"]["tables"] == []
+    # its row in report.md says what the group is: a table, where it said "0" nodes
+    from exporter.report import render_markdown
+    report = render_markdown({"name": "x", "task": "feature-extraction", "target": "arm-cpu",
+                              "budget": "cosine>=0.99", "sensitivity": job.records["sensitivity"]})
+    assert "| embeddings **(kept float)** | int8 | 1 embedding table | 2.00e-02 |" in report
 
 
 def test_records_name_the_nodes_of_the_graph_the_search_keeps(tmp_path, monkeypatch):
