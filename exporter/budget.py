@@ -179,11 +179,18 @@ class Budget:
 def _unlike(value: float, bound: float) -> str:
     """`value` to 6 significant digits, or as many more as keep it on its side of `bound`
     (a min-cosine of 0.9799996 is not "0.98, below the budget min-cosine>=0.98")."""
-    def side(x: float) -> int:
+    return significant(value, [bound])
+
+
+def significant(value: float, bounds: list[float]) -> str:
+    """`value` to 6 significant digits, or as many more as keep it on its side of each of
+    `bounds`."""
+    def side(x: float, bound: float) -> int:
         return (x > bound) - (x < bound)
 
     digits = 6
-    while digits < 17 and side(float(f"{value:.{digits}g}")) != side(value):
+    while digits < 17 and any(side(float(f"{value:.{digits}g}"), b) != side(value, b)
+                              for b in bounds):
         digits += 1
     return f"{value:.{digits}g}"
 

@@ -32,7 +32,7 @@ import dataclasses
 import shutil
 import time
 
-from .budget import rounded
+from .budget import Budget, rounded, significant
 from .compress import Compression, layer_list, parameters
 
 # The ladder, after the first rung (nothing removed): drop layers one by one (by measured
@@ -182,7 +182,7 @@ def choose_strength(job) -> None:
         compression_breaks = False
         if job.budget.check(metrics):   # is it the compression, or the int8?
             float_metrics = scorer.score(onnx.load(candidate.float_onnx))
-            row["float_metrics"] = rounded(float_metrics, 6)
+            row["float_metrics"] = rounded(float_metrics, 6, job.budget)
             compression_breaks = bool(job.budget.check(float_metrics))
             if not compression_breaks:
                 row["quantized"] = _recover(candidate)
@@ -197,7 +197,7 @@ def choose_strength(job) -> None:
              *(["too large"] if any("MB" in o for o in over) else []),
              *(["too slow"] if any(" ms" in o for o in over) else [])]))
         rows.append({**row, "model_bytes": model_bytes, "latency_ms_p50": latency,
-                     "metrics": rounded(metrics, 6), "verdict": verdict,
+                     "metrics": rounded(metrics, 6, job.budget), "verdict": verdict,
                      "seconds": round(time.perf_counter() - started, 1)})
         job.log(f"  [{index + 1}/{len(rungs)}] {describe(compression)}: "
                 f"{row['parameters'] / 1e6:.2f}M params, {model_bytes / MB:.2f} MB, "
@@ -229,8 +229,11 @@ def choose_strength(job) -> None:
 
 
 def _metrics_text(metrics: dict, budget) -> str:
+    """The budget's metrics in words, each with the digits that keep it on its side of its
+    bounds: "cosine 0.999, min-cosine 0.9799996" (not 0.98) under min-cosine>=0.98."""
     names = [c.metric for c in budget.clauses]
-    return ", ".join(f"{k} {metrics[k]:g}" for k in names if k in metrics)
+    return ", ".join(f"{k} {significant(metrics[k], budget.bounds(k))}" for k in names
+                     if k in metrics)
 
 
 def _unreachable(record: dict, rows: list[dict], job, *, stopped: bool) -> str:
@@ -271,9 +274,9 @@ def strength_lines(record: dict | None) -> list[str]:
              f"cumulative): {', '.join(record['ladder'])}. {record['how'].capitalize()}.", "",
              "| strength | layers | params (M) | model (MB) | latency p50 (ms) | accuracy | "
              "quantized | verdict |", "|---|---|---|---|---|---|---|---|"]
+    budget = Budget.parse(record["accuracy_budget"])
     for r in record["candidates"]:
-        accuracy = ", ".join(f"{k} {r['metrics'][k]:g}" for k in record["accuracy_metrics"]
-                             if k in r["metrics"])
+        accuracy = _metrics_text(r["metrics"], budget)
         lines.append(f"| {r['strength']} | {r['layers']} | {r['parameters'] / 1e6:.2f} | "
                      f"{r['model_bytes'] / MB:.2f} | {r['latency_ms_p50']:.3f} | {accuracy} | "
                      f"{r['quantized']} | {r['verdict']} |")

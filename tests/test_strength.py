@@ -208,3 +208,62 @@ def test_a_float_model_that_breaks_the_budget_is_not_blamed_on_compression(tmp_p
     (row,) = job.records["strength"]["candidates"]
     assert row["strength"] == "none"
     assert row["verdict"] == "the float model itself breaks the accuracy budget; too large"
+
+
+def test_a_broken_metric_next_to_its_bound_keeps_the_digits_that_say_so(tmp_path, monkeypatch):
+    """A rung whose int8 min-cosine is 0.9799996 under min-cosine>=0.98: the strength table,
+    the record and the refusal said "min-cosine 0.98" next to "accuracy budget broken"
+    (6 significant digits, where the budget's own message keeps as many as say the side)."""
+    import onnx
+
+    import exporter.feeds
+    import exporter.score
+    import exporter.validate
+    from exporter import pipeline, strength
+    from exporter.budget import Budget
+    from exporter.data import Utterance
+    from exporter.strength import strength_lines
+
+    def build(candidate):   # a float and an int8 "graph" of 1 MB each
+        candidate.float_onnx = candidate.workdir / "float.onnx"
+        candidate.quantized_onnx = candidate.workdir / "model.onnx"
+        for path in (candidate.float_onnx, candidate.quantized_onnx):
+            path.write_bytes(b"\0" * 1_000_000)
+
+    class Scorer:   # the float graph holds the budget, full int8 misses it by 4e-7
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def score(self, path):
+            return {"cosine": 0.999, "min-cosine": 1.0 if path.endswith("float.onnx")
+                    else 0.9799996}
+
+    monkeypatch.setattr(strength, "_build", build)
+    monkeypatch.setattr(strength, "_recover", lambda candidate: "sensitivity search could "
+                        "not recover it within the size limit")
+    monkeypatch.setattr(exporter.score, "Scorer", Scorer)
+    monkeypatch.setattr(exporter.score, "selection_texts", lambda job: (job.evaluation, "2 texts"))
+    monkeypatch.setattr(exporter.feeds, "ort_session", lambda path, threads: None)
+    monkeypatch.setattr(exporter.validate, "latency_ms",
+                        lambda *args: {"c": {"p50": 1.0, "p95": 1.0}})
+    monkeypatch.setattr(onnx, "load", str)
+    target = load_target("arm-cpu")
+    target = dataclasses.replace(target, validation=dataclasses.replace(
+        target.validation, max_model_mb=15.0))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "tokenizer.json").write_text("{}")
+    job = pipeline.Job(model="m", target=target, task="feature-extraction",
+                       output=tmp_path / "out", calibration=[Utterance("turn it on")],
+                       evaluation=[Utterance("a"), Utterance("b")],
+                       budget=Budget.parse("cosine>=0.99,min-cosine>=0.98"), workdir=workdir,
+                       log=lambda line: None, torch_model=_Layers(6), records={"model": {}})
+    with pytest.raises(BudgetError) as e:
+        strength.choose_strength(job)
+    assert "cosine 0.999, min-cosine 0.9799996 (accuracy budget broken)" in str(e.value)
+    record = job.records["strength"]
+    row = record["candidates"][0]
+    assert row["verdict"] == "accuracy budget broken"
+    assert row["metrics"]["min-cosine"] < 0.98 and row["float_metrics"]["min-cosine"] == 1.0
+    table = "\n".join(strength_lines(record))
+    assert "| 1.00 | 1.000 | cosine 0.999, min-cosine 0.9799996 | sensitivity search" in table
