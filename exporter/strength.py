@@ -32,7 +32,7 @@ import dataclasses
 import shutil
 import time
 
-from .budget import Budget, rounded, significant
+from .budget import Budget, decimals, rounded, significant
 from .compress import Compression, layer_list, parameters
 
 # The ladder, after the first rung (nothing removed): drop layers one by one (by measured
@@ -89,12 +89,24 @@ def limit_failures(settings, *, model_bytes: int, latency_ms: float) -> list[str
     """One line per broken size / latency limit; empty when both hold (or none is set)."""
     broken = []
     if settings.max_model_mb is not None and model_bytes > settings.max_model_mb * MB:
-        broken.append(f"model {model_bytes / MB:.2f} MB, above the budget of "
-                      f"{settings.max_model_mb:g} MB")
+        broken.append(f"model {megabytes(model_bytes, settings.max_model_mb)} MB, above the "
+                      f"budget of {settings.max_model_mb:g} MB")
     if settings.max_latency_ms is not None and latency_ms > settings.max_latency_ms:
-        broken.append(f"latency p50 {latency_ms:.3f} ms, above the budget of "
-                      f"{settings.max_latency_ms:g} ms")
+        broken.append(f"latency p50 {milliseconds(latency_ms, settings.max_latency_ms)} ms, "
+                      f"above the budget of {settings.max_latency_ms:g} ms")
     return broken
+
+
+def megabytes(model_bytes: int, limit: float | None) -> str:
+    """`model_bytes` in MB to 2 decimals, or as many more as keep it on its side of `limit`
+    (a model 1 byte over 15 MB is "15.000001", not "15.00 MB, above the budget of 15 MB")."""
+    mb = model_bytes / MB
+    return f"{mb:.{decimals(mb, [] if limit is None else [limit], 2)}f}"
+
+
+def milliseconds(latency_ms: float, limit: float | None) -> str:
+    """`latency_ms` to 3 decimals, or as many more as keep it on its side of `limit`."""
+    return f"{latency_ms:.{decimals(latency_ms, [] if limit is None else [limit], 3)}f}"
 
 
 def _candidate(job, compression: Compression, index: int):
@@ -200,8 +212,10 @@ def choose_strength(job) -> None:
                      "metrics": rounded(metrics, 6, job.budget), "verdict": verdict,
                      "seconds": round(time.perf_counter() - started, 1)})
         job.log(f"  [{index + 1}/{len(rungs)}] {describe(compression)}: "
-                f"{row['parameters'] / 1e6:.2f}M params, {model_bytes / MB:.2f} MB, "
-                f"{latency:.3f} ms, {_metrics_text(metrics, job.budget)} ({row['quantized']}) "
+                f"{row['parameters'] / 1e6:.2f}M params, "
+                f"{megabytes(model_bytes, settings.max_model_mb)} MB, "
+                f"{milliseconds(latency, settings.max_latency_ms)} ms, "
+                f"{_metrics_text(metrics, job.budget)} ({row['quantized']}) "
                 f"-> {verdict} ({rows[-1]['seconds']:.0f} s)")
         del candidate
         shutil.rmtree(job.workdir / "strength" / str(index), ignore_errors=True)
@@ -210,7 +224,10 @@ def choose_strength(job) -> None:
             break
         if compression_breaks:   # cumulative ladder: every stronger rung removes more
             break
-    record = {"budget": limits_text(settings), "accuracy_budget": str(job.budget),
+    record = {"budget": limits_text(settings),
+              "limits": {"max_model_mb": settings.max_model_mb,
+                         "max_latency_ms": settings.max_latency_ms},
+              "accuracy_budget": str(job.budget),
               "accuracy_metrics": [c.metric for c in job.budget.clauses],
               "ladder": [describe(c) for c in rungs], "candidates": rows,
               "how": "each candidate compressed (and healed, if asked) from the loaded model, "
@@ -275,9 +292,11 @@ def strength_lines(record: dict | None) -> list[str]:
              "| strength | layers | params (M) | model (MB) | latency p50 (ms) | accuracy | "
              "quantized | verdict |", "|---|---|---|---|---|---|---|---|"]
     budget = Budget.parse(record["accuracy_budget"])
+    limits = record.get("limits", {})   # reports written before it had none
     for r in record["candidates"]:
         accuracy = _metrics_text(r["metrics"], budget)
         lines.append(f"| {r['strength']} | {r['layers']} | {r['parameters'] / 1e6:.2f} | "
-                     f"{r['model_bytes'] / MB:.2f} | {r['latency_ms_p50']:.3f} | {accuracy} | "
-                     f"{r['quantized']} | {r['verdict']} |")
+                     f"{megabytes(r['model_bytes'], limits.get('max_model_mb'))} | "
+                     f"{milliseconds(r['latency_ms_p50'], limits.get('max_latency_ms'))} | "
+                     f"{accuracy} | {r['quantized']} | {r['verdict']} |")
     return lines + [""]

@@ -85,8 +85,28 @@ def test_limit_failures():
                             max_latency_ms=1.0)
     assert limit_failures(v, model_bytes=15_000_000, latency_ms=1.0) == []
     broken = limit_failures(v, model_bytes=15_000_001, latency_ms=1.2)
-    assert broken == ["model 15.00 MB, above the budget of 15 MB",
+    assert broken == ["model 15.000001 MB, above the budget of 15 MB",   # not "15.00 MB"
                       "latency p50 1.200 ms, above the budget of 1 ms"]
+    broken = limit_failures(v, model_bytes=15_200_000, latency_ms=1.0004)
+    assert broken == ["model 15.20 MB, above the budget of 15 MB",
+                      "latency p50 1.0004 ms, above the budget of 1 ms"]
+
+
+def test_the_strength_table_shows_a_size_over_its_limit_as_over():
+    """A rung 1 byte over max_model_mb = 15 read "15.00 | ... | too large" in report.md."""
+    from exporter.strength import strength_lines
+
+    row = {"strength": "drop 1 layer", "layers": 5, "parameters": 19e6,
+           "model_bytes": 15_000_001, "latency_ms_p50": 2.0004, "metrics": {"cosine": 0.99},
+           "quantized": "full int8", "verdict": "too large; too slow"}
+    record = {"budget": "model <= 15 MB, latency <= 2 ms", "accuracy_budget": "cosine>=0.9",
+              "accuracy_metrics": ["cosine"], "ladder": ["drop 1 layer"], "how": "measured",
+              "chosen": None, "candidates": [row],
+              "limits": {"max_model_mb": 15.0, "max_latency_ms": 2.0}}
+    assert "| 5 | 19.00 | 15.000001 | 2.0004 | cosine 0.99 |" in "\n".join(
+        strength_lines(record))
+    del record["limits"]   # a report written before the record kept its limits
+    assert "| 5 | 19.00 | 15.00 | 2.000 | cosine 0.99 |" in "\n".join(strength_lines(record))
 
 
 # --- real searches on MiniLM ---
