@@ -20,19 +20,32 @@ import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
+# (st_dev, st_ino) of the directories this process named with its pid: one with its pid that
+# it did not make is a leftover of an earlier run that had the same pid (a container's
+# process is pid 7 on every start).
+_made_here: set[tuple[int, int]] = set()
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_dev, info.st_ino
+
 
 def work_dir_beside(target: Path) -> Path:
     """A new private directory next to `target` (the same filesystem, so the final rename is
     atomic), named `.<target>.<pid>.<random>`: the pid tells a later run that the process
     which made it is gone (`remove_leftovers`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+    _made_here.add(_identity(work))
+    return work
 
 
 def remove_leftovers(target: Path) -> int:
     """Remove what runs writing `target` left beside it when they were killed before their
     cleanup could run (SIGKILL, power loss): work directories and replaced copies whose
-    process is gone. Returns the bytes freed."""
+    process is gone, or whose pid is now another process's (or this one's). Returns the
+    bytes freed."""
     # Exactly the names work_dir_beside and replace_directory make (mkdtemp adds 8 chars of
     # [a-z0-9_]), and replace_directory's older `.old-<pid>`; nothing looser: the work
     # directory `.out.2024.<pid>.<random>` of a live run writing `out.2024` is not `out`'s.
@@ -45,7 +58,13 @@ def remove_leftovers(target: Path) -> int:
         if not match or path.is_symlink() or not path.is_dir():
             continue
         pid = int(match.group(1) or match.group(2))
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid():
+            try:
+                if _identity(path) in _made_here:
+                    continue
+            except OSError:   # removed meanwhile
+                continue
+        elif _alive(pid) and not _older_than(path, pid):
             continue
         freed += sum(f.stat().st_size for f in path.rglob("*")
                      if f.is_file() and not f.is_symlink())
@@ -61,6 +80,32 @@ def _alive(pid: int) -> bool:
     except PermissionError:   # another user's process
         return True
     return True
+
+
+def _older_than(path: Path, pid: int) -> bool:
+    """Whether directory `path` was last changed before the live process `pid` started, so
+    that an earlier process with the same pid made it. False where that cannot be told (no
+    /proc): kept."""
+    started = _started(pid)
+    try:
+        info = path.stat()
+    except OSError:
+        return False
+    # The ctime too: copying an old mtime onto a directory (copystat) changes its ctime.
+    # btime is whole seconds and moves with clock adjustments: a margin.
+    return started is not None and max(info.st_mtime, info.st_ctime) < started - 2
+
+
+def _started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), from /proc; None without it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:   # field 22: start, clock ticks after boot
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def replace_directory(new: Path, final: Path) -> None:

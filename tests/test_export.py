@@ -343,6 +343,42 @@ def test_leftovers_of_killed_exports_are_removed_and_nothing_else(tmp_path):
     assert remove_leftovers(tmp_path / "missing-parent" / "out") == 0
 
 
+def test_leftovers_of_an_earlier_process_with_a_reused_pid_are_removed(tmp_path, monkeypatch):
+    """A container's process has the same pid on every start: what an earlier, killed run
+    left under this process's pid, or under the pid of a process started after it, goes;
+    what this process or a live one made since it started stays."""
+    import time
+
+    from runtime import _files
+
+    output = tmp_path / "out"
+    earlier = [tmp_path / f".out.{os.getpid()}.k2j4x9_q", tmp_path / f".out.old-{os.getpid()}"]
+    for path in earlier:   # made by mkdir, not by this process's work_dir_beside
+        (path / "model.onnx").parent.mkdir()
+        (path / "model.onnx").write_bytes(b"x" * 1000)
+    live = _files.work_dir_beside(output)   # this process's own: still in use
+    (live / "model.onnx").write_bytes(b"x" * 10)
+    assert _files.remove_leftovers(output) == 2000
+    assert not any(p.exists() for p in earlier) and (live / "model.onnx").is_file()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        # /proc's start time of a process, as the clock reads it (btime is whole seconds)
+        assert abs(_files._started(sleeper.pid) - time.time()) < 3
+        assert _files._older_than(Path(os.__file__).parent, os.getpid())
+        others = tmp_path / f".out.{sleeper.pid}.abcdefgh"   # made after it started: its own
+        others.mkdir()
+        assert _files.remove_leftovers(output) == 0 and others.is_dir()
+        monkeypatch.setattr(_files, "_started", lambda pid: None)   # no /proc: kept
+        assert _files.remove_leftovers(output) == 0 and others.is_dir()
+        # the sleeper started after the directory was made: an earlier process's
+        monkeypatch.setattr(_files, "_started", lambda pid: time.time() + 60)
+        assert _files.remove_leftovers(output) == 0
+        assert not others.exists() and live.is_dir()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_sigterm_stops_an_export_and_removes_its_work(tmp_path):
     """A CI timeout sends SIGTERM: the CLI exits 143 with nothing left beside the output."""
     import signal
