@@ -48,6 +48,20 @@ def written_by_training(path: Path) -> bool:
 NOT_TRAINED_HERE = "this script did not write (they are not listed in its training.json)"
 
 
+def check_not_in_training_output(path: Path) -> None:
+    """Raise FileExistsError where `path` lies inside an earlier output of this script:
+    written there, it would be files that output's training.json does not list, and training
+    again could not replace that output (nor could it be removed as an old one without
+    removing this one)."""
+    for parent in path.resolve().parents:
+        if (parent / "training.json").is_file() and written_by_training(parent):
+            raise FileExistsError(f"Output {str(path)!r} lies inside {str(parent)!r}, an "
+                                  f"earlier output of this script, which would then hold files "
+                                  f"its training.json does not list (and training again could "
+                                  f"not replace it). Choose an --output outside it, e.g. beside "
+                                  f"it.")
+
+
 def write_jsonl(path: Path, rows) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for u in rows:
@@ -90,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:   # before minutes of training, not after
         check_replaceable(out, ours=written_by_training, why=NOT_TRAINED_HERE)
         check_not_in_bundle(out)   # an exported bundle's manifest would not list the model
+        check_not_in_training_output(out)   # nor an earlier model's training.json
         shutil.rmtree(temp_dir_beside(out))   # where the model will be staged can be written
     except OSError as e:   # FileExistsError, PermissionError, a parent that is a file ...
         parser.error(str(e))

@@ -129,6 +129,30 @@ def test_training_refuses_an_output_inside_a_bundle_before_it_starts(tmp_path, c
     assert [p.name for p in tmp_path.iterdir()] == ["minilm-arm-cpu"]
 
 
+def test_training_refuses_an_output_inside_an_earlier_output_before_it_starts(tmp_path,
+                                                                               capsys):
+    """An --output inside an earlier output of this script trained there: the earlier output
+    then held files its training.json does not list, and training it again was refused as
+    not this script's ("remove the directory if it is an old output" removed the new one)."""
+    earlier = tmp_path / "intents"
+    earlier.mkdir()
+    (earlier / "config.json").write_text("{}")
+    (earlier / "training.json").write_text(json.dumps({"files": ["config.json"]}))
+    # One utterance: had the output passed, this would stop (exit 2) at "1 intent(s)".
+    cheap = ["--train-size", "1", "--batch-size", "1"]
+    for output in (earlier / "v2", earlier / "new" / "v2"):
+        with pytest.raises(SystemExit) as stop:
+            training_script().main(["--output", str(output), *cheap])
+        assert stop.value.code == 2
+        assert (f"lies inside {str(earlier)!r}, an earlier output of this script"
+                in capsys.readouterr().err)
+    assert sorted(p.name for p in earlier.iterdir()) == ["config.json", "training.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["intents"]
+    with pytest.raises(SystemExit) as stop:   # beside it is fine (stops at "1 intent(s)")
+        training_script().main(["--output", str(tmp_path / "v2"), *cheap])
+    assert stop.value.code == 2 and "1 intent(s)" in capsys.readouterr().err
+
+
 def test_labels_round_trip_through_the_bundle(intent_model, intent_bundle):
     config = json.loads((intent_model / "config.json").read_text())
     manifest = json.loads((intent_bundle / "manifest.json").read_text())
