@@ -4,13 +4,14 @@
     python -m runtime verify BUNDLE              # check a bundle as runtime.load would
 
 Each prints one line on success (unpack: the bundle's directory) and exits 0; a bundle that
-fails its checks, a missing path or one it will not replace exits 2 with the reason on stderr,
-and an I/O error (a full disk) exits 1.
+fails its checks, a missing path, one it will not replace or may not write (no permission, a
+read-only file system) exits 2 with the reason on stderr, and an I/O error (a full disk) exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from . import Bundle, BundleError, unpack
@@ -47,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             NotADirectoryError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except OSError as e:   # a read-only file system, like no permission, is the path's
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if e.errno == errno.EROFS else 1
     return 0
 
 

@@ -12,6 +12,7 @@ runtime loads only files the manifest lists, by paths inside the bundle.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -253,9 +254,12 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
                                       f"bundle, or unpack into another directory.")
             raise FileExistsError(f"{str(final)!r} exists and is not a bundle; refusing to "
                                   f"replace it. Unpack into another directory.")
-        into.mkdir(parents=True, exist_ok=True)
-        remove_leftovers(final)   # of an unpack killed before its cleanup could run
-        work = work_dir_beside(final)
+        try:
+            into.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(final)   # of an unpack killed before its cleanup could run
+            work = work_dir_beside(final)
+        except OSError as e:
+            raise _unwritable(e, into) from None
         try:
             for path, member in files.items():
                 dest = work / path
@@ -285,6 +289,22 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def _unwritable(error: OSError, into: Path) -> OSError:
+    """`error`, or where it is no permission or a read-only file system (the directory
+    chosen, not the machine failing), a PermissionError naming the directory that refused
+    rather than a hidden work directory."""
+    if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
+        return error
+    where = into
+    while not where.exists():   # the directory that refused: the nearest one that exists
+        where = where.parent
+    why = (f"no permission to create files in {str(where)!r}"
+           if isinstance(error, PermissionError) else
+           f"{str(where)!r} is on a read-only file system")
+    return PermissionError(f"Cannot unpack into {str(into)!r}: {why}. Unpack into another "
+                           f"directory.")
 
 
 def _archived_manifest(tar: tarfile.TarFile, files: dict[str, tarfile.TarInfo], archive: Path,

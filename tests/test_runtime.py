@@ -541,6 +541,41 @@ def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
     assert run("unpack", archive, tmp_path / "a-file" / "sub")[0] == 2
 
 
+def test_device_unpack_onto_a_read_only_file_system_is_refused_as_without_permission(
+        minilm_bundle, tmp_path, monkeypatch, capsys):
+    """A read-only file system (EROFS: an OSError, not a PermissionError) exited 1, "the
+    machine failed", naming a hidden work directory; no permission exited 2."""
+    import errno
+
+    from runtime import __main__ as cli
+    from runtime import bundle
+
+    archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
+    into = tmp_path / "models"
+    installed = runtime.unpack(archive, into)
+    for number, why in ((errno.EROFS, f"{str(into)!r} is on a read-only file system"),
+                        (errno.EACCES, f"no permission to create files in {str(into)!r}")):
+        def refuse(target, number=number):
+            raise OSError(number, os.strerror(number),
+                          str(target.parent / f".{target.name}.1.abcdefgh"))
+
+        monkeypatch.setattr(bundle, "work_dir_beside", refuse)
+        assert cli.main(["unpack", str(archive), str(into)]) == 2
+        assert capsys.readouterr().err == (f"error: Cannot unpack into {str(into)!r}: {why}. "
+                                           f"Unpack into another directory.\n")
+        runtime.load(installed)   # the install it would have replaced is untouched
+    monkeypatch.undo()
+
+    def remounted(path):   # read-only after a disk error, while the copy is written
+        raise OSError(errno.EROFS, "Read-only file system", str(path / "model.onnx"))
+
+    monkeypatch.setattr(bundle, "sync_tree", remounted)
+    assert cli.main(["unpack", str(archive), str(into)]) == 2
+    assert "Read-only file system" in capsys.readouterr().err
+    runtime.load(installed)
+    assert sorted(p.name for p in into.iterdir()) == ["minilm-arm-cpu"]
+
+
 def test_odd_and_long_text(minilm_bundle):
     model = runtime.load(minilm_bundle)
     long_text = " ".join(["lights"] * 10_000)
