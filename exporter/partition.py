@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import onnx
@@ -482,16 +482,21 @@ def restage(bundle_dir: str | Path, stages: int, output: str | Path) -> Path:
                                           manifest["target"]["runtime"]["execution_providers"])
         # the stages hold their weights inline: the single graph's external data, a second
         # copy of every weight, is read by no graph of the new bundle
-        graph_files = {model_file} | external_files(source / model_file)
-        for entry in manifest["files"]:
+        # (external_files names them relative to the graph's directory, the manifest
+        # relative to the bundle's)
+        graph_dir = PurePosixPath(model_file).parent
+        graph_files = {model_file} | {(graph_dir / name).as_posix()
+                                      for name in external_files(source / model_file)}
+        for entry in manifest["files"]:   # in their folders, as the manifest lists them
             if entry["path"] not in graph_files:
+                (staging / entry["path"]).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source / entry["path"], staging / entry["path"])
         manifest.pop("model_file", None)
         manifest["name"] = output.name
         manifest["target"]["runtime"]["pipeline_stages"] = stages
-        files = sorted(p for p in staging.iterdir() if p.is_file())
-        manifest["files"] = [{"path": p.name, "sha256": sha256_of(p), "bytes": p.stat().st_size}
-                             for p in files]
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        manifest["files"] = [{"path": p.relative_to(staging).as_posix(), "sha256": sha256_of(p),
+                              "bytes": p.stat().st_size} for p in files]
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         replace_dir(staging, output)
     finally:

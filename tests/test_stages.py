@@ -77,6 +77,42 @@ def test_restage_leaves_out_the_external_data_its_stages_do_not_read(minilm_bund
     np.testing.assert_array_equal(got, single[:20])
 
 
+def test_restage_keeps_the_folders_of_the_files_its_manifest_lists(minilm_bundle, eval_texts,
+                                                                   single, tmp_path):
+    """A listed file in a folder (assets/notes/readme.txt) was copied to a folder restage had
+    not made (FileNotFoundError), and the staged manifest listed only the top-level files;
+    a graph in a folder (onnx/model.onnx) had its external data copied along."""
+    import shutil
+
+    from runtime.bundle import sha256_of
+
+    source = tmp_path / "folders"
+    shutil.copytree(minilm_bundle, source)
+    (source / "onnx").mkdir()
+    onnx.save(onnx.load(source / "model.onnx"), source / "onnx" / "model.onnx",
+              save_as_external_data=True, location="model.onnx.data")
+    (source / "model.onnx").unlink()
+    (source / "assets" / "notes").mkdir(parents=True)
+    (source / "assets" / "notes" / "readme.txt").write_text("kitchen lights: zone 2\n")
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["model_file"] = "onnx/model.onnx"
+    manifest["files"] = [{"path": p.relative_to(source).as_posix(), "sha256": sha256_of(p),
+                          "bytes": p.stat().st_size}
+                         for p in sorted(source.rglob("*"))
+                         if p.is_file() and p.name != "manifest.json"]
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    np.testing.assert_array_equal(runtime.load(source).embed(eval_texts[:20], batch_size=16),
+                                  single[:20])   # a sound bundle
+
+    path = restage(source, 2, tmp_path / "staged")
+    files = [f["path"] for f in json.loads((path / "manifest.json").read_text())["files"]]
+    assert "assets/notes/readme.txt" in files
+    assert (path / "assets" / "notes" / "readme.txt").read_text() == "kitchen lights: zone 2\n"
+    assert not (path / "onnx").exists() and not any(f.startswith("onnx/") for f in files)
+    got = runtime.load(path).embed(eval_texts[:20], batch_size=16)   # verified, and the same
+    np.testing.assert_array_equal(got, single[:20])
+
+
 def test_a_failing_feed_reaches_the_caller_instead_of_hanging(minilm_bundle, tmp_path):
     session = runtime.load(restage(minilm_bundle, 2, tmp_path / "staged")).session
     feed = {"input_ids": np.array([[101, 7592, 102]]), "attention_mask": np.ones((1, 3), int),
