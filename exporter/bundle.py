@@ -57,8 +57,9 @@ def bundle(job) -> None:
     staging = job.workdir / "bundle"
     staging.mkdir()
     if job.stages:   # stage0.onnx ... stageN.onnx instead of model.onnx
-        for stage in job.stages:
-            shutil.move(job.workdir / "stages" / stage["file"], staging / stage["file"])
+        for stage in job.stages:   # and the external data of a stage over 2 GB
+            for name in (stage["file"], *stage.get("external_data", ())):
+                shutil.move(job.workdir / "stages" / name, staging / name)
         model = onnx.load(job.quantized_onnx, load_external_data=False)
     else:
         shutil.move(job.quantized_onnx, staging / "model.onnx")

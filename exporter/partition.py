@@ -27,13 +27,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 from onnx import helper, numpy_helper
 
+# A graph larger than this cannot be one protobuf (onnx.save, onnx.checker and
+# SerializeToString refuse it): it is saved with its weights in an external data file beside
+# it, NAME.onnx.data, and checked and run from its path.
+INLINE_LIMIT = 2**31 - 1
 BALANCE_SLACK = 1.1         # fewer tensors handed on may cost up to 10% of balance
 PROBE_SHAPES = ((2, 5), (3, 7))   # (batch, sequence) of the two probe runs
 # Graph input types those probes can feed.
@@ -147,7 +153,7 @@ def crossings(model: onnx.ModelProto) -> list[list[str]]:
 def clean_cuts(model: onnx.ModelProto, handed: list[list[str]]) -> set[int]:
     """Cuts whose handed-on float tensors all come out of a normalization (CLEAN_CUT_OPS);
     a tensor of unknown type counts as float."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type
              for v in (*inferred.graph.value_info, *inferred.graph.output)}
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -155,6 +161,66 @@ def clean_cuts(model: onnx.ModelProto, handed: list[list[str]]) -> set[int]:
             if all(producer[t].op_type in CLEAN_CUT_OPS
                    or types.get(t, onnx.TensorProto.FLOAT) not in FLOAT_TYPES
                    for t in tensors)}
+
+
+def too_big(model: onnx.ModelProto) -> bool:
+    """Whether `model` is over INLINE_LIMIT, so that it can be saved, checked and run only
+    with its weights in external data."""
+    try:
+        return model.ByteSize() > INLINE_LIMIT
+    except EncodeError:   # protobuf measures by serializing, which it refuses over 2 GB
+        return True
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> bool:
+    """Save `model` at `path`; over INLINE_LIMIT, with its weights in `path`.data beside it
+    (onnx moves them out of `model` to write them there). Returns whether it did that."""
+    if too_big(model):
+        onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=f"{path.name}.data")
+        return True
+    onnx.save(model, path)
+    return False
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference on `model` (without its weights when over INLINE_LIMIT, by
+    path: in memory onnx refuses a graph over 2 GB)."""
+    if not too_big(model):
+        return onnx.shape_inference.infer_shapes(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_graph(_copy(model), path)
+        onnx.shape_inference.infer_shapes_path(str(path))
+        return onnx.load(path, load_external_data=False)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model`, field by field over 2 GB (CopyFrom serializes it)."""
+    copy = onnx.ModelProto()
+    try:
+        copy.CopyFrom(model)
+    except EncodeError:
+        copy.Clear()
+        _copy_fields(model, copy)
+    return copy
+
+
+def _copy_fields(source, target) -> None:
+    """`source`'s fields into `target`, field by field: protobuf copies a message by
+    serializing it (CopyFrom, extend, even append), and refuses one over 2 GB."""
+    for fd, value in source.ListFields():
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+        if fd.type == fd.TYPE_MESSAGE and repeated:
+            for item in value:
+                _copy_fields(item, getattr(target, fd.name).add())
+        elif fd.type == fd.TYPE_MESSAGE:
+            getattr(target, fd.name).SetInParent()   # present, if empty: a scalar's shape
+            _copy_fields(value, getattr(target, fd.name))
+        elif repeated:
+            getattr(target, fd.name).extend(value)
+        else:
+            setattr(target, fd.name, value)
 
 
 def balanced_cuts(cost: np.ndarray, candidates: list[int], stages: int) -> tuple[list[int], float]:
@@ -184,9 +250,7 @@ def split(model: onnx.ModelProto, stages: int) -> list[Stage]:
     """`model` cut into `stages` contiguous stages (see the module docstring)."""
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
         raise ValueError(f"The number of stages must be an int >= 1, got {stages!r}.")
-    model_copy = onnx.ModelProto()
-    model_copy.CopyFrom(model)
-    model = model_copy
+    model = _copy(model)
     constants_to_initializers(model)
     nodes = list(model.graph.node)
     nbytes, flops = node_costs(model)
@@ -242,9 +306,11 @@ def _stage(model, nodes, a: int, b: int, flops) -> Stage:
     stage = Stage(list(nodes[a:b]), inputs, outputs,
                   weight_bytes=int(held), flops_per_token=int(flops[a:b].sum()))
     stage.model = helper.make_model(
-        helper.make_graph(stage.nodes, f"stage_{a}_{b}", [], [],
-                          initializer=[inits[n] for n in used_inits]),
+        helper.make_graph(stage.nodes, f"stage_{a}_{b}", [], []),
         opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    # added after make_model, which copies the graph whole (refused over 2 GB)
+    for name in used_inits:
+        _copy_fields(inits[name], stage.model.graph.initializer.add())
     return stage
 
 
@@ -255,13 +321,17 @@ def annotate_io(model: onnx.ModelProto, stages: list[Stage]) -> None:
     from runtime.model import ort_session
 
     names = sorted({n for s in stages for n in (*s.inputs, *s.outputs)})
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = _copy(model)
     known = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
     for name in names:
         if name not in known:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = ort_session(probe.SerializeToString())
+    if too_big(probe):
+        with tempfile.TemporaryDirectory() as tmp:   # onnxruntime has read it all after this
+            save_graph(probe, Path(tmp) / "probe.onnx")
+            session = ort_session(Path(tmp) / "probe.onnx")
+    else:
+        session = ort_session(probe.SerializeToString())
     first = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
     batch_name = first[0] if first and first[0] else "batch"
     seq_name = first[1] if len(first) > 1 and first[1] else "sequence"
@@ -314,14 +384,15 @@ def annotate_io(model: onnx.ModelProto, stages: list[Stage]) -> None:
                     known = None
                 target.append(declared.get(name) or known or
                               helper.make_tensor_value_info(name, dtype, [None] * rank))
-        onnx.checker.check_model(stage.model)
+        if not too_big(stage.model):   # else checked by path once saved (write_stages)
+            onnx.checker.check_model(stage.model)
 
 
 def _inferred_values(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """The intermediate tensors' types and shapes as ONNX shape inference infers them ({} for
     a graph it cannot infer, say one over 2 GB)."""
     try:
-        values = onnx.shape_inference.infer_shapes(model).graph.value_info
+        values = infer_shapes(model).graph.value_info
     except (onnx.shape_inference.InferenceError, ValueError):
         return {}
     return {v.name: v for v in values
@@ -357,17 +428,22 @@ def max_staged_diff(job, single, bundle_dir, manifest_stages, texts: list[str]) 
 
 
 def write_stages(model: onnx.ModelProto, count: int, out_dir: Path, providers) -> list[dict]:
-    """Cut `model` into `count` stages, save stage0.onnx ... in `out_dir`; returns the
-    manifest's "stages" list."""
+    """Cut `model` into `count` stages, save stage0.onnx ... in `out_dir` (a stage over
+    INLINE_LIMIT with its weights in stageN.onnx.data beside it); returns the manifest's
+    "stages" list."""
     stages = split(model, count)
     annotate_io(model, stages)
     total_bytes = sum(s.weight_bytes for s in stages) or 1
     total_flops = sum(s.flops_per_token for s in stages) or 1
     records = []
     for i, stage in enumerate(stages):
-        onnx.save(stage.model, out_dir / f"stage{i}.onnx")
+        path = out_dir / f"stage{i}.onnx"
+        big = save_graph(stage.model, path)
+        if big:   # checked here, by path (annotate_io checks the others in memory)
+            onnx.checker.check_model(str(path))
         records.append({
-            "file": f"stage{i}.onnx",
+            "file": path.name,
+            **({"external_data": sorted(external_files(path))} if big else {}),
             "device": stage_device(i, providers),
             "inputs": [stage.describe(n) for n in stage.inputs],
             "outputs": [stage.describe(n) for n in stage.outputs],

@@ -52,7 +52,8 @@ def usable_cores() -> int:
 
 
 def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = True,
-                providers: Sequence[str] = ("CPUExecutionProvider",), kernels: bool = True):
+                providers: Sequence[str] = ("CPUExecutionProvider",), kernels: bool = True,
+                external_data: dict[str, bytes] | None = None):
     """An onnxruntime session with explicit threading.
 
     `spinning=False` stops ONNX Runtime's worker threads from busy-waiting after each call:
@@ -63,6 +64,9 @@ def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = 
     graph nodes it implements (4-bit GGUF blocks with float activations) then run our
     kernel instead of their function body in standard ops. Bundles do not need it: without
     the library, or with `kernels=False`, the same graph runs on standard ops.
+
+    `external_data` ({file name: its bytes}) holds the external data of a graph given as
+    bytes (a graph at a path reads its own, beside it).
     """
     import onnxruntime as ort
 
@@ -80,6 +84,10 @@ def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = 
                                    == "CPUExecutionProvider" for p in chosen):
         # in a GPU session the node stays a function, which the GPU provider can take
         options.register_custom_ops_library(library)
+    if external_data:
+        names = list(external_data)
+        options.add_external_initializers_from_files_in_memory(
+            names, [external_data[n] for n in names], [len(external_data[n]) for n in names])
     model = path if isinstance(path, bytes) else str(path)
     if isinstance(model, str) and not model.isascii():
         try:   # onnxruntime takes a path as UTF-8 text: not a name in another encoding
@@ -357,6 +365,9 @@ class Model:
             for stage in manifest["stages"]:
                 if isinstance(stage, dict) and "file" in stage:
                     bundle.file(stage["file"])   # listed, so verified (Stages checks the rest)
+                if isinstance(stage, dict) and "external_data" in stage:
+                    for name in stage["external_data"]:   # a stage over 2 GB: its weights
+                        bundle.file(name)
             outputs = [o["name"] for o in manifest.get("outputs", [])]
             inputs = manifest.get("inputs", [])   # none listed: the first stage's inputs
             if pipeline == "ray":

@@ -24,12 +24,13 @@ class _StageWorker:
     """The actor body: one stage's session; `step` takes and returns the tensor dict."""
 
     def __init__(self, index: int, graph: bytes, stages: list[dict], outputs: list[str],
-                 threads: int, providers: list):
+                 threads: int, providers: list, external_data: dict[str, bytes]):
         from .model import ort_session
 
         self.index = index
         self.plan = Stages(stages, outputs)
-        self.session = ort_session(graph, threads=threads, providers=providers)
+        self.session = ort_session(graph, threads=threads, providers=providers,
+                                   external_data=external_data)
 
     def step(self, env: dict) -> dict:
         return self.plan.step(self.index, self.session, env)
@@ -67,9 +68,12 @@ class RayStagedSession(_StagedIO):
             device = "cuda:0" if on_gpu else "cpu"
             options = {"num_gpus": 1} if on_gpu else {"num_cpus": 0}
             graph = (Path(directory) / stage["file"]).read_bytes()
+            # a stage over 2 GB keeps its weights in files beside it: sent along too
+            data = {name: (Path(directory) / name).read_bytes()
+                    for name in stage.get("external_data", ())}
             self.actors.append(actor.options(**options).remote(
                 i, graph, stages, list(outputs), threads,
-                device_providers(device, providers)))
+                device_providers(device, providers), data))
         # Every actor's graph checked against the plan now, as StagedSession checks its
         # sessions: a manifest edited apart from its stage files, or a graph an actor could
         # not load, failed only at the first call, deep in a remote traceback. On failure

@@ -113,6 +113,70 @@ def test_restage_keeps_the_folders_of_the_files_its_manifest_lists(minilm_bundle
     np.testing.assert_array_equal(got, single[:20])
 
 
+def _external_stages(path):
+    """The stage records of bundle `path` and its manifest's files, checked: every stage
+    keeps its weights in stageN.onnx.data, and the manifest lists and hashes that file."""
+    from runtime.bundle import sha256_of
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    files = {f["path"]: f for f in manifest["files"]}
+    for stage in manifest["stages"]:
+        assert stage["external_data"] == [stage["file"] + ".data"]
+        data = path / stage["external_data"][0]
+        assert files[data.name]["sha256"] == sha256_of(data)
+        assert files[data.name]["bytes"] == data.stat().st_size > (path / stage["file"]).stat(
+        ).st_size
+    return manifest
+
+
+def test_stages_over_the_size_limit_keep_their_weights_in_external_data(
+        minilm_bundle, eval_texts, single, tmp_path, monkeypatch):
+    """A stage over protobuf's 2 GB could not be saved (onnx.save raised), so a model that
+    large could not be cut into stages. Over partition.INLINE_LIMIT (lowered here to 1 MB:
+    MiniLM's int8 stages are ~11 MB) a stage's weights go to stageN.onnx.data beside it,
+    which the manifest lists and the runtime verifies."""
+    import shutil
+
+    from exporter import partition
+
+    monkeypatch.setattr(partition, "INLINE_LIMIT", 1 << 20)
+    path = restage(minilm_bundle, 2, tmp_path / "staged")
+    _external_stages(path)
+    got = runtime.load(path).embed(eval_texts, batch_size=16)
+    np.testing.assert_array_equal(got, single)
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    with open(broken / "stage1.onnx.data", "r+b") as f:   # same size, one byte changed
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(runtime.BundleError, match=r"stage1\.onnx\.data: sha256 does not "
+                                                  r"match manifest\.json"):
+        runtime.load(broken)
+    # a manifest whose stage names external data it does not list is refused at load
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"] = [f for f in manifest["files"] if f["path"] != "stage0.onnx.data"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copyfile(path / "stage1.onnx.data", broken / "stage1.onnx.data")
+    with pytest.raises(runtime.BundleError, match=r"'stage0\.onnx\.data' is not in its "
+                                                  r"'files' list"):
+        runtime.load(broken)
+
+
+def test_an_export_bundles_the_external_data_of_its_stages(eval_texts, single, tmp_path,
+                                                           monkeypatch):
+    """The export moved stage0.onnx ... into the bundle and left their external data behind."""
+    from exporter import export, partition
+
+    monkeypatch.setattr(partition, "INLINE_LIMIT", 1 << 20)
+    path = export("minilm", target="arm-cpu", stages=2, output=tmp_path / "staged",
+                  log=lambda line: None)
+    _external_stages(path)
+    got = runtime.load(path).embed(eval_texts, batch_size=16)
+    np.testing.assert_array_equal(got, single)
+
+
 def test_a_failing_feed_reaches_the_caller_instead_of_hanging(minilm_bundle, tmp_path):
     session = runtime.load(restage(minilm_bundle, 2, tmp_path / "staged")).session
     feed = {"input_ids": np.array([[101, 7592, 102]]), "attention_mask": np.ones((1, 3), int),
@@ -311,6 +375,28 @@ def test_ray_actors_equal_single_graph(minilm_bundle, eval_texts, single, tmp_pa
         model.close()
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actors[0].step.remote({}), timeout=60)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="ray is not installed (pip install 'edge-exporter[ray]')")
+def test_ray_actors_get_the_external_data_of_their_stages(minilm_bundle, eval_texts, single,
+                                                          tmp_path, monkeypatch):
+    """An actor gets its stage's graph as bytes; the weights of a stage over 2 GB, in a file
+    beside it, did not come along, and onnxruntime could not load the graph."""
+    import ray
+
+    from exporter import partition
+
+    monkeypatch.setattr(partition, "INLINE_LIMIT", 1 << 20)
+    path = restage(minilm_bundle, 2, tmp_path / "staged")
+    _external_stages(path)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with runtime.load(path, pipeline="ray") as model:
+            np.testing.assert_array_equal(model.embed(eval_texts[:20], batch_size=16),
+                                          single[:20])
     finally:
         ray.shutdown()
 
