@@ -39,6 +39,18 @@ class _StageWorker:
         check_stage_graph(self.plan, self.index, self.session)
 
 
+def actor_cpus(actors: int, node_cpus: Sequence[float], free: float) -> int:
+    """CPUs for each of `actors` stage actors on the CPU, as `stage_threads` shares a
+    process's cores among its CPU stages: the most of which `actors` actors fit on the
+    nodes (`node_cpus`, each node's CPUs; an actor runs on one node) with at most `free`
+    taken in all. 0 where not even one each fits: Ray would hold the actors back until CPUs
+    free up, so they take none and run on one thread each."""
+    for share in range(int(free // actors), 0, -1):
+        if sum(int(cpus // share) for cpus in node_cpus) >= actors:
+            return share
+    return 0
+
+
 class RayStagedSession(_StagedIO):
     """A staged bundle's sessions as Ray actors, with StagedSession's interface."""
 
@@ -60,19 +72,31 @@ class RayStagedSession(_StagedIO):
                           f"of them meant for CUDA; every stage runs on CPU.", RuntimeWarning,
                           stacklevel=4)
         actor = ray.remote(_StageWorker)
+        on_gpus = [stage["device"].startswith("cuda") and gpus >= len(stages)
+                   for stage in stages]
+        # With threads 0 ("all cores") the stage actors on the CPU compute at the same time:
+        # each takes a share of the cluster's CPUs, reserved for it in Ray, and runs that
+        # many threads (as StagedSession's stages share a process's cores); all cores each
+        # contended for them. An explicit count is every stage's, and one CPU stage keeps 0.
+        self.cpus = 0
+        on_cpu = on_gpus.count(False)
+        if not threads and on_cpu >= 2:
+            nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+            self.cpus = actor_cpus(on_cpu, nodes, ray.available_resources().get("CPU", 0))
+        self.threads = [threads if on_gpu or threads or on_cpu < 2 else self.cpus or 1
+                        for on_gpu in on_gpus]
         self.actors = []
-        for i, stage in enumerate(stages):
-            on_gpu = stage["device"].startswith("cuda") and gpus >= len(stages)
+        for i, (stage, on_gpu) in enumerate(zip(stages, on_gpus, strict=True)):
             # One GPU per stage actor; Ray picks the node and sets CUDA_VISIBLE_DEVICES, so
             # inside the actor the GPU is device 0.
             device = "cuda:0" if on_gpu else "cpu"
-            options = {"num_gpus": 1} if on_gpu else {"num_cpus": 0}
+            options = {"num_gpus": 1} if on_gpu else {"num_cpus": self.cpus}
             graph = (Path(directory) / stage["file"]).read_bytes()
             # a stage over 2 GB keeps its weights in files beside it: sent along too
             data = {name: (Path(directory) / name).read_bytes()
                     for name in stage.get("external_data", ())}
             self.actors.append(actor.options(**options).remote(
-                i, graph, stages, list(outputs), threads,
+                i, graph, stages, list(outputs), self.threads[i],
                 device_providers(device, providers), data))
         # Every actor's graph checked against the plan now, as StagedSession checks its
         # sessions: a manifest edited apart from its stage files, or a graph an actor could

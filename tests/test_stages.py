@@ -401,6 +401,60 @@ def test_ray_actors_get_the_external_data_of_their_stages(minilm_bundle, eval_te
         ray.shutdown()
 
 
+@pytest.mark.parametrize("actors, nodes, free, expected", [
+    (2, [2], 2, 1), (2, [8], 8, 4), (3, [8], 8, 2), (2, [8], 3, 1), (2, [1], 1, 0),
+    (2, [4, 4], 8, 4), (2, [3, 1], 4, 1), (2, [3, 3], 6, 3), (2, [], 0, 0)])
+def test_ray_cpu_stage_actors_share_the_cpus_that_fit_them(actors, nodes, free, expected):
+    """An actor runs on one node: 2 actors of 2 CPUs do not fit on nodes of 3 and 1 CPUs
+    (Ray would hold the second back for ever), nor more than the free CPUs in all."""
+    from runtime.ray_stages import actor_cpus
+
+    assert actor_cpus(actors, nodes, free) == expected
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="ray is not installed (pip install 'edge-exporter[ray]')")
+def test_ray_cpu_stage_actors_share_the_cores(tmp_path):
+    """StagedSession's CPU stages share the process's cores (stage_threads); as Ray actors
+    each stage took no CPU from Ray and ran a session of all cores (intra-op threads 0), so
+    two stages on 2 cores contended for them."""
+    import time
+
+    import ray
+
+    from exporter.partition import write_stages
+    from runtime.ray_stages import RayStagedSession
+    from runtime.stages import StagedSession
+
+    records = write_stages(_chain_model(), 2, tmp_path, ["CPUExecutionProvider"])
+    x = {"x": np.ones((2, 3), np.float32)}
+    expected = StagedSession(tmp_path, records, outputs=["y"], threads=1).run(None, x)
+
+    def intra_op_threads(worker):
+        return worker.session.get_session_options().intra_op_num_threads
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for threads, split, free in ((0, [1, 1], 0), (3, [3, 3], 2)):
+            session = RayStagedSession(tmp_path, records, outputs=["y"], threads=threads)
+            try:
+                assert [ray.get(a.__ray_call__.remote(intra_op_threads))
+                        for a in session.actors] == split
+                assert session.threads == split
+                # the split CPUs are held for the actors in Ray; an explicit count takes none
+                # (the CPUs of actors ended come back a moment after)
+                deadline = time.monotonic() + 30
+                while ray.available_resources().get("CPU", 0) != free \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert ray.available_resources().get("CPU", 0) == free
+                np.testing.assert_array_equal(session.run(None, x)[0], expected[0])
+            finally:
+                session.close()
+    finally:
+        ray.shutdown()
+
+
 def _chain_model(layers: int = 4):
     """x (batch, seq) -> MatMul, LayerNorm -> h0, then `layers - 1` x (MatMul, LayerNorm),
     the last LayerNorm's input a residual Add of h0 (which crosses every cut) -> y (batch,
