@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import tarfile
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from runtime._files import (
     bundle_files,
     damaged_archive,
     holds_only,
+    refused_why,
     remove_leftovers,  # noqa: F401 (the exporter's callers import it from here)
     replace_directory,
     work_dir_beside,
@@ -274,14 +274,9 @@ def temp_dir_beside(target: Path) -> Path:
     try:
         return work_dir_beside(target)
     except OSError as e:
-        if not isinstance(e, PermissionError) and e.errno != errno.EROFS:
+        why = refused_why(e, target.parent)
+        if why is None:
             raise
-        where = target.parent
-        while not where.exists():   # the directory that refused: the nearest one that exists
-            where = where.parent
-        why = (f"no permission to create files in {str(where)!r}"
-               if isinstance(e, PermissionError) else
-               f"{str(where)!r} is on a read-only file system")
         raise PermissionError(f"Cannot write {str(target)!r}: {why}. Choose another "
                               f"--output.") from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import calendar
 import ctypes
+import errno
 import json
 import os
 import re
@@ -39,6 +40,20 @@ def work_dir_beside(target: Path) -> Path:
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
     _made_here.add(_identity(work))
     return work
+
+
+def refused_why(error: OSError, directory: Path) -> str | None:
+    """Why writing into `directory` failed with `error`, in words naming the directory that
+    refused (the nearest one that exists), where it is no permission or a read-only file
+    system: the directory chosen, not the machine failing. None for any other error."""
+    if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
+        return None
+    where = directory
+    while not where.exists():
+        where = where.parent
+    return (f"no permission to create files in {str(where)!r}"
+            if isinstance(error, PermissionError) else
+            f"{str(where)!r} is on a read-only file system")
 
 
 def remove_leftovers(target: Path) -> int:

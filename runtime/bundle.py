@@ -12,7 +12,6 @@ runtime loads only files the manifest lists, by paths inside the bundle.
 
 from __future__ import annotations
 
-import errno
 import functools
 import hashlib
 import json
@@ -27,6 +26,7 @@ from ._files import (
     damaged_archive,
     first_unlisted,
     holds_only,
+    refused_why,
     remove_leftovers,
     replace_directory,
     sync_directory,
@@ -292,17 +292,11 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
 
 
 def _unwritable(error: OSError, into: Path) -> OSError:
-    """`error`, or where it is no permission or a read-only file system (the directory
-    chosen, not the machine failing), a PermissionError naming the directory that refused
-    rather than a hidden work directory."""
-    if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
+    """`error`, or where it is no permission or a read-only file system, a PermissionError
+    naming the directory that refused rather than a hidden work directory."""
+    why = refused_why(error, into)
+    if why is None:
         return error
-    where = into
-    while not where.exists():   # the directory that refused: the nearest one that exists
-        where = where.parent
-    why = (f"no permission to create files in {str(where)!r}"
-           if isinstance(error, PermissionError) else
-           f"{str(where)!r} is on a read-only file system")
     return PermissionError(f"Cannot unpack into {str(into)!r}: {why}. Unpack into another "
                            f"directory.")
 
