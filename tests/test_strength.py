@@ -172,11 +172,11 @@ class _Layers:
         return []
 
 
-def test_a_float_model_that_breaks_the_budget_is_not_blamed_on_compression(tmp_path,
-                                                                           monkeypatch):
-    """An absolute budget (accuracy>=0.95) the uncompressed float model itself misses: the
-    search stopped at 'none' saying its "compression alone breaks the accuracy budget" and
-    advised healing the candidates, though nothing was compressed."""
+def _stand_in_search(tmp_path, monkeypatch, *, model_bytes: int, scores, budget: str,
+                     classifier: bool = False):
+    """`choose_strength` on MiniLM's layer count with stand-ins for what it runs: each
+    candidate a float and an int8 "graph" of `model_bytes` of zeros, `scores(path)` for its
+    accuracy, a latency of 1 ms, max_model_mb = 15. Returns (job, the BudgetError)."""
     import onnx
 
     import exporter.feeds
@@ -186,77 +186,18 @@ def test_a_float_model_that_breaks_the_budget_is_not_blamed_on_compression(tmp_p
     from exporter.budget import Budget
     from exporter.data import Utterance
 
-    def build(candidate):   # a float and an int8 "graph" of 23 MB each
+    def build(candidate):
         candidate.float_onnx = candidate.workdir / "float.onnx"
         candidate.quantized_onnx = candidate.workdir / "model.onnx"
         for path in (candidate.float_onnx, candidate.quantized_onnx):
-            path.write_bytes(b"\0" * 23_000_000)
+            path.write_bytes(b"\0" * model_bytes)
 
-    class Scorer:   # float accuracy 0.9 on the search's texts, int8 0.89
+    class Scorer:
         def __init__(self, *args, **kwargs):
             pass
 
         def score(self, path):
-            return {"cosine": 1.0 if path.endswith("float.onnx") else 0.999,
-                    "accuracy": 0.9 if path.endswith("float.onnx") else 0.89}
-
-    monkeypatch.setattr(strength, "_build", build)
-    monkeypatch.setattr(exporter.score, "Scorer", Scorer)
-    monkeypatch.setattr(exporter.score, "selection_texts", lambda job: (job.evaluation, "2 texts"))
-    monkeypatch.setattr(exporter.feeds, "ort_session", lambda path, threads: None)
-    monkeypatch.setattr(exporter.validate, "latency_ms",
-                        lambda *args: {"c": {"p50": 1.0, "p95": 1.0}})
-    monkeypatch.setattr(onnx, "load", str)
-    target = load_target("arm-cpu")
-    target = dataclasses.replace(target, validation=dataclasses.replace(
-        target.validation, max_model_mb=15.0))
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    (workdir / "tokenizer.json").write_text("{}")
-    job = pipeline.Job(model="m", target=target, task="text-classification",
-                       output=tmp_path / "out", calibration=[Utterance("turn it on")],
-                       evaluation=[Utterance("a", intent="x"), Utterance("b", intent="y")],
-                       budget=Budget.parse("accuracy>=0.95"), workdir=workdir,
-                       log=lambda line: None, torch_model=_Layers(6), records={"model": {}})
-    with pytest.raises(BudgetError) as e:
-        strength.choose_strength(job)
-    message = str(e.value)
-    assert "compression alone" not in message and "--heal-steps" not in message
-    assert "accuracy budget accuracy>=0.95: the float model itself breaks the accuracy " \
-           "budget, before any compression or int8 (float accuracy 0.9; full int8 accuracy " \
-           "0.89), so no strength can meet it. Loosen the accuracy budget." in message
-    (row,) = job.records["strength"]["candidates"]
-    assert row["strength"] == "none"
-    assert row["verdict"] == "the float model itself breaks the accuracy budget; too large"
-
-
-def test_a_broken_metric_next_to_its_bound_keeps_the_digits_that_say_so(tmp_path, monkeypatch):
-    """A rung whose int8 min-cosine is 0.9799996 under min-cosine>=0.98: the strength table,
-    the record and the refusal said "min-cosine 0.98" next to "accuracy budget broken"
-    (6 significant digits, where the budget's own message keeps as many as say the side)."""
-    import onnx
-
-    import exporter.feeds
-    import exporter.score
-    import exporter.validate
-    from exporter import pipeline, strength
-    from exporter.budget import Budget
-    from exporter.data import Utterance
-    from exporter.strength import strength_lines
-
-    def build(candidate):   # a float and an int8 "graph" of 1 MB each
-        candidate.float_onnx = candidate.workdir / "float.onnx"
-        candidate.quantized_onnx = candidate.workdir / "model.onnx"
-        for path in (candidate.float_onnx, candidate.quantized_onnx):
-            path.write_bytes(b"\0" * 1_000_000)
-
-    class Scorer:   # the float graph holds the budget, full int8 misses it by 4e-7
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def score(self, path):
-            return {"cosine": 0.999, "min-cosine": 1.0 if path.endswith("float.onnx")
-                    else 0.9799996}
+            return scores(path)
 
     monkeypatch.setattr(strength, "_build", build)
     monkeypatch.setattr(strength, "_recover", lambda candidate: "sensitivity search could "
@@ -273,14 +214,52 @@ def test_a_broken_metric_next_to_its_bound_keeps_the_digits_that_say_so(tmp_path
     workdir = tmp_path / "work"
     workdir.mkdir()
     (workdir / "tokenizer.json").write_text("{}")
-    job = pipeline.Job(model="m", target=target, task="feature-extraction",
+    evaluation = ([Utterance("a", intent="x"), Utterance("b", intent="y")] if classifier
+                  else [Utterance("a"), Utterance("b")])
+    job = pipeline.Job(model="m", target=target,
+                       task="text-classification" if classifier else "feature-extraction",
                        output=tmp_path / "out", calibration=[Utterance("turn it on")],
-                       evaluation=[Utterance("a"), Utterance("b")],
-                       budget=Budget.parse("cosine>=0.99,min-cosine>=0.98"), workdir=workdir,
+                       evaluation=evaluation, budget=Budget.parse(budget), workdir=workdir,
                        log=lambda line: None, torch_model=_Layers(6), records={"model": {}})
     with pytest.raises(BudgetError) as e:
         strength.choose_strength(job)
-    assert "cosine 0.999, min-cosine 0.9799996 (accuracy budget broken)" in str(e.value)
+    return job, e.value
+
+
+def test_a_float_model_that_breaks_the_budget_is_not_blamed_on_compression(tmp_path,
+                                                                           monkeypatch):
+    """An absolute budget (accuracy>=0.95) the uncompressed float model itself misses: the
+    search stopped at 'none' saying its "compression alone breaks the accuracy budget" and
+    advised healing the candidates, though nothing was compressed."""
+    def scores(path):   # float accuracy 0.9 on the search's texts, int8 0.89; 23 MB each
+        return {"cosine": 1.0 if path.endswith("float.onnx") else 0.999,
+                "accuracy": 0.9 if path.endswith("float.onnx") else 0.89}
+
+    job, error = _stand_in_search(tmp_path, monkeypatch, model_bytes=23_000_000,
+                                  scores=scores, budget="accuracy>=0.95", classifier=True)
+    message = str(error)
+    assert "compression alone" not in message and "--heal-steps" not in message
+    assert "accuracy budget accuracy>=0.95: the float model itself breaks the accuracy " \
+           "budget, before any compression or int8 (float accuracy 0.9; full int8 accuracy " \
+           "0.89), so no strength can meet it. Loosen the accuracy budget." in message
+    (row,) = job.records["strength"]["candidates"]
+    assert row["strength"] == "none"
+    assert row["verdict"] == "the float model itself breaks the accuracy budget; too large"
+
+
+def test_a_broken_metric_next_to_its_bound_keeps_the_digits_that_say_so(tmp_path, monkeypatch):
+    """A rung whose int8 min-cosine is 0.9799996 under min-cosine>=0.98: the strength table,
+    the record and the refusal said "min-cosine 0.98" next to "accuracy budget broken"
+    (6 significant digits, where the budget's own message keeps as many as say the side)."""
+    from exporter.strength import strength_lines
+
+    def scores(path):   # the float graph holds the budget, full int8 misses it by 4e-7
+        return {"cosine": 0.999, "min-cosine": 1.0 if path.endswith("float.onnx")
+                else 0.9799996}
+
+    job, error = _stand_in_search(tmp_path, monkeypatch, model_bytes=1_000_000,
+                                  scores=scores, budget="cosine>=0.99,min-cosine>=0.98")
+    assert "cosine 0.999, min-cosine 0.9799996 (accuracy budget broken)" in str(error)
     record = job.records["strength"]
     row = record["candidates"][0]
     assert row["verdict"] == "accuracy budget broken"
