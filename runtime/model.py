@@ -366,7 +366,12 @@ class Model:
                 if isinstance(stage, dict) and "file" in stage:
                     bundle.file(stage["file"])   # listed, so verified (Stages checks the rest)
                 if isinstance(stage, dict) and "external_data" in stage:
-                    for name in stage["external_data"]:   # a stage over 2 GB: its weights
+                    names = stage["external_data"]   # a stage over 2 GB: its weights
+                    if not isinstance(names, list):
+                        raise BundleError(f"{bundle.path / 'manifest.json'}: a stage's "
+                                          f"'external_data' must be a list of file names, "
+                                          f"got {names!r}; re-export the bundle.")
+                    for name in names:
                         bundle.file(name)
             outputs = [o["name"] for o in manifest.get("outputs", [])]
             inputs = manifest.get("inputs", [])   # none listed: the first stage's inputs

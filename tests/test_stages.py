@@ -162,6 +162,10 @@ def test_stages_over_the_size_limit_keep_their_weights_in_external_data(
     with pytest.raises(runtime.BundleError, match=r"'stage0\.onnx\.data' is not in its "
                                                   r"'files' list"):
         runtime.load(broken)
+    manifest["stages"][0]["external_data"] = 7   # not a list: refused, not a TypeError
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(runtime.BundleError, match="'external_data' must be a list"):
+        runtime.load(broken)
 
 
 def test_an_export_bundles_the_external_data_of_its_stages(eval_texts, tmp_path, monkeypatch):
