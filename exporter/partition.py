@@ -36,10 +36,8 @@ import onnx
 from google.protobuf.message import EncodeError
 from onnx import helper, numpy_helper
 
-# A graph larger than this cannot be one protobuf (onnx.save, onnx.checker and
-# SerializeToString refuse it): it is saved with its weights in an external data file beside
-# it, NAME.onnx.data, and checked and run from its path.
-INLINE_LIMIT = 2**31 - 1
+from .graph_file import external_files, save_graph, too_big
+
 BALANCE_SLACK = 1.1         # fewer tensors handed on may cost up to 10% of balance
 PROBE_SHAPES = ((2, 5), (3, 7))   # (batch, sequence) of the two probe runs
 # Graph input types those probes can feed.
@@ -163,29 +161,9 @@ def clean_cuts(model: onnx.ModelProto, handed: list[list[str]]) -> set[int]:
                    for t in tensors)}
 
 
-def too_big(model: onnx.ModelProto) -> bool:
-    """Whether `model` is over INLINE_LIMIT, so that it can be saved, checked and run only
-    with its weights in external data."""
-    try:
-        return model.ByteSize() > INLINE_LIMIT
-    except EncodeError:   # protobuf measures by serializing, which it refuses over 2 GB
-        return True
-
-
-def save_graph(model: onnx.ModelProto, path: Path) -> bool:
-    """Save `model` at `path`; over INLINE_LIMIT, with its weights in `path`.data beside it
-    (onnx moves them out of `model` to write them there). Returns whether it did that."""
-    if too_big(model):
-        onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=f"{path.name}.data")
-        return True
-    onnx.save(model, path)
-    return False
-
-
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX shape inference on `model` (without its weights when over INLINE_LIMIT, by
-    path: in memory onnx refuses a graph over 2 GB)."""
+    """ONNX shape inference on `model` (without its weights when over
+    graph_file.INLINE_LIMIT, by path: in memory onnx refuses a graph over 2 GB)."""
     if not too_big(model):
         return onnx.shape_inference.infer_shapes(model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -429,8 +407,8 @@ def max_staged_diff(job, single, bundle_dir, manifest_stages, texts: list[str]) 
 
 def write_stages(model: onnx.ModelProto, count: int, out_dir: Path, providers) -> list[dict]:
     """Cut `model` into `count` stages, save stage0.onnx ... in `out_dir` (a stage over
-    INLINE_LIMIT with its weights in stageN.onnx.data beside it); returns the manifest's
-    "stages" list."""
+    graph_file.INLINE_LIMIT with its weights in stageN.onnx.data beside it); returns the
+    manifest's "stages" list."""
     stages = split(model, count)
     annotate_io(model, stages)
     total_bytes = sum(s.weight_bytes for s in stages) or 1
@@ -497,16 +475,6 @@ def partition_lines(record: dict | None) -> list[str]:
                     f"{s['weight_bytes'] / 1e6:.2f} | {100 * s['share']['weights']:.0f}% | "
                     f"{100 * s['share']['flops']:.0f}% |" for s in record["per_stage"]), ""]
     return lines
-
-
-def external_files(path: Path) -> set[str]:
-    """The files (relative to the graph's directory, as a manifest names them) that hold the
-    external data of the graph at `path`."""
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
-
-    model = onnx.load(path, load_external_data=False)
-    return {Path(ExternalDataInfo(t).location).as_posix() for t in _get_all_tensors(model)
-            if uses_external_data(t)}
 
 
 def check_stage_count(stages: int, model: dict, source: Path) -> None:

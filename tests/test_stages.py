@@ -132,14 +132,14 @@ def _external_stages(path):
 def test_stages_over_the_size_limit_keep_their_weights_in_external_data(
         minilm_bundle, eval_texts, single, tmp_path, monkeypatch):
     """A stage over protobuf's 2 GB could not be saved (onnx.save raised), so a model that
-    large could not be cut into stages. Over partition.INLINE_LIMIT (lowered here to 1 MB:
+    large could not be cut into stages. Over graph_file.INLINE_LIMIT (lowered here to 1 MB:
     MiniLM's int8 stages are ~11 MB) a stage's weights go to stageN.onnx.data beside it,
     which the manifest lists and the runtime verifies."""
     import shutil
 
-    from exporter import partition
+    from exporter import graph_file
 
-    monkeypatch.setattr(partition, "INLINE_LIMIT", 1 << 20)
+    monkeypatch.setattr(graph_file, "INLINE_LIMIT", 1 << 20)
     path = restage(minilm_bundle, 2, tmp_path / "staged")
     _external_stages(path)
     got = runtime.load(path).embed(eval_texts, batch_size=16)
@@ -170,9 +170,9 @@ def test_stages_over_the_size_limit_keep_their_weights_in_external_data(
 
 def test_an_export_bundles_the_external_data_of_its_stages(eval_texts, tmp_path, monkeypatch):
     """The export moved stage0.onnx ... into the bundle and left their external data behind."""
-    from exporter import export, partition
+    from exporter import export, graph_file
 
-    monkeypatch.setattr(partition, "INLINE_LIMIT", 1 << 20)
+    monkeypatch.setattr(graph_file, "INLINE_LIMIT", 1 << 20)
     # calibrated and scored on fewer texts than the profile's (the files are the point)
     path = export("minilm", target="arm-cpu", stages=2, output=tmp_path / "staged",
                   calibration=eval_texts[:48], evaluation=eval_texts[48:96],
@@ -394,9 +394,9 @@ def test_ray_actors_get_the_external_data_of_their_stages(minilm_bundle, eval_te
     beside it, did not come along, and onnxruntime could not load the graph."""
     import ray
 
-    from exporter import partition
+    from exporter import graph_file
 
-    monkeypatch.setattr(partition, "INLINE_LIMIT", 1 << 20)
+    monkeypatch.setattr(graph_file, "INLINE_LIMIT", 1 << 20)
     path = restage(minilm_bundle, 2, tmp_path / "staged")
     _external_stages(path)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
