@@ -19,6 +19,7 @@ from runtime._files import write_archive
 from runtime.bundle import FORMAT_VERSION, sha256_of
 
 from .compress import compression_entries
+from .graph_file import external_files
 from .report import (
     check_archive_replaceable,
     remove_stale_archive,
@@ -56,12 +57,17 @@ def bundle(job) -> None:
     """Stage: write the bundle to job.output (replacing an older one only on success)."""
     staging = job.workdir / "bundle"
     staging.mkdir()
+    external: list[str] = []   # the single graph's external data files (a graph over 2 GB)
     if job.stages:   # stage0.onnx ... stageN.onnx instead of model.onnx
         for stage in job.stages:   # and the external data of a stage over 2 GB
             for name in (stage["file"], *stage.get("external_data", ())):
                 shutil.move(job.workdir / "stages" / name, staging / name)
         model = onnx.load(job.quantized_onnx, load_external_data=False)
-    else:
+    else:   # its external data keeps the names the graph gives it, beside it
+        external = sorted(external_files(job.quantized_onnx))
+        for name in external:
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(job.quantized_onnx.parent / name, staging / name)
         shutil.move(job.quantized_onnx, staging / "model.onnx")
         model = onnx.load(staging / "model.onnx", load_external_data=False)
     shutil.copyfile(job.workdir / "tokenizer.json", staging / "tokenizer.json")
@@ -78,6 +84,7 @@ def bundle(job) -> None:
         "target": job.target.to_dict(),
         "model": job.records["model"],
         **({} if job.stages else {"model_file": "model.onnx"}),
+        **({"external_data": external} if external else {}),
         "inputs": describe_io(graph.input),
         "outputs": describe_io(graph.output),
         "max_length": job.max_length,

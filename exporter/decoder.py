@@ -27,6 +27,7 @@ from runtime.generate import perplexity as window_perplexity
 
 from .budget import rounded
 from .decoder_graph import DecoderShape, DecoderWeights, Linear, build, float_weights, pack
+from .graph_file import graph_bytes, save_graph
 from .load import write_tokenizer
 from .quantize import kib_to_mb
 from .report import write_report
@@ -225,14 +226,12 @@ def shape_of(job) -> DecoderShape:
 
 
 def build_float(job) -> None:
-    """Stage: the float decoder graph."""
-    import onnx
-
+    """Stage: the float decoder graph (over 2 GB, its weights in float.onnx.data beside it)."""
     job.decoder_shape = shape_of(job)
     job.float_weights = float_weights(job.torch_model)
     job.float_onnx = job.workdir / "float.onnx"
-    onnx.save(build(job.decoder_shape, job.float_weights), job.float_onnx)
-    job.log(f"  float graph {job.float_onnx.stat().st_size / 1e6:.0f} MB, KV cache "
+    save_graph(build(job.decoder_shape, job.float_weights), job.float_onnx)
+    job.log(f"  float graph {graph_bytes(job.float_onnx) / 1e6:.0f} MB, KV cache "
             f"{job.decoder_shape.layers} x 2 x {job.decoder_shape.kv_heads} x "
             f"{job.max_length} x {job.decoder_shape.head_dim}")
 
@@ -469,23 +468,22 @@ def _form(lin: Linear) -> str:
 
 
 def quantize_decoder(job) -> None:
-    """Stage: the bundle's graph with weight-only quantized matrices."""
-    import onnx
-
+    """Stage: the bundle's graph with weight-only quantized matrices (over 2 GB, its weights
+    in model.onnx.data beside it)."""
     settings = job.target.generation
     quantized, record = quantized_weights(job, settings.weights)
     job.quantized_onnx = job.workdir / "model.onnx"
-    onnx.save(build(job.decoder_shape, quantized, accuracy_level=settings.accuracy_level,
-                    int8_accuracy_level=settings.int8_accuracy_level,
-                    float_type=settings.activations,
-                    exact_top_logits=settings.exact_top_logits), job.quantized_onnx)
+    save_graph(build(job.decoder_shape, quantized, accuracy_level=settings.accuracy_level,
+                     int8_accuracy_level=settings.int8_accuracy_level,
+                     float_type=settings.activations,
+                     exact_top_logits=settings.exact_top_logits), job.quantized_onnx)
     record["activations"] = settings.activations
     if settings.activations == "float16":
         record["float16"] = ("activations, KV cache, norms and float weights in float16; "
                              "int blocks keep float16 scales; logits cast to float32")
     job.records["quantization"] = {"mode": "weight-only", **record}
     job.log(f"  {record['weights']}: {record['matrices']}; embedding {record['embedding']} "
-            f"({record.get('source', '')}), {job.quantized_onnx.stat().st_size / 1e6:.1f} MB")
+            f"({record.get('source', '')}), {graph_bytes(job.quantized_onnx) / 1e6:.1f} MB")
 
 
 # --- validate ----------------------------------------------------------------------------------
@@ -598,8 +596,8 @@ def validate_decoder(job) -> None:
     greedy = [agreement(ours.greedy(encode(job, p), tokens),
                         torch_greedy(job.torch_model, encode(job, p), tokens)) for p in PROMPTS]
     speed = decode_speed(ours, encode(job, PROMPTS[0]))
-    float_bytes = job.float_onnx.stat().st_size
-    quant_bytes = job.quantized_onnx.stat().st_size
+    float_bytes = graph_bytes(job.float_onnx)   # with their external data, if any
+    quant_bytes = graph_bytes(job.quantized_onnx)
     measured = {"perplexity": ppl, "float-perplexity": float_ppl,
                 "perplexity-increase": 100 * (ppl / float_ppl - 1),
                 "greedy-agreement": float(np.mean(greedy))}

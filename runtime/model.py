@@ -292,6 +292,19 @@ class _Closed:
                          f"bundle again to use it.")
 
 
+def _check_external_data(bundle: Bundle, entry: dict, whose: str) -> None:
+    """The files `entry` (the manifest, or one of its stages) names as its graph's
+    "external_data" (the weights of a graph over 2 GB), each one listed, so verified."""
+    if "external_data" not in entry:
+        return
+    names = entry["external_data"]
+    if not isinstance(names, list):
+        raise BundleError(f"{bundle.path / 'manifest.json'}: {whose}'external_data' must be a "
+                          f"list of file names, got {names!r}; re-export the bundle.")
+    for name in names:
+        bundle.file(name)
+
+
 class Model:
     """A loaded bundle. Build one with `runtime.load(path)`."""
 
@@ -365,14 +378,8 @@ class Model:
             for stage in manifest["stages"]:
                 if isinstance(stage, dict) and "file" in stage:
                     bundle.file(stage["file"])   # listed, so verified (Stages checks the rest)
-                if isinstance(stage, dict) and "external_data" in stage:
-                    names = stage["external_data"]   # a stage over 2 GB: its weights
-                    if not isinstance(names, list):
-                        raise BundleError(f"{bundle.path / 'manifest.json'}: a stage's "
-                                          f"'external_data' must be a list of file names, "
-                                          f"got {names!r}; re-export the bundle.")
-                    for name in names:
-                        bundle.file(name)
+                if isinstance(stage, dict):
+                    _check_external_data(bundle, stage, "a stage's ")
             outputs = [o["name"] for o in manifest.get("outputs", [])]
             inputs = manifest.get("inputs", [])   # none listed: the first stage's inputs
             if pipeline == "ray":
@@ -388,8 +395,9 @@ class Model:
             warnings.warn(f"pipeline='ray' runs the stages of a bundle cut into stages; "
                           f"{bundle.path} is one graph, so it runs in this process.",
                           RuntimeWarning, stacklevel=4)
-        return ort_session(bundle.file(manifest.get("model_file", "model.onnx")),
-                           threads=threads, spinning=spinning, providers=providers)
+        graph = bundle.file(manifest.get("model_file", "model.onnx"))
+        _check_external_data(bundle, manifest, "")   # onnxruntime reads it from beside graph
+        return ort_session(graph, threads=threads, spinning=spinning, providers=providers)
 
     def close(self) -> None:
         """Release the bundle's sessions now, and a Ray pipeline's stage actors, which hold a

@@ -1015,11 +1015,18 @@ def test_gpt2_family_bundle_computes_what_transformers_does(gpt2_dir, tmp_path):
     assert tok.encode(ours) == torch_greedy(model, prompt, 12)[:len(tok.encode(ours))]
 
 
-def test_gpt2_family_int4_bundle_and_no_compression(gpt2_dir, tmp_path):
+@pytest.fixture(scope="module")
+def gpt2_int4_bundle(gpt2_dir, tmp_path_factory):
+    from exporter import export
+
+    return export(str(gpt2_dir), target="arm-cpu",
+                  output=tmp_path_factory.mktemp("bundles") / "gpt2-int4", log=lambda line: None)
+
+
+def test_gpt2_family_int4_bundle_and_no_compression(gpt2_dir, gpt2_int4_bundle, tmp_path):
     from exporter import Compression, export
 
-    bundle = export(str(gpt2_dir), target="arm-cpu", output=tmp_path / "gpt2-int4",
-                    log=lambda line: None)
+    bundle = gpt2_int4_bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["quantization"]["weights"] == "int4"
     assert manifest["validation"]["budget_holds"]
@@ -1029,6 +1036,72 @@ def test_gpt2_family_int4_bundle_and_no_compression(gpt2_dir, tmp_path):
         export(str(gpt2_dir), target="arm-cpu", compression=Compression(drop_layers=1),
                output=tmp_path / "no", log=lambda line: None)
     assert not (tmp_path / "no").exists()
+
+
+def test_a_decoder_over_the_size_limit_keeps_its_weights_in_external_data(
+        gpt2_dir, gpt2_int4_bundle, tmp_path, monkeypatch):
+    """A decoder whose graph is over protobuf's 2 GB (a 1B-parameter Llama in float32) could
+    not be exported: build_float's onnx.save raised. Over graph_file.INLINE_LIMIT (lowered
+    here to 1 MB: the tiny GPT-2's graphs are 6-26 MB) the float graph and the bundle's keep
+    their weights in NAME.onnx.data; the bundle lists model.onnx.data, the sizes count it,
+    and it generates what the same export with its weights inline generates."""
+    import shutil
+    import tarfile
+
+    from exporter import export, graph_file
+    from runtime.__main__ import main as runtime_main
+
+    monkeypatch.setattr(graph_file, "INLINE_LIMIT", 1 << 20)
+    logged: list[str] = []
+    path = export(str(gpt2_dir), target="arm-cpu", output=tmp_path / "external", tar=True,
+                  log=logged.append)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["external_data"] == ["model.onnx.data"]
+    files = {f["path"]: f["bytes"] for f in manifest["files"]}
+    graph = files["model.onnx"] + files["model.onnx.data"]
+    assert files["model.onnx.data"] > 1 << 20 > files["model.onnx"]
+    inline = json.loads((gpt2_int4_bundle / "manifest.json").read_text())
+    sizes, inline_sizes = (m["validation"]["size_bytes"] for m in (manifest, inline))
+    assert sizes["bundle_model"] == graph   # with its data file, as it ships
+    assert abs(graph - inline_sizes["bundle_model"]) < 0.01 * graph
+    assert abs(sizes["float_onnx"] - inline_sizes["float_onnx"]) < 0.01 * sizes["float_onnx"]
+    assert any(f"float graph {sizes['float_onnx'] / 1e6:.0f} MB" in line for line in logged)
+    assert any(f"{graph / 1e6:.1f} MB" in line for line in logged)   # quantize_decoder's
+    # the same tokens and logits as the bundle with its weights inline
+    tok = runtime.Tokenizer.from_file(path / "tokenizer.json")
+    ids = tok.encode("The capital of France is a city that")
+    np.testing.assert_array_equal(_bundle_logits(path, ids), _bundle_logits(gpt2_int4_bundle, ids))
+    text = runtime.load(path).generate("Once upon a time", max_new_tokens=12)
+    assert text == runtime.load(gpt2_int4_bundle).generate("Once upon a time", max_new_tokens=12)
+    assert runtime_main(["verify", str(path)]) == 0
+    with tarfile.open(tmp_path / "external.tar") as tar:
+        assert "external/model.onnx.data" in tar.getnames()
+    unpacked = runtime.unpack(tmp_path / "external.tar", tmp_path / "device")
+    assert runtime.load(unpacked).generate("Once upon a time", max_new_tokens=12) == text
+
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    with open(broken / "model.onnx.data", "r+b") as f:   # same size, one byte changed
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(runtime.BundleError, match=r"model\.onnx\.data: sha256 does not match "
+                                                  r"manifest\.json"):
+        runtime.load(broken)
+    # a manifest that names the external data without listing it is refused at load: what
+    # onnxruntime reads is what was verified
+    shutil.copyfile(path / "model.onnx.data", broken / "model.onnx.data")
+    unlisted = dict(manifest, files=[f for f in manifest["files"]
+                                     if f["path"] != "model.onnx.data"])
+    (broken / "manifest.json").write_text(json.dumps(unlisted))
+    with pytest.raises(runtime.BundleError, match=r"'model\.onnx\.data' is not in its 'files' "
+                                                  r"list"):
+        runtime.load(broken)
+    (broken / "manifest.json").write_text(json.dumps(dict(manifest, external_data=7)))
+    with pytest.raises(runtime.BundleError, match=r"manifest\.json: 'external_data' must be a "
+                                                  r"list of file names, got 7"):
+        runtime.load(broken)
 
 
 def test_a_checkpoint_with_only_slow_tokenizer_files_exports(gpt2_dir, smollm2_tokenizer_json,
