@@ -73,19 +73,71 @@ def read_metadata(path: Path) -> dict:
             if key not in skip and not key.startswith("GGUF.")}
 
 
+# GGUF metadata value types (gguf-py constants.py GGUFValueType): type -> struct format of
+# a scalar; 8 is a string (uint64 length, UTF-8 bytes), 9 an array (item type uint32, count
+# uint64, items).
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def scalar_metadata(path: Path) -> dict | None:
+    """A GGUF file's metadata without its arrays: scalars and strings as values, each array
+    (the vocabulary, the merges, per-layer counts) as None, skipped unread. Milliseconds,
+    where GGUFReader decodes every token first (several seconds for SmolLM2's 49152). None
+    where the file is missing or not a little-endian GGUF of version 2 or 3 (what gguf-py
+    reads); the tensors are not read.
+
+        >>> scalar_metadata(packaged_gguf("smollm2"))["llama.attention.head_count"]
+        9
+    """
+    import mmap
+    import struct
+
+    def value(data, offs: int, kind: int, keep: bool):
+        """(the value at offs, or None where not kept or an array; the offset after it)"""
+        if kind in _GGUF_SCALARS:
+            return ((struct.unpack_from(_GGUF_SCALARS[kind], data, offs)[0] if keep else None),
+                    offs + struct.calcsize(_GGUF_SCALARS[kind]))
+        if kind == _GGUF_STRING:
+            (n,) = struct.unpack_from("<Q", data, offs)
+            text = bytes(data[offs + 8:offs + 8 + n]).decode("utf-8") if keep else None
+            return text, offs + 8 + n
+        if kind != _GGUF_ARRAY:
+            raise ValueError(f"unknown GGUF value type {kind}")
+        item, count = struct.unpack_from("<IQ", data, offs)
+        offs += 12
+        if item in _GGUF_SCALARS:
+            return None, offs + count * struct.calcsize(_GGUF_SCALARS[item])
+        for _ in range(count):
+            offs = value(data, offs, item, False)[1]
+        return None, offs
+
+    found = {}
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            magic, version, _, kv_count = struct.unpack_from("<4sIQQ", data, 0)
+            if magic != b"GGUF" or version not in (2, 3):
+                return None
+            offs = 24
+            for _ in range(kv_count):
+                key, offs = value(data, offs, _GGUF_STRING, True)
+                (kind,) = struct.unpack_from("<I", data, offs)
+                found[key], offs = value(data, offs + 4, kind, True)
+    except (OSError, ValueError, struct.error, UnicodeDecodeError, IndexError):
+        return None
+    return found
+
+
 def layer_count(path: Path) -> int | None:
     """The number of transformer layers a GGUF file declares (`<arch>.block_count`), read
     from its metadata alone; None where the file is missing, unreadable or declares none
     (loading it then says why)."""
-    import gguf
-
-    try:
-        fields = gguf.GGUFReader(path).fields
-    except (OSError, ValueError, IndexError, KeyError, TypeError, EOFError):
+    metadata = scalar_metadata(path)
+    if metadata is None:
         return None
-    arch = fields.get("general.architecture")
-    count = fields.get(f"{arch.contents() if arch else 'llama'}.block_count")
-    return None if count is None else int(count.contents())
+    count = metadata.get(f"{metadata.get('general.architecture') or 'llama'}.block_count")
+    return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
 # Llama 3's "llama3" rotary scaling parameters besides its factor (Llama 3.1, 3.2 and 3.3 use

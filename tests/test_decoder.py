@@ -266,6 +266,40 @@ def _llama_cpp_rope_factors(dim: int, base: float, factor: float) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
+def test_gguf_scalar_metadata_reads_what_gguf_py_reads(tmp_path):
+    # export() reads a GGUF's layer count before any work (--drop-layers); gguf-py's reader
+    # decoded SmolLM2's 49152 tokens and merges first, 7-15 s a call on 2 cores
+    import gguf as gguf_package
+
+    kinds = gguf_package.GGUFValueType
+    path = tmp_path / "m.gguf"
+    writer = gguf_package.GGUFWriter(path, arch="llama")
+    writer.add_block_count(3)
+    writer.add_head_count(8)
+    writer.add_array("llama.feed_forward_length", [64, 64, 128])   # per layer
+    writer.add_array("tokenizer.ggml.tokens", ["a", "bc", "\u00e9t\u00e9"])
+    writer.add_array("tokenizer.ggml.scores", [0.5, -1.0, 2.0])
+    for i, kind in enumerate((kinds.UINT8, kinds.INT8, kinds.UINT16, kinds.INT16, kinds.INT32,
+                              kinds.FLOAT32, kinds.BOOL, kinds.UINT64, kinds.INT64,
+                              kinds.FLOAT64, kinds.STRING)):
+        value = "caf\u00e9" if kind == kinds.STRING else True if kind == kinds.BOOL else \
+            1.5 if kind in (kinds.FLOAT32, kinds.FLOAT64) else 7 + i
+        writer.add_key_value(f"test.{kind.name.lower()}", value, kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    fields = gguf_package.GGUFReader(path).fields.values()
+    assert gguf.scalar_metadata(path) == {
+        f.name: None if f.types[0] == kinds.ARRAY else f.contents()
+        for f in fields if not f.name.startswith("GGUF.")}
+    assert gguf.layer_count(path) == 3
+    assert gguf.layer_count(gguf.packaged_gguf("smollm2")) == 30
+    (tmp_path / "not.gguf").write_bytes(b"GGUF")
+    assert gguf.scalar_metadata(tmp_path / "not.gguf") is None
+    assert gguf.scalar_metadata(tmp_path / "missing.gguf") is None
+
+
 def test_gguf_rotary_scaling_reaches_the_checkpoint(tmp_path):
     """transformers' GGUF reader drops rotary scaling: Llama 3.1+ files (rope_freqs.weight)
     converted with plain frequencies and the export computed another model, silently. The
