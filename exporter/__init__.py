@@ -98,6 +98,38 @@ def _layers(model_dir: Path) -> int | None:
     return read_config(model_dir).get("num_hidden_layers")
 
 
+def _shape(model: str, *, generative: bool, task: str) -> dict | None:
+    """What the compress stage reads off the loaded model, read before loading it: config.json's
+    model_type, num_hidden_layers, num_attention_heads, num_key_value_heads and
+    intermediate_size, from config.json or a GGUF's metadata. None where one is unknown, or the
+    loaded model may differ (config.pruned_heads) or is not one the stage compresses (BERT
+    encoders, Llama decoders): the stage then decides."""
+    if generative:
+        from .gguf import llama_shape, packaged_gguf
+
+        try:
+            path = Path(model) if str(model).endswith(".gguf") else packaged_gguf(model)
+        except (ValueError, FileNotFoundError):
+            return None   # not installed: loading says so
+        shape = llama_shape(path)
+        return None if shape is None else {"model_type": "llama", **shape}
+    from .load import read_config, resolve_model_dir
+
+    config = read_config(resolve_model_dir(model))
+    kind = "llama" if task == "text-generation" else "bert"
+    if config.get("model_type") != kind or config.get("pruned_heads"):
+        return None
+    shape = {"model_type": kind, **{name: config.get(name) for name in (
+        "num_hidden_layers", "num_attention_heads", "intermediate_size")}}
+    # BERT has one KV head per head; LlamaConfig's default is the same
+    shape["num_key_value_heads"] = (config.get("num_key_value_heads") if kind == "llama"
+                                    else None) or shape["num_attention_heads"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+               for k, v in shape.items() if k != "model_type"):
+        return None
+    return shape
+
+
 def _dropped(compression: Compression | None) -> int:
     """How many layers `compression` drops."""
     drop = compression.drop_layers if compression is not None else 0
@@ -218,8 +250,9 @@ def _exportable_opset() -> int:
 
 
 def _check_compression(compression: Compression | None, profile: Target,
-                       layers: int | None) -> None:
-    """What compress() would refuse after loading the model, refused before any work."""
+                       layers: int | None, shape: dict | None = None) -> None:
+    """What compress() would refuse after loading the model, refused before any work: from
+    the model's `layers` and `shape` (`_shape`), where known."""
     if compression is None:
         return
     v = profile.validation
@@ -230,6 +263,18 @@ def _check_compression(compression: Compression | None, profile: Target,
         from .compress import choose_layers_to_drop
 
         choose_layers_to_drop(compression.drop_layers, [0.0] * layers)
+    if shape is None or not (compression.prune_heads or compression.prune_ffn):
+        return
+    from .compress import check_removes_something, ffn_multiple
+
+    kind, kv_heads = shape["model_type"], shape["num_key_value_heads"]
+    kept = shape["num_hidden_layers"] - _dropped(compression)   # BERT counts heads of these
+    if kept < 1 or shape["num_attention_heads"] % kv_heads:
+        return   # loading or dropping says what is wrong
+    check_removes_something(compression, kind, heads=[shape["num_attention_heads"]] * kept,
+                            groups=kv_heads if kind == "llama" else 1,
+                            widths=[shape["intermediate_size"]] * kept,
+                            multiple=ffn_multiple(kind, profile, compression.sparsity_pattern))
 
 
 def export(model: str | Path = "minilm", *, target: str | Path | Target,
@@ -317,7 +362,9 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
         default_budget = profile.validation.budget_for(task)
     profile = _limits(profile, max_model_mb=max_model_mb, max_latency_ms=max_latency_ms,
                       task=task, compression=compression)
-    _check_compression(compression, profile, layers)
+    prunes = compression is not None and (compression.prune_heads or compression.prune_ffn)
+    _check_compression(compression, profile, layers, _shape(
+        model, generative=generative, task=task) if prunes else None)
     if task != "text-generation" and profile.opset > (most := _exportable_opset()):
         raise ValueError(f"{profile.source or profile.name}: 'opset' is {profile.opset}; the "
                          f"PyTorch exporter that writes encoders (TorchScript, through "

@@ -293,11 +293,11 @@ def prune_heads(model, kind: str, scores, fraction: float) -> dict[int, list[int
     layers = layer_list(model)
     removed: dict[int, list[int]] = {}
     if kind == "bert":
-        total = sum(len(s) for s in scores)
+        target = heads_removed(kind, [len(s) for s in scores], fraction)
         ranked = sorted((float(s[h]), i, h) for i, s in enumerate(scores) for h in range(len(s)))
         left = [len(s) for s in scores]
         for _, i, h in ranked:
-            if sum(len(v) for v in removed.values()) >= round(fraction * total):
+            if sum(len(v) for v in removed.values()) >= target:
                 break
             if left[i] > 1:
                 removed.setdefault(i, []).append(h)
@@ -314,7 +314,7 @@ def prune_heads(model, kind: str, scores, fraction: float) -> dict[int, list[int
         a = layer.self_attn
         groups = model.config.num_key_value_heads
         per_group = len(scores[i]) // groups
-        cut = min(round(fraction * per_group), per_group - 1)
+        cut = _group_cut(per_group, fraction)
         if cut == 0:
             continue
         keep_heads = []
@@ -340,10 +340,31 @@ def _least_fraction(count: int, digits: int) -> str:
     return f"{fraction:.{digits}f}"
 
 
-def _removes_no_head(model, kind: str, fraction: float, total: int) -> str:
-    """Why --prune-heads `fraction` removed no head of `model`, and what would."""
+def _group_cut(per_group: int, fraction: float) -> int:
+    """How many of a KV group's `per_group` query heads --prune-heads `fraction` removes: the
+    group keeps one."""
+    return min(round(fraction * per_group), per_group - 1)
+
+
+def heads_removed(kind: str, heads: list[int], fraction: float, *, groups: int = 1) -> int:
+    """How many attention heads --prune-heads `fraction` removes from layers of `heads` query
+    heads each, whichever the scores rank lowest: BERT round(fraction * all of them), a layer
+    keeping one; Llama, in each layer, the same number from each of its `groups` KV groups.
+    prune_heads removes this many, and the check before any work reads it from config.json
+    or a GGUF's metadata.
+
+    >>> heads_removed("bert", [12] * 6, 0.001), heads_removed("llama", [9] * 30, 0.17, groups=3)
+    (0, 90)
+    """
     if kind == "llama":
-        per_group = model.config.num_attention_heads // model.config.num_key_value_heads
+        return sum(_group_cut(n // groups, fraction) * groups for n in heads)
+    return min(round(fraction * sum(heads)), sum(max(n - 1, 0) for n in heads))
+
+
+def _removes_no_head(kind: str, fraction: float, *, total: int, per_group: int = 1) -> str:
+    """Why --prune-heads `fraction` removes no head of a model of `total` heads (Llama:
+    `per_group` query heads per KV group), and what would."""
+    if kind == "llama":
         if per_group == 1:
             return ("--prune-heads: each of this model's key/value heads serves one query "
                     "head, which stays (removing it would change the KV cache); its heads "
@@ -356,6 +377,45 @@ def _removes_no_head(model, kind: str, fraction: float, total: int) -> str:
             f"{_least_fraction(total, 3)}.")
 
 
+def ffn_kept(width: int, fraction: float, multiple: int = 1) -> int:
+    """How many of a layer's `width` FFN neurons --prune-ffn `fraction` keeps: at least
+    FFN_FLOOR of them, rounded up to a multiple of `multiple`.
+
+    >>> ffn_kept(1536, 0.01, 32), ffn_kept(1536, 0.1, 32)
+    (1536, 1408)
+    """
+    keep_n = max(int(round(width * (1 - fraction))), int(np.ceil(FFN_FLOOR * width)), 1)
+    return min(width, -(-keep_n // multiple) * multiple)
+
+
+def ffn_multiple(kind: str, target, sparsity_pattern: str) -> int:
+    """What a layer's FFN width is kept a multiple of: decoders the int4 block (`target`'s
+    generation.block_size), which the down projection's input width must divide into; with
+    an N:M sparsity pattern also M (every matrix's input width a multiple of M)."""
+    block = target.generation.block_size if kind == "llama" else 1
+    pattern = PATTERNS[sparsity_pattern]
+    return math.lcm(block, pattern[1]) if pattern else block
+
+
+def check_removes_something(request: Compression, kind: str, *, heads: list[int],
+                            groups: int, widths: list[int], multiple: int) -> None:
+    """Refuse --prune-heads / --prune-ffn that rounds to removing nothing from layers of
+    `heads` query heads (`groups` KV groups each) and `widths` FFN neurons. The compress
+    stage asks it of the loaded model, export() before any work of config.json or a GGUF's
+    metadata."""
+    if request.prune_heads and not heads_removed(kind, heads, request.prune_heads,
+                                                 groups=groups):
+        raise ValueError(_removes_no_head(kind, request.prune_heads, total=sum(heads),
+                                          per_group=heads[0] // groups))
+    if request.prune_ffn and all(ffn_kept(w, request.prune_ffn, multiple) == w
+                                 for w in widths):
+        raise ValueError(
+            f"--prune-ffn {request.prune_ffn:g} removes no FFN neuron of this model: "
+            f"{widths[0]} per layer"
+            + (f", kept in multiples of {multiple} (the int4 block)" if multiple > 1 else "")
+            + ", rounds back to all of them. Ask for more.")
+
+
 def prune_ffn(model, kind: str, scores, fraction: float, *, multiple: int = 1) -> dict[int, int]:
     """Remove the same fraction of each layer's FFN neurons, the lowest-scoring, keeping a
     multiple of `multiple` (decoders: the MatMulNBits block, which the down projection's
@@ -364,9 +424,7 @@ def prune_ffn(model, kind: str, scores, fraction: float, *, multiple: int = 1) -
 
     kept = {}
     for i, layer in enumerate(layer_list(model)):
-        width = len(scores[i])
-        keep_n = max(int(round(width * (1 - fraction))), int(np.ceil(FFN_FLOOR * width)), 1)
-        keep_n = min(width, -(-keep_n // multiple) * multiple)
+        keep_n = ffn_kept(len(scores[i]), fraction, multiple)
         keep = torch.sort(torch.argsort(scores[i], descending=True)[:keep_n]).values
         producers, consumer = ffn_parts(layer, kind)
         if kind == "llama":
@@ -612,12 +670,14 @@ def compress(job) -> None:
 
     if request.prune_heads or request.prune_ffn:
         head_scores, ffn_scores = contribution_scores(model, batches, kind)
+        block = ffn_multiple(kind, job.target, request.sparsity_pattern)
+        check_removes_something(request, kind, heads=[len(x) for x in head_scores],
+                                groups=model.config.num_key_value_heads if kind == "llama"
+                                else 1, widths=[len(x) for x in ffn_scores], multiple=block)
         if request.prune_heads:
             total_heads = sum(len(x) for x in head_scores)
             removed = prune_heads(model, kind, head_scores, request.prune_heads)
             count = sum(len(v) for v in removed.values())
-            if not count:
-                raise ValueError(_removes_no_head(model, kind, request.prune_heads, total_heads))
             left = [attention_parts(layer, kind)[3] for layer in layer_list(model)]
             # strength: the fraction removed, which a layer's last head (BERT) or a KV
             # group's last query head (Llama) and rounding per group can keep from the asked
@@ -632,17 +692,7 @@ def compress(job) -> None:
                     f"({count / total_heads:.0%}; asked {request.prune_heads:g}); heads per "
                     f"layer now {left}")
         if request.prune_ffn:
-            block = job.target.generation.block_size if kind == "llama" else 1
-            pattern = PATTERNS[request.sparsity_pattern]
-            if pattern:   # N:M needs every matrix's input width a multiple of M
-                block = math.lcm(block, pattern[1])
             kept = prune_ffn(model, kind, ffn_scores, request.prune_ffn, multiple=block)
-            if all(k == len(ffn_scores[i]) for i, k in kept.items()):
-                raise ValueError(
-                    f"--prune-ffn {request.prune_ffn:g} removes no FFN neuron of this model: "
-                    f"{len(ffn_scores[0])} per layer"
-                    + (f", kept in multiples of {block} (the int4 block)" if block > 1 else "")
-                    + ", rounds back to all of them. Ask for more.")
             width = sum(len(x) for x in ffn_scores)
             cut = width - sum(kept.values())
             steps.append({"method": "prune-ffn", "strength": round(cut / width, 4),

@@ -140,6 +140,28 @@ def layer_count(path: Path) -> int | None:
     return count if isinstance(count, int) and not isinstance(count, bool) else None
 
 
+def llama_shape(path: Path) -> dict | None:
+    """A Llama GGUF's shape as its metadata declares it, in config.json's names
+    (num_hidden_layers, num_attention_heads, num_key_value_heads, intermediate_size), the
+    model unread (no head_count_kv: one KV head per query head); None where the file is
+    unreadable, is not a Llama, or lacks one of them or declares it per layer (an array)."""
+    metadata = scalar_metadata(path)
+    if metadata is None or metadata.get("general.architecture") != "llama":
+        return None
+    shape = {}
+    for name, key in (("num_hidden_layers", "block_count"),
+                      ("num_attention_heads", "attention.head_count"),
+                      ("num_key_value_heads", "attention.head_count_kv"),
+                      ("intermediate_size", "feed_forward_length")):
+        value = metadata.get(f"llama.{key}")
+        if f"llama.{key}" not in metadata and name == "num_key_value_heads":
+            value = shape["num_attention_heads"]   # llama.cpp's default, and LlamaConfig's
+        if not isinstance(value, int) or isinstance(value, bool):
+            return None
+        shape[name] = value
+    return shape
+
+
 # Llama 3's "llama3" rotary scaling parameters besides its factor (Llama 3.1, 3.2 and 3.3 use
 # these). llama.cpp's convert_hf_to_gguf.py writes that scaling as one factor per frequency
 # (rope_freqs.weight: theta_i / factor_i), not as its parameters; they are recovered by

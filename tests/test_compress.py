@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import types
 
 import numpy as np
@@ -65,36 +66,137 @@ def test_dropping_every_layer_is_refused():
         C.choose_layers_to_drop((1, 7), [0.1] * 6)
 
 
-def test_a_compression_that_removes_nothing_is_refused(tmp_path):
-    # --prune-heads 0.1 rounded to no head of SmolLM2's 3-head KV groups, yet the GGUF's exact
-    # int4 blocks were dropped for float rounding, for no compression at all.
-    with pytest.raises(ValueError, match=r"--prune-heads 0\.001 removes no attention head.*"
-                                         r"of its 72 heads rounds to none"):
-        export("minilm", target="arm-cpu", output=tmp_path / "m", log=lambda line: None,
-               compression=Compression(prune_heads=0.001))
-    with pytest.raises(ValueError, match=r"each of its KV groups has 3 query heads.*at least "
-                                         r"0\.17"):
-        export("smollm2", target="arm-cpu", output=tmp_path / "s", log=lambda line: None,
-               compression=Compression(prune_heads=0.1))
-    with pytest.raises(ValueError, match=r"--prune-ffn 0\.01 removes no FFN neuron.*1536 per "
-                                         r"layer, kept in multiples of 32"):
-        export("smollm2", target="arm-cpu", output=tmp_path / "s", log=lambda line: None,
-               compression=Compression(prune_ffn=0.01))
-    # a model whose every KV head serves one query head (no GQA) cannot be head-pruned
-    mha = types.SimpleNamespace(config=types.SimpleNamespace(num_attention_heads=8,
-                                                             num_key_value_heads=8))
-    assert "cannot be pruned" in C._removes_no_head(mha, "llama", 0.5, 64)
-
-
-def test_a_gguf_decoder_refuses_layers_it_lacks_before_any_work(tmp_path, monkeypatch):
-    # a decoder's layer count was only known once the model was loaded and its layers scored
-    # (about 2 minutes here); a GGUF declares it in its metadata
+def _refuse_starting(monkeypatch):
     from exporter import pipeline
 
     def started(job):
         raise AssertionError("the export started before refusing")
 
     monkeypatch.setattr(pipeline, "run", started)
+
+
+def test_a_compression_that_removes_nothing_is_refused_before_any_work(tmp_path, monkeypatch):
+    # --prune-heads 0.1 rounded to no head of SmolLM2's 3-head KV groups, yet the GGUF's exact
+    # int4 blocks were dropped for float rounding, for no compression at all; the refusal
+    # then came only after loading the model and scoring its heads (about a minute)
+    from exporter.gguf import checkpoint, packaged_gguf
+
+    _refuse_starting(monkeypatch)
+    hf_decoder = str(checkpoint(packaged_gguf("smollm2"), log=lambda line: None))
+    for model, compression, message in (
+            ("minilm", Compression(prune_heads=0.001),
+             r"--prune-heads 0\.001 removes no attention head.*of its 72 heads rounds to none"),
+            # BERT counts the heads of the layers kept: 0.007 of 72 is one, of 60 none
+            ("minilm", Compression(drop_layers=1, prune_heads=0.007),
+             r"0\.007 of its 60 heads rounds to none; ask for at least 0\.009"),
+            ("minilm", Compression(prune_ffn=0.0001), r"--prune-ffn 0\.0001 removes no FFN "
+                                                      r"neuron.*1536 per layer, rounds back"),
+            ("smollm2", Compression(prune_heads=0.1),
+             r"each of its KV groups has 3 query heads.*at least 0\.17"),
+            ("smollm2", Compression(prune_ffn=0.01),
+             r"--prune-ffn 0\.01 removes no FFN neuron.*1536 per layer, kept in multiples "
+             r"of 32"),
+            (hf_decoder, Compression(prune_heads=0.1, prune_ffn=0.3),
+             r"each of its KV groups has 3 query heads"),
+            (hf_decoder, Compression(prune_ffn=0.01), r"kept in multiples of 32")):
+        with pytest.raises(ValueError, match=message):
+            export(model, target="arm-cpu", output=tmp_path / "m", log=lambda line: None,
+                   compression=compression)
+    # what does remove something starts the export (the stage's own check then passes)
+    for model, compression in (("smollm2", Compression(prune_heads=0.17)),
+                               ("smollm2", Compression(prune_ffn=0.05)),
+                               ("minilm", Compression(drop_layers=1, prune_heads=0.009))):
+        with pytest.raises(AssertionError, match="the export started"):
+            export(model, target="arm-cpu", output=tmp_path / "m", log=lambda line: None,
+                   compression=compression)
+
+
+@pytest.mark.parametrize("config, compression, refusal", [
+    ({"model_type": "bert"}, Compression(prune_heads=0.01), "0.01 of its 8 heads"),
+    ({"model_type": "bert"}, Compression(prune_ffn=0.001), "128 per layer, rounds back"),
+    # transformers prunes these heads on loading: the stage counts 5, not 8
+    ({"model_type": "bert", "pruned_heads": {"0": [0, 1, 2]}}, Compression(prune_heads=0.01),
+     None),
+    ({"model_type": "roberta"}, Compression(prune_heads=0.01), None),   # the stage refuses it
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]},   # one KV head per head
+     Compression(prune_heads=0.5), "cannot be pruned"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_key_value_heads": 2},
+     Compression(prune_ffn=0.05), "kept in multiples of 32"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_key_value_heads": 2},
+     Compression(prune_heads=0.5), None)])
+def test_the_check_before_any_work_reads_config_json(tmp_path, monkeypatch, config,
+                                                      compression, refusal):
+    _refuse_starting(monkeypatch)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(
+        {"num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
+         **config}))
+    with pytest.raises(AssertionError if refusal is None else ValueError,
+                       match="the export started" if refusal is None else re.escape(refusal)):
+        export(str(tmp_path / "model"), target="arm-cpu", output=tmp_path / "out",
+               log=lambda line: None, compression=compression)
+
+
+@pytest.mark.parametrize("kind, heads, groups, fraction, removed", [
+    ("bert", [4] * 6, 1, 0.001, 0), ("bert", [4] * 6, 1, 0.021, 1),
+    ("bert", [4] * 5, 1, 0.021, 0),   # BERT counts the heads of every layer together
+    ("bert", [1] * 3, 1, 0.5, 0), ("bert", [2, 1], 1, 0.9, 1),   # a layer keeps one
+    ("llama", [9] * 2, 3, 0.1, 0), ("llama", [9] * 2, 3, 0.17, 6),
+    ("llama", [9] * 2, 3, 0.9, 12), ("llama", [8] * 2, 8, 0.5, 0)])   # a group keeps one
+def test_heads_removed_is_what_prune_heads_removes(kind, heads, groups, fraction, removed):
+    # the check before any work and the compress stage's own read this one rule
+    assert C.heads_removed(kind, heads, fraction, groups=groups) == removed
+    if kind == "llama":
+        model = _tiny_llama(heads[0], groups)
+    else:   # layers of fewer heads: a checkpoint pruned before
+        most = max(heads)
+        model = _tiny_bert(num_hidden_layers=len(heads), num_attention_heads=most,
+                           pruned_heads={i: list(range(most - n)) for i, n in enumerate(heads)})
+    scores = [torch.rand(n) for n in heads]
+    assert sum(len(v) for v in C.prune_heads(model, kind, scores, fraction).values()) == removed
+
+
+@pytest.mark.parametrize("width, fraction, multiple, kept", [
+    (1536, 0.01, 32, 1536), (1536, 0.05, 32, 1472), (1536, 0.0001, 1, 1536),
+    (1536, 0.001, 1, 1534), (128, 0.99, 1, 7), (128, 0.3, 4, 92)])
+def test_ffn_kept_is_what_prune_ffn_keeps(width, fraction, multiple, kept):
+    assert C.ffn_kept(width, fraction, multiple) == kept
+    model = _tiny_bert(intermediate_size=width)
+    scores = [torch.rand(width) for _ in C.layer_list(model)]
+    assert set(C.prune_ffn(model, "bert", scores, fraction, multiple=multiple).values()) == \
+        {kept}
+
+
+def test_the_compress_stage_refuses_what_removes_nothing(monkeypatch):
+    # where the check before any work cannot read the model (another config, a GGUF without
+    # the counts), the stage refuses after scoring, with the same words
+    _fake_batches(monkeypatch, rows=2, length=12)
+    for compression, message in (
+            (Compression(prune_heads=0.05), r"0\.05 of its 8 heads rounds to none"),
+            (Compression(prune_ffn=0.001), r"128 per layer, rounds back to all of them"),
+            (Compression(prune_ffn=0.01, sparsity_pattern="2:4"), r"kept in multiples of 4")):
+        job = _compress_job(_tiny_bert(), "feature-extraction", compression)
+        with pytest.raises(ValueError, match=message):
+            C.compress(job)
+    ids = torch.randint(0, 100, (2, 12))
+    monkeypatch.setattr(C, "calibration_batches", lambda job, purpose: [
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    int4 = types.SimpleNamespace(generation=types.SimpleNamespace(block_size=32))
+    for compression, message in (
+            (Compression(prune_heads=0.1), r"each of its KV groups has 4 query heads, and 0\.1 "
+                                           r"of them rounds to none; ask for at least 0\.13"),
+            (Compression(prune_ffn=0.1), r"128 per layer, kept in multiples of 32")):
+        job = _compress_job(_tiny_llama(), "text-generation", compression, target=int4)
+        with pytest.raises(ValueError, match=message):
+            C.compress(job)
+    # a model whose every KV head serves one query head (no GQA) cannot be head-pruned
+    assert "cannot be pruned" in C._removes_no_head("llama", 0.5, total=64, per_group=1)
+
+
+def test_a_gguf_decoder_refuses_layers_it_lacks_before_any_work(tmp_path, monkeypatch):
+    # a decoder's layer count was only known once the model was loaded and its layers scored
+    # (about 2 minutes here); a GGUF declares it in its metadata
+    _refuse_starting(monkeypatch)
     for drop, message in (((3, 30), r"the model has 30 layers \(indices 0-29\); \[30\]"),
                           (30, "Dropping 30 of 30 layers would leave no layer")):
         with pytest.raises(ValueError, match=message):
@@ -513,9 +615,9 @@ def _tiny_bert(**kwargs):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=100, hidden_size=64, num_attention_heads=4,
-                                intermediate_size=128,
-                                **{"num_hidden_layers": 2, **kwargs})).eval()
+    return BertModel(BertConfig(vocab_size=100, hidden_size=64, **{
+        "num_attention_heads": 4, "intermediate_size": 128, "num_hidden_layers": 2,
+        **kwargs})).eval()
 
 
 def _tiny_llama(heads=8, kv_heads=2):
@@ -546,7 +648,7 @@ def test_the_fraction_suggested_for_no_head_removes_one(heads, kv_heads, kind):
 
     model = _tiny_llama(heads, kv_heads) if kind == "llama" else _tiny_bert()
     scores = [torch.rand(heads if kind == "llama" else 4) for _ in range(2)]
-    message = C._removes_no_head(model, kind, 0.01, 8)
+    message = C._removes_no_head(kind, 0.01, total=8, per_group=heads // kv_heads)
     suggested = float(re.search(r"at least (\d+\.\d+)", message).group(1))
     assert C.prune_heads(model, kind, scores, suggested), message
 
@@ -556,9 +658,9 @@ def _compress_job(model, task, compression, **extra):
 
     return types.SimpleNamespace(compression=compression, torch_model=model, task=task,
                                  log=lambda line: None, records={"model": {}}, gguf=None,
-                                 requantize=False, target=None, pooling={},
+                                 requantize=False, pooling={},
                                  budget=Budget.parse("perplexity-increase<=1000"),
-                                 **{"calibration": [], **extra})
+                                 **{"calibration": [], "target": None, **extra})
 
 
 

@@ -267,7 +267,7 @@ def _llama_cpp_rope_factors(dim: int, base: float, factor: float) -> np.ndarray:
 
 
 def test_gguf_scalar_metadata_reads_what_gguf_py_reads(tmp_path):
-    # export() reads a GGUF's layer count before any work (--drop-layers); gguf-py's reader
+    # export() reads a GGUF's layer, head and FFN counts before any work; gguf-py's reader
     # decoded SmolLM2's 49152 tokens and merges first, 7-15 s a call on 2 cores
     import gguf as gguf_package
 
@@ -295,6 +295,10 @@ def test_gguf_scalar_metadata_reads_what_gguf_py_reads(tmp_path):
         for f in fields if not f.name.startswith("GGUF.")}
     assert gguf.layer_count(path) == 3
     assert gguf.layer_count(gguf.packaged_gguf("smollm2")) == 30
+    assert gguf.llama_shape(path) is None   # FFN widths differ by layer: not one shape
+    assert gguf.llama_shape(gguf.packaged_gguf("smollm2")) == {
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "intermediate_size": 1536}
     (tmp_path / "not.gguf").write_bytes(b"GGUF")
     assert gguf.scalar_metadata(tmp_path / "not.gguf") is None
     assert gguf.scalar_metadata(tmp_path / "missing.gguf") is None
