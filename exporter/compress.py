@@ -397,6 +397,14 @@ def ffn_multiple(kind: str, target, sparsity_pattern: str) -> int:
     return math.lcm(block, pattern[1]) if pattern else block
 
 
+def why_multiple(kind: str, request: Compression) -> str:
+    """What makes ffn_multiple's multiple: the int4 block (decoders), an N:M pattern, both."""
+    reasons = (["the int4 block"] if kind == "llama" else []) + (
+        [f"the {request.sparsity_pattern} sparsity pattern"]
+        if PATTERNS[request.sparsity_pattern] else [])
+    return " and ".join(reasons)
+
+
 def check_removes_something(request: Compression, kind: str, *, heads: list[int],
                             groups: int, widths: list[int], multiple: int) -> None:
     """Refuse --prune-heads / --prune-ffn that rounds to removing nothing from layers of
@@ -412,7 +420,8 @@ def check_removes_something(request: Compression, kind: str, *, heads: list[int]
         raise ValueError(
             f"--prune-ffn {request.prune_ffn:g} removes no FFN neuron of this model: "
             f"{widths[0]} per layer"
-            + (f", kept in multiples of {multiple} (the int4 block)" if multiple > 1 else "")
+            + (f", kept in multiples of {multiple} ({why_multiple(kind, request)})"
+               if multiple > 1 else "")
             + ", rounds back to all of them. Ask for more.")
 
 

@@ -174,7 +174,8 @@ def test_the_compress_stage_refuses_what_removes_nothing(monkeypatch):
     for compression, message in (
             (Compression(prune_heads=0.05), r"0\.05 of its 8 heads rounds to none"),
             (Compression(prune_ffn=0.001), r"128 per layer, rounds back to all of them"),
-            (Compression(prune_ffn=0.01, sparsity_pattern="2:4"), r"kept in multiples of 4")):
+            (Compression(prune_ffn=0.01, sparsity_pattern="2:4"),
+             r"kept in multiples of 4 \(the 2:4 sparsity pattern\)")):
         job = _compress_job(_tiny_bert(), "feature-extraction", compression)
         with pytest.raises(ValueError, match=message):
             C.compress(job)
@@ -185,7 +186,10 @@ def test_the_compress_stage_refuses_what_removes_nothing(monkeypatch):
     for compression, message in (
             (Compression(prune_heads=0.1), r"each of its KV groups has 4 query heads, and 0\.1 "
                                            r"of them rounds to none; ask for at least 0\.13"),
-            (Compression(prune_ffn=0.1), r"128 per layer, kept in multiples of 32")):
+            (Compression(prune_ffn=0.1), r"128 per layer, kept in multiples of 32 \(the "
+                                         r"int4 block\)"),
+            (Compression(prune_ffn=0.1, sparsity_pattern="2:4"),
+             r"multiples of 32 \(the int4 block and the 2:4 sparsity pattern\)")):
         job = _compress_job(_tiny_llama(), "text-generation", compression, target=int4)
         with pytest.raises(ValueError, match=message):
             C.compress(job)
