@@ -342,6 +342,12 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
     if task == "text-classification":
         check_single_label(resolve_model_dir(model))
     layers = None if generative else _layers(resolve_model_dir(model))
+    if not generative and compression is not None and compression.active:
+        # config.json's model type, refused before loading (a GGUF's: once loaded)
+        from .compress import checked_kind
+        from .load import read_config
+
+        checked_kind(read_config(resolve_model_dir(model)).get("model_type"))
     if generative and compression is not None and compression.drop_layers:
         # a GGUF's layer count is in its metadata: --drop-layers beyond it is refused now,
         # not after loading and scoring the model (minutes)

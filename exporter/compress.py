@@ -122,7 +122,11 @@ class Compression:
 # --- the model's parts, per architecture ---
 
 def kind_of(model) -> str:
-    kind = model.config.model_type
+    return checked_kind(model.config.model_type)
+
+
+def checked_kind(kind: str | None) -> str:
+    """`kind` (config.json's model_type), refused where compression does not take it."""
     if kind not in ("bert", "llama"):
         raise ValueError(f"Compression supports BERT and Llama models; this one is {kind!r}.")
     return kind

@@ -117,7 +117,10 @@ def test_a_compression_that_removes_nothing_is_refused_before_any_work(tmp_path,
     # transformers prunes these heads on loading: the stage counts 5, not 8
     ({"model_type": "bert", "pruned_heads": {"0": [0, 1, 2]}}, Compression(prune_heads=0.01),
      None),
-    ({"model_type": "roberta"}, Compression(prune_heads=0.01), None),   # the stage refuses it
+    # compression takes BERT and Llama: another model is refused before it is loaded too
+    ({"model_type": "roberta"}, Compression(prune_heads=0.01),
+     "Compression supports BERT and Llama models; this one is 'roberta'"),
+    ({"model_type": "roberta"}, Compression(drop_layers=1), "this one is 'roberta'"),
     ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]},   # one KV head per head
      Compression(prune_heads=0.5), "cannot be pruned"),
     ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_key_value_heads": 2},
