@@ -26,8 +26,8 @@ from runtime.generate import Decoder, render_chat
 from runtime.generate import perplexity as window_perplexity
 
 from .budget import rounded
-from .decoder_graph import DecoderShape, DecoderWeights, Linear, build, float_weights, pack
-from .graph_file import graph_bytes, save_graph
+from .decoder_graph import DecoderShape, DecoderWeights, Linear, build_file, float_weights, pack
+from .graph_file import graph_bytes
 from .load import write_tokenizer
 from .quantize import kib_to_mb
 from .report import write_report
@@ -230,7 +230,7 @@ def build_float(job) -> None:
     job.decoder_shape = shape_of(job)
     job.float_weights = float_weights(job.torch_model)
     job.float_onnx = job.workdir / "float.onnx"
-    save_graph(build(job.decoder_shape, job.float_weights), job.float_onnx)
+    build_file(job.float_onnx, job.decoder_shape, job.float_weights)
     job.log(f"  float graph {graph_bytes(job.float_onnx) / 1e6:.0f} MB, KV cache "
             f"{job.decoder_shape.layers} x 2 x {job.decoder_shape.kv_heads} x "
             f"{job.max_length} x {job.decoder_shape.head_dim}")
@@ -485,10 +485,10 @@ def quantize_decoder(job) -> None:
     settings = job.target.generation
     quantized, record = quantized_weights(job, settings.weights)
     job.quantized_onnx = job.workdir / "model.onnx"
-    save_graph(build(job.decoder_shape, quantized, accuracy_level=settings.accuracy_level,
-                     int8_accuracy_level=settings.int8_accuracy_level,
-                     float_type=settings.activations,
-                     exact_top_logits=settings.exact_top_logits), job.quantized_onnx)
+    build_file(job.quantized_onnx, job.decoder_shape, quantized,
+               accuracy_level=settings.accuracy_level,
+               int8_accuracy_level=settings.int8_accuracy_level, float_type=settings.activations,
+               exact_top_logits=settings.exact_top_logits)
     record["activations"] = settings.activations
     if settings.activations == "float16":
         record["float16"] = ("activations, KV cache, norms and float weights in float16; "

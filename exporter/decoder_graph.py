@@ -42,10 +42,13 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .graph_file import save_graph
 
 MS = "com.microsoft"
 EDGE = "edge_exporter"   # our ops: model-local functions (see q4_offsets_function)
@@ -234,7 +237,7 @@ class _Graph:
         stored (layers that share weights) is stored once and its first name returned."""
         if name in self._names:   # a shared constant (e.g. "eight"), stored on first use
             return self._names[name]
-        array = np.ascontiguousarray(array)
+        array = np.atleast_1d(array)   # a scalar is stored as shape [1] (a view, not a copy)
         key = None
         if array.size >= 4096:
             key = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
@@ -242,7 +245,7 @@ class _Graph:
                 self._names[name] = self._by_content[key]
                 return self._by_content[key]
         self._names[name] = name
-        self.inits.append(numpy_helper.from_array(array, name))
+        self.inits.append((name, array))   # a view where it can be: copied once, when saved
         if key is not None:
             self._by_content[key] = name
         return name
@@ -293,7 +296,7 @@ class _Graph:
 
     def _product(self, x: str, w: Linear, name: str, k: int) -> str:
         if w.weight is not None:
-            weight = self.init(f"{name}.weight", w.weight.T.astype(self.np_float))
+            weight = self.init(f"{name}.weight", w.weight.T.astype(self.np_float, copy=False))
             return self.node("MatMul", [x, weight], [f"{name}.out"], name=name)[0]
         if self.nibble_split(w):
             return self._split_product(x, w, name, k)
@@ -474,10 +477,29 @@ def scaled_frequencies(inv_freq: np.ndarray, kind: str, rope: dict[str, float]) 
     return np.where(medium, blended, slowed).astype(np.float32)
 
 
-def build(shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int = 0,
-          int8_accuracy_level: int = 4, float_type: str = "float32", exact_top_logits: int = 0,
-          opset: int = 21) -> onnx.ModelProto:
-    """The decoder graph (see the module docstring for its inputs and outputs).
+def build(shape: DecoderShape, weights: DecoderWeights, **options) -> onnx.ModelProto:
+    """The decoder graph (see the module docstring for its inputs and outputs; `options`
+    are `graph_and_initializers`')."""
+    model, initializers = graph_and_initializers(shape, weights, **options)
+    model.graph.initializer.extend(numpy_helper.from_array(array, name)
+                                   for name, array in initializers)
+    return model
+
+
+def build_file(path: Path, shape: DecoderShape, weights: DecoderWeights, **options) -> bool:
+    """`build(shape, weights, **options)` saved at `path` by graph_file.save_graph, which over
+    its limit writes the weights to the data file from the arrays, one by one: never the
+    whole graph in memory as a protobuf. Returns whether it did that."""
+    model, initializers = graph_and_initializers(shape, weights, **options)
+    return save_graph(model, path, initializers)
+
+
+def graph_and_initializers(
+        shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int = 0,
+        int8_accuracy_level: int = 4, float_type: str = "float32", exact_top_logits: int = 0,
+        opset: int = 21) -> tuple[onnx.ModelProto, list[tuple[str, np.ndarray]]]:
+    """The decoder graph without its initializers, and them as (name, array) in graph order
+    (arrays may be views of `weights`).
 
     `accuracy_level` is MatMulNBits' compute mode for 4-bit matrices, `int8_accuracy_level`
     for 8-bit ones (0: float activations, as stored; 4: activations quantized to int8 per
@@ -528,20 +550,20 @@ def build(shape: DecoderShape, weights: DecoderWeights, *, accuracy_level: int =
     inputs += [helper.make_tensor_value_info("seqlens_k", i32, ["batch"]),
                helper.make_tensor_value_info("total_sequence_length", i32, []),
                helper.make_tensor_value_info("num_logits", i64, [1])]
-    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
+    graph = helper.make_graph(g.nodes, "decoder", inputs, outputs)
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)]
     if g.functions:
         opsets.append(helper.make_opsetid(EDGE, 1))
     model = helper.make_model(graph, opset_imports=opsets, functions=list(g.functions.values()))
     model.ir_version = 10
-    return model
+    return model, g.inits
 
 
 def _embedding(g: _Graph, shape: DecoderShape, weights: DecoderWeights) -> str:
     """Token embedding lookup: a float table, or int8 blocks (GatherBlockQuantized)."""
     emb = weights.embedding
     if emb.weight is not None:
-        table = g.init("embedding.weight", emb.weight.astype(g.np_float))
+        table = g.init("embedding.weight", emb.weight.astype(g.np_float, copy=False))
         return g.node("Gather", [table, "input_ids"], ["embedded"], name="embedding")[0]
     if emb.offsets is not None or emb.bits != 8:
         raise ValueError("a quantized embedding table must be 8-bit blocks without offsets")

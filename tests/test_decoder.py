@@ -1142,6 +1142,55 @@ def test_a_decoder_over_the_size_limit_keeps_its_weights_in_external_data(
         runtime.load(broken)
 
 
+_BUILD_OVER_THE_LIMIT = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from exporter import graph_file
+from exporter.decoder_graph import DecoderShape, DecoderWeights, Linear, build_file
+
+def kib(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status")
+                if line.startswith(key))
+
+graph_file.INLINE_LIMIT = 1 << 20
+layers, h, kv, f, vocab = 8, 512, 128, 2048, 8192
+shape = DecoderShape(vocab=vocab, hidden=h, layers=layers, heads=8, kv_heads=2, head_dim=64,
+                     intermediate=f, rms_eps=1e-5, rope_theta=1e4, context=64,
+                     attention_scales=(0.125,) * layers)
+rng = np.random.default_rng(0)
+
+def lin(out, k):
+    return Linear(weight=rng.standard_normal((out, k), np.float32))
+
+norms = [np.ones(h, np.float32)] * layers
+weights = DecoderWeights(embedding=lin(vocab, h), lm_head=lin(vocab, h), input_norms=norms,
+                         post_attention_norms=norms, final_norm=norms[0],
+                         qkv=[lin(h + 2 * kv, h) for _ in range(layers)],
+                         o=[lin(h, h) for _ in range(layers)],
+                         gate_up=[lin(2 * f, h) for _ in range(layers)],
+                         down=[lin(h, f) for _ in range(layers)])
+before = kib("VmRSS:")
+assert build_file(Path(sys.argv[1]) / "float.onnx", shape, weights)
+print(kib("VmHWM:") - before)
+"""
+
+
+def test_a_decoder_graph_over_the_size_limit_is_written_without_a_copy_in_memory(tmp_path):
+    """Saving a decoder graph over graph_file.INLINE_LIMIT held every weight a second time,
+    in the protobuf's raw_data, and onnx.save's external data conversion more: a 906M-parameter
+    Llama's export peaked at 4.7 times its float32 size, in build_float. Over the limit (here
+    1 MB) the weights go to the data file from their arrays: the build's peak memory beyond
+    the weights themselves (150 MB) is a small part of them, not all of them again."""
+    out = subprocess.run([sys.executable, "-c", _BUILD_OVER_THE_LIMIT, str(tmp_path)],
+                         capture_output=True, text=True, check=True)
+    weight_kib = (tmp_path / "float.onnx.data").stat().st_size / 1024
+    assert weight_kib > 140_000
+    assert int(out.stdout.split()[-1]) < 0.25 * weight_kib
+
+
 def test_a_checkpoint_with_only_slow_tokenizer_files_exports(gpt2_dir, smollm2_tokenizer_json,
                                                              tmp_path):
     """GPT-2 checkpoints often ship vocab.json + merges.txt and no tokenizer.json. Encoders
