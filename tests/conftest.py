@@ -164,6 +164,20 @@ def cuda_fallback_warning():
 
 
 @pytest.fixture(scope="session")
+def flip_byte():
+    """flip_byte(path, offset): one bit of the file at `path` changed in place, its size kept
+    (what a bad flash or copy does)."""
+    def flip(path: Path, offset: int) -> None:
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 1]))
+
+    return flip
+
+
+@pytest.fixture(scope="session")
 def stream_window():
     """check(tok, hf, sequences): asserts that `tok.decode_stream()` gives exactly HF's
     DecodeStream pieces for each sequence of ids, skipping special tokens and not, and

@@ -1077,7 +1077,7 @@ def test_gpt2_family_int4_bundle_and_no_compression(gpt2_dir, gpt2_int4_bundle, 
 
 
 def test_a_decoder_over_the_size_limit_keeps_its_weights_in_external_data(
-        gpt2_dir, gpt2_int4_bundle, tmp_path, monkeypatch):
+        gpt2_dir, gpt2_int4_bundle, tmp_path, monkeypatch, flip_byte):
     """A decoder whose graph is over protobuf's 2 GB (a 1B-parameter Llama in float32) could
     not be exported: build_float's onnx.save raised. Over graph_file.INLINE_LIMIT (lowered
     here to 1 MB: the tiny GPT-2's graphs are 6-26 MB) the float graph and the bundle's keep
@@ -1119,11 +1119,7 @@ def test_a_decoder_over_the_size_limit_keeps_its_weights_in_external_data(
 
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
-    with open(broken / "model.onnx.data", "r+b") as f:   # same size, one byte changed
-        f.seek(1000)
-        byte = f.read(1)
-        f.seek(1000)
-        f.write(bytes([byte[0] ^ 1]))
+    flip_byte(broken / "model.onnx.data", 1000)
     with pytest.raises(runtime.BundleError, match=r"model\.onnx\.data: sha256 does not match "
                                                   r"manifest\.json"):
         runtime.load(broken)

@@ -130,7 +130,7 @@ def _external_stages(path):
 
 
 def test_stages_over_the_size_limit_keep_their_weights_in_external_data(
-        minilm_bundle, eval_texts, single, tmp_path, monkeypatch):
+        minilm_bundle, eval_texts, single, tmp_path, monkeypatch, flip_byte):
     """A stage over protobuf's 2 GB could not be saved (onnx.save raised), so a model that
     large could not be cut into stages. Over graph_file.INLINE_LIMIT (lowered here to 1 MB:
     MiniLM's int8 stages are ~11 MB) a stage's weights go to stageN.onnx.data beside it,
@@ -146,11 +146,7 @@ def test_stages_over_the_size_limit_keep_their_weights_in_external_data(
     np.testing.assert_array_equal(got, single)
     broken = tmp_path / "broken"
     shutil.copytree(path, broken)
-    with open(broken / "stage1.onnx.data", "r+b") as f:   # same size, one byte changed
-        f.seek(100)
-        byte = f.read(1)
-        f.seek(100)
-        f.write(bytes([byte[0] ^ 1]))
+    flip_byte(broken / "stage1.onnx.data", 100)
     with pytest.raises(runtime.BundleError, match=r"stage1\.onnx\.data: sha256 does not "
                                                   r"match manifest\.json"):
         runtime.load(broken)
