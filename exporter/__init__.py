@@ -342,8 +342,9 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
     if task == "text-classification":
         check_single_label(resolve_model_dir(model))
     layers = None if generative else _layers(resolve_model_dir(model))
-    if not generative and compression is not None and compression.active:
-        # config.json's model type, refused before loading (a GGUF's: once loaded)
+    if task != "text-generation" and compression is not None and compression.active:
+        # an encoder's model type, refused before loading (a decoder's: by load_decoder,
+        # first thing, in its own words)
         from .compress import checked_kind
         from .load import read_config
 
