@@ -24,6 +24,7 @@ import numpy as np
 
 from runtime.generate import Decoder, render_chat
 from runtime.generate import perplexity as window_perplexity
+from runtime.model import usable_cores
 
 from .budget import rounded
 from .decoder_graph import DecoderShape, DecoderWeights, Linear, build_file, float_weights, pack
@@ -285,13 +286,56 @@ def torch_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
 def torch_references(job) -> list[list[int]]:
     """PyTorch's greedy tokens after each of PROMPTS (CHECK_TOKENS of them), computed once
     per export: the float check compares the first 16, validation all of them (a greedy run
-    is a prefix of a longer one). Before any ONNX Runtime session is open: on a busy host
-    PyTorch's threads, decoding step by step, slow down many times when other threads hold
-    the cores (SmolLM2: 20 s for 32 tokens on 2 threads against 3 s on 1)."""
+    is a prefix of a longer one). Before any ONNX Runtime session is open, and on no more
+    threads than the cores other processes leave idle: PyTorch's threads, decoding step by
+    step, wait for each other after every small matmul, so one thread on a busy core slows
+    them all (SmolLM2, 158 tokens on a 2-core host: 10 s on 2 threads and 15 s on 1 when
+    quiet, 36 s on 2 and 15 s on 1 while another process held a core)."""
     if not hasattr(job, "_torch_references"):
-        job._torch_references = [torch_greedy(job.torch_model, encode(job, p), CHECK_TOKENS)
-                                 for p in PROMPTS]
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, min(threads, idle_cores())))
+        try:
+            job._torch_references = [torch_greedy(job.torch_model, encode(job, p),
+                                                  CHECK_TOKENS) for p in PROMPTS]
+        finally:
+            torch.set_num_threads(threads)
     return job._torch_references
+
+
+def idle_cores(window: float = 0.1) -> int:
+    """How many of the cores this process may run on other processes leave idle, measured
+    over `window` seconds while this one sleeps (Linux's /proc/stat); elsewhere all of them."""
+    cores = usable_cores()
+    try:
+        before = _cpu_times()
+        time.sleep(window)
+        after = _cpu_times()
+    except (OSError, ValueError):
+        return cores
+    allowed = os.sched_getaffinity(0)
+    busy = total = 0
+    for cpu in allowed & before.keys() & after.keys():
+        (busy0, total0), (busy1, total1) = before[cpu], after[cpu]
+        busy, total = busy + busy1 - busy0, total + total1 - total0
+    if total <= 0:
+        return cores
+    return max(0, round(cores * (1 - busy / total)))
+
+
+def _cpu_times() -> dict[int, tuple[int, int]]:
+    """Per CPU from /proc/stat: (busy, total) clock ticks since boot; idle and iowait are
+    the idle ticks, guest time is already counted in user."""
+    times = {}
+    with open("/proc/stat") as stat:
+        for line in stat:
+            name, *ticks = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            ticks = [int(t) for t in ticks[:8]]
+            times[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return times
 
 
 def encode(job, text: str) -> list[int]:

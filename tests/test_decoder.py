@@ -6,6 +6,7 @@ real held-out English prose; the bundle is exported once per session (conftest).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -1434,3 +1435,55 @@ def test_a_gguf_converted_meanwhile_by_another_export_is_used(tmp_path, monkeypa
     assert gguf.checkpoint(source, cache=cache, log=lambda line: None) == target
     assert (target / "config.json").read_text() == "{}"   # the first one's, whole
     assert [p.name for p in cache.iterdir()] == [target.name]   # no work dir left
+
+
+def test_pytorchs_references_decode_on_the_cores_left_idle(monkeypatch):
+    """PyTorch's step-by-step greedy decoding ran on all its threads whatever else held the
+    cores: with another process on one of 2 cores, SmolLM2's references took 36 s on 2
+    threads against 15 s on 1. They now run on the idle cores, and the threads are restored."""
+    import torch
+
+    from exporter import decoder
+
+    seen = []
+    monkeypatch.setattr(decoder, "idle_cores", lambda: 1)
+    monkeypatch.setattr(decoder, "encode", lambda job, text: [1])
+    monkeypatch.setattr(decoder, "torch_greedy",
+                        lambda model, ids, n: seen.append(torch.get_num_threads()) or [2] * n)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        references = decoder.torch_references(SimpleNamespace(torch_model=None))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [1] * len(decoder.PROMPTS)
+    assert references == [[2] * decoder.CHECK_TOKENS] * len(decoder.PROMPTS)
+
+
+def test_idle_cores_counts_what_other_processes_leave(monkeypatch):
+    from exporter import decoder
+
+    samples = iter([{0: (0, 0), 1: (0, 0), 2: (0, 0)},
+                    {0: (100, 100), 1: (10, 100), 2: (0, 100)}])
+    monkeypatch.setattr(decoder, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(decoder, "usable_cores", lambda: 2)
+    monkeypatch.setattr(decoder.os, "sched_getaffinity", lambda pid: {0, 1})   # not cpu 2
+    monkeypatch.setattr(decoder.time, "sleep", lambda seconds: None)
+    assert decoder.idle_cores() == 1      # cpu 0 busy, cpu 1 90% idle
+
+    def unreadable():
+        raise OSError("no /proc/stat")
+
+    monkeypatch.setattr(decoder, "_cpu_times", unreadable)
+    assert decoder.idle_cores() == 2
+
+
+def test_cpu_times_read_this_hosts_proc_stat():
+    from exporter import decoder
+
+    if not Path("/proc/stat").exists():
+        pytest.skip("no /proc/stat here")
+    times = decoder._cpu_times()
+    assert set(times) >= set(os.sched_getaffinity(0))
+    assert all(0 <= busy <= total for busy, total in times.values())
