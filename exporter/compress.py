@@ -365,9 +365,9 @@ def heads_removed(kind: str, heads: list[int], fraction: float, *, groups: int =
     return min(round(fraction * sum(heads)), sum(max(n - 1, 0) for n in heads))
 
 
-def _removes_no_head(kind: str, fraction: float, *, total: int, per_group: int = 1) -> str:
-    """Why --prune-heads `fraction` removes no head of a model of `total` heads (Llama:
-    `per_group` query heads per KV group), and what would."""
+def _removes_no_head(kind: str, fraction: float, *, heads: list[int], per_group: int = 1) -> str:
+    """Why --prune-heads `fraction` removes no head of a model of `heads` heads per layer
+    (Llama: `per_group` query heads per KV group), and what would."""
     if kind == "llama":
         if per_group == 1:
             return ("--prune-heads: each of this model's key/value heads serves one query "
@@ -376,9 +376,12 @@ def _removes_no_head(kind: str, fraction: float, *, total: int, per_group: int =
         return (f"--prune-heads {fraction:g} removes no attention head of this model: each "
                 f"of its KV groups has {per_group} query heads, and {fraction:g} of them "
                 f"rounds to none; ask for at least {_least_fraction(per_group, 2)}.")
+    if all(n <= 1 for n in heads):
+        return ("--prune-heads: each layer of this model has one attention head, which stays "
+                "(a layer keeps one); its heads cannot be pruned. Leave out --prune-heads.")
     return (f"--prune-heads {fraction:g} removes no attention head of this model: "
-            f"{fraction:g} of its {total} heads rounds to none; ask for at least "
-            f"{_least_fraction(total, 3)}.")
+            f"{fraction:g} of its {sum(heads)} heads rounds to none; ask for at least "
+            f"{_least_fraction(sum(heads), 3)}.")
 
 
 def ffn_kept(width: int, fraction: float, multiple: int = 1) -> int:
@@ -417,7 +420,7 @@ def check_removes_something(request: Compression, kind: str, *, heads: list[int]
     metadata."""
     if request.prune_heads and not heads_removed(kind, heads, request.prune_heads,
                                                  groups=groups):
-        raise ValueError(_removes_no_head(kind, request.prune_heads, total=sum(heads),
+        raise ValueError(_removes_no_head(kind, request.prune_heads, heads=heads,
                                           per_group=heads[0] // groups))
     if request.prune_ffn and all(ffn_kept(w, request.prune_ffn, multiple) == w
                                  for w in widths):

@@ -197,7 +197,7 @@ def test_the_compress_stage_refuses_what_removes_nothing(monkeypatch):
         with pytest.raises(ValueError, match=message):
             C.compress(job)
     # a model whose every KV head serves one query head (no GQA) cannot be head-pruned
-    assert "cannot be pruned" in C._removes_no_head("llama", 0.5, total=64, per_group=1)
+    assert "cannot be pruned" in C._removes_no_head("llama", 0.5, heads=[64], per_group=1)
 
 
 def test_a_gguf_decoder_refuses_layers_it_lacks_before_any_work(tmp_path, monkeypatch):
@@ -655,9 +655,20 @@ def test_the_fraction_suggested_for_no_head_removes_one(heads, kv_heads, kind):
 
     model = _tiny_llama(heads, kv_heads) if kind == "llama" else _tiny_bert()
     scores = [torch.rand(heads if kind == "llama" else 4) for _ in range(2)]
-    message = C._removes_no_head(kind, 0.01, total=8, per_group=heads // kv_heads)
+    message = C._removes_no_head(kind, 0.01, heads=[4, 4], per_group=heads // kv_heads)
     suggested = float(re.search(r"at least (\d+\.\d+)", message).group(1))
     assert C.prune_heads(model, kind, scores, suggested), message
+
+
+def test_a_bert_of_one_head_per_layer_is_told_its_heads_cannot_be_pruned():
+    """Every layer keeps one head, so a BERT of one head per layer can lose none; the
+    refusal suggested a fraction (0.167 of 6 heads) that would have removed none either."""
+    request = Compression(prune_heads=0.1)
+    with pytest.raises(ValueError, match="cannot be pruned. Leave out --prune-heads") as error:
+        C.check_removes_something(request, "bert", heads=[1] * 6, groups=1, widths=[64] * 6,
+                                  multiple=1)
+    assert "at least" not in str(error.value)
+    assert C.heads_removed("bert", [1] * 6, 0.9) == 0
 
 
 def _compress_job(model, task, compression, **extra):
