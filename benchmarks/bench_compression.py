@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         sessions = {(r["variant"], r["healed"]): r.pop("session") for r in rows}
         texts = [u.text for u in evaluation]
         timed = latency_ms(job, {f"{k[0]}|{k[1]}": s for k, s in sessions.items()}, texts,
-                           args.runs * args.rounds, rounds=args.rounds)
+                           args.runs * args.rounds, rounds=args.rounds, seconds=None)
         for r in rows:
             r["latency_ms_p50"] = timed[f"{r['variant']}|{r['healed']}"]["p50"]
         base = next(r for r in rows if r["variant"] == "int8")

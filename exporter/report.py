@@ -436,5 +436,11 @@ def int8_matmuls(q: dict) -> int:
 
 
 def timed_on(speed: dict) -> list[str]:
-    """The line saying where the speeds were timed (reports written before it had none)."""
-    return [f"Timed on {speed['timed_on']}.", ""] if "timed_on" in speed else []
+    """The lines saying where the speeds were timed, and on how many runs (reports written
+    before had neither)."""
+    where = [f"Timed on {speed['timed_on']}.", ""] if "timed_on" in speed else []
+    if "runs" not in speed["float_onnx"]:
+        return where
+    return where + [f"Batch-1 latency: the quietest of 3 rounds, of {speed['float_onnx']['runs']} "
+                    f"timed runs (float ONNX) and {speed['bundle']['runs']} (bundle) each; a "
+                    f"round stops after {speed.get('round_seconds', 'a few')} s.", ""]

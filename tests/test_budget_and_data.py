@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -463,3 +464,38 @@ def test_a_latency_budget_broken_alone_is_not_called_an_accuracy_failure(tmp_pat
     report = (tmp_path / "out.rejected" / "report.md").read_text()
     assert "accuracy budget `cosine>=0.9`: **holds**" in report
     assert "Size / latency budget latency <= 2 ms: model" in report and "**BROKEN**" in report
+
+
+def test_a_graph_slow_on_this_host_is_timed_for_seconds_not_for_all_its_runs(monkeypatch):
+    """A jetson bundle (float16 and Q/DQ on the CPU) runs 196 ms a call on the build host;
+    timing 3 rounds of 20 warm-up and 66 timed runs took 50 s of its export. A round now
+    stops after ROUND_SECONDS (at least MIN_RUNS runs), and says how many runs it timed."""
+    import types
+
+    import exporter.validate as validate
+
+    clock = [0.0]
+    calls = {"slow": 0, "fast": 0}
+
+    class Session:
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def run(self, outputs, feeds):
+            calls[self.name] += 1
+            clock[0] += self.seconds
+
+    monkeypatch.setattr(validate.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(validate.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(validate, "encoder_feeds", lambda *a, **k: [{}] * 50)
+    job = types.SimpleNamespace(workdir=Path("unused"), max_length=16)
+    sessions = {"slow": Session("slow", 0.196), "fast": Session("fast", 0.001)}
+    timed = validate.latency_ms(job, sessions, ["text"], 200)
+    assert timed["slow"] == {"p50": 196.0, "p95": 196.0,
+                             "runs": int(validate.ROUND_SECONDS / 0.196) + 1}
+    assert calls["slow"] <= 3 * (validate.WARMUP_SECONDS / 0.196 + 2 + timed["slow"]["runs"])
+    assert timed["fast"]["runs"] == 200 // 3 and calls["fast"] == 3 * (20 + 66)
+    # a benchmark times every run it asks for
+    calls["slow"] = 0
+    assert validate.latency_ms(job, sessions, ["text"], 30, seconds=None)["slow"]["runs"] == 10
+    assert calls["slow"] == 3 * (20 + 10)
