@@ -11,6 +11,8 @@ checkpoint give. The converted directory is cached, keyed by the file's hash.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -287,8 +289,9 @@ def tokenizer_file(path: Path, dest: Path) -> Path:
     """Write the corrected tokenizer.json of GGUF `path` to `dest` (tokenizer only; fast)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    metadata = read_metadata(path)
+    with parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        metadata = read_metadata(path)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.backend_tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         data = json.loads(Path(tmp, "tokenizer.json").read_text(encoding="utf-8"))
@@ -308,7 +311,14 @@ def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
     target = (cache or cache_root() / "gguf") / key
     if (target / "config.json").is_file():
         return target
-    scaling = rope_scaling(path)   # before anything is written (~4 s: read once, when converting)
+    with parsed_once():
+        convert(path, target, log)
+    return target
+
+
+def convert(path: Path, target: Path, log) -> None:
+    """Write the checkpoint of GGUF `path` at `target` (through a temp dir beside it)."""
+    scaling = rope_scaling(path)   # before anything is written
     try:
         metadata = read_metadata(path)
     except (ValueError, IndexError, KeyError, TypeError, EOFError) as e:   # gguf's parser
@@ -357,7 +367,32 @@ def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+
+
+@contextlib.contextmanager
+def parsed_once():
+    """Within it, gguf-py parses each GGUF file once, and builds its tensor name map once per
+    architecture. A conversion parsed the file six times (transformers reads it for the
+    config, the model, the tokenizer's config and the tokenizer; we for rope scaling and
+    metadata), at 4-7 s each for SmolLM2's 49,152 tokens, and built the name map for each of
+    the model's 397 modules: 76 s to convert the packaged SmolLM2, 30 s within it, to the
+    same bytes. (transformers imports both from the gguf module when it calls them.)"""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def parsed(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = parsed, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 # --- carrying quantized GGUF blocks into the graph, without a second rounding ---------------

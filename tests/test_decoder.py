@@ -5,6 +5,7 @@ real held-out English prose; the bundle is exported once per session (conftest).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -196,9 +197,10 @@ def test_gguf_q8_0_blocks_carried_are_recorded_as_int8(monkeypatch, tmp_path):
     assert record["weights"] == "int8" and record["matrices"] == "int8 blocks of 32, symmetric"
 
 
-def test_gguf_end_of_turn_and_message_tokens_end_generation(tmp_path):
+def test_gguf_end_of_turn_and_message_tokens_end_generation(tmp_path, monkeypatch):
     # Llama-3-style metadata: eos <|end_of_text|>, eot <|eot_id|> (llama.cpp stops at both);
     # only eos reached the bundle, and chat answers ran on into invented turns
+    import gguf as gguf_package
     from transformers import AutoConfig, GenerationConfig
 
     data = {"added_tokens": [{"id": i, "content": c} for i, c in
@@ -208,7 +210,15 @@ def test_gguf_end_of_turn_and_message_tokens_end_generation(tmp_path):
     assert gguf.stop_token_ids(gguf.special_tokens(data, metadata)) == [0, 2, 3]
     # through a real conversion: SmolLM2's eos is <|im_end|> (2); <|endoftext|> (0) as eot
     path = _smollm2_gguf_with(tmp_path / "eot.gguf", fields={"tokenizer.ggml.eot_token_id": 0})
+    # which parses the file once: transformers parsed it for the config, the model, the
+    # tokenizer's config and the tokenizer, and we for rope scaling and metadata (SmolLM2's
+    # 49,152 tokens, 4-7 s a parse); the packaged SmolLM2 converted in 76 s, now 30 s
+    parses, reader = [], gguf_package.GGUFReader
+    monkeypatch.setattr(gguf_package, "GGUFReader",
+                        lambda path, *args: parses.append(Path(path).name) or reader(path, *args))
+    counted = gguf_package.GGUFReader
     directory = gguf.checkpoint(path, cache=tmp_path / "cache", log=lambda line: None)
+    assert parses == ["eot.gguf"] and gguf_package.GGUFReader is counted   # and put back
     assert GenerationConfig.from_pretrained(directory).eos_token_id == [0, 2]
     assert AutoConfig.from_pretrained(directory).eos_token_id == 2
 
@@ -219,7 +229,7 @@ def _smollm2_gguf_with(path: Path, *, rope_freqs: np.ndarray | None = None,
     metadata fields of our choice (written as gguf's own gguf_new_metadata.py copies)."""
     import gguf as gguf_package
 
-    reader = gguf_package.GGUFReader(gguf.packaged_gguf("smollm2"))
+    reader = _packaged_smollm2_reader()
     writer = gguf_package.GGUFWriter(path, arch="llama")
     for field in reader.fields.values():
         if field.name == "general.architecture" or field.name.startswith("GGUF."):
@@ -246,6 +256,14 @@ def _smollm2_gguf_with(path: Path, *, rope_freqs: np.ndarray | None = None,
         writer.write_tensor_data(rope_freqs)
     writer.close()
     return path
+
+
+@functools.cache
+def _packaged_smollm2_reader():
+    """The packaged SmolLM2 GGUF, parsed once for the tests that copy it (4-7 s a parse)."""
+    import gguf as gguf_package
+
+    return gguf_package.GGUFReader(gguf.packaged_gguf("smollm2"))
 
 
 def _llama_cpp_rope_factors(dim: int, base: float, factor: float) -> np.ndarray:
