@@ -12,6 +12,7 @@ The bundle stage is shared with the encoders.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import resource
@@ -229,9 +230,9 @@ def shape_of(job) -> DecoderShape:
 def build_float(job) -> None:
     """Stage: the float decoder graph (over 2 GB, its weights in float.onnx.data beside it)."""
     job.decoder_shape = shape_of(job)
-    job.float_weights = float_weights(job.torch_model)
     job.float_onnx = job.workdir / "float.onnx"
-    build_file(job.float_onnx, job.decoder_shape, job.float_weights)
+    # the joined q|k|v and gate|up copies live only while a graph is built from them
+    build_file(job.float_onnx, job.decoder_shape, float_weights(job.torch_model))
     job.log(f"  float graph {graph_bytes(job.float_onnx) / 1e6:.0f} MB, KV cache "
             f"{job.decoder_shape.layers} x 2 x {job.decoder_shape.kv_heads} x "
             f"{job.max_length} x {job.decoder_shape.head_dim}")
@@ -430,10 +431,10 @@ def _half(scale: np.ndarray) -> np.ndarray:
 def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
     """The weights in the target's form, and a record of how each kind was stored."""
     settings = job.target.generation
-    f = job.float_weights
     if weights == "float":
-        return f, {"weights": "float", "matrices": settings.activations,
-                   "embedding": settings.activations}
+        return float_weights(job.torch_model), {
+            "weights": "float", "matrices": settings.activations,
+            "embedding": settings.activations}
     bits = 4 if weights == "int4" else 8
     if job.gguf is not None and bits == 4 and not job.requantize:
         from .gguf import carried_weights
@@ -466,6 +467,7 @@ def quantized_weights(job, weights: str) -> tuple[DecoderWeights, dict]:
                 "exact_top_logits": settings.exact_top_logits}
 
     block = settings.block_size
+    f = float_weights(job.torch_model)
     check_block_size(block, weights, {m.in_features for m in (
         f.embedding, *f.qkv, *f.o, *f.gate_up, *f.down)})
 
@@ -639,8 +641,20 @@ def peak_rss_mb(path: Path, shape: DecoderShape) -> float:
     return round(kib_to_mb(int(out.stdout.split()[-1])), 1)
 
 
+def release_torch(job) -> None:
+    """Free PyTorch's model, and the uncompressed original compression kept, once their last
+    reader is done (quantize_decoder reads the weights; torch_references are cached): the
+    ONNX Runtime sessions validation opens next would otherwise hold the weights a second
+    time. (A 906M-parameter Llama peaked at 2.7 times its float32 size, the model and a float
+    session together.) Collected at once: freed memory goes back before the sessions open."""
+    job.torch_model = job.reference_model = None
+    gc.collect()
+
+
 def validate_decoder(job) -> None:
     """Stage: perplexity float vs bundle, greedy agreement with PyTorch, speed, size, memory."""
+    references = torch_references(job)   # PyTorch's last use: then it is freed
+    release_torch(job)
     threads = timing_threads(job.target)
     windows = eval_windows(job)
     float_decoder = OnnxDecoder(job.float_onnx, job.decoder_shape, threads)
@@ -651,7 +665,7 @@ def validate_decoder(job) -> None:
     ppl = perplexity(ours, windows)
     tokens = CHECK_TOKENS
     greedy = [agreement(ours.greedy(encode(job, p), tokens), r)
-              for p, r in zip(PROMPTS, torch_references(job), strict=True)]
+              for p, r in zip(PROMPTS, references, strict=True)]
     speed = decode_speed(ours, encode(job, PROMPTS[0]))
     float_bytes = graph_bytes(job.float_onnx)   # with their external data, if any
     quant_bytes = graph_bytes(job.quantized_onnx)

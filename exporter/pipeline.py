@@ -72,7 +72,6 @@ class Job:
     gguf_layers: list | None = None   # the GGUF's layers kept by --drop-layers (None: all)
     generation: dict = field(default_factory=dict)  # decoders: eos ids, context, chat format
     decoder_shape: Any = None
-    float_weights: Any = None
     stages: list = field(default_factory=list)    # pipeline stages (manifest "stages")
     records: dict = field(default_factory=dict)   # per-stage facts for manifest and report
     timings: dict = field(default_factory=dict)   # seconds per stage
