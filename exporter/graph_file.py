@@ -45,13 +45,16 @@ def save_graph(model: onnx.ModelProto, path: Path,
     INLINE_LIMIT, with its weights in `path`.data beside it (onnx moves them out of `model`
     to write them there). Returns whether it did that.
 
-    Arrays over the limit together are written to the data file from the arrays, one by one,
-    as onnx.save would have written them (the same files): a graph in protobuf costs a copy of
-    every weight, and onnx.save's external data conversion another (a 906M-parameter Llama
-    peaked at 4.7 times its float32 size)."""
+    `initializers` are written from the arrays, one by one, as onnx.save would have written
+    them (the same files): to the data file when they are over the limit together, else into
+    the graph's file. A graph in protobuf costs a copy of every weight, and onnx.save another
+    (the external data conversion, or the serialized bytes): a 906M-parameter Llama peaked at
+    4.7 times its float32 size, a 371M-parameter one too."""
     if sum(array.nbytes for _, array in initializers) > INLINE_LIMIT:
         _save_external(model, path, initializers)
         return True
+    if initializers and _save_inline(model, path, initializers):
+        return False
     model.graph.initializer.extend(numpy_helper.from_array(array, name)
                                    for name, array in initializers)
     if too_big(model):
@@ -80,6 +83,83 @@ def _save_external(model: onnx.ModelProto, path: Path,
                 tensor.external_data.add(key=key, value=str(value))
             file.write(np.ascontiguousarray(array).data)
     onnx.save(model, path)
+
+
+def _save_inline(model: onnx.ModelProto, path: Path,
+                 initializers: Sequence[tuple[str, np.ndarray]]) -> bool:
+    """save_graph under the limit: the bytes onnx.save writes for `model` with `initializers`
+    appended to its graph, written piece by piece from the arrays (the whole graph as a
+    protobuf, then serialized, held every weight twice more: a 371M-parameter Llama's
+    build_float peaked at 4.7 times its float32 size). Protobuf writes a message's fields in
+    field number order, a message field as tag, length, bytes: the model is its fields
+    before the graph, the graph's tag and length, the graph's fields before its initializers,
+    the initializers, the graph's fields after them, the model's fields after the graph.
+    Returns False, writing nothing, where that would be over INLINE_LIMIT."""
+    graph_field = model.DESCRIPTOR.fields_by_name["graph"].number
+    init_field = model.graph.DESCRIPTOR.fields_by_name["initializer"].number
+    model_head, model_tail = _split(model, graph_field)
+    graph_head, graph_tail = _split(model.graph, init_field)
+    present = onnx.GraphProto()   # any the graph already has come first, as extend leaves them
+    present.initializer.extend(model.graph.initializer)
+    present = present.SerializeToString()
+    records = []   # per initializer: the field's tag and length, its TensorProto up to the data
+    for name, array in initializers:
+        tensor = _tensor_head(name, array)
+        records.append(_record(init_field, len(tensor) + array.nbytes) + tensor)
+    graph_size = len(graph_head) + len(present) + len(graph_tail) + sum(
+        len(record) + array.nbytes for record, (_, array) in zip(records, initializers,
+                                                                 strict=True))
+    head = model_head + _record(graph_field, graph_size) + graph_head + present
+    if len(head) - len(graph_head) - len(present) + graph_size + len(model_tail) > INLINE_LIMIT:
+        return False   # as too_big(model with its initializers) would say
+    with path.open("wb") as file:
+        file.write(head)
+        for record, (_, array) in zip(records, initializers, strict=True):
+            file.write(record)
+            file.write(np.ascontiguousarray(array).data)
+        file.write(graph_tail + model_tail)
+    return True
+
+
+def _tensor_head(name: str, array: np.ndarray) -> bytes:
+    """numpy_helper.from_array(array, name) serialized, up to its raw_data (the array's
+    bytes, little-endian as on every host the exporter runs): tag and length included, the
+    last field it writes (checked)."""
+    assert array.dtype.kind in "biuf" and sys.byteorder == "little", array.dtype
+    tensor = numpy_helper.from_array(np.empty((0,), array.dtype), name)
+    tensor.ClearField("raw_data")
+    tensor.dims[:] = array.shape
+    raw = tensor.DESCRIPTOR.fields_by_name["raw_data"].number
+    assert all(d.number < raw for d, _ in tensor.ListFields())
+    return tensor.SerializeToString() + _record(raw, array.nbytes)
+
+
+def _record(number: int, size: int) -> bytes:
+    """The tag and length of length-delimited field `number` holding `size` bytes."""
+    return _varint(number << 3 | 2) + _varint(size)
+
+
+def _split(message, number: int) -> tuple[bytes, bytes]:
+    """`message`'s serialized fields numbered below `number`, and above it."""
+    below, above = type(message)(), type(message)()
+    below.CopyFrom(message)
+    above.CopyFrom(message)
+    for descriptor, _ in message.ListFields():
+        if descriptor.number >= number:
+            below.ClearField(descriptor.name)
+        if descriptor.number <= number:
+            above.ClearField(descriptor.name)
+    return below.SerializeToString(), above.SerializeToString()
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf's base-128 varint: 7 bits a byte, low first, the high bit on all but the last."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def external_files(path: Path) -> set[str]:

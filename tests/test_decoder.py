@@ -1211,7 +1211,8 @@ def kib(key):
     return next(int(line.split()[1]) for line in open("/proc/self/status")
                 if line.startswith(key))
 
-graph_file.INLINE_LIMIT = 1 << 20
+if sys.argv[2] == "external":
+    graph_file.INLINE_LIMIT = 1 << 20
 layers, h, kv, f, vocab = 8, 512, 128, 2048, 8192
 shape = DecoderShape(vocab=vocab, hidden=h, layers=layers, heads=8, kv_heads=2, head_dim=64,
                      intermediate=f, rms_eps=1e-5, rope_theta=1e4, context=64,
@@ -1229,22 +1230,67 @@ weights = DecoderWeights(embedding=lin(vocab, h), lm_head=lin(vocab, h), input_n
                          gate_up=[lin(2 * f, h) for _ in range(layers)],
                          down=[lin(h, f) for _ in range(layers)])
 before = kib("VmRSS:")
-assert build_file(Path(sys.argv[1]) / "float.onnx", shape, weights)
+external = build_file(Path(sys.argv[1]) / "float.onnx", shape, weights)
+assert external == (sys.argv[2] == "external")
 print(kib("VmHWM:") - before)
 """
 
 
-def test_a_decoder_graph_over_the_size_limit_is_written_without_a_copy_in_memory(tmp_path):
-    """Saving a decoder graph over graph_file.INLINE_LIMIT held every weight a second time,
-    in the protobuf's raw_data, and onnx.save's external data conversion more: a 906M-parameter
-    Llama's export peaked at 4.7 times its float32 size, in build_float. Over the limit (here
-    1 MB) the weights go to the data file from their arrays: the build's peak memory beyond
-    the weights themselves (150 MB) is a small part of them, not all of them again."""
-    out = subprocess.run([sys.executable, "-c", _BUILD_OVER_THE_LIMIT, str(tmp_path)],
+@pytest.mark.parametrize("where", ["external", "inline"])
+def test_a_decoder_graph_is_written_without_a_copy_in_memory(tmp_path, where):
+    """Saving a decoder graph held every weight a second time, in the protobuf's raw_data,
+    and once more: over graph_file.INLINE_LIMIT (here 1 MB) onnx.save's external data
+    conversion (a 906M-parameter Llama's export peaked at 4.7 times its float32 size, in
+    build_float), under it the serialized bytes (a 371M-parameter Llama's, 4.7 times too).
+    The weights now go to the file from their arrays, one by one: the build's peak memory
+    beyond the weights themselves (150 MB) is a small part of them, not all of them again."""
+    out = subprocess.run([sys.executable, "-c", _BUILD_OVER_THE_LIMIT, str(tmp_path), where],
                          capture_output=True, text=True, check=True)
-    weight_kib = (tmp_path / "float.onnx.data").stat().st_size / 1024
+    written = "float.onnx.data" if where == "external" else "float.onnx"
+    weight_kib = (tmp_path / written).stat().st_size / 1024
     assert weight_kib > 140_000
     assert int(out.stdout.split()[-1]) < 0.25 * weight_kib
+
+
+def test_a_decoder_graph_under_the_size_limit_is_what_onnx_save_writes(tmp_path):
+    """build_file writes a graph under graph_file.INLINE_LIMIT piece by piece, one
+    initializer in memory at a time: its bytes are onnx.save's for the whole graph (float,
+    rounded int4 and int8 blocks, Q4_1 offsets in a model-local function, tied LM head)."""
+    import dataclasses
+
+    import onnx
+
+    from exporter.decoder import round_to_nearest
+    from exporter.decoder_graph import DecoderShape, DecoderWeights, Linear, build, build_file
+
+    h, kv, f, vocab = 64, 32, 128, 96
+    shape = DecoderShape(vocab=vocab, hidden=h, layers=2, heads=2, kv_heads=1, head_dim=32,
+                         intermediate=f, rms_eps=1e-5, rope_theta=1e4, context=64,
+                         attention_scales=(32 ** -0.5,) * 2)
+    rng = np.random.default_rng(0)
+
+    def lin(out, k):
+        return Linear(weight=rng.standard_normal((out, k), np.float32))
+
+    norms = [rng.standard_normal(h).astype(np.float32) for _ in range(2)]
+    float_weights = DecoderWeights(
+        embedding=lin(vocab, h), lm_head=None, input_norms=norms, post_attention_norms=norms,
+        final_norm=norms[0], qkv=[lin(h + 2 * kv, h) for _ in range(2)],
+        o=[lin(h, h) for _ in range(2)], gate_up=[lin(2 * f, h) for _ in range(2)],
+        down=[lin(h, f) for _ in range(2)])
+    q4 = round_to_nearest(float_weights.o[0].weight, 4, 32)
+    q4_1 = dataclasses.replace(q4, zero_points=np.zeros_like(q4.zero_points),
+                               offsets=-4 * q4.scales)   # tables exact in float16
+    rounded = dataclasses.replace(
+        float_weights, embedding=round_to_nearest(float_weights.embedding.weight, 8, 32),
+        qkv=[round_to_nearest(m.weight, 4, 32) for m in float_weights.qkv], o=[q4, q4_1])
+    for name, weights, options in (("float", float_weights, {}),
+                                   ("blocks", rounded, {"exact_top_logits": 8})):
+        assert not build_file(tmp_path / f"{name}.onnx", shape, weights, **options)
+        onnx.save(build(shape, weights, **options), tmp_path / f"{name}.reference.onnx")
+        assert (tmp_path / f"{name}.onnx").read_bytes() == \
+            (tmp_path / f"{name}.reference.onnx").read_bytes()
+    assert onnx.load(tmp_path / "blocks.onnx").functions   # the Q4_1 product's
 
 
 def test_a_checkpoint_with_only_slow_tokenizer_files_exports(gpt2_dir, smollm2_tokenizer_json,
