@@ -164,12 +164,77 @@ def _varint(n: int) -> bytes:
 
 def external_files(path: Path) -> set[str]:
     """The files (relative to the graph's directory, as a manifest names them) that hold the
-    external data of the graph at `path`."""
+    external data of the graph at `path`.
+
+    Read without loading the graph's initializers: onnx.load parses every weight stored in
+    the file (a graph under 2 GB holds them all), a copy of the file and another of the
+    weights, twice the graph in memory to learn that it has no external data. The file's
+    fields are walked instead, each initializer's data skipped by its length; the rest of the
+    model (nodes, functions: small) is parsed and searched as onnx does."""
+    import mmap
+
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-    model = onnx.load(path, load_external_data=False)
-    return {Path(ExternalDataInfo(t).location).as_posix() for t in _get_all_tensors(model)
-            if uses_external_data(t)}
+    graph_field = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    init_field = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+    raw_field = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+    rest, graph, tensors = [], [], []   # the model's other fields, the graph's other fields
+    with path.open("rb") as file:
+        size = path.stat().st_size
+        with (mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if size else
+              memoryview(b"")) as data, memoryview(data) as view:
+            for number, field, payload in _fields(view, 0, len(view)):
+                if number != graph_field:
+                    rest.append(bytes(view[field]))
+                    continue
+                for inner, part, tensor in _fields(view, payload.start, payload.stop):
+                    if inner != init_field:
+                        graph.append(bytes(view[part]))
+                        continue
+                    tensors.append(onnx.TensorProto.FromString(b"".join(   # but its data
+                        bytes(view[f]) for n, f, _ in _fields(view, tensor.start, tensor.stop)
+                        if n != raw_field)))
+    model = onnx.ModelProto.FromString(b"".join(rest))
+    model.graph.ParseFromString(b"".join(graph))
+    return {Path(ExternalDataInfo(t).location).as_posix()
+            for t in (*tensors, *_get_all_tensors(model)) if uses_external_data(t)}
+
+
+def _fields(view: memoryview, start: int, end: int):
+    """(field number, slice of the whole field, slice of its payload where length-delimited)
+    for each field of the protobuf message encoded in view[start:end]."""
+    at = start
+    while at < end:
+        first = at
+        key, at = _read_varint(view, at)
+        kind, payload = key & 7, None
+        if kind == 0:
+            _, at = _read_varint(view, at)
+        elif kind in (1, 5):   # fixed 64 or 32 bits
+            at += 8 if kind == 1 else 4
+        elif kind == 2:
+            size, at = _read_varint(view, at)
+            payload, at = slice(at, at + size), at + size
+        else:
+            raise ValueError(f"{kind} is not a protobuf wire type this reader takes (byte "
+                             f"{first}): not an ONNX model")
+        if at > end:
+            raise ValueError(f"protobuf field at byte {first} runs past its message's end: "
+                             f"not an ONNX model, or a truncated one")
+        yield key >> 3, slice(first, at), payload
+
+
+def _read_varint(view: memoryview, at: int) -> tuple[int, int]:
+    """The varint at view[at] and where the next field starts."""
+    value = shift = 0
+    while True:
+        if at >= len(view):
+            raise ValueError("protobuf varint runs past the end of the file: a truncated model")
+        byte = view[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
 
 
 def graph_bytes(path: Path) -> int:

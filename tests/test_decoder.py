@@ -1232,6 +1232,7 @@ weights = DecoderWeights(embedding=lin(vocab, h), lm_head=lin(vocab, h), input_n
 before = kib("VmRSS:")
 external = build_file(Path(sys.argv[1]) / "float.onnx", shape, weights)
 assert external == (sys.argv[2] == "external")
+assert graph_file.graph_bytes(Path(sys.argv[1]) / "float.onnx") > 150e6   # as build_float logs
 print(kib("VmHWM:") - before)
 """
 
@@ -1243,7 +1244,8 @@ def test_a_decoder_graph_is_written_without_a_copy_in_memory(tmp_path, where):
     conversion (a 906M-parameter Llama's export peaked at 4.7 times its float32 size, in
     build_float), under it the serialized bytes (a 371M-parameter Llama's, 4.7 times too).
     The weights now go to the file from their arrays, one by one: the build's peak memory
-    beyond the weights themselves (150 MB) is a small part of them, not all of them again."""
+    beyond the weights themselves (150 MB) is a small part of them, not all of them again;
+    and measuring the graph (graph_bytes, external_files) no longer loads it twice over."""
     out = subprocess.run([sys.executable, "-c", _BUILD_OVER_THE_LIMIT, str(tmp_path), where],
                          capture_output=True, text=True, check=True)
     written = "float.onnx.data" if where == "external" else "float.onnx"
@@ -1291,6 +1293,44 @@ def test_a_decoder_graph_under_the_size_limit_is_what_onnx_save_writes(tmp_path)
         assert (tmp_path / f"{name}.onnx").read_bytes() == \
             (tmp_path / f"{name}.reference.onnx").read_bytes()
     assert onnx.load(tmp_path / "blocks.onnx").functions   # the Q4_1 product's
+
+
+def test_external_files_are_what_onnx_reads_in_the_graph(tmp_path):
+    """external_files walks the file instead of onnx.load-ing it (which held every inline
+    weight twice): the files it names are those onnx's own reading of the model names,
+    for initializers and attribute tensors, in one file, one per tensor or none."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    from exporter.graph_file import external_files
+
+    def model():
+        w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+        nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(w, "c")),
+                 helper.make_node("Add", ["x", "w"], ["s"]), helper.make_node("Add", ["s", "c"],
+                                                                              ["y"])]
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [64, 64]) for n in "xy"]
+        return helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], [
+            numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones(3, np.float32), "b")]))
+
+    (tmp_path / "sub").mkdir()
+    saves = {"inline.onnx": {}, "one.onnx": {"location": "sub/one.bin", "convert_attribute": True},
+             "initializers.onnx": {"location": "i.bin"},
+             "each.onnx": {"all_tensors_to_one_file": False, "size_threshold": 0,
+                           "convert_attribute": True}}
+    for name, options in saves.items():
+        onnx.save(model(), tmp_path / name, save_as_external_data=bool(options), **options)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    found = {}
+    for path in sorted(tmp_path.glob("*.onnx")):
+        loaded = onnx.load(path, load_external_data=False)
+        assert external_files(path) == {Path(ExternalDataInfo(t).location).as_posix()
+                                         for t in _get_all_tensors(loaded)
+                                         if uses_external_data(t)}
+        found[path.name] = sorted(external_files(path))
+    assert found == {"each.onnx": ["b", "c", "w"], "empty.onnx": [],
+                     "initializers.onnx": ["i.bin"], "inline.onnx": [], "one.onnx": ["sub/one.bin"]}
 
 
 def test_a_checkpoint_with_only_slow_tokenizer_files_exports(gpt2_dir, smollm2_tokenizer_json,
