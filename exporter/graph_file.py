@@ -1,7 +1,8 @@
 """A graph on disk: one protobuf file, or over protobuf's 2 GB a file with its weights in
 external data beside it. Shared by every stage that saves a graph (partition's stages, the
-decoder's float and quantized graphs) and by those that measure or move one (validation,
-bundle).
+decoder's float and quantized graphs, the encoder's optimized, smoothed, int8 and float16
+graphs), by those that measure or move one (validation, bundle), and by those that run a
+graph they hold in memory (calibration, scoring: graph_session).
 
     >>> save_graph(model, Path("float.onnx"))   # a 906M-parameter Llama in float32
     True
@@ -12,6 +13,7 @@ bundle).
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -160,6 +162,119 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> bool:
+    """onnx.save(model, path) under INLINE_LIMIT; over it, with its weights in `path`.data as
+    save_graph writes them, but written from `model`'s tensors one at a time, leaving `model`
+    as it was (the stage goes on using it). Returns whether the weights went to `path`.data.
+    A `path`.data left by an earlier save of `path` is removed first: onnx appends to it."""
+    path.with_name(f"{path.name}.data").unlink(missing_ok=True)
+    if not too_big(model):
+        onnx.save(model, path)
+        return False
+    _save_external(_skeleton(model), path, ((t.name, numpy_helper.to_array(t))
+                                            for t in model.graph.initializer))
+    return True
+
+
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose weight matrices (initializers of two or more dimensions and
+    EXTERNAL_MIN bytes or more) keep their name, type and shape but no values (marked as
+    external data that is nowhere): what shape inference reads (it takes the values of
+    vectors, a bias or a scale, as well as of shapes), small enough to serialize whatever
+    the size of `model`."""
+    light = _skeleton(model)
+    for tensor in model.graph.initializer:
+        if len(tensor.dims) < 2 or tensor.ByteSize() < EXTERNAL_MIN:
+            copy_fields(tensor, light.graph.initializer.add())
+            continue
+        light.graph.initializer.add(
+            name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
+            data_location=onnx.TensorProto.EXTERNAL).external_data.add(
+            key="location", value="no-weights")
+    return light
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` without its initializers, copied field by field."""
+    skeleton = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _copy_field(skeleton, fd, value)
+    skeleton.graph.SetInParent()
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _copy_field(skeleton.graph, fd, value)
+    return skeleton
+
+
+def check_and_save(model: onnx.ModelProto, path: Path) -> bool:
+    """onnx.checker on `model`, then save_model: in memory under INLINE_LIMIT, over it from
+    the saved file (onnx checks a graph over 2 GB only by path). Returns save_model's answer."""
+    if not too_big(model):
+        onnx.checker.check_model(model)
+        return save_model(model, path)
+    save_model(model, path)
+    onnx.checker.check_model(str(path))
+    return True
+
+
+def graph_session(model: onnx.ModelProto, *, threads: int = 0):
+    """An onnxruntime session on `model` in memory: from its bytes, or over INLINE_LIMIT
+    (bytes protobuf refuses to make) from a copy saved by save_model in a temporary
+    directory, which onnxruntime has read by the time the directory goes."""
+    from runtime.model import ort_session
+
+    if not too_big(model):
+        return ort_session(model.SerializeToString(), threads=threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_model(model, path)
+        return ort_session(path, threads=threads)
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The bytes `model` takes saved (save_model): its protobuf size, or over INLINE_LIMIT,
+    which protobuf does not measure, its weights' and nodes' (both files together, within
+    their few headers)."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return sum(t.ByteSize() for t in model.graph.initializer) \
+            + sum(n.ByteSize() for n in model.graph.node)
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model`, field by field over 2 GB (CopyFrom serializes it)."""
+    copy = onnx.ModelProto()
+    try:
+        copy.CopyFrom(model)
+    except EncodeError:
+        copy.Clear()
+        copy_fields(model, copy)
+    return copy
+
+
+def copy_fields(source, target) -> None:
+    """`source`'s fields into `target`, field by field: protobuf copies a message by
+    serializing it (CopyFrom, extend, even append), and refuses one over 2 GB."""
+    for fd, value in source.ListFields():
+        _copy_field(target, fd, value)
+
+
+def _copy_field(target, fd, value) -> None:
+    repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
+    if fd.type == fd.TYPE_MESSAGE and repeated:
+        for item in value:
+            copy_fields(item, getattr(target, fd.name).add())
+    elif fd.type == fd.TYPE_MESSAGE:
+        getattr(target, fd.name).SetInParent()   # present, if empty: a scalar's shape
+        copy_fields(value, getattr(target, fd.name))
+    elif repeated:
+        getattr(target, fd.name).extend(value)
+    else:
+        setattr(target, fd.name, value)
 
 
 def external_files(path: Path) -> set[str]:

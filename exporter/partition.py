@@ -33,10 +33,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import onnx
-from google.protobuf.message import EncodeError
 from onnx import helper, numpy_helper
 
-from .graph_file import external_files, save_graph, too_big
+from .graph_file import copy_fields, copy_model, external_files, save_graph, too_big
 
 BALANCE_SLACK = 1.1         # fewer tensors handed on may cost up to 10% of balance
 PROBE_SHAPES = ((2, 5), (3, 7))   # (batch, sequence) of the two probe runs
@@ -168,37 +167,9 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(model)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        save_graph(_copy(model), path)
+        save_graph(copy_model(model), path)
         onnx.shape_inference.infer_shapes_path(str(path))
         return onnx.load(path, load_external_data=False)
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model`, field by field over 2 GB (CopyFrom serializes it)."""
-    copy = onnx.ModelProto()
-    try:
-        copy.CopyFrom(model)
-    except EncodeError:
-        copy.Clear()
-        _copy_fields(model, copy)
-    return copy
-
-
-def _copy_fields(source, target) -> None:
-    """`source`'s fields into `target`, field by field: protobuf copies a message by
-    serializing it (CopyFrom, extend, even append), and refuses one over 2 GB."""
-    for fd, value in source.ListFields():
-        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
-        if fd.type == fd.TYPE_MESSAGE and repeated:
-            for item in value:
-                _copy_fields(item, getattr(target, fd.name).add())
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(target, fd.name).SetInParent()   # present, if empty: a scalar's shape
-            _copy_fields(value, getattr(target, fd.name))
-        elif repeated:
-            getattr(target, fd.name).extend(value)
-        else:
-            setattr(target, fd.name, value)
 
 
 def balanced_cuts(cost: np.ndarray, candidates: list[int], stages: int) -> tuple[list[int], float]:
@@ -228,7 +199,7 @@ def split(model: onnx.ModelProto, stages: int) -> list[Stage]:
     """`model` cut into `stages` contiguous stages (see the module docstring)."""
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
         raise ValueError(f"The number of stages must be an int >= 1, got {stages!r}.")
-    model = _copy(model)
+    model = copy_model(model)
     constants_to_initializers(model)
     nodes = list(model.graph.node)
     nbytes, flops = node_costs(model)
@@ -288,7 +259,7 @@ def _stage(model, nodes, a: int, b: int, flops) -> Stage:
         opset_imports=list(model.opset_import), ir_version=model.ir_version)
     # added after make_model, which copies the graph whole (refused over 2 GB)
     for name in used_inits:
-        _copy_fields(inits[name], stage.model.graph.initializer.add())
+        copy_fields(inits[name], stage.model.graph.initializer.add())
     return stage
 
 
@@ -299,7 +270,7 @@ def annotate_io(model: onnx.ModelProto, stages: list[Stage]) -> None:
     from runtime.model import ort_session
 
     names = sorted({n for s in stages for n in (*s.inputs, *s.outputs)})
-    probe = _copy(model)
+    probe = copy_model(model)
     known = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
     for name in names:
         if name not in known:
