@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .graph_file import copy_model
+
 # op type -> (input index of its int8 weight, of that weight's zero point): the integer ops
 # whose weight MLAS multiplies with uint8 activations, and DequantizeLinear, which ONNX
 # Runtime fuses with the MatMul after it into one of them.
@@ -62,7 +64,7 @@ def host_saturates(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 def exact_products(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` with every int8 weight of WEIGHT_INPUTS, and its zero point, stored
     as uint8 + 128 (a missing zero point, 0, becomes an explicit 128)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model = copy_model(model)
     initializers = {i.name: i for i in model.graph.initializer}
     shifted: set[str] = set()
 

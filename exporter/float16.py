@@ -18,10 +18,13 @@ additive attention mask into -65504 instead of -inf (so a masked row never gives
 from __future__ import annotations
 
 import heapq
+import tempfile
+from pathlib import Path
 
 import onnx
 
 from .feeds import encoder_feeds, ort_session
+from .graph_file import check_and_save, copy_model, graph_bytes, graph_session, save_model, too_big
 
 # ai.onnx opset from which QuantizeLinear/DequantizeLinear accept float16 scales.
 FLOAT16_QDQ_OPSET = 19
@@ -39,7 +42,12 @@ def convert(model: onnx.ModelProto) -> onnx.ModelProto:
         raise ValueError(f"float16 with int8 Q/DQ needs opset {FLOAT16_QDQ_OPSET} or later "
                          f"(float16 scales); the graph has opset {opset}. Set opset = "
                          f"{FLOAT16_QDQ_OPSET} in the profile.")
-    half = convert_float_to_float16(model, keep_io_types=True)
+    if too_big(model):   # by path: in memory its shape inference refuses a graph over 2 GB
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(model, Path(tmp) / "model.onnx")
+            half = convert_float_to_float16(str(Path(tmp) / "model.onnx"), keep_io_types=True)
+    else:
+        half = convert_float_to_float16(model, keep_io_types=True)
     # The converter appends the Casts it adds (for a float graph input, or around an op it
     # keeps in float32: Max, Range, TopK ...) at the end of the node list.
     _sort_nodes(half.graph)
@@ -73,12 +81,11 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
     ONNX's own shape inference stops at com.microsoft ops: in a fused encoder the outputs of
     MultiHeadAttention and BiasGelu (the FFN's widest activation), and of the MatMuls that
     read them, would have no type and so no range check."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = copy_model(model)
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for node in probe.graph.node
                               for name in node.output if name and name not in known)
-    session = ort_session(probe.SerializeToString())
+    session = graph_session(probe)
     return [o.name for o in session.get_outputs() if o.type == "tensor(float)"]
 
 
@@ -113,7 +120,7 @@ def to_float16(job) -> None:
     if job.target.float_type != "float16" and job.target.precision != "fp16":
         return
     model = onnx.load(job.quantized_onnx)
-    before = job.quantized_onnx.stat().st_size
+    before = graph_bytes(job.quantized_onnx)
     texts = [u.text for u in job.calibration[:RANGE_CHECK_TEXTS]]
     feeds = encoder_feeds(job.workdir / "tokenizer.json", texts, ort_session(job.quantized_onnx),
                           max_length=job.max_length)
@@ -126,13 +133,16 @@ def to_float16(job) -> None:
                          f"calibration texts ({shown}); on the device they become inf. Keep "
                          f"float_type = \"float32\" and precision = \"int8\" in the profile.")
     half = convert(model)
-    onnx.checker.check_model(half)
-    out = job.workdir / "model_fp16.onnx"
-    onnx.save(half, out)
+    # model.onnx in a directory of its own: over the size limit its weights are in
+    # model.onnx.data, the name the bundle gives them (the strength search's recovery
+    # converts a candidate a second time: it replaces the first)
+    out = job.workdir / "float16" / "model.onnx"
+    out.parent.mkdir(exist_ok=True)
+    check_and_save(half, out)
     job.quantized_onnx = out
     job.records["float16"] = {"applied": True, "bytes_before": before,
-                              "bytes_after": out.stat().st_size,
+                              "bytes_after": graph_bytes(out),
                               "io": "inputs and outputs kept (float32 outputs via Cast)",
                               "largest_activation": round(largest, 2),
                               "range_checked_on": f"{len(texts)} calibration texts"}
-    job.log(f"  float16: {before / 1e6:.1f} -> {out.stat().st_size / 1e6:.1f} MB")
+    job.log(f"  float16: {before / 1e6:.1f} -> {graph_bytes(out) / 1e6:.1f} MB")

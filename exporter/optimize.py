@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import onnx
 
+from . import graph_file
 from .feeds import encoder_feeds, ort_session
 from .to_onnx import masked_max_abs
 
@@ -38,6 +39,12 @@ def _ort_basic(source, out) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(out)
+    if graph_file.graph_bytes(source) > graph_file.INLINE_LIMIT:   # weights beside it
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", f"{out.name}.data")
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes",
+            str(graph_file.EXTERNAL_MIN))
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
 
 
@@ -52,10 +59,40 @@ def _transformer_fusions(source, out, config) -> None:
     # SkipLayerNormalization's CPU kernel is slower than the Add + LayerNormalization it
     # replaces (MiniLM, batch 32, 2 threads: 5.6 ms against 3.1 ms for the 12 of them).
     options.enable_skip_layer_norm = False
-    fused = optimize_model(str(source), model_type=model_type,
-                           num_heads=config.num_attention_heads, hidden_size=config.hidden_size,
-                           optimization_options=options, opt_level=0)
-    fused.save_model_to_file(str(out))
+    if graph_file.graph_bytes(source) > graph_file.INLINE_LIMIT:
+        fused = _fuse_over_the_limit(source, model_type, config, options)
+    else:
+        fused = optimize_model(str(source), model_type=model_type,
+                               num_heads=config.num_attention_heads,
+                               hidden_size=config.hidden_size, optimization_options=options,
+                               opt_level=0)
+    # over the size limit with its weights in out.data beside it (onnxruntime's name too)
+    fused.save_model_to_file(str(out), use_external_data_format=graph_file.too_big(fused.model))
+
+
+def _fuse_over_the_limit(source, model_type: str, config, options):
+    """optimize_model(source, opt_level=0) for a graph over graph_file.INLINE_LIMIT: the
+    same fusions (onnxruntime's optimize_by_fusion, step by step), with the symbolic shape
+    inference the attention fusion asks for run on the graph without its weights. On the
+    whole graph it copies the model, which protobuf refuses over 2 GB, and the fusion then
+    quietly leaves every attention unfused ("failed in shape inference")."""
+    import onnxruntime
+    from onnxruntime.transformers.optimizer import MODEL_TYPES
+
+    class Fusions(MODEL_TYPES[model_type][0]):
+        def infer_runtime_shape(self, dynamic_axis_mapping=None, update=False):
+            model, self.model = self.model, graph_file.without_weights(self.model)
+            try:
+                return super().infer_runtime_shape(dynamic_axis_mapping or {}, update)
+            finally:
+                self.model = model
+
+    fused = Fusions(onnx.load(source), config.num_attention_heads, config.hidden_size)
+    fused.optimize(options)
+    fused.topological_sort()
+    fused.model.producer_name = "onnxruntime.transformers"
+    fused.model.producer_version = onnxruntime.__version__
+    return fused
 
 
 def max_output_diff(job, a, b, texts: list[str]) -> float:

@@ -39,6 +39,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .feeds import encoder_feeds, ort_session
+from .graph_file import check_and_save, copy_model, graph_bytes, graph_session, save_model
 from .progress import progress
 
 HISTOGRAM_BINS = 2048
@@ -241,7 +242,7 @@ def calibrate_all(model_path, tensors: list[str], feeds, *, methods: tuple[str, 
     for name in tensors:
         if name not in known:
             model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    session = ort_session(model.SerializeToString(), threads=threads)
+    session = graph_session(model, threads=threads)
 
     start = peak = rss_mb()
     low = dict.fromkeys(tensors, np.inf)
@@ -671,8 +672,7 @@ def build_int8(source: onnx.ModelProto, ranges: dict[str, tuple[float, float]], 
     """A copy of `source` with every weight MatMul int8 except those of `float_groups`
     (names in `groups`, group -> MatMul names; "embeddings" keeps the tables float).
     Returns (model, quantized MatMul names, int8 embedding tables)."""
-    model = onnx.ModelProto()
-    model.CopyFrom(source)
+    model = copy_model(source)
     keep = {name for g in float_groups for name in (groups or {}).get(g, [])}
     matmuls = [n for n in weight_matmuls(model) if n.name not in keep]
     insert_qdq(model, matmuls, ranges, settings)
@@ -700,7 +700,7 @@ def quantize(job) -> None:
     model = onnx.load(source)
     if name_nodes(model):   # int8 / float choices name nodes: each name must be one node
         source = job.workdir / "named.onnx"
-        onnx.save(model, source)
+        save_model(model, source)
     matmuls = weight_matmuls(model)
     activations = sorted({n.input[0] for n in matmuls})
 
@@ -730,9 +730,8 @@ def quantize(job) -> None:
             compared[method] = {"cosine": m["cosine"], "min-cosine": m["min-cosine"]}
         compared["data"] = f"{len(scorer.texts)} evaluation texts vs the float graph, " \
                            f"every weight MatMul int8"
-    onnx.checker.check_model(quantized)
     job.quantized_onnx = job.workdir / "model.onnx"
-    onnx.save(quantized, job.quantized_onnx)
+    check_and_save(quantized, job.quantized_onnx)
     job.records["quantize_inputs"] = {"source": source, "ranges": ranges, "lower": lower}
 
     kept_float = float_by_design(model, quantized, names)
@@ -773,4 +772,4 @@ def quantize(job) -> None:
             f"calibration peak RSS {result.peak_rss_mb:.0f} MB), {len(tables)} embedding "
             f"tables int8 by row, {len(kept_float)} attention nodes float"
             f"{', LayerNorm/Softmax in float64' if settings.portable_rounding else ''}; "
-            f"{job.quantized_onnx.stat().st_size / 1e6:.1f} MB")
+            f"{graph_bytes(job.quantized_onnx) / 1e6:.1f} MB")

@@ -18,6 +18,7 @@ import onnx
 from .budget import LABELLED_METRICS
 from .exact import exact_products, scores_exactly
 from .feeds import encoder_feeds, ort_session, pool
+from .graph_file import graph_session
 from .validate import classification_metrics, cosine_rows
 
 BATCH = 16
@@ -88,7 +89,7 @@ class Scorer:
         accuracy-drop) of `model` against the float graph, unrounded."""
         if self.exact:
             model = exact_products(model)
-        session = ort_session(model.SerializeToString(), threads=self.threads)
+        session = graph_session(model, threads=self.threads)
         ours = self.outputs(session)
         cos = cosine_rows(ours, self.reference)
         metrics = {"cosine": float(cos.mean()), "min-cosine": float(cos.min())}

@@ -40,6 +40,7 @@ from onnx import helper, numpy_helper
 from .budget import Budget, rounded
 from .feeds import encoder_feeds, ort_session
 from .float16 import convert
+from .graph_file import check_and_save, copy_model, graph_bytes, model_bytes
 from .progress import progress
 from .quantize import (
     activation_qparams,
@@ -139,8 +140,7 @@ def node_groups(model: onnx.ModelProto, *, int8_tables: bool) -> list[Group]:
 def fake_quantize(model: onnx.ModelProto, group: Group, ranges, settings) -> onnx.ModelProto:
     """A copy of the float `model` with Q -> DQ on `group.tensors` where `group.nodes` read
     them (one pair per tensor)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copy_model(model)
     members, nodes = set(group.nodes), []
     for node in out.graph.node:
         if node.name in members:
@@ -200,7 +200,7 @@ def size_limit(max_bytes: int, ratio: float, float_bytes: int) -> str:
 def shipped_bytes(model: onnx.ModelProto, target) -> int:
     """Bytes of `model`'s file as the bundle ships it: in float16 where the profile's
     float_type asks for it (the to_float16 stage runs after this one)."""
-    return (convert(model) if target.float_type == "float16" else model).ByteSize()
+    return model_bytes(convert(model) if target.float_type == "float16" else model)
 
 
 def search(order: list[str], *, build: Callable[[frozenset[str]], onnx.ModelProto],
@@ -293,7 +293,7 @@ def sensitivity(job) -> None:
     order = sorted(matmul_groups, key=lambda g: most_harmful_first(harm[g]))
 
     # Budget search.
-    float_bytes = job.float_onnx.stat().st_size
+    float_bytes = graph_bytes(job.float_onnx)
     max_bytes = int(settings.max_size_ratio * float_bytes)
     if job.target.validation.max_model_mb is not None:   # the size budget caps it too
         max_bytes = min(max_bytes, int(job.target.validation.max_model_mb * 1e6))
@@ -353,7 +353,6 @@ def sensitivity(job) -> None:
                     + ". Loosen the budget, raise quantization.max_size_ratio, or calibrate "
                       "on text closer to the evaluation text.")
     if kept:
-        onnx.checker.check_model(model)
-        onnx.save(model, job.quantized_onnx)
+        check_and_save(model, job.quantized_onnx)
     job.log(f"  budget {job.budget} holds with {len(kept)} group(s) kept float after "
             f"{len(steps)} scored graph(s): {rounded(chosen.metrics, 6)}")

@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .feeds import encoder_feeds, ort_session
+from .graph_file import copy_model, graph_session, save_model
 from .optimize import max_output_diff
 from .progress import progress
 from .quantize import weight_matmuls
@@ -39,11 +40,10 @@ def channel_absmax(model: onnx.ModelProto, tensors: list[str], feeds, *,
                    total: int) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor over the calibration feeds (streamed).
     NaNs are left out (a channel that held only NaN stays NaN), as calibration leaves them out."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = copy_model(model)
     for name in tensors:
         probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    session = ort_session(probe.SerializeToString())
+    session = graph_session(probe)
     peak: dict[str, np.ndarray] = {}
     for batch in progress(feeds, total=total, desc="smoothing (channel ranges)"):
         for name, value in zip(tensors, session.run(tensors, batch), strict=True):
@@ -162,7 +162,7 @@ def smooth(job) -> None:
     peaks = channel_absmax(model, tensors, feeds, total=len(texts))
     scales = smooth_graph(model, peaks, alpha)
     job.smoothed_onnx = job.workdir / "smoothed.onnx"
-    onnx.save(model, job.smoothed_onnx)
+    save_model(model, job.smoothed_onnx)
 
     # Smoothing is exact in real arithmetic; in float32 it must stay at rounding level.
     diff = max_output_diff(job, job.optimized_onnx, job.smoothed_onnx,

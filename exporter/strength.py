@@ -158,6 +158,7 @@ def choose_strength(job) -> None:
     import onnx
 
     from .feeds import ort_session
+    from .graph_file import graph_bytes
     from .score import Scorer, selection_texts
     from .validate import BudgetError, latency_ms, timing_threads
 
@@ -177,7 +178,7 @@ def choose_strength(job) -> None:
         path = candidate.quantized_onnx
         session = ort_session(path, threads=threads)
         latency = latency_ms(candidate, {"c": session}, latency_texts, LATENCY_RUNS)["c"]["p50"]
-        return path.stat().st_size, latency, scorer.score(onnx.load(path))
+        return graph_bytes(path), latency, scorer.score(onnx.load(path))
 
     scorer, rows, chosen = None, [], None
     for index, compression in enumerate(rungs):

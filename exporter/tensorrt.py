@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .graph_file import save_model
+
 # rule -> what it requires and why (TensorRT developer guide, explicit quantization).
 RULES: dict[str, str] = {
     "standard-ops": "every node is a standard ONNX op: TensorRT's ONNX parser has none of "
@@ -257,7 +259,7 @@ def check_rules(job) -> None:
         more = f"\n  ... and {len(violations) - 20} more" if len(violations) > 20 else ""
         raise GraphRuleError(f"The graph breaks {len(violations)} TensorRT explicit-"
                              f"quantization rules; no bundle written:\n  {shown}{more}")
-    onnx.save(model, job.quantized_onnx)
+    save_model(model, job.quantized_onnx)
     qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     job.log(f"  TensorRT rules: {len(RULES)} rules hold on {len(model.graph.node)} nodes "
             f"({qdq} Q/DQ, {copies} DQ copies made for dedicated consumers)")

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 
 from .feeds import encoder_feeds, ort_session
+from .graph_file import graph_bytes
 
 
 def export_onnx(job) -> None:
@@ -32,8 +33,8 @@ def export_onnx(job) -> None:
     job.float_onnx = out_dir / "model.onnx"
     check_stages_can_cut(job)
     job.records["export"] = {"exporter": "optimum-onnx", "opset": job.target.opset,
-                             "float_bytes": job.float_onnx.stat().st_size}
-    job.log(f"  float ONNX {job.float_onnx.stat().st_size / 1e6:.1f} MB, "
+                             "float_bytes": graph_bytes(job.float_onnx)}
+    job.log(f"  float ONNX {graph_bytes(job.float_onnx) / 1e6:.1f} MB, "
             f"opset {job.target.opset}")
 
 

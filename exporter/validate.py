@@ -22,6 +22,7 @@ from runtime.model import usable_cores
 from .budget import BudgetError, decimals, rounded
 from .exact import exact_products, host_saturates, scores_exactly
 from .feeds import encoder_feeds, ort_session, pad_batch, pool
+from .graph_file import graph_bytes, graph_session
 from .progress import progress
 from .quantize import kib_to_mb
 from .report import truncation_text, write_report
@@ -229,8 +230,8 @@ def validate(job) -> None:
     # Accuracy as the device computes it: where this host's integer products saturate and
     # the device's do not, on the bundle's exact twin (exact.py); latency is the bundle's.
     exact = scores_exactly(job.target)
-    scored = (ort_session(exact_products(onnx.load(job.quantized_onnx)).SerializeToString(),
-                          threads=threads) if exact else quant_session)
+    scored = (graph_session(exact_products(onnx.load(job.quantized_onnx)), threads=threads)
+              if exact else quant_session)
 
     ours, ref = outputs(job, scored, texts)
     cos = cosine_rows(ours, ref)
@@ -238,8 +239,8 @@ def validate(job) -> None:
     if job.task == "text-classification":
         measured.update(classification_metrics(job, ours, ref))
     metrics = rounded(measured, budget=job.budget)
-    float_bytes = job.float_onnx.stat().st_size
-    quant_bytes = job.quantized_onnx.stat().st_size
+    float_bytes = graph_bytes(job.float_onnx)   # with their external data, if any
+    quant_bytes = graph_bytes(job.quantized_onnx)
     timed = latency_ms(job, {"float": float_session, "bundle": quant_session}, texts,
                        settings.latency_runs)
     float_latency, quant_latency = timed["float"], timed["bundle"]

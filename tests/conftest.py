@@ -66,6 +66,50 @@ def minilm_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def export_over_the_size_limit():
+    """export_over_the_size_limit(model, **export_arguments) -> (bundle, log lines): the
+    export with graph_file.INLINE_LIMIT lowered to 1 MB (MiniLM's float graph is 90 MB, its
+    int8 one 23 MB), as if every graph were over protobuf's 2 GB: the float graph is saved
+    again with its weights in external data, as optimum writes one that large, and from
+    there on a graph over the limit refuses SerializeToString and CopyFrom as protobuf does
+    over 2 GB (onnx.save, onnx.checker, shape inference and a graph given to onnxruntime as
+    bytes go through the first)."""
+    import onnx
+    from google.protobuf.message import EncodeError
+
+    from exporter import export, graph_file, pipeline
+    from exporter.to_onnx import export_onnx
+
+    serialize, copy = onnx.ModelProto.SerializeToString, onnx.ModelProto.CopyFrom
+
+    def refused_over_the_limit(model, *args, **kwargs):
+        if model.ByteSize() > graph_file.INLINE_LIMIT:
+            raise EncodeError(f"a {model.ByteSize()}-byte graph is over the size limit")
+        return serialize(model, *args, **kwargs)
+
+    def copy_refused_over_the_limit(model, other):
+        refused_over_the_limit(other)   # protobuf copies a message by serializing it
+        return copy(model, other)
+
+    def run(model: str, **arguments) -> tuple[Path, list[str]]:
+        with pytest.MonkeyPatch.context() as patch:
+            def over_the_limit(job):   # saved as optimum saves a graph over 2 GB
+                onnx.save(onnx.load(job.float_onnx), job.float_onnx, save_as_external_data=True,
+                          location="model.onnx_data")
+                patch.setattr(onnx.ModelProto, "SerializeToString", refused_over_the_limit)
+                patch.setattr(onnx.ModelProto, "CopyFrom", copy_refused_over_the_limit)
+
+            patch.setattr(graph_file, "INLINE_LIMIT", 1 << 20)
+            stages = list(pipeline.STAGES)
+            stages.insert(stages.index(export_onnx) + 1, over_the_limit)
+            patch.setattr(pipeline, "STAGES", tuple(stages))
+            logged: list[str] = []
+            return export(model, log=logged.append, **arguments), logged
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def eval_texts():
     """Held-out smart-home utterances (the exporter's default evaluation split)."""
     from exporter.data import smart_home_utterances

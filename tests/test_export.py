@@ -1015,6 +1015,103 @@ def test_cli_without_the_export_stack_says_what_to_install():
         "pip install 'edge-exporter[export]'"]
 
 
+@pytest.fixture(scope="module")
+def minilm_over_the_limit(export_over_the_size_limit, tmp_path_factory):
+    """minilm_bundle's export (arm-cpu, the profile's defaults, --tar), every graph over the
+    size limit (export_over_the_size_limit)."""
+    return export_over_the_size_limit(
+        "minilm", target="arm-cpu", tar=True,
+        output=tmp_path_factory.mktemp("over-the-limit") / "minilm-arm-cpu")
+
+
+def test_an_encoder_over_the_size_limit_keeps_its_weights_in_external_data(
+        minilm_over_the_limit, minilm_bundle, eval_texts, tmp_path, flip_byte):
+    """An encoder whose float graph is over protobuf's 2 GB (bge-m3 or multilingual-e5-large
+    in float32) could not be exported: smoothing, calibration, scoring and the quantize
+    stage held each graph as one protobuf (SerializeToString, onnx.checker, onnx.save).
+    Over the limit each stage saves and runs its graph with its weights in external data:
+    the bundle's model.onnx.data, listed, verified and counted in the sizes, holds the same
+    graph as the export with its weights inline, so the embeddings are the same bits."""
+    import onnx
+    from onnx import numpy_helper
+
+    from runtime.__main__ import main as runtime_main
+
+    path, logged = minilm_over_the_limit
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["external_data"] == ["model.onnx.data"]
+    files = {f["path"]: f for f in manifest["files"]}
+    data = path / "model.onnx.data"
+    assert files["model.onnx.data"]["sha256"] == sha256_of(data)
+    assert files["model.onnx.data"]["bytes"] == data.stat().st_size > 1 << 20 \
+        > files["model.onnx"]["bytes"]
+    graph = files["model.onnx"]["bytes"] + files["model.onnx.data"]["bytes"]
+    inline = json.loads((minilm_bundle / "manifest.json").read_text())
+    sizes, inline_sizes = (m["validation"]["size_bytes"] for m in (manifest, inline))
+    assert sizes["bundle_model"] == graph   # with its data file, as it ships
+    assert abs(graph - inline_sizes["bundle_model"]) < 0.01 * graph
+    assert abs(sizes["float_onnx"] - inline_sizes["float_onnx"]) < 0.01 * sizes["float_onnx"]
+    assert any(f"{graph / 1e6:.1f} MB" in line for line in logged)   # the quantize stage's
+    # the same choices (calibration, int8 nodes, groups kept float) and the same graph
+    ignored = ("peak_rss_mb", "rss_before_mb")
+    for q in (manifest["quantization"], inline["quantization"]):
+        q["calibration"] = {k: v for k, v in q["calibration"].items() if k not in ignored}
+    assert manifest["quantization"] == inline["quantization"]
+    ours, theirs = onnx.load(path / "model.onnx"), onnx.load(minilm_bundle / "model.onnx")
+    assert ours.graph.node == theirs.graph.node
+    assert [(t.name, numpy_helper.to_array(t).tobytes()) for t in ours.graph.initializer] == \
+        [(t.name, numpy_helper.to_array(t).tobytes()) for t in theirs.graph.initializer]
+    embeddings = runtime.load(path).embed(eval_texts, batch_size=16)
+    np.testing.assert_array_equal(embeddings,
+                                  runtime.load(minilm_bundle).embed(eval_texts, batch_size=16))
+
+    assert runtime_main(["verify", str(path)]) == 0
+    with tarfile.open(path.with_name(path.name + ".tar")) as tar:
+        assert f"{path.name}/model.onnx.data" in tar.getnames()
+    unpacked = runtime.unpack(path.with_name(path.name + ".tar"), tmp_path / "device")
+    np.testing.assert_array_equal(runtime.load(unpacked).embed(eval_texts[:16]),
+                                  embeddings[:16])
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    flip_byte(broken / "model.onnx.data", 1000)
+    with pytest.raises(runtime.BundleError, match=r"model\.onnx\.data: sha256 does not match "
+                                                  r"manifest\.json"):
+        runtime.load(broken)
+
+
+def test_a_graph_saved_over_the_size_limit_is_left_whole_and_replaces_its_old_data(
+        tmp_path, monkeypatch):
+    """save_model writes a graph over the limit from its tensors, leaving the graph in memory
+    as it was (the stage goes on to run it), and a second save of the same path replaces
+    the data file instead of appending to it (onnx appends)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from exporter import graph_file
+
+    monkeypatch.setattr(graph_file, "INLINE_LIMIT", 1 << 16)
+    weight = np.arange(128 * 256, dtype=np.float32).reshape(128, 256)   # 128 KiB
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 128])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 256])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.ones(2), "small")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    path = tmp_path / "model.onnx"
+    for _ in range(2):
+        assert graph_file.save_model(model, path)
+        assert model.SerializeToString() == before
+        assert graph_file.external_files(path) == {"model.onnx.data"}
+        assert (tmp_path / "model.onnx.data").stat().st_size == weight.nbytes
+    assert graph_file.graph_bytes(path) < len(before) + 100
+    x = np.ones((1, 128), np.float32)
+    assert np.array_equal(graph_file.graph_session(model).run(None, {"x": x})[0], x @ weight)
+    onnx.checker.check_model(str(path))
+    loaded = onnx.load(path)
+    assert numpy_helper.to_array(loaded.graph.initializer[0]).tobytes() == weight.tobytes()
+
+
 def test_x86_server_export(tmp_path, eval_texts, cuda_fallback_warning):
     """The second CPU target builds and holds its budget on held-out texts. (The profile's
     300 calibration texts: the budget search chooses on them, and 100 left min-cosine 0.0005

@@ -90,6 +90,38 @@ def test_jetson_bundle_matches_float_on_cpu(jetson_bundle, eval_texts, torch_min
     assert cosine.mean() >= 0.97 and cosine.min() >= 0.9, (cosine.mean(), cosine.min())
 
 
+def test_a_jetson_encoder_over_the_size_limit_keeps_its_weights_in_external_data(
+        jetson_bundle, export_over_the_size_limit, calibration, eval_texts, tmp_path):
+    """jetson_bundle's export with every graph over protobuf's 2 GB (conftest's
+    export_over_the_size_limit): onnxruntime's basic optimization, the float16 conversion
+    (its shape inference by path), the TensorRT rewrite and the budget search's float16
+    sizes work on graphs with their weights in external data, and the bundle is the same
+    graph, its weights in model.onnx.data."""
+    from onnx import numpy_helper
+
+    path, _ = export_over_the_size_limit(
+        "minilm", target="jetson", calibration=calibration, evaluation=eval_texts[:80],
+        output=tmp_path / "minilm-jetson")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["external_data"] == ["model.onnx.data"]
+    files = {f["path"]: f["bytes"] for f in manifest["files"]}
+    inline = json.loads((jetson_bundle / "manifest.json").read_text())
+    sizes, inline_sizes = (m["validation"]["size_bytes"] for m in (manifest, inline))
+    assert sizes["bundle_model"] == files["model.onnx"] + files["model.onnx.data"]
+    assert abs(sizes["bundle_model"] - inline_sizes["bundle_model"]) < 0.01 * files[
+        "model.onnx.data"]
+    assert manifest["quantization"]["kept_float_for_accuracy"] == \
+        inline["quantization"]["kept_float_for_accuracy"]
+    ours, theirs = onnx.load(path / "model.onnx"), onnx.load(jetson_bundle / "model.onnx")
+    assert ours.graph.node == theirs.graph.node
+    assert [(t.name, numpy_helper.to_array(t).tobytes()) for t in ours.graph.initializer] == \
+        [(t.name, numpy_helper.to_array(t).tobytes()) for t in theirs.graph.initializer]
+    texts = eval_texts[80:140]
+    np.testing.assert_array_equal(
+        runtime.load(path, providers=["CPUExecutionProvider"]).embed(texts),
+        runtime.load(jetson_bundle, providers=["CPUExecutionProvider"]).embed(texts))
+
+
 def test_fp16_variant_has_no_int8(tmp_path, calibration, eval_texts):
     path = export("minilm", target="jetson", precision="fp16", calibration=calibration,
                   evaluation=eval_texts[:60], output=tmp_path / "fp16", log=lambda line: None)
@@ -180,7 +212,10 @@ def test_float16_stage_refuses_activations_past_float16_range(tmp_path, factor):
     if factor == 1.0:   # ids below 30522: in range; the mask fill is clipped on purpose
         to_float16(job)
         assert job.records["float16"]["largest_activation"] > 1000
-        assert job.quantized_onnx.name == "model_fp16.onnx"
+        assert job.quantized_onnx == tmp_path / "float16" / "model.onnx"
+        job.quantized_onnx = tmp_path / "model.onnx"   # again, as the strength search does
+        to_float16(job)
+        assert job.quantized_onnx == tmp_path / "float16" / "model.onnx"
         return
     with pytest.raises(ValueError, match=r"65504.*'big' reaches 2.87"):
         to_float16(job)
