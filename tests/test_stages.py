@@ -164,15 +164,15 @@ def test_stages_over_the_size_limit_keep_their_weights_in_external_data(
         runtime.load(broken)
 
 
-def test_an_export_bundles_the_external_data_of_its_stages(eval_texts, tmp_path, monkeypatch):
-    """The export moved stage0.onnx ... into the bundle and left their external data behind."""
-    from exporter import export, graph_file
-
-    monkeypatch.setattr(graph_file, "INLINE_LIMIT", 1 << 20)
+def test_an_export_bundles_the_external_data_of_its_stages(eval_texts, tmp_path,
+                                                           export_over_the_size_limit):
+    """The export moved stage0.onnx ... into the bundle and left their external data behind.
+    Every graph is over the size limit (export_over_the_size_limit), the single graph the
+    stages are cut from too."""
     # calibrated and scored on fewer texts than the profile's (the files are the point)
-    path = export("minilm", target="arm-cpu", stages=2, output=tmp_path / "staged",
-                  calibration=eval_texts[:48], evaluation=eval_texts[48:96],
-                  log=lambda line: None)
+    path, _ = export_over_the_size_limit(
+        "minilm", target="arm-cpu", stages=2, output=tmp_path / "staged",
+        calibration=eval_texts[:48], evaluation=eval_texts[48:96])
     _external_stages(path)
     # the export ran the stages against its single graph: equal
     partition = json.loads((path / "report.json").read_text())["partition"]
