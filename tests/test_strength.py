@@ -182,7 +182,7 @@ def _stand_in_search(tmp_path, monkeypatch, *, model_bytes: int, scores, budget:
     import exporter.feeds
     import exporter.score
     import exporter.validate
-    from exporter import pipeline, strength
+    from exporter import graph_file, pipeline, strength
     from exporter.budget import Budget
     from exporter.data import Utterance
 
@@ -208,6 +208,7 @@ def _stand_in_search(tmp_path, monkeypatch, *, model_bytes: int, scores, budget:
     monkeypatch.setattr(exporter.validate, "latency_ms",
                         lambda *args: {"c": {"p50": 1.0, "p95": 1.0}})
     monkeypatch.setattr(onnx, "load", str)
+    monkeypatch.setattr(graph_file, "graph_bytes", lambda path: path.stat().st_size)
     target = load_target("arm-cpu")
     target = dataclasses.replace(target, validation=dataclasses.replace(
         target.validation, max_model_mb=15.0))
