@@ -208,17 +208,27 @@ def cuda_fallback_warning():
 
 
 @pytest.fixture(scope="session")
-def flip_byte():
-    """flip_byte(path, offset): one bit of the file at `path` changed in place, its size kept
-    (what a bad flash or copy does)."""
-    def flip(path: Path, offset: int) -> None:
-        with open(path, "r+b") as f:
+def refused_when_flipped():
+    """refused_when_flipped(bundle, name, where, offset) -> the copy: `bundle` copied to
+    `where`/broken with one bit of its file `name` changed in place, its size kept (what a bad
+    flash or copy does), which runtime.load refuses, naming the file."""
+    import shutil
+
+    import runtime
+
+    def check(bundle: Path, name: str, where: Path, offset: int) -> Path:
+        broken = Path(shutil.copytree(bundle, where / "broken"))
+        with open(broken / name, "r+b") as f:
             f.seek(offset)
             byte = f.read(1)
             f.seek(offset)
             f.write(bytes([byte[0] ^ 1]))
+        with pytest.raises(runtime.BundleError,
+                           match=rf"{re.escape(name)}: sha256 does not match manifest\.json"):
+            runtime.load(broken)
+        return broken
 
-    return flip
+    return check
 
 
 @pytest.fixture(scope="session")
