@@ -196,24 +196,29 @@ def _smoothed(p: np.ndarray, eps: float = 1e-4) -> np.ndarray | None:
 def kl_threshold(hist: np.ndarray, edge: float, *, levels: int = 128) -> float:
     """Clipping threshold for |x| that minimizes KL(P || Q), P the histogram clipped at the
     threshold (outliers folded into the last bin), Q that P merged into `levels` bins: the
-    entropy calibration of TensorRT (Migacz, "8-bit Inference with TensorRT", GTC 2017)."""
+    entropy calibration of TensorRT (Migacz, "8-bit Inference with TensorRT", GTC 2017).
+
+    Q spreads each of its bins evenly over the bins of P it merges that are non-zero, as in
+    TensorRT's reference and onnxruntime. Where P has only the folded outliers in its last
+    bin, a Q built on the clipped histogram's own non-zero bins is empty there, and the
+    candidate's KL huge: a sparse tail (a Laplace-like activation) was never clipped."""
     bins = len(hist)
+    counts = hist.astype(np.float64)
     best, best_i = np.inf, bins
     for i in range(levels, bins + 1, ENTROPY_STRIDE):
-        p = hist[:i].astype(np.float64)
-        p[-1] += hist[i:].sum()
+        p = counts[:i].copy()
+        p[-1] += counts[i:].sum()
         if p.sum() == 0:
             continue
-        chunks = np.array_split(np.arange(i), levels)
-        q = np.zeros(i)
-        for idx in chunks:
-            # Q is non-zero where P is, as in TensorRT's reference and onnxruntime. Where P
-            # has only the folded outliers in its last bin, a Q built on the clipped
-            # histogram's own non-zero bins is empty there, and the candidate's KL huge: a
-            # sparse tail (a Laplace-like activation) was never clipped.
-            nonzero = p[idx] > 0
-            if nonzero.any():
-                q[idx[nonzero]] = hist[idx].sum() / nonzero.sum()
+        # np.array_split(range(i), levels): the first i % levels chunks one bin longer
+        size, longer = divmod(i, levels)
+        sizes = np.full(levels, size)
+        sizes[:longer] += 1
+        starts = np.concatenate(([0], np.cumsum(sizes[:-1])))
+        nonzero = p > 0
+        merged = np.add.reduceat(counts[:i], starts)        # the clipped histogram's counts
+        spread = np.add.reduceat(nonzero.astype(np.int64), starts)
+        q = np.where(nonzero, np.repeat(merged / np.maximum(spread, 1), sizes), 0.0)
         pn, qn = _smoothed(p), _smoothed(q)
         if pn is None or qn is None:
             continue

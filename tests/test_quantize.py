@@ -112,6 +112,47 @@ def test_kl_threshold_clips_a_sparse_heavy_tail():
     assert 5 < cut < 0.95 * values.max(), (cut, values.max())
 
 
+def _kl_threshold_by_chunks(hist, edge, levels=128):
+    """kl_threshold as TensorRT's reference writes it, one merged bin at a time."""
+    from exporter.quantize import ENTROPY_STRIDE, _smoothed
+
+    bins = len(hist)
+    best, best_i = np.inf, bins
+    for i in range(levels, bins + 1, ENTROPY_STRIDE):
+        p = hist[:i].astype(np.float64)
+        p[-1] += hist[i:].sum()
+        if p.sum() == 0:
+            continue
+        q = np.zeros(i)
+        for idx in np.array_split(np.arange(i), levels):
+            nonzero = p[idx] > 0
+            if nonzero.any():
+                q[idx[nonzero]] = hist[idx].sum() / nonzero.sum()
+        pn, qn = _smoothed(p), _smoothed(q)
+        if pn is None or qn is None:
+            continue
+        kl = float(np.sum(pn * np.log(pn / qn)))
+        if kl < best:
+            best, best_i = kl, i
+    return best_i / bins * edge
+
+
+def test_kl_threshold_is_the_reference_merged_bin_by_bin():
+    # kl_threshold merges P's bins with reduceat; the reference loops over the merged bins.
+    # Same threshold on bodies, tails, sparse and empty histograms (bins not a multiple of
+    # the levels, so merged bins of two lengths).
+    rng = np.random.default_rng(3)
+    samples = [np.abs(rng.normal(size=50_000)), np.abs(rng.laplace(size=50_000)),
+               np.abs(np.concatenate([rng.normal(size=20_000), [80.0]])),
+               np.abs(rng.standard_cauchy(size=5_000)), rng.uniform(0, 1, size=300)]
+    for values in samples:
+        for bins in (2048, 1000):
+            hist, _ = np.histogram(values, bins=bins, range=(0, values.max()))
+            assert kl_threshold(hist, values.max()) == _kl_threshold_by_chunks(hist, values.max())
+    assert kl_threshold(np.zeros(2048, np.int64), 1.0) == _kl_threshold_by_chunks(
+        np.zeros(2048, np.int64), 1.0) == 1.0
+
+
 def test_nan_in_a_batch_hides_none_of_its_other_values(tmp_path):
     # min()/max() of a batch holding a NaN are NaN, and Python's min(low, nan) kept the old
     # value: the whole batch's range was ignored, silently (an all-NaN tensor got 0..0).
