@@ -18,7 +18,9 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,9 +96,19 @@ def scalar_metadata(path: Path) -> dict | None:
         9
     """
     import mmap
-    import struct
 
-    def value(data, offs: int, kind: int, keep: bool):
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _read_metadata(data)[0]
+    except (OSError, ValueError, struct.error, UnicodeDecodeError, IndexError):
+        return None
+
+
+def _read_metadata(data) -> tuple[dict, int, int]:
+    """(scalar_metadata's dict, the offset after it, the tensor count) of GGUF bytes `data`
+    (a buffer); ValueError where they are not a little-endian GGUF of version 2 or 3."""
+
+    def value(offs: int, kind: int, keep: bool):
         """(the value at offs, or None where not kept or an array; the offset after it)"""
         if kind in _GGUF_SCALARS:
             return ((struct.unpack_from(_GGUF_SCALARS[kind], data, offs)[0] if keep else None),
@@ -112,23 +124,81 @@ def scalar_metadata(path: Path) -> dict | None:
         if item in _GGUF_SCALARS:
             return None, offs + count * struct.calcsize(_GGUF_SCALARS[item])
         for _ in range(count):
-            offs = value(data, offs, item, False)[1]
+            offs = value(offs, item, False)[1]
         return None, offs
 
-    found = {}
+    magic, version, tensor_count, kv_count = struct.unpack_from("<4sIQQ", data, 0)
+    if magic != b"GGUF" or version not in (2, 3):
+        raise ValueError("not a little-endian GGUF file of version 2 or 3")
+    found, offs = {}, 24
+    for _ in range(kv_count):
+        key, offs = value(offs, _GGUF_STRING, True)
+        (kind,) = struct.unpack_from("<I", data, offs)
+        found[key], offs = value(offs + 4, kind, True)
+    return found, offs, tensor_count
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of a GGUF file, as gguf.GGUFReader gives it: `data` a read-only view of
+    the file, in numpy's order (the reverse of `shape`, GGUF's); a block-quantized tensor's
+    data is the bytes of its blocks, one row of them per row of the matrix."""
+    name: str
+    tensor_type: object          # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+# ggml types gguf-py reads as numbers; every other type is read as the bytes of its blocks
+_GGUF_NUMBERS = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8,
+                 "I16": np.int16, "I32": np.int32, "I64": np.int64}
+
+
+def tensor_table(path: Path) -> dict[str, Tensor]:
+    """The tensors of GGUF `path` by name, each a view of the file (a memmap): what
+    gguf.GGUFReader(path).tensors holds, without decoding the metadata first (4-7 s for
+    SmolLM2's vocabulary and merges, on every decoder export from a GGUF). ValueError
+    naming the file where it is not a GGUF gguf-py reads, or a tensor runs past its end."""
+    import gguf
+
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            magic, version, _, kv_count = struct.unpack_from("<4sIQQ", data, 0)
-            if magic != b"GGUF" or version not in (2, 3):
-                return None
-            offs = 24
-            for _ in range(kv_count):
-                key, offs = value(data, offs, _GGUF_STRING, True)
-                (kind,) = struct.unpack_from("<I", data, offs)
-                found[key], offs = value(data, offs + 4, kind, True)
-    except (OSError, ValueError, struct.error, UnicodeDecodeError, IndexError):
-        return None
-    return found
+        metadata, offs, count = _read_metadata(data)
+        infos = []
+        for _ in range(count):
+            (n,) = struct.unpack_from("<Q", data, offs)
+            name = bytes(data[offs + 8:offs + 8 + n]).decode("utf-8")
+            offs += 8 + n
+            (dims,) = struct.unpack_from("<I", data, offs)
+            shape = struct.unpack_from(f"<{dims}Q", data, offs + 4)
+            kind, start = struct.unpack_from("<IQ", data, offs + 4 + 8 * dims)
+            offs += 4 + 8 * dims + 12
+            infos.append((name, shape, gguf.GGMLQuantizationType(kind), start))
+    except (ValueError, struct.error, UnicodeDecodeError, IndexError) as e:
+        raise ValueError(f"{path} is not a GGUF file the gguf package can read ({e}).") from None
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"{path}: general.alignment {alignment!r} is not a power of two.")
+    base = -(-offs // alignment) * alignment
+    tensors = {}
+    for name, shape, kind, start in infos:
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        elements = int(np.prod(shape, dtype=np.int64))
+        nbytes = elements // block * size
+        begin = base + start
+        if name in tensors or begin + nbytes > data.size:
+            why = "appears twice" if name in tensors else \
+                f"runs past the end of the file ({begin + nbytes} > {data.size} bytes)"
+            raise ValueError(f"{path}: tensor {name!r} {why}: the file is damaged or "
+                             f"truncated.")
+        dims = tuple(reversed(shape))
+        number = _GGUF_NUMBERS.get(kind.name)
+        if number is None:   # rows of block bytes
+            view = data[begin:begin + nbytes].reshape(*dims[:-1], dims[-1] // block * size)
+        else:
+            view = data[begin:begin + nbytes].view(number).reshape(dims)
+        tensors[name] = Tensor(name, kind, tuple(shape), view)
+    return tensors
 
 
 def layer_count(path: Path) -> int | None:
@@ -450,12 +520,9 @@ def _unpermute_rows(rows: int, heads: int) -> np.ndarray:
 def carried_weights(path: Path, config, *, layers: list[int] | None = None):
     """DecoderWeights whose matrices are the GGUF's own blocks (see `carry`), of the GGUF's
     `layers` in that order (by default the first config.num_hidden_layers: all of them)."""
-    import gguf
-
     from .decoder_graph import DecoderWeights, concat
 
-    reader = gguf.GGUFReader(path)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = tensor_table(path)
     h = config.hidden_size
     layers = range(config.num_hidden_layers) if layers is None else layers
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
