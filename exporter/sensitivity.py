@@ -14,7 +14,7 @@ Groups (one row each in the manifest and the report):
 Harm of group g = 1 - mean cosine of the output (pooled embedding or logits) to the float
 graph (a compressed model's own) when *only g* is quantized, on the first
 `sensitivity_samples` calibration texts. One graph per group, so the analysis is linear in
-the number of groups (MiniLM: 49, about a minute on 2 cores).
+the number of groups (MiniLM: 51, about 30 s on 2 cores).
 
 The budget search then starts from the full-int8 graph and, in order of harm, keeps one more
 int8 group in float until the budget (the metrics validation checks, scored against the float
