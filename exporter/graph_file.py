@@ -13,6 +13,7 @@ graph they hold in memory (calibration, scoring: graph_session).
 from __future__ import annotations
 
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -224,12 +225,27 @@ def graph_session(model: onnx.ModelProto, *, threads: int = 0):
     with its weights handed to onnxruntime apart, as in-memory external data (weights_apart).
 
     Serializing the whole graph instead, as onnxruntime takes it, costs about 0.2 s for
-    MiniLM's 90 MB (upb's serializer runs at about 450 MB/s), the sensitivity search scores
-    about fifty such graphs, and protobuf refuses it over 2 GB."""
+    MiniLM's 90 MB (upb's serializer runs at about 450 MB/s), and the sensitivity search
+    scores about fifty such graphs. Either way the weights are copied once on their way
+    (protobuf hands out copies of its bytes): with weights over INLINE_LIMIT the session
+    reads them instead from a copy saved by save_model in a temporary directory, which costs
+    no third copy in memory."""
     from runtime.model import ort_session
 
+    if weight_bytes(model) > INLINE_LIMIT:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            save_model(model, path)
+            return ort_session(path, threads=threads)
     light, weights = weights_apart(model)
     return ort_session(light.SerializeToString(), threads=threads, external_data=weights)
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of `model`'s initializers, from their shapes and types (none is read)."""
+    return sum(int(np.prod(t.dims, dtype=np.int64))
+               * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in model.graph.initializer)
 
 
 def weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, bytes]]:
