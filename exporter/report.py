@@ -441,6 +441,8 @@ def timed_on(speed: dict) -> list[str]:
     where = [f"Timed on {speed['timed_on']}.", ""] if "timed_on" in speed else []
     if "runs" not in speed["float_onnx"]:
         return where
-    return where + [f"Batch-1 latency: the quietest of 3 rounds, of {speed['float_onnx']['runs']} "
+    rounds = speed.get("rounds", 3)
+    timed = f"the quietest of {rounds} rounds" if rounds > 1 else "one round"
+    return where + [f"Batch-1 latency: {timed}, of {speed['float_onnx']['runs']} "
                     f"timed runs (float ONNX) and {speed['bundle']['runs']} (bundle) each; a "
                     f"round stops after {speed.get('round_seconds', 'a few')} s.", ""]

@@ -499,3 +499,20 @@ def test_a_graph_slow_on_this_host_is_timed_for_seconds_not_for_all_its_runs(mon
     calls["slow"] = 0
     assert validate.latency_ms(job, sessions, ["text"], 30, seconds=None)["slow"]["runs"] == 10
     assert calls["slow"] == 3 * (20 + 10)
+
+
+def test_only_a_host_timing_that_counts_is_timed_in_three_rounds():
+    """The quietest of three rounds where the host's timing is the device's (CPU targets) or
+    judges a latency budget; one round for a GPU target's bundle on the host CPU, a figure
+    the report says is not the device's (its two extra rounds were 11 s of a jetson export)."""
+    import dataclasses
+
+    from exporter.validate import timing_rounds
+    from targets import load_target
+
+    assert [timing_rounds(load_target(name)) for name in ("arm-cpu", "rpi5", "jetson")] \
+        == [3, 3, 1]
+    jetson = load_target("jetson")
+    budgeted = dataclasses.replace(jetson, validation=dataclasses.replace(
+        jetson.validation, max_latency_ms=50.0))
+    assert timing_rounds(budgeted) == 3
