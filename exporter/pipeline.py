@@ -120,6 +120,10 @@ def run(job: Job) -> Path:
         job.log(f"[{stage.__name__}]")
         stage(job)
         job.timings[stage.__name__] = round(time.perf_counter() - started, 2)
+    longest = sorted(job.timings.items(), key=lambda item: -item[1])[:3]
+    job.log(f"  {sum(job.timings.values()):.0f} s in all; longest: "
+            + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in longest)
+            + " (every stage's time: report.json, stage_seconds)")
     return job.output
 
 

@@ -36,6 +36,34 @@ def torch_embeddings(model, tokenizer, texts, max_length=128):
     return pool(hidden.numpy(), feeds["attention_mask"], mode="mean", normalize=True)
 
 
+def test_an_export_ends_by_saying_where_its_time_went(monkeypatch):
+    """The log's last line: the export's time and its longest stages (a MiniLM export is
+    about a minute, half of it the sensitivity search), as report.json's stage_seconds."""
+    import types
+
+    from exporter import pipeline
+
+    clock = [0.0]
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: clock[0])
+
+    def stage(name, seconds):
+        def run(job):
+            clock[0] += seconds
+        run.__name__ = name
+        return run
+
+    stages = (stage("load", 3.2), stage("quantize", 8.3), stage("sensitivity", 25.6),
+              stage("validate", 6.8), stage("bundle", 0.4))
+    monkeypatch.setattr(pipeline, "stages_for", lambda task: stages)
+    lines: list[str] = []
+    job = types.SimpleNamespace(task=None, log=lines.append, timings={}, output="out")
+    assert pipeline.run(job) == "out"
+    assert job.timings == {"load": 3.2, "quantize": 8.3, "sensitivity": 25.6,
+                           "validate": 6.8, "bundle": 0.4}
+    assert lines[-1] == ("  44 s in all; longest: sensitivity 26 s, quantize 8 s, validate "
+                         "7 s (every stage's time: report.json, stage_seconds)")
+
+
 def test_float_onnx_matches_pytorch(tmp_path, torch_minilm, eval_texts):
     """Pipeline stages up to the float graph, then embeddings compared with PyTorch."""
     from exporter import pipeline
