@@ -169,9 +169,24 @@ def save_model(model: onnx.ModelProto, path: Path) -> bool:
     save_graph writes them, but written from `model`'s tensors one at a time, leaving `model`
     as it was (the stage goes on using it). Returns whether the weights went to `path`.data.
     A `path`.data left by an earlier save of `path` is removed first: onnx appends to it."""
+    return _save_serialized(model, _serialized(model), path)
+
+
+def _serialized(model: onnx.ModelProto) -> bytes | None:
+    """`model` as protobuf bytes; None over INLINE_LIMIT. (Asking too_big first serialized
+    it twice: protobuf measures a message by serializing it.)"""
+    try:
+        data = model.SerializeToString()
+    except EncodeError:   # over 2 GB
+        return None
+    return data if len(data) <= INLINE_LIMIT else None
+
+
+def _save_serialized(model: onnx.ModelProto, data: bytes | None, path: Path) -> bool:
+    """save_model with `model`'s bytes already made (None: over the limit)."""
     path.with_name(f"{path.name}.data").unlink(missing_ok=True)
-    if not too_big(model):
-        onnx.save(model, path)
+    if data is not None:
+        path.write_bytes(data)   # what onnx.save writes
         return False
     _save_external(_skeleton(model), path, ((t.name, numpy_helper.to_array(t))
                                             for t in model.graph.initializer))
@@ -211,11 +226,13 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def check_and_save(model: onnx.ModelProto, path: Path) -> bool:
     """onnx.checker on `model`, then save_model: in memory under INLINE_LIMIT, over it from
-    the saved file (onnx checks a graph over 2 GB only by path). Returns save_model's answer."""
-    if not too_big(model):
-        onnx.checker.check_model(model)
-        return save_model(model, path)
-    save_model(model, path)
+    the saved file (onnx checks a graph over 2 GB only by path). Returns save_model's answer.
+    The graph is serialized once, for both."""
+    data = _serialized(model)
+    if data is not None:
+        onnx.checker.check_model(data)
+        return _save_serialized(model, data, path)
+    _save_serialized(model, None, path)
     onnx.checker.check_model(str(path))
     return True
 
