@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph_file import copy_model
+from .graph_file import FreshNames, copy_model
 
 # op type -> (input index of its int8 weight, of that weight's zero point): the integer ops
 # whose weight MLAS multiplies with uint8 activations, and DequantizeLinear, which ONNX
@@ -67,6 +67,8 @@ def exact_products(model: onnx.ModelProto) -> onnx.ModelProto:
     model = copy_model(model)
     initializers = {i.name: i for i in model.graph.initializer}
     shifted: set[str] = set()
+    fresh = FreshNames(model.graph)
+    zeros: dict[tuple, str] = {}   # (weight, shape) -> the explicit zero point written for it
 
     def shift(tensor: onnx.TensorProto) -> None:
         if tensor.name not in shifted and tensor.data_type == onnx.TensorProto.INT8:
@@ -88,12 +90,13 @@ def exact_products(model: onnx.ModelProto) -> onnx.ModelProto:
             scale = initializers.get(node.input[1])
             shape = (numpy_helper.to_array(scale).shape
                      if node.op_type == "DequantizeLinear" and scale is not None else ())
-            zero = numpy_helper.from_array(np.zeros(shape, np.int8), f"{tensor.name}_zero_u8")
-            if zero.name not in initializers:
-                model.graph.initializer.append(zero)
-                initializers[zero.name] = model.graph.initializer[-1]
+            if (tensor.name, shape) not in zeros:
+                zeros[tensor.name, shape] = fresh(f"{tensor.name}_zero_u8")
+                model.graph.initializer.append(numpy_helper.from_array(
+                    np.zeros(shape, np.int8), zeros[tensor.name, shape]))
+                initializers[zeros[tensor.name, shape]] = model.graph.initializer[-1]
             node.input.extend([""] * (zero_point + 1 - len(node.input)))
-            node.input[zero_point] = zero.name
+            node.input[zero_point] = zeros[tensor.name, shape]
         zero = initializers.get(node.input[zero_point])
         if zero is None:  # a computed zero point: leave this node as it is
             continue

@@ -298,6 +298,46 @@ def model_bytes(model: onnx.ModelProto) -> int:
             + sum(n.ByteSize() for n in model.graph.node)
 
 
+class FreshNames:
+    """Tensor names a rewrite may add to `graph`: `fresh("h_scale")` is "h_scale" unless the
+    graph (a subgraph included) or an earlier call already has that name, then "h_scale_1",
+    "h_scale_2", ... ONNX refuses a graph that defines a name twice, and a rewrite that
+    derives its names from the ones it finds (h -> h_scale, h_q, h_dq) meets names a model
+    may already hold: an embedding Gather whose output a MatMul reads directly (OPT's
+    project_in) gets both an activation scale and a row scale named after it.
+
+        >>> fresh = FreshNames(model.graph)   # the graph has "emb" and "emb_scale"
+        >>> fresh("emb_scale"), fresh("emb_scale"), fresh("emb_q")
+        ('emb_scale_1', 'emb_scale_2', 'emb_q')
+    """
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.taken = tensor_names(graph)
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.taken:
+            k += 1
+            name = f"{base}_{k}"
+        self.taken.add(name)
+        return name
+
+
+def tensor_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name `graph` and its subgraphs define or read."""
+    names = {t.name for t in graph.initializer}
+    names.update(t.values.name for t in graph.sparse_initializer)
+    names.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        for a in node.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+                names |= tensor_names(sub)
+    names.discard("")   # an omitted optional input
+    return names
+
+
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model`, field by field over 2 GB (CopyFrom serializes it)."""
     copy = onnx.ModelProto()

@@ -39,7 +39,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .feeds import encoder_feeds, ort_session
-from .graph_file import check_and_save, copy_model, graph_bytes, graph_session, save_model
+from .graph_file import (
+    FreshNames,
+    check_and_save,
+    copy_model,
+    graph_bytes,
+    graph_session,
+    save_model,
+)
 from .progress import progress
 
 HISTOGRAM_BINS = 2048
@@ -367,7 +374,9 @@ def quantize_embeddings_by_row(model: onnx.ModelProto, *,
     # a table another node reads too (a tied output projection): its float copy stays
     float_readers = {name for n in model.graph.node if rows_of(n) is None for name in n.input}
     float_readers |= subgraph_reads(model.graph.node)
-    rewritten, nodes = [], []
+    fresh = FreshNames(model.graph)
+    rewritten: dict[str, tuple[str, str]] = {}   # table -> (int8 rows, row scales)
+    nodes = []
     for node in model.graph.node:
         table = rows_of(node)
         if table is None:
@@ -381,22 +390,25 @@ def quantize_embeddings_by_row(model: onnx.ModelProto, *,
             q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
             if name not in float_readers:
                 model.graph.initializer.remove(table)
-            model.graph.initializer.extend([numpy_helper.from_array(q, name + "_int8"),
-                                            numpy_helper.from_array(scale, name + "_row_scale")])
-            rewritten.append(name)
+            rewritten[name] = fresh(name + "_int8"), fresh(name + "_row_scale")
+            model.graph.initializer.extend([numpy_helper.from_array(q, rewritten[name][0]),
+                                            numpy_helper.from_array(scale, rewritten[name][1])])
+        rows, row_scales = rewritten[name]
+        out_int8, out_scale, out_float = (fresh(out + suffix)
+                                          for suffix in ("_int8", "_scale", "_float"))
         nodes += [
-            helper.make_node("Gather", [name + "_int8", node.input[1]], [out + "_int8"],
+            helper.make_node("Gather", [rows, node.input[1]], [out_int8],
                              name=node.name + "_int8"),
-            helper.make_node("Gather", [name + "_row_scale", node.input[1]], [out + "_scale"],
+            helper.make_node("Gather", [row_scales, node.input[1]], [out_scale],
                              name=node.name + "_row_scale"),
-            helper.make_node("Cast", [out + "_int8"], [out + "_float"], to=TensorProto.FLOAT,
+            helper.make_node("Cast", [out_int8], [out_float], to=TensorProto.FLOAT,
                              name=node.name + "_cast"),
-            helper.make_node("Mul", [out + "_float", out + "_scale"], [out],
+            helper.make_node("Mul", [out_float, out_scale], [out],
                              name=node.name + "_rescale"),
         ]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    return rewritten
+    return list(rewritten)
 
 
 def insert_qdq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto],
@@ -409,43 +421,46 @@ def insert_qdq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto],
     float_readers = {name for n in model.graph.node if id(n) not in targets for name in n.input}
     float_readers |= subgraph_reads(model.graph.node)
     weights = {n.input[1] for n in matmuls}
-    done: set[str] = set()
-    weights_done: set[str] = set()
+    fresh = FreshNames(model.graph)
+    dq_of: dict = {}   # activation, or (weight, axis) -> its DequantizeLinear's output
     nodes = []
     for node in model.graph.node:
         if id(node) in targets:
             x, w_name = node.input[0], node.input[1]
-            if x not in done:  # one Q/DQ pair per activation, shared by Q, K and V
-                done.add(x)
+            if x not in dq_of:  # one Q/DQ pair per activation, shared by Q, K and V
                 scale, zero = activation_qparams(*ranges[x], dtype=settings.activations,
                                                  symmetric=settings.symmetric_activations)
-                model.graph.initializer.extend([numpy_helper.from_array(scale, x + "_scale"),
-                                                numpy_helper.from_array(zero, x + "_zero")])
+                s_name, z_name, q_name, dq_of[x] = (
+                    fresh(x + suffix) for suffix in ("_scale", "_zero", "_q", "_dq"))
+                model.graph.initializer.extend([numpy_helper.from_array(scale, s_name),
+                                                numpy_helper.from_array(zero, z_name)])
                 nodes += [
-                    helper.make_node("QuantizeLinear", [x, x + "_scale", x + "_zero"],
-                                     [x + "_q"], name=x + "_QuantizeLinear"),
-                    helper.make_node("DequantizeLinear", [x + "_q", x + "_scale", x + "_zero"],
-                                     [x + "_dq"], name=x + "_DequantizeLinear"),
+                    helper.make_node("QuantizeLinear", [x, s_name, z_name],
+                                     [q_name], name=x + "_QuantizeLinear"),
+                    helper.make_node("DequantizeLinear", [q_name, s_name, z_name],
+                                     [dq_of[x]], name=x + "_DequantizeLinear"),
                 ]
             # One int8 copy per weight and output axis: a tied weight that a Gemm reads
             # transposed has its output channels in rows (axis 0).
             axis = output_axis(node)
             w_q = w_name if axis == 1 else w_name + "_by_row"
-            if w_q not in weights_done:
-                weights_done.add(w_q)
+            if (w_name, axis) not in dq_of:
                 w = numpy_helper.to_array(inits[w_name])
                 q, scale = quantize_weight(w if axis == 1 else w.T,
                                            per_channel=settings.per_channel)
                 q = q if axis == 1 else np.ascontiguousarray(q.T)
+                q_name, s_name, z_name, dq = (
+                    fresh(w_q + suffix) for suffix in ("_int8", "_scale", "_zero", "_dq"))
+                dq_of[w_name, axis] = dq
                 model.graph.initializer.extend([
-                    numpy_helper.from_array(q, w_q + "_int8"),
-                    numpy_helper.from_array(scale, w_q + "_scale"),
-                    numpy_helper.from_array(np.zeros(scale.shape, np.int8), w_q + "_zero")])
+                    numpy_helper.from_array(q, q_name),
+                    numpy_helper.from_array(scale, s_name),
+                    numpy_helper.from_array(np.zeros(scale.shape, np.int8), z_name)])
                 nodes.append(helper.make_node(
-                    "DequantizeLinear", [w_q + "_int8", w_q + "_scale", w_q + "_zero"],
-                    [w_q + "_dq"], name=w_q + "_DequantizeLinear",
+                    "DequantizeLinear", [q_name, s_name, z_name],
+                    [dq], name=w_q + "_DequantizeLinear",
                     **({"axis": axis} if settings.per_channel else {})))
-            node.input[0], node.input[1] = x + "_dq", w_q + "_dq"
+            node.input[0], node.input[1] = dq_of[x], dq_of[w_name, axis]
         nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -597,35 +612,35 @@ def float64_where_cpus_differ(model: onnx.ModelProto) -> int:
                    for r in readers.get(name, []))
 
     inits = {i.name: i for i in model.graph.initializer}
-    nodes, replaced, count = [], set(), 0
+    fresh = FreshNames(model.graph)
+    in_f64: dict[str, str] = {}   # parameter -> its float64 copy
+    nodes, count = [], 0
     for node in model.graph.node:
         if not (node.op_type == "Softmax" or node.op_type == "LayerNormalization"
                 and quantized(node.output[0]) and all(p in inits for p in node.input[1:])):
             nodes.append(node)
             continue
         x, out, tag = node.input[0], node.output[0], node.name or node.output[0]
-        params = []
         for p in node.input[1:]:
-            if p + "_f64" not in inits:
-                inits[p + "_f64"] = numpy_helper.from_array(
-                    numpy_helper.to_array(inits[p]).astype(np.float64), p + "_f64")
-                model.graph.initializer.append(inits[p + "_f64"])
-            params.append(p + "_f64")
-            replaced.add(p)
+            if p not in in_f64:
+                in_f64[p] = fresh(p + "_f64")
+                model.graph.initializer.append(numpy_helper.from_array(
+                    numpy_helper.to_array(inits[p]).astype(np.float64), in_f64[p]))
+        x_f64, y_f64 = fresh(tag + "_x_f64"), fresh(tag + "_y_f64")
         nodes += [
-            helper.make_node("Cast", [x], [tag + "_x_f64"], to=TensorProto.DOUBLE,
+            helper.make_node("Cast", [x], [x_f64], to=TensorProto.DOUBLE,
                              name=tag + "_to_f64"),
-            helper.make_node(node.op_type, [tag + "_x_f64", *params],
-                             [tag + "_y_f64"], name=node.name, domain=node.domain,
+            helper.make_node(node.op_type, [x_f64, *(in_f64[p] for p in node.input[1:])],
+                             [y_f64], name=node.name, domain=node.domain,
                              **{a.name: helper.get_attribute_value(a) for a in node.attribute}),
-            helper.make_node("Cast", [tag + "_y_f64"], [out], to=TensorProto.FLOAT,
+            helper.make_node("Cast", [y_f64], [out], to=TensorProto.FLOAT,
                              name=tag + "_to_f32"),
         ]
         count += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     used = {name for n in nodes for name in n.input}
-    for name in replaced - used:
+    for name in set(in_f64) - used:
         model.graph.initializer.remove(inits[name])
     return count
 

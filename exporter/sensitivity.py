@@ -40,7 +40,7 @@ from onnx import helper, numpy_helper
 from .budget import Budget, rounded
 from .feeds import encoder_feeds, ort_session
 from .float16 import convert
-from .graph_file import check_and_save, copy_model, graph_bytes, model_bytes
+from .graph_file import FreshNames, check_and_save, copy_model, graph_bytes, model_bytes
 from .progress import progress
 from .quantize import (
     activation_qparams,
@@ -141,33 +141,31 @@ def fake_quantize(model: onnx.ModelProto, group: Group, ranges, settings) -> onn
     """A copy of the float `model` with Q -> DQ on `group.tensors` where `group.nodes` read
     them (one pair per tensor)."""
     out = copy_model(model)
+    fresh = FreshNames(out.graph)
+    names = {x: [fresh(x + suffix) for suffix in ("_fq_scale", "_fq_zero", "_fq_q", "_fq_dq")]
+             for x in group.tensors if x in ranges}   # x -> its scale, zero, Q and DQ outputs
     members, nodes = set(group.nodes), []
     for node in out.graph.node:
         if node.name in members:
             for i, name in enumerate(node.input):
-                if name in group.tensors and name in ranges:
-                    node.input[i] = name + "_fq_dq"
+                if name in names:
+                    node.input[i] = names[name][3]
         nodes.append(node)
-    pairs = []
-    for x in group.tensors:
-        if x not in ranges:
-            continue
+    pairs = {}   # x's DQ output -> x's Q and DQ
+    for x, (scale_name, zero_name, q, dq) in names.items():
         scale, zero = activation_qparams(*ranges[x], dtype=settings.activations,
                                          symmetric=settings.symmetric_activations)
-        out.graph.initializer.extend([numpy_helper.from_array(scale, x + "_fq_scale"),
-                                      numpy_helper.from_array(zero, x + "_fq_zero")])
-        pairs.append((x, [
-            helper.make_node("QuantizeLinear", [x, x + "_fq_scale", x + "_fq_zero"],
-                             [x + "_fq_q"], name=x + "_fq_Q"),
-            helper.make_node("DequantizeLinear", [x + "_fq_q", x + "_fq_scale", x + "_fq_zero"],
-                             [x + "_fq_dq"], name=x + "_fq_DQ")]))
+        out.graph.initializer.extend([numpy_helper.from_array(scale, scale_name),
+                                      numpy_helper.from_array(zero, zero_name)])
+        pairs[dq] = [
+            helper.make_node("QuantizeLinear", [x, scale_name, zero_name], [q], name=x + "_fq_Q"),
+            helper.make_node("DequantizeLinear", [q, scale_name, zero_name], [dq],
+                             name=x + "_fq_DQ")]
     # each pair right before the first reader of its output (the graph is topologically sorted)
-    ordered, placed = [], set()
+    ordered = []
     for node in nodes:
-        for x, pair in pairs:
-            if x not in placed and x + "_fq_dq" in node.input:
-                ordered += pair
-                placed.add(x)
+        for dq in [dq for dq in pairs if dq in node.input]:
+            ordered += pairs.pop(dq)
         ordered.append(node)
     del out.graph.node[:]
     out.graph.node.extend(ordered)

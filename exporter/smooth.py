@@ -28,12 +28,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .feeds import encoder_feeds, ort_session
-from .graph_file import copy_model, graph_session, save_model
+from .graph_file import FreshNames, copy_model, graph_session, save_model
 from .optimize import max_output_diff
 from .progress import progress
 from .quantize import weight_matmuls
 
 SCALE_LIMITS = (1e-2, 1e3)   # keep s_j sane for channels that are ~0 in activation or weight
+SMOOTH_MUL = "_SmoothQuantMul"   # the name of x's Mul by 1/s: x + SMOOTH_MUL
 
 
 def channel_absmax(model: onnx.ModelProto, tensors: list[str], feeds, *,
@@ -107,6 +108,8 @@ def smooth_graph(model: onnx.ModelProto, peaks: dict[str, np.ndarray],
         for n in consumers:
             weight_groups.setdefault(n.input[1], set()).add(x)
     scales = {}
+    fresh = FreshNames(model.graph)
+    smoothed: dict[str, tuple[str, str]] = {}   # x -> (x * (1/s), 1/s) where not folded
     # A weight also read by anything but the group's MatMuls (a tied embedding's Gather, a
     # graph output) must keep its values: that group is not smoothed either.
     for x, consumers in groups.items():
@@ -120,25 +123,23 @@ def smooth_graph(model: onnx.ModelProto, peaks: dict[str, np.ndarray],
         s = np.clip(np.nan_to_num(s, nan=1.0), *SCALE_LIMITS).astype(np.float32)  # NaN: 1
         folded = fold_into_value(producer.get(x), 1.0 / s, inits, producer, readers,
                                  len(consumers))
+        if not folded:
+            smoothed[x] = fresh(x + "_smoothed"), fresh(x + "_inverse_scale")
+            model.graph.initializer.append(numpy_helper.from_array(1.0 / s, smoothed[x][1]))
         for node, w in zip(consumers, weights, strict=True):
             inits[node.input[1]].CopyFrom(
                 numpy_helper.from_array((w * s[:, None]).astype(np.float32), node.input[1]))
             if not folded:
-                node.input[0] = x + "_smoothed"
-        if not folded:
-            model.graph.initializer.append(numpy_helper.from_array(1.0 / s, x + "_inverse_scale"))
+                node.input[0] = smoothed[x][0]
         scales[x] = s
 
     # Each Mul goes right before the first node that reads its output: the graph is in
     # topological order, so the producer of x is already earlier.
-    nodes, placed = [], set()
+    mul_of = {name: helper.make_node("Mul", [x, inverse], [name], name=x + SMOOTH_MUL)
+              for x, (name, inverse) in smoothed.items()}
+    nodes = []
     for node in model.graph.node:
-        for name in node.input:
-            if name.endswith("_smoothed") and name not in placed:
-                x = name[: -len("_smoothed")]
-                nodes.append(helper.make_node("Mul", [x, x + "_inverse_scale"], [name],
-                                              name=x + "_SmoothQuantMul"))
-                placed.add(name)
+        nodes += [mul_of.pop(name) for name in node.input if name in mul_of]
         nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -172,8 +173,8 @@ def smooth(job) -> None:
         raise RuntimeError(f"Smoothing changed the float outputs by {diff:.3e} (tolerance "
                            f"{tolerance:g}); set smoothing_alpha = 0 in the profile.")
     every = np.concatenate(list(scales.values()) or [np.ones(1, np.float32)])
-    names = {i.name for i in model.graph.initializer}
-    folded = [x for x in scales if x + "_inverse_scale" not in names]
+    muls = {n.input[0] for n in model.graph.node if n.name.endswith(SMOOTH_MUL)}
+    folded = [x for x in scales if x not in muls]
     job.records["smoothing"] = {
         "applied": True, "method": "SmoothQuant (per input channel, Mul before Q)",
         "alpha": alpha, "activations": len(scales), "calibration_texts": len(texts),

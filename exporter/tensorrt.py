@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph_file import save_model
+from .graph_file import FreshNames, save_model
 
 # rule -> what it requires and why (TensorRT developer guide, explicit quantization).
 RULES: dict[str, str] = {
@@ -225,6 +225,7 @@ def dedicate_dequantize(model: onnx.ModelProto) -> int:
         for j, name in enumerate(node.input):
             slots.setdefault(name, []).append((node, j))
     outputs = {o.name for o in model.graph.output}
+    fresh = FreshNames(model.graph)
     nodes, copies = [], 0
     for node in model.graph.node:
         nodes.append(node)
@@ -236,7 +237,7 @@ def dedicate_dequantize(model: onnx.ModelProto) -> int:
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
             copy.name = f"{_name(node)}_{i}"
-            copy.output[0] = f"{node.output[0]}_{i}"
+            copy.output[0] = fresh(node.output[0])   # taken: so output_1, output_2, ...
             user.input[j] = copy.output[0]
             nodes.append(copy)
             copies += 1
