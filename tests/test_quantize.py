@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter.budget import Budget, BudgetError
+from exporter.exact import exact_products, host_saturates
 from exporter.quantize import (
     CALIBRATION_METHODS,
     activation_qparams,
@@ -388,7 +389,7 @@ def test_bundle_records_sensitivity_for_every_group(minilm_bundle):
 
 
 def test_exact_twin_holds_the_same_numbers(minilm_bundle):
-    from exporter.exact import WEIGHT_INPUTS, exact_products, host_saturates
+    from exporter.exact import WEIGHT_INPUTS
 
     model = onnx.load(minilm_bundle / "model.onnx")
     original = model.SerializeToString()
@@ -556,7 +557,10 @@ def test_a_weight_read_as_is_and_transposed_gets_an_int8_copy_for_each():
     int8 = [dequantized[n.input[1]] for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
     assert len(set(int8)) == 2 and "w" not in {i.name for i in model.graph.initializer}
     x = rng.uniform(-3, 3, size=(2, 8)).astype(np.float32)
-    a, b = ort_session(model.SerializeToString()).run(None, {"x": x})
+    # x86 without VNNI saturates the u8 x s8 products of the fused MatMul (errors of 50 here);
+    # the exporter scores such a host's graphs on their exact twin, and so does this test.
+    runs = exact_products(model) if host_saturates() else model
+    a, b = ort_session(runs.SerializeToString()).run(None, {"x": x})
     for got, exact, weight in ((a, x @ w, w), (b, x @ w.T, w.T)):
         step = np.abs(weight).max(axis=0) / 127           # per output channel
         assert np.all(np.abs(got - exact) <= np.abs(x).sum(axis=1, keepdims=True) * step / 2
