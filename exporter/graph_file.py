@@ -35,6 +35,8 @@ EXTERNAL_MIN = 1024 - sys.getsizeof(b"")
 def too_big(model: onnx.ModelProto) -> bool:
     """Whether `model` is over INLINE_LIMIT, so that it can be saved, checked and run only
     with its weights in external data."""
+    if raw_bytes(model) > INLINE_LIMIT:
+        return True
     try:
         return model.ByteSize() > INLINE_LIMIT
     except EncodeError:   # protobuf measures by serializing, which it refuses over 2 GB
@@ -175,6 +177,8 @@ def save_model(model: onnx.ModelProto, path: Path) -> bool:
 def _serialized(model: onnx.ModelProto) -> bytes | None:
     """`model` as protobuf bytes; None over INLINE_LIMIT. (Asking too_big first serialized
     it twice: protobuf measures a message by serializing it.)"""
+    if raw_bytes(model) > INLINE_LIMIT:   # no doomed attempt
+        return None
     try:
         data = model.SerializeToString()
     except EncodeError:   # over 2 GB
@@ -265,6 +269,16 @@ def weight_bytes(model: onnx.ModelProto) -> int:
                for t in model.graph.initializer)
 
 
+def raw_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of `model`'s initializers held in raw_data, from their shapes and types
+    (none is read): a floor of its serialized size, so a model over INLINE_LIMIT by this
+    count need not be serialized (or copied, which serializes it) to learn that protobuf
+    refuses it. In a 2 GB graph the attempt costs seconds before it fails."""
+    return sum(int(np.prod(t.dims, dtype=np.int64))
+               * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in model.graph.initializer if t.HasField("raw_data"))
+
+
 def weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, bytes]]:
     """(`model` whose initializers of EXTERNAL_MIN bytes or more refer to external data,
     {file name: bytes}), one in-memory file per initializer, for ort_session's
@@ -341,6 +355,9 @@ def tensor_names(graph: onnx.GraphProto) -> set[str]:
 def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model`, field by field over 2 GB (CopyFrom serializes it)."""
     copy = onnx.ModelProto()
+    if raw_bytes(model) > INLINE_LIMIT:   # CopyFrom would serialize it all, then refuse
+        copy_fields(model, copy)
+        return copy
     try:
         copy.CopyFrom(model)
     except EncodeError:

@@ -1138,6 +1138,54 @@ def test_a_graph_saved_over_the_size_limit_is_left_whole_and_replaces_its_old_da
     assert numpy_helper.to_array(loaded.graph.initializer[0]).tobytes() == weight.tobytes()
 
 
+def test_a_graph_over_the_limit_by_its_weights_is_never_serialized_to_learn_it(
+        tmp_path, monkeypatch):
+    """Protobuf refuses a graph over 2 GB only after trying to serialize it (CopyFrom too:
+    it copies by serializing), seconds lost per attempt on a real one, and the sensitivity
+    search copies and saves about fifty graphs (the over-the-limit MiniLM export took twice
+    as long as the inline one). Whose raw weights alone are over the limit, too_big, copy,
+    save, check and session never try; each gives what it gave before."""
+    import onnx
+    from google.protobuf.message import EncodeError
+    from onnx import helper, numpy_helper
+
+    from exporter import graph_file
+
+    monkeypatch.setattr(graph_file, "INLINE_LIMIT", 1 << 16)
+    weight = np.arange(128 * 256, dtype=np.float32).reshape(128, 256)   # 128 KiB
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 128])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 256])],
+        [numpy_helper.from_array(weight, "w")]), opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    assert graph_file.raw_bytes(model) == weight.nbytes
+
+    tried = []
+    serialize, copy_from = onnx.ModelProto.SerializeToString, onnx.ModelProto.CopyFrom
+
+    def refused(message, *args, **kwargs):
+        if message.graph.initializer and message.graph.initializer[0].HasField("raw_data"):
+            tried.append(message)
+            raise EncodeError("the whole graph: over the size limit")
+        return serialize(message, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.ModelProto, "SerializeToString", refused)
+    monkeypatch.setattr(onnx.ModelProto, "CopyFrom", lambda m, other: (refused(other),
+                                                                       copy_from(m, other)))
+    assert graph_file.too_big(model)
+    copy = graph_file.copy_model(model)
+    assert copy == model and copy is not model
+    assert graph_file.check_and_save(model, tmp_path / "model.onnx")
+    x = np.ones((1, 128), np.float32)
+    assert np.array_equal(graph_file.graph_session(model).run(None, {"x": x})[0], x @ weight)
+    assert tried == []
+    monkeypatch.undo()
+    assert model.SerializeToString() == before
+    assert numpy_helper.to_array(onnx.load(tmp_path / "model.onnx").graph.initializer[0]) \
+        .tobytes() == weight.tobytes()
+
+
 def test_a_graph_session_gets_its_weights_apart_and_never_the_graph_whole(monkeypatch):
     """graph_session gives onnxruntime the graph without its weights, which go as in-memory
     external data: serializing MiniLM's 90 MB graph whole cost 0.2 s per scored graph, and
