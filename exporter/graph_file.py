@@ -264,19 +264,20 @@ def graph_session(model: onnx.ModelProto, *, threads: int = 0):
 
 def weight_bytes(model: onnx.ModelProto) -> int:
     """The bytes of `model`'s initializers, from their shapes and types (none is read)."""
-    return sum(int(np.prod(t.dims, dtype=np.int64))
-               * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-               for t in model.graph.initializer)
+    return _bytes_of(model.graph.initializer)
 
 
 def raw_bytes(model: onnx.ModelProto) -> int:
-    """The bytes of `model`'s initializers held in raw_data, from their shapes and types
-    (none is read): a floor of its serialized size, so a model over INLINE_LIMIT by this
-    count need not be serialized (or copied, which serializes it) to learn that protobuf
-    refuses it. In a 2 GB graph the attempt costs seconds before it fails."""
+    """weight_bytes of the initializers held in raw_data: a floor of `model`'s serialized
+    size, so a model over INLINE_LIMIT by this count need not be serialized (or copied,
+    which serializes it) to learn that protobuf refuses it. In a 2 GB graph the attempt
+    costs seconds before it fails."""
+    return _bytes_of(t for t in model.graph.initializer if t.HasField("raw_data"))
+
+
+def _bytes_of(tensors) -> int:
     return sum(int(np.prod(t.dims, dtype=np.int64))
-               * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-               for t in model.graph.initializer if t.HasField("raw_data"))
+               * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in tensors)
 
 
 def weights_apart(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, bytes]]:
