@@ -64,6 +64,22 @@ def test_an_export_ends_by_saying_where_its_time_went(monkeypatch):
                          "7 s (every stage's time: report.json, stage_seconds)")
 
 
+
+def test_the_readme_stage_table_is_one_table_with_every_stage_in_order():
+    """README's "What an export does" table has a row for each of pipeline.STAGES, in
+    order, with nothing between its rows (a paragraph there once cut it in two, and
+    Markdown showed `validate` and `bundle` as loose text)."""
+    from exporter import pipeline
+
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    header = lines.index("| stage | what it does |")
+    rows = []
+    for line in lines[header + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.split("`")[1])
+    assert rows == [stage.__name__ for stage in pipeline.STAGES]
+
 def test_float_onnx_matches_pytorch(tmp_path, torch_minilm, eval_texts):
     """Pipeline stages up to the float graph, then embeddings compared with PyTorch."""
     from exporter import pipeline
