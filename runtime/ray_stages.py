@@ -19,6 +19,9 @@ from pathlib import Path
 from .bundle import BundleError
 from .stages import Stages, _StagedIO, check_stage_graph, device_providers
 
+# How long Ray may take to grant the CPU stage actors their CPUs (RayStagedSession._reserve).
+RESERVE_SECONDS = 10.0
+
 
 class _StageWorker:
     """The actor body: one stage's session; `step` takes and returns the tensor dict."""
@@ -83,35 +86,11 @@ class RayStagedSession(_StagedIO):
         if not threads and on_cpu >= 2:
             nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
             self.cpus = actor_cpus(on_cpu, nodes, ray.available_resources().get("CPU", 0))
-        self.threads = [threads if on_gpu or threads or on_cpu < 2 else self.cpus or 1
-                        for on_gpu in on_gpus]
-        self.actors = []
-        for i, (stage, on_gpu) in enumerate(zip(stages, on_gpus, strict=True)):
-            # One GPU per stage actor; Ray picks the node and sets CUDA_VISIBLE_DEVICES, so
-            # inside the actor the GPU is device 0.
-            device = "cuda:0" if on_gpu else "cpu"
-            options = {"num_gpus": 1} if on_gpu else {"num_cpus": self.cpus}
-            graph = (Path(directory) / stage["file"]).read_bytes()
-            # a stage over 2 GB keeps its weights in files beside it: sent along too
-            data = {name: (Path(directory) / name).read_bytes()
-                    for name in stage.get("external_data", ())}
-            self.actors.append(actor.options(**options).remote(
-                i, graph, stages, list(outputs), self.threads[i],
-                device_providers(device, providers), data))
-        # Every actor's graph checked against the plan now, as StagedSession checks its
-        # sessions: a manifest edited apart from its stage files, or a graph an actor could
-        # not load, failed only at the first call, deep in a remote traceback. On failure
-        # the actors started end here (each may hold a GPU).
+        self.actors, self._group = [], None
+        # On failure the reserved CPUs and the actors started go back here (each actor may
+        # hold a GPU).
         try:
-            for i, actor in enumerate(self.actors):
-                try:
-                    ray.get(actor.check.remote())
-                except ray.exceptions.RayTaskError as e:
-                    raise e.cause from None
-                except ray.exceptions.RayActorError as e:   # its __init__ failed
-                    reason = str(e).strip().splitlines()[-1]
-                    raise BundleError(f"{Path(directory) / stages[i]['file']}: the Ray actor "
-                                      f"of stage {i} could not load it: {reason}") from e
+            self._start(actor, directory, stages, outputs, providers, on_gpus, threads)
         except BaseException:
             self.close()
             raise
@@ -141,7 +120,74 @@ class RayStagedSession(_StagedIO):
             env = self._ray.get(pending.popleft())
             yield [env[n] for n in names]
 
+    def _start(self, actor, directory, stages, outputs, providers, on_gpus, threads) -> None:
+        """The stage actors, each graph checked against the plan."""
+        ray = self._ray
+        on_cpu = on_gpus.count(False)
+        if self.cpus:
+            self._group = self._reserve(on_cpu)
+        self.threads = [threads if on_gpu or threads or on_cpu < 2 else self.cpus or 1
+                        for on_gpu in on_gpus]
+        cpu_stage = 0
+        for i, (stage, on_gpu) in enumerate(zip(stages, on_gpus, strict=True)):
+            # One GPU per stage actor; Ray picks the node and sets CUDA_VISIBLE_DEVICES, so
+            # inside the actor the GPU is device 0.
+            device = "cuda:0" if on_gpu else "cpu"
+            options = {"num_gpus": 1} if on_gpu else {"num_cpus": self.cpus}
+            if not on_gpu and self._group is not None:   # its share, reserved above
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    self._group, placement_group_bundle_index=cpu_stage)
+                cpu_stage += 1
+            graph = (Path(directory) / stage["file"]).read_bytes()
+            # a stage over 2 GB keeps its weights in files beside it: sent along too
+            data = {name: (Path(directory) / name).read_bytes()
+                    for name in stage.get("external_data", ())}
+            self.actors.append(actor.options(**options).remote(
+                i, graph, stages, list(outputs), self.threads[i],
+                device_providers(device, providers), data))
+        # Every actor's graph checked against the plan now, as StagedSession checks its
+        # sessions: a manifest edited apart from its stage files, or a graph an actor could
+        # not load, failed only at the first call, deep in a remote traceback.
+        for i, started in enumerate(self.actors):
+            try:
+                ray.get(started.check.remote())
+            except ray.exceptions.RayTaskError as e:
+                raise e.cause from None
+            except ray.exceptions.RayActorError as e:   # its __init__ failed
+                reason = str(e).strip().splitlines()[-1]
+                raise BundleError(f"{Path(directory) / stages[i]['file']}: the Ray actor "
+                                  f"of stage {i} could not load it: {reason}") from e
+
+    def _reserve(self, actors: int):
+        """A placement group holding `self.cpus` CPUs for each of `actors` CPU stage actors,
+        or None, with self.cpus 0 and a warning, where Ray cannot give them within
+        RESERVE_SECONDS. The share was worked out from the CPUs free a moment ago; another
+        job may have taken them since, and then Ray held the actors back until they came
+        free, for ever on a busy cluster: the constructor hung on its first call to them.
+        A placement group is granted all its CPUs or none."""
+        from ray.util import placement_group, remove_placement_group
+
+        group = placement_group([{"CPU": self.cpus}] * actors, strategy="PACK")
+        try:
+            self._ray.get(group.ready(), timeout=RESERVE_SECONDS)
+        except self._ray.exceptions.GetTimeoutError:
+            remove_placement_group(group)
+            warnings.warn(f"Ray did not grant {actors} x {self.cpus} CPUs for the stage actors "
+                          f"within {RESERVE_SECONDS:g} s (another job took the CPUs that were "
+                          f"free); each stage actor runs on 1 thread, with no CPU reserved.",
+                          RuntimeWarning, stacklevel=6)
+            self.cpus = 0
+            return None
+        return group
+
     def close(self) -> None:
         for actor in self.actors:
             self._ray.kill(actor)
         self.actors = []
+        if getattr(self, "_group", None) is not None:   # its CPUs go back to the cluster
+            from ray.util import remove_placement_group
+
+            remove_placement_group(self._group)
+            self._group = None

@@ -453,6 +453,69 @@ def test_ray_cpu_stage_actors_share_the_cores(tmp_path):
         ray.shutdown()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="ray is not installed (pip install 'edge-exporter[ray]')")
+def test_ray_cpu_stage_actors_whose_cpus_were_taken_meanwhile_run_unreserved(tmp_path,
+                                                                             monkeypatch):
+    """The CPU stage actors' share comes from the CPUs Ray says are free, and another job
+    may take them before the actors start. Ray then held the actors back until the CPUs came
+    free (never, while that job ran) and the constructor hung on its first call to them.
+    Now the share is reserved in one placement group, granted whole or not at all, and
+    where Ray cannot grant it the actors run unreserved, on one thread each, with a
+    warning."""
+    import threading
+    import warnings
+
+    import ray
+
+    from exporter.partition import write_stages
+    from runtime import ray_stages
+    from runtime.ray_stages import RayStagedSession
+    from runtime.stages import StagedSession
+
+    records = write_stages(_chain_model(), 2, tmp_path, ["CPUExecutionProvider"])
+    x = {"x": np.ones((2, 3), np.float32)}
+    expected = StagedSession(tmp_path, records, outputs=["y"], threads=1).run(None, x)
+    monkeypatch.setattr(ray_stages, "RESERVE_SECONDS", 2.0)
+
+    class Other:   # the other job
+        def ready(self) -> bool:
+            return True
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        free = ray.available_resources()   # read, then the other job takes every CPU
+        other = ray.remote(num_cpus=2)(Other).remote()
+        ray.get(other.ready.remote())
+        monkeypatch.setattr(ray, "available_resources", lambda: free)
+        built: dict = {}
+
+        def build() -> None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    built["session"] = RayStagedSession(tmp_path, records, outputs=["y"])
+                except BaseException as e:
+                    built["error"] = e
+            built["warnings"] = [str(w.message) for w in caught]
+
+        worker = threading.Thread(target=build, daemon=True)
+        worker.start()
+        worker.join(90)
+        assert not worker.is_alive(), "RayStagedSession hung waiting for CPUs taken meanwhile"
+        assert "error" not in built, built["error"]
+        session = built["session"]
+        try:
+            assert any("did not grant 2 x 1 CPUs" in w for w in built["warnings"]), built
+            assert session.cpus == 0 and session.threads == [1, 1]
+            np.testing.assert_array_equal(session.run(None, x)[0], expected[0])
+        finally:
+            session.close()
+        ray.kill(other)
+    finally:
+        ray.shutdown()
+
+
 def _chain_model(layers: int = 4):
     """x (batch, seq) -> MatMul, LayerNorm -> h0, then `layers - 1` x (MatMul, LayerNorm),
     the last LayerNorm's input a residual Add of h0 (which crosses every cut) -> y (batch,
