@@ -122,24 +122,30 @@ class RayStagedSession(_StagedIO):
 
     def _start(self, actor, directory, stages, outputs, providers, on_gpus, threads) -> None:
         """The stage actors, each graph checked against the plan."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         ray = self._ray
+        # What the actors hold (a GPU each; a CPU stage its share, if any), reserved at once.
+        holds = [{"GPU": 1} if on_gpu else {"CPU": self.cpus} if self.cpus else None
+                 for on_gpu in on_gpus]
+        if any(holds):
+            self._group = self._reserve([h for h in holds if h])
+            if self._group is None:   # not granted: every stage on the CPU, nothing held
+                on_gpus, holds, self.cpus = [False] * len(stages), [None] * len(stages), 0
         on_cpu = on_gpus.count(False)
-        if self.cpus:
-            self._group = self._reserve(on_cpu)
         self.threads = [threads if on_gpu or threads or on_cpu < 2 else self.cpus or 1
                         for on_gpu in on_gpus]
-        cpu_stage = 0
-        for i, (stage, on_gpu) in enumerate(zip(stages, on_gpus, strict=True)):
+        bundle = 0
+        for i, (stage, on_gpu, hold) in enumerate(zip(stages, on_gpus, holds, strict=True)):
             # One GPU per stage actor; Ray picks the node and sets CUDA_VISIBLE_DEVICES, so
-            # inside the actor the GPU is device 0.
+            # inside the actor the GPU is device 0. (An actor asks for a CPU to be scheduled
+            # unless told otherwise, which its GPU's part of the group does not have.)
             device = "cuda:0" if on_gpu else "cpu"
-            options = {"num_gpus": 1} if on_gpu else {"num_cpus": self.cpus}
-            if not on_gpu and self._group is not None:   # its share, reserved above
-                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
+            options = {"num_gpus": 1, "num_cpus": 0} if on_gpu else {"num_cpus": self.cpus}
+            if hold:   # its part of the group reserved above
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    self._group, placement_group_bundle_index=cpu_stage)
-                cpu_stage += 1
+                    self._group, placement_group_bundle_index=bundle)
+                bundle += 1
             graph = (Path(directory) / stage["file"]).read_bytes()
             # a stage over 2 GB keeps its weights in files beside it: sent along too
             data = {name: (Path(directory) / name).read_bytes()
@@ -160,25 +166,29 @@ class RayStagedSession(_StagedIO):
                 raise BundleError(f"{Path(directory) / stages[i]['file']}: the Ray actor "
                                   f"of stage {i} could not load it: {reason}") from e
 
-    def _reserve(self, actors: int):
-        """A placement group holding `self.cpus` CPUs for each of `actors` CPU stage actors,
-        or None, with self.cpus 0 and a warning, where Ray cannot give them within
-        RESERVE_SECONDS. The share was worked out from the CPUs free a moment ago; another
-        job may have taken them since, and then Ray held the actors back until they came
-        free, for ever on a busy cluster: the constructor hung on its first call to them.
-        A placement group is granted all its CPUs or none."""
+    def _reserve(self, holds: list[dict]):
+        """A placement group of `holds` (one part per actor: {"GPU": 1} or {"CPU": share}),
+        or None, with a warning, where Ray cannot grant it within RESERVE_SECONDS. The GPUs
+        were counted in the cluster and the CPU share worked out from the CPUs free a moment
+        ago; another job may hold them, or have taken them since, and then Ray held the
+        actors back until they came free, for ever on a busy cluster: the constructor hung
+        on its first call to them. A placement group is granted whole or not at all."""
         from ray.util import placement_group, remove_placement_group
 
-        group = placement_group([{"CPU": self.cpus}] * actors, strategy="PACK")
+        group = placement_group(holds, strategy="PACK")
         try:
             self._ray.get(group.ready(), timeout=RESERVE_SECONDS)
         except self._ray.exceptions.GetTimeoutError:
             remove_placement_group(group)
-            warnings.warn(f"Ray did not grant {actors} x {self.cpus} CPUs for the stage actors "
-                          f"within {RESERVE_SECONDS:g} s (another job took the CPUs that were "
-                          f"free); each stage actor runs on 1 thread, with no CPU reserved.",
-                          RuntimeWarning, stacklevel=6)
-            self.cpus = 0
+            gpus = sum(h.get("GPU", 0) for h in holds)
+            cpus = [h["CPU"] for h in holds if "CPU" in h]
+            asked = " and ".join(
+                ([f"{gpus} GPU{'s' * (gpus > 1)}"] if gpus else [])
+                + ([f"{len(cpus)} x {cpus[0]:g} CPUs"] if cpus else []))
+            warnings.warn(f"Ray did not grant the stage actors {asked} within "
+                          f"{RESERVE_SECONDS:g} s (another job holds them); every stage runs "
+                          f"on the CPU, {'on 1 thread each, ' if cpus else ''}with nothing "
+                          f"reserved.", RuntimeWarning, stacklevel=6)
             return None
         return group
 
@@ -186,7 +196,7 @@ class RayStagedSession(_StagedIO):
         for actor in self.actors:
             self._ray.kill(actor)
         self.actors = []
-        if getattr(self, "_group", None) is not None:   # its CPUs go back to the cluster
+        if getattr(self, "_group", None) is not None:   # what it held goes back
             from ray.util import remove_placement_group
 
             remove_placement_group(self._group)

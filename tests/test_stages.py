@@ -506,8 +506,89 @@ def test_ray_cpu_stage_actors_whose_cpus_were_taken_meanwhile_run_unreserved(tmp
         assert "error" not in built, built["error"]
         session = built["session"]
         try:
-            assert any("did not grant 2 x 1 CPUs" in w for w in built["warnings"]), built
+            assert any("did not grant the stage actors 2 x 1 CPUs" in w
+                       for w in built["warnings"]), built
             assert session.cpus == 0 and session.threads == [1, 1]
+            np.testing.assert_array_equal(session.run(None, x)[0], expected[0])
+        finally:
+            session.close()
+        ray.kill(other)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="ray is not installed (pip install 'edge-exporter[ray]')")
+def test_ray_gpu_stage_actors_whose_gpus_another_job_holds_run_on_the_cpu(tmp_path):
+    """Stage actors on GPUs each hold one of the cluster's GPUs (its own: Ray sets its
+    CUDA_VISIBLE_DEVICES). The GPUs were counted in the cluster, not among the free ones:
+    while another job held them, Ray held the actors back and the constructor hung. Now
+    they are reserved in one placement group, and where Ray cannot grant it every stage
+    runs on the CPU, with a warning. (A Ray told it has 2 GPUs; onnxruntime runs on the
+    CPU either way here.)"""
+    import threading
+    import warnings
+
+    import ray
+
+    from exporter.partition import write_stages
+    from runtime import ray_stages
+    from runtime.ray_stages import RayStagedSession
+    from runtime.stages import StagedSession
+
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    records = write_stages(_chain_model(), 2, tmp_path, gpu)
+    assert [r["device"] for r in records] == ["cuda:0", "cuda:1"]
+    x = {"x": np.ones((2, 3), np.float32)}
+    expected = StagedSession(tmp_path, records, outputs=["y"], threads=1).run(None, x)
+
+    def start() -> dict:
+        """RayStagedSession in a thread, which must not hang: the session or the error,
+        and the warnings."""
+        built: dict = {}
+
+        def build() -> None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    built["session"] = RayStagedSession(tmp_path, records, outputs=["y"],
+                                                        threads=1, providers=gpu)
+                except BaseException as e:
+                    built["error"] = e
+            built["warnings"] = [str(w.message) for w in caught]
+
+        worker = threading.Thread(target=build, daemon=True)
+        worker.start()
+        worker.join(90)
+        assert not worker.is_alive(), "RayStagedSession hung waiting for GPUs held elsewhere"
+        assert "error" not in built, built["error"]
+        return built
+
+    class Other:   # the other job
+        def ready(self) -> bool:
+            return True
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        session = start()["session"]
+        try:   # each actor holds a GPU of its own
+            assert sorted(ray.get(a.__ray_call__.remote(lambda _: ray.get_gpu_ids()))
+                          for a in session.actors) == [[0], [1]]
+            assert ray.available_resources().get("GPU", 0) == 0
+            np.testing.assert_array_equal(session.run(None, x)[0], expected[0])
+        finally:
+            session.close()
+        other = ray.remote(num_gpus=2, num_cpus=0)(Other).remote()
+        ray.get(other.ready.remote(), timeout=60)   # the GPUs came back, and it holds them
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ray_stages, "RESERVE_SECONDS", 2.0)
+            built = start()
+        session = built["session"]
+        try:
+            assert any("did not grant the stage actors 2 GPUs" in w and "every stage runs on "
+                       "the CPU" in w for w in built["warnings"]), built["warnings"]
+            assert ray.get([a.__ray_call__.remote(lambda _: ray.get_gpu_ids())
+                            for a in session.actors]) == [[], []]
             np.testing.assert_array_equal(session.run(None, x)[0], expected[0])
         finally:
             session.close()
