@@ -54,6 +54,10 @@ def actor_cpus(actors: int, node_cpus: Sequence[float], free: float) -> int:
     return 0
 
 
+def _threads_each(threads: int) -> str:
+    return "on all cores" if not threads else f"on {threads} thread{'s' * (threads > 1)} each"
+
+
 class RayStagedSession(_StagedIO):
     """A staged bundle's sessions as Ray actors, with StagedSession's interface."""
 
@@ -128,13 +132,22 @@ class RayStagedSession(_StagedIO):
         # What the actors hold (a GPU each; a CPU stage its share, if any), reserved at once.
         holds = [{"GPU": 1} if on_gpu else {"CPU": self.cpus} if self.cpus else None
                  for on_gpu in on_gpus]
+        refused = None   # what Ray did not grant in time, in words
         if any(holds):
             self._group = self._reserve([h for h in holds if h])
             if self._group is None:   # not granted: every stage on the CPU, nothing held
+                gpus, share = on_gpus.count(True), self.cpus
+                refused = " and ".join([f"{gpus} GPU{'s' * (gpus > 1)}"] * bool(gpus)
+                                       + [f"{len(stages) - gpus} x {share} CPUs"] * bool(share))
                 on_gpus, holds, self.cpus = [False] * len(stages), [None] * len(stages), 0
         on_cpu = on_gpus.count(False)
         self.threads = [threads if on_gpu or threads or on_cpu < 2 else self.cpus or 1
                         for on_gpu in on_gpus]
+        if refused:
+            warnings.warn(f"Ray did not grant the stage actors {refused} within "
+                          f"{RESERVE_SECONDS:g} s (another job holds them); every stage runs "
+                          f"on the CPU with nothing reserved, "
+                          f"{_threads_each(self.threads[0])}.", RuntimeWarning, stacklevel=5)
         bundle = 0
         for i, (stage, on_gpu, hold) in enumerate(zip(stages, on_gpus, holds, strict=True)):
             # One GPU per stage actor; Ray picks the node and sets CUDA_VISIBLE_DEVICES, so
@@ -168,7 +181,7 @@ class RayStagedSession(_StagedIO):
 
     def _reserve(self, holds: list[dict]):
         """A placement group of `holds` (one part per actor: {"GPU": 1} or {"CPU": share}),
-        or None, with a warning, where Ray cannot grant it within RESERVE_SECONDS. The GPUs
+        or None where Ray cannot grant it within RESERVE_SECONDS. The GPUs
         were counted in the cluster and the CPU share worked out from the CPUs free a moment
         ago; another job may hold them, or have taken them since, and then Ray held the
         actors back until they came free, for ever on a busy cluster: the constructor hung
@@ -180,15 +193,6 @@ class RayStagedSession(_StagedIO):
             self._ray.get(group.ready(), timeout=RESERVE_SECONDS)
         except self._ray.exceptions.GetTimeoutError:
             remove_placement_group(group)
-            gpus = sum(h.get("GPU", 0) for h in holds)
-            cpus = [h["CPU"] for h in holds if "CPU" in h]
-            asked = " and ".join(
-                ([f"{gpus} GPU{'s' * (gpus > 1)}"] if gpus else [])
-                + ([f"{len(cpus)} x {cpus[0]:g} CPUs"] if cpus else []))
-            warnings.warn(f"Ray did not grant the stage actors {asked} within "
-                          f"{RESERVE_SECONDS:g} s (another job holds them); every stage runs "
-                          f"on the CPU, {'on 1 thread each, ' if cpus else ''}with nothing "
-                          f"reserved.", RuntimeWarning, stacklevel=6)
             return None
         return group
 

@@ -506,8 +506,9 @@ def test_ray_cpu_stage_actors_whose_cpus_were_taken_meanwhile_run_unreserved(tmp
         assert "error" not in built, built["error"]
         session = built["session"]
         try:
-            assert any("did not grant the stage actors 2 x 1 CPUs" in w
-                       for w in built["warnings"]), built
+            assert ("Ray did not grant the stage actors 2 x 1 CPUs within 2 s (another job "
+                    "holds them); every stage runs on the CPU with nothing reserved, on 1 "
+                    "thread each.") in built["warnings"], built
             assert session.cpus == 0 and session.threads == [1, 1]
             np.testing.assert_array_equal(session.run(None, x)[0], expected[0])
         finally:
@@ -585,8 +586,9 @@ def test_ray_gpu_stage_actors_whose_gpus_another_job_holds_run_on_the_cpu(tmp_pa
             built = start()
         session = built["session"]
         try:
-            assert any("did not grant the stage actors 2 GPUs" in w and "every stage runs on "
-                       "the CPU" in w for w in built["warnings"]), built["warnings"]
+            assert ("Ray did not grant the stage actors 2 GPUs within 2 s (another job holds "
+                    "them); every stage runs on the CPU with nothing reserved, on 1 thread "
+                    "each.") in built["warnings"], built["warnings"]
             assert ray.get([a.__ray_call__.remote(lambda _: ray.get_gpu_ids())
                             for a in session.actors]) == [[], []]
             np.testing.assert_array_equal(session.run(None, x)[0], expected[0])
