@@ -19,7 +19,7 @@ from pathlib import Path
 from .bundle import BundleError
 from .stages import Stages, _StagedIO, check_stage_graph, device_providers
 
-# How long Ray may take to grant the CPU stage actors their CPUs (RayStagedSession._reserve).
+# How long Ray may take to grant the stage actors their GPUs and CPU shares (_reserve).
 RESERVE_SECONDS = 10.0
 
 
@@ -91,7 +91,7 @@ class RayStagedSession(_StagedIO):
             nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
             self.cpus = actor_cpus(on_cpu, nodes, ray.available_resources().get("CPU", 0))
         self.actors, self._group = [], None
-        # On failure the reserved CPUs and the actors started go back here (each actor may
+        # On failure what was reserved and the actors started go back here (each actor may
         # hold a GPU).
         try:
             self._start(actor, directory, stages, outputs, providers, on_gpus, threads)
@@ -181,11 +181,11 @@ class RayStagedSession(_StagedIO):
 
     def _reserve(self, holds: list[dict]):
         """A placement group of `holds` (one part per actor: {"GPU": 1} or {"CPU": share}),
-        or None where Ray cannot grant it within RESERVE_SECONDS. The GPUs
-        were counted in the cluster and the CPU share worked out from the CPUs free a moment
-        ago; another job may hold them, or have taken them since, and then Ray held the
-        actors back until they came free, for ever on a busy cluster: the constructor hung
-        on its first call to them. A placement group is granted whole or not at all."""
+        or None where Ray cannot grant it within RESERVE_SECONDS. The GPUs were counted in
+        the cluster and the CPU share worked out from the CPUs free a moment ago; another job
+        may hold them, or have taken them since, and then Ray held the actors back until
+        they came free, for ever on a busy cluster: the constructor hung on its first call
+        to them. A placement group is granted whole or not at all."""
         from ray.util import placement_group, remove_placement_group
 
         group = placement_group(holds, strategy="PACK")
