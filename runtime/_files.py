@@ -21,9 +21,23 @@ import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
-# (st_dev, st_ino) of the directories this process named with its pid: one with its pid that
-# it did not make is a leftover of an earlier run that had the same pid (a container's
-# process is pid 7 on every start).
+try:
+    import fcntl
+except ImportError:   # not on Windows: the pid and the clock tell, as below
+    fcntl = None
+
+# Which work directories are in use is told by a lock, not by a pid and a clock: each one
+# this process makes it holds locked (flock, released by the kernel when the process ends,
+# SIGKILL included), so a run that finds it can lock it only once its maker is gone. A pid
+# cannot tell: a process in another container sharing the directory has a pid of its own
+# namespace, and a container's process is pid 7 on every start. Nor can the clock: a device
+# without a real-time clock jumps years forward at its first NTP sync, and its live work
+# directory then reads as older than the process that made it.
+# (st_dev, st_ino) of each directory this process holds -> the open, locked descriptor.
+_held: dict[tuple[int, int], int] = {}
+# (st_dev, st_ino) of the directories this process named with its pid, where the filesystem
+# has no locks (some FUSE and NFS mounts): one with its pid that it did not make is a
+# leftover of an earlier run that had the same pid.
 _made_here: set[tuple[int, int]] = set()
 
 
@@ -32,14 +46,62 @@ def _identity(path: Path) -> tuple[int, int]:
     return info.st_dev, info.st_ino
 
 
+def _lock(path: Path) -> tuple[int | None, str]:
+    """Open directory `path` and lock it without waiting: (descriptor, "locked"); (None,
+    "held") where another open of it holds the lock (a live run, this process's included);
+    (None, "gone") where it is not there; (None, "unsupported") where its filesystem (or
+    the system) has no locks, or it cannot be opened."""
+    if fcntl is None:
+        return None, "unsupported"
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        return None, "gone"
+    except OSError:   # another user's private directory: its lock cannot be tried
+        return None, "unsupported"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        return None, ("held" if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+                      else "unsupported")
+    return fd, "locked"
+
+
+def _release_removed() -> None:
+    """Close the locks of directories this process held that are gone since (removed by its
+    cleanup: a directory's link count is 0 once it is)."""
+    for key, fd in list(_held.items()):
+        if os.fstat(fd).st_nlink == 0:
+            os.close(_held.pop(key))
+
+
 def work_dir_beside(target: Path) -> Path:
     """A new private directory next to `target` (the same filesystem, so the final rename is
-    atomic), named `.<target>.<pid>.<random>`: the pid tells a later run that the process
-    which made it is gone (`remove_leftovers`)."""
+    atomic), named `.<target>.<pid>.<random>` and held locked while this process lives: a
+    later run removes it (`remove_leftovers`) only once the lock is free, its maker gone."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
-    _made_here.add(_identity(work))
-    return work
+    _release_removed()
+    for _ in range(100):
+        work = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", dir=target.parent))
+        fd, state = _lock(work)
+        if state == "unsupported":
+            _made_here.add(_identity(work))
+            return work
+        if fd is not None:
+            info = os.fstat(fd)
+            try:
+                here = _identity(work) == (info.st_dev, info.st_ino)
+            except FileNotFoundError:
+                here = False
+            if here:
+                _held[info.st_dev, info.st_ino] = fd
+                return work
+            os.close(fd)
+        # Another run's remove_leftovers found it before the lock was taken, empty and
+        # free, and removed it (or is removing it): make another.
+    raise OSError(f"Cannot make a work directory beside {str(target)!r}: other runs removed "
+                  f"each one made (100 tries).")
 
 
 def refused_why(error: OSError, directory: Path) -> str | None:
@@ -58,9 +120,8 @@ def refused_why(error: OSError, directory: Path) -> str | None:
 
 def remove_leftovers(target: Path) -> int:
     """Remove what runs writing `target` left beside it when they were killed before their
-    cleanup could run (SIGKILL, power loss): work directories and replaced copies whose
-    process is gone, or whose pid is now another process's (or this one's). Returns the
-    bytes freed."""
+    cleanup could run (SIGKILL, power loss): work directories that no live run holds, and
+    replaced copies. Returns the bytes freed."""
     # Exactly the names work_dir_beside and replace_directory make (mkdtemp adds 8 chars of
     # [a-z0-9_]), and replace_directory's older `.old-<pid>`; nothing looser: the work
     # directory `.out.2024.<pid>.<random>` of a live run writing `out.2024` is not `out`'s.
@@ -72,19 +133,36 @@ def remove_leftovers(target: Path) -> int:
         match = own.fullmatch(path.name)
         if not match or path.is_symlink() or not path.is_dir():
             continue
-        pid = int(match.group(1) or match.group(2))
-        if pid == os.getpid():
-            try:
-                if _identity(path) in _made_here:
-                    continue
-            except OSError:   # removed meanwhile
+        try:   # this process's own (tried first: where flock is emulated by POSIX locks,
+            # as on NFS, a process gets its own lock again, and its close frees every one)
+            if _identity(path) in _held:
                 continue
-        elif _alive(pid) and not _older_than(path, pid):
+        except OSError:   # removed meanwhile
             continue
-        freed += sum(f.stat().st_size for f in path.rglob("*")
-                     if f.is_file() and not f.is_symlink())
-        shutil.rmtree(path, ignore_errors=True)
+        fd, state = _lock(path)
+        if state in ("held", "gone"):
+            continue   # a live run's (this one's included), or removed meanwhile
+        if state == "unsupported" and _in_use(path, int(match.group(1) or match.group(2))):
+            continue
+        try:   # holding its lock while removing it: a run taking it meanwhile makes another
+            freed += sum(f.stat().st_size for f in path.rglob("*")
+                         if f.is_file() and not f.is_symlink())
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
     return freed
+
+
+def _in_use(path: Path, pid: int) -> bool:
+    """Whether directory `path`, named with `pid` on a filesystem without locks, may be a live
+    run's: this process's own, or made by process `pid` since it started (by the clock)."""
+    if pid == os.getpid():
+        try:
+            return _identity(path) in _made_here
+        except OSError:   # removed meanwhile
+            return True
+    return _alive(pid) and not _older_than(path, pid)
 
 
 def _alive(pid: int) -> bool:
@@ -141,6 +219,18 @@ def replace_directory(new: Path, final: Path) -> None:
         if not path.is_symlink():
             os.chmod(path, directory_mode if path.is_dir() else file_mode)
     os.chmod(new, directory_mode)
+    work = _identity(new)
+    _rename_over(new, final)
+    # Held until renamed (a run finding it under its work name would remove it), then not:
+    # it is the output now.
+    held = _held.pop(work, None)
+    if held is not None:
+        os.close(held)
+
+
+def _rename_over(new: Path, final: Path) -> None:
+    """Rename directory `new` to `final`, replacing an old `final`: exchanged in one step
+    where the system can, else renamed aside first."""
     if final.exists() and not final.is_symlink() and final.is_dir() and _exchange(new, final):
         shutil.rmtree(new, ignore_errors=True)   # now the old one
         return

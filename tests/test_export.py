@@ -390,14 +390,105 @@ def test_leftovers_of_killed_exports_are_removed_and_nothing_else(tmp_path):
     assert remove_leftovers(tmp_path / "missing-parent" / "out") == 0
 
 
-def test_leftovers_of_an_earlier_process_with_a_reused_pid_are_removed(tmp_path, monkeypatch):
-    """A container's process has the same pid on every start: what an earlier, killed run
-    left under this process's pid, or under the pid of a process started after it, goes;
+_HOLD_A_WORK_DIR = """
+import os, sys, time
+from pathlib import Path
+from runtime import _files
+if len(sys.argv) > 2:   # a process in another pid namespace, with the same pid as the test
+    os.getpid = lambda: int(sys.argv[2])
+print(_files.work_dir_beside(Path(sys.argv[1])), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_live_runs_work_directory_is_kept_whatever_its_pid_and_the_clock_say(
+        tmp_path, monkeypatch):
+    """Two runs share the output's directory. One is in another container and has this
+    process's pid; the device's clock jumped forward at its NTP sync, so every directory reads
+    as older than every process. Their work directories stay while they live (they hold them
+    locked) and go once they are killed."""
+    import signal
+    import time
+
+    from runtime import _files
+
+    output = tmp_path / "out"
+    earlier = [tmp_path / f".out.{os.getpid()}.k2j4x9_q", tmp_path / f".out.old-{os.getpid()}"]
+    for path in earlier:   # made by mkdir: by a run killed before its cleanup, that had our pid
+        (path / "model.onnx").parent.mkdir()
+        (path / "model.onnx").write_bytes(b"x" * 1000)
+    mine = _files.work_dir_beside(output)
+    (mine / "model.onnx").write_bytes(b"x" * 10)
+    runs = [subprocess.Popen([sys.executable, "-c", _HOLD_A_WORK_DIR, str(output), *pid],
+                             stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parent.parent)
+            for pid in ([str(os.getpid())], [])]
+    try:
+        theirs = [Path(run.stdout.readline().strip()) for run in runs]
+        assert theirs[0].name.startswith(f".out.{os.getpid()}.") and theirs[1].is_dir()
+        for path in theirs:
+            (path / "model.onnx").write_bytes(b"x" * 100)
+        monkeypatch.setattr(_files, "_started", lambda pid: time.time() + 3600)
+        assert _files.remove_leftovers(output) == 2000
+        assert not any(p.exists() for p in earlier)
+        assert all((p / "model.onnx").is_file() for p in (mine, *theirs))
+        runs[0].send_signal(signal.SIGKILL)
+        runs[0].wait()
+        assert _files.remove_leftovers(output) == 100
+        assert not theirs[0].exists() and theirs[1].is_dir() and mine.is_dir()
+    finally:
+        for run in runs:
+            run.kill()
+            run.wait()
+    assert _files.remove_leftovers(output) == 100 and not theirs[1].exists() and mine.is_dir()
+
+
+def test_a_work_directory_another_run_takes_first_is_given_up_and_none_is_kept_open(
+        tmp_path, monkeypatch):
+    """Between making its directory and locking it, a run can lose it to another run's
+    `remove_leftovers`, which found it free: it makes another. Directories removed or renamed
+    into place are not held open."""
+    from runtime import _files
+
+    output = tmp_path / "out"
+    taken = tmp_path / ".out.1.abcdefgh"
+    taken.mkdir()
+    fd, state = _files._lock(taken)   # another run, removing it
+    made, real_mkdtemp = [], tempfile.mkdtemp
+
+    def mkdtemp(**kwargs):
+        made.append(taken if not made else Path(real_mkdtemp(**kwargs)))
+        return str(made[-1])
+
+    try:
+        assert state == "locked"
+        monkeypatch.setattr(_files.tempfile, "mkdtemp", mkdtemp)
+        work = _files.work_dir_beside(output)
+        assert made == [taken, work] and work.name.startswith(f".out.{os.getpid()}.")
+    finally:
+        os.close(fd)
+    monkeypatch.undo()
+    shutil.rmtree(work)
+    opened = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        shutil.rmtree(_files.work_dir_beside(output))
+        new = _files.work_dir_beside(output)
+        (new / "model.onnx").write_bytes(b"x")
+        _files.replace_directory(new, output)
+    assert len(os.listdir("/proc/self/fd")) <= opened + 1 and (output / "model.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.1.abcdefgh", "out"]
+
+
+def test_without_locks_a_directory_is_a_leftover_by_its_pid_and_the_clock(tmp_path,
+                                                                          monkeypatch):
+    """Where the filesystem has no locks (some FUSE and NFS mounts): what an earlier, killed
+    run left under this process's pid, or under the pid of a process started after it, goes;
     what this process or a live one made since it started stays."""
     import time
 
     from runtime import _files
 
+    monkeypatch.setattr(_files, "fcntl", None)
     output = tmp_path / "out"
     earlier = [tmp_path / f".out.{os.getpid()}.k2j4x9_q", tmp_path / f".out.old-{os.getpid()}"]
     for path in earlier:   # made by mkdir, not by this process's work_dir_beside
