@@ -72,8 +72,12 @@ def _release_removed() -> None:
     """Close the locks of directories this process held that are gone since (removed by its
     cleanup: a directory's link count is 0 once it is)."""
     for key, fd in list(_held.items()):
-        if os.fstat(fd).st_nlink == 0:
-            os.close(_held.pop(key))
+        try:
+            gone = os.fstat(fd).st_nlink == 0
+        except OSError:   # closed meanwhile, by another thread
+            continue
+        if gone and _held.pop(key, None) == fd:   # (once, where threads race)
+            os.close(fd)
 
 
 def work_dir_beside(target: Path) -> Path:

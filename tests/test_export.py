@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -476,6 +477,15 @@ def test_a_work_directory_another_run_takes_first_is_given_up_and_none_is_kept_o
         (new / "model.onnx").write_bytes(b"x")
         _files.replace_directory(new, output)
     assert len(os.listdir("/proc/self/fd")) <= opened + 1 and (output / "model.onnx").is_file()
+
+    def churn(i):   # threads of one process, each writing its own output
+        for _ in range(30):
+            shutil.rmtree(_files.work_dir_beside(tmp_path / f"t{i}"))
+            assert _files.remove_leftovers(tmp_path / f"t{i}") == 0
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(churn, range(8)))
+    assert len(os.listdir("/proc/self/fd")) <= opened + 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.1.abcdefgh", "out"]
 
 
