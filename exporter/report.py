@@ -351,18 +351,25 @@ def check_not_in_bundle(path: Path) -> None:
 
 def check_archive_replaceable(archive: Path, name: str) -> None:
     """Raise FileExistsError unless `archive` is absent or a bundle archive of bundle `name`
-    (one that an export wrote, which `--tar` replaces)."""
+    (one that an export wrote, which `--tar` replaces): a plain tar of directory `name`
+    holding a manifest.json and exactly the files it lists. A user's tar of notes in a
+    directory of that name, or a compressed one, stays."""
     if not archive.exists() and not archive.is_symlink():
         return
     try:
         if archive.is_symlink() or not archive.is_file():
             raise ValueError("not a file")
-        with tarfile.open(archive) as tar:
-            top, _ = archive_members(tar, archive)
-        if top != name:
-            raise ValueError(f"it holds bundle {top!r}")
+        with tarfile.open(archive, "r:") as tar:   # (an export writes plain tars only)
+            top, files = archive_members(tar, archive)
+            if top != name:
+                raise ValueError(f"it holds bundle {top!r}")
+            with tar.extractfile(files["manifest.json"]) as f:
+                listed = {entry["path"] for entry in json.load(f)["files"]}
+        if set(files) != listed | {"manifest.json"}:
+            raise ValueError("it holds files its manifest.json does not list, or lacks some")
     except Exception as e:   # a damaged .tar.gz too: EOFError, zlib.error
-        if not isinstance(e, (ValueError, OSError)) and not damaged_archive(e):
+        if not isinstance(e, (ValueError, OSError, KeyError, TypeError, RecursionError)) \
+                and not damaged_archive(e):
             raise
         raise FileExistsError(f"{str(archive)!r} exists and is not an archive of bundle "
                               f"{name!r}; refusing to replace it. Choose another --output or "

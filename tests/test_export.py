@@ -177,6 +177,40 @@ def test_bundle_archive_is_the_bundle_and_the_same_bytes_for_the_same_files(mini
     assert again.read_bytes() == archive.read_bytes()
 
 
+def test_a_users_tar_of_a_directory_named_like_the_bundle_is_not_taken_for_an_export(
+        tmp_path):
+    """An export (without --tar) removes the earlier --tar export's archive beside its
+    output. A user's `mybundle.tar` of notes in a directory `mybundle`, compressed or with
+    files its manifest does not list, is not one and stays."""
+    import gzip
+    import io
+
+    from exporter.report import remove_stale_archive
+
+    def tar(files: dict[str, bytes]) -> bytes:
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w") as archive:
+            for name, data in files.items():
+                info = tarfile.TarInfo(f"mybundle/{name}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+        return raw.getvalue()
+
+    manifest = json.dumps({"files": [{"path": "model.onnx"}]}).encode()
+    archive = tmp_path / "mybundle.tar"
+    for data in (tar({"notes.txt": b"mine"}),
+                 gzip.compress(tar({"manifest.json": manifest, "model.onnx": b"x"})),
+                 tar({"manifest.json": manifest, "model.onnx": b"x", "notes.txt": b"mine"}),
+                 tar({"manifest.json": manifest}),
+                 tar({"manifest.json": b"[1]", "model.onnx": b"x"}),
+                 tar({"manifest.json": b"{not json", "model.onnx": b"x"})):
+        archive.write_bytes(data)
+        assert remove_stale_archive(tmp_path / "mybundle") is None
+        assert archive.read_bytes() == data
+    archive.write_bytes(tar({"manifest.json": manifest, "model.onnx": b"x"}))   # an export's
+    assert remove_stale_archive(tmp_path / "mybundle") == archive and not archive.exists()
+
+
 def test_an_archive_path_holding_something_else_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "out.tar").write_text("my notes")
     assert main(["--target", "arm-cpu", "--output", str(tmp_path / "out"), "--tar"]) == 2
