@@ -55,6 +55,7 @@ def load(path: str | Path, *, threads: int | None = None, spinning: bool = True,
             raise
         if _identity(path) == before:
             return model
+        model.close()   # half old, half new: its sessions (a Ray pipeline's GPUs) go back
     raise BundleError(f"{path} was replaced 3 times while it loaded; load it again once the "
                       f"update is done.")
 

@@ -164,7 +164,7 @@ class Bundle:
             name = entry["path"]
             try:
                 inside = "\0" not in name and root in (root / name).resolve().parents
-            except (OSError, RuntimeError):   # a link loop
+            except (OSError, RuntimeError, ValueError):   # a link loop; a lone surrogate
                 inside = False
             if not name or Path(name).is_absolute() or not inside:
                 raise BundleError(f"manifest.json lists an unsafe file path {name!r}.")

@@ -116,9 +116,14 @@ def check_sampling(*, max_new_tokens, temperature, top_k, top_p, seed) -> dict:
     for name, value in (("temperature", temperature), ("top_p", top_p)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a number, got {value!r}.")
-    if not 0 <= temperature < float("inf"):  # nan too
+    try:
+        finite = 0 <= float(temperature) < float("inf")   # nan too
+    except OverflowError:   # an int past float's range: 10**400
+        finite = False
+    if not finite:
+        shown = repr(temperature)
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got "
-                         f"{temperature!r}.")
+                         f"{shown if len(shown) < 40 else shown[:30] + '...'}.")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
     return {"max_new_tokens": count(max_new_tokens, "max_new_tokens", least=0),

@@ -292,6 +292,16 @@ class _Closed:
                          f"bundle again to use it.")
 
 
+def _named(manifest: dict, key: str) -> list[dict]:
+    """A staged bundle's manifest `inputs` or `outputs`: a list of {"name": str, ...}."""
+    value = manifest.get(key, [])
+    if not isinstance(value, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) for t in value):
+        raise BundleError(f"manifest.json: {key!r} must be a list of {{\"name\": str, ...}}, "
+                          f"got {value!r}.")
+    return value
+
+
 def _check_external_data(bundle: Bundle, entry: dict, whose: str) -> None:
     """The files `entry` (the manifest, or one of its stages) names as its graph's
     "external_data" (the weights of a graph over 2 GB), each one listed, so verified."""
@@ -350,6 +360,17 @@ class Model:
         except _onnxruntime_errors() as e:   # they derive from Exception alone
             raise BundleError(f"{bundle.path}: onnxruntime cannot load its graph: "
                               f"{type(e).__name__}: {e}") from e
+        try:
+            self._check_graph(bundle)
+        except BaseException:   # what the session holds (a Ray pipeline: GPUs) goes back now
+            if callable(getattr(self.session, "close", None)):
+                self.session.close()
+            raise
+        self._idle: Decoder | None = None   # a KV cache no generation holds
+        self._lock = threading.Lock()
+
+    def _check_graph(self, bundle: Bundle) -> None:
+        """Refuse at load what the graph and the manifest disagree on."""
         self.input_names = [i.name for i in self.session.get_inputs()]
         decoder = all(name in self.input_names for name in DECODER_INPUTS)
         if decoder != (self.task == "text-generation"):
@@ -367,8 +388,6 @@ class Model:
             except (TypeError, ValueError) as e:
                 raise BundleError(f"{bundle.path / 'manifest.json'}: pooling.default_prompt "
                                   f"must name one of pooling.prompts ({e})") from None
-        self._idle: Decoder | None = None   # a KV cache no generation holds
-        self._lock = threading.Lock()
 
     @staticmethod
     def _session(bundle: Bundle, threads: int, spinning: bool, providers, pipeline: str):
@@ -380,8 +399,8 @@ class Model:
                     bundle.file(stage["file"])   # listed, so verified (Stages checks the rest)
                 if isinstance(stage, dict):
                     _check_external_data(bundle, stage, "a stage's ")
-            outputs = [o["name"] for o in manifest.get("outputs", [])]
-            inputs = manifest.get("inputs", [])   # none listed: the first stage's inputs
+            outputs = [o["name"] for o in _named(manifest, "outputs")]
+            inputs = _named(manifest, "inputs")   # none listed: the first stage's inputs
             if pipeline == "ray":
                 from .ray_stages import RayStagedSession
 

@@ -738,9 +738,10 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
         raise FileNotFoundError(f"Tokenizer file not found: '{path}'.{hint}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        why = "nested too deep" if isinstance(e, RecursionError) else e
         raise ValueError(
-            f"{path}: not a valid tokenizer.json ({e}). "
+            f"{path}: not a valid tokenizer.json ({why}). "
             "Expected the JSON file that Hugging Face tokenizers writes (Tokenizer.save)."
         ) from e
     if not isinstance(data, dict):

@@ -768,6 +768,7 @@ def test_bad_generation_requests(smollm2):
         ({"max_new_tokens": True}, TypeError, "max_new_tokens must be an int, got True"),
         ({"max_new_tokens": -1}, ValueError, "max_new_tokens must be >= 0, got -1"),
         ({"temperature": float("nan")}, ValueError, "temperature must be a finite number >= 0"),
+        ({"temperature": 10**400}, ValueError, "temperature must be a finite number >= 0"),
         ({"temperature": "hot"}, TypeError, "temperature must be a number, got 'hot'"),
         ({"top_k": 2.5}, TypeError, "top_k .* must be an int, got 2.5"),
         ({"seed": -1}, ValueError, "seed must be >= 0, got -1"),

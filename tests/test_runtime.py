@@ -802,6 +802,61 @@ def test_manifest_fields_every_call_reads_are_checked_at_load(bundle_copy):
         {"file": "model.onnx", "device": "cpu", "inputs": manifest["inputs"],
          "outputs": manifest["outputs"]}]}))
     assert runtime.load(bundle_copy, verify=False).embed(["hi"]).shape == (1, 384)
+    # a stage plan's outputs without names, a file path no filesystem can name: refused
+    # (they were a KeyError and a UnicodeEncodeError traceback, verify's exit 1)
+    files = manifest["files"] + [{"path": "\ud800x", "bytes": 1, "sha256": "0" * 64}]
+    for changes, message in [({"outputs": [{}]}, r"'outputs' must be a list of \{\"name\""),
+                             ({"files": files}, "unsafe file path")]:
+        edit_manifest(bundle_copy, **changes)
+        with pytest.raises(BundleError, match=message):
+            runtime.load(bundle_copy, verify=False)
+        done = subprocess.run([sys.executable, "-m", "runtime", "verify", str(bundle_copy)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "\n" not in done.stderr.strip(), done.stderr
+        edit_manifest(bundle_copy, **staged)
+
+
+def test_a_load_refused_after_its_session_opened_closes_it(bundle_copy, monkeypatch):
+    """What a session holds (a Ray pipeline: a GPU per stage, in a placement group) goes back
+    when the load is refused after it opened, or when a load starts again because the bundle
+    was replaced meanwhile; not when the garbage collector gets to it."""
+    from runtime._files import replace_directory
+    from runtime.model import Model
+
+    real, closed = Model._session, []
+
+    class Held:   # stands in for RayStagedSession
+        def __init__(self, session):
+            self.session = session
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def close(self):
+            closed.append(self.session)
+
+    monkeypatch.setattr(Model, "_session", staticmethod(lambda *a: Held(real(*a))))
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    edit_manifest(bundle_copy, pooling=manifest["pooling"] | {
+        "prompts": {"query": "query: "}, "default_prompt": "passage"})
+    with pytest.raises(BundleError, match="pooling.default_prompt must name one of"):
+        runtime.load(bundle_copy, verify=False)
+    assert len(closed) == 1
+    edit_manifest(bundle_copy, pooling=manifest["pooling"])
+    new = Path(shutil.copytree(bundle_copy, bundle_copy.with_name(".bundle.new")))
+    swapped = []
+    real_init = Model.__init__
+
+    def init(self, *args, **kwargs):   # the bundle is swapped once the first Model is built
+        real_init(self, *args, **kwargs)
+        if not swapped:
+            swapped.append(self.session)
+            replace_directory(new, bundle_copy)
+
+    monkeypatch.setattr(Model, "__init__", init)
+    model = runtime.load(bundle_copy, verify=False)
+    assert len(closed) == 2 and closed[1] is swapped[0].session is not model.session.session
+    assert model.embed(["hi"]).shape == (1, 384)
 
 
 def test_only_onnxruntimes_errors_become_a_bad_bundle(minilm_bundle, monkeypatch):

@@ -648,6 +648,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     "content, message",
     [
         ('{"model": {', "not a valid tokenizer.json"),
+        ("[" * 100_000 + "]" * 100_000, r"not a valid tokenizer.json \(nested too deep\)"),
         ("[1, 2]", "JSON object"),
         ("{}", "missing field 'model'"),
     ],
