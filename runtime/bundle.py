@@ -100,6 +100,9 @@ class Bundle:
     def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
         """Read `path/manifest.json` and check that every listed file is there; with `verify`,
         also its size and sha256 (which reads every byte)."""
+        if isinstance(path, str) and not path.strip():   # Path("") is ".", the cwd
+            raise FileNotFoundError(f"Bundle directory {path!r} is empty; name the directory "
+                                    f"that holds manifest.json.")
         path = Path(path)
         if path.is_file() and _is_archive(path):
             raise FileNotFoundError(f"{str(path)!r} is a bundle archive; install it with "
@@ -108,6 +111,9 @@ class Bundle:
         if path.is_file():
             raise FileNotFoundError(f"{str(path)!r} is a file; a bundle is the directory "
                                     f"that holds manifest.json, e.g. {str(path.parent)!r}.")
+        if path.exists() and not path.is_dir():   # a device, a pipe
+            raise FileNotFoundError(f"{str(path)!r} is not a directory; a bundle is the "
+                                    f"directory that holds manifest.json.")
         if not path.is_dir():
             raise FileNotFoundError(f"Bundle directory {str(path)!r} does not exist.")
         manifest_file = path / "manifest.json"

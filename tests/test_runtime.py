@@ -703,6 +703,11 @@ def test_missing_file_and_manifest(bundle_copy, tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json' is a file; a bundle is the "
                                                 "directory that holds manifest.json"):
         runtime.load(bundle_copy / "tokenizer.json")
+    # a device, and "" (which Path reads as the current directory)
+    with pytest.raises(FileNotFoundError, match="'/dev/null' is not a directory; a bundle is"):
+        runtime.load("/dev/null")
+    with pytest.raises(FileNotFoundError, match="Bundle directory '' is empty"):
+        runtime.load("")
 
 
 def test_a_file_the_manifest_does_not_vouch_for_is_never_loaded(bundle_copy):
