@@ -691,6 +691,9 @@ def _ids(ids: Iterable[int]) -> Iterator[int]:
     represent, is an error."""
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise TypeError(f"decode() expects a list of int ids, got {type(ids).__name__}.")
+    if getattr(ids, "ndim", 1) != 1:   # a batch of rows, from generate's arrays
+        raise TypeError(f"decode() expects one row of ids, got an array of shape "
+                        f"{ids.shape}; decode each row.")
     for i, token_id in enumerate(ids):
         if isinstance(token_id, bool) or not hasattr(token_id, "__index__"):
             raise TypeError(f"decode() expects int ids; item {i} is "

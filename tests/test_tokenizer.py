@@ -516,6 +516,7 @@ def test_decode_takes_any_int_ids_and_refuses_others(tok, hf):
         ([101, 2.0], TypeError, "expects int ids; item 1 is float"),
         ([101, True], TypeError, "expects int ids; item 1 is bool"),
         ([101, -100], ValueError, "token ids are >= 0; item 1 is -100"),  # HF: OverflowError
+        (np.array([ids]), TypeError, r"one row of ids, got an array of shape \(1, 6\)"),
     ]:
         with pytest.raises(error, match=message):
             tok.decode(bad)
