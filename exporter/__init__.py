@@ -71,6 +71,23 @@ def _texts(source, *, default_split: str, count: int, what: str) -> list[Utteran
     return items
 
 
+def _check_utf8_names(**paths) -> None:
+    """Refuse a path whose name is not UTF-8 (Python surrogate-escapes its bytes, "\\udce9"
+    for a Latin-1 "\\xe9"): it passed every check, then failed minutes into the export, where
+    report.md records it as UTF-8 text or onnxruntime opens a graph under it."""
+    for what, path in paths.items():
+        text = os.fspath(path) if isinstance(path, os.PathLike) else path
+        if not isinstance(text, str):
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"The {what} path {ascii(text)} is not valid UTF-8 (a name written "
+                             f"in another encoding, such as Latin-1): the export records it "
+                             f"as UTF-8 text and onnxruntime opens files by UTF-8 name; "
+                             f"rename it.") from None
+
+
 def _shuffled(texts: list[Utterance], count: int) -> list[Utterance]:
     """`texts` in a seeded random order where there are more than `count`: each stage reads
     the first n it needs (calibration `count`, sensitivity fewer, healing more), and a file's
@@ -313,6 +330,8 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
     from .gguf import PACKAGED_GGUF
     from .load import TASKS, check_single_label, infer_task, packaged_names, resolve_model_dir
 
+    _check_utf8_names(model=model, target=target, output=output, calibration=calibration,
+                      evaluation=evaluation)
     if isinstance(model, os.PathLike):   # the manifest records it, as text; a Path of a
         model = os.fspath(model)           # .gguf file was read as a checkpoint directory
     if not isinstance(model, str):

@@ -203,10 +203,13 @@ def render_decoder_markdown(data: dict) -> str:
 
 def write_report_files(data: dict, directory: Path) -> list[Path]:
     files = [directory / "report.json", directory / "report.md"]
-    files[0].write_text(json.dumps(data, indent=2) + "\n")
+    files[0].write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     plot = directory / "report.png"
     drawn = plot_report(data, plot)
-    files[1].write_text(render_markdown(data, plot=plot.name if drawn else None))
+    # backslashreplace: a surrogate-escaped file name (export() refuses them; a caller of
+    # this function may not) is written as "\udce9", not a crash at the last stage
+    files[1].write_text(render_markdown(data, plot=plot.name if drawn else None),
+                        encoding="utf-8", errors="backslashreplace")
     return files + ([plot] if drawn else [])
 
 

@@ -438,6 +438,24 @@ def test_the_report_names_the_calibration_text():
     assert "minmax on 300 texts of my/cal.txt (900 texts in" in render_markdown(data)
 
 
+def test_a_report_naming_a_file_name_that_is_not_utf8_is_written(tmp_path):
+    """A file name Python had surrogate-escaped (Latin-1 bytes) raised UnicodeEncodeError
+    writing report.md, at the bundle stage, minutes into the export."""
+    from exporter.report import write_report_files
+
+    data = {"name": "x", "task": "feature-extraction", "target": "arm-cpu",
+            "budget": "cosine>=0.9", "calibration_source": "caf\udce9.txt",
+            "quantization": {"mode": "static-int8-qdq", "weights": "int8",
+                             "activations": "uint8", "quantized_nodes": [],
+                             "excluded_nodes": [], "embeddings": {"mode": "float", "tables": []},
+                             "calibration": {"method": "minmax", "samples": 3,
+                                             "data_sha256": "ab" * 32}}}
+    write_report_files(data, tmp_path)
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "minmax on 3 texts of caf\\udce9.txt" in report
+    assert json.loads((tmp_path / "report.json").read_text(encoding="utf-8")) == data
+
+
 def test_a_latency_budget_broken_alone_is_not_called_an_accuracy_failure(tmp_path,
                                                                         monkeypatch):
     """Only the latency broke: the message and the rejected report said the accuracy budget

@@ -1414,6 +1414,33 @@ def test_export_refuses_an_unknown_task_and_an_empty_output_first(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flag", ["--output", "--calibration", "--eval", "--model",
+                                  "--target"])
+def test_a_path_named_in_another_encoding_is_refused_before_any_work(tmp_path, monkeypatch,
+                                                                     capsys, flag):
+    """A file name in Latin-1 (byte 0xe9 for "e acute", surrogate-escaped by Python) passed
+    every check, then failed minutes in: report.md's UTF-8 write at the bundle stage, or
+    onnxruntime opening the graph under --output."""
+    from exporter import pipeline
+    from exporter.load import resolve_model_dir
+    from targets import PROFILE_DIR
+
+    monkeypatch.setattr(pipeline, "run", lambda job: job.output)   # no export, whatever
+    odd = tmp_path / os.fsdecode(b"caf\xe9")
+    paths = {"--output": odd, "--calibration": odd.with_suffix(".txt"),
+             "--eval": odd.with_suffix(".txt"), "--model": odd,
+             "--target": odd.with_suffix(".toml")}
+    odd.with_suffix(".txt").write_text("turn on the lights\n")
+    odd.with_suffix(".toml").write_text((PROFILE_DIR / "arm-cpu.toml").read_text())
+    if flag == "--model":
+        odd.symlink_to(resolve_model_dir("minilm"))
+    argv = {"--target": "arm-cpu", "--output": str(tmp_path / "out"), flag: str(paths[flag])}
+    assert main([a for pair in argv.items() for a in pair]) == 2
+    err = capsys.readouterr().err
+    assert f"{ascii(str(paths[flag]))} is not valid UTF-8" in err and "rename it" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_default_texts_with_other_labels_say_to_give_labelled_texts():
     """Texts that come from no file (the default set, or a list given in code) have where ""
     and got a message starting ": label ..."."""
