@@ -20,7 +20,7 @@ from targets import CHOICES, Target, load_target, positive_number
 
 from .budget import Budget, BudgetError
 from .compress import Compression
-from .data import Utterance, read_texts, smart_home_utterances
+from .data import Utterance, check_characters, read_texts, smart_home_utterances
 from .report import (
     check_archive_replaceable,
     check_not_in_bundle,
@@ -68,6 +68,8 @@ def _texts(source, *, default_split: str, count: int, what: str) -> list[Utteran
     items = [u if isinstance(u, Utterance) else Utterance(u) for u in source]
     if not items or not all(isinstance(u.text, str) for u in items):
         raise ValueError(f"{what} must be a non-empty list of strings.")
+    for i, u in enumerate(items):
+        check_characters(u.text, f"{what}[{i}]")
     return items
 
 

@@ -62,6 +62,22 @@ class Utterance:
     label_id: int | None = None   # a .jsonl label given as a class index (as HF datasets write)
 
 
+# Half of a UTF-16 surrogate pair: no character, and nothing UTF-8 encodes or tokenizes.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_characters(text: str, where: str) -> None:
+    """ValueError naming `where` when `text` holds a lone surrogate: a JSON "\\ud800" escape
+    (or a str built in code) reads as one, and it crashed the export mid-pipeline, where a
+    .txt file's (not UTF-8) is refused when read."""
+    match = _SURROGATE.search(text)
+    if match:
+        raise ValueError(f"{where} holds a lone surrogate U+{ord(match.group()):04X} "
+                         f"(character {match.start() + 1}), half of a UTF-16 pair and no "
+                         f"character: write the character itself, or both halves of its "
+                         f"pair (\\ud83d\\ude00).")
+
+
 def split_of(text: str) -> str:
     """The split a text belongs to, decided by its hash (stable across runs and sizes)."""
     bucket = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") % 100
@@ -100,7 +116,8 @@ def read_texts(path: str | Path) -> list[Utterance]:
     a label name, or a class index as Hugging Face datasets write it).
 
     Blank lines are skipped. Raises FileNotFoundError for a missing file and ValueError for
-    bad encoding, a bad JSON line, or a file with no text at all, naming the file and line.
+    bad encoding, a bad JSON line (or a lone surrogate in its text), or a file with no text at
+    all, naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
@@ -134,6 +151,7 @@ def read_texts(path: str | Path) -> list[Utterance]:
         if not record["text"].strip():
             raise ValueError(f"{path}:{number}: \"text\" is empty; give the text or leave the "
                              f"line out.")
+        check_characters(record["text"], f"{path}:{number}: \"text\"")
         label = record.get("label")
         index = label if isinstance(label, int) and not isinstance(label, bool) else None
         out.append(Utterance(record["text"], None if label is None else str(label),

@@ -180,6 +180,9 @@ def test_a_clause_bounding_the_wrong_side_is_refused(text):
     ("blank.jsonl", b'{"text": "ok"}\n{"text": "  ", "label": "x"}\n', ValueError,
      r'blank.jsonl:2: "text" is empty'),
     ("data.csv", b"a,b\n", ValueError, r"must end in .txt"),
+    # a JSON escape of half a surrogate pair is no character; UTF-8 (a .txt) has none
+    ("lone.jsonl", b'{"text": "ok"}\n{"text": "a\\ud800"}\n', ValueError,
+     r'lone.jsonl:2: "text" holds a lone surrogate U\+D800 \(character 2\)'),
 ])
 def test_bad_text_files(tmp_path, name, content, error, message):
     (tmp_path / name).write_bytes(content)
@@ -193,6 +196,17 @@ def test_missing_text_file(tmp_path):
     (tmp_path / "dir.txt").mkdir()
     with pytest.raises(FileNotFoundError, match="dir.txt' is not a regular file"):
         read_texts(tmp_path / "dir.txt")
+
+
+def test_texts_given_as_a_list_are_checked_as_a_files_are(tmp_path):
+    """A lone surrogate in a text given in code crashed mid-pipeline (quantize's UTF-8
+    encode), where a file's is refused up front."""
+    from exporter import _texts
+
+    with pytest.raises(ValueError, match=r"calibration\[1\] holds a lone surrogate U\+DC00 "
+                                         r"\(character 3\)"):
+        _texts(["fine", "ab\udc00"], default_split="calibration", count=10,
+               what="calibration")
 
 
 def test_few_or_shared_texts_are_warned_about():
