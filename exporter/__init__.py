@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import shutil
@@ -110,11 +111,23 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def _layers(model_dir: Path) -> int | None:
+    """config.json's num_hidden_layers (None where it has none: transformers' default), or
+    ValueError where it is no count: "6", 6.0 or null fail in transformers with a TypeError,
+    and true or 0 build a model of one layer or none."""
     from .load import read_config
 
-    if not (Path(model_dir) / "config.json").is_file():
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
         return None
-    return read_config(model_dir).get("num_hidden_layers")
+    config = read_config(model_dir)
+    if "num_hidden_layers" not in config:
+        return None
+    layers = config["num_hidden_layers"]
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ValueError(f"{path}: 'num_hidden_layers' is {json.dumps(layers)}; expected a "
+                         f"whole number above 0, the model's layer count (6, not \"6\" or "
+                         f"6.0): correct config.json.")
+    return layers
 
 
 def _shape(model: str, *, generative: bool, task: str) -> dict | None:

@@ -640,6 +640,28 @@ def test_cli_model_dir_without_config(tmp_path, capsys):
     assert [p for p in tmp_path.iterdir() if p.name != "model"] == []
 
 
+@pytest.mark.parametrize("layers", ['"6"', "6.0", "true", "0", "null"])
+def test_a_layer_count_that_is_not_a_count_is_refused_before_any_work(tmp_path, capsys,
+                                                                      monkeypatch, layers):
+    """config.json's num_hidden_layers "6" or 6.0 raised a TypeError in the up-front checks
+    (exit 1, "worth reporting"); loading raised transformers' own TypeError, and true or 0
+    built a model of one layer or none."""
+    from exporter import pipeline
+
+    monkeypatch.setattr(pipeline, "run", lambda job: job.output)   # no export, whatever
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(
+        '{"model_type": "bert", "architectures": ["BertModel"], "num_attention_heads": 12, '
+        f'"intermediate_size": 1536, "num_hidden_layers": {layers}}}')
+    for extra in ([], ["--drop-layers", "1"]):
+        assert main(["--target", "arm-cpu", "--model", str(tmp_path / "model"), *extra,
+                     "--output", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"config.json: 'num_hidden_layers' is {layers}; expected a whole number " \
+               f"above 0" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
 @pytest.mark.parametrize("architecture", ["BertModel", "LlamaForCausalLM"])
 def test_a_tokenizer_the_runtime_cannot_run_is_refused_before_the_model_loads(
         tmp_path, capsys, architecture):
