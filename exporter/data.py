@@ -146,6 +146,13 @@ def read_texts(path: str | Path) -> list[Utterance]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}).") from e
+        except RecursionError:   # the parser recurses per [ or {
+            raise ValueError(f"{path}:{number}: JSON nested too deeply to read; each line is "
+                             f"one object with a \"text\" field.") from None
+        except ValueError as e:   # an integer past Python's digits limit (4300)
+            raise ValueError(f"{path}:{number}: a number too long to read "
+                             f"({str(e).split(';')[0]}); a \"label\" is a name or a class "
+                             f"index (0, 1, ...).") from e
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f"{path}:{number}: expected an object with a string \"text\" field.")
         if not record["text"].strip():

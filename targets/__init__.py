@@ -265,6 +265,13 @@ def _read(path: Path) -> dict:
         return tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"Target profile {str(path)!r} is not valid TOML: {e}") from e
+    except RecursionError:   # the parser recurses per nested [ or {
+        raise ValueError(f"Target profile {str(path)!r} is not valid TOML: arrays or inline "
+                         f"tables nested too deeply to read (no setting takes nested ones).") \
+            from None
+    except ValueError as e:   # an integer past Python's digits limit (4300)
+        raise ValueError(f"Target profile {str(path)!r} is not valid TOML: a number too long "
+                         f"to read ({str(e).split(';')[0]}).") from e
 
 
 def _read_merged(path: Path, *, chain: tuple[Path, ...], origins: dict[str, Path]) -> dict:

@@ -183,6 +183,13 @@ def test_a_clause_bounding_the_wrong_side_is_refused(text):
     # a JSON escape of half a surrogate pair is no character; UTF-8 (a .txt) has none
     ("lone.jsonl", b'{"text": "ok"}\n{"text": "a\\ud800"}\n', ValueError,
      r'lone.jsonl:2: "text" holds a lone surrogate U\+D800 \(character 2\)'),
+    # what the JSON parser raises besides JSONDecodeError: RecursionError (uncaught, exit
+    # 1), and Python's integer-digits limit (no file or line)
+    ("deep.jsonl", b'{"text": "ok"}\n' + b"[" * 100_000 + b"]" * 100_000 + b"\n", ValueError,
+     r"deep.jsonl:2: JSON nested too deeply to read"),
+    ("long.jsonl", b'{"text": "ok", "label": ' + b"9" * 5000 + b"}\n", ValueError,
+     r"long.jsonl:1: a number too long to read \(Exceeds the limit \(4300 digits\) .*\); a "
+     r'"label" is a name or a class index'),
 ])
 def test_bad_text_files(tmp_path, name, content, error, message):
     (tmp_path / name).write_bytes(content)

@@ -64,6 +64,12 @@ def test_missing_profile_file(tmp_path, monkeypatch):
      r"'runtime.execution_providers' must be a list of str"),
     (("opset = 18", ""), r"missing key 'opset'"),
     (("opset = 18", "opset = 18 = 3"), r"not valid TOML"),
+    # what tomllib raises besides TOMLDecodeError: RecursionError (uncaught, exit 1), and
+    # Python's integer-digits limit (no file)
+    (("opset = 18", "opset = 18\ndeep = " + "[" * 5000 + "]" * 5000),
+     r"is not valid TOML: arrays or inline tables nested too deeply to read"),
+    (("opset = 18", "opset = " + "9" * 5000),
+     r"is not valid TOML: a number too long to read \(Exceeds the limit \(4300 digits\)"),
     # numbers out of range are refused when the profile is read, before any export work
     (("threads = 0", "threads = -1"), r"'runtime.threads' is -1; expected 0 or more"),
     (("batch_size = 32", "batch_size = 0"), r"'runtime.batch_size' is 0; expected 1 or more"),
