@@ -119,6 +119,9 @@ def read_texts(path: str | Path) -> list[Utterance]:
     bad encoding, a bad JSON line (or a lone surrogate in its text), or a file with no text at
     all, naming the file and line.
     """
+    if isinstance(path, str) and not path.strip():   # Path("") is ".", a directory
+        raise ValueError(f"Text file {path!r} names no file; give a .txt or .jsonl path, or "
+                         f"leave it out for the default texts.")
     path = Path(path)
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"

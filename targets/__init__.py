@@ -248,8 +248,11 @@ def _resolve(name_or_path: str | Path, *, relative_to: Path | None = None) -> Pa
         if not path.is_file():
             what = "is not a file" if path.exists() else "does not exist"
             builtin = path.stem if (PROFILE_DIR / f"{path.stem}.toml").is_file() else None
-            hint = (f"; the built-in profile is named {builtin!r}, without .toml"
-                    if builtin and not path.exists() else "")
+            hint = ""
+            if builtin and not path.exists():   # Path() drops "./": say what was given
+                hint = (f"; built-in profiles are named by bare name: {builtin!r}, not {text!r}"
+                        if "/" in text or "\\" in text else
+                        f"; the built-in profile is named {builtin!r}, without .toml")
             raise FileNotFoundError(f"Target profile {str(path)!r} {what}{hint}.")
         return path
     path = PROFILE_DIR / f"{text}.toml"

@@ -203,6 +203,11 @@ def test_missing_text_file(tmp_path):
     (tmp_path / "dir.txt").mkdir()
     with pytest.raises(FileNotFoundError, match="dir.txt' is not a regular file"):
         read_texts(tmp_path / "dir.txt")
+    # Path("") is ".": the message named a directory the user never gave
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match=f"^Text file {empty!r} names no file; give a "
+                                             f".txt or .jsonl path"):
+            read_texts(empty)
 
 
 def test_texts_given_as_a_list_are_checked_as_a_files_are(tmp_path):

@@ -321,6 +321,9 @@ def test_broken_budget_fails_loudly_and_keeps_the_old_bundle(tmp_path, minilm_bu
     (["--target", "arm-cpu", "--drop-layers", "1", "--heal-steps", "-1"],
      "--heal-steps -1 is not a count"),
     (["--target", "arm-cpu.toml"], "the built-in profile is named 'arm-cpu', without .toml"),
+    (["--target", "./arm-cpu"], "built-in profiles are named by bare name: 'arm-cpu', not "
+                                "'./arm-cpu'."),
+    (["--target", "arm-cpu", "--calibration", ""], "Text file '' names no file"),
     (["--target", "arm-cpu", "--drop-layers", "7,"], "--drop-layers 7: the model has 6 layers"),
     (["--target", "arm-cpu", "--share-max-harm", "0.1"], "give --share-layers too"),
 ])

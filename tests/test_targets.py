@@ -49,6 +49,12 @@ def test_missing_profile_file(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="'arm-cpu.toml' does not exist; the built-in "
                                                 "profile is named 'arm-cpu', without .toml"):
         load_target("arm-cpu.toml")
+    # no .toml given: the hint said to leave out the .toml
+    for given in ("./arm-cpu", "boards/arm-cpu", "boards/arm-cpu.toml"):
+        with pytest.raises(FileNotFoundError, match=rf"does not exist; built-in profiles are "
+                                                    rf"named by bare name: 'arm-cpu', not "
+                                                    rf"'{given}'\.$"):
+            load_target(given)
     (tmp_path / "boards").mkdir()   # a directory given by mistake "does not exist"ed
     with pytest.raises(FileNotFoundError, match=r"/boards' is not a file\."):
         load_target(f"{tmp_path}/boards/")
