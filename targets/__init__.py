@@ -198,9 +198,11 @@ def load_target(name_or_path: str | Path) -> Target:
                          f"'generation.block_size' is {block}; expected a power of "
                          f"two (16, 32, 64, 128, ...).")
     if target.name in ("", ".", "..") or "/" in target.name or "\\" in target.name \
-            or target.name.startswith("."):
+            or target.name.startswith(".") or not target.name.isprintable():
+        # isprintable: no newline, NUL or other control character in a directory name
         raise ValueError(f"{path}: 'name' is {target.name!r}; it names the output directory "
-                         f"(build/<model>-<name>): no path separators or leading dot.")
+                         f"(build/<model>-<name>): printable characters only, no path "
+                         f"separators or leading dot.")
     _check_budgets(target, path, origins)
     if not target.runtime.execution_providers:
         raise ValueError(f"{path}: 'runtime.execution_providers' is empty; list at least "

@@ -106,6 +106,11 @@ def test_missing_profile_file(tmp_path, monkeypatch):
      r"'generation.budget' is 'cosine>=0.9': .* a text-generation export measures"),
     (('description = "', 'name = "../../etc"\ndescription = "'),
      r"'name' is '../../etc'; it names the output directory"),
+    # a newline made a build/ directory with one in its name; NUL failed as "embedded null
+    # byte", naming nothing
+    (('description = "', 'name = "a\\nb"\ndescription = "'),
+     r"'name' is 'a\\nb'; it names the output directory .*: printable characters only"),
+    (('description = "', 'name = "a\\u0000b"\ndescription = "'), r"'name' is 'a\\x00b'"),
 ])
 def test_bad_profile_names_file_key_and_expectation(tmp_path, edit, message):
     text = (PROFILE_DIR / "arm-cpu.toml").read_text()
