@@ -71,7 +71,11 @@ def _texts(source, *, default_split: str, count: int, what: str) -> list[Utteran
         raise ValueError(f"{what} must be a non-empty list of strings.")
     for i, u in enumerate(items):
         check_characters(u.text, f"{what}[{i}]")
-    return items
+    kept = [u for u in items if u.text.strip()]   # as a text file's blank lines are skipped
+    if not kept:
+        raise ValueError(f"{what} holds no text: its {len(items)} texts are all blank; give "
+                         f"at least one.")
+    return kept
 
 
 def _check_utf8_names(**paths) -> None:

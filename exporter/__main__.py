@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         from exporter import BudgetError, Compression, export
 
         compression = Compression(
-            drop_layers=Compression.parse_layers(args.drop_layers) if args.drop_layers else 0,
+            drop_layers=Compression.parse_layers(args.drop_layers)   # "" is refused there
+            if args.drop_layers is not None else 0,
             prune_heads=args.prune_heads, prune_ffn=args.prune_ffn, sparsity=args.sparsity,
             sparsity_pattern=args.sparsity_pattern, share_layers=args.share_layers,
             heal_steps=args.heal_steps, **({} if args.share_max_harm is None else

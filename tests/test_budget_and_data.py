@@ -221,6 +221,17 @@ def test_texts_given_as_a_list_are_checked_as_a_files_are(tmp_path):
                what="calibration")
 
 
+def test_blank_texts_given_as_a_list_are_skipped_as_a_files_blank_lines_are():
+    """["", "  ", "\\n"] was taken as three texts to calibrate on."""
+    from exporter import _texts
+
+    got = _texts(["on", "", " \n", "off"], default_split="eval", count=10, what="evaluation")
+    assert [u.text for u in got] == ["on", "off"]
+    with pytest.raises(ValueError, match=r"^calibration holds no text: its 3 texts are all "
+                                         r"blank; give at least one\.$"):
+        _texts(["", "  ", "\n"], default_split="calibration", count=10, what="calibration")
+
+
 def test_few_or_shared_texts_are_warned_about():
     from exporter import data_warnings
     from exporter.data import Utterance

@@ -643,6 +643,16 @@ def test_cli_model_dir_without_config(tmp_path, capsys):
     assert [p for p in tmp_path.iterdir() if p.name != "model"] == []
 
 
+def test_an_empty_drop_layers_is_refused_not_read_as_none(tmp_path, capsys, monkeypatch):
+    """--drop-layers "" was tested for truth and exported with nothing dropped."""
+    from exporter import pipeline
+
+    monkeypatch.setattr(pipeline, "run", lambda job: job.output)   # no export, whatever
+    assert main(["--target", "arm-cpu", "--drop-layers", "", "--output",
+                 str(tmp_path / "out")]) == 2
+    assert "--drop-layers '': give a count (2)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("layers", ['"6"', "6.0", "true", "0", "null"])
 def test_a_layer_count_that_is_not_a_count_is_refused_before_any_work(tmp_path, capsys,
                                                                       monkeypatch, layers):
