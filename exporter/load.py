@@ -105,6 +105,12 @@ def read_json(path: Path, kind: type = dict):
         value = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); is the checkpoint complete?") from None
+    except RecursionError:   # the parser recurses per [ or {
+        raise ValueError(f"{path} is not valid JSON (nested too deeply to read); is the "
+                         f"checkpoint complete?") from None
+    except ValueError as e:   # an integer past Python's digits limit (4300)
+        raise ValueError(f"{path} is not valid JSON ({str(e).split(';')[0]}); is the "
+                         f"checkpoint complete?") from None
     if not isinstance(value, kind):
         raise ValueError(f"{path} must hold a JSON {'object' if kind is dict else 'array'}, "
                          f"got {type(value).__name__}.")

@@ -754,6 +754,9 @@ def test_sentence_transformers_pooling_is_read_or_refused(tmp_path, pooling, mod
     ("1_Pooling/config.json", "[]", r"1_Pooling/config.json must hold a JSON object"),
     ("config_sentence_transformers.json", "{bad",
      r"config_sentence_transformers.json is not valid JSON"),
+    ("modules.json", "[" * 100_000, r"modules.json is not valid JSON \(nested too deeply"),
+    ("1_Pooling/config.json", '{"a": ' + "9" * 5000 + "}",
+     r"config.json is not valid JSON \(Exceeds the limit \(4300 digits\)"),
 ])
 def test_broken_sentence_transformers_files_are_named(tmp_path, name, content, expected):
     """A nameless JSONDecodeError (exit 2 with no file named) or an AttributeError (exit 1,
