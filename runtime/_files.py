@@ -18,6 +18,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path, PurePosixPath
 
@@ -35,6 +36,9 @@ except ImportError:   # not on Windows: the pid and the clock tell, as below
 # directory then reads as older than the process that made it.
 # (st_dev, st_ino) of each directory this process holds -> the open, locked descriptor.
 _held: dict[tuple[int, int], int] = {}
+# Taken to change `_held`: threads of one process sweep it, and a descriptor closed by one
+# is reused by the next open of another.
+_held_lock = threading.Lock()
 # (st_dev, st_ino) of the directories this process named with its pid, where the filesystem
 # has no locks (some FUSE and NFS mounts): one with its pid that it did not make is a
 # leftover of an earlier run that had the same pid.
@@ -71,13 +75,11 @@ def _lock(path: Path) -> tuple[int | None, str]:
 def _release_removed() -> None:
     """Close the locks of directories this process held that are gone since (removed by its
     cleanup: a directory's link count is 0 once it is)."""
-    for key, fd in list(_held.items()):
-        try:
-            gone = os.fstat(fd).st_nlink == 0
-        except OSError:   # closed meanwhile, by another thread
-            continue
-        if gone and _held.pop(key, None) == fd:   # (once, where threads race)
-            os.close(fd)
+    with _held_lock:
+        for key, fd in list(_held.items()):
+            if os.fstat(fd).st_nlink == 0:
+                del _held[key]
+                os.close(fd)
 
 
 def work_dir_beside(target: Path) -> Path:
@@ -99,7 +101,8 @@ def work_dir_beside(target: Path) -> Path:
             except FileNotFoundError:
                 here = False
             if here:
-                _held[info.st_dev, info.st_ino] = fd
+                with _held_lock:
+                    _held[info.st_dev, info.st_ino] = fd
                 return work
             os.close(fd)
         # Another run's remove_leftovers found it before the lock was taken, empty and
@@ -131,6 +134,7 @@ def remove_leftovers(target: Path) -> int:
     # directory `.out.2024.<pid>.<random>` of a live run writing `out.2024` is not `out`'s.
     own = re.compile(rf"\.{re.escape(target.name)}\."
                      rf"(?:(\d+)\.[a-z0-9_]{{8}}|old-(\d+)(?:\.[a-z0-9_]{{8}})?)")
+    _release_removed()   # (a long-lived process cleaning up often holds none it removed)
     freed = 0
     parent = target.parent if target.parent.is_dir() else None
     for path in parent.iterdir() if parent else ():
@@ -227,7 +231,8 @@ def replace_directory(new: Path, final: Path) -> None:
     _rename_over(new, final)
     # Held until renamed (a run finding it under its work name would remove it), then not:
     # it is the output now.
-    held = _held.pop(work, None)
+    with _held_lock:
+        held = _held.pop(work, None)
     if held is not None:
         os.close(held)
 
