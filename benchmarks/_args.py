@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,11 +87,27 @@ def bundle(text: str) -> Path:
 
 
 def result_file(text: str) -> Path:
-    """A file to write results to: not an existing directory (refused at once rather than
-    after the whole run, when os.replace fails and the results are lost)."""
+    """A file to write results to, refused at once rather than after the whole run (when the
+    write fails and the results are lost): not a directory, and in a directory that exists
+    or can be made, where files can be written (tried: permissions alone do not tell root
+    that /proc takes no files)."""
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path.")
+    where = next(p for p in (path.parent, *path.parent.parents) if p.exists() or p == p.parent)
+    if not where.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: {str(where)!r} is a file, not a "
+                                         f"directory; give a path in a directory.")
+    try:   # a file where it goes, or a directory on the way to it: made, then removed
+        if where == path.parent:
+            with tempfile.NamedTemporaryFile(dir=where, prefix=f".{path.name}."):
+                pass
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=where, prefix=".results."))
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: cannot write in {str(where)!r} "
+                                         f"({e.strerror}); give a path where files can be "
+                                         f"written.") from None
     return path
 
 

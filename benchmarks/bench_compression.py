@@ -107,6 +107,10 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=argtypes.result_file,
                         default=RESULTS / "bench_compression")
     args = parser.parse_args(argv)
+    for path in result_paths(args.output).values():   # what is written: each a file
+        if path.is_dir():
+            parser.error(f"--output {str(args.output)!r} writes {str(path)!r}, which is a "
+                         f"directory; give another --output.")
 
     from exporter import pipeline
     from exporter.budget import Budget

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from runtime._files import (
     archive_members,
+    bundle_around,
     bundle_files,
     damaged_archive,
     holds_only,
@@ -343,13 +344,11 @@ def check_not_in_bundle(path: Path) -> None:
     """Raise FileExistsError where `path` lies inside a bundle: written there, it would be a
     file that bundle's manifest does not list, and no export or runtime.unpack would replace
     that bundle any more."""
-    for parent in path.resolve().parents:
-        known = bundle_files(parent)   # empty (falsy) without a manifest.json: no walk
-        if known and holds_only(parent, known):
-            raise FileExistsError(f"Output {str(path)!r} lies inside the bundle "
-                                  f"{str(parent)!r}, which would then hold files its manifest "
-                                  f"does not list (and no export could replace it). Choose an "
-                                  f"--output outside it, e.g. beside it.")
+    if (bundle := bundle_around(path)) is not None:
+        raise FileExistsError(f"Output {str(path)!r} lies inside the bundle {str(bundle)!r}, "
+                              f"which would then hold files its manifest does not list (and "
+                              f"no export could replace it). Choose an --output outside it, "
+                              f"e.g. beside it.")
 
 
 def check_archive_replaceable(archive: Path, name: str) -> None:

@@ -6,12 +6,16 @@
 Each prints one line on success (unpack: the bundle's directory) and exits 0; a bundle that
 fails its checks, a missing path, one it will not replace or may not write (no permission, a
 read-only file system) exits 2 with the reason on stderr, and an I/O error (a full disk) exits 1.
+SIGTERM or SIGHUP stops an unpack with its work removed and the old bundle in place (exit
+128 + N); a reader that closed the output early (`| head -c0`) does not undo a success.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import os
+import signal
 import sys
 
 from . import Bundle, BundleError, unpack
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "unpack":
-            print(unpack(args.archive, args.directory))
+            _say(unpack(args.archive, args.directory))
         else:
             bundle = Bundle.open(args.bundle)
             # Everything load checks beyond the files (settings, stages, tokenizer, labels)
@@ -40,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             Model(bundle, threads=1, providers=["CPUExecutionProvider"])
             m = bundle.manifest
             size = sum(entry["bytes"] for entry in m["files"])
-            print(f"{bundle.path}: {m.get('name')} ({m.get('task')}, target "
-                  f"{m.get('target', {}).get('name')}), {len(m['files'])} files, "
-                  f"{size / 1e6:.1f} MB, sha256 verified; format {m['format_version']}, "
-                  f"opset {m['opset']}")
+            _say(f"{bundle.path}: {m.get('name')} ({m.get('task')}, target "
+                 f"{m.get('target', {}).get('name')}), {len(m['files'])} files, "
+                 f"{size / 1e6:.1f} MB, sha256 verified; format {m['format_version']}, "
+                 f"opset {m['opset']}")
     except (BundleError, FileNotFoundError, FileExistsError, PermissionError,
             NotADirectoryError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -54,5 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _say(line) -> None:
+    """Print the success line; a reader gone meanwhile (a pipe closed) changes nothing done."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:   # and no second error when Python flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)   # unwinds through unpack's cleanup, as Ctrl-C does
+
+
 if __name__ == "__main__":
+    # An updater's timeout or `systemctl stop` sends SIGTERM: by default it ends the process
+    # on the spot and leaves the unpack's work directory (the bundle's size) behind.
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _stop)
     sys.exit(main())

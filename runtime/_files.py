@@ -381,6 +381,18 @@ def first_unlisted(path: Path, allowed: set[str]) -> str | None:
     return None
 
 
+def bundle_around(path: Path) -> Path | None:
+    """The bundle directory that `path` would lie inside (the nearest parent holding a
+    manifest.json and only the files it lists), or None. Written there, `path` would be a
+    file that bundle's manifest does not list, and no export or runtime.unpack would
+    replace that bundle any more."""
+    for parent in path.resolve().parents:
+        known = bundle_files(parent)   # empty (falsy) without a manifest.json: no walk
+        if known and holds_only(parent, known):
+            return parent
+    return None
+
+
 def holds_only(path: Path, allowed: set[str]) -> bool:
     """Whether every file and link under directory `path` is one of `allowed` (relative
     POSIX paths). False where a directory under it cannot be read: what it holds is unknown

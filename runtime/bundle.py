@@ -12,9 +12,11 @@ runtime loads only files the manifest lists, by paths inside the bundle.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
+import os
 import shutil
 import tarfile
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from ._files import (
     archive_members,
+    bundle_around,
     bundle_files,
     damaged_archive,
     first_unlisted,
@@ -100,10 +103,7 @@ class Bundle:
     def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
         """Read `path/manifest.json` and check that every listed file is there; with `verify`,
         also its size and sha256 (which reads every byte)."""
-        if isinstance(path, str) and not path.strip():   # Path("") is ".", the cwd
-            raise FileNotFoundError(f"Bundle directory {path!r} is empty; name the directory "
-                                    f"that holds manifest.json.")
-        path = Path(path)
+        path = _given(path, "Bundle directory", "the directory that holds manifest.json")
         if path.is_file() and _is_archive(path):
             raise FileNotFoundError(f"{str(path)!r} is a bundle archive; install it with "
                                     f"runtime.unpack({str(path)!r}, DIRECTORY), then load "
@@ -218,7 +218,8 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
         >>> runtime.unpack("/media/usb/minilm-arm-cpu.tar", "/opt/models")
         PosixPath('/opt/models/minilm-arm-cpu')
     """
-    archive, into = Path(archive), Path(into)
+    archive = _given(archive, "Bundle archive", "the .tar file")
+    into = _given(into, "Directory", "where the bundle goes ('.' for the current directory)")
     if archive.is_dir():
         raise FileNotFoundError(f"{str(archive)!r} is a directory; runtime.load() a bundle "
                                 f"directory, runtime.unpack() a bundle archive (.tar).")
@@ -249,6 +250,12 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
             raise BundleError(f"{archive} is damaged ({e}); copy it again.") from None
         sizes = _archived_sizes(manifest, files, archive, name)
         final = into / name
+        if (around := bundle_around(final)) is not None:
+            raise FileExistsError(f"{str(into)!r} lies inside the bundle {str(around)!r} (or "
+                                  f"is one), which would then hold files its manifest does "
+                                  f"not list, and no unpack could replace it. Unpack into the "
+                                  f"directory that holds the bundles, e.g. "
+                                  f"{str(around.parent)!r}.")
         if final.is_symlink() or final.exists() and not (
                 final.is_dir() and (_a_bundle(final) or holds_only(final, set(sizes)))):
             known = bundle_files(final) if final.is_dir() and not final.is_symlink() else None
@@ -361,6 +368,22 @@ def _is_archive(path: Path) -> bool:
         if not damaged_archive(e):
             raise
         return True
+
+
+def _given(path: str | Path, what: str, name: str) -> Path:
+    """`path` as a Path; FileNotFoundError where it can name nothing: "" or blank (which Path
+    reads as ".", the current directory: an updater's unset $DEST) or a name longer than
+    the system takes (which every later check would raise as an I/O error)."""
+    if isinstance(path, str) and not path.strip():
+        raise FileNotFoundError(f"{what} {path!r} is empty; name {name}.")
+    path = Path(path)
+    try:
+        os.lstat(path)
+    except OSError as e:
+        if e.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+            shown = str(path) if len(str(path)) < 80 else str(path)[:70] + "..."
+            raise FileNotFoundError(f"{what} {shown!r}: {e.strerror}; name {name}.") from None
+    return path
 
 
 def _a_bundle(path: Path) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -133,4 +134,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if hasattr(signal, "SIGPIPE"):   # piped into `head`: end quietly once it has read enough,
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # as Unix filters do (no traceback)
     sys.exit(main())

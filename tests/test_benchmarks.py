@@ -28,6 +28,10 @@ REPO = Path(__file__).resolve().parent.parent
     ("bench_tokenizer.py", ["--json", "tests"], "argument --json: 'tests' is a directory"),
     ("bench_encoder.py", ["--output", "tests"], "argument --output: 'tests' is a directory"),
     ("bench_compression.py", ["--output", "tests"], "argument --output: 'tests' is a directory"),
+    ("bench_tokenizer.py", ["--json", "README.md/out.json"],
+     "argument --json: 'README.md/out.json': 'README.md' is a file, not a directory"),
+    ("bench_encoder.py", ["--output", "/proc/out.json"],
+     "argument --output: '/proc/out.json': cannot write in '/proc'"),
     ("bench_encoder.py", ["--model", "smollm2"], "argument --model: 'smollm2' is a decoder; "
                                                  "this benchmark measures encoders"),
 ])
@@ -39,6 +43,23 @@ def test_bad_arguments_are_refused_before_any_work(script, args, message):
     assert run.returncode == 2, run.stderr
     assert message in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_result_file_that_is_a_directory_is_refused_before_any_work(tmp_path):
+    """bench_compression writes <output>.json, .md and .png: one of them a directory failed
+    the run at its end; and a probe of where results go leaves nothing behind."""
+    (tmp_path / "run.md").mkdir()
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_compression.py"),
+                          "--output", str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"writes {str(tmp_path / 'run.md')!r}, which is a directory" in run.stderr
+    sys.path.insert(0, str(REPO))
+    from benchmarks._args import result_file
+
+    assert result_file(str(tmp_path / "new" / "deeper" / "out.json")).name == "out.json"
+    assert result_file(str(tmp_path / "out.json")).name == "out.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.md"]
 
 
 def test_result_files_are_written_whole(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -539,6 +540,50 @@ def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
     assert code == 2 and "batch_size must be a positive int" in err
     (tmp_path / "a-file").write_text("x")   # a path through a file: bad input, not I/O
     assert run("unpack", archive, tmp_path / "a-file" / "sub")[0] == 2
+
+
+def test_device_unpack_refuses_what_would_leave_a_bundle_it_cannot_update(minilm_bundle,
+                                                                          tmp_path):
+    """Into a bundle (the new one nested in the old: verify passed, every later unpack was
+    refused), into "" (an unset $DEST: the current directory), or a name longer than the
+    system takes (exit 1, an I/O error): exit 2, nothing written. A reader that closed the
+    output early does not undo an install; SIGTERM stops one with its work removed."""
+    def run(*args, **options):
+        done = subprocess.run([sys.executable, "-m", "runtime", *map(str, args)], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, **options)
+        return done.returncode, done.stdout.strip(), done.stderr.strip()
+
+    archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
+    installed = tmp_path / "models" / "minilm-arm-cpu"
+    assert run("unpack", archive, tmp_path / "models")[0] == 0
+    code, _, err = run("unpack", archive, installed)
+    assert code == 2 and f"lies inside the bundle {str(installed)!r}" in err, err
+    assert run("unpack", archive, installed / "sub")[0] == 2
+    assert run("verify", installed)[0] == 0
+    code, _, err = run("unpack", archive, "")
+    assert (code, err) == (2, "error: Directory '' is empty; name where the bundle goes ('.' "
+                              "for the current directory).")
+    for args in (("unpack", archive, "x" * 300), ("unpack", "x" * 300 + ".tar", "models"),
+                 ("verify", "x" * 300)):
+        code, _, err = run(*args)
+        assert code == 2 and "File name too long" in err and "\n" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["minilm-arm-cpu"]
+    # stdout closed before the line is printed: the install stands, exit 0, no error
+    done = subprocess.Popen([sys.executable, "-m", "runtime", "unpack", str(archive),
+                             str(tmp_path / "models")], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    done.stdout.close()   # long before the install ends and its line is printed
+    assert done.wait(timeout=120) == 0 and done.stderr.read() == ""
+    # SIGTERM in the middle (files unpacked, not yet renamed in): 143, no work left behind
+    stop = ("import os, runpy, signal, runtime.bundle as b\n"
+            "b.sync_tree = lambda path: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "runpy.run_module('runtime', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", stop, "unpack", str(archive),
+                           str(tmp_path / "new")], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert list((tmp_path / "new").iterdir()) == []   # made for it; its work is gone
 
 
 def test_device_unpack_onto_a_read_only_file_system_is_refused_as_without_permission(
@@ -1089,6 +1134,28 @@ def test_device_application_answers_each_line_as_it_arrives(minilm_bundle):
         app.stdin.close()
         assert app.wait(timeout=60) == 0
         assert "[2 utterances embedded in" in app.stderr.read()
+    finally:
+        app.kill()
+
+
+def test_device_application_piped_into_head_ends_quietly(minilm_bundle):
+    # `... | match_command.py BUNDLE - | head -1`: once head had its line, the next answer
+    # raised BrokenPipeError, and a traceback (and a second one at exit) was printed
+    app = subprocess.Popen([sys.executable, "samples/match_command.py", str(minilm_bundle),
+                            "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        app.stdin.write(b"lock the front door\n")
+        app.stdin.flush()
+        assert b"lock.front_door." in app.stdout.readline()
+        app.stdout.close()   # head is done
+        app.stdin.write(b"switch on the kitchen light\n" * 50)
+        app.stdin.close()
+        assert app.wait(timeout=120) in (0, -signal.SIGPIPE)
+        assert b"Traceback" not in app.stderr.read()
+    except BrokenPipeError:   # (it ended before reading all of stdin: quietly, checked here)
+        assert app.wait(timeout=120) in (0, -signal.SIGPIPE)
+        assert b"Traceback" not in app.stderr.read()
     finally:
         app.kill()
 
