@@ -463,8 +463,6 @@ def test_ray_cpu_stage_actors_whose_cpus_were_taken_meanwhile_run_unreserved(tmp
     Now the share is reserved in one placement group, granted whole or not at all, and
     where Ray cannot grant it the actors run unreserved, on one thread each, with a
     warning."""
-    import threading
-    import warnings
 
     import ray
 
@@ -488,22 +486,8 @@ def test_ray_cpu_stage_actors_whose_cpus_were_taken_meanwhile_run_unreserved(tmp
         other = ray.remote(num_cpus=2)(Other).remote()
         ray.get(other.ready.remote())
         monkeypatch.setattr(ray, "available_resources", lambda: free)
-        built: dict = {}
-
-        def build() -> None:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    built["session"] = RayStagedSession(tmp_path, records, outputs=["y"])
-                except BaseException as e:
-                    built["error"] = e
-            built["warnings"] = [str(w.message) for w in caught]
-
-        worker = threading.Thread(target=build, daemon=True)
-        worker.start()
-        worker.join(90)
-        assert not worker.is_alive(), "RayStagedSession hung waiting for CPUs taken meanwhile"
-        assert "error" not in built, built["error"]
+        built = _started_in_time(lambda: RayStagedSession(tmp_path, records, outputs=["y"]),
+                                 "CPUs taken meanwhile")
         session = built["session"]
         try:
             assert ("Ray did not grant the stage actors 2 x 1 CPUs within 2 s (another job "
@@ -527,8 +511,6 @@ def test_ray_gpu_stage_actors_whose_gpus_another_job_holds_run_on_the_cpu(tmp_pa
     they are reserved in one placement group, and where Ray cannot grant it every stage
     runs on the CPU, with a warning. (A Ray told it has 2 GPUs; onnxruntime runs on the
     CPU either way here.)"""
-    import threading
-    import warnings
 
     import ray
 
@@ -544,26 +526,9 @@ def test_ray_gpu_stage_actors_whose_gpus_another_job_holds_run_on_the_cpu(tmp_pa
     expected = StagedSession(tmp_path, records, outputs=["y"], threads=1).run(None, x)
 
     def start() -> dict:
-        """RayStagedSession in a thread, which must not hang: the session or the error,
-        and the warnings."""
-        built: dict = {}
-
-        def build() -> None:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    built["session"] = RayStagedSession(tmp_path, records, outputs=["y"],
-                                                        threads=1, providers=gpu)
-                except BaseException as e:
-                    built["error"] = e
-            built["warnings"] = [str(w.message) for w in caught]
-
-        worker = threading.Thread(target=build, daemon=True)
-        worker.start()
-        worker.join(90)
-        assert not worker.is_alive(), "RayStagedSession hung waiting for GPUs held elsewhere"
-        assert "error" not in built, built["error"]
-        return built
+        return _started_in_time(lambda: RayStagedSession(tmp_path, records, outputs=["y"],
+                                                         threads=1, providers=gpu),
+                                "GPUs held elsewhere")
 
     class Other:   # the other job
         def ready(self) -> bool:
@@ -597,6 +562,31 @@ def test_ray_gpu_stage_actors_whose_gpus_another_job_holds_run_on_the_cpu(tmp_pa
         ray.kill(other)
     finally:
         ray.shutdown()
+
+
+def _started_in_time(make, waiting_for: str) -> dict:
+    """`make()` (a RayStagedSession) in a thread, which must start within 90 s and not
+    raise: {"session": what it made, "warnings": the warnings' messages}."""
+    import threading
+    import warnings
+
+    built: dict = {}
+
+    def build() -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                built["session"] = make()
+            except BaseException as e:
+                built["error"] = e
+        built["warnings"] = [str(w.message) for w in caught]
+
+    worker = threading.Thread(target=build, daemon=True)
+    worker.start()
+    worker.join(90)
+    assert not worker.is_alive(), f"RayStagedSession hung waiting for {waiting_for}"
+    assert "error" not in built, built["error"]
+    return built
 
 
 def _chain_model(layers: int = 4):
