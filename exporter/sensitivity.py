@@ -52,6 +52,7 @@ from .quantize import (
     weight_matmuls,
 )
 from .score import Scorer, selection_texts
+from .tensorrt import dedicate_dequantize
 from .validate import reject
 
 # MatMul name fragment -> role, for readable group names (optimum's BERT export names);
@@ -196,9 +197,18 @@ def size_limit(max_bytes: int, ratio: float, float_bytes: int) -> str:
 
 
 def shipped_bytes(model: onnx.ModelProto, target) -> int:
-    """Bytes of `model`'s file as the bundle ships it: in float16 where the profile's
-    float_type asks for it (the to_float16 stage runs after this one)."""
-    return model_bytes(convert(model) if target.float_type == "float16" else model)
+    """Bytes of `model`'s file as the bundle ships it, through the stages after this one: in
+    float16 where the profile's float_type asks for it (to_float16), with a DequantizeLinear
+    of its own for each reader where the target follows TensorRT's rules (check_rules; a
+    few KB, which took a graph measured just under max_model_mb over it)."""
+    tensorrt = target.graph_rules == "tensorrt"
+    if target.float_type == "float16":
+        model = convert(model)   # a new graph
+    elif tensorrt:
+        model = copy_model(model)
+    if tensorrt:
+        dedicate_dequantize(model)
+    return model_bytes(model)
 
 
 def search(order: list[str], *, build: Callable[[frozenset[str]], onnx.ModelProto],

@@ -129,9 +129,11 @@ def _build(candidate) -> None:
     from .optimize import optimize
     from .quantize import quantize
     from .smooth import smooth
+    from .tensorrt import check_rules
     from .to_onnx import export_onnx
 
-    for stage in (compress, export_onnx, optimize, smooth, quantize, to_float16):
+    # to check_rules, as the export builds it: TensorRT's DQ copies count in the size
+    for stage in (compress, export_onnx, optimize, smooth, quantize, to_float16, check_rules):
         stage(candidate)
 
 
@@ -140,6 +142,7 @@ def _recover(candidate) -> str:
     while its float graph holds it; returns what it did."""
     from .float16 import to_float16
     from .sensitivity import sensitivity
+    from .tensorrt import check_rules
     from .validate import BudgetError
 
     candidate.quantized_onnx = candidate.workdir / "model.onnx"   # quantize's, not fp16's
@@ -148,6 +151,7 @@ def _recover(candidate) -> str:
     except BudgetError:
         return "sensitivity search could not recover it within the size limit"
     to_float16(candidate)
+    check_rules(candidate)
     kept = len(candidate.records["quantization"].get("kept_float_for_accuracy", []))
     return f"sensitivity search: {kept} group(s) kept float"
 

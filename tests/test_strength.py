@@ -267,3 +267,24 @@ def test_a_broken_metric_next_to_its_bound_keeps_the_digits_that_say_so(tmp_path
     assert row["metrics"]["min-cosine"] < 0.98 and row["float_metrics"]["min-cosine"] == 1.0
     table = "\n".join(strength_lines(record))
     assert "| 1.00 | 1.000 | cosine 0.999, min-cosine 0.9799996 | sensitivity search" in table
+
+
+def test_a_candidate_is_built_by_the_exports_own_stages_up_to_its_graph_rules(monkeypatch):
+    """A rung is measured on the graph the export would ship: the pipeline's stages from
+    compress to check_rules, less the float check and the sensitivity search (full int8).
+    Without check_rules a jetson rung was measured before TensorRT's DQ copies (a few KB)
+    and could be chosen just under max_model_mb, then ship over it."""
+    import importlib
+
+    from exporter import strength
+    from exporter.pipeline import STAGES
+
+    names = [stage.__name__ for stage in STAGES]
+    built = STAGES[names.index("compress"):names.index("check_rules") + 1]
+    ran = []
+    for stage in built:
+        monkeypatch.setattr(importlib.import_module(stage.__module__), stage.__name__,
+                            lambda job, name=stage.__name__: ran.append(name))
+    strength._build(object())
+    assert ran == [stage.__name__ for stage in built
+                   if stage.__name__ not in ("check_float", "sensitivity")]

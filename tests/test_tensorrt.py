@@ -235,3 +235,29 @@ def test_checker_still_refuses_those_forms_broken():
     model = linear_graph()
     del _node(model, "x_Q").input[2], _node(model, "x_DQ").input[2]   # uint8 activations
     assert [v.node for v in check(model) if v.rule == "int8-zero-point"] == ["x_Q", "x_DQ"]
+
+
+def test_the_size_search_measures_a_graph_with_the_dq_copies_tensorrt_adds():
+    """The sensitivity search keeps a graph under max_model_mb by its size as shipped; on
+    jetson check_rules then added a DequantizeLinear for each extra reader (a few KB), so a
+    graph measured just under the budget could ship over it."""
+    import dataclasses
+
+    from exporter.float16 import convert
+    from exporter.graph_file import model_bytes
+    from exporter.sensitivity import shipped_bytes
+    from targets import load_target
+
+    model = linear_graph(consumers=2)
+    before = model.SerializeToString()
+    jetson = load_target("jetson")
+    half = convert(model)
+    half_bytes = model_bytes(half)
+    assert dedicate_dequantize(half) == 1
+    assert shipped_bytes(model, jetson) == model_bytes(half) > half_bytes
+    fp32 = onnx.ModelProto.FromString(before)
+    dedicate_dequantize(fp32)
+    assert shipped_bytes(model, dataclasses.replace(jetson, float_type="float32")) \
+        == model_bytes(fp32) > len(before)
+    assert shipped_bytes(model, load_target("arm-cpu")) == len(before)
+    assert model.SerializeToString() == before   # the search's graph is left as it was
