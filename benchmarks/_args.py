@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable
@@ -190,13 +191,33 @@ def write_result(path: Path, text: str) -> None:
         temporary.unlink(missing_ok=True)
 
 
+# The work directories of this run (work_directory), removed by the signal handler itself.
+_work_directories: list[Path] = []
+
+
+def work_directory(prefix: str) -> Path:
+    """A new directory in the system's temporary directory for a run's exported models, which
+    a SIGTERM or SIGHUP (with stop_on_signals) removes however deep the run is stopped; the
+    run's own `finally` removes it otherwise."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    _work_directories.append(work)
+    return work
+
+
 def stop_on_signals() -> None:
     """SIGTERM (a CI timeout, `kill`) and SIGHUP (a closed terminal) raise SystemExit(128 + N),
     as Ctrl-C raises KeyboardInterrupt, so that the run's `finally` blocks remove its work
     directory (by default those signals end the process on the spot and leave it, hundreds of
-    MB of exported models, in /tmp). For a script's `__main__`, as exporter's CLI does."""
+    MB of exported models, in /tmp). For a script's `__main__`, as exporter's CLI does.
+
+    The handler removes the work directories itself first: raised inside Python code that a
+    C++ library called (torch's first import, an ONNX export's tracing), SystemExit cannot
+    unwind through that library and the process aborts (pybind11: "terminate called"),
+    running no `finally`."""
 
     def stop(signum, frame):
+        while _work_directories:
+            shutil.rmtree(_work_directories.pop(), ignore_errors=True)
         raise SystemExit(128 + signum)
 
     for name in ("SIGTERM", "SIGHUP"):

@@ -127,7 +127,9 @@ def main(argv=None) -> int:
                   else smart_home_utterances(target.validation.eval_samples, split="eval"))
     calibration = smart_home_utterances(target.quantization.calibration_samples,
                                         split="calibration")
-    tmp = Path(tempfile.mkdtemp(prefix="bench_compression."))
+    import torch  # noqa: F401  (first imported here, not in the work below: see stop_on_signals)
+
+    tmp = argtypes.work_directory("bench_compression.")
     rows = []
     try:
         # int8, uncompressed, is every variant's baseline: always measured

@@ -48,7 +48,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 import types
 import warnings
@@ -724,7 +723,9 @@ def main(argv: list[str] | None = None) -> int:
                   calibration=smart_home_utterances(target.quantization.calibration_samples,
                                                     split="calibration"))
     evaluation = smart_home_utterances(EVAL_TEXTS, split="eval")
-    workdir = Path(tempfile.mkdtemp(prefix="bench_encoder."))
+    import torch  # noqa: F401  (first imported here, not in the work below: see stop_on_signals)
+
+    workdir = argtypes.work_directory("bench_encoder.")
     try:
         encoder = bench(args.model, task=None, evaluation=evaluation,
                         compare=embedding_comparison, setup=setup, workdir=workdir / "encoder")

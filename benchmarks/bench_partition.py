@@ -32,7 +32,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -86,7 +85,7 @@ def main(argv=None) -> int:
                         help="timed rounds per variant")
     args = parser.parse_args(argv)
 
-    work = Path(tempfile.mkdtemp(prefix="bench_partition."))
+    work = argtypes.work_directory("bench_partition.")
     try:
         return measure(args, work)
     finally:
