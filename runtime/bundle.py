@@ -40,9 +40,10 @@ from ._files import (
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
-# onnxruntime release -> highest ai.onnx opset it implements (onnxruntime's compatibility
-# table in docs/reference/compatibility). Releases newer than the last row are assumed to
-# run at least the last row's opset.
+# onnxruntime release -> highest ai.onnx opset it implements: onnxruntime's compatibility table
+# (docs/reference/compatibility) up to 1.20, then the newest opset any ai.onnx kernel of that
+# release's CPU wheel was written for (get_all_opkernel_def, read off each release's wheel).
+# Releases newer than the last row are assumed to run at least the last row's opset.
 ORT_MAX_OPSET: tuple[tuple[tuple[int, int], int], ...] = (
     ((1, 10), 15),
     ((1, 11), 16),
@@ -51,8 +52,19 @@ ORT_MAX_OPSET: tuple[tuple[tuple[int, int], int], ...] = (
     ((1, 15), 19),
     ((1, 17), 20),
     ((1, 18), 21),
-    ((1, 20), 21),
+    ((1, 21), 22),
+    ((1, 23), 23),
+    ((1, 24), 25),
+    ((1, 25), 26),
+    ((1, 28), 27),
+    ((1, 32), 28),
 )
+
+# Providers compiled into onnxruntime's core library. A build with any other (CUDA, TensorRT,
+# OpenVINO ... from their own shared libraries) is not asked for its kernels: listing them loads
+# every provider library, and onnxruntime-gpu 1.31 whose TensorRT library could not load
+# (no libnvinfer, as on most CUDA machines) crashed the process (SIGSEGV) doing so.
+CORE_PROVIDERS = frozenset({"CPUExecutionProvider", "AzureExecutionProvider"})
 
 
 class BundleError(ValueError):
@@ -73,10 +85,13 @@ def max_supported_opset(ort_version: str) -> int:
 def installed_max_opset() -> int:
     """Highest ai.onnx opset the installed onnxruntime runs: the newest opset any of its
     kernels was written for, asked of onnxruntime itself (releases newer than ORT_MAX_OPSET's
-    last row run more than it says); the table where a build does not answer."""
+    last row run more than it says); the table where a build does not answer, and for builds
+    with providers outside the core library (CORE_PROVIDERS), which are not asked."""
     import onnxruntime
 
     have = max_supported_opset(onnxruntime.__version__)
+    if not set(onnxruntime.get_available_providers()) <= CORE_PROVIDERS:
+        return have
     try:
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
 

@@ -96,7 +96,17 @@ def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = 
             raise ValueError(f"onnxruntime opens only paths that are UTF-8, and {model!r} is "
                              f"not (a directory named in another encoding); rename it, or "
                              f"move the bundle to a directory that is.") from None
-    return ort.InferenceSession(model, options, providers=chosen)
+    session = ort.InferenceSession(model, options, providers=chosen)
+    wanted = chosen[0][0] if isinstance(chosen[0], tuple) else chosen[0]
+    taken = session.get_providers()
+    if wanted not in taken:
+        # in the build, but it did not start: onnxruntime-gpu without CUDA's libraries or a
+        # GPU, or TensorRT without libnvinfer; onnxruntime logs it and falls back by itself
+        warnings.warn(f"{wanted} is in this onnxruntime build but did not start here (its "
+                      f"libraries or the GPU are missing; onnxruntime's log above says which): "
+                      f"{Path(str(path)).name if not isinstance(path, bytes) else 'the graph'} "
+                      f"runs on {taken[0]}.", RuntimeWarning, stacklevel=2)
+    return session
 
 
 def known_providers(providers, name: str = "providers") -> list:

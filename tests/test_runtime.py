@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -988,6 +989,75 @@ def test_the_installed_onnxruntime_is_asked_its_opset(bundle_copy):
     edit_manifest(bundle_copy, opset=have + 1)
     with pytest.raises(BundleError, match=f"needs ai.onnx opset {have + 1}, but onnxruntime"):
         runtime.load(bundle_copy, verify=False)
+
+
+def test_a_gpu_build_of_onnxruntime_is_not_asked_for_its_kernels(monkeypatch):
+    """Listing the kernels loads every provider library: onnxruntime-gpu 1.31.1 on an H200
+    without TensorRT's libnvinfer crashed the process (SIGSEGV) there, and so runtime.load of
+    any bundle did. Such a build's opset comes from the table."""
+    import onnxruntime
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    from runtime.bundle import installed_max_opset, max_supported_opset
+
+    def crash():
+        raise AssertionError("get_all_opkernel_def called in a build with CUDA")
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                 "CPUExecutionProvider"])
+    monkeypatch.setattr(ort_c, "get_all_opkernel_def", crash)
+    installed_max_opset.cache_clear()
+    try:
+        assert installed_max_opset() == max_supported_opset(onnxruntime.__version__)
+    finally:
+        installed_max_opset.cache_clear()
+
+
+def test_the_opset_table_says_what_each_release_runs():
+    """Rows read off each release's CPU wheel (the newest opset of its ai.onnx kernels);
+    the installed release, if the table covers it, agrees with its own kernels."""
+    import onnxruntime
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    from runtime.bundle import ORT_MAX_OPSET, max_supported_opset
+
+    assert [max_supported_opset(v) for v in ("1.16.3", "1.20.1", "1.21.1", "1.23.2",
+                                             "1.24.4", "1.27.0", "1.31.1", "1.32.0")] \
+        == [19, 21, 22, 23, 25, 26, 27, 28]
+    release = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2])
+    if release <= ORT_MAX_OPSET[-1][0]:
+        kernels = ort_c.get_all_opkernel_def()
+        assert max_supported_opset(onnxruntime.__version__) == max(
+            k.version_range[0] for k in kernels if k.domain in ("", "ai.onnx"))
+
+
+def test_a_provider_in_the_build_that_did_not_start_is_said(tmp_path, monkeypatch):
+    """onnxruntime-gpu without CUDA's libraries or a GPU (or TensorRT without libnvinfer)
+    logs an error and runs the graph on the next provider; nothing in the runtime said so,
+    and the application believed it ran on the GPU."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    from runtime.model import ort_session
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "model.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a CPU session says nothing
+        ort_session(tmp_path / "model.onnx")
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider is in this onnxruntime "
+                                            "build but did not start here .* model.onnx "
+                                            "runs on CPUExecutionProvider"):
+        session = ort_session(tmp_path / "model.onnx",
+                              providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert session.get_providers() == ["CPUExecutionProvider"]
 
 
 def test_corrupt_manifest(bundle_copy):
