@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
     ("bench_decoder.py", ["--int4", "missing"], "argument --int4: Bundle directory 'missing' "
                                                 "does not exist"),
     ("bench_partition.py", ["--bundle", "tests"], "argument --bundle: tests is not a bundle"),
+    ("bench_gpu.py", ["--bundle", "tests"], "argument --bundle: tests is not a bundle"),
+    ("bench_gpu.py", ["--stages", "0"], "argument --stages: must be at least 1, got 0"),
+    ("bench_gpu.py", ["--json", "tests"], "argument --json: 'tests' is a directory"),
     ("bench_partition.py", ["--batch-size", "0"], "argument --batch-size: must be at least 1"),
     ("bench_compression.py", ["--heal-steps", "-1"], "argument --heal-steps: must be at least 0"),
     ("bench_compression.py", ["--model", "tests"], "argument --model: Model directory 'tests' "
@@ -430,3 +433,48 @@ def test_the_signal_handler_removes_the_work_directory_before_anything_unwinds(t
     finally:
         for name, handler in before.items():
             signal.signal(getattr(signal, name), handler)
+
+
+def test_gpu_benchmark_without_cuda_stops_at_once(minilm_bundle):
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_gpu.py"),
+                          "--bundle", str(minilm_bundle)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert "has no CUDAExecutionProvider" in run.stderr and "onnxruntime-gpu" in run.stderr
+
+
+def test_gpu_benchmark_compares_each_variant_with_the_cpu_and_float(minilm_bundle, tmp_path):
+    """What it measures, run here where the GPU variants fall back to the CPU: every variant
+    has the CPU's embeddings, PyTorch float's cosine is the validation's, and the fallback's
+    warning is kept in the row."""
+    import argparse
+    import json
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks import _args, bench_gpu
+
+    out = tmp_path / "gpu.json"
+    args = argparse.Namespace(bundle=[minilm_bundle], texts=16, batch_size=8, rounds=1,
+                              stages=2, json=out)
+    work = _args.work_directory("bench_gpu_test.")
+    try:
+        assert bench_gpu.measure(args, work) == 0
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["cpu", "gpu", "gpu, 2 stages"]
+    assert [len(r["providers"]) for r in rows] == [1, 1, 2]
+    for row in rows:
+        assert row["cosine_to_cpu"][1] > 0.9999 and row["texts_per_s"] > 0
+        assert 0.97 < row["cosine_to_float"][1] <= row["cosine_to_float"][0] <= 1.0
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert any("CUDAExecutionProvider not in this onnxruntime build" in w
+                   for w in rows[1]["warnings"])

@@ -1441,6 +1441,27 @@ def test_x86_server_export(tmp_path, eval_texts, cuda_fallback_warning):
     assert manifest["validation"]["metrics"]["cosine"] >= 0.97
     with cuda_fallback_warning:
         assert runtime.load(path).embed(["open the garage"]).shape == (1, 384)
+    import onnx
+
+    # its stages run on GPUs first: the int8 MatMuls stay QDQ, which CUDA runs (the CPU's
+    # MatMulIntegerToFloat / QAttention it has no kernel for: they ran on the CPU, 2.9x slower)
+    ops = [n.op_type for f in sorted(path.glob("*.onnx")) for n in onnx.load(f).graph.node]
+    assert "MatMulIntegerToFloat" not in ops and "QAttention" not in ops
+    assert ops.count("MatMul") == 36 and "DequantizeLinear" in ops
+
+
+def test_int8_matmuls_are_lowered_to_cpu_kernels_only_where_the_cpu_runs_the_graph_first(
+        tmp_path):
+    from exporter.quantize import lowers_to_contrib_ops
+    from targets import load_target
+
+    cpu_first = tmp_path / "x86-cpu.toml"
+    cpu_first.write_text('extends = "x86-server"\n[runtime]\n'
+                         'execution_providers = ["CPUExecutionProvider"]\n')
+    assert lowers_to_contrib_ops(load_target("arm-cpu"))
+    assert lowers_to_contrib_ops(load_target(cpu_first))
+    assert not lowers_to_contrib_ops(load_target("x86-server"))
+    assert not lowers_to_contrib_ops(load_target("jetson"))
 
 
 def test_export_refuses_an_unknown_task_and_an_empty_output_first(tmp_path):
