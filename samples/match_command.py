@@ -136,4 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if hasattr(signal, "SIGPIPE"):   # piped into `head`: end quietly once it has read enough,
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # as Unix filters do (no traceback)
+    # Ctrl-C at the prompt ends it as it ends a Unix filter: by the signal, no traceback
+    # (nothing here writes files, so there is nothing to finish first)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.exit(main())

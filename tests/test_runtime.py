@@ -1230,6 +1230,22 @@ def test_device_application_piped_into_head_ends_quietly(minilm_bundle):
         app.kill()
 
 
+def test_ctrl_c_at_the_device_applications_prompt_ends_it_without_a_traceback(minilm_bundle):
+    # waiting on stdin for the next utterance, Ctrl-C printed a KeyboardInterrupt traceback
+    app = subprocess.Popen([sys.executable, "samples/match_command.py", str(minilm_bundle),
+                            "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, cwd=REPO)
+    try:
+        app.stdin.write(b"lock the front door\n")
+        app.stdin.flush()
+        assert b"lock.front_door." in app.stdout.readline()   # now waiting for the next
+        app.send_signal(signal.SIGINT)
+        assert app.wait(timeout=120) == -signal.SIGINT
+        assert b"Traceback" not in app.stderr.read()
+    finally:
+        app.kill()
+
+
 def test_no_telemetry_unless_the_application_asks(minilm_bundle, tmp_path):
     """onnxruntime 1.32 writes a device id and an event store under ~/.cache/Microsoft and
     looks up its upload host; `import runtime` turns that off by default,
