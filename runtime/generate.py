@@ -26,6 +26,14 @@ class ContextError(ValueError):
     """The prompt does not fit the bundle's context (KV cache capacity)."""
 
 
+def gpu_device(session) -> int | None:
+    """The CUDA device a session computes on, or None where its first provider is not CUDA."""
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return None
+    options = session.get_provider_options().get("CUDAExecutionProvider", {})
+    return int(options.get("device_id", 0))
+
+
 class Decoder:
     """One sequence's KV cache and the session that fills it."""
 
@@ -41,28 +49,42 @@ class Decoder:
         # float32 on CPU targets; float16 in graphs built for GPUs (jetson)
         dtype = np.float16 if inputs["past_key.0"].type == "tensor(float16)" else np.float32
         self.binding = session.io_binding()
-        # One anonymous mapping for the whole cache, unmapped when the Decoder goes: as numpy
-        # arrays from malloc, the caches of concurrent generations stayed in the process's
-        # heap after they ended (glibc keeps freed blocks of this size; +500 MB for 6).
-        size = 2 * self.layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
-        whole = np.frombuffer(mmap.mmap(-1, size), dtype).reshape(2 * self.layers, *shape)
-        # filled now, not lazily zeroed: every page of the cache is resident from the start,
-        # so memory is known at load time and does not creep up as the text grows
-        whole.fill(0.0)
-        self._cache, self._arrays = [], list(whole)   # the OrtValues borrow this memory
+        gpu = gpu_device(session)
+        if gpu is not None:
+            # On CUDA the cache lives on the GPU. Bound as host memory, each step copied it in
+            # and the new keys and values out through separate device buffers, so the graph's
+            # in-place write (past and present one buffer) never happened: greedy text turned
+            # to noise after the first token (seen on an H200; perplexity, one call per
+            # window from an empty cache, was unaffected).
+            zeros = np.zeros(shape, dtype)
+            self._arrays = []
+            self._cache = [ort.OrtValue.ortvalue_from_numpy(zeros, "cuda", gpu)
+                           for _ in range(2 * self.layers)]
+            self._bytes = 2 * self.layers * zeros.nbytes
+        else:
+            # One anonymous mapping for the whole cache, unmapped when the Decoder goes: as
+            # numpy arrays from malloc, the caches of concurrent generations stayed in the
+            # process's heap after they ended (glibc keeps freed blocks of this size; +500 MB
+            # for 6).
+            size = 2 * self.layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
+            whole = np.frombuffer(mmap.mmap(-1, size), dtype).reshape(2 * self.layers, *shape)
+            # filled now, not lazily zeroed: every page of the cache is resident from the
+            # start, so memory is known at load time and does not creep up as the text grows
+            whole.fill(0.0)
+            self._arrays = list(whole)   # the OrtValues borrow this memory
+            self._cache = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
+            self._bytes = size
         for i in range(self.layers):
-            for kind in ("key", "value"):
-                array = self._arrays[len(self._cache)]
-                buffer = ort.OrtValue.ortvalue_from_numpy(array)
+            for j, kind in enumerate(("key", "value")):
+                buffer = self._cache[2 * i + j]
                 self.binding.bind_ortvalue_input(f"past_{kind}.{i}", buffer)
                 self.binding.bind_ortvalue_output(f"present_{kind}.{i}", buffer)
-                self._cache.append(buffer)
         self.binding.bind_output("logits")   # bound last: the last of get_outputs()
         self.length = 0   # tokens in the cache
 
     @property
     def cache_bytes(self) -> int:
-        return sum(a.nbytes for a in self._arrays)
+        return self._bytes
 
     def reset(self) -> None:
         """Forget the sequence (the buffers are reused; stale entries are never read)."""

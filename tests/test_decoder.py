@@ -1682,3 +1682,42 @@ def test_cpu_times_read_this_hosts_proc_stat():
     times = decoder._cpu_times()
     assert set(times) >= set(os.sched_getaffinity(0))
     assert all(0 <= busy <= total for busy, total in times.values())
+
+
+def test_on_cuda_the_kv_cache_is_one_gpu_buffer_per_layer_and_kind(monkeypatch):
+    """Bound as host memory in a CUDA session, each step copied the cache in and the new
+    keys and values out through two separate device buffers, so the graph's in-place write
+    never happened: SmolLM2 on an H200 wrote one right token, then noise. On CUDA each
+    past_*/present_* pair is now one buffer on the session's GPU (the device check is in
+    benchmarks/README.md; here the session is a stand-in with onnxruntime's interface)."""
+    import onnxruntime as ort
+
+    from runtime.generate import Decoder
+
+    made = []
+
+    def on_device(array, device="cpu", device_id=0):
+        made.append((array.shape, array.dtype, device, device_id, float(np.abs(array).max())))
+        return object()
+
+    bound = {}
+    binding = SimpleNamespace(
+        bind_ortvalue_input=lambda name, value: bound.__setitem__(name, value),
+        bind_ortvalue_output=lambda name, value: bound.__setitem__(name, value),
+        bind_output=lambda name: None)
+    inputs = [SimpleNamespace(name=f"past_{kind}.{i}", shape=[1, 3, "past", 64],
+                              type="tensor(float16)")
+              for i in range(2) for kind in ("key", "value")]
+    session = SimpleNamespace(
+        get_inputs=lambda: inputs, io_binding=lambda: binding,
+        get_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        get_provider_options=lambda: {"CUDAExecutionProvider": {"device_id": "1"},
+                                      "CPUExecutionProvider": {}})
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", on_device)
+    decoder = Decoder(session, context=16)
+    assert made == [((1, 3, 16, 64), np.float16, "cuda", 1, 0.0)] * 4
+    for i in range(2):
+        for kind in ("key", "value"):
+            assert bound[f"past_{kind}.{i}"] is bound[f"present_{kind}.{i}"]
+    assert len({id(bound[f"past_{k}.{i}"]) for i in range(2) for k in ("key", "value")}) == 4
+    assert decoder.cache_bytes == 4 * 3 * 16 * 64 * 2
