@@ -1,5 +1,5 @@
-"""Encoder bundles on a CUDA GPU against the same bundles on the CPU: the same embeddings,
-which device each pipeline stage got, and texts per second.
+"""Bundles on a CUDA GPU against the same bundles on the CPU: the same embeddings (encoders)
+or the same decoding (decoders), which device each pipeline stage got, and the speed.
 
     python benchmarks/bench_gpu.py --bundle build/minilm-x86-server --bundle build/minilm-jetson
                                    [--texts 512] [--batch-size 32] [--rounds 3]
@@ -20,7 +20,16 @@ Every variant embeds the same `--texts` held-out smart-home utterances in batche
 PyTorch and the bundle's source model are installed, with the PyTorch float model's: the
 bundle's accuracy as the validation report measures it, on this device's kernels. Throughput
 is the best of `--rounds` timed passes after a warm-up pass; batch-1 latency the median of 100
-single-text calls. Prints a table and writes benchmarks/results/bench_gpu.json.
+single-text calls.
+
+A decoder bundle (text-generation) is loaded on the CPU and on CUDA alone. Each greedily
+continues the same prompt by `--new-tokens` tokens through `runtime.generate.Decoder` (decode
+tokens/s, the prompt's prefill timed apart), and measures perplexity on English prose (Python's
+own documentation, 128-token windows). Then the cache is checked on each device: the prose's
+first tokens fed one per step, each step's logits against one forward over them all from an
+empty cache (argmax agreement and max |difference|); a cache that is not carried from step to
+step (as on CUDA before the KV cache lived on the GPU) disagrees at once. Prints a table per
+kind and writes benchmarks/results/bench_gpu.json.
 """
 
 from __future__ import annotations
@@ -108,12 +117,14 @@ def float_embeddings(model, texts: list[str], batch_size: int) -> np.ndarray | N
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=argtypes.bundle, action="append", required=True,
-                        help="an encoder bundle (repeat for several)")
+                        help="an encoder or decoder bundle (repeat for several)")
     parser.add_argument("--texts", type=argtypes.at_least(1), default=512)
     parser.add_argument("--batch-size", type=argtypes.at_least(1), default=32)
     parser.add_argument("--rounds", type=argtypes.at_least(1), default=3)
     parser.add_argument("--stages", type=argtypes.at_least(1), default=2,
                         help="pipeline stages to cut a single-graph bundle into (1: none)")
+    parser.add_argument("--new-tokens", type=argtypes.at_least(1), default=64,
+                        help="greedy tokens each decoder generates")
     parser.add_argument("--json", type=argtypes.result_file,
                         default=ROOT / "benchmarks" / "results" / "bench_gpu.json",
                         help="where to write the results (default benchmarks/results/)")
@@ -141,8 +152,11 @@ def measure(args, work: Path) -> int:
 
     texts = [u.text for u in smart_home_utterances(args.texts, split="eval", seed=11)]
     gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    rows = []
+    rows, decoders = [], []
     for bundle in args.bundle:
+        if runtime.Bundle.open(bundle).manifest.get("task") == "text-generation":
+            decoders += decoder_rows(bundle, args.new_tokens)
+            continue
         variants = [("cpu", bundle, ["CPUExecutionProvider"]), ("gpu", bundle, gpu)]
         if not runtime.Bundle.open(bundle).manifest.get("stages") and args.stages > 1:
             from exporter.partition import restage
@@ -172,9 +186,14 @@ def measure(args, work: Path) -> int:
             rows.append(row)
             print(row, flush=True)   # kept in the log should a later variant fail
 
-    print(f"\n{len(texts)} texts in batches of {args.batch_size}, best of {args.rounds} rounds; "
-          f"onnxruntime {ort.__version__}, {visible_gpus()} GPU(s) visible, "
-          f"{os.cpu_count()} CPUs\n")
+    print(f"\nonnxruntime {ort.__version__}, {visible_gpus()} GPU(s) visible, "
+          f"{os.cpu_count()} CPUs")
+    if decoders:
+        print_decoder_table(decoders, args.new_tokens)
+    if not rows:
+        return write(args, rows, decoders)
+    print(f"\n{len(texts)} texts in batches of {args.batch_size}, best of {args.rounds} "
+          f"rounds\n")
     print("| bundle | variant | stage providers | texts/s | batch-1 p50 ms | cosine to CPU "
           "mean / min | cosine to PyTorch float mean / min |")
     print("|---|---|---|---|---|---|---|")
@@ -190,15 +209,105 @@ def measure(args, work: Path) -> int:
         for message in r["warnings"]:
             print(f"{r['bundle']} {r['variant']}: warned: {message}")
 
+    return write(args, rows, decoders)
+
+
+def write(args, rows: list[dict], decoders: list[dict]) -> int:
+    import onnxruntime as ort
+
+    from runtime.stages import visible_gpus
+
     out = Path(args.json)
     argtypes.write_result(out, json.dumps({
-        "rows": rows, "texts": len(texts), "batch_size": args.batch_size,
-        "rounds": args.rounds, "stages": args.stages, "gpus_visible": visible_gpus(),
+        "rows": rows, "decoders": decoders, "texts": args.texts, "batch_size": args.batch_size,
+        "rounds": args.rounds, "stages": args.stages, "new_tokens": args.new_tokens,
+        "gpus_visible": visible_gpus(),
         "cpu": platform.processor() or platform.machine(), "cpus_visible": os.cpu_count(),
         "onnxruntime": ort.__version__,
     }, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+PROMPT = "The history of the railway"
+
+
+def decoder_rows(bundle: Path, new_tokens: int) -> list[dict]:
+    """One row per device: decode speed, perplexity, the greedy tokens, and the cache's
+    incremental logits against a whole-sequence forward."""
+    import runtime
+    from exporter.data import english_prose
+    from runtime.generate import Decoder
+
+    prose = ""
+    for paragraph in english_prose():
+        if len(prose) > 4000:   # about 1k tokens: 8 windows of 128
+            break
+        prose += paragraph + " "
+    rows, reference = [], None
+    for name, providers in (("cpu", ["CPUExecutionProvider"]),
+                            ("gpu", ["CUDAExecutionProvider", "CPUExecutionProvider"])):
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            model = runtime.load(bundle, providers=providers)
+        prompt = model.tokenizer.encode(PROMPT)
+        decoder = Decoder(model.session, context=model.context)
+        decoder.forward(prompt)   # warm-up: kernels, allocations
+        decoder.reset()
+        started = time.perf_counter()
+        logits = [decoder.forward(prompt)]
+        prefill = time.perf_counter() - started
+        tokens = []
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            tokens.append(int(np.argmax(logits[-1])))
+            logits.append(decoder.forward([tokens[-1]]))
+        decode = time.perf_counter() - started
+        # the cache from step to step, on real text: its first 8 tokens at once, then one
+        # token per step, against one forward over all of them from an empty cache
+        text = model.tokenizer.encode(prose)[:8 + new_tokens]
+        decoder.reset()
+        steps = [decoder.forward(text[:8])]
+        steps += [decoder.forward([t]) for t in text[8:]]
+        steps = np.stack([row.reshape(-1) for row in steps]).astype(np.float32)
+        decoder.reset()
+        whole = decoder.forward(text, all_logits=True)[7:].astype(np.float32)
+        if reference is None:
+            reference = tokens
+        same = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=True)) if a != b),
+                    len(tokens))
+        row = {"bundle": Path(bundle).name, "variant": name,
+               "providers": taken_providers(model),
+               "decode_tokens_per_s": round(new_tokens / decode, 1),
+               "prefill_ms": round(1e3 * prefill, 2),
+               "perplexity": round(model.perplexity(prose, window=128), 4),
+               "greedy_tokens_as_cpu": same,
+               "incremental_argmax_agreement": round(float(
+                   (steps.argmax(1) == whole.argmax(1)).mean()), 4),
+               "incremental_max_abs_diff": round(float(np.abs(steps - whole).max()), 4),
+               "text": model.tokenizer.decode(tokens),
+               "warnings": [str(w.message) for w in said]}
+        model.close()
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def print_decoder_table(rows: list[dict], new_tokens: int) -> None:
+    print(f"\nDecoders: greedy continuation of {PROMPT!r} by {new_tokens} tokens; perplexity on "
+          f"English prose in 128-token windows; the cache's steps against a whole forward on "
+          f"{new_tokens} tokens of that prose\n")
+    print("| bundle | variant | provider | decode tok/s | prefill ms | perplexity | greedy "
+          "tokens as CPU | incremental vs whole: argmax agree / max diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['bundle']} | {r['variant']} | "
+              f"{r['providers'][0].replace('ExecutionProvider', '')} | "
+              f"{r['decode_tokens_per_s']} | {r['prefill_ms']} | {r['perplexity']} | "
+              f"{r['greedy_tokens_as_cpu']}/{new_tokens} | "
+              f"{r['incremental_argmax_agreement']:.2f} / {r['incremental_max_abs_diff']} |")
+    for r in rows:
+        print(f"{r['bundle']} {r['variant']}: {r['text']!r}")
 
 
 if __name__ == "__main__":

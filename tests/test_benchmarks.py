@@ -459,7 +459,7 @@ def test_gpu_benchmark_compares_each_variant_with_the_cpu_and_float(minilm_bundl
 
     out = tmp_path / "gpu.json"
     args = argparse.Namespace(bundle=[minilm_bundle], texts=16, batch_size=8, rounds=1,
-                              stages=2, json=out)
+                              stages=2, new_tokens=8, json=out)
     work = _args.work_directory("bench_gpu_test.")
     try:
         assert bench_gpu.measure(args, work) == 0
@@ -478,3 +478,30 @@ def test_gpu_benchmark_compares_each_variant_with_the_cpu_and_float(minilm_bundl
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert any("CUDAExecutionProvider not in this onnxruntime build" in w
                    for w in rows[1]["warnings"])
+
+
+def test_gpu_benchmark_checks_a_decoders_cache_from_step_to_step(smollm2_bundle, monkeypatch):
+    """Each device's incremental logits against a whole-sequence forward: they agree where the
+    cache is carried, and not where each step forgets it (what CUDA did while the cache was
+    bound as host memory)."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks import bench_gpu
+    from runtime import generate
+
+    rows = bench_gpu.decoder_rows(smollm2_bundle, 12)
+    assert [r["variant"] for r in rows] == ["cpu", "gpu"]
+    for row in rows:
+        assert row["incremental_argmax_agreement"] >= 0.9 and row["perplexity"] > 1
+        assert row["decode_tokens_per_s"] > 0 and row["text"].strip()
+    assert rows[0]["greedy_tokens_as_cpu"] == 12
+
+    forward = generate.Decoder.forward
+
+    def forgetting(self, ids, *, all_logits=False):
+        if len(ids) == 1:
+            self.reset()   # the step sees no earlier token
+        return forward(self, ids, all_logits=all_logits)
+
+    monkeypatch.setattr(generate.Decoder, "forward", forgetting)
+    broken = bench_gpu.decoder_rows(smollm2_bundle, 12)
+    assert broken[0]["incremental_argmax_agreement"] < 0.5
