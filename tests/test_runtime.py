@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -1208,42 +1209,41 @@ def test_device_application_answers_each_line_as_it_arrives(minilm_bundle):
         app.kill()
 
 
-def test_device_application_piped_into_head_ends_quietly(minilm_bundle):
-    # `... | match_command.py BUNDLE - | head -1`: once head had its line, the next answer
-    # raised BrokenPipeError, and a traceback (and a second one at exit) was printed
-    app = subprocess.Popen([sys.executable, "samples/match_command.py", str(minilm_bundle),
-                            "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+@contextlib.contextmanager
+def _match_command_answered(bundle):
+    """samples/match_command.py reading stdin, after its answer to a first utterance."""
+    app = subprocess.Popen([sys.executable, "samples/match_command.py", str(bundle), "-"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, cwd=REPO)
     try:
         app.stdin.write(b"lock the front door\n")
         app.stdin.flush()
         assert b"lock.front_door." in app.stdout.readline()
-        app.stdout.close()   # head is done
-        app.stdin.write(b"switch on the kitchen light\n" * 50)
-        app.stdin.close()
-        assert app.wait(timeout=120) in (0, -signal.SIGPIPE)
-        assert b"Traceback" not in app.stderr.read()
-    except BrokenPipeError:   # (it ended before reading all of stdin: quietly, checked here)
-        assert app.wait(timeout=120) in (0, -signal.SIGPIPE)
-        assert b"Traceback" not in app.stderr.read()
+        yield app
     finally:
         app.kill()
+
+
+def test_device_application_piped_into_head_ends_quietly(minilm_bundle):
+    # `... | match_command.py BUNDLE - | head -1`: once head had its line, the next answer
+    # raised BrokenPipeError, and a traceback (and a second one at exit) was printed
+    with _match_command_answered(minilm_bundle) as app:
+        try:
+            app.stdout.close()   # head is done
+            app.stdin.write(b"switch on the kitchen light\n" * 50)
+            app.stdin.close()
+        except BrokenPipeError:   # it ended before reading all of stdin: quietly, checked below
+            pass
+        assert app.wait(timeout=120) in (0, -signal.SIGPIPE)
+        assert b"Traceback" not in app.stderr.read()
 
 
 def test_ctrl_c_at_the_device_applications_prompt_ends_it_without_a_traceback(minilm_bundle):
     # waiting on stdin for the next utterance, Ctrl-C printed a KeyboardInterrupt traceback
-    app = subprocess.Popen([sys.executable, "samples/match_command.py", str(minilm_bundle),
-                            "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, cwd=REPO)
-    try:
-        app.stdin.write(b"lock the front door\n")
-        app.stdin.flush()
-        assert b"lock.front_door." in app.stdout.readline()   # now waiting for the next
+    with _match_command_answered(minilm_bundle) as app:
         app.send_signal(signal.SIGINT)
         assert app.wait(timeout=120) == -signal.SIGINT
         assert b"Traceback" not in app.stderr.read()
-    finally:
-        app.kill()
 
 
 def test_no_telemetry_unless_the_application_asks(minilm_bundle, tmp_path):
