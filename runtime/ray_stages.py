@@ -32,14 +32,36 @@ class _StageWorker:
 
         self.index = index
         self.plan = Stages(stages, outputs)
+        self.providers = list(providers)
         self.session = ort_session(graph, threads=threads, providers=providers,
                                    external_data=external_data)
 
     def step(self, env: dict) -> dict:
         return self.plan.step(self.index, self.session, env)
 
-    def check(self) -> None:
+    def check(self) -> tuple[str, str]:
+        """The graph checked against the plan; returns (the provider asked for first among
+        those this actor's onnxruntime has, the one its session took)."""
+        import onnxruntime as ort
+
         check_stage_graph(self.plan, self.index, self.session)
+        have = ort.get_available_providers()
+        names = [p[0] if isinstance(p, tuple) else p for p in self.providers]
+        wanted = next((n for n in names if n in have), "CPUExecutionProvider")
+        return wanted, self.session.get_providers()[0]
+
+
+def say_fallbacks(checked: Sequence[tuple[str, str]]) -> None:
+    """A warning, in the process that loaded the bundle, naming each stage actor whose
+    provider did not start (its GPU's CUDA failed: a GPU Ray counts that the node does not
+    have, or missing libraries there). The actor's own warning and onnxruntime's log went
+    to the actor's output only (seen on an H200: a declared second GPU gave stage 1 the
+    CPU, and the caller heard nothing)."""
+    fell = [f"stage {i} asked for {wanted} and runs on {taken}"
+            for i, (wanted, taken) in enumerate(checked) if wanted != taken]
+    if fell:
+        warnings.warn(f"In the Ray stage actors, {'; '.join(fell)} (onnxruntime's log, "
+                      f"forwarded from the actor, says why).", RuntimeWarning, stacklevel=5)
 
 
 def actor_cpus(actors: int, node_cpus: Sequence[float], free: float) -> int:
@@ -169,15 +191,18 @@ class RayStagedSession(_StagedIO):
         # Every actor's graph checked against the plan now, as StagedSession checks its
         # sessions: a manifest edited apart from its stage files, or a graph an actor could
         # not load, failed only at the first call, deep in a remote traceback.
+        checked = []
         for i, started in enumerate(self.actors):
             try:
-                ray.get(started.check.remote())
+                checked.append(ray.get(started.check.remote()))
             except ray.exceptions.RayTaskError as e:
                 raise e.cause from None
             except ray.exceptions.RayActorError as e:   # its __init__ failed
                 reason = str(e).strip().splitlines()[-1]
                 raise BundleError(f"{Path(directory) / stages[i]['file']}: the Ray actor "
                                   f"of stage {i} could not load it: {reason}") from e
+        self.providers = [taken for _, taken in checked]   # what each stage runs on
+        say_fallbacks(checked)
 
     def _reserve(self, holds: list[dict]):
         """A placement group of `holds` (one part per actor: {"GPU": 1} or {"CPU": share}),

@@ -358,6 +358,7 @@ def test_ray_actors_equal_single_graph(minilm_bundle, eval_texts, single, tmp_pa
     try:
         model = runtime.load(path, pipeline="ray")
         assert type(model.session).__name__ == "RayStagedSession"
+        assert model.session.providers == ["CPUExecutionProvider"] * 2   # what each runs on
         np.testing.assert_array_equal(model.embed(eval_texts, batch_size=16), single)
         # A GPU target's stages on a cluster with too few GPUs: all on CPU, and said so.
         manifest = json.loads((path / "manifest.json").read_text())
@@ -894,3 +895,33 @@ def test_ray_refuses_a_stage_plan_that_does_not_fit_its_graphs_at_load(tmp_path,
         assert ended == [2, 2]
     finally:
         ray.shutdown()
+
+
+def test_a_ray_stage_actor_whose_gpu_did_not_start_is_said_where_the_bundle_was_loaded(
+        tmp_path, monkeypatch):
+    """Ray gave a stage actor a GPU it counts but the node does not have (on an H200 with
+    `ray.init(num_gpus=2)`, stage 1's CUDA_VISIBLE_DEVICES=1): its CUDA did not start and the
+    stage ran on the CPU, said only in the actor's own output. The actor now reports what
+    it asked for and what it took, and the loading process warns."""
+    import onnxruntime as ort
+
+    from exporter.partition import write_stages
+    from runtime.ray_stages import _StageWorker, say_fallbacks
+    from runtime.stages import device_providers
+
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    records = write_stages(_chain_model(), 2, tmp_path, gpu)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu)   # onnxruntime-gpu
+    with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider is in this onnxruntime "
+                                            "build but did not start"):
+        worker = _StageWorker(0, (tmp_path / records[0]["file"]).read_bytes(), records,
+                              ["y"], 1, device_providers("cuda:0", gpu), {})
+    assert worker.check() == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    with pytest.warns(RuntimeWarning, match=r"In the Ray stage actors, stage 1 asked for "
+                                            r"CUDAExecutionProvider and runs on "
+                                            r"CPUExecutionProvider \(onnxruntime's log"):
+        say_fallbacks([("CUDAExecutionProvider", "CUDAExecutionProvider"),
+                       ("CUDAExecutionProvider", "CPUExecutionProvider")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        say_fallbacks([("CPUExecutionProvider", "CPUExecutionProvider")] * 2)
