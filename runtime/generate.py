@@ -49,7 +49,9 @@ class Decoder:
         # float32 on CPU targets; float16 in graphs built for GPUs (jetson)
         dtype = np.float16 if inputs["past_key.0"].type == "tensor(float16)" else np.float32
         self.binding = session.io_binding()
-        gpu = gpu_device(session)
+        # GroupQueryAttention's CUDA kernel is float16/bfloat16 only: a float32 graph's
+        # attention runs on the CPU even in a CUDA session, and reads a host cache in place
+        gpu = gpu_device(session) if dtype == np.float16 else None
         if gpu is not None:
             # On CUDA the cache lives on the GPU. Bound as host memory, each step copied it in
             # and the new keys and values out through separate device buffers, so the graph's

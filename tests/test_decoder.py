@@ -1721,3 +1721,10 @@ def test_on_cuda_the_kv_cache_is_one_gpu_buffer_per_layer_and_kind(monkeypatch):
             assert bound[f"past_{kind}.{i}"] is bound[f"present_{kind}.{i}"]
     assert len({id(bound[f"past_{k}.{i}"]) for i in range(2) for k in ("key", "value")}) == 4
     assert decoder.cache_bytes == 4 * 3 * 16 * 64 * 2
+    # a float32 graph's attention has no CUDA kernel and runs on the CPU: the cache stays in
+    # host memory, where that kernel writes it in place
+    made.clear()
+    for i in inputs:
+        i.type = "tensor(float)"
+    Decoder(session, context=16)
+    assert made == [((1, 3, 16, 64), np.float32, "cpu", 0, 0.0)] * 4
