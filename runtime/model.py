@@ -51,6 +51,16 @@ def usable_cores() -> int:
         else os.cpu_count() or 1
 
 
+def available_providers(providers: Sequence) -> list:
+    """`providers` (names, or (name, options) as onnxruntime takes them) that this
+    onnxruntime build has, in order; the CPU where it has none of them."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    return [p for p in providers
+            if (p[0] if isinstance(p, tuple) else p) in available] or ["CPUExecutionProvider"]
+
+
 def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = True,
                 providers: Sequence[str] = ("CPUExecutionProvider",), kernels: bool = True,
                 external_data: dict[str, bytes] | None = None):
@@ -76,9 +86,7 @@ def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = 
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    available = set(ort.get_available_providers())
-    chosen = [p for p in providers  # a name, or (name, options) as onnxruntime takes it
-              if (p[0] if isinstance(p, tuple) else p) in available] or ["CPUExecutionProvider"]
+    chosen = available_providers(providers)
     library = kernel_library() if kernels else None
     if library is not None and all((p[0] if isinstance(p, tuple) else p)
                                    == "CPUExecutionProvider" for p in chosen):

@@ -42,13 +42,12 @@ class _StageWorker:
     def check(self) -> tuple[str, str]:
         """The graph checked against the plan; returns (the provider asked for first among
         those this actor's onnxruntime has, the one its session took)."""
-        import onnxruntime as ort
+        from .model import available_providers
 
         check_stage_graph(self.plan, self.index, self.session)
-        have = ort.get_available_providers()
-        names = [p[0] if isinstance(p, tuple) else p for p in self.providers]
-        wanted = next((n for n in names if n in have), "CPUExecutionProvider")
-        return wanted, self.session.get_providers()[0]
+        wanted = available_providers(self.providers)[0]
+        return wanted[0] if isinstance(wanted, tuple) else wanted, \
+            self.session.get_providers()[0]
 
 
 def say_fallbacks(checked: Sequence[tuple[str, str]]) -> None:
