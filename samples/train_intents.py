@@ -22,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
@@ -221,5 +222,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)   # unwinds through the staging directory's cleanup
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # A CI timeout or `docker stop` sends SIGTERM, a closed terminal SIGHUP: by default they end
+    # the process on the spot and leave a half-written staging directory beside the output.
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _stop)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:   # the model is written whole at the end (renamed into place)
+        print("interrupted: nothing was written", file=sys.stderr)
+        sys.exit(130)

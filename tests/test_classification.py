@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,27 @@ def test_training_refuses_an_output_inside_an_earlier_output_before_it_starts(tm
     with pytest.raises(SystemExit) as stop:   # beside it is fine (stops at "1 intent(s)")
         training_script().main(["--output", str(tmp_path / "v2"), *cheap])
     assert stop.value.code == 2 and "1 intent(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_training_stopped_leaves_nothing_and_no_traceback(tmp_path, stop):
+    """Ctrl-C while training printed a KeyboardInterrupt traceback; SIGTERM (a CI timeout)
+    ended the process on the spot, where a save under way leaves its staging directory."""
+    app = subprocess.Popen(
+        [sys.executable, str(REPO / "samples" / "train_intents.py"), "--output",
+         str(tmp_path / "model"), "--train-size", "200", "--epochs", "1000"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        assert "train /" in app.stderr.readline()   # data drawn: the model loads next
+        app.send_signal(stop)
+        assert app.wait(timeout=120) == 128 + stop
+    finally:
+        app.kill()
+    err = app.stderr.read()
+    assert "Traceback" not in err
+    if stop == signal.SIGINT:
+        assert err.strip().splitlines()[-1] == "interrupted: nothing was written"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_labels_round_trip_through_the_bundle(intent_model, intent_bundle):
