@@ -358,13 +358,21 @@ def archive_members(tar: tarfile.TarFile,
 
 def bundle_files(path: Path) -> set[str] | None:
     """What bundle directory `path` may hold: manifest.json and the files it lists (an
-    empty set without a manifest.json; None when the manifest cannot be read)."""
+    empty set without a manifest.json; None when the manifest cannot be read, or is not a
+    bundle's: one with a format_version, and a path and sha256 for each file). Another
+    tool's manifest.json that lists a user's files does not make them a bundle's, for an
+    export or an unpack to replace."""
     try:
         manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        return {"manifest.json"} | {entry["path"] for entry in manifest["files"]}
+        entries = manifest["files"]
+        if not isinstance(manifest.get("format_version"), int) or not isinstance(entries, list) \
+                or not all(isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
+                           for e in entries):
+            return None
+        return {"manifest.json"} | {entry["path"] for entry in entries}
     except FileNotFoundError:
         return set()
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
 
 

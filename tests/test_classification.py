@@ -114,8 +114,8 @@ def test_training_refuses_an_output_inside_a_bundle_before_it_starts(tmp_path, c
     bundle.mkdir()
     (bundle / "model.onnx").write_bytes(b"onnx")
     (bundle / "manifest.json").write_text(json.dumps(
-        {"files": [{"path": "model.onnx", "sha256": hashlib.sha256(b"onnx").hexdigest(),
-                    "bytes": 4}]}))
+        {"format_version": 1, "files": [
+            {"path": "model.onnx", "sha256": hashlib.sha256(b"onnx").hexdigest(), "bytes": 4}]}))
     # One utterance: had the output passed, this would stop (exit 2) at "1 intent(s)".
     cheap = ["--train-size", "1", "--batch-size", "1"]
     for output in (bundle / "intents", bundle / "new" / "intents"):

@@ -374,7 +374,13 @@ def test_output_holding_user_files_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "x.rejected" / "photo.jpg").write_bytes(b"\xff\xd8")
     (tmp_path / "reports").mkdir()   # named like a report, but not in <output>.rejected
     (tmp_path / "reports" / "report.md").write_text("my own report")
+    # Another tool's manifest.json that lists the user's files: the export deleted them all.
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "notes.txt").write_text("keep me too")
+    (tmp_path / "dataset" / "manifest.json").write_text(json.dumps(
+        {"name": "my-dataset", "files": [{"path": "notes.txt"}]}))
     for output, message in [("mine", "exists and is not a directory"),
+                            ("dataset", "holds files that no export wrote"),
                             ("notes", "holds files that no export wrote"),
                             ("x", "x.rejected' exists and holds files that no export wrote"),
                             ("reports", "holds files that no export wrote"),
@@ -384,7 +390,8 @@ def test_output_holding_user_files_is_refused_before_any_work(tmp_path, capsys):
     assert (tmp_path / "mine").read_text() == "a file of mine"
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
     assert (tmp_path / "reports" / "report.md").read_text() == "my own report"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes", "reports",
+    assert (tmp_path / "dataset" / "notes.txt").read_text() == "keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "mine", "notes", "reports",
                                                           "x.rejected"]
 
 
@@ -395,8 +402,8 @@ def test_an_output_inside_a_bundle_is_refused_before_any_work(tmp_path, capsys):
     bundle.mkdir()
     (bundle / "model.onnx").write_bytes(b"onnx")
     (bundle / "manifest.json").write_text(json.dumps(
-        {"files": [{"path": "model.onnx", "sha256": sha256_of(bundle / "model.onnx"),
-                    "bytes": 4}]}))
+        {"format_version": 1, "files": [
+            {"path": "model.onnx", "sha256": sha256_of(bundle / "model.onnx"), "bytes": 4}]}))
     for output in (bundle / "v2", bundle / "new" / "v2"):
         assert main(["--target", "arm-cpu", "--output", str(output)]) == 2
         assert f"lies inside the bundle {str(bundle)!r}" in capsys.readouterr().err
