@@ -30,7 +30,7 @@ from runtime.model import usable_cores
 from .budget import rounded
 from .decoder_graph import DecoderShape, DecoderWeights, Linear, build_file, float_weights, pack
 from .graph_file import graph_bytes
-from .load import write_tokenizer
+from .load import check_vocabulary_fits, load_weights, write_tokenizer
 from .quantize import kib_to_mb
 from .report import write_report
 from .validate import BudgetError, cpu_target, timed_on, timing_threads
@@ -88,11 +88,9 @@ def load_decoder(job) -> None:
     import transformers
 
     write_tokenizer(job.model_dir, job.workdir / "tokenizer.json")   # first: it may refuse
-    try:
-        job.torch_model = transformers.AutoModelForCausalLM.from_pretrained(
-            job.model_dir, dtype="float32").eval()
-    except (OSError, ValueError) as e:
-        raise ValueError(f"Could not load a text-generation model from {job.model_dir}: {e}") from e
+    job.torch_model = load_weights(transformers.AutoModelForCausalLM, job.model_dir,
+                                   "text-generation", dtype="float32")
+    check_vocabulary_fits(job.workdir / "tokenizer.json", job.torch_model)
 
     model = job.torch_model
     settings = job.target.generation

@@ -427,6 +427,53 @@ def model_length_limit(model_dir: Path, positions: int) -> int:
     return min(positions, longest)
 
 
+def load_weights(auto_class, model_dir: Path, task: str, **options):
+    """`auto_class.from_pretrained(model_dir)` in eval mode; ValueError naming the checkpoint
+    where its files are broken: a truncated or corrupt safetensors file, weights whose shapes
+    are not the config's."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:   # older safetensors: its errors are OSError or ValueError
+        SafetensorError = OSError   # noqa: N806
+    try:
+        return auto_class.from_pretrained(model_dir, **options).eval()
+    except SafetensorError as e:
+        files = ", ".join(sorted(p.name for p in Path(model_dir).glob("*.safetensors")))
+        raise ValueError(f"Could not load a {task} model from {str(model_dir)!r}: "
+                         f"{files or 'its safetensors weights'} cannot be read, damaged or "
+                         f"cut short (safetensors: {e}).") from e
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Could not load a {task} model from {str(model_dir)!r}: {e}") from e
+    except RuntimeError as e:   # torch's load_state_dict: weights of other shapes than config's
+        if "size mismatch" not in str(e) and "loading state_dict" not in str(e):
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line),
+                     str(e).splitlines()[0])
+        raise ValueError(f"Could not load a {task} model from {str(model_dir)!r}: its weights "
+                         f"do not fit its config.json ({first})") from e
+
+
+def check_vocabulary_fits(tokenizer_json: Path, model) -> None:
+    """ValueError unless every id the tokenizer can give has a row in the model's input
+    embeddings: a token added to the tokenizer without resizing them exported cleanly, and
+    the bundle then failed on the device the first time a text held that token."""
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    vocab = data.get("model", {}).get("vocab") or {}
+    ids = list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]
+    added = {t["content"]: t["id"] for t in data.get("added_tokens") or []}
+    rows = model.get_input_embeddings().num_embeddings
+    largest = max(ids + list(added.values()), default=-1)
+    if largest < rows:
+        return
+    token = next((t for t, i in added.items() if i == largest), None) or next(
+        (t for t, i in (vocab.items() if isinstance(vocab, dict) else ()) if i == largest), "")
+    raise ValueError(f"{tokenizer_json.name}: token {token!r} has id {largest}, and the model's "
+                     f"embeddings have {rows} rows (ids 0 to {rows - 1}): a token added to the "
+                     f"tokenizer without resizing the model's embeddings "
+                     f"(model.resize_token_embeddings(len(tokenizer)), then fine-tuning). Any "
+                     f"text holding it would fail on the device.")
+
+
 def load(job) -> None:
     """Stage: fill job.model_dir, job.torch_model, job.labels, job.pooling, job.max_length."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub
@@ -446,11 +493,8 @@ def load(job) -> None:
     if task == "feature-extraction":
         check_lowercasing(model_dir, tokenizer_json)
 
-    auto_class = getattr(transformers, TASKS[task])
-    try:
-        job.torch_model = auto_class.from_pretrained(model_dir).eval()
-    except (OSError, ValueError) as e:
-        raise ValueError(f"Could not load a {task} model from {str(model_dir)!r}: {e}") from e
+    job.torch_model = load_weights(getattr(transformers, TASKS[task]), model_dir, task)
+    check_vocabulary_fits(tokenizer_json, job.torch_model)
     job.model_dir = model_dir
     if task == "text-classification":
         id2label = job.torch_model.config.id2label

@@ -1688,3 +1688,73 @@ def test_an_earlier_rejection_report_goes_when_a_new_attempt_is_rejected(tmp_pat
         assert "an earlier attempt" not in (rejected / "report.md").read_text()
     else:   # no verdict: what an earlier attempt wrote stays, as its bundle would
         assert (rejected / "report.md").read_text() == "# an earlier attempt: BROKEN"
+
+
+def _tiny_bert(path: Path, vocab_size: int = 30522) -> Path:
+    """A one-layer BERT checkpoint with MiniLM's tokenizer (random weights: load checks only)."""
+    import torch
+    import transformers
+
+    from exporter.load import resolve_model_dir
+
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64)).save_pretrained(path)
+    shutil.copy(resolve_model_dir("minilm") / "tokenizer.json", path)
+    return path
+
+
+def test_a_token_without_an_embedding_row_is_refused_at_load(tmp_path, capsys):
+    """A token added to tokenizer.json without resizing the embeddings exported with exit 0,
+    and the bundle failed on the device (onnxruntime's Gather index error) the first time a
+    text held it."""
+    model = _tiny_bert(tmp_path / "model")
+    data = json.loads((model / "tokenizer.json").read_text())
+    data["added_tokens"].append({"id": 30522, "content": "[NEWTOK]", "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False,
+                                 "special": True})
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    assert main(["--target", "arm-cpu", "--model", str(model), "--output",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer.json: token '[NEWTOK]' has id 30522, and the model's embeddings have " \
+           "30522 rows" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # More rows than ids (a vocabulary padded to a multiple of 64) is fine.
+    from exporter.load import check_vocabulary_fits
+
+    check_vocabulary_fits(model / "tokenizer.json",
+                          transformers_bert(tmp_path / "padded", vocab_size=30592))
+
+
+def transformers_bert(path: Path, vocab_size: int):
+    import transformers
+
+    return transformers.BertModel.from_pretrained(_tiny_bert(path, vocab_size))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "model.safetensors cannot be read, damaged or cut short"),
+    ("garbage", "model.safetensors cannot be read, damaged or cut short"),
+    ("hidden_size", "its weights do not fit its config.json (size mismatch for"),
+])
+def test_broken_weights_are_refused_in_one_line(tmp_path, capsys, damage, message):
+    """A truncated or garbage model.safetensors (safetensors' SafetensorError) and weights of
+    other shapes than config.json's (torch's RuntimeError) ended the export with exit 1 and
+    a traceback "worth reporting", as if they were our bug."""
+    model = _tiny_bert(tmp_path / "model")
+    weights = model / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "garbage":
+        weights.write_bytes(b"\xff" * 4096)
+    else:
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps(config | {"hidden_size": 64}))
+    assert main(["--target", "arm-cpu", "--model", str(model), "--output",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("error:") == 1
+    assert err.strip().splitlines()[-1].startswith("error: Could not load a feature-extraction")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
