@@ -53,10 +53,10 @@ def _target(text: str) -> None:
 
 
 def _model(text: str) -> None:
-    from exporter.gguf import PACKAGED_GGUF
+    from exporter.gguf import PACKAGED_GGUF, is_gguf_path
     from exporter.load import PACKAGED_MODELS, infer_task, resolve_model_dir
 
-    if text in PACKAGED_GGUF or text.endswith(".gguf"):
+    if text in PACKAGED_GGUF or is_gguf_path(text):
         raise ValueError(f"{text!r} is a decoder; this benchmark measures encoders: give "
                          f"{', '.join(PACKAGED_MODELS)} or a checkpoint directory "
                          f"(decoders: benchmarks/bench_decoder.py).")

@@ -141,10 +141,10 @@ def _shape(model: str, *, generative: bool, task: str) -> dict | None:
     loaded model may differ (config.pruned_heads) or is not one the stage compresses (BERT
     encoders, Llama decoders): the stage then decides."""
     if generative:
-        from .gguf import llama_shape, packaged_gguf
+        from .gguf import is_gguf_path, llama_shape, packaged_gguf
 
         try:
-            path = Path(model) if str(model).endswith(".gguf") else packaged_gguf(model)
+            path = Path(model) if is_gguf_path(model) else packaged_gguf(model)
         except (ValueError, FileNotFoundError):
             return None   # not installed: loading says so
         shape = llama_shape(path)
@@ -346,7 +346,7 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
         PosixPath('build/minilm-x86-server')
     """
     from . import pipeline
-    from .gguf import PACKAGED_GGUF
+    from .gguf import PACKAGED_GGUF, is_gguf_path
     from .load import TASKS, check_single_label, infer_task, packaged_names, resolve_model_dir
 
     _check_utf8_names(model=model, target=target, output=output, calibration=calibration,
@@ -356,13 +356,16 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
     if not isinstance(model, str):
         raise TypeError(f"model must be a checkpoint directory, a .gguf file or a packaged "
                         f"model name, got {type(model).__name__} {model!r:.80}.")
+    if not model.strip():   # Path("") is ".": a config.json there would be exported
+        raise ValueError(f"Model {model!r} names nothing: give a checkpoint directory, a "
+                         f".gguf file or a packaged model name ({', '.join(packaged_names())}).")
     if task is not None and task not in TASKS:
         raise ValueError(f"Unknown task {task!r}. Available: {', '.join(TASKS)}.")
     if isinstance(output, str) and not output.strip():
         raise ValueError(f"Output {output!r} names no directory; leave it out for the "
                          f"default (build/<model>-<target>/).")
     profile = target if isinstance(target, Target) else load_target(target)
-    generative = model in PACKAGED_GGUF or str(model).endswith(".gguf")
+    generative = model in PACKAGED_GGUF or is_gguf_path(model)
     inferred = infer_task(model if generative else resolve_model_dir(model))
     task = task or inferred
     if requantize and not generative:
@@ -390,10 +393,10 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
     if generative and compression is not None and compression.drop_layers:
         # a GGUF's layer count is in its metadata: --drop-layers beyond it is refused now,
         # not after loading and scoring the model (minutes)
-        from .gguf import layer_count, packaged_gguf
+        from .gguf import is_gguf_path, layer_count, packaged_gguf
 
         try:
-            path = Path(model) if str(model).endswith(".gguf") else packaged_gguf(model)
+            path = Path(model) if is_gguf_path(model) else packaged_gguf(model)
         except (ValueError, FileNotFoundError):
             path = None   # not installed: loading says so
         layers = None if path is None else layer_count(path)
@@ -416,7 +419,7 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
                          f"optimum-onnx) writes opsets up to {most}. Decoders take more.")
     budget = Budget.parse(default_budget if accuracy_budget is None else accuracy_budget)
     model_name = (Path(model).resolve().name if Path(model).is_dir() else
-                  Path(model).stem if str(model).endswith(".gguf") else model)
+                  Path(model).stem if is_gguf_path(model) else model)
     output = Path(output) if output is not None else \
         Path("build") / f"{model_name}-{profile.name}"
     if output.name in ("", ".."):   # "." or "x/..": the directory it names

@@ -63,7 +63,7 @@ def load_decoder(job) -> None:
     source = job.model
     if source in gguf.PACKAGED_GGUF:
         job.gguf = gguf.packaged_gguf(source)
-    elif str(source).endswith(".gguf"):
+    elif gguf.is_gguf_path(source):
         job.gguf = Path(source)
         if not job.gguf.is_file():
             what = "is not a regular file" if job.gguf.exists() else "does not exist"

@@ -51,6 +51,11 @@ PRE_TOKENIZERS: dict[str, dict] = {
 }
 
 
+def is_gguf_path(model) -> bool:
+    """Whether --model `model` names a GGUF file by its extension (any case: Smol.GGUF)."""
+    return str(model).lower().endswith(".gguf")
+
+
 def packaged_gguf(name: str) -> Path:
     """The GGUF file a packaged model name stands for."""
     distribution, module, filename = PACKAGED_GGUF[name]

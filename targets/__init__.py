@@ -150,7 +150,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "generation.perplexity_window": (2, None),
     "generation.perplexity_windows": (1, None),
     "generation.exact_top_logits": (0, None),
-    "runtime.threads": (0, None),            # 0: onnxruntime decides
+    "runtime.threads": (0, 1024),            # 0: onnxruntime decides; more than any CPU has
     "runtime.max_sequence_length": (4, None),   # room for special tokens and some text
     "runtime.batch_size": (1, None),
     "runtime.pipeline_stages": (1, None),

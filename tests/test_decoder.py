@@ -1728,3 +1728,17 @@ def test_on_cuda_the_kv_cache_is_one_gpu_buffer_per_layer_and_kind(monkeypatch):
         i.type = "tensor(float)"
     Decoder(session, context=16)
     assert made == [((1, 3, 16, 64), np.float32, "cpu", 0, 0.0)] * 4
+
+
+def test_a_gguf_file_is_known_by_its_extension_in_any_case(tmp_path, capsys):
+    """Smol.GGUF was "neither a directory, a .gguf file nor a packaged model name"."""
+    from exporter.__main__ import main
+    from exporter.gguf import packaged_gguf
+
+    model = tmp_path / "Smol.GGUF"
+    model.symlink_to(packaged_gguf("smollm2"))
+    # --stages is refused for decoders before any work: it was taken for one
+    assert main(["--target", "arm-cpu", "--model", str(model), "--stages", "2",
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "Pipeline stages are not available for decoders" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Smol.GGUF"]

@@ -1481,6 +1481,20 @@ def test_export_refuses_an_unknown_task_and_an_empty_output_first(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_empty_model_name_is_refused_not_taken_for_the_working_directory(tmp_path,
+                                                                           monkeypatch, capsys):
+    """--model "" (a script's empty $MODEL) exported whatever checkpoint lay in the current
+    directory, or said it "has no config.json"."""
+    from exporter.load import resolve_model_dir
+
+    shutil.copytree(resolve_model_dir("minilm"), tmp_path / "here")
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["--target", "arm-cpu", "--model", "", "--output",
+                 str(tmp_path / "out")]) == 2
+    assert "error: Model '' names nothing: give a checkpoint directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
 @pytest.mark.parametrize("flag", ["--output", "--calibration", "--eval", "--model",
                                   "--target"])
 def test_a_path_named_in_another_encoding_is_refused_before_any_work(tmp_path, monkeypatch,

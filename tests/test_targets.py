@@ -77,7 +77,10 @@ def test_missing_profile_file(tmp_path, monkeypatch):
     (("opset = 18", "opset = " + "9" * 5000),
      r"is not valid TOML: a number too long to read \(Exceeds the limit \(4300 digits\)"),
     # numbers out of range are refused when the profile is read, before any export work
-    (("threads = 0", "threads = -1"), r"'runtime.threads' is -1; expected 0 or more"),
+    (("threads = 0", "threads = -1"), r"'runtime.threads' is -1; expected from 0 to 1024"),
+    # 2**31 passed here, then failed mid-export with a traceback where onnxruntime took it
+    (("threads = 0", "threads = 2147483648"),
+     r"'runtime.threads' is 2147483648; expected from 0 to 1024"),
     (("batch_size = 32", "batch_size = 0"), r"'runtime.batch_size' is 0; expected 1 or more"),
     (("opset = 18", "opset = 9"), r"'opset' is 9; expected 13 or more"),
     (("smoothing_alpha = 0.7", "smoothing_alpha = nan"),
