@@ -17,6 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")   # as runtime does: see its __init__
 
+from runtime._files import check_name_room
 from targets import CHOICES, Target, load_target, positive_number
 
 from .budget import Budget, BudgetError
@@ -430,6 +431,7 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
                 raise FileExistsError(f"Output {str(output)!r}: {str(parent)!r} exists and is "
                                       f"not a directory. Choose another --output.")
             break
+    check_name_room(output)
     check_not_in_bundle(output)
     check_replaceable(output)  # before any work: the output, and where a rejection's report goes
     rejected = output.with_name(output.name + ".rejected")
@@ -446,6 +448,7 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
     evaluation_set = _texts(evaluation, default_split="eval", what="evaluation",
                             count=profile.validation.eval_samples)
     budget.check_measurable(task, labelled=all(u.intent is not None for u in evaluation_set))
+    made = [p for p in output.absolute().parents if not p.exists()]   # deepest first
     job = pipeline.new_job(model, target=profile, task=task, output=output,
                            calibration=calibration_set, evaluation=evaluation_set,
                            budget=budget, compression=compression, log=log)
@@ -492,3 +495,8 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
         raise
     finally:
         shutil.rmtree(job.workdir, ignore_errors=True)
+        for parent in made if not output.exists() else ():   # a failed export's new parents
+            try:
+                parent.rmdir()   # only while empty: a rejection's report stays
+            except OSError:
+                break

@@ -186,7 +186,11 @@ def _not_a_refusal(error: BaseException) -> str | None:
 
 
 def _stop(signum, frame):
-    raise SystemExit(128 + signum)   # unwinds through the export's cleanup, as Ctrl-C does
+    raise _Stopped(128 + signum)   # unwinds through the export's cleanup, as Ctrl-C does
+
+
+class _Stopped(SystemExit):
+    """SIGTERM or SIGHUP: the process exits 128 + the signal's number, once cleaned up."""
 
 
 if __name__ == "__main__":
@@ -195,4 +199,9 @@ if __name__ == "__main__":
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _stop)
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except _Stopped as stop:   # said as Ctrl-C's is: a CI log shows why the export ended
+        name = signal.Signals(stop.code - 128).name
+        print(f"stopped by {name}: nothing was written", file=sys.stderr)
+        raise

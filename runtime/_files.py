@@ -125,6 +125,29 @@ def refused_why(error: OSError, directory: Path) -> str | None:
             f"{str(where)!r} is on a read-only file system")
 
 
+# What a write of `target` adds to its name beside it, at most: `.<name>.rejected.old-<pid>.`
+# and mkdtemp's 8 characters (pids up to 7 digits).
+SIBLING_NAME_EXTRA = len(".") + len(".rejected") + len(".old-") + 7 + len(".") + 8
+
+
+def check_name_room(target: Path, what: str = "Output") -> None:
+    """ValueError unless the names written beside `target` (work directories, the replaced
+    copy, `<name>.rejected`) fit the file system's name limit: a 240-character name failed
+    after the export's work with "[Errno 36] File name too long" and another name."""
+    parent = next((p for p in (target.parent, *target.parent.parents) if p.is_dir()), Path("."))
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(target.name))
+    if size + SIBLING_NAME_EXTRA > limit:
+        raise ValueError(f"{what} name {target.name[:40]!r}... is {size} bytes long; this file "
+                         f"system takes names of up to {limit}, and the names written beside "
+                         f"it (work directories, {target.name[:10]}....rejected) add up to "
+                         f"{SIBLING_NAME_EXTRA}: choose a name of at most "
+                         f"{limit - SIBLING_NAME_EXTRA} bytes.")
+
+
 def remove_leftovers(target: Path) -> int:
     """Remove what runs writing `target` left beside it when they were killed before their
     cleanup could run (SIGKILL, power loss): work directories that no live run holds, and

@@ -587,6 +587,7 @@ def test_sigterm_stops_an_export_and_removes_its_work(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "stopped by SIGTERM: nothing was written"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1771,4 +1772,33 @@ def test_broken_weights_are_refused_in_one_line(tmp_path, capsys, damage, messag
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("error:") == 1
     assert err.strip().splitlines()[-1].startswith("error: Could not load a feature-extraction")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_an_output_name_too_long_for_the_names_beside_it_is_refused_first(tmp_path, capsys):
+    """A 240-character --output failed after the export's work with exit 1 and
+    "[Errno 36] File name too long" naming another file (the work directory, .rejected)."""
+    from runtime._files import SIBLING_NAME_EXTRA
+
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    longest = "a" * (limit - SIBLING_NAME_EXTRA)
+    for name in ("b" * 240, "é" * 120):   # bytes count, not characters
+        assert main(["--target", "arm-cpu", "--output", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"choose a name of at most {limit - SIBLING_NAME_EXTRA} bytes" in err
+        assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+    # the longest allowed name fits every name written beside it
+    for made in (f".{longest}.rejected.old-4194304.abcdefgh", f"{longest}.rejected",
+                 f".{longest}.tar.4194304.abcdefgh"):
+        (tmp_path / made).mkdir()
+
+
+def test_a_failed_export_removes_the_parent_directories_it_made(tmp_path, capsys):
+    """A checkpoint refused at load left new1/new2/ behind, empty."""
+    model = _tiny_bert(tmp_path / "model")
+    (model / "model.safetensors").unlink()
+    assert main(["--target", "arm-cpu", "--model", str(model), "--output",
+                 str(tmp_path / "new1" / "new2" / "out")]) == 2
+    assert "Could not load a feature-extraction model" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
