@@ -271,8 +271,12 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
                                   f"not list, and no unpack could replace it. Unpack into the "
                                   f"directory that holds the bundles, e.g. "
                                   f"{str(around.parent)!r}.")
-        if final.is_symlink() or final.exists() and not (
-                final.is_dir() and (_a_bundle(final) or holds_only(final, set(sizes)))):
+        # A damaged install (its manifest.json unreadable) is replaced where it holds only
+        # the archive's files; a folder of the user's that merely has a model.onnx and a
+        # tokenizer.json, no manifest.json, is not an install.
+        if final.is_symlink() or final.exists() and not (final.is_dir() and (
+                _a_bundle(final) or (final / "manifest.json").is_file()
+                and holds_only(final, set(sizes)))):
             known = bundle_files(final) if final.is_dir() and not final.is_symlink() else None
             extra = first_unlisted(final, known | set(sizes)) if known else None
             if extra is not None:   # verify passes it: the runtime reads only listed files

@@ -506,6 +506,16 @@ def test_unpack_names_the_file_that_keeps_it_from_replacing_an_install(minilm_bu
     (installed / "manifest.json").unlink()   # no bundle at all: as before
     with pytest.raises(FileExistsError, match="exists and is not a bundle"):
         runtime.unpack(archive, into)
+    # A folder of the user's whose files merely have a bundle's names, no manifest.json:
+    # they were deleted and the bundle put in their place.
+    shutil.rmtree(installed)
+    installed.mkdir()
+    (installed / "model.onnx").write_text("my own model")
+    (installed / "tokenizer.json").write_text("my own tokenizer")
+    with pytest.raises(FileExistsError, match="exists and is not a bundle"):
+        runtime.unpack(archive, into)
+    assert (installed / "model.onnx").read_text() == "my own model"
+    assert sorted(p.name for p in installed.iterdir()) == ["model.onnx", "tokenizer.json"]
 
 
 def test_device_commands_unpack_and_verify(minilm_bundle, tmp_path):
