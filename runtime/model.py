@@ -369,6 +369,7 @@ class Model:
             own_threads, own_providers = _manifest_runtime(bundle)
         threads = own_threads if threads is None else _threads(threads, "threads")
         providers = checked_providers(own_providers if providers is None else providers)
+        kernel_library()   # a bad EDGE_Q4_ISA: the process's setting, not the bundle's fault
         try:
             self.session = self._session(bundle, threads, spinning, providers, pipeline)
         except BundleError:

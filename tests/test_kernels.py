@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import runtime
 from exporter import gguf
 from exporter.decoder_graph import EDGE, MS, _offset_tables, q4_offsets_function
 from runtime.model import kernel_library, ort_session
@@ -282,7 +283,7 @@ print(session.run(None, {{"x": x}})[0].shape)
 
 
 @pytest.mark.parametrize("value", ["OFF", "none", "avx-512", "neon"])
-def test_an_unknown_isa_is_refused(monkeypatch, value):
+def test_an_unknown_isa_is_refused(monkeypatch, value, minilm_bundle):
     """EDGE_Q4_ISA names one of four paths; any other value (a typo, "OFF") was ignored and
     the best path ran, so asking to turn the kernel off silently left it on."""
     import onnxruntime as ort
@@ -295,5 +296,10 @@ def test_an_unknown_isa_is_refused(monkeypatch, value):
         kernel_library()
     with pytest.raises(Exception, match="EDGE_Q4_ISA names no path"):
         ort.SessionOptions().register_custom_ops_library(_kernels.__file__)
+    # runtime.load said the bundle was bad (BundleError; `runtime verify` and an updater's
+    # unpack rejected a good bundle): the process's setting is named as such
+    with pytest.raises(ValueError, match=f"EDGE_Q4_ISA='{value}' names no path") as refused:
+        runtime.load(minilm_bundle)
+    assert not isinstance(refused.value, runtime.BundleError)
     monkeypatch.setenv("EDGE_Q4_ISA", "scalar")
     assert _kernels.isa() == "scalar"
