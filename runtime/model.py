@@ -283,11 +283,18 @@ def _manifest_runtime(bundle: Bundle) -> tuple[int, list]:
         raise BundleError(f"{bundle.path / 'manifest.json'}: {e}") from None
 
 
+# More intra-op threads than any CPU has cores; onnxruntime makes each one (2**31 - 1 of them:
+# std::bad_alloc; 10,000: a process that stalled, spinning on 2 cores).
+MAX_THREADS = 1024   # as targets' runtime.threads
+
+
 def _threads(value, name: str) -> int:
-    """An intra-op thread count: 0 (onnxruntime's default) or more, as onnxruntime takes it."""
+    """An intra-op thread count: 0 (onnxruntime's default) up to MAX_THREADS."""
     threads = count(value, name, least=0)
-    if threads >= 2**31:
-        raise ValueError(f"{name} must be below 2**31, got {threads}.")
+    if threads > MAX_THREADS:
+        raise ValueError(f"{name} is {threads}; a session takes 0 (onnxruntime picks) to "
+                         f"{MAX_THREADS} threads, and runs best with at most the cores it may "
+                         f"use ({usable_cores()} here).")
     return threads
 
 

@@ -824,6 +824,9 @@ def test_odd_manifest_values_are_refused_naming_the_field(bundle_copy):
          "target.runtime.threads must be >= 0"),
         ({"target": target | {"runtime": target["runtime"] | {"threads": "2"}}},
          "target.runtime.threads must be an int"),
+        # 10,000 spinning threads stalled the process on 2 cores
+        ({"target": target | {"runtime": target["runtime"] | {"threads": 10_000}}},
+         "target.runtime.threads is 10000; a session takes 0 .onnxruntime picks. to 1024"),
         ({"target": target | {"runtime": target["runtime"] | {"execution_providers": ["Foo"]}}},
          "Unknown execution provider 'Foo' in target.runtime.execution_providers"),
         ({"target": target | {"runtime": target["runtime"] | {
@@ -835,8 +838,9 @@ def test_odd_manifest_values_are_refused_naming_the_field(bundle_copy):
             runtime.load(bundle_copy, verify=False)
     edit_manifest(bundle_copy, **manifest | {"pooling": None})   # null: mean, normalized
     assert runtime.load(bundle_copy, verify=False).embed(["hi"]).shape == (1, 384)
-    with pytest.raises(ValueError, match="threads must be below 2"):
-        runtime.load(bundle_copy, verify=False, threads=2**31)
+    for threads in (2**31, 2**31 - 1, 1025):   # 2**31 - 1: std::bad_alloc in onnxruntime
+        with pytest.raises(ValueError, match=f"threads is {threads}; a session takes 0"):
+            runtime.load(bundle_copy, verify=False, threads=threads)
 
 
 def test_manifest_fields_every_call_reads_are_checked_at_load(bundle_copy):
