@@ -347,6 +347,9 @@ class Model:
                  providers: Sequence[str] | None = None, pipeline: str = "threads"):
         if pipeline not in ("threads", "ray"):
             raise ValueError(f"pipeline must be 'threads' or 'ray', got {pipeline!r}.")
+        # what a pickled Model is loaded again with, in the process that unpickles it
+        self._options = {"threads": threads, "spinning": spinning, "providers": providers,
+                         "pipeline": pipeline}
         manifest = bundle.manifest
         self.bundle = bundle
         self.manifest = manifest
@@ -456,6 +459,19 @@ class Model:
             self._idle = None
         if callable(getattr(session, "close", None)):
             session.close()
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its bundle's path and load options, loaded again (verified) where it
+        is unpickled: a Model can go to worker processes (multiprocessing, a process pool),
+        each with its own sessions. The bundle must still be the one loaded here.
+
+        Example:
+            >>> pickle.loads(pickle.dumps(model)).embed(["hi"]).shape
+            (1, 384)
+        """
+        if isinstance(self.session, _Closed):
+            raise TypeError(f"{self!r} is closed; a closed Model cannot be pickled.")
+        return _reloaded, (os.path.abspath(self.bundle.path), self.manifest, self._options)
 
     def __enter__(self) -> Model:
         return self
@@ -703,3 +719,16 @@ class Model:
 
     def __repr__(self) -> str:
         return f"<runtime.Model {self.manifest.get('name')!r} task={self.task!r}>"
+
+
+def _reloaded(path: str, manifest: dict, options: dict) -> Model:
+    """A pickled Model, loaded again from `path`: BundleError where the bundle there is no
+    longer the one it was (an update replaced it), rather than another model silently."""
+    from . import load
+
+    model = load(path, **options)
+    if model.manifest != manifest:
+        model.close()
+        raise BundleError(f"{path} changed since the Model was pickled (another bundle was "
+                          f"installed there); load it again.")
+    return model

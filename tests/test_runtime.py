@@ -1349,3 +1349,37 @@ def test_holds_only_answers_no_where_a_directory_cannot_be_read(tmp_path, monkey
 
     monkeypatch.setattr(os, "scandir", scandir)
     assert not holds_only(tmp_path, {"model.onnx", "sub/a.txt", "link"})
+
+
+def _embed_in_worker(model, texts):
+    return model.embed(texts)
+
+
+def test_a_model_goes_to_worker_processes_loaded_again_there(bundle_copy):
+    """pickle.dumps(model) (a process pool's argument) and copy.deepcopy failed with
+    onnxruntime's "cannot pickle 'InferenceSession' object"."""
+    import concurrent.futures
+    import copy
+    import multiprocessing
+    import pickle
+
+    model = runtime.load(bundle_copy, threads=1, spinning=False)
+    texts = ["turn on the kitchen lights", "what time is it"]
+    twin = pickle.loads(pickle.dumps(model))
+    assert twin is not model and twin.session is not model.session
+    assert twin._options == {"threads": 1, "spinning": False, "providers": None,
+                             "pipeline": "threads"}
+    np.testing.assert_array_equal(twin.embed(texts), model.embed(texts))
+    np.testing.assert_array_equal(copy.deepcopy(model).embed(texts), model.embed(texts))
+    with concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        np.testing.assert_array_equal(pool.submit(_embed_in_worker, model, texts).result(),
+                                      model.embed(texts))
+    # another bundle installed there since: refused, not silently another model
+    pickled = pickle.dumps(model)
+    edit_manifest(bundle_copy, name="another-model")
+    with pytest.raises(BundleError, match="changed since the Model was pickled"):
+        pickle.loads(pickled)
+    model.close()
+    with pytest.raises(TypeError, match="is closed; a closed Model cannot be pickled"):
+        pickle.dumps(model)
