@@ -178,7 +178,8 @@ class Bundle:
         for i, entry in enumerate(self.manifest["files"]):
             if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
                     and isinstance(entry.get("sha256"), str)
-                    and isinstance(entry.get("bytes"), int)):
+                    and isinstance(entry.get("bytes"), int)
+                    and not isinstance(entry["bytes"], bool) and entry["bytes"] >= 0):
                 raise BundleError(f"{self.path / 'manifest.json'}: files[{i}] must be "
                                   f"{{\"path\": str, \"bytes\": int, \"sha256\": str}}, "
                                   f"got {entry!r}.")

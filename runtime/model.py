@@ -348,6 +348,8 @@ class Model:
         if pipeline not in ("threads", "ray"):
             raise ValueError(f"pipeline must be 'threads' or 'ray', got {pipeline!r}.")
         # what a pickled Model is loaded again with, in the process that unpickles it
+        if not isinstance(spinning, bool):   # "no" was true: spinning stayed on
+            raise TypeError(f"spinning must be True or False, got {spinning!r}.")
         self._options = {"threads": threads, "spinning": spinning, "providers": providers,
                          "pipeline": pipeline}
         manifest = bundle.manifest
@@ -643,7 +645,10 @@ class Model:
         pieces = stream_text(tokens, decoding.step, stop, decoding.flush)
         return pieces if stream else "".join(pieces)
 
-    def chat(self, messages: Sequence[dict], **options):
+    def chat(self, messages: Sequence[dict], *, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int | None = None, stop: str | Sequence[str] | None = (),
+             stream: bool = False):
         """Answer a conversation [{"role": "user", "content": ...}, ...] using the model's
         chat template; options as for generate().
 
@@ -658,7 +663,9 @@ class Model:
         # the rendered template holds its special tokens (a BOS too, where the model has
         # one): encoded as Hugging Face's apply_chat_template does, without adding them again
         text = render_chat(fmt, messages)
-        return self._continue(self.tokenizer.encode(text, add_special_tokens=False), **options)
+        return self._continue(self.tokenizer.encode(text, add_special_tokens=False),
+                              max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed, stop=stop, stream=stream)
 
     def perplexity(self, text: str, *, window: int = 512) -> float:
         """Perplexity of the model on `text`, in non-overlapping windows of `window` tokens
@@ -680,6 +687,9 @@ class Model:
         `prompt` goes before each text."""
         if isinstance(texts, str):
             raise TypeError("Pass a list of strings; wrap a single text in a list.")
+        if isinstance(texts, (bytes, bytearray, memoryview)):   # iterated, "item 0 is int"
+            raise TypeError(f"Pass a list of strings, not {type(texts).__name__}; decode "
+                            f"bytes first, e.g. [data.decode('utf-8')].")
         try:
             iterator = iter(texts)
         except TypeError:

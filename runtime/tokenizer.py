@@ -339,10 +339,9 @@ class Tokenizer:
             [101, 7592, 102]
         """
         if not isinstance(text, str):
-            raise TypeError(
-                f"encode() expects str, got {type(text).__name__}; "
-                "decode bytes first, e.g. data.decode('utf-8')."
-            )
+            hint = ("; decode bytes first, e.g. data.decode('utf-8')"
+                    if isinstance(text, (bytes, bytearray, memoryview)) else "")
+            raise TypeError(f"encode() expects str, got {type(text).__name__}{hint}.")
         # The backend puts the special tokens around the ids and cuts them to the
         # budget (in C, that saves ~0.3 us of a short text's ~0.8 us).
         if max_length is None:   # the common case first: no truncation to place
@@ -372,6 +371,11 @@ class Tokenizer:
             raise TypeError(
                 "encode_batch() expects a list of str, got a single str; "
                 "use encode(text) or encode_batch([text])."
+            )
+        if isinstance(texts, (bytes, bytearray, memoryview)):   # iterated, "item 0 is int"
+            raise TypeError(
+                f"encode_batch() expects a list of str, got {type(texts).__name__}; "
+                "decode bytes first, e.g. [data.decode('utf-8')]."
             )
         budget = None if max_length is None else self._content_budget(max_length)
         if not hasattr(self._encoder, "encode_batch"):  # the Python twin: one text at a time

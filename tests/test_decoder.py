@@ -749,6 +749,10 @@ def test_chat_uses_the_template_and_stops_at_eos(smollm2):
     answer = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}],
                           max_new_tokens=48)
     assert "Paris" in answer and "<|im_end|>" not in answer
+    # a misspelled option named the private method behind chat(): Model._continue()
+    with pytest.raises(TypeError, match=r"chat\(\) got an unexpected keyword argument "
+                                        r"'maxtokens'"):
+        smollm2.chat([{"role": "user", "content": "Hi"}], maxtokens=5)
 
 
 def test_bad_generation_requests(smollm2):

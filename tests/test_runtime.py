@@ -684,6 +684,15 @@ def test_bad_input_types(minilm_bundle):
         model.embed(["ok", b"bytes"])
     with pytest.raises(TypeError, match="Pass a list of strings, not NoneType"):
         model.embed(None)
+    # bytes were iterated: "item 0 is int"; None got a hint about decoding bytes
+    with pytest.raises(TypeError, match="not bytes; decode bytes first"):
+        model.embed(b"turn on the lights")
+    with pytest.raises(TypeError, match="got bytes; decode bytes first"):
+        model.tokenizer.encode_batch(b"ab")
+    with pytest.raises(TypeError, match=r"^encode\(\) expects str, got NoneType\.$"):
+        model.tokenizer.encode(None)
+    with pytest.raises(TypeError, match="got bytes; decode bytes first"):
+        model.tokenizer.encode(b"ab")
     # a batch size that cannot be used is an error, not an empty or default result
     for bad, error, message in [(0, ValueError, "batch_size must be >= 1, got 0"),
                                 (-1, ValueError, "batch_size must be >= 1, got -1"),
@@ -704,6 +713,7 @@ def test_bad_load_options_are_refused(minilm_bundle):
          "Unknown execution provider 'CpuExecutionProvider' in providers; onnxruntime's are: .*"
          "CPUExecutionProvider"),
         ({"pipeline": "processes"}, ValueError, "pipeline must be 'threads' or 'ray'"),
+        ({"spinning": "no"}, TypeError, "spinning must be True or False, got 'no'"),  # was on
     ]:
         with pytest.raises(error, match=message):
             runtime.load(minilm_bundle, **options)
@@ -811,6 +821,8 @@ def test_odd_manifest_values_are_refused_naming_the_field(bundle_copy):
     for changes, message in [
         ({"files": [*manifest["files"], {"path": "a\0b", "bytes": 1, "sha256": "0"}]},
          "unsafe file path"),
+        ({"files": [manifest["files"][0] | {"bytes": True}]}, r"files\[0\] must be"),
+        ({"files": [manifest["files"][0] | {"bytes": -1}]}, r"files\[0\] must be"),
         ({"target": target | {"runtime": None}}, "target.runtime must be an object"),
         ({"target": target | {"runtime": target["runtime"] | {"batch_size": 0}}},
          "target.runtime.batch_size must be a positive int, got 0"),
