@@ -61,6 +61,22 @@ def available_providers(providers: Sequence) -> list:
             if (p[0] if isinstance(p, tuple) else p) in available] or ["CPUExecutionProvider"]
 
 
+# onnxruntime's session log: errors only by default. Its warnings are the optimizer's notes to
+# itself: a float16 decoder (jetson) loaded on a CPU printed 240 lines of "can't constant fold"
+# on every load. A provider that did not start is said by `ort_session`'s own warning.
+ORT_LOG_LEVELS = {"verbose": 0, "info": 1, "warning": 2, "error": 3, "fatal": 4}
+
+
+def ort_log_level() -> int:
+    """The session log severity: EDGE_ORT_LOG (verbose, info, warning, error, fatal), else
+    error."""
+    asked = os.environ.get("EDGE_ORT_LOG", "error")
+    if asked not in ORT_LOG_LEVELS:
+        raise ValueError(f"The environment variable EDGE_ORT_LOG is {asked!r}; it takes "
+                         f"{', '.join(ORT_LOG_LEVELS)} (unset: error).")
+    return ORT_LOG_LEVELS[asked]
+
+
 def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = True,
                 providers: Sequence[str] = ("CPUExecutionProvider",), kernels: bool = True,
                 external_data: dict[str, bytes] | None = None):
@@ -81,6 +97,7 @@ def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = 
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.log_severity_level = ort_log_level()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -381,7 +398,7 @@ class Model:
             own_threads, own_providers = _manifest_runtime(bundle)
         threads = own_threads if threads is None else _threads(threads, "threads")
         providers = checked_providers(own_providers if providers is None else providers)
-        kernel_library()   # a bad EDGE_Q4_ISA: the process's setting, not the bundle's fault
+        kernel_library(), ort_log_level()   # EDGE_Q4_ISA, EDGE_ORT_LOG: not the bundle's fault
         try:
             self.session = self._session(bundle, threads, spinning, providers, pipeline)
         except BundleError:

@@ -1395,3 +1395,37 @@ def test_a_model_goes_to_worker_processes_loaded_again_there(bundle_copy):
     model.close()
     with pytest.raises(TypeError, match="is closed; a closed Model cannot be pickled"):
         pickle.dumps(model)
+
+
+def test_onnxruntime_warnings_are_off_unless_asked_for(tmp_path):
+    """A float16 decoder (jetson) loaded on a CPU printed 240 lines of onnxruntime's
+    "Could not find a CPU kernel and hence can't constant fold" on every load: a float16
+    Mul of constants, as that graph has one per int4 product."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    half = numpy_helper.from_array(np.array([1, 2], np.float16), "half")
+    eight = numpy_helper.from_array(np.array(8, np.float16), "eight")
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["half", "eight"], ["scaled"], name="fold_me"),
+         helper.make_node("Add", ["x", "scaled"], ["y"], name="add")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2])], [half, eight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              tmp_path / "g.onnx")
+    code = ("import sys, numpy as np; from runtime.model import ort_session; "
+            "s = ort_session(sys.argv[1]); "
+            "print(s.run(None, {'x': np.ones(2, np.float16)})[0].tolist())")
+    logs = {}
+    for level in (None, "warning", "loud"):
+        env = {k: v for k, v in os.environ.items() if k != "EDGE_ORT_LOG"}
+        if level:
+            env["EDGE_ORT_LOG"] = level
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "g.onnx")],
+                              env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+        logs[level] = done
+    assert logs[None].returncode == 0 and logs[None].stdout.split() == ["[9.0,", "17.0]"]
+    assert "constant fold" not in logs[None].stderr and "W:onnxruntime" not in logs[None].stderr
+    assert "constant fold" in logs["warning"].stderr   # what it hid, asked for
+    assert logs["loud"].returncode == 1
+    assert "EDGE_ORT_LOG is 'loud'; it takes verbose, info, warning, error" in logs["loud"].stderr
