@@ -34,7 +34,7 @@ from types import ModuleType
 from typing import Any, NamedTuple
 
 from . import _tokenizer_py
-from ._checks import integer
+from ._checks import count, integer
 from ._tokenizer_py import AddedToken
 
 try:
@@ -116,6 +116,9 @@ class Tokenizer:
         end `max_length` cuts: "right", or "left" (keep a text's last ids; the file's
         truncation.direction "Left").
         """
+        # checked here for both backends alike (1.5 was a TypeError in C, taken by the twin)
+        max_input_chars_per_word = count(max_input_chars_per_word, "max_input_chars_per_word",
+                                         least=0)
         settings = {k: v for k, v in locals().items() if k not in ("self", "backend")}
         self._settings = lambda: ("WordPiece", settings)   # what a pickle rebuilds it from
         self._choose_backend(backend)

@@ -987,3 +987,14 @@ def test_trimmed_offsets_of_a_normalized_added_token_match_hf(tmp_path, backend)
     for text in ["x 東京", "東京", "a \x85 <mm> b", "a\t<mm>\x85 b", "東京東京 <mm>"]:
         expected = hf.encode(text)
         assert tok.encode_with_offsets(text) == (expected.ids, expected.offsets), text
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (1.5, TypeError, "max_input_chars_per_word must be an int, got 1.5"),
+    (-1, ValueError, "max_input_chars_per_word must be >= 0, got -1"),
+])
+def test_both_backends_check_max_input_chars_per_word_alike(backend, bad, error, message):
+    """1.5 was a TypeError from the C backend and taken by the Python twin."""
+    with pytest.raises(error, match=message):
+        Tokenizer(vocab={"[UNK]": 0, "hi": 1}, unk_token="[UNK]",
+                  max_input_chars_per_word=bad, backend=backend)
