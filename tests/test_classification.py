@@ -158,10 +158,13 @@ def test_training_refuses_an_output_inside_an_earlier_output_before_it_starts(tm
 def test_training_stopped_leaves_nothing_and_no_traceback(tmp_path, stop):
     """Ctrl-C while training printed a KeyboardInterrupt traceback; SIGTERM (a CI timeout)
     ended the process on the spot, where a save under way leaves its staging directory."""
+    # As from a terminal: a run started in the background (`cmd &` in a script) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt for it.
     app = subprocess.Popen(
         [sys.executable, str(REPO / "samples" / "train_intents.py"), "--output",
          str(tmp_path / "model"), "--train-size", "200", "--epochs", "1000"],
-        stderr=subprocess.PIPE, text=True)
+        stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert "train /" in app.stderr.readline()   # data drawn: the model loads next
         app.send_signal(stop)
