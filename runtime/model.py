@@ -302,7 +302,7 @@ def _manifest_runtime(bundle: Bundle) -> tuple[int, list]:
 
 # More intra-op threads than any CPU has cores; onnxruntime makes each one (2**31 - 1 of them:
 # std::bad_alloc; 10,000: a process that stalled, spinning on 2 cores).
-MAX_THREADS = 1024   # as targets' runtime.threads
+MAX_THREADS = 1024   # targets' RANGES["runtime.threads"] too (tests/test_targets.py)
 
 
 def _threads(value, name: str) -> int:
@@ -364,9 +364,9 @@ class Model:
                  providers: Sequence[str] | None = None, pipeline: str = "threads"):
         if pipeline not in ("threads", "ray"):
             raise ValueError(f"pipeline must be 'threads' or 'ray', got {pipeline!r}.")
-        # what a pickled Model is loaded again with, in the process that unpickles it
         if not isinstance(spinning, bool):   # "no" was true: spinning stayed on
             raise TypeError(f"spinning must be True or False, got {spinning!r}.")
+        # what a pickled Model is loaded again with, in the process that unpickles it
         self._options = {"threads": threads, "spinning": spinning, "providers": providers,
                          "pipeline": pipeline}
         manifest = bundle.manifest

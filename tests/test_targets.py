@@ -217,3 +217,11 @@ def test_an_error_in_an_extended_profile_names_that_file(tmp_path, base, message
     (tmp_path / "board.toml").write_text('extends = "base.toml"\ndescription = "board"\n')
     with pytest.raises(ValueError, match=re.escape(str(tmp_path)) + "/" + message):
         load_target(tmp_path / "board.toml")
+
+
+def test_a_profiles_thread_limit_is_the_runtimes():
+    """A profile that passes its check must load: both refuse above the same count."""
+    from runtime.model import MAX_THREADS
+    from targets import RANGES
+
+    assert RANGES["runtime.threads"] == (0, MAX_THREADS)
