@@ -133,7 +133,10 @@ def load_decoder(job) -> None:
         "hidden_size": model.config.hidden_size, "layers": model.config.num_hidden_layers,
         "heads": model.config.num_attention_heads,
         "kv_heads": getattr(model.config, "num_key_value_heads",
-                            model.config.num_attention_heads)}
+                            model.config.num_attention_heads),
+        # the graph's position table (and KV cache) length: the runtime refuses a
+        # context_length above it
+        "positions": job.max_length}
     job.log(f"  {model.config.model_type} decoder, {model.config.num_hidden_layers} layers, "
             f"{params / 1e6:.1f}M parameters, context {job.max_length}, eos {eos_ids}")
     eval_windows(job)   # too little evaluation text: refused now, not after the build

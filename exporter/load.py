@@ -508,7 +508,8 @@ def load(job) -> None:
 
     padding = set_padding(tokenizer_json, tokenizer, model_dir, job.torch_model.config)
     config = job.torch_model.config
-    job.model_max_length = model_length_limit(model_dir, position_count(job.torch_model))
+    positions = position_count(job.torch_model)
+    job.model_max_length = model_length_limit(model_dir, positions)
     job.max_length = min(job.target.runtime.max_sequence_length, job.model_max_length)
     truncation_side = set_truncation_side(tokenizer_json, model_dir, job.max_length)
     params = sum(p.numel() for p in job.torch_model.parameters())
@@ -517,6 +518,8 @@ def load(job) -> None:
         "parameters": params, "hidden_size": config.hidden_size,
         "layers": config.num_hidden_layers, "padding": padding,
         "truncation_side": truncation_side,
+        # the most tokens the graph embeds: the runtime refuses a max_length above it
+        "positions": positions,
     }
     if followed:
         job.records["model"]["tokenizer_sections_from_transformers"] = followed

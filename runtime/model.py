@@ -249,6 +249,33 @@ def _check_settings(bundle: Bundle, max_length, batch_size) -> None:
                           f"{', '.join(POOLING_MODES)}, \"normalize\": bool}}, got {pooling!r}.")
     if task == "text-generation":
         _check_generation(where, bundle.manifest.get("generation"))
+    _check_positions(where, bundle.manifest, max_length)
+
+
+def _check_positions(where: Path, manifest: dict, max_length: int) -> None:
+    """max_length (and a decoder's context_length) within the positions the graph was built
+    for, model.positions (bundles from before it have none): a manifest edited past them
+    failed in onnxruntime at the first text that long."""
+    record = manifest.get("model")
+    positions = record.get("positions") if isinstance(record, dict) else None
+    if positions is None:
+        return
+    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 1:
+        raise BundleError(f"{where}: model.positions must be a positive int, got "
+                          f"{positions!r}; export the bundle again.")
+    generation = manifest.get("generation") or {}
+    lengths = [("max_length (or target.runtime.max_sequence_length)", max_length)]
+    if manifest["task"] == "text-generation":
+        lengths.append(("generation.context_length", generation.get("context_length")))
+    for name, length in lengths:
+        if length is not None and length > positions:
+            setting = ("generation.context_length" if manifest["task"] == "text-generation"
+                       else "runtime.max_sequence_length")
+            raise BundleError(f"{where}: {name} is {length}, but the graph embeds "
+                              f"{positions} token positions (model.positions); a longer "
+                              f"text would fail in onnxruntime. Lower it, or export again "
+                              f"with a longer {setting} in the profile (an export takes "
+                              f"at most what the model was made for).")
 
 
 def _check_generation(where: Path, generation) -> None:

@@ -698,6 +698,7 @@ def test_bundle_manifest_and_report(smollm2_bundle):
     assert manifest["task"] == "text-generation"
     gen = manifest["generation"]
     assert gen["eos_token_ids"] == [2] and gen["context_length"] == 1024
+    assert manifest["model"]["positions"] == 1024 == manifest["max_length"]
     assert gen["chat"]["roles"]["user"] == "<|im_start|>user\n{content}<|im_end|>\n"
     q = manifest["quantization"]
     assert q["weights"] == "int4" and "carried exactly" in q["source"]
@@ -1556,6 +1557,11 @@ def test_generation_fields_are_checked_at_load(smollm2_bundle, tmp_path):
         ({"generation": generation | {"context_length": "1k"}}, "context_length must be an int"),
         ({"generation": generation | {"context_length": -5}}, "context_length must be an int"),
         ({"generation": generation | {"chat": "{{ messages }}"}}, "generation.chat must be"),
+        # past the graph's rotary table: a Gather error at the 1025th token, mid-generation
+        ({"generation": generation | {"context_length": 4096}},
+         r"generation.context_length is 4096, but the graph embeds 1024 token positions"),
+        ({"max_length": 1025}, "max_length .or target.runtime.max_sequence_length. is 1025"),
+        ({"model": manifest["model"] | {"positions": "1k"}}, "model.positions must be a"),
     ]:
         (copy / "manifest.json").write_text(json.dumps(manifest | changes))
         with pytest.raises(BundleError, match=message):
