@@ -113,8 +113,11 @@ def work_dir_beside(target: Path) -> Path:
 
 def refused_why(error: OSError, directory: Path) -> str | None:
     """Why writing into `directory` failed with `error`, in words naming the directory that
-    refused (the nearest one that exists), where it is no permission or a read-only file
-    system: the directory chosen, not the machine failing. None for any other error."""
+    refused (the nearest one that exists), where it is no permission, a read-only file
+    system, or a directory that takes no new files (/proc): the directory chosen, not the
+    machine failing. None for any other error."""
+    if error.errno == errno.ENOENT and directory.is_dir():   # mkdir "no such file" in a
+        return f"{str(directory)!r} takes no new files (a virtual file system such as /proc?)"
     if not isinstance(error, PermissionError) and error.errno != errno.EROFS:
         return None
     where = directory

@@ -356,6 +356,15 @@ def test_an_output_on_a_read_only_file_system_is_a_clear_error(tmp_path, capsys,
             f"file system. Choose another --output.") in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc on this system")
+def test_an_output_in_a_directory_that_takes_no_files_is_a_clear_error(capsys):
+    """`--output /proc/x` exited 2 with "[Errno 2] No such file or directory:
+    '/proc/.x.13307.cchp935d'", a work directory the user never gave."""
+    assert main(["--target", "arm-cpu", "--output", "/proc/edge-exporter-test"]) == 2
+    assert ("Cannot write '/proc/edge-exporter-test': '/proc' takes no new files (a virtual "
+            "file system such as /proc?). Choose another --output.") in capsys.readouterr().err
+
+
 def test_an_opset_the_encoder_exporter_cannot_write_is_refused_before_any_work(tmp_path,
                                                                                 capsys):
     (tmp_path / "new.toml").write_text('extends = "arm-cpu"\nopset = 21\n')
