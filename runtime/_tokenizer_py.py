@@ -177,6 +177,7 @@ _WORD_ADDITIONS = _char_class("""
 _CONTROL_RE = re.compile(f"[{_CONTROL}]+")
 _CLEAN_WHITESPACE_RE = re.compile(f"[{_CLEAN_WHITESPACE}]")
 _WHITESPACE_RE = re.compile(f"[{_WHITESPACE}]+")
+_ONE_WHITESPACE_RE = re.compile(f"[{_WHITESPACE}]")   # one char: a run's match rescans it
 _NON_WHITESPACE_RE = re.compile(f"[^{_WHITESPACE}]+")
 _PUNCTUATION_SPLIT_RE = re.compile(f"([{_PUNCTUATION}])")
 _NONSPACING_MARK_RE = re.compile(f"[{_NONSPACING_MARK}]+")
@@ -332,11 +333,11 @@ class _AddedTokenSplitter:
                 # a previous (rstrip) token already took: HF's
                 # max(newstart, start_offset), which moves the start forward
                 # past what that rstrip took when the token begins inside it.
-                while start > offset and _WHITESPACE_RE.match(text, start - 1):
+                while start > offset and _ONE_WHITESPACE_RE.match(text, start - 1):
                     start -= 1
                 start = max(start, offset)
             if token.rstrip:
-                while stop < len(text) and _WHITESPACE_RE.match(text, stop):
+                while stop < len(text) and _ONE_WHITESPACE_RE.match(text, stop):
                     stop += 1
             if offset < start:
                 yield offset, start, None
