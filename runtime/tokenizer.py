@@ -70,6 +70,15 @@ _DECODE_CLEANUP = (
 )
 
 
+def _own_copies(vocab, added_tokens, prefix_ids, suffix_ids) -> tuple:
+    """The caller's containers copied (what is not one is left for the checks to refuse):
+    the offsets twin and a pickle are built from them later, and a vocab the caller edited
+    after construction changed those but not encode()."""
+    return (dict(vocab) if isinstance(vocab, Mapping) else vocab,
+            *(list(v) if isinstance(v, list | tuple) else v
+              for v in (added_tokens, prefix_ids, suffix_ids)))
+
+
 class Tokenizer:
     """Encode text to model input ids and decode ids back to text.
 
@@ -119,6 +128,8 @@ class Tokenizer:
         # checked here for both backends alike (1.5 was a TypeError in C, taken by the twin)
         max_input_chars_per_word = count(max_input_chars_per_word, "max_input_chars_per_word",
                                          least=0)
+        vocab, added_tokens, prefix_ids, suffix_ids = _own_copies(
+            vocab, added_tokens, prefix_ids, suffix_ids)
         settings = {k: v for k, v in locals().items() if k not in ("self", "backend")}
         self._settings = lambda: ("WordPiece", settings)   # what a pickle rebuilds it from
         self._choose_backend(backend)
@@ -189,6 +200,10 @@ class Tokenizer:
             >>> tok.encode("hi!"), tok.decode([256, 33])
             ([256, 33], 'hi!')
         """
+        vocab, added_tokens, prefix_ids, suffix_ids = _own_copies(
+            vocab, added_tokens, prefix_ids, suffix_ids)
+        if isinstance(merges, list | tuple):
+            merges = list(merges)
         settings = {k: v for k, v in locals().items() if k not in ("cls", "backend")}
         self = cls.__new__(cls)
         self._settings = lambda: ("BPE", settings)

