@@ -118,6 +118,8 @@ class Bundle:
     def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
         """Read `path/manifest.json` and check that every listed file is there; with `verify`,
         also its size and sha256 (which reads every byte)."""
+        if not isinstance(verify, bool):   # "no" verified; a check must not be off by typo
+            raise TypeError(f"verify must be True or False, got {verify!r}.")
         path = _given(path, "Bundle directory", "the directory that holds manifest.json")
         if path.is_file() and _is_archive(path):
             raise FileNotFoundError(f"{str(path)!r} is a bundle archive; install it with "

@@ -208,8 +208,19 @@ def stream_text(tokens: Iterator[int], step, stop: Sequence[str], flush=None) ->
         if flush is not None:
             yield flush()
 
+    def held(text: str) -> int:
+        """The length of the longest end of `text` that a stop string starts with (and is
+        not whole): only that waits, not the longest stop string's length in any text (a
+        500-character stop string held back every piece to the end)."""
+        longest = 0
+        for s in stop:
+            for k in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest
+
     text, emitted = "", 0
-    hold = max((len(s) for s in stop), default=1) - 1
     for piece in pieces():
         if not piece:
             continue
@@ -220,7 +231,7 @@ def stream_text(tokens: Iterator[int], step, stop: Sequence[str], flush=None) ->
             if at > emitted:
                 yield text[emitted:at]
             return
-        safe = len(text) - hold
+        safe = len(text) - held(text)
         if safe > emitted:
             yield text[emitted:safe]
             emitted = safe
@@ -274,7 +285,12 @@ def perplexity(decoder: Decoder, ids: list[int], window: int, *, chunk: int = 12
 def render_chat(fmt: dict, messages: Sequence[dict]) -> str:
     """A conversation as the model's chat template writes it (the exporter reduced the
     template to per-role patterns and checked them against Jinja)."""
-    if isinstance(messages, (str, dict)) or not messages:
+    if not isinstance(messages, (str, dict, bytes, bytearray)):
+        try:   # an iterator was never empty to `not messages`: it rendered no message
+            messages = list(messages)
+        except TypeError:
+            pass
+    if not isinstance(messages, list) or not messages:
         raise TypeError("chat() takes a non-empty list of {'role': ..., 'content': ...} dicts.")
     roles = fmt["roles"]
     text = ""

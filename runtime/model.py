@@ -301,10 +301,13 @@ def _check_generation(where: Path, generation) -> None:
             and isinstance(chat.get("default_system"), str)
             and isinstance(chat.get("generation_prompt"), str)
             and isinstance(chat.get("first_system", ""), str)
-            and isinstance(chat.get("trim_content", False), bool)):
+            and isinstance(chat.get("trim_content", False), bool)
+            and all("{content}" in pattern for pattern in (
+                *chat["roles"].values(), chat.get("first_system", "{content}")))):
         raise BundleError(f"{where}: generation.chat must be {{\"roles\": {{role: pattern}}, "
                           f"\"default_system\": str, \"generation_prompt\": str}} (and "
-                          f"optionally \"first_system\": str, \"trim_content\": bool).")
+                          f"optionally \"first_system\": str, \"trim_content\": bool); each "
+                          f"pattern holds {{content}}.")
 
 
 def _onnxruntime_errors() -> tuple[type[Exception], ...]:
@@ -410,10 +413,6 @@ class Model:
             where = str(bundle.file("tokenizer.json"))
             raise e if isinstance(e, BundleError) else BundleError(
                 str(e) if where in str(e) else f"{where}: {e}") from e
-        if self.task != "text-generation" and self.tokenizer.pad_id is None:
-            raise BundleError(f"{bundle.file('tokenizer.json')} names no pad id (no "
-                              f"padding.pad_id, no [PAD]), and batches need one; export the "
-                              f"bundle again: the exporter adds the model's.")
         if self.task != "text-generation":
             try:   # room for the special tokens every text gets: checked at load, not per call
                 self.tokenizer.encode("", max_length=self.max_length)
@@ -452,6 +451,12 @@ class Model:
             raise BundleError(f"{bundle.path / 'manifest.json'}: task is {self.task!r}, but "
                               f"the graph {'is' if decoder else 'is not'} a decoder with a "
                               f"KV cache (inputs {', '.join(self.input_names)}).")
+        if decoder:
+            self._check_vocabulary(bundle)
+        elif self.tokenizer.pad_id is None:   # after the graph: a decoder has none
+            raise BundleError(f"{bundle.file('tokenizer.json')} names no pad id (no "
+                              f"padding.pad_id, no [PAD]), and batches need one; export the "
+                              f"bundle again: the exporter adds the model's.")
         if self.task == "text-classification":
             self._checked_labels()   # refused at load, not at the first classify()
         elif self.task == "feature-extraction":
@@ -463,6 +468,26 @@ class Model:
             except (TypeError, ValueError) as e:
                 raise BundleError(f"{bundle.path / 'manifest.json'}: pooling.default_prompt "
                                   f"must name one of pooling.prompts ({e})") from None
+
+    def _check_vocabulary(self, bundle: Bundle) -> None:
+        """A decoder's token ids (the tokenizer's, the eos ids) within the rows of its logits:
+        an added token past them failed in onnxruntime's Gather mid-generation, and an eos id
+        past them never ended a generation."""
+        logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        rows = logits.shape[-1] if logits is not None and logits.shape else None
+        if isinstance(rows, bool) or not isinstance(rows, int):
+            return   # a symbolic vocabulary: nothing to compare with
+        largest = max(self.tokenizer._id_to_token, default=-1)
+        if largest >= rows:
+            raise BundleError(f"{bundle.file('tokenizer.json')}: token id {largest} "
+                              f"({self.tokenizer.id_to_token(largest)!r}) is past the "
+                              f"{rows} rows of the graph's logits: the tokenizer is not this "
+                              f"model's; export the bundle again.")
+        eos = [i for i in self._generation.get("eos_token_ids", []) if i >= rows]
+        if eos:
+            raise BundleError(f"{bundle.path / 'manifest.json'}: generation.eos_token_ids "
+                              f"{eos} are past the {rows} rows of the graph's logits; export "
+                              f"the bundle again.")
 
     @staticmethod
     def _session(bundle: Bundle, threads: int, spinning: bool, providers, pipeline: str):
@@ -675,6 +700,8 @@ class Model:
                   top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                   stop: str | Sequence[str] | None = (), stream: bool = False):
         """generate() from the prompt's ids."""
+        if not isinstance(stream, bool):   # "no" was true: a generator came back
+            raise TypeError(f"stream must be True or False, got {stream!r}.")
         stop = stop_strings(stop)
         options = check_sampling(max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, seed=seed)

@@ -582,6 +582,23 @@ def test_the_earliest_stop_string_ends_the_text_whatever_the_order():
         assert "".join(stream_text(iter([1, 3]), pieces.get, stop)) == ""
 
 
+def test_only_text_that_could_start_a_stop_string_waits():
+    """Every piece waited for the longest stop string's length less one: with a
+    500-character stop string a 40-token stream came as one piece at its end."""
+    words = {i: f" w{i}" for i in range(40)}
+    out = list(stream_text(iter(range(40)), words.get, ["x" * 500]))
+    assert out == [words[i] for i in range(40)]
+    pieces = {1: "Paris", 2: " is E", 3: "N", 4: "D", 5: "nd", 6: "ENDING"}
+    assert list(stream_text(iter([1, 2, 3, 4]), pieces.get, ["END"])) == ["Paris", " is "]
+    # "EN" waits; "ENnd" is no stop string, so it comes out whole, and then the stop
+    assert list(stream_text(iter([1, 2, 3, 5, 6]), pieces.get, ["END"])) == [
+        "Paris", " is ", "ENnd"]
+    for stop in (["END", "E"], ["ing", "EN"]):   # a stop string inside another's start
+        whole = "Paris is ENnd"
+        text = "".join(stream_text(iter([1, 2, 3, 5]), pieces.get, stop))
+        assert text == whole[:min(whole.find(s) for s in stop if s in whole)]
+
+
 def test_sampling_takes_any_finite_temperature_and_refuses_the_rest():
     logits = np.array([1.0, 3.0, 2.0, -1.0], np.float32)
     rng = np.random.default_rng(0)
@@ -764,9 +781,20 @@ def test_stop_strings_and_limits(smollm2):
 
 
 def test_chat_uses_the_template_and_stops_at_eos(smollm2):
-    answer = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}],
-                          max_new_tokens=48)
+    question = {"role": "user", "content": "What is the capital of France?"}
+    answer = smollm2.chat([question], max_new_tokens=48)
     assert "Paris" in answer and "<|im_end|>" not in answer
+    assert smollm2.chat(iter([question]), max_new_tokens=48) == answer
+    # an empty iterator rendered no message at all, and the model wrote on from there
+    for empty in (iter([]), (m for m in []), [], ()):
+        with pytest.raises(TypeError, match="chat.. takes a non-empty list"):
+            smollm2.chat(empty)
+    # stream="no" was true: a generator came back
+    for bad in ("no", 0, None):
+        with pytest.raises(TypeError, match="stream must be True or False"):
+            smollm2.chat([question], stream=bad)
+        with pytest.raises(TypeError, match="stream must be True or False"):
+            smollm2.generate("Hi", stream=bad)
     # a misspelled option named the private method behind chat(): Model._continue()
     with pytest.raises(TypeError, match=r"chat\(\) got an unexpected keyword argument "
                                         r"'maxtokens'"):
@@ -1574,6 +1602,16 @@ def test_generation_fields_are_checked_at_load(smollm2_bundle, tmp_path):
         ({"generation": generation | {"context_length": "1k"}}, "context_length must be an int"),
         ({"generation": generation | {"context_length": -5}}, "context_length must be an int"),
         ({"generation": generation | {"chat": "{{ messages }}"}}, "generation.chat must be"),
+        # a role pattern without the content dropped what the user said
+        ({"generation": generation | {"chat": generation["chat"] | {"roles": generation[
+            "chat"]["roles"] | {"user": "<|im_start|>user\n<|im_end|>\n"}}}},
+         "each pattern holds .content."),
+        # an eos id past the vocabulary never ends a generation
+        ({"generation": generation | {"eos_token_ids": [2, 99999]}},
+         r"eos_token_ids \[99999\] are past the 49152 rows of the graph's logits"),
+        # the graph is a decoder: it said "tokenizer.json names no pad id"
+        ({"task": "feature-extraction"}, "task is 'feature-extraction', but the graph is a "
+                                         "decoder"),
         # past the graph's rotary table: a Gather error at the 1025th token, mid-generation
         ({"generation": generation | {"context_length": 4096}},
          r"generation.context_length is 4096, but the graph embeds 1024 token positions"),
@@ -1586,6 +1624,16 @@ def test_generation_fields_are_checked_at_load(smollm2_bundle, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest | {"generation": None}))
     model = runtime.load(copy, verify=False)   # null: no eos, the context of max_length
     assert model.context == model.max_length
+    # a token added to tokenizer.json past the embedding: Gather failed mid-generation
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    data = json.loads((copy / "tokenizer.json").read_text())
+    data["added_tokens"].append({"id": 49152, "content": "<|new|>", "single_word": False,
+                                 "lstrip": False, "rstrip": False, "normalized": False,
+                                 "special": True})
+    (copy / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match=r"token id 49152 \('<\|new\|>'\) is past the "
+                                          r"49152 rows of the graph's logits"):
+        runtime.load(copy, verify=False)
 
 
 def test_the_torch_greedy_reference_is_plain_argmax():

@@ -1141,6 +1141,14 @@ def test_runtime_spinning_off_gives_the_same_result(minilm_bundle):
                                atol=1e-5)
 
 
+def test_verify_must_be_a_bool(minilm_bundle):
+    """verify="no" was true, and verify=0 turned the check off."""
+    for bad in ("no", 0, None):
+        with pytest.raises(TypeError, match="verify must be True or False"):
+            runtime.load(minilm_bundle, verify=bad)
+    assert runtime.load(minilm_bundle, verify=True).embed(["hi"]).shape == (1, 384)
+
+
 def test_device_application(minilm_bundle):
     out = subprocess.run([sys.executable, "samples/match_command.py", str(minilm_bundle),
                           "please switch on the kitchen light", "what's the capital of france",
