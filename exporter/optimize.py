@@ -21,6 +21,8 @@ chooses those at load time on the device, where it knows the CPU.
 
 from __future__ import annotations
 
+import logging
+
 import onnx
 
 from . import graph_file
@@ -48,7 +50,32 @@ def _ort_basic(source, out) -> None:
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
 
 
+class _PrunedHeadsNote(logging.Filter):
+    """Drops onnxruntime's "Input hidden size (64) is not same as weight matrix dimension of
+    q,k,v (384)" for a layer whose heads were pruned: the fusion then reads each layer's
+    heads from its weights, which is right (and the fused graph is checked against the float
+    export), but four such lines looked like errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Input hidden size (")
+
+
 def _transformer_fusions(source, out, config) -> None:
+    note = _PrunedHeadsNote()
+    # onnxruntime.transformers puts its own directory on sys.path and imports its modules
+    # by their bare names, so the logger is "fusion_attention"
+    loggers = [logging.getLogger(name) for name in (
+        "fusion_attention", "onnxruntime.transformers.fusion_attention")]
+    for logger in loggers:
+        logger.addFilter(note)
+    try:
+        _fuse(source, out, config)
+    finally:
+        for logger in loggers:
+            logger.removeFilter(note)
+
+
+def _fuse(source, out, config) -> None:
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 

@@ -90,6 +90,10 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
             f"| peak RSS (MB) | {rss['float_onnx']} | {rss['bundle']} | |", "",
             *timed_on(lat),
             f"Peak RSS: {rss['what']}. The exporter itself peaked at {rss['exporter']} MB.",
+            *(["", f"Float ONNX is the compressed model's graph; the original model's parameters "
+               f"in float32 take {size['original_float32'] / 1e6:.1f} MB, so the bundle's "
+               f"model file is {size['ratio_to_original']:.2f} of the original's."]
+              if "original_float32" in size else []),
             ""]
         if "size_latency_budget" in v:
             b = v["size_latency_budget"]

@@ -156,6 +156,23 @@ def _recover(candidate) -> str:
     return f"sensitivity search: {kept} group(s) kept float"
 
 
+def check_size_floor(job) -> None:
+    """Refuse, before any rung is built, a max_model_mb below what the word embeddings alone
+    take in the bundle: no rung removes a row of them (9 rungs, 6 minutes on 2 cores, ended
+    in "too large" on every one)."""
+    limit = job.target.validation.max_model_mb
+    if limit is None:
+        return
+    rows, width = job.torch_model.get_input_embeddings().weight.shape
+    int8 = job.target.quantization.embeddings == "int8-rows"
+    floor = rows * width + rows * 4 if int8 else rows * width * 2   # float: float16 at least
+    if floor > limit * MB:
+        raise ValueError(f"max_model_mb {limit:g} is below the {floor / MB:.1f} MB the word "
+                         f"embeddings alone take ({rows} x {width}, "
+                         f"{'int8 rows' if int8 else 'float'}), which no compression strength "
+                         f"removes; raise it above that.")
+
+
 def choose_strength(job) -> None:
     """Stage: set job.compression to the weakest ladder rung that meets the size / latency
     budget and the accuracy budget; record every rung measured. Nothing when no budget."""
@@ -169,6 +186,7 @@ def choose_strength(job) -> None:
     settings = job.target.validation
     if settings.max_model_mb is None and settings.max_latency_ms is None:
         return
+    check_size_floor(job)
     texts, described = selection_texts(job)
     heal_steps = job.compression.heal_steps if job.compression else 0
     rungs = ladder(len(layer_list(job.torch_model)), heal_steps=heal_steps,
@@ -280,10 +298,13 @@ def _unreachable(record: dict, rows: list[dict], job, *, stopped: bool) -> str:
     why = (f"stopped at '{rows[-1]['strength']}', whose compression alone breaks the accuracy "
            f"budget (stronger rungs remove more)" if stopped
            else f"all {len(rows)} strengths tried")
+    advice = ("Raise max_model_mb / max_latency_ms, loosen the accuracy budget, or heal the "
+              "candidates (--heal-steps)" if any("accuracy" in r["verdict"] for r in rows)
+              else "Every strength tried held the accuracy budget, so loosening it or healing "
+                   "cannot help: raise max_model_mb / max_latency_ms")
     return (f"Size / latency budget {record['budget']} cannot be met within the accuracy "
-            f"budget {record['accuracy_budget']}: {best}. {why.capitalize()}. Raise "
-            f"max_model_mb / max_latency_ms, loosen the accuracy budget, or heal the "
-            f"candidates (--heal-steps). No bundle written.")
+            f"budget {record['accuracy_budget']}: {best}. {why.capitalize()}. {advice}. No "
+            f"bundle written.")
 
 
 def strength_lines(record: dict | None) -> list[str]:

@@ -249,6 +249,11 @@ def validate(job) -> None:
         measured.update(classification_metrics(job, ours, ref))
     metrics = rounded(measured, budget=job.budget)
     float_bytes = graph_bytes(job.float_onnx)   # with their external data, if any
+    # a compressed model's float graph is the compressed one: the original's size, its
+    # parameters in float32, is what the whole export saved against
+    model_record = job.records.get("model", {})
+    original_bytes = 4 * model_record["parameters"] \
+        if "parameters_after_compression" in model_record else None
     quant_bytes = graph_bytes(job.quantized_onnx)
     rounds = timing_rounds(job.target)
     timed = latency_ms(job, {"float": float_session, "bundle": quant_session}, texts,
@@ -270,7 +275,11 @@ def validate(job) -> None:
                               "rounds": rounds, "round_seconds": ROUND_SECONDS,
                               "timed_on": timed_on(job.target)},
         "size_bytes": {"float_onnx": float_bytes, "bundle_model": quant_bytes,
-                       "ratio": round(quant_bytes / float_bytes, 4)},
+                       "ratio": round(quant_bytes / float_bytes, 4),
+                       # float_onnx is the compressed model's: what compression saved too
+                       **({"original_float32": original_bytes,
+                           "ratio_to_original": round(quant_bytes / original_bytes, 4)}
+                          if original_bytes else {})},
         "peak_rss_mb": {
             "float_onnx": peak_rss_mb(job.float_onnx, threads=threads, batch=batch,
                                       seq=job.max_length),
@@ -303,8 +312,10 @@ def validate(job) -> None:
             f"{metrics['min-cosine']:.4f} on {len(texts)} texts; latency p50 "
             f"{quant_latency['p50']:.2f} ms vs float {float_latency['p50']:.2f} ms"
             f" ({'this host' if cpu_target(job.target) else 'host CPU, not the target device'}); "
-            f"model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float)"
-            + ("; accuracy as the device computes it (exact integer products, which this "
+            f"model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float"
+            + (f"; {100 * quant_bytes / original_bytes:.0f}% of the original's "
+               f"{original_bytes / 1e6:.1f} MB before compression" if original_bytes else "")
+            + ")" + ("; accuracy as the device computes it (exact integer products, which this "
                "host's CPU saturates)" if exact else ""))
     if record["truncation"]["texts_cut"]:
         job.log(f"  warning: {truncation_text(record['truncation'], len(texts))}")

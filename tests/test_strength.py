@@ -143,13 +143,26 @@ def test_impossible_size_budget_is_refused_with_the_best_reached(tmp_path, texts
     calibration, evaluation = texts
     with pytest.raises(BudgetError) as e:
         export("minilm", target="arm-cpu", output=tmp_path / "tiny", calibration=calibration,
-               evaluation=evaluation, max_model_mb=5, log=lambda line: None)
+               evaluation=evaluation, max_model_mb=12, log=lambda line: None)
     message = str(e.value)
-    assert "Size / latency budget model <= 5 MB cannot be met within the accuracy budget " \
+    assert "Size / latency budget model <= 12 MB cannot be met within the accuracy budget " \
            "cosine>=0.995,min-cosine>=0.98" in message
     # MiniLM's default budget allows no layer dropped: the search stops at drop 1
     assert "smallest reached drop 1: 21." in message and "compression alone breaks" in message
     assert "No bundle written" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_size_budget_below_the_word_embeddings_is_refused_before_any_rung(tmp_path, texts):
+    """No rung removes a row of the word embeddings (MiniLM: 30522 x 384, 11.8 MB as int8
+    rows): max_model_mb 5 built all the rungs it could, minutes, to say "too large"."""
+    calibration, evaluation = texts
+    lines: list[str] = []
+    with pytest.raises(ValueError, match=r"max_model_mb 5 is below the 11.8 MB the word "
+                                         r"embeddings alone take \(30522 x 384, int8 rows\)"):
+        export("minilm", target="arm-cpu", output=tmp_path / "tiny", calibration=calibration,
+               evaluation=evaluation, max_model_mb=5, log=lines.append)
+    assert not any(line.startswith("  [") for line in lines)   # no rung was built
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -170,6 +183,9 @@ class _Layers:
 
     def parameters(self):
         return []
+
+    def get_input_embeddings(self):   # a word-embedding table far below any size budget
+        return type("Embedding", (), {"weight": type("Weight", (), {"shape": (10, 4)})()})()
 
 
 def _stand_in_search(tmp_path, monkeypatch, *, model_bytes: int, scores, budget: str,
@@ -246,6 +262,18 @@ def test_a_float_model_that_breaks_the_budget_is_not_blamed_on_compression(tmp_p
     (row,) = job.records["strength"]["candidates"]
     assert row["strength"] == "none"
     assert row["verdict"] == "the float model itself breaks the accuracy budget; too large"
+
+
+def test_rungs_that_hold_the_accuracy_budget_are_not_told_to_loosen_it(tmp_path, monkeypatch):
+    """Every rung held the accuracy budget and was too large, and the advice was still
+    "loosen the accuracy budget, or heal the candidates", which cannot help."""
+    job, error = _stand_in_search(tmp_path, monkeypatch, model_bytes=23_000_000,
+                                  scores=lambda path: {"cosine": 0.999}, budget="cosine>=0.5")
+    message = str(error)
+    assert {r["verdict"] for r in job.records["strength"]["candidates"]} == {"too large"}
+    assert "Every strength tried held the accuracy budget, so loosening it or healing cannot " \
+           "help: raise max_model_mb / max_latency_ms. No bundle written." in message
+    assert "--heal-steps" not in message
 
 
 def test_a_broken_metric_next_to_its_bound_keeps_the_digits_that_say_so(tmp_path, monkeypatch):
