@@ -707,10 +707,13 @@ def _rebuild(kind: str, settings: dict[str, Any], backend: str) -> Tokenizer:
     return Tokenizer(**settings, backend=backend_here)
 
 
+_MAX_TOKEN_ID = 2**32 - 1   # HF's token ids are u32
+
+
 def _ids(ids: Iterable[int]) -> Iterator[int]:
     """The token ids of `ids` (numpy ints too), with a clear error for anything else.
-    An id past the vocab is skipped as HF skips it; a negative one, which HF cannot
-    represent, is an error."""
+    An id past the vocab is skipped as HF skips it; one that HF cannot represent (a
+    token id is a u32 there: negative, or 2**32 and up) is an error, as it is in HF."""
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise TypeError(f"decode() expects a list of int ids, got {type(ids).__name__}.")
     if getattr(ids, "ndim", 1) != 1:   # a batch of rows, from generate's arrays
@@ -721,8 +724,8 @@ def _ids(ids: Iterable[int]) -> Iterator[int]:
             raise TypeError(f"decode() expects int ids; item {i} is "
                             f"{type(token_id).__name__}.")
         token_id = token_id.__index__()
-        if token_id < 0:
-            raise ValueError(f"decode(): token ids are >= 0; item {i} is {token_id}.")
+        if not 0 <= token_id <= _MAX_TOKEN_ID:
+            raise ValueError(f"decode(): token ids are 0 to 2**32 - 1; item {i} is {token_id}.")
         yield token_id
 
 

@@ -515,7 +515,8 @@ def test_decode_takes_any_int_ids_and_refuses_others(tok, hf):
         ("101 102", TypeError, "expects a list of int ids, got str"),
         ([101, 2.0], TypeError, "expects int ids; item 1 is float"),
         ([101, True], TypeError, "expects int ids; item 1 is bool"),
-        ([101, -100], ValueError, "token ids are >= 0; item 1 is -100"),  # HF: OverflowError
+        ([101, -100], ValueError, r"token ids are 0 to 2\*\*32 - 1; item 1 is -100"),  # HF:
+        ([101, 2**32], ValueError, "item 1 is 4294967296"),   # OverflowError, a u32 there
         (np.array([ids]), TypeError, r"one row of ids, got an array of shape \(1, 6\)"),
     ]:
         with pytest.raises(error, match=message):
