@@ -173,6 +173,41 @@ def check_size_floor(job) -> None:
                          f"removes; raise it above that.")
 
 
+def check_latency_floor(job, threads: int) -> None:
+    """Refuse, before any rung is built, a max_latency_ms below what onnxruntime takes to run
+    a graph of one Identity node on this host, with the threads the rungs are timed with:
+    its per-call overhead, which no compression strength removes (1e-6 ms climbed the whole
+    ladder, minutes on 2 cores, to end in "too slow" on every rung)."""
+    limit = job.target.validation.max_latency_ms
+    if limit is None:
+        return
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, None])
+    out = helper.make_tensor_value_info("out", TensorProto.INT64, [1, None])
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["out"])],
+                              "floor", [ids], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    feed = {"input_ids": np.ones((1, 16), np.int64)}
+    times = []
+    for _ in range(200):
+        started = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - started) * 1e3)
+    floor = sorted(times)[len(times) // 10]   # a fast run: a floor, not a typical time
+    if limit < floor:
+        raise ValueError(f"max_latency_ms {limit:g} is below the {floor:.4f} ms onnxruntime "
+                         f"takes on this host to run a graph of one Identity node, which no "
+                         f"compression strength removes; raise it above that.")
+
+
 def choose_strength(job) -> None:
     """Stage: set job.compression to the weakest ladder rung that meets the size / latency
     budget and the accuracy budget; record every rung measured. Nothing when no budget."""
@@ -187,11 +222,12 @@ def choose_strength(job) -> None:
     if settings.max_model_mb is None and settings.max_latency_ms is None:
         return
     check_size_floor(job)
+    threads = timing_threads(job.target)
+    check_latency_floor(job, threads)
     texts, described = selection_texts(job)
     heal_steps = job.compression.heal_steps if job.compression else 0
     rungs = ladder(len(layer_list(job.torch_model)), heal_steps=heal_steps,
                    keep=job.target.runtime.pipeline_stages)
-    threads = timing_threads(job.target)
     latency_texts = [u.text for u in job.calibration[:50]]
     job.log(f"  size / latency budget {limits_text(settings)}, accuracy budget {job.budget}: "
             f"up to {len(rungs)} strengths, weakest first")

@@ -166,6 +166,20 @@ def test_a_size_budget_below_the_word_embeddings_is_refused_before_any_rung(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_a_latency_budget_below_onnxruntimes_own_overhead_is_refused_before_any_rung(
+        tmp_path, texts):
+    """1e-6 ms climbed the whole ladder to say "too slow" on every rung."""
+    calibration, evaluation = texts
+    lines: list[str] = []
+    with pytest.raises(ValueError, match=r"max_latency_ms 1e-06 is below the \d\.\d{4} ms "
+                                         r"onnxruntime takes on this host to run a graph of "
+                                         r"one Identity node"):
+        export("minilm", target="arm-cpu", output=tmp_path / "fast", calibration=calibration,
+               evaluation=evaluation, max_latency_ms=1e-6, log=lines.append)
+    assert not any(line.startswith("  [") for line in lines)   # no rung was built
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_budget_keeps_heal_steps_only():
     with pytest.raises(ValueError, match="picks the compression strength itself"):
         export("minilm", target="arm-cpu", max_model_mb=20,
