@@ -33,7 +33,7 @@ from .graph_file import graph_bytes
 from .load import check_vocabulary_fits, load_weights, write_tokenizer
 from .quantize import kib_to_mb
 from .report import write_report
-from .validate import BudgetError, cpu_target, timed_on, timing_threads
+from .validate import BudgetError, cpu_target, size_text, sizes, timed_on, timing_threads
 
 # Architectures the graph builder covers: Llama (RMSNorm, rotary, GQA, SwiGLU, no bias) and
 # GPT-2 (LayerNorm, learned positions, biases, GELU MLP).
@@ -668,8 +668,7 @@ def validate_decoder(job) -> None:
     greedy = [agreement(ours.greedy(encode(job, p), tokens), r)
               for p, r in zip(PROMPTS, references, strict=True)]
     speed = decode_speed(ours, encode(job, PROMPTS[0]))
-    float_bytes = graph_bytes(job.float_onnx)   # with their external data, if any
-    quant_bytes = graph_bytes(job.quantized_onnx)
+    size = sizes(job)
     measured = {"perplexity": ppl, "float-perplexity": float_ppl,
                 "perplexity-increase": 100 * (ppl / float_ppl - 1),
                 "greedy-agreement": float(np.mean(greedy))}
@@ -680,8 +679,7 @@ def validate_decoder(job) -> None:
         "greedy": {"prompts": len(PROMPTS), "tokens": tokens,
                    "per_prompt": [round(g, 3) for g in greedy]},
         "speed": {"float_onnx": float_speed, "bundle": speed, "timed_on": timed_on(job.target)},
-        "size_bytes": {"float_onnx": float_bytes, "bundle_model": quant_bytes,
-                       "ratio": round(quant_bytes / float_bytes, 4)},
+        "size_bytes": size,
         "peak_rss_mb": {"float_onnx": peak_rss_mb(job.float_onnx, job.decoder_shape),
                         "bundle": peak_rss_mb(job.quantized_onnx, job.decoder_shape),
                         "what": "new process: load the graph as the runtime does (with its "
@@ -698,7 +696,7 @@ def validate_decoder(job) -> None:
             f"{100 * metrics['greedy-agreement']:.1f}% over {len(PROMPTS)} prompts; decode "
             f"{speed['decode_tokens_per_s']} tok/s vs float {float_speed['decode_tokens_per_s']}"
             f" ({'this host' if cpu_target(job.target) else 'host CPU, not the target device'}); "
-            f"model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float)")
+            f"{size_text(size)}")
     if broken:
         rejected = job.output.with_name(job.output.name + ".rejected")
         write_report(job, rejected)

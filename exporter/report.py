@@ -90,10 +90,7 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
             f"| peak RSS (MB) | {rss['float_onnx']} | {rss['bundle']} | |", "",
             *timed_on(lat),
             f"Peak RSS: {rss['what']}. The exporter itself peaked at {rss['exporter']} MB.",
-            *(["", f"Float ONNX is the compressed model's graph; the original model's parameters "
-               f"in float32 take {size['original_float32'] / 1e6:.1f} MB, so the bundle's "
-               f"model file is {size['ratio_to_original']:.2f} of the original's."]
-              if "original_float32" in size else []),
+            *original_size_lines(size),
             ""]
         if "size_latency_budget" in v:
             b = v["size_latency_budget"]
@@ -198,12 +195,22 @@ def render_decoder_markdown(data: dict) -> str:
             f"{size['bundle_model'] / 1e6:.1f} | {size['ratio']:.2f} |",
             f"| peak RSS (MB) | {rss['float_onnx']} | {rss['bundle']} | |", "",
             *timed_on(sp),
-            f"Peak RSS: {rss['what']}. The exporter itself peaked at {rss['exporter']} MB.", ""]
+            f"Peak RSS: {rss['what']}. The exporter itself peaked at {rss['exporter']} MB.",
+            *original_size_lines(size), ""]
     lines += compression_lines(data.get("compression"))
     if data.get("stage_seconds"):
         lines += ["## Stage times (s)", "",
                   ", ".join(f"{k} {s}" for k, s in data["stage_seconds"].items()), ""]
     return "\n".join(lines)
+
+
+def original_size_lines(size: dict) -> list[str]:
+    """A compressed bundle's model file against the original model's size."""
+    if "original_float32" not in size:
+        return []
+    return ["", f"Float ONNX is the compressed model's graph; the original model's parameters "
+                f"in float32 take {size['original_float32'] / 1e6:.1f} MB, so the bundle's "
+                f"model file is {size['ratio_to_original']:.2f} of the original's."]
 
 
 def write_report_files(data: dict, directory: Path) -> list[Path]:

@@ -227,6 +227,30 @@ def peak_rss_mb(model_path, *, threads: int, batch: int, seq: int) -> float:
     return round(kib_to_mb(int(out.stdout.split()[-1])), 1)
 
 
+def sizes(job) -> dict[str, int | float]:
+    """validation.size_bytes: the bundle's model file against the float graph, and, where
+    compressed, against the original model too (its parameters in float32): the float
+    graph is then the compressed model's, so it alone hides what compression saved."""
+    float_bytes = graph_bytes(job.float_onnx)   # with their external data, if any
+    quant_bytes = graph_bytes(job.quantized_onnx)
+    size: dict[str, int | float] = {"float_onnx": float_bytes, "bundle_model": quant_bytes,
+                                    "ratio": round(quant_bytes / float_bytes, 4)}
+    model = job.records.get("model", {})
+    if "parameters_after_compression" in model:
+        size["original_float32"] = 4 * model["parameters"]
+        size["ratio_to_original"] = round(quant_bytes / size["original_float32"], 4)
+    return size
+
+
+def size_text(size: dict) -> str:
+    """"model 23.6 MB (26% of float)", with the original's share where compressed."""
+    text = f"model {size['bundle_model'] / 1e6:.1f} MB ({100 * size['ratio']:.0f}% of float"
+    if "original_float32" in size:
+        text += (f"; {100 * size['ratio_to_original']:.0f}% of the original's "
+                 f"{size['original_float32'] / 1e6:.1f} MB before compression")
+    return text + ")"
+
+
 def validate(job) -> None:
     """Stage: fill job.records["validation"]; raise BudgetError if the budget is broken."""
     settings = job.target.validation
@@ -248,13 +272,8 @@ def validate(job) -> None:
     if job.task == "text-classification":
         measured.update(classification_metrics(job, ours, ref))
     metrics = rounded(measured, budget=job.budget)
-    float_bytes = graph_bytes(job.float_onnx)   # with their external data, if any
-    # a compressed model's float graph is the compressed one: the original's size, its
-    # parameters in float32, is what the whole export saved against
-    model_record = job.records.get("model", {})
-    original_bytes = 4 * model_record["parameters"] \
-        if "parameters_after_compression" in model_record else None
-    quant_bytes = graph_bytes(job.quantized_onnx)
+    size = sizes(job)
+    quant_bytes = size["bundle_model"]
     rounds = timing_rounds(job.target)
     timed = latency_ms(job, {"float": float_session, "bundle": quant_session}, texts,
                        settings.latency_runs, rounds)
@@ -274,12 +293,7 @@ def validate(job) -> None:
                               "ratio_p50": round(quant_latency["p50"] / float_latency["p50"], 3),
                               "rounds": rounds, "round_seconds": ROUND_SECONDS,
                               "timed_on": timed_on(job.target)},
-        "size_bytes": {"float_onnx": float_bytes, "bundle_model": quant_bytes,
-                       "ratio": round(quant_bytes / float_bytes, 4),
-                       # float_onnx is the compressed model's: what compression saved too
-                       **({"original_float32": original_bytes,
-                           "ratio_to_original": round(quant_bytes / original_bytes, 4)}
-                          if original_bytes else {})},
+        "size_bytes": size,
         "peak_rss_mb": {
             "float_onnx": peak_rss_mb(job.float_onnx, threads=threads, batch=batch,
                                       seq=job.max_length),
@@ -312,11 +326,8 @@ def validate(job) -> None:
             f"{metrics['min-cosine']:.4f} on {len(texts)} texts; latency p50 "
             f"{quant_latency['p50']:.2f} ms vs float {float_latency['p50']:.2f} ms"
             f" ({'this host' if cpu_target(job.target) else 'host CPU, not the target device'}); "
-            f"model {quant_bytes / 1e6:.1f} MB ({100 * quant_bytes / float_bytes:.0f}% of float"
-            + (f"; {100 * quant_bytes / original_bytes:.0f}% of the original's "
-               f"{original_bytes / 1e6:.1f} MB before compression" if original_bytes else "")
-            + ")" + ("; accuracy as the device computes it (exact integer products, which this "
-               "host's CPU saturates)" if exact else ""))
+            f"{size_text(size)}" + ("; accuracy as the device computes it (exact integer "
+                                    "products, which this host's CPU saturates)" if exact else ""))
     if record["truncation"]["texts_cut"]:
         job.log(f"  warning: {truncation_text(record['truncation'], len(texts))}")
     if broken:

@@ -910,3 +910,27 @@ def test_the_report_table_keeps_its_columns():
     for row in lines[header + 2:header + 4]:
         assert len(re.findall(r"(?<!\\)\|", row)) == 5, row
         assert "\\|x_head @ W_o[:, head]\\|" in row or "\\|a_j\\|" in row
+
+
+def test_a_compressed_bundle_is_sized_against_the_original_too(monkeypatch):
+    """Encoders and decoders alike: a compressed model's float graph is the compressed one,
+    so its "% of float" alone hid what compression saved (a decoder's log said only that)."""
+    from pathlib import Path
+
+    from exporter import validate
+    from exporter.report import original_size_lines
+
+    monkeypatch.setattr(validate, "graph_bytes",
+                        {Path("float.onnx"): 400_000_000, Path("q.onnx"): 90_000_000}.get)
+    job = types.SimpleNamespace(float_onnx=Path("float.onnx"), quantized_onnx=Path("q.onnx"),
+                                records={"model": {"parameters": 125_000_000}})
+    plain = validate.sizes(job)
+    assert plain == {"float_onnx": 400_000_000, "bundle_model": 90_000_000, "ratio": 0.225}
+    assert validate.size_text(plain) == "model 90.0 MB (22% of float)"
+    assert original_size_lines(plain) == []
+    job.records["model"]["parameters_after_compression"] = 100_000_000
+    size = validate.sizes(job)
+    assert size["original_float32"] == 500_000_000 and size["ratio_to_original"] == 0.18
+    assert validate.size_text(size) == ("model 90.0 MB (22% of float; 18% of the original's "
+                                        "500.0 MB before compression)")
+    assert "model file is 0.18 of the original's" in original_size_lines(size)[1]
