@@ -2,7 +2,10 @@
 
 Where to cut. The nodes are in topological order; a cut between node p-1 and node p hands on
 every tensor made before p and read at p or later (graph inputs are fed to every stage that
-reads them, constants are copied into every stage that reads them). In a transformer the
+reads them, constants are copied into every stage that reads them, and what is computed from
+those alone and small constants, such as the attention mask's additive form, is computed
+again in every stage that reads it: handed on, it split ONNX Runtime's fusion of each layer's
+attention with its mask, and no layer boundary was a clean cut). In a transformer the
 cuts with the fewest such tensors are the layer boundaries and the point between attention
 and FFN (hidden state + attention mask). Among the cuts that hand on the fewest tensors,
 dynamic programming picks those that minimise the sum of squared stage costs, a stage's
@@ -52,7 +55,13 @@ WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulIntegerToFloat",
 CLEAN_CUT_OPS = ("LayerNormalization", "SkipLayerNormalization",
                  "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
                  "RMSNormalization")
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+               onnx.TensorProto.DOUBLE)
+# A constant at most this big may be copied into every stage that computes from it again.
+RECOMPUTE_MAX_BYTES = 4096
+# Ops whose output differs between two runs: never computed twice.
+RANDOM_OPS = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+              "Multinomial", "Bernoulli", "Dropout")
 
 
 @dataclass
@@ -123,10 +132,30 @@ def node_costs(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray]:
     return nbytes, flops
 
 
-def crossings(model: onnx.ModelProto) -> list[list[str]]:
-    """For each cut p (between node p-1 and node p, p = 1 .. n-1): the tensors handed on."""
+def recomputed(model: onnx.ModelProto) -> set[int]:
+    """The nodes that every stage computes again where it reads their outputs, instead of
+    receiving them: those computing from graph inputs and constants of at most
+    RECOMPUTE_MAX_BYTES alone, directly or through each other (BERT's attention mask, turned
+    into what is added to the scores; the input's shape), with no weight and no randomness.
+    A Gather from an embedding table reads a big constant, so it is not among them."""
+    small = {i.name for i in model.graph.initializer
+             if numpy_helper.to_array(i).nbytes <= RECOMPUTE_MAX_BYTES}
+    available = small | {i.name for i in model.graph.input} | {""}
+    chosen = set()
+    for i, node in enumerate(model.graph.node):
+        if node.op_type not in WEIGHT_OPS and node.op_type not in RANDOM_OPS \
+                and all(name in available for name in node.input):
+            chosen.add(i)
+            available.update(node.output)
+    return chosen
+
+
+def crossings(model: onnx.ModelProto, again: set[int] = frozenset()) -> list[list[str]]:
+    """For each cut p (between node p-1 and node p, p = 1 .. n-1): the tensors handed on
+    (not those of the nodes in `again`, which a stage computes again)."""
     nodes = model.graph.node
     consts = {i.name for i in model.graph.initializer} | {i.name for i in model.graph.input}
+    consts |= {o for i in again for o in nodes[i].output}
     made_at, last_read = {}, {}
     for i, node in enumerate(nodes):
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -148,15 +177,22 @@ def crossings(model: onnx.ModelProto) -> list[list[str]]:
 
 
 def clean_cuts(model: onnx.ModelProto, handed: list[list[str]]) -> set[int]:
-    """Cuts whose handed-on float tensors all come out of a normalization (CLEAN_CUT_OPS);
-    a tensor of unknown type counts as float."""
+    """Cuts whose handed-on float tensors all come out of a normalization (CLEAN_CUT_OPS),
+    or of a Cast of one (portable rounding's float64 LayerNorm, cast back to float32); a
+    tensor of unknown type counts as float."""
     inferred = infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type
              for v in (*inferred.graph.value_info, *inferred.graph.output)}
     producer = {o: n for n in model.graph.node for o in n.output}
+
+    def normalized(tensor: str) -> bool:
+        node = producer[tensor]
+        if node.op_type == "Cast" and node.input[0] in producer:
+            node = producer[node.input[0]]
+        return node.op_type in CLEAN_CUT_OPS
+
     return {p for p, tensors in enumerate(handed, start=1)
-            if all(producer[t].op_type in CLEAN_CUT_OPS
-                   or types.get(t, onnx.TensorProto.FLOAT) not in FLOAT_TYPES
+            if all(normalized(t) or types.get(t, onnx.TensorProto.FLOAT) not in FLOAT_TYPES
                    for t in tensors)}
 
 
@@ -204,38 +240,130 @@ def split(model: onnx.ModelProto, stages: int) -> list[Stage]:
     nodes = list(model.graph.node)
     nbytes, flops = node_costs(model)
     cost = 0.5 * nbytes / max(nbytes.sum(), 1) + 0.5 * flops / max(flops.sum(), 1)
-    if stages == 1:
-        cut_points = []
-    else:
-        handed = crossings(model)
-        # a cut with no tensor handed on would leave a stage with nothing to compute from
-        usable = [p for p, c in enumerate(handed, start=1) if c]
-        if len(usable) < stages - 1:
-            raise ValueError(f"Cannot split the graph into {stages} stages: it has "
-                             f"{len(usable) + 1} nodes in sequence; use fewer stages.")
-        clean = clean_cuts(model, handed)
-        if len([p for p in clean if handed[p - 1]]) >= stages - 1:
-            handed = [c if p in clean else [] for p, c in enumerate(handed, start=1)]
-        sizes = sorted({len(c) for c in handed if c})
-        results = []   # (cuts, sum of squared stage costs) per allowed crossing size
-        for size in sizes:
-            candidates = [p for p, c in enumerate(handed, start=1) if c and len(c) <= size]
-            if len(candidates) >= stages - 1:
-                results.append(balanced_cuts(cost, candidates, stages))
-        best = results[-1][1]   # every cut allowed: the best balance
-        cut_points = next(cuts for cuts, squares in results if squares <= BALANCE_SLACK * best)
+    again = recomputed(model)
+    cut_points = [] if stages == 1 else _cut_points(model, cost, crossings(model, again),
+                                                    stages)
     bounds = [0, *cut_points, len(nodes)]
-    return [_stage(model, nodes, a, b, flops)
+    return [_stage(model, nodes, a, b, flops, again if stages > 1 else set())
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _stage(model, nodes, a: int, b: int, flops) -> Stage:
+def _cut_points(model: onnx.ModelProto, cost: np.ndarray, handed: list[list[str]],
+                stages: int) -> list[int]:
+    """The stages - 1 cuts: among the clean ones (all cuts, where too few are clean), those
+    handing on the fewest tensors that keep within BALANCE_SLACK of the best balance; a cut
+    whose tensors, made graph outputs, change what ONNX Runtime computes is left out and the
+    choice made again (a float16 graph on the CPU: ORT drops a float16 round trip of the
+    residual inside the graph, and keeps it at an output; 0.24 on MiniLM for jetson)."""
+    # a cut with no tensor handed on would leave a stage with nothing to compute from
+    usable = [p for p, c in enumerate(handed, start=1) if c]
+    if len(usable) < stages - 1:
+        raise ValueError(f"Cannot split the graph into {stages} stages: it has "
+                         f"{len(usable) + 1} nodes in sequence; use fewer stages.")
+    clean = clean_cuts(model, handed)
+    probe = _ExposureProbe(model)
+    banned: set[int] = set()
+    while True:
+        allowed = [[] if p in banned else c for p, c in enumerate(handed, start=1)]
+        if len([p for p in clean if allowed[p - 1]]) >= stages - 1:
+            allowed = [c if p in clean else [] for p, c in enumerate(allowed, start=1)]
+        if len([c for c in allowed if c]) < stages - 1:
+            raise ValueError(f"Cannot split the graph into {stages} stages that compute what "
+                             f"it computes: {len(banned)} of its cuts change ONNX Runtime's "
+                             f"result; use fewer stages.")
+        sizes = sorted({len(c) for c in allowed if c})
+        results = []   # (cuts, sum of squared stage costs) per allowed crossing size
+        for size in sizes:
+            candidates = [p for p, c in enumerate(allowed, start=1) if c and len(c) <= size]
+            if len(candidates) >= stages - 1:
+                results.append(balanced_cuts(cost, candidates, stages))
+        best = results[-1][1]   # every cut allowed: the best balance
+        cuts = next(cuts for cuts, squares in results if squares <= BALANCE_SLACK * best)
+        changed = probe.changed({p: handed[p - 1] for p in cuts})
+        if not changed:
+            return cuts
+        banned |= changed
+
+
+class _ExposureProbe:
+    """Whether making some tensors graph outputs changes the graph's outputs under ONNX
+    Runtime (on a probe batch, bit for bit): a stage boundary makes its tensors outputs."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        session = _session(copy_model(model))
+        self.feeds = _probe_feeds(session, *PROBE_SHAPES[1], varied=True)
+        self.reference = session.run(None, self.feeds) if self.feeds is not None else None
+
+    def changed(self, cuts: dict[int, list[str]]) -> set[int]:
+        """The cuts (of `cuts`: position -> its tensors) that change the outputs; all of them
+        where only their tensors together do."""
+        if self.reference is None or self._same([t for c in cuts.values() for t in c]):
+            return set()
+        return {p for p, tensors in cuts.items() if not self._same(tensors)} or set(cuts)
+
+    def _same(self, tensors: list[str]) -> bool:
+        probe = copy_model(self.model)
+        known = {o.name for o in probe.graph.output}
+        for name in dict.fromkeys(tensors):
+            if name not in known:
+                probe.graph.output.append(onnx.ValueInfoProto(name=name))
+        got = _session(probe).run([o.name for o in self.model.graph.output], self.feeds)
+        return all(a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+                   for a, b in zip(self.reference, got, strict=True))
+
+
+def _session(model: onnx.ModelProto):
+    """An ONNX Runtime CPU session of `model` (through a temporary file where it is over
+    graph_file.INLINE_LIMIT, which moves its weights to external data: pass a copy)."""
+    from runtime.model import ort_session
+
+    if not too_big(model):
+        return ort_session(model.SerializeToString())
+    with tempfile.TemporaryDirectory() as tmp:   # onnxruntime has read it all after this
+        save_graph(model, Path(tmp) / "probe.onnx")
+        return ort_session(Path(tmp) / "probe.onnx")
+
+
+def _probe_feeds(session, batch: int, seq: int, *, varied: bool = False) -> dict | None:
+    """Feeds of shape (batch, seq) for the session's (batch, sequence) inputs: ones, or with
+    `varied`, token ids 1000-1996 in a fixed pattern (a mask ones, token types zeros), so
+    that what is probed is not a constant row; None for a graph with other inputs."""
+    feeds = {}
+    for i in session.get_inputs():
+        if i.type not in PROBE_TYPES or len(i.shape) != 2:
+            return None
+        value = np.ones((batch, seq), PROBE_TYPES[i.type])
+        if varied and i.type in ("tensor(int64)", "tensor(int32)"):
+            name = i.name.lower()
+            if "type" in name:
+                value[:] = 0
+            elif "mask" not in name:
+                value[:] = 1000 + (np.arange(batch * seq).reshape(batch, seq) * 7919) % 997
+        feeds[i.name] = value
+    return feeds
+
+
+def _stage(model, nodes, a: int, b: int, flops, again: set[int]) -> Stage:
+    """Nodes [a, b) as a model of their own, with the nodes of `again` that they read from
+    (computed again, first: they read only graph inputs and constants)."""
     inits = {i.name: i for i in model.graph.initializer}
-    made = {o for n in nodes[a:b] for o in n.output}
-    read_later = {name for n in nodes[b:] for name in n.input}
     final = [o.name for o in model.graph.output]
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    own = [i for i in range(a, b) if i not in again
+           or any(o in final for o in nodes[i].output)]
+    wanted, pending = set(), [name for i in own for name in nodes[i].input]
+    while pending:
+        i = producer.get(pending.pop())
+        if i is not None and i in again and i not in wanted and i not in own:
+            wanted.add(i)
+            pending.extend(nodes[i].input)
+    members = [nodes[i] for i in sorted(wanted)] + [nodes[i] for i in own]
+    made = {o for n in members for o in n.output}
+    again_made = {o for i in again for o in nodes[i].output}
+    read_later = {name for n in nodes[b:] for name in n.input} - again_made
     inputs, used_inits = [], []
-    for node in nodes[a:b]:
+    for node in members:
         for name in node.input:
             if not name or name in made:
                 continue
@@ -247,12 +375,12 @@ def _stage(model, nodes, a: int, b: int, flops) -> Stage:
     graph_inputs = [i.name for i in model.graph.input]
     inputs = [n for n in graph_inputs if n in inputs] + [n for n in inputs
                                                          if n not in graph_inputs]
-    outputs = [o for n in nodes[a:b] for o in n.output
+    outputs = [o for i in own for o in nodes[i].output
                if o and (o in read_later or o in final)]
     # the bytes the stage holds: a constant read in several stages is copied into each
     # (nbytes[a:b] counts it at its first reader only)
     held = sum(numpy_helper.to_array(inits[n]).nbytes for n in used_inits)
-    stage = Stage(list(nodes[a:b]), inputs, outputs,
+    stage = Stage(members, inputs, outputs,
                   weight_bytes=int(held), flops_per_token=int(flops[a:b].sum()))
     stage.model = helper.make_model(
         helper.make_graph(stage.nodes, f"stage_{a}_{b}", [], []),
@@ -267,32 +395,25 @@ def annotate_io(model: onnx.ModelProto, stages: list[Stage]) -> None:
     """Give every stage typed inputs and outputs: dtypes and shapes from two probe runs of
     the whole graph, a dimension that follows the probe batch (sequence) named like the
     graph input's batch (sequence) dimension."""
-    from runtime.model import ort_session
-
     names = sorted({n for s in stages for n in (*s.inputs, *s.outputs)})
     probe = copy_model(model)
     known = {o.name for o in probe.graph.output} | {i.name for i in probe.graph.input}
     for name in names:
         if name not in known:
             probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    if too_big(probe):
-        with tempfile.TemporaryDirectory() as tmp:   # onnxruntime has read it all after this
-            save_graph(probe, Path(tmp) / "probe.onnx")
-            session = ort_session(Path(tmp) / "probe.onnx")
-    else:
-        session = ort_session(probe.SerializeToString())
+    session = _session(probe)
     first = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
     batch_name = first[0] if first and first[0] else "batch"
     seq_name = first[1] if len(first) > 1 and first[1] else "sequence"
     runs = []
     for batch, seq in PROBE_SHAPES:
-        feeds = {}
-        for i in session.get_inputs():
-            if i.type not in PROBE_TYPES or len(i.shape) != 2:
-                raise ValueError(f"Cannot cut this graph into stages: its input {i.name!r} "
-                                 f"is {i.type} of rank {len(i.shape)}; stages take (batch, "
-                                 f"sequence) inputs of {', '.join(PROBE_TYPES)}.")
-            feeds[i.name] = np.ones((batch, seq), PROBE_TYPES[i.type])
+        feeds = _probe_feeds(session, batch, seq)
+        if feeds is None:
+            i = next(i for i in session.get_inputs()
+                     if i.type not in PROBE_TYPES or len(i.shape) != 2)
+            raise ValueError(f"Cannot cut this graph into stages: its input {i.name!r} "
+                             f"is {i.type} of rank {len(i.shape)}; stages take (batch, "
+                             f"sequence) inputs of {', '.join(PROBE_TYPES)}.")
         values = dict(zip([o.name for o in session.get_outputs()],
                           session.run(None, feeds), strict=True))
         values.update(feeds)
@@ -355,15 +476,18 @@ def stage_device(index: int, providers) -> str:
 
 
 def max_staged_diff(job, single, bundle_dir, manifest_stages, texts: list[str]) -> float:
-    """Max |staged - single| over every output on `texts` (pipelined, batches of 8)."""
+    """Max |staged - single| over every output on `texts` (pipelined, batches of 8), every
+    graph on one thread: some kernels round by their thread count (the intent classifier's
+    single graph on 1 thread against 2: 4.3e-6), and the stages on the CPU run on fewer
+    threads each than the single graph (stages.stage_threads), which is no cutting error."""
     from runtime.model import ort_session
     from runtime.stages import StagedSession
 
     from .feeds import encoder_feeds
 
-    whole = ort_session(single)
-    staged = StagedSession(bundle_dir, manifest_stages, outputs=[o.name for o in
-                                                                  whole.get_outputs()])
+    whole = ort_session(single, threads=1)
+    staged = StagedSession(bundle_dir, manifest_stages, threads=1,
+                           outputs=[o.name for o in whole.get_outputs()])
     feeds = list(encoder_feeds(job.workdir / "tokenizer.json", texts, whole,
                                max_length=job.max_length, batch_size=8))
     worst = 0.0

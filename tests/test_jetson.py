@@ -131,6 +131,36 @@ def test_a_jetson_encoder_over_the_size_limit_keeps_its_weights_in_external_data
         runtime.load(jetson_bundle, providers=["CPUExecutionProvider"]).embed(texts))
 
 
+@pytest.mark.parametrize("count", [2, 4])
+def test_jetson_stages_cut_at_layers_and_equal_the_single_graph(jetson_bundle, eval_texts,
+                                                                tmp_path, count):
+    """`--target jetson --stages 2` failed its check ("differ from the single graph by
+    2.3e-02"): TensorRT's graph keeps attention unfused, so the float attention mask crossed
+    every layer boundary and no boundary was a clean cut; the one chosen, inside the last
+    layer, put 89% of the FLOPs in stage 0. The mask is now computed again in each stage;
+    and a cut inside a layer, where ONNX Runtime drops a float16 round trip of the residual
+    in the whole graph but not at a stage's output, is left out (4 stages chose one: 1.6)."""
+    from exporter.feeds import encoder_feeds
+    from exporter.partition import write_stages
+    from runtime.model import ort_session
+    from runtime.stages import StagedSession
+
+    records = write_stages(onnx.load(jetson_bundle / "model.onnx"), count, tmp_path,
+                           ["CPUExecutionProvider"])
+    handed = [{t["name"] for t in r["inputs"]} - {"input_ids", "attention_mask",
+                                                  "token_type_ids"} for r in records[1:]]
+    assert all(len(h) == 1 and "output/LayerNorm" in h.pop() for h in handed), handed
+    assert max(r["share"]["flops"] for r in records) <= (2 / 6 if count == 4 else 0.5)
+    whole = ort_session(jetson_bundle / "model.onnx")
+    outputs = [o.name for o in whole.get_outputs()]
+    staged = StagedSession(tmp_path, records, outputs=outputs)
+    feeds = list(encoder_feeds(jetson_bundle / "tokenizer.json", eval_texts[:32], whole,
+                               max_length=128, batch_size=8))
+    for feed, got in zip(feeds, staged.run_stream(feeds), strict=True):
+        for expected, ours in zip(whole.run(None, feed), got, strict=True):
+            np.testing.assert_array_equal(ours, expected)
+
+
 def test_fp16_variant_has_no_int8(tmp_path, calibration, eval_texts):
     path = export("minilm", target="jetson", precision="fp16", calibration=calibration,
                   evaluation=eval_texts[:60], output=tmp_path / "fp16", log=lambda line: None)
