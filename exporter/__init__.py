@@ -197,11 +197,25 @@ def _override(profile: Target, *, precision: str | None, stages: int | None,
     return profile
 
 
+SDPA_OPSET = 14         # the first opset torch.onnx writes scaled_dot_product_attention in
+LAYER_NORM_OPSET = 17   # LayerNormalization, which the transformer fusions write
+
+
 def _check_encoder_profile(profile: Target) -> None:
     """Settings that contradict each other, refused before any work: each used to fail only at
     the stage that met it, minutes into the export."""
     where = profile.source or profile.name
     q = profile.quantization
+    # the profile check takes opset 13 (per-channel QuantizeLinear); an encoder takes more
+    if profile.opset < SDPA_OPSET:
+        raise ValueError(f"{where}: 'opset' is {profile.opset}; the PyTorch exporter writes "
+                         f"an encoder's attention (scaled_dot_product_attention) from opset "
+                         f"{SDPA_OPSET}.")
+    if profile.graph_optimization == "transformer" and profile.opset < LAYER_NORM_OPSET:
+        raise ValueError(f"{where}: 'opset' is {profile.opset}; graph_optimization "
+                         f"\"transformer\" writes LayerNormalization, an opset "
+                         f"{LAYER_NORM_OPSET} op: set opset >= {LAYER_NORM_OPSET}, or "
+                         f"graph_optimization = \"basic\".")
     if profile.graph_rules == "tensorrt" and profile.graph_optimization == "transformer":
         # the fusions write com.microsoft ops (MultiHeadAttention, BiasGelu), which the
         # tensorrt rules refuse at the end of the export, int8 or fp16

@@ -188,6 +188,27 @@ def test_contradicting_jetson_settings_are_refused_before_any_work(tmp_path, bod
                    log=lambda line: None)
 
 
+@pytest.mark.parametrize("body, message", [
+    ("opset = 13", r"'opset' is 13; the PyTorch exporter writes an encoder's attention "
+                   r"\(scaled_dot_product_attention\) from opset 14"),
+    ("opset = 16", r"'opset' is 16; graph_optimization \"transformer\" writes "
+                   r"LayerNormalization, an opset 17 op"),
+])
+def test_an_opset_the_encoder_export_cannot_write_is_refused_before_any_work(
+        tmp_path, body, message, capsys):
+    """Opsets 13-16 passed the profile check (13: per-channel QuantizeLinear), then failed
+    with a traceback: 13 in the PyTorch exporter, 14-16 with the transformer fusions at
+    quantize, 40 s in ("No Op registered for LayerNormalization with domain_version")."""
+    from exporter.__main__ import main
+
+    profile = tmp_path / "old.toml"
+    profile.write_text(f'extends = "arm-cpu"\n{body}\n')
+    assert main(["--target", str(profile), "--output", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    assert re.search(message, err) and "[load]" not in out + err, err   # before any stage
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_empty_extends_means_none(tmp_path):
     # "" is what a manifest records for a profile that extends nothing; it was refused.
     text = (PROFILE_DIR / "arm-cpu.toml").read_text()
