@@ -72,7 +72,9 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
               for k, val in m.items()),
             *(f"| cosine p{p} | {val:.5f} |" for p, val in v["cosine_percentiles"].items()),
             "", "Lowest-cosine texts:", "",
-            *(f"- {w['cosine']:.4f}: {w['text']!r}" for w in v["worst_texts"]), "",
+            *(f"- {w['cosine']:.4f}: {w['text']!r}"
+              + (f" (the first {len(w['text']) - 1} of {w['chars']} characters)"
+                 if "chars" in w else "") for w in v["worst_texts"]), "",
             *([f"![cosine to float per text, and each group's quantization harm]({plot})", ""]
               if plot else []),
             *([f"Integer products: {v['integer_products']}.", ""]

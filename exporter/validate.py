@@ -227,6 +227,18 @@ def peak_rss_mb(model_path, *, threads: int, batch: int, seq: int) -> float:
     return round(kib_to_mb(int(out.stdout.split()[-1])), 1)
 
 
+EXCERPT_CHARS = 200   # of a text the manifest and report quote
+
+
+def excerpt(text: str) -> dict[str, str | int]:
+    """{"text": `text`}, or its first EXCERPT_CHARS characters and its length where longer:
+    a 2 MB evaluation line among the worst texts went whole into manifest.json (read at
+    every runtime.load) and both reports."""
+    if len(text) <= EXCERPT_CHARS:
+        return {"text": text}
+    return {"text": text[:EXCERPT_CHARS] + "…", "chars": len(text)}
+
+
 def sizes(job) -> dict[str, int | float]:
     """validation.size_bytes: the bundle's model file against the float graph, and, where
     compressed, against the original model too (its parameters in float32): the float
@@ -284,7 +296,7 @@ def validate(job) -> None:
         "metrics": metrics,
         "cosine_percentiles": {p: round(float(np.percentile(cos, p)), 5) for p in (1, 5, 50)},
         "cosine_histogram": cosine_histogram(cos),
-        "worst_texts": [{"text": texts[i], "cosine": round(float(cos[i]), 5)}
+        "worst_texts": [{**excerpt(texts[i]), "cosine": round(float(cos[i]), 5)}
                         for i in np.argsort(cos)[:5]],
         "truncation": truncation(job, texts, [i.name for i in float_session.get_inputs()]),
         "budget": str(job.budget),

@@ -378,6 +378,31 @@ def test_report_tables_give_the_units_of_metrics_in_percent():
     assert "| agreement | 0.99667 |" in report and "| accuracy | 0.90000 |" in report
 
 
+def test_a_long_worst_text_is_quoted_as_an_excerpt():
+    """A 2 MB evaluation line among the five worst texts went whole into manifest.json,
+    report.json and report.md (each 2 MB larger, and the manifest is read at every load)."""
+    from exporter.report import render_markdown
+    from exporter.validate import EXCERPT_CHARS, excerpt
+
+    assert excerpt("lights on") == {"text": "lights on"}
+    long = excerpt("word " * 400_000)
+    assert long["chars"] == 2_000_000 and len(long["text"]) == EXCERPT_CHARS + 1
+    validation = {
+        "eval_texts": 2, "eval_data": "file", "budget_holds": True,
+        "metrics": {"cosine": 0.99, "min-cosine": 0.98}, "cosine_percentiles": {1: 0.98},
+        "worst_texts": [{**long, "cosine": 0.98}, {**excerpt("lights on"), "cosine": 0.99}],
+        "latency_ms_batch1": {"float_onnx": {"p50": 2.0, "p95": 3.0},
+                              "bundle": {"p50": 1.0, "p95": 2.0}, "ratio_p50": 0.5},
+        "size_bytes": {"float_onnx": 90_000_000, "bundle_model": 23_000_000, "ratio": 0.26},
+        "peak_rss_mb": {"float_onnx": 290.0, "bundle": 186.0, "exporter": 1500.0,
+                        "what": "new process"}}
+    report = render_markdown({"name": "x", "task": "feature-extraction", "target": "arm-cpu",
+                              "budget": "cosine>=0.9", "validation": validation})
+    assert len(report) < 10_000
+    assert f"(the first {EXCERPT_CHARS} of 2000000 characters)" in report
+    assert "- 0.9900: 'lights on'\n" in report
+
+
 def test_the_report_gives_the_size_limit_the_sensitivity_search_kept():
     """max_model_mb lowers the search's size limit below max_size_ratio's; the report said
     "size limit 30% of float" (27.1 MB for MiniLM) next to groups skipped for size under 20."""
