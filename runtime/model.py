@@ -12,7 +12,8 @@ import os
 import threading
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -761,6 +762,12 @@ class Model:
         if isinstance(texts, (bytes, bytearray, memoryview)):   # iterated, "item 0 is int"
             raise TypeError(f"Pass a list of strings, not {type(texts).__name__}; decode "
                             f"bytes first, e.g. [data.decode('utf-8')].")
+        if isinstance(texts, (AbstractSet, Mapping)):   # iterable, but not what is meant
+            why = ("its order is not the one it was built in, and the rows come back in "
+                   "the order of the texts; e.g. sorted(texts)"
+                   if isinstance(texts, AbstractSet) else
+                   "its keys would be run, not its values; e.g. list(texts.values())")
+            raise TypeError(f"Pass a list of strings, not a {type(texts).__name__}: {why}.")
         try:
             iterator = iter(texts)
         except TypeError:

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="minimum cosine similarity to act (default 0.55)")
     parser.add_argument("--margin", type=float, default=0.03,
                         help="minimum lead over the runner-up to act (default 0.03)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     for name in ("threshold", "margin"):
         if not 0 <= getattr(args, name) <= 1:   # cosine similarities of unit vectors
             parser.error(f"--{name} must be from 0 to 1, got {getattr(args, name)}")

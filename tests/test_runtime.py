@@ -684,6 +684,11 @@ def test_bad_input_types(minilm_bundle):
         model.embed(["ok", b"bytes"])
     with pytest.raises(TypeError, match="Pass a list of strings, not NoneType"):
         model.embed(None)
+    # a set came back in its own order, a dict as its keys: rows the caller cannot place
+    with pytest.raises(TypeError, match=r"not a set: .* e\.g\. sorted\(texts\)"):
+        model.embed({"lights on", "lights off"})
+    with pytest.raises(TypeError, match=r"not a dict: its keys would be run"):
+        model.embed({"lights on": 1})
     # bytes were iterated: "item 0 is int"; None got a hint about decoding bytes
     with pytest.raises(TypeError, match="not bytes; decode bytes first"):
         model.embed(b"turn on the lights")
@@ -1158,6 +1163,11 @@ def test_device_application(minilm_bundle):
     assert "-> light.kitchen.on" in lines[0]
     assert "-> no action" in lines[1]
     assert "ambiguous: lock.front_door." in lines[2]  # lock vs unlock: a near tie, not acted on
+    # an option between the bundle and the utterances (they were "unrecognized arguments")
+    between = subprocess.run([sys.executable, "samples/match_command.py", str(minilm_bundle),
+                              "--threshold", "0.6", "shut the garage", "lock the front door"],
+                             capture_output=True, text=True, check=True, cwd=REPO)
+    assert len(between.stdout.splitlines()) == 2 and "'shut the garage' ->" in between.stdout
     for args, message in [(["--threshold", "2"], "--threshold must be from 0 to 1, got 2.0"),
                            (["--margin", "nan"], "--margin must be from 0 to 1, got nan")]:
         bad = subprocess.run([sys.executable, "samples/match_command.py", str(minilm_bundle),
