@@ -211,10 +211,15 @@ def pool(hidden: np.ndarray, mask: np.ndarray, *, mode: str, normalize: bool) ->
 
 
 def batches(tokenizer: Tokenizer, texts: Sequence[str], *, max_length: int,
-            batch_size: int, input_names: Sequence[str]) -> Iterator[tuple[list[int], dict]]:
+            batch_size: int, input_names: Sequence[str],
+            cut: list[int] | None = None) -> Iterator[tuple[list[int], dict]]:
     """(original indices, feeds) per batch; texts of similar length share a batch so
-    little compute goes to padding."""
-    ids = tokenizer.encode_batch(list(texts), max_length=max_length)
+    little compute goes to padding. `cut` gets the indices of the texts that max_length cut."""
+    texts = list(texts)
+    ids = tokenizer.encode_batch(texts, max_length=max_length)
+    if cut is not None:   # a text at the limit encoded once more, one id past it
+        cut.extend(i for i, row in enumerate(ids) if len(row) == max_length
+                   and len(tokenizer.encode(texts[i], max_length=max_length + 1)) > max_length)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
@@ -407,6 +412,7 @@ class Model:
         settings = _runtime_settings(bundle)
         self.max_length: int = manifest.get("max_length", settings.get("max_sequence_length"))
         self.batch_size: int = settings.get("batch_size", 32)
+        self._said_cut = False   # texts cut to max_length: said once (_warn_cut)
         _check_settings(bundle, self.max_length, self.batch_size)
         try:
             self.tokenizer = Tokenizer.from_file(bundle.file("tokenizer.json"))
@@ -783,15 +789,18 @@ class Model:
         # held 0.6 GB of ids and feeds). Texts of similar length share a batch within a chunk.
         chunk = batch_size * SORTED_BATCHES
         sent: deque = deque()   # (indices in texts, attention mask) of each batch handed on
+        cut: list[int] = []
 
         def feeds() -> Iterator[dict]:
             for start in range(0, len(texts), chunk):
                 part = [prompt + text for text in texts[start:start + chunk]]
+                before = len(cut)
                 for index, feed in batches(self.tokenizer, part, max_length=self.max_length,
-                                           batch_size=batch_size,
-                                           input_names=self.input_names):
+                                           batch_size=batch_size, input_names=self.input_names,
+                                           cut=None if self._said_cut else cut):
                     sent.append(([start + i for i in index], feed["attention_mask"]))
                     yield feed
+                cut[before:] = [start + i for i in cut[before:]]
 
         # staged bundles pipeline the batches through their stages (one batch, handed over
         # as a list, runs them in turn in this thread)
@@ -803,7 +812,22 @@ class Model:
             if rows is None:
                 rows = np.zeros((len(texts), out.shape[-1]), dtype=np.float32)
             rows[index] = out
+        if cut and not self._said_cut:
+            self._said_cut = True
+            self._warn_cut(cut)
         return rows if rows is not None else np.zeros((0, self.dim), dtype=np.float32)
+
+    def _warn_cut(self, cut: list[int]) -> None:
+        """Once per loaded model: texts were cut to max_length, as sentence-transformers cuts
+        them, silently, at the model's own limit, which a profile may have set lower."""
+        truncation = (self.manifest.get("validation") or {}).get("truncation") or {}
+        longest = truncation.get("model_max_length")
+        more = (f"; the model itself takes up to {longest}: export with a profile whose "
+                f"[runtime] max_sequence_length is higher for longer texts whole"
+                if isinstance(longest, int) and longest > self.max_length else "")
+        warnings.warn(f"{len(cut)} text(s) longer than this bundle's max_length of "
+                      f"{self.max_length} tokens were cut to it (the first: item {cut[0]})"
+                      f"{more}. Said once per loaded model.", RuntimeWarning, stacklevel=4)
 
     def __repr__(self) -> str:
         return f"<runtime.Model {self.manifest.get('name')!r} task={self.task!r}>"

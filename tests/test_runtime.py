@@ -676,6 +676,29 @@ def test_a_long_list_is_embedded_in_memory_that_follows_batch_size(minilm_bundle
                                np.concatenate([model.embed([t]) for t in some]), atol=1e-5)
 
 
+def test_texts_cut_to_max_length_are_said_once(minilm_bundle):
+    """The bundle's max_length (the profile's 128) is below MiniLM's own 256: a paragraph
+    was cut, silently, and its vector differed from sentence-transformers' (cosine 0.66)."""
+    import warnings
+
+    model = runtime.load(minilm_bundle)
+    fits = "x " * 126   # 126 ids + [CLS] + [SEP]: 128, the limit, not past it
+    assert len(model.tokenizer.encode(fits)) == model.max_length == 128
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.embed([fits, "lights on"])
+    with pytest.warns(RuntimeWarning, match=r"^2 text\(s\) longer than this bundle's "
+                                            r"max_length of 128 tokens were cut to it \(the "
+                                            r"first: item 1\); the model itself takes up to "
+                                            r"256: export with a profile whose \[runtime\] "
+                                            r"max_sequence_length is higher") as caught:
+        model.embed(["lights on", fits + "y", "lights off", "word " * 300])
+    assert caught[0].filename == __file__   # the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # once per loaded model
+        model.embed(["word " * 300])
+
+
 def test_bad_input_types(minilm_bundle):
     model = runtime.load(minilm_bundle)
     with pytest.raises(TypeError, match="wrap a single text in a list"):
