@@ -67,6 +67,22 @@ ORT_MAX_OPSET: tuple[tuple[tuple[int, int], int], ...] = (
 CORE_PROVIDERS = frozenset({"CPUExecutionProvider", "AzureExecutionProvider"})
 
 
+def _unsafe_path(bundle: Path, name: str) -> str:
+    """Why the manifest's file path `name` is refused: a link in the bundle that leads out
+    of it (the manifest is fine: the file is not), else the path itself."""
+    try:
+        if "\0" not in name and not Path(name).is_absolute() and ".." not in Path(name).parts:
+            here = bundle / name
+            links = [p for p in (*reversed(here.parents), here)
+                     if bundle in p.parents and p.is_symlink()]
+            if links:
+                return (f"{links[0]} is a link that leads outside the bundle; put the "
+                        f"file itself there.")
+    except (OSError, ValueError):   # a lone surrogate; a name the OS refuses
+        pass
+    return f"manifest.json lists an unsafe file path {name!r}."
+
+
 class BundleError(ValueError):
     """A bundle that cannot be trusted or run; the message names the file or field."""
 
@@ -191,7 +207,7 @@ class Bundle:
             except (OSError, RuntimeError, ValueError):   # a link loop; a lone surrogate
                 inside = False
             if not name or Path(name).is_absolute() or not inside:
-                raise BundleError(f"manifest.json lists an unsafe file path {name!r}.")
+                raise BundleError(_unsafe_path(self.path, name))
 
     def _check_files(self, *, contents: bool) -> None:
         for entry in self.manifest["files"]:

@@ -1145,6 +1145,22 @@ def test_unsafe_file_path(bundle_copy):
         runtime.load(bundle_copy)
 
 
+def test_a_link_out_of_the_bundle_is_named_as_the_fault(bundle_copy, tmp_path):
+    """tokenizer.json replaced by a link to a file outside was refused as "manifest.json
+    lists an unsafe file path 'tokenizer.json'", which blamed a manifest that is fine."""
+    outside = tmp_path / "elsewhere.json"
+    shutil.copy(bundle_copy / "tokenizer.json", outside)
+    (bundle_copy / "tokenizer.json").unlink()
+    (bundle_copy / "tokenizer.json").symlink_to(outside)
+    with pytest.raises(BundleError, match=r"tokenizer\.json is a link that leads outside "
+                                          r"the bundle; put the file itself there"):
+        runtime.load(bundle_copy)
+    (bundle_copy / "tokenizer.json").unlink()
+    (bundle_copy / "tokenizer.json").symlink_to(bundle_copy / "report.md")   # inside: its
+    with pytest.raises(BundleError, match="tokenizer.json"):                # sha256 decides
+        runtime.load(bundle_copy)
+
+
 def test_max_supported_opset_table():
     from runtime.bundle import max_supported_opset
 
