@@ -357,21 +357,27 @@ def test_latency_is_timed_on_no_more_threads_than_the_host_has(tmp_path, monkeyp
     assert validate.timing_threads(load_target("arm-cpu")) == 0   # all cores stays all
 
 
+def _validation(**changes) -> dict:
+    """An encoder's validation record, as render_markdown reads it, with `changes`."""
+    return {"eval_texts": 300, "eval_data": "smart-home utterances", "budget_holds": True,
+            "metrics": {"cosine": 0.99, "min-cosine": 0.98}, "cosine_percentiles": {1: 0.98},
+            "worst_texts": [],
+            "latency_ms_batch1": {"float_onnx": {"p50": 2.0, "p95": 3.0},
+                                  "bundle": {"p50": 1.0, "p95": 2.0}, "ratio_p50": 0.5},
+            "size_bytes": {"float_onnx": 90_000_000, "bundle_model": 23_000_000,
+                           "ratio": 0.26},
+            "peak_rss_mb": {"float_onnx": 290.0, "bundle": 186.0, "exporter": 1500.0,
+                            "what": "new process"}, **changes}
+
+
 def test_report_tables_give_the_units_of_metrics_in_percent():
     """accuracy-drop is in points and perplexity-increase in percent; the report's tables
     printed them bare next to accuracy and agreement, which are shares of 1."""
     from exporter.report import render_markdown
 
-    validation = {
-        "eval_texts": 300, "eval_data": "smart-home utterances", "budget_holds": True,
-        "metrics": {"cosine": 0.99, "min-cosine": 0.98, "agreement": 0.99667,
-                    "accuracy": 0.9, "float-accuracy": 0.90333, "accuracy-drop": 0.33333},
-        "cosine_percentiles": {1: 0.98}, "worst_texts": [],
-        "latency_ms_batch1": {"float_onnx": {"p50": 2.0, "p95": 3.0},
-                              "bundle": {"p50": 1.0, "p95": 2.0}, "ratio_p50": 0.5},
-        "size_bytes": {"float_onnx": 90_000_000, "bundle_model": 23_000_000, "ratio": 0.26},
-        "peak_rss_mb": {"float_onnx": 290.0, "bundle": 186.0, "exporter": 1500.0,
-                        "what": "new process"}}
+    validation = _validation(metrics={"cosine": 0.99, "min-cosine": 0.98,
+                                      "agreement": 0.99667, "accuracy": 0.9,
+                                      "float-accuracy": 0.90333, "accuracy-drop": 0.33333})
     report = render_markdown({"name": "x", "task": "text-classification", "target": "arm-cpu",
                               "budget": "accuracy-drop<=0.3", "validation": validation})
     assert "| accuracy-drop (points) | 0.33333 |" in report
@@ -387,15 +393,8 @@ def test_a_long_worst_text_is_quoted_as_an_excerpt():
     assert excerpt("lights on") == {"text": "lights on"}
     long = excerpt("word " * 400_000)
     assert long["chars"] == 2_000_000 and len(long["text"]) == EXCERPT_CHARS + 1
-    validation = {
-        "eval_texts": 2, "eval_data": "file", "budget_holds": True,
-        "metrics": {"cosine": 0.99, "min-cosine": 0.98}, "cosine_percentiles": {1: 0.98},
-        "worst_texts": [{**long, "cosine": 0.98}, {**excerpt("lights on"), "cosine": 0.99}],
-        "latency_ms_batch1": {"float_onnx": {"p50": 2.0, "p95": 3.0},
-                              "bundle": {"p50": 1.0, "p95": 2.0}, "ratio_p50": 0.5},
-        "size_bytes": {"float_onnx": 90_000_000, "bundle_model": 23_000_000, "ratio": 0.26},
-        "peak_rss_mb": {"float_onnx": 290.0, "bundle": 186.0, "exporter": 1500.0,
-                        "what": "new process"}}
+    validation = _validation(worst_texts=[{**long, "cosine": 0.98},
+                                          {**excerpt("lights on"), "cosine": 0.99}])
     report = render_markdown({"name": "x", "task": "feature-extraction", "target": "arm-cpu",
                               "budget": "cosine>=0.9", "validation": validation})
     assert len(report) < 10_000
