@@ -233,6 +233,24 @@ def test_jetson_quantizes_the_pooler_and_head_gemms(intent_model, tmp_path):
     assert {n.name for n in gemms} <= set(manifest["quantization"]["quantized_nodes"])
     assert manifest["validation"]["budget_holds"]
 
+def test_the_staged_check_compares_graphs_on_equal_threads(intent_bundle, tmp_path):
+    """The classifier's graph rounds by its thread count (1 thread against 2: 4.3e-6), and
+    the export's staged check ran the single graph on all cores, each stage on its share:
+    the README's x86-server export of this classifier failed, "a partitioning bug"."""
+    import types
+
+    import onnx
+
+    from exporter.data import smart_home_utterances
+    from exporter.partition import max_staged_diff, write_stages
+
+    records = write_stages(onnx.load(intent_bundle / "model.onnx"), 2, tmp_path,
+                           ["CPUExecutionProvider"])
+    job = types.SimpleNamespace(workdir=intent_bundle, max_length=128)
+    texts = [u.text for u in smart_home_utterances(32, split="eval")]
+    assert max_staged_diff(job, intent_bundle / "model.onnx", tmp_path, records, texts) == 0
+
+
 def test_classify_refuses_a_bundle_without_labels(intent_bundle, tmp_path):
     copy = Path(shutil.copytree(intent_bundle, tmp_path / "b"))
     manifest = json.loads((copy / "manifest.json").read_text())
