@@ -138,8 +138,9 @@ def recomputed(model: onnx.ModelProto) -> set[int]:
     RECOMPUTE_MAX_BYTES alone, directly or through each other (BERT's attention mask, turned
     into what is added to the scores; the input's shape), with no weight and no randomness.
     A Gather from an embedding table reads a big constant, so it is not among them."""
-    small = {i.name for i in model.graph.initializer
-             if numpy_helper.to_array(i).nbytes <= RECOMPUTE_MAX_BYTES}
+    small = {i.name for i in model.graph.initializer   # sized by dims: no copy of a weight
+             if int(np.prod(i.dims)) * helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
+             <= RECOMPUTE_MAX_BYTES}
     available = small | {i.name for i in model.graph.input} | {""}
     chosen = set()
     for i, node in enumerate(model.graph.node):
