@@ -16,6 +16,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import struct
@@ -49,6 +50,10 @@ PRE_TOKENIZERS: dict[str, dict] = {
          "invert": False},
         dict(_BYTE_LEVEL, use_regex=False)]},
 }
+
+# The pre-tokenizers after which llama.cpp looks a word up whole before merging it
+# (ignore_merges), and puts BOS before a prompt unless the file says otherwise.
+IGNORE_MERGES = ADD_BOS = frozenset({"llama-bpe"})
 
 
 def is_gguf_path(model) -> bool:
@@ -249,33 +254,33 @@ LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
 
 def rope_scaling(path: Path) -> dict | None:
     """config.rope_scaling for GGUF `path`, which transformers' GGUF reader drops (the
-    checkpoint would rotate with unscaled frequencies): "linear" from the rope.scaling
-    metadata, "llama3" recovered from rope_freqs.weight, None where nothing is scaled.
-    Any other scaling is refused."""
-    import gguf
-
+    checkpoint would rotate with unscaled frequencies): "linear" from the metadata, as
+    llama.cpp reads it (rope.scaling.factor, else the older rope.scale_linear; a type left
+    out is linear, a factor of 0 or 1 scales nothing), "llama3" recovered from
+    rope_freqs.weight, None where nothing is scaled. Any other scaling is refused."""
     from .decoder_graph import scaled_frequencies
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, TypeError, EOFError) as e:   # gguf's parser
-        raise ValueError(f"{path} is not a GGUF file the gguf package can read ({e}).") from None
-
-    def field(name: str, default=None):
-        found = reader.fields.get(name)
-        return default if found is None else found.contents()
-
-    arch = field("general.architecture", "llama")
-    kind = field(f"{arch}.rope.scaling.type", "none")
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if freqs is None and kind == "none":
-        return None
-    if freqs is None and kind == "linear":
-        return {"rope_type": "linear", "factor": float(field(f"{arch}.rope.scaling.factor"))}
-    if freqs is not None and kind == "none":
+    tensors = tensor_table(path)   # names a damaged or truncated file
+    metadata = scalar_metadata(path) or {}
+    arch = metadata.get("general.architecture") or "llama"
+    kind = metadata.get(f"{arch}.rope.scaling.type") or "linear"
+    factor = metadata.get(f"{arch}.rope.scaling.factor")
+    if factor is None:
+        factor = metadata.get(f"{arch}.rope.scale_linear")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) \
+            or not math.isfinite(factor) or factor < 0:
+        if factor is not None:
+            raise ValueError(f"GGUF {path.name}: rotary scaling factor {factor!r} is not a "
+                             f"number of 0 or more.")
+        factor = 0.0
+    linear = kind in ("linear", "none") and factor not in (0.0, 1.0)
+    freqs = tensors.get("rope_freqs.weight")
+    if kind in ("linear", "none") and freqs is None:
+        return {"rope_type": "linear", "factor": float(factor)} if linear else None
+    if kind in ("linear", "none") and not linear:
         factors = np.asarray(freqs.data, dtype=np.float32).reshape(-1)
         dim = 2 * factors.size
-        base = float(field(f"{arch}.rope.freq_base", 10000.0))
+        base = float(metadata.get(f"{arch}.rope.freq_base", 10000.0))
         unscaled = (1.0 / base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)).astype(
             np.float32)
         scaling = {"rope_type": "llama3", "factor": float(factors.max()), **LLAMA3_ROPE}
@@ -286,7 +291,8 @@ def rope_scaling(path: Path) -> dict | None:
                          f"in a way other than Llama 3's llama3 scaling (factor "
                          f"{factors.max():g}, low/high frequency factors 1 and 4, original "
                          f"context 8192), which is not supported yet.")
-    raise ValueError(f"GGUF {path.name}: rotary scaling {kind!r}"
+    what = f"{kind!r}" + (f" (factor {factor:g})" if linear else "")
+    raise ValueError(f"GGUF {path.name}: rotary scaling {what}"
                      f"{' with a rope_freqs.weight tensor' if freqs is not None else ''} is not "
                      f"supported yet (linear, and llama3 as rope_freqs.weight, are).")
 
@@ -304,10 +310,13 @@ def clean_tokenizer(data: dict, metadata: dict) -> dict:
     data["normalizer"] = None
     data["pre_tokenizer"] = PRE_TOKENIZERS[pre]
     data["decoder"] = dict(_BYTE_LEVEL)
-    data["model"] = dict(data["model"], byte_fallback=False)  # every byte has a token already
+    # llama.cpp skips a byte without a token (SmolLM2 has none for 21 of them, e.g. 0x04);
+    # transformers' <|endoftext|> as unk would put that token in the prompt
+    data["model"] = dict(data["model"], byte_fallback=False, unk_token=None, fuse_unk=False,
+                         ignore_merges=pre in IGNORE_MERGES)
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
                   "use_regex": True}
-    if metadata.get("tokenizer.ggml.add_bos_token", False):
+    if adds_bos(metadata):
         bos = _token(data, metadata["tokenizer.ggml.bos_token_id"])
         data["post_processor"] = {
             "type": "TemplateProcessing",
@@ -321,6 +330,13 @@ def clean_tokenizer(data: dict, metadata: dict) -> dict:
     else:
         data["post_processor"] = byte_level
     return data
+
+
+def adds_bos(metadata: dict) -> bool:
+    """Whether llama.cpp puts the BOS token before a prompt of this GGUF: its
+    tokenizer.ggml.add_bos_token, else the default of its pre-tokenizer (llama-vocab.cpp)."""
+    default = metadata.get("tokenizer.ggml.pre", "default") in ADD_BOS
+    return bool(metadata.get("tokenizer.ggml.add_bos_token", default))
 
 
 def _token(data: dict, token_id: int) -> dict:
@@ -375,24 +391,108 @@ def tokenizer_file(path: Path, dest: Path) -> Path:
     return dest
 
 
+# Where carried blocks come from: each layer's matrices, the embedding and the LM head.
+LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _is_carried_matrix(name: str) -> bool:
+    parts = name.split(".")
+    return name in ("token_embd.weight", "output.weight") or (
+        len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_MATRICES
+        and parts[3] == "weight")
+
+
+def _dequantizable(kind) -> bool:
+    """Whether gguf-py (and so transformers) can turn tensors of ggml type `kind` into
+    floats: a block of zeros tried (gguf-py raises NotImplementedError for the others)."""
+    import gguf
+
+    if kind.name in _GGUF_NUMBERS:
+        return True
+    _, size = gguf.GGML_QUANT_SIZES[kind]
+    try:
+        gguf.quants.dequantize(np.zeros((1, size), np.uint8), kind)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def preflight(path: Path, *, architectures: tuple[str, ...], carry: bool) -> None:
+    """Refuse, from the header alone (milliseconds), a GGUF file the export would refuse
+    only after converting it (a minute for SmolLM2, tens for a 7B model, and a float32
+    copy about 5.5x the file's size in the cache): a damaged or truncated file, an
+    architecture other than `architectures`, a tensor type gguf-py cannot read, rotary
+    scaling not supported, and with `carry` (int4 weights from the file's blocks) blocks
+    that cannot be carried exactly."""
+    tensors = tensor_table(path)
+    metadata = scalar_metadata(path) or {}
+    arch = metadata.get("general.architecture")
+    if arch not in architectures:
+        raise ValueError(f"GGUF {path.name} is a {arch!r} model; text-generation exports "
+                         f"{' and '.join(map(repr, architectures))} GGUF files.")
+    unreadable = sorted({t.tensor_type.name for t in tensors.values()
+                         if not _dequantizable(t.tensor_type)})
+    if unreadable:
+        raise ValueError(f"GGUF {path.name} holds {', '.join(unreadable)} tensors, which the "
+                         f"gguf package cannot dequantize; convert the file to another type "
+                         f"(llama.cpp's llama-quantize), e.g. Q4_0, Q4_1 or Q8_0.")
+    rope_scaling(path)
+    if not carry:
+        return
+    if arch != "llama":
+        raise ValueError(f"GGUF {path.name} is a {arch!r} model: only llama-family blocks can "
+                         f"be carried exactly. To round the dequantized weights to int4 "
+                         f"blocks instead (a second rounding: quality is lost and reported), "
+                         f"pass --requantize.")
+    kinds: dict[str, list[str]] = {}
+    for name, t in tensors.items():
+        if _is_carried_matrix(name) and t.tensor_type.name not in CARRIED_TYPES:
+            kinds.setdefault(t.tensor_type.name, []).append(name)
+    if kinds:
+        found = "; ".join(f"{kind} ({len(names)}, e.g. {names[0]})"
+                          for kind, names in sorted(kinds.items()))
+        raise ValueError(f"GGUF {path.name}: only {', '.join(CARRIED_TYPES)} blocks can be "
+                         f"carried exactly, and it holds {found} matrices. To round the "
+                         f"dequantized weights to int4 blocks instead (a second rounding: "
+                         f"quality is lost and reported), pass --requantize; or re-quantize "
+                         f"the GGUF to Q4_0, Q4_1 or Q8_0.")
+
+
+# Bumped when a conversion's output changes: -3 eot/eom stop tokens, rope scaling; -4 no unk
+# token, llama-bpe's ignore_merges and BOS, keyed by the bytes alone.
+CACHE_VERSION = 4
+
+
 def checkpoint(path: Path, *, cache: Path | None = None, log=print) -> Path:
     """A Hugging Face checkpoint directory with the dequantized weights of GGUF `path`,
-    converted once and cached under `cache` (default ~/.cache/exporter/gguf)."""
+    converted once and cached under `cache` (default $EXPORTER_CACHE/gguf, else
+    ~/.cache/exporter/gguf), keyed by the file's SHA-256: each call reads the whole file
+    once to hash it (about 0.2 s for SmolLM2's 98 MB, ~10 s for 5 GB), and the same bytes
+    under another name find the same entry. Entries are float32 (about 5.5x a 4-bit file)
+    and never evicted: delete the directory to free them."""
     path = Path(path)
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         raise FileNotFoundError(f"GGUF file {str(path)!r} {what}.")
-    key = f"{path.stem}-{file_digest(path)[:16]}-3"   # -3: eot/eom stop tokens, rope scaling
-    target = (cache or cache_root() / "gguf") / key
+    root = cache or cache_root() / "gguf"
+    digest = file_digest(path)
+    target = root / f"{digest[:16]}-{CACHE_VERSION}"
     if (target / "config.json").is_file():
         return target
+    fix = ("Point EXPORTER_CACHE at a writable directory (it holds the checkpoints converted "
+           "from GGUF files)")
+    if target.is_dir():   # conversions land whole (a rename): this one lost files since
+        log(f"  warning: removing the incomplete cache entry {target} (no config.json)")
+        shutil.rmtree(target)
     with parsed_once():
-        convert(path, target, log)
+        convert(path, target, log, digest=digest, fix=fix)
     return target
 
 
-def convert(path: Path, target: Path, log) -> None:
-    """Write the checkpoint of GGUF `path` at `target` (through a temp dir beside it)."""
+def convert(path: Path, target: Path, log, *, digest: str | None = None,
+            fix: str = "Choose another --output") -> None:
+    """Write the checkpoint of GGUF `path` at `target` (through a temp dir beside it;
+    `fix` says what to do where that directory cannot be written)."""
     scaling = rope_scaling(path)   # before anything is written
     try:
         metadata = read_metadata(path)
@@ -400,10 +500,19 @@ def convert(path: Path, target: Path, log) -> None:
         raise ValueError(f"{path} is not a GGUF file the gguf package can read ({e}).") from None
     log(f"  converting {path.name} to a float checkpoint (once; cached in {target})")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    remove_leftovers(target)   # of a conversion killed before its cleanup could run
-    tmp = temp_dir_beside(target)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"Cannot create {str(target.parent)!r}: {e.strerror or e}. "
+                              f"{fix}.") from None
+    remove_leftovers(target)   # of a conversion killed before its cleanup could run
+    tmp = temp_dir_beside(target, fix)
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+        except NotImplementedError as e:   # a tensor type gguf-py cannot dequantize
+            raise ValueError(f"GGUF {path.name}: {e}; convert the file to another type "
+                             f"(llama.cpp's llama-quantize), e.g. Q4_0, Q4_1 or Q8_0.") from None
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         tokenizer.save_pretrained(tmp)
         data = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
@@ -423,12 +532,11 @@ def convert(path: Path, target: Path, log) -> None:
         for role, key_name in (("bos", "bos_token"), ("eos", "eos_token")):
             if role in specials:
                 tokenizer_config[key_name] = specials[role]["content"]
-        tokenizer_config["add_bos_token"] = bool(
-            metadata.get("tokenizer.ggml.add_bos_token", False))
+        tokenizer_config["add_bos_token"] = adds_bos(metadata)
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
         (tmp / "special_tokens_map.json").unlink(missing_ok=True)
         (tmp / "gguf_source.json").write_text(json.dumps(
-            {"file": str(path), "sha256": file_digest(path),
+            {"file": str(path), "sha256": digest or file_digest(path),
              "metadata": {k: v for k, v in metadata.items()
                           if isinstance(v, (str, int, float, bool))}}, indent=2))
         try:

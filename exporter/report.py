@@ -285,17 +285,17 @@ def plot_report(data: dict, path: Path) -> bool:
     return True
 
 
-def temp_dir_beside(target: Path) -> Path:
+def temp_dir_beside(target: Path, fix: str = "Choose another --output") -> Path:
     """`work_dir_beside(target)`, a PermissionError naming the directory that refused (no
-    permission, or a read-only file system: the --output chosen, not the machine failing)."""
+    permission, or a read-only file system: the directory chosen, not the machine failing)
+    and what to do: `fix`."""
     try:
         return work_dir_beside(target)
     except OSError as e:
         why = refused_why(e, target.parent)
         if why is None:
             raise
-        raise PermissionError(f"Cannot write {str(target)!r}: {why}. Choose another "
-                              f"--output.") from None
+        raise PermissionError(f"Cannot write {str(target)!r}: {why}. {fix}.") from None
 
 
 def truncation_text(cut: dict, texts: int) -> str:

@@ -436,10 +436,133 @@ def test_gguf_tokenizer_is_rebuilt_from_metadata(smollm2_checkpoint):
     assert ids[0] != 1 and [tok.id_to_token(i) for i in ids[1:6]] == ["Ġ", "2", "0", "2", "4"]
     config = json.loads((smollm2_checkpoint / "config.json").read_text())
     assert config["eos_token_id"] == 2
+    # A byte without a token (SmolLM2 has none for 0x04) is skipped, as llama.cpp skips it:
+    # transformers' <|endoftext|> as unk token put id 0 in the prompt.
+    assert tok.encode("a\x04b").ids == [tok.token_to_id("a"), tok.token_to_id("b")]
     data = {"added_tokens": [], "model": {}}
     with pytest.raises(ValueError, match="pre-tokenizer 'exotic' is not supported"):
         gguf.clean_tokenizer(data, {"tokenizer.ggml.model": "gpt2",
                                     "tokenizer.ggml.pre": "exotic"})
+
+
+def test_gguf_llama_bpe_tokenizer_takes_llama_cpps_defaults():
+    """llama.cpp's llama-bpe (Llama 3) looks whole words up before merging and puts BOS
+    first unless the file says otherwise; the rebuilt tokenizer did neither."""
+    data = {"added_tokens": [{"id": 7, "content": "<|begin_of_text|>"}], "model": {}}
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+                "tokenizer.ggml.bos_token_id": 7}
+    llama3 = gguf.clean_tokenizer(data, metadata)
+    assert llama3["model"]["ignore_merges"] is True and llama3["model"]["unk_token"] is None
+    assert llama3["post_processor"]["single"][0] == {
+        "SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}
+    told = gguf.clean_tokenizer(data, metadata | {"tokenizer.ggml.add_bos_token": False})
+    assert told["post_processor"]["type"] == "ByteLevel"
+    smollm = gguf.clean_tokenizer(data, metadata | {"tokenizer.ggml.pre": "smollm"})
+    assert smollm["model"]["ignore_merges"] is False
+    assert smollm["post_processor"]["type"] == "ByteLevel"
+
+
+def _tiny_gguf(path: Path, *, arch: str = "llama", matrix_type: str = "Q4_0") -> Path:
+    """A header-valid GGUF of architecture `arch` whose one layer matrix has ggml type
+    `matrix_type` (its bytes zeros), for what is refused from the header alone."""
+    import gguf as gguf_package
+
+    kind = gguf_package.GGMLQuantizationType[matrix_type]
+    block, size = gguf_package.GGML_QUANT_SIZES[kind]
+    writer = gguf_package.GGUFWriter(path, arch=arch)
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((4, 256 // block * size), np.uint8),
+                      raw_dtype=kind)
+    writer.add_tensor("output_norm.weight", np.ones(256, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_files_the_export_would_refuse_are_refused_from_the_header(tmp_path):
+    """Each was refused only after a full conversion (a Q4_K file: 39 s and 515 MB of cache
+    for SmolLM2, tens of minutes for a 7B model), or ended in a traceback (architecture
+    'foo', a Q8_1 tensor gguf-py cannot dequantize)."""
+    def check(path, carry=True):
+        gguf.preflight(path, architectures=("llama", "gpt2"), carry=carry)
+
+    check(_tiny_gguf(tmp_path / "q4_0.gguf"))   # carried as it is
+    q4_k = _tiny_gguf(tmp_path / "q4_k.gguf", matrix_type="Q4_K")
+    with pytest.raises(ValueError, match=r"q4_k.gguf: only Q4_0, Q4_1, Q8_0 blocks can be "
+                                         r"carried exactly, and it holds Q4_K \(1, e.g. "
+                                         r"blk.0.attn_q.weight\) matrices.*--requantize"):
+        check(q4_k)
+    check(q4_k, carry=False)   # --requantize: dequantized, then rounded
+    with pytest.raises(ValueError, match=r"foo.gguf is a 'foo' model; text-generation "
+                                         r"exports 'llama' and 'gpt2' GGUF files"):
+        check(_tiny_gguf(tmp_path / "foo.gguf", arch="foo"))
+    with pytest.raises(ValueError, match=r"Q8_1 tensors, which the gguf package cannot "
+                                         r"dequantize"):
+        check(_tiny_gguf(tmp_path / "q8_1.gguf", matrix_type="Q8_1"), carry=False)
+    with pytest.raises(ValueError, match="only llama-family blocks can be carried"):
+        check(_tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2"))
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(q4_k.read_bytes()[:-700])
+    with pytest.raises(ValueError, match="damaged or truncated"):
+        check(truncated, carry=False)
+
+
+def test_a_q4_k_gguf_is_refused_before_the_conversion(tmp_path, capsys, monkeypatch):
+    from exporter.__main__ import main
+
+    monkeypatch.setenv("EXPORTER_CACHE", str(tmp_path / "cache"))
+    model = _tiny_gguf(tmp_path / "model.gguf", matrix_type="Q4_K")
+    assert main(["--target", "arm-cpu", "--model", str(model),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "pass --requantize" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"llama.rope.scaling.factor": 4.0}, {"rope_type": "linear", "factor": 4.0}),
+    ({"llama.rope.scale_linear": 2.0}, {"rope_type": "linear", "factor": 2.0}),
+    ({"llama.rope.scaling.type": "linear"}, None),   # no factor: llama.cpp's 1
+    ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 1.0}, None),
+], ids=["factor without type", "older key", "linear without factor", "factor 1"])
+def test_gguf_linear_rotary_scaling_is_read_as_llama_cpp_reads_it(tmp_path, fields, expected):
+    """A factor without a type, and the older rope.scale_linear key, were dropped: the
+    model rotated unscaled, and validation (against the same config) could not tell; a type
+    without a factor ended in a TypeError."""
+    path = _smollm2_gguf_with(tmp_path / "rope.gguf", fields=fields)
+    assert gguf.rope_scaling(path) == expected
+
+
+def test_the_gguf_cache_is_keyed_by_the_bytes_and_mends_a_broken_entry(tmp_path, monkeypatch):
+    """The same bytes under two names made two 515 MB entries; an entry that lost its
+    config.json failed every later export with "Directory not empty"; a cache that cannot
+    be made named --output."""
+    converted, lines = [], []
+
+    def convert(path, target, log, **kwargs):
+        converted.append(path.name)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(gguf, "convert", convert)
+    one = _tiny_gguf(tmp_path / "one.gguf")
+    two = tmp_path / "two.gguf"
+    two.write_bytes(one.read_bytes())
+    cache = tmp_path / "cache"
+    entry = gguf.checkpoint(one, cache=cache, log=lines.append)
+    assert gguf.checkpoint(two, cache=cache, log=lines.append) == entry
+    assert converted == ["one.gguf"] and lines == []
+    (entry / "config.json").unlink()
+    (entry / "tokenizer.json").write_text("{}")
+    assert gguf.checkpoint(two, cache=cache, log=lines.append) == entry
+    assert converted == ["one.gguf", "two.gguf"] and not (entry / "tokenizer.json").exists()
+    assert "removing the incomplete cache entry" in lines[0]
+    monkeypatch.undo()   # the real conversion, which stops at the cache
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("EXPORTER_CACHE", str(tmp_path / "file" / "cache"))
+    with pytest.raises(PermissionError, match=r"Cannot create .*file/cache/gguf'.*Point "
+                                              r"EXPORTER_CACHE at a writable directory"):
+        gguf.checkpoint(one, log=lines.append)
 
 
 def test_chat_format_matches_the_jinja_template(smollm2_checkpoint):
@@ -1672,7 +1795,7 @@ def test_a_gguf_converted_meanwhile_by_another_export_is_used(tmp_path, monkeypa
 
     source = gguf.packaged_gguf("smollm2")
     cache = tmp_path / "cache"
-    target = cache / f"{source.stem}-{gguf.file_digest(source)[:16]}-3"
+    target = cache / f"{gguf.file_digest(source)[:16]}-{gguf.CACHE_VERSION}"
     tokenizer_json = gguf.checkpoint(source, log=lambda line: None) / "tokenizer.json"
 
     class Model:   # stands in for the dequantized model; meanwhile the other export finishes
