@@ -121,6 +121,10 @@ class Budget:
                 raise ValueError(f"Accuracy budget clause {part.strip()!r} can never hold: "
                                  f"{metric} lies in {lower}{low:g}, {high:g}] "
                                  f"({METRICS[metric]}).")
+            twice = next((c for c in clauses if c.metric == metric), None)
+            if twice is not None:
+                raise ValueError(f"Accuracy budget {text!r} bounds {metric} twice ('{twice}' "
+                                 f"and {part.strip()!r}); give one bound per metric.")
             clauses.append(Clause(metric, op, float(value)))
         return cls(tuple(clauses))
 

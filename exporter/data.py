@@ -126,7 +126,8 @@ def read_texts(path: str | Path) -> list[Utterance]:
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         raise FileNotFoundError(f"Text file {str(path)!r} {what}.")
-    if path.suffix not in (".txt", ".jsonl"):
+    suffix = path.suffix.lower()   # DATA.TXT, as Windows tools name files
+    if suffix not in (".txt", ".jsonl"):
         raise ValueError(f"Text file {str(path)!r} must end in .txt (one text per line) "
                          f"or .jsonl (objects with a \"text\" field), not {path.suffix!r}.")
     try:
@@ -142,7 +143,7 @@ def read_texts(path: str | Path) -> list[Utterance]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        if path.suffix == ".txt":
+        if suffix == ".txt":
             out.append(Utterance(line, where=f"{path}:{number}"))
             continue
         try:
@@ -168,7 +169,22 @@ def read_texts(path: str | Path) -> list[Utterance]:
                              where=f"{path}:{number}", label_id=index))
     if not out:
         raise ValueError(f"Text file {str(path)!r} holds no text: give at least one line.")
+    if suffix == ".txt" and all(_json_record(u.text) for u in out):
+        raise ValueError(f"Text file {str(path)!r} holds JSON Lines (each line an object with "
+                         f"a \"text\" field), which a .txt file would take as the texts "
+                         f"themselves, braces and labels included: rename it to .jsonl.")
     return out
+
+
+def _json_record(line: str) -> bool:
+    """Whether `line` is a JSON object with a string "text" field (a .jsonl line)."""
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("text"), str)
 
 
 class _TemplateSampler:

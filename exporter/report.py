@@ -66,7 +66,7 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
         m = v["metrics"]
         budget = parsed_budget(data)
         lines += [
-            f"## Accuracy ({v['eval_texts']} held-out texts, {v['eval_data']})", "",
+            f"## Accuracy ({eval_texts_text(v)}, {v['eval_data']})", "",
             "| metric | value |", "|---|---|",
             *(f"| {metric_label(k)} | {shown(val, budget.bounds(k), 5)} |"
               for k, val in m.items()),
@@ -261,7 +261,7 @@ def plot_report(data: dict, path: Path) -> bool:
                        label=f"budget {name.strip()} >= {bound}")
     ax.set_xlabel("cosine of bundle to float output, per text")
     ax.set_ylabel("texts")
-    ax.set_title(f"{v['eval_texts']} held-out texts ({v['eval_data']})", fontsize=10)
+    ax.set_title(f"{eval_texts_text(v)} ({v['eval_data']})", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     if groups:
         kept = {step["float_group"] for step in s["search"]["steps"][1:]}
@@ -296,6 +296,15 @@ def temp_dir_beside(target: Path, fix: str = "Choose another --output") -> Path:
         if why is None:
             raise
         raise PermissionError(f"Cannot write {str(target)!r}: {why}. {fix}.") from None
+
+
+def eval_texts_text(v: dict) -> str:
+    """The evaluation texts in words: held out, or how many of them were calibration texts."""
+    seen = v.get("eval_texts_in_calibration", 0)
+    if not seen:
+        return f"{v['eval_texts']} held-out texts"
+    return (f"{v['eval_texts']} evaluation texts, {seen} of them also calibration texts: "
+            f"optimistic")
 
 
 def truncation_text(cut: dict, texts: int) -> str:

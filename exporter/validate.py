@@ -293,6 +293,8 @@ def validate(job) -> None:
     record = {
         "eval_texts": len(texts),
         "eval_data": job.records.get("eval_source", "smart-home utterances"),
+        **({"eval_texts_in_calibration": job.records["eval_texts_in_calibration"]}
+           if "eval_texts_in_calibration" in job.records else {}),
         "metrics": metrics,
         "cosine_percentiles": {p: round(float(np.percentile(cos, p)), 5) for p in (1, 5, 50)},
         "cosine_histogram": cosine_histogram(cos),

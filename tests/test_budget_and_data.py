@@ -78,6 +78,8 @@ def test_a_metric_that_is_not_a_number_breaks_the_budget():
     # read as inf, recorded as 'cosine>=-inf', which no budget parse reads back
     ("cosine>=-1e999", "-1e999 is beyond a float's range"),
     ("accuracy-drop<=1e999", "1e999 is beyond a float's range"),
+    # the looser clause counted for nothing, silently
+    ("cosine>=0.97,cosine>=0.98", r"bounds cosine twice \('cosine>=0.97' and 'cosine>=0.98'\)"),
 ])
 def test_bad_budget(text, message):
     with pytest.raises(ValueError, match=message):
@@ -197,6 +199,21 @@ def test_bad_text_files(tmp_path, name, content, error, message):
         read_texts(tmp_path / name)
 
 
+def test_a_txt_file_of_json_lines_is_refused_and_an_upper_case_suffix_read(tmp_path):
+    """JSON Lines in a .txt were scored as the texts themselves, braces and labels
+    included; DATA.TXT was refused for its suffix."""
+    (tmp_path / "data.txt").write_text('{"text": "lights on", "label": "on"}\n'
+                                       '{"text": "lights off", "label": "off"}\n')
+    with pytest.raises(ValueError, match=r"data.txt' holds JSON Lines .*rename it to .jsonl"):
+        read_texts(tmp_path / "data.txt")
+    (tmp_path / "mixed.txt").write_text('{"text": "lights on"}\nturn it off\n')
+    assert [u.text for u in read_texts(tmp_path / "mixed.txt")][1] == "turn it off"
+    (tmp_path / "DATA.TXT").write_text("lights on\n")
+    (tmp_path / "DATA.JSONL").write_text('{"text": "lights on", "label": "on"}\n')
+    assert read_texts(tmp_path / "DATA.TXT")[0].text == "lights on"
+    assert read_texts(tmp_path / "DATA.JSONL")[0].intent == "on"
+
+
 def test_missing_text_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.txt' does not exist"):
         read_texts(tmp_path / "missing.txt")
@@ -252,6 +269,41 @@ def test_few_or_shared_texts_are_warned_about():
     evaluation = smart_home_utterances(40, split="eval")
     (repeated,) = data_warnings("feature-extraction", profile, many, evaluation + evaluation[:2])
     assert repeated.startswith("2 evaluation texts repeat an earlier one")
+    (repeated,) = data_warnings("feature-extraction", profile, many + many[:20], evaluation)
+    assert repeated.startswith("20 calibration texts repeat an earlier one")
+
+
+def test_evaluation_texts_that_are_all_calibration_texts_are_refused():
+    """One file for both held the default budget at cosine 0.998, exit 0, reported as
+    "held-out"; on 300 unseen texts that bundle gave cosine 0.83."""
+    from exporter import check_held_out
+    from exporter.compress import Compression
+    from exporter.data import Utterance
+
+    many = smart_home_utterances(40, split="calibration")
+    with pytest.raises(ValueError, match="Every evaluation text is also a calibration text"):
+        check_held_out("feature-extraction", "int8", many, many[:10], None)
+    check_held_out("feature-extraction", "int8", many, many[:10] + [Utterance("unseen")], None)
+    check_held_out("feature-extraction", "fp16", many, many, None)   # no int8 ranges: unread
+    check_held_out("text-generation", "int4", many, many, None)   # nothing to compress
+    for task, precision in (("text-generation", "int4"), ("feature-extraction", "fp16")):
+        with pytest.raises(ValueError, match="Every evaluation text"):   # ranked on it
+            check_held_out(task, precision, many, many, Compression(drop_layers=1))
+
+
+def test_the_report_says_which_evaluation_texts_were_calibration_texts():
+    from exporter.report import render_markdown
+
+    def heading(validation):
+        report = render_markdown({"name": "x", "task": "feature-extraction",
+                                  "target": "arm-cpu", "budget": "cosine>=0.9",
+                                  "validation": validation})
+        return next(line for line in report.splitlines() if line.startswith("## Accuracy"))
+
+    assert heading(_validation()) == "## Accuracy (300 held-out texts, smart-home utterances)"
+    assert heading(_validation(eval_texts_in_calibration=12)) == (
+        "## Accuracy (300 evaluation texts, 12 of them also calibration texts: optimistic, "
+        "smart-home utterances)")
 
 
 def test_accuracy_drop_is_exact_at_the_budget():

@@ -334,7 +334,7 @@ def test_unknown_labels_in_a_calibration_file_are_refused_with_their_line(tmp_pa
     shutil.copy(resolve_model_dir("minilm") / "tokenizer.json", model)
     lines = ['{"text": "great stuff", "label": 1}', '{"text": "awful", "label": "bad"}']
     (tmp_path / "cal.jsonl").write_text("\n".join(lines) + "\n")   # 1: "pos", the index
-    (tmp_path / "eval.jsonl").write_text(lines[0] + "\n")
+    (tmp_path / "eval.jsonl").write_text('{"text": "fine work", "label": 1}\n')
     code = main(["--model", str(model), "--target", "arm-cpu", "--calibration",
                  str(tmp_path / "cal.jsonl"), "--eval", str(tmp_path / "eval.jsonl"),
                  "--output", str(tmp_path / "out")])
