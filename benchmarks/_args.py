@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import signal
 import tempfile
@@ -127,18 +128,54 @@ def single_graph_bundle(text: str) -> Path:
     return path
 
 
-def decoder_bundle(text: str) -> Path:
-    """A text-generation bundle (bench_decoder reads its tokenizer for every variant's
-    prompt and text: an encoder's scored the peers on the wrong token ids)."""
-    import json
+# bench_decoder's bundle flag -> (the manifest's quantization "weights", the "accuracy_level"
+# of its 4-bit matrices or None for any, what the variant's label claims the bundle is).
+DECODER_PRECISIONS: dict[str, tuple[str, int | None, str]] = {
+    "int8": ("int8", None, "8-bit weights (--precision int8)"),
+    "int4": ("int4", 0, "4-bit weights with exact activations (accuracy_level 0, as the "
+                        "default profiles write)"),
+    "fast": ("int4", 4, "4-bit weights with int8 activations (accuracy_level 4)"),
+}
 
-    path = bundle(text)
-    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-    if manifest.get("task") != "text-generation":
+
+def decoder_precision(manifest: dict) -> dict:
+    """What a decoder bundle's manifest says its weights and activations are."""
+    q = manifest.get("quantization") or {}
+    return {key: q.get(key) for key in ("weights", "accuracy_level", "int8_accuracy_level",
+                                        "activations")}
+
+
+def decoder_bundle(flag: str) -> Callable[[str], Path]:
+    """A text-generation bundle (bench_decoder reads its tokenizer for every variant's
+    prompt and text: an encoder's scored the peers on the wrong token ids) quantized as
+    `flag` (a key of DECODER_PRECISIONS) says: one int4 bundle given as --int4, --int8 and
+    --fast was measured three times under three labels."""
+    weights, level, promise = DECODER_PRECISIONS[flag]
+
+    def parse(text: str) -> Path:
+        import json
+
+        path = bundle(text)
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        if manifest.get("task") != "text-generation":
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a {manifest.get('task', 'non-generative')} bundle; give a "
+                f"SmolLM2 export (python -m exporter --model smollm2 ...).")
+        has = decoder_precision(manifest)
+        if has["weights"] == weights and level in (None, has["accuracy_level"]):
+            return path
+        if has["weights"] is None:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: its manifest records no quantization (\"quantization\": "
+                f"{{\"weights\": ...}}); --{flag} takes {promise}.")
+        other = next((f"; give it as --{name}" for name, (w, a, _) in DECODER_PRECISIONS.items()
+                      if w == has["weights"] and a in (None, has["accuracy_level"])), "")
         raise argparse.ArgumentTypeError(
-            f"{text!r} is a {manifest.get('task', 'non-generative')} bundle; give a SmolLM2 "
-            f"export (python -m exporter --model smollm2 ...).")
-    return path
+            f"{text!r} holds {has['weights']} weights at accuracy_level "
+            f"{has['accuracy_level']}; --{flag} takes {promise}{other}, or leave out "
+            f"--{flag} to export one.")
+
+    return parse
 
 
 def classifier(text: str) -> Path:
@@ -177,6 +214,30 @@ def labelled_classifier(min_texts: int) -> Callable[[str], Path]:
         return path
 
     return parse
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it ("AMD EPYC"; platform.processor() is
+    empty on Linux), else what platform says ("x86_64")."""
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key in ("model name", "Model") and value:
+            return value
+    return platform.processor() or platform.machine()
+
+
+def versions(*names: str) -> dict[str, str]:
+    """The installed version of each distribution in `names`, or "not installed"."""
+    from importlib import metadata
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
 
 
 def write_result(path: Path, text: str) -> None:

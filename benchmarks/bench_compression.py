@@ -12,7 +12,12 @@ unstructured sparsity shows), batch-1 latency p50 on ONNX Runtime CPU (every gra
 and timed in its own block, blocks repeated --rounds times round-robin, best round kept: the
 machine is shared), and quality against the ORIGINAL float PyTorch model on held-out text:
 mean cosine of pooled sentence embeddings, or, for a classifier, accuracy on its test.jsonl
-next to the float model's. Writes benchmarks/results/bench_compression.{json,md,png}.
+next to the float model's. Writes benchmarks/results/bench_compression.{json,md,png}: the JSON
+holds the run's settings, host and versions beside the rows.
+
+A variant the model cannot take ("drop 3" of a 2-layer model) is refused before anything is
+built; one that still fails while building is recorded as failed, with its reason, beside the
+rows of the others (exit status 1).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,11 +95,12 @@ def measure(job, name: str, healed: bool, threads: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=argtypes.model, default="minilm",
-                        help="encoder (feature-extraction)")
-    parser.add_argument("--classifier", type=argtypes.classifier, metavar="DIR",
-                        help="a trained classifier directory holding test.jsonl "
-                             "(samples/train_intents.py)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", type=argtypes.model, default="minilm",
+                       help="encoder (feature-extraction; default minilm)")
+    which.add_argument("--classifier", type=argtypes.classifier, metavar="DIR",
+                       help="a trained classifier directory holding test.jsonl "
+                            "(samples/train_intents.py), instead of --model")
     parser.add_argument("--target", type=argtypes.target, default="arm-cpu")
     parser.add_argument("--heal-steps", type=argtypes.at_least(0), default=100)
     parser.add_argument("--rounds", type=argtypes.at_least(1), default=5)
@@ -105,24 +112,34 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
                         help="these variants only (int8, the baseline, is always measured)")
     parser.add_argument("--output", type=argtypes.result_file,
-                        default=RESULTS / "bench_compression")
+                        default=str(RESULTS / "bench_compression"))
     args = parser.parse_args(argv)
     for path in result_paths(args.output).values():   # what is written: each a file
         if path.is_dir():
             parser.error(f"--output {str(args.output)!r} writes {str(path)!r}, which is a "
                          f"directory; give another --output.")
+    model = str(args.classifier) if args.classifier else args.model
+    # int8, uncompressed, is every variant's baseline: always measured; each variant once
+    names = list(dict.fromkeys(["int8", *(args.only or VARIANTS)]))
+    try:
+        refused = unfit_variants(model, names, args.target)
+    except ValueError as e:   # config.json's layer count is no count
+        parser.error(str(e))
+    if refused:
+        fit = [n for n in names if n not in refused]
+        parser.error(f"{model!r} cannot take " + "; ".join(
+            f"{name!r} ({why.rstrip('.')})" for name, why in refused.items())
+            + f". Leave {'it' if len(refused) == 1 else 'them'} out: --only "
+            + " ".join(repr(n) for n in fit))
 
     from exporter import pipeline
     from exporter.budget import Budget
     from exporter.compress import Compression
     from exporter.data import read_texts, smart_home_utterances
-    from exporter.heal import heal
     from exporter.validate import latency_ms
     from targets import load_target
 
-    stages = {s.__name__: s for s in pipeline.STAGES}
     target = load_target(args.target)
-    model = str(args.classifier) if args.classifier else args.model
     evaluation = (read_texts(args.classifier / "test.jsonl") if args.classifier
                   else smart_home_utterances(target.validation.eval_samples, split="eval"))
     calibration = smart_home_utterances(target.quantization.calibration_samples,
@@ -130,10 +147,8 @@ def main(argv=None) -> int:
     import torch  # noqa: F401  (first imported here, not in the work below: see stop_on_signals)
 
     tmp = argtypes.work_directory("bench_compression.")
-    rows = []
+    rows, failed, built = [], {}, None
     try:
-        # int8, uncompressed, is every variant's baseline: always measured
-        names = ["int8", *(n for n in args.only if n != "int8")] if args.only else VARIANTS
         for name in names:
             started = time.perf_counter()
             job = pipeline.new_job(model, target=target, task=None, output=tmp / "out",
@@ -141,33 +156,75 @@ def main(argv=None) -> int:
                                    budget=Budget.parse("cosine>=0"),
                                    compression=Compression(**VARIANTS[name]),
                                    log=lambda line: None)
-            build(job, [stages[s] for s in BUILD])
-            rows.append(measure(job, name, healed=False, threads=args.threads))
-            if args.heal_steps and VARIANTS[name]:
-                healed = fresh(job, tmp)
-                masks = ({p: p != 0 for p in healed.torch_model.parameters() if p.dim() == 2}
-                         if "sparse" in name else {})
-                record = heal(healed, healed.torch_model, healed.reference_model,
-                              steps=args.heal_steps, masks=masks)
-                healed.torch_model.eval()
-                build(healed, [stages[s] for s in BUILD[2:]])
-                rows.append({**measure(healed, name, healed=True, threads=args.threads),
-                             "healing": record})
+            measured = len(rows)
+            try:   # one variant that fails must not lose the others' rows (nor its own)
+                for row in build_variant(job, name, tmp, args):
+                    rows.append(row)
+            except Exception as e:   # recorded with its reason, and said in the table
+                which = f"{name}, healed" if len(rows) > measured else name
+                failed[which] = f"{type(e).__name__}: {e}"
+                print(f"{which} failed: {failed[which]}", file=sys.stderr, flush=True)
+                continue
+            built = built or job
             print(f"built {name} in {time.perf_counter() - started:.0f} s", file=sys.stderr,
                   flush=True)
+        if not rows:
+            write(rows, failed, args, model)
+            return 1
         sessions = {(r["variant"], r["healed"]): r.pop("session") for r in rows}
         texts = [u.text for u in evaluation]
-        timed = latency_ms(job, {f"{k[0]}|{k[1]}": s for k, s in sessions.items()}, texts,
+        timed = latency_ms(built, {f"{k[0]}|{k[1]}": s for k, s in sessions.items()}, texts,
                            args.runs * args.rounds, rounds=args.rounds, seconds=None)
         for r in rows:
             r["latency_ms_p50"] = timed[f"{r['variant']}|{r['healed']}"]["p50"]
-        base = next(r for r in rows if r["variant"] == "int8")
+        base = next((r for r in rows if r["variant"] == "int8"), None)
         for r in rows:
-            r["speedup_vs_int8"] = round(base["latency_ms_p50"] / r["latency_ms_p50"], 3)
-        write(rows, args, model)
+            r["speedup_vs_int8"] = (round(base["latency_ms_p50"] / r["latency_ms_p50"], 3)
+                                    if base else None)
+        write(rows, failed, args, model)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    return 1 if failed else 0
+
+
+def unfit_variants(model: str, names: list[str], target: str) -> dict[str, str]:
+    """Variant name -> why the model cannot take it ("drop 3" of a 2-layer model), asked of
+    config.json as export() asks it before any work: the run failed there after building
+    every variant before it, and wrote nothing."""
+    import exporter
+    from exporter.compress import Compression
+    from exporter.load import infer_task, resolve_model_dir
+    from targets import load_target
+
+    profile = load_target(target)
+    layers = exporter._layers(resolve_model_dir(model))
+    shape = exporter._shape(model, generative=False, task=infer_task(resolve_model_dir(model)))
+    refused = {}
+    for name in names:
+        try:
+            exporter._check_compression(Compression(**VARIANTS[name]), profile, layers, shape)
+        except ValueError as e:
+            refused[name] = str(e)
+    return refused
+
+
+def build_variant(job, name: str, tmp: Path, args) -> Iterator[dict]:
+    """The variant's row as compressed and, with --heal-steps, its row after healing."""
+    from exporter import pipeline
+    from exporter.heal import heal
+
+    stages = {s.__name__: s for s in pipeline.STAGES}
+    build(job, [stages[s] for s in BUILD])
+    yield measure(job, name, healed=False, threads=args.threads)
+    if args.heal_steps and VARIANTS[name]:
+        healed = fresh(job, tmp)
+        masks = ({p: p != 0 for p in healed.torch_model.parameters() if p.dim() == 2}
+                 if "sparse" in name else {})
+        record = heal(healed, healed.torch_model, healed.reference_model,
+                      steps=args.heal_steps, masks=masks)
+        healed.torch_model.eval()
+        build(healed, [stages[s] for s in BUILD[2:]])
+        yield {**measure(healed, name, healed=True, threads=args.threads), "healing": record}
 
 
 def quality_key(rows) -> str:
@@ -183,31 +240,39 @@ def result_paths(output: Path) -> dict[str, Path]:
     return {s: output.with_name(output.name + s) for s in (".json", ".md", ".png")}
 
 
-def write(rows, args, model: str) -> None:
-    key = quality_key(rows)
+def write(rows, failed: dict[str, str], args, model: str) -> None:
+    """The table (.md), the plot (.png) and, first, the JSON: the rows measured, the variants
+    that failed and why, and the run's settings."""
     paths = result_paths(args.output)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    header = ("| variant | healed | layers | params (M) | model.onnx (MB) | gzip (MB) | "
-              f"latency p50 (ms) | speed vs int8 | {key} |")
+    host = f"{argtypes.cpu_name()}, {os.cpu_count()} CPUs visible"
+    # the measurements first: a plot that fails (or no matplotlib) must not lose them
+    argtypes.write_result(paths[".json"], json.dumps({
+        "model": model, "target": args.target, "threads": args.threads, "rounds": args.rounds,
+        "runs": args.runs, "heal_steps": args.heal_steps, "cpu": argtypes.cpu_name(),
+        "cpus_visible": os.cpu_count(),
+        "versions": argtypes.versions("onnxruntime", "torch", "transformers", "onnx"),
+        "rows": rows, "failed": failed}, indent=2, default=str) + "\n")
     lines = [f"# Compression + int8 on {model} ({args.target}, batch 1, ONNX Runtime CPU)", "",
              f"Latency: {args.threads} ONNX Runtime thread(s), best of {args.rounds} "
-             f"round-robin rounds on a shared 2-core machine. "
-             f"Quality against the original float PyTorch model.", "", header,
-             "|" + "---|" * 9]
-    for r in rows:
-        q = r["quality"]
-        value = (f"{100 * q['accuracy']:.2f}% (float {100 * q['float-accuracy']:.2f}%)"
-                 if key == "accuracy" else f"{q['cosine']:.4f}")
-        lines.append(f"| {r['variant']} | {'yes' if r['healed'] else 'no'} | {r['layers']} | "
-                     f"{r['parameters'] / 1e6:.2f} | {r['model_bytes'] / 1e6:.2f} | "
-                     f"{r['gzip_bytes'] / 1e6:.2f} | {r['latency_ms_p50']:.3f} | "
-                     f"{r['speedup_vs_int8']:.2f}x | {value} |")
-    # the measurements first: a plot that fails (or no matplotlib) must not lose them
-    argtypes.write_result(paths[".json"],
-                          json.dumps(rows, indent=2, default=str) + "\n")
-    png = paths[".png"]
-    if plot(rows, key, png, model):
-        lines += ["", f"![quality against latency]({png.name})", ""]
+             f"round-robin rounds on {host}. "
+             f"Quality against the original float PyTorch model."]
+    if rows:
+        key = quality_key(rows)
+        lines += ["", f"| variant | healed | layers | params (M) | model.onnx (MB) | gzip (MB) "
+                      f"| latency p50 (ms) | speed vs int8 | {key} |", "|" + "---|" * 9]
+        for r in rows:
+            q = r["quality"]
+            value = (f"{100 * q['accuracy']:.2f}% (float {100 * q['float-accuracy']:.2f}%)"
+                     if key == "accuracy" else f"{q['cosine']:.4f}")
+            speed = "n/a" if r["speedup_vs_int8"] is None else f"{r['speedup_vs_int8']:.2f}x"
+            lines.append(f"| {r['variant']} | {'yes' if r['healed'] else 'no'} | {r['layers']} | "
+                         f"{r['parameters'] / 1e6:.2f} | {r['model_bytes'] / 1e6:.2f} | "
+                         f"{r['gzip_bytes'] / 1e6:.2f} | {r['latency_ms_p50']:.3f} | "
+                         f"{speed} | {value} |")
+    lines += [f"\n{name}: failed: {why}" for name, why in failed.items()]
+    if rows and plot(rows, quality_key(rows), paths[".png"], model):
+        lines += ["", f"![quality against latency]({paths['.png'].name})", ""]
     text = "\n".join(lines)
     print(text)
     argtypes.write_result(paths[".md"], text)

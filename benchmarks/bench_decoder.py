@@ -27,7 +27,11 @@ of `--rounds` rounds, each after an untimed warm-up round; the rounds go round-r
 variants, each in a fresh process, so that drift in the machine's speed during the run
 moves every variant alike (the JSON keeps every round). llama.cpp is timed with logits for
 the last position only, as our bundles compute them. Prints a table and writes
-benchmarks/results/bench_decoder.json.
+benchmarks/results/bench_decoder.json (--json PATH: elsewhere).
+
+A bundle given is refused unless its manifest's quantization is what its flag's label says:
+--int8 8-bit weights, --int4 4-bit weights at accuracy_level 0 (float activations), --fast
+4-bit weights at accuracy_level 4 (int8 activations).
 """
 
 from __future__ import annotations
@@ -279,10 +283,12 @@ def main() -> int:
     parser.add_argument("--threads", type=argtypes.at_least(1), default=2)
     parser.add_argument("--rounds", type=argtypes.at_least(1), default=3)
     parser.add_argument("--new-tokens", type=argtypes.at_least(1), default=64)
-    for name, what in (("int4", "an int4 SmolLM2 bundle"), ("int8", "an int8 SmolLM2 bundle"),
-                       ("fast", "an int4 bundle with accuracy levels 4")):
-        parser.add_argument(f"--{name}", type=argtypes.decoder_bundle,
-                            help=f"{what} (default: export one)")
+    for name, (_, _, what) in argtypes.DECODER_PRECISIONS.items():
+        parser.add_argument(f"--{name}", type=argtypes.decoder_bundle(name),
+                            help=f"a SmolLM2 bundle of {what} (default: export one)")
+    parser.add_argument("--json", type=argtypes.result_file,
+                        default=str(ROOT / "benchmarks" / "results" / "bench_decoder.json"),
+                        help="where to write the results (default benchmarks/results/)")
     parser.add_argument("--one", help=argparse.SUPPRESS)   # internal: measure one variant
     parser.add_argument("--time", help=argparse.SUPPRESS)  # internal: one timed round
     for hidden in ("tokenizer", "checkpoint", "gguf", "float-onnx", "prompt-ids"):
@@ -307,9 +313,16 @@ def main() -> int:
 
     gguf_file = gguf.packaged_gguf("smollm2")
     checkpoint = gguf.checkpoint(gguf_file)
-    int4 = ensure_bundle(args.int4, "int4", args.target)
-    int8 = ensure_bundle(args.int8, "int8", args.target)
-    fast = ensure_bundle(args.fast, "fast", args.target)
+    chosen = {}
+    for name, (_, _, what) in argtypes.DECODER_PRECISIONS.items():
+        chosen[name] = ensure_bundle(getattr(args, name), name, args.target)
+        try:   # one found in build/ may be an older profile's export (a given one is checked)
+            argtypes.decoder_bundle(name)(str(chosen[name]))
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"the {name} bundle {str(chosen[name])!r} (from build/ or exported "
+                         f"for --target {args.target}) is not {what}: {e} Remove it to export "
+                         f"it again, or give --{name}.")
+    int4, int8, fast = chosen["int4"], chosen["int8"], chosen["fast"]
     float_onnx = ROOT / "build" / "smollm2-float.onnx"
     if not float_onnx.is_file():
         from transformers import AutoModelForCausalLM
@@ -334,7 +347,8 @@ def main() -> int:
               "--int4", str(int4), "--int8", str(int8), "--fast", str(fast),
               "--threads", str(args.threads),
               "--rounds", str(args.rounds), "--new-tokens", str(args.new_tokens),
-              "--prompt-ids", ",".join(map(str, prompt_ids)), "--context", str(args.context)]
+              "--prompt-ids", ",".join(map(str, prompt_ids)), "--context", str(args.context),
+              "--window", str(args.window), "--windows", str(args.windows)]
     results, skipped = {}, {}
     failure: dict[str, str] = {}   # variant -> why its last process failed
 
@@ -409,17 +423,21 @@ def main() -> int:
         for why in r.get("failed_rounds", []):
             print(f"\n{name}: timing {why} (best of the other rounds)")
     # what was measured: each bundle's own profile (a bundle given was exported for whatever
-    # target it names); --target only where this run exported the bundles it lacked
-    bundles = {name: {"path": str(path), "target": json.loads(
-        (path / "manifest.json").read_text(encoding="utf-8"))["target"]["name"]}
-        for name, path in (("int4", int4), ("int8", int8), ("fast", fast))}
+    # target it names) and precision; --target only where this run exported the bundles it
+    # lacked
+    bundles = {}
+    for name, path in (("int4", int4), ("int8", int8), ("fast", fast)):
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        bundles[name] = {"path": str(path), "target": manifest["target"]["name"],
+                         "precision": argtypes.decoder_precision(manifest)}
     exported = any(getattr(args, name) is None for name in bundles)
-    argtypes.write_result(ROOT / "benchmarks" / "results" / "bench_decoder.json", json.dumps(
+    argtypes.write_result(args.json, json.dumps(
         {"threads": args.threads, **({"target": args.target} if exported else {}),
-         "bundles": bundles, "cpu": platform.processor(),
+         "bundles": bundles, "cpu": argtypes.cpu_name(),
          "cpus": os.cpu_count(), "rounds": args.rounds, "new_tokens": args.new_tokens,
          "prefill_tokens": 128, "perplexity_windows": [args.windows, args.window],
          "results": results, "skipped": skipped}, indent=2) + "\n")
+    print(f"wrote {args.json}")
     return 0
 
 

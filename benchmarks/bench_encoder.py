@@ -53,7 +53,6 @@ import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -504,25 +503,19 @@ def spread(rounds: list[dict[str, float]]) -> dict[str, float]:
 
 def machine() -> dict:
     """CPU model, core count, int8-relevant ISA flags and tool versions."""
-    cpu, flags = platform.processor() or platform.machine(), []
+    flags = []
     cpuinfo = Path("/proc/cpuinfo")
     for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
         key, _, value = (part.strip() for part in line.partition(":"))
-        if key in ("model name", "Model") and cpu in (platform.processor(), platform.machine()):
-            cpu = value
-        if key in ("flags", "Features") and not flags:
+        if key in ("flags", "Features"):
             flags = [f for f in value.split() if f in ("avx2", "avx512f", "avx512_vnni",
                                                        "avx_vnni", "amx_int8", "asimddp", "i8mm")]
-    versions = {}
-    for name in ("onnxruntime", "torch", "transformers", "optimum", "optimum-onnx", "onnx",
-                 "numpy"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return {"cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(),
+            break
+    return {"cpu": argtypes.cpu_name(), "arch": platform.machine(), "cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)), "int8_isa_flags": flags,
-            "python": platform.python_version(), "versions": versions}
+            "python": platform.python_version(),
+            "versions": argtypes.versions("onnxruntime", "torch", "transformers", "optimum",
+                                          "optimum-onnx", "onnx", "numpy")}
 
 
 # --------------------------------------------------------------------------------- report

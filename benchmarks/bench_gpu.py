@@ -4,8 +4,9 @@ or the same decoding (decoders), which device each pipeline stage got, and the s
     python benchmarks/bench_gpu.py --bundle build/minilm-x86-server --bundle build/minilm-jetson
                                    [--texts 512] [--batch-size 32] [--rounds 3]
 
-Needs onnxruntime with CUDAExecutionProvider (the onnxruntime-gpu package) and a GPU; on a
-machine without either it stops at once and says so. For each bundle it loads, in one process:
+Needs onnxruntime with CUDAExecutionProvider (the onnxruntime-gpu package) and a GPU that
+this process sees (CUDA_VISIBLE_DEVICES applies); without either it stops at once and says
+so. For each bundle it loads, in one process:
 
 - `cpu`: `runtime.load(bundle, providers=["CPUExecutionProvider"])`, the reference;
 - `gpu`: `runtime.load(bundle, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])`.
@@ -29,7 +30,8 @@ own documentation, 128-token windows). Then the cache is checked on each device:
 first tokens fed one per step, each step's logits against one forward over them all from an
 empty cache (argmax agreement and max |difference|); a cache that is not carried from step to
 step (as on CUDA before the KV cache lived on the GPU) disagrees at once. Prints a table per
-kind and writes benchmarks/results/bench_gpu.json.
+kind and writes benchmarks/results/bench_gpu.json. `--new-tokens` that do not fit a decoder
+bundle's context (generation.context_length) after the prompt are refused at the start.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -126,16 +127,28 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=argtypes.at_least(1), default=64,
                         help="greedy tokens each decoder generates")
     parser.add_argument("--json", type=argtypes.result_file,
-                        default=ROOT / "benchmarks" / "results" / "bench_gpu.json",
+                        default=str(ROOT / "benchmarks" / "results" / "bench_gpu.json"),
                         help="where to write the results (default benchmarks/results/)")
     args = parser.parse_args(argv)
+    for bundle in args.bundle:
+        try:
+            check_context(bundle, args.new_tokens)
+        except ValueError as e:
+            parser.error(str(e))
 
     import onnxruntime as ort
+
+    from runtime.stages import visible_gpus
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise SystemExit(f"This onnxruntime {ort.__version__} has no CUDAExecutionProvider "
                          f"(it has {', '.join(ort.get_available_providers())}): install "
                          f"onnxruntime-gpu on a machine with an NVIDIA GPU.")
+    if visible_gpus() == 0:   # every "gpu" row would run on the CPU
+        raise SystemExit(f"This onnxruntime {ort.__version__} has CUDAExecutionProvider, but "
+                         f"this process sees no GPU (no CUDA driver, or CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}): run it where "
+                         f"a GPU is visible.")
     work = argtypes.work_directory("bench_gpu.")
     try:
         return measure(args, work)
@@ -224,7 +237,7 @@ def write(args, rows: list[dict], decoders: list[dict]) -> int:
         "rows": rows, "decoders": decoders, "texts": args.texts, "batch_size": args.batch_size,
         "rounds": args.rounds, "stages": args.stages, "new_tokens": args.new_tokens,
         "gpus_visible": visible_gpus(),
-        "cpu": platform.processor() or platform.machine(), "cpus_visible": os.cpu_count(),
+        "cpu": argtypes.cpu_name(), "cpus_visible": os.cpu_count(),
         "onnxruntime": ort.__version__,
     }, indent=2) + "\n")
     print(f"wrote {out}")
@@ -232,6 +245,28 @@ def write(args, rows: list[dict], decoders: list[dict]) -> int:
 
 
 PROMPT = "The history of the railway"
+CACHE_CHECK_PREFIX = 8   # tokens of prose fed at once before the cache's step-by-step check
+
+
+def check_context(bundle: Path, new_tokens: int) -> None:
+    """ValueError where `new_tokens` after the prompt do not fit a decoder `bundle`'s context
+    (its KV cache): decoder_rows fed them, then failed with ContextError after the CPU's whole
+    run, and the rows measured were lost. An encoder bundle passes."""
+    import runtime
+
+    manifest = json.loads((Path(bundle) / "manifest.json").read_text(encoding="utf-8"))
+    if manifest.get("task") != "text-generation":
+        return
+    # as runtime.Model.context reads it (neither there: loading the bundle says so)
+    context = (manifest.get("generation") or {}).get("context_length", manifest.get("max_length"))
+    if not isinstance(context, int):
+        return
+    prompt = len(runtime.Tokenizer.from_file(Path(bundle) / "tokenizer.json").encode(PROMPT))
+    first = max(prompt, CACHE_CHECK_PREFIX)   # the greedy run's prompt, the cache check's prefix
+    if first + new_tokens > context:
+        raise ValueError(f"--new-tokens {new_tokens}: {str(bundle)!r} holds {context} tokens "
+                         f"(generation.context_length), {first} of them taken before the new "
+                         f"tokens; give --new-tokens {context - first} at most.")
 
 
 def decoder_rows(bundle: Path, new_tokens: int) -> list[dict]:
@@ -267,13 +302,14 @@ def decoder_rows(bundle: Path, new_tokens: int) -> list[dict]:
         decode = time.perf_counter() - started
         # the cache from step to step, on real text: its first 8 tokens at once, then one
         # token per step, against one forward over all of them from an empty cache
-        text = model.tokenizer.encode(prose)[:8 + new_tokens]
+        text = model.tokenizer.encode(prose)[:CACHE_CHECK_PREFIX + new_tokens]
         decoder.reset()
-        steps = [decoder.forward(text[:8])]
-        steps += [decoder.forward([t]) for t in text[8:]]
+        steps = [decoder.forward(text[:CACHE_CHECK_PREFIX])]
+        steps += [decoder.forward([t]) for t in text[CACHE_CHECK_PREFIX:]]
         steps = np.stack([row.reshape(-1) for row in steps]).astype(np.float32)
         decoder.reset()
-        whole = decoder.forward(text, all_logits=True)[7:].astype(np.float32)
+        whole = decoder.forward(text, all_logits=True)[CACHE_CHECK_PREFIX - 1:].astype(
+            np.float32)
         if reference is None:
             reference = tokens
         same = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=True)) if a != b),

@@ -3,6 +3,7 @@ under a stream of batches.
 
     python benchmarks/bench_partition.py [--bundle build/minilm-arm-cpu] [--threads 2]
                                          [--batches 48] [--batch-size 8] [--rounds 3]
+                                         [--json benchmarks/results/bench_partition.json]
 
 Without --bundle it exports all-MiniLM-L6-v2 for arm-cpu (small calibration and evaluation
 sets, a minute or two) into a temporary directory. The staged bundles are cut from the same
@@ -21,7 +22,7 @@ parallelism); with one GPU per stage the same pipeline overlaps stages on separa
 
 Each variant is warmed up and timed in its own block, `--rounds` times, keeping its best
 round; the spread says how repeatable the figures are on a shared machine. Prints a table and
-writes benchmarks/results/bench_partition.json.
+writes benchmarks/results/bench_partition.json (--json PATH: elsewhere).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -83,6 +83,9 @@ def main(argv=None) -> int:
                         help="texts per batch")
     parser.add_argument("--rounds", type=argtypes.at_least(1), default=3,
                         help="timed rounds per variant")
+    parser.add_argument("--json", type=argtypes.result_file,
+                        default=str(ROOT / "benchmarks" / "results" / "bench_partition.json"),
+                        help="where to write the results (default benchmarks/results/)")
     args = parser.parse_args(argv)
 
     work = argtypes.work_directory("bench_partition.")
@@ -146,14 +149,13 @@ def measure(args, work: Path) -> int:
               f"{', '.join(map(str, r['rounds_s']))} |")
     print("\nOutputs of every staged variant are bit-identical to the single graph's.")
 
-    out = ROOT / "benchmarks" / "results" / "bench_partition.json"
-    argtypes.write_result(out, json.dumps({
+    argtypes.write_result(args.json, json.dumps({
         "rows": rows, "batches": len(feeds), "batch_size": args.batch_size,
         "threads": args.threads, "rounds": args.rounds, "bundle": str(bundle),
-        "cpu": platform.processor() or platform.machine(), "cpus_visible": os.cpu_count(),
+        "cpu": argtypes.cpu_name(), "cpus_visible": os.cpu_count(),
         "onnxruntime": metadata.version("onnxruntime"),
     }, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {args.json}")
     return 0
 
 

@@ -37,6 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
      "argument --output: '/proc/out.json': cannot write in '/proc'"),
     ("bench_encoder.py", ["--model", "smollm2"], "argument --model: 'smollm2' is a decoder; "
                                                  "this benchmark measures encoders"),
+    ("bench_partition.py", ["--json", "tests"], "argument --json: 'tests' is a directory"),
+    ("bench_decoder.py", ["--json", "/proc/out.json"],
+     "argument --json: '/proc/out.json': cannot write in '/proc'"),
 ])
 def test_bad_arguments_are_refused_before_any_work(script, args, message):
     """Each was accepted before, then failed after minutes of exporting, or timed nothing
@@ -155,11 +158,13 @@ def test_decoder_fast_profile_extends_a_relative_toml(tmp_path, monkeypatch):
 
 
 def fake_decoder_run(tmp_path, monkeypatch, *, failing_round: tuple[str, int] | None = None,
-                     float_graph: bool = True, argv: tuple = ()):
+                     float_graph: bool = True, argv: tuple = (), built: dict | None = None):
     """bench_decoder.main() with its exports and its variant processes replaced: each
     variant reports fixed figures, except `failing_round` (variant, round), which crashes.
-    `float_graph`: the float ONNX graph is already built. `argv`: more arguments (a bundle
-    given is the fake one, a jetson export)."""
+    `float_graph`: the float ONNX graph is already built. `argv`: more arguments (the fake
+    bundles, jetson exports, are tmp_path / "int4", "int8" and "fast"). `built`: the
+    precision of the bundle that build/ holds for a flag, where it is another's. The result's
+    "commands" are the variant processes' command lines."""
     import json
     import subprocess
     import types
@@ -171,12 +176,10 @@ def fake_decoder_run(tmp_path, monkeypatch, *, failing_round: tuple[str, int] | 
 
     from exporter import gguf
 
-    bundle = tmp_path / "bundle"
-    bundle.mkdir(parents=True)
+    for name in ("int4", "int8", "fast"):
+        fake_decoder_bundle(tmp_path / name, (built or {}).get(name, name))
     Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")).save(
-        str(bundle / "tokenizer.json"))
-    (bundle / "manifest.json").write_text(json.dumps({"task": "text-generation",
-                                                      "target": {"name": "jetson"}}))
+        str(tmp_path / "int4" / "tokenizer.json"))
     sys.path.insert(0, str(REPO))
     from benchmarks import _args
 
@@ -185,14 +188,17 @@ def fake_decoder_run(tmp_path, monkeypatch, *, failing_round: tuple[str, int] | 
     if float_graph:
         (tmp_path / "build" / "smollm2-float.onnx").write_bytes(b"")
     monkeypatch.setattr(bench_decoder, "ROOT", tmp_path)
-    monkeypatch.setattr(bench_decoder, "ensure_bundle", lambda *args: bundle)
+    monkeypatch.setattr(bench_decoder, "ensure_bundle",
+                        lambda path, precision, target: Path(path or tmp_path / precision))
     monkeypatch.setattr(gguf, "packaged_gguf", lambda name: tmp_path / "smollm2.gguf")
     monkeypatch.setattr(gguf, "checkpoint", lambda path: tmp_path / "checkpoint")
     monkeypatch.setattr(bench_decoder.time, "sleep", lambda s: None)
     speed = {"transformers eager fp32": 20.0, "our int4 bundle": 80.0}
     seen: dict[str, int] = {}
+    commands = []
 
     def run(command, **kwargs):
+        commands.append(command)
         mode, variant = command[2], command[3]
         seen[variant] = seen.get(variant, 0) + 1
         if variant not in speed or (variant, seen[variant]) == failing_round:
@@ -208,8 +214,32 @@ def fake_decoder_run(tmp_path, monkeypatch, *, failing_round: tuple[str, int] | 
     monkeypatch.setattr(sys, "argv", ["bench_decoder.py", "--rounds", "3", "--new-tokens", "4",
                                       *argv])
     assert bench_decoder.main() == 0
-    path = tmp_path / "benchmarks" / "results" / "bench_decoder.json"
-    return json.loads(path.read_text())
+    path = (Path(argv[list(argv).index("--json") + 1]) if "--json" in argv
+            else tmp_path / "benchmarks" / "results" / "bench_decoder.json")
+    return json.loads(path.read_text()) | {"commands": commands}
+
+
+# bench_decoder's flag -> the quantization record its bundle's manifest holds
+DECODER_QUANTIZATION = {
+    "int4": {"weights": "int4", "accuracy_level": 0, "int8_accuracy_level": 4,
+             "activations": "float32"},
+    "int8": {"weights": "int8", "accuracy_level": 0, "int8_accuracy_level": 4,
+             "activations": "float32"},
+    "fast": {"weights": "int4", "accuracy_level": 4, "int8_accuracy_level": 4,
+             "activations": "float32"},
+}
+
+
+def fake_decoder_bundle(path: Path, precision: str) -> Path:
+    """A jetson decoder bundle's manifest, quantized as bench_decoder's --`precision` takes
+    (its files are not there: patch _args._bundle)."""
+    import json
+
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps({
+        "task": "text-generation", "target": {"name": "jetson"},
+        "quantization": {"mode": "weight-only", **DECODER_QUANTIZATION[precision]}}))
+    return path
 
 
 def test_decoder_keeps_a_variant_whose_later_round_failed(tmp_path, monkeypatch, capsys):
@@ -236,14 +266,55 @@ def test_decoder_json_has_the_tables_figures(tmp_path, monkeypatch, capsys):
     assert "| our int4 bundle | 125.0 | 100.0 | 80.0 | 4.00 |" in capsys.readouterr().out
 
 
+def test_decoder_refuses_a_bundle_in_build_of_another_precision(tmp_path, monkeypatch,
+                                                               capsys):
+    # a build/smollm2-x86-server-int4 exported when x86-server's int4 ran at accuracy level 4
+    # was reused as "our int4 bundle"
+    with pytest.raises(SystemExit) as refused:
+        fake_decoder_run(tmp_path, monkeypatch, built={"int4": "fast"})
+    assert refused.value.code == 2
+    assert "the int4 bundle" in capsys.readouterr().err
+
+
+def test_decoder_variants_get_the_windows_and_the_json_names_the_cpu(tmp_path, monkeypatch):
+    # --window/--windows were recorded in the JSON, but every variant's process measured
+    # perplexity on 8 x 256 tokens; "cpu" was platform.processor(), empty on Linux
+    out = tmp_path / "elsewhere" / "decoder.json"
+    result = fake_decoder_run(tmp_path, monkeypatch, argv=["--window", "64", "--windows", "2",
+                                                           "--json", str(out)])
+    assert result["perplexity_windows"] == [2, 64] and result["cpu"]
+    for command in result["commands"]:
+        assert command[command.index("--window") + 1] == "64"
+        assert command[command.index("--windows") + 1] == "2"
+
+
+@pytest.mark.parametrize("script", ["bench_decoder", "bench_partition"])
+def test_an_unwritable_default_result_file_is_refused_before_any_work(tmp_path, monkeypatch,
+                                                                      capsys, script):
+    # both wrote benchmarks/results/<script>.json only at the end of the run
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import importlib
+
+    bench = importlib.import_module(script)
+    (tmp_path / "benchmarks").write_text("a file where the results directory goes")
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"])
+    with pytest.raises(SystemExit) as refused:
+        bench.main()
+    assert refused.value.code == 2
+    assert "argument --json" in capsys.readouterr().err
+
+
 def test_decoder_json_names_the_target_of_the_bundles_it_measured(tmp_path, monkeypatch):
     # with every bundle given, the JSON said "target": "arm-cpu" (the --target default, used
     # for nothing) for bundles exported for another profile
     given = fake_decoder_run(tmp_path / "given", monkeypatch, argv=[
-        a for name in ("--int4", "--int8", "--fast") for a in (name, str(tmp_path / "given"
-                                                                        / "bundle"))])
+        a for name in ("int4", "int8", "fast") for a in (f"--{name}",
+                                                          str(tmp_path / "given" / name))])
     assert "target" not in given
     assert {b["target"] for b in given["bundles"].values()} == {"jetson"}
+    assert {name: b["precision"] for name, b in given["bundles"].items()} == \
+        DECODER_QUANTIZATION
     exported = fake_decoder_run(tmp_path / "exported", monkeypatch)   # --target arm-cpu
     assert exported["target"] == "arm-cpu" and exported["bundles"]["int4"]["target"] == "jetson"
 
@@ -278,9 +349,10 @@ def test_compression_results_are_written_without_matplotlib(tmp_path, monkeypatc
     row = {"variant": "int8", "healed": False, "parameters": 22_713_216, "layers": 6,
            "model_bytes": 23_582_518, "gzip_bytes": 20_944_556,
            "quality": {"cosine": 0.99781}, "latency_ms_p50": 2.4, "speedup_vs_int8": 1.0}
-    args = argparse.Namespace(output=tmp_path / "run", target="arm-cpu", threads=1, rounds=1)
-    bench_compression.write([row], args, "minilm")
-    assert json.loads((tmp_path / "run.json").read_text())[0]["variant"] == "int8"
+    args = argparse.Namespace(output=tmp_path / "run", target="arm-cpu", threads=1, rounds=1,
+                              runs=300, heal_steps=0)
+    bench_compression.write([row], {}, args, "minilm")
+    assert json.loads((tmp_path / "run.json").read_text())["rows"][0]["variant"] == "int8"
     table = (tmp_path / "run.md").read_text()
     assert "| int8 | no | 6 |" in table and "run.png" not in table
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.md"]
@@ -368,7 +440,7 @@ def test_decoder_refuses_an_encoder_bundle(tmp_path, monkeypatch):
     monkeypatch.setattr(_args, "_bundle", lambda text: None)   # a manifest that reads
     (tmp_path / "manifest.json").write_text('{"task": "feature-extraction"}')
     with pytest.raises(argparse.ArgumentTypeError, match="is a feature-extraction bundle"):
-        _args.decoder_bundle(str(tmp_path))
+        _args.decoder_bundle("int4")(str(tmp_path))
     sys.path.insert(0, str(REPO / "benchmarks"))
     import bench_decoder
 
@@ -376,8 +448,34 @@ def test_decoder_refuses_an_encoder_bundle(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as refused:   # the script's --int4/--int8/--fast use it
         bench_decoder.main()
     assert refused.value.code == 2
-    (tmp_path / "manifest.json").write_text('{"task": "text-generation"}')
-    assert _args.decoder_bundle(str(tmp_path)) == tmp_path
+    bundle = fake_decoder_bundle(tmp_path / "int4", "int4")
+    assert _args.decoder_bundle("int4")(str(bundle)) == bundle
+
+
+@pytest.mark.parametrize("flag, given, message", [
+    ("int8", "int4", "holds int4 weights at accuracy_level 0; --int8 takes 8-bit weights "
+                     "(--precision int8); give it as --int4"),
+    ("int4", "fast", "holds int4 weights at accuracy_level 4; --int4 takes 4-bit weights with "
+                     "exact activations"),
+    ("fast", "int4", "--fast takes 4-bit weights with int8 activations (accuracy_level 4); "
+                     "give it as --int4"),
+    ("int4", "int8", "holds int8 weights at accuracy_level 0; --int4 takes"),
+])
+def test_decoder_refuses_a_bundle_of_another_precision(tmp_path, monkeypatch, capsys, flag,
+                                                       given, message):
+    # one int4 bundle given as --int4, --int8 and --fast was measured three times, its rows
+    # labelled "our int8 bundle" and "our int4 fast"
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_decoder
+
+    from benchmarks import _args
+
+    monkeypatch.setattr(_args, "_bundle", lambda text: None)   # a manifest that reads
+    bundle = fake_decoder_bundle(tmp_path / given, given)
+    monkeypatch.setattr(sys, "argv", ["bench_decoder.py", f"--{flag}", str(bundle)])
+    with pytest.raises(SystemExit) as refused:
+        bench_decoder.main()
+    assert refused.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script, prefix", [("bench_partition.py", "bench_partition."),
@@ -505,3 +603,126 @@ def test_gpu_benchmark_checks_a_decoders_cache_from_step_to_step(smollm2_bundle,
     monkeypatch.setattr(generate.Decoder, "forward", forgetting)
     broken = bench_gpu.decoder_rows(smollm2_bundle, 12)
     assert broken[0]["incremental_argmax_agreement"] < 0.5
+
+
+def two_layer_encoder(path: Path) -> Path:
+    """A BERT config.json of 2 layers (no weights: what the checks before any work read)."""
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["BertModel"], "model_type": "bert", "num_hidden_layers": 2,
+        "num_attention_heads": 12, "hidden_size": 384, "intermediate_size": 1536}))
+    return path
+
+
+def test_compression_refuses_a_variant_the_model_cannot_take(tmp_path):
+    # "drop 3" of a 2-layer model failed with a ValueError after building the variants
+    # before it, and wrote nothing
+    model = two_layer_encoder(tmp_path / "model")
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_compression.py"),
+                          "--model", str(model), "--only", "drop 1", "drop 3",
+                          "--output", str(tmp_path / "run")], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "'drop 3' (Dropping 3 of 2 layers would leave no layer; drop at most 1)" in run.stderr
+    assert "--only 'int8' 'drop 1'" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_compression_takes_a_classifier_or_a_model_not_both(tmp_path):
+    # --classifier DIR silently replaced --model
+    (tmp_path / "test.jsonl").write_text("")
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_compression.py"),
+                          "--classifier", str(tmp_path), "--model", "minilm"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "argument --model: not allowed with argument --classifier" in run.stderr
+
+
+def test_compression_keeps_the_rows_measured_when_a_variant_fails(tmp_path, monkeypatch):
+    """A variant that fails while building is recorded with its reason and the rows measured
+    are written (its own too, where its healing failed); each variant is built once however
+    often --only names it; the JSON holds the run's settings and the table the real host."""
+    import json
+    import os
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_compression
+
+    from exporter import validate
+
+    built = []
+
+    def build_variant(job, name, tmp, args):   # "drop 2" fails healing, "heads 0.5" at once
+        built.append(name)
+        if name != "heads 0.5":
+            yield {"variant": name, "healed": False, "parameters": 1, "layers": 6,
+                   "model_bytes": 1, "gzip_bytes": 1, "quality": {"cosine": 0.99},
+                   "session": None}
+        if name in ("drop 2", "heads 0.5"):
+            raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bench_compression, "build_variant", build_variant)
+    monkeypatch.setattr(validate, "latency_ms", lambda job, sessions, *a, **k: {
+        name: {"p50": 2.0 if name.startswith("int8") else 1.0} for name in sessions})
+    out = tmp_path / "run"
+    assert bench_compression.main(["--only", "drop 1", "drop 1", "drop 2", "heads 0.5",
+                                   "--heal-steps", "0", "--rounds", "1",
+                                   "--output", str(out)]) == 1
+    assert built == ["int8", "drop 1", "drop 2", "heads 0.5"]
+    result = json.loads((tmp_path / "run.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["int8", "drop 1", "drop 2"]
+    assert result["rows"][1]["speedup_vs_int8"] == 2.0
+    assert result["failed"] == {"drop 2, healed": "RuntimeError: out of memory",
+                                "heads 0.5": "RuntimeError: out of memory"}
+    assert result["model"] == "minilm" and result["threads"] == 1 and result["rounds"] == 1
+    assert result["heal_steps"] == 0 and result["cpu"] and result["versions"]["onnxruntime"]
+    table = (tmp_path / "run.md").read_text()
+    assert f"{os.cpu_count()} CPUs visible" in table and "2-core" not in table
+    assert "heads 0.5: failed: RuntimeError: out of memory" in table
+
+
+def gpu_main(monkeypatch, bundle: Path, *argv: str):
+    """bench_gpu.main() on `bundle`, as if this onnxruntime had CUDA and no GPU were
+    visible."""
+    import onnxruntime
+
+    from benchmarks import _args, bench_gpu
+    from runtime import stages
+
+    monkeypatch.setattr(_args, "_bundle", lambda text: None)   # a manifest that reads
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(stages, "visible_gpus", lambda: 0)
+    with pytest.raises(SystemExit) as stopped:
+        bench_gpu.main(["--bundle", str(bundle), "--json", str(bundle / "out.json"), *argv])
+    return stopped.value.code
+
+
+def test_gpu_benchmark_without_a_visible_gpu_stops_at_once(tmp_path, monkeypatch):
+    # with CUDAExecutionProvider in onnxruntime and no GPU visible, every "gpu" row ran on
+    # the CPU and was written as a GPU's
+    sys.path.insert(0, str(REPO))
+    (tmp_path / "manifest.json").write_text('{"task": "feature-extraction"}')
+    code = gpu_main(monkeypatch, tmp_path)
+    assert "this process sees no GPU" in code
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_gpu_benchmark_refuses_new_tokens_past_the_context(tmp_path, monkeypatch, capsys):
+    # --new-tokens 2100 on a 2048-token bundle failed with ContextError after the CPU's run
+    import json
+    import shutil
+
+    sys.path.insert(0, str(REPO))
+    from exporter.load import resolve_model_dir
+
+    shutil.copyfile(resolve_model_dir("minilm") / "tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "task": "text-generation", "max_length": 2048,
+        "generation": {"context_length": 2048}}))
+    assert gpu_main(monkeypatch, tmp_path, "--new-tokens", "2100") == 2
+    said = capsys.readouterr().err
+    assert "--new-tokens 2100: " in said and "give --new-tokens 2040 at most" in said
+    assert "sees no GPU" in gpu_main(monkeypatch, tmp_path, "--new-tokens", "2040")

@@ -559,7 +559,7 @@ def test_bench_report_embeds_its_plot(tmp_path):
     assert "| int8 | no | 6 |" in markdown
     assert "![quality against latency](bench.png)" in markdown
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = json.loads(out.with_suffix(".json").read_text())
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert rows[0]["variant"] == "int8" and rows[0]["latency_ms_p50"] > 0
 
 
