@@ -18,8 +18,7 @@ import os
 import signal
 import sys
 
-from . import Bundle, BundleError, unpack
-from .model import Model, _manifest_runtime
+from . import BundleError, load, unpack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,13 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "unpack":
             _say(unpack(args.archive, args.directory))
         else:
-            bundle = Bundle.open(args.bundle)
             # Everything load checks beyond the files (settings, stages, tokenizer, labels)
             # is checked by loading it: an updater switches to a bundle that verify passed.
             # The manifest's threads and providers too, though this loads on one CPU thread.
-            _manifest_runtime(bundle)
-            Model(bundle, threads=1, providers=["CPUExecutionProvider"])
-            m = bundle.manifest
+            # As load does, it starts again where an unpack swapped the bundle meanwhile.
+            model = load(args.bundle, threads=1, providers=["CPUExecutionProvider"])
+            model.close()
+            bundle, m = model.bundle, model.manifest
             size = sum(entry["bytes"] for entry in m["files"])
             _say(f"{bundle.path}: {m.get('name')} ({m.get('task')}, target "
                  f"{m.get('target', {}).get('name')}), {len(m['files'])} files, "

@@ -265,20 +265,36 @@ def replace_directory(new: Path, final: Path) -> None:
 
 def _rename_over(new: Path, final: Path) -> None:
     """Rename directory `new` to `final`, replacing an old `final`: exchanged in one step
-    where the system can, else renamed aside first."""
-    if final.exists() and not final.is_symlink() and final.is_dir() and _exchange(new, final):
-        shutil.rmtree(new, ignore_errors=True)   # now the old one
+    where the system can, else renamed aside first. Where another run puts its `final` in
+    place meanwhile (two first installs at once), this one replaces it: the last wins."""
+    for _ in range(10):
+        if final.exists() and not final.is_symlink() and final.is_dir() \
+                and _exchange(new, final):
+            shutil.rmtree(new, ignore_errors=True)   # now the old one
+            return
+        old = None
+        if final.exists():
+            # A fresh name: a leftover of a killed run may hold `.old-<pid>` of a pid reused
+            # since (a device reboots). rename() replaces the empty directory mkdtemp made.
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}.",
+                                        dir=final.parent))
+            try:
+                os.rename(final, old)
+            except FileNotFoundError:   # another run renamed it aside meanwhile
+                os.rmdir(old)
+                continue
+        try:
+            os.rename(new, final)   # (between the two renames, `final` is missing a moment)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            continue   # another run's `final` arrived meanwhile: replace it in turn
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         return
-    old = None
-    if final.exists():
-        # A fresh name: a leftover of a killed run may hold `.old-<pid>` of a pid reused
-        # since (a device reboots). rename() replaces the empty directory mkdtemp made.
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}.",
-                                    dir=final.parent))
-        os.rename(final, old)
-    os.rename(new, final)   # (between the two renames, `final` is missing for a moment)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    raise FileExistsError(f"{str(final)!r} was replaced by other runs 10 times while this one "
+                          f"tried to put its own in place; run it again once they are done.")
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -357,9 +373,10 @@ def archive_members(tar: tarfile.TarFile,
         name = PurePosixPath(member.name)
         parts = tuple(p for p in name.parts if p != ".")
         if (name.is_absolute() or ".." in parts or "\0" in member.name
-                or not (member.isfile() or member.isdir())):
+                or not (member.isfile() or member.isdir()) or member.issparse()):
             kind = "a link" if member.issym() or member.islnk() else (
-                "an absolute or escaping path" if member.isfile() or member.isdir()
+                "a sparse file (its size unpacks from far fewer bytes)" if member.issparse()
+                else "an absolute or escaping path" if member.isfile() or member.isdir()
                 else "not a regular file")
             raise ValueError(f"{archive}: member {member.name!r} is {kind}; a bundle archive "
                              f"holds only the bundle's files.")

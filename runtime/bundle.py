@@ -26,6 +26,7 @@ from ._files import (
     archive_members,
     bundle_around,
     bundle_files,
+    check_name_room,
     damaged_archive,
     first_unlisted,
     holds_only,
@@ -284,6 +285,10 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
             raise BundleError(f"{archive} is damaged ({e}); copy it again.") from None
         sizes = _archived_sizes(manifest, files, archive, name)
         final = into / name
+        try:
+            check_name_room(final, "Bundle directory")
+        except ValueError as e:
+            raise BundleError(f"{archive}: {e}") from None
         if (around := bundle_around(final)) is not None:
             raise FileExistsError(f"{str(into)!r} lies inside the bundle {str(around)!r} (or "
                                   f"is one), which would then hold files its manifest does "
@@ -312,6 +317,11 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
         except OSError as e:
             raise _unwritable(e, into) from None
         try:
+            need, free = sum(m.size for m in files.values()), shutil.disk_usage(work).free
+            if need > free:   # refused, rather than the partition filled for other programs
+                raise OSError(errno.ENOSPC, f"{archive} unpacks to {need / 1e6:.1f} MB and "
+                                            f"{str(into)!r} has {free / 1e6:.1f} MB free; "
+                                            f"free some space or unpack elsewhere")
             for path, member in files.items():
                 dest = work / path
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -368,10 +378,13 @@ def _archived_manifest(tar: tarfile.TarFile, files: dict[str, tarfile.TarInfo], 
         raise BundleError(f"{archive}: {name}/manifest.json is not valid JSON: {e}") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{archive}: {name}/manifest.json must hold a JSON object.")
+    from .model import checked_settings
+
     try:
         listed = Bundle(Path(name), manifest)
         listed._check_fields()
         listed._check_opset()
+        checked_settings(listed)   # task, lengths, pooling, generation, threads, providers
     except BundleError as e:
         raise BundleError(f"{archive}: {e}") from None
     return manifest

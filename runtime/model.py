@@ -235,6 +235,17 @@ def _runtime_settings(bundle: Bundle) -> dict:
     return settings
 
 
+def checked_settings(bundle: Bundle) -> tuple[int, int]:
+    """(max_length, batch_size) of `bundle`, with every manifest setting load reads checked
+    (BundleError naming the field): at load, and by unpack before anything is written."""
+    settings = _runtime_settings(bundle)
+    max_length = bundle.manifest.get("max_length", settings.get("max_sequence_length"))
+    batch_size = settings.get("batch_size", 32)
+    _check_settings(bundle, max_length, batch_size)
+    _manifest_runtime(bundle)
+    return max_length, batch_size
+
+
 def _check_settings(bundle: Bundle, max_length, batch_size) -> None:
     """The manifest fields every call reads, checked once at load with the field named."""
     where = bundle.path / "manifest.json"
@@ -409,11 +420,8 @@ class Model:
         self.bundle = bundle
         self.manifest = manifest
         self.task: str = manifest["task"]
-        settings = _runtime_settings(bundle)
-        self.max_length: int = manifest.get("max_length", settings.get("max_sequence_length"))
-        self.batch_size: int = settings.get("batch_size", 32)
+        self.max_length, self.batch_size = checked_settings(bundle)
         self._said_cut = False   # texts cut to max_length: said once (_warn_cut)
-        _check_settings(bundle, self.max_length, self.batch_size)
         try:
             self.tokenizer = Tokenizer.from_file(bundle.file("tokenizer.json"))
         except (ValueError, TypeError) as e:   # BundleError (a ValueError) passes as it is

@@ -28,6 +28,7 @@ import re
 import sys
 import threading
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -672,15 +673,31 @@ def _check_added(added_tokens: Sequence[AddedToken], pad_id: int | None) -> None
                          f"{pad_id!r}.")
 
 
-def _stamp(path: Path) -> tuple[int, int]:
-    stat = path.stat() if path.is_file() else None
-    return (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """(size, mtime_ns, CRC-32 of the bytes) of file `path`; (-1, -1, -1) where it is none."""
+    try:
+        stat, data = path.stat(), path.read_bytes()
+    except OSError:
+        return (-1, -1, -1)
+    return (stat.st_size, stat.st_mtime_ns, zlib.crc32(data))
 
 
-def _twin_encoder(path: Path, stamp: tuple[int, int]) -> _tokenizer_py._Encoder:
+def _unchanged(path: Path, stamp: tuple[int, int, int]) -> bool:
+    """Whether file `path` still holds what it held at `stamp`: the same size and time, or
+    (written again, as an update that reinstalls a bundle writes every file) the same bytes."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    if (stat.st_size, stat.st_mtime_ns) == stamp[:2]:
+        return True
+    return stat.st_size == stamp[0] and _stamp(path)[2] == stamp[2]
+
+
+def _twin_encoder(path: Path, stamp: tuple[int, int, int]) -> _tokenizer_py._Encoder:
     """The Python twin's encoder for the tokenizer.json at `path`, which must not have
     changed since `stamp` (a Tokenizer's C and Python encoders read the same file)."""
-    if _stamp(path) != stamp:
+    if not _unchanged(path, stamp):
         raise RuntimeError(
             f"{path} changed or went away since this Tokenizer read it; offsets need the "
             "same file. Load the tokenizer again."
@@ -688,9 +705,9 @@ def _twin_encoder(path: Path, stamp: tuple[int, int]) -> _tokenizer_py._Encoder:
     return Tokenizer.from_file(path, backend="python")._encoder
 
 
-def _file_settings(path: Path, stamp: tuple[int, int]) -> tuple[str, dict[str, Any]]:
+def _file_settings(path: Path, stamp: tuple[int, int, int]) -> tuple[str, dict[str, Any]]:
     """`_read_tokenizer_json` of `path`, which must not have changed since `stamp`."""
-    if _stamp(path) != stamp:
+    if not _unchanged(path, stamp):
         raise RuntimeError(
             f"{path} changed or went away since this Tokenizer read it; a pickled "
             "Tokenizer is rebuilt from that file. Load the tokenizer again."

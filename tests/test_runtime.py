@@ -14,6 +14,7 @@ import sys
 import tarfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -224,6 +225,88 @@ def test_unpack_reads_names_as_tar_does_and_checks_the_manifest_before_writing(
     runtime.load(into / "minilm-arm-cpu")   # the install they would have replaced
 
 
+def test_unpack_refuses_settings_load_refuses_before_writing_anything(minilm_bundle, tmp_path):
+    """max_length 0 or an unknown task were refused only once the bundle was unpacked: on a
+    nearly full partition that was "No space left on device", exit 1, not the bad field."""
+    archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
+    manifest = json.loads((minilm_bundle / "manifest.json").read_text())
+    into = tmp_path / "models"
+    for name, changes, message in [
+            ("length", {"max_length": 0}, "max_length .* must be a positive int, got 0"),
+            ("task", {"task": "text-to-speech"}, "task 'text-to-speech' is not one"),
+            ("threads", {"target": {**manifest["target"], "runtime": {"threads": 10**6}}},
+             "target.runtime.threads is 1000000")]:
+        with pytest.raises(BundleError, match=message):
+            runtime.unpack(_repacked(archive, tmp_path / f"{name}.tar",
+                                     manifest=manifest | changes), into)
+        assert not into.exists()
+
+
+def test_unpack_refuses_a_sparse_member_and_more_than_the_disk_holds(minilm_bundle, tmp_path,
+                                                                     monkeypatch):
+    """A 24 MB archive of a sparse 50 GiB file whose size the manifest listed filled the
+    partition (other programs starved) before any check; so could a .tar.gz of zeros."""
+    import errno
+
+    import runtime.bundle
+
+    archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
+    into = tmp_path / "models"
+    installed = runtime.unpack(archive, into)
+    before = _names(into)
+    sparse = tmp_path / "sparse"
+    shutil.copytree(minilm_bundle, sparse / "minilm-arm-cpu")
+    with open(sparse / "minilm-arm-cpu" / "report.md", "r+b") as f:
+        f.truncate(1 << 30)   # a hole of 1 GiB
+    manifest = json.loads((minilm_bundle / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == "report.md":
+            entry["bytes"] = 1 << 30
+    (sparse / "minilm-arm-cpu" / "manifest.json").write_text(json.dumps(manifest))
+    made = subprocess.run(["tar", "--sparse", "--format=pax", "-cf", str(tmp_path / "s.tar"),
+                           "minilm-arm-cpu"], cwd=sparse, capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"no GNU tar to write a sparse member: {made.stderr[:200]!r}")
+    with pytest.raises(BundleError, match="report.md' is a sparse file"):
+        runtime.unpack(tmp_path / "s.tar", into)
+    assert _names(into) == before
+    free = SimpleNamespace(total=1 << 40, used=0, free=10 << 20)
+    monkeypatch.setattr(runtime.bundle.shutil, "disk_usage", lambda path: free)
+    with pytest.raises(OSError, match=r"unpacks to \d+\.\d MB and .* has 10.5 MB free") as e:
+        runtime.unpack(archive, into)
+    assert e.value.errno == errno.ENOSPC and _names(into) == before
+    runtime.load(installed)
+
+
+def test_two_first_installs_at_once_both_succeed(minilm_bundle, tmp_path, monkeypatch):
+    """The run that renamed second failed ("Directory not empty" naming its hidden work
+    directory, exit 1) where the other's bundle had arrived since it looked."""
+    import runtime._files as files
+
+    into = tmp_path / "models"
+    other = Path(shutil.copytree(minilm_bundle, into / ".other"))
+    real = os.rename
+
+    def rename(source, dest):   # the other install lands just before ours renames
+        if Path(dest) == into / "minilm-arm-cpu" and other.exists():
+            real(other, dest)
+        return real(source, dest)
+
+    monkeypatch.setattr(files.os, "rename", rename)
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)   # the rename-aside path
+    installed = runtime.unpack(minilm_bundle.with_name("minilm-arm-cpu.tar"), into)
+    assert sorted(p.name for p in into.iterdir()) == ["minilm-arm-cpu"]
+    runtime.load(installed)
+
+
+def test_unpack_refuses_a_bundle_name_too_long_for_its_work_directory(minilm_bundle, tmp_path):
+    archive = _repacked(minilm_bundle.with_name("minilm-arm-cpu.tar"), tmp_path / "long.tar",
+                        rename=lambda n: n.replace("minilm-arm-cpu", "b" * 245))
+    with pytest.raises(BundleError, match=r"Bundle directory name 'b+'\.\.\. is 245 bytes long"):
+        runtime.unpack(archive, tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+
+
 def test_unpack_recovers_from_what_a_killed_or_damaged_install_left(minilm_bundle, tmp_path):
     archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
     into = tmp_path / "models"
@@ -280,6 +363,29 @@ def test_a_replaced_bundle_directory_is_never_missing(tmp_path):
         watcher.join()
     assert (final / "version").read_text() == "300" and not missing
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_verify_of_a_bundle_replaced_meanwhile_checks_the_new_one(bundle_copy, tmp_path,
+                                                                   monkeypatch, capsys):
+    """A health check running `verify` while an update installed said the bundle was
+    corrupt (a file of the new bundle against the old manifest), exit 2: a rollback."""
+    from runtime.__main__ import main
+    from runtime._files import replace_directory
+
+    new = Path(shutil.copytree(bundle_copy, tmp_path / ".bundle.new"))
+    edit_manifest(new, name="the-new-one")
+    real = runtime.Tokenizer.from_file.__func__
+    swaps = []
+
+    def from_file(cls, path, **options):
+        if not swaps:
+            swaps.append(path)
+            replace_directory(new, bundle_copy)
+        return real(cls, path, **options)
+
+    monkeypatch.setattr(runtime.Tokenizer, "from_file", classmethod(from_file))
+    assert main(["verify", str(bundle_copy)]) == 0
+    assert swaps and "the-new-one (feature-extraction" in capsys.readouterr().out
 
 
 def test_a_bundle_replaced_while_it_loads_is_loaded_whole(bundle_copy, tmp_path,
