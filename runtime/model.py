@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import threading
 import warnings
 from collections import deque
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ._checks import count
+from ._graph_refs import external_locations
 from .bundle import Bundle, BundleError
 from .generate import (
     ContextError,
@@ -404,6 +406,22 @@ def _check_external_data(bundle: Bundle, entry: dict, whose: str) -> None:
         bundle.file(name)
 
 
+def _check_graph_reads(bundle: Bundle, name: str) -> Path:
+    """The path of graph `name`, once every external-data file it reads (onnxruntime opens
+    each beside the graph) is one the manifest lists, so verified: the manifest's
+    "external_data" could name one file while the graph read another, unchecked."""
+    graph = bundle.file(name)
+    listed = bundle._listed()
+    for location in sorted(external_locations(graph)):
+        inside = posixpath.normpath(posixpath.join(posixpath.dirname(name),
+                                                   location.replace("\\", "/")))
+        if inside not in listed:
+            raise BundleError(f"{graph}: its weights are read from {location!r}, which "
+                              f"manifest.json does not list, so it cannot be verified; "
+                              f"re-export the bundle.")
+    return graph
+
+
 class Model:
     """A loaded bundle. Build one with `runtime.load(path)`."""
 
@@ -511,7 +529,8 @@ class Model:
         if manifest.get("stages"):   # pipeline stages, each on its own device
             for stage in manifest["stages"]:
                 if isinstance(stage, dict) and "file" in stage:
-                    bundle.file(stage["file"])   # listed, so verified (Stages checks the rest)
+                    # listed, so verified, and its weights too (Stages checks the rest)
+                    _check_graph_reads(bundle, stage["file"])
                 if isinstance(stage, dict):
                     _check_external_data(bundle, stage, "a stage's ")
             outputs = [o["name"] for o in _named(manifest, "outputs")]
@@ -529,7 +548,7 @@ class Model:
             warnings.warn(f"pipeline='ray' runs the stages of a bundle cut into stages; "
                           f"{bundle.path} is one graph, so it runs in this process.",
                           RuntimeWarning, stacklevel=4)
-        graph = bundle.file(manifest.get("model_file", "model.onnx"))
+        graph = _check_graph_reads(bundle, manifest.get("model_file", "model.onnx"))
         _check_external_data(bundle, manifest, "")   # onnxruntime reads it from beside graph
         return ort_session(graph, threads=threads, spinning=spinning, providers=providers)
 
