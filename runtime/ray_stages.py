@@ -11,7 +11,10 @@ edge-exporter[ray]`); `import runtime` never imports ray.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -111,7 +114,17 @@ class RayStagedSession(_StagedIO):
         if not threads and on_cpu >= 2:
             nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
             self.cpus = actor_cpus(on_cpu, nodes, ray.available_resources().get("CPU", 0))
-        self.actors, self._group = [], None
+        # What the actors hold goes back at close(), or when this session is collected
+        # unclosed: a placement group outlives the object that made it, and a Model dropped
+        # without close() kept its GPUs reserved for as long as the cluster ran (the next
+        # load waited 10 s, then ran on the CPU).
+        self._held = {"actors": [], "group": None}
+        self._release = weakref.finalize(self, _release, ray, self._held)
+        self._release.atexit = False   # (Ray's own shutdown frees a driver's actors)
+        self._directory = Path(directory)
+        self._lock = threading.Lock()
+        self._calls = 0   # under way (in any thread): close() lets them end as they would
+        self._closing = False
         # On failure what was reserved and the actors started go back here (each actor may
         # hold a GPU).
         try:
@@ -122,28 +135,61 @@ class RayStagedSession(_StagedIO):
         self.in_flight = in_flight or 2 * len(stages)
         self._describe(inputs)
 
+    @property
+    def actors(self) -> list:
+        return self._held["actors"]
+
+    @property
+    def _group(self):
+        return self._held["group"]
+
+    @_group.setter
+    def _group(self, group) -> None:
+        self._held["group"] = group
+
     def _submit(self, feeds: dict):
         ref = self._ray.put(dict(feeds))
         for actor in self.actors:
             ref = actor.step.remote(ref)
         return ref
 
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """A call under way: the actors stay until the last one ends, even after close()
+        (which killed them at once, and a call in another thread died in Ray's
+        ActorDiedError)."""
+        with self._lock:
+            if self._closing:
+                raise ValueError(f"The model of {self._directory} is closed (Model.close()); "
+                                 f"load the bundle again to use it.")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls -= 1
+                last = self._closing and not self._calls
+            if last:
+                self._release()
+
     def run(self, output_names, feeds: dict) -> list:
-        env = self._ray.get(self._submit(feeds))
+        with self._call():
+            env = self._ray.get(self._submit(feeds))
         return [env[n] for n in (output_names or self.plan.final)]
 
     def run_stream(self, feeds: Iterable[dict], output_names=None) -> Iterator[list]:
         """Outputs per batch, in order; up to `in_flight` batches in the pipeline at once."""
         names = list(output_names or self.plan.final)
         pending: deque = deque()
-        for item in feeds:
-            pending.append(self._submit(item))
-            if len(pending) >= self.in_flight:
+        with self._call():
+            for item in feeds:
+                pending.append(self._submit(item))
+                if len(pending) >= self.in_flight:
+                    env = self._ray.get(pending.popleft())
+                    yield [env[n] for n in names]
+            while pending:
                 env = self._ray.get(pending.popleft())
                 yield [env[n] for n in names]
-        while pending:
-            env = self._ray.get(pending.popleft())
-            yield [env[n] for n in names]
 
     def _start(self, actor, directory, stages, outputs, providers, on_gpus, threads) -> None:
         """The stage actors, each graph checked against the plan."""
@@ -221,11 +267,23 @@ class RayStagedSession(_StagedIO):
         return group
 
     def close(self) -> None:
-        for actor in self.actors:
-            self._ray.kill(actor)
-        self.actors = []
-        if getattr(self, "_group", None) is not None:   # what it held goes back
-            from ray.util import remove_placement_group
+        """Start no more calls, and stop the actors and give back what they held once the
+        calls under way have ended (now, where none is)."""
+        with self._lock:
+            self._closing = True
+            idle = not self._calls
+        if idle:
+            self._release()
 
-            remove_placement_group(self._group)
-            self._group = None
+
+def _release(ray, held: dict) -> None:
+    """Stop the stage actors and remove their placement group (the GPUs and CPU shares they
+    held go back): at close(), or when their session is collected unclosed."""
+    actors, held["actors"] = held["actors"], []
+    for actor in actors:
+        ray.kill(actor)
+    group, held["group"] = held["group"], None
+    if group is not None:
+        from ray.util import remove_placement_group
+
+        remove_placement_group(group)

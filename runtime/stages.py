@@ -246,6 +246,9 @@ class StagedSession(_StagedIO):
                          for s, n, p in zip(stages, self.threads, chosen, strict=True)]
         for i, session in enumerate(self.sessions):
             check_stage_graph(self.plan, i, session)
+        # what each stage runs on: the provider its session took (`devices` says where it
+        # was meant to; a CUDA stage on a CPU-only onnxruntime runs here on the CPU)
+        self.providers = [session.get_providers()[0] for session in self.sessions]
         self._describe(inputs)
 
     def run(self, output_names, feeds: dict) -> list[np.ndarray]:

@@ -456,6 +456,55 @@ def test_ray_cpu_stage_actors_share_the_cores(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                     reason="ray is not installed (pip install 'edge-exporter[ray]')")
+def test_ray_stage_actors_end_after_the_calls_under_way_and_when_dropped(tmp_path):
+    """close() killed the actors at once: a call under way in another thread died in Ray's
+    ActorDiedError. A session dropped without close() kept its placement group, its CPUs
+    (a cluster's GPUs) reserved for as long as Ray ran: the next load got none."""
+    import gc
+    import time
+
+    import ray
+
+    from exporter.partition import write_stages
+    from runtime.ray_stages import RayStagedSession
+    from runtime.stages import StagedSession
+
+    records = write_stages(_chain_model(), 2, tmp_path, ["CPUExecutionProvider"])
+    feeds = [{"x": np.full((2, 3), i, np.float32)} for i in range(6)]
+    threaded = StagedSession(tmp_path, records, outputs=["y"], threads=1)
+    assert threaded.providers == ["CPUExecutionProvider"] * 2   # what each stage runs on
+    expected = [threaded.run(None, f)[0] for f in feeds]
+
+    def free_cpus_become(count):
+        deadline = time.monotonic() + 30   # (what ended actors held comes back a moment after)
+        while ray.available_resources().get("CPU", 0) != count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return ray.available_resources().get("CPU", 0) == count
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        session = RayStagedSession(tmp_path, records, outputs=["y"], threads=0)
+        assert free_cpus_become(0)   # each actor's share reserved
+        stream = session.run_stream(iter(feeds))
+        first = next(stream)   # a call under way
+        session.close()
+        rest = list(stream)    # ends as it would
+        for got, want in zip([first, *rest], expected, strict=True):
+            np.testing.assert_array_equal(got[0], want)
+        assert free_cpus_become(2) and not session.actors
+        with pytest.raises(ValueError, match="is closed"):
+            session.run(None, feeds[0])
+        session = RayStagedSession(tmp_path, records, outputs=["y"], threads=0)
+        assert free_cpus_become(0)
+        del session
+        gc.collect()
+        assert free_cpus_become(2)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                    reason="ray is not installed (pip install 'edge-exporter[ray]')")
 def test_ray_cpu_stage_actors_whose_cpus_were_taken_meanwhile_run_unreserved(tmp_path,
                                                                              monkeypatch):
     """The CPU stage actors' share comes from the CPUs Ray says are free, and another job
