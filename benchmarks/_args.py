@@ -229,15 +229,9 @@ def cpu_name() -> str:
 
 def versions(*names: str) -> dict[str, str]:
     """The installed version of each distribution in `names`, or "not installed"."""
-    from importlib import metadata
+    from exporter.bundle import tool_versions
 
-    found = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    return tool_versions(names)
 
 
 def write_result(path: Path, text: str) -> None:

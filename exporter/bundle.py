@@ -32,9 +32,10 @@ from .report import (
 TOOLS = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
 
 
-def tool_versions() -> dict[str, str]:
+def tool_versions(names: tuple[str, ...] = TOOLS) -> dict[str, str]:
+    """The installed version of each distribution in `names`, or "not installed"."""
     versions = {}
-    for name in TOOLS:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
