@@ -9,6 +9,7 @@ every timestamp the manifest's creation time. `tar -xf` unpacks it anywhere;
 from __future__ import annotations
 
 import calendar
+import contextlib
 import ctypes
 import errno
 import json
@@ -287,12 +288,17 @@ def _rename_over(new: Path, final: Path) -> None:
             os.rename(new, final)   # (between the two renames, `final` is missing a moment)
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                if old is not None:   # the old one back in place, as it was
+                    with contextlib.suppress(OSError):
+                        os.rename(old, final)
                 raise
-            continue   # another run's `final` arrived meanwhile: replace it in turn
-        finally:
+            # another run's `final` arrived meanwhile: replace it in turn
+        else:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-        return
+            return
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     raise FileExistsError(f"{str(final)!r} was replaced by other runs 10 times while this one "
                           f"tried to put its own in place; run it again once they are done.")
 

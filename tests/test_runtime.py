@@ -299,6 +299,30 @@ def test_two_first_installs_at_once_both_succeed(minilm_bundle, tmp_path, monkey
     runtime.load(installed)
 
 
+def test_a_replacement_that_cannot_be_renamed_into_place_leaves_the_old_one(tmp_path,
+                                                                          monkeypatch):
+    import errno
+
+    import runtime._files as files
+
+    old, new = tmp_path / "bundle", tmp_path / ".bundle.new"
+    for directory, text in ((old, "old"), (new, "new")):
+        directory.mkdir()
+        (directory / "f").write_text(text)
+    real = os.rename
+
+    def rename(source, dest):
+        if Path(source) == new:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(source, dest)
+
+    monkeypatch.setattr(files.os, "rename", rename)
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)   # the rename-aside path
+    with pytest.raises(OSError, match="Input/output error"):
+        files._rename_over(new, old)
+    assert (old / "f").read_text() == "old"
+
+
 def test_unpack_refuses_a_bundle_name_too_long_for_its_work_directory(minilm_bundle, tmp_path):
     archive = _repacked(minilm_bundle.with_name("minilm-arm-cpu.tar"), tmp_path / "long.tar",
                         rename=lambda n: n.replace("minilm-arm-cpu", "b" * 245))
