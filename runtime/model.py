@@ -528,11 +528,11 @@ class Model:
         manifest = bundle.manifest
         if manifest.get("stages"):   # pipeline stages, each on its own device
             for stage in manifest["stages"]:
+                if isinstance(stage, dict):
+                    _check_external_data(bundle, stage, "a stage's ")
                 if isinstance(stage, dict) and "file" in stage:
                     # listed, so verified, and its weights too (Stages checks the rest)
                     _check_graph_reads(bundle, stage["file"])
-                if isinstance(stage, dict):
-                    _check_external_data(bundle, stage, "a stage's ")
             outputs = [o["name"] for o in _named(manifest, "outputs")]
             inputs = _named(manifest, "inputs")   # none listed: the first stage's inputs
             if pipeline == "ray":
@@ -548,8 +548,8 @@ class Model:
             warnings.warn(f"pipeline='ray' runs the stages of a bundle cut into stages; "
                           f"{bundle.path} is one graph, so it runs in this process.",
                           RuntimeWarning, stacklevel=4)
-        graph = _check_graph_reads(bundle, manifest.get("model_file", "model.onnx"))
         _check_external_data(bundle, manifest, "")   # onnxruntime reads it from beside graph
+        graph = _check_graph_reads(bundle, manifest.get("model_file", "model.onnx"))
         return ort_session(graph, threads=threads, spinning=spinning, providers=providers)
 
     def close(self) -> None:
