@@ -252,16 +252,20 @@ LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
 
 
-def rope_scaling(path: Path) -> dict | None:
+def rope_scaling(path: Path, *, tensors: dict | None = None,
+                 metadata: dict | None = None) -> dict | None:
     """config.rope_scaling for GGUF `path`, which transformers' GGUF reader drops (the
     checkpoint would rotate with unscaled frequencies): "linear" from the metadata, as
     llama.cpp reads it (rope.scaling.factor, else the older rope.scale_linear; a type left
     out is linear, a factor of 0 or 1 scales nothing), "llama3" recovered from
-    rope_freqs.weight, None where nothing is scaled. Any other scaling is refused."""
+    rope_freqs.weight, None where nothing is scaled. Any other scaling is refused.
+    `tensors` and `metadata`: the file's tensor_table and scalar_metadata, where read."""
     from .decoder_graph import scaled_frequencies
 
-    tensors = tensor_table(path)   # names a damaged or truncated file
-    metadata = scalar_metadata(path) or {}
+    if tensors is None:
+        tensors = tensor_table(path)   # names a damaged or truncated file
+    if metadata is None:
+        metadata = scalar_metadata(path) or {}
     arch = metadata.get("general.architecture") or "llama"
     kind = metadata.get(f"{arch}.rope.scaling.type") or "linear"
     factor = metadata.get(f"{arch}.rope.scaling.factor")
@@ -436,7 +440,7 @@ def preflight(path: Path, *, architectures: tuple[str, ...], carry: bool) -> Non
         raise ValueError(f"GGUF {path.name} holds {', '.join(unreadable)} tensors, which the "
                          f"gguf package cannot dequantize; convert the file to another type "
                          f"(llama.cpp's llama-quantize), e.g. Q4_0, Q4_1 or Q8_0.")
-    rope_scaling(path)
+    rope_scaling(path, tensors=tensors, metadata=metadata)
     if not carry:
         return
     if arch != "llama":
