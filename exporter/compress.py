@@ -108,6 +108,13 @@ class Compression:
         return bool(self.drop_layers or self.prune_heads or self.prune_ffn or self.sparsity
                     or self.share_layers or self.sparsity_pattern != "unstructured")
 
+    @property
+    def changes_weights(self) -> bool:
+        """Whether it changes weights of the layers it keeps (pruning, sparsity, healing),
+        beyond dropping or tying whole layers: a GGUF's blocks then no longer describe them."""
+        return bool(self.prune_heads or self.prune_ffn or self.sparsity or self.heal_steps
+                    or self.sparsity_pattern != "unstructured")
+
     @classmethod
     def parse_layers(cls, text: str) -> int | tuple[int, ...]:
         """CLI form of drop_layers: "2" (a count), "1,3" (indices) or "4," (index 4 alone)."""

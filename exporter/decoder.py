@@ -69,12 +69,9 @@ def load_decoder(job) -> None:
             what = "is not a regular file" if job.gguf.exists() else "does not exist"
             raise FileNotFoundError(f"GGUF file {source!r} {what}.")
     if job.gguf is not None:
-        request = job.compression
-        changes_weights = request is not None and bool(
-            request.prune_heads or request.prune_ffn or request.sparsity or request.heal_steps)
-        gguf.preflight(job.gguf, architectures=SUPPORTED, carry=(
-            job.target.generation.weights == "int4" and not job.requantize
-            and not changes_weights))   # (what quantized_weights carries)
+        rounded = job.compression is not None and job.compression.changes_weights
+        gguf.preflight(job.gguf, architectures=SUPPORTED, carry=(   # what quantized_weights
+            job.target.generation.weights == "int4" and not job.requantize and not rounded))
         job.model_dir = gguf.checkpoint(job.gguf, log=job.log)
     else:
         from .load import resolve_model_dir

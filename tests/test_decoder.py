@@ -519,6 +519,29 @@ def test_a_q4_k_gguf_is_refused_before_the_conversion(tmp_path, capsys, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
 
 
+def test_only_compression_that_keeps_the_weights_checks_the_blocks_can_be_carried(
+        tmp_path, monkeypatch):
+    """--sparsity-pattern 2:4 alone rounds the weights from float (its fraction is fixed at
+    0.5), but the preflight took it for carried blocks: a Q4_K file was refused for it."""
+    from exporter import export
+    from exporter.compress import Compression
+
+    carried = []
+
+    def preflight(path, *, architectures, carry):
+        carried.append(carry)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(gguf, "preflight", preflight)
+    for compression in (None, Compression(drop_layers=1), Compression(share_layers=True),
+                        Compression(sparsity_pattern="2:4"), Compression(prune_ffn=0.1),
+                        Compression(drop_layers=1, heal_steps=5)):
+        with pytest.raises(ValueError, match="stop here"):
+            export("smollm2", target="arm-cpu", output=tmp_path / "out", log=lambda line: None,
+                   compression=compression)
+    assert carried == [True, True, True, False, False, False]
+
+
 @pytest.mark.parametrize("fields, expected", [
     ({"llama.rope.scaling.factor": 4.0}, {"rope_type": "linear", "factor": 4.0}),
     ({"llama.rope.scale_linear": 2.0}, {"rope_type": "linear", "factor": 2.0}),
