@@ -528,7 +528,9 @@ def fuse_quantized_attention(model: onnx.ModelProto) -> int:
     attention core. Returns how many were written.
 
     Same arithmetic, fewer and larger kernels: the outputs are bit-identical on MiniLM. A
-    layer whose Q, K or V the sensitivity search kept in float is left as it is.
+    layer whose Q, K or V the sensitivity search kept in float is left as it is, and so is
+    one with int8 activations (a profile's `activations = "int8"`), which QAttention has
+    no CPU kernel for (MatMulIntegerToFloat has).
     """
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -550,6 +552,9 @@ def fuse_quantized_attention(model: onnx.ModelProto) -> int:
         if any(list(m.input[i] for i in (0, 2, 4)) != list(first.input[i] for i in (0, 2, 4))
                for m in qkv) or node.input[3] not in inits:
             continue
+        if first.input[4] not in inits or \
+                inits[first.input[4]].data_type != TensorProto.UINT8:
+            continue   # onnxruntime's CPU QAttention takes uint8 activations only
         mask = node.input[4]
         if mask and mask in producer and producer[mask].op_type != "ReduceSum":
             continue   # QAttention takes a 1-D mask index (sequence lengths) only

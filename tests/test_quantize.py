@@ -918,3 +918,26 @@ def test_an_initializer_read_only_inside_an_if_branch_is_kept():
         runs = exact_products(quantized) if host_saturates() else quantized   # see above
         y, z = ort_session(runs.SerializeToString()).run(None, {"x": x, "cond": np.array(True)})
         assert z == 7 and np.abs(y - x @ w).max() < 0.1
+
+
+def test_int8_activations_keep_q_k_v_as_integer_matmuls():
+    """A profile's `activations = "int8"` (S8S8, which aarch64 has kernels for): onnxruntime's
+    CPU QAttention takes uint8 activations only, so fusing Q, K and V into it made a graph
+    no session could load, and the export died in the sensitivity search with a
+    NOT_IMPLEMENTED traceback. Those layers stay three MatMulIntegerToFloat."""
+    import dataclasses
+
+    from exporter.quantize import build_int8
+    rng = np.random.default_rng(0)
+    hidden = 16
+    model = attention_graph(rng, hidden)
+    x = rng.normal(size=(1, 5, hidden)).astype(np.float32)
+    ranges = {"x": (float(x.min()), float(x.max()))}
+    settings = dataclasses.replace(SETTINGS, activations="int8", symmetric_activations=True,
+                                   portable_rounding=False)
+    fused = build_int8(model, ranges, settings, lower=True)[0]
+    ops = [n.op_type for n in fused.graph.node]
+    assert "QAttention" not in ops and ops.count("MatMulIntegerToFloat") == 3
+    plain = build_int8(model, ranges, settings, lower=False)[0]
+    run = [ort_session(m.SerializeToString()).run(None, {"x": x})[0] for m in (fused, plain)]
+    np.testing.assert_allclose(run[0], run[1], atol=1e-5)
