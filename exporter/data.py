@@ -78,6 +78,17 @@ def check_characters(text: str, where: str) -> None:
                          f"pair (\\ud83d\\ude00).")
 
 
+
+def unlabelled_text(utterances: list[Utterance], what: str = "evaluation") -> str:
+    """How many of `utterances` have no label, and where the first is, in words ("" when
+    every one has one): what a labelled metric's absence is explained by."""
+    missing = [u for u in utterances if u.intent is None]
+    if not missing:
+        return ""
+    first = f" (the first: {missing[0].where})" if missing[0].where else ""
+    return f"{len(missing)} of the {len(utterances)} {what} texts have no label{first}"
+
+
 def split_of(text: str) -> str:
     """The split a text belongs to, decided by its hash (stable across runs and sizes)."""
     bucket = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "big") % 100

@@ -33,7 +33,7 @@ from .graph_file import graph_bytes
 from .load import check_vocabulary_fits, load_weights, write_tokenizer
 from .quantize import kib_to_mb
 from .report import write_report
-from .validate import BudgetError, cpu_target, size_text, sizes, timed_on, timing_threads
+from .validate import BudgetError, cpu_target, host_threads, size_text, sizes, timed_on
 
 # Architectures the graph builder covers: Llama (RMSNorm, rotary, GQA, SwiGLU, no bias) and
 # GPT-2 (LayerNorm, learned positions, biases, GELU MLP).
@@ -369,7 +369,7 @@ def check_decoder(job) -> None:
     with torch.no_grad():
         ref = job.torch_model(torch.tensor([ids])).logits[0].numpy()
     references = torch_references(job)   # before a session's threads compete with PyTorch's
-    decoder = OnnxDecoder(job.float_onnx, job.decoder_shape, job.target.runtime.threads)
+    decoder = OnnxDecoder(job.float_onnx, job.decoder_shape, host_threads(job.target))
     diff = float(np.abs(decoder.logits(ids) - ref).max())
     tokens = 16
     greedy = [agreement(decoder.greedy(encode(job, p), tokens), r[:tokens])
@@ -659,7 +659,7 @@ def validate_decoder(job) -> None:
     """Stage: perplexity float vs bundle, greedy agreement with PyTorch, speed, size, memory."""
     references = torch_references(job)   # PyTorch's last use: then it is freed
     release_torch(job)
-    threads = timing_threads(job.target)
+    threads = host_threads(job.target)
     windows = eval_windows(job)
     float_decoder = OnnxDecoder(job.float_onnx, job.decoder_shape, threads)
     float_ppl = perplexity(float_decoder, windows)

@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .feeds import encoder_feeds, ort_session
+from .feeds import encoder_feeds, host_threads, ort_session
 from .graph_file import (
     FreshNames,
     check_and_save,
@@ -742,7 +742,8 @@ def quantize(job) -> None:
     texts = [u.text for u in job.calibration[:settings.calibration_samples]]
     if not texts:
         raise ValueError("Calibration needs at least one text; the calibration set is empty.")
-    session = ort_session(source, threads=job.target.runtime.threads)
+    threads = host_threads(job.target)
+    session = ort_session(source, threads=threads)
 
     def feeds():
         return encoder_feeds(job.workdir / "tokenizer.json", texts, session,
@@ -751,7 +752,7 @@ def quantize(job) -> None:
     methods = CALIBRATION_METHODS if settings.compare_calibration else (settings.calibration,)
     result = calibrate_all(source, activations, feeds, methods=methods,
                            percentile=settings.percentile, total=len(texts),
-                           threads=job.target.runtime.threads)
+                           threads=threads)
     ranges = result.ranges[settings.calibration]
     lower = lowers_to_contrib_ops(job.target)
     quantized, names, tables = build_int8(model, ranges, settings, lower=lower)
@@ -759,7 +760,7 @@ def quantize(job) -> None:
     if len(methods) > 1:   # each method's full-int8 graph against the float graph: what the
         # int8 alone changes (against a compressed model's original, its compression's
         # error swamped the methods' differences, under the label "vs the float graph")
-        scorer = Scorer(job, job.evaluation, threads=job.target.runtime.threads,
+        scorer = Scorer(job, job.evaluation, threads=threads,
                         original=False)
         for method in methods:
             graph = quantized if method == settings.calibration else \

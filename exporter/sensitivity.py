@@ -38,7 +38,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .budget import Budget, rounded
-from .feeds import encoder_feeds, ort_session
+from .feeds import encoder_feeds, host_threads, ort_session
 from .float16 import convert
 from .graph_file import FreshNames, check_and_save, copy_model, graph_bytes, model_bytes
 from .progress import progress
@@ -247,7 +247,7 @@ def sensitivity(job) -> None:
         return
     inputs = job.records.pop("quantize_inputs")
     source = onnx.load(inputs["source"])
-    threads = job.target.runtime.threads
+    threads = host_threads(job.target)
     tables = job.records["quantization"]["embeddings"]["tables"]
     groups = node_groups(source, int8_tables=bool(tables))
     matmul_groups = {g.name: g.nodes for g in groups if g.kind == "int8"}

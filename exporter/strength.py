@@ -216,13 +216,13 @@ def choose_strength(job) -> None:
     from .feeds import ort_session
     from .graph_file import graph_bytes
     from .score import Scorer, selection_texts
-    from .validate import BudgetError, latency_ms, timing_threads
+    from .validate import BudgetError, host_threads, latency_ms
 
     settings = job.target.validation
     if settings.max_model_mb is None and settings.max_latency_ms is None:
         return
     check_size_floor(job)
-    threads = timing_threads(job.target)
+    threads = host_threads(job.target)
     check_latency_floor(job, threads)
     texts, described = selection_texts(job)
     heal_steps = job.compression.heal_steps if job.compression else 0

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from .feeds import encoder_feeds, ort_session
+from .feeds import encoder_feeds, host_threads, ort_session
 from .graph_file import graph_bytes
 
 
@@ -80,7 +80,7 @@ def masked_max_abs(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 def check_float(job) -> None:
     """Stage: max |ONNX float - PyTorch| on evaluation texts must stay within tolerance."""
-    session = ort_session(job.float_onnx, threads=job.target.runtime.threads)
+    session = ort_session(job.float_onnx, threads=host_threads(job.target))
     texts = [u.text for u in job.evaluation[:64]]
     worst = 0.0
     for feeds in encoder_feeds(job.workdir / "tokenizer.json", texts, session,

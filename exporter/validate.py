@@ -20,8 +20,9 @@ import onnx
 from runtime.model import usable_cores
 
 from .budget import BudgetError, decimals, rounded
+from .data import unlabelled_text
 from .exact import exact_products, host_saturates, scores_exactly
-from .feeds import encoder_feeds, ort_session, pad_batch, pool
+from .feeds import encoder_feeds, host_threads, ort_session, pad_batch, pool
 from .graph_file import graph_bytes, graph_session
 from .progress import progress
 from .quantize import kib_to_mb
@@ -123,22 +124,13 @@ def cpu_target(target) -> bool:
     return target.runtime.execution_providers[0] == "CPUExecutionProvider"
 
 
-def timing_threads(target) -> int:
-    """The intra-op threads the export times with: the profile's, but no more than this
-    host's cores. rpi5's 4 threads on a 2-core build host contend for the cores (measured
-    there: batch-1 p50 of the MiniLM bundle 7.2 ms on 4 threads, 2.6 ms on 2), so its latency budget
-    was judged on a slowdown the device does not have. 0 (all cores) stays 0."""
-    threads = target.runtime.threads
-    return min(threads, usable_cores()) if threads else 0
-
-
 def timed_on(target) -> str:
     """Where the export times the float graph and the bundle: this host's CPU, which is the
     device only where the export runs on it; for a target whose bundle runs on other
     execution providers, these are plainly not the device's timings."""
     import platform
 
-    threads, wanted = timing_threads(target), target.runtime.threads
+    threads, wanted = host_threads(target), target.runtime.threads
     capped = f", the profile's {wanted} capped at this host's cores" if threads != wanted else ""
     where = f"this host's CPU ({platform.machine()}, {usable_cores()} cores, " \
             f"CPUExecutionProvider, {threads or 'all'} threads{capped})"
@@ -269,9 +261,9 @@ def validate(job) -> None:
     texts = [u.text for u in job.evaluation]   # default sets hold eval_samples texts
     if not texts:
         raise ValueError("Validation needs at least one evaluation text; the set is empty.")
-    threads, batch = job.target.runtime.threads, job.target.runtime.batch_size
-    float_session = ort_session(job.float_onnx, threads=timing_threads(job.target))
-    quant_session = ort_session(job.quantized_onnx, threads=timing_threads(job.target))
+    threads, batch = host_threads(job.target), job.target.runtime.batch_size
+    float_session = ort_session(job.float_onnx, threads=threads)
+    quant_session = ort_session(job.quantized_onnx, threads=threads)
     # Accuracy as the device computes it: where this host's integer products saturate and
     # the device's do not, on the bundle's exact twin (exact.py); latency is the bundle's.
     exact = scores_exactly(job.target)

@@ -387,6 +387,7 @@ def test_latency_is_timed_on_no_more_threads_than_the_host_has(tmp_path, monkeyp
                                                                 timed):
     """rpi5's 4 threads were timed on a 2-core build host, where they contend for the cores:
     its latency (and a latency budget) were judged on a slowdown the Pi does not have."""
+    import exporter.feeds as feeds
     import exporter.validate as validate
     from targets import load_target
 
@@ -398,15 +399,31 @@ def test_latency_is_timed_on_no_more_threads_than_the_host_has(tmp_path, monkeyp
 
     monkeypatch.setattr(validate, "ort_session", session)
     monkeypatch.setattr(validate, "usable_cores", lambda: cores)
+    monkeypatch.setattr(feeds, "usable_cores", lambda: cores)
     target = load_target("rpi5")
-    assert target.runtime.threads == 4 and validate.timing_threads(target) == timed
+    assert target.runtime.threads == 4 and validate.host_threads(target) == timed
     job = stubbed_validation(tmp_path, monkeypatch, target)
     validate.validate(job)
     assert sessions[:2] == [timed, timed]   # the float graph and the bundle, as timed
     where = job.records["validation"]["latency_ms_batch1"]["timed_on"]
     assert f"{cores} cores, CPUExecutionProvider, {timed} threads" in where
     assert ("the profile's 4 capped at this host's cores" in where) == (cores < 4)
-    assert validate.timing_threads(load_target("arm-cpu")) == 0   # all cores stays all
+    assert validate.host_threads(load_target("arm-cpu")) == 0   # all cores stays all
+
+
+def test_no_session_on_this_host_takes_the_profiles_threads_as_they_are():
+    """Calibration, the sensitivity search's scoring, the float check and validation all run
+    on the build host: an rpi5 profile's 4 threads on a 2-core host made its ~50 scored
+    graphs 1.5-2x slower. Only feeds.host_threads (which caps them), the timing note (which
+    names the profile's number) and the peak-memory probe (the device's threads, in a
+    process of its own) may read the profile's threads."""
+    import exporter
+
+    readers = sorted(f"{path.name}:{number}"
+                     for path in Path(exporter.__file__).parent.glob("*.py")
+                     for number, line in enumerate(path.read_text().splitlines(), 1)
+                     if "runtime.threads" in line)
+    assert sorted({r.split(":")[0] for r in readers}) == ["feeds.py", "validate.py"], readers
 
 
 def _validation(**changes) -> dict:
