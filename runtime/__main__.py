@@ -31,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("verify", help="check a bundle as runtime.load would")
     check.add_argument("bundle", help="a bundle directory")
     args = parser.parse_args(argv)
+    try:   # the environment's settings first (EDGE_Q4_ISA), as a refusal, not a traceback
+        from .model import kernel_library
+
+        kernel_library()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.command == "unpack":
             _say(unpack(args.archive, args.directory))

@@ -44,7 +44,11 @@ def kernel_library() -> str | None:
         from . import _kernels
     except ImportError:
         return None
-    return None if _kernels.isa() == "off" else _kernels.__file__
+    try:
+        isa = _kernels.isa()
+    except ValueError as e:   # EDGE_Q4_ISA names no path: the user's setting, in words
+        raise ValueError(str(e)) from None
+    return None if isa == "off" else _kernels.__file__
 
 
 def usable_cores() -> int:
@@ -192,7 +196,9 @@ def pad_batch(ids: list[list[int]], *, pad_id: int, input_names: Sequence[str]) 
     if "token_type_ids" in input_names:
         feeds["token_type_ids"] = np.zeros_like(input_ids)
     unknown = set(input_names) - set(feeds)
-    assert not unknown, f"graph inputs {unknown} have no feed"
+    if unknown:   # Model refuses such a graph at load; this is for other callers
+        raise ValueError(f"The graph's inputs {sorted(unknown)} have no feed: an encoder "
+                         f"takes {', '.join(ENCODER_INPUTS)}.")
     return feeds
 
 
@@ -370,6 +376,7 @@ SORTED_BATCHES = 32
 TASKS = ("feature-extraction", "text-classification", "text-generation")
 # What each task's graph takes: a decoder's KV cache, or an encoder's token ids alone.
 DECODER_INPUTS = ("input_ids", "past_key.0", "seqlens_k")
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")   # the last optional
 
 
 class _Closed:
@@ -486,6 +493,14 @@ class Model:
                               f"KV cache (inputs {', '.join(self.input_names)}).")
         if decoder:
             self._check_vocabulary(bundle)
+        elif (unfed := [n for n in self.input_names if n not in ENCODER_INPUTS]) or \
+                not {"input_ids", "attention_mask"} <= set(self.input_names):
+            what = (f"inputs {unfed}, which the runtime has no feed for" if unfed else
+                    "no input_ids or attention_mask input")
+            raise BundleError(f"{bundle.path / 'manifest.json'}: the graph has {what}; an "
+                              f"encoder takes {', '.join(ENCODER_INPUTS[:2])} and optionally "
+                              f"{ENCODER_INPUTS[2]} (graph inputs: "
+                              f"{', '.join(self.input_names)}); export the bundle again.")
         elif self.tokenizer.pad_id is None:   # after the graph: a decoder has none
             raise BundleError(f"{bundle.file('tokenizer.json')} names no pad id (no "
                               f"padding.pad_id, no [PAD]), and batches need one; export the "

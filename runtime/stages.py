@@ -159,6 +159,10 @@ class Stages:
                                       f"{{\"name\": str, ...}}, got {stage[key]!r}.")
         self.plan = stages
         self.final = list(outputs)
+        if not self.final:   # the caller's results would be empty lists
+            raise BundleError("manifest.json: 'outputs' names no graph output; a staged "
+                              "bundle lists what the pipeline hands back; re-export the "
+                              "bundle.")
         self.inputs = [[t["name"] for t in s["inputs"]] for s in stages]
         self.outputs = [[t["name"] for t in s["outputs"]] for s in stages]
         made = {n for names in self.outputs for n in names}
@@ -172,6 +176,10 @@ class Stages:
                                   f"{missing}, which no graph input or earlier stage makes; "
                                   f"re-export the bundle.")
             available |= set(self.outputs[i])
+        unread = [n for n in self.graph_inputs if not any(n in names for names in self.inputs)]
+        if unread:   # a feed no stage takes: the graph does not read what it declares
+            raise BundleError(f"manifest.json: the graph inputs {unread} are read by no "
+                              f"stage; re-export the bundle.")
         missing = [n for n in self.final if n not in available]
         if missing:
             raise BundleError(f"manifest.json: the graph outputs {missing} are made by no "

@@ -238,7 +238,8 @@ class Tokenizer:
                 warnings.warn(
                     f"runtime.Tokenizer: the C tokenizer is not available ({_C_MISSING}); "
                     "using the pure-Python backend, 7-60x slower. Install with a C compiler "
-                    "(pip install .) to build it.",
+                    "and Python's headers (Debian: apt-get install gcc python3-dev; then "
+                    "pip install .) to build it.",
                     RuntimeWarning,
                     stacklevel=4,
                 )

@@ -692,7 +692,8 @@ def test_stage_io_declares_what_the_whole_graph_infers(tmp_path):
 
 
 @pytest.mark.parametrize("edit", ["input renamed", "stages reversed", "last stage dropped",
-                                  "output renamed", "file swapped", "device not a string"])
+                                  "output renamed", "file swapped", "device not a string",
+                                  "no outputs", "an input no stage reads"])
 def test_a_stage_plan_that_does_not_fit_its_graphs_is_refused_at_load(tmp_path, edit):
     """A manifest whose stage plan does not fit the stage graphs loaded fine and failed at
     the first call with a KeyError, an onnxruntime error or an AttributeError."""
@@ -705,7 +706,7 @@ def test_a_stage_plan_that_does_not_fit_its_graphs_is_refused_at_load(tmp_path, 
     records = write_stages(_chain_model(), 3, tmp_path, ["CPUExecutionProvider"])
     x = np.ones((2, 3), np.float32)
     assert StagedSession(tmp_path, records, outputs=["y"], threads=1).run(None, {"x": x})
-    plan, outputs = copy.deepcopy(records), ["y"]
+    plan, outputs, inputs = copy.deepcopy(records), ["y"], None
     if edit == "input renamed":
         plan[1]["inputs"][0]["name"] = "nonexistent"
     elif edit == "stages reversed":
@@ -716,10 +717,15 @@ def test_a_stage_plan_that_does_not_fit_its_graphs_is_refused_at_load(tmp_path, 
         outputs = ["nope"]
     elif edit == "file swapped":
         plan[1]["file"] = plan[2]["file"]
+    elif edit == "no outputs":   # passed verify, then IndexError at the first embed()
+        outputs = []
+    elif edit == "an input no stage reads":   # passed verify, then AssertionError in pad_batch
+        inputs = [{"name": "x"}, {"name": "position_ids"}]
     else:
         plan[1]["device"] = 1
-    with pytest.raises(BundleError, match=r"manifest\.json: (stage \d|the graph outputs)"):
-        StagedSession(tmp_path, plan, outputs=outputs, threads=1)
+    with pytest.raises(BundleError, match=r"manifest\.json: (stage \d|the graph (in|out)puts"
+                                          r"|'outputs' names no graph output)"):
+        StagedSession(tmp_path, plan, outputs=outputs, inputs=inputs, threads=1)
 
 
 def test_staged_session_names_every_graph_input_without_a_manifest(tmp_path):
