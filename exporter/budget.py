@@ -49,6 +49,9 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "text-generation": ("perplexity-increase", "greedy-agreement"),
 }
 LABELLED_METRICS = ("accuracy", "accuracy-drop")
+# metrics of the bundle alone, not relative to the float model: the float model's own value
+# on a set of texts bounds what any bundle reaches there
+ABSOLUTE_METRICS = ("accuracy",)
 # metrics where smaller is better (a budget caps them with <=); the others take >=
 LOWER_IS_BETTER = ("accuracy-drop", "perplexity-increase")
 # metrics measured in percent (points); the others are shares or cosines

@@ -259,18 +259,21 @@ def sensitivity(job) -> None:
     # The budget search's texts, which validation does not report on (score.selection_texts).
     texts, described = selection_texts(job)
     selection = Scorer(job, texts, threads=threads)
+    budget, unjudged = selection.search_budget()
+    for note in unjudged:
+        job.log(f"  left to validation: {note}")
     if getattr(job, "reference_model", None) is not None:
         # Scored against the original model: a compression that breaks the budget in float
         # breaks it whatever goes back to float (the search then spent its size limit and
         # told the user to raise it).
         whole = selection.score(source)
-        if job.budget.check(whole):
+        if budget.check(whole):
             job.records["sensitivity"] = {"applied": False, "float_metrics": rounded(whole, 6),
                                           "data": f"{described}, vs {selection.against}"}
-            reject(job, f"Compression alone breaks the accuracy budget {job.budget}: the "
+            reject(job, f"Compression alone breaks the accuracy budget {budget}: the "
                         f"compressed model's float graph, before any int8, against the "
                         f"original model on the search's {len(selection.texts)} texts: "
-                        f"{'; '.join(job.budget.check(whole))}. No int8 group kept float "
+                        f"{'; '.join(budget.check(whole))}. No int8 group kept float "
                         f"can recover that. Compress less, heal (--heal-steps), or loosen "
                         f"the budget.")
 
@@ -305,14 +308,14 @@ def sensitivity(job) -> None:
     max_bytes = int(settings.max_size_ratio * float_bytes)
     if job.target.validation.max_model_mb is not None:   # the size budget caps it too
         max_bytes = min(max_bytes, int(job.target.validation.max_model_mb * 1e6))
-    steps, skipped = search(order, build=build, score=selection.score, budget=job.budget,
+    steps, skipped = search(order, build=build, score=selection.score, budget=budget,
                             max_bytes=max_bytes,
                             size=lambda model: shipped_bytes(model, job.target))
     chosen, best = steps[-1], len(steps) - 1
     if not chosen.holds:
         # Keeping a group float does not always help (min-cosine can drop): the step nearest
         # the budget, not the last, is the best reached, and what the records describe.
-        best = min(range(len(steps)), key=lambda i: job.budget.shortfall(steps[i].metrics))
+        best = min(range(len(steps)), key=lambda i: budget.shortfall(steps[i].metrics))
     kept = [s.float_group for s in steps[1:best + 1]]
     record = {
         "applied": True,
@@ -320,7 +323,8 @@ def sensitivity(job) -> None:
         "data": f"{len(probe)} calibration texts",
         "groups": sorted(rows, key=lambda r: most_harmful_first(r["harm"])),
         "search": {
-            "budget": str(job.budget), "data": f"{described}, vs {selection.against}",
+            "budget": str(budget), "data": f"{described}, vs {selection.against}",
+            **({"left_to_validation": unjudged} if unjudged else {}),
             "max_size_ratio": settings.max_size_ratio, "max_bytes": max_bytes,
             "steps": [{"float_group": s.float_group, "metrics": rounded(s.metrics, 6, job.budget),
                        "size_bytes": s.size_bytes, "holds": s.holds} for s in steps],
@@ -351,8 +355,8 @@ def sensitivity(job) -> None:
     top = ", ".join(f"{r['group']} {r['harm']:.1e}" for r in record["groups"][:3])
     job.log(f"  most harmful: {top}")
     if not chosen.holds:
-        broken = job.budget.check(steps[best].metrics)
-        reject(job, f"Accuracy budget {job.budget} broken on the search's "
+        broken = budget.check(steps[best].metrics)
+        reject(job, f"Accuracy budget {budget} broken on the search's "
                     f"{len(selection.texts)} texts: {'; '.join(broken)}. That is the "
                     f"best reached, with {best} of {len(order)} int8 groups kept float "
                     f"({', '.join(kept) or 'none'}) within the size limit of "
@@ -362,5 +366,7 @@ def sensitivity(job) -> None:
                       "on text closer to the evaluation text.")
     if kept:
         check_and_save(model, job.quantized_onnx)
-    job.log(f"  budget {job.budget} holds with {len(kept)} group(s) kept float after "
+    job.log(f"  budget {budget if budget.clauses else '(no clause judged here)'} holds with "
+            f"{len(kept)} "
+            f"group(s) kept float after "
             f"{len(steps)} scored graph(s): {rounded(chosen.metrics, 6)}")

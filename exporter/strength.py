@@ -164,12 +164,13 @@ def check_size_floor(job) -> None:
     if limit is None:
         return
     rows, width = job.torch_model.get_input_embeddings().weight.shape
-    int8 = job.target.quantization.embeddings == "int8-rows"
+    int8 = job.target.precision == "int8" and job.target.quantization.embeddings == "int8-rows"
     floor = rows * width + rows * 4 if int8 else rows * width * 2   # float: float16 at least
     if floor > limit * MB:
         raise ValueError(f"max_model_mb {limit:g} is below the {floor / MB:.1f} MB the word "
                          f"embeddings alone take ({rows} x {width}, "
-                         f"{'int8 rows' if int8 else 'float'}), which no compression strength "
+                         f"{'int8 rows' if int8 else 'float16 at least'}), which no "
+                         f"compression strength "
                          f"removes; raise it above that.")
 
 
@@ -238,29 +239,35 @@ def choose_strength(job) -> None:
         latency = latency_ms(candidate, {"c": session}, latency_texts, LATENCY_RUNS)["c"]["p50"]
         return graph_bytes(path), latency, scorer.score(onnx.load(path))
 
-    scorer, rows, chosen = None, [], None
+    scorer, rows, chosen, unjudged = None, [], None, []
+    # what a candidate is before any sensitivity search: int8 wherever it can be, or, with
+    # --precision fp16, float16 (no int8 anywhere)
+    plain = "full int8" if job.target.precision == "int8" else "float16, no int8"
     for index, compression in enumerate(rungs):
         started = time.perf_counter()
         candidate = _candidate(job, compression, index)
         _build(candidate)
         if scorer is None:   # rung 0 is the original model: its float graph is the reference
             scorer = Scorer(candidate, texts, threads=threads)
+            budget, unjudged = scorer.search_budget()
+            for note in unjudged:
+                job.log(f"  left to validation: {note}")
         model_bytes, latency, metrics = measure(candidate)
         row = {"rung": index, "strength": describe(compression),
                "compression": dataclasses.asdict(compression),
                "layers": candidate.torch_model.config.num_hidden_layers,
-               "parameters": parameters(candidate.torch_model), "quantized": "full int8"}
+               "parameters": parameters(candidate.torch_model), "quantized": plain}
         compression_breaks = False
-        if job.budget.check(metrics):   # is it the compression, or the int8?
+        if budget.check(metrics):   # is it the compression, or the int8?
             float_metrics = scorer.score(onnx.load(candidate.float_onnx))
             row["float_metrics"] = rounded(float_metrics, 6, job.budget)
-            compression_breaks = bool(job.budget.check(float_metrics))
+            compression_breaks = bool(budget.check(float_metrics))
             if not compression_breaks:
                 row["quantized"] = _recover(candidate)
                 if "kept float" in row["quantized"]:
                     model_bytes, latency, metrics = measure(candidate)
         over = limit_failures(settings, model_bytes=model_bytes, latency_ms=latency)
-        broken = job.budget.check(metrics)
+        broken = budget.check(metrics)
         verdict = ("fits" if not over and not broken else "; ".join(
             [*([FLOAT_BREAKS if not compression.active else
                 "compression alone breaks the accuracy budget"] if compression_breaks else
@@ -288,9 +295,10 @@ def choose_strength(job) -> None:
                          "max_latency_ms": settings.max_latency_ms},
               "accuracy_budget": str(job.budget),
               "accuracy_metrics": [c.metric for c in job.budget.clauses],
+              **({"left_to_validation": unjudged} if unjudged else {}),
               "ladder": [describe(c) for c in rungs], "candidates": rows,
               "how": "each candidate compressed (and healed, if asked) from the loaded model, "
-                     "exported and made full int8 (the sensitivity search only where full "
+                     f"exported and made {plain} (the sensitivity search only where full "
                      "int8 broke the accuracy budget and the float graph did not); size of "
                      "the model file; latency batch-1 p50 on calibration utterances, best of "
                      f"3 rounds; accuracy against the original float model on "
@@ -328,7 +336,7 @@ def _unreachable(record: dict, rows: list[dict], job, *, stopped: bool) -> str:
         return (f"Size / latency budget {record['budget']} cannot be met within the accuracy "
                 f"budget {record['accuracy_budget']}: the float model itself breaks the "
                 f"accuracy budget, before any compression or int8 (float "
-                f"{_metrics_text(r['float_metrics'], job.budget)}; full int8 "
+                f"{_metrics_text(r['float_metrics'], job.budget)}; {r['quantized']} "
                 f"{_metrics_text(r['metrics'], job.budget)}), so no strength can meet it. "
                 f"Loosen the accuracy budget. No bundle written.")
     why = (f"stopped at '{rows[-1]['strength']}', whose compression alone breaks the accuracy "
@@ -361,4 +369,8 @@ def strength_lines(record: dict | None) -> list[str]:
                      f"{megabytes(r['model_bytes'], limits.get('max_model_mb'))} | "
                      f"{milliseconds(r['latency_ms_p50'], limits.get('max_latency_ms'))} | "
                      f"{accuracy} | {r['quantized']} | {r['verdict']} |")
-    return lines + [""]
+    lines.append("")
+    if record.get("left_to_validation"):
+        lines += [*(f"Left to validation: {note}." for note in record["left_to_validation"]),
+                  ""]
+    return lines

@@ -723,8 +723,11 @@ def fake_sensitivity_job(tmp_path, monkeypatch, model, target, *, hurts="", budg
     class Fake:
         texts, against = ["t"], "the float graph"
 
-        def __init__(self, *args, **kwargs):
-            pass
+        def __init__(self, job, *args, **kwargs):
+            self.job = job
+
+        def search_budget(self):   # no absolute clause here: the budget as it is
+            return self.job.budget, []
 
         def score(self, m):
             inits = {i.name: i.data_type for i in m.graph.initializer}

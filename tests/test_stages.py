@@ -170,9 +170,14 @@ def test_an_export_bundles_the_external_data_of_its_stages(eval_texts, tmp_path,
         calibration=eval_texts[:48], evaluation=eval_texts[48:96])
     _external_stages(path)
     # the export ran the stages against its single graph: equal
-    partition = json.loads((path / "report.json").read_text())["partition"]
-    assert partition["max_abs_diff_vs_single_graph"] == 0.0
+    report = json.loads((path / "report.json").read_text())
+    assert report["partition"]["max_abs_diff_vs_single_graph"] == 0.0
     assert runtime.load(path).embed(eval_texts[:20], batch_size=16).shape == (20, 384)
+    # the size reported (and held to max_model_mb) is the stage files', weights included,
+    # not the single graph's they were cut from
+    manifest = json.loads((path / "manifest.json").read_text())
+    shipped = sum(f["bytes"] for f in manifest["files"] if f["path"].startswith("stage"))
+    assert report["validation"]["size_bytes"]["bundle_model"] == shipped
 
 
 def test_a_failing_feed_reaches_the_caller_instead_of_hanging(minilm_bundle, tmp_path):

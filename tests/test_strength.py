@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -153,17 +154,37 @@ def test_impossible_size_budget_is_refused_with_the_best_reached(tmp_path, texts
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_a_size_budget_below_the_word_embeddings_is_refused_before_any_rung(tmp_path, texts):
+@pytest.mark.parametrize("precision, limit, floor", [("int8", 5, "11.8 MB the word embeddings "
+                                                     "alone take (30522 x 384, int8 rows)"),
+                                                    ("fp16", 20, "23.4 MB the word embeddings "
+                                                     "alone take (30522 x 384, float16 at "
+                                                     "least)")])
+def test_a_size_budget_below_the_word_embeddings_is_refused_before_any_rung(
+        tmp_path, texts, precision, limit, floor):
     """No rung removes a row of the word embeddings (MiniLM: 30522 x 384, 11.8 MB as int8
-    rows): max_model_mb 5 built all the rungs it could, minutes, to say "too large"."""
+    rows): max_model_mb 5 built all the rungs it could, minutes, to say "too large". With
+    --precision fp16 the table ships float16 (23.4 MB), but the floor took it as int8 rows:
+    max_model_mb 20 built all 9 rungs, each "too large", and exited 3."""
     calibration, evaluation = texts
     lines: list[str] = []
-    with pytest.raises(ValueError, match=r"max_model_mb 5 is below the 11.8 MB the word "
-                                         r"embeddings alone take \(30522 x 384, int8 rows\)"):
+    with pytest.raises(ValueError, match=re.escape(f"max_model_mb {limit} is below the {floor}")):
         export("minilm", target="arm-cpu", output=tmp_path / "tiny", calibration=calibration,
-               evaluation=evaluation, max_model_mb=5, log=lines.append)
+               evaluation=evaluation, precision=precision, max_model_mb=limit,
+               log=lines.append)
     assert not any(line.startswith("  [") for line in lines)   # no rung was built
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_budget_from_the_profile_is_named_where_it_is_refused(tmp_path):
+    """A board profile with [validation] max_model_mb refused --drop-layers and every decoder
+    with "leave the budget unset", which no flag had set."""
+    (tmp_path / "board.toml").write_text('extends = "arm-cpu"\n[validation]\nmax_model_mb = 22\n')
+    for kwargs in ({"model": "smollm2"}, {"compression": Compression(drop_layers=1)}):
+        with pytest.raises(ValueError, match=r"leave out the size / latency budget "
+                                             r"\(max_model_mb 22, from the profile 'board''s "
+                                             r"\[validation\]; use a profile without it\)"):
+            export(**{"model": "minilm", **kwargs}, target=str(tmp_path / "board.toml"),
+                   output=tmp_path / "out", log=lambda line: None)
 
 
 def test_a_latency_budget_below_onnxruntimes_own_overhead_is_refused_before_any_rung(
@@ -223,8 +244,11 @@ def _stand_in_search(tmp_path, monkeypatch, *, model_bytes: int, scores, budget:
             path.write_bytes(b"\0" * model_bytes)
 
     class Scorer:
-        def __init__(self, *args, **kwargs):
-            pass
+        def __init__(self, job, *args, **kwargs):
+            self.job = job
+
+        def search_budget(self):   # no absolute clause here: the budget as it is
+            return self.job.budget, []
 
         def score(self, path):
             return scores(path)
