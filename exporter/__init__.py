@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,7 +23,13 @@ from targets import CHOICES, Target, load_target, positive_number
 
 from .budget import Budget, BudgetError
 from .compress import Compression
-from .data import Utterance, check_characters, read_texts, smart_home_utterances
+from .data import (
+    Utterance,
+    check_characters,
+    read_texts,
+    smart_home_utterances,
+    unlabelled_text,
+)
 from .report import (
     check_archive_replaceable,
     check_not_in_bundle,
@@ -39,7 +46,8 @@ MIN_TEXTS = 32
 
 
 def data_warnings(task: str, profile: Target, calibration: list[Utterance],
-                  evaluation: list[Utterance]) -> list[str]:
+                  evaluation: list[Utterance],
+                  compression: Compression | None = None) -> list[str]:
     """What about the calibration and evaluation texts weakens the export's claims."""
     lines = []
     if task != "text-generation":   # (decoders weigh windows of tokens, not texts)
@@ -59,7 +67,8 @@ def data_warnings(task: str, profile: Target, calibration: list[Utterance],
     if repeated and task != "text-generation":
         lines.append(f"{repeated} calibration texts repeat an earlier one; each weighs again "
                      f"in the int8 ranges, as if the device saw it that much more often.")
-    overlap = also_calibration(calibration, evaluation)
+    overlap = also_calibration(fitted_calibration(task, profile, compression, calibration),
+                               evaluation)
     if overlap:
         lines.append(f"{overlap} evaluation texts are also calibration texts; the "
                      f"accuracy figures are optimistic for those (the report says so).")
@@ -72,20 +81,46 @@ def also_calibration(calibration: list[Utterance], evaluation: list[Utterance]) 
     return sum(u.text in seen for u in evaluation)
 
 
-def check_held_out(task: str, precision: str, calibration: list[Utterance],
-                   evaluation: list[Utterance], compression: Compression | None) -> None:
-    """ValueError, before any work, where every evaluation text is a calibration text and the
-    calibration text is used (an encoder's int8 ranges; compression's choices): the budget
-    would be checked on the very texts the bundle was fit to, which says nothing of text
-    the device sees (one file for both held its budget at cosine 0.998; 300 unseen texts
-    then gave 0.83)."""
-    used = (task != "text-generation" and precision == "int8") or (
-        compression is not None and compression.active)
-    if used and also_calibration(calibration, evaluation) == len(evaluation):
+def fitted_calibration(task: str, profile: Target, compression: Compression | None,
+                       calibration: list[Utterance]) -> list[Utterance]:
+    """The calibration texts the export fits the bundle to: an encoder's int8 ranges and
+    SmoothQuant scales (`quantization.calibration_samples`) and the sensitivity search's
+    choices (`sensitivity_samples`); where it compresses (`compression`, or a size / latency
+    budget that picks one), the ranking, the strength search and healing (heal.py's
+    ENCODER_BATCHES; a decoder's windows of the whole text). Each stage reads a prefix of the
+    set (shuffled where longer than calibration_samples), so a text past the longest prefix
+    is never read: an evaluation text found only there is still held out."""
+    from .heal import ENCODER_BATCHES
+
+    compresses = (compression is not None and compression.active) or \
+        profile.validation.max_model_mb is not None or \
+        profile.validation.max_latency_ms is not None
+    if task == "text-generation":
+        return list(calibration) if compresses else []
+    settings, counts = profile.quantization, []
+    if profile.precision == "int8":
+        counts += [settings.calibration_samples, settings.sensitivity_samples]
+    if compresses:
+        counts += [settings.calibration_samples, ENCODER_BATCHES["score"][0],
+                   ENCODER_BATCHES["heal"][0]]
+    return calibration[:max(counts, default=0)]
+
+
+def check_held_out(task: str, profile: Target, calibration: list[Utterance],
+                   evaluation: list[Utterance], compression: Compression | None) -> int:
+    """ValueError, before any work, where every evaluation text is a calibration text the
+    export fits the bundle to (`fitted_calibration`): the budget would be checked on the
+    very texts the bundle was fit to, which says nothing of text the device sees (one file
+    for both held its budget at cosine 0.998; 300 unseen texts then gave 0.83). Returns how
+    many evaluation texts are such texts (the report calls their figures optimistic)."""
+    overlap = also_calibration(fitted_calibration(task, profile, compression, calibration),
+                               evaluation)
+    if overlap and overlap == len(evaluation):
         raise ValueError("Every evaluation text is also a calibration text: the accuracy "
                          "budget would be checked on the texts the bundle was fit to. Give "
                          "--eval texts kept out of --calibration (or leave --eval out for "
                          "the default held-out set).")
+    return overlap
 
 
 def _texts(source, *, default_split: str, count: int, what: str) -> list[Utterance]:
@@ -306,14 +341,20 @@ def _limits(profile: Target, *, max_model_mb, max_latency_ms, task: str,
     v = profile.validation
     if v.max_model_mb is None and v.max_latency_ms is None:
         return profile
+    given = [f"{k} {getattr(v, k):g}" for k in ("max_model_mb", "max_latency_ms")
+             if getattr(v, k) is not None]
+    source = (f"the size / latency budget ({', '.join(given)}"
+              + ("" if limits else f", from the profile {profile.name!r}'s [validation]; use "
+                                   f"a profile without it") + ")")
     if task == "text-generation":
-        raise ValueError("A size / latency budget (max_model_mb, max_latency_ms) picks the "
-                         "compression of encoders only; for decoders choose it yourself "
-                         "(--drop-layers, --prune-ffn) and leave the budget unset.")
+        raise ValueError(f"A size / latency budget picks the compression of encoders only; "
+                         f"for decoders choose it yourself (--drop-layers, --prune-ffn) and "
+                         f"leave out {source}.")
     if compression is not None and compression.active:
-        raise ValueError("A size / latency budget picks the compression strength itself; "
-                         "leave out --drop-layers, --prune-heads, --prune-ffn, --sparsity and "
-                         "--share-layers (--heal-steps is kept: every candidate is healed).")
+        raise ValueError(f"A size / latency budget picks the compression strength itself: "
+                         f"leave out --drop-layers, --prune-heads, --prune-ffn, --sparsity and "
+                         f"--share-layers (--heal-steps is kept: every candidate is healed), "
+                         f"or leave out {source}.")
     return profile
 
 
@@ -386,6 +427,10 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
         >>> export("minilm", target="x86-server", accuracy_budget="cosine>=0.98")
         PosixPath('build/minilm-x86-server')
     """
+    started = time.perf_counter()   # the report's export_seconds count from here
+    from runtime.model import kernel_library
+
+    kernel_library()   # a bad EDGE_Q4_ISA is refused before any work, not 30 s in
     from . import pipeline
     from .gguf import PACKAGED_GGUF, is_gguf_path
     from .load import TASKS, check_single_label, infer_task, packaged_names, resolve_model_dir
@@ -487,17 +532,18 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
         calibration_set = _shuffled(calibration_set, profile.quantization.calibration_samples)
     evaluation_set = _texts(evaluation, default_split="eval", what="evaluation",
                             count=profile.validation.eval_samples)
-    budget.check_measurable(task, labelled=all(u.intent is not None for u in evaluation_set))
-    check_held_out(task, profile.precision, calibration_set, evaluation_set, compression)
+    budget.check_measurable(task, labelled=all(u.intent is not None for u in evaluation_set),
+                            unlabelled=unlabelled_text(evaluation_set))
+    overlap = check_held_out(task, profile, calibration_set, evaluation_set, compression)
     made = [p for p in output.absolute().parents if not p.exists()]   # deepest first
     job = pipeline.new_job(model, target=profile, task=task, output=output,
                            calibration=calibration_set, evaluation=evaluation_set,
                            budget=budget, compression=compression, log=log)
+    job.started = started
     earlier = _identity(rejected)   # an earlier attempt's rejection report, if any
     try:   # from here on, however the export ends, its work directory goes
         job.requantize = requantize
         job.archive = archive
-        overlap = also_calibration(calibration_set, evaluation_set)
         if overlap:
             job.records["eval_texts_in_calibration"] = overlap
         for key, given, count in (("eval_source", evaluation, len(evaluation_set)),
@@ -520,7 +566,7 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
             job.log(f"warning: --model {model!r} is the packaged model, not the "
                     f"{'directory' if Path(model).is_dir() else 'file'} {model!r} here; "
                     f"pass './{model}' to export that instead.")
-        for line in data_warnings(task, profile, calibration_set, evaluation_set):
+        for line in data_warnings(task, profile, calibration_set, evaluation_set, compression):
             job.log(f"warning: {line}")
         if task == "text-generation" and calibration is not None \
                 and not (compression is not None and compression.active):

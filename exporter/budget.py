@@ -131,16 +131,18 @@ class Budget:
             clauses.append(Clause(metric, op, float(value)))
         return cls(tuple(clauses))
 
-    def check_measurable(self, task: str, *, labelled: bool) -> None:
-        """ValueError, before any export work, for a clause this export will not measure."""
+    def check_measurable(self, task: str, *, labelled: bool, unlabelled: str = "") -> None:
+        """ValueError, before any export work, for a clause this export will not measure
+        (`unlabelled`: which evaluation texts lack a label, in words)."""
         for c in self.clauses:
             if c.metric not in TASK_METRICS[task]:
                 raise ValueError(f"Accuracy budget clause '{c}' cannot be checked: a {task} "
                                  f"export measures {', '.join(TASK_METRICS[task])}.")
             if c.metric in LABELLED_METRICS and not labelled:
                 raise ValueError(f"Accuracy budget clause '{c}' needs labelled evaluation "
-                                 f"text: give --eval a .jsonl whose every line has a \"label\", "
-                                 f"or budget on agreement instead.")
+                                 f"text{f', and {unlabelled}' if unlabelled else ''}. Give "
+                                 f"--eval a .jsonl whose every line has a \"label\", or "
+                                 f"budget on agreement instead.")
 
     def check(self, metrics: dict[str, float]) -> list[str]:
         """One line per broken clause, saying by how much; empty when the budget holds."""

@@ -75,6 +75,8 @@ class Job:
     stages: list = field(default_factory=list)    # pipeline stages (manifest "stages")
     records: dict = field(default_factory=dict)   # per-stage facts for manifest and report
     timings: dict = field(default_factory=dict)   # seconds per stage
+    started: float = field(default_factory=time.perf_counter)   # export() sets its own
+    stage: tuple[str, float] | None = None   # the stage under way, and when it began
 
 
 # The pipeline.
@@ -116,12 +118,13 @@ def stages_for(task: str | None) -> tuple:
 def run(job: Job) -> Path:
     """Run every stage on `job`; returns the bundle directory."""
     for stage in stages_for(job.task):
-        started = time.perf_counter()
+        job.stage = (stage.__name__, time.perf_counter())
         job.log(f"[{stage.__name__}]")
         stage(job)
-        job.timings[stage.__name__] = round(time.perf_counter() - started, 2)
+        job.timings[stage.__name__] = round(time.perf_counter() - job.stage[1], 2)
+        job.stage = None
     longest = sorted(job.timings.items(), key=lambda item: -item[1])[:3]
-    job.log(f"  {sum(job.timings.values()):.0f} s in all; longest: "
+    job.log(f"  {time.perf_counter() - job.started:.0f} s in all; longest: "
             + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in longest)
             + " (every stage's time: report.json, stage_seconds)")
     return job.output

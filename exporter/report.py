@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,8 +35,26 @@ def metric_label(name: str) -> str:
 
 
 def report_data(job) -> dict:
+    """What report.json holds. `stage_seconds` has each finished stage's time and the time so
+    far of the one under way (the bundle stage, which writes the report; the stage a
+    rejection stops in); `export_seconds` is the wall time from export() to this report,
+    imports and reading the texts included."""
+    now = time.perf_counter()
+    seconds = dict(job.timings)
+    if job.stage is not None:
+        seconds[job.stage[0]] = round(now - job.stage[1], 2)
     return {"name": job.output.name, "task": job.task, "target": job.target.name,
-            "budget": str(job.budget), **job.records, "stage_seconds": job.timings}
+            "budget": str(job.budget), **job.records, "stage_seconds": seconds,
+            "export_seconds": round(now - job.started, 2)}
+
+
+def stage_time_lines(data: dict) -> list[str]:
+    if not data.get("stage_seconds"):
+        return []
+    total = (f"; {data['export_seconds']:.0f} s from the start of the export to this report"
+             if "export_seconds" in data else "")
+    return ["## Stage times (s)", "",
+            ", ".join(f"{k} {s}" for k, s in data["stage_seconds"].items()) + total, ""]
 
 
 def accuracy_holds(v: dict) -> bool:
@@ -71,6 +90,7 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
             *(f"| {metric_label(k)} | {shown(val, budget.bounds(k), 5)} |"
               for k, val in m.items()),
             *(f"| cosine p{p} | {val:.5f} |" for p, val in v["cosine_percentiles"].items()),
+            *(["", f"No accuracy: {v['unlabelled']}."] if v.get("unlabelled") else []),
             "", "Lowest-cosine texts:", "",
             *(f"- {w['cosine']:.4f}: {w['text']!r}"
               + (f" (the first {len(w['text']) - 1} of {w['chars']} characters)"
@@ -132,7 +152,7 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
     s = data.get("sensitivity", {})
     if s.get("applied"):
         search = s["search"]
-        kept = [st["float_group"] for st in search["steps"][1:]]
+        kept = kept_groups(search)
         budget = parsed_budget(data)
         lines += [f"## Sensitivity ({s['data']}; harm = {s['harm']})", "",
                   "| group | kind | nodes | harm | min cosine |", "|---|---|---|---|---|",
@@ -146,13 +166,14 @@ def render_markdown(data: dict, *, plot: str | None = None) -> str:
                       f"{shown(st['metrics']['min-cosine'], budget.bounds('min-cosine'), 5)}"
                       f"{' (holds)' if st['holds'] else ''}" for st in search["steps"])
                   + (f"; skipped for size: {', '.join(search['skipped_for_size'])}"
-                     if search["skipped_for_size"] else "") + ".", ""]
+                     if search["skipped_for_size"] else "") + ".", "",
+                  *(f"Left to validation: {note}." for note in
+                    search.get("left_to_validation", [])),
+                  *([""] if search.get("left_to_validation") else [])]
     lines += strength_lines(data.get("strength"))
     lines += compression_lines(data.get("compression"))
     lines += partition_lines(data.get("partition"))
-    if data.get("stage_seconds"):
-        lines += ["## Stage times (s)", "",
-                  ", ".join(f"{k} {s}" for k, s in data["stage_seconds"].items()), ""]
+    lines += stage_time_lines(data)
     return "\n".join(lines)
 
 
@@ -200,9 +221,7 @@ def render_decoder_markdown(data: dict) -> str:
             f"Peak RSS: {rss['what']}. The exporter itself peaked at {rss['exporter']} MB.",
             *original_size_lines(size), ""]
     lines += compression_lines(data.get("compression"))
-    if data.get("stage_seconds"):
-        lines += ["## Stage times (s)", "",
-                  ", ".join(f"{k} {s}" for k, s in data["stage_seconds"].items()), ""]
+    lines += stage_time_lines(data)
     return "\n".join(lines)
 
 
@@ -227,14 +246,23 @@ def write_report_files(data: dict, directory: Path) -> list[Path]:
     return files + ([plot] if drawn else [])
 
 
+def kept_groups(search: dict) -> list[str]:
+    """The groups the budget search gave back to float in the graph it chose: the steps up
+    to `best_step` (a rejected search's best step reached may come before its last)."""
+    steps = search["steps"]
+    return [step["float_group"] for step in steps[1:search.get("best_step", len(steps) - 1) + 1]]
+
+
 def plot_report(data: dict, path: Path) -> bool:
     """Draw report.png for an encoder export: the histogram of each held-out text's cosine
     to the float model, with the budget's thresholds, and, when the sensitivity search ran,
-    the harm of quantizing each node group (log scale), the groups kept in float marked.
-    False (nothing drawn) for decoders, or without matplotlib."""
+    the harm of quantizing each node group (log scale), the groups kept in float marked (a
+    report rejected in the search, before validation, has that panel alone). False (nothing
+    drawn) for decoders, with neither, or without matplotlib."""
     v, s = data.get("validation", {}), data.get("sensitivity", {})
     histogram = v.get("cosine_histogram")
-    if data.get("task") == "text-generation" or not histogram:
+    groups = s.get("groups", []) if s.get("applied") else []
+    if data.get("task") == "text-generation" or not (histogram or groups):
         return False
     try:
         import matplotlib
@@ -243,29 +271,31 @@ def plot_report(data: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = s.get("groups", []) if s.get("applied") else []
     height = max(4.5, 0.16 * len(groups) + 1.2)   # one readable row per group
-    fig, axes = plt.subplots(1, 2 if groups else 1, figsize=(12 if groups else 6.5, height),
+    panels = bool(histogram) + bool(groups)
+    fig, axes = plt.subplots(1, panels, figsize=(12 if panels == 2 else 6.5, height),
                              squeeze=False)
-    ax = axes[0][0]
-    edges, counts = histogram["edges"], histogram["counts"]
-    ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.7)
-    budget = parsed_budget(data)
-    for key, style, label in (("cosine", "-", "mean"), ("min-cosine", "--", "min")):
-        ax.axvline(v["metrics"][key], color="black", ls=style, lw=1,
-                   label=f"{label} {shown(v['metrics'][key], budget.bounds(key), 4)}")
-    for clause in data.get("budget", "").split(","):
-        name, _, bound = clause.partition(">=")
-        if name.strip() in ("cosine", "min-cosine") and bound:
-            ax.axvline(float(bound), color="tab:red", ls=":", lw=1.2,
-                       label=f"budget {name.strip()} >= {bound}")
-    ax.set_xlabel("cosine of bundle to float output, per text")
-    ax.set_ylabel("texts")
-    ax.set_title(f"{eval_texts_text(v)} ({v['eval_data']})", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    axes = list(axes[0])
+    if histogram:
+        ax = axes.pop(0)
+        edges, counts = histogram["edges"], histogram["counts"]
+        ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.7)
+        budget = parsed_budget(data)
+        for key, style, label in (("cosine", "-", "mean"), ("min-cosine", "--", "min")):
+            ax.axvline(v["metrics"][key], color="black", ls=style, lw=1,
+                       label=f"{label} {shown(v['metrics'][key], budget.bounds(key), 4)}")
+        for clause in data.get("budget", "").split(","):
+            name, _, bound = clause.partition(">=")
+            if name.strip() in ("cosine", "min-cosine") and bound:
+                ax.axvline(float(bound), color="tab:red", ls=":", lw=1.2,
+                           label=f"budget {name.strip()} >= {bound}")
+        ax.set_xlabel("cosine of bundle to float output, per text")
+        ax.set_ylabel("texts")
+        ax.set_title(f"{eval_texts_text(v)} ({v['eval_data']})", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
     if groups:
-        kept = {step["float_group"] for step in s["search"]["steps"][1:]}
-        ax = axes[0][1]
+        kept = set(kept_groups(s["search"]))
+        ax = axes.pop(0)
         rows = groups[::-1]   # the most harmful on top
         colors = {"int8": "tab:blue", "float by design": "lightgray"}
         ax.barh([g["group"] for g in rows], [max(g["harm"], 1e-9) for g in rows],

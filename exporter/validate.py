@@ -291,23 +291,29 @@ def validate(job) -> None:
         **({"eval_texts_in_calibration": job.records["eval_texts_in_calibration"]}
            if "eval_texts_in_calibration" in job.records else {}),
         "metrics": metrics,
+        **({"unlabelled": unlabelled_text(job.evaluation)}
+           if job.task == "text-classification" and "accuracy" not in metrics else {}),
         "cosine_percentiles": {p: round(float(np.percentile(cos, p)), 5) for p in (1, 5, 50)},
         "cosine_histogram": cosine_histogram(cos),
         "worst_texts": [{**excerpt(texts[i]), "cosine": round(float(cos[i]), 5)}
                         for i in np.argsort(cos)[:5]],
         "truncation": truncation(job, texts, [i.name for i in float_session.get_inputs()]),
         "budget": str(job.budget),
-        "integer_products": integer_products(exact),
+        # an fp16-only bundle has none to describe
+        **({"integer_products": integer_products(exact)}
+           if job.target.precision == "int8" else {}),
         "latency_ms_batch1": {"float_onnx": float_latency, "bundle": quant_latency,
                               "ratio_p50": round(quant_latency["p50"] / float_latency["p50"], 3),
                               "rounds": rounds, "round_seconds": ROUND_SECONDS,
                               "timed_on": timed_on(job.target)},
         "size_bytes": size,
         "peak_rss_mb": {
-            "float_onnx": peak_rss_mb(job.float_onnx, threads=threads, batch=batch,
-                                      seq=job.max_length),
-            "bundle": peak_rss_mb(job.quantized_onnx, threads=threads, batch=batch,
-                                  seq=job.max_length),
+            # on the device's threads: each holds its own buffers (a process of its own, so
+            # no contention with this one to avoid)
+            "float_onnx": peak_rss_mb(job.float_onnx, threads=job.target.runtime.threads,
+                                      batch=batch, seq=job.max_length),
+            "bundle": peak_rss_mb(job.quantized_onnx, threads=job.target.runtime.threads,
+                                  batch=batch, seq=job.max_length),
             "what": f"new process: load the graph, run a batch of {batch} x {job.max_length} "
                     f"tokens (runtime.batch_size x max_sequence_length)",
             "exporter": round(kib_to_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), 1),
@@ -330,7 +336,8 @@ def validate(job) -> None:
                 + (f"; accuracy {100 * metrics['accuracy']:.2f}% (float "
                    f"{100 * metrics['float-accuracy']:.2f}%), macro-F1 "
                    f"{100 * metrics['macro-f1']:.2f} (float {100 * metrics['float-macro-f1']:.2f})"
-                   if "accuracy" in metrics else "; no labels, so no accuracy"))
+                   if "accuracy" in metrics else
+                   f"; no accuracy: {record.get('unlabelled', 'no labels')}"))
     job.log(f"  cosine to PyTorch float: mean {metrics['cosine']:.4f}, min "
             f"{metrics['min-cosine']:.4f} on {len(texts)} texts; latency p50 "
             f"{quant_latency['p50']:.2f} ms vs float {float_latency['p50']:.2f} ms"

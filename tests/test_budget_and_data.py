@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -276,19 +278,55 @@ def test_few_or_shared_texts_are_warned_about():
 def test_evaluation_texts_that_are_all_calibration_texts_are_refused():
     """One file for both held the default budget at cosine 0.998, exit 0, reported as
     "held-out"; on 300 unseen texts that bundle gave cosine 0.83."""
+    import dataclasses
+
     from exporter import check_held_out
     from exporter.compress import Compression
     from exporter.data import Utterance
+    from targets import load_target
 
+    int8 = load_target("arm-cpu")
+    fp16 = dataclasses.replace(int8, precision="fp16")
     many = smart_home_utterances(40, split="calibration")
     with pytest.raises(ValueError, match="Every evaluation text is also a calibration text"):
-        check_held_out("feature-extraction", "int8", many, many[:10], None)
-    check_held_out("feature-extraction", "int8", many, many[:10] + [Utterance("unseen")], None)
-    check_held_out("feature-extraction", "fp16", many, many, None)   # no int8 ranges: unread
-    check_held_out("text-generation", "int4", many, many, None)   # nothing to compress
-    for task, precision in (("text-generation", "int4"), ("feature-extraction", "fp16")):
+        check_held_out("feature-extraction", int8, many, many[:10], None)
+    assert check_held_out("feature-extraction", int8, many,
+                          many[:10] + [Utterance("unseen")], None) == 10
+    assert check_held_out("feature-extraction", fp16, many, many, None) == 0   # unread
+    assert check_held_out("text-generation", int8, many, many, None) == 0   # nothing to fit
+    for task in ("text-generation", "feature-extraction"):
         with pytest.raises(ValueError, match="Every evaluation text"):   # ranked on it
-            check_held_out(task, precision, many, many, Compression(drop_layers=1))
+            check_held_out(task, fp16, many, many, Compression(drop_layers=1))
+        limited = dataclasses.replace(fp16, validation=dataclasses.replace(
+            fp16.validation, max_model_mb=20.0))   # the strength search compresses on it
+        with pytest.raises(ValueError, match="Every evaluation text"):
+            check_held_out(task, limited, many, many, None)
+
+
+def test_evaluation_texts_past_what_calibration_reads_are_held_out():
+    """Calibration reads the first calibration_samples texts of a longer (shuffled) set:
+    40 evaluation texts from the unread tail of a 3,000-line file were refused as "all
+    calibration texts", and among other texts reported as "optimistic". Healing reads the
+    first 2,000, so with compression they are calibration texts again."""
+    from exporter import check_held_out, data_warnings
+    from exporter.compress import Compression
+    from targets import load_target
+
+    profile = load_target("arm-cpu")
+    many = smart_home_utterances(3000, split="calibration")
+    tail = many[profile.quantization.calibration_samples:][:40]
+    assert check_held_out("feature-extraction", profile, many, tail, None) == 0
+    assert not any("also calibration" in line for line in
+                   data_warnings("feature-extraction", profile, many, tail))
+    with pytest.raises(ValueError, match="Every evaluation text"):
+        check_held_out("feature-extraction", profile, many, tail, Compression(drop_layers=1))
+    (line,) = [line for line in data_warnings("feature-extraction", profile, many, tail,
+                                              Compression(drop_layers=1))
+               if "also calibration" in line]
+    assert line.startswith("40 evaluation texts are also calibration texts")
+    unread = many[2000:2040]   # past healing's 2,000 too
+    assert check_held_out("feature-extraction", profile, many, unread,
+                          Compression(drop_layers=1)) == 0
 
 
 def test_the_report_says_which_evaluation_texts_were_calibration_texts():
@@ -356,7 +394,7 @@ def stubbed_validation(tmp_path, monkeypatch, target, *, latency_ms: float = 1.0
         target=target, evaluation=[Utterance("turn on the lights")], float_onnx=path,
         quantized_onnx=path, task="feature-extraction", max_length=16, records={},
         budget=Budget.parse("cosine>=0.9"), log=lambda line: None, output=tmp_path / "out",
-        timings={})
+        timings={}, started=time.perf_counter(), stage=("validate", time.perf_counter()))
 
 
 def test_peak_memory_is_measured_at_the_profiles_batch(tmp_path, monkeypatch):

@@ -43,6 +43,7 @@ def test_an_export_ends_by_saying_where_its_time_went(monkeypatch):
     import types
 
     from exporter import pipeline
+    from exporter.report import report_data
 
     clock = [0.0]
     monkeypatch.setattr(pipeline.time, "perf_counter", lambda: clock[0])
@@ -53,16 +54,64 @@ def test_an_export_ends_by_saying_where_its_time_went(monkeypatch):
         run.__name__ = name
         return run
 
+    reported = []
+
+    def bundle(job):   # writes the report midway, as the bundle stage does
+        clock[0] += 0.3
+        reported.append(report_data(job))
+        clock[0] += 0.1
+
     stages = (stage("load", 3.2), stage("quantize", 8.3), stage("sensitivity", 25.6),
-              stage("validate", 6.8), stage("bundle", 0.4))
+              stage("validate", 6.8), bundle)
     monkeypatch.setattr(pipeline, "stages_for", lambda task: stages)
     lines: list[str] = []
-    job = types.SimpleNamespace(task=None, log=lines.append, timings={}, output="out")
-    assert pipeline.run(job) == "out"
+    job = types.SimpleNamespace(task=None, log=lines.append, timings={}, output=Path("out"),
+                                started=-2.0, stage=None, target=types.SimpleNamespace(name="t"),
+                                budget="cosine>=0.9", records={})
+    assert pipeline.run(job) == Path("out")
     assert job.timings == {"load": 3.2, "quantize": 8.3, "sensitivity": 25.6,
                            "validate": 6.8, "bundle": 0.4}
-    assert lines[-1] == ("  44 s in all; longest: sensitivity 26 s, quantize 8 s, validate "
+    # the wall time from export() on (2 s of it before the first stage), not the stages' sum
+    assert lines[-1] == ("  46 s in all; longest: sensitivity 26 s, quantize 8 s, validate "
                          "7 s (every stage's time: report.json, stage_seconds)")
+    # report.json had no bundle entry (written inside it) and no total
+    (data,) = reported
+    assert data["stage_seconds"] == {**job.timings, "bundle": 0.3}
+    assert data["export_seconds"] == 46.2
+
+
+def test_a_rejection_report_times_the_stage_it_stopped_in(monkeypatch):
+    """A budget broken in the sensitivity search wrote a report whose stage times stopped
+    at quantize: 56 of an export's 155 s, the failing stage's 90 s missing."""
+    import types
+
+    from exporter import pipeline
+    from exporter.budget import BudgetError
+    from exporter.report import report_data, stage_time_lines
+
+    clock = [0.0]
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: clock[0])
+    reported = []
+
+    def quantize(job):
+        clock[0] += 10
+
+    def sensitivity(job):
+        clock[0] += 90
+        reported.append(report_data(job))
+        raise BudgetError("broken")
+
+    monkeypatch.setattr(pipeline, "stages_for", lambda task: (quantize, sensitivity))
+    job = types.SimpleNamespace(task=None, log=lambda line: None, timings={}, started=0.0,
+                                stage=None, output=Path("out"), budget="cosine>=0.9",
+                                target=types.SimpleNamespace(name="t"), records={})
+    with pytest.raises(BudgetError):
+        pipeline.run(job)
+    (data,) = reported
+    assert data["stage_seconds"] == {"quantize": 10, "sensitivity": 90}
+    assert data["export_seconds"] == 100
+    assert "quantize 10.0, sensitivity 90.0; 100 s from the start of the export to this report" \
+        in "\n".join(stage_time_lines(data))
 
 
 
@@ -238,6 +287,30 @@ def test_report_plots_what_reads_better_as_a_picture(minilm_bundle, tmp_path, mo
     assert [f.name for f in files] == ["report.json", "report.md"]
     assert "![" not in (tmp_path / "report.md").read_text()
     assert not (tmp_path / "report.png").exists()
+
+
+def test_a_report_rejected_before_validation_still_plots_the_sensitivity(minilm_bundle,
+                                                                         tmp_path):
+    """Rejected in the budget search, before validation: the report had no report.png,
+    though its record held every group's harm; and it marked every step's group "kept
+    float", where the search had chosen the best step reached, before the last."""
+    from exporter.report import kept_groups, write_report_files
+
+    data = json.loads((minilm_bundle / "report.json").read_text())
+    del data["validation"]
+    search = data["sensitivity"]["search"]
+    int8 = [g["group"] for g in data["sensitivity"]["groups"] if g["kind"] == "int8"]
+    full = search["steps"][0]
+    search["steps"] = [full, {**full, "float_group": int8[0]},
+                       {**full, "float_group": int8[1]}]
+    search["best_step"] = 1   # the second group made min-cosine worse: not kept
+    assert kept_groups(search) == [int8[0]]
+    files = write_report_files(data, tmp_path)
+    assert [f.name for f in files] == ["report.json", "report.md", "report.png"]
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (tmp_path / "report.md").read_text()
+    assert f"| {int8[0]} **(kept float)** |" in report
+    assert f"| {int8[1]} **(kept float)** |" not in report and f"| {int8[1]} |" in report
 
 
 @pytest.mark.parametrize("cosines", [

@@ -303,3 +303,19 @@ def test_an_unknown_isa_is_refused(monkeypatch, value, minilm_bundle):
     assert not isinstance(refused.value, runtime.BundleError)
     monkeypatch.setenv("EDGE_Q4_ISA", "scalar")
     assert _kernels.isa() == "scalar"
+
+
+def test_a_bad_isa_setting_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """EDGE_Q4_ISA=AVX512 (upper case): the exporter failed 30 s into a SmolLM2 export with a
+    traceback calling it our bug (exit 1), and `python -m runtime verify` with a traceback."""
+    from exporter.__main__ import main as export_main
+    from runtime.__main__ import main as runtime_main
+
+    pytest.importorskip("runtime._kernels")
+    monkeypatch.setenv("EDGE_Q4_ISA", "AVX512")
+    assert export_main(["--model", "smollm2", "--target", "arm-cpu",
+                        "--output", str(tmp_path / "out")]) == 2
+    assert runtime_main(["verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("EDGE_Q4_ISA='AVX512' names no path") == 2 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
