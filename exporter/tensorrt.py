@@ -5,9 +5,11 @@ DQ(x) -> op <- DQ(w) pattern into one int8 kernel. It only does so when the grap
 rules of its developer guide ("Working with Quantized Types": explicit quantization and Q/DQ
 layer-placement recommendations); otherwise the engine build fails or silently runs the op
 in float. `check(model)` tests those rules on any ONNX graph and names node and rule for every
-break; the stage first gives each DQ consumer its own DQ node (the one rewrite the rules need
-and the quantize stage does not do: it shares one Q/DQ pair between Q, K and V) and refuses
-to bundle a graph that still breaks a rule.
+break (one rule, `fusible-consumer`, is this exporter's own placement, stricter than
+TensorRT: it refuses Q/DQ around an Add that TensorRT would fuse); the stage first gives
+each DQ consumer its own DQ node (the one rewrite the rules need and the quantize stage does
+not do: it shares one Q/DQ pair between Q, K and V) and refuses to bundle a graph that still
+breaks a rule.
 
     >>> [str(v) for v in check(onnx.load("build/minilm-jetson/model.onnx"))]
     []
@@ -36,9 +38,11 @@ RULES: dict[str, str] = {
                         "axis with one scale per channel; activation scales are per tensor",
     "dedicated-dq": "each DequantizeLinear output feeds exactly one node (TensorRT fuses a "
                     "DQ into its consumer, so a shared DQ cannot fuse with all of them)",
-    "fusible-consumer": "a DequantizeLinear feeds only an op TensorRT runs in int8 "
-                        "(MatMul, Gemm, Conv, ConvTranspose); Q/DQ around anything else "
-                        "is left unfused and runs as extra float work",
+    "fusible-consumer": "a DequantizeLinear feeds only an int8 GEMM (MatMul, Gemm, Conv, "
+                        "ConvTranspose). This is the exporter's placement policy, not a "
+                        "TensorRT limit: TensorRT also fuses Q/DQ around element-wise ops "
+                        "and pooling, but this exporter quantizes only GEMMs, so a DQ "
+                        "anywhere else is one it did not mean to place",
     "q-then-dq": "a QuantizeLinear output feeds only DequantizeLinear nodes",
     "int8-only-in-qdq": "int8 constants feed only DequantizeLinear: TensorRT types int8 "
                         "tensors at Q/DQ boundaries only",
