@@ -410,8 +410,24 @@ def q4_offsets_function(opset: int = 21) -> onnx.FunctionProto:
                                bits=4, block_size=32, accuracy_level=0)
     product.attribute.extend([helper.make_attribute_ref("K", onnx.AttributeProto.INT),
                               helper.make_attribute_ref("N", onnx.AttributeProto.INT)])
+    def attribute(name):   # a scalar int64 Constant holding the node's attribute `name`
+        node = helper.make_node("Constant", [], [name.lower()])
+        node.attribute.append(onnx.AttributeProto(name="value_int", ref_attr_name=name,
+                                                  type=onnx.AttributeProto.INT))
+        return node
+
     body = [
-        helper.make_node("Cast", ["scales"], ["d"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["scales"], ["d_any"], to=TensorProto.FLOAT),
+        # d as [N, K/32]: Expand refuses a table of the right size and another shape (a
+        # transposed one flattened to the same length and gave garbage; the kernel refuses it)
+        attribute("N"), attribute("K"),
+        const("one", [1]),
+        helper.make_node("Reshape", ["n", "one"], ["n_row"]),
+        helper.make_node("Reshape", ["k", "one"], ["k_row"]),
+        const("per_block", [32]),
+        helper.make_node("Div", ["k_row", "per_block"], ["k_blocks"]),
+        helper.make_node("Concat", ["n_row", "k_blocks"], ["d_shape"], axis=0),
+        helper.make_node("Expand", ["d_any", "d_shape"], ["d"]),
         const("flat", [-1]),
         helper.make_node("Reshape", ["d", "flat"], ["d_flat"]),
         product,

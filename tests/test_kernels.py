@@ -243,8 +243,14 @@ def test_transposed_tables_and_no_rows(monkeypatch):
         assert _session(model, monkeypatch, isa).run(None, {"x": empty})[0].shape == (1, 0, n)
     for tables, message in (((d, o.T.copy()), "offsets are not K/32 x N"),
                             ((d.T.copy(), o), "scales are not N x K/32")):
+        transposed = _tables_model(codes, *tables, 64, n)
         with pytest.raises(Exception, match=f"MatMul4BitOffsets: {message}"):
-            _session(_tables_model(codes, *tables, 64, n), monkeypatch, PATHS[0]).run(
+            _session(transposed, monkeypatch, PATHS[0]).run(
+                None, {"x": np.ones((1, 1, 64), np.float32)})
+        # the function body (no kernels) refuses it too: the scales flattened to the right
+        # length and gave garbage
+        with pytest.raises(Exception, match="MatMul|Expand|broadcast"):
+            _session(transposed, monkeypatch, None).run(
                 None, {"x": np.ones((1, 1, 64), np.float32)})
 
 
