@@ -204,6 +204,9 @@ def _reduced_chat_template(tokenizer) -> dict | None:
     default_system = render(user)[:-len(user_part)]
     fmt = {"roles": roles, "default_system": default_system,
            "generation_prompt": generation_prompt}
+    if any(p.count("{content}") != 1 for p in (*roles.values(), system_only.replace(
+            mark, "{content}"))):   # the template's own text holds "{content}"
+        return None
     if roles["system"] != system_only.replace(mark, "{content}"):
         fmt["first_system"] = system_only.replace(mark, "{content}")
     samples = [[{"role": "user", "content": "Hi there"}],
@@ -222,7 +225,36 @@ def _reduced_chat_template(tokenizer) -> dict | None:
     for messages in samples:
         if render(messages, True) != render_chat(fmt, messages):  # the runtime's reading
             return None
+    other = _any_role(render, base, mark)
+    if other is not None:   # kept only where it writes roles as the template does
+        with_other = {**fmt, "any_role": other}
+        tools = [[{"role": "tool", "content": "T"}],
+                 [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                  {"role": "assistant", "content": "A"}, {"role": "tool", "content": " {x}\n"},
+                  {"role": "ipython", "content": "I"}, {"role": "user", "content": "V"}]]
+        try:
+            if all(render(m, True) == render_chat(with_other, m) for m in tools):
+                fmt = with_other
+        except TemplateError:
+            pass
     return fmt
+
+
+def _any_role(render, base: str, mark: str) -> str | None:
+    """The pattern a template writes a message of any other role with (a tool's result, say:
+    SmolLM2's writes '<|im_start|>' + role + ...), `{role}` and `{content}` in it; None
+    where it writes no such role, refuses one, or writes the role name other than once."""
+    from jinja2 import TemplateError
+
+    role = "\x00ROLE\x00"
+    try:
+        full = render([{"role": "system", "content": "S"}, {"role": role, "content": mark}])
+    except TemplateError:
+        return None
+    part = full[len(base):] if full.startswith(base) else ""
+    if part.count(mark) != 1 or part.count(role) != 1 or "{" in part:
+        return None
+    return part.replace(role, "{role}").replace(mark, "{content}")
 
 
 # --- build and check the float graph ----------------------------------------------------------

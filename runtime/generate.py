@@ -177,9 +177,10 @@ def generate_tokens(decoder: Decoder, prompt: list[int], *, max_new_tokens: int,
     """Token ids after `prompt` until eos, max_new_tokens or a full cache (eos not yielded)."""
     if not prompt:
         raise ValueError("The prompt is empty: give at least one token of text.")
-    if len(prompt) >= decoder.context:
+    if len(prompt) > decoder.context:   # a full cache still gives the next token
         raise ContextError(f"The prompt is {len(prompt)} tokens; the bundle's context holds "
-                           f"{decoder.context} (prompt + generated). Shorten the prompt.")
+                           f"{decoder.context} (the prompt and every generated token but the "
+                           f"last). Shorten the prompt.")
     if max_new_tokens == 0:
         return
     rng = np.random.default_rng(seed)
@@ -292,18 +293,27 @@ def render_chat(fmt: dict, messages: Sequence[dict]) -> str:
             pass
     if not isinstance(messages, list) or not messages:
         raise TypeError("chat() takes a non-empty list of {'role': ..., 'content': ...} dicts.")
-    roles = fmt["roles"]
+    roles, other = fmt["roles"], fmt.get("any_role")
     text = ""
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
-                m["role"] not in roles or not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i} must be {{'role': one of {sorted(roles)}, "
-                             f"'content': str}}, got {m!r}.")
-        pattern = roles[m["role"]]
-        if i == 0 and m["role"] != "system":
+                (m["role"] not in roles and (other is None or not m["role"])) or \
+                not isinstance(m.get("content"), str):
+            named = f"one of {sorted(roles)}" + (" or another name" if other else "")
+            raise ValueError(f"message {i} must be {{'role': {named}, 'content': str}}, "
+                             f"got {m!r}.")
+        role = m["role"]
+        if role in roles:
+            pattern, name = roles[role], None
+        else:   # a role the template writes by its name (a tool's result)
+            pattern, name = other, role
+        if i == 0 and role != "system":
             text += fmt["default_system"]
         elif i == 0:   # where the template writes a first system message its own way
             pattern = fmt.get("first_system", pattern)
         content = m["content"].strip() if fmt.get("trim_content") else m["content"]
-        text += pattern.replace("{content}", content)
+        before, after = pattern.split("{content}")   # neither text is read as a pattern
+        if name is not None:
+            before, after = before.replace("{role}", name), after.replace("{role}", name)
+        text += before + content + after
     return text + fmt["generation_prompt"]

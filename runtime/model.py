@@ -327,12 +327,16 @@ def _check_generation(where: Path, generation) -> None:
             and isinstance(chat.get("generation_prompt"), str)
             and isinstance(chat.get("first_system", ""), str)
             and isinstance(chat.get("trim_content", False), bool)
-            and all("{content}" in pattern for pattern in (
-                *chat["roles"].values(), chat.get("first_system", "{content}")))):
+            and isinstance(chat.get("any_role", "{role}{content}"), str)
+            and "{role}" in chat.get("any_role", "{role}")
+            and all(pattern.count("{content}") == 1 for pattern in (
+                *chat["roles"].values(), chat.get("first_system", "{content}"),
+                chat.get("any_role", "{content}")))):
         raise BundleError(f"{where}: generation.chat must be {{\"roles\": {{role: pattern}}, "
                           f"\"default_system\": str, \"generation_prompt\": str}} (and "
-                          f"optionally \"first_system\": str, \"trim_content\": bool); each "
-                          f"pattern holds {{content}}.")
+                          f"optionally \"first_system\": str, \"trim_content\": bool, "
+                          f"\"any_role\": str with {{role}}); each pattern holds {{content}} "
+                          f"once.")
 
 
 def _onnxruntime_errors() -> tuple[type[Exception], ...]:
@@ -756,9 +760,10 @@ class Model:
                                  top_k=top_k, top_p=top_p, seed=seed)
         if not ids:
             raise ValueError("The prompt is empty: give at least one token of text.")
-        if len(ids) >= self.context:
+        if len(ids) > self.context:   # a full cache still gives the next token
             raise ContextError(f"The prompt is {len(ids)} tokens; this bundle's context holds "
-                               f"{self.context} (prompt + generated). Shorten the prompt.")
+                               f"{self.context} (the prompt and every generated token but "
+                               f"the last). Shorten the prompt.")
         eos = set(self._generation.get("eos_token_ids", []))
         tokens = self._tokens(ids, eos=eos, **options)
         decoding = self.tokenizer.decode_stream()

@@ -602,8 +602,19 @@ def test_chat_format_matches_the_jinja_template(smollm2_checkpoint):
                       {"role": "user", "content": "Wie geht's? 🤖\nok"}]):
         assert render_chat(fmt, messages) == tok.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True)
+    # SmolLM2's template writes any role by its name: a tool's result was refused
+    assert fmt["any_role"] == "<|im_start|>{role}\n{content}<|im_end|>\n"
+    for messages in ([{"role": "tool", "content": "{\"temp\": 21}"}],
+                     [{"role": "user", "content": "Weather?"},
+                      {"role": "assistant", "content": "get_weather()"},
+                      {"role": "tool", "content": "21 C {role} {content}"},
+                      {"role": "{content}", "content": "x"}]):
+        assert render_chat(fmt, messages) == tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True)
+    with pytest.raises(ValueError, match="message 0 must be .*or another name"):
+        render_chat(fmt, [{"role": "", "content": "hi"}])
     with pytest.raises(ValueError, match="message 0 must be"):
-        render_chat(fmt, [{"role": "robot", "content": "hi"}])
+        render_chat({**fmt, "any_role": None}, [{"role": "robot", "content": "hi"}])
     # a role of the wrong type is named too (a list raised "unhashable type: 'list'")
     for role in (["user"], {"user": 1}, None):
         with pytest.raises(ValueError, match="message 1 must be"):
@@ -625,6 +636,27 @@ def test_a_chat_template_that_refuses_a_system_message_exports_without_chat(
         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     assert chat_format(tmp_path) is None
+
+
+def test_a_template_that_writes_known_roles_only_refuses_others(smollm2_checkpoint,
+                                                                   tmp_path):
+    from transformers import AutoTokenizer
+
+    from exporter.decoder import chat_format
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((smollm2_checkpoint / name).read_bytes())
+    (tmp_path / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] in ['system', 'user', 'assistant'] %}"
+        "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fmt = chat_format(tmp_path)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert "any_role" not in fmt and render_chat(fmt, messages) == AutoTokenizer.from_pretrained(
+        tmp_path).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    with pytest.raises(ValueError, match=r"message 1 must be \{'role': one of "
+                                         r"\['assistant', 'system', 'user'\], 'content'"):
+        render_chat(fmt, [*messages, {"role": "tool", "content": "T"}])
 
 
 @pytest.mark.parametrize("template", [
@@ -767,8 +799,34 @@ def test_no_new_tokens_runs_no_prefill():
                              temperature=0, top_k=0, top_p=1, seed=None)
     assert list(tokens) == []
     with pytest.raises(ContextError):   # the prompt is still checked
-        list(generate_tokens(Unreachable(), list(range(64)), max_new_tokens=0, eos={0},
+        list(generate_tokens(Unreachable(), list(range(65)), max_new_tokens=0, eos={0},
                              temperature=0, top_k=0, top_p=1, seed=None))
+
+
+def test_a_prompt_that_fills_the_context_still_gives_its_next_token():
+    """A prompt of exactly `context` tokens was refused, though the cache takes it and its
+    logits give the next token (a prompt one shorter gave two)."""
+    class Cache:
+        context, length = 4, 0
+
+        def reset(self):
+            self.length = 0
+
+        def forward(self, ids, **_):
+            self.length += len(ids)
+            assert self.length <= self.context, "ran past the cache"
+            logits = np.zeros((len(ids), 10), np.float32)
+            logits[:, 7] = 1
+            return logits
+
+    def tokens(prompt):
+        return list(generate_tokens(Cache(), prompt, max_new_tokens=5, eos={0}, temperature=0,
+                                    top_k=0, top_p=1, seed=None))
+
+    assert tokens([1, 2, 3, 4]) == [7] and tokens([1, 2, 3]) == [7, 7]
+    with pytest.raises(ContextError, match="The prompt is 5 tokens; the bundle's context "
+                                           "holds 4"):
+        tokens([1, 2, 3, 4, 5])
 
 
 def test_negative_log_likelihood_in_blocks_is_the_whole_computation():
@@ -1752,6 +1810,12 @@ def test_generation_fields_are_checked_at_load(smollm2_bundle, tmp_path):
         ({"generation": generation | {"chat": generation["chat"] | {"roles": generation[
             "chat"]["roles"] | {"user": "<|im_start|>user\n<|im_end|>\n"}}}},
          "each pattern holds .content."),
+        # a pattern for other roles without {role} wrote every tool message as one role
+        ({"generation": generation | {"chat": generation["chat"] | {
+            "any_role": "<|im_start|>tool\n{content}<|im_end|>\n"}}}, "any_role.: str with .role."),
+        # two {content}s: the second was filled in too, once a pattern splits on it
+        ({"generation": generation | {"chat": generation["chat"] | {
+            "first_system": "{content}{content}"}}}, "each pattern holds .content. once"),
         # an eos id past the vocabulary never ends a generation
         ({"generation": generation | {"eos_token_ids": [2, 99999]}},
          r"eos_token_ids \[99999\] are past the 49152 rows of the graph's logits"),
