@@ -72,8 +72,26 @@ def _say(line) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+_stopped_by = 0   # the signal _stop took, if any
+
+
 def _stop(signum, frame):
+    global _stopped_by
+    _stopped_by = signum
     raise SystemExit(128 + signum)   # unwinds through unpack's cleanup, as Ctrl-C does
+
+
+def _run(argv: list[str] | None = None) -> int:
+    """main(), whose status is 128 + N however a stop by signal N unwinds: onnxruntime's
+    native module, stopped while it starts, turns the SystemExit into an ImportError
+    (which gave exit 1 and a traceback, the status of a full disk)."""
+    try:
+        status = main(argv)
+    except Exception:
+        if _stopped_by:
+            return 128 + _stopped_by
+        raise
+    return 128 + _stopped_by if _stopped_by else status
 
 
 if __name__ == "__main__":
@@ -82,4 +100,4 @@ if __name__ == "__main__":
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _stop)
-    sys.exit(main())
+    sys.exit(_run())

@@ -284,6 +284,10 @@ def _rename_over(new: Path, final: Path) -> None:
             except FileNotFoundError:   # another run renamed it aside meanwhile
                 os.rmdir(old)
                 continue
+            except OSError:   # a mount point (EBUSY) cannot move: no empty `old` left
+                with contextlib.suppress(OSError):
+                    os.rmdir(old)
+                raise
         try:
             os.rename(new, final)   # (between the two renames, `final` is missing a moment)
         except OSError as e:

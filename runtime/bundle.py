@@ -255,6 +255,12 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
     """
     archive = _given(archive, "Bundle archive", "the .tar file")
     into = _given(into, "Directory", "where the bundle goes ('.' for the current directory)")
+    try:   # checked before the copy, not by the session that loads the copy
+        str(into.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BundleError(f"onnxruntime opens only paths that are UTF-8, and {str(into)!r} "
+                          f"is not (a directory named in another encoding); unpack into a "
+                          f"directory that is.") from None
     if archive.is_dir():
         raise FileNotFoundError(f"{str(archive)!r} is a directory; runtime.load() a bundle "
                                 f"directory, runtime.unpack() a bundle archive (.tar).")
@@ -298,8 +304,10 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
         # A damaged install (its manifest.json unreadable) is replaced where it holds only
         # the archive's files; a folder of the user's that merely has a model.onnx and a
         # tokenizer.json, no manifest.json, is not an install.
+        # An empty directory is replaced too, as the exporter's --output does (a device
+        # image may make /opt/models/<bundle> in advance).
         if final.is_symlink() or final.exists() and not (final.is_dir() and (
-                _a_bundle(final) or (final / "manifest.json").is_file()
+                _a_bundle(final) or _empty(final) or (final / "manifest.json").is_file()
                 and holds_only(final, set(sizes)))):
             known = bundle_files(final) if final.is_dir() and not final.is_symlink() else None
             extra = first_unlisted(final, known | set(sizes)) if known else None
@@ -337,7 +345,8 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
                 Model(Bundle.open(work), threads=1, spinning=False,
                       providers=["CPUExecutionProvider"]).close()
             except BundleError as e:   # name the archive's file, not the hidden work copy
-                raise BundleError(f"{archive}: {str(e).replace(str(work), name)}") from None
+                message = str(e).replace(str(work), name).replace(repr(str(work))[1:-1], name)
+                raise BundleError(f"{archive}: {message}") from None
             sync_tree(work)   # whole files on disk before the rename makes them the bundle
             replace_directory(work, final)
             sync_directory(into)
@@ -388,6 +397,13 @@ def _archived_manifest(tar: tarfile.TarFile, files: dict[str, tarfile.TarInfo], 
     except BundleError as e:
         raise BundleError(f"{archive}: {e}") from None
     return manifest
+
+
+def _empty(path: Path) -> bool:
+    try:
+        return next(os.scandir(path), None) is None
+    except OSError:
+        return False
 
 
 def _archived_sizes(manifest: dict, files: dict[str, tarfile.TarInfo], archive: Path,
