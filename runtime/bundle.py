@@ -248,7 +248,7 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
     it lists. Then it is unpacked beside its place, checked as `runtime.load` checks a
     bundle (sha256, format version, opset, settings, tokenizer, the graph loaded in
     onnxruntime on the CPU) and renamed into place. An earlier bundle of that name is
-    replaced; anything else there is refused.
+    replaced, and so is an empty directory; anything else there is refused.
 
         >>> runtime.unpack("/media/usb/minilm-arm-cpu.tar", "/opt/models")
         PosixPath('/opt/models/minilm-arm-cpu')
