@@ -12,6 +12,7 @@ runtime loads only files the manifest lists, by paths inside the bundle.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -318,46 +319,55 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
                                       f"bundle, or unpack into another directory.")
             raise FileExistsError(f"{str(final)!r} exists and is not a bundle; refusing to "
                                   f"replace it. Unpack into another directory.")
-        try:
-            into.mkdir(parents=True, exist_ok=True)
-            remove_leftovers(final)   # of an unpack killed before its cleanup could run
-            work = work_dir_beside(final)
-        except OSError as e:
-            raise _unwritable(e, into) from None
-        try:
-            need, free = sum(m.size for m in files.values()), shutil.disk_usage(work).free
-            if need > free:   # refused, rather than the partition filled for other programs
-                raise OSError(errno.ENOSPC, f"{archive} unpacks to {need / 1e6:.1f} MB and "
-                                            f"{str(into)!r} has {free / 1e6:.1f} MB free; "
-                                            f"free some space or unpack elsewhere")
-            for path, member in files.items():
-                dest = work / path
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as source, open(dest, "wb") as out:
-                    shutil.copyfileobj(source, out, 1 << 20)
+        # what this unpack creates goes again if it fails (a damaged archive left z/a/b)
+        with _made_removed_unless(final, into):
             try:
-                # fields, every listed file's size and sha256, opset; then all that load
-                # checks beyond the files (settings, pooling, labels, tokenizer, the graph
-                # in onnxruntime), as `python -m runtime verify` does: a manifest damaged
-                # into another valid JSON ("mean" -> "mdan") replaced a good install
-                from .model import Model
-
-                Model(Bundle.open(work), threads=1, spinning=False,
-                      providers=["CPUExecutionProvider"]).close()
-            except BundleError as e:   # name the archive's file, not the hidden work copy
-                message = str(e).replace(str(work), name).replace(repr(str(work))[1:-1], name)
-                raise BundleError(f"{archive}: {message}") from None
-            sync_tree(work)   # whole files on disk before the rename makes them the bundle
-            replace_directory(work, final)
-            sync_directory(into)
-        except BundleError:
-            raise
-        except Exception as e:   # read from the archive; writes fail with an errno
-            if not damaged_archive(e):
+                try:
+                    into.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError):   # a file on the way
+                    raise NotADirectoryError(f"{str(_file_on_the_way(into))!r} exists and is "
+                                             f"not a directory; unpack into a directory.") \
+                        from None
+                remove_leftovers(final)   # of an unpack killed before its cleanup could run
+                work = work_dir_beside(final)
+            except NotADirectoryError:
                 raise
-            raise BundleError(f"{archive} is damaged ({e}); copy it again.") from None
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            except OSError as e:
+                raise _unwritable(e, into) from None
+            try:
+                need, free = sum(m.size for m in files.values()), shutil.disk_usage(work).free
+                if need > free:   # refused, rather than the partition filled for other programs
+                    raise OSError(errno.ENOSPC, f"{archive} unpacks to {need / 1e6:.1f} MB and "
+                                                f"{str(into)!r} has {free / 1e6:.1f} MB free; "
+                                                f"free some space or unpack elsewhere")
+                for path, member in files.items():
+                    dest = work / path
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(member) as source, open(dest, "wb") as out:
+                        shutil.copyfileobj(source, out, 1 << 20)
+                try:
+                    # fields, every listed file's size and sha256, opset; then all that load
+                    # checks beyond the files (settings, pooling, labels, tokenizer, the graph
+                    # in onnxruntime), as `python -m runtime verify` does: a manifest damaged
+                    # into another valid JSON ("mean" -> "mdan") replaced a good install
+                    from .model import Model
+
+                    Model(Bundle.open(work), threads=1, spinning=False,
+                          providers=["CPUExecutionProvider"]).close()
+                except BundleError as e:   # name the archive's file, not the hidden work copy
+                    message = str(e).replace(str(work), name).replace(repr(str(work))[1:-1], name)
+                    raise BundleError(f"{archive}: {message}") from None
+                sync_tree(work)   # whole files on disk before the rename makes them the bundle
+                replace_directory(work, final)
+                sync_directory(into)
+            except BundleError:
+                raise
+            except Exception as e:   # read from the archive; writes fail with an errno
+                if not damaged_archive(e):
+                    raise
+                raise BundleError(f"{archive} is damaged ({e}); copy it again.") from None
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
     return final
 
 
@@ -397,6 +407,29 @@ def _archived_manifest(tar: tarfile.TarFile, files: dict[str, tarfile.TarInfo], 
     except BundleError as e:
         raise BundleError(f"{archive}: {e}") from None
     return manifest
+
+
+@contextlib.contextmanager
+def _made_removed_unless(final: Path, directory: Path):
+    """The directories up to `directory` that do not exist yet are removed, while empty,
+    unless `final` exists when the block ends."""
+    target = directory.absolute()
+    made = [p for p in (target, *target.parents) if not p.exists()]   # deepest first
+    try:
+        yield
+    finally:
+        if made and not final.exists():
+            for parent in made:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+
+
+def _file_on_the_way(directory: Path) -> Path:
+    """The nearest of `directory` and its parents that exists (a file, where mkdir
+    refused)."""
+    return next((p for p in (directory, *directory.parents) if p.exists()), directory)
 
 
 def _empty(path: Path) -> bool:

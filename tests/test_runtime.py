@@ -666,6 +666,29 @@ def test_unpack_names_the_file_that_keeps_it_from_replacing_an_install(minilm_bu
     assert runtime.unpack(archive, into) == installed and runtime.load(installed)
 
 
+def test_a_refused_unpack_leaves_no_directory_it_made_and_names_a_file_on_the_way(
+        minilm_bundle, tmp_path):
+    """A byte flipped in the archive's model.onnx is refused after the copy, which left the
+    directories z/a/b it had made; unpack into a file said "[Errno 17] File exists"."""
+    archive = minilm_bundle.with_name("minilm-arm-cpu.tar")
+    data = bytearray(archive.read_bytes())
+    with tarfile.open(archive) as tar:
+        member = tar.getmember("minilm-arm-cpu/model.onnx")
+    data[member.offset_data + member.size // 2] ^= 0xFF
+    flipped = tmp_path / "flip.tar"
+    flipped.write_bytes(data)
+    with pytest.raises(BundleError, match="sha256"):
+        runtime.unpack(flipped, tmp_path / "z" / "a" / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flip.tar"]
+    (tmp_path / "afile").write_text("x")
+    for into in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(NotADirectoryError, match=r"afile' exists and is not a directory; "
+                                                     r"unpack into a directory"):
+            runtime.unpack(archive, into)
+    assert (tmp_path / "afile").read_text() == "x"
+    assert runtime.unpack(archive, tmp_path / "z" / "a") == tmp_path / "z" / "a" / archive.stem
+
+
 def test_a_bundle_directory_that_cannot_move_is_left_with_nothing_beside_it(tmp_path,
                                                                              monkeypatch):
     """A bundle that is a mount point cannot be renamed aside (EBUSY): the error was raised,
