@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import os
 import random
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")   # as runtime does: see its __init__
@@ -128,6 +129,10 @@ def _texts(source, *, default_split: str, count: int, what: str) -> list[Utteran
         return smart_home_utterances(count, split=default_split)
     if isinstance(source, (str, Path)):
         return read_texts(source)
+    if isinstance(source, (Mapping, Set)):   # its keys would be read, and a set's order is
+        raise TypeError(f"{what} must be a list of texts (or Utterances, for labels) or a "
+                        f"file, got a {type(source).__name__}: its keys would be read, not "
+                        f"its values.")
     items = [u if isinstance(u, Utterance) else Utterance(u) for u in source]
     if not items or not all(isinstance(u.text, str) for u in items):
         raise ValueError(f"{what} must be a non-empty list of strings.")
@@ -244,8 +249,13 @@ def _override(profile: Target, *, precision: str | None, stages: int | None,
                              f"{', '.join(CHOICES['precision'])}.")
         profile = dataclasses.replace(profile, precision=precision)
     if stages is not None:
-        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-            raise ValueError(f"stages must be an int >= 1 (1 = one graph), got {stages!r}.")
+        given = stages
+        try:   # numpy's ints too, as the runtime takes them
+            stages = operator.index(stages) if not isinstance(stages, bool) else 0
+        except TypeError:
+            stages = 0
+        if stages < 1:
+            raise ValueError(f"stages must be an int >= 1 (1 = one graph), got {given!r}.")
         profile = dataclasses.replace(
             profile, runtime=dataclasses.replace(profile.runtime, pipeline_stages=stages))
     count = profile.runtime.pipeline_stages
@@ -447,6 +457,13 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
                          f".gguf file or a packaged model name ({', '.join(packaged_names())}).")
     if task is not None and task not in TASKS:
         raise ValueError(f"Unknown task {task!r}. Available: {', '.join(TASKS)}.")
+    for name, flag in (("tar", tar), ("requantize", requantize)):
+        if not isinstance(flag, bool):   # "no" was true: it wrote the archive
+            raise TypeError(f"{name} must be True or False, got {flag!r}.")
+    if compression is not None and not isinstance(compression, Compression):
+        raise TypeError(f"compression must be an exporter.Compression (e.g. "
+                        f"Compression(drop_layers=2)), got {type(compression).__name__} "
+                        f"{compression!r:.80}.")
     if isinstance(output, str) and not output.strip():
         raise ValueError(f"Output {output!r} names no directory; leave it out for the "
                          f"default (build/<model>-<target>/).")

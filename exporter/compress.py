@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import re
 from dataclasses import asdict, dataclass
 
@@ -42,6 +43,13 @@ FFN_FLOOR = 0.05
 # Sparsity patterns: name -> (kept, group), None for unstructured.
 PATTERNS: dict[str, tuple[int, int] | None] = {"unstructured": None, "2:4": (2, 4),
                                                "4:8": (4, 8), "1:4": (1, 4)}
+
+
+def _index(value) -> int:
+    """`value` as an int (numpy's ints too); TypeError for a bool or a float."""
+    if isinstance(value, bool):
+        raise TypeError(value)
+    return operator.index(value)
 
 
 @dataclass(frozen=True)
@@ -90,18 +98,27 @@ class Compression:
                              f"pattern, which zeroes {1 - pattern[0] / pattern[1]:g} of the "
                              f"weights; leave out --sparsity.")
         drop = self.drop_layers
-        if isinstance(drop, bool) or not (isinstance(drop, int) or (
-                isinstance(drop, tuple) and all(isinstance(i, int) for i in drop))):
+        try:   # numpy's ints too; a bool, in a tuple too, is not a count or an index
+            drop = _index(drop) if not isinstance(drop, (tuple, list)) else \
+                tuple(_index(i) for i in drop)
+        except TypeError:
             raise TypeError(f"drop_layers must be a count or a tuple of layer indices, "
-                            f"got {drop!r}.")
+                            f"got {self.drop_layers!r}.") from None
+        object.__setattr__(self, "drop_layers", drop)
+        if not isinstance(self.share_layers, bool):   # "no" was true: it tied layers
+            raise TypeError(f"share_layers must be True or False, got {self.share_layers!r}.")
         if (isinstance(drop, int) and drop < 0) or (isinstance(drop, tuple) and (
                 len(set(drop)) != len(drop) or any(i < 0 for i in drop))):
             raise ValueError(f"drop_layers {drop!r}: give a count >= 0 or distinct "
                              f"indices >= 0.")
-        if isinstance(self.heal_steps, bool) or not isinstance(self.heal_steps, int) \
-                or self.heal_steps < 0:
+        try:
+            steps = _index(self.heal_steps)
+        except TypeError:
+            steps = -1
+        if steps < 0:
             raise ValueError(f"--heal-steps {self.heal_steps!r} is not a count: give the "
                              f"number of distillation steps, an int >= 0 (0: no healing).")
+        object.__setattr__(self, "heal_steps", steps)
 
     @property
     def active(self) -> bool:

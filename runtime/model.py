@@ -738,7 +738,7 @@ class Model:
         included), after max_new_tokens, or when the context is full. A prompt that does not
         fit the context raises runtime.ContextError.
 
-            >>> model.generate("The capital of France is", max_new_tokens=4)
+            >>> model.generate("The capital of France is", max_new_tokens=16, stop=["\\n"])
             ' Paris.'
             >>> for piece in model.generate("Tell me a story", stream=True): print(piece, end="")
         """

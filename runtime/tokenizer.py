@@ -296,6 +296,9 @@ class Tokenizer:
             >>> Tokenizer.from_file("all-MiniLM-L6-v2/tokenizer.json").vocab_size
             30522
         """
+        if backend is not None and backend not in BACKENDS:   # the caller's, not the file's
+            raise ValueError(f"Unknown tokenizer backend {backend!r}. Available: "
+                             f"{', '.join(BACKENDS)}.")
         path = Path(path).resolve()   # read again for offsets, maybe from another cwd
         stamp = _stamp(path)
         kind, settings = _read_tokenizer_json(path)
@@ -365,9 +368,11 @@ class Tokenizer:
         # The backend puts the special tokens around the ids and cuts them to the
         # budget (in C, that saves ~0.3 us of a short text's ~0.8 us).
         if max_length is None:   # the common case first: no truncation to place
-            if add_special_tokens:
+            if add_special_tokens is True:
                 return self._encoder.encode(text, self._prefix_ids, self._suffix_ids, None)
-            return self._encoder.encode(text, (), (), None)
+            if add_special_tokens is False:
+                return self._encoder.encode(text, (), (), None)
+        _flag(add_special_tokens, "add_special_tokens")   # "no" added them; None did not
         if add_special_tokens:
             budget = self._content_budget(max_length)
             prefix, suffix = self._prefix_ids, self._suffix_ids
@@ -482,6 +487,7 @@ class Tokenizer:
             >>> tok.decode([101, 7592, 1010, 2088, 102])
             'hello, world'
         """
+        _flag(skip_special_tokens, "skip_special_tokens")
         tokens = []
         for token_id in _ids(ids):
             token = self._id_to_token.get(token_id)
@@ -512,7 +518,8 @@ class Tokenizer:
             >>> [stream.step(i) for i in tok.encode("ü 😀")]
             ['ü', None, ' 😀']
         """
-        return DecodeStream(self, skip_special_tokens=skip_special_tokens)
+        return DecodeStream(self, skip_special_tokens=_flag(skip_special_tokens,
+                                                            "skip_special_tokens"))
 
     def _content_budget(self, max_length: int, n_special: int | None = None) -> int:
         """Ids of text `max_length` leaves beside `n_special` special tokens (default: the
@@ -714,6 +721,13 @@ def _file_settings(path: Path, stamp: tuple[int, int, int]) -> tuple[str, dict[s
             "Tokenizer is rebuilt from that file. Load the tokenizer again."
         )
     return _read_tokenizer_json(path)
+
+
+def _flag(value, name: str) -> bool:
+    """`value`, a bool: "no" was true and added special tokens, None false."""
+    if value is not True and value is not False:
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return value
 
 
 def _rebuild(kind: str, settings: dict[str, Any], backend: str) -> Tokenizer:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 import types
 import typing
@@ -187,6 +188,9 @@ def load_target(name_or_path: str | Path) -> Target:
         >>> load_target("x86-server").runtime.execution_providers
         ('CUDAExecutionProvider', 'CPUExecutionProvider')
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):   # None read as "Unknown target 'None'"
+        raise TypeError(f"target must be a built-in target name or a .toml path, got "
+                        f"{type(name_or_path).__name__} {name_or_path!r:.80}.")
     path = _resolve(name_or_path)
     origins: dict[str, Path] = {}   # dotted key -> the file in the extends chain that set it
     raw = _read_merged(path, chain=(), origins=origins)

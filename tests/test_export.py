@@ -1564,6 +1564,42 @@ def test_export_refuses_an_unknown_task_and_an_empty_output_first(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_arguments_of_the_wrong_kind_are_refused_before_any_work(tmp_path):
+    """tar="no" wrote the archive, a dict of calibration texts to labels calibrated on the
+    keys and dropped the labels, a dict for compression raised AttributeError, numpy's int
+    for stages was refused, and target=None was "Unknown target 'None'"."""
+    import numpy as np
+
+    from exporter import Compression, _override
+    from targets import load_target
+
+    out = tmp_path / "out"
+    for kwargs, error, message in [
+        ({"tar": "no"}, TypeError, "tar must be True or False, got 'no'"),
+        ({"requantize": 1}, TypeError, "requantize must be True or False"),
+        ({"compression": {"drop_layers": 1}}, TypeError, "compression must be an "
+                                                         "exporter.Compression"),
+        ({"calibration": {"turn on the light": "lights"}}, TypeError,
+         "calibration must be a list of texts .* got a dict: its keys would be read"),
+        ({"evaluation": {"lock the door"}}, TypeError, "evaluation must be a list .* got a set"),
+        ({"target": None}, TypeError, "target must be a built-in target name or a .toml path, "
+                                      "got NoneType"),
+    ]:
+        with pytest.raises(error, match=message):
+            export("minilm", **{"target": "arm-cpu", "output": out, **kwargs})
+    assert not out.exists()
+    profile = _override(load_target("arm-cpu"), precision=None, stages=np.int64(2), layers=6)
+    assert profile.runtime.pipeline_stages == 2
+    with pytest.raises(ValueError, match="stages must be an int >= 1 .*got True"):
+        _override(load_target("arm-cpu"), precision=None, stages=True, layers=6)
+    assert Compression(drop_layers=np.int64(1)).drop_layers == 1
+    assert Compression(drop_layers=[np.int64(1), 3], heal_steps=np.int32(5)) == Compression(
+        drop_layers=(1, 3), heal_steps=5)
+    for bad in ({"drop_layers": (True,)}, {"drop_layers": 1.0}, {"share_layers": "no"}):
+        with pytest.raises(TypeError, match="drop_layers must be|share_layers must be True"):
+            Compression(**bad)
+
+
 def test_an_empty_model_name_is_refused_not_taken_for_the_working_directory(tmp_path,
                                                                            monkeypatch, capsys):
     """--model "" (a script's empty $MODEL) exported whatever checkpoint lay in the current

@@ -512,6 +512,29 @@ def test_decode_odd_id_sequences_match_hf(tok, hf):
         )
 
 
+def test_the_special_token_flags_take_a_bool_only(tok):
+    """add_special_tokens="no" added them, None left them out, skip_special_tokens="no"
+    skipped them: truthiness read each as the other."""
+    assert tok.encode("hi", add_special_tokens=False) == tok.encode("hi")[1:-1]
+    for bad in ("no", None, 0, 1):
+        with pytest.raises(TypeError, match=f"add_special_tokens must be True or False, "
+                                            f"got {bad!r}"):
+            tok.encode("hi", add_special_tokens=bad)
+        with pytest.raises(TypeError, match="add_special_tokens must be True or False"):
+            tok.encode("hi", add_special_tokens=bad, max_length=4)
+        with pytest.raises(TypeError, match="skip_special_tokens must be True or False"):
+            tok.decode([101, 7632, 102], skip_special_tokens=bad)
+        with pytest.raises(TypeError, match="skip_special_tokens must be True or False"):
+            tok.decode_stream(skip_special_tokens=bad)
+
+
+def test_an_unknown_backend_is_the_callers_error_not_the_files(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="^Unknown tokenizer backend 'rust'. Available: "):
+        Tokenizer.from_file(path, backend="rust")
+
+
 def test_decode_takes_any_int_ids_and_refuses_others(tok, hf):
     import numpy as np
 
