@@ -430,9 +430,42 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * 4096
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
-def test_no_leaks(vocab):
-    c_encoder, _ = encoders(vocab, dict.fromkeys(FLAGS, True))
+def _growth_in_a_child(churn_name: str, *args: str) -> int:
+    """RSS growth over `churn_name(*args)`, a churn function of this module run in
+    a fresh interpreter: one with no other threads and a small heap, so the growth is
+    the churn's own. (Inside a long pytest run, other tests' threads and a 3 GB heap
+    moved RSS by 5 MB in three seconds of churn that leaks nothing.)"""
+    import subprocess
+
+    script = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('leak_check', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "print(getattr(module, sys.argv[2])(*sys.argv[3:]))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, __file__, churn_name, *args],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    return int(run.stdout.split()[-1])
+
+
+def _rss_growth(churn) -> int:
+    """RSS growth over three seconds of `churn`, after a warm-up that fills allocator pools."""
+    churn(0.3)
+    gc.collect()
+    before = _rss_bytes()
+    churn(3.0)
+    gc.collect()
+    return _rss_bytes() - before
+
+
+def _wordpiece_churn() -> int:
+    from runtime.tokenizer import _read_tokenizer_json
+
+    c_encoder, _ = encoders(_read_tokenizer_json(REFERENCE)[1]["vocab"], dict.fromkeys(FLAGS, True))
     short, long_text = "Turn on the Kitchen lights! [MASK] naïve", "Ünïcode wörds 中文 " * 50
     huge_text = long_text * 100  # 85k chars: over what the kept buffers hold
 
@@ -459,12 +492,12 @@ def test_no_leaks(vocab):
             if i >= 300 or time.perf_counter() > deadline:  # 300,000+ encodes
                 return
 
-    churn(0.3)  # warm up allocator pools
-    gc.collect()
-    before = _rss_bytes()
-    churn(3.0)
-    gc.collect()
-    assert _rss_bytes() - before < 2 * 2**20
+    return _rss_growth(churn)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_no_leaks():
+    assert _growth_in_a_child("_wordpiece_churn") < 2 * 2**20
 
 
 def test_id_objects_are_released():
@@ -674,9 +707,16 @@ def test_bpe_batch_threads_and_errors(bpe_pairs):
                                 add_prefix_space=False, ignore_merges=False)
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
-def test_bpe_no_leaks(bpe_pairs):
-    c_encoder = bpe_pairs[0][0]
+def _bpe_churn(tokenizer_json: str) -> int:
+    from runtime.tokenizer import _read_tokenizer_json
+
+    data = _read_tokenizer_json(Path(tokenizer_json))[1]
+    split, digits, prefix, ignore, unk = BPE_SETTINGS[0]
+    c_encoder = _tokenizer_c.BPEEncoder(
+        data["vocab"], data["merges"], split=split, individual_digits=digits,
+        add_prefix_space=prefix, ignore_merges=ignore, unk_id=0 if unk else None,
+        fuse_unk=unk, added_tokens=BPE_ADDED_TOKENS,
+    )
     short, long_text = "Turn on the Kitchen lights! <|im_end|> naïve 42", "Ünïcode wörds 中文 " * 50
 
     def churn(seconds: float) -> None:
@@ -691,12 +731,12 @@ def test_bpe_no_leaks(bpe_pairs):
             if i >= 300 or time.perf_counter() > deadline:
                 return
 
-    churn(0.3)
-    gc.collect()
-    before = _rss_bytes()
-    churn(3.0)
-    gc.collect()
-    assert _rss_bytes() - before < 2 * 2**20
+    return _rss_growth(churn)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_bpe_no_leaks(smollm2_tokenizer_json):
+    assert _growth_in_a_child("_bpe_churn", str(smollm2_tokenizer_json)) < 2 * 2**20
 
 
 if given is not None:
