@@ -428,16 +428,29 @@ def position_count(model) -> int:
 
 
 def model_length_limit(model_dir: Path, positions: int) -> int:
-    """Tokens the model takes: its position embeddings, or fewer where sentence-transformers'
-    max_seq_length says so (absent or null: the positions)."""
+    """Tokens the model takes, where the model's own users cut a text: its position
+    embeddings, or fewer where sentence-transformers' max_seq_length says so, or (that
+    absent or null) where the tokenizer's model_max_length does (tokenizer_config.json):
+    sentence-transformers without a max_seq_length, and transformers' truncation=True, cut
+    there. (A model whose tokenizer stops at 32 tokens was cut at the profile's 128: its
+    texts of 33 to 128 tokens got other embeddings than the model it replaces.)"""
     st_config = model_dir / "sentence_bert_config.json"
     longest = read_json(st_config).get("max_seq_length") if st_config.is_file() else None
-    if longest is None:
+    if longest is not None:
+        if isinstance(longest, bool) or not isinstance(longest, int) or longest < 1:
+            raise ValueError(f"{st_config}: max_seq_length must be a positive int, got "
+                             f"{longest!r}.")
+        return min(positions, longest)
+    tokenizer_config = model_dir / "tokenizer_config.json"
+    declared = read_json(tokenizer_config).get("model_max_length") \
+        if tokenizer_config.is_file() else None
+    if declared is None:
         return positions
-    if isinstance(longest, bool) or not isinstance(longest, int) or longest < 1:
-        raise ValueError(f"{st_config}: max_seq_length must be a positive int, got "
-                         f"{longest!r}.")
-    return min(positions, longest)
+    # transformers writes int(1e30) where no limit was set, and older files hold 1e30
+    if isinstance(declared, bool) or not isinstance(declared, int | float) or not declared >= 1:
+        raise ValueError(f"{tokenizer_config}: model_max_length must be a positive number, "
+                         f"got {declared!r}.")
+    return int(declared) if declared < positions else positions
 
 
 def load_weights(auto_class, model_dir: Path, task: str, **options):

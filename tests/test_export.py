@@ -1717,18 +1717,34 @@ def test_validation_says_what_cutting_long_texts_costs(tmp_path, torch_minilm):
     assert truncation(job, texts[:1], names)["texts_cut"] == 0
 
 
-@pytest.mark.parametrize("content, expected", [
-    (None, 512), ('{"max_seq_length": 256}', 256), ('{"max_seq_length": null}', 512),
-    ('{"do_lower_case": false}', 512), ('{"max_seq_length": 1024}', 512),
-    ('{"max_seq_length": "256"}', "max_seq_length must be a positive int"),
+@pytest.mark.parametrize("content, tokenizer_config, expected", [
+    (None, None, 512), ('{"max_seq_length": 256}', None, 256),
+    ('{"max_seq_length": null}', None, 512), ('{"do_lower_case": false}', None, 512),
+    ('{"max_seq_length": 1024}', None, 512),
+    ('{"max_seq_length": "256"}', None, "max_seq_length must be a positive int"),
+    # no max_seq_length: the tokenizer's model_max_length, as sentence-transformers and
+    # transformers' truncation=True cut
+    (None, '{"model_max_length": 32}', 32),
+    ('{"do_lower_case": false}', '{"model_max_length": 32}', 32),
+    ('{"max_seq_length": 256}', '{"model_max_length": 32}', 256),   # sentence-transformers'
+    (None, '{"model_max_length": 1000000000000000019884624838656}', 512),   # transformers' "none"
+    (None, '{"model_max_length": 1e30}', 512), (None, '{"model_max_length": 64.0}', 64),
+    (None, '{"model_max_length": Infinity}', 512), (None, '{"do_lower_case": true}', 512),
+    (None, '{"model_max_length": 0}', "model_max_length must be a positive number"),
+    (None, '{"model_max_length": NaN}', "model_max_length must be a positive number"),
+    (None, '{"model_max_length": "32"}', "model_max_length must be a positive number"),
+    (None, '{"model_max_length": true}', "model_max_length must be a positive number"),
 ])
-def test_the_models_own_length_limit(tmp_path, content, expected):
-    """sentence-transformers' max_seq_length, else the position embeddings; a file without
-    the key gave the profile's 128, and truncation's cost was never measured."""
+def test_the_models_own_length_limit(tmp_path, content, tokenizer_config, expected):
+    """sentence-transformers' max_seq_length, else the tokenizer's model_max_length, else the
+    position embeddings; a file without the key gave the profile's 128, and truncation's cost
+    was never measured; a tokenizer that stops at 32 was cut at 128 too."""
     from exporter.load import model_length_limit
 
     if content is not None:
         (tmp_path / "sentence_bert_config.json").write_text(content)
+    if tokenizer_config is not None:
+        (tmp_path / "tokenizer_config.json").write_text(tokenizer_config)
     if isinstance(expected, str):
         with pytest.raises(ValueError, match=expected):
             model_length_limit(tmp_path, 512)
