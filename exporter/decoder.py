@@ -30,7 +30,12 @@ from runtime.model import usable_cores
 from .budget import rounded
 from .decoder_graph import DecoderShape, DecoderWeights, Linear, build_file, float_weights, pack
 from .graph_file import graph_bytes
-from .load import check_vocabulary_fits, load_weights, write_tokenizer
+from .load import (
+    check_vocabulary_fits,
+    follow_tokenizer_config,
+    load_weights,
+    write_tokenizer,
+)
 from .quantize import kib_to_mb
 from .report import write_report
 from .validate import BudgetError, cpu_target, host_threads, size_text, sizes, timed_on
@@ -90,7 +95,23 @@ def load_decoder(job) -> None:
 
     import transformers
 
-    write_tokenizer(job.model_dir, job.workdir / "tokenizer.json")   # first: it may refuse
+    tokenizer = write_tokenizer(job.model_dir, job.workdir / "tokenizer.json")   # it may refuse
+    followed = []
+    if job.gguf is None and (job.model_dir / "tokenizer_config.json").is_file():
+        # as transformers loads it: add_bos_token in tokenizer_config.json rebuilds the
+        # post-processor, and a bundle that kept the file's gave prompts without their BOS.
+        # (A GGUF's tokenizer.json is as llama.cpp reads it: exporter/gguf.py. Without the
+        # file transformers takes the class's defaults from config.json's model_type, such as
+        # LlamaTokenizerFast's BOS "<s>", which a byte-level vocabulary may lack.)
+        _, followed = follow_tokenizer_config(job.model_dir, job.workdir / "tokenizer.json",
+                                              tokenizer)
+    try:
+        config_object = transformers.AutoConfig.from_pretrained(job.model_dir)
+    except Exception:   # (which error depends on the file) load_weights names what is wrong
+        config_object = None
+    if config_object is not None:   # what the graph does not build (an activation, a rope
+        DecoderShape.from_config(config_object,   # scaling), refused before the weights load
+                                 job.target.generation.context_length)
     job.torch_model = load_weights(transformers.AutoModelForCausalLM, job.model_dir,
                                    "text-generation", dtype="float32")
     check_vocabulary_fits(job.workdir / "tokenizer.json", job.torch_model)
@@ -140,6 +161,10 @@ def load_decoder(job) -> None:
         # the graph's position table (and KV cache) length: the runtime refuses a
         # context_length above it
         "positions": job.max_length}
+    if followed:
+        job.records["model"]["tokenizer_sections_from_transformers"] = followed
+        job.log(f"  tokenizer.json's {', '.join(followed)} as transformers loads "
+                f"{job.model_dir.name} (tokenizer_config.json changes them)")
     job.log(f"  {model.config.model_type} decoder, {model.config.num_hidden_layers} layers, "
             f"{params / 1e6:.1f}M parameters, context {job.max_length}, eos {eos_ids}")
     eval_windows(job)   # too little evaluation text: refused now, not after the build
@@ -742,5 +767,16 @@ def validate_decoder(job) -> None:
             hint = (" The int4 blocks were rounded from float weights (compressed weights no "
                     "longer match a GGUF's blocks); --precision int8 rounds far less (SmolLM2 "
                     "with --sparsity 0.1: +0.16% instead of +21.9%).")
+        if job.target.generation.activations == "float16" and not all(
+                math.isfinite(v) for v in measured.values()):
+            # past 65504 a float16 activation is inf: --precision int8 changes the weights,
+            # not that, and failed the same way (the int4 hint misled there)
+            hint = (" This profile runs the decoder's activations in float16 "
+                    "(generation.activations), whose largest value is 65504, and the model's "
+                    "outputs are not finite numbers: its activations likely pass that range. "
+                    "ONNX Runtime's CUDA attention kernel takes float16 or bfloat16 only, so "
+                    "this model runs on a GPU profile only once fine-tuned to smaller "
+                    "activations; a CPU profile (arm-cpu, x86-server: float32 activations) "
+                    "runs it as it is.")
         raise BudgetError(f"Accuracy budget {job.budget} broken: {'; '.join(broken)}.{hint} "
                           f"No bundle written; the report is in {rejected}/.")

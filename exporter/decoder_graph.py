@@ -83,6 +83,10 @@ class DecoderShape:
     def from_config(cls, config, context: int) -> DecoderShape:
         if config.model_type == "gpt2":
             return cls.from_gpt2_config(config, context)
+        activation = getattr(config, "hidden_act", "silu")
+        if activation not in ("silu", "swish"):   # the graph's MLP is SwiGLU
+            raise ValueError(f"Llama hidden_act {activation!r} is not supported (silu): the "
+                             f"graph's MLP is SiLU(gate) x up.")
         rope = dict(getattr(config, "rope_scaling", None) or {})
         kind = rope.pop("rope_type", rope.pop("type", "default"))
         if kind not in cls.ROPE_TYPES:
@@ -816,7 +820,9 @@ def float_weights(model) -> DecoderWeights:
 
 def _gpt2_weights(config, state: dict[str, np.ndarray]) -> DecoderWeights:
     """GPT-2's Conv1D matrices are stored [in, out]: transposed here to Linear's [out, in].
-    c_attn is already the fused q|k|v projection; the LM head is tied to wte."""
+    c_attn is already the fused q|k|v projection; the LM head is tied to wte unless the
+    config unties it (tie_word_embeddings false: lm_head.weight, which was ignored, and the
+    logits were wte's)."""
     def lin(name):
         return Linear(weight=state[f"transformer.{name}.weight"].T.copy(),
                       bias=state[f"transformer.{name}.bias"])
@@ -825,8 +831,10 @@ def _gpt2_weights(config, state: dict[str, np.ndarray]) -> DecoderWeights:
         return state[f"transformer.{name}.{part}"]
 
     layers = range(config.n_layer)
+    tied = getattr(config, "tie_word_embeddings", True) or "lm_head.weight" not in state
     return DecoderWeights(
-        embedding=Linear(weight=state["transformer.wte.weight"]), lm_head=None,
+        embedding=Linear(weight=state["transformer.wte.weight"]),
+        lm_head=None if tied else Linear(weight=state["lm_head.weight"]),
         input_norms=[norm(f"h.{i}.ln_1", "weight") for i in layers],
         post_attention_norms=[norm(f"h.{i}.ln_2", "weight") for i in layers],
         final_norm=norm("ln_f", "weight"),

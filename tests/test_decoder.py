@@ -1262,6 +1262,132 @@ def test_llama_projection_biases_reach_the_graph(tmp_path, bias):
     assert np.abs(ours - reference).max() < 1e-4 * max(1.0, np.abs(reference).max())
 
 
+def test_an_untied_gpt2_lm_head_reaches_the_graph(tmp_path):
+    # GPT-2 configs with tie_word_embeddings false have an lm_head of their own; the graph
+    # took wte for it, and its logits differed from transformers' by 3.6. (Random weights:
+    # the claim is that the graph computes what the model does.)
+    import onnx
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from exporter.decoder import OnnxDecoder
+    from exporter.decoder_graph import DecoderShape, build, float_weights
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
+                                       n_positions=128, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 1.0)
+    assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+    shape = DecoderShape.from_config(model.config, 64)
+    onnx.save(build(shape, float_weights(model)), tmp_path / "m.onnx")
+    ids = list(range(10, 30))
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0].numpy()
+    ours = OnnxDecoder(tmp_path / "m.onnx", shape).logits(ids)
+    assert np.abs(ours - reference).max() < 1e-4 * max(1.0, np.abs(reference).max())
+
+
+def _llama_dir(path: Path, tokenizer_json: Path, *, weights: bool = True, mlp_scale=1.0,
+               **config) -> Path:
+    """A 2-layer Llama checkpoint at `path` with SmolLM2's tokenizer (random weights, the
+    MLP's up and down projections times `mlp_scale`, or config.json alone)."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                         architectures=["LlamaForCausalLM"], **config)
+    if weights:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.up_proj.weight.mul_(mlp_scale)
+                layer.mlp.down_proj.weight.mul_(mlp_scale)
+        model.save_pretrained(path)
+    else:
+        config.save_pretrained(path)
+    shutil.copyfile(tokenizer_json, path / "tokenizer.json")
+    return path
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"hidden_act": "gelu"}, "Llama hidden_act 'gelu' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling type 'dynamic'"),
+])
+def test_what_the_graph_does_not_build_is_refused_before_the_weights_load(
+        tmp_path, smollm2_tokenizer_json, config, message):
+    """A Llama whose MLP is not SiLU was built as SiLU and failed the float check at the end
+    with "an export bug, please report it"; a rope scaling the graph lacks was refused after
+    the weights loaded. Both are now refused from config.json: this checkpoint has no
+    weights, so any later refusal would name those instead."""
+    from exporter import export
+
+    model = _llama_dir(tmp_path / "llama", smollm2_tokenizer_json, weights=False, **config)
+    lines = []
+    with pytest.raises(ValueError, match=message):
+        export(str(model), target="arm-cpu", precision="float", output=tmp_path / "out",
+               log=lines.append)
+    assert "[build_float]" not in lines and not (tmp_path / "out").exists()
+
+
+def test_a_float16_overflow_is_named_and_a_cpu_profile_exports_it(
+        tmp_path, smollm2_tokenizer_json):
+    """Activations past float16's 65504 (a residual stream near 96,000 in PyTorch) made the
+    jetson bundle's outputs NaN: the rejection blamed int4 rounded from float and advised
+    --precision int8, which failed the same way. It now names float16's range and the CPU
+    profiles, and arm-cpu's export holds the budget."""
+    from exporter import BudgetError, export
+
+    model = _llama_dir(tmp_path / "llama-big", smollm2_tokenizer_json, mlp_scale=3.2e3)
+    with pytest.raises(BudgetError, match=r"not finite numbers.* activations in float16 "
+                                          r"\(generation.activations\), whose largest value "
+                                          r"is 65504.*a CPU profile \(arm-cpu, x86-server") as e:
+        export(str(model), target="jetson", output=tmp_path / "out", log=lambda line: None)
+    assert "--precision int8" not in str(e.value)
+    bundle = export(str(model), target="arm-cpu", output=tmp_path / "out",
+                    log=lambda line: None)
+    assert json.loads((bundle / "manifest.json").read_text())["validation"]["budget_holds"]
+
+
+def test_a_decoders_tokenizer_adds_what_transformers_adds(tmp_path, smollm2_tokenizer_json):
+    """add_bos_token in tokenizer_config.json: transformers rebuilds the post-processor and
+    prompts start with BOS; the bundle copied tokenizer.json as it was, and its prompts did
+    not (other ids, other text, and the export's checks, reading the same copy, agreed)."""
+    import shutil
+
+    import transformers
+
+    from exporter import pipeline
+    from exporter.budget import Budget
+    from exporter.decoder import load_decoder
+    from runtime import Tokenizer
+    from targets import load_target
+
+    model = _llama_dir(tmp_path / "llama-bos", smollm2_tokenizer_json)
+    (model / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>"}))
+    job = pipeline.new_job(str(model), target=load_target("arm-cpu"), task="text-generation",
+                           output=tmp_path / "out", calibration=[], evaluation=[],
+                           budget=Budget.parse("perplexity-increase<=5"), log=lambda line: None)
+    try:
+        load_decoder(job)
+        ours = Tokenizer.from_file(job.workdir / "tokenizer.json")
+        theirs = transformers.AutoTokenizer.from_pretrained(model)
+        for text in ("The capital of France is", "def f(n):\n    return n", ""):
+            assert ours.encode(text) == theirs(text)["input_ids"], text
+        assert ours.encode("Hi")[0] == 1
+        assert job.records["model"]["tokenizer_sections_from_transformers"] == ["post_processor"]
+    finally:
+        shutil.rmtree(job.workdir, ignore_errors=True)
+
+
 def test_a_context_too_small_for_the_checks_is_refused_before_the_build(gpt2_dir, tmp_path):
     """The checks generate text after prompts through the fixed-size cache: a context they
     do not fit was refused halfway ("21 tokens do not fit"), after the build. The least
