@@ -1232,17 +1232,28 @@ def _bundle_logits(bundle, ids, split=3):
         return np.concatenate([head] + [decoder.forward([t]) for t in ids[split:]])
 
 
+def _graph_and_transformers_logits(model, ids: list[int], tmp_path: Path):
+    """(the float decoder graph's logits, transformers' logits) of `model` on `ids`."""
+    import onnx
+    import torch
+
+    from exporter.decoder import OnnxDecoder
+    from exporter.decoder_graph import DecoderShape, build, float_weights
+
+    shape = DecoderShape.from_config(model.config, 64)
+    onnx.save(build(shape, float_weights(model)), tmp_path / "m.onnx")
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0].numpy()
+    return OnnxDecoder(tmp_path / "m.onnx", shape).logits(ids), reference
+
+
 @pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
 def test_llama_projection_biases_reach_the_graph(tmp_path, bias):
     # Llama configs with attention_bias / mlp_bias (Qwen2-style q/k/v biases) lost them: the
     # graph's logits differed from transformers' by about their own size. (Random weights:
     # the claim is that the graph computes what the model does.)
-    import onnx
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from exporter.decoder import OnnxDecoder
-    from exporter.decoder_graph import DecoderShape, build, float_weights
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=64,
@@ -1253,12 +1264,7 @@ def test_llama_projection_biases_reach_the_graph(tmp_path, bias):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
-    shape = DecoderShape.from_config(model.config, 64)
-    onnx.save(build(shape, float_weights(model)), tmp_path / "m.onnx")
-    ids = list(range(10, 30))
-    with torch.no_grad():
-        reference = model(torch.tensor([ids])).logits[0].numpy()
-    ours = OnnxDecoder(tmp_path / "m.onnx", shape).logits(ids)
+    ours, reference = _graph_and_transformers_logits(model, list(range(10, 30)), tmp_path)
     assert np.abs(ours - reference).max() < 1e-4 * max(1.0, np.abs(reference).max())
 
 
@@ -1266,12 +1272,8 @@ def test_an_untied_gpt2_lm_head_reaches_the_graph(tmp_path):
     # GPT-2 configs with tie_word_embeddings false have an lm_head of their own; the graph
     # took wte for it, and its logits differed from transformers' by 3.6. (Random weights:
     # the claim is that the graph computes what the model does.)
-    import onnx
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from exporter.decoder import OnnxDecoder
-    from exporter.decoder_graph import DecoderShape, build, float_weights
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
@@ -1279,12 +1281,7 @@ def test_an_untied_gpt2_lm_head_reaches_the_graph(tmp_path):
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 1.0)
     assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
-    shape = DecoderShape.from_config(model.config, 64)
-    onnx.save(build(shape, float_weights(model)), tmp_path / "m.onnx")
-    ids = list(range(10, 30))
-    with torch.no_grad():
-        reference = model(torch.tensor([ids])).logits[0].numpy()
-    ours = OnnxDecoder(tmp_path / "m.onnx", shape).logits(ids)
+    ours, reference = _graph_and_transformers_logits(model, list(range(10, 30)), tmp_path)
     assert np.abs(ours - reference).max() < 1e-4 * max(1.0, np.abs(reference).max())
 
 
@@ -1450,30 +1447,23 @@ def test_scaled_rotary_frequencies_reach_the_graph(tmp_path, rope_scaling):
     # were refused. original_max_position_embeddings 32 puts every kind of llama3 frequency
     # (kept, blended, slowed down) inside a 40-token test. (Random weights: the claim is that the
     # graph computes what the model does.)
-    import onnx
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from exporter.decoder import OnnxDecoder
-    from exporter.decoder_graph import DecoderShape, build, float_weights
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128, rope_scaling=rope_scaling)
     model = LlamaForCausalLM(config).eval()
-    shape = DecoderShape.from_config(model.config, 64)
     if rope_scaling["rope_type"] == "llama3":
         wavelengths = 2 * np.pi * 10000.0 ** (np.arange(0, 32, 2) / 32)
         assert [(wavelengths < 32 / 4).sum(), (wavelengths > 32).sum()] == [1, 13]
-    onnx.save(build(shape, float_weights(model)), tmp_path / "m.onnx")
     ids = [(7 * i) % 256 for i in range(40)]
+    ours, reference = _graph_and_transformers_logits(model, ids, tmp_path)
     with torch.no_grad():
-        reference = model(torch.tensor([ids])).logits[0].numpy()
         unscaled = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "rope_scaling": None}))
         unscaled.load_state_dict(model.state_dict())
         plain = unscaled.eval()(torch.tensor([ids])).logits[0].numpy()
-    ours = OnnxDecoder(tmp_path / "m.onnx", shape).logits(ids)
     tolerance = 1e-4 * max(1.0, np.abs(reference).max())
     assert np.abs(ours - reference).max() < tolerance
     assert np.abs(plain - reference).max() > 100 * tolerance   # the scaling matters here
