@@ -587,10 +587,74 @@ def _form(lin: Linear) -> str:
     return f"int{lin.bits} blocks of {lin.block_size}, symmetric"
 
 
+def activation_peaks(model, batches) -> dict[str, float]:
+    """The largest |value| each submodule of the PyTorch `model` reads (its first argument) or
+    writes over `batches`, by module name. Every tensor of the decoder graph is one of these:
+    a residual stream is what the next norm reads, the SwiGLU product what down_proj reads
+    (the attention mask, a keyword argument filled with float32's minimum, is not read)."""
+    import torch
+
+    peaks: dict[str, float] = {}
+
+    def watch(name):
+        def hook(module, args, output):
+            if hasattr(output, "to_tuple"):   # a ModelOutput
+                output = output.to_tuple()
+            for value in (args[0] if args else None,
+                          output[0] if isinstance(output, tuple | list) and output else output):
+                if isinstance(value, torch.Tensor) and value.is_floating_point() \
+                        and value.numel():
+                    peaks[name] = max(peaks.get(name, 0.0), float(value.abs().max()))
+        return hook
+
+    handles = [m.register_forward_hook(watch(name))
+               for name, m in model.named_modules() if name]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return peaks
+
+
+def check_float16_range(job) -> dict:
+    """A float16-activation profile (jetson) refused, before its graph is built and
+    validated, for a model whose activations pass 65504 on calibration text: on the device
+    they are inf (validation saw NaN logits only at the end). The record says the headroom."""
+    from .float16 import FLOAT16_MAX
+    from .heal import DECODER_WINDOW, calibration_batches
+
+    # the windows sensitivity scores on: SmolLM2's peak is 22,172 / 26,080 / 25,500 / 24,330
+    # on each batch of 4 (a maximum grows with the text seen; the record says the headroom)
+    batches = calibration_batches(job, purpose="score")
+    peaks = activation_peaks(job.torch_model, batches)
+    windows = sum(len(b["input_ids"]) for b in batches)
+    checked_on = f"{windows} windows of {DECODER_WINDOW} tokens of calibration text"
+    over = sorted(((peak, name) for name, peak in peaks.items() if not peak <= FLOAT16_MAX),
+                  reverse=True)
+    if over:
+        shown = ", ".join(f"{name} reaches {peak:.4g}" for peak, name in over[:5])
+        raise ValueError(
+            f"float16 cannot hold this model's activations: {len(over)} of its modules read or "
+            f"write values past float16's largest, 65504, on {checked_on} ({shown}); on the "
+            f"device they become inf. This profile runs the decoder's activations in float16 "
+            f"(generation.activations) because ONNX Runtime's CUDA attention kernel takes "
+            f"float16 or bfloat16 only; a CPU profile (arm-cpu, x86-server: float32 "
+            f"activations) exports this model as it is.")
+    largest, where = max((peak, name) for name, peak in peaks.items())
+    job.log(f"  float16 range: largest activation {largest:.4g} ({where}), "
+            f"{100 * largest / FLOAT16_MAX:.0f}% of 65504")
+    return {"largest_activation": round(largest, 2), "in": where,
+            "range_checked_on": checked_on}
+
+
 def quantize_decoder(job) -> None:
     """Stage: the bundle's graph with weight-only quantized matrices (over 2 GB, its weights
-    in model.onnx.data beside it)."""
+    in model.onnx.data beside it); float16 activations only where the model's fit."""
     settings = job.target.generation
+    float16 = check_float16_range(job) if settings.activations == "float16" else None
     quantized, record = quantized_weights(job, settings.weights)
     job.quantized_onnx = job.workdir / "model.onnx"
     build_file(job.quantized_onnx, job.decoder_shape, quantized,
@@ -599,8 +663,9 @@ def quantize_decoder(job) -> None:
                exact_top_logits=settings.exact_top_logits)
     record["activations"] = settings.activations
     if settings.activations == "float16":
-        record["float16"] = ("activations, KV cache, norms and float weights in float16; "
-                             "int blocks keep float16 scales; logits cast to float32")
+        record["float16"] = {"what": "activations, KV cache, norms and float weights in "
+                                     "float16; int blocks keep float16 scales; logits cast "
+                                     "to float32", **float16}
     job.records["quantization"] = {"mode": "weight-only", **record}
     job.log(f"  {record['weights']}: {record['matrices']}; embedding {record['embedding']} "
             f"({record.get('source', '')}), {graph_bytes(job.quantized_onnx) / 1e6:.1f} MB")

@@ -195,7 +195,11 @@ def render_decoder_markdown(data: dict) -> str:
                   f"- embedding: {q['embedding']}; LM head: {q.get('lm_head', 'float32')}",
                   *([f"- MatMulNBits accuracy level {q['accuracy_level']} (int4 blocks), "
                      f"{q.get('int8_accuracy_level')} (8-bit blocks)"]
-                    if "accuracy_level" in q else []), ""]
+                    if "accuracy_level" in q else []),
+                  *([f"- float16 activations: largest {h['largest_activation']:,.0f} "
+                     f"({100 * h['largest_activation'] / 65504:.0f}% of float16's 65504, "
+                     f"in `{h['in']}`) on {h['range_checked_on']}"]
+                    if isinstance(h := q.get("float16"), dict) else []), ""]
     if v:
         m, pd, sp = v["metrics"], v["perplexity_data"], v["speed"]
         size, rss = v["size_bytes"], v["peak_rss_mb"]

@@ -1333,20 +1333,35 @@ def test_what_the_graph_does_not_build_is_refused_before_the_weights_load(
     assert "[build_float]" not in lines and not (tmp_path / "out").exists()
 
 
-def test_a_float16_overflow_is_named_and_a_cpu_profile_exports_it(
-        tmp_path, smollm2_tokenizer_json):
+def test_a_float16_overflow_is_refused_before_the_build_and_a_cpu_profile_exports_it(
+        tmp_path, smollm2_tokenizer_json, monkeypatch):
     """Activations past float16's 65504 (a residual stream near 96,000 in PyTorch) made the
-    jetson bundle's outputs NaN: the rejection blamed int4 rounded from float and advised
-    --precision int8, which failed the same way. It now names float16's range and the CPU
-    profiles, and arm-cpu's export holds the budget."""
+    jetson bundle's outputs NaN, found only by validation, whose rejection blamed int4 rounded
+    from float and advised --precision int8, which failed the same way. The range is now
+    checked on calibration text before the graph is built, naming the modules, float16's
+    range and the CPU profiles; arm-cpu's export holds the budget. Validation's hint stays
+    for what the check's windows miss (here: the check made to pass)."""
     from exporter import BudgetError, export
 
     model = _llama_dir(tmp_path / "llama-big", smollm2_tokenizer_json, mlp_scale=3.2e3)
+    lines = []
+    with pytest.raises(ValueError, match=r"float16 cannot hold this model's activations: \d+ "
+                                         r"of its modules .* past float16's largest, 65504, "
+                                         r"on 16 windows of 128 tokens .*model\.layers\.\d+"
+                                         r"\.\w+.* reaches .*a CPU profile \(arm-cpu, "
+                                         r"x86-server") as e:
+        export(str(model), target="jetson", output=tmp_path / "out", log=lines.append)
+    assert "--precision int8" not in str(e.value) and not isinstance(e.value, BudgetError)
+    assert "[quantize_decoder]" in lines and "[validate_decoder]" not in lines
+    assert not (tmp_path / "out").exists()
+
+    monkeypatch.setattr("exporter.float16.FLOAT16_MAX", float("inf"))
     with pytest.raises(BudgetError, match=r"not finite numbers.* activations in float16 "
                                           r"\(generation.activations\), whose largest value "
                                           r"is 65504.*a CPU profile \(arm-cpu, x86-server") as e:
         export(str(model), target="jetson", output=tmp_path / "out", log=lambda line: None)
     assert "--precision int8" not in str(e.value)
+    monkeypatch.undo()
     bundle = export(str(model), target="arm-cpu", output=tmp_path / "out",
                     log=lambda line: None)
     assert json.loads((bundle / "manifest.json").read_text())["validation"]["budget_holds"]
@@ -1793,6 +1808,10 @@ def test_jetson_decoder_is_float16_on_cuda(gpt2_dir, tmp_path, precision):
     assert manifest["target"]["runtime"]["execution_providers"] == [
         "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert manifest["quantization"]["activations"] == "float16"
+    headroom = manifest["quantization"]["float16"]   # checked before the build
+    assert 0 < headroom["largest_activation"] < 65504 and headroom["in"]   # a module name
+    assert headroom["range_checked_on"].startswith("16 windows of 128 tokens")
+    assert f"in `{headroom['in']}`) on 16 windows" in (bundle / "report.md").read_text()
     past = next(i for i in manifest["inputs"] if i["name"] == "past_key.0")
     assert past["dtype"] == "float16"
     graph = onnx.load(bundle / "model.onnx").graph
