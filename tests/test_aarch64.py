@@ -66,27 +66,64 @@ def _compiler_skip_reason() -> str | None:
     return None
 
 
+def start_under_qemu(*args: str) -> subprocess.Popen:
+    """The emulated aarch64 Python started with `args` (finish it with `finish`). qemu-user
+    runs one emulated thread on one host core: two of these at once use a 2-core host's
+    second core, which the test process leaves idle while it waits."""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(SITE), "PYTHONNOUSERSITE": "1"}
+    return subprocess.Popen(["qemu-aarch64", "-L", str(SYSROOT), str(PYTHON), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(process: subprocess.Popen, timeout: int = 900) -> str:
+    """stdout of a `start_under_qemu` process; asserts it succeeded."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        process.kill()   # a no-op once it has ended
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout
+
+
+def finish_all(processes: list[subprocess.Popen]) -> list[str]:
+    """`finish` each; where one fails, the others are killed, not left running."""
+    try:
+        return [finish(process) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+
+
 def run_under_qemu(*args: str, timeout: int = 900) -> str:
     """stdout of the emulated aarch64 Python run with `args`; asserts it succeeded."""
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(SITE), "PYTHONNOUSERSITE": "1"}
-    result = subprocess.run(["qemu-aarch64", "-L", str(SYSROOT), str(PYTHON), *args],
-                            capture_output=True, text=True, env=env, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    return finish(start_under_qemu(*args), timeout)
 
 
-def embed_under_qemu(bundle: Path, texts: list[str], tmp_path: Path) -> np.ndarray:
-    """The runtime package alone embeds `texts` with `bundle` in the emulated aarch64 Python.
-    Its C tokenizer is built for x86, so the emulated Python takes the pure-Python twin,
-    exactly as on a board without the compiled extension."""
+def embed_under_qemu(bundle: Path, texts: list[str], tmp_path: Path,
+                     x86=lambda: None) -> tuple[np.ndarray, object]:
+    """The runtime package alone embeds `texts` with `bundle` in the emulated aarch64 Python
+    (two processes, half of the texts each), while this process computes `x86()`; both
+    results. Its C tokenizer is built for x86, so the emulated Python takes the pure-Python
+    twin, exactly as on a board without the compiled extension."""
     shutil.copytree(ROOT / "runtime", tmp_path / "pkg" / "runtime",
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"), dirs_exist_ok=True)
-    (tmp_path / "texts.json").write_text(json.dumps(texts))
-    stdout = run_under_qemu("-c", PROBE, str(tmp_path / "pkg"), str(bundle),
-                            str(tmp_path / "texts.json"), str(tmp_path / "arm.npy"))
-    facts = json.loads(stdout.strip().splitlines()[-1])
-    assert facts == {"machine": "aarch64", "tokenizer": "python", "heavy": []}
-    return np.load(tmp_path / "arm.npy")
+    half = (len(texts) + 1) // 2
+    processes = []
+    for i, part in enumerate((texts[:half], texts[half:])):
+        (tmp_path / f"texts{i}.json").write_text(json.dumps(part))
+        processes.append(start_under_qemu("-c", PROBE, str(tmp_path / "pkg"), str(bundle),
+                                          str(tmp_path / f"texts{i}.json"),
+                                          str(tmp_path / f"arm{i}.npy")))
+    try:
+        ours = x86()
+    finally:
+        stdouts = finish_all(processes)
+    for stdout in stdouts:
+        facts = json.loads(stdout.strip().splitlines()[-1])
+        assert facts == {"machine": "aarch64", "tokenizer": "python", "heavy": []}
+    arm = np.concatenate([np.load(tmp_path / f"arm{i}.npy") for i in range(2)])
+    assert arm.shape[0] == len(texts)
+    return arm, ours
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -114,8 +151,9 @@ def embed_exactly_on_x86(bundle: Path, texts: list[str], tmp_path: Path) -> np.n
 def test_arm_cpu_bundle_under_aarch64_emulation_matches_x86(minilm_bundle, eval_texts,
                                                             tmp_path):
     texts = eval_texts[:40]
-    x86 = embed_exactly_on_x86(minilm_bundle, texts, tmp_path)
-    cosine = cosines(embed_under_qemu(minilm_bundle, texts, tmp_path), x86)
+    arm, x86 = embed_under_qemu(minilm_bundle, texts, tmp_path,
+                                lambda: embed_exactly_on_x86(minilm_bundle, texts, tmp_path))
+    cosine = cosines(arm, x86)
     # Measured here (qemu 7.2, onnxruntime 1.32, today's default bundle): these 40 texts
     # mean 0.99993, min 0.99843 (text 17); all 200: mean
     # 0.99996, min 0.99843, 14 texts under 0.9999. The cause: ONNX Runtime's float32
@@ -153,8 +191,10 @@ def test_portable_rounding_gives_x86_embeddings_on_aarch64(portable_bundle, eval
     """Every uint8 code the same on both CPUs: only the last LayerNorm (no quantizer reads
     it) differs, by float32 rounding (measured: cosine 1.000000, 1 - cosine <= 2e-7, on
     1000 held-out texts)."""
-    x86 = embed_exactly_on_x86(portable_bundle, eval_texts, tmp_path)
-    cosine = cosines(embed_under_qemu(portable_bundle, eval_texts, tmp_path), x86)
+    arm, x86 = embed_under_qemu(portable_bundle, eval_texts, tmp_path,
+                                lambda: embed_exactly_on_x86(portable_bundle, eval_texts,
+                                                             tmp_path))
+    cosine = cosines(arm, x86)
     print(f"portable rounding, aarch64 vs x86 cosine on {len(cosine)} texts: "
           f"mean {cosine.mean():.7f}, min {cosine.min():.7f}")
     assert cosine.min() >= 0.9999, (cosine.mean(), cosine.min())
@@ -190,16 +230,23 @@ def aarch64_runtime(tmp_path_factory) -> Path:
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     generated = pkg.parent / "generated"
     generated.mkdir()
-    run_under_qemu(str(ROOT / "runtime" / "_gen_tables.py"),
-                   str(generated / "_tokenizer_tables.h"))
+    tables = start_under_qemu(str(ROOT / "runtime" / "_gen_tables.py"),
+                              str(generated / "_tokenizer_tables.h"))
     suffix = ".cpython-311-aarch64-linux-gnu.so"
-    for name, flags in [("_tokenizer_c", ["-pthread"]), ("_kernels", [])]:
+
+    def compile_(name: str, *flags: str) -> None:
         command = [*CC.split(), "-shared", "-fPIC", "-O2", *flags,
                    f"-I{INCLUDE}", f"-I{INCLUDE / 'python3.11'}", f"-I{generated}",
                    str(ROOT / "runtime" / f"{name}.c"),
                    "-o", str(pkg / "runtime" / (name + suffix))]
         result = subprocess.run(command, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
+
+    try:
+        compile_("_kernels")   # needs no generated table: built while they are
+    finally:
+        finish(tables)
+    compile_("_tokenizer_c", "-pthread")
     return pkg
 
 
@@ -228,16 +275,21 @@ def test_c_tokenizer_built_for_aarch64_gives_x86_ids(aarch64_runtime, real_texts
         "smollm2": {"path": str(smollm2_tokenizer_json), "one": BPE_EDGE_CASES + BPE_HARD_TEXTS,
                     "batch": real_texts + code_points + BPE_HARD_TEXTS},
     }
-    # Lone surrogates travel raw: json would read an escaped pair back as one character.
-    (tmp_path / "cases.json").write_text(json.dumps(cases, ensure_ascii=False),
-                                         encoding="utf-8", errors="surrogatepass")
-    run_under_qemu("-c", TOKENIZE, str(aarch64_runtime), str(tmp_path / "cases.json"),
-                   str(tmp_path / "ids.json"))
-    arm = json.loads((tmp_path / "ids.json").read_text())
-    # No vector path for aarch64 yet: the kernel library loads and registers nothing.
-    assert (arm["machine"], arm["tokenizer"], arm["kernels"]) == ("aarch64", "c", "off")
+    # One emulated process per model, at once. Lone surrogates travel raw: json would read
+    # an escaped pair back as one character.
+    processes = []
+    for name, case in cases.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({name: case}, ensure_ascii=False),
+                                               encoding="utf-8", errors="surrogatepass")
+        processes.append(start_under_qemu("-c", TOKENIZE, str(aarch64_runtime),
+                                          str(tmp_path / f"{name}.json"),
+                                          str(tmp_path / f"{name}-ids.json")))
+    finish_all(processes)
     assert runtime.Tokenizer.backend == "c", "the x86 side needs the C extension built"
     for name, case in cases.items():
+        arm = json.loads((tmp_path / f"{name}-ids.json").read_text())
+        # No vector path for aarch64 yet: the kernel library loads and registers nothing.
+        assert (arm["machine"], arm["tokenizer"], arm["kernels"]) == ("aarch64", "c", "off")
         x86 = runtime.Tokenizer.from_file(case["path"])
         for mode, texts in [("batch", case["batch"]), ("one", case["one"])]:
             expected = x86.encode_batch(texts)
