@@ -586,10 +586,11 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
         for line in data_warnings(task, profile, calibration_set, evaluation_set, compression):
             job.log(f"warning: {line}")
         if task == "text-generation" and calibration is not None \
-                and not (compression is not None and compression.active):
+                and not (compression is not None and compression.active) \
+                and profile.generation.activations != "float16":
             job.log("warning: a decoder's calibration text ranks and heals compression, and "
                     "this export compresses nothing, so it is not read (weight-only int4/int8 "
-                    "needs no calibration).")
+                    "needs no calibration; float16 profiles check their range on it).")
         return pipeline.run(job)
     except BudgetError:
         # A rejection before validation (compression alone breaks a decoder's budget, the

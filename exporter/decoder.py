@@ -168,8 +168,9 @@ def load_decoder(job) -> None:
     job.log(f"  {model.config.model_type} decoder, {model.config.num_hidden_layers} layers, "
             f"{params / 1e6:.1f}M parameters, context {job.max_length}, eos {eos_ids}")
     eval_windows(job)   # too little evaluation text: refused now, not after the build
-    if job.records.get("calibration_source") and job.compression is not None \
-            and job.compression.active:   # what compression will rank and heal on
+    if job.records.get("calibration_source") and (
+            job.compression is not None and job.compression.active   # ranked and healed on
+            or job.target.generation.activations == "float16"):     # check_float16_range's
         _user_windows(job, job.calibration, "calibration")
 
 

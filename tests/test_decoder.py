@@ -1354,6 +1354,13 @@ def test_a_float16_overflow_is_refused_before_the_build_and_a_cpu_profile_export
     assert "--precision int8" not in str(e.value) and not isinstance(e.value, BudgetError)
     assert "[quantize_decoder]" in lines and "[validate_decoder]" not in lines
     assert not (tmp_path / "out").exists()
+    # the check reads the user's calibration text: too little of it, refused at load
+    lines.clear()
+    with pytest.raises(ValueError, match=r"The calibration text \(.*\) has \d+ tokens; a "
+                                         r"decoder needs at least one window of 128"):
+        export(str(model), target="jetson", calibration=["Just one short line."],
+               output=tmp_path / "out", log=lines.append)
+    assert "[build_float]" not in lines and not any("is not read" in line for line in lines)
 
     monkeypatch.setattr("exporter.float16.FLOAT16_MAX", float("inf"))
     with pytest.raises(BudgetError, match=r"not finite numbers.* activations in float16 "
@@ -1362,9 +1369,13 @@ def test_a_float16_overflow_is_refused_before_the_build_and_a_cpu_profile_export
         export(str(model), target="jetson", output=tmp_path / "out", log=lambda line: None)
     assert "--precision int8" not in str(e.value)
     monkeypatch.undo()
-    bundle = export(str(model), target="arm-cpu", output=tmp_path / "out",
-                    log=lambda line: None)
+    lines.clear()
+    bundle = export(str(model), target="arm-cpu", calibration=["Just one short line."],
+                    output=tmp_path / "out", log=lines.append)
     assert json.loads((bundle / "manifest.json").read_text())["validation"]["budget_holds"]
+    # float32 activations: nothing reads a decoder's calibration text here, as it warns
+    assert any(line.startswith("warning: a decoder's calibration text") and "is not read" in
+               line for line in lines)
 
 
 def test_a_decoders_tokenizer_adds_what_transformers_adds(tmp_path, smollm2_tokenizer_json):
