@@ -627,7 +627,7 @@ def check_float16_range(job) -> dict:
     from .float16 import FLOAT16_MAX
     from .heal import DECODER_WINDOW, calibration_batches
 
-    # the windows sensitivity scores on: SmolLM2's peak is 22,172 / 26,080 / 25,500 / 24,330
+    # the windows compression ranks on: SmolLM2's peak is 22,172 / 26,080 / 25,500 / 24,330
     # on each batch of 4 (a maximum grows with the text seen; the record says the headroom)
     batches = calibration_batches(job, purpose="score")
     peaks = activation_peaks(job.torch_model, batches)
