@@ -645,10 +645,11 @@ def check_float16_range(job) -> dict:
             f"float16 or bfloat16 only; a CPU profile (arm-cpu, x86-server: float32 "
             f"activations) exports this model as it is.")
     largest, where = max((peak, name) for name, peak in peaks.items())
+    share = largest / FLOAT16_MAX
     job.log(f"  float16 range: largest activation {largest:.4g} ({where}), "
-            f"{100 * largest / FLOAT16_MAX:.0f}% of 65504")
-    return {"largest_activation": round(largest, 2), "in": where,
-            "range_checked_on": checked_on}
+            f"{100 * share:.0f}% of {FLOAT16_MAX:.0f}")
+    return {"largest_activation": round(largest, 2), "share_of_float16_max": round(share, 4),
+            "in": where, "range_checked_on": checked_on}
 
 
 def quantize_decoder(job) -> None:

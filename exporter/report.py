@@ -197,7 +197,7 @@ def render_decoder_markdown(data: dict) -> str:
                      f"{q.get('int8_accuracy_level')} (8-bit blocks)"]
                     if "accuracy_level" in q else []),
                   *([f"- float16 activations: largest {h['largest_activation']:,.0f} "
-                     f"({100 * h['largest_activation'] / 65504:.0f}% of float16's 65504, "
+                     f"({100 * h['share_of_float16_max']:.0f}% of float16's largest value, "
                      f"in `{h['in']}`) on {h['range_checked_on']}"]
                     if isinstance(h := q.get("float16"), dict) else []), ""]
     if v:
