@@ -227,7 +227,7 @@ class _Encoder:
         max_content: int | None = None,
     ) -> list[int]:
         """`[*prefix, *content_ids(text)[:max_content], *suffix]`."""
-        ids = self.content_ids(text)
+        ids = self.content_ids(_chars(text))
         if max_content is not None:
             del ids[max_content:]
         ids[:0] = prefix
@@ -248,11 +248,17 @@ class _Encoder:
         """`encode`'s ids, and for each the (start, end) of the characters of `text`
         it came from, as HF's `Encoding.offsets` before any post-processor trimming;
         (0, 0) for `prefix` and `suffix`."""
-        spans = self.content_spans(text)[:max_content]
+        spans = self.content_spans(_chars(text))[:max_content]
         prefix, suffix = list(prefix), list(suffix)
         ids = [*prefix, *(token_id for token_id, _, _ in spans), *suffix]
         offsets = [(0, 0)] * len(prefix) + [(s, e) for _, s, e in spans] + [(0, 0)] * len(suffix)
         return ids, offsets
+
+
+def _chars(text: str) -> str:
+    """`text` as a plain str: a str subclass's own methods (`__len__`, `lower`, `__iter__`,
+    ...) could tell the twin other characters than those HF and the C backend read."""
+    return text if type(text) is str else str.__str__(text)
 
 
 def _is_word_char(char: str) -> bool:

@@ -790,6 +790,36 @@ def test_lone_surrogates_never_crash(tok, hf):
     assert raw.encode("a \ud800 a\udfff") == [1, 0, 0]
 
 
+class _Masked(str):
+    """A str whose own methods tell of other characters than it holds."""
+
+    def __len__(self):
+        return 3
+
+    def __iter__(self):
+        return iter("xyz")
+
+    def __getitem__(self, index):
+        return "x"
+
+    def lower(self):
+        return "zzz"
+
+    def __str__(self):
+        return "zzz"
+
+
+def test_a_str_subclass_is_read_by_its_characters(tok, hf):
+    # The twin read one through the subclass's methods: its ids differed from HF's (C's
+    # were right), and so did the offsets on both backends (they come from the twin).
+    text = _Masked("Hello wörld, again!")
+    expected = hf.encode(str.__str__(text)).ids
+    assert tok.encode(text) == expected
+    assert tok.encode_batch([text, "x"])[0] == expected
+    assert tok.encode(text, max_length=4) == expected[:3] + expected[-1:]
+    assert tok.encode_with_offsets(text).offsets == hf.encode(str.__str__(text)).offsets
+
+
 @pytest.mark.parametrize("module", ["tokenizer.py", "_tokenizer_py.py"])
 def test_tokenizer_modules_import_only_the_standard_library(module):
     # The runtime runs on devices without torch/transformers/tokenizers.

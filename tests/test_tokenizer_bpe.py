@@ -114,6 +114,16 @@ def test_real_text_matches_hf(tok, real_case):
     assert not mismatches[:3], f"{len(mismatches)} of {len(texts)} texts differ"
 
 
+def test_a_str_subclass_is_read_by_its_characters(tok, hf):
+    from test_tokenizer import _Masked  # its methods tell of other characters
+
+    text = _Masked("Hello wörld, <|im_end|> again 123!")
+    expected = hf.encode(str.__str__(text)).ids
+    assert tok.encode(text) == expected
+    assert tok.encode_batch([text, "x"])[0] == expected
+    assert tok.encode_with_offsets(text).offsets == hf.encode(str.__str__(text)).offsets
+
+
 def test_prose_as_one_text_matches_hf(tok, hf, prose):
     text = "\n".join(prose[:3000])
     assert tok.encode(text) == hf.encode(text).ids
