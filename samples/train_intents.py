@@ -79,9 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--freeze-layers", type=int, metavar="N",
+                        help="keep the embeddings and the first N encoder layers as the "
+                             "checkpoint has them and train only the layers above: with 2 of "
+                             "MiniLM's 6, training takes about half the time (the README has "
+                             "the accuracy measured); default: train every layer")
     args = parser.parse_args(argv)
-    for name, least in (("train_size", 1), ("test_size", 2), ("batch_size", 1), ("seed", 0)):
-        if getattr(args, name) < least:
+    for name, least in (("train_size", 1), ("test_size", 2), ("batch_size", 1), ("seed", 0),
+                        ("freeze_layers", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
             parser.error(f"argument --{name.replace('_', '-')}: must be at least {least}, "
                          f"got {getattr(args, name)}")
     if args.seed >= 2**63:   # torch.manual_seed's limit
@@ -151,6 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForSequenceClassification.from_pretrained(
         source, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id=index)
 
+    if args.freeze_layers is not None:   # no gradients for them: fewer to compute
+        layers = model.base_model.encoder.layer
+        if args.freeze_layers > len(layers):
+            parser.error(f"argument --freeze-layers: the model has {len(layers)} encoder "
+                         f"layers, got {args.freeze_layers}")
+        for module in (model.base_model.embeddings, *layers[:args.freeze_layers]):
+            module.requires_grad_(False)
+
     def batch(rows):
         enc = tokenizer([u.text for u in rows], padding=True, truncation=True, max_length=64,
                         return_tensors="pt")
@@ -170,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     weights = torch.tensor([1.0 / np.sqrt(counts[name]) for name in labels], dtype=torch.float32)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights / weights.mean())
     steps = int(args.epochs * len(train) / args.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps,
                                                    pct_start=0.1)
     model.train()
