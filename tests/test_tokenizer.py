@@ -993,11 +993,11 @@ def test_single_word_boundary_matches_hf_on_every_code_point(single_word_tag, ba
     tok = Tokenizer.from_file(path, backend=backend)
     assert tok.encode("<tag>\U0001e030") == hf.encode("<tag>\U0001e030").ids
     texts = [text for _, text in _single_word_texts()]
-    # The twin takes ~45 s over these on one core: a second process takes half of them.
+    # The twin takes ~45 s over these on one core, so a second process (started by the
+    # first submit: none for C) encodes half of them with the tokenizer pickled to it.
     half = len(texts) // 2 if backend == "python" else 0
     with concurrent.futures.ProcessPoolExecutor(
             1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        # (a process starts at the first submit; C has none) the twin pickled: rebuilt from path
         theirs = pool.submit(tok.encode_batch, texts[:half]) if half else None
         mine = [tok.encode(text) for text in texts[half:]]
         got = (theirs.result() if theirs else []) + mine
