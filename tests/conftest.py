@@ -1,12 +1,15 @@
 """Shared fixtures. The expensive things (a real MiniLM export) are built once per session
-and shared by every test that needs them."""
+and shared by every test that needs them: under pytest-xdist, once for all the workers."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,6 +35,11 @@ def _note_missing_install(report) -> None:
             _missing_installs.append(f"{report.nodeid}: {reason}")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker a core, at most 4 (each may hold a decoder export, several GB)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
 def pytest_runtest_logreport(report):
     _note_missing_install(report)
 
@@ -52,17 +60,36 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder `name`, which `build(folder)` fills once for the whole run: under
+    pytest-xdist (each worker is a session of its own) the first worker to ask builds it,
+    holding a lock the others wait on, and every worker reads what it built. A build that
+    failed leaves no mark, and the next worker to ask builds it afresh."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent   # the run's own folder, above each worker's
+    folder, done = root / name, root / f"{name}.built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # let go when the file closes
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)   # a failed build's leftovers
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def minilm_bundle(tmp_path_factory):
     """A real all-MiniLM-L6-v2 arm-cpu bundle, exported once with the profile's defaults,
     and packed beside it as minilm-arm-cpu.tar (--tar)."""
     from exporter import export
 
-    lines: list[str] = []
-    path = export("minilm", target="arm-cpu",
-                  output=tmp_path_factory.mktemp("bundles") / "minilm-arm-cpu",
-                  tar=True, log=lines.append)
-    return path
+    def build(folder: Path) -> None:
+        export("minilm", target="arm-cpu", output=folder / "minilm-arm-cpu", tar=True,
+               log=lambda line: None)
+
+    return built_once(tmp_path_factory, "minilm_bundle", build) / "minilm-arm-cpu"
 
 
 @pytest.fixture(scope="session")
@@ -140,21 +167,26 @@ def smollm2_bundle(tmp_path_factory):
     """A real SmolLM2-135M-Instruct arm-cpu bundle (int4, GGUF blocks carried), exported once."""
     from exporter import export
 
-    return export("smollm2", target="arm-cpu",
-                  output=tmp_path_factory.mktemp("bundles") / "smollm2-arm-cpu",
-                  log=lambda line: None)
+    def build(folder: Path) -> None:
+        export("smollm2", target="arm-cpu", output=folder / "smollm2-arm-cpu",
+               log=lambda line: None)
+
+    return built_once(tmp_path_factory, "smollm2_bundle", build) / "smollm2-arm-cpu"
 
 
 @pytest.fixture(scope="session")
 def device_python(tmp_path_factory):
     """The python of a venv holding what a device has: numpy, onnxruntime and the base
     package (runtime), nothing else; checked with pip freeze."""
-    venv = tmp_path_factory.mktemp("device") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = str(venv / "bin" / "python")
-    pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "numpy", "onnxruntime"], check=True)
-    subprocess.run([*pip, "--no-deps", str(REPO)], check=True)
+    def build(folder: Path) -> None:
+        venv = folder / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        py = str(venv / "bin" / "python")
+        pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run([*pip, "numpy", "onnxruntime"], check=True)
+        subprocess.run([*pip, "--no-deps", str(REPO)], check=True)
+
+    py = str(built_once(tmp_path_factory, "device_python", build) / "venv" / "bin" / "python")
     freeze = subprocess.run([py, "-m", "pip", "freeze"], capture_output=True, text=True,
                             check=True).stdout.lower()
     for heavy in ("torch", "transformers", "optimum", "tokenizers", "onnx=="):
