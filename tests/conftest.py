@@ -35,9 +35,49 @@ def _note_missing_install(report) -> None:
             _missing_installs.append(f"{report.nodeid}: {reason}")
 
 
+# pytest-xdist (pyproject's addopts: `-n auto --dist loadfile --no-loadscope-reorder`) hands
+# out whole test files in collection order, each to the next free worker: the slowest files
+# (CI's --durations, serial) go first, so that no long file starts when the rest are done.
+SLOWEST_FILES = ("test_decoder.py", "test_aarch64.py", "test_classification.py",
+                 "test_export.py", "test_compress.py", "test_tokenizer_bpe.py", "test_jetson.py",
+                 "test_benchmarks.py", "test_stages.py", "test_tokenizer.py", "test_strength.py")
+CPUS = sorted(os.sched_getaffinity(0))   # before a worker takes its share (pytest_configure)
+
+
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: a worker a core, at most 4 (each may hold a decoder export, several GB)."""
-    return max(1, min(len(os.sched_getaffinity(0)), 4))
+    return max(1, min(len(CPUS), 4))
+
+
+def pytest_configure(config):
+    """An xdist worker runs on its own share of the cores, and so does all it starts: a
+    build's onnxruntime and torch threads (sized to the cores a process may use) then do not
+    fight the other worker's for a core, spinning (on 2 cores that made CI slower, not
+    faster)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get(
+        "PYTEST_XDIST_WORKER_COUNT")
+    if worker and count and len(CPUS) >= int(count) > 1:
+        share = len(CPUS) // int(count)
+        index = int(worker.removeprefix("gw"))
+        os.sched_setaffinity(0, CPUS[index * share:(index + 1) * share])
+
+
+@pytest.fixture
+def every_cpu():
+    """The test runs on all the cores this run started with, not its xdist worker's share
+    (for what only happens on several: the C tokenizer's batch threads)."""
+    share = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, CPUS)
+    yield len(CPUS)
+    os.sched_setaffinity(0, share)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return SLOWEST_FILES.index(name) if name in SLOWEST_FILES else len(SLOWEST_FILES)
+
+    items.sort(key=rank)   # stable: a file's tests keep their order
 
 
 def pytest_runtest_logreport(report):

@@ -766,7 +766,8 @@ def _surrogates_as(text: str, replacement: str) -> str:
     return "".join(replacement if 0xD800 <= ord(c) < 0xE000 else c for c in text)
 
 
-def test_big_batches_split_over_threads_match_encode_and_hf(real_texts, smollm2_tokenizer_json):
+def test_big_batches_split_over_threads_match_encode_and_hf(real_texts, smollm2_tokenizer_json,
+                                                             every_cpu):
     # encode_batch gives each thread a contiguous run of texts (one per 32k
     # chars, up to 8 and the CPU count) and joins their ids in order.
     tokenizers = pytest.importorskip("tokenizers")
@@ -780,6 +781,7 @@ def test_big_batches_split_over_threads_match_encode_and_hf(real_texts, smollm2_
         texts.append(" ".join(words))
     texts[1500] = ""
     assert sum(map(len, texts)) > 8 * 32768
+    assert _tokenizer_c.batch_threads(sum(map(len, texts)), len(texts)) == min(every_cpu, 8)
     # One text longer than all others together, first or last: a thread may get none.
     lopsided = [["x y " * 50_000, "a", "b c"], ["a", "b c", "é " * 100_000]]
     cases = [
