@@ -986,21 +986,10 @@ def test_single_word_boundary_matches_hf_on_every_code_point(single_word_tag, ba
     """A single_word token next to a letter, mark or digit of Unicode 15/16 (U+1E030,
     U+0897, U+11F50...) is not a word of its own for HF (Rust regex `\\w` is Unicode 16);
     Python 3.11's unicodedata (14.0) did not know them, and the token was taken."""
-    import concurrent.futures
-    import multiprocessing
-
     path, hf, expected = single_word_tag
     tok = Tokenizer.from_file(path, backend=backend)
     assert tok.encode("<tag>\U0001e030") == hf.encode("<tag>\U0001e030").ids
-    texts = [text for _, text in _single_word_texts()]
-    # The twin takes ~45 s over these on one core, so a second process (started by the
-    # first submit: none for C) encodes half of them with the tokenizer pickled to it.
-    half = len(texts) // 2 if backend == "python" else 0
-    with concurrent.futures.ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        theirs = pool.submit(tok.encode_batch, texts[:half]) if half else None
-        mine = [tok.encode(text) for text in texts[half:]]
-        got = (theirs.result() if theirs else []) + mine
+    got = [tok.encode(text) for _, text in _single_word_texts()]
     for (i, _), ids, want in zip(_single_word_texts(), got, expected, strict=True):
         assert array("i", ids) == want, i
 
