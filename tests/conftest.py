@@ -41,7 +41,10 @@ def _note_missing_install(report) -> None:
 SLOWEST_FILES = ("test_decoder.py", "test_aarch64.py", "test_classification.py",
                  "test_export.py", "test_compress.py", "test_tokenizer_bpe.py", "test_jetson.py",
                  "test_benchmarks.py", "test_stages.py", "test_tokenizer.py", "test_strength.py")
-CPUS = sorted(os.sched_getaffinity(0))   # before a worker takes its share (pytest_configure)
+# The cores this run may use, before a worker takes its share (pytest_configure); where the
+# OS cannot say or set them (macOS), workers share them all.
+PINNED = hasattr(os, "sched_getaffinity") and hasattr(os, "sched_setaffinity")
+CPUS = sorted(os.sched_getaffinity(0)) if PINNED else list(range(os.cpu_count() or 1))
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -54,18 +57,21 @@ def pytest_configure(config):
     build's onnxruntime and torch threads (sized to the cores a process may use) then do not
     fight the other worker's for a core, spinning (on 2 cores that made CI slower, not
     faster)."""
-    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get(
-        "PYTEST_XDIST_WORKER_COUNT")
-    if worker and count and len(CPUS) >= int(count) > 1:
-        share = len(CPUS) // int(count)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if PINNED and worker and len(CPUS) >= count > 1:
         index = int(worker.removeprefix("gw"))
-        os.sched_setaffinity(0, CPUS[index * share:(index + 1) * share])
+        os.sched_setaffinity(0, CPUS[index * len(CPUS) // count:
+                                     (index + 1) * len(CPUS) // count])
 
 
 @pytest.fixture
 def every_cpu():
     """The test runs on all the cores this run started with, not its xdist worker's share
     (for what only happens on several: the C tokenizer's batch threads)."""
+    if not PINNED:
+        yield len(CPUS)
+        return
     share = os.sched_getaffinity(0)
     os.sched_setaffinity(0, CPUS)
     yield len(CPUS)
