@@ -26,7 +26,7 @@ import logging
 import onnx
 
 from . import graph_file
-from .feeds import encoder_feeds, ort_session
+from .feeds import encoder_batches, ort_session
 from .to_onnx import masked_max_abs
 
 # transformers model_type -> onnxruntime.transformers optimizer model type.
@@ -126,8 +126,8 @@ def max_output_diff(job, a, b, texts: list[str]) -> float:
     """Max |a - b| over the real (unpadded) token states of two graphs on `texts`."""
     first, second = ort_session(a), ort_session(b)
     worst = 0.0
-    for feeds in encoder_feeds(job.workdir / "tokenizer.json", texts, first,
-                               max_length=job.max_length, batch_size=8):
+    for _, feeds in encoder_batches(job.workdir / "tokenizer.json", texts, first,
+                                    max_length=job.max_length, batch_size=8):
         worst = max(worst, masked_max_abs(first.run(None, feeds)[0], second.run(None, feeds)[0],
                                           feeds["attention_mask"]))
     return worst

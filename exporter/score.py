@@ -17,7 +17,7 @@ import onnx
 
 from .budget import ABSOLUTE_METRICS, LABELLED_METRICS, Budget
 from .exact import exact_products, scores_exactly
-from .feeds import encoder_feeds, ort_session, pool
+from .feeds import encoder_batches, ort_session, pool
 from .graph_file import graph_session
 from .validate import classification_metrics, cosine_rows
 
@@ -48,11 +48,15 @@ class Scorer:
     def __init__(self, job, utterances, *, threads: int = 0, original: bool = True):
         self.job, self.threads = job, threads
         self.exact = scores_exactly(job.target)  # the device's integer products (exact.py)
-        self.utterances = list(utterances)
-        self.texts = [u.text for u in self.utterances]
+        utterances = list(utterances)
         session = ort_session(job.float_onnx, threads=threads)
-        self.feeds = list(encoder_feeds(job.workdir / "tokenizer.json", self.texts, session,
-                                        max_length=job.max_length, batch_size=BATCH))
+        batched = list(encoder_batches(job.workdir / "tokenizer.json",
+                                       [u.text for u in utterances], session,
+                                       max_length=job.max_length, batch_size=BATCH))
+        self.feeds = [feeds for _, feeds in batched]
+        # in the batches' order (shortest first), which every metric here is free of
+        self.utterances = [utterances[i] for indices, _ in batched for i in indices]
+        self.texts = [u.text for u in self.utterances]
         original = getattr(job, "reference_model", None) if original else None
         # A compressed model's budget holds against the original, as validation checks it:
         # scored against the compressed float graph, the search stopped where validation

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from .feeds import encoder_feeds, host_threads, ort_session
+from .feeds import encoder_batches, host_threads, ort_session
 from .graph_file import graph_bytes
 
 
@@ -83,8 +83,8 @@ def check_float(job) -> None:
     session = ort_session(job.float_onnx, threads=host_threads(job.target))
     texts = [u.text for u in job.evaluation[:64]]
     worst = 0.0
-    for feeds in encoder_feeds(job.workdir / "tokenizer.json", texts, session,
-                               max_length=job.max_length, batch_size=8):
+    for _, feeds in encoder_batches(job.workdir / "tokenizer.json", texts, session,
+                                    max_length=job.max_length, batch_size=8):
         ours = session.run(None, feeds)[0]
         reference = torch_output(job.torch_model, feeds)
         worst = max(worst, masked_max_abs(ours, reference, feeds["attention_mask"]))

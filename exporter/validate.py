@@ -22,7 +22,7 @@ from runtime.model import usable_cores
 from .budget import BudgetError, decimals, rounded
 from .data import unlabelled_text
 from .exact import exact_products, host_saturates, scores_exactly
-from .feeds import encoder_feeds, host_threads, ort_session, pad_batch, pool
+from .feeds import encoder_batches, encoder_feeds, host_threads, ort_session, pad_batch, pool
 from .graph_file import graph_bytes, graph_session
 from .progress import progress
 from .quantize import kib_to_mb
@@ -34,10 +34,11 @@ from .to_onnx import torch_output
 def outputs(job, session, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per-text output vectors of the session and of PyTorch float, (texts, dim) each:
     pooled sentence embeddings for feature-extraction, logits for text-classification."""
-    ours, ref = [], []
-    batches = encoder_feeds(job.workdir / "tokenizer.json", texts, session,
-                            max_length=job.max_length, batch_size=16)
-    for feeds in progress(batches, total=-(-len(texts) // 16), desc="validating (accuracy)"):
+    ours, ref, order = [], [], []
+    batches = encoder_batches(job.workdir / "tokenizer.json", texts, session,
+                              max_length=job.max_length, batch_size=16)
+    for indices, feeds in progress(batches, total=-(-len(texts) // 16),
+                                   desc="validating (accuracy)"):
         reference = job.torch_model if job.reference_model is None else job.reference_model
         pair = session.run(None, feeds)[0], torch_output(reference, feeds)
         if job.pooling:
@@ -45,7 +46,9 @@ def outputs(job, session, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
                               normalize=False) for x in pair)
         ours.append(pair[0])
         ref.append(pair[1])
-    return np.concatenate(ours), np.concatenate(ref)
+        order += indices
+    rows = np.argsort(order)   # the batches' order (by length) back to the texts'
+    return np.concatenate(ours)[rows], np.concatenate(ref)[rows]
 
 
 def truncation(job, texts: list[str], input_names: list[str]) -> dict:

@@ -347,6 +347,28 @@ def test_bundle_quality_against_pytorch(minilm_bundle, torch_minilm, eval_texts)
     assert cosine.min() >= 0.98, cosine.min()
 
 
+def test_validation_rows_follow_the_texts_though_batches_go_by_length(minilm_bundle,
+                                                                     torch_minilm, eval_texts):
+    """Validation batches texts of similar lengths together (less padding); its rows, the
+    bundle's and PyTorch's, come back in the texts' order, each the embedding of its text."""
+    import types
+
+    from exporter.validate import outputs
+
+    texts = sorted(eval_texts[:40], key=len, reverse=True)   # longest first: sorting moves all
+    model = runtime.load(minilm_bundle)
+    job = types.SimpleNamespace(workdir=minilm_bundle, max_length=model.max_length,
+                                torch_model=torch_minilm, reference_model=None,
+                                pooling={"mode": "mean"})
+    ours, ref = outputs(job, model.session, texts)
+    ours /= np.linalg.norm(ours, axis=1, keepdims=True)
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    one_by_one = np.concatenate([model.embed([t]) for t in texts])
+    assert ((ours * one_by_one).sum(axis=1) > 0.99999).all()
+    assert ((ref * torch_embeddings(torch_minilm, model.tokenizer, texts)).sum(axis=1)
+            > 0.99999).all()
+
+
 def test_broken_budget_fails_loudly_and_keeps_the_old_bundle(tmp_path, minilm_bundle):
     import shutil
 
