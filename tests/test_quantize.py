@@ -23,7 +23,7 @@ from exporter.quantize import (
     kl_threshold,
     weight_matmuls,
 )
-from exporter.sensitivity import Step, search, size_limit
+from exporter.sensitivity import Step, each_scored, search, size_limit
 from runtime.model import ort_session
 from targets import load_target
 
@@ -330,6 +330,48 @@ def test_budget_search_too_strict_ends_on_the_best_reached():
     assert not any(s.holds for s in steps)
     assert [s.float_group for s in steps] == [None, "a", "b", "c"]
     assert steps[-1].metrics["cosine"] == 0.998
+
+
+def test_graphs_scored_at_once_come_back_in_order():
+    """The sensitivity stage scores its group graphs on several threads: the results keep
+    the groups' order, and the threads did overlap."""
+    import threading
+    import time
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def score(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02 * (i % 3))   # later items finish first
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    assert each_scored(list(range(12)), score, workers=3, desc="t") == [i * i for i in range(12)]
+    assert most[0] == 3
+    assert each_scored(list(range(5)), score, workers=1, desc="t") == [0, 1, 4, 9, 16]
+
+
+def test_a_failed_scoring_cancels_the_graphs_not_yet_begun():
+    """A failure (or a SIGTERM, raised in the main thread) does not wait for the other 40
+    graphs of the stage: those not begun are cancelled."""
+    import time
+
+    begun = []
+
+    def score(i):
+        begun.append(i)
+        if i == 1:
+            raise RuntimeError("graph 1 failed")
+        time.sleep(0.05)
+        return i
+
+    with pytest.raises(RuntimeError, match="graph 1 failed"):
+        each_scored(list(range(40)), score, workers=2, desc="t")
+    assert len(begun) < 10, begun
 
 
 def test_bundle_records_sensitivity_for_every_group(minilm_bundle):
