@@ -37,8 +37,8 @@ def encoder_batches(tokenizer_json: Path, texts: Sequence[str], session, *, max_
     """(indices into `texts`, feeds) per batch, texts of similar token counts together, as
     the runtime's embed() and classify() batch them (runtime.model.batches): less compute
     goes to padding. MiniLM's 100 calibration utterances in batches of 16 pad to 1,212
-    positions in text order, 844 sorted (790 tokens): its int8 graph runs them in 150-165
-    ms sorted against 225-245 ms on one core, and the sensitivity stage scores ~55 graphs
+    positions in text order, 844 sorted (790 tokens): its int8 graph runs them in 149-166
+    ms sorted against 227-245 ms on one core, and the sensitivity stage scores ~55 graphs
     on them."""
     names = [i.name for i in session.get_inputs()]
     yield from batches(Tokenizer.from_file(tokenizer_json), texts, max_length=max_length,
