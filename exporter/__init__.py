@@ -413,7 +413,8 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
            accuracy_budget: str | None = None, precision: str | None = None,
            stages: int | None = None, requantize: bool = False,
            compression: Compression | None = None, max_model_mb: float | None = None,
-           max_latency_ms: float | None = None, tar: bool = False, log=None) -> Path:
+           max_latency_ms: float | None = None, tar: bool = False,
+           sign_key: str | Path | None = None, log=None) -> Path:
     """Export `model` (a checkpoint directory, a .gguf file or a packaged name) for `target`.
 
     `calibration`/`evaluation` are .txt/.jsonl paths or lists of texts; by default, disjoint
@@ -432,7 +433,9 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
     exporter then picks the weakest compression that meets it within the accuracy budget
     (`exporter.strength`; `compression` may then only set heal_steps, to heal each candidate).
     `tar=True` also writes `<output>.tar`, the bundle as one file for flashing
-    (`runtime.unpack` installs it, verified).
+    (`runtime.unpack` installs it, verified). `sign_key` (an Ed25519 private key's PEM file,
+    `exporter.sign`) signs the bundle: manifest.sig, which `runtime.load(path,
+    signed_by=PUBLIC_KEY)` requires.
 
         >>> export("minilm", target="x86-server", accuracy_budget="cosine>=0.98")
         PosixPath('build/minilm-x86-server')
@@ -467,6 +470,14 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
     if isinstance(output, str) and not output.strip():
         raise ValueError(f"Output {output!r} names no directory; leave it out for the "
                          f"default (build/<model>-<target>/).")
+    signing_key = None
+    if sign_key is not None:   # a missing or wrong key is refused now, not after the work
+        from .sign import load_signing_key
+
+        if not isinstance(sign_key, (str, os.PathLike)):
+            raise TypeError(f"sign_key must be the path of a private key (.pem), got "
+                            f"{type(sign_key).__name__}.")
+        signing_key = load_signing_key(sign_key)
     profile = target if isinstance(target, Target) else load_target(target)
     generative = model in PACKAGED_GGUF or is_gguf_path(model)
     inferred = infer_task(model if generative else resolve_model_dir(model))
@@ -561,6 +572,7 @@ def export(model: str | Path = "minilm", *, target: str | Path | Target,
     try:   # from here on, however the export ends, its work directory goes
         job.requantize = requantize
         job.archive = archive
+        job.signing_key = signing_key
         if overlap:
             job.records["eval_texts_in_calibration"] = overlap
         for key, given, count in (("eval_source", evaluation, len(evaluation_set)),

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tar", action="store_true",
                         help="also write <output>.tar, the bundle as one file for flashing "
                              "(runtime.unpack(path, directory) installs it, verified)")
+    parser.add_argument("--sign-key", metavar="KEY.pem",
+                        help="sign the bundle with this Ed25519 private key (manifest.sig; "
+                             "python -m exporter.sign keygen makes one); the device loads it "
+                             "with runtime.load(path, signed_by=KEY.pub)")
     parser.add_argument("--accuracy-budget", metavar="BUDGET",
                         help="e.g. 'cosine>=0.97' or 'cosine>=0.98,min-cosine>=0.9'; "
                              "default: the profile's")
@@ -105,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.share_max_harm is not None and not args.share_layers:
             raise ValueError("--share-max-harm sets how much --share-layers may cost; give "
                              "--share-layers too, or leave it out.")
-        missing = [m for m in EXPORT_STACK if importlib.util.find_spec(m) is None]
+        missing = [m for m in EXPORT_STACK + (("cryptography",) if args.sign_key else ())
+                   if importlib.util.find_spec(m) is None]
         if missing:
             print(f"error: the exporter needs {', '.join(missing)}, which this environment "
                   f"lacks (the device runtime does not): pip install torch==2.13.0 && "
@@ -126,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                           accuracy_budget=args.accuracy_budget, precision=args.precision,
                           stages=args.stages, requantize=args.requantize,
                           compression=compression, max_model_mb=args.max_model_mb,
-                          max_latency_ms=args.max_latency_ms, tar=args.tar)
+                          max_latency_ms=args.max_latency_ms, tar=args.tar,
+                          sign_key=args.sign_key)
         except BudgetError as e:
             print(f"error: {e}", file=sys.stderr)
             return 3

@@ -16,6 +16,7 @@ from importlib import metadata
 import onnx
 
 from runtime._files import write_archive
+from runtime._signature import SIGNATURE_FILE
 from runtime.bundle import FORMAT_VERSION, sha256_of
 
 from .compress import compression_entries
@@ -109,6 +110,9 @@ def bundle(job) -> None:
         "opset": opset,
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if job.signing_key is not None:   # (in the archive too)
+        (staging / SIGNATURE_FILE).write_bytes(
+            job.signing_key.signature_file((staging / "manifest.json").read_bytes()))
     if job.archive:   # built before anything is replaced; renamed into place after the bundle
         packed = job.workdir / "bundle.tar"
         write_archive(staging, packed, name=job.output.name, created=manifest["created"])
@@ -119,7 +123,10 @@ def bundle(job) -> None:
     rejected = job.output.with_name(job.output.name + ".rejected")
     if rejected.is_dir() and not rejected.is_symlink() and written_here(rejected):
         shutil.rmtree(rejected)  # an earlier failed attempt's report no longer applies
-    job.log(f"  wrote {job.output}/ ({', '.join(p.name for p in files)}, manifest.json)")
+    signed = f", {SIGNATURE_FILE}: signed by key {job.signing_key.id}" \
+        if job.signing_key is not None else ""
+    job.log(f"  wrote {job.output}/ ({', '.join(p.name for p in files)}, manifest.json"
+            f"{signed})")
     if not job.archive and (stale := remove_stale_archive(job.output)):
         job.log(f"  removed {stale}: an earlier --tar export's archive of the bundle this "
                 f"one replaced")

@@ -68,6 +68,7 @@ class Job:
     gguf: Path | None = None          # decoders: the GGUF file the model came from
     requantize: bool = False          # decoders from GGUF: round instead of carrying blocks
     archive: Path | None = None       # also write the bundle as this .tar (--tar)
+    signing_key: Any = None           # sign the bundle with this exporter.sign.SigningKey
     gguf_ties: list = field(default_factory=list)  # (source, dest, part): carried blocks shared
     gguf_layers: list | None = None   # the GGUF's layers kept by --drop-layers (None: all)
     generation: dict = field(default_factory=dict)  # decoders: eos ids, context, chat format

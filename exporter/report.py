@@ -19,6 +19,7 @@ from runtime._files import (
     replace_directory,
     work_dir_beside,
 )
+from runtime._signature import SIGNATURE_FILE
 
 from .budget import Budget, decimals
 from .compress import compression_lines
@@ -410,8 +411,9 @@ def check_not_in_bundle(path: Path) -> None:
 def check_archive_replaceable(archive: Path, name: str) -> None:
     """Raise FileExistsError unless `archive` is absent or a bundle archive of bundle `name`
     (one that an export wrote, which `--tar` replaces): a plain tar of directory `name`
-    holding a manifest.json and exactly the files it lists. A user's tar of notes in a
-    directory of that name, or a compressed one, stays."""
+    holding a manifest.json and exactly the files it lists (and its manifest.sig, where
+    signed). A user's tar of notes in a directory of that name, or a compressed one,
+    stays."""
     if not archive.exists() and not archive.is_symlink():
         return
     try:
@@ -423,7 +425,7 @@ def check_archive_replaceable(archive: Path, name: str) -> None:
                 raise ValueError(f"it holds bundle {top!r}")
             with tar.extractfile(files["manifest.json"]) as f:
                 listed = {entry["path"] for entry in json.load(f)["files"]}
-        if set(files) != listed | {"manifest.json"}:
+        if set(files) - {SIGNATURE_FILE} != listed | {"manifest.json"}:
             raise ValueError("it holds files its manifest.json does not list, or lacks some")
     except Exception as e:   # a damaged .tar.gz too: EOFError, zlib.error
         if not isinstance(e, (ValueError, OSError, KeyError, TypeError, RecursionError)) \

@@ -3,9 +3,12 @@
     python -m runtime unpack ARCHIVE DIRECTORY   # install a bundle archive, verified
     python -m runtime verify BUNDLE              # check a bundle as runtime.load would
 
-Each prints one line on success (unpack: the bundle's directory) and exits 0; a bundle that
-fails its checks, a missing path, one it will not replace or may not write (no permission, a
-read-only file system) exits 2 with the reason on stderr, and an I/O error (a full disk) exits 1.
+With `--key KEY.pub` (repeatable: any of them), each also requires the bundle to be signed
+by that key (manifest.sig), as runtime.load(..., signed_by=...) does. Each prints one line
+on success (unpack: the bundle's directory) and exits 0; a bundle that fails its checks (an
+unsigned one, with --key), a missing path or key, one it will not replace or may not write
+(no permission, a read-only file system) exits 2 with the reason on stderr, and an I/O
+error (a full disk) exits 1.
 SIGTERM or SIGHUP stops an unpack with its work removed and the old bundle in place (exit
 128 + N); a reader that closed the output early (`| head -c0`) does not undo a success.
 """
@@ -19,6 +22,7 @@ import signal
 import sys
 
 from . import BundleError, load, unpack
+from .bundle import signing_keys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,30 +34,37 @@ def main(argv: list[str] | None = None) -> int:
     install.add_argument("directory", help="where the bundle's directory goes")
     check = commands.add_parser("verify", help="check a bundle as runtime.load would")
     check.add_argument("bundle", help="a bundle directory")
+    for command in (install, check):
+        command.add_argument("--key", action="append", metavar="KEY.pub",
+                             help="a trusted public key (PEM): the bundle must be signed by "
+                                  "it, or by another --key")
     args = parser.parse_args(argv)
     try:   # the environment's settings first (EDGE_Q4_ISA), as a refusal, not a traceback
         from .model import kernel_library
 
         kernel_library()
-    except ValueError as e:
+        keys = signing_keys(args.key)   # and the trusted keys (None: no --key)
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         if args.command == "unpack":
-            _say(unpack(args.archive, args.directory))
+            _say(unpack(args.archive, args.directory, signed_by=keys))
         else:
             # Everything load checks beyond the files (settings, stages, tokenizer, labels)
             # is checked by loading it: an updater switches to a bundle that verify passed.
             # The manifest's threads and providers too, though this loads on one CPU thread.
             # As load does, it starts again where an unpack swapped the bundle meanwhile.
-            model = load(args.bundle, threads=1, providers=["CPUExecutionProvider"])
+            model = load(args.bundle, threads=1, providers=["CPUExecutionProvider"],
+                         signed_by=keys)
             model.close()
             bundle, m = model.bundle, model.manifest
             size = sum(entry["bytes"] for entry in m["files"])
+            signed = f", signed by key {bundle.signer}" if bundle.signer else ""
             _say(f"{bundle.path}: {m.get('name')} ({m.get('task')}, target "
                  f"{m.get('target', {}).get('name')}), {len(m['files'])} files, "
-                 f"{size / 1e6:.1f} MB, sha256 verified; format {m['format_version']}, "
-                 f"opset {m['opset']}")
+                 f"{size / 1e6:.1f} MB, sha256 verified{signed}; format "
+                 f"{m['format_version']}, opset {m['opset']}")
     except (BundleError, FileNotFoundError, FileExistsError, PermissionError,
             NotADirectoryError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)

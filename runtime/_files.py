@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path, PurePosixPath
 
+from ._signature import SIGNATURE_FILE
+
 try:
     import fcntl
 except ImportError:   # not on Windows: the pid and the clock tell, as below
@@ -410,9 +412,10 @@ def archive_members(tar: tarfile.TarFile,
 
 
 def bundle_files(path: Path) -> set[str] | None:
-    """What bundle directory `path` may hold: manifest.json and the files it lists (an
-    empty set without a manifest.json; None when the manifest cannot be read, or is not a
-    bundle's: one with a format_version, and a path and sha256 for each file). Another
+    """What bundle directory `path` may hold: manifest.json, manifest.sig (its signature,
+    where signed) and the files it lists (an empty set without a manifest.json; None when
+    the manifest cannot be read, or is not a bundle's: one with a format_version, and a
+    path and sha256 for each file). Another
     tool's manifest.json that lists a user's files does not make them a bundle's, for an
     export or an unpack to replace."""
     try:
@@ -422,7 +425,7 @@ def bundle_files(path: Path) -> set[str] | None:
                 or not all(isinstance(e.get("path"), str) and isinstance(e.get("sha256"), str)
                            for e in entries):
             return None
-        return {"manifest.json"} | {entry["path"] for entry in entries}
+        return {"manifest.json", SIGNATURE_FILE} | {entry["path"] for entry in entries}
     except FileNotFoundError:
         return set()
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):

@@ -2,8 +2,10 @@
 
 A bundle is refused, with the file or field and the reason, when its manifest is missing or
 unreadable, its format version is unknown, a listed file is missing, has the wrong size or the
-wrong sha256, or its graph needs a newer opset than the installed onnxruntime runs. The
-runtime loads only files the manifest lists, by paths inside the bundle.
+wrong sha256, or its graph needs a newer opset than the installed onnxruntime runs; and, where
+the caller names the keys it trusts (`signed_by`), when manifest.sig is missing or is not one
+of those keys' signature of manifest.json (`_signature`). The runtime loads only files the
+manifest lists, by paths inside the bundle.
 
     >>> bundle = Bundle.open("build/minilm-arm-cpu")
     >>> bundle.manifest["task"]
@@ -37,6 +39,13 @@ from ._files import (
     sync_directory,
     sync_tree,
     work_dir_beside,
+)
+from ._signature import (
+    MAX_SIGNATURE_BYTES,
+    SIGNATURE_FILE,
+    TrustedKeys,
+    check_signature,
+    trusted_keys,
 )
 
 FORMAT_VERSION = 1
@@ -131,13 +140,18 @@ def sha256_of(path: Path) -> str:
 class Bundle:
     path: Path
     manifest: dict
+    signer: str | None = None   # the id of the trusted key that signed it, where checked
 
     @classmethod
-    def open(cls, path: str | Path, *, verify: bool = True) -> Bundle:
+    def open(cls, path: str | Path, *, verify: bool = True, signed_by=None) -> Bundle:
         """Read `path/manifest.json` and check that every listed file is there; with `verify`,
-        also its size and sha256 (which reads every byte)."""
+        also its size and sha256 (which reads every byte). With `signed_by` (a PEM public
+        key's path or bytes, or a list of them), manifest.sig must be one of those keys'
+        signature of manifest.json; that needs `verify`, since the signature vouches for
+        the files through their sha256 sums."""
         if not isinstance(verify, bool):   # "no" verified; a check must not be off by typo
             raise TypeError(f"verify must be True or False, got {verify!r}.")
+        keys = signing_keys(signed_by, verify)
         path = _given(path, "Bundle directory", "the directory that holds manifest.json")
         if path.is_file() and _is_archive(path):
             raise FileNotFoundError(f"{str(path)!r} is a bundle archive; install it with "
@@ -155,13 +169,17 @@ class Bundle:
         if not manifest_file.is_file():
             raise BundleError(f"{path} is not a bundle: it has no manifest.json "
                               f"(was the export interrupted or rejected?).")
+        data = manifest_file.read_bytes()   # the bytes checked are the bytes read
+        signer = None
+        if keys is not None:
+            signer = _signed(data, _read_signature(path), keys, path)
         try:
-            manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+            manifest = json.loads(data.decode("utf-8"))
         except (ValueError, RecursionError) as e:   # nested too deep; a number too long
             raise BundleError(f"{manifest_file} is not valid JSON: {e}") from e
         if not isinstance(manifest, dict):
             raise BundleError(f"{manifest_file} must hold a JSON object.")
-        bundle = cls(path, manifest)
+        bundle = cls(path, manifest, signer)
         bundle._check_fields()
         bundle._check_files(contents=verify)
         bundle._check_opset()
@@ -239,7 +257,40 @@ class Bundle:
                 f"onnxruntime or export with a target whose opset is <= {have}.")
 
 
-def unpack(archive: str | Path, into: str | Path) -> Path:
+def signing_keys(signed_by, verify: bool = True) -> TrustedKeys | None:
+    """The keys `signed_by` names (None: no signature is asked for); refused with
+    verify=False, where the files' sha256 sums, through which the signature vouches for
+    them, are not read."""
+    if signed_by is None:
+        return None
+    if not verify:
+        raise ValueError("signed_by needs verify=True: the signature vouches for "
+                         "manifest.json, and manifest.json for the files through their sha256 "
+                         "sums, which verify=False does not read.")
+    return trusted_keys(signed_by)
+
+
+def _read_signature(path: Path) -> bytes | None:
+    """manifest.sig's bytes in bundle directory `path` (at most MAX_SIGNATURE_BYTES + 1),
+    None where there is none."""
+    try:
+        with open(path / SIGNATURE_FILE, "rb") as f:
+            return f.read(MAX_SIGNATURE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise BundleError(f"{path / SIGNATURE_FILE} is a directory, not a signature.") from None
+
+
+def _signed(manifest: bytes, signature: bytes | None, keys: TrustedKeys, where) -> str:
+    """check_signature's key id, or a BundleError naming `where`."""
+    try:
+        return check_signature(manifest, signature, keys)
+    except ValueError as e:
+        raise BundleError(f"{where}: {e}") from None
+
+
+def unpack(archive: str | Path, into: str | Path, *, signed_by=None) -> Path:
     """Install the bundle in `archive` (the .tar `python -m exporter --tar` writes) as the
     directory `into/<bundle name>`, and return that path.
 
@@ -249,11 +300,15 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
     it lists. Then it is unpacked beside its place, checked as `runtime.load` checks a
     bundle (sha256, format version, opset, settings, tokenizer, the graph loaded in
     onnxruntime on the CPU) and renamed into place. An earlier bundle of that name is
-    replaced, and so is an empty directory; anything else there is refused.
+    replaced, and so is an empty directory; anything else there is refused. With
+    `signed_by` (as `runtime.load` takes it), an archive whose manifest.json is not signed
+    by one of those keys is refused before anything is written.
 
-        >>> runtime.unpack("/media/usb/minilm-arm-cpu.tar", "/opt/models")
+        >>> runtime.unpack("/media/usb/minilm-arm-cpu.tar", "/opt/models",
+        ...                signed_by="/etc/edge/bundle-key.pub")
         PosixPath('/opt/models/minilm-arm-cpu')
     """
+    keys = signing_keys(signed_by)
     archive = _given(archive, "Bundle archive", "the .tar file")
     into = _given(into, "Directory", "where the bundle goes ('.' for the current directory)")
     try:   # checked before the copy, not by the session that loads the copy
@@ -283,7 +338,7 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
     with tar:
         try:
             name, files = archive_members(tar, archive)
-            manifest = _archived_manifest(tar, files, archive, name)
+            manifest = _archived_manifest(tar, files, archive, name, keys)
         except ValueError as e:   # BundleError included
             raise BundleError(str(e)) from None
         except Exception as e:   # cut short in copying, or corrupted
@@ -352,7 +407,7 @@ def unpack(archive: str | Path, into: str | Path) -> Path:
                     # into another valid JSON ("mean" -> "mdan") replaced a good install
                     from .model import Model
 
-                    Model(Bundle.open(work), threads=1, spinning=False,
+                    Model(Bundle.open(work, signed_by=keys), threads=1, spinning=False,
                           providers=["CPUExecutionProvider"]).close()
                 except BundleError as e:   # name the archive's file, not the hidden work copy
                     message = str(e).replace(str(work), name).replace(repr(str(work))[1:-1], name)
@@ -382,17 +437,24 @@ def _unwritable(error: OSError, into: Path) -> OSError:
 
 
 def _archived_manifest(tar: tarfile.TarFile, files: dict[str, tarfile.TarInfo], archive: Path,
-                       name: str) -> dict:
-    """The manifest.json in a bundle archive, read without unpacking anything, and its
-    fields checked as `Bundle.open` checks them."""
+                       name: str, keys: TrustedKeys | None = None) -> dict:
+    """The manifest.json in a bundle archive, read without unpacking anything, its
+    signature checked where `keys` are given, and its fields checked as `Bundle.open`
+    checks them."""
     entry = files.get("manifest.json")
     if entry is None:
         raise BundleError(f"{archive} has no {name}/manifest.json; it is not a bundle archive.")
     if entry.size > 64 << 20:
         raise BundleError(f"{archive}: {name}/manifest.json has {entry.size} bytes; a "
                           f"manifest is a few kB.")
+    data = tar.extractfile(entry).read()
+    if keys is not None:
+        signature = files.get(SIGNATURE_FILE)
+        if signature is not None:
+            signature = tar.extractfile(signature).read(MAX_SIGNATURE_BYTES + 1)
+        _signed(data, signature, keys, archive)
     try:
-        manifest = json.loads(tar.extractfile(entry).read().decode("utf-8"))
+        manifest = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:   # nested too deep; a number too long
         raise BundleError(f"{archive}: {name}/manifest.json is not valid JSON: {e}") from None
     if not isinstance(manifest, dict):
@@ -441,11 +503,18 @@ def _empty(path: Path) -> bool:
 
 def _archived_sizes(manifest: dict, files: dict[str, tarfile.TarInfo], archive: Path,
                     name: str) -> dict[str, int | None]:
-    """{path: bytes} of what the archive's manifest lists (manifest.json itself: None), once
-    every file in the archive is one it lists, of that size, and every one it lists is in
-    the archive: checked before anything is written."""
+    """{path: bytes} of what the archive's manifest lists (manifest.json itself and its
+    signature, where the archive has one: None), once every file in the archive is one of
+    those, of that size, and every one it lists is in the archive: checked before anything
+    is written."""
     sizes = {entry["path"]: entry["bytes"] for entry in manifest["files"]}
     sizes["manifest.json"] = None
+    if SIGNATURE_FILE in files:
+        if files[SIGNATURE_FILE].size > MAX_SIGNATURE_BYTES:
+            raise BundleError(f"{archive}: {name}/{SIGNATURE_FILE} has "
+                              f"{files[SIGNATURE_FILE].size} bytes; a signature has about "
+                              f"140.")
+        sizes[SIGNATURE_FILE] = None
     for path, member in files.items():
         if path not in sizes:
             raise BundleError(f"{archive}: {name}/{path} is not listed in its manifest.json; "

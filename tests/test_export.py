@@ -1351,10 +1351,14 @@ def test_cli_without_the_export_stack_says_what_to_install():
 @pytest.fixture(scope="module")
 def minilm_over_the_limit(export_over_the_size_limit, tmp_path_factory):
     """minilm_bundle's export (arm-cpu, the profile's defaults, --tar), every graph over the
-    size limit (export_over_the_size_limit)."""
-    return export_over_the_size_limit(
-        "minilm", target="arm-cpu", tar=True,
-        output=tmp_path_factory.mktemp("over-the-limit") / "minilm-arm-cpu")
+    size limit (export_over_the_size_limit), and signed (--sign-key): (bundle, log lines,
+    the public key)."""
+    from exporter.sign import new_key
+
+    work = tmp_path_factory.mktemp("over-the-limit")
+    private, public = new_key(work / "release")
+    return *export_over_the_size_limit("minilm", target="arm-cpu", tar=True, sign_key=private,
+                                       output=work / "minilm-arm-cpu"), public
 
 
 def test_an_encoder_over_the_size_limit_keeps_its_weights_in_external_data(
@@ -1370,7 +1374,7 @@ def test_an_encoder_over_the_size_limit_keeps_its_weights_in_external_data(
 
     from runtime.__main__ import main as runtime_main
 
-    path, logged = minilm_over_the_limit
+    path, logged, public = minilm_over_the_limit
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["external_data"] == ["model.onnx.data"]
     files = {f["path"]: f for f in manifest["files"]}
@@ -1399,9 +1403,17 @@ def test_an_encoder_over_the_size_limit_keeps_its_weights_in_external_data(
                                   runtime.load(minilm_bundle).embed(eval_texts, batch_size=16))
 
     assert runtime_main(["verify", str(path)]) == 0
+    # signed: manifest.sig, in the archive too, vouches for the data file through its sha256
+    signer = json.loads((path / "manifest.sig").read_text())["key"]
+    assert runtime.load(path, signed_by=public).bundle.signer == signer
+    assert any(f"manifest.sig: signed by key {signer}" in line for line in logged)
+    assert runtime_main(["verify", str(path), "--key", str(public)]) == 0
     with tarfile.open(path.with_name(path.name + ".tar")) as tar:
-        assert f"{path.name}/model.onnx.data" in tar.getnames()
-    unpacked = runtime.unpack(path.with_name(path.name + ".tar"), tmp_path / "device")
+        assert {f"{path.name}/model.onnx.data", f"{path.name}/manifest.sig"} <= \
+            set(tar.getnames())
+    unpacked = runtime.unpack(path.with_name(path.name + ".tar"), tmp_path / "device",
+                              signed_by=public)
+    assert (unpacked / "manifest.sig").read_bytes() == (path / "manifest.sig").read_bytes()
     np.testing.assert_array_equal(runtime.load(unpacked).embed(eval_texts[:16]),
                                   embeddings[:16])
     refused_when_flipped(path, "model.onnx.data", tmp_path, 1000)

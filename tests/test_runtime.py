@@ -701,7 +701,7 @@ def test_a_stop_that_an_import_turns_into_another_error_still_exits_128_plus_n(m
     traceback."""
     import runtime.__main__ as cli
 
-    def stopped_in_an_import(archive, into):
+    def stopped_in_an_import(archive, into, signed_by=None):
         try:
             cli._stop(signal.SIGTERM, None)
         except SystemExit as e:
@@ -711,7 +711,7 @@ def test_a_stop_that_an_import_turns_into_another_error_still_exits_128_plus_n(m
     monkeypatch.setattr(cli, "_stopped_by", 0)
     assert cli._run(["unpack", "a.tar", "models"]) == 128 + signal.SIGTERM
     monkeypatch.setattr(cli, "_stopped_by", 0)
-    monkeypatch.setattr(cli, "unpack", lambda archive, into: "models/m")
+    monkeypatch.setattr(cli, "unpack", lambda archive, into, signed_by=None: "models/m")
     assert cli._run(["unpack", "a.tar", "models"]) == 0
     assert capsys.readouterr().out == "models/m\n"
 
