@@ -221,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             signer = sign_bundle(args.bundle, args.key, tar=args.tar)
             print(f"{args.bundle}: signed by key {signer}")
+            archive = Path(args.bundle).with_name(Path(args.bundle).name + ".tar")
+            if not args.tar and archive.is_file():
+                print(f"note: {archive} still holds the bundle unsigned; sign with --tar to "
+                      f"rewrite it", file=sys.stderr)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError,
             NotADirectoryError) as e:   # BundleError is a ValueError
         print(f"error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import signal
 import sys
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             model.close()
             bundle, m = model.bundle, model.manifest
             size = sum(entry["bytes"] for entry in m["files"])
-            signed = f", signed by key {bundle.signer}" if bundle.signer else ""
+            signed = f", signed by key {bundle.signer}" if bundle.signer else \
+                _unchecked_signature(bundle.path)
             _say(f"{bundle.path}: {m.get('name')} ({m.get('task')}, target "
                  f"{m.get('target', {}).get('name')}), {len(m['files'])} files, "
                  f"{size / 1e6:.1f} MB, sha256 verified{signed}; format "
@@ -73,6 +75,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2 if e.errno == errno.EROFS else 1
     return 0
+
+
+def _unchecked_signature(path) -> str:
+    """What the verify line says of a manifest.sig that no --key checked."""
+    from ._signature import SIGNATURE_FILE
+
+    try:
+        signer = json.loads((path / SIGNATURE_FILE).read_text(encoding="utf-8"))["key"]
+    except FileNotFoundError:
+        return ", unsigned"
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        signer = "unreadable"
+    return f", {SIGNATURE_FILE} (key {signer}) not checked: give --key"
 
 
 def _say(line) -> None:

@@ -219,6 +219,20 @@ def test_keys_and_arguments_that_cannot_be_trusted_are_refused(signed, keys, tmp
         load_signing_key(keys["release.pub"])
 
 
+def test_signing_says_when_the_archive_beside_stays_unsigned(minilm_bundle, keys, tmp_path):
+    copy = Path(shutil.copytree(minilm_bundle, tmp_path / "minilm-arm-cpu"))
+    shutil.copyfile(minilm_bundle.with_name("minilm-arm-cpu.tar"), tmp_path / "minilm-arm-cpu.tar")
+    done = subprocess.run([sys.executable, "-m", "exporter.sign", "bundle", str(copy),
+                           "--key", str(keys["release.pem"])],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and "still holds the bundle unsigned" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "runtime", "verify", str(copy)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert "manifest.sig (key " in done.stdout
+    with tarfile.open(tmp_path / "minilm-arm-cpu.tar") as tar:
+        assert "minilm-arm-cpu/manifest.sig" not in tar.getnames()
+
+
 def test_signing_refuses_a_damaged_bundle(minilm_bundle, keys, tmp_path, refused_when_flipped):
     broken = refused_when_flipped(minilm_bundle, "model.onnx", tmp_path, 4096)
     with pytest.raises(BundleError, match="model.onnx: sha256 does not match"):
@@ -244,6 +258,12 @@ def test_a_signed_archive_unpacks_only_for_its_key(signed, keys, tmp_path):
     assert runtime.load(installed, signed_by=keys["release.pub"]).bundle.signer
     # a re-unpack replaces it (manifest.sig is the bundle's own), unsigned archives too
     assert runtime.unpack(archive, tmp_path / "device") == installed
+    signer = load_signing_key(keys["release.pem"]).id
+    for argv, said in [([], f", manifest.sig (key {signer}) not checked: give --key;"),
+                       (["--key", str(keys["release.pub"])], f", signed by key {signer};")]:
+        done = subprocess.run([sys.executable, "-m", "runtime", "verify", str(installed),
+                               *argv], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0 and said in done.stdout, done.stdout + done.stderr
     done = subprocess.run([sys.executable, "-m", "runtime", "verify", str(installed),
                            "--key", str(keys["other.pub"])],
                           capture_output=True, text=True, cwd=REPO)
