@@ -37,14 +37,16 @@ def load(path: str | Path, *, threads: int | None = None, spinning: bool = True,
     still refused. `signed_by` names the public keys the application trusts (a PEM file's
     path or bytes, or a list of them): the bundle must then carry one of those keys'
     signature of its manifest (manifest.sig; `python -m exporter --sign-key`), or it is
-    refused; `model.bundle.signer` is the id of the key that signed. A bundle cut into pipeline
+    refused; `model.bundle.signer` is the id of the key that signed. Without `signed_by`,
+    the keys listed in EDGE_TRUSTED_KEYS (.pub paths separated by os.pathsep), where it is
+    set, are required: a device-wide policy. A bundle cut into pipeline
     stages runs them in threads in this process (`pipeline="threads"`), or as Ray actors, one
     per stage, across the nodes of a Ray cluster (`pipeline="ray"`, needs the `ray` extra).
 
         >>> runtime.load("build/minilm-arm-cpu", spinning=False)
         <runtime.Model 'minilm-arm-cpu' task='feature-extraction'>
     """
-    keys = signing_keys(signed_by, verify)   # a bad key argument, before any file is read
+    keys = signing_keys(signed_by, verify, policy=True)   # bad keys: before any file is read
     # runtime.unpack replaces a bundle by swapping directories: one swapped in while this
     # loads would pair the manifest verified here with files read after it (never verified
     # against it), so the load starts again on the new directory.

@@ -4,11 +4,12 @@
     python -m runtime verify BUNDLE              # check a bundle as runtime.load would
 
 With `--key KEY.pub` (repeatable: any of them), each also requires the bundle to be signed
-by that key (manifest.sig), as runtime.load(..., signed_by=...) does. Each prints one line
-on success (unpack: the bundle's directory) and exits 0; a bundle that fails its checks (an
-unsigned one, with --key), a missing path or key, one it will not replace or may not write
-(no permission, a read-only file system) exits 2 with the reason on stderr, and an I/O
-error (a full disk) exits 1.
+by that key (manifest.sig), as runtime.load(..., signed_by=...) does; without --key, by one
+of the keys in EDGE_TRUSTED_KEYS where it is set. Each prints one line on success (unpack:
+the bundle's directory) and exits 0; a bundle that fails its checks (an unsigned one, where
+keys are given), a missing path or key, one it will not replace or may not write (no
+permission, a read-only file system) exits 2 with the reason on stderr, and an I/O error (a
+full disk) exits 1.
 SIGTERM or SIGHUP stops an unpack with its work removed and the old bundle in place (exit
 128 + N); a reader that closed the output early (`| head -c0`) does not undo a success.
 """
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         from .model import kernel_library
 
         kernel_library()
-        keys = signing_keys(args.key)   # and the trusted keys (None: no --key)
+        keys = signing_keys(args.key, policy=True)   # the trusted keys (None: no --key)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -257,17 +257,32 @@ class Bundle:
                 f"onnxruntime or export with a target whose opset is <= {have}.")
 
 
-def signing_keys(signed_by, verify: bool = True) -> TrustedKeys | None:
-    """The keys `signed_by` names (None: no signature is asked for); refused with
-    verify=False, where the files' sha256 sums, through which the signature vouches for
-    them, are not read."""
+# A device-wide policy: where an application names no keys, the public keys listed here
+# (.pub paths, separated by os.pathsep) must have signed every bundle that runtime.load,
+# runtime.unpack and `python -m runtime` accept.
+TRUSTED_KEYS_VARIABLE = "EDGE_TRUSTED_KEYS"
+
+
+def signing_keys(signed_by, verify: bool = True, *, policy: bool = False) -> TrustedKeys | None:
+    """The keys `signed_by` names (None: no signature is asked for; with `policy`, those of
+    EDGE_TRUSTED_KEYS where it is set); refused with verify=False, where the files' sha256
+    sums, through which the signature vouches for them, are not read."""
+    source = "signed_by"
+    if signed_by is None and policy and os.environ.get(TRUSTED_KEYS_VARIABLE, "").strip():
+        source = TRUSTED_KEYS_VARIABLE
+        signed_by = [p for p in os.environ[TRUSTED_KEYS_VARIABLE].split(os.pathsep) if p.strip()]
     if signed_by is None:
         return None
     if not verify:
-        raise ValueError("signed_by needs verify=True: the signature vouches for "
-                         "manifest.json, and manifest.json for the files through their sha256 "
-                         "sums, which verify=False does not read.")
-    return trusted_keys(signed_by)
+        raise ValueError(f"{source} needs verify=True: the signature vouches for "
+                         f"manifest.json, and manifest.json for the files through their sha256 "
+                         f"sums, which verify=False does not read.")
+    if source == "signed_by":
+        return trusted_keys(signed_by)
+    try:
+        return trusted_keys(signed_by)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{TRUSTED_KEYS_VARIABLE}: {e}") from None
 
 
 def _read_signature(path: Path) -> bytes | None:
@@ -302,13 +317,14 @@ def unpack(archive: str | Path, into: str | Path, *, signed_by=None) -> Path:
     onnxruntime on the CPU) and renamed into place. An earlier bundle of that name is
     replaced, and so is an empty directory; anything else there is refused. With
     `signed_by` (as `runtime.load` takes it), an archive whose manifest.json is not signed
-    by one of those keys is refused before anything is written.
+    by one of those keys is refused before anything is written (without it, EDGE_TRUSTED_KEYS
+    names the keys where it is set).
 
         >>> runtime.unpack("/media/usb/minilm-arm-cpu.tar", "/opt/models",
         ...                signed_by="/etc/edge/bundle-key.pub")
         PosixPath('/opt/models/minilm-arm-cpu')
     """
-    keys = signing_keys(signed_by)
+    keys = signing_keys(signed_by, policy=True)
     archive = _given(archive, "Bundle archive", "the .tar file")
     into = _given(into, "Directory", "where the bundle goes ('.' for the current directory)")
     try:   # checked before the copy, not by the session that loads the copy

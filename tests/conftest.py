@@ -17,6 +17,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A device-wide signature policy in the developer's shell would refuse every unsigned test
+# bundle; the tests that need it set it themselves.
+os.environ.pop("EDGE_TRUSTED_KEYS", None)
 
 # A skip for a package or extension that is not there (pytest.importorskip, "not installed",
 # "not built") is friendly on a developer's machine and hides a broken install in CI:

@@ -197,6 +197,39 @@ def test_any_change_to_a_signed_bundle_is_refused(signed, keys):
             runtime.load(signed, signed_by=keys["release.pub"])
 
 
+def test_a_device_wide_policy_requires_signatures_where_the_application_names_no_key(
+        signed, minilm_bundle, keys, tmp_path, monkeypatch):
+    """EDGE_TRUSTED_KEYS: every load, unpack and `python -m runtime` command of the device
+    requires one of its keys, as though each had passed signed_by."""
+    release = load_signing_key(keys["release.pem"]).id
+    monkeypatch.setenv("EDGE_TRUSTED_KEYS", f"{keys['other.pub']}{os.pathsep}"
+                                            f"{keys['release.pub']}")
+    assert runtime.load(signed).bundle.signer == release
+    with pytest.raises(BundleError, match="the bundle is not signed"):
+        runtime.load(minilm_bundle)
+    with pytest.raises(ValueError, match="EDGE_TRUSTED_KEYS needs verify=True"):
+        runtime.load(signed, verify=False)
+    with pytest.raises(BundleError, match="the bundle is not signed"):
+        runtime.unpack(minilm_bundle.with_name("minilm-arm-cpu.tar"), tmp_path / "device")
+    assert not (tmp_path / "device").exists()
+    for bundle, status in ((minilm_bundle, 2), (signed, 0)):
+        done = subprocess.run([sys.executable, "-m", "runtime", "verify", str(bundle)],
+                              capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == status, done.stdout + done.stderr
+    assert f"signed by key {release}" in done.stdout
+    # the application's own keys take its place
+    monkeypatch.setenv("EDGE_TRUSTED_KEYS", str(keys["other.pub"]))
+    assert runtime.load(signed, signed_by=keys["release.pub"]).bundle.signer == release
+    with pytest.raises(BundleError, match="not trusted here"):
+        runtime.load(signed)
+    monkeypatch.setenv("EDGE_TRUSTED_KEYS", str(tmp_path / "gone.pub"))
+    with pytest.raises(FileNotFoundError, match="EDGE_TRUSTED_KEYS: Public key .* does not"):
+        runtime.load(signed)
+    done = subprocess.run([sys.executable, "-m", "runtime", "verify", str(signed)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2 and "EDGE_TRUSTED_KEYS: Public key" in done.stderr
+
+
 def test_keys_and_arguments_that_cannot_be_trusted_are_refused(signed, keys, tmp_path):
     with pytest.raises(ValueError, match="signed_by needs verify=True"):
         runtime.load(signed, signed_by=keys["release.pub"], verify=False)
