@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("utterances", nargs="+", help="what the user said; '-' reads stdin")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="minimum confidence to act (default 0.5)")
+    parser.add_argument("--key", action="append", metavar="KEY.pub",
+                        help="run the bundle only if this public key signed it (repeatable: "
+                             "any of them); default: the keys in EDGE_TRUSTED_KEYS, if set")
     args = parser.parse_args(argv)
     if not 0 <= args.threshold <= 1:   # a probability; above 1 nothing could ever act
         parser.error(f"--threshold must be from 0 to 1, got {args.threshold}")
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                      "in, or give them as arguments")
 
     try:
-        model = runtime.load(args.bundle, spinning=False)
+        model = runtime.load(args.bundle, spinning=False, signed_by=args.key)
         if model.task != "text-classification":
             raise ValueError(f"{args.bundle} is a {model.task} bundle, not an intent "
                              f"classifier (export one with --task text-classification).")

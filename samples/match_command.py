@@ -8,6 +8,7 @@ act on a guess.
 
     python samples/match_command.py build/minilm-arm-cpu "could you switch the kitchen light on"
     echo "lock up the front door" | python samples/match_command.py build/minilm-arm-cpu -
+    python samples/match_command.py build/minilm-arm-cpu --key release.pub   # signed only
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="minimum cosine similarity to act (default 0.55)")
     parser.add_argument("--margin", type=float, default=0.03,
                         help="minimum lead over the runner-up to act (default 0.03)")
+    parser.add_argument("--key", action="append", metavar="KEY.pub",
+                        help="run the bundle only if this public key signed it (repeatable: "
+                             "any of them); default: the keys in EDGE_TRUSTED_KEYS, if set")
     args = parser.parse_intermixed_args(argv)
     for name in ("threshold", "margin"):
         if not 0 <= getattr(args, name) <= 1:   # cosine similarities of unit vectors
@@ -98,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                      "in, or give them as arguments")
 
     try:
-        model = runtime.load(args.bundle, spinning=False)
-    except (FileNotFoundError, runtime.BundleError) as e:
+        model = runtime.load(args.bundle, spinning=False, signed_by=args.key)
+    except (FileNotFoundError, ValueError) as e:   # BundleError; a --key that is no key
         print(f"error: {e}", file=sys.stderr)
         return 2
     if model.task != "feature-extraction":

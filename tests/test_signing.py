@@ -230,6 +230,22 @@ def test_a_device_wide_policy_requires_signatures_where_the_application_names_no
     assert done.returncode == 2 and "EDGE_TRUSTED_KEYS: Public key" in done.stderr
 
 
+def test_the_sample_app_runs_only_a_bundle_its_key_signed(signed, minilm_bundle, keys):
+    def app(bundle, *key):
+        return subprocess.run([sys.executable, "samples/match_command.py", str(bundle),
+                               "shut the garage", *key], capture_output=True, text=True,
+                              cwd=REPO)
+
+    ran = app(signed, "--key", str(keys["release.pub"]))
+    assert ran.returncode == 0 and "cover.garage.close" in ran.stdout, ran.stderr
+    for bundle, key, said in [(minilm_bundle, keys["release.pub"], "the bundle is not signed"),
+                              (signed, keys["other.pub"], "which is not trusted here"),
+                              (signed, keys["release.pem"], "is a private key")]:
+        refused = app(bundle, "--key", str(key))
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr and not refused.stdout
+
+
 def test_keys_and_arguments_that_cannot_be_trusted_are_refused(signed, keys, tmp_path):
     with pytest.raises(ValueError, match="signed_by needs verify=True"):
         runtime.load(signed, signed_by=keys["release.pub"], verify=False)
