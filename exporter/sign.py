@@ -175,29 +175,28 @@ def sign_bundle(bundle: str | Path, key: SigningKey | str | Path, *, tar: bool =
         check_archive_replaceable(archive, opened.path.name)
     # written beside the bundle and renamed in: the bundle never holds a half-written or
     # an unlisted temporary file
-    fd, temp = tempfile.mkstemp(dir=opened.path.parent, prefix=f".{opened.path.name}.sig.")
+    _replace(opened.path / SIGNATURE_FILE, opened.path.parent,
+             lambda temp: temp.write_bytes(signature))
+    if tar:
+        _replace(archive, opened.path.parent, lambda temp: write_archive(
+            opened.path, temp, name=opened.path.name, created=opened.manifest["created"]))
+    return key.id
+
+
+def _replace(final: Path, beside: Path, write) -> None:
+    """`write(temporary path)` in directory `beside`, synced, then renamed to `final`
+    (mode 0644): `final` is the old file or the whole new one, never part of it."""
+    fd, temp = tempfile.mkstemp(dir=beside, prefix=f".{final.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(signature)
-            f.flush()
+        write(Path(temp))
+        with open(temp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(temp, 0o644)
-        os.replace(temp, opened.path / SIGNATURE_FILE)
+        os.replace(temp, final)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-    if tar:
-        fd, packed = tempfile.mkstemp(dir=opened.path.parent, prefix=f".{archive.name}.")
-        os.close(fd)
-        try:
-            write_archive(opened.path, Path(packed), name=opened.path.name,
-                          created=opened.manifest["created"])
-            os.chmod(packed, 0o644)
-            os.replace(packed, archive)
-        except BaseException:
-            Path(packed).unlink(missing_ok=True)
-            raise
-    return key.id
 
 
 def main(argv: list[str] | None = None) -> int:
