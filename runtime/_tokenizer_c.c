@@ -213,6 +213,7 @@ typedef struct {
     struct CacheEntry *cache;     /* the word cache this text may use; NULL: none */
     int slot;                     /* which of the encoder's slots this is; -1: none */
     int ascii;                    /* the text being encoded is all ASCII */
+    const ucs4 *text;             /* where it starts (SentencePiece-style BPE's "first") */
     char pad[FALSE_SHARING_PAD];
 } Scratch;
 
@@ -2269,6 +2270,16 @@ typedef struct {
     int32_t id;
 } WordSlot;
 
+/* A single-char token of a SentencePiece-style vocab; id -1 = free. */
+typedef struct {
+    ucs4 c;
+    int32_t id;
+} CharSlot;
+
+/* Where a SentencePiece-style file puts its "\u2581" (SentencePieceBPEEncoder's prepend). */
+enum { PREPEND_LEGACY, PREPEND_ALWAYS, PREPEND_FIRST, PREPEND_NEVER };
+#define METASPACE 0x2581
+
 typedef struct {
     PyObject_HEAD
     int32_t byte_ids[256]; /* token of each byte; -1 if the vocab has none */
@@ -2283,6 +2294,11 @@ typedef struct {
     int split, individual_digits, add_prefix_space, ignore_merges, fuse_unk;
     int32_t unk_id; /* -1: none, unknown bytes are dropped */
     AddedSet raw_added, normalized_added;
+    /* SentencePiece-style BPE (SentencePieceBPEEncoder): symbols are chars, not bytes. */
+    int sp, prepend, sp_split;
+    int32_t fallback_ids[256]; /* <0xNN> token of each byte; -1: none (or no byte_fallback) */
+    CharSlot *chars;           /* single-char token -> id */
+    size_t char_mask;
 } Bpe;
 
 /* Ids live in int32 and index id_objects: keep them small. */
@@ -2414,6 +2430,7 @@ bpe_reserve(BpeBuf *w, size_t n)
 }
 
 static int bpe_merge(const Bpe *b, BpeBuf *w, size_t len, IdBuf *out);
+static int merge_symbols(const Bpe *b, BpeBuf *w, int32_t count, IdBuf *out);
 
 /* BPE of one pre-token, (" " +) t[0:n], onto `out`: HF's BPE::merge_word and
  * Word::merge_all (tokenizers/src/models/bpe/{model,word}.rs), through the cache. */
@@ -2480,13 +2497,22 @@ bpe_merge(const Bpe *b, BpeBuf *w, size_t len, IdBuf *out)
             }
             id = b->unk_id;
         }
-        w->ids[count] = id;
-        w->prev[count] = count - 1;
-        w->next[count] = count + 1;
-        count++;
+        w->ids[count++] = id;
     }
+    return merge_symbols(b, w, count, out);
+}
+
+/* Word::merge_all on the symbols w->ids[0:count]: the lowest-ranked merge (leftmost on
+ * ties) until none applies; the ids go to `out` and, as int32, to w->result. */
+static int
+merge_symbols(const Bpe *b, BpeBuf *w, int32_t count, IdBuf *out)
+{
     if (count == 0) {
         return 0;
+    }
+    for (int32_t i = 0; i < count; i++) {
+        w->prev[i] = i - 1;
+        w->next[i] = i + 1;
     }
     w->next[count - 1] = -1;
     w->result = w->prev; /* free once merging is done; filled in order, never ahead */
@@ -2595,6 +2621,164 @@ bpe_text(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
     return split_added(ctx, &b->raw_added, t, n, bpe_raw_piece, s, out);
 }
 
+/* ------------------------------------------- SentencePiece-style BPE (Llama 2) */
+
+static inline int32_t
+char_id(const Bpe *b, ucs4 c)
+{
+    for (size_t i = mix64(c) & b->char_mask;; i = (i + 1) & b->char_mask) {
+        if (b->chars[i].id < 0 || b->chars[i].c == c) {
+            return b->chars[i].id;
+        }
+    }
+}
+
+/* BPE of one word, ("\u2581" +) t[0:n] with each ' ' read as "\u2581": HF's
+ * BPE::merge_word on chars, then Word::merge_all, through the cache. A char
+ * without a token becomes its bytes' <0xNN> tokens where all exist, else the unk
+ * (one per run with fuse_unk; HF adds a pending unk only at the next char with
+ * a token, so byte tokens in between come before it), else nothing. */
+static int
+sp_word(const Bpe *b, const ucs4 *t, size_t n, int prefix, Scratch *s, IdBuf *out)
+{
+    BpeBuf *w = &s->bpe;
+    if (n > (size_t)INT32_MAX / 8 || bpe_reserve(w, 4 * n + 4) < 0) {
+        return -1;
+    }
+    size_t len = 0;
+    if (prefix) {
+        len += utf8_put(w->bytes, METASPACE);
+    }
+    for (size_t i = 0; i < n; i++) {
+        len += utf8_put(w->bytes + len, t[i] == ' ' ? METASPACE : t[i]);
+    }
+    uint64_t hash = 0;
+    CacheEntry *entry = NULL;
+    if (s->cache != NULL && len <= CACHE_BYTES) {
+        hash = hash_bytes(w->bytes, len);
+        entry = cache_set(s->cache, hash);
+        const CacheEntry *hit = cache_find(entry, hash, w->bytes, len);
+        if (hit != NULL) {
+            for (uint8_t i = 0; i < hit->count; i++) {
+                if (ids_push(out, b->id_objects[hit->ids[i]]) < 0) {
+                    return -1;
+                }
+            }
+            return 0;
+        }
+    }
+    size_t mark = out->len;
+    if (b->words != NULL) { /* ignore_merges: a word that is a token is that token */
+        int32_t id = find_word(b, w->bytes, len);
+        if (id >= 0) {
+            return ids_push(out, b->id_objects[id]);
+        }
+    }
+    int32_t count = 0;
+    int unk = 0; /* an unknown char is waiting for its unk */
+    for (size_t i = -(size_t)prefix; i != n; i++) {
+        ucs4 c = i == (size_t)-1 || t[i] == ' ' ? METASPACE : t[i];
+        int32_t id = char_id(b, c);
+        if (id >= 0) {
+            if (unk) {
+                w->ids[count++] = b->unk_id;
+                unk = 0;
+            }
+            w->ids[count++] = id;
+            continue;
+        }
+        uint8_t bytes[4];
+        size_t k = utf8_put(bytes, c), known = 0;
+        while (known < k && b->fallback_ids[bytes[known]] >= 0) {
+            known++;
+        }
+        if (known == k) {
+            for (size_t j = 0; j < k; j++) {
+                w->ids[count++] = b->fallback_ids[bytes[j]];
+            }
+            continue;
+        }
+        if (b->unk_id < 0) {
+            continue;
+        }
+        if (unk && !b->fuse_unk) {
+            w->ids[count++] = b->unk_id;
+        }
+        unk = 1;
+    }
+    if (unk) {
+        w->ids[count++] = b->unk_id;
+    }
+    if (merge_symbols(b, w, count, out) < 0) {
+        return -1;
+    }
+    if (entry != NULL) {
+        cache_put(entry, hash, w->bytes, len, w->result, out->len - mark);
+    }
+    return 0;
+}
+
+/* The legacy normalizer's text (between normalized added tokens): one word. */
+static int
+sp_legacy_word(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
+{
+    return sp_word(ctx, t, n, 0, s, out);
+}
+
+/* The Metaspace pre-tokenizer: "\u2581" in front (by the prepend scheme, where
+ * the piece does not start with one), then, with split, a word from each
+ * "\u2581" on (spaces count as "\u2581"). */
+static int
+sp_metaspace_piece(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
+{
+    const Bpe *b = ctx;
+    int starts_with = t[0] == ' ' || t[0] == METASPACE;
+    int prefix = !starts_with && (b->prepend == PREPEND_ALWAYS
+                                  || (b->prepend == PREPEND_FIRST && t == s->text));
+    if (!b->sp_split) {
+        return sp_word(b, t, n, prefix, s, out);
+    }
+    size_t start = 0;
+    for (size_t i = 1; i <= n; i++) {
+        if (i == n || t[i] == ' ' || t[i] == METASPACE) {
+            if (sp_word(b, t + start, i - start, prefix && start == 0, s, out) < 0) {
+                return -1;
+            }
+            start = i;
+        }
+    }
+    return 0;
+}
+
+static int
+sp_raw_piece(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
+{
+    const Bpe *b = ctx;
+    if (b->prepend != PREPEND_LEGACY) { /* no normalizer: matched as written, after the others */
+        return split_added(ctx, &b->normalized_added, t, n, sp_metaspace_piece, s, out);
+    }
+    /* Sequence[Prepend("\u2581"), Replace(" ", "\u2581")], then the normalized added
+     * tokens (given normalized) in that text. */
+    TextBuf *norm = &s->norm;
+    norm->len = 0;
+    if (text_reserve(norm, n + 1) < 0) {
+        return -1;
+    }
+    norm->data[0] = METASPACE;
+    for (size_t i = 0; i < n; i++) {
+        norm->data[i + 1] = t[i] == ' ' ? METASPACE : t[i];
+    }
+    norm->len = n + 1;
+    return split_added(ctx, &b->normalized_added, norm->data, norm->len, sp_legacy_word, s, out);
+}
+
+static int
+sp_text(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
+{
+    s->text = t;
+    return split_added(ctx, &((const Bpe *)ctx)->raw_added, t, n, sp_raw_piece, s, out);
+}
+
 /* GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the
  * other 68 for U+0100 onwards, in byte order. */
 static void
@@ -2693,7 +2877,7 @@ build_bpe_vocab(Bpe *b, PyObject *vocab)
     while (slots < 2 * (size_t)PyDict_GET_SIZE(vocab)) {
         slots *= 2;
     }
-    if (b->ignore_merges) {
+    if (b->ignore_merges && !b->sp) { /* (build_sp_tables makes a SentencePiece file's) */
         b->words = PyMem_Calloc(slots, sizeof(WordSlot));
         b->word_bytes = PyMem_Malloc(total ? total : 1);
         if (b->words == NULL || b->word_bytes == NULL) {
@@ -2729,7 +2913,7 @@ build_bpe_vocab(Bpe *b, PyObject *vocab)
                 b->word_bytes[offset++] = (uint8_t)char_byte[c];
             }
         }
-        if (all_bytes && length == 1) {
+        if (all_bytes && length == 1 && !b->sp) {
             b->byte_ids[char_byte[PyUnicode_READ(kind, data, 0)]] = (int32_t)index;
         }
         if (all_bytes && b->words != NULL) {
@@ -2812,6 +2996,7 @@ Bpe_dealloc(PyObject *self)
     word_cache_free(&b->cache);
     PyMem_Free(b->words);
     PyMem_Free(b->word_bytes);
+    PyMem_Free(b->chars);
     added_set_clear(&b->raw_added);
     added_set_clear(&b->normalized_added);
     type->tp_free(self);
@@ -2937,6 +3122,204 @@ static PyType_Spec Bpe_spec = {
     .slots = Bpe_slots,
 };
 
+/* A SentencePiece-style vocab's own tables: its single-char tokens, its <0xNN>
+ * tokens (with byte_fallback) and, with ignore_merges, every token by its UTF-8. */
+static int
+build_sp_tables(Bpe *b, PyObject *vocab, int byte_fallback)
+{
+    size_t slots = 8;
+    while (slots < 2 * (size_t)PyDict_GET_SIZE(vocab)) {
+        slots *= 2;
+    }
+    b->chars = PyMem_Malloc(slots * sizeof(CharSlot));
+    if (b->chars == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (size_t i = 0; i < slots; i++) {
+        b->chars[i].id = -1;
+    }
+    b->char_mask = slots - 1;
+    Py_ssize_t total = 0, pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(vocab, &pos, &key, &value)) {
+        total += PyUnicode_GET_LENGTH(key);
+    }
+    if (b->ignore_merges) {
+        b->words = PyMem_Calloc(slots, sizeof(WordSlot));
+        b->word_bytes = PyMem_Malloc(total ? 4 * (size_t)total : 1);
+        if (b->words == NULL || b->word_bytes == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->word_mask = slots - 1;
+    }
+    size_t offset = 0;
+    pos = 0;
+    while (PyDict_Next(vocab, &pos, &key, &value)) { /* exact ints (exact_ids), checked */
+        int32_t id = (int32_t)PyLong_AsLong(value);
+        Py_ssize_t length = PyUnicode_GET_LENGTH(key);
+        int kind = PyUnicode_KIND(key);
+        const void *data = PyUnicode_DATA(key);
+        if (length == 1) {
+            ucs4 c = PyUnicode_READ(kind, data, 0);
+            size_t i = mix64(c) & b->char_mask;
+            while (b->chars[i].id >= 0 && b->chars[i].c != c) {
+                i = (i + 1) & b->char_mask;
+            }
+            b->chars[i] = (CharSlot){c, id};
+        }
+        if (b->words != NULL && length > 0) {
+            size_t start = offset;
+            for (Py_ssize_t i = 0; i < length; i++) {
+                ucs4 c = PyUnicode_READ(kind, data, i);
+                offset += utf8_put(b->word_bytes + offset, c >= 0xD800 && c < 0xE000 ? 0xFFFD : c);
+            }
+            uint64_t h = hash_bytes(b->word_bytes + start, offset - start);
+            size_t slot = slot_of(h, b->word_mask);
+            while (b->words[slot].length != 0) {
+                slot = (slot + 1) & b->word_mask;
+            }
+            b->words[slot] = (WordSlot){h, start, (uint32_t)(offset - start), id};
+        }
+    }
+    for (int byte = 0; byte < 256; byte++) {
+        b->fallback_ids[byte] = -1;
+        if (!byte_fallback) {
+            continue;
+        }
+        char name[8]; /* HF's format!("<{b:#04X}>") */
+        snprintf(name, sizeof(name), "<0x%02X>", byte);
+        PyObject *id = PyDict_GetItemString(vocab, name);
+        if (id != NULL) {
+            b->fallback_ids[byte] = (int32_t)PyLong_AsLong(id);
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+Sp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"vocab",   "merges",   "prepend",       "split",        "byte_fallback",
+                               "unk_id",  "fuse_unk", "ignore_merges", "added_tokens", NULL};
+    PyObject *vocab_arg, *merges, *prepend = NULL, *unk_id = Py_None, *added_tokens = NULL;
+    int split = -1, byte_fallback = -1, fuse_unk = 0, ignore_merges = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$UppOppO:SentencePieceBPEEncoder",
+                                     keywords, &vocab_arg, &merges, &prepend, &split,
+                                     &byte_fallback, &unk_id, &fuse_unk, &ignore_merges,
+                                     &added_tokens)) {
+        return NULL;
+    }
+    const char *missing = prepend == NULL     ? "prepend"
+                          : split < 0         ? "split"
+                          : byte_fallback < 0 ? "byte_fallback"
+                                              : NULL;
+    if (missing != NULL) {
+        PyErr_Format(PyExc_TypeError,
+                     "SentencePieceBPEEncoder() missing required keyword-only argument: '%s'",
+                     missing);
+        return NULL;
+    }
+    static const char *schemes[] = {"legacy", "always", "first", "never"};
+    int scheme = -1;
+    for (int i = 0; i < 4; i++) {
+        if (PyUnicode_CompareWithASCIIString(prepend, schemes[i]) == 0) {
+            scheme = i; /* the PREPEND_* order */
+        }
+    }
+    if (scheme < 0) {
+        PyErr_Format(PyExc_ValueError, "Unknown prepend %R. Available: legacy, always, first, never.",
+                     prepend);
+        return NULL;
+    }
+    PyObject *vocab = PyObject_CallOneArg((PyObject *)&PyDict_Type, vocab_arg);
+    if (vocab == NULL) {
+        return NULL;
+    }
+    Bpe *b = (Bpe *)type->tp_alloc(type, 0);
+    if (b == NULL) {
+        Py_DECREF(vocab);
+        return NULL;
+    }
+    b->sp = 1;
+    b->prepend = scheme;
+    b->sp_split = split;
+    b->ignore_merges = ignore_merges;
+    b->fuse_unk = fuse_unk;
+    b->unk_id = -1;
+    if (word_cache_init(&b->cache) < 0) {
+        goto error;
+    }
+    if (exact_ids(vocab) < 0 || build_bpe_vocab(b, vocab) < 0
+        || build_sp_tables(b, vocab, byte_fallback) < 0 || build_merges(b, vocab, merges) < 0) {
+        goto error;
+    }
+    if (unk_id != Py_None) {
+        long id = PyLong_AsLong(unk_id);
+        if (id == -1 && PyErr_Occurred()) {
+            goto error;
+        }
+        if (id < 0 || id >= (long)b->n_ids || b->id_objects[id] == NULL) {
+            PyErr_Format(PyExc_ValueError, "unk_id %R is not an id of the vocab", unk_id);
+            goto error;
+        }
+        b->unk_id = (int32_t)id;
+    }
+    if (added_tokens != NULL
+        && build_added_tokens(&b->raw_added, &b->normalized_added, NULL, added_tokens) < 0) {
+        goto error;
+    }
+    Py_DECREF(vocab);
+    return (PyObject *)b;
+error:
+    Py_DECREF(vocab);
+    Py_DECREF(b);
+    return NULL;
+}
+
+static PyObject *
+Sp_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return encode_call(self, &((Bpe *)self)->cache, 0, args, nargs, kwnames, sp_text, 1);
+}
+
+static PyObject *
+Sp_encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return encode_call(self, &((Bpe *)self)->cache, 1, args, nargs, kwnames, sp_text, 1);
+}
+
+static PyMethodDef Sp_methods[] = {
+    {"encode", (PyCFunction)(void (*)(void))Sp_encode, METH_FASTCALL | METH_KEYWORDS,
+     PyDoc_STR("encode(text, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
+               "prefix + (content ids of `text`)[:max_content] + suffix.")},
+    {"encode_batch", (PyCFunction)(void (*)(void))Sp_encode_batch, METH_FASTCALL | METH_KEYWORDS,
+     PyDoc_STR("encode_batch(texts, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
+               "prefix + encode(text)[:max_content] + suffix for each str in `texts`, in one "
+               "call without the GIL; a big batch is split over several threads.")},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Sp_slots[] = {
+    {Py_tp_new, Sp_new},
+    {Py_tp_dealloc, Bpe_dealloc},
+    {Py_tp_methods, Sp_methods},
+    {Py_tp_doc,
+     PyDoc_STR("SentencePieceBPEEncoder(vocab, merges, *, prepend, split, byte_fallback, "
+               "unk_id=None, fuse_unk=False, ignore_merges=False, added_tokens=())\n--\n\n"
+               "Text to content ids for SentencePiece-style BPE (Llama 2, Mistral); the C twin "
+               "of runtime._tokenizer_py.SentencePieceBPEEncoder.")},
+    {0, NULL},
+};
+
+static PyType_Spec Sp_spec = {
+    .name = "runtime._tokenizer_c.SentencePieceBPEEncoder",
+    .basicsize = sizeof(Bpe),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Sp_slots,
+};
+
 /* ---------------------------------------------------------------- the module */
 
 static PyMethodDef Encoder_methods[] = {
@@ -2998,7 +3381,7 @@ module_exec(PyObject *module)
     if (!same) {
         return -1;
     }
-    PyType_Spec *specs[] = {&Encoder_spec, &Bpe_spec};
+    PyType_Spec *specs[] = {&Encoder_spec, &Bpe_spec, &Sp_spec};
     for (size_t i = 0; i < N_ROWS(specs); i++) {
         PyObject *type = PyType_FromModuleAndSpec(module, specs[i], NULL);
         if (type == NULL) {
@@ -3052,7 +3435,8 @@ static PyMethodDef module_methods[] = {
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "runtime._tokenizer_c",
-    .m_doc = "C twin of runtime._tokenizer_py: WordPiece and byte-level BPE, text in, ids out.",
+    .m_doc = "C twin of runtime._tokenizer_py: WordPiece, byte-level and SentencePiece-style "
+              "BPE, text in, ids out.",
     .m_size = 0,
     .m_methods = module_methods,
     .m_slots = module_slots,

@@ -104,5 +104,47 @@ class BPEEncoder:
         threads at once (one per 32k chars, at most 8 and the usable CPUs).
         """
 
+class SentencePieceBPEEncoder:
+    """Text to content ids for SentencePiece-style BPE (Llama 2, Mistral): "\u2581" for
+    spaces and in front, merges of characters, <0xNN> byte tokens for the others.
+
+    Takes what `_tokenizer_py.SentencePieceBPEEncoder` takes (token ids below 2**24);
+    threads may share one, as a BPEEncoder.
+    """
+
+    def __init__(
+        self,
+        vocab: Mapping[str, int],
+        merges: Iterable[Sequence[str]],
+        *,
+        prepend: str,
+        split: bool,
+        byte_fallback: bool,
+        unk_id: int | None = None,
+        fuse_unk: bool = False,
+        ignore_merges: bool = False,
+        added_tokens: Iterable[AddedToken] = (),
+    ) -> None: ...
+    def encode(
+        self,
+        text: str,
+        /,
+        prefix: Sequence[int] = (),
+        suffix: Sequence[int] = (),
+        max_content: int | None = None,
+    ) -> list[int]:
+        """`[*prefix, *content_ids[:max_content], *suffix]`, where content_ids are
+        `text`'s (added tokens, then "\u2581" and BPE on each word)."""
+    def encode_batch(
+        self,
+        texts: Iterable[str],
+        /,
+        prefix: Sequence[int] = (),
+        suffix: Sequence[int] = (),
+        max_content: int | None = None,
+    ) -> list[list[int]]:
+        """`encode` of each text in one call that releases the GIL throughout, a big
+        batch on several threads, as BPEEncoder's."""
+
 def batch_threads(chars: int, texts: int, /) -> int:
     """Threads `encode_batch` uses here for `texts` texts of `chars` chars in all."""

@@ -642,6 +642,60 @@ def _shift_past_dropped(
     return shifted
 
 
+def _merge_table(vocab: Mapping[str, int], merges: Iterable[tuple[str, str]]
+                 ) -> dict[tuple[int, int], tuple[int, int]]:
+    """(left id, right id) -> (rank, merged id); a pair listed twice keeps its last rank,
+    as in HF (models/bpe/model.rs collects the merges into a HashMap)."""
+    table: dict[tuple[int, int], tuple[int, int]] = {}
+    for rank, (left, right) in enumerate(merges):
+        try:
+            pair = vocab[left], vocab[right]
+            table[pair] = (rank, vocab[left + right])
+        except KeyError as e:
+            raise ValueError(
+                f"merge {rank} ({left!r}, {right!r}) uses {e.args[0]!r}, which is not in "
+                "the vocab."
+            ) from e
+    return table
+
+
+def _merge_all(symbols: list[int | None],
+               merges: Mapping[tuple[int, int], tuple[int, int]]) -> None:
+    """Apply the merges to `symbols` in place: a merged pair's left symbol becomes
+    the merged id, its right one None.
+
+    A heap of (rank, position, merged id) with lazy deletion, as in
+    tokenizers/src/models/bpe/word.rs, including its staleness test (the
+    pair now at `position` must still merge into `merged id`).
+    """
+    n = len(symbols)
+    after = [*range(1, n), -1]  # linked list over the live symbols
+    before = list(range(-1, n - 1))
+    heap = [
+        (rank, i, new)
+        for i in range(n - 1)
+        for rank, new in [merges.get((symbols[i], symbols[i + 1]), (None, None))]
+        if rank is not None
+    ]
+    heapq.heapify(heap)
+    while heap:
+        _, i, new = heapq.heappop(heap)
+        j = after[i]
+        if symbols[i] is None or j < 0:
+            continue
+        if merges.get((symbols[i], symbols[j]), (0, None))[1] != new:
+            continue  # stale: the pair at i changed since this entry was pushed
+        symbols[i], symbols[j] = new, None
+        k = after[i] = after[j]
+        if k >= 0:
+            before[k] = i
+        h = before[i]
+        if h >= 0 and (merge := merges.get((symbols[h], new))):
+            heapq.heappush(heap, (merge[0], h, merge[1]))
+        if k >= 0 and (merge := merges.get((new, symbols[k]))):
+            heapq.heappush(heap, (merge[0], i, merge[1]))
+
+
 class BPEEncoder(_Encoder):
     """Text to content ids with a byte-level pre-tokenizer and BPE merges.
 
@@ -682,18 +736,7 @@ class BPEEncoder(_Encoder):
         self._byte_ids = [self._vocab.get(c) for c in BYTE_TO_CHAR]
         self._unk_id = unk_id
         self._fuse_unk = fuse_unk
-        # (left id, right id) -> (rank, merged id); a pair listed twice keeps its last rank,
-        # as in HF (models/bpe/model.rs collects the merges into a HashMap).
-        self._merges: dict[tuple[int, int], tuple[int, int]] = {}
-        for rank, (left, right) in enumerate(merges):
-            try:
-                pair = (self._vocab[left], self._vocab[right])
-                self._merges[pair] = (rank, self._vocab[left + right])
-            except KeyError as e:
-                raise ValueError(
-                    f"merge {rank} ({left!r}, {right!r}) uses {e.args[0]!r}, which is not in "
-                    "the vocab."
-                ) from e
+        self._merges = _merge_table(self._vocab, merges)
         self._split = split
         self._pattern = _split_regex(split)
         self._numeric = (
@@ -815,7 +858,7 @@ class BPEEncoder(_Encoder):
         symbols: list[int | None] = [self._byte_ids[b] for b in word]
         if None in symbols:  # rare: bpe_spans handles them, and keeps the bytes' positions
             return [token_id for token_id, _, _ in self.bpe_spans(word)]
-        self._merge_all(symbols)
+        _merge_all(symbols, self._merges)
         return [s for s in symbols if s is not None]
 
     def bpe_spans(self, word: bytes) -> list[tuple[int, int, int]]:
@@ -842,7 +885,7 @@ class BPEEncoder(_Encoder):
             symbols.append(symbol)
             starts.append(i)
             ends.append(i + 1)
-        self._merge_all(symbols)
+        _merge_all(symbols, self._merges)
         spans: list[list[int]] = []
         for symbol, start, end in zip(symbols, starts, ends, strict=True):
             if symbol is None:  # merged into the symbol before it
@@ -853,44 +896,196 @@ class BPEEncoder(_Encoder):
             return _shift_past_dropped(word, spans, self._byte_ids)
         return [(symbol, start, end) for symbol, start, end in spans]
 
-    def _merge_all(self, symbols: list[int | None]) -> None:
-        """Apply the merges to `symbols` in place: a merged pair's left symbol becomes
-        the merged id, its right one None.
-
-        A heap of (rank, position, merged id) with lazy deletion, as in
-        tokenizers/src/models/bpe/word.rs, including its staleness test (the
-        pair now at `position` must still merge into `merged id`).
-        """
-        n, merges = len(symbols), self._merges
-        after = [*range(1, n), -1]  # linked list over the live symbols
-        before = list(range(-1, n - 1))
-        heap = [
-            (rank, i, new)
-            for i in range(n - 1)
-            for rank, new in [merges.get((symbols[i], symbols[i + 1]), (None, None))]
-            if rank is not None
-        ]
-        heapq.heapify(heap)
-        while heap:
-            _, i, new = heapq.heappop(heap)
-            j = after[i]
-            if symbols[i] is None or j < 0:
-                continue
-            if merges.get((symbols[i], symbols[j]), (0, None))[1] != new:
-                continue  # stale: the pair at i changed since this entry was pushed
-            symbols[i], symbols[j] = new, None
-            k = after[i] = after[j]
-            if k >= 0:
-                before[k] = i
-            h = before[i]
-            if h >= 0 and (merge := merges.get((symbols[h], new))):
-                heapq.heappush(heap, (merge[0], h, merge[1]))
-            if k >= 0 and (merge := merges.get((new, symbols[k]))):
-                heapq.heappush(heap, (merge[0], i, merge[1]))
-
     def _word_ids(self, word: str) -> tuple[int, ...]:
         ids = self._cache.get(word)
         if ids is None:
             ids = tuple(self.bpe(word.encode("utf-8")))
             _remember(self._cache, word, ids)
         return ids
+
+
+METASPACE = "\u2581"
+# Where a SentencePiece-style file puts its "▁" (see SentencePieceBPEEncoder).
+PREPEND_SCHEMES = ("legacy", "always", "first", "never")
+
+
+class SentencePieceBPEEncoder(_Encoder):
+    """Text to content ids for SentencePiece-style BPE (Llama 2, Mistral, TinyLlama, Phi-3):
+    spaces become "▁", a "▁" goes in front, and BPE merges characters, not bytes. A
+    character without a token becomes the <0xNN> tokens of its UTF-8 bytes
+    (`byte_fallback`), else `unk_id` (one per run with `fuse_unk`), else nothing.
+
+    `prepend` is where the "▁" goes, as the file says it:
+
+    * "legacy": the normalizer Sequence[Prepend("▁"), Replace(" ", "▁")] of the files
+      transformers converts with legacy=True: before every piece between added tokens,
+      even one that starts with a space (" a" -> "▁▁a");
+    * "always", "first", "never": the Metaspace pre-tokenizer's prepend_scheme: before
+      each piece that does not start with "▁" already, only before the piece at the
+      start of the text, or nowhere.
+
+    `split` is Metaspace's: each "▁" starts a new word (HF's MergedWithNext); without it a
+    piece is one word, as it is with the legacy normalizer (no pre-tokenizer). A lone
+    surrogate (not valid UTF-8, so HF cannot take it) is read as U+FFFD.
+
+    Example:
+        >>> vocab = {"<unk>": 0, "▁": 1, "h": 2, "i": 3, "▁h": 4, "▁hi": 5}
+        >>> SentencePieceBPEEncoder(vocab, [("▁", "h"), ("▁h", "i")], prepend="legacy",
+        ...     split=False, byte_fallback=False, unk_id=0).encode("hi hi!")
+        [5, 5, 0]
+    """
+
+    def __init__(
+        self,
+        vocab: Mapping[str, int],
+        merges: Iterable[tuple[str, str]],
+        *,
+        prepend: str,
+        split: bool,
+        byte_fallback: bool,
+        unk_id: int | None = None,
+        fuse_unk: bool = False,
+        ignore_merges: bool = False,
+        added_tokens: Iterable[AddedToken] = (),
+    ) -> None:
+        if prepend not in PREPEND_SCHEMES:
+            raise ValueError(f"Unknown prepend {prepend!r}. Available: "
+                             f"{', '.join(PREPEND_SCHEMES)}.")
+        self._vocab = dict(vocab)
+        self._merges = _merge_table(self._vocab, merges)
+        self._prepend = prepend
+        self._split = split
+        # HF's BPE::merge_word looks up format!("<{b:#04X}>") for each byte.
+        self._byte_ids = ([self._vocab.get(f"<0x{b:02X}>") for b in range(256)]
+                          if byte_fallback else None)
+        self._unk_id = unk_id
+        self._fuse_unk = fuse_unk
+        self._ignore_merges = ignore_merges
+        self._cache: dict[str, tuple[int, ...]] = {}
+        added_tokens = list(added_tokens)
+        # The legacy normalizer's "normalized" tokens are matched in the normalized text,
+        # as given: runtime.Tokenizer normalizes them first, as HF does ("a b" is matched
+        # as "▁a▁b"). A Metaspace file has no normalizer: they are matched in the raw
+        # text, in a second pass after the others (as HF does).
+        self._raw_added = _AddedTokenSplitter(t for t in added_tokens if not t.normalized)
+        self._normalized_added = _AddedTokenSplitter(t for t in added_tokens if t.normalized)
+
+    def content_ids(self, text: str) -> list[int]:
+        """Ids of `text`, no special tokens: added tokens, then "▁" for spaces and in
+        front, then BPE on each word."""
+        ids: list[int] = []
+        for word, _, added_id in self._words(text):
+            if added_id is not None:
+                ids.append(added_id)
+            else:
+                ids.extend(self._word_ids(word))
+        return ids
+
+    def content_spans(self, text: str) -> list[tuple[int, int, int]]:
+        """`content_ids` as (id, start, end) in `text`. A "▁" put in front counts as the
+        first character after it, and the byte tokens of a character each span it, as
+        HF's alignments have them."""
+        spans: list[tuple[int, int, int]] = []
+        for word, origin, added_id in self._words(text):
+            if added_id is not None:
+                spans.append((added_id, origin[0], origin[-1] + 1))
+                continue
+            char_at = [i for i, char in enumerate(word) for _ in range(_utf8_length(char))]
+            at = 0
+            for token_id, size in self._symbols(word):
+                spans.append((token_id, origin[char_at[at]], origin[char_at[at + size - 1]] + 1))
+                at += size
+        return spans
+
+    def _words(self, text: str) -> Iterator[tuple[str, Sequence[int], int | None]]:
+        """(word, the index in `text` of each of its characters, None) for what BPE runs
+        on, and ("", (start, stop - 1), id) for an added token at text[start:stop]."""
+        if not text.isascii():
+            text = _SURROGATE_RE.sub("\ufffd", text)
+        for start, stop, added_id in self._raw_added.spans(text):
+            if added_id is not None:
+                yield "", (start, stop - 1), added_id
+                continue
+            if self._prepend == "legacy":   # normalize, then find the normalized tokens
+                piece = METASPACE + text[start:stop].replace(" ", METASPACE)
+                origin: Sequence[int] = [start, *range(start, stop)]
+                for first, last, token_id in self._normalized_added.spans(piece):
+                    if token_id is not None:
+                        yield "", (origin[first], origin[last - 1]), token_id
+                    else:
+                        yield piece[first:last], origin[first:last], None
+                continue
+            for first, last, token_id in self._normalized_added.spans(text[start:stop]):
+                first, last = first + start, last + start
+                if token_id is not None:
+                    yield "", (first, last - 1), token_id
+                    continue
+                piece = text[first:last].replace(" ", METASPACE)
+                origin = range(first, last)
+                if (self._prepend == "always" or self._prepend == "first" and first == 0) \
+                        and not piece.startswith(METASPACE):
+                    piece, origin = METASPACE + piece, [first, *origin]
+                if not self._split:
+                    yield piece, origin, None
+                    continue
+                cuts = [i for i, char in enumerate(piece) if char == METASPACE and i]
+                for a, b in zip([0, *cuts], [*cuts, len(piece)], strict=True):
+                    yield piece[a:b], origin[a:b], None
+
+    def _symbols(self, word: str) -> list[tuple[int, int]]:
+        """HF's BPE::merge_word then Word::merge_all: (id, UTF-8 bytes of `word` it
+        stands for), in HF's order, which puts a character's byte tokens before the unk
+        of unknown characters just before it (HF's order of Word::add; the spans are
+        counted in that order too)."""
+        if self._ignore_merges and (token_id := self._vocab.get(word)) is not None:
+            return [(token_id, len(word.encode("utf-8")))]
+        symbols: list[int | None] = []
+        sizes: list[int] = []
+        unk = 0   # UTF-8 bytes of the unknown characters not yet added
+        for char in word:
+            size = _utf8_length(char)
+            token_id = self._vocab.get(char)
+            if token_id is not None:
+                if unk:
+                    symbols.append(self._unk_id)
+                    sizes.append(unk)
+                    unk = 0
+                symbols.append(token_id)
+                sizes.append(size)
+                continue
+            if self._byte_ids is not None:
+                byte_ids = [self._byte_ids[b] for b in char.encode("utf-8")]
+                if None not in byte_ids:
+                    symbols += byte_ids
+                    sizes += [1] * size
+                    continue
+            if self._unk_id is None:
+                continue
+            if unk and not self._fuse_unk:
+                symbols.append(self._unk_id)
+                sizes.append(unk)
+                unk = 0
+            unk += size
+        if unk:
+            symbols.append(self._unk_id)
+            sizes.append(unk)
+        _merge_all(symbols, self._merges)
+        out: list[tuple[int, int]] = []
+        for symbol, size in zip(symbols, sizes, strict=True):
+            if symbol is None:   # merged into the symbol before it
+                out[-1] = (out[-1][0], out[-1][1] + size)
+            else:
+                out.append((symbol, size))
+        return out
+
+    def _word_ids(self, word: str) -> tuple[int, ...]:
+        ids = self._cache.get(word)
+        if ids is None:
+            ids = tuple(token_id for token_id, _ in self._symbols(word))
+            _remember(self._cache, word, ids)
+        return ids
+
+
+def _utf8_length(char: str) -> int:
+    code = ord(char)
+    return 1 if code < 0x80 else 2 if code < 0x800 else 3 if code < 0x10000 else 4

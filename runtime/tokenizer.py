@@ -167,6 +167,7 @@ class Tokenizer:
         self._decode_prefix = decode_prefix
         self._decode_cleanup = decode_cleanup
         self._byte_level = False
+        self._sentencepiece = None
         self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets,
                         truncation_side)
 
@@ -226,6 +227,7 @@ class Tokenizer:
             added_tokens=added_tokens,
         )
         self._byte_level = True
+        self._sentencepiece = None
         self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets,
                         truncation_side)
         return self
@@ -261,6 +263,88 @@ class Tokenizer:
             self._offsets_encoder = functools.partial(
                 getattr(_tokenizer_py, kind), *args, **options
             )
+
+    @classmethod
+    def sentencepiece_bpe(
+        cls,
+        *,
+        vocab: Mapping[str, int],
+        merges: Sequence[tuple[str, str]],
+        prepend: str = "legacy",
+        split: bool = False,
+        byte_fallback: bool = True,
+        unk_token: str | None = "<unk>",
+        fuse_unk: bool = True,
+        ignore_merges: bool = False,
+        decoder: str = "fallback",
+        decode_strip: tuple[int, int] | None = (1, 0),
+        decode_drop_first: bool = True,
+        added_tokens: Sequence[AddedToken] = (),
+        prefix_ids: Sequence[int] = (),
+        suffix_ids: Sequence[int] = (),
+        pad_id: int | None = None,
+        truncation_side: str = "right",
+        backend: str | None = None,
+    ) -> Tokenizer:
+        """A SentencePiece-style BPE tokenizer (Llama 2, Mistral, TinyLlama, Phi-3 family):
+        "▁" for spaces and in front, merges of characters, <0xNN> byte tokens for
+        characters the vocab lacks.
+
+        `prepend` and `split` say where the "▁" goes and what a word is
+        (`_tokenizer_py.SentencePieceBPEEncoder`). `decoder` is the file's: "fallback",
+        HF's Sequence[Replace("▁", " "), ByteFallback, Fuse, Strip(" ", *decode_strip)]
+        (`decode_strip=None`: no Strip), or "metaspace", HF's Metaspace decoder (which
+        drops the "▁" of the first token unless its prepend scheme is "never":
+        `decode_drop_first`; byte tokens stay as written).
+
+        Example:
+            >>> vocab = {"<unk>": 0, "▁": 1, "h": 2, "i": 3, "▁h": 4, "▁hi": 5}
+            >>> tok = Tokenizer.sentencepiece_bpe(vocab=vocab, merges=[("▁", "h"), ("▁h", "i")])
+            >>> tok.encode("hi hi"), tok.decode([5, 5])
+            ([5, 5], 'hi hi')
+        """
+        vocab, added_tokens, prefix_ids, suffix_ids = _own_copies(
+            vocab, added_tokens, prefix_ids, suffix_ids)
+        if isinstance(merges, list | tuple):
+            merges = list(merges)
+        settings = {k: v for k, v in locals().items() if k not in ("cls", "backend")}
+        self = cls.__new__(cls)
+        self._settings = lambda: ("SentencePieceBPE", settings)
+        self._choose_backend(backend)
+        _check_vocab(vocab, MAX_BPE_ID)
+        _check_added(added_tokens, pad_id)
+        if unk_token is not None and unk_token not in vocab:
+            raise ValueError(f"unk_token {unk_token!r} is not in the vocab.")
+        if decoder not in ("fallback", "metaspace"):
+            raise ValueError(f"decoder must be 'fallback' or 'metaspace', got {decoder!r}.")
+        if decode_strip is not None:
+            decode_strip = tuple(count(n, "decode_strip", least=0) for n in decode_strip)
+            if len(decode_strip) != 2:
+                raise ValueError(f"decode_strip must be (start, stop) or None, got "
+                                 f"{decode_strip!r}.")
+        encoder_added = added_tokens
+        if prepend == "legacy":   # HF matches a normalized token as the normalizer writes it
+            space = _tokenizer_py.METASPACE
+            encoder_added = [token._replace(content=space + token.content.replace(" ", space))
+                             if token.normalized else token for token in added_tokens]
+        self._set_encoder(
+            "SentencePieceBPEEncoder",
+            vocab,
+            [tuple(merge) for merge in merges],
+            prepend=prepend,
+            split=_flag(split, "split"),
+            byte_fallback=_flag(byte_fallback, "byte_fallback"),
+            unk_id=None if unk_token is None else vocab[unk_token],
+            fuse_unk=_flag(fuse_unk, "fuse_unk"),
+            ignore_merges=_flag(ignore_merges, "ignore_merges"),
+            added_tokens=encoder_added,
+        )
+        self._byte_level = False
+        self._sentencepiece = (decoder, decode_strip, _flag(decode_drop_first,
+                                                            "decode_drop_first"))
+        self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id, None,
+                        truncation_side)
+        return self
 
     def _set_vocab(
         self, vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets, truncation_side
@@ -305,6 +389,8 @@ class Tokenizer:
         try:
             if kind == "BPE":
                 self = cls.byte_level_bpe(**settings, backend=backend)
+            elif kind == "SentencePieceBPE":
+                self = cls.sentencepiece_bpe(**settings, backend=backend)
             else:
                 self = cls(**settings, backend=backend)
         except ValueError as e:   # a check the constructors make, of this file's values
@@ -493,6 +579,8 @@ class Tokenizer:
             token = self._id_to_token.get(token_id)
             if token is not None and not (skip_special_tokens and token in self._special):
                 tokens.append(token)
+        if self._sentencepiece is not None:
+            return _decode_sentencepiece(tokens, *self._sentencepiece)
         if self._byte_level:
             # HF's ByteLevel decoder, then String::from_utf8_lossy: a sequence cut
             # inside a multi-byte char ends in U+FFFD (see decode_stream).
@@ -544,7 +632,10 @@ class DecodeStream:
     A port of HF's `tokenizers.decoders.DecodeStream` (tokenizer/mod.rs,
     step_decode_stream): it decodes a short window of recent ids, and emits the
     new text once it no longer ends in U+FFFD, so a character split over
-    several byte-level tokens comes out whole.
+    several byte-level tokens comes out whole. Where HF's raises (a <0xNN> byte
+    token that turns the bytes of a character already emitted into invalid UTF-8:
+    SentencePiece byte fallback), this one goes on from that token, and the text
+    it gave then differs from `decode` of all the ids there.
     """
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
@@ -583,10 +674,14 @@ class DecodeStream:
                 self._cut(text)
             return None
         if not text.startswith(self._prefix):
-            raise ValueError(  # HF's DecodeStreamError::InvalidPrefix
-                f"decode_stream: {text!r} does not extend {self._prefix!r}; "
-                "this tokenizer's decoding is not incremental here."
-            )
+            # HF raises here (DecodeStreamError::InvalidPrefix): a byte token made the bytes
+            # of a character already emitted invalid UTF-8 (ByteFallback then writes one
+            # U+FFFD per byte of the run). What was emitted stands; the stream goes on from
+            # this token, so a model's stray byte does not end a generation.
+            pieces, rest = self._owed, self._ids[self._prefix_index:]
+            self._ids, self._prefix, self._prefix_index, self._owed = [], "", 0, []
+            pieces += [piece for i in rest if (piece := self.step(i)) is not None]
+            return "".join(pieces) or None
         new_text = "".join(self._owed) + text[len(self._prefix) :]
         self._owed.clear()
         self._ids = self._ids[self._prefix_index :]  # keep the window short
@@ -736,6 +831,8 @@ def _rebuild(kind: str, settings: dict[str, Any], backend: str) -> Tokenizer:
     backend_here = backend if backend in BACKENDS else None
     if kind == "BPE":
         return Tokenizer.byte_level_bpe(**settings, backend=backend_here)
+    if kind == "SentencePieceBPE":
+        return Tokenizer.sentencepiece_bpe(**settings, backend=backend_here)
     return Tokenizer(**settings, backend=backend_here)
 
 
@@ -787,6 +884,60 @@ def _token_bytes(token: str) -> bytes:
         return token.encode("utf-8", "surrogatepass")
 
 
+def _decode_sentencepiece(tokens: list[str], decoder: str, strip: tuple[int, int] | None,
+                          drop_first: bool) -> str:
+    """HF's decoders of SentencePiece-style files. "fallback": Replace("▁", " "), then
+    ByteFallback (a run of <0xNN> tokens is its bytes as UTF-8, or one U+FFFD per token
+    where they are not valid UTF-8), Fuse, then Strip (`strip` spaces off the start and
+    end). "metaspace": each "▁" a space, but every "▁" of the first token goes where
+    `drop_first` (the prepend scheme is not "never"); byte tokens stay as written."""
+    if decoder == "metaspace":
+        return "".join(token.replace(_tokenizer_py.METASPACE, "" if i == 0 and drop_first else " ")
+                       for i, token in enumerate(tokens))
+    pieces: list[str] = []
+    run = bytearray()
+    for token in tokens:
+        byte = _fallback_byte(token)
+        if byte is not None:
+            run.append(byte)
+            continue
+        if run:
+            pieces.append(_fallback_text(run))
+            run.clear()
+        pieces.append(token.replace(_tokenizer_py.METASPACE, " "))
+    if run:
+        pieces.append(_fallback_text(run))
+    text = "".join(pieces)
+    if strip is not None:
+        start, stop = strip
+        first = min(len(text) - len(text.lstrip(" ")), start)
+        last = len(text) - min(len(text) - len(text.rstrip(" ")), stop)
+        text = text[first:max(last, first)]
+    return text
+
+
+def _fallback_byte(token: str) -> int | None:
+    """The byte of a ByteFallback token "<0xNN>" (Rust's u8::from_str_radix of NN, which
+    takes a "+" sign), else None."""
+    if len(token) != 6 or not token.startswith("<0x") or token[5] != ">":
+        return None
+    digits = token[3:5]
+    if not (digits.isascii() and all(c in "0123456789abcdefABCDEF+" for c in digits)) \
+            or "+" in digits[1:]:
+        return None
+    try:
+        return int(digits, 16)
+    except ValueError:   # "++" or "+" alone
+        return None
+
+
+def _fallback_text(run: bytes) -> str:
+    try:
+        return run.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(run)
+
+
 _CHAR_TO_BYTE = {char: byte for byte, char in enumerate(_tokenizer_py.BYTE_TO_CHAR)}
 
 
@@ -814,12 +965,20 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
     vocab = _field(model, "model.vocab", dict, path)   # its ids: checked by the constructors
     added_tokens = _added_tokens(data, path, vocab)
     settings: dict[str, Any] = {"vocab": vocab, "added_tokens": added_tokens}
-    if kind == "BPE":
+    if kind == "BPE" and _is_sentencepiece_style(data):
+        kind = "SentencePieceBPE"
+        settings |= _sentencepiece_settings(data, model, path)
+    elif kind == "BPE":
         settings |= _bpe_settings(data, model, path)
     else:
         settings |= _wordpiece_settings(data, model, path)
     settings["prefix_ids"], settings["suffix_ids"] = _special_ids(data.get("post_processor"), path)
-    settings["trim_offsets"] = _trim_offsets(data.get("post_processor"), path)
+    trim_offsets = _trim_offsets(data.get("post_processor"), path)
+    if kind != "SentencePieceBPE":
+        settings["trim_offsets"] = trim_offsets
+    elif trim_offsets is not None:
+        raise ValueError(f"{path}: a ByteLevel or RobertaProcessing post_processor (offset "
+                         "trimming) with a SentencePiece-style BPE is not supported.")
 
     truncation = data.get("truncation")
     if isinstance(truncation, dict):   # its max_length is not applied: max_length= is
@@ -886,19 +1045,7 @@ def _wordpiece_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
     return settings
 
 
-def _bpe_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
-    """Byte-level BPE: no normalizer, a known pre-tokenizer chain, ByteLevel decoder."""
-    vocab = model["vocab"]
-    for key, value in [
-        ("dropout", None),
-        ("continuing_subword_prefix", None),
-        ("end_of_word_suffix", None),
-    ]:
-        if model.get(key) not in (value, ""):
-            raise ValueError(
-                f"{path}: model.{key} = {model[key]!r} is not supported for byte-level BPE "
-                f"(the runtime tokenizer supports {value!r})."
-            )
+def _merges(model: dict, path: Path) -> list[tuple[str, str]]:
     merges = []
     for merge in _field(model, "model.merges", list, path):
         # Older files write "left right", newer ones ["left", "right"].
@@ -910,6 +1057,118 @@ def _bpe_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
         ):
             raise ValueError(f"{path}: model.merges entry {merge!r:.80} is not a pair of tokens.")
         merges.append((pair[0], pair[1]))
+    return merges
+
+
+def _check_bpe_options(model: dict, path: Path, family: str) -> None:
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key) not in (None, ""):
+            raise ValueError(
+                f"{path}: model.{key} = {model[key]!r} is not supported for {family} "
+                f"(the runtime tokenizer supports None)."
+            )
+
+
+# The normalizer of the SentencePiece-style files transformers converts with legacy=True.
+_LEGACY_SP_NORMALIZER = {"type": "Sequence", "normalizers": [
+    {"type": "Prepend", "prepend": "\u2581"},
+    {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+]}
+
+
+def _is_sentencepiece_style(data: dict) -> bool:
+    """A BPE file that is not byte-level: "▁" for spaces (Llama 2, Mistral, Phi-3)."""
+    pre = data.get("pre_tokenizer")
+    return pre is None or isinstance(pre, dict) and pre.get("type") == "Metaspace"
+
+
+def _prepend_scheme(section: dict, field: str, path: Path) -> str:
+    """A Metaspace section's prepend_scheme (older files: add_prefix_space, true by
+    default, for "always"); its replacement must be "▁"."""
+    if _field(section, f"{field}.replacement", str, path, "\u2581") != "\u2581":
+        raise ValueError(f"{path}: {field}.replacement is {section['replacement']!r}; the "
+                         "runtime tokenizer supports '\u2581' (SentencePiece's).")
+    scheme = section.get("prepend_scheme")
+    if scheme is None:
+        return "always" if _field(section, f"{field}.add_prefix_space", bool, path,
+                                  True) else "never"
+    if scheme not in ("always", "first", "never"):
+        raise ValueError(f"{path}: {field}.prepend_scheme is {scheme!r}; expected "
+                         "\"always\", \"first\" or \"never\".")
+    return scheme
+
+
+def _sentencepiece_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
+    """SentencePiece-style BPE: the legacy normalizer and no pre-tokenizer, or a Metaspace
+    pre-tokenizer and no normalizer; a Replace/ByteFallback/Fuse[/Strip] or Metaspace
+    decoder."""
+    _check_bpe_options(model, path, "SentencePiece-style BPE")
+    merges = _merges(model, path)
+    vocab = model["vocab"]
+    unk_token = _field(model, "model.unk_token", (str, type(None)), path, None)
+    if unk_token is not None and unk_token not in vocab:
+        raise ValueError(f"{path}: model.unk_token {unk_token!r} is not in model.vocab.")
+    normalizer = data.get("normalizer")
+    if normalizer == {"type": "Sequence", "normalizers": []}:
+        normalizer = None
+    pre = data.get("pre_tokenizer")
+    if pre is None:
+        if normalizer != _LEGACY_SP_NORMALIZER:
+            raise ValueError(
+                f"{path}: a BPE file without a pre_tokenizer is read as SentencePiece-style "
+                "(Llama 2, Mistral), with the normalizer Sequence[Prepend(\"\u2581\"), "
+                "Replace(\" \", \"\u2581\")]; this one has "
+                f"{json.dumps(normalizer, ensure_ascii=False)[:160]}, which the runtime "
+                "tokenizer does not implement."
+            )
+        prepend, split = "legacy", False
+    else:
+        if normalizer is not None:
+            raise ValueError(
+                f"{path}: normalizer {json.dumps(normalizer, ensure_ascii=False)[:120]} is "
+                "not supported with a Metaspace pre_tokenizer; the runtime tokenizer "
+                "supports none (null) there."
+            )
+        prepend = _prepend_scheme(pre, "pre_tokenizer", path)
+        split = _field(pre, "pre_tokenizer.split", bool, path, True)
+    settings: dict[str, Any] = {
+        "merges": merges, "prepend": prepend, "split": split, "unk_token": unk_token,
+        "byte_fallback": _field(model, "model.byte_fallback", bool, path, False),
+        "fuse_unk": _field(model, "model.fuse_unk", bool, path, False),
+        "ignore_merges": _field(model, "model.ignore_merges", bool, path, False),
+    }
+    decoder = data.get("decoder")
+    kind = _check_type(decoder, "decoder", ("Metaspace", "Sequence"), path)
+    if kind == "Metaspace":
+        scheme = _prepend_scheme(decoder, "decoder", path)
+        return settings | {"decoder": "metaspace", "decode_drop_first": scheme != "never"}
+    steps = decoder.get("decoders")
+    shape = [step.get("type") if isinstance(step, dict) else None
+             for step in (steps if isinstance(steps, list) else [])]
+    strip = None
+    if shape[-1:] == ["Strip"]:
+        step = steps[-1]
+        if _field(step, "decoder.Strip.content", str, path) != " ":
+            raise ValueError(f"{path}: decoder Strip.content is {step['content']!r}; the "
+                             "runtime tokenizer supports ' '.")
+        strip = tuple(_field(step, f"decoder.Strip.{end}", int, path) for end in
+                      ("start", "stop"))
+        shape = shape[:-1]
+    if shape != ["Replace", "ByteFallback", "Fuse"] or steps[0] != {
+            "type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}:
+        raise ValueError(
+            f"{path}: unsupported decoder {json.dumps(decoder, ensure_ascii=False)[:200]}. "
+            "The runtime tokenizer supports Metaspace, or Sequence[Replace(\"\u2581\", "
+            "\" \"), ByteFallback, Fuse] with or without a Strip(\" \") after them."
+        )
+    return settings | {"decoder": "fallback", "decode_strip": strip}
+
+
+def _bpe_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
+    """Byte-level BPE: no normalizer, a known pre-tokenizer chain, ByteLevel decoder."""
+    vocab = model["vocab"]
+    _check_bpe_options(model, path, "byte-level BPE")
+    merges = _merges(model, path)
     unk_token = _field(model, "model.unk_token", (str, type(None)), path, None)
     if unk_token is not None and unk_token not in vocab:
         raise ValueError(f"{path}: model.unk_token {unk_token!r} is not in model.vocab.")

@@ -529,11 +529,12 @@ def test_vocab_accessors_match_hf(tok, hf):
                 {"type": "ByteLevel", "add_prefix_space": True, "use_regex": False}]}),
             r"Split\(GPT-2 regex\) then ByteLevel\(add_prefix_space=true",
         ),
-        (lambda d: d.update(pre_tokenizer={"type": "Metaspace"}), "pre_tokenizer.type 'Metaspace'"),
-        (  # SentencePiece-style BPE (Llama-2): named by its pre-tokenizer, not its decoder
-            lambda d: d.update(pre_tokenizer={"type": "Metaspace"}, decoder={"type": "Metaspace"}),
-            "pre_tokenizer.type 'Metaspace'",
+        (  # read as SentencePiece-style BPE (tests/test_tokenizer_sentencepiece.py)
+            lambda d: d.update(pre_tokenizer={"type": "Metaspace"}),
+            "unsupported decoder.type 'ByteLevel'",
         ),
+        (lambda d: d.update(pre_tokenizer=None), "without a pre_tokenizer is read as "
+                                                 "SentencePiece-style"),
         (lambda d: d["model"].update(dropout=0.1), "model.dropout"),
         (lambda d: d["model"].update(byte_fallback=True), "byte_fallback"),
         (lambda d: d.update(decoder={"type": "WordPiece"}), "decoder.type 'WordPiece'"),
