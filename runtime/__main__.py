@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
                              help="a trusted public key (PEM): the bundle must be signed by "
                                   "it, or by another --key")
     args = parser.parse_args(argv)
-    try:   # the environment's settings first (EDGE_Q4_ISA), as a refusal, not a traceback
-        from .model import kernel_library
+    try:   # the environment's settings first (EDGE_Q4_ISA, EDGE_ORT_LOG), as a refusal
+        from .model import kernel_library, ort_log_level
 
         kernel_library()
+        ort_log_level()
         keys = signing_keys(args.key, policy=True)   # the trusted keys (None: no --key)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -395,6 +395,9 @@ def archive_members(tar: tarfile.TarFile,
         if not parts:   # "." itself
             continue
         tops.add(parts[0])
+        if len(tops) > 1:   # said before a path that two tops share looks like a duplicate
+            raise ValueError(f"{archive}: a bundle archive holds one directory (the bundle), "
+                             f"found {', '.join(sorted(tops))}.")
         if member.isfile():
             if len(parts) < 2:
                 raise ValueError(f"{archive}: file {member.name!r} is outside the bundle's "

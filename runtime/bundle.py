@@ -213,6 +213,7 @@ class Bundle:
         for name, kind in (("task", str), ("files", list), ("opset", int), ("target", dict)):
             self._field(name, kind)
         root = self.path.resolve()
+        seen: set[Path] = set()
         for i, entry in enumerate(self.manifest["files"]):
             if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
                     and isinstance(entry.get("sha256"), str)
@@ -228,13 +229,20 @@ class Bundle:
                 inside = False
             if not name or Path(name).is_absolute() or not inside:
                 raise BundleError(_unsafe_path(self.path, name))
+            same = (root / name).resolve()   # "a//b" and "./a/b" are "a/b"
+            if same in seen:
+                raise BundleError(f"{self.path / 'manifest.json'}: files[{i}] lists {name!r} "
+                                  f"again; a manifest lists each file once.")
+            seen.add(same)
 
     def _check_files(self, *, contents: bool) -> None:
         for entry in self.manifest["files"]:
             name = entry["path"]
             file = self.path / name
             if not file.is_file():
-                raise BundleError(f"{self.path / name}: listed in manifest.json but missing.")
+                what = ("a directory" if file.is_dir() else "not a regular file"
+                        if file.exists() else "missing")
+                raise BundleError(f"{self.path / name}: listed in manifest.json but {what}.")
             if not contents:
                 continue
             size = file.stat().st_size

@@ -75,13 +75,13 @@ ORT_LOG_LEVELS = {"verbose": 0, "info": 1, "warning": 2, "error": 3, "fatal": 4}
 
 
 def ort_log_level() -> int:
-    """The session log severity: EDGE_ORT_LOG (verbose, info, warning, error, fatal), else
-    error."""
-    asked = os.environ.get("EDGE_ORT_LOG", "error")
-    if asked not in ORT_LOG_LEVELS:
+    """The session log severity: EDGE_ORT_LOG (verbose, info, warning, error, fatal, in any
+    case), else error (set but empty counts as unset, as for EDGE_Q4_ISA)."""
+    asked = os.environ.get("EDGE_ORT_LOG") or "error"
+    if asked.lower() not in ORT_LOG_LEVELS:
         raise ValueError(f"The environment variable EDGE_ORT_LOG is {asked!r}; it takes "
                          f"{', '.join(ORT_LOG_LEVELS)} (unset: error).")
-    return ORT_LOG_LEVELS[asked]
+    return ORT_LOG_LEVELS[asked.lower()]
 
 
 def ort_session(path: str | Path | bytes, *, threads: int = 0, spinning: bool = True,

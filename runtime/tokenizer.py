@@ -383,6 +383,8 @@ class Tokenizer:
         if backend is not None and backend not in BACKENDS:   # the caller's, not the file's
             raise ValueError(f"Unknown tokenizer backend {backend!r}. Available: "
                              f"{', '.join(BACKENDS)}.")
+        if isinstance(path, str) and not path.strip():
+            raise ValueError("Tokenizer.from_file: the path is empty.")
         path = Path(path).resolve()   # read again for offsets, maybe from another cwd
         stamp = _stamp(path)
         kind, settings = _read_tokenizer_json(path)
@@ -945,8 +947,12 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
     """Read and check a tokenizer.json; return the model type ("WordPiece" or "BPE")
     and the keyword arguments of `Tokenizer` or `Tokenizer.byte_level_bpe`."""
     if not path.is_file():
-        hint = " It is a directory; pass the tokenizer.json inside it." if path.is_dir() else ""
-        raise FileNotFoundError(f"Tokenizer file not found: '{path}'.{hint}")
+        if path.is_dir():
+            raise FileNotFoundError(f"Tokenizer file '{path}' is a directory; pass the "
+                                    "tokenizer.json inside it.")
+        if path.exists():
+            raise ValueError(f"Tokenizer file '{path}' is not a regular file.")
+        raise FileNotFoundError(f"Tokenizer file not found: '{path}'.")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

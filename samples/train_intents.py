@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"argument --seed: must be below 2**63, got {args.seed}")
     for name in ("epochs", "lr"):
         if not 0 < getattr(args, name) < float("inf"):
-            parser.error(f"argument --{name}: must be a number above 0, got {getattr(args, name)}")
+            parser.error(f"argument --{name}: must be a finite number above 0, "
+                         f"got {getattr(args, name)}")
     if int(args.epochs * args.train_size / args.batch_size) < 1:
         parser.error(f"--epochs {args.epochs:g} of {args.train_size} utterances in batches of "
                      f"{args.batch_size} is not one training step; train longer.")

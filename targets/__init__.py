@@ -169,7 +169,7 @@ def positive_number(value, what: str) -> float:
     """`value` as a float, or ValueError naming `what` unless it is a finite number > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a number above 0, got {value!r}.")
+        raise ValueError(f"{what} must be a finite number above 0, got {value!r}.")
     return float(value)
 
 

@@ -87,8 +87,8 @@ def test_frozen_layers_keep_the_checkpoints_weights(intent_model):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "argument --epochs: must be a number above 0, got 0"),
-    (["--lr", "nan"], "argument --lr: must be a number above 0, got nan"),
+    (["--epochs", "0"], "argument --epochs: must be a finite number above 0, got 0"),
+    (["--lr", "nan"], "argument --lr: must be a finite number above 0, got nan"),
     (["--test-size", "1"], "argument --test-size: must be at least 2, got 1"),
     (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     (["--freeze-layers", "-1"], "argument --freeze-layers: must be at least 0, got -1"),

@@ -214,8 +214,16 @@ def test_unpack_reads_names_as_tar_does_and_checks_the_manifest_before_writing(
         (_repacked(archive, tmp_path / "twice.tar",
                    extra=[("minilm-arm-cpu/manifest.json", huge)]),
          "minilm-arm-cpu/manifest.json is in it twice"),
+        # two bundles' directories: said as such, not as a file in it twice
+        (_repacked(archive, tmp_path / "two.tar", extra=[("other/manifest.json", b"{}")]),
+         "holds one directory .the bundle., found minilm-arm-cpu, other"),
         (_repacked(archive, tmp_path / "files.tar", manifest=manifest | {"files": 5}),
          "field 'files' must be list"),
+        # a file listed twice was counted twice by verify's totals
+        (_repacked(archive, tmp_path / "listed.tar", manifest=manifest | {
+            "files": [*manifest["files"], {**manifest["files"][0],
+                                           "path": "./" + manifest["files"][0]["path"]}]}),
+         r"files\[\d+\] lists '\./.*' again; a manifest lists each file once"),
         (_repacked(archive, tmp_path / "path.tar", manifest=manifest | {
             "files": [*manifest["files"], {"path": ["x"], "bytes": 1, "sha256": "0"}]}),
          r"files\[\d+\] must be"),
@@ -1220,6 +1228,30 @@ def test_only_onnxruntimes_errors_become_a_bad_bundle(minilm_bundle, monkeypatch
         with pytest.raises(type(error)) as raised:
             runtime.load(minilm_bundle, verify=False)
         assert not isinstance(raised.value, BundleError)
+
+
+def test_a_listed_file_that_is_a_directory_is_said_to_be_one(bundle_copy):
+    (bundle_copy / "tokenizer.json").unlink()
+    (bundle_copy / "tokenizer.json").mkdir()
+    with pytest.raises(BundleError, match="tokenizer.json: listed in manifest.json but a "
+                                          "directory"):
+        runtime.load(bundle_copy)
+
+
+def test_the_log_setting_is_refused_in_one_line_and_empty_is_unset(minilm_bundle,
+                                                                   monkeypatch, capsys):
+    """EDGE_ORT_LOG=bogus made `python -m runtime verify` exit 1 (an I/O error, to an
+    updater) with a traceback; set but empty it was refused where EDGE_Q4_ISA's is unset."""
+    from runtime.__main__ import main as runtime_main
+
+    monkeypatch.setenv("EDGE_ORT_LOG", "bogus")
+    assert runtime_main(["verify", str(minilm_bundle)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("error: The environment variable EDGE_ORT_LOG is 'bogus'; it takes "
+                           "verbose, info, warning, error, fatal (unset: error).")
+    for value in ("", "WARNING"):
+        monkeypatch.setenv("EDGE_ORT_LOG", value)
+        assert runtime_main(["verify", str(minilm_bundle)]) == 0
 
 
 def test_verify_refuses_what_load_refuses_in_one_line(bundle_copy):

@@ -26,11 +26,12 @@ def texts():
 # --- refusals before any work ---
 
 @pytest.mark.parametrize("line, message", [
-    ("max_model_mb = -1", "'validation.max_model_mb' must be a number above 0, got -1"),
-    ("max_model_mb = 0", "must be a number above 0, got 0"),
-    ('max_latency_ms = "5"', "'validation.max_latency_ms' must be a number above 0, got '5'"),
-    ("max_latency_ms = true", "must be a number above 0, got True"),
-    ("max_latency_ms = inf", "must be a number above 0, got inf"),
+    ("max_model_mb = -1", "'validation.max_model_mb' must be a finite number above 0, got -1"),
+    ("max_model_mb = 0", "must be a finite number above 0, got 0"),
+    ('max_latency_ms = "5"',
+     "'validation.max_latency_ms' must be a finite number above 0, got '5'"),
+    ("max_latency_ms = true", "must be a finite number above 0, got True"),
+    ("max_latency_ms = inf", "must be a finite number above 0, got inf"),
 ])
 def test_profile_refuses_bad_budgets(tmp_path, line, message):
     path = tmp_path / "board.toml"
@@ -51,9 +52,9 @@ def test_profile_budget_is_read_and_unset_by_default(tmp_path):
 
 def test_cli_refuses_bad_budgets(capsys):
     assert main(["--target", "arm-cpu", "--max-model-mb", "-3"]) == 2
-    assert "--max-model-mb must be a number above 0, got -3.0" in capsys.readouterr().err
+    assert "--max-model-mb must be a finite number above 0, got -3.0" in capsys.readouterr().err
     assert main(["--target", "arm-cpu", "--max-latency-ms", "0"]) == 2
-    assert "--max-latency-ms must be a number above 0" in capsys.readouterr().err
+    assert "--max-latency-ms must be a finite number above 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["--target", "arm-cpu", "--max-model-mb", "small"])
     assert e.value.code == 2

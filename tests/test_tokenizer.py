@@ -622,8 +622,12 @@ def test_missing_file_names_the_path(tmp_path):
     missing = tmp_path / "nope" / "tokenizer.json"
     with pytest.raises(FileNotFoundError, match="nope"):
         Tokenizer.from_file(missing)
-    with pytest.raises(FileNotFoundError, match="directory"):
+    with pytest.raises(FileNotFoundError, match="is a directory; pass the tokenizer.json"):
         Tokenizer.from_file(tmp_path)
+    with pytest.raises(ValueError, match="'/dev/null' is not a regular file"):
+        Tokenizer.from_file("/dev/null")
+    with pytest.raises(ValueError, match="the path is empty"):
+        Tokenizer.from_file("")
 
 
 @pytest.mark.parametrize("edit, message", [
