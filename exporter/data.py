@@ -293,3 +293,44 @@ def intent_strings(languages: list[str] | None = None) -> list[str]:
     chosen = languages or home_assistant_intents.get_languages()
     return sorted({text for language in chosen
                    for text in strings(home_assistant_intents.get_intents(language))})
+
+
+def llama_layout_tokenizer(vocab_size: int = 8000) -> dict:
+    """A tokenizer.json (as a dict) laid out as transformers converts Llama 2's (legacy=True),
+    its vocab and merges trained here by Hugging Face's BPE trainer on `english_prose`: the
+    normalizer Sequence[Prepend("▁"), Replace(" ", "▁")], no pre-tokenizer, BPE with
+    byte_fallback and fuse_unk, <unk> <s> </s> and the 256 <0xNN> byte tokens in the model
+    vocab, "<s> $A", the decoder Sequence[Replace("▁", " "), ByteFallback, Fuse, Strip].
+    No Llama-2-family tokenizer ships offline; the tests and benchmarks/bench_tokenizer.py
+    check the runtime's SentencePiece-style BPE against HF on this one. Needs `tokenizers`
+    (the test extra); a few seconds."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+
+    space = "\u2581"
+    hf = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement=space, prepend_scheme="always")
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=300,
+                                  special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+                                  show_progress=False)
+    hf.train_from_iterator(english_prose(), trainer)
+    data = json.loads(hf.to_str())
+    # Llama 2's byte tokens are in the model vocab only, not added tokens.
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in byte_tokens]
+    bos = [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]
+    return data | {
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": space},
+            {"type": "Replace", "pattern": {"String": " "}, "content": space}]},
+        "pre_tokenizer": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": space}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "post_processor": {
+            "type": "TemplateProcessing", "single": bos,
+            "pair": [*bos, {"SpecialToken": {"id": "<s>", "type_id": 1}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+    }

@@ -2295,7 +2295,7 @@ typedef struct {
     int32_t unk_id; /* -1: none, unknown bytes are dropped */
     AddedSet raw_added, normalized_added;
     /* SentencePiece-style BPE (SentencePieceBPEEncoder): symbols are chars, not bytes. */
-    int sp, prepend, sp_split;
+    int sp, prepend, sp_split, cut_words, cut_blocked;
     int32_t fallback_ids[256]; /* <0xNN> token of each byte; -1: none (or no byte_fallback) */
     CharSlot *chars;           /* single-char token -> id */
     size_t char_mask;
@@ -2718,11 +2718,36 @@ sp_word(const Bpe *b, const ucs4 *t, size_t n, int prefix, Scratch *s, IdBuf *ou
     return 0;
 }
 
-/* The legacy normalizer's text (between normalized added tokens): one word. */
+static inline int
+is_metaspace(ucs4 c)
+{
+    return c == ' ' || c == METASPACE;
+}
+
+/* What HF BPEs as one word ((prefix +) t[0:n]): cut before each "\u2581" that
+ * follows another char where cut_words allows it (no token has a "\u2581"
+ * after another char, so no merge joins across such a cut: the same ids, and
+ * words short enough for the cache). */
+static int
+sp_cut(const Bpe *b, const ucs4 *t, size_t n, int prefix, Scratch *s, IdBuf *out)
+{
+    size_t start = 0;
+    for (size_t i = 1; b->cut_words && i < n; i++) {
+        if (is_metaspace(t[i]) && !is_metaspace(t[i - 1])) {
+            if (sp_word(b, t + start, i - start, prefix && start == 0, s, out) < 0) {
+                return -1;
+            }
+            start = i;
+        }
+    }
+    return sp_word(b, t + start, n - start, prefix && start == 0, s, out);
+}
+
+/* The legacy normalizer's text (between normalized added tokens): one word to HF. */
 static int
 sp_legacy_word(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
 {
-    return sp_word(ctx, t, n, 0, s, out);
+    return sp_cut(ctx, t, n, 0, s, out);
 }
 
 /* The Metaspace pre-tokenizer: "\u2581" in front (by the prepend scheme, where
@@ -2732,15 +2757,14 @@ static int
 sp_metaspace_piece(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
 {
     const Bpe *b = ctx;
-    int starts_with = t[0] == ' ' || t[0] == METASPACE;
-    int prefix = !starts_with && (b->prepend == PREPEND_ALWAYS
-                                  || (b->prepend == PREPEND_FIRST && t == s->text));
+    int prefix = !is_metaspace(t[0]) && (b->prepend == PREPEND_ALWAYS
+                                          || (b->prepend == PREPEND_FIRST && t == s->text));
     if (!b->sp_split) {
-        return sp_word(b, t, n, prefix, s, out);
+        return sp_cut(b, t, n, prefix, s, out);
     }
     size_t start = 0;
     for (size_t i = 1; i <= n; i++) {
-        if (i == n || t[i] == ' ' || t[i] == METASPACE) {
+        if (i == n || is_metaspace(t[i])) {
             if (sp_word(b, t + start, i - start, prefix && start == 0, s, out) < 0) {
                 return -1;
             }
@@ -3155,12 +3179,17 @@ build_sp_tables(Bpe *b, PyObject *vocab, int byte_fallback)
         b->word_mask = slots - 1;
     }
     size_t offset = 0;
+    int inner_space = 0; /* a token with a "\u2581" after another char */
     pos = 0;
     while (PyDict_Next(vocab, &pos, &key, &value)) { /* exact ints (exact_ids), checked */
         int32_t id = (int32_t)PyLong_AsLong(value);
         Py_ssize_t length = PyUnicode_GET_LENGTH(key);
         int kind = PyUnicode_KIND(key);
         const void *data = PyUnicode_DATA(key);
+        for (Py_ssize_t i = 1; i < length && !inner_space; i++) {
+            inner_space = PyUnicode_READ(kind, data, i) == METASPACE
+                          && PyUnicode_READ(kind, data, i - 1) != METASPACE;
+        }
         if (length == 1) {
             ucs4 c = PyUnicode_READ(kind, data, 0);
             size_t i = mix64(c) & b->char_mask;
@@ -3183,6 +3212,7 @@ build_sp_tables(Bpe *b, PyObject *vocab, int byte_fallback)
             b->words[slot] = (WordSlot){h, start, (uint32_t)(offset - start), id};
         }
     }
+    int all_bytes = byte_fallback;
     for (int byte = 0; byte < 256; byte++) {
         b->fallback_ids[byte] = -1;
         if (!byte_fallback) {
@@ -3194,7 +3224,11 @@ build_sp_tables(Bpe *b, PyObject *vocab, int byte_fallback)
         if (id != NULL) {
             b->fallback_ids[byte] = (int32_t)PyLong_AsLong(id);
         }
+        all_bytes = all_bytes && id != NULL;
     }
+    /* As the twin's _cut_words; Sp_new adds: not where a char may be dropped. */
+    b->cut_blocked = inner_space || char_id(b, METASPACE) < 0;
+    b->cut_words = !b->cut_blocked && all_bytes;
     return 0;
 }
 
@@ -3266,6 +3300,9 @@ Sp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         }
         b->unk_id = (int32_t)id;
     }
+    /* Cut where no char is dropped (HF's offsets shift past one for the rest of what it
+     * BPEs as one word): every byte has its token, or unknown chars are unk. */
+    b->cut_words = b->cut_words || (b->unk_id >= 0 && !b->cut_blocked);
     if (added_tokens != NULL
         && build_added_tokens(&b->raw_added, &b->normalized_added, NULL, added_tokens) < 0) {
         goto error;

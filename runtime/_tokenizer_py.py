@@ -905,6 +905,7 @@ class BPEEncoder(_Encoder):
 
 
 METASPACE = "\u2581"
+_INNER_SPACE_RE = re.compile("[^\u2581]\u2581")
 # Where a SentencePiece-style file puts its "▁" (see SentencePieceBPEEncoder).
 PREPEND_SCHEMES = ("legacy", "always", "first", "never")
 
@@ -961,6 +962,16 @@ class SentencePieceBPEEncoder(_Encoder):
         self._unk_id = unk_id
         self._fuse_unk = fuse_unk
         self._ignore_merges = ignore_merges
+        # Where no token has a "▁" right after another character (SentencePiece's own
+        # vocabs: "▁" begins a piece), no merge can join the characters on either side of a
+        # "▁" that follows another character, so a text that is one word is BPE'd in words
+        # cut there: the same ids, and words short enough to cache (HF merges the whole text).
+        # Not where a character may be dropped (no unk, no byte token for one of its bytes):
+        # HF's offsets then shift for the rest of what it BPEs as one word.
+        self._cut_words = (
+            self._vocab.get(METASPACE) is not None
+            and (unk_id is not None or self._byte_ids is not None and None not in self._byte_ids)
+            and not any(_INNER_SPACE_RE.search(token) for token in self._vocab))
         self._cache: dict[str, tuple[int, ...]] = {}
         added_tokens = list(added_tokens)
         # The legacy normalizer's "normalized" tokens are matched in the normalized text,
@@ -1013,7 +1024,7 @@ class SentencePieceBPEEncoder(_Encoder):
                     if token_id is not None:
                         yield "", (origin[first], origin[last - 1]), token_id
                     else:
-                        yield piece[first:last], origin[first:last], None
+                        yield from self._cut(piece[first:last], origin[first:last])
                 continue
             for first, last, token_id in self._normalized_added.spans(text[start:stop]):
                 first, last = first + start, last + start
@@ -1026,11 +1037,22 @@ class SentencePieceBPEEncoder(_Encoder):
                         and not piece.startswith(METASPACE):
                     piece, origin = METASPACE + piece, [first, *origin]
                 if not self._split:
-                    yield piece, origin, None
+                    yield from self._cut(piece, origin)
                     continue
                 cuts = [i for i, char in enumerate(piece) if char == METASPACE and i]
                 for a, b in zip([0, *cuts], [*cuts, len(piece)], strict=True):
                     yield piece[a:b], origin[a:b], None
+
+    def _cut(self, piece: str, origin: Sequence[int]
+             ) -> Iterator[tuple[str, Sequence[int], None]]:
+        """`piece`, one word to HF, in the words `_cut_words` allows: cut before each "▁"
+        that follows another character."""
+        if not self._cut_words:
+            yield piece, origin, None
+            return
+        cuts = [match.start() + 1 for match in _INNER_SPACE_RE.finditer(piece)]
+        for a, b in zip([0, *cuts], [*cuts, len(piece)], strict=True):
+            yield piece[a:b], origin[a:b], None
 
     def _symbols(self, word: str) -> list[tuple[int, int]]:
         """HF's BPE::merge_word then Word::merge_all: (id, UTF-8 bytes of `word` it

@@ -2,13 +2,13 @@
 Hugging Face `tokenizers`, on every backend.
 
 No such tokenizer ships offline (the Llama-2 family's files come from the hub), so the
-reference is made here, as those files are laid out: HF's BPE trainer on English prose
-(conftest's `prose`) with Llama 2's special tokens <unk> <s> </s> and the 256 <0xNN> byte
-tokens in the model vocab, saved (1) as transformers converts Llama 2 with legacy=True:
+reference is made here, as those files are laid out (`exporter.data.llama_layout_tokenizer`):
+HF's BPE trainer on English prose with Llama 2's special tokens <unk> <s> </s> and the 256
+<0xNN> byte tokens in the model vocab, saved (1) as transformers converts Llama 2 with legacy=True:
 the normalizer Sequence[Prepend("▁"), Replace(" ", "▁")], no pre-tokenizer, byte_fallback
 and fuse_unk, the decoder Sequence[Replace("▁", " "), ByteFallback, Fuse, Strip(" ", 1, 0)],
 "<s> $A"; and (2) with a Metaspace pre-tokenizer instead (legacy=False), each
-prepend_scheme, split or not. The texts are that prose, every string of
+prepend_scheme, split or not. The texts are English prose (conftest's `prose`), every string of
 home-assistant-intents (~65 languages: characters outside the vocab take the byte
 tokens), adversarial cases and random text.
 """
@@ -24,6 +24,7 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 
+from exporter.data import llama_layout_tokenizer  # noqa: E402
 from runtime import _tokenizer_py  # noqa: E402
 from runtime.tokenizer import BACKENDS, Tokenizer  # noqa: E402
 
@@ -34,24 +35,6 @@ except ImportError:  # the property test is skipped below
     given = None
 
 SPACE = "\u2581"
-LEGACY_NORMALIZER = {"type": "Sequence", "normalizers": [
-    {"type": "Prepend", "prepend": SPACE},
-    {"type": "Replace", "pattern": {"String": " "}, "content": SPACE},
-]}  # fmt: skip
-FALLBACK_DECODER = {"type": "Sequence", "decoders": [
-    {"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
-    {"type": "ByteFallback"}, {"type": "Fuse"},
-    {"type": "Strip", "content": " ", "start": 1, "stop": 0},
-]}  # fmt: skip
-BOS = {"type": "TemplateProcessing",
-       "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                  {"Sequence": {"id": "A", "type_id": 0}}],
-       "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                {"Sequence": {"id": "A", "type_id": 0}},
-                {"SpecialToken": {"id": "<s>", "type_id": 1}},
-                {"Sequence": {"id": "B", "type_id": 1}}],
-       "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}  # fmt: skip
-
 _rng = random.Random(0)
 ALPHABET = ["a", "b", "the", " ", "  ", SPACE, "<s>", "</s>", "<unk>", "日", "é", "e\u0301",
             "\n", "\t", "🚀", "👩‍👩‍👧", "\x00", "ǅ", "Ω", "\ufffd", "Home Assistant", "zz"]
@@ -65,22 +48,9 @@ EDGE_CASES = [
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, prose) -> dict:
+def trained() -> dict:
     """The trained vocab and merges, as a tokenizer.json dict in Llama 2's legacy layout."""
-    from tokenizers import models, pre_tokenizers, trainers
-
-    hf = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
-    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always")
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=8000, special_tokens=["<unk>", "<s>", "</s>",
-                                                                    *byte_tokens],
-                                  limit_alphabet=300, show_progress=False)
-    hf.train_from_iterator([line for line in prose[::2] if line.strip()], trainer)
-    data = json.loads(hf.to_str())
-    # Llama 2's byte tokens are in the model vocab only, not added tokens.
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] not in byte_tokens]
-    return data | {"normalizer": LEGACY_NORMALIZER, "pre_tokenizer": None,
-                   "decoder": FALLBACK_DECODER, "post_processor": BOS}
+    return llama_layout_tokenizer()
 
 
 def metaspace(scheme: str, split: bool, decoder: str = "fallback"):
@@ -138,12 +108,25 @@ def legacy(data):
     pass
 
 
+def inner_space(data):
+    """A token with a "▁" after another character ("s▁", merged first): no cutting the text
+    into words at each "▁" (which the encoders do where no token has one), as HF does."""
+    vocab = data["model"]["vocab"]
+    vocab["s" + SPACE] = max(vocab.values()) + 1
+    data["model"]["merges"].insert(0, ["s", SPACE])
+
+
+def inner_space_metaspace(data):
+    metaspace("first", False)(data)
+    inner_space(data)
+
+
 VARIANTS = [
     legacy, metaspace("first", False), metaspace("first", True), metaspace("always", True),
     metaspace("never", False), metaspace("always", False, "metaspace"),
     metaspace("first", True, "metaspace"), metaspace("never", True, "metaspace"),
     with_added_tokens, no_byte_fallback, no_byte_fallback_no_fuse, no_unk, some_bytes_missing,
-    ignore_merges,
+    ignore_merges, inner_space, inner_space_metaspace,
 ]  # fmt: skip
 
 
