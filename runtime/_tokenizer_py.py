@@ -1,7 +1,7 @@
 """Pure-Python tokenizer hot loops: text in, content ids out.
 
 This is the readable reference for `runtime.tokenizer`. It ports, step by step,
-what Hugging Face `tokenizers` (Rust, v0.22) does for two families of files:
+what Hugging Face `tokenizers` (Rust, v0.22) does for three families of files:
 
     WordPiece (BERT):
     added tokens  ->  BertNormalizer  ->  BertPreTokenizer  ->  WordPiece  ->  ids
@@ -11,9 +11,14 @@ what Hugging Face `tokenizers` (Rust, v0.22) does for two families of files:
     added tokens  ->  [Digits]  ->  regex split  ->  UTF-8 bytes  ->  BPE merges  ->  ids
                  (pre_tokenizers/digits.rs, byte_level.rs, split.rs)  (models/bpe/word.rs)
 
+    SentencePiece-style BPE (Llama 2, Mistral, TinyLlama, Phi-3):
+    added tokens  ->  "▁" for spaces and in front  ->  chars, <0xNN> bytes  ->  BPE merges  ->  ids
+         (normalizers/prepend.rs, replace.rs or pre_tokenizers/metaspace.rs)  (models/bpe/model.rs)
+
 A C twin (`runtime._tokenizer_c`) may replace it; it must offer the same
-surface: `WordPieceEncoder(vocab, **options)` and `BPEEncoder(vocab, merges,
-**options)`, each with `.encode(text, /, prefix=(), suffix=(), max_content=None)
+surface: `WordPieceEncoder(vocab, **options)`, `BPEEncoder(vocab, merges,
+**options)` and `SentencePieceBPEEncoder(vocab, merges, **options)`, each with
+`.encode(text, /, prefix=(), suffix=(), max_content=None)
 -> list[int]`: the text's ids, cut to `max_content`, between `prefix` and `suffix`.
 Only the twin has `encode_offsets` (the same ids, and the characters each came
 from); `runtime.Tokenizer` uses it on either backend.

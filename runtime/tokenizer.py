@@ -1,13 +1,15 @@
-"""Tokenizer for Hugging Face `tokenizer.json` files: WordPiece (BERT family) and
-byte-level BPE (GPT-2, Llama-3, SmolLM2 family).
+"""Tokenizer for Hugging Face `tokenizer.json` files: WordPiece (BERT family),
+byte-level BPE (GPT-2, Llama-3, SmolLM2 family) and SentencePiece-style BPE (Llama 2,
+Mistral, TinyLlama, Phi-3 family).
 
 Ids match `tokenizers.Tokenizer.from_file(path)` with `no_padding()`, using only
 the standard library. This module holds the policy (file parsing, special
 tokens, truncation, batching, decoding); the hot loop (added tokens, normalize,
 pre-tokenize, WordPiece or BPE) lives in a backend with a tiny surface,
-`WordPieceEncoder(vocab, **options)` and `BPEEncoder(vocab, merges, **options)`,
-each with `.encode(text) -> list[int]`: the C module `_tokenizer_c` when it is
-built, else its pure-Python twin `_tokenizer_py`. The C encoders also have
+`WordPieceEncoder(vocab, **options)`, `BPEEncoder(vocab, merges, **options)` and
+`SentencePieceBPEEncoder(vocab, merges, **options)`, each with
+`.encode(text) -> list[int]`: the C module `_tokenizer_c` when it is built, else its
+pure-Python twin `_tokenizer_py`. The C encoders also have
 `encode_batch(texts, prefix, suffix, max_content)`, which `Tokenizer.encode_batch`
 uses: it puts the special tokens and truncation decided here around each text's ids.
 Offsets (`encode_with_offsets`) come from the twin's `encode_offsets` on either backend.
@@ -46,7 +48,7 @@ except ImportError as e:  # not built on this device: the Python twin is the fal
     _C_MISSING = ("runtime/_tokenizer_c was not built" if "_tokenizer_c" in str(e)
                   and "partially initialized" in str(e) else str(e))
 
-# Backend name -> module with WordPieceEncoder and BPEEncoder, preferred first.
+# Backend name -> module with the three encoders, preferred first.
 # tests/test_tokenizer.py runs every test on each one available.
 BACKENDS: dict[str, ModuleType] = {"python": _tokenizer_py}
 if _tokenizer_c is not None:
@@ -370,7 +372,8 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path, *, backend: str | None = None) -> Tokenizer:
-        """Load a Hugging Face tokenizer.json with a WordPiece or byte-level BPE model.
+        """Load a Hugging Face tokenizer.json with a WordPiece, byte-level BPE or
+        SentencePiece-style BPE model.
 
         The file's padding and truncation sections are not applied: `encode`
         never pads and truncates only when given `max_length` (on the side that
@@ -944,8 +947,9 @@ _CHAR_TO_BYTE = {char: byte for byte, char in enumerate(_tokenizer_py.BYTE_TO_CH
 
 
 def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
-    """Read and check a tokenizer.json; return the model type ("WordPiece" or "BPE")
-    and the keyword arguments of `Tokenizer` or `Tokenizer.byte_level_bpe`."""
+    """Read and check a tokenizer.json; return its kind ("WordPiece", "BPE" for byte-level,
+    or "SentencePieceBPE") and the keyword arguments of `Tokenizer`,
+    `Tokenizer.byte_level_bpe` or `Tokenizer.sentencepiece_bpe`."""
     if not path.is_file():
         if path.is_dir():
             raise FileNotFoundError(f"Tokenizer file '{path}' is a directory; pass the "

@@ -391,3 +391,40 @@ def test_c_backend_matches_the_twin_and_hf_on_random_text(legacy_file):
             assert ids == hf.encode(text).ids
 
     check()
+
+
+def test_a_llama_checkpoint_with_this_tokenizer_exports_and_generates(trained, tmp_path):
+    """The plumbing, on a small random Llama (the claim is not about quality): a checkpoint
+    directory with a Llama-2-layout tokenizer.json exports, and its bundle encodes prompts as
+    transformers does (BOS from add_bos_token, "▁" and byte tokens), on the C backend where
+    built, and streams what it generates as it returns it whole."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    import runtime
+    from exporter import export
+
+    checkpoint = tmp_path / "tiny-llama"
+    checkpoint.mkdir()
+    (checkpoint / "tokenizer.json").write_text(json.dumps(trained, ensure_ascii=False),
+                                               encoding="utf-8")
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True}))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(trained["model"]["vocab"]), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=True)).save_pretrained(checkpoint)
+    bundle = export(str(checkpoint), target="arm-cpu", task="text-generation",
+                    output=tmp_path / "bundle", log=lambda line: None)
+    model = runtime.load(bundle)
+    assert type(model.tokenizer._encoder).__name__ == "SentencePieceBPEEncoder"
+    assert model.tokenizer.backend == next(iter(BACKENDS))   # "c" where it is built
+    theirs = AutoTokenizer.from_pretrained(checkpoint)
+    for prompt in ["The capital of France is", " two  spaces", "日本 🚀 </s> x"]:
+        assert model.tokenizer.encode(prompt) == theirs(prompt)["input_ids"]
+    whole = model.generate("The capital of France is", max_new_tokens=24)
+    assert "".join(model.generate("The capital of France is", max_new_tokens=24,
+                                  stream=True)) == whole
