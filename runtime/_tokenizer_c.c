@@ -3027,6 +3027,50 @@ Bpe_dealloc(PyObject *self)
     Py_DECREF(type);
 }
 
+static int build_sp_tables(Bpe *b, PyObject *vocab, int byte_fallback);
+
+/* The tables of a new BPEEncoder or (b->sp) SentencePieceBPEEncoder `b`
+ * whose options are set; takes `vocab` (a private dict). Returns `b`, or NULL with `b`
+ * freed and the exception set. */
+static PyObject *
+bpe_init(Bpe *b, PyObject *vocab, PyObject *merges, PyObject *unk_id, PyObject *added_tokens,
+         int byte_fallback)
+{
+    b->unk_id = -1;
+    if (word_cache_init(&b->cache) < 0) {
+        goto error;
+    }
+    if (exact_ids(vocab) < 0 || build_bpe_vocab(b, vocab) < 0
+        || (b->sp && build_sp_tables(b, vocab, byte_fallback) < 0)
+        || build_merges(b, vocab, merges) < 0) {
+        goto error;
+    }
+    if (unk_id != Py_None) {
+        long id = PyLong_AsLong(unk_id);
+        if (id == -1 && PyErr_Occurred()) {
+            goto error;
+        }
+        if (id < 0 || id >= (long)b->n_ids || b->id_objects[id] == NULL) {
+            PyErr_Format(PyExc_ValueError, "unk_id %R is not an id of the vocab", unk_id);
+            goto error;
+        }
+        b->unk_id = (int32_t)id;
+    }
+    /* SentencePiece-style: cut where no char is dropped (HF's offsets shift past one for the
+     * rest of what it BPEs as one word): every byte has its token, or unknown chars are unk. */
+    b->cut_words = b->cut_words || (b->sp && b->unk_id >= 0 && !b->cut_blocked);
+    if (added_tokens != NULL
+        && build_added_tokens(&b->raw_added, &b->normalized_added, NULL, added_tokens) < 0) {
+        goto error;
+    }
+    Py_DECREF(vocab);
+    return (PyObject *)b;
+error:
+    Py_DECREF(vocab);
+    Py_DECREF(b);
+    return NULL;
+}
+
 static PyObject *
 Bpe_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
@@ -3071,35 +3115,7 @@ Bpe_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     b->add_prefix_space = add_prefix_space;
     b->ignore_merges = ignore_merges;
     b->fuse_unk = fuse_unk;
-    b->unk_id = -1;
-    if (word_cache_init(&b->cache) < 0) {
-        goto error;
-    }
-    if (exact_ids(vocab) < 0 || build_bpe_vocab(b, vocab) < 0
-        || build_merges(b, vocab, merges) < 0) {
-        goto error;
-    }
-    if (unk_id != Py_None) {
-        long id = PyLong_AsLong(unk_id);
-        if (id == -1 && PyErr_Occurred()) {
-            goto error;
-        }
-        if (id < 0 || id >= (long)b->n_ids || b->id_objects[id] == NULL) {
-            PyErr_Format(PyExc_ValueError, "unk_id %R is not an id of the vocab", unk_id);
-            goto error;
-        }
-        b->unk_id = (int32_t)id;
-    }
-    if (added_tokens != NULL
-        && build_added_tokens(&b->raw_added, &b->normalized_added, NULL, added_tokens) < 0) {
-        goto error;
-    }
-    Py_DECREF(vocab);
-    return (PyObject *)b;
-error:
-    Py_DECREF(vocab);
-    Py_DECREF(b);
-    return NULL;
+    return bpe_init(b, vocab, merges, unk_id, added_tokens, -1);
 }
 
 static PyObject *
@@ -3281,38 +3297,7 @@ Sp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     b->sp_split = split;
     b->ignore_merges = ignore_merges;
     b->fuse_unk = fuse_unk;
-    b->unk_id = -1;
-    if (word_cache_init(&b->cache) < 0) {
-        goto error;
-    }
-    if (exact_ids(vocab) < 0 || build_bpe_vocab(b, vocab) < 0
-        || build_sp_tables(b, vocab, byte_fallback) < 0 || build_merges(b, vocab, merges) < 0) {
-        goto error;
-    }
-    if (unk_id != Py_None) {
-        long id = PyLong_AsLong(unk_id);
-        if (id == -1 && PyErr_Occurred()) {
-            goto error;
-        }
-        if (id < 0 || id >= (long)b->n_ids || b->id_objects[id] == NULL) {
-            PyErr_Format(PyExc_ValueError, "unk_id %R is not an id of the vocab", unk_id);
-            goto error;
-        }
-        b->unk_id = (int32_t)id;
-    }
-    /* Cut where no char is dropped (HF's offsets shift past one for the rest of what it
-     * BPEs as one word): every byte has its token, or unknown chars are unk. */
-    b->cut_words = b->cut_words || (b->unk_id >= 0 && !b->cut_blocked);
-    if (added_tokens != NULL
-        && build_added_tokens(&b->raw_added, &b->normalized_added, NULL, added_tokens) < 0) {
-        goto error;
-    }
-    Py_DECREF(vocab);
-    return (PyObject *)b;
-error:
-    Py_DECREF(vocab);
-    Py_DECREF(b);
-    return NULL;
+    return bpe_init(b, vocab, merges, unk_id, added_tokens, byte_fallback);
 }
 
 static PyObject *

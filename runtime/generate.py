@@ -8,7 +8,7 @@ flat however long the generation runs.
 
     >>> model = runtime.load("build/smollm2-arm-cpu")
     >>> model.generate("The capital of France is", max_new_tokens=8)
-    ' Paris. It is the largest city in'
+    ' Paris.\\n\\nThe answer is:'
 """
 
 from __future__ import annotations

@@ -389,9 +389,12 @@ class _Closed:
     def __init__(self, path: Path):
         self.path = path
 
+    def error(self) -> ValueError:
+        return ValueError(f"The model of {self.path} is closed (Model.close()); load the "
+                          f"bundle again to use it.")
+
     def __getattr__(self, name: str):
-        raise ValueError(f"The model of {self.path} is closed (Model.close()); load the "
-                         f"bundle again to use it.")
+        raise self.error()
 
 
 def _named(manifest: dict, key: str) -> list[dict]:
@@ -755,6 +758,8 @@ class Model:
         """generate() from the prompt's ids."""
         if not isinstance(stream, bool):   # "no" was true: a generator came back
             raise TypeError(f"stream must be True or False, got {stream!r}.")
+        if isinstance(self.session, _Closed):   # now, not at a stream's first piece
+            raise self.session.error()
         stop = stop_strings(stop)
         options = check_sampling(max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_k=top_k, top_p=top_p, seed=seed)

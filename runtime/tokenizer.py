@@ -209,13 +209,7 @@ class Tokenizer:
         if isinstance(merges, list | tuple):
             merges = list(merges)
         settings = {k: v for k, v in locals().items() if k not in ("cls", "backend")}
-        self = cls.__new__(cls)
-        self._settings = lambda: ("BPE", settings)
-        self._choose_backend(backend)
-        _check_vocab(vocab, MAX_BPE_ID)
-        _check_added(added_tokens, pad_id)
-        if unk_token is not None and unk_token not in vocab:
-            raise ValueError(f"unk_token {unk_token!r} is not in the vocab.")
+        self = cls._checked_bpe("BPE", settings, backend)
         self._set_encoder(
             "BPEEncoder",
             vocab,
@@ -310,13 +304,7 @@ class Tokenizer:
         if isinstance(merges, list | tuple):
             merges = list(merges)
         settings = {k: v for k, v in locals().items() if k not in ("cls", "backend")}
-        self = cls.__new__(cls)
-        self._settings = lambda: ("SentencePieceBPE", settings)
-        self._choose_backend(backend)
-        _check_vocab(vocab, MAX_BPE_ID)
-        _check_added(added_tokens, pad_id)
-        if unk_token is not None and unk_token not in vocab:
-            raise ValueError(f"unk_token {unk_token!r} is not in the vocab.")
+        self = cls._checked_bpe("SentencePieceBPE", settings, backend)
         if decoder not in ("fallback", "metaspace"):
             raise ValueError(f"decoder must be 'fallback' or 'metaspace', got {decoder!r}.")
         if decode_strip is not None:
@@ -346,6 +334,21 @@ class Tokenizer:
                                                             "decode_drop_first"))
         self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id, None,
                         truncation_side)
+        return self
+
+    @classmethod
+    def _checked_bpe(cls, kind: str, settings: dict[str, Any], backend: str | None
+                     ) -> Tokenizer:
+        """A Tokenizer that a BPE constructor is building from `settings` (its arguments):
+        the backend chosen and the checks both kinds share made."""
+        self = cls.__new__(cls)
+        self._settings = lambda: (kind, settings)
+        self._choose_backend(backend)
+        vocab, unk_token = settings["vocab"], settings["unk_token"]
+        _check_vocab(vocab, MAX_BPE_ID)
+        _check_added(settings["added_tokens"], settings["pad_id"])
+        if unk_token is not None and unk_token not in vocab:
+            raise ValueError(f"unk_token {unk_token!r} is not in the vocab.")
         return self
 
     def _set_vocab(

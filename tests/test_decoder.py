@@ -1075,6 +1075,8 @@ def test_a_generation_that_ends_after_close_leaves_nothing_running(smollm2_bundl
     model.close()
     list(stream)   # a generation under way when close() came ends as it would have
     for call in (lambda: model.generate("Hi", max_new_tokens=2),
+                 lambda: model.generate("Hi", max_new_tokens=2, stream=True),   # at the call
+                 lambda: model.chat([{"role": "user", "content": "Hi"}], stream=True),
                  lambda: model.perplexity("Hello there, my friend.")):
         with pytest.raises(ValueError, match="is closed .*load the bundle again"):
             call()
