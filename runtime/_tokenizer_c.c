@@ -1,8 +1,11 @@
-/* C twin of runtime/_tokenizer_py.py: the WordPiece hot loop, text in, ids out.
+/* C twin of runtime/_tokenizer_py.py: the tokenizer hot loops, text in, ids out.
  *
- * Same surface as the Python twin, `WordPieceEncoder(vocab, **options)` with
- * `.encode(text) -> list[int]`, plus `.encode_batch(texts)`. Same steps, in the
- * same order, and the same ids for every str (tests/test_tokenizer_c.py):
+ * Same surface as the Python twin, `WordPieceEncoder(vocab, **options)`,
+ * `BPEEncoder(vocab, merges, **options)` and `SentencePieceBPEEncoder(vocab,
+ * merges, **options)`, each with `.encode(text) -> list[int]`, plus
+ * `.encode_batch(texts)`. Same steps, in the same order, and the same ids for
+ * every str (tests/test_tokenizer_c.py, test_tokenizer_bpe.py,
+ * test_tokenizer_sentencepiece.py). WordPiece:
  *
  *     added tokens -> clean, CJK spacing, NFD + drop Mn, lowercase
  *                  -> split on whitespace and punctuation -> WordPiece -> ids
