@@ -301,15 +301,28 @@ def rope_scaling(path: Path, *, tensors: dict | None = None,
                      f"supported yet (linear, and llama3 as rope_freqs.weight, are).")
 
 
-def clean_tokenizer(data: dict, metadata: dict) -> dict:
-    """The tokenizer.json transformers built from a GGUF, corrected from the GGUF metadata."""
-    if metadata.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"GGUF tokenizer model {metadata.get('tokenizer.ggml.model')!r} is not "
-                         f"supported; only byte-level BPE ('gpt2') is.")
+def check_tokenizer(metadata: dict) -> None:
+    """ValueError unless the GGUF's tokenizer is one `clean_tokenizer` reads: byte-level BPE
+    ("gpt2") with a known pre-tokenizer. A SentencePiece one ("llama": Llama 2, Mistral,
+    TinyLlama files) holds scores, not merges; the runtime reads such a tokenizer from a
+    checkpoint directory's tokenizer.json, not yet from a GGUF."""
+    model = metadata.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        hint = (" A SentencePiece tokenizer ('llama') is read from a Hugging Face checkpoint "
+                "directory's tokenizer.json, not yet from a GGUF: export the checkpoint."
+                if model == "llama" else "")
+        raise ValueError(f"GGUF tokenizer model {model!r} is not supported; only byte-level "
+                         f"BPE ('gpt2') is.{hint}")
     pre = metadata.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported "
                          f"(known: {', '.join(PRE_TOKENIZERS)}).")
+
+
+def clean_tokenizer(data: dict, metadata: dict) -> dict:
+    """The tokenizer.json transformers built from a GGUF, corrected from the GGUF metadata."""
+    check_tokenizer(metadata)
+    pre = metadata.get("tokenizer.ggml.pre", "default")
     data = dict(data)
     data["normalizer"] = None
     data["pre_tokenizer"] = PRE_TOKENIZERS[pre]
@@ -425,7 +438,8 @@ def preflight(path: Path, *, architectures: tuple[str, ...], carry: bool) -> Non
     """Refuse, from the header alone (milliseconds), a GGUF file the export would refuse
     only after converting it (a minute for SmolLM2, tens for a 7B model, and a float32
     copy about 5.5x the file's size in the cache): a damaged or truncated file, an
-    architecture other than `architectures`, a tensor type gguf-py cannot read, rotary
+    architecture other than `architectures`, a tokenizer it does not read (check_tokenizer),
+    a tensor type gguf-py cannot read, rotary
     scaling not supported, and with `carry` (int4 weights from the file's blocks) blocks
     that cannot be carried exactly."""
     tensors = tensor_table(path)
@@ -434,6 +448,10 @@ def preflight(path: Path, *, architectures: tuple[str, ...], carry: bool) -> Non
     if arch not in architectures:
         raise ValueError(f"GGUF {path.name} is a {arch!r} model; text-generation exports "
                          f"{' and '.join(map(repr, architectures))} GGUF files.")
+    try:
+        check_tokenizer(metadata)
+    except ValueError as e:
+        raise ValueError(f"GGUF {path.name}: {str(e).removeprefix('GGUF ')}") from None
     unreadable = sorted({t.tensor_type.name for t in tensors.values()
                          if not _dequantizable(t.tensor_type)})
     if unreadable:

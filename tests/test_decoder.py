@@ -462,7 +462,8 @@ def test_gguf_llama_bpe_tokenizer_takes_llama_cpps_defaults():
     assert smollm["post_processor"]["type"] == "ByteLevel"
 
 
-def _tiny_gguf(path: Path, *, arch: str = "llama", matrix_type: str = "Q4_0") -> Path:
+def _tiny_gguf(path: Path, *, arch: str = "llama", matrix_type: str = "Q4_0",
+               tokenizer: str = "gpt2") -> Path:
     """A header-valid GGUF of architecture `arch` whose one layer matrix has ggml type
     `matrix_type` (its bytes zeros), for what is refused from the header alone."""
     import gguf as gguf_package
@@ -470,6 +471,8 @@ def _tiny_gguf(path: Path, *, arch: str = "llama", matrix_type: str = "Q4_0") ->
     kind = gguf_package.GGMLQuantizationType[matrix_type]
     block, size = gguf_package.GGML_QUANT_SIZES[kind]
     writer = gguf_package.GGUFWriter(path, arch=arch)
+    writer.add_tokenizer_model(tokenizer)
+    writer.add_tokenizer_pre("smollm")
     writer.add_tensor("blk.0.attn_q.weight", np.zeros((4, 256 // block * size), np.uint8),
                       raw_dtype=kind)
     writer.add_tensor("output_norm.weight", np.ones(256, np.float32))
@@ -502,6 +505,10 @@ def test_gguf_files_the_export_would_refuse_are_refused_from_the_header(tmp_path
         check(_tiny_gguf(tmp_path / "q8_1.gguf", matrix_type="Q8_1"), carry=False)
     with pytest.raises(ValueError, match="only llama-family blocks can be carried"):
         check(_tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2"))
+    # a Llama 2 / TinyLlama GGUF's SentencePiece tokenizer: refused after the conversion
+    with pytest.raises(ValueError, match=r"sp.gguf: tokenizer model 'llama' is not supported; "
+                                         r"only byte-level BPE .* export the checkpoint"):
+        check(_tiny_gguf(tmp_path / "sp.gguf", tokenizer="llama"), carry=False)
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(q4_k.read_bytes()[:-700])
     with pytest.raises(ValueError, match="damaged or truncated"):
@@ -717,6 +724,7 @@ def test_chat_prompt_ids_are_apply_chat_templates_with_a_bos_adding_tokenizer(
         "{% endif %}")
     model = object.__new__(runtime.Model)   # what chat() reads of a bundle, and no graph
     model.task, model.max_length = "text-generation", 64
+    model.session = None   # open: a closed model's is refused at the call
     model.tokenizer = runtime.Tokenizer.from_file(tmp_path / "tokenizer.json")
     model.manifest = {"generation": {"chat": chat_format(tmp_path), "context_length": 64,
                                      "eos_token_ids": [2]}}
