@@ -608,6 +608,8 @@ class Model:
 
     @property
     def dim(self) -> int:
+        """Width of the graph's first output: the embedding size (feature-extraction), the
+        class count (text-classification), the vocabulary size (text-generation's logits)."""
         return int(self.session.get_outputs()[0].shape[-1])
 
     @property

@@ -32,6 +32,7 @@ import threading
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -496,6 +497,12 @@ class Tokenizer:
                 f"encode_batch() expects a list of str, got {type(texts).__name__}; "
                 "decode bytes first, e.g. [data.decode('utf-8')]."
             )
+        if isinstance(texts, (AbstractSet, Mapping)):   # iterable, but not what is meant
+            why = ("its order is not the one it was built in, and the ids come back in the "
+                   "order of the texts; e.g. sorted(texts)" if isinstance(texts, AbstractSet)
+                   else "its keys would be encoded, not its values; e.g. list(texts.values())")
+            raise TypeError(f"encode_batch() expects a list of str, not a "
+                            f"{type(texts).__name__}: {why}.")
         budget = None if max_length is None else self._content_budget(max_length)
         if not hasattr(self._encoder, "encode_batch"):  # the Python twin: one text at a time
             return [self.encode(text, max_length=max_length) for text in _strings(texts)]

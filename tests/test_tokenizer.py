@@ -769,6 +769,15 @@ def test_encode_batch_takes_any_iterable_and_keeps_its_errors(tok):
         tok.encode_batch(failing())
 
 
+def test_encode_batch_refuses_sets_and_mappings(tok):
+    """A set was encoded in its own order (the ids could not be matched to the texts), a
+    dict by its keys: refused, as Model.embed refuses them."""
+    with pytest.raises(TypeError, match=r"not a set: its order .*e.g. sorted\(texts\)"):
+        tok.encode_batch({"hello", "hi there"})
+    with pytest.raises(TypeError, match=r"not a dict: its keys would be encoded"):
+        tok.encode_batch({"a": "hello"})
+
+
 def test_unknown_backend_is_a_value_error():
     with pytest.raises(ValueError, match="Unknown tokenizer backend 'rust'. Available: "):
         Tokenizer.from_file(REFERENCE, backend="rust")
