@@ -3124,13 +3124,17 @@ Bpe_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 static PyObject *
 Bpe_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return encode_call(self, &((Bpe *)self)->cache, 0, args, nargs, kwnames, bpe_text, 1);
+    const Bpe *b = (const Bpe *)self;
+    return encode_call(self, &((Bpe *)self)->cache, 0, args, nargs, kwnames,
+                       b->sp ? sp_text : bpe_text, 1);
 }
 
 static PyObject *
 Bpe_encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    return encode_call(self, &((Bpe *)self)->cache, 1, args, nargs, kwnames, bpe_text, 1);
+    const Bpe *b = (const Bpe *)self;
+    return encode_call(self, &((Bpe *)self)->cache, 1, args, nargs, kwnames,
+                       b->sp ? sp_text : bpe_text, 1);
 }
 
 static PyMethodDef Bpe_methods[] = {
@@ -3303,33 +3307,10 @@ Sp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     return bpe_init(b, vocab, merges, unk_id, added_tokens, byte_fallback);
 }
 
-static PyObject *
-Sp_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
-{
-    return encode_call(self, &((Bpe *)self)->cache, 0, args, nargs, kwnames, sp_text, 1);
-}
-
-static PyObject *
-Sp_encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
-{
-    return encode_call(self, &((Bpe *)self)->cache, 1, args, nargs, kwnames, sp_text, 1);
-}
-
-static PyMethodDef Sp_methods[] = {
-    {"encode", (PyCFunction)(void (*)(void))Sp_encode, METH_FASTCALL | METH_KEYWORDS,
-     PyDoc_STR("encode(text, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
-               "prefix + (content ids of `text`)[:max_content] + suffix.")},
-    {"encode_batch", (PyCFunction)(void (*)(void))Sp_encode_batch, METH_FASTCALL | METH_KEYWORDS,
-     PyDoc_STR("encode_batch(texts, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
-               "prefix + encode(text)[:max_content] + suffix for each str in `texts`, in one "
-               "call without the GIL; a big batch is split over several threads.")},
-    {NULL, NULL, 0, NULL},
-};
-
 static PyType_Slot Sp_slots[] = {
     {Py_tp_new, Sp_new},
     {Py_tp_dealloc, Bpe_dealloc},
-    {Py_tp_methods, Sp_methods},
+    {Py_tp_methods, Bpe_methods}, /* Bpe_encode reads b->sp */
     {Py_tp_doc,
      PyDoc_STR("SentencePieceBPEEncoder(vocab, merges, *, prepend, split, byte_fallback, "
                "unk_id=None, fuse_unk=False, ignore_merges=False, added_tokens=())\n--\n\n"
