@@ -334,3 +334,30 @@ def llama_layout_tokenizer(vocab_size: int = 8000) -> dict:
                      {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
     }
+
+
+def xlmr_layout_tokenizer(folder: str | Path, vocab_size: int = 8000) -> Path:
+    """Write a tokenizer.json laid out as transformers saves XLM-R's (multilingual-e5,
+    paraphrase-multilingual-MiniLM) into `folder`, and return its path: a SentencePiece
+    Unigram model trained here on `english_prose` and the ~65 languages of `intent_strings`
+    (SentencePiece's nmt_nfkc normalization, as XLM-R's), converted by transformers'
+    XLMRobertaTokenizerFast: the normalizer Sequence[Precompiled(charsmap), Strip(right),
+    Replace(" {2,}", "▁")], a Metaspace pre-tokenizer and decoder, <s> <pad> </s> <unk>,
+    <mask> (lstrip, normalized) and "<s> $A </s>". No Unigram tokenizer ships offline; the
+    tests and benchmarks/bench_tokenizer.py check the runtime's Unigram against HF on this
+    one. Needs `sentencepiece` (the test extra) and transformers; about ten seconds."""
+    import sentencepiece
+    from transformers import XLMRobertaTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(english_prose() + intent_strings()[::2]) + "\n",
+                      encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "unigram"), vocab_size=vocab_size,
+        model_type="unigram", character_coverage=0.9995, num_threads=1,
+        shuffle_input_sentence=False, minloglevel=2)
+    XLMRobertaTokenizerFast(vocab_file=str(folder / "unigram.model")).save_pretrained(folder)
+    corpus.unlink()
+    return folder / "tokenizer.json"

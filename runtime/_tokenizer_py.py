@@ -15,6 +15,10 @@ what Hugging Face `tokenizers` (Rust, v0.22) does for three families of files:
     added tokens  ->  "▁" for spaces and in front  ->  chars, <0xNN> bytes  ->  BPE merges  ->  ids
          (normalizers/prepend.rs, replace.rs or pre_tokenizers/metaspace.rs)  (models/bpe/model.rs)
 
+    Unigram (XLM-R, multilingual-e5, T5; no C twin yet):
+    added tokens  ->  Precompiled, Strip, Replace  ->  Metaspace  ->  Viterbi over pieces  ->  ids
+                 (normalizers/precompiled.rs, spm_precompiled)      (models/unigram/model.rs)
+
 A C twin (`runtime._tokenizer_c`) may replace it; it must offer the same
 surface: `WordPieceEncoder(vocab, **options)`, `BPEEncoder(vocab, merges,
 **options)` and `SentencePieceBPEEncoder(vocab, merges, **options)`, each with
@@ -53,6 +57,7 @@ import bisect
 import functools
 import heapq
 import re
+import struct
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -1111,6 +1116,573 @@ class SentencePieceBPEEncoder(_Encoder):
             ids = tuple(token_id for token_id, _ in self._symbols(word))
             _remember(self._cache, word, ids)
         return ids
+
+
+# ------------------------------------------------------------------ Unigram
+#
+# Grapheme clusters (UAX #29), which HF's Precompiled normalizer walks: the classes below
+# are Unicode's Grapheme_Cluster_Break and Extended_Pictographic properties (Unicode 16,
+# as the unicode-segmentation crate HF builds with; frozen, not read from `unicodedata`).
+# Only clusters under 6 UTF-8 bytes are normalized whole, so the rules that join longer
+# runs only (Indic conjuncts) are left out.
+_GCB_EXTEND = """
+    300-36F 483-489 591-5BD 5BF 5C1-5C2 5C4-5C5 5C7-5C9 610-61A 64B-65F 670 6D6-6DC 6DF-6E4
+    6E7-6E8 6EA-6ED 711 730-74A 7A6-7B0 7EB-7F3 7FD 816-819 81B-823 825-827 829-82D 859-85B
+    897-89F 8CA-8E1 8E3-902 93A 93C 941-948 94D 951-957 962-963 981 9BC 9BE 9C1-9C4 9CD 9D7
+    9E2-9E3 9FE A01-A02 A3C A41-A42 A47-A48 A4B-A4D A51 A70-A71 A75 A81-A82 ABC AC1-AC5
+    AC7-AC8 ACD AE2-AE3 AFA-AFF B01 B3C B3E-B3F B41-B44 B4D B53-B57 B62-B63 B82 BBE BC0 BCD
+    BD7 C00 C04 C3C C3E-C40 C46-C48 C4A-C4D C55-C56 C62-C63 C81 CBC CBF-CC0 CC2 CC6-CC8 CCA-
+    CCD CD5-CD6 CE2-CE3 D00-D01 D3B-D3C D3E D41-D44 D4D D57 D62-D63 D81 DCA DCF DD2-DD4 DD6
+    DDF E31 E34-E3A E47-E4E EB1 EB4-EBC EC8-ECE F18-F19 F35 F37 F39 F71-F7E F80-F84 F86-F87
+    F8D-F97 F99-FBC FC6 102D-1030 1032-1037 1039-103A 103D-103E 1058-1059 105E-1060
+    1071-1074 1082 1085-1086 108D 109D 135D-135F 1712-1715 1732-1734 1752-1753 1772-1773
+    17B4-17B5 17B7-17BD 17C6 17C9-17D3 17DD 180B-180D 180F 1885-1886 18A9 1920-1922
+    1927-1928 1932 1939-193B 1A17-1A18 1A1B 1A56 1A58-1A5E 1A60 1A62 1A65-1A6C 1A73-1A7C
+    1A7F 1AB0-1AF0 1B00-1B03 1B34-1B3D 1B42-1B44 1B6B-1B73 1B80-1B81 1BA2-1BA5 1BA8-1BAD
+    1BE6 1BE8-1BE9 1BED 1BEF-1BF3 1C2C-1C33 1C36-1C37 1CD0-1CD2 1CD4-1CE0 1CE2-1CE8 1CED
+    1CF4 1CF8-1CF9 1DC0-1DFF 200C 20D0-20F0 2CEF-2CF1 2D7F 2DE0-2DFF 302A-302F 3099-309A
+    A66F-A672 A674-A67D A69E-A69F A6F0-A6F1 A802 A806 A80B A825-A826 A82C A8C4-A8C5
+    A8E0-A8F1 A8FF A926-A92D A947-A951 A953 A980-A982 A9B3 A9B6-A9B9 A9BC-A9BD A9C0 A9E5
+    AA29-AA2E AA31-AA32 AA35-AA36 AA43 AA4C AA7C AAB0 AAB2-AAB4 AAB7-AAB8 AABE-AABF AAC1
+    AAEC-AAED AAF6 ABE5 ABE8 ABED FB1E FE00-FE0F FE20-FE2F FF9E-FF9F 101FD 102E0 10376-1037A
+    10A01-10A03 10A05-10A06 10A0C-10A0F 10A38-10A3A 10A3F 10AE5-10AE6 10D24-10D27
+    10D69-10D6D 10EAB-10EAC 10ECB-10ECF 10EF0-10EFF 10F46-10F50 10F82-10F85 11001
+    11038-11046 11070 11073-11074 1107F-11081 110B3-110B6 110B9-110BA 110C2 11100-11102
+    11127-1112B 1112D-11134 11173 11180-11181 111B6-111BE 111C0 111C9-111CC 111CF
+    1122F-11231 11234-11237 1123E 11241 112DF 112E3-112EA 11300-11301 1133B-1133C 1133E
+    11340 1134D 11357 11366-1136C 11370-11374 113B8 113BB-113C0 113C2 113C5 113C7-113C9
+    113CE-113D0 113D2 113E1-113E2 11438-1143F 11442-11444 11446 1145E 114B0 114B3-114B8
+    114BA 114BD 114BF-114C0 114C2-114C3 115AF 115B2-115B5 115BC-115BD 115BF-115C0
+    115DC-115DD 11633-1163A 1163D 1163F-11640 116AB 116AD 116B0-116B7 1171D 1171F
+    11722-11725 11727-1172B 1182F-11837 11839-1183A 11930 1193B-1193E 11943 119D4-119D7
+    119DA-119DB 119E0 11A01-11A0A 11A33-11A38 11A3B-11A3E 11A47 11A51-11A56 11A59-11A5B
+    11A8A-11A96 11A98-11A99 11B60 11B62-11B64 11B66 11C30-11C36 11C38-11C3D 11C3F
+    11C92-11CA7 11CAA-11CB0 11CB2-11CB3 11CB5-11CB6 11D31-11D36 11D3A 11D3C-11D3D
+    11D3F-11D45 11D47 11D90-11D91 11D95 11D97 11DF0 11EF3-11EF4 11F00-11F01 11F36-11F3A
+    11F40-11F42 11F5A 13440 13447-13455 1611E-16129 1612D-1612F 16AF0-16AF4 16B30-16B36
+    16F4F 16F8F-16F92 16FE4 16FF0-16FF1 1BC9D-1BC9E 1CF00-1CF2D 1CF30-1CF46 1D127-1D128
+    1D165-1D169 1D16D-1D172 1D17B-1D182 1D185-1D18B 1D1AA-1D1AD 1D242-1D244 1D250-1D252
+    1D25B-1D25C 1D25F 1D280-1D281 1DA00-1DA36 1DA3B-1DA6C 1DA75 1DA84 1DA9B-1DA9F
+    1DAA1-1DAAF 1E000-1E006 1E008-1E018 1E01B-1E021 1E023-1E024 1E026-1E02A 1E08F
+    1E130-1E136 1E2AE 1E2EC-1E2EF 1E4EC-1E4EF 1E5EE-1E5EF 1E6E3 1E6E6 1E6EE-1E6EF 1E6F5
+    1E8D0-1E8D6 1E944-1E94A 1F3FB-1F3FF E0020-E007F E0100-E01EF
+"""
+
+_GCB_SPACING_MARK = """
+    903 93B 93E-940 949-94C 94E-94F 982-983 9BF-9C0 9C7-9C8 9CB-9CC A03 A3E-A40 A83 ABE-AC0
+    AC9 ACB-ACC B02-B03 B40 B47-B48 B4B-B4C BBF BC1-BC2 BC6-BC8 BCA-BCC C01-C03 C41-C44
+    C82-C83 CBE CC1 CC3-CC4 CF3 D02-D03 D3F-D40 D46-D48 D4A-D4C D82-D83 DD0-DD1 DD8-DDE
+    DF2-DF3 E33 EB3 F3E-F3F F7F 1031 103B-103C 1056-1057 1084 17B6 17BE-17C5 17C7-17C8
+    1923-1926 1929-192B 1930-1931 1933-1938 1A19-1A1A 1A55 1A57 1A6D-1A72 1B04 1B3E-1B41
+    1B82 1BA1 1BA6-1BA7 1BE7 1BEA-1BEC 1BEE 1C24-1C2B 1C34-1C35 1CE1 1CF7 A823-A824 A827
+    A880-A881 A8B4-A8C3 A952 A983 A9B4-A9B5 A9BA-A9BB A9BE-A9BF AA2F-AA30 AA33-AA34 AA4D
+    AAEB AAEE-AAEF AAF5 ABE3-ABE4 ABE6-ABE7 ABE9-ABEA ABEC 11000 11002 11082 110B0-110B2
+    110B7-110B8 1112C 11145-11146 11182 111B3-111B5 111BF 111CE 1122C-1122E 11232-11233
+    112E0-112E2 11302-11303 1133F 11341-11344 11347-11348 1134B-1134C 11362-11363
+    113B9-113BA 113CA 113CC-113CD 11435-11437 11440-11441 11445 114B1-114B2 114B9
+    114BB-114BC 114BE 114C1 115B0-115B1 115B8-115BB 115BE 11630-11632 1163B-1163C 1163E
+    116AC 116AE-116AF 1171E 11726 1182C-1182E 11838 11931-11935 11937-11938 11940 11942
+    119D1-119D3 119DC-119DF 119E4 11A39 11A57-11A58 11A97 11B61 11B65 11B67 11C2F 11C3E
+    11CA9 11CB1 11CB4 11D8A-11D8E 11D93-11D94 11D96 11EF5-11EF6 11F03 11F34-11F35
+    11F3E-11F3F 1612A-1612C 16F51-16F87
+"""
+
+_GCB_PREPEND = """
+    600-605 6DD 70F 890-891 8E2 D4E 110BD 110CD 111C2-111C3 113D1 1193F 11941 11A84-11A89
+    11D46 11F02
+"""
+
+_GCB_CONTROL = """
+    0-9 B-C E-1F 7F-9F AD 61C 180E 200B 200E-200F 2028-202E 2060-206F FEFF FFF0-FFFB
+    13430-1343F 1BCA0-1BCA3 1D173-1D17A E0000-E001F E0080-E00FF E01F0-E0FFF
+"""
+
+_GCB_PICTOGRAPHIC = """
+    A9 AE 203C 2049 2122 2139 2194-2199 21A9-21AA 231A-231B 2328 23CF 23E9-23F3 23F8-23FA
+    24C2 25AA-25AB 25B6 25C0 25FB-25FE 2600-2604 260E 2611 2614-2615 2618 261D 2620
+    2622-2623 2626 262A 262E-262F 2638-263A 2640 2642 2648-2653 265F-2660 2663 2665-2666
+    2668 267B 267E-267F 2692-2697 2699 269B-269C 26A0-26A1 26A7 26AA-26AB 26B0-26B1
+    26BD-26BE 26C4-26C5 26C8 26CE-26CF 26D1 26D3-26D4 26E9-26EA 26F0-26F5 26F7-26FA 26FD
+    2702 2705 2708-270D 270F 2712 2714 2716 271D 2721 2728 2733-2734 2744 2747 274C 274E
+    2753-2755 2757 2763-2764 2795-2797 27A1 27B0 27BF 2934-2935 2B05-2B07 2B1B-2B1C 2B50
+    2B55 3030 303D 3297 3299 1F004 1F02C-1F02F 1F094-1F09F 1F0AF-1F0B0 1F0C0 1F0CF-1F0D0
+    1F0F6-1F0FF 1F170-1F171 1F17E-1F17F 1F18E 1F191-1F19A 1F1AF-1F1E5 1F201-1F20F 1F21A
+    1F22F 1F232-1F23A 1F23C-1F23F 1F249-1F25F 1F266-1F321 1F324-1F393 1F396-1F397
+    1F399-1F39B 1F39E-1F3F0 1F3F3-1F3F5 1F3F7-1F3FA 1F400-1F4FD 1F4FF-1F53D 1F549-1F54E
+    1F550-1F567 1F56F-1F570 1F573-1F57A 1F587 1F58A-1F58D 1F590 1F595-1F596 1F5A4-1F5A5
+    1F5A8 1F5B1-1F5B2 1F5BC 1F5C2-1F5C4 1F5D1-1F5D3 1F5DC-1F5DE 1F5E1 1F5E3 1F5E8 1F5EF
+    1F5F3 1F5FA-1F64F 1F680-1F6C5 1F6CB-1F6D2 1F6D5-1F6E5 1F6E9 1F6EB-1F6F0 1F6F3-1F6FF
+    1F7DC-1F7F0 1F80C-1F80F 1F848-1F84F 1F85A-1F85F 1F888-1F88F 1F8AE-1F8AF 1F8BC-1F8BF
+    1F8C2-1F8CF 1F8D9-1F8FF 1F90C-1F93A 1F93C-1F945 1F947-1F9FF 1FA58-1FA5F 1FA6E-1FAFF
+    1FC00-1FFFD
+"""
+
+(_GB_OTHER, _GB_CR, _GB_LF, _GB_CONTROL, _GB_EXTEND, _GB_ZWJ, _GB_SPACING, _GB_PREPEND,
+ _GB_L, _GB_V, _GB_T, _GB_LV, _GB_LVT, _GB_RI, _GB_PICTO) = range(15)
+
+
+def _class_ranges() -> tuple[list[int], list[int], list[int]]:
+    """(starts, stops, class) of the code point ranges above, sorted, for bisect."""
+    table = [(0xD, 0xD, _GB_CR), (0xA, 0xA, _GB_LF), (0x200D, 0x200D, _GB_ZWJ),
+             (0x1F1E6, 0x1F1FF, _GB_RI), (0x1100, 0x115F, _GB_L), (0xA960, 0xA97C, _GB_L),
+             (0x1160, 0x11A7, _GB_V), (0xD7B0, 0xD7C6, _GB_V), (0x16D63, 0x16D63, _GB_V),
+             (0x16D67, 0x16D6A, _GB_V), (0x11A8, 0x11FF, _GB_T), (0xD7CB, 0xD7FB, _GB_T)]
+    for ranges, kind in ((_GCB_CONTROL, _GB_CONTROL), (_GCB_EXTEND, _GB_EXTEND),
+                         (_GCB_SPACING_MARK, _GB_SPACING), (_GCB_PREPEND, _GB_PREPEND),
+                         (_GCB_PICTOGRAPHIC, _GB_PICTO)):
+        for item in ranges.split():
+            first, _, last = item.partition("-")
+            table.append((int(first, 16), int(last or first, 16), kind))
+    table.sort()
+    return [a for a, _, _ in table], [b for _, b, _ in table], [k for _, _, k in table]
+
+
+_GB_STARTS, _GB_STOPS, _GB_KINDS = _class_ranges()
+
+
+@functools.lru_cache(maxsize=4096)
+def _grapheme_class(char: str) -> int:
+    code = ord(char)
+    if 0xAC00 <= code <= 0xD7A3:   # Hangul syllables: LV where no trailing jamo, else LVT
+        return _GB_LV if (code - 0xAC00) % 28 == 0 else _GB_LVT
+    at = bisect.bisect_right(_GB_STARTS, code) - 1
+    return _GB_KINDS[at] if at >= 0 and code <= _GB_STOPS[at] else _GB_OTHER
+
+
+def grapheme_ends(text: str) -> list[int]:
+    """Where each extended grapheme cluster of `text` ends (UAX #29's rules GB3-GB13,
+    but GB9c).
+
+    Example:
+        >>> grapheme_ends("e\\u0301\\r\\nab")
+        [2, 4, 5, 6]
+    """
+    ends: list[int] = []
+    if not text:
+        return ends
+    before = _grapheme_class(text[0])
+    picto_zwj = False   # GB11: the cluster so far is Pictographic Extend* ZWJ
+    in_picto = before == _GB_PICTO
+    regional = 1 if before == _GB_RI else 0
+    for i in range(1, len(text)):
+        kind = _grapheme_class(text[i])
+        if before == _GB_CR and kind == _GB_LF:
+            joined = True
+        elif before in (_GB_CR, _GB_LF, _GB_CONTROL) or kind in (_GB_CR, _GB_LF, _GB_CONTROL):
+            joined = False
+        elif before == _GB_L and kind in (_GB_L, _GB_V, _GB_LV, _GB_LVT) \
+                or before in (_GB_LV, _GB_V) and kind in (_GB_V, _GB_T) \
+                or before in (_GB_LVT, _GB_T) and kind == _GB_T:
+            joined = True
+        elif kind in (_GB_EXTEND, _GB_ZWJ, _GB_SPACING) or before == _GB_PREPEND:
+            joined = True
+        elif before == _GB_ZWJ and kind == _GB_PICTO and picto_zwj:
+            joined = True
+        else:
+            joined = before == _GB_RI and kind == _GB_RI and regional % 2 == 1
+        if not joined:
+            ends.append(i)
+        # what GB11 and GB12/13 need of the text so far
+        if kind == _GB_PICTO:
+            in_picto, picto_zwj = True, False
+        elif kind == _GB_ZWJ:
+            picto_zwj, in_picto = in_picto, False
+        elif kind != _GB_EXTEND:
+            in_picto = picto_zwj = False
+        else:
+            picto_zwj = False
+        regional = regional + 1 if kind == _GB_RI else 0
+        before = kind
+    ends.append(len(text))
+    return ends
+
+
+class Precompiled:
+    """HF's Precompiled normalizer (the spm_precompiled crate): SentencePiece's
+    `precompiled_charsmap`, a darts-clone double-array trie over UTF-8 whose values
+    point into a pool of NUL-terminated replacement strings (NFKC and more, for
+    XLM-R, T5, ALBERT...).
+
+    As HF does it: each grapheme cluster under 6 UTF-8 bytes is looked up whole, and
+    else each of its characters; a lookup takes the SHORTEST key that is a prefix of
+    what is looked up (so the rest of a cluster whose first character is a key goes
+    with it: HF's "yes, this seems broken").
+    """
+
+    def __init__(self, charsmap: bytes) -> None:
+        if len(charsmap) < 4:
+            raise ValueError("precompiled_charsmap is too short (no trie size)")
+        size = int.from_bytes(charsmap[:4], "little")
+        if size % 4 or 4 + size > len(charsmap):
+            raise ValueError(f"precompiled_charsmap: a trie of {size} bytes does not fit "
+                             f"in {len(charsmap)} bytes")
+        self._units = list(struct.unpack(f"<{size // 4}I", charsmap[4:4 + size]))
+        self._pool = charsmap[4 + size:]
+        self._cache: dict[str, str | None] = {}
+
+    def lookup(self, chunk: str) -> str | None:
+        """What `chunk` becomes, or None where no key is a prefix of it."""
+        hit = self._cache.get(chunk, False)
+        if hit is not False:
+            return hit
+        units, value = self._units, None
+        if units:
+            node = _darts_offset(units[0])
+            for byte in chunk.encode("utf-8", "surrogatepass"):
+                if byte == 0:
+                    break
+                node ^= byte
+                if node >= len(units):
+                    break
+                unit = units[node]
+                if unit & 0x800000FF != byte:
+                    break
+                node ^= _darts_offset(unit)
+                if unit >> 8 & 1:   # a key ends here: the shortest one wins
+                    if node < len(units):
+                        value = units[node] & 0x7FFFFFFF
+                    break
+        if value is not None:
+            if value >= len(self._pool):
+                value = None   # out of the pool: HF would panic; read as no rule
+            else:
+                end = self._pool.find(b"\0", value)
+                raw = self._pool[value:end if end >= 0 else len(self._pool)]
+                value = raw.decode("utf-8", "replace")
+        _remember(self._cache, chunk, value)
+        return value
+
+    def normalize(self, text: str, origin: Sequence[int]) -> tuple[str, list[int]]:
+        """`text` normalized, and for each of its characters the `origin` of the
+        character of `text` it goes with, as HF aligns them (`_transform`)."""
+        changes: list[list] = []   # [char, change], as HF's Precompiled::normalize
+        start = 0
+        for stop in grapheme_ends(text):
+            if stop - start > 1 and len(text[start:stop].encode("utf-8", "surrogatepass")) < 6:
+                whole = self.lookup(text[start:stop])
+                if whole is not None:
+                    _replace(changes, stop - start, whole)
+                    start = stop
+                    continue
+            for char in text[start:stop]:
+                new = self.lookup(char)
+                if new is None:
+                    changes.append([char, 0])
+                else:
+                    _replace(changes, 1, new)
+            start = stop
+        return _transform(changes, origin)
+
+
+def _replace(changes: list[list], replaced: int, new: str) -> None:
+    """spm_precompiled's `replace`: `replaced` characters become `new`. Each new one
+    takes the place of one replaced (change 0); the extra ones are inserted (1); where
+    fewer come out, the last change so far (maybe an earlier character's) removes the
+    rest. Nothing so far to carry a removal: the removed characters stay unconsumed, and
+    every character after them goes with the one before it (as HF has it)."""
+    changes.extend([char, 0] for char in new)
+    diff = len(new) - replaced
+    if diff > 0:
+        for change in changes[len(changes) - diff:]:
+            change[1] = 1
+    elif diff < 0 and changes:
+        changes[-1][1] += diff
+
+
+def _transform(changes: Sequence[Sequence], origin: Sequence[int]) -> tuple[str, list[int]]:
+    """HF's NormalizedString::transform: each (char, change) with change <= 0 takes the
+    next old character's alignment and drops -change more; change 1 is inserted, with the
+    alignment of the old character before (-1, HF's (0, 0), where there is none)."""
+    chars: list[str] = []
+    where: list[int] = []
+    old = 0
+    for char, change in changes:
+        if change > 0:
+            where.append(origin[old - 1] if old > 0 else -1)
+        else:
+            where.append(origin[old])
+            old += 1 - change
+        chars.append(char)
+    return "".join(chars), where
+
+
+def _darts_offset(unit: int) -> int:
+    return (unit >> 10) << ((unit & (1 << 9)) >> 6)
+
+
+# A Unigram normalizer step, as UnigramEncoder takes it: ("precompiled", charsmap bytes),
+# ("strip", strip_left, strip_right) or ("replace", regex, content): HF's Precompiled,
+# Strip and Replace (a String pattern is given as its re.escape).
+NormalizerStep = tuple
+
+
+def _compiled_steps(steps: Iterable[NormalizerStep]) -> tuple[tuple, ...]:
+    """`steps` with the charsmaps parsed and the patterns compiled."""
+    compiled = []
+    for step in steps:
+        kind, *args = step
+        if kind == "precompiled" and len(args) == 1:
+            compiled.append((kind, Precompiled(bytes(args[0]))))
+        elif kind == "strip" and len(args) == 2:
+            compiled.append((kind, bool(args[0]), bool(args[1])))
+        elif kind == "replace" and len(args) == 2:
+            try:
+                pattern = re.compile(args[0])
+            except (re.error, TypeError) as e:
+                raise ValueError(f"a Replace pattern {args[0]!r:.80} that Python's re "
+                                 f"cannot read ({e})") from None
+            if pattern.fullmatch(""):
+                raise ValueError(f"a Replace pattern that matches nothing ({args[0]!r}) "
+                                 "is not supported")
+            compiled.append((kind, pattern, str(args[1])))
+        else:
+            raise ValueError(f"unknown normalizer step {step!r:.80}; expected "
+                             "('precompiled', bytes), ('strip', left, right) or "
+                             "('replace', regex, content)")
+    return tuple(compiled)
+
+
+def _normalize_steps(steps: Sequence[NormalizerStep], text: str, origin: Sequence[int]
+                     ) -> tuple[str, Sequence[int]]:
+    """HF's normalizers.Sequence of `steps` on `text`, carrying `origin` along."""
+    for step in steps:
+        kind = step[0]
+        if kind == "precompiled":
+            text, origin = step[1].normalize(text, origin)
+        elif kind == "strip":
+            first = len(text) - len(_LEADING_WS_RE.sub("", text, count=1)) if step[1] else 0
+            last = _TRAILING_WS_RE.search(text).start() if step[2] else len(text)
+            last = max(last, first)
+            text, origin = text[first:last], origin[first:last]
+        elif kind == "replace":
+            pattern, content = step[1], step[2]
+            matches = (match.span() for match in pattern.finditer(text))
+            pieces, where, at = [], [], 0
+            for start, stop in matches:
+                pieces.append(text[at:start])
+                where.extend(origin[at:start])
+                pieces.append(content)
+                # HF's NormalizedString::replace: the new characters go with the last
+                # one replaced (or with the one before them, where nothing was replaced)
+                anchor = stop - 1 if stop > start else start - 1
+                where.extend([origin[anchor] if anchor >= 0 else -1] * len(content))
+                at = stop
+            pieces.append(text[at:])
+            where.extend(origin[at:])
+            text, origin = "".join(pieces), where
+        else:
+            raise ValueError(f"unknown normalizer step {kind!r}")
+    return text, origin
+
+
+_LEADING_WS_RE = re.compile(f"[{_WHITESPACE}]*")
+_TRAILING_WS_RE = re.compile(f"[{_WHITESPACE}]*\\Z")
+
+# HF's unigram/model.rs: an unknown character scores this far below the lowest piece.
+_UNK_PENALTY = 10.0
+
+
+class UnigramEncoder(_Encoder):
+    """Text to content ids for Unigram files (XLM-R, T5, multilingual-e5, ALBERT-style
+    SentencePiece): normalize (Precompiled, Strip, Replace), "▁" for spaces and in
+    front (Metaspace), then the highest-scoring split of each word into vocab pieces
+    (Viterbi, as HF's Unigram::encode_optimized). Runs of characters no piece covers
+    become one `unk_id`, or their <0xNN> byte tokens (`byte_fallback`).
+
+    `pieces` is the file's vocab: (piece, score), the id being the index. `normalizers`
+    are the steps of the file's normalizer (`NormalizerStep`).
+    `prepend` and `split` are the Metaspace pre-tokenizer's prepend_scheme and split;
+    `whitespace_split` puts a WhitespaceSplit before it (older XLM-R files), which
+    cuts the text at whitespace and drops it.
+
+    Example:
+        >>> pieces = [("<unk>", 0.0), ("▁", -2.0), ("a", -3.0), ("b", -3.0), ("▁ab", -4.0)]
+        >>> UnigramEncoder(pieces, unk_id=0, normalizers=(), prepend="always",
+        ...                split=True).encode("ab  ba!")
+        [4, 1, 1, 3, 2, 0]
+    """
+
+    def __init__(
+        self,
+        pieces: Sequence[tuple[str, float]],
+        *,
+        unk_id: int,
+        normalizers: Sequence[NormalizerStep],
+        prepend: str,
+        split: bool,
+        whitespace_split: bool = False,
+        byte_fallback: bool = False,
+        added_tokens: Iterable[AddedToken] = (),
+    ) -> None:
+        if prepend not in PREPEND_SCHEMES[1:]:
+            raise ValueError(f"Unknown prepend {prepend!r}. Available: "
+                             f"{', '.join(PREPEND_SCHEMES[1:])}.")
+        self._vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        self._scores = [float(score) for _, score in pieces]
+        self._longest = max(map(len, self._vocab), default=0)
+        self._unk_id = unk_id
+        self._unk_score = min(self._scores, default=0.0) - _UNK_PENALTY
+        self._byte_ids = ([self._vocab.get(f"<0x{b:02X}>") for b in range(256)]
+                          if byte_fallback else None)
+        self._byte_tokens = {i: f"<0x{b:02X}>" for b, i in enumerate(self._byte_ids or ())
+                             if i is not None}
+        self._steps = _compiled_steps(normalizers)
+        self._prepend = prepend
+        self._split = split
+        self._whitespace_split = whitespace_split
+        self._cache: dict[str, tuple[tuple[int, int, int], ...]] = {}
+        added_tokens = list(added_tokens)
+        self._raw_added = _AddedTokenSplitter(t for t in added_tokens if not t.normalized)
+        # HF matches a "normalized" token as the normalizer writes it, in normalized text.
+        self._normalized_added = _AddedTokenSplitter(
+            t._replace(content=self.normalize(t.content)) for t in added_tokens if t.normalized)
+
+    def normalize(self, text: str) -> str:
+        return _normalize_steps(self._steps, text, range(len(text)))[0]
+
+    def content_ids(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for word, _, added_id in self._words(text):
+            if added_id is not None:
+                ids.append(added_id)
+            else:
+                ids.extend(token_id for token_id, _, _ in self._pieces(word))
+        return ids
+
+    def content_spans(self, text: str) -> list[tuple[int, int, int]]:
+        """`content_ids` as (id, start, end) in `text`, as HF's offsets: a piece spans
+        the characters its first and last characters came from (a "▁" put in front or
+        for spaces goes with the character after it, or with the space)."""
+        return [(token_id, start, end) for token_id, start, end, _ in self._tokens(text)]
+
+    def content_values(self, text: str) -> list[str]:
+        """The text of each token of `content_ids` as HF's Encoding.tokens has it (what
+        a post-processor's offset trimming reads): a piece as written, an unknown run as
+        the text it covers, an added token as matched (with what lstrip/rstrip took)."""
+        return [value for _, _, _, value in self._tokens(text)]
+
+    def _tokens(self, text: str) -> Iterator[tuple[int, int, int, str]]:
+        for word, origin, added_id in self._words(text):
+            if added_id is not None:
+                word, origin = origin[2], origin[:2]
+            pieces = ((added_id, 0, 2),) if added_id is not None else self._pieces(word)
+            for token_id, start, stop in pieces:
+                first, last = origin[start], origin[stop - 1]   # -1: HF's (0, 0)
+                value = word if added_id is not None else (
+                    word[start:stop] if token_id not in self._byte_tokens
+                    else self._byte_tokens[token_id])
+                yield token_id, max(first, 0), last + 1 if last >= 0 else 0, value
+
+    def _words(self, text: str) -> Iterator[tuple[str, Sequence[int], int | None]]:
+        """(word, the index in `text` of each of its characters, None) for each word
+        the Viterbi runs on, and ("", (start, stop - 1, the text matched), id) for an
+        added token."""
+        if not text.isascii():
+            text = _SURROGATE_RE.sub("\ufffd", text)
+        for start, stop, added_id in self._raw_added.spans(text):
+            if added_id is not None:
+                yield "", (start, stop - 1, text[start:stop]), added_id
+                continue
+            normal, origin = _normalize_steps(self._steps, text[start:stop],
+                                              range(start, stop))
+            for first, last, token_id in self._normalized_added.spans(normal):
+                if token_id is not None:
+                    yield "", (origin[first], origin[last - 1], normal[first:last]), token_id
+                    continue
+                piece, where = normal[first:last], origin[first:last]
+                if not self._whitespace_split:
+                    yield from self._metaspace(piece, where)
+                    continue
+                for match in _NON_WHITESPACE_RE.finditer(piece):
+                    a, b = match.span()
+                    yield from self._metaspace(piece[a:b], where[a:b])
+
+    def _metaspace(self, piece: str, origin: Sequence[int]
+                   ) -> Iterator[tuple[str, Sequence[int], None]]:
+        """HF's Metaspace pre-tokenizer on one piece: spaces become "▁", one goes in
+        front (by the prepend scheme: "first" where the piece's first character goes
+        with the text's first), and with `split` each "▁" starts a word."""
+        if not piece:
+            return
+        piece = piece.replace(" ", METASPACE)
+        if (self._prepend == "always" or self._prepend == "first" and origin[0] <= 0) \
+                and not piece.startswith(METASPACE):
+            piece, origin = METASPACE + piece, [origin[0], *origin]
+        if not self._split:
+            yield piece, origin, None
+            return
+        cuts = [i for i, char in enumerate(piece) if char == METASPACE and i]
+        for a, b in zip([0, *cuts], [*cuts, len(piece)], strict=True):
+            yield piece[a:b], origin[a:b], None
+
+    def _pieces(self, word: str) -> tuple[tuple[int, int, int], ...]:
+        """(id, start, stop) in `word` of its best split (cached)."""
+        found = self._cache.get(word)
+        if found is None:
+            found = tuple(self._viterbi(word))
+            _remember(self._cache, word, found)
+        return found
+
+    def _viterbi(self, word: str) -> Iterator[tuple[int, int, int]]:
+        """HF's Unigram::encode_optimized on one word, then Unigram::tokenize's ids.
+
+        best[i] is the best path over word[:i]: (score, where its last piece starts,
+        that piece's id). A piece replaces the path to its end only when it scores
+        strictly higher, so among equals the first found wins: the shortest piece from
+        the earliest start. A character no single-character piece covers gets the unk
+        score; runs of unk pieces are fused into one."""
+        n = len(word)
+        best: list[tuple[float, int, int] | None] = [None] * (n + 1)
+        best[0] = (0.0, 0, 0)
+        vocab, scores = self._vocab, self._scores
+        for start in range(n):
+            base = best[start][0] if best[start] is not None else 0.0
+            single = False
+            for stop in range(start + 1, min(n, start + self._longest) + 1):
+                token_id = vocab.get(word[start:stop])
+                if token_id is None:
+                    continue
+                single = single or stop == start + 1
+                score = scores[token_id] + base
+                target = best[stop]
+                if target is None or score > target[0]:
+                    best[stop] = (score, start, token_id)
+            if not single:
+                score = self._unk_score + base
+                target = best[start + 1]
+                if target is None or score > target[0]:
+                    best[start + 1] = (score, start, self._unk_id)
+        pieces: list[tuple[int, int, int]] = []
+        stop = n
+        while stop > 0:
+            _, start, token_id = best[stop]
+            if token_id == self._unk_id and pieces and pieces[-1][0] == self._unk_id \
+                    and pieces[-1][1] == stop:   # fuse_unk: join the run of unk pieces
+                pieces[-1] = (token_id, start, pieces[-1][2])
+            else:
+                pieces.append((token_id, start, stop))
+            stop = start
+        pieces.reverse()
+        for token_id, start, stop in pieces:
+            yield from self._piece_ids(word, token_id, start, stop)
+
+    def _piece_ids(self, word: str, token_id: int, start: int, stop: int
+                   ) -> Iterator[tuple[int, int, int]]:
+        """Unigram::tokenize: a piece's id, or, for a (fused) unknown run, its id if the
+        vocab has the run, else its byte tokens (each spanning the whole run) where
+        `byte_fallback` has all of them, else unk."""
+        if token_id == self._unk_id:
+            text = word[start:stop]
+            found = self._vocab.get(text)
+            if found is not None:
+                token_id = found
+            elif self._byte_ids is not None:
+                byte_ids = [self._byte_ids[b] for b in text.encode("utf-8")]
+                if None not in byte_ids:
+                    for byte_id in byte_ids:
+                        yield byte_id, start, stop
+                    return
+        yield token_id, start, stop
 
 
 def _utf8_length(char: str) -> int:

@@ -1,6 +1,7 @@
 """Tokenizer for Hugging Face `tokenizer.json` files: WordPiece (BERT family),
-byte-level BPE (GPT-2, Llama-3, SmolLM2 family) and SentencePiece-style BPE (Llama 2,
-Mistral, TinyLlama, Phi-3 family).
+byte-level BPE (GPT-2, Llama-3, SmolLM2 family), SentencePiece-style BPE (Llama 2,
+Mistral, TinyLlama, Phi-3 family) and Unigram (XLM-R, multilingual-e5, T5 family; the
+Python twin only, so far).
 
 Ids match `tokenizers.Tokenizer.from_file(path)` with `no_padding()`, using only
 the standard library. This module holds the policy (file parsing, special
@@ -24,8 +25,10 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
+import math
 import re
 import sys
 import threading
@@ -338,6 +341,75 @@ class Tokenizer:
         return self
 
     @classmethod
+    def unigram(
+        cls,
+        *,
+        pieces: Sequence[tuple[str, float]],
+        unk_id: int,
+        normalizers: Sequence[tuple] = (),
+        prepend: str = "always",
+        split: bool = True,
+        whitespace_split: bool = False,
+        byte_fallback: bool = False,
+        decode_drop_first: bool = True,
+        added_tokens: Sequence[AddedToken] = (),
+        prefix_ids: Sequence[int] = (),
+        suffix_ids: Sequence[int] = (),
+        pad_id: int | None = None,
+        trim_offsets: bool | None = None,
+        truncation_side: str = "right",
+        backend: str | None = None,
+    ) -> Tokenizer:
+        """A Unigram tokenizer (XLM-R, multilingual-e5, T5 family): the file's normalizer
+        (`normalizers`: `_tokenizer_py.NormalizerStep`s), "▁" for spaces and in front
+        (Metaspace: `prepend`, `split`, after a WhitespaceSplit where `whitespace_split`),
+        then the best-scoring split of each word into `pieces` ((piece, score); the id
+        is the index). Decoded as HF's Metaspace decoder does.
+
+        Only the Python twin implements Unigram so far: `backend` None gives "python"
+        even where the C extension is built, and "c" is refused.
+
+        Example:
+            >>> pieces = [("<unk>", 0.0), ("▁", -2.0), ("a", -3.0), ("b", -3.0), ("▁ab", -4.0)]
+            >>> tok = Tokenizer.unigram(pieces=pieces, unk_id=0)
+            >>> tok.encode("ab ba"), tok.decode([4, 1, 3, 2])
+            ([4, 1, 3, 2], 'ab ba')
+        """
+        pieces = [tuple(p) if isinstance(p, list | tuple) else p for p in pieces] \
+            if isinstance(pieces, list | tuple) else pieces
+        normalizers = [tuple(step) for step in normalizers]
+        _, added_tokens, prefix_ids, suffix_ids = _own_copies(
+            {}, added_tokens, prefix_ids, suffix_ids)
+        settings = {k: v for k, v in locals().items() if k not in ("cls", "backend", "_")}
+        if backend not in (None, "python"):
+            if backend not in BACKENDS:
+                raise ValueError(f"Unknown tokenizer backend {backend!r}. Available: "
+                                 f"{', '.join(BACKENDS)}.")
+            raise ValueError(f"The {backend!r} tokenizer backend has no Unigram encoder yet; "
+                             "use backend='python' (or leave it unset).")
+        self = cls.__new__(cls)
+        self._settings = lambda: ("Unigram", settings)
+        self.backend = "python"
+        vocab = _unigram_vocab(pieces)
+        _check_vocab(vocab, MAX_BPE_ID)
+        _check_added(added_tokens, pad_id)
+        unk_id = integer(unk_id, "unk_id", what="an int")
+        if not 0 <= unk_id < len(pieces):
+            raise ValueError(f"unk_id {unk_id} is not the id of a piece (0 to "
+                             f"{len(pieces) - 1}).")
+        self._set_encoder(
+            "UnigramEncoder", pieces, unk_id=unk_id, normalizers=normalizers,
+            prepend=prepend, split=_flag(split, "split"),
+            whitespace_split=_flag(whitespace_split, "whitespace_split"),
+            byte_fallback=_flag(byte_fallback, "byte_fallback"), added_tokens=added_tokens,
+        )
+        self._byte_level = False
+        self._sentencepiece = ("metaspace", None, _flag(decode_drop_first, "decode_drop_first"))
+        self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets,
+                        truncation_side)
+        return self
+
+    @classmethod
     def _checked_bpe(cls, kind: str, settings: dict[str, Any], backend: str | None
                      ) -> Tokenizer:
         """A Tokenizer that a BPE constructor is building from `settings` (its arguments):
@@ -376,8 +448,8 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path, *, backend: str | None = None) -> Tokenizer:
-        """Load a Hugging Face tokenizer.json with a WordPiece, byte-level BPE or
-        SentencePiece-style BPE model.
+        """Load a Hugging Face tokenizer.json with a WordPiece, byte-level BPE,
+        SentencePiece-style BPE or Unigram model.
 
         The file's padding and truncation sections are not applied: `encode`
         never pads and truncates only when given `max_length` (on the side that
@@ -400,6 +472,8 @@ class Tokenizer:
                 self = cls.byte_level_bpe(**settings, backend=backend)
             elif kind == "SentencePieceBPE":
                 self = cls.sentencepiece_bpe(**settings, backend=backend)
+            elif kind == "Unigram":
+                self = cls.unigram(**settings, backend=backend)
             else:
                 self = cls(**settings, backend=backend)
         except ValueError as e:   # a check the constructors make, of this file's values
@@ -563,8 +637,14 @@ class Tokenizer:
         normalized one, in the normalized text (a WordPiece normalizer drops controls, some
         of them spaces, and puts spaces around CJK chars)."""
         content = range(len(self._prefix_ids), len(ids) - len(self._suffix_ids))
-        for i in content:
-            if ids[i] in self._added_ids:
+        values = None
+        if isinstance(self._offsets_encoder, _tokenizer_py.UnigramEncoder):
+            values = self._offsets_encoder.content_values(text)   # HF's Encoding.tokens
+            values = values[len(values) - len(content):] if self._truncate_left else values
+        for k, i in enumerate(content):
+            if values is not None:
+                token = values[k]
+            elif ids[i] in self._added_ids:
                 token = text[offsets[i][0]:offsets[i][1]]
                 if ids[i] in self._normalized_added_ids and not self._byte_level:
                     token = self._offsets_encoder.normalize(token)
@@ -848,6 +928,8 @@ def _rebuild(kind: str, settings: dict[str, Any], backend: str) -> Tokenizer:
         return Tokenizer.byte_level_bpe(**settings, backend=backend_here)
     if kind == "SentencePieceBPE":
         return Tokenizer.sentencepiece_bpe(**settings, backend=backend_here)
+    if kind == "Unigram":
+        return Tokenizer.unigram(**settings)
     return Tokenizer(**settings, backend=backend_here)
 
 
@@ -956,10 +1038,51 @@ def _fallback_text(run: bytes) -> str:
 _CHAR_TO_BYTE = {char: byte for byte, char in enumerate(_tokenizer_py.BYTE_TO_CHAR)}
 
 
+_U64_MAX = 2**64 - 1
+_POW10 = [float(f"1e{k}") for k in range(309)]
+
+
+def _serde_float(text: str) -> float:
+    """A JSON number with a fraction or exponent, read as HF reads it: serde_json's default
+    parser (no float_roundtrip), which takes up to 19 digits as a u64, rounds that to f64,
+    then multiplies or divides by a power of ten: sometimes 1 ulp off the nearest f64,
+    which Python's float() gives. A Unigram path's score is a sum of piece scores, and
+    where two splits tie, that ulp picks the one HF gives (1,893 of 8,002 scores of the
+    tests' XLM-R-layout file read otherwise).
+
+    Example:
+        >>> _serde_float("-10.773580551147461") == float("-10.773580551147461")
+        False
+    """
+    negative = text.startswith("-")
+    mantissa, _, exponent_text = text.lstrip("-").lower().partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    significand, exponent = 0, int(exponent_text) if exponent_text else 0
+    for digit in whole:   # past u64: the digit is dropped, and counted in the exponent
+        if significand * 10 + int(digit) > _U64_MAX:
+            exponent += 1
+        else:
+            significand = significand * 10 + int(digit)
+    for digit in fraction:   # past u64: this digit and the rest are dropped
+        if significand * 10 + int(digit) > _U64_MAX:
+            break
+        significand, exponent = significand * 10 + int(digit), exponent - 1
+    value = float(significand)
+    while True:
+        if abs(exponent) < len(_POW10):
+            value = value * _POW10[exponent] if exponent >= 0 else value / _POW10[-exponent]
+            break
+        if value == 0.0 or exponent > 0:   # serde_json: 0, or "number out of range"
+            value = value * math.inf if exponent > 0 and value else value
+            break
+        value /= 1e308
+        exponent += 308
+    return -value if negative else value
+
 def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
     """Read and check a tokenizer.json; return its kind ("WordPiece", "BPE" for byte-level,
-    or "SentencePieceBPE") and the keyword arguments of `Tokenizer`,
-    `Tokenizer.byte_level_bpe` or `Tokenizer.sentencepiece_bpe`."""
+    "SentencePieceBPE" or "Unigram") and the keyword arguments of `Tokenizer`,
+    `Tokenizer.byte_level_bpe`, `Tokenizer.sentencepiece_bpe` or `Tokenizer.unigram`."""
     if not path.is_file():
         if path.is_dir():
             raise FileNotFoundError(f"Tokenizer file '{path}' is a directory; pass the "
@@ -968,7 +1091,7 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
             raise ValueError(f"Tokenizer file '{path}' is not a regular file.")
         raise FileNotFoundError(f"Tokenizer file not found: '{path}'.")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"), parse_float=_serde_float)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         why = "nested too deep" if isinstance(e, RecursionError) else e
         raise ValueError(
@@ -981,20 +1104,29 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
         )
 
     model = _field(data, "model", dict, path)
-    kind = _check_type(model, "model", ("WordPiece", "BPE"), path)
-    vocab = _field(model, "model.vocab", dict, path)   # its ids: checked by the constructors
-    added_tokens = _added_tokens(data, path, vocab)
-    settings: dict[str, Any] = {"vocab": vocab, "added_tokens": added_tokens}
-    if kind == "BPE" and _is_sentencepiece_style(data):
-        kind = "SentencePieceBPE"
-        settings |= _sentencepiece_settings(data, model, path)
-    elif kind == "BPE":
-        settings |= _bpe_settings(data, model, path)
+    kind = _check_type(model, "model", ("WordPiece", "BPE", "Unigram"), path)
+    if kind == "Unigram":
+        pieces = _field(model, "model.vocab", list, path)   # [[piece, score], ...]
+        vocab = _unigram_vocab(pieces, path)
+        settings: dict[str, Any] = {"pieces": [tuple(entry) for entry in pieces],
+                                    "added_tokens": _added_tokens(data, path, vocab)}
+        settings |= _unigram_settings(data, model, path)
     else:
-        settings |= _wordpiece_settings(data, model, path)
+        vocab = _field(model, "model.vocab", dict, path)   # ids: checked by the constructors
+        settings = {"vocab": vocab, "added_tokens": _added_tokens(data, path, vocab)}
+        if kind == "BPE" and _is_sentencepiece_style(data):
+            kind = "SentencePieceBPE"
+            settings |= _sentencepiece_settings(data, model, path)
+        elif kind == "BPE":
+            settings |= _bpe_settings(data, model, path)
+        else:
+            settings |= _wordpiece_settings(data, model, path)
+    added_tokens = settings["added_tokens"]
     settings["prefix_ids"], settings["suffix_ids"] = _special_ids(data.get("post_processor"), path)
     trim_offsets = _trim_offsets(data.get("post_processor"), path)
-    if kind != "SentencePieceBPE":
+    if kind == "Unigram" and trim_offsets is not None:   # XLM-R's RobertaProcessing
+        settings["trim_offsets"] = trim_offsets
+    elif kind != "SentencePieceBPE":
         settings["trim_offsets"] = trim_offsets
     elif trim_offsets is not None:
         raise ValueError(f"{path}: a ByteLevel or RobertaProcessing post_processor (offset "
@@ -1014,10 +1146,10 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
         if not 0 <= settings["pad_id"] < MAX_ID:
             raise ValueError(f"{path}: padding.pad_id is {settings['pad_id']}; a token id lies "
                              f"in [0, 2**32).")
-    elif kind == "WordPiece":
-        settings["pad_id"] = next(
-            (t.id for t in added_tokens if t.content == "[PAD]"), vocab.get("[PAD]")
-        )
+    elif kind in ("WordPiece", "Unigram"):   # what transformers pads with
+        pad = "[PAD]" if kind == "WordPiece" else "<pad>"
+        settings["pad_id"] = next((t.id for t in added_tokens if t.content == pad),
+                                  vocab.get(pad))
     return kind, settings
 
 
@@ -1183,6 +1315,89 @@ def _sentencepiece_settings(data: dict, model: dict, path: Path) -> dict[str, An
         )
     return settings | {"decoder": "fallback", "decode_strip": strip}
 
+
+
+def _unigram_vocab(pieces: Any, path: Path | None = None) -> dict[str, int]:
+    """piece -> id (its index) of a Unigram vocab, which must not repeat a piece (HF would
+    give it the last id, and score either)."""
+    where = f"{path}: model.vocab" if path else "pieces"
+    if not isinstance(pieces, list | tuple):
+        raise TypeError(f"{where} must be a list of (piece, score) pairs, got "
+                        f"{type(pieces).__name__}.")
+    vocab: dict[str, int] = {}
+    for i, entry in enumerate(pieces):
+        if not (isinstance(entry, tuple | list) and len(entry) == 2
+                and isinstance(entry[0], str)):
+            raise ValueError(f"{where}[{i}] is {entry!r:.80}; expected a (piece, score) pair.")
+        if not isinstance(entry[1], int | float) or isinstance(entry[1], bool) \
+                or not math.isfinite(entry[1]):
+            raise ValueError(f"{where}[{i}] ({entry[0]!r:.40}) has score {entry[1]!r:.40}; "
+                             "expected a finite number.")
+        if vocab.setdefault(entry[0], i) != i:
+            raise ValueError(f"{where} lists the piece {entry[0]!r:.40} twice (ids "
+                             f"{vocab[entry[0]]} and {i}).")
+    return vocab
+
+
+def _unigram_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
+    """Unigram: a normalizer of Precompiled, Strip and Replace steps; a Metaspace
+    pre-tokenizer (after a WhitespaceSplit in older XLM-R files); a Metaspace decoder."""
+    unk_id = _field(model, "model.unk_id", (int, type(None)), path, None)
+    if unk_id is None:
+        raise ValueError(f"{path}: model.unk_id is null; the runtime tokenizer needs a Unigram "
+                         "unk token for characters no piece covers (Hugging Face raises on "
+                         "them).")
+    normalizer = data.get("normalizer")
+    steps = [] if normalizer is None else [normalizer]
+    if isinstance(normalizer, dict) and normalizer.get("type") == "Sequence":
+        steps = _field(normalizer, "normalizer.normalizers", list, path)
+    normalizers: list[tuple] = []
+    for step in steps:
+        kind = _check_type(step, "normalizer", ("Precompiled", "Strip", "Replace"), path)
+        if kind == "Precompiled":
+            encoded = _field(step, "normalizer.precompiled_charsmap", (str, type(None)), path)
+            if not encoded:   # transformers writes none for an identity charsmap
+                continue
+            try:
+                normalizers.append(("precompiled", base64.b64decode(encoded, validate=True)))
+            except ValueError as e:
+                raise ValueError(f"{path}: normalizer.precompiled_charsmap is not base64 "
+                                 f"({e}).") from None
+        elif kind == "Strip":
+            normalizers.append(("strip", *(_field(step, f"normalizer.{end}", bool, path, True)
+                                           for end in ("strip_left", "strip_right"))))
+        else:
+            pattern = _field(step, "normalizer.pattern", dict, path)
+            content = _field(step, "normalizer.content", str, path)
+            if isinstance(pattern.get("String"), str):
+                normalizers.append(("replace", re.escape(pattern["String"]), content))
+            elif isinstance(pattern.get("Regex"), str):
+                normalizers.append(("replace", pattern["Regex"], content))
+            else:
+                raise ValueError(f"{path}: normalizer Replace.pattern {pattern!r:.80} needs a "
+                                 "\"String\" or a \"Regex\".")
+    pre = data.get("pre_tokenizer")
+    whitespace_split = False
+    if isinstance(pre, dict) and pre.get("type") == "Sequence":
+        chain = _field(pre, "pre_tokenizer.pretokenizers", list, path)
+        if len(chain) == 2 and isinstance(chain[0], dict) \
+                and chain[0].get("type") == "WhitespaceSplit":
+            whitespace_split, pre = True, chain[1]
+    if not isinstance(pre, dict) or pre.get("type") != "Metaspace":
+        raise ValueError(f"{path}: unsupported pre_tokenizer "
+                         f"{json.dumps(pre, ensure_ascii=False)[:160]} for a Unigram model; "
+                         "the runtime tokenizer supports Metaspace, or "
+                         "Sequence[WhitespaceSplit, Metaspace].")
+    decoder = data.get("decoder")
+    _check_type(decoder, "decoder", ("Metaspace",), path)
+    return {
+        "unk_id": unk_id, "normalizers": normalizers,
+        "prepend": _prepend_scheme(pre, "pre_tokenizer", path),
+        "split": _field(pre, "pre_tokenizer.split", bool, path, True),
+        "whitespace_split": whitespace_split,
+        "byte_fallback": _field(model, "model.byte_fallback", bool, path, False),
+        "decode_drop_first": _prepend_scheme(decoder, "decoder", path) != "never",
+    }
 
 def _bpe_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
     """Byte-level BPE: no normalizer, a known pre-tokenizer chain, ByteLevel decoder."""

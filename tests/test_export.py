@@ -791,9 +791,10 @@ def test_a_layer_count_that_is_not_a_count_is_refused_before_any_work(tmp_path, 
 @pytest.mark.parametrize("architecture", ["BertModel", "LlamaForCausalLM"])
 def test_a_tokenizer_the_runtime_cannot_run_is_refused_before_the_model_loads(
         tmp_path, capsys, architecture):
-    """A Unigram tokenizer (T5, XLM-R, ALBERT) was found only after the float export, and the
-    error named the hidden work directory's copy of tokenizer.json. The checkpoint here has
-    no weights at all: the refusal must come before transformers looks for them."""
+    """A tokenizer the runtime cannot run (a WordLevel one here; Unigram ones, before they
+    were supported) was found only after the float export, and the error named the hidden
+    work directory's copy of tokenizer.json. The checkpoint here has no weights at all: the
+    refusal must come before transformers looks for them."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     model = tmp_path / "model"
@@ -801,16 +802,15 @@ def test_a_tokenizer_the_runtime_cannot_run_is_refused_before_the_model_loads(
     config = {"architectures": [architecture], "model_type": "bert" if architecture ==
               "BertModel" else "llama", "vocab_size": 200}
     (model / "config.json").write_text(json.dumps(config))
-    tokenizer = Tokenizer(models.Unigram())
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator(["turn on the kitchen lights", "what time is it"] * 50,
-                                  trainers.UnigramTrainer(vocab_size=40, unk_token="<unk>",
-                                                          special_tokens=["<unk>"]))
+                                  trainers.WordLevelTrainer(special_tokens=["<unk>"]))
     tokenizer.save(str(model / "tokenizer.json"))
     assert main(["--target", "arm-cpu", "--model", str(model),
                  "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert f"error: {model / 'tokenizer.json'}: unsupported model.type 'Unigram'" in err
+    assert f"error: {model / 'tokenizer.json'}: unsupported model.type 'WordLevel'" in err
     assert [p for p in tmp_path.iterdir() if p.name != "model"] == []
 
 

@@ -706,7 +706,7 @@ def _set(data, dotted, value):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("model.type", "Unigram", "model.type 'Unigram'.*'WordPiece' or 'BPE'"),
+        ("model.type", "WordLevel", "model.type 'WordLevel'.*'WordPiece' or 'BPE' or 'Unigram'"),
         ("normalizer.type", "NFKC", "normalizer.type 'NFKC'.*'BertNormalizer'"),
         ("pre_tokenizer", {"type": "ByteLevel"}, "pre_tokenizer.type 'ByteLevel'"),
         (
