@@ -59,10 +59,16 @@ EDGE_CASES = [
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> dict:
+def trained_folder(tmp_path_factory) -> Path:
+    """What transformers saves for the trained XLM-R-layout tokenizer (tokenizer.json,
+    tokenizer_config.json, the SentencePiece model...)."""
+    return xlmr_layout_tokenizer(tmp_path_factory.mktemp("xlmr-layout")).parent
+
+
+@pytest.fixture(scope="session")
+def trained(trained_folder) -> dict:
     """The trained XLM-R-layout tokenizer.json, as a dict."""
-    path = xlmr_layout_tokenizer(tmp_path_factory.mktemp("xlmr-layout"))
-    return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads((trained_folder / "tokenizer.json").read_text(encoding="utf-8"))
 
 
 def normalizer_steps(data) -> list[dict]:
@@ -323,3 +329,36 @@ def test_random_text_matches_hf(xlmr_file):
             assert (ours.ids, ours.offsets) == (theirs.ids, theirs.offsets)
 
     check()
+
+
+def test_an_xlmr_checkpoint_with_this_tokenizer_exports_and_embeds(trained_folder, tmp_path):
+    """The plumbing, on a small random XLM-R encoder (the claim is not about quality): a
+    checkpoint directory with this tokenizer exports for arm-cpu, and its bundle encodes
+    texts as transformers' AutoTokenizer does (<s> </s>, the charsmap, <mask>) and embeds."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaModel
+
+    import runtime
+    from exporter import export
+
+    checkpoint = tmp_path / "tiny-xlmr"
+    shutil.copytree(trained_folder, checkpoint)
+    vocab_size = len(json.loads((checkpoint / "tokenizer.json").read_text())["model"]["vocab"])
+    torch.manual_seed(0)
+    XLMRobertaModel(XLMRobertaConfig(
+        vocab_size=vocab_size + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=130, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2)).save_pretrained(checkpoint)
+    bundle = export(str(checkpoint), target="arm-cpu", output=tmp_path / "bundle",
+                    log=lambda line: None)
+    model = runtime.load(bundle)
+    assert type(model.tokenizer._encoder).__name__ == "UnigramEncoder"
+    theirs = AutoTokenizer.from_pretrained(checkpoint)
+    texts = ["turn on the kitchen lights", "Schalte das Licht  ein", "日本 🚀 </s> x <mask>",
+             "ﬁnal Ｔｅｘｔ", ""]
+    for text in texts:
+        assert model.tokenizer.encode(text) == theirs(text)["input_ids"]
+    vectors = model.embed(texts)
+    assert vectors.shape == (len(texts), 64)
