@@ -1319,6 +1319,10 @@ class Precompiled:
         self._units = list(struct.unpack(f"<{size // 4}I", charsmap[4:4 + size]))
         self._pool = charsmap[4 + size:]
         self._cache: dict[str, str | None] = {}
+        # Characters that stay as they are and join no other in a cluster (grapheme
+        # class "other", no rule): a text of only those is its own normalization.
+        self._plain: set[str] = set()
+        self._not_plain: set[str] = set()
 
     def lookup(self, chunk: str) -> str | None:
         """What `chunk` becomes, or None where no key is a prefix of it."""
@@ -1355,6 +1359,13 @@ class Precompiled:
     def normalize(self, text: str, origin: Sequence[int]) -> tuple[str, list[int]]:
         """`text` normalized, and for each of its characters the `origin` of the
         character of `text` it goes with, as HF aligns them (`_transform`)."""
+        chars = set(text)
+        if not chars <= self._plain:
+            for char in chars - self._plain - self._not_plain:
+                plain = _grapheme_class(char) == _GB_OTHER and self.lookup(char) is None
+                (self._plain if plain else self._not_plain).add(char)
+        if chars <= self._plain:
+            return text, list(origin)
         changes: list[list] = []   # [char, change], as HF's Precompiled::normalize
         start = 0
         for stop in grapheme_ends(text):
