@@ -3,8 +3,8 @@ transformers' slow Python tokenizers, for MiniLM (WordPiece), SmolLM2 (byte-leve
 Llama-2-layout SentencePiece-style BPE (`exporter.data.llama_layout_tokenizer`, trained here
 on English prose: no Llama-2-family tokenizer ships offline; no slow tokenizer for it) and
 an XLM-R-layout Unigram (`exporter.data.xlmr_layout_tokenizer`, trained here with
-sentencepiece; the Python twin only, no C encoder yet; its "slow" tokenizer is transformers'
-XLMRobertaTokenizer, which runs Google's sentencepiece C++ library).
+sentencepiece; its "slow" tokenizer is transformers' XLMRobertaTokenizer, which runs Google's
+sentencepiece C++ library).
 
     python benchmarks/bench_tokenizer.py [--rounds 5] [--json build/bench_tokenizer.json]
 
@@ -227,8 +227,6 @@ def main() -> None:
             expected = [e.ids for e in hf.encode_batch(short + paragraphs)]
             contestants = {}
             for name in BACKENDS:
-                if name == "c" and "Unigram" in file_name:   # the twin only, so far
-                    continue
                 tok = Tokenizer.from_file(path, backend=name)
                 assert tok.encode_batch(short + paragraphs) == expected, (file_name, name)
                 contestants[f"runtime ({name})"] = Contestant(tok.encode, tok.encode_batch)

@@ -1,11 +1,12 @@
 /* C twin of runtime/_tokenizer_py.py: the tokenizer hot loops, text in, ids out.
  *
  * Same surface as the Python twin, `WordPieceEncoder(vocab, **options)`,
- * `BPEEncoder(vocab, merges, **options)` and `SentencePieceBPEEncoder(vocab,
- * merges, **options)`, each with `.encode(text) -> list[int]`, plus
- * `.encode_batch(texts)`. Same steps, in the same order, and the same ids for
- * every str (tests/test_tokenizer_c.py, test_tokenizer_bpe.py,
- * test_tokenizer_sentencepiece.py). WordPiece:
+ * `BPEEncoder(vocab, merges, **options)`, `SentencePieceBPEEncoder(vocab,
+ * merges, **options)` and `UnigramEncoder(pieces, **options)`, each with
+ * `.encode(text) -> list[int]`, plus `.encode_batch(texts)`. Same steps, in the
+ * same order, and the same ids for every str (tests/test_tokenizer_c.py,
+ * test_tokenizer_bpe.py, test_tokenizer_sentencepiece.py,
+ * test_tokenizer_unigram.py). WordPiece:
  *
  *     added tokens -> clean, CJK spacing, NFD + drop Mn, lowercase
  *                  -> split on whitespace and punctuation -> WordPiece -> ids
@@ -213,6 +214,9 @@ typedef struct {
     HashBuf hashes;
     BpeBuf bpe;
     IdBuf ids;                    /* encode's ids */
+    double *best;                 /* Unigram's Viterbi: best score of each prefix ... */
+    int32_t *from, *piece;        /* ... where its last piece starts, that piece's id */
+    size_t best_cap;
     struct CacheEntry *cache;     /* the word cache this text may use; NULL: none */
     int slot;                     /* which of the encoder's slots this is; -1: none */
     int ascii;                    /* the text being encoded is all ASCII */
@@ -234,6 +238,9 @@ scratch_free(Scratch *s)
     PyMem_RawFree(s->bpe.next);
     PyMem_RawFree(s->bpe.heap);
     PyMem_RawFree(s->ids.data);
+    PyMem_RawFree(s->best);
+    PyMem_RawFree(s->from);
+    PyMem_RawFree(s->piece);
     memset(s, 0, sizeof(*s));
 }
 
@@ -247,7 +254,7 @@ scratch_trim(Scratch *s)
     if (s->input.cap > SCRATCH_KEEP || s->norm.cap > SCRATCH_KEEP || s->tmp.cap > SCRATCH_KEEP
         || s->sorted.cap > SCRATCH_KEEP || s->hashes.cap > SCRATCH_KEEP
         || s->bpe.cap > SCRATCH_KEEP || s->bpe.heap_cap > SCRATCH_KEEP
-        || s->ids.cap > SCRATCH_KEEP) {
+        || s->ids.cap > SCRATCH_KEEP || s->best_cap > SCRATCH_KEEP) {
         scratch_free(s);
     }
 }
@@ -3326,6 +3333,1040 @@ static PyType_Spec Sp_spec = {
     .slots = Sp_slots,
 };
 
+/* ============================================================ Unigram
+ *
+ * The C twin of _tokenizer_py.UnigramEncoder (XLM-R, T5), same steps in the same order:
+ *
+ *     added tokens -> Precompiled, Strip, Replace -> normalized added tokens ->
+ *     [WhitespaceSplit] -> Metaspace -> Viterbi over the pieces -> ids
+ *
+ * It runs what transformers writes: a Replace of a string, or of a run of one
+ * char (" {2,}"); the "always" and "never" prepend schemes. Another layout raises
+ * NotImplementedError, and runtime.Tokenizer takes the twin. */
+
+/* A step of the normalizer. */
+enum { STEP_PRECOMPILED, STEP_STRIP, STEP_REPLACE_STRING, STEP_REPLACE_RUN };
+
+typedef struct {
+    int kind;
+    int left, right;      /* STEP_STRIP */
+    ucs4 *pattern;        /* STEP_REPLACE_STRING: the string; STEP_REPLACE_RUN: the char */
+    size_t pattern_len;   /* STEP_REPLACE_RUN: the shortest run replaced */
+    ucs4 *content;
+    size_t content_len;
+} UniStep;
+
+#define UNI_MAX_STEPS 16
+
+/* A piece of the vocab's open-addressing table: index + 1 (0: empty). */
+typedef struct {
+    uint64_t hash;
+    uint32_t index;
+} PieceSlot;
+
+typedef struct {
+    PyObject_HEAD
+    WordCache cache;
+    PyObject **id_objects;  /* id -> int (owned) */
+    uint32_t n_ids;
+    ucs4 *piece_chars;      /* every piece's chars, back to back */
+    size_t *piece_at;       /* piece i: piece_chars[piece_at[i]:piece_at[i + 1]] */
+    double *scores;
+    PieceSlot *slots;
+    size_t slot_mask;
+    size_t longest;         /* chars of the longest piece */
+    int32_t unk_id;
+    double unk_score;
+    int32_t fallback_ids[256]; /* <0xNN> piece of each byte; -1: none (or no byte_fallback) */
+    uint32_t *units;        /* the charsmap's double array; NULL: no Precompiled step */
+    size_t n_units;
+    uint8_t *pool;          /* its replacement strings, NUL-terminated UTF-8 */
+    size_t pool_len;
+    UniStep steps[UNI_MAX_STEPS];
+    int n_steps, prepend, split, whitespace_split;
+    AddedSet raw_added, normalized_added;
+} Uni;
+
+static inline int
+gb_class(ucs4 c)
+{
+    size_t lo = 0, hi = N_ROWS(tok_gb);
+    while (lo < hi) { /* the first run that ends at c or after it */
+        size_t mid = (lo + hi) / 2;
+        if (tok_gb[mid].last < c) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    return lo < N_ROWS(tok_gb) && tok_gb[lo].first <= c ? tok_gb[lo].kind : TOK_GB_OTHER;
+}
+
+static inline size_t
+darts_offset(uint32_t unit)
+{
+    return (size_t)(unit >> 10) << ((unit & (1u << 9)) >> 6);
+}
+
+/* Strict UTF-8 to UCS4 (what Python's decode accepts); -1 where it is not valid. */
+static int
+utf8_chars(const uint8_t *p, size_t n, TextBuf *out)
+{
+    size_t i = 0;
+    while (i < n) {
+        uint8_t b = p[i];
+        ucs4 c;
+        size_t k;
+        if (b < 0x80) {
+            c = b, k = 1;
+        }
+        else if (b >= 0xC2 && b < 0xE0) {
+            c = b & 0x1F, k = 2;
+        }
+        else if (b >= 0xE0 && b < 0xF0) {
+            c = b & 0x0F, k = 3;
+        }
+        else if (b >= 0xF0 && b < 0xF5) {
+            c = b & 0x07, k = 4;
+        }
+        else {
+            return -1;
+        }
+        if (i + k > n) {
+            return -1;
+        }
+        for (size_t j = 1; j < k; j++) {
+            if ((p[i + j] & 0xC0) != 0x80) {
+                return -1;
+            }
+            c = c << 6 | (p[i + j] & 0x3F);
+        }
+        if ((k == 3 && (c < 0x800 || (c >= 0xD800 && c < 0xE000))) || (k == 4 && (c < 0x10000 || c > 0x10FFFF))) {
+            return -1;
+        }
+        if (text_reserve(out, 1) < 0) {
+            return -2;
+        }
+        out->data[out->len++] = c;
+        i += k;
+    }
+    return 0;
+}
+
+/* Precompiled's transform: appends what chars[0:n] becomes to `out` and returns 1;
+ * 0 (nothing appended) where no key of the charsmap is a prefix of their UTF-8;
+ * -1 out of memory. The shortest key wins (HF's results[0]). */
+static int
+charsmap_apply(const Uni *u, const ucs4 *chars, size_t n, TextBuf *out)
+{
+    uint8_t bytes[24];
+    size_t len = 0;
+    for (size_t i = 0; i < n && len + 4 <= sizeof(bytes); i++) {
+        len += utf8_put(bytes + len, chars[i]);
+    }
+    size_t node = darts_offset(u->units[0]);
+    for (size_t i = 0; i < len; i++) {
+        uint8_t byte = bytes[i];
+        if (byte == 0) {
+            return 0;
+        }
+        node ^= byte;
+        if (node >= u->n_units) {
+            return 0;
+        }
+        uint32_t unit = u->units[node];
+        if ((unit & UINT32_C(0x800000FF)) != byte) {
+            return 0;
+        }
+        node ^= darts_offset(unit);
+        if (unit >> 8 & 1) {
+            if (node >= u->n_units) {
+                return 0;
+            }
+            size_t at = u->units[node] & UINT32_C(0x7FFFFFFF);
+            if (at >= u->pool_len) {
+                return 0;
+            }
+            const uint8_t *end = memchr(u->pool + at, 0, u->pool_len - at);
+            size_t mark = out->len;
+            int status = utf8_chars(u->pool + at, (end ? (size_t)(end - u->pool) : u->pool_len) - at,
+                                    out);
+            if (status == -2) {
+                return -1;
+            }
+            if (status < 0) { /* a value inside a char: no rule (HF would panic) */
+                out->len = mark;
+                return 0;
+            }
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* One grapheme cluster t[0:n]: whole where under 6 UTF-8 bytes and a rule
+ * matches, else char by char. */
+static int
+precompiled_cluster(const Uni *u, const ucs4 *t, size_t n, TextBuf *out)
+{
+    if (n > 1) {
+        size_t bytes = 0;
+        for (size_t i = 0; i < n && bytes < 6; i++) {
+            bytes += t[i] < 0x80 ? 1 : t[i] < 0x800 ? 2 : t[i] < 0x10000 ? 3 : 4;
+        }
+        if (bytes < 6) {
+            int status = charsmap_apply(u, t, n, out);
+            if (status != 0) {
+                return status < 0 ? -1 : 0;
+            }
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        int status = charsmap_apply(u, t + i, 1, out);
+        if (status < 0) {
+            return -1;
+        }
+        if (status == 0) {
+            if (text_reserve(out, 1) < 0) {
+                return -1;
+            }
+            out->data[out->len++] = t[i];
+        }
+    }
+    return 0;
+}
+
+/* The Precompiled step: the text's grapheme clusters (_tokenizer_py.grapheme_ends)
+ * one by one. */
+static int
+precompiled(const Uni *u, const ucs4 *t, size_t n, TextBuf *out)
+{
+    out->len = 0;
+    if (n == 0) {
+        return 0;
+    }
+    int before = gb_class(t[0]);
+    int in_picto = before == TOK_GB_PICTO, picto_zwj = 0;
+    size_t regional = before == TOK_GB_RI, start = 0;
+    for (size_t i = 1; i <= n; i++) {
+        int kind = TOK_GB_OTHER, joined = 0;
+        if (i < n) {
+            kind = gb_class(t[i]);
+            if (before == TOK_GB_CR && kind == TOK_GB_LF) {
+                joined = 1;
+            }
+            else if (before == TOK_GB_CR || before == TOK_GB_LF || before == TOK_GB_CONTROL
+                     || kind == TOK_GB_CR || kind == TOK_GB_LF || kind == TOK_GB_CONTROL) {
+                joined = 0;
+            }
+            else if ((before == TOK_GB_L
+                      && (kind == TOK_GB_L || kind == TOK_GB_V || kind == TOK_GB_LV
+                          || kind == TOK_GB_LVT))
+                     || ((before == TOK_GB_LV || before == TOK_GB_V)
+                         && (kind == TOK_GB_V || kind == TOK_GB_T))
+                     || ((before == TOK_GB_LVT || before == TOK_GB_T) && kind == TOK_GB_T)) {
+                joined = 1;
+            }
+            else if (kind == TOK_GB_EXTEND || kind == TOK_GB_ZWJ || kind == TOK_GB_SPACING
+                     || before == TOK_GB_PREPEND) {
+                joined = 1;
+            }
+            else if (before == TOK_GB_ZWJ && kind == TOK_GB_PICTO && picto_zwj) {
+                joined = 1;
+            }
+            else {
+                joined = before == TOK_GB_RI && kind == TOK_GB_RI && regional % 2 == 1;
+            }
+        }
+        if (!joined) {
+            if (precompiled_cluster(u, t + start, i - start, out) < 0) {
+                return -1;
+            }
+            start = i;
+        }
+        if (i == n) {
+            break;
+        }
+        if (kind == TOK_GB_PICTO) {
+            in_picto = 1, picto_zwj = 0;
+        }
+        else if (kind == TOK_GB_ZWJ) {
+            picto_zwj = in_picto, in_picto = 0;
+        }
+        else if (kind != TOK_GB_EXTEND) {
+            in_picto = picto_zwj = 0;
+        }
+        else {
+            picto_zwj = 0;
+        }
+        regional = kind == TOK_GB_RI ? regional + 1 : 0;
+        before = kind;
+    }
+    return 0;
+}
+
+static int
+push_chars(TextBuf *out, const ucs4 *chars, size_t n)
+{
+    if (text_reserve(out, n) < 0) {
+        return -1;
+    }
+    memcpy(out->data + out->len, chars, n * sizeof(ucs4));
+    out->len += n;
+    return 0;
+}
+
+/* One Strip or Replace step on t[0:n] into `out`. */
+static int
+uni_step(const UniStep *step, const ucs4 *t, size_t n, TextBuf *out)
+{
+    out->len = 0;
+    if (step->kind == STEP_STRIP) {
+        size_t first = 0, last = n;
+        while (step->left && first < last && (char_flags(t[first]) & F_WS)) {
+            first++;
+        }
+        while (step->right && last > first && (char_flags(t[last - 1]) & F_WS)) {
+            last--;
+        }
+        return push_chars(out, t + first, last - first);
+    }
+    size_t i = 0;
+    while (i < n) {
+        size_t length = 0; /* of the match at i */
+        if (step->kind == STEP_REPLACE_STRING) {
+            if (n - i >= step->pattern_len && same_chars(t + i, step->pattern,
+                                                         (Py_ssize_t)step->pattern_len)) {
+                length = step->pattern_len;
+            }
+        }
+        else {
+            while (i + length < n && t[i + length] == step->pattern[0]) {
+                length++;
+            }
+            if (length < step->pattern_len) {
+                if (push_chars(out, t + i, length ? length : 1) < 0) {
+                    return -1;
+                }
+                i += length ? length : 1;
+                continue;
+            }
+        }
+        if (length) {
+            if (push_chars(out, step->content, step->content_len) < 0) {
+                return -1;
+            }
+            i += length;
+        }
+        else {
+            if (push_chars(out, t + i, 1) < 0) {
+                return -1;
+            }
+            i++;
+        }
+    }
+    return 0;
+}
+
+static inline int32_t
+piece_find(const Uni *u, uint64_t hash, const ucs4 *chars, size_t n)
+{
+    for (size_t i = slot_of(hash, u->slot_mask);; i = (i + 1) & u->slot_mask) {
+        const PieceSlot *slot = &u->slots[i];
+        if (slot->index == 0) {
+            return -1;
+        }
+        uint32_t id = slot->index - 1;
+        if (slot->hash == hash && u->piece_at[id + 1] - u->piece_at[id] == n
+            && same_chars(u->piece_chars + u->piece_at[id], chars, (Py_ssize_t)n)) {
+            return (int32_t)id;
+        }
+    }
+}
+
+static int
+best_reserve(Scratch *s, size_t n)
+{
+    if (n <= s->best_cap) {
+        return 0;
+    }
+    size_t cap = s->best_cap ? s->best_cap : 64;
+    while (cap < n) {
+        cap *= 2;
+    }
+    double *best = PyMem_RawRealloc(s->best, cap * sizeof(double));
+    if (best != NULL) {
+        s->best = best;
+    }
+    int32_t *from = PyMem_RawRealloc(s->from, cap * sizeof(int32_t));
+    if (from != NULL) {
+        s->from = from;
+    }
+    int32_t *piece = PyMem_RawRealloc(s->piece, cap * sizeof(int32_t));
+    if (piece != NULL) {
+        s->piece = piece;
+    }
+    if (best == NULL || from == NULL || piece == NULL) {
+        return -1;
+    }
+    s->best_cap = cap;
+    return 0;
+}
+
+/* The ids of one (fused) piece w[start:stop] of the best path: its id; for an
+ * unknown run, its id where the vocab has the run, else its <0xNN> tokens where
+ * byte_fallback has them all, else unk (Unigram::tokenize). */
+static int
+uni_piece_ids(const Uni *u, const ucs4 *w, size_t start, size_t stop, int32_t id,
+              int32_t *ids, size_t *count, size_t cap)
+{
+    if (id == u->unk_id) {
+        uint64_t h = HASH_BASIS;
+        for (size_t i = start; i < stop; i++) {
+            h = hash_step(h, w[i]);
+        }
+        int32_t found = piece_find(u, h, w + start, stop - start);
+        if (found >= 0) {
+            id = found;
+        }
+        else if (u->fallback_ids[0] != -2) { /* byte_fallback */
+            size_t known = 0, total = 0;
+            for (size_t i = start; i < stop; i++) {
+                uint8_t bytes[4];
+                size_t k = utf8_put(bytes, w[i]);
+                for (size_t j = 0; j < k; j++, total++) {
+                    known += u->fallback_ids[bytes[j]] >= 0;
+                }
+            }
+            if (known == total) {
+                if (*count + total > cap) {
+                    return -1;
+                }
+                for (size_t i = start; i < stop; i++) {
+                    uint8_t bytes[4];
+                    size_t k = utf8_put(bytes, w[i]);
+                    for (size_t j = 0; j < k; j++) {
+                        ids[(*count)++] = u->fallback_ids[bytes[j]];
+                    }
+                }
+                return 0;
+            }
+        }
+    }
+    if (*count + 1 > cap) {
+        return -1;
+    }
+    ids[(*count)++] = id;
+    return 0;
+}
+
+/* The best split of one word w[0:n] (Unigram::encode_optimized): best[i] is the
+ * best score of w[:i]; a piece ending at i replaces it only when strictly
+ * higher, so among equal scores the first found stays (the shortest piece from
+ * the earliest start). A char no single-char piece covers is unk at the unk
+ * score; runs of unk pieces are fused. Through the word cache. */
+static int
+uni_word(const Uni *u, const ucs4 *w, size_t n, Scratch *s, IdBuf *out)
+{
+    if (n == 0) {
+        return 0;
+    }
+    uint8_t key[CACHE_BYTES];
+    size_t key_len = 0;
+    int cacheable = s->cache != NULL;
+    for (size_t i = 0; i < n && cacheable; i++) {
+        uint8_t bytes[4];
+        size_t k = utf8_put(bytes, w[i]);
+        if (key_len + k > CACHE_BYTES) {
+            cacheable = 0;
+            break;
+        }
+        memcpy(key + key_len, bytes, k);
+        key_len += k;
+    }
+    uint64_t hash = 0;
+    CacheEntry *entry = NULL;
+    if (cacheable) {
+        hash = hash_bytes(key, key_len);
+        entry = cache_set(s->cache, hash);
+        const CacheEntry *hit = cache_find(entry, hash, key, key_len);
+        if (hit != NULL) {
+            for (uint8_t i = 0; i < hit->count; i++) {
+                if (ids_push(out, u->id_objects[hit->ids[i]]) < 0) {
+                    return -1;
+                }
+            }
+            return 0;
+        }
+    }
+    if (n > (size_t)INT32_MAX / 8 || best_reserve(s, n + 1) < 0) {
+        return -1;
+    }
+    double *best = s->best;
+    int32_t *from = s->from, *piece = s->piece;
+    best[0] = 0.0;
+    from[0] = 0;
+    for (size_t i = 1; i <= n; i++) {
+        from[i] = -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        double base = from[i] >= 0 ? best[i] : 0.0;
+        uint64_t h = HASH_BASIS;
+        int single = 0;
+        size_t limit = n - i < u->longest ? n : i + u->longest;
+        for (size_t j = i; j < limit; j++) {
+            h = hash_step(h, w[j]);
+            int32_t id = piece_find(u, h, w + i, j + 1 - i);
+            if (id < 0) {
+                continue;
+            }
+            single |= j == i;
+            double score = u->scores[id] + base;
+            if (from[j + 1] < 0 || score > best[j + 1]) {
+                best[j + 1] = score;
+                from[j + 1] = (int32_t)i;
+                piece[j + 1] = id;
+            }
+        }
+        if (!single) {
+            double score = u->unk_score + base;
+            if (from[i + 1] < 0 || score > best[i + 1]) {
+                best[i + 1] = score;
+                from[i + 1] = (int32_t)i;
+                piece[i + 1] = u->unk_id;
+            }
+        }
+    }
+    /* Back from the end: the path's pieces as (start, id) at best[stop] ... reversed
+     * into the low end of `best`'s memory, which is no longer read. */
+    int32_t *starts = (int32_t *)best; /* n + 1 doubles hold 2n + 2 int32 */
+    int32_t *path_ids = starts + (n + 1);
+    size_t count = 0;
+    for (size_t stop = n; stop > 0;) {
+        int32_t start = from[stop], id = piece[stop];
+        if (id == u->unk_id && count && path_ids[count - 1] == u->unk_id) {
+            starts[count - 1] = start; /* fuse_unk: the run grows to the left */
+        }
+        else {
+            starts[count] = start;
+            path_ids[count] = id;
+            count++;
+        }
+        stop = (size_t)start;
+    }
+    /* Forward: each piece's ids, into from[] (free now; 4 per char at most). */
+    size_t mark = out->len, n_ids = 0;
+    int32_t *ids = from;
+    size_t cap = n + 1;
+    int32_t *big = NULL;
+    if (u->fallback_ids[0] != -2) { /* byte tokens: up to 4 a char */
+        big = PyMem_RawMalloc(4 * (n + 1) * sizeof(int32_t));
+        if (big == NULL) {
+            return -1;
+        }
+        ids = big;
+        cap = 4 * (n + 1);
+    }
+    for (size_t k = count; k-- > 0;) {
+        size_t start = (size_t)starts[k];
+        size_t end = k ? (size_t)starts[k - 1] : n;
+        if (uni_piece_ids(u, w, start, end, path_ids[k], ids, &n_ids, cap) < 0) {
+            PyMem_RawFree(big);
+            return -1;
+        }
+    }
+    for (size_t i = 0; i < n_ids; i++) {
+        if (ids_push(out, u->id_objects[ids[i]]) < 0) {
+            PyMem_RawFree(big);
+            return -1;
+        }
+    }
+    if (entry != NULL) {
+        cache_put(entry, hash, key, key_len, ids, out->len - mark);
+    }
+    PyMem_RawFree(big);
+    return 0;
+}
+
+/* The Metaspace pre-tokenizer on one piece (after a WhitespaceSplit, one word of
+ * it): spaces become "\u2581", one goes in front (prepend "always", where the
+ * piece does not start with one), and with split each "\u2581" starts a word. */
+static int
+uni_metaspace(const Uni *u, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
+{
+    if (n == 0) {
+        return 0;
+    }
+    TextBuf *word = &s->sorted;
+    word->len = 0;
+    if (text_reserve(word, n + 1) < 0) {
+        return -1;
+    }
+    if (u->prepend == PREPEND_ALWAYS && !is_metaspace(t[0])) {
+        word->data[word->len++] = METASPACE;
+    }
+    for (size_t i = 0; i < n; i++) {
+        word->data[word->len++] = t[i] == ' ' ? METASPACE : t[i];
+    }
+    if (!u->split) {
+        return uni_word(u, word->data, word->len, s, out);
+    }
+    size_t start = 0;
+    for (size_t i = 1; i <= word->len; i++) {
+        if (i == word->len || word->data[i] == METASPACE) {
+            if (uni_word(u, word->data + start, i - start, s, out) < 0) {
+                return -1;
+            }
+            start = i;
+        }
+    }
+    return 0;
+}
+
+/* Between normalized added tokens: [WhitespaceSplit], then Metaspace. */
+static int
+uni_words(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
+{
+    const Uni *u = ctx;
+    if (!u->whitespace_split) {
+        return uni_metaspace(u, t, n, s, out);
+    }
+    size_t i = 0;
+    while (i < n) {
+        while (i < n && (char_flags(t[i]) & F_WS)) {
+            i++;
+        }
+        size_t start = i;
+        while (i < n && !(char_flags(t[i]) & F_WS)) {
+            i++;
+        }
+        if (i > start && uni_metaspace(u, t + start, i - start, s, out) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Between raw added tokens: the normalizer's steps (in s->norm), then the normalized
+ * added tokens in what they wrote. */
+static int
+uni_raw_piece(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
+{
+    const Uni *u = ctx;
+    TextBuf *in = &s->tmp, *result = &s->norm;
+    in->len = 0;
+    if (push_chars(in, t, n) < 0) {
+        return -1;
+    }
+    for (int k = 0; k < u->n_steps; k++) {
+        const UniStep *step = &u->steps[k];
+        int status = step->kind == STEP_PRECOMPILED ? precompiled(u, in->data, in->len, result)
+                                                    : uni_step(step, in->data, in->len, result);
+        if (status < 0) {
+            return -1;
+        }
+        TextBuf swap = *in; /* the result is the next step's input */
+        *in = *result;
+        *result = swap;
+    }
+    /* The text is in `in` (s->tmp); uni_metaspace writes its words in s->sorted. */
+    return split_added(u, &u->normalized_added, in->data, in->len, uni_words, s, out);
+}
+
+static int
+uni_text(const void *ctx, const ucs4 *t, size_t n, Scratch *s, IdBuf *out)
+{
+    return split_added(ctx, &((const Uni *)ctx)->raw_added, t, n, uni_raw_piece, s, out);
+}
+
+/* ------------------------------------------------------ Unigram construction */
+
+static PyObject *
+unigram_unsupported(const char *what)
+{
+    PyErr_Format(PyExc_NotImplementedError, "the C Unigram encoder does not implement %s",
+                 what);
+    return NULL;
+}
+
+static ucs4 *
+ucs4_copy(PyObject *text, size_t *n)
+{
+    if (!PyUnicode_Check(text)) {
+        PyErr_Format(PyExc_TypeError, "expected str, got %R", text);
+        return NULL;
+    }
+    *n = (size_t)PyUnicode_GET_LENGTH(text);
+    ucs4 *chars = PyMem_Malloc((*n ? *n : 1) * sizeof(ucs4));
+    if (chars == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    if (*n && PyUnicode_AsUCS4(text, chars, (Py_ssize_t)*n, 0) == NULL) {
+        PyMem_Free(chars);
+        return NULL;
+    }
+    return chars;
+}
+
+/* ("precompiled", bytes) | ("strip", left, right) | ("replace_string", s, content)
+ * | ("replace_regex", "c{n,}", content): the steps, with the charsmap read. */
+static int
+uni_steps(Uni *u, PyObject *normalizers)
+{
+    PyObject *seq = PySequence_List(normalizers);
+    if (seq == NULL) {
+        return -1;
+    }
+    int status = -1;
+    Py_ssize_t count = PyList_GET_SIZE(seq);
+    if (count > UNI_MAX_STEPS) {
+        unigram_unsupported("more than 16 normalizer steps");
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *step = PyList_GET_ITEM(seq, k);
+        UniStep *out = &u->steps[u->n_steps];
+        PyObject *kind, *a, *b = NULL;
+        if (!PyTuple_Check(step) || PyTuple_GET_SIZE(step) < 2
+            || !PyUnicode_Check(kind = PyTuple_GET_ITEM(step, 0))) {
+            PyErr_Format(PyExc_ValueError, "unknown normalizer step %R", step);
+            goto done;
+        }
+        a = PyTuple_GET_ITEM(step, 1);
+        if (PyTuple_GET_SIZE(step) == 3) {
+            b = PyTuple_GET_ITEM(step, 2);
+        }
+        if (PyUnicode_CompareWithASCIIString(kind, "precompiled") == 0 && b == NULL) {
+            Py_buffer view;
+            if (u->units != NULL) {
+                unigram_unsupported("two Precompiled steps");
+                goto done;
+            }
+            if (PyObject_GetBuffer(a, &view, PyBUF_SIMPLE) < 0) {
+                goto done;
+            }
+            const uint8_t *data = view.buf;
+            size_t len = (size_t)view.len;
+            size_t size = len >= 4 ? (size_t)data[0] | (size_t)data[1] << 8
+                                         | (size_t)data[2] << 16 | (size_t)data[3] << 24
+                                   : 0;
+            if (len < 4 || size % 4 || size > len - 4) {
+                PyBuffer_Release(&view);
+                PyErr_SetString(PyExc_ValueError, "precompiled_charsmap: a bad trie size");
+                goto done;
+            }
+            u->n_units = size / 4;
+            u->units = PyMem_Malloc((u->n_units ? u->n_units : 1) * sizeof(uint32_t));
+            u->pool_len = len - 4 - size;
+            u->pool = PyMem_Malloc(u->pool_len ? u->pool_len : 1);
+            if (u->units == NULL || u->pool == NULL) {
+                PyBuffer_Release(&view);
+                PyErr_NoMemory();
+                goto done;
+            }
+            for (size_t i = 0; i < u->n_units; i++) {
+                const uint8_t *p = data + 4 + 4 * i;
+                u->units[i] = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16
+                              | (uint32_t)p[3] << 24;
+            }
+            memcpy(u->pool, data + 4 + size, u->pool_len);
+            PyBuffer_Release(&view);
+            if (u->n_units == 0) { /* no keys: the step changes nothing */
+                continue;
+            }
+            out->kind = STEP_PRECOMPILED;
+        }
+        else if (PyUnicode_CompareWithASCIIString(kind, "strip") == 0 && b != NULL) {
+            out->kind = STEP_STRIP;
+            if ((out->left = PyObject_IsTrue(a)) < 0 || (out->right = PyObject_IsTrue(b)) < 0) {
+                goto done;
+            }
+        }
+        else if (PyUnicode_CompareWithASCIIString(kind, "replace_string") == 0 && b != NULL) {
+            out->kind = STEP_REPLACE_STRING;
+            if ((out->pattern = ucs4_copy(a, &out->pattern_len)) == NULL
+                || (out->content = ucs4_copy(b, &out->content_len)) == NULL) {
+                goto done;
+            }
+            if (out->pattern_len == 0) {
+                PyErr_SetString(PyExc_ValueError, "a Replace pattern that is an empty string "
+                                                  "is not supported");
+                goto done;
+            }
+        }
+        else if (PyUnicode_CompareWithASCIIString(kind, "replace_regex") == 0 && b != NULL) {
+            /* "c{n,}" with c a char that stands for itself, n >= 1: a run of c */
+            size_t len;
+            ucs4 *regex = ucs4_copy(a, &len);
+            if (regex == NULL) {
+                goto done;
+            }
+            size_t digits = 0, least = 0;
+            while (3 + digits < len && regex[2 + digits] >= '0' && regex[2 + digits] <= '9'
+                   && least < 1000000) {
+                least = least * 10 + (regex[2 + digits] - '0');
+                digits++;
+            }
+            int run = len >= 5 && len == 4 + digits && digits && regex[1] == '{'
+                      && regex[len - 2] == ',' && regex[len - 1] == '}' && least >= 1
+                      && !strchr("\\^$.|?*+()[]{}", regex[0] < 128 ? (int)regex[0] : 'a');
+            if (!run) {
+                PyMem_Free(regex);
+                unigram_unsupported("this Replace regex (only 'c{n,}', a run of one char)");
+                goto done;
+            }
+            out->kind = STEP_REPLACE_RUN;
+            out->pattern = regex; /* its first char is the one that runs */
+            out->pattern_len = least;
+            if ((out->content = ucs4_copy(b, &out->content_len)) == NULL) {
+                goto done;
+            }
+        }
+        else {
+            PyErr_Format(PyExc_ValueError, "unknown normalizer step %R", step);
+            goto done;
+        }
+        u->n_steps++;
+    }
+    status = 0;
+done:
+    Py_DECREF(seq);
+    return status;
+}
+
+/* The pieces: their chars, scores and table; id_objects; the unk score. */
+static int
+uni_pieces(Uni *u, PyObject *pieces_arg)
+{
+    PyObject *pieces = PySequence_List(pieces_arg);
+    if (pieces == NULL) {
+        return -1;
+    }
+    int status = -1;
+    Py_ssize_t count = PyList_GET_SIZE(pieces), total = 0;
+    if (count >= MAX_BPE_ID) {
+        PyErr_SetString(PyExc_ValueError, "too many pieces");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *entry = PyList_GET_ITEM(pieces, i);
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2
+            || !PyUnicode_Check(PyTuple_GET_ITEM(entry, 0))) {
+            PyErr_Format(PyExc_ValueError, "pieces[%zd] is %R; expected (piece, score)", i,
+                         entry);
+            goto done;
+        }
+        total += PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(entry, 0));
+    }
+    size_t slots = 8;
+    while (slots < 2 * (size_t)count) {
+        slots *= 2;
+    }
+    u->n_ids = (uint32_t)count;
+    u->id_objects = PyMem_Calloc(count ? count : 1, sizeof(PyObject *));
+    u->piece_chars = PyMem_Malloc((total ? total : 1) * sizeof(ucs4));
+    u->piece_at = PyMem_Calloc(count + 1, sizeof(size_t));
+    u->scores = PyMem_Calloc(count ? count : 1, sizeof(double));
+    u->slots = PyMem_Calloc(slots, sizeof(PieceSlot));
+    if (u->id_objects == NULL || u->piece_chars == NULL || u->piece_at == NULL
+        || u->scores == NULL || u->slots == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    u->slot_mask = slots - 1;
+    double lowest = 0.0;
+    size_t at = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *entry = PyList_GET_ITEM(pieces, i), *text = PyTuple_GET_ITEM(entry, 0);
+        double score = PyFloat_AsDouble(PyTuple_GET_ITEM(entry, 1));
+        if (score == -1.0 && PyErr_Occurred()) {
+            goto done;
+        }
+        if ((u->id_objects[i] = PyLong_FromSsize_t(i)) == NULL) {
+            goto done;
+        }
+        Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+        if (length && PyUnicode_AsUCS4(text, u->piece_chars + at, length, 0) == NULL) {
+            goto done;
+        }
+        u->piece_at[i] = at;
+        u->scores[i] = score;
+        lowest = i == 0 || score < lowest ? score : lowest;
+        if ((size_t)length > u->longest) {
+            u->longest = (size_t)length;
+        }
+        uint64_t h = HASH_BASIS;
+        for (Py_ssize_t j = 0; j < length; j++) {
+            h = hash_step(h, u->piece_chars[at + j]);
+        }
+        at += (size_t)length;
+        u->piece_at[i + 1] = at;
+        size_t slot = slot_of(h, u->slot_mask);
+        while (u->slots[slot].index) {
+            slot = (slot + 1) & u->slot_mask;
+        }
+        u->slots[slot] = (PieceSlot){h, (uint32_t)i + 1};
+    }
+    u->unk_score = lowest - 10.0; /* HF's K_UNK_PENALTY */
+    status = 0;
+done:
+    Py_DECREF(pieces);
+    return status;
+}
+
+static void
+Uni_dealloc(PyObject *self)
+{
+    Uni *u = (Uni *)self;
+    PyTypeObject *type = Py_TYPE(self);
+    for (uint32_t i = 0; u->id_objects != NULL && i < u->n_ids; i++) {
+        Py_XDECREF(u->id_objects[i]);
+    }
+    PyMem_Free(u->id_objects);
+    PyMem_Free(u->piece_chars);
+    PyMem_Free(u->piece_at);
+    PyMem_Free(u->scores);
+    PyMem_Free(u->slots);
+    PyMem_Free(u->units);
+    PyMem_Free(u->pool);
+    for (int k = 0; k < UNI_MAX_STEPS; k++) {
+        PyMem_Free(u->steps[k].pattern);
+        PyMem_Free(u->steps[k].content);
+    }
+    added_set_clear(&u->raw_added);
+    added_set_clear(&u->normalized_added);
+    word_cache_free(&u->cache);
+    type->tp_free(self);
+    Py_DECREF(type);
+}
+
+static PyObject *
+Uni_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"pieces",           "unk_id",        "normalizers",
+                               "prepend",          "split",         "whitespace_split",
+                               "byte_fallback",    "added_tokens",  NULL};
+    PyObject *pieces, *unk_id = NULL, *normalizers = NULL, *prepend = NULL,
+                      *added_tokens = NULL;
+    int split = -1, whitespace_split = 0, byte_fallback = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOUpppO:UnigramEncoder", keywords,
+                                     &pieces, &unk_id, &normalizers, &prepend, &split,
+                                     &whitespace_split, &byte_fallback, &added_tokens)) {
+        return NULL;
+    }
+    const char *missing = unk_id == NULL        ? "unk_id"
+                          : normalizers == NULL ? "normalizers"
+                          : prepend == NULL     ? "prepend"
+                          : split < 0           ? "split"
+                                                : NULL;
+    if (missing != NULL) {
+        PyErr_Format(PyExc_TypeError,
+                     "UnigramEncoder() missing required keyword-only argument: '%s'", missing);
+        return NULL;
+    }
+    int scheme = PyUnicode_CompareWithASCIIString(prepend, "always") == 0  ? PREPEND_ALWAYS
+                 : PyUnicode_CompareWithASCIIString(prepend, "never") == 0 ? PREPEND_NEVER
+                 : PyUnicode_CompareWithASCIIString(prepend, "first") == 0 ? PREPEND_FIRST
+                                                                           : -1;
+    if (scheme < 0) {
+        PyErr_Format(PyExc_ValueError, "Unknown prepend %R. Available: always, first, never.",
+                     prepend);
+        return NULL;
+    }
+    if (scheme == PREPEND_FIRST) { /* needs where each char came from: the twin's */
+        return unigram_unsupported("the prepend scheme \"first\"");
+    }
+    Uni *u = (Uni *)type->tp_alloc(type, 0);
+    if (u == NULL) {
+        return NULL;
+    }
+    u->prepend = scheme;
+    u->split = split;
+    u->whitespace_split = whitespace_split;
+    for (int b = 0; b < 256; b++) {
+        u->fallback_ids[b] = -2; /* -2: no byte_fallback at all */
+    }
+    if (word_cache_init(&u->cache) < 0 || uni_pieces(u, pieces) < 0
+        || uni_steps(u, normalizers) < 0) {
+        goto error;
+    }
+    long id = PyLong_AsLong(unk_id);
+    if (id == -1 && PyErr_Occurred()) {
+        goto error;
+    }
+    if (id < 0 || id >= (long)u->n_ids) {
+        PyErr_Format(PyExc_ValueError, "unk_id %R is not the id of a piece", unk_id);
+        goto error;
+    }
+    u->unk_id = (int32_t)id;
+    if (byte_fallback) {
+        for (int b = 0; b < 256; b++) {
+            ucs4 name[6] = {'<', '0', 'x', "0123456789ABCDEF"[b >> 4],
+                            "0123456789ABCDEF"[b & 15], '>'};
+            uint64_t h = HASH_BASIS;
+            for (int i = 0; i < 6; i++) {
+                h = hash_step(h, name[i]);
+            }
+            u->fallback_ids[b] = piece_find(u, h, name, 6);
+        }
+    }
+    if (added_tokens != NULL
+        && build_added_tokens(&u->raw_added, &u->normalized_added, NULL, added_tokens) < 0) {
+        goto error;
+    }
+    return (PyObject *)u;
+error:
+    Py_DECREF(u);
+    return NULL;
+}
+
+static PyObject *
+Uni_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return encode_call(self, &((Uni *)self)->cache, 0, args, nargs, kwnames, uni_text, 1);
+}
+
+static PyObject *
+Uni_encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return encode_call(self, &((Uni *)self)->cache, 1, args, nargs, kwnames, uni_text, 1);
+}
+
+static PyMethodDef Uni_methods[] = {
+    {"encode", (PyCFunction)(void (*)(void))Uni_encode, METH_FASTCALL | METH_KEYWORDS,
+     PyDoc_STR("encode(text, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
+               "prefix + (content ids of `text`)[:max_content] + suffix.")},
+    {"encode_batch", (PyCFunction)(void (*)(void))Uni_encode_batch,
+     METH_FASTCALL | METH_KEYWORDS,
+     PyDoc_STR("encode_batch(texts, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
+               "prefix + encode(text)[:max_content] + suffix for each str in `texts`, in one "
+               "call without the GIL; a big batch is split over several threads (up to 8, "
+               "one per 32k chars and CPU).")},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Uni_slots[] = {
+    {Py_tp_new, Uni_new},
+    {Py_tp_dealloc, Uni_dealloc},
+    {Py_tp_methods, Uni_methods},
+    {Py_tp_doc,
+     PyDoc_STR("UnigramEncoder(pieces, *, unk_id, normalizers, prepend, split, "
+               "whitespace_split=False, byte_fallback=False, added_tokens=())\n--\n\n"
+               "Text to content ids for Unigram files (XLM-R, T5); the C twin of "
+               "runtime._tokenizer_py.UnigramEncoder. A layout it does not run raises "
+               "NotImplementedError.")},
+    {0, NULL},
+};
+
+static PyType_Spec Uni_spec = {
+    .name = "runtime._tokenizer_c.UnigramEncoder",
+    .basicsize = sizeof(Uni),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Uni_slots,
+};
+
 /* ---------------------------------------------------------------- the module */
 
 static PyMethodDef Encoder_methods[] = {
@@ -3387,7 +4428,7 @@ module_exec(PyObject *module)
     if (!same) {
         return -1;
     }
-    PyType_Spec *specs[] = {&Encoder_spec, &Bpe_spec, &Sp_spec};
+    PyType_Spec *specs[] = {&Encoder_spec, &Bpe_spec, &Sp_spec, &Uni_spec};
     for (size_t i = 0; i < N_ROWS(specs); i++) {
         PyObject *type = PyType_FromModuleAndSpec(module, specs[i], NULL);
         if (type == NULL) {
@@ -3442,7 +4483,7 @@ static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "runtime._tokenizer_c",
     .m_doc = "C twin of runtime._tokenizer_py: WordPiece, byte-level and SentencePiece-style "
-              "BPE, text in, ids out.",
+              "BPE, Unigram; text in, ids out.",
     .m_size = 0,
     .m_methods = module_methods,
     .m_slots = module_slots,

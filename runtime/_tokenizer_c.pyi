@@ -146,5 +146,48 @@ class SentencePieceBPEEncoder:
         """`encode` of each text in one call that releases the GIL throughout, a big
         batch on several threads, as BPEEncoder's."""
 
+class UnigramEncoder:
+    """Text to content ids for Unigram files (XLM-R, T5): the Precompiled, Strip and Replace
+    normalizer, Metaspace, then the best-scoring split into pieces.
+
+    Takes what `_tokenizer_py.UnigramEncoder` takes ("normalized" added tokens given
+    normalized); raises NotImplementedError for what it does not run: the "first" prepend
+    scheme, a Replace regex other than a run of one char ("c{n,}"). Threads may share one,
+    as a BPEEncoder.
+    """
+
+    def __init__(
+        self,
+        pieces: Sequence[tuple[str, float]],
+        *,
+        unk_id: int,
+        normalizers: Sequence[tuple],
+        prepend: str,
+        split: bool,
+        whitespace_split: bool = False,
+        byte_fallback: bool = False,
+        added_tokens: Iterable[AddedToken] = (),
+    ) -> None: ...
+    def encode(
+        self,
+        text: str,
+        /,
+        prefix: Sequence[int] = (),
+        suffix: Sequence[int] = (),
+        max_content: int | None = None,
+    ) -> list[int]:
+        """`[*prefix, *content_ids[:max_content], *suffix]`, where content_ids are
+        `text`'s (added tokens, the normalizer, "\u2581", the best split of each word)."""
+    def encode_batch(
+        self,
+        texts: Iterable[str],
+        /,
+        prefix: Sequence[int] = (),
+        suffix: Sequence[int] = (),
+        max_content: int | None = None,
+    ) -> list[list[int]]:
+        """`encode` of each text in one call that releases the GIL throughout, a big
+        batch on several threads, as BPEEncoder's."""
+
 def batch_threads(chars: int, texts: int, /) -> int:
     """Threads `encode_batch` uses here for `texts` texts of `chars` chars in all."""

@@ -15,13 +15,14 @@ what Hugging Face `tokenizers` (Rust, v0.22) does for three families of files:
     added tokens  ->  "▁" for spaces and in front  ->  chars, <0xNN> bytes  ->  BPE merges  ->  ids
          (normalizers/prepend.rs, replace.rs or pre_tokenizers/metaspace.rs)  (models/bpe/model.rs)
 
-    Unigram (XLM-R, multilingual-e5, T5; no C twin yet):
+    Unigram (XLM-R, multilingual-e5, T5):
     added tokens  ->  Precompiled, Strip, Replace  ->  Metaspace  ->  Viterbi over pieces  ->  ids
                  (normalizers/precompiled.rs, spm_precompiled)      (models/unigram/model.rs)
 
 A C twin (`runtime._tokenizer_c`) may replace it; it must offer the same
 surface: `WordPieceEncoder(vocab, **options)`, `BPEEncoder(vocab, merges,
-**options)` and `SentencePieceBPEEncoder(vocab, merges, **options)`, each with
+**options)`, `SentencePieceBPEEncoder(vocab, merges, **options)` and
+`UnigramEncoder(pieces, **options)`, each with
 `.encode(text, /, prefix=(), suffix=(), max_content=None)
 -> list[int]`: the text's ids, cut to `max_content`, between `prefix` and `suffix`.
 Only the twin has `encode_offsets` (the same ids, and the characters each came
@@ -1352,7 +1353,10 @@ class Precompiled:
             else:
                 end = self._pool.find(b"\0", value)
                 raw = self._pool[value:end if end >= 0 else len(self._pool)]
-                value = raw.decode("utf-8", "replace")
+                try:   # a value inside a character: HF would panic; read as no rule
+                    value = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    value = None
         _remember(self._cache, chunk, value)
         return value
 
@@ -1422,8 +1426,8 @@ def _darts_offset(unit: int) -> int:
 
 
 # A Unigram normalizer step, as UnigramEncoder takes it: ("precompiled", charsmap bytes),
-# ("strip", strip_left, strip_right) or ("replace", regex, content): HF's Precompiled,
-# Strip and Replace (a String pattern is given as its re.escape).
+# ("strip", strip_left, strip_right), ("replace_string", string, content) or
+# ("replace_regex", regex, content): HF's Precompiled, Strip and Replace (String or Regex).
 NormalizerStep = tuple
 
 
@@ -1436,21 +1440,30 @@ def _compiled_steps(steps: Iterable[NormalizerStep]) -> tuple[tuple, ...]:
             compiled.append((kind, Precompiled(bytes(args[0]))))
         elif kind == "strip" and len(args) == 2:
             compiled.append((kind, bool(args[0]), bool(args[1])))
-        elif kind == "replace" and len(args) == 2:
+        elif kind in ("replace_string", "replace_regex") and len(args) == 2:
+            if kind == "replace_string" and not args[0]:
+                raise ValueError("a Replace pattern that is an empty string is not supported")
             try:
-                pattern = re.compile(args[0])
+                pattern = re.compile(re.escape(args[0]) if kind == "replace_string" else args[0])
             except (re.error, TypeError) as e:
                 raise ValueError(f"a Replace pattern {args[0]!r:.80} that Python's re "
                                  f"cannot read ({e})") from None
             if pattern.fullmatch(""):
                 raise ValueError(f"a Replace pattern that matches nothing ({args[0]!r}) "
                                  "is not supported")
-            compiled.append((kind, pattern, str(args[1])))
+            compiled.append(("replace", pattern, str(args[1])))
         else:
             raise ValueError(f"unknown normalizer step {step!r:.80}; expected "
-                             "('precompiled', bytes), ('strip', left, right) or "
-                             "('replace', regex, content)")
+                             "('precompiled', bytes), ('strip', left, right), "
+                             "('replace_string', string, content) or "
+                             "('replace_regex', regex, content)")
     return tuple(compiled)
+
+
+def unigram_normalize(normalizers: Iterable[NormalizerStep], text: str) -> str:
+    """`text` through the normalizer `normalizers` (what a "normalized" added token is
+    matched as)."""
+    return _normalize_steps(_compiled_steps(normalizers), text, range(len(text)))[0]
 
 
 def _normalize_steps(steps: Sequence[NormalizerStep], text: str, origin: Sequence[int]
@@ -1501,7 +1514,8 @@ class UnigramEncoder(_Encoder):
     become one `unk_id`, or their <0xNN> byte tokens (`byte_fallback`).
 
     `pieces` is the file's vocab: (piece, score), the id being the index. `normalizers`
-    are the steps of the file's normalizer (`NormalizerStep`).
+    are the steps of the file's normalizer (`NormalizerStep`). "Normalized" `added_tokens`
+    are matched in the normalized text, as given (normalize them: `unigram_normalize`).
     `prepend` and `split` are the Metaspace pre-tokenizer's prepend_scheme and split;
     `whitespace_split` puts a WhitespaceSplit before it (older XLM-R files), which
     cuts the text at whitespace and drops it.
@@ -1543,10 +1557,10 @@ class UnigramEncoder(_Encoder):
         self._whitespace_split = whitespace_split
         self._cache: dict[str, tuple[tuple[int, int, int], ...]] = {}
         added_tokens = list(added_tokens)
+        # "Normalized" tokens are matched in the normalized text, and given normalized, as
+        # HF matches them (runtime.Tokenizer normalizes them: `unigram_normalize`).
         self._raw_added = _AddedTokenSplitter(t for t in added_tokens if not t.normalized)
-        # HF matches a "normalized" token as the normalizer writes it, in normalized text.
-        self._normalized_added = _AddedTokenSplitter(
-            t._replace(content=self.normalize(t.content)) for t in added_tokens if t.normalized)
+        self._normalized_added = _AddedTokenSplitter(t for t in added_tokens if t.normalized)
 
     def normalize(self, text: str) -> str:
         return _normalize_steps(self._steps, text, range(len(text)))[0]

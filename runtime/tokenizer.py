@@ -1,14 +1,14 @@
 """Tokenizer for Hugging Face `tokenizer.json` files: WordPiece (BERT family),
 byte-level BPE (GPT-2, Llama-3, SmolLM2 family), SentencePiece-style BPE (Llama 2,
-Mistral, TinyLlama, Phi-3 family) and Unigram (XLM-R, multilingual-e5, T5 family; the
-Python twin only, so far).
+Mistral, TinyLlama, Phi-3 family) and Unigram (XLM-R, multilingual-e5, T5 family).
 
 Ids match `tokenizers.Tokenizer.from_file(path)` with `no_padding()`, using only
 the standard library. This module holds the policy (file parsing, special
 tokens, truncation, batching, decoding); the hot loop (added tokens, normalize,
 pre-tokenize, WordPiece or BPE) lives in a backend with a tiny surface,
-`WordPieceEncoder(vocab, **options)`, `BPEEncoder(vocab, merges, **options)` and
-`SentencePieceBPEEncoder(vocab, merges, **options)`, each with
+`WordPieceEncoder(vocab, **options)`, `BPEEncoder(vocab, merges, **options)`,
+`SentencePieceBPEEncoder(vocab, merges, **options)` and `UnigramEncoder(pieces, **options)`,
+each with
 `.encode(text) -> list[int]`: the C module `_tokenizer_c` when it is built, else its
 pure-Python twin `_tokenizer_py`. The C encoders also have
 `encode_batch(texts, prefix, suffix, max_content)`, which `Tokenizer.encode_batch`
@@ -366,8 +366,10 @@ class Tokenizer:
         then the best-scoring split of each word into `pieces` ((piece, score); the id
         is the index). Decoded as HF's Metaspace decoder does.
 
-        Only the Python twin implements Unigram so far: `backend` None gives "python"
-        even where the C extension is built, and "c" is refused.
+        The C backend runs the layouts transformers writes (XLM-R's, T5's: Precompiled,
+        Strip, Replace of a string or of a run of one char such as " {2,}"); for another
+        (the "first" prepend scheme, another regex) `backend` None gives the Python twin,
+        and "c" is refused with the reason.
 
         Example:
             >>> pieces = [("<unk>", 0.0), ("▁", -2.0), ("a", -3.0), ("b", -3.0), ("▁ab", -4.0)]
@@ -381,15 +383,9 @@ class Tokenizer:
         _, added_tokens, prefix_ids, suffix_ids = _own_copies(
             {}, added_tokens, prefix_ids, suffix_ids)
         settings = {k: v for k, v in locals().items() if k not in ("cls", "backend", "_")}
-        if backend not in (None, "python"):
-            if backend not in BACKENDS:
-                raise ValueError(f"Unknown tokenizer backend {backend!r}. Available: "
-                                 f"{', '.join(BACKENDS)}.")
-            raise ValueError(f"The {backend!r} tokenizer backend has no Unigram encoder yet; "
-                             "use backend='python' (or leave it unset).")
         self = cls.__new__(cls)
         self._settings = lambda: ("Unigram", settings)
-        self.backend = "python"
+        self._choose_backend(backend)
         vocab = _unigram_vocab(pieces)
         _check_vocab(vocab, MAX_BPE_ID)
         _check_added(added_tokens, pad_id)
@@ -397,12 +393,24 @@ class Tokenizer:
         if not 0 <= unk_id < len(pieces):
             raise ValueError(f"unk_id {unk_id} is not the id of a piece (0 to "
                              f"{len(pieces) - 1}).")
-        self._set_encoder(
-            "UnigramEncoder", pieces, unk_id=unk_id, normalizers=normalizers,
-            prepend=prepend, split=_flag(split, "split"),
-            whitespace_split=_flag(whitespace_split, "whitespace_split"),
-            byte_fallback=_flag(byte_fallback, "byte_fallback"), added_tokens=added_tokens,
-        )
+        # HF matches a "normalized" token as the normalizer writes it, in normalized text.
+        encoder_added = [
+            token._replace(content=_tokenizer_py.unigram_normalize(normalizers, token.content))
+            if token.normalized else token for token in added_tokens]
+        options = dict(unk_id=unk_id, normalizers=normalizers, prepend=prepend,
+                       split=_flag(split, "split"),
+                       whitespace_split=_flag(whitespace_split, "whitespace_split"),
+                       byte_fallback=_flag(byte_fallback, "byte_fallback"),
+                       added_tokens=encoder_added)
+        try:
+            self._set_encoder("UnigramEncoder", pieces, **options)
+        except NotImplementedError as e:   # a layout the C encoder does not run
+            if backend is not None:
+                raise ValueError(f"The {self.backend!r} tokenizer backend cannot run this "
+                                 f"Unigram tokenizer: {e}; use backend='python' (or leave "
+                                 "it unset).") from None
+            self.backend = "python"
+            self._set_encoder("UnigramEncoder", pieces, **options)
         self._byte_level = False
         self._sentencepiece = ("metaspace", None, _flag(decode_drop_first, "decode_drop_first"))
         self._set_vocab(vocab, added_tokens, prefix_ids, suffix_ids, pad_id, trim_offsets,
@@ -929,7 +937,7 @@ def _rebuild(kind: str, settings: dict[str, Any], backend: str) -> Tokenizer:
     if kind == "SentencePieceBPE":
         return Tokenizer.sentencepiece_bpe(**settings, backend=backend_here)
     if kind == "Unigram":
-        return Tokenizer.unigram(**settings)
+        return Tokenizer.unigram(**settings, backend=backend_here)
     return Tokenizer(**settings, backend=backend_here)
 
 
@@ -1370,9 +1378,9 @@ def _unigram_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
             pattern = _field(step, "normalizer.pattern", dict, path)
             content = _field(step, "normalizer.content", str, path)
             if isinstance(pattern.get("String"), str):
-                normalizers.append(("replace", re.escape(pattern["String"]), content))
+                normalizers.append(("replace_string", pattern["String"], content))
             elif isinstance(pattern.get("Regex"), str):
-                normalizers.append(("replace", pattern["Regex"], content))
+                normalizers.append(("replace_regex", pattern["Regex"], content))
             else:
                 raise ValueError(f"{path}: normalizer Replace.pattern {pattern!r:.80} needs a "
                                  "\"String\" or a \"Regex\".")

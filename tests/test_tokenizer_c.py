@@ -551,7 +551,8 @@ def test_stub_matches_the_module():
     functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
     public = {name for name in vars(_tokenizer_c) if not name.startswith("_")}
     assert set(classes) | functions == public
-    assert set(classes) == {"WordPieceEncoder", "BPEEncoder", "SentencePieceBPEEncoder"}
+    assert set(classes) == {"WordPieceEncoder", "BPEEncoder", "SentencePieceBPEEncoder",
+                            "UnigramEncoder"}
     assert functions == {"batch_threads"}
     for name in classes:
         methods = {n.name for n in classes[name].body if isinstance(n, ast.FunctionDef)}

@@ -1,6 +1,6 @@
 """Unigram files (XLM-R, multilingual-e5, paraphrase-multilingual-MiniLM, T5) in
-runtime.tokenizer against Hugging Face `tokenizers`. Only the Python twin implements
-Unigram so far (the C backend refuses it, said below).
+runtime.tokenizer against Hugging Face `tokenizers`, on every backend (the C encoder runs
+the layouts transformers writes; the others go to the Python twin, said below).
 
 No such tokenizer ships offline (they come from the hub), so the reference is made here as
 those files are made (`exporter.data.xlmr_layout_tokenizer`): SentencePiece trains a Unigram
@@ -153,9 +153,14 @@ def xlmr_file(tmp_path_factory, trained) -> Path:
     return write(tmp_path_factory.mktemp("xlmr"), trained)
 
 
+@pytest.fixture(scope="module", params=list(BACKENDS))
+def backend(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def tok(xlmr_file) -> Tokenizer:
-    return Tokenizer.from_file(xlmr_file)
+def tok(xlmr_file, backend) -> Tokenizer:
+    return Tokenizer.from_file(xlmr_file, backend=backend)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +190,6 @@ def test_edge_cases_and_offsets_match_hf(tok, hf):
 def test_the_xlmr_layout(tok, hf):
     """What the file says, read as HF reads it: <s> and </s> around, NFKC and friends from
     the charsmap, spaces squeezed, <mask> taking the space before it, <pad> to pad with."""
-    assert tok.backend == "python"
     assert tok.pad_id == tok.token_to_id("<pad>") == 1
     ids = tok.encode("ﬁne  Ｔｅｘｔ <mask>")
     assert ids == hf.encode("ﬁne  Ｔｅｘｔ <mask>").ids
@@ -196,8 +200,12 @@ def test_the_xlmr_layout(tok, hf):
 
 @pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: v.__name__)
 def variant(request, tmp_path_factory, trained):
+    """The variant on the default backend (C, but for the "first" prepend scheme)."""
     path = write(tmp_path_factory.mktemp(request.param.__name__), trained, request.param)
-    return Tokenizer.from_file(path), hf_tokenizer(path)
+    tok = Tokenizer.from_file(path)
+    c_runs_it = request.param.__name__ != "prepend_first"
+    assert tok.backend == (next(iter(BACKENDS)) if c_runs_it else "python")
+    return tok, hf_tokenizer(path)
 
 
 def test_file_variants_match_hf(variant, prose, real_texts):
@@ -245,28 +253,45 @@ def test_encode_batch_pickle_and_accessors(tok, hf, real_texts):
     assert all(tok.id_to_token(i) == hf.id_to_token(i) for i in range(tok.vocab_size))
 
 
-def test_built_from_arguments_as_from_the_file(trained, tok, real_texts):
-    model = trained["model"]
-    charsmap = normalizer_steps(trained)[0]["precompiled_charsmap"]
+def test_built_from_arguments_as_from_the_file(trained, tok, backend, real_texts):
     import base64
 
+    model = trained["model"]
+    charsmap = normalizer_steps(trained)[0]["precompiled_charsmap"]
     built = Tokenizer.unigram(
         pieces=[tuple(p) for p in model["vocab"]], unk_id=model["unk_id"],
         normalizers=[("precompiled", base64.b64decode(charsmap)), ("strip", False, True),
-                     ("replace", " {2,}", SPACE)],
+                     ("replace_regex", " {2,}", SPACE)],
         added_tokens=[_tokenizer_py.AddedToken("<s>", 0, True), _tokenizer_py.AddedToken(
-            "</s>", 2, True)], prefix_ids=[0], suffix_ids=[2])
+            "</s>", 2, True)], prefix_ids=[0], suffix_ids=[2], backend=backend)
+    assert built.backend == backend
     texts = real_texts[::100]
     assert built.encode_batch(texts) == tok.encode_batch(texts)
     assert pickle.loads(pickle.dumps(built)).encode(texts[0]) == tok.encode(texts[0])
 
 
-def test_the_c_backend_is_refused_with_the_reason(xlmr_file):
-    """Asked for by name, C says it has no Unigram encoder yet; left unset, the twin runs."""
+def another_regex(data):
+    """A Replace regex that is not a run of one char."""
+    data["normalizer"]["normalizers"].append(
+        {"type": "Replace", "pattern": {"Regex": "a+b"}, "content": "x"})
+
+
+@pytest.mark.parametrize("edit, why", [
+    (scheme("first"), 'the prepend scheme "first"'),
+    (another_regex, "this Replace regex"),
+], ids=["prepend_first", "another_regex"])
+def test_a_layout_the_c_encoder_does_not_run_goes_to_the_twin(tmp_path, trained, edit, why):
+    """Asked for by name, C says what it does not run; left unset, the twin runs it."""
+    path = write(tmp_path, trained, edit)
     if "c" in BACKENDS:
-        with pytest.raises(ValueError, match="'c' tokenizer backend has no Unigram encoder"):
-            Tokenizer.from_file(xlmr_file, backend="c")
-    assert Tokenizer.from_file(xlmr_file).backend == "python"
+        with pytest.raises(ValueError, match=f"'c' tokenizer backend cannot run this Unigram "
+                                             f"tokenizer: the C Unigram encoder does not "
+                                             f"implement {why}"):
+            Tokenizer.from_file(path, backend="c")
+    tok, hf = Tokenizer.from_file(path), hf_tokenizer(path)
+    assert tok.backend == "python"
+    texts = EDGE_CASES[:300] + ["aab xab", "  a  "]
+    assert tok.encode_batch(texts) == [e.ids for e in hf.encode_batch(texts)]
 
 
 def _set(path: str, value):
@@ -316,14 +341,17 @@ def test_grapheme_clusters_match_the_regex_module():
 
 
 @pytest.mark.skipif(given is None, reason="hypothesis is not installed")
-def test_random_text_matches_hf(xlmr_file):
-    tok, hf = Tokenizer.from_file(xlmr_file), hf_tokenizer(xlmr_file)
+def test_random_text_matches_hf_on_every_backend(xlmr_file):
+    """C == the twin == HF, ids and offsets, on random text."""
+    toks = [Tokenizer.from_file(xlmr_file, backend=name) for name in BACKENDS]
+    hf = hf_tokenizer(xlmr_file)
     pieces = st.sampled_from(ALPHABET) | st.text(max_size=4)
 
     @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(pieces, max_size=12).map("".join))
     def check(text):
-        ours = tok.encode_with_offsets(text)
+        ours = toks[0].encode_with_offsets(text)
+        assert all(tok.encode(text) == ours.ids for tok in toks)
         if valid(text):
             theirs = hf.encode(text)
             assert (ours.ids, ours.offsets) == (theirs.ids, theirs.offsets)
@@ -355,6 +383,7 @@ def test_an_xlmr_checkpoint_with_this_tokenizer_exports_and_embeds(trained_folde
                     log=lambda line: None)
     model = runtime.load(bundle)
     assert type(model.tokenizer._encoder).__name__ == "UnigramEncoder"
+    assert model.tokenizer.backend == next(iter(BACKENDS))   # "c" where it is built
     theirs = AutoTokenizer.from_pretrained(checkpoint)
     texts = ["turn on the kitchen lights", "Schalte das Licht  ein", "日本 🚀 </s> x <mask>",
              "ﬁnal Ｔｅｘｔ", ""]
