@@ -3374,7 +3374,8 @@ typedef struct {
     double *scores;
     PieceSlot *slots;
     size_t slot_mask;
-    size_t longest;         /* chars of the longest piece */
+    size_t *lengths;        /* the lengths (chars) pieces have, ascending */
+    size_t n_lengths;
     int32_t unk_id;
     double unk_score;
     int32_t fallback_ids[256]; /* <0xNN> piece of each byte; -1: none (or no byte_fallback) */
@@ -3814,19 +3815,22 @@ uni_word(const Uni *u, const ucs4 *w, size_t n, Scratch *s, IdBuf *out)
         double base = from[i] >= 0 ? best[i] : 0.0;
         uint64_t h = HASH_BASIS;
         int single = 0;
-        size_t limit = n - i < u->longest ? n : i + u->longest;
-        for (size_t j = i; j < limit; j++) {
-            h = hash_step(h, w[j]);
-            int32_t id = piece_find(u, h, w + i, j + 1 - i);
+        size_t j = i; /* w[i:j] is hashed */
+        for (size_t k = 0; k < u->n_lengths && u->lengths[k] <= n - i; k++) {
+            size_t stop = i + u->lengths[k];
+            while (j < stop) {
+                h = hash_step(h, w[j++]);
+            }
+            int32_t id = piece_find(u, h, w + i, stop - i);
             if (id < 0) {
                 continue;
             }
-            single |= j == i;
+            single |= stop == i + 1;
             double score = u->scores[id] + base;
-            if (from[j + 1] < 0 || score > best[j + 1]) {
-                best[j + 1] = score;
-                from[j + 1] = (int32_t)i;
-                piece[j + 1] = id;
+            if (from[stop] < 0 || score > best[stop]) {
+                best[stop] = score;
+                from[stop] = (int32_t)i;
+                piece[stop] = id;
             }
         }
         if (!single) {
@@ -4073,8 +4077,19 @@ uni_steps(Uni *u, PyObject *normalizers)
             }
             memcpy(u->pool, data + 4 + size, u->pool_len);
             PyBuffer_Release(&view);
-            if (u->n_units == 0) { /* no keys: the step changes nothing */
-                continue;
+            TextBuf check = {0};
+            int valid = u->n_units > 0 ? utf8_chars(u->pool, u->pool_len, &check) : -1;
+            PyMem_RawFree(check.data);
+            if (valid == -2) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            if (valid < 0) {
+                PyErr_SetString(PyExc_ValueError,
+                                u->n_units ? "precompiled_charsmap: its replacement strings "
+                                             "are not UTF-8"
+                                           : "precompiled_charsmap has an empty trie");
+                goto done;
             }
             out->kind = STEP_PRECOMPILED;
         }
@@ -4170,8 +4185,9 @@ uni_pieces(Uni *u, PyObject *pieces_arg)
     u->piece_at = PyMem_Calloc(count + 1, sizeof(size_t));
     u->scores = PyMem_Calloc(count ? count : 1, sizeof(double));
     u->slots = PyMem_Calloc(slots, sizeof(PieceSlot));
+    u->lengths = PyMem_Calloc(count + 1, sizeof(size_t));
     if (u->id_objects == NULL || u->piece_chars == NULL || u->piece_at == NULL
-        || u->scores == NULL || u->slots == NULL) {
+        || u->scores == NULL || u->slots == NULL || u->lengths == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -4194,8 +4210,14 @@ uni_pieces(Uni *u, PyObject *pieces_arg)
         u->piece_at[i] = at;
         u->scores[i] = score;
         lowest = i == 0 || score < lowest ? score : lowest;
-        if ((size_t)length > u->longest) {
-            u->longest = (size_t)length;
+        size_t k = 0; /* keep the distinct lengths sorted (few: 1 to 16 or so) */
+        while (k < u->n_lengths && u->lengths[k] < (size_t)length) {
+            k++;
+        }
+        if (length > 0 && (k == u->n_lengths || u->lengths[k] != (size_t)length)) {
+            memmove(u->lengths + k + 1, u->lengths + k, (u->n_lengths - k) * sizeof(size_t));
+            u->lengths[k] = (size_t)length;
+            u->n_lengths++;
         }
         uint64_t h = HASH_BASIS;
         for (Py_ssize_t j = 0; j < length; j++) {
@@ -4229,6 +4251,7 @@ Uni_dealloc(PyObject *self)
     PyMem_Free(u->piece_at);
     PyMem_Free(u->scores);
     PyMem_Free(u->slots);
+    PyMem_Free(u->lengths);
     PyMem_Free(u->units);
     PyMem_Free(u->pool);
     for (int k = 0; k < UNI_MAX_STEPS; k++) {

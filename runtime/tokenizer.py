@@ -393,6 +393,12 @@ class Tokenizer:
         if not 0 <= unk_id < len(pieces):
             raise ValueError(f"unk_id {unk_id} is not the id of a piece (0 to "
                              f"{len(pieces) - 1}).")
+        for step in normalizers:
+            if step[:1] == ("replace_regex",) and not (
+                    len(step) == 3 and isinstance(step[1], str) and _RUN_REGEX.fullmatch(step[1])):
+                raise ValueError(f"normalizer step {step!r:.80}: a Replace regex is supported "
+                                 "as a run of one char, such as \" {2,}\" (HF's Oniguruma "
+                                 "and Python's re read others differently).")
         # HF matches a "normalized" token as the normalizer writes it, in normalized text.
         encoder_added = [
             token._replace(content=_tokenizer_py.unigram_normalize(normalizers, token.content))
@@ -667,7 +673,9 @@ class Tokenizer:
             if first and self._trim_offsets and lead == 1:
                 lead = 0
             start = min(start + lead, end)
-            offsets[i] = start, max(end - trail, start)
+            if end >= trail:   # HF's `offsets.1 >= trailing_spaces`
+                end = max(end - trail, start)
+            offsets[i] = start, end
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids`, as HF's `Tokenizer.decode` gives it; unknown ids are skipped.
@@ -1325,6 +1333,11 @@ def _sentencepiece_settings(data: dict, model: dict, path: Path) -> dict[str, An
 
 
 
+# A Replace regex that reads the same in Oniguruma and Python's re: a run of at least n of
+# one char that stands for itself ("c{n,}", n >= 1).
+_RUN_REGEX = re.compile(r"[^\\^$.|?*+()\[\]{}]\{[1-9][0-9]{0,5},\}")
+
+
 def _unigram_vocab(pieces: Any, path: Path | None = None) -> dict[str, int]:
     """piece -> id (its index) of a Unigram vocab, which must not repeat a piece (HF would
     give it the last id, and score either)."""
@@ -1351,6 +1364,8 @@ def _unigram_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
     """Unigram: a normalizer of Precompiled, Strip and Replace steps; a Metaspace
     pre-tokenizer (after a WhitespaceSplit in older XLM-R files); a Metaspace decoder."""
     unk_id = _field(model, "model.unk_id", (int, type(None)), path, None)
+    if isinstance(unk_id, bool):
+        raise ValueError(f"{path}: field 'model.unk_id' must be int, got {unk_id!r}.")
     if unk_id is None:
         raise ValueError(f"{path}: model.unk_id is null; the runtime tokenizer needs a Unigram "
                          "unk token for characters no piece covers (Hugging Face raises on "
@@ -1363,16 +1378,14 @@ def _unigram_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
     for step in steps:
         kind = _check_type(step, "normalizer", ("Precompiled", "Strip", "Replace"), path)
         if kind == "Precompiled":
-            encoded = _field(step, "normalizer.precompiled_charsmap", (str, type(None)), path)
-            if not encoded:   # transformers writes none for an identity charsmap
-                continue
+            encoded = _field(step, "normalizer.precompiled_charsmap", str, path)
             try:
                 normalizers.append(("precompiled", base64.b64decode(encoded, validate=True)))
             except ValueError as e:
                 raise ValueError(f"{path}: normalizer.precompiled_charsmap is not base64 "
                                  f"({e}).") from None
         elif kind == "Strip":
-            normalizers.append(("strip", *(_field(step, f"normalizer.{end}", bool, path, True)
+            normalizers.append(("strip", *(_field(step, f"normalizer.{end}", bool, path)
                                            for end in ("strip_left", "strip_right"))))
         else:
             pattern = _field(step, "normalizer.pattern", dict, path)
@@ -1380,7 +1393,15 @@ def _unigram_settings(data: dict, model: dict, path: Path) -> dict[str, Any]:
             if isinstance(pattern.get("String"), str):
                 normalizers.append(("replace_string", pattern["String"], content))
             elif isinstance(pattern.get("Regex"), str):
-                normalizers.append(("replace_regex", pattern["Regex"], content))
+                # HF runs Oniguruma, whose syntax differs from Python's re (^ and $ at each
+                # line, \w and \s, POSIX classes): only what reads the same in both.
+                regex = pattern["Regex"]
+                if not _RUN_REGEX.fullmatch(regex):
+                    raise ValueError(
+                        f"{path}: normalizer Replace.pattern.Regex {regex!r:.60} is not "
+                        "supported; the runtime tokenizer runs a run of one char, such as "
+                        "\" {2,}\" (what transformers writes), or a String pattern.")
+                normalizers.append(("replace_regex", regex, content))
             else:
                 raise ValueError(f"{path}: normalizer Replace.pattern {pattern!r:.80} needs a "
                                  "\"String\" or a \"Regex\".")
