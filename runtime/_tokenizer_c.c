@@ -3376,6 +3376,10 @@ typedef struct {
     size_t slot_mask;
     size_t *lengths;        /* the lengths (chars) pieces have, ascending */
     size_t n_lengths;
+    uint8_t *is_length;     /* is_length[k]: a piece has k chars (k <= longest) */
+    size_t longest;
+    uint64_t *prefixes;     /* a Bloom filter (one bit) of the hashes of every piece's */
+    int prefix_shift;       /* prefixes, themselves included: the Viterbi's early stop */
     int32_t unk_id;
     double unk_score;
     int32_t fallback_ids[256]; /* <0xNN> piece of each byte; -1: none (or no byte_fallback) */
@@ -3815,11 +3819,15 @@ uni_word(const Uni *u, const ucs4 *w, size_t n, Scratch *s, IdBuf *out)
         double base = from[i] >= 0 ? best[i] : 0.0;
         uint64_t h = HASH_BASIS;
         int single = 0;
-        size_t j = i; /* w[i:j] is hashed */
-        for (size_t k = 0; k < u->n_lengths && u->lengths[k] <= n - i; k++) {
-            size_t stop = i + u->lengths[k];
-            while (j < stop) {
-                h = hash_step(h, w[j++]);
+        size_t limit = n - i < u->longest ? n : i + u->longest;
+        for (size_t stop = i + 1; stop <= limit; stop++) {
+            h = hash_step(h, w[stop - 1]);
+            size_t bit = filter_bit(h, u->prefix_shift);
+            if (!(u->prefixes[bit >> 6] >> (bit & 63) & 1)) {
+                break; /* no piece starts with w[i:stop]: none longer matches either */
+            }
+            if (!u->is_length[stop - i]) {
+                continue;
             }
             int32_t id = piece_find(u, h, w + i, stop - i);
             if (id < 0) {
@@ -4232,6 +4240,29 @@ uni_pieces(Uni *u, PyObject *pieces_arg)
         u->slots[slot] = (PieceSlot){h, (uint32_t)i + 1};
     }
     u->unk_score = lowest - 10.0; /* HF's K_UNK_PENALTY */
+    u->longest = u->n_lengths ? u->lengths[u->n_lengths - 1] : 0;
+    u->is_length = PyMem_Calloc(u->longest + 1, 1);
+    int filter_log2 = 9; /* bits: 512 at least, 8 per prefix, a power of 2 */
+    while (((size_t)1 << filter_log2) < 8 * (size_t)total && filter_log2 < 40) {
+        filter_log2++;
+    }
+    u->prefix_shift = 64 - filter_log2;
+    u->prefixes = PyMem_Calloc((size_t)1 << (filter_log2 - 6), sizeof(uint64_t));
+    if (u->is_length == NULL || u->prefixes == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (size_t k = 0; k < u->n_lengths; k++) {
+        u->is_length[u->lengths[k]] = 1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint64_t h = HASH_BASIS;
+        for (size_t j = u->piece_at[i]; j < u->piece_at[i + 1]; j++) {
+            h = hash_step(h, u->piece_chars[j]);
+            size_t bit = filter_bit(h, u->prefix_shift);
+            u->prefixes[bit >> 6] |= UINT64_C(1) << (bit & 63);
+        }
+    }
     status = 0;
 done:
     Py_DECREF(pieces);
@@ -4252,6 +4283,8 @@ Uni_dealloc(PyObject *self)
     PyMem_Free(u->scores);
     PyMem_Free(u->slots);
     PyMem_Free(u->lengths);
+    PyMem_Free(u->is_length);
+    PyMem_Free(u->prefixes);
     PyMem_Free(u->units);
     PyMem_Free(u->pool);
     for (int k = 0; k < UNI_MAX_STEPS; k++) {
