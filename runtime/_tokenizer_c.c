@@ -2115,7 +2115,17 @@ call_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
     return 0;
 }
 
-/* encode or encode_batch (`many`) of either encoder. */
+/* The docstrings of every encoder type's two methods. */
+#define ENCODE_DOC                                                                            \
+    PyDoc_STR("encode(text, /, prefix=(), suffix=(), max_content=None)\n--\n\n"              \
+              "prefix + (content ids of `text`)[:max_content] + suffix.")
+#define ENCODE_BATCH_DOC                                                                      \
+    PyDoc_STR("encode_batch(texts, /, prefix=(), suffix=(), max_content=None)\n--\n\n"       \
+              "prefix + encode(text)[:max_content] + suffix for each str in `texts`, in one "  \
+              "call without the GIL; a big batch is split over several threads (up to 8, "    \
+              "one per 32k chars and CPU).")
+
+/* encode or encode_batch (`many`) of any encoder. */
 static PyObject *
 encode_call(PyObject *self, const WordCache *pool, int many, PyObject *const *args,
             Py_ssize_t nargs, PyObject *kwnames, piece_fn encode_text, int replace_surrogates)
@@ -3146,14 +3156,10 @@ Bpe_encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObje
 
 static PyMethodDef Bpe_methods[] = {
     {"encode", (PyCFunction)(void (*)(void))Bpe_encode, METH_FASTCALL | METH_KEYWORDS,
-     PyDoc_STR("encode(text, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
-               "prefix + (content ids of `text`)[:max_content] + suffix.")},
+     ENCODE_DOC},
     {"encode_batch", (PyCFunction)(void (*)(void))Bpe_encode_batch,
      METH_FASTCALL | METH_KEYWORDS,
-     PyDoc_STR("encode_batch(texts, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
-               "prefix + encode(text)[:max_content] + suffix for each str in `texts`, in one "
-               "call without the GIL; a big batch is split over several threads (up to 8, "
-               "one per 32k chars and CPU).")},
+     ENCODE_BATCH_DOC},
     {NULL, NULL, 0, NULL},
 };
 
@@ -4392,14 +4398,10 @@ Uni_encode_batch(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObje
 
 static PyMethodDef Uni_methods[] = {
     {"encode", (PyCFunction)(void (*)(void))Uni_encode, METH_FASTCALL | METH_KEYWORDS,
-     PyDoc_STR("encode(text, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
-               "prefix + (content ids of `text`)[:max_content] + suffix.")},
+     ENCODE_DOC},
     {"encode_batch", (PyCFunction)(void (*)(void))Uni_encode_batch,
      METH_FASTCALL | METH_KEYWORDS,
-     PyDoc_STR("encode_batch(texts, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
-               "prefix + encode(text)[:max_content] + suffix for each str in `texts`, in one "
-               "call without the GIL; a big batch is split over several threads (up to 8, "
-               "one per 32k chars and CPU).")},
+     ENCODE_BATCH_DOC},
     {NULL, NULL, 0, NULL},
 };
 
@@ -4427,14 +4429,10 @@ static PyType_Spec Uni_spec = {
 
 static PyMethodDef Encoder_methods[] = {
     {"encode", (PyCFunction)(void (*)(void))Encoder_encode, METH_FASTCALL | METH_KEYWORDS,
-     PyDoc_STR("encode(text, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
-               "prefix + (content ids of `text`)[:max_content] + suffix.")},
+     ENCODE_DOC},
     {"encode_batch", (PyCFunction)(void (*)(void))Encoder_encode_batch,
      METH_FASTCALL | METH_KEYWORDS,
-     PyDoc_STR("encode_batch(texts, /, prefix=(), suffix=(), max_content=None)\n--\n\n"
-               "prefix + encode(text)[:max_content] + suffix for each str in `texts`, in one "
-               "call without the GIL; a big batch is split over several threads (up to 8, "
-               "one per 32k chars and CPU).")},
+     ENCODE_BATCH_DOC},
     {NULL, NULL, 0, NULL},
 };
 

@@ -60,7 +60,7 @@ import heapq
 import re
 import struct
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 
@@ -1444,12 +1444,13 @@ def _compiled_steps(steps: Iterable[NormalizerStep]) -> tuple[tuple, ...]:
     """`steps` with the charsmaps parsed and the patterns compiled."""
     compiled = []
     for step in steps:
-        kind, *args = step
-        if kind == "precompiled" and len(args) == 1:
+        kind, *args = step if isinstance(step, tuple | list) and step else (None,)
+        if kind == "precompiled" and len(args) == 1 and isinstance(args[0], bytes | bytearray):
             compiled.append((kind, Precompiled(bytes(args[0]))))
-        elif kind == "strip" and len(args) == 2:
-            compiled.append((kind, bool(args[0]), bool(args[1])))
-        elif kind in ("replace_string", "replace_regex") and len(args) == 2:
+        elif kind == "strip" and len(args) == 2 and all(isinstance(a, bool) for a in args):
+            compiled.append((kind, args[0], args[1]))
+        elif kind in ("replace_string", "replace_regex") and len(args) == 2 \
+                and all(isinstance(a, str) for a in args):
             if kind == "replace_string" and not args[0]:
                 raise ValueError("a Replace pattern that is an empty string is not supported")
             try:
@@ -1460,7 +1461,7 @@ def _compiled_steps(steps: Iterable[NormalizerStep]) -> tuple[tuple, ...]:
             if pattern.fullmatch(""):
                 raise ValueError(f"a Replace pattern that matches nothing ({args[0]!r}) "
                                  "is not supported")
-            compiled.append(("replace", pattern, str(args[1])))
+            compiled.append(("replace", pattern, args[1]))
         else:
             raise ValueError(f"unknown normalizer step {step!r:.80}; expected "
                              "('precompiled', bytes), ('strip', left, right), "
@@ -1469,10 +1470,17 @@ def _compiled_steps(steps: Iterable[NormalizerStep]) -> tuple[tuple, ...]:
     return tuple(compiled)
 
 
-def unigram_normalize(normalizers: Iterable[NormalizerStep], text: str) -> str:
-    """`text` through the normalizer `normalizers` (what a "normalized" added token is
-    matched as)."""
-    return _normalize_steps(_compiled_steps(normalizers), text, range(len(text)))[0]
+def unigram_normalizer(normalizers: Iterable[NormalizerStep]) -> Callable[[str], str]:
+    """The normalizer of `normalizers` as a function of a text (what a "normalized" added
+    token is matched as); a ValueError for a step it cannot run.
+
+    Example:
+        >>> unigram_normalizer([("strip", True, True), ("replace_regex", " {2,}", " ")])(
+        ...     "  a   b ")
+        'a b'
+    """
+    steps = _compiled_steps(normalizers)
+    return lambda text: _normalize_steps(steps, text, range(len(text)))[0]
 
 
 def _normalize_steps(steps: Sequence[NormalizerStep], text: str, origin: Sequence[int]
@@ -1524,7 +1532,7 @@ class UnigramEncoder(_Encoder):
 
     `pieces` is the file's vocab: (piece, score), the id being the index. `normalizers`
     are the steps of the file's normalizer (`NormalizerStep`). "Normalized" `added_tokens`
-    are matched in the normalized text, as given (normalize them: `unigram_normalize`).
+    are matched in the normalized text, as given (normalize them: `unigram_normalizer`).
     `prepend` and `split` are the Metaspace pre-tokenizer's prepend_scheme and split;
     `whitespace_split` puts a WhitespaceSplit before it (older XLM-R files), which
     cuts the text at whitespace and drops it.
@@ -1567,7 +1575,7 @@ class UnigramEncoder(_Encoder):
         self._cache: dict[str, tuple[tuple[int, int, int], ...]] = {}
         added_tokens = list(added_tokens)
         # "Normalized" tokens are matched in the normalized text, and given normalized, as
-        # HF matches them (runtime.Tokenizer normalizes them: `unigram_normalize`).
+        # HF matches them (runtime.Tokenizer normalizes them: `unigram_normalizer`).
         self._raw_added = _AddedTokenSplitter(t for t in added_tokens if not t.normalized)
         self._normalized_added = _AddedTokenSplitter(t for t in added_tokens if t.normalized)
 

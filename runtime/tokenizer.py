@@ -379,10 +379,14 @@ class Tokenizer:
         """
         pieces = [tuple(p) if isinstance(p, list | tuple) else p for p in pieces] \
             if isinstance(pieces, list | tuple) else pieces
-        normalizers = [tuple(step) for step in normalizers]
-        _, added_tokens, prefix_ids, suffix_ids = _own_copies(
-            {}, added_tokens, prefix_ids, suffix_ids)
-        settings = {k: v for k, v in locals().items() if k not in ("cls", "backend", "_")}
+        if not isinstance(normalizers, list | tuple):
+            raise TypeError(f"normalizers must be a list of steps, got "
+                            f"{type(normalizers).__name__}.")
+        normalizers = [tuple(step) if isinstance(step, list | tuple) else step
+                       for step in normalizers]
+        added_tokens, prefix_ids, suffix_ids = _own_copies(
+            {}, added_tokens, prefix_ids, suffix_ids)[1:]
+        settings = {k: v for k, v in locals().items() if k not in ("cls", "backend")}
         self = cls.__new__(cls)
         self._settings = lambda: ("Unigram", settings)
         self._choose_backend(backend)
@@ -390,6 +394,8 @@ class Tokenizer:
         _check_vocab(vocab, MAX_BPE_ID)
         _check_added(added_tokens, pad_id)
         unk_id = integer(unk_id, "unk_id", what="an int")
+        if not pieces:
+            raise ValueError("pieces is empty; a Unigram model needs at least its unk piece.")
         if not 0 <= unk_id < len(pieces):
             raise ValueError(f"unk_id {unk_id} is not the id of a piece (0 to "
                              f"{len(pieces) - 1}).")
@@ -399,10 +405,10 @@ class Tokenizer:
                 raise ValueError(f"normalizer step {step!r:.80}: a Replace regex is supported "
                                  "as a run of one char, such as \" {2,}\" (HF's Oniguruma "
                                  "and Python's re read others differently).")
+        normalize = _tokenizer_py.unigram_normalizer(normalizers)   # checks every step
         # HF matches a "normalized" token as the normalizer writes it, in normalized text.
-        encoder_added = [
-            token._replace(content=_tokenizer_py.unigram_normalize(normalizers, token.content))
-            if token.normalized else token for token in added_tokens]
+        encoder_added = [token._replace(content=normalize(token.content))
+                         if token.normalized else token for token in added_tokens]
         options = dict(unk_id=unk_id, normalizers=normalizers, prepend=prepend,
                        split=_flag(split, "split"),
                        whitespace_split=_flag(whitespace_split, "whitespace_split"),

@@ -410,3 +410,21 @@ def test_an_xlmr_checkpoint_with_this_tokenizer_exports_and_embeds(trained_folde
         assert model.tokenizer.encode(text) == theirs(text)["input_ids"]
     vectors = model.embed(texts)
     assert vectors.shape == (len(texts), 64)
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    ({"normalizers": None}, TypeError, "normalizers must be a list of steps, got NoneType"),
+    ({"normalizers": [("precompiled", "text")]}, ValueError,
+     r"unknown normalizer step \('precompiled', 'text'\)"),
+    ({"normalizers": [("strip", 1, 0)]}, ValueError, r"unknown normalizer step \('strip', 1"),
+    ({"normalizers": [("replace_string", "a", 5)]}, ValueError, "unknown normalizer step"),
+    ({"normalizers": [("replace_regex", "a+", "x")]}, ValueError,
+     "a Replace regex is supported as a run of one char"),
+    ({"pieces": []}, ValueError, "pieces is empty"),
+    ({"unk_id": 7}, ValueError, r"unk_id 7 is not the id of a piece \(0 to 1\)"),
+    ({"prepend": "legacy"}, ValueError, "Unknown prepend 'legacy'"),
+])
+def test_bad_arguments_are_refused_alike_on_every_backend(backend, arguments, error, message):
+    given = {"pieces": [("<unk>", 0.0), ("▁a", -1.0)], "unk_id": 0} | arguments
+    with pytest.raises(error, match=message):
+        Tokenizer.unigram(**given, backend=backend)
