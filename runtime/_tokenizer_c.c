@@ -3811,7 +3811,10 @@ uni_word(const Uni *u, const ucs4 *w, size_t n, Scratch *s, IdBuf *out)
             return 0;
         }
     }
-    if (n > (size_t)INT32_MAX / 8 || best_reserve(s, n + 1) < 0) {
+    /* from[] is the ids' buffer once the path is read: byte tokens take up to 4 a char */
+    int byte_fallback = u->fallback_ids[0] != -2;
+    size_t cap = byte_fallback ? 4 * (n + 1) : n + 1;
+    if (n > (size_t)INT32_MAX / 8 || best_reserve(s, cap) < 0) {
         return -1;
     }
     double *best = s->best;
@@ -3873,37 +3876,24 @@ uni_word(const Uni *u, const ucs4 *w, size_t n, Scratch *s, IdBuf *out)
         }
         stop = (size_t)start;
     }
-    /* Forward: each piece's ids, into from[] (free now; 4 per char at most). */
+    /* Forward: each piece's ids, into from[] (read no more). */
     size_t mark = out->len, n_ids = 0;
     int32_t *ids = from;
-    size_t cap = n + 1;
-    int32_t *big = NULL;
-    if (u->fallback_ids[0] != -2) { /* byte tokens: up to 4 a char */
-        big = PyMem_RawMalloc(4 * (n + 1) * sizeof(int32_t));
-        if (big == NULL) {
-            return -1;
-        }
-        ids = big;
-        cap = 4 * (n + 1);
-    }
     for (size_t k = count; k-- > 0;) {
         size_t start = (size_t)starts[k];
         size_t end = k ? (size_t)starts[k - 1] : n;
         if (uni_piece_ids(u, w, start, end, path_ids[k], ids, &n_ids, cap) < 0) {
-            PyMem_RawFree(big);
             return -1;
         }
     }
     for (size_t i = 0; i < n_ids; i++) {
         if (ids_push(out, u->id_objects[ids[i]]) < 0) {
-            PyMem_RawFree(big);
             return -1;
         }
     }
     if (entry != NULL) {
         cache_put(entry, hash, key, key_len, ids, out->len - mark);
     }
-    PyMem_RawFree(big);
     return 0;
 }
 

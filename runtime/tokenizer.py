@@ -377,8 +377,8 @@ class Tokenizer:
             >>> tok.encode("ab ba"), tok.decode([4, 1, 3, 2])
             ([4, 1, 3, 2], 'ab ba')
         """
-        pieces = [tuple(p) if isinstance(p, list | tuple) else p for p in pieces] \
-            if isinstance(pieces, list | tuple) else pieces
+        if isinstance(pieces, list | tuple) and not isinstance(pieces, _CheckedPieces):
+            pieces = [tuple(p) if isinstance(p, list | tuple) else p for p in pieces]
         if not isinstance(normalizers, list | tuple):
             raise TypeError(f"normalizers must be a list of steps, got "
                             f"{type(normalizers).__name__}.")
@@ -390,7 +390,7 @@ class Tokenizer:
         self = cls.__new__(cls)
         self._settings = lambda: ("Unigram", settings)
         self._choose_backend(backend)
-        vocab = _unigram_vocab(pieces)
+        vocab = pieces.vocab if isinstance(pieces, _CheckedPieces) else _unigram_vocab(pieces)
         _check_vocab(vocab, MAX_BPE_ID)
         _check_added(added_tokens, pad_id)
         unk_id = integer(unk_id, "unk_id", what="an int")
@@ -1080,15 +1080,18 @@ def _serde_float(text: str) -> float:
     mantissa, _, exponent_text = text.lstrip("-").lower().partition("e")
     whole, _, fraction = mantissa.partition(".")
     significand, exponent = 0, int(exponent_text) if exponent_text else 0
-    for digit in whole:   # past u64: the digit is dropped, and counted in the exponent
-        if significand * 10 + int(digit) > _U64_MAX:
-            exponent += 1
-        else:
-            significand = significand * 10 + int(digit)
-    for digit in fraction:   # past u64: this digit and the rest are dropped
-        if significand * 10 + int(digit) > _U64_MAX:
-            break
-        significand, exponent = significand * 10 + int(digit), exponent - 1
+    if len(whole) + len(fraction) <= 19:   # fits a u64 (what every score is): at once
+        significand, exponent = int(whole + fraction), exponent - len(fraction)
+    else:
+        for digit in whole:   # past u64: the digit is dropped, and counted in the exponent
+            if significand * 10 + int(digit) > _U64_MAX:
+                exponent += 1
+            else:
+                significand = significand * 10 + int(digit)
+        for digit in fraction:   # past u64: this digit and the rest are dropped
+            if significand * 10 + int(digit) > _U64_MAX:
+                break
+            significand, exponent = significand * 10 + int(digit), exponent - 1
     value = float(significand)
     while True:
         if abs(exponent) < len(_POW10):
@@ -1130,7 +1133,9 @@ def _read_tokenizer_json(path: Path) -> tuple[str, dict[str, Any]]:
     if kind == "Unigram":
         pieces = _field(model, "model.vocab", list, path)   # [[piece, score], ...]
         vocab = _unigram_vocab(pieces, path)
-        settings: dict[str, Any] = {"pieces": [tuple(entry) for entry in pieces],
+        checked = _CheckedPieces(tuple(entry) for entry in pieces)
+        checked.vocab = vocab
+        settings: dict[str, Any] = {"pieces": checked,
                                     "added_tokens": _added_tokens(data, path, vocab)}
         settings |= _unigram_settings(data, model, path)
     else:
@@ -1342,6 +1347,13 @@ def _sentencepiece_settings(data: dict, model: dict, path: Path) -> dict[str, An
 # A Replace regex that reads the same in Oniguruma and Python's re: a run of at least n of
 # one char that stands for itself ("c{n,}", n >= 1).
 _RUN_REGEX = re.compile(r"[^\\^$.|?*+()\[\]{}]\{[1-9][0-9]{0,5},\}")
+
+
+class _CheckedPieces(list):
+    """A Unigram vocab that `_unigram_vocab` has checked, with the piece -> id dict it made:
+    the file reader's, so that `Tokenizer.unigram` does not check 250k pieces again."""
+
+    vocab: dict[str, int]
 
 
 def _unigram_vocab(pieces: Any, path: Path | None = None) -> dict[str, int]:
