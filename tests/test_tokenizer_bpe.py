@@ -23,6 +23,8 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 
+from _tokenizer_files import hf_tokenizer  # noqa: E402
+
 from runtime import _tokenizer_py  # noqa: E402
 from runtime.tokenizer import BACKENDS, Tokenizer  # noqa: E402
 
@@ -41,13 +43,6 @@ def backend(request) -> str:
 @pytest.fixture(scope="module")
 def tok(smollm2_tokenizer_json, backend) -> Tokenizer:
     return Tokenizer.from_file(smollm2_tokenizer_json, backend=backend)
-
-
-def hf_tokenizer(path: Path):
-    hf = tokenizers.Tokenizer.from_file(str(path))
-    hf.no_padding()
-    hf.no_truncation()
-    return hf
 
 
 @pytest.fixture(scope="module")

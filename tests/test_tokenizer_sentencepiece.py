@@ -24,6 +24,8 @@ import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 
+from _tokenizer_files import hf_tokenizer, write  # noqa: E402
+
 from exporter.data import llama_layout_tokenizer  # noqa: E402
 from runtime import _tokenizer_py  # noqa: E402
 from runtime.tokenizer import BACKENDS, Tokenizer  # noqa: E402
@@ -128,22 +130,6 @@ VARIANTS = [
     with_added_tokens, no_byte_fallback, no_byte_fallback_no_fuse, no_unk, some_bytes_missing,
     ignore_merges, inner_space, inner_space_metaspace,
 ]  # fmt: skip
-
-
-def write(tmp: Path, data: dict, *edits) -> Path:
-    data = json.loads(json.dumps(data))
-    for edit in edits:
-        edit(data)
-    path = tmp / "tokenizer.json"
-    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
-def hf_tokenizer(path: Path):
-    hf = tokenizers.Tokenizer.from_file(str(path))
-    hf.no_padding()
-    hf.no_truncation()
-    return hf
 
 
 @pytest.fixture(scope="module", params=list(BACKENDS))

@@ -28,6 +28,8 @@ import pytest
 tokenizers = pytest.importorskip("tokenizers")
 pytest.importorskip("sentencepiece")
 
+from _tokenizer_files import hf_tokenizer, write  # noqa: E402
+
 from exporter.data import xlmr_layout_tokenizer  # noqa: E402
 from runtime import _tokenizer_py  # noqa: E402
 from runtime.tokenizer import BACKENDS, Tokenizer  # noqa: E402
@@ -133,22 +135,6 @@ def t5_template(data):
 
 VARIANTS = [older_xlmr, scheme("first"), scheme("never"), scheme("always", split=False),
             byte_fallback, no_normalizer, t5_template]
-
-
-def write(tmp: Path, data: dict, *edits) -> Path:
-    data = json.loads(json.dumps(data))
-    for edit in edits:
-        edit(data)
-    path = tmp / "tokenizer.json"
-    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    return path
-
-
-def hf_tokenizer(path: Path):
-    hf = tokenizers.Tokenizer.from_file(str(path))
-    hf.no_padding()
-    hf.no_truncation()
-    return hf
 
 
 @pytest.fixture(scope="module")
